@@ -1,0 +1,147 @@
+//! Stable error codes (the `code` of an `error` frame) and limit codes (its `limit`).
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The class of an error. Clients switch on this; the strings never change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame is malformed: not JSON, an unknown type, a missing or mistyped field, a
+    /// dataset name or key outside the pattern. Fix the request; the connection stays open.
+    BadRequest,
+    /// No valid authentication yet, or the token was refused.
+    Unauthorized,
+    /// Authenticated, but without the access this request needs.
+    Forbidden,
+    /// The dataset (or grant) does not exist.
+    NotFound,
+    /// A stale sync count; sent as a `conflict` frame, listed here for completeness.
+    Conflict,
+    /// A count limit was reached (datasets per identity, records per dataset, patches per
+    /// update, subscriptions per connection); `limit` names which.
+    LimitExceeded,
+    /// A size limit was passed (dataset bytes, key length, frame bytes); `limit` names which.
+    TooLarge,
+    /// Too many requests in flight on this connection; slow down and retry.
+    RateLimited,
+    /// A backing service (the store) is unreachable; nothing was written; retry later.
+    Unavailable,
+    /// A fault in the server; nothing was acknowledged; retry later.
+    Internal,
+}
+
+impl ErrorCode {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::LimitExceeded => "limit_exceeded",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// Whether the same request may succeed if simply retried later.
+    pub const fn retriable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::RateLimited | ErrorCode::Unavailable | ErrorCode::Internal
+        )
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Every configurable limit has its own code, carried in an `error` frame's `limit` field
+/// next to the class in `code`, with the limit's value in `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitCode {
+    /// Datasets one identity may own (default 20).
+    MaxDatasets,
+    /// Live records in one dataset (default 1024).
+    MaxRecords,
+    /// Bytes of keys and values in one dataset (default 1 MiB).
+    MaxDatasetBytes,
+    /// Characters in a record key (default 1024).
+    MaxKeyLength,
+    /// Bytes in one WebSocket frame (default 2 MiB).
+    MaxFrameBytes,
+    /// Patches in one update (default 1024).
+    MaxPatches,
+    /// Datasets one connection may subscribe to (default 100).
+    MaxSubscriptions,
+    /// Characters in a device id (default 128).
+    MaxDeviceIdLength,
+}
+
+impl LimitCode {
+    /// The error class this limit reports under.
+    pub const fn error_code(self) -> ErrorCode {
+        match self {
+            LimitCode::MaxDatasets
+            | LimitCode::MaxRecords
+            | LimitCode::MaxPatches
+            | LimitCode::MaxSubscriptions => ErrorCode::LimitExceeded,
+            LimitCode::MaxDatasetBytes
+            | LimitCode::MaxKeyLength
+            | LimitCode::MaxFrameBytes
+            | LimitCode::MaxDeviceIdLength => ErrorCode::TooLarge,
+        }
+    }
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            LimitCode::MaxDatasets => "max_datasets",
+            LimitCode::MaxRecords => "max_records",
+            LimitCode::MaxDatasetBytes => "max_dataset_bytes",
+            LimitCode::MaxKeyLength => "max_key_length",
+            LimitCode::MaxFrameBytes => "max_frame_bytes",
+            LimitCode::MaxPatches => "max_patches",
+            LimitCode::MaxSubscriptions => "max_subscriptions",
+            LimitCode::MaxDeviceIdLength => "max_device_id_length",
+        }
+    }
+}
+
+impl fmt::Display for LimitCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_error_code_serialises_as_its_stable_string() {
+        for code in [
+            ErrorCode::BadRequest,
+            ErrorCode::Unauthorized,
+            ErrorCode::Forbidden,
+            ErrorCode::NotFound,
+            ErrorCode::Conflict,
+            ErrorCode::LimitExceeded,
+            ErrorCode::TooLarge,
+            ErrorCode::RateLimited,
+            ErrorCode::Unavailable,
+            ErrorCode::Internal,
+        ] {
+            let json = serde_json::to_string(&code).unwrap();
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+        }
+        let json = serde_json::to_string(&LimitCode::MaxDatasetBytes).unwrap();
+        assert_eq!(json, "\"max_dataset_bytes\"");
+    }
+}

@@ -1,0 +1,367 @@
+//! Client and server frames: JSON objects with a `type` field. Unknown fields are ignored in
+//! both directions so that either side can add fields without breaking the other; a client
+//! must also ignore server frame types it does not know (room for a `delta` push later).
+
+use crate::error::{ErrorCode, LimitCode};
+use crate::model::{Access, Conflict, DatasetInfo, DatasetRef, Patch, Record, RequestId};
+use serde::{Deserialize, Serialize};
+
+/// A frame a client sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", rename_all_fields = "camelCase")]
+pub enum ClientFrame {
+    /// Authenticate; must be the first frame unless the upgrade request carried an
+    /// `Authorization: Bearer` header. Sent again later with a fresh token for the same
+    /// identity, it extends the session past the old token's expiry.
+    Auth {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+        token: String,
+    },
+    /// Start receiving a dataset: answered with `snapshot`, then live `dataset` pushes.
+    Subscribe { id: RequestId, dataset: DatasetRef },
+    /// Stop receiving a dataset: answered with `ack`.
+    Unsubscribe { id: RequestId, dataset: DatasetRef },
+    /// Apply patches atomically: answered with `ack` or `conflict`.
+    Update {
+        id: RequestId,
+        dataset: DatasetRef,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device_id: Option<String>,
+        patches: Vec<Patch>,
+    },
+    /// Records changed after sync count `since`, tombstones included: answered with `changes`.
+    Changes {
+        id: RequestId,
+        dataset: DatasetRef,
+        #[serde(default)]
+        since: u64,
+    },
+    /// The caller's datasets and those shared with it: answered with `datasets`.
+    ListDatasets { id: RequestId },
+    /// Delete one of the caller's datasets: answered with `ack`; subscribers get `deleted`.
+    DeleteDataset { id: RequestId, dataset: DatasetRef },
+    /// Give another identity `read` or `write` access to one of the caller's datasets.
+    Grant {
+        id: RequestId,
+        dataset: DatasetRef,
+        identity: String,
+        access: Access,
+    },
+    /// Take an identity's access away; its live subscriptions end at once.
+    Revoke {
+        id: RequestId,
+        dataset: DatasetRef,
+        identity: String,
+    },
+    /// Answered with `pong`.
+    Ping {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+    },
+}
+
+impl ClientFrame {
+    pub fn to_json(&self) -> String {
+        // Serialising these types cannot fail: every map key is a string.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn id(&self) -> Option<&RequestId> {
+        match self {
+            ClientFrame::Auth { id, .. } | ClientFrame::Ping { id } => id.as_ref(),
+            ClientFrame::Subscribe { id, .. }
+            | ClientFrame::Unsubscribe { id, .. }
+            | ClientFrame::Update { id, .. }
+            | ClientFrame::Changes { id, .. }
+            | ClientFrame::ListDatasets { id }
+            | ClientFrame::DeleteDataset { id, .. }
+            | ClientFrame::Grant { id, .. }
+            | ClientFrame::Revoke { id, .. } => Some(id),
+        }
+    }
+}
+
+/// Why the server ended a subscription on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnsubscribeReason {
+    /// The owner revoked the caller's access.
+    Revoked,
+}
+
+/// A frame the server sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", rename_all_fields = "camelCase")]
+pub enum ServerFrame {
+    /// Authentication succeeded.
+    Ready {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+        identity: String,
+        session: String,
+        protocol: u32,
+        /// When the token expires, milliseconds since the Unix epoch.
+        expires_at: i64,
+    },
+    /// The answer to `subscribe`: the whole dataset (live records only).
+    Snapshot {
+        id: RequestId,
+        dataset: DatasetRef,
+        sync_count: u64,
+        records: Vec<Record>,
+    },
+    /// A live push after a commit: the whole dataset (live records only) at `sync_count`.
+    Dataset {
+        dataset: DatasetRef,
+        sync_count: u64,
+        records: Vec<Record>,
+    },
+    /// A request succeeded. For `update`, `syncCount` is the dataset's new sync count and
+    /// `records` the records the update changed, as stored.
+    Ack {
+        id: RequestId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dataset: Option<DatasetRef>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sync_count: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        records: Option<Vec<Record>>,
+    },
+    /// An update was refused because some patches were stale; nothing was written.
+    Conflict {
+        id: RequestId,
+        dataset: DatasetRef,
+        /// The dataset's current sync count.
+        sync_count: u64,
+        conflicts: Vec<Conflict>,
+    },
+    /// The answer to `changes`: records with a sync count above `since`, tombstones included.
+    Changes {
+        id: RequestId,
+        dataset: DatasetRef,
+        sync_count: u64,
+        records: Vec<Record>,
+    },
+    /// A subscribed dataset was deleted by its owner; the subscription has ended.
+    Deleted { dataset: DatasetRef, sync_count: u64 },
+    /// The server ended a subscription (see `reason`).
+    Unsubscribed {
+        dataset: DatasetRef,
+        reason: UnsubscribeReason,
+    },
+    /// The answer to `list_datasets`.
+    Datasets {
+        id: RequestId,
+        datasets: Vec<DatasetInfo>,
+    },
+    /// The answer to `ping`.
+    Pong {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+    },
+    /// A request failed, or (without `id`) a frame could not be read at all.
+    Error {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+        code: ErrorCode,
+        message: String,
+        /// Which limit, for `limit_exceeded` and `too_large`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<LimitCode>,
+        /// That limit's configured value.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max: Option<u64>,
+    },
+}
+
+impl ServerFrame {
+    pub fn to_json(&self) -> String {
+        // Serialising these types cannot fail: every map key is a string.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn error(id: Option<RequestId>, code: ErrorCode, message: impl Into<String>) -> Self {
+        ServerFrame::Error {
+            id,
+            code,
+            message: message.into(),
+            limit: None,
+            max: None,
+        }
+    }
+
+    pub fn limit_error(
+        id: Option<RequestId>,
+        limit: LimitCode,
+        max: u64,
+        message: impl Into<String>,
+    ) -> Self {
+        ServerFrame::Error {
+            id,
+            code: limit.error_code(),
+            message: message.into(),
+            limit: Some(limit),
+            max: Some(max),
+        }
+    }
+}
+
+/// A client frame that could not be decoded; `id` is filled in when the frame was a JSON
+/// object with a usable `id`, so the error can be matched to the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeError {
+    pub id: Option<RequestId>,
+    pub message: String,
+}
+
+const CLIENT_TYPES: [&str; 10] = [
+    "auth",
+    "subscribe",
+    "unsubscribe",
+    "update",
+    "changes",
+    "list_datasets",
+    "delete_dataset",
+    "grant",
+    "revoke",
+    "ping",
+];
+
+/// Decodes a client text frame, with messages that say what was wrong.
+pub fn decode_client_frame(text: &str) -> Result<ClientFrame, DecodeError> {
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| DecodeError {
+        id: None,
+        message: format!("malformed json: {e}"),
+    })?;
+    let serde_json::Value::Object(map) = &value else {
+        return Err(DecodeError {
+            id: None,
+            message: "a frame must be a json object".into(),
+        });
+    };
+    let id = map
+        .get("id")
+        .and_then(|v| serde_json::from_value::<RequestId>(v.clone()).ok());
+    let kind = match map.get("type") {
+        Some(serde_json::Value::String(kind)) => kind.as_str(),
+        Some(_) => {
+            return Err(DecodeError {
+                id,
+                message: "field `type` must be a string".into(),
+            });
+        }
+        None => {
+            return Err(DecodeError {
+                id,
+                message: "missing field `type`".into(),
+            });
+        }
+    };
+    if !CLIENT_TYPES.contains(&kind) {
+        return Err(DecodeError {
+            id,
+            message: format!("unknown message type `{kind}`"),
+        });
+    }
+    serde_json::from_value(value.clone()).map_err(|e| DecodeError {
+        id,
+        message: format!("invalid `{kind}` frame: {e}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::PatchOp;
+    use serde_json::json;
+
+    #[test]
+    fn test_decode_update_frame() {
+        let f = decode_client_frame(
+            r#"{"type":"update","id":7,"dataset":{"name":"todo"},"deviceId":"phone",
+               "patches":[{"op":"replace","key":"a","value":"1","syncCount":0},
+                          {"op":"remove","key":"b","syncCount":4}]}"#,
+        )
+        .unwrap();
+        let ClientFrame::Update {
+            id,
+            dataset,
+            device_id,
+            patches,
+        } = f
+        else {
+            panic!("not an update");
+        };
+        assert_eq!(id, RequestId::Num(7));
+        assert_eq!(dataset, DatasetRef::own("todo"));
+        assert_eq!(device_id.as_deref(), Some("phone"));
+        assert_eq!(patches[1].op, PatchOp::Remove);
+        assert_eq!(patches[1].sync_count, 4);
+    }
+
+    #[test]
+    fn test_decode_errors_keep_the_id_when_they_can() {
+        let e = decode_client_frame("{not json").unwrap_err();
+        assert_eq!(e.id, None);
+        assert!(e.message.starts_with("malformed json"));
+
+        let e = decode_client_frame(r#"{"type":"frobnicate","id":"x"}"#).unwrap_err();
+        assert_eq!(e.id, Some(RequestId::Str("x".into())));
+        assert!(e.message.contains("unknown message type"));
+
+        let e = decode_client_frame(r#"{"type":"subscribe","id":"y"}"#).unwrap_err();
+        assert_eq!(e.id, Some(RequestId::Str("y".into())));
+        assert!(e.message.contains("dataset"), "{}", e.message);
+
+        assert!(decode_client_frame("[1]").is_err());
+        assert!(decode_client_frame(r#"{"id":1}"#).is_err());
+    }
+
+    #[test]
+    fn test_unknown_fields_are_ignored() {
+        let f = decode_client_frame(r#"{"type":"ping","future":true}"#).unwrap();
+        assert_eq!(f, ClientFrame::Ping { id: None });
+    }
+
+    #[test]
+    fn test_server_frames_round_trip() {
+        let frames = vec![
+            ServerFrame::Dataset {
+                dataset: DatasetRef::new("u1", "todo"),
+                sync_count: 3,
+                records: vec![],
+            },
+            ServerFrame::limit_error(
+                Some(RequestId::Num(1)),
+                LimitCode::MaxRecords,
+                1024,
+                "too many",
+            ),
+            ServerFrame::Ack {
+                id: RequestId::Num(2),
+                dataset: None,
+                sync_count: None,
+                records: None,
+            },
+        ];
+        for f in frames {
+            let text = f.to_json();
+            let back: ServerFrame = serde_json::from_str(&text).unwrap();
+            assert_eq!(back, f);
+        }
+        let v: serde_json::Value = serde_json::from_str(
+            &ServerFrame::Dataset {
+                dataset: DatasetRef::new("u1", "todo"),
+                sync_count: 3,
+                records: vec![],
+            }
+            .to_json(),
+        )
+        .unwrap();
+        assert_eq!(
+            v,
+            json!({"type":"dataset","dataset":{"owner":"u1","name":"todo"},"syncCount":3,"records":[]})
+        );
+    }
+}

@@ -1,0 +1,51 @@
+//! The store's one error type; every variant maps to a stable protocol error code.
+
+use tandem_protocol::{ErrorCode, LimitCode, NameError};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid dataset name `{name}`: {reason}")]
+    InvalidName { name: String, reason: NameError },
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{identity} has no {needed} access to {dataset}")]
+    Forbidden {
+        identity: String,
+        dataset: String,
+        needed: &'static str,
+    },
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{message}")]
+    Limit {
+        limit: LimitCode,
+        max: u64,
+        message: String,
+    },
+    /// The backing database cannot be reached; nothing was written.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store fault: {0}")]
+    Internal(String),
+}
+
+impl StoreError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            StoreError::InvalidName { .. } | StoreError::BadRequest(_) => ErrorCode::BadRequest,
+            StoreError::Forbidden { .. } => ErrorCode::Forbidden,
+            StoreError::NotFound(_) => ErrorCode::NotFound,
+            StoreError::Limit { limit, .. } => limit.error_code(),
+            StoreError::Unavailable(_) => ErrorCode::Unavailable,
+            StoreError::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
+    pub fn limit(limit: LimitCode, max: u64, message: impl Into<String>) -> Self {
+        StoreError::Limit {
+            limit,
+            max,
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! Tandem's source of truth: the `Store` trait, the data model with Cognito Sync's
+//! semantics (dataset and record sync counts, tombstones, server and device timestamps,
+//! last-modified-by, grants), the configurable limits, and the backends (`SqliteStore`, the
+//! embedded default; PostgreSQL for many nodes).
+//!
+//! Authorisation of data access lives here, checked in the same transaction as the read or
+//! write it guards, so a revoke takes effect at once. The store knows nothing of sockets,
+//! subscriptions or fan-out: the gateway publishes what a commit returns.
+
+mod error;
+mod model;
+mod sqlite;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
+pub use error::StoreError;
+pub use model::{
+    DEFAULT_POOL, DatasetKey, Limits, Snapshot, UpdateOutcome, UpdateRequest, ValidatedPatch,
+    now_ms, record_bytes, validate_identity, validate_update,
+};
+pub use sqlite::SqliteStore;
+
+use async_trait::async_trait;
+use tandem_protocol::{Access, DatasetInfo};
+
+/// A cheap-to-share handle to a store; every method is one transaction.
+///
+/// Access rules, the same for every backend:
+/// - the owner may do anything with its datasets, existing or not;
+/// - a `read` grant allows `snapshot` and `changes`; a `write` grant also allows `update`;
+/// - only the owner may `delete_dataset`, `grant` and `revoke`;
+/// - without a grant, every call on another identity's dataset is `Forbidden` (never
+///   `NotFound`, so datasets do not leak their existence).
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The whole dataset: live records, ordered by key. A dataset that was never written (or
+    /// was deleted) has no records and its last sync count (0 if never written).
+    async fn snapshot(&self, dataset: &DatasetKey, actor: &str) -> Result<Snapshot, StoreError>;
+
+    /// Records whose sync count is above `since`, tombstones included, ordered by key.
+    async fn changes(
+        &self,
+        dataset: &DatasetKey,
+        actor: &str,
+        since: u64,
+    ) -> Result<Snapshot, StoreError>;
+
+    /// Applies all patches atomically or none. Returns `Conflict` (nothing written) when any
+    /// patch's sync count is stale. Returns only after the commit is durable.
+    async fn update(&self, request: UpdateRequest) -> Result<UpdateOutcome, StoreError>;
+
+    /// Deletes a dataset: its records and grants go, its sync count is kept (and bumped by
+    /// one) so that a re-created dataset continues above it. Returns that sync count.
+    /// `NotFound` if the dataset does not exist.
+    async fn delete_dataset(&self, dataset: &DatasetKey, actor: &str) -> Result<u64, StoreError>;
+
+    /// The identity's own datasets and the existing datasets shared with it, with its access.
+    async fn list_datasets(
+        &self,
+        pool: &str,
+        identity: &str,
+    ) -> Result<Vec<DatasetInfo>, StoreError>;
+
+    /// Grants (or changes) `grantee`'s access to a dataset, existing or not. `access` must be
+    /// `Read` or `Write`.
+    async fn grant(
+        &self,
+        dataset: &DatasetKey,
+        actor: &str,
+        grantee: &str,
+        access: Access,
+    ) -> Result<(), StoreError>;
+
+    /// Removes `grantee`'s grant; `NotFound` if it had none.
+    async fn revoke(&self, dataset: &DatasetKey, actor: &str, grantee: &str)
+    -> Result<(), StoreError>;
+
+    /// `identity`'s access to a dataset, or `None`.
+    async fn access(
+        &self,
+        dataset: &DatasetKey,
+        identity: &str,
+    ) -> Result<Option<Access>, StoreError>;
+
+    /// Whether the store answers now (for `/ready`).
+    async fn health(&self) -> Result<(), StoreError>;
+
+    /// Finishes in-flight commits and closes the store; later calls fail with `Unavailable`.
+    async fn close(&self);
+}

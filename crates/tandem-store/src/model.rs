@@ -1,0 +1,323 @@
+//! The data model shared by every backend, and the validation every backend runs before it
+//! touches the database.
+
+use crate::StoreError;
+use std::collections::HashSet;
+use std::fmt;
+use tandem_protocol::{
+    Conflict, DatasetRef, LimitCode, Patch, PatchOp, Record, validate_dataset_name, validate_key,
+};
+
+/// The single pool (tenant/app namespace) there is today.
+pub const DEFAULT_POOL: &str = "default";
+
+/// The longest identity accepted, in bytes.
+pub const MAX_IDENTITY: usize = 256;
+
+/// Which dataset: (pool, owner identity, name).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DatasetKey {
+    pub pool: String,
+    pub owner: String,
+    pub name: String,
+}
+
+impl DatasetKey {
+    pub fn new(pool: impl Into<String>, owner: impl Into<String>, name: impl Into<String>) -> Self {
+        DatasetKey {
+            pool: pool.into(),
+            owner: owner.into(),
+            name: name.into(),
+        }
+    }
+
+    /// The wire form (the pool is implied by the connection).
+    pub fn to_ref(&self) -> DatasetRef {
+        DatasetRef::new(self.owner.clone(), self.name.clone())
+    }
+
+    /// Checks the name against the pattern and the owner against the identity rules.
+    pub fn validate(&self) -> Result<(), StoreError> {
+        validate_dataset_name(&self.name).map_err(|reason| StoreError::InvalidName {
+            name: self.name.clone(),
+            reason,
+        })?;
+        validate_identity(&self.owner)
+    }
+}
+
+impl fmt::Display for DatasetKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}/{}", self.pool, self.owner, self.name)
+    }
+}
+
+/// Identities come from tokens; any non-empty string up to 256 bytes without control
+/// characters is accepted.
+pub fn validate_identity(identity: &str) -> Result<(), StoreError> {
+    if identity.is_empty() || identity.len() > MAX_IDENTITY {
+        return Err(StoreError::BadRequest(format!(
+            "identity must be 1 to {MAX_IDENTITY} bytes"
+        )));
+    }
+    if identity.chars().any(char::is_control) {
+        return Err(StoreError::BadRequest(
+            "identity must not contain control characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A dataset (or the part of it a query asked for) at a sync count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub dataset: DatasetKey,
+    pub sync_count: u64,
+    pub records: Vec<Record>,
+}
+
+/// An update: patches by `actor`, from `device_id` if the client named one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpdateRequest {
+    pub dataset: DatasetKey,
+    pub actor: String,
+    pub device_id: Option<String>,
+    pub patches: Vec<Patch>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpdateOutcome {
+    /// Committed durably at `snapshot.sync_count`; `changed` are the records this update
+    /// wrote, `snapshot` the whole dataset after the commit (what subscribers are pushed).
+    Committed {
+        changed: Vec<Record>,
+        snapshot: Snapshot,
+    },
+    /// Nothing was written: these keys were stale. `sync_count` is the dataset's current one.
+    Conflict {
+        sync_count: u64,
+        conflicts: Vec<Conflict>,
+    },
+}
+
+/// Configurable limits; the defaults are Cognito Sync's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    pub max_datasets: u64,
+    pub max_records: u64,
+    pub max_dataset_bytes: u64,
+    pub max_key_length: u64,
+    pub max_patches: u64,
+    pub max_device_id_length: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_datasets: 20,
+            max_records: 1024,
+            max_dataset_bytes: 1024 * 1024,
+            max_key_length: 1024,
+            max_patches: 1024,
+            max_device_id_length: 128,
+        }
+    }
+}
+
+/// A patch that passed validation: a replace always has a value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidatedPatch {
+    pub key: String,
+    /// `None` for a remove.
+    pub value: Option<String>,
+    pub sync_count: u64,
+    pub device_last_modified: Option<i64>,
+}
+
+impl ValidatedPatch {
+    /// Whether `current` (the stored record, if any) is the version this patch was based on.
+    /// A key that does not exist, or exists only as a tombstone, may be written with sync
+    /// count 0 ("I believe it is absent") or with the tombstone's own sync count.
+    pub fn matches(&self, current: Option<&Record>) -> bool {
+        match current {
+            None => self.sync_count == 0,
+            Some(r) if r.value.is_none() => self.sync_count == 0 || self.sync_count == r.sync_count,
+            Some(r) => self.sync_count == r.sync_count,
+        }
+    }
+}
+
+/// Checks everything about an update that does not need the database: names, keys, patch
+/// count, duplicate keys, device id. Backends call this first, then check stored limits.
+pub fn validate_update(
+    limits: &Limits,
+    request: &UpdateRequest,
+) -> Result<Vec<ValidatedPatch>, StoreError> {
+    request.dataset.validate()?;
+    validate_identity(&request.actor)?;
+    if let Some(device) = &request.device_id
+        && device.chars().count() as u64 > limits.max_device_id_length
+    {
+        return Err(StoreError::limit(
+            LimitCode::MaxDeviceIdLength,
+            limits.max_device_id_length,
+            format!(
+                "device id longer than {} characters",
+                limits.max_device_id_length
+            ),
+        ));
+    }
+    if request.patches.is_empty() {
+        return Err(StoreError::BadRequest("an update needs at least one patch".into()));
+    }
+    if request.patches.len() as u64 > limits.max_patches {
+        return Err(StoreError::limit(
+            LimitCode::MaxPatches,
+            limits.max_patches,
+            format!("more than {} patches in one update", limits.max_patches),
+        ));
+    }
+    let mut seen = HashSet::with_capacity(request.patches.len());
+    let mut out = Vec::with_capacity(request.patches.len());
+    for patch in &request.patches {
+        let max_key = usize::try_from(limits.max_key_length).unwrap_or(usize::MAX);
+        validate_key(&patch.key, max_key).map_err(|reason| match reason {
+            tandem_protocol::NameError::TooLong { .. } => StoreError::limit(
+                LimitCode::MaxKeyLength,
+                limits.max_key_length,
+                format!("key longer than {} characters", limits.max_key_length),
+            ),
+            other => StoreError::BadRequest(format!("invalid key: {other}")),
+        })?;
+        if !seen.insert(patch.key.as_str()) {
+            return Err(StoreError::BadRequest(format!(
+                "key `{}` appears twice in one update",
+                truncate(&patch.key, 64)
+            )));
+        }
+        let value = match (patch.op, &patch.value) {
+            (PatchOp::Replace, Some(v)) => Some(v.clone()),
+            (PatchOp::Replace, None) => {
+                return Err(StoreError::BadRequest(format!(
+                    "replace of key `{}` needs a string value",
+                    truncate(&patch.key, 64)
+                )));
+            }
+            (PatchOp::Remove, _) => None,
+        };
+        out.push(ValidatedPatch {
+            key: patch.key.clone(),
+            value,
+            sync_count: patch.sync_count,
+            device_last_modified: patch.device_last_modified,
+        });
+    }
+    Ok(out)
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// Milliseconds since the Unix epoch, by the server's clock.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// The bytes a live record counts against `max_dataset_bytes`: its key and value in UTF-8.
+pub fn record_bytes(key: &str, value: &str) -> u64 {
+    (key.len() + value.len()) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(patches: Vec<Patch>) -> UpdateRequest {
+        UpdateRequest {
+            dataset: DatasetKey::new(DEFAULT_POOL, "u1", "ds"),
+            actor: "u1".into(),
+            device_id: None,
+            patches,
+        }
+    }
+
+    #[test]
+    fn test_validate_update_rejects_duplicates_and_missing_values() {
+        let limits = Limits::default();
+        let dup = req(vec![Patch::replace("a", "1", 0), Patch::remove("a", 0)]);
+        assert!(matches!(
+            validate_update(&limits, &dup),
+            Err(StoreError::BadRequest(_))
+        ));
+        let mut p = Patch::replace("a", "1", 0);
+        p.value = None;
+        assert!(matches!(
+            validate_update(&limits, &req(vec![p])),
+            Err(StoreError::BadRequest(_))
+        ));
+        assert!(matches!(
+            validate_update(&limits, &req(vec![])),
+            Err(StoreError::BadRequest(_))
+        ));
+    }
+
+    #[test]
+    fn test_validate_update_reports_each_limit() {
+        let limits = Limits {
+            max_patches: 2,
+            max_key_length: 4,
+            ..Limits::default()
+        };
+        let many = req(vec![
+            Patch::replace("a", "1", 0),
+            Patch::replace("b", "1", 0),
+            Patch::replace("c", "1", 0),
+        ]);
+        assert!(matches!(
+            validate_update(&limits, &many),
+            Err(StoreError::Limit { limit: LimitCode::MaxPatches, max: 2, .. })
+        ));
+        let long = req(vec![Patch::replace("abcde", "1", 0)]);
+        assert!(matches!(
+            validate_update(&limits, &long),
+            Err(StoreError::Limit { limit: LimitCode::MaxKeyLength, max: 4, .. })
+        ));
+    }
+
+    #[test]
+    fn test_patch_matches_tombstones_with_zero_or_their_count() {
+        let p = |n| ValidatedPatch {
+            key: "k".into(),
+            value: Some("v".into()),
+            sync_count: n,
+            device_last_modified: None,
+        };
+        let live = Record {
+            key: "k".into(),
+            value: Some("x".into()),
+            sync_count: 5,
+            last_modified: 0,
+            last_modified_by: "u".into(),
+            device_id: None,
+            device_last_modified: None,
+        };
+        let tomb = Record {
+            value: None,
+            ..live.clone()
+        };
+        assert!(p(0).matches(None));
+        assert!(!p(1).matches(None));
+        assert!(p(5).matches(Some(&live)));
+        assert!(!p(0).matches(Some(&live)));
+        assert!(p(0).matches(Some(&tomb)));
+        assert!(p(5).matches(Some(&tomb)));
+        assert!(!p(4).matches(Some(&tomb)));
+    }
+}

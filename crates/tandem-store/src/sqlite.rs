@@ -1,0 +1,5 @@
+//! SqliteStore: placeholder, being written.
+
+/// The embedded store.
+#[derive(Debug)]
+pub struct SqliteStore;
