@@ -1,1 +1,3 @@
-//! placeholder
+//! Tandem's gateway (being written).
+
+pub mod auth;
