@@ -1,3 +1,251 @@
-//! Tandem's gateway (being written).
+//! Tandem's gateway: the axum router (`GET /v1/sync` WebSocket, `/health`, `/ready`), one
+//! session per WebSocket connection (authentication, requests, subscriptions), JWT
+//! verification, and the local hub that hands committed changes to local subscribers.
+//!
+//! It owns no data: the store is the truth and is called for every read and write, and the
+//! broker carries commits between nodes. It installs no tracing subscriber and reads no
+//! process environment; the `tandem` binary wires it up.
 
 pub mod auth;
+mod hub;
+mod outbox;
+mod session;
+
+pub use auth::{AuthConfig, AuthError, Identity, Verifier};
+pub use hub::Hub;
+
+use axum::Router;
+use axum::extract::State;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tandem_fanout::{Broker, BrokerHealth, Channels, EventHandler};
+use tandem_protocol::{ErrorCode, ServerFrame};
+use tandem_store::{DEFAULT_POOL, Store};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Per-connection settings; every limit here has its own error or close code.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub pool: String,
+    /// Largest WebSocket frame or message accepted; larger ones are refused while reading
+    /// the header, without buffering the payload (`too_large` / `max_frame_bytes`, close 4501).
+    pub max_frame_bytes: usize,
+    /// Datasets one connection may subscribe to (`limit_exceeded` / `max_subscriptions`).
+    pub max_subscriptions: usize,
+    /// Replies queued for a client that does not read them before it is closed as slow.
+    pub max_queued_replies: usize,
+    /// How long a connection may stay unauthenticated (close 4004).
+    pub auth_timeout: Duration,
+    /// How long one batch write to the socket may take before the connection is closed as
+    /// slow (close 4001).
+    pub write_timeout: Duration,
+    /// tungstenite read buffer per connection; small keeps idle connections cheap.
+    pub read_buffer_bytes: usize,
+    /// tungstenite write buffer per connection.
+    pub write_buffer_bytes: usize,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            pool: DEFAULT_POOL.to_owned(),
+            max_frame_bytes: 2 * 1024 * 1024,
+            max_subscriptions: 100,
+            max_queued_replies: 1024,
+            auth_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
+            read_buffer_bytes: 4 * 1024,
+            write_buffer_bytes: 4 * 1024,
+        }
+    }
+}
+
+/// One gateway node: shared by every session and HTTP handler.
+pub struct Gateway {
+    config: GatewayConfig,
+    store: Arc<dyn Store>,
+    broker: Arc<dyn Broker>,
+    hub: Arc<Hub>,
+    verifier: Verifier,
+    shutdown: CancellationToken,
+    sessions: TaskTracker,
+    next_session: AtomicU64,
+    session_salt: u64,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// Builds a gateway. `make_broker` receives the handler that delivers broker events to
+    /// this node's hub (the broker and the hub need each other).
+    pub fn new(
+        config: GatewayConfig,
+        store: Arc<dyn Store>,
+        verifier: Verifier,
+        make_broker: impl FnOnce(Arc<dyn EventHandler>) -> Arc<dyn Broker>,
+    ) -> Arc<Gateway> {
+        let hub = Arc::new(Hub::new(store.clone()));
+        let broker = make_broker(Arc::new(hub::HubHandler(hub.clone())));
+        hub.attach(Arc::new(Channels::new(broker.clone())));
+        Arc::new(Gateway {
+            config,
+            store,
+            broker,
+            hub,
+            verifier,
+            shutdown: CancellationToken::new(),
+            sessions: TaskTracker::new(),
+            next_session: AtomicU64::new(1),
+            session_salt: rand::random::<u64>() & 0xffff_ffff,
+        })
+    }
+
+    pub fn config(&self) -> &GatewayConfig {
+        &self.config
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.broker
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// Open WebSocket sessions.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    fn next_session_id(&self) -> (u64, String) {
+        let n = self.next_session.fetch_add(1, Ordering::Relaxed);
+        (n, format!("{:08x}-{n:x}", self.session_salt))
+    }
+
+    pub fn router(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route("/v1/sync", get(sync))
+            .route("/health", get(health))
+            .route("/ready", get(ready))
+            .with_state(self.clone())
+    }
+
+    /// Closes every session with "going away, reconnect" (after the request each is
+    /// handling, so in-flight commits finish) and waits for them up to `grace`. Returns
+    /// whether all ended in time. Call after the listener stopped accepting.
+    pub async fn shutdown(&self, grace: Duration) -> bool {
+        self.shutdown.cancel();
+        self.sessions.close();
+        if tokio::time::timeout(grace, self.sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = self.sessions.len(),
+                grace_ms = grace.as_millis() as u64,
+                "sessions still open after the grace period"
+            );
+            return false;
+        }
+        true
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+}
+
+async fn sync(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if gw.is_shutting_down() {
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            "server is shutting down",
+        );
+    }
+    let pre_auth = match bearer_token(&headers) {
+        Some(token) => match gw.verifier.verify(token) {
+            Ok(identity) => Some(identity),
+            Err(e) => {
+                return error_response(
+                    StatusCode::UNAUTHORIZED,
+                    ErrorCode::Unauthorized,
+                    e.to_string(),
+                );
+            }
+        },
+        None => None,
+    };
+    let config = &gw.config;
+    ws.max_message_size(config.max_frame_bytes)
+        .max_frame_size(config.max_frame_bytes)
+        .read_buffer_size(config.read_buffer_bytes)
+        .write_buffer_size(config.write_buffer_bytes)
+        .on_upgrade(move |socket| {
+            let tracker = gw.sessions.clone();
+            tracker.track_future(session::run(gw, socket, pre_auth))
+        })
+}
+
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
+fn error_response(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Response {
+    let body = ServerFrame::error(None, code, message).to_json();
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+async fn health() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        r#"{"status":"ok"}"#,
+    )
+        .into_response()
+}
+
+/// Ready when the store answers and the broker reaches its peers; degraded (503) otherwise,
+/// with the reason, so a load balancer stops sending new clients here.
+async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
+    let store = gw.store.health().await;
+    let broker = gw.broker.health();
+    let shutting_down = gw.is_shutting_down();
+    let ok = store.is_ok() && broker == BrokerHealth::Up && !shutting_down;
+    let body = serde_json::json!({
+        "status": if ok { "ready" } else { "degraded" },
+        "store": match &store { Ok(()) => "up".to_owned(), Err(e) => e.to_string() },
+        "broker": match &broker { BrokerHealth::Up => "up".to_owned(), BrokerHealth::Degraded(r) => r.clone() },
+        "shuttingDown": shutting_down,
+        "sessions": gw.session_count(),
+    });
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}

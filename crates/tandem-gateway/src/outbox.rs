@@ -1,0 +1,321 @@
+//! A connection's outbound queue. Replies keep their order; live pushes are coalesced per
+//! dataset: at most one unsent push per dataset waits, and a newer one replaces it in place,
+//! so a slow client costs bounded memory and still ends at the latest state.
+
+use axum::extract::ws::Utf8Bytes;
+use parking_lot::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use tandem_protocol::CloseCode;
+use tandem_store::DatasetKey;
+use tokio::sync::Notify;
+
+/// What the writer task sends next.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    Frame(Utf8Bytes),
+    Close(CloseCode),
+}
+
+enum Item {
+    Frame(Utf8Bytes),
+    /// The pending push of a dataset, if its slot still holds one with this sequence number.
+    Push(Arc<DatasetKey>, u64),
+    Close(CloseCode),
+}
+
+struct Slot {
+    /// The highest sync count queued or sent for this dataset; nothing at or below it is
+    /// queued again.
+    last: u64,
+    pending: Option<(u64, Utf8Bytes)>,
+}
+
+struct State {
+    queue: VecDeque<Item>,
+    slots: HashMap<Arc<DatasetKey>, Slot>,
+    /// Replies (not pushes) waiting in `queue`; bounded by `max_frames`.
+    frames: usize,
+    seq: u64,
+    closing: bool,
+}
+
+pub struct Outbox {
+    state: Mutex<State>,
+    notify: Notify,
+    max_frames: usize,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox").finish_non_exhaustive()
+    }
+}
+
+/// The queue is full of replies the client does not read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Full;
+
+impl Outbox {
+    pub fn new(max_frames: usize) -> Self {
+        Outbox {
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                slots: HashMap::new(),
+                frames: 0,
+                seq: 0,
+                closing: false,
+            }),
+            notify: Notify::new(),
+            max_frames,
+        }
+    }
+
+    /// Queues a reply. Fails when `max_frames` replies are already waiting.
+    pub fn send(&self, frame: Utf8Bytes) -> Result<(), Full> {
+        let mut s = self.state.lock();
+        if s.closing {
+            return Ok(());
+        }
+        if s.frames >= self.max_frames {
+            return Err(Full);
+        }
+        s.frames += 1;
+        s.queue.push_back(Item::Frame(frame));
+        drop(s);
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    /// Starts accepting pushes for a dataset. Returns false if it was already subscribed.
+    pub fn subscribe(&self, dataset: Arc<DatasetKey>) -> bool {
+        let mut s = self.state.lock();
+        if s.slots.contains_key(&dataset) {
+            return false;
+        }
+        s.slots.insert(
+            dataset,
+            Slot {
+                last: 0,
+                pending: None,
+            },
+        );
+        true
+    }
+
+    pub fn is_subscribed(&self, dataset: &DatasetKey) -> bool {
+        self.state.lock().slots.contains_key(dataset)
+    }
+
+    pub fn subscription_count(&self) -> usize {
+        self.state.lock().slots.len()
+    }
+
+    pub fn subscriptions(&self) -> Vec<Arc<DatasetKey>> {
+        self.state.lock().slots.keys().cloned().collect()
+    }
+
+    /// Stops pushes for a dataset, drops an unsent one, and queues `frame` (the reason) if
+    /// given. Returns whether it was subscribed.
+    pub fn end_subscription(&self, dataset: &DatasetKey, frame: Option<Utf8Bytes>) -> bool {
+        let mut s = self.state.lock();
+        let existed = s.slots.remove(dataset).is_some();
+        if let (true, Some(frame), false) = (existed, frame, s.closing) {
+            s.frames += 1;
+            s.queue.push_back(Item::Frame(frame));
+            drop(s);
+            self.notify.notify_one();
+        }
+        existed
+    }
+
+    /// Queues a live push unless an equal or newer sync count was already queued or sent;
+    /// replaces an unsent older push of the same dataset in place.
+    pub fn push(&self, dataset: &Arc<DatasetKey>, sync_count: u64, frame: &Utf8Bytes) {
+        let mut s = self.state.lock();
+        if s.closing {
+            return;
+        }
+        let seq = s.seq + 1;
+        let Some(slot) = s.slots.get_mut(dataset) else {
+            return;
+        };
+        if sync_count <= slot.last {
+            return;
+        }
+        slot.last = sync_count;
+        if let Some((_, bytes)) = &mut slot.pending {
+            // Replaced in place: the queue entry keeps its position and sequence number.
+            *bytes = frame.clone();
+            return;
+        }
+        slot.pending = Some((seq, frame.clone()));
+        s.seq = seq;
+        s.queue.push_back(Item::Push(dataset.clone(), seq));
+        drop(s);
+        self.notify.notify_one();
+    }
+
+    /// Queues a subscribe reply carrying the dataset at `sync_count`; an unsent push at or
+    /// below it is dropped, a newer one is moved behind the reply so it arrives after it.
+    pub fn snapshot(&self, dataset: &Arc<DatasetKey>, sync_count: u64, frame: Utf8Bytes) {
+        let mut s = self.state.lock();
+        if s.closing {
+            return;
+        }
+        s.frames += 1;
+        s.queue.push_back(Item::Frame(frame));
+        s.seq += 1;
+        let seq = s.seq;
+        let mut requeue = false;
+        if let Some(slot) = s.slots.get_mut(dataset) {
+            slot.last = slot.last.max(sync_count);
+            if let Some((_, bytes)) = slot.pending.take() {
+                // A push is pending only if it is newer than what was last queued, and the
+                // snapshot just raised `last`; keep it only if it is newer still.
+                if slot.last > sync_count {
+                    slot.pending = Some((seq, bytes));
+                    requeue = true;
+                }
+            }
+        }
+        if requeue {
+            s.queue.push_back(Item::Push(dataset.clone(), seq));
+        }
+        drop(s);
+        self.notify.notify_one();
+    }
+
+    /// Queues a close frame; everything queued before it is still sent, nothing after.
+    pub fn close(&self, code: CloseCode) {
+        let mut s = self.state.lock();
+        if s.closing {
+            return;
+        }
+        s.closing = true;
+        s.queue.push_back(Item::Close(code));
+        drop(s);
+        self.notify.notify_one();
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.state.lock().closing
+    }
+
+    /// Moves up to `max` ready items into `out`, waiting until there is at least one.
+    pub async fn next_batch(&self, out: &mut Vec<Outgoing>, max: usize) {
+        loop {
+            let notified = self.notify.notified();
+            {
+                let mut s = self.state.lock();
+                while out.len() < max {
+                    let Some(item) = s.queue.pop_front() else {
+                        break;
+                    };
+                    match item {
+                        Item::Frame(f) => {
+                            s.frames -= 1;
+                            out.push(Outgoing::Frame(f));
+                        }
+                        Item::Push(dataset, seq) => {
+                            if let Some(slot) = s.slots.get_mut(&dataset)
+                                && slot.pending.as_ref().is_some_and(|(p, _)| *p == seq)
+                                && let Some((_, f)) = slot.pending.take()
+                            {
+                                out.push(Outgoing::Frame(f));
+                            }
+                        }
+                        Item::Close(code) => {
+                            s.queue.clear();
+                            out.push(Outgoing::Close(code));
+                            break;
+                        }
+                    }
+                }
+            }
+            if !out.is_empty() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> Arc<DatasetKey> {
+        Arc::new(DatasetKey::new("default", "u1", "ds"))
+    }
+
+    fn texts(out: &[Outgoing]) -> Vec<String> {
+        out.iter()
+            .map(|o| match o {
+                Outgoing::Frame(f) => f.as_str().to_owned(),
+                Outgoing::Close(c) => format!("close {}", c.code()),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn test_outbox_coalesces_pushes_per_dataset() {
+        let ob = Outbox::new(8);
+        let k = key();
+        ob.subscribe(k.clone());
+        ob.send("r1".into()).unwrap();
+        for n in 1..=100u64 {
+            ob.push(&k, n, &Utf8Bytes::from(format!("p{n}")));
+        }
+        ob.send("r2".into()).unwrap();
+        ob.push(&k, 50, &"old".into());
+        let mut out = Vec::new();
+        ob.next_batch(&mut out, 64).await;
+        assert_eq!(texts(&out), ["r1", "p100", "r2"]);
+    }
+
+    #[tokio::test]
+    async fn test_outbox_snapshot_orders_against_pending_push() {
+        let ob = Outbox::new(8);
+        let k = key();
+        ob.subscribe(k.clone());
+        ob.push(&k, 3, &"p3".into());
+        ob.snapshot(&k, 5, "s5".into());
+        ob.push(&k, 4, &"p4".into());
+        let mut out = Vec::new();
+        ob.next_batch(&mut out, 64).await;
+        assert_eq!(texts(&out), ["s5"]);
+
+        ob.push(&k, 9, &"p9".into());
+        ob.snapshot(&k, 7, "s7".into());
+        let mut out = Vec::new();
+        ob.next_batch(&mut out, 64).await;
+        assert_eq!(texts(&out), ["s7", "p9"]);
+    }
+
+    #[tokio::test]
+    async fn test_outbox_bounds_replies_and_stops_after_close() {
+        let ob = Outbox::new(2);
+        ob.send("a".into()).unwrap();
+        ob.send("b".into()).unwrap();
+        assert_eq!(ob.send("c".into()), Err(Full));
+        ob.close(CloseCode::GoingAway);
+        ob.send("d".into()).unwrap();
+        let mut out = Vec::new();
+        ob.next_batch(&mut out, 64).await;
+        assert_eq!(texts(&out), ["a", "b", "close 4000"]);
+    }
+
+    #[tokio::test]
+    async fn test_outbox_ended_subscription_drops_pending_push() {
+        let ob = Outbox::new(8);
+        let k = key();
+        ob.subscribe(k.clone());
+        ob.push(&k, 1, &"p1".into());
+        assert!(ob.end_subscription(&k, Some("bye".into())));
+        ob.push(&k, 2, &"p2".into());
+        let mut out = Vec::new();
+        ob.next_batch(&mut out, 64).await;
+        assert_eq!(texts(&out), ["bye"]);
+    }
+}

@@ -1,0 +1,288 @@
+//! The `tandem` binary's library half: settings (flags, env, TOML), logging, choosing and
+//! opening the backends, wiring the gateway, and the ordered shutdown (stop accepting, close
+//! sessions with "going away", wait with a grace period, close the broker, close the store).
+//! It holds no sync logic of its own; the gateway, store and fan-out crates do.
+
+pub mod config;
+
+use anyhow::{Context, bail};
+use axum::serve::ListenerExt;
+use config::{Cli, Command, LogFormat, ServeArgs, Settings, TokenArgs};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tandem_fanout::LocalBroker;
+use tandem_gateway::{AuthConfig, Gateway, GatewayConfig, Verifier};
+use tandem_store::{Limits, SqliteStore, Store};
+use tokio_util::sync::CancellationToken;
+
+/// The file in the data dir that holds the generated HS256 secret.
+pub const SECRET_FILE: &str = "jwt-secret";
+
+/// Parses the command line and runs it; the `tandem` binary's whole `main`.
+pub fn main_entry() -> ExitCode {
+    use clap::Parser;
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => run_serve(args),
+        Command::Token(args) => run_token(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tandem: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_token(args: TokenArgs) -> anyhow::Result<()> {
+    let settings = args.settings.with_file(args.config.as_deref())?;
+    let secret = match explicit_secret(&settings)? {
+        Some(secret) => secret,
+        None => {
+            let path = settings.data_dir().join(SECRET_FILE);
+            read_secret_file(&path).with_context(|| {
+                format!(
+                    "no secret at {}: start `tandem serve --data-dir {}` once, or pass --jwt-secret",
+                    path.display(),
+                    settings.data_dir().display()
+                )
+            })?
+        }
+    };
+    let token = tandem_gateway::auth::mint_hs256(
+        &secret,
+        &args.sub,
+        args.ttl.0,
+        settings.jwt_issuer.as_deref(),
+        settings.jwt_audience.as_deref(),
+    )?;
+    println!("{token}");
+    Ok(())
+}
+
+fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    let settings = args.settings.with_file(args.config.as_deref())?;
+    init_logging(settings.log_format.unwrap_or(LogFormat::Plain));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(watch_signals(shutdown.clone()));
+        serve(settings, shutdown).await
+    })
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Plain => builder.init(),
+    }
+}
+
+async fn watch_signals(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT shuts down");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+    tracing::info!("shutdown signal received");
+    shutdown.cancel();
+}
+
+/// Runs the service until `shutdown` is cancelled, then shuts down in order.
+pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listen = settings.listen();
+    let data_dir = settings.data_dir();
+    let (auth, generated) = auth_config(&settings, &data_dir, listen)?;
+    let verifier = Verifier::new(&auth).context("invalid jwt settings")?;
+    let limits = limits(&settings);
+    let gateway_config = gateway_config(&settings);
+    let grace = settings
+        .shutdown_grace
+        .map_or(Duration::from_secs(10), |d| d.0);
+
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&data_dir, limits)
+            .with_context(|| format!("cannot open the store in {}", data_dir.display()))?,
+    );
+    let gateway = Gateway::new(gateway_config, store.clone(), verifier, |handler| {
+        Arc::new(LocalBroker::new(handler))
+    });
+
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let local = listener.local_addr()?;
+    let listener = listener.tap_io(|tcp| {
+        // Pushes are small and latency-bound; do not let Nagle hold them back.
+        let _ = tcp.set_nodelay(true);
+    });
+    tracing::info!(addr = %local, data_dir = %data_dir.display(), store = "sqlite", broker = "local", "tandem listening");
+    if generated {
+        tracing::info!(
+            "no jwt keys configured: using the generated secret in {}; mint a token with: tandem token --data-dir {} --sub user-1",
+            data_dir.join(SECRET_FILE).display(),
+            data_dir.display()
+        );
+    }
+    // Tests and scripts read the bound address from this line.
+    println!("tandem listening on {local}");
+
+    let server = axum::serve(listener, gateway.router())
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let server = tokio::spawn(async move { server.await });
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: closing sessions");
+    let clean = gateway.shutdown(grace).await;
+    match tokio::time::timeout(Duration::from_secs(5), server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "http server ended with an error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "http server task failed"),
+        Err(_) => tracing::warn!("http server did not stop in time"),
+    }
+    gateway.broker().close().await;
+    store.close().await;
+    tracing::info!(clean, "shutdown complete");
+    Ok(())
+}
+
+fn limits(settings: &Settings) -> Limits {
+    let d = Limits::default();
+    Limits {
+        max_datasets: settings.max_datasets.unwrap_or(d.max_datasets),
+        max_records: settings.max_records.unwrap_or(d.max_records),
+        max_dataset_bytes: settings.max_dataset_bytes.unwrap_or(d.max_dataset_bytes),
+        max_key_length: settings.max_key_length.unwrap_or(d.max_key_length),
+        max_patches: settings.max_patches.unwrap_or(d.max_patches),
+        max_device_id_length: settings
+            .max_device_id_length
+            .unwrap_or(d.max_device_id_length),
+    }
+}
+
+fn gateway_config(settings: &Settings) -> GatewayConfig {
+    let d = GatewayConfig::default();
+    GatewayConfig {
+        pool: d.pool,
+        max_frame_bytes: settings.max_frame_bytes.unwrap_or(d.max_frame_bytes),
+        max_subscriptions: settings.max_subscriptions.unwrap_or(d.max_subscriptions),
+        max_queued_replies: settings.max_queued_replies.unwrap_or(d.max_queued_replies),
+        auth_timeout: settings.auth_timeout.map_or(d.auth_timeout, |t| t.0),
+        write_timeout: settings.write_timeout.map_or(d.write_timeout, |t| t.0),
+        read_buffer_bytes: d.read_buffer_bytes,
+        write_buffer_bytes: d.write_buffer_bytes,
+    }
+}
+
+fn explicit_secret(settings: &Settings) -> anyhow::Result<Option<Vec<u8>>> {
+    if let Some(secret) = &settings.jwt_secret {
+        return Ok(Some(secret.as_bytes().to_vec()));
+    }
+    if let Some(path) = &settings.jwt_secret_file {
+        return read_secret_file(path).map(Some);
+    }
+    Ok(None)
+}
+
+fn read_secret_file(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        bail!("{} is empty", path.display());
+    }
+    Ok(secret.as_bytes().to_vec())
+}
+
+fn read_pems(paths: Option<&Vec<PathBuf>>) -> anyhow::Result<Vec<Vec<u8>>> {
+    paths
+        .into_iter()
+        .flatten()
+        .map(|p| std::fs::read(p).with_context(|| format!("cannot read key file {}", p.display())))
+        .collect()
+}
+
+/// The verifier's keys. With none configured, a generated secret kept in the data dir is
+/// used, and only on a loopback address: an exposed server must have keys set on purpose.
+fn auth_config(
+    settings: &Settings,
+    data_dir: &Path,
+    listen: SocketAddr,
+) -> anyhow::Result<(AuthConfig, bool)> {
+    let rsa = read_pems(settings.jwt_rsa_public_keys.as_ref())?;
+    let ec = read_pems(settings.jwt_ec_public_keys.as_ref())?;
+    let mut secret = explicit_secret(settings)?;
+    let mut generated = false;
+    if secret.is_none() && rsa.is_empty() && ec.is_empty() {
+        if !listen.ip().is_loopback() {
+            bail!(
+                "refusing to listen on {listen} without explicitly configured jwt keys: set --jwt-secret, --jwt-secret-file, --jwt-rsa-public-key or --jwt-ec-public-key"
+            );
+        }
+        secret = Some(load_or_generate_secret(data_dir)?);
+        generated = true;
+    }
+    let config = AuthConfig {
+        hs256_secret: secret,
+        rs256_public_keys: rsa,
+        es256_public_keys: ec,
+        issuer: settings.jwt_issuer.clone(),
+        audience: settings.jwt_audience.clone(),
+        leeway_secs: settings.jwt_leeway.map_or(30, |d| d.0.as_secs()),
+    };
+    Ok((config, generated))
+}
+
+fn load_or_generate_secret(data_dir: &Path) -> anyhow::Result<Vec<u8>> {
+    let path = data_dir.join(SECRET_FILE);
+    if path.exists() {
+        return read_secret_file(&path);
+    }
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    let secret = tandem_gateway::auth::generate_secret();
+    write_private(&path, secret.as_bytes())?;
+    Ok(secret.into_bytes())
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    Ok(())
+}

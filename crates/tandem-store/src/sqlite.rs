@@ -1,5 +1,0 @@
-//! SqliteStore: placeholder, being written.
-
-/// The embedded store.
-#[derive(Debug)]
-pub struct SqliteStore;
