@@ -1,1 +1,1218 @@
-//! placeholder
+//! The backend-independent test suite: every `Store` must pass it, so the SQLite and
+//! PostgreSQL backends cannot drift apart in what a client sees.
+//!
+//! A backend's test calls [`run_all`] with a function that opens a fresh, empty store with
+//! the given limits. Each `case_*` checks one behaviour on such a store and panics (with an
+//! assertion message) when the behaviour is wrong; the limits each case needs are in its
+//! doc comment, and `run_all` passes them. Run it on a multi-thread tokio runtime.
+
+// A test suite: panicking on an unexpected result is how it reports a failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use crate::{DEFAULT_POOL, DatasetKey, Limits, Snapshot, Store, StoreError, UpdateOutcome};
+use crate::{UpdateRequest, now_ms, record_bytes};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use tandem_protocol::{Access, DatasetRef, LimitCode, Patch, Record};
+
+const ALICE: &str = "alice";
+const BOB: &str = "bob";
+const CAROL: &str = "carol";
+
+/// Small limits that make every limit quick to reach.
+pub fn small_limits() -> Limits {
+    Limits {
+        max_datasets: 3,
+        max_records: 4,
+        max_dataset_bytes: 64,
+        ..Limits::default()
+    }
+}
+
+/// Runs every case, each on a fresh store from `make`, and closes each store afterwards.
+pub async fn run_all<F, Fut, S>(make: F)
+where
+    F: Fn(Limits) -> Fut,
+    Fut: Future<Output = S>,
+    S: Store,
+{
+    macro_rules! run {
+        ($case:ident, $limits:expr) => {{
+            let store: Arc<dyn Store> = Arc::new(make($limits).await);
+            $case(Arc::clone(&store)).await;
+            store.close().await;
+        }};
+    }
+    run!(
+        case_update_creates_dataset_on_first_write,
+        Limits::default()
+    );
+    run!(case_sync_count_stamps_changed_records, Limits::default());
+    run!(case_remove_leaves_tombstone_in_changes, Limits::default());
+    run!(
+        case_stale_update_conflicts_and_writes_nothing,
+        Limits::default()
+    );
+    run!(
+        case_update_with_one_stale_patch_writes_nothing,
+        Limits::default()
+    );
+    run!(case_limit_max_datasets, small_limits());
+    run!(case_limit_max_records, small_limits());
+    run!(case_limit_max_dataset_bytes, small_limits());
+    run!(case_default_limits, Limits::default());
+    run!(
+        case_delete_then_recreate_continues_sync_count,
+        Limits::default()
+    );
+    run!(
+        case_read_grant_allows_reading_not_writing,
+        Limits::default()
+    );
+    run!(case_write_grant_allows_updating, Limits::default());
+    run!(case_revoke_takes_effect, Limits::default());
+    run!(case_no_grant_is_forbidden, Limits::default());
+    run!(case_grant_rejects_bad_requests, Limits::default());
+    run!(case_list_datasets_shows_own_and_shared, Limits::default());
+    run!(case_pools_are_separate, Limits::default());
+    run!(case_concurrent_writers_serialise, Limits::default());
+    run!(
+        case_validation_errors_leave_data_unchanged,
+        Limits::default()
+    );
+    run!(case_close_makes_calls_unavailable, Limits::default());
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+
+fn ds(owner: &str, name: &str) -> DatasetKey {
+    DatasetKey::new(DEFAULT_POOL, owner, name)
+}
+
+fn request(dataset: &DatasetKey, actor: &str, patches: Vec<Patch>) -> UpdateRequest {
+    UpdateRequest {
+        dataset: dataset.clone(),
+        actor: actor.to_owned(),
+        device_id: None,
+        patches,
+    }
+}
+
+/// Applies an update that must commit; returns (changed, snapshot).
+async fn commit(
+    store: &dyn Store,
+    dataset: &DatasetKey,
+    actor: &str,
+    patches: Vec<Patch>,
+) -> (Vec<Record>, Snapshot) {
+    match store.update(request(dataset, actor, patches)).await {
+        Ok(UpdateOutcome::Committed { changed, snapshot }) => (changed, snapshot),
+        other => panic!("update of {dataset} by {actor} should commit, got {other:?}"),
+    }
+}
+
+/// Applies an update that must fail; returns the error.
+async fn refused(store: &dyn Store, req: UpdateRequest) -> StoreError {
+    match store.update(req).await {
+        Err(e) => e,
+        Ok(outcome) => panic!("update should fail, got {outcome:?}"),
+    }
+}
+
+fn assert_limit(err: &StoreError, limit: LimitCode, max: u64) {
+    assert!(
+        matches!(err, StoreError::Limit { limit: l, max: m, .. } if *l == limit && *m == max),
+        "expected limit {limit} ({max}), got {err:?}"
+    );
+}
+
+fn assert_forbidden<T: std::fmt::Debug>(result: Result<T, StoreError>) {
+    match result {
+        Err(StoreError::Forbidden { .. }) => {}
+        other => panic!("expected forbidden, got {other:?}"),
+    }
+}
+
+fn assert_bad_request<T: std::fmt::Debug>(result: Result<T, StoreError>) {
+    match result {
+        Err(StoreError::BadRequest(_) | StoreError::InvalidName { .. }) => {}
+        other => panic!("expected a bad request, got {other:?}"),
+    }
+}
+
+/// Key → (value, sync count) of the records.
+fn values(records: &[Record]) -> BTreeMap<String, (Option<String>, u64)> {
+    records
+        .iter()
+        .map(|r| (r.key.clone(), (r.value.clone(), r.sync_count)))
+        .collect()
+}
+
+fn keys(records: &[Record]) -> Vec<&str> {
+    records.iter().map(|r| r.key.as_str()).collect()
+}
+
+fn record<'a>(snapshot: &'a Snapshot, key: &str) -> &'a Record {
+    snapshot
+        .records
+        .iter()
+        .find(|r| r.key == key)
+        .unwrap_or_else(|| panic!("no record `{key}` in {snapshot:?}"))
+}
+
+fn live(entries: &[(&str, &str, u64)]) -> BTreeMap<String, (Option<String>, u64)> {
+    entries
+        .iter()
+        .map(|(k, v, n)| ((*k).to_owned(), (Some((*v).to_owned()), *n)))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Cases
+
+/// A dataset appears with its first committed update, at sync count 1, with every field of
+/// its records stamped. Default limits.
+pub async fn case_update_creates_dataset_on_first_write(store: Arc<dyn Store>) {
+    let d = ds(ALICE, "profile");
+    let before = store.snapshot(&d, ALICE).await.unwrap();
+    assert_eq!(before.dataset, d);
+    assert_eq!(before.sync_count, 0);
+    assert!(before.records.is_empty());
+    assert!(
+        store
+            .list_datasets(DEFAULT_POOL, ALICE)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let t0 = now_ms();
+    let mut name = Patch::replace("name", "Alice", 0);
+    name.device_last_modified = Some(1_234);
+    let outcome = store
+        .update(UpdateRequest {
+            device_id: Some("phone".into()),
+            ..request(&d, ALICE, vec![name, Patch::replace("age", "30", 0)])
+        })
+        .await
+        .unwrap();
+    let t1 = now_ms();
+    let UpdateOutcome::Committed { changed, snapshot } = outcome else {
+        panic!("first write should commit, got {outcome:?}");
+    };
+    assert_eq!(snapshot.dataset, d);
+    assert_eq!(snapshot.sync_count, 1);
+    assert_eq!(keys(&changed), ["age", "name"], "changed is ordered by key");
+    for r in &changed {
+        assert_eq!(r.sync_count, 1);
+        assert!((t0..=t1).contains(&r.last_modified), "{r:?}");
+        assert_eq!(r.last_modified_by, ALICE);
+        assert_eq!(r.device_id.as_deref(), Some("phone"));
+    }
+    assert_eq!(changed[0].value.as_deref(), Some("30"));
+    assert_eq!(changed[0].device_last_modified, None);
+    assert_eq!(changed[1].value.as_deref(), Some("Alice"));
+    assert_eq!(changed[1].device_last_modified, Some(1_234));
+    assert_eq!(snapshot.records, changed);
+    assert_eq!(store.snapshot(&d, ALICE).await.unwrap(), snapshot);
+
+    let list = store.list_datasets(DEFAULT_POOL, ALICE).await.unwrap();
+    assert_eq!(list.len(), 1);
+    let info = &list[0];
+    assert_eq!(info.dataset, DatasetRef::new(ALICE, "profile"));
+    assert_eq!(info.sync_count, 1);
+    assert_eq!(info.records, 2);
+    assert_eq!(
+        info.bytes,
+        record_bytes("name", "Alice") + record_bytes("age", "30")
+    );
+    assert_eq!(info.access, Access::Owner);
+    assert!((t0..=t1).contains(&info.last_modified));
+}
+
+/// Each commit bumps the dataset's sync count by exactly one and stamps only the records it
+/// changed; a replace with the same value still counts as a change. Default limits.
+pub async fn case_sync_count_stamps_changed_records(store: Arc<dyn Store>) {
+    let d = ds(ALICE, "settings");
+    let p = Patch::replace;
+    let (_, s) = commit(&*store, &d, ALICE, vec![p("a", "1", 0), p("b", "1", 0)]).await;
+    assert_eq!(s.sync_count, 1);
+
+    let (changed, s) = commit(&*store, &d, ALICE, vec![p("a", "2", 1)]).await;
+    assert_eq!(s.sync_count, 2);
+    assert_eq!(values(&changed), live(&[("a", "2", 2)]));
+    assert_eq!(values(&s.records), live(&[("a", "2", 2), ("b", "1", 1)]));
+
+    let (changed, s) = commit(&*store, &d, ALICE, vec![p("c", "1", 0), p("b", "2", 1)]).await;
+    assert_eq!(s.sync_count, 3);
+    assert_eq!(keys(&changed), ["b", "c"]);
+    assert_eq!(
+        values(&s.records),
+        live(&[("a", "2", 2), ("b", "2", 3), ("c", "1", 3)])
+    );
+
+    let (changed, s) = commit(&*store, &d, ALICE, vec![p("a", "2", 2)]).await;
+    assert_eq!(s.sync_count, 4);
+    assert_eq!(values(&changed), live(&[("a", "2", 4)]));
+
+    // A commit that changes no record still counts.
+    let (changed, s) = commit(&*store, &d, ALICE, vec![Patch::remove("nothing", 0)]).await;
+    assert!(changed.is_empty(), "{changed:?}");
+    assert_eq!(s.sync_count, 5);
+    assert_eq!(keys(&s.records), ["a", "b", "c"]);
+
+    let stored = store.snapshot(&d, ALICE).await.unwrap();
+    assert_eq!(stored.sync_count, 5);
+    assert_eq!(
+        values(&stored.records),
+        live(&[("a", "2", 4), ("b", "2", 3), ("c", "1", 3)])
+    );
+    assert_eq!(keys(&stored.records), ["a", "b", "c"]);
+}
+
+/// A remove leaves a tombstone stamped with the commit's sync count: absent from snapshots,
+/// reported by `changes`. Removing what is absent writes no row. Default limits.
+pub async fn case_remove_leaves_tombstone_in_changes(store: Arc<dyn Store>) {
+    let d = ds(ALICE, "todo");
+    let p = Patch::replace;
+    commit(
+        &*store,
+        &d,
+        ALICE,
+        vec![p("a", "1", 0), p("b", "1", 0), p("c", "1", 0)],
+    )
+    .await;
+
+    let (changed, s) = commit(&*store, &d, ALICE, vec![Patch::remove("b", 1)]).await;
+    assert_eq!(s.sync_count, 2);
+    assert_eq!(changed.len(), 1);
+    assert_eq!(changed[0].key, "b");
+    assert_eq!(changed[0].value, None);
+    assert_eq!(changed[0].sync_count, 2);
+    assert_eq!(changed[0].last_modified_by, ALICE);
+    assert_eq!(
+        keys(&s.records),
+        ["a", "c"],
+        "snapshots hold live records only"
+    );
+    assert_eq!(
+        keys(&store.snapshot(&d, ALICE).await.unwrap().records),
+        ["a", "c"]
+    );
+
+    let all = store.changes(&d, ALICE, 0).await.unwrap();
+    assert_eq!(all.sync_count, 2);
+    assert_eq!(keys(&all.records), ["a", "b", "c"]);
+    assert_eq!(all.records[1].value, None);
+    let since1 = store.changes(&d, ALICE, 1).await.unwrap();
+    assert_eq!(keys(&since1.records), ["b"]);
+    assert_eq!(since1.records[0].value, None);
+    assert!(
+        store
+            .changes(&d, ALICE, 2)
+            .await
+            .unwrap()
+            .records
+            .is_empty()
+    );
+
+    // Removing a tombstone (with its count or 0) or an absent key changes nothing but commits.
+    let (changed, s) = commit(&*store, &d, ALICE, vec![Patch::remove("b", 2)]).await;
+    assert!(changed.is_empty());
+    assert_eq!(s.sync_count, 3);
+    let (changed, s) = commit(&*store, &d, ALICE, vec![Patch::remove("b", 0)]).await;
+    assert!(changed.is_empty());
+    assert_eq!(s.sync_count, 4);
+    let (changed, s) = commit(&*store, &d, ALICE, vec![Patch::remove("ghost", 0)]).await;
+    assert!(changed.is_empty());
+    assert_eq!(s.sync_count, 5);
+    let all = store.changes(&d, ALICE, 0).await.unwrap();
+    assert_eq!(all.sync_count, 5);
+    assert_eq!(
+        keys(&all.records),
+        ["a", "b", "c"],
+        "no tombstone for an absent key"
+    );
+    assert_eq!(
+        all.records[1].sync_count, 2,
+        "a no-op remove does not restamp"
+    );
+
+    // A stale remove of a tombstone conflicts with the tombstone.
+    let outcome = store
+        .update(request(&d, ALICE, vec![Patch::remove("b", 1)]))
+        .await
+        .unwrap();
+    let UpdateOutcome::Conflict { conflicts, .. } = outcome else {
+        panic!("stale remove should conflict, got {outcome:?}");
+    };
+    assert_eq!(conflicts[0].server.as_ref().map(|r| r.sync_count), Some(2));
+
+    // Writing over a tombstone with its sync count brings the key back.
+    let (changed, s) = commit(&*store, &d, ALICE, vec![p("b", "again", 2)]).await;
+    assert_eq!(values(&changed), live(&[("b", "again", 6)]));
+    assert_eq!(keys(&s.records), ["a", "b", "c"]);
+    assert_eq!(
+        keys(&store.changes(&d, ALICE, 5).await.unwrap().records),
+        ["b"]
+    );
+
+    // changes() of a dataset never written is empty at 0.
+    let none = store.changes(&ds(ALICE, "never"), ALICE, 0).await.unwrap();
+    assert_eq!(none.sync_count, 0);
+    assert!(none.records.is_empty());
+}
+
+/// A stale patch gets a conflict with the server's record (or `None` for a key that does
+/// not exist) and the dataset's current sync count; nothing is written. Default limits.
+pub async fn case_stale_update_conflicts_and_writes_nothing(store: Arc<dyn Store>) {
+    let d = ds(ALICE, "notes");
+    commit(&*store, &d, ALICE, vec![Patch::replace("a", "1", 0)]).await;
+    commit(&*store, &d, ALICE, vec![Patch::replace("a", "2", 1)]).await;
+    let before = store.snapshot(&d, ALICE).await.unwrap();
+
+    let stale = [
+        Patch::replace("a", "3", 1),
+        Patch::replace("a", "3", 0),
+        Patch::remove("a", 1),
+        Patch::replace("new", "x", 7),
+        Patch::remove("new", 7),
+    ];
+    for patch in stale {
+        let key = patch.key.clone();
+        let outcome = store
+            .update(request(&d, ALICE, vec![patch.clone()]))
+            .await
+            .unwrap();
+        let UpdateOutcome::Conflict {
+            sync_count,
+            conflicts,
+        } = outcome
+        else {
+            panic!("{patch:?} should conflict, got {outcome:?}");
+        };
+        assert_eq!(sync_count, 2);
+        assert_eq!(conflicts.len(), 1);
+        assert_eq!(conflicts[0].key, key);
+        let expected = before.records.iter().find(|r| r.key == key).cloned();
+        assert_eq!(conflicts[0].server, expected, "server record for {key}");
+    }
+    assert_eq!(store.snapshot(&d, ALICE).await.unwrap(), before);
+    assert_eq!(
+        store.changes(&d, ALICE, 0).await.unwrap().records,
+        before.records
+    );
+
+    // A conflict on a dataset that does not exist does not create it.
+    let other = ds(ALICE, "other");
+    let outcome = store
+        .update(request(&other, ALICE, vec![Patch::replace("k", "v", 3)]))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&outcome, UpdateOutcome::Conflict { sync_count: 0, conflicts }
+            if conflicts.len() == 1 && conflicts[0].server.is_none()),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        store
+            .list_datasets(DEFAULT_POOL, ALICE)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(store.snapshot(&other, ALICE).await.unwrap().sync_count, 0);
+}
+
+/// One stale patch among good ones: the update writes nothing and every stale key is
+/// reported. Default limits.
+pub async fn case_update_with_one_stale_patch_writes_nothing(store: Arc<dyn Store>) {
+    let d = ds(ALICE, "cart");
+    commit(
+        &*store,
+        &d,
+        ALICE,
+        vec![Patch::replace("a", "1", 0), Patch::replace("b", "1", 0)],
+    )
+    .await;
+    let before = store.changes(&d, ALICE, 0).await.unwrap();
+
+    let outcome = store
+        .update(request(
+            &d,
+            ALICE,
+            vec![
+                Patch::replace("c", "new", 0),
+                Patch::replace("a", "good", 1),
+                Patch::replace("b", "stale", 5),
+                Patch::replace("d", "stale-new", 9),
+            ],
+        ))
+        .await
+        .unwrap();
+    let UpdateOutcome::Conflict {
+        sync_count,
+        conflicts,
+    } = outcome
+    else {
+        panic!("should conflict, got {outcome:?}");
+    };
+    assert_eq!(sync_count, 1);
+    let mut stale: Vec<_> = conflicts
+        .iter()
+        .map(|c| (c.key.as_str(), c.server.as_ref().map(|r| r.sync_count)))
+        .collect();
+    stale.sort_unstable();
+    assert_eq!(stale, [("b", Some(1)), ("d", None)]);
+
+    let after = store.changes(&d, ALICE, 0).await.unwrap();
+    assert_eq!(after, before, "nothing of the update was written");
+
+    // The same update without the stale patches commits as one.
+    let (changed, s) = commit(
+        &*store,
+        &d,
+        ALICE,
+        vec![
+            Patch::replace("c", "new", 0),
+            Patch::replace("a", "good", 1),
+        ],
+    )
+    .await;
+    assert_eq!(s.sync_count, 2);
+    assert_eq!(keys(&changed), ["a", "c"]);
+}
+
+/// The owner's dataset count is capped; a failed creation leaves nothing, deleting frees a
+/// slot, and re-creating a deleted dataset counts as creating. Limits: [`small_limits`].
+pub async fn case_limit_max_datasets(store: Arc<dyn Store>) {
+    let max = 3;
+    for i in 0..max {
+        commit(
+            &*store,
+            &ds(ALICE, &format!("d{i}")),
+            ALICE,
+            vec![Patch::replace("k", "v", 0)],
+        )
+        .await;
+    }
+    let extra = ds(ALICE, "d3");
+    let err = refused(
+        &*store,
+        request(&extra, ALICE, vec![Patch::replace("k", "v", 0)]),
+    )
+    .await;
+    assert_limit(&err, LimitCode::MaxDatasets, max);
+    assert_eq!(store.snapshot(&extra, ALICE).await.unwrap().sync_count, 0);
+    assert_eq!(
+        store
+            .list_datasets(DEFAULT_POOL, ALICE)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+
+    // Existing datasets still take writes; other identities have their own count.
+    commit(
+        &*store,
+        &ds(ALICE, "d0"),
+        ALICE,
+        vec![Patch::replace("k", "w", 1)],
+    )
+    .await;
+    commit(
+        &*store,
+        &ds(BOB, "d0"),
+        BOB,
+        vec![Patch::replace("k", "v", 0)],
+    )
+    .await;
+
+    store.delete_dataset(&ds(ALICE, "d1"), ALICE).await.unwrap();
+    commit(&*store, &extra, ALICE, vec![Patch::replace("k", "v", 0)]).await;
+    let err = refused(
+        &*store,
+        request(&ds(ALICE, "d1"), ALICE, vec![Patch::replace("k", "v", 0)]),
+    )
+    .await;
+    assert_limit(&err, LimitCode::MaxDatasets, max);
+    assert_eq!(
+        store
+            .list_datasets(DEFAULT_POOL, ALICE)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+}
+
+/// Live records per dataset are capped; tombstones do not count and a failed update writes
+/// nothing. Limits: [`small_limits`] (4 records).
+pub async fn case_limit_max_records(store: Arc<dyn Store>) {
+    let d = ds(ALICE, "records");
+    let four: Vec<_> = (0..4)
+        .map(|i| Patch::replace(format!("k{i}"), "v", 0))
+        .collect();
+    commit(&*store, &d, ALICE, four).await;
+
+    let err = refused(
+        &*store,
+        request(&d, ALICE, vec![Patch::replace("k4", "v", 0)]),
+    )
+    .await;
+    assert_limit(&err, LimitCode::MaxRecords, 4);
+    let s = store.snapshot(&d, ALICE).await.unwrap();
+    assert_eq!((s.sync_count, s.records.len()), (1, 4));
+
+    // Replacing does not add; removing frees a slot in the same update.
+    commit(&*store, &d, ALICE, vec![Patch::replace("k0", "w", 1)]).await;
+    let (_, s) = commit(
+        &*store,
+        &d,
+        ALICE,
+        vec![Patch::remove("k1", 1), Patch::replace("k4", "v", 0)],
+    )
+    .await;
+    assert_eq!(s.sync_count, 3);
+    assert_eq!(keys(&s.records), ["k0", "k2", "k3", "k4"]);
+    let err = refused(
+        &*store,
+        request(&d, ALICE, vec![Patch::replace("k1", "v", 3)]),
+    )
+    .await;
+    assert_limit(&err, LimitCode::MaxRecords, 4);
+
+    // Too many records in a first write: the dataset is not created.
+    let fresh = ds(ALICE, "fresh");
+    let five: Vec<_> = (0..5)
+        .map(|i| Patch::replace(format!("k{i}"), "v", 0))
+        .collect();
+    let err = refused(&*store, request(&fresh, ALICE, five)).await;
+    assert_limit(&err, LimitCode::MaxRecords, 4);
+    assert_eq!(store.snapshot(&fresh, ALICE).await.unwrap().sync_count, 0);
+    assert_eq!(
+        store
+            .list_datasets(DEFAULT_POOL, ALICE)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+/// The UTF-8 bytes of live keys and values are capped; exactly the limit is allowed.
+/// Limits: [`small_limits`] (64 bytes).
+pub async fn case_limit_max_dataset_bytes(store: Arc<dyn Store>) {
+    let d = ds(ALICE, "bytes");
+    commit(
+        &*store,
+        &d,
+        ALICE,
+        vec![Patch::replace("a", "x".repeat(63), 0)],
+    )
+    .await;
+    let err = refused(
+        &*store,
+        request(&d, ALICE, vec![Patch::replace("b", "", 0)]),
+    )
+    .await;
+    assert_limit(&err, LimitCode::MaxDatasetBytes, 64);
+    assert_eq!(store.snapshot(&d, ALICE).await.unwrap().sync_count, 1);
+
+    commit(
+        &*store,
+        &d,
+        ALICE,
+        vec![Patch::replace("a", "x".repeat(62), 1)],
+    )
+    .await;
+    let (_, s) = commit(&*store, &d, ALICE, vec![Patch::replace("b", "", 0)]).await;
+    assert_eq!(s.sync_count, 3);
+    let info = store.list_datasets(DEFAULT_POOL, ALICE).await.unwrap();
+    assert_eq!(info[0].bytes, 64);
+
+    // Bytes, not characters: "é" is two.
+    let err = refused(
+        &*store,
+        request(&d, ALICE, vec![Patch::replace("b", "é", 3)]),
+    )
+    .await;
+    assert_limit(&err, LimitCode::MaxDatasetBytes, 64);
+    // Removing frees bytes.
+    let (_, s) = commit(
+        &*store,
+        &d,
+        ALICE,
+        vec![Patch::remove("a", 2), Patch::replace("b", "é", 3)],
+    )
+    .await;
+    assert_eq!(values(&s.records), live(&[("b", "é", 4)]));
+    let info = store.list_datasets(DEFAULT_POOL, ALICE).await.unwrap();
+    assert_eq!((info[0].records, info[0].bytes), (1, 3));
+}
+
+/// Cognito Sync's defaults: the 21st dataset, the 1025th record and a dataset over 1 MiB
+/// are refused. Default limits.
+pub async fn case_default_limits(store: Arc<dyn Store>) {
+    let limits = Limits::default();
+    for i in 0..limits.max_datasets {
+        commit(
+            &*store,
+            &ds(ALICE, &format!("ds-{i}")),
+            ALICE,
+            vec![Patch::replace("k", "v", 0)],
+        )
+        .await;
+    }
+    let err = refused(
+        &*store,
+        request(
+            &ds(ALICE, "ds-20"),
+            ALICE,
+            vec![Patch::replace("k", "v", 0)],
+        ),
+    )
+    .await;
+    assert_limit(&err, LimitCode::MaxDatasets, 20);
+
+    let d = ds(BOB, "many");
+    let all: Vec<_> = (0..limits.max_records)
+        .map(|i| Patch::replace(format!("k{i:04}"), "v", 0))
+        .collect();
+    let (_, s) = commit(&*store, &d, BOB, all).await;
+    assert_eq!(s.records.len(), 1024);
+    let err = refused(
+        &*store,
+        request(&d, BOB, vec![Patch::replace("k1024", "v", 0)]),
+    )
+    .await;
+    assert_limit(&err, LimitCode::MaxRecords, 1024);
+
+    let d = ds(CAROL, "big");
+    let mib = 1024 * 1024;
+    let err = refused(
+        &*store,
+        request(&d, CAROL, vec![Patch::replace("a", "x".repeat(mib), 0)]),
+    )
+    .await;
+    assert_limit(&err, LimitCode::MaxDatasetBytes, mib as u64);
+    commit(
+        &*store,
+        &d,
+        CAROL,
+        vec![Patch::replace("a", "x".repeat(mib - 1), 0)],
+    )
+    .await;
+    let err = refused(
+        &*store,
+        request(&d, CAROL, vec![Patch::replace("b", "", 0)]),
+    )
+    .await;
+    assert_limit(&err, LimitCode::MaxDatasetBytes, mib as u64);
+    let info = store.list_datasets(DEFAULT_POOL, CAROL).await.unwrap();
+    assert_eq!(info[0].bytes, mib as u64);
+}
+
+/// Deleting removes records (tombstones too) and grants and bumps the sync count; only the
+/// owner may; a re-created dataset continues above the old count. Default limits.
+pub async fn case_delete_then_recreate_continues_sync_count(store: Arc<dyn Store>) {
+    let d = ds(ALICE, "journal");
+    commit(&*store, &d, ALICE, vec![Patch::replace("a", "1", 0)]).await;
+    commit(&*store, &d, ALICE, vec![Patch::replace("b", "1", 0)]).await;
+    commit(&*store, &d, ALICE, vec![Patch::remove("b", 2)]).await;
+    store.grant(&d, ALICE, BOB, Access::Read).await.unwrap();
+    store.grant(&d, ALICE, CAROL, Access::Write).await.unwrap();
+
+    assert_forbidden(store.delete_dataset(&d, BOB).await);
+    assert_forbidden(store.delete_dataset(&d, CAROL).await);
+    assert_eq!(store.snapshot(&d, ALICE).await.unwrap().sync_count, 3);
+
+    assert_eq!(store.delete_dataset(&d, ALICE).await.unwrap(), 4);
+    let s = store.snapshot(&d, ALICE).await.unwrap();
+    assert_eq!((s.sync_count, s.records.len()), (4, 0));
+    let c = store.changes(&d, ALICE, 0).await.unwrap();
+    assert_eq!((c.sync_count, c.records.len()), (4, 0), "tombstones go too");
+    assert!(
+        store
+            .list_datasets(DEFAULT_POOL, ALICE)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.access(&d, BOB).await.unwrap(), None, "grants go");
+    assert_forbidden(store.snapshot(&d, BOB).await);
+
+    assert!(matches!(
+        store.delete_dataset(&d, ALICE).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.delete_dataset(&ds(ALICE, "never"), ALICE).await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    // Records of the deleted dataset are gone: their old sync counts are stale.
+    let outcome = store
+        .update(request(&d, ALICE, vec![Patch::replace("a", "2", 1)]))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&outcome, UpdateOutcome::Conflict { sync_count: 4, conflicts }
+            if conflicts[0].server.is_none()),
+        "{outcome:?}"
+    );
+
+    let (changed, s) = commit(&*store, &d, ALICE, vec![Patch::replace("a", "2", 0)]).await;
+    assert_eq!(s.sync_count, 5);
+    assert_eq!(values(&changed), live(&[("a", "2", 5)]));
+    let list = store.list_datasets(DEFAULT_POOL, ALICE).await.unwrap();
+    assert_eq!((list[0].sync_count, list[0].records), (5, 1));
+    assert_eq!(store.delete_dataset(&d, ALICE).await.unwrap(), 6);
+}
+
+/// A read grant allows `snapshot` and `changes` but not `update`. Default limits.
+pub async fn case_read_grant_allows_reading_not_writing(store: Arc<dyn Store>) {
+    let d = ds(ALICE, "shared");
+    commit(&*store, &d, ALICE, vec![Patch::replace("a", "1", 0)]).await;
+    store.grant(&d, ALICE, BOB, Access::Read).await.unwrap();
+    assert_eq!(store.access(&d, BOB).await.unwrap(), Some(Access::Read));
+
+    let owner_view = store.snapshot(&d, ALICE).await.unwrap();
+    assert_eq!(store.snapshot(&d, BOB).await.unwrap(), owner_view);
+    assert_eq!(
+        store.changes(&d, BOB, 0).await.unwrap().records,
+        owner_view.records
+    );
+    assert_forbidden(
+        store
+            .update(request(&d, BOB, vec![Patch::replace("a", "2", 1)]))
+            .await,
+    );
+    assert_eq!(store.snapshot(&d, ALICE).await.unwrap(), owner_view);
+}
+
+/// A write grant allows `update` (stamped with the writer) but not owner-only calls; grants
+/// upsert and work before the dataset exists. Default limits.
+pub async fn case_write_grant_allows_updating(store: Arc<dyn Store>) {
+    let d = ds(ALICE, "team");
+    commit(&*store, &d, ALICE, vec![Patch::replace("a", "1", 0)]).await;
+    store.grant(&d, ALICE, BOB, Access::Read).await.unwrap();
+    store.grant(&d, ALICE, BOB, Access::Write).await.unwrap();
+    assert_eq!(store.access(&d, BOB).await.unwrap(), Some(Access::Write));
+
+    let (changed, s) = commit(&*store, &d, BOB, vec![Patch::replace("a", "2", 1)]).await;
+    assert_eq!(s.sync_count, 2);
+    assert_eq!(changed[0].last_modified_by, BOB);
+    assert_eq!(
+        record(&store.snapshot(&d, ALICE).await.unwrap(), "a").last_modified_by,
+        BOB
+    );
+
+    assert_forbidden(store.delete_dataset(&d, BOB).await);
+    assert_forbidden(store.grant(&d, BOB, CAROL, Access::Read).await);
+    assert_forbidden(store.revoke(&d, BOB, BOB).await);
+
+    // A grant on a name not yet written: the grantee can read it and create it for the owner.
+    let later = ds(ALICE, "later");
+    store
+        .grant(&later, ALICE, BOB, Access::Write)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.access(&later, BOB).await.unwrap(),
+        Some(Access::Write)
+    );
+    assert_eq!(store.snapshot(&later, BOB).await.unwrap().sync_count, 0);
+    assert!(
+        !store
+            .list_datasets(DEFAULT_POOL, BOB)
+            .await
+            .unwrap()
+            .iter()
+            .any(|i| i.dataset.name == "later"),
+        "a dataset shows up only once it exists"
+    );
+    commit(&*store, &later, BOB, vec![Patch::replace("k", "v", 0)]).await;
+    let owned = store.list_datasets(DEFAULT_POOL, ALICE).await.unwrap();
+    assert!(
+        owned
+            .iter()
+            .any(|i| i.dataset.name == "later" && i.access == Access::Owner)
+    );
+}
+
+/// A revoke takes effect at once; revoking what is not granted is `NotFound`. Default
+/// limits.
+pub async fn case_revoke_takes_effect(store: Arc<dyn Store>) {
+    let d = ds(ALICE, "revocable");
+    commit(&*store, &d, ALICE, vec![Patch::replace("a", "1", 0)]).await;
+    store.grant(&d, ALICE, BOB, Access::Write).await.unwrap();
+    commit(&*store, &d, BOB, vec![Patch::replace("a", "2", 1)]).await;
+
+    assert_forbidden(store.revoke(&d, CAROL, BOB).await);
+    store.revoke(&d, ALICE, BOB).await.unwrap();
+    assert_eq!(store.access(&d, BOB).await.unwrap(), None);
+    assert_forbidden(
+        store
+            .update(request(&d, BOB, vec![Patch::replace("a", "3", 2)]))
+            .await,
+    );
+    assert_forbidden(store.snapshot(&d, BOB).await);
+    assert_forbidden(store.changes(&d, BOB, 0).await);
+    assert!(
+        store
+            .list_datasets(DEFAULT_POOL, BOB)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(matches!(
+        store.revoke(&d, ALICE, BOB).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(store.snapshot(&d, ALICE).await.unwrap().sync_count, 2);
+}
+
+/// Without a grant every call on another identity's dataset is `Forbidden`, whether the
+/// dataset exists or not (never `NotFound`). Default limits.
+pub async fn case_no_grant_is_forbidden(store: Arc<dyn Store>) {
+    let existing = ds(ALICE, "private");
+    commit(&*store, &existing, ALICE, vec![Patch::replace("a", "1", 0)]).await;
+    // A grant to someone else gives BOB nothing.
+    store
+        .grant(&existing, ALICE, CAROL, Access::Write)
+        .await
+        .unwrap();
+    for d in [existing.clone(), ds(ALICE, "missing")] {
+        assert_forbidden(store.snapshot(&d, BOB).await);
+        assert_forbidden(store.changes(&d, BOB, 0).await);
+        assert_forbidden(
+            store
+                .update(request(&d, BOB, vec![Patch::replace("a", "x", 0)]))
+                .await,
+        );
+        assert_forbidden(store.delete_dataset(&d, BOB).await);
+        assert_forbidden(store.grant(&d, BOB, BOB, Access::Read).await);
+        assert_forbidden(store.grant(&d, BOB, CAROL, Access::Read).await);
+        assert_forbidden(store.revoke(&d, BOB, CAROL).await);
+        assert_eq!(store.access(&d, BOB).await.unwrap(), None);
+        assert_eq!(store.access(&d, ALICE).await.unwrap(), Some(Access::Owner));
+    }
+    assert_eq!(
+        store.snapshot(&existing, ALICE).await.unwrap().sync_count,
+        1
+    );
+    assert_eq!(
+        store
+            .snapshot(&ds(ALICE, "missing"), ALICE)
+            .await
+            .unwrap()
+            .sync_count,
+        0
+    );
+}
+
+/// `grant` refuses the owner as grantee, an invalid grantee and `Owner` access. Default
+/// limits.
+pub async fn case_grant_rejects_bad_requests(store: Arc<dyn Store>) {
+    let d = ds(ALICE, "g");
+    assert_bad_request(store.grant(&d, ALICE, ALICE, Access::Read).await);
+    assert_bad_request(store.grant(&d, ALICE, BOB, Access::Owner).await);
+    assert_bad_request(store.grant(&d, ALICE, "", Access::Read).await);
+    assert_bad_request(store.grant(&d, ALICE, "bad\nid", Access::Read).await);
+    assert_bad_request(store.grant(&d, ALICE, &"x".repeat(257), Access::Read).await);
+    assert_bad_request(store.revoke(&d, ALICE, "").await);
+    assert_eq!(store.access(&d, BOB).await.unwrap(), None);
+    assert_eq!(store.access(&d, ALICE).await.unwrap(), Some(Access::Owner));
+}
+
+/// `list_datasets` shows the identity's own live datasets and the live ones shared with it,
+/// with its access, ordered by owner then name. Default limits.
+pub async fn case_list_datasets_shows_own_and_shared(store: Arc<dyn Store>) {
+    let v = |k: &str| vec![Patch::replace(k, "v", 0)];
+    commit(&*store, &ds(ALICE, "b-list"), ALICE, v("k")).await;
+    commit(&*store, &ds(ALICE, "a-list"), ALICE, v("k")).await;
+    commit(&*store, &ds(ALICE, "unshared"), ALICE, v("k")).await;
+    commit(&*store, &ds(BOB, "notes"), BOB, v("k")).await;
+    commit(&*store, &ds(CAROL, "zeta"), CAROL, v("kk")).await;
+    store
+        .grant(&ds(ALICE, "a-list"), ALICE, BOB, Access::Read)
+        .await
+        .unwrap();
+    store
+        .grant(&ds(ALICE, "b-list"), ALICE, BOB, Access::Write)
+        .await
+        .unwrap();
+    store
+        .grant(&ds(ALICE, "unborn"), ALICE, BOB, Access::Read)
+        .await
+        .unwrap();
+    store
+        .grant(&ds(CAROL, "zeta"), CAROL, BOB, Access::Read)
+        .await
+        .unwrap();
+
+    let list = store.list_datasets(DEFAULT_POOL, BOB).await.unwrap();
+    let seen: Vec<_> = list.iter().map(|i| (i.dataset.clone(), i.access)).collect();
+    assert_eq!(
+        seen,
+        [
+            (DatasetRef::new(ALICE, "a-list"), Access::Read),
+            (DatasetRef::new(ALICE, "b-list"), Access::Write),
+            (DatasetRef::new(BOB, "notes"), Access::Owner),
+            (DatasetRef::new(CAROL, "zeta"), Access::Read),
+        ]
+    );
+    let zeta = &list[3];
+    assert_eq!(
+        (zeta.sync_count, zeta.records, zeta.bytes),
+        (1, 1, record_bytes("kk", "v"))
+    );
+
+    store
+        .delete_dataset(&ds(CAROL, "zeta"), CAROL)
+        .await
+        .unwrap();
+    let names: Vec<_> = store
+        .list_datasets(DEFAULT_POOL, BOB)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.dataset.name)
+        .collect();
+    assert_eq!(names, ["a-list", "b-list", "notes"]);
+    let own: Vec<_> = store
+        .list_datasets(DEFAULT_POOL, ALICE)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| (i.dataset.name, i.access))
+        .collect();
+    assert_eq!(
+        own,
+        [
+            ("a-list".to_owned(), Access::Owner),
+            ("b-list".to_owned(), Access::Owner),
+            ("unshared".to_owned(), Access::Owner),
+        ]
+    );
+}
+
+/// The same owner and name in another pool is another dataset, with its own sync count,
+/// grants and limits. Default limits.
+pub async fn case_pools_are_separate(store: Arc<dyn Store>) {
+    let here = ds(ALICE, "same");
+    let there = DatasetKey::new("other-app", ALICE, "same");
+    commit(&*store, &here, ALICE, vec![Patch::replace("a", "1", 0)]).await;
+    commit(&*store, &here, ALICE, vec![Patch::replace("a", "2", 1)]).await;
+    let (_, s) = commit(&*store, &there, ALICE, vec![Patch::replace("b", "1", 0)]).await;
+    assert_eq!(s.sync_count, 1);
+    assert_eq!(keys(&s.records), ["b"]);
+    store.grant(&here, ALICE, BOB, Access::Read).await.unwrap();
+    assert_forbidden(store.snapshot(&there, BOB).await);
+
+    let other = store.list_datasets("other-app", ALICE).await.unwrap();
+    assert_eq!(other.len(), 1);
+    assert_eq!(other[0].sync_count, 1);
+    assert!(
+        store
+            .list_datasets("other-app", BOB)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.list_datasets(DEFAULT_POOL, BOB).await.unwrap().len(),
+        1
+    );
+    assert_eq!(store.snapshot(&here, ALICE).await.unwrap().sync_count, 2);
+}
+
+/// Many tasks doing read-then-update with the sync counts they saw, retrying on conflict,
+/// serialise: the dataset's sync count equals the number of commits and no write is lost.
+/// Default limits; needs a multi-thread runtime to be meaningful.
+pub async fn case_concurrent_writers_serialise(store: Arc<dyn Store>) {
+    const TASKS: u64 = 50;
+    const ROUNDS: u64 = 2;
+    let d = ds(ALICE, "contended");
+    // Half the writers are the owner, half a write grantee.
+    store.grant(&d, ALICE, BOB, Access::Write).await.unwrap();
+
+    let mut tasks = Vec::new();
+    for task in 0..TASKS {
+        let store = Arc::clone(&store);
+        let d = d.clone();
+        tasks.push(tokio::spawn(async move {
+            let actor = if task % 2 == 0 { ALICE } else { BOB };
+            let own_key = format!("task-{task:02}");
+            let mut conflicts = 0u64;
+            for round in 0..ROUNDS {
+                loop {
+                    let s = store.snapshot(&d, actor).await.unwrap();
+                    let counter = s.records.iter().find(|r| r.key == "counter");
+                    let (count, counter_sync) = counter.map_or((0, 0), |r| {
+                        let n: u64 = r.value.as_deref().unwrap_or("0").parse().unwrap();
+                        (n, r.sync_count)
+                    });
+                    let own_sync = s
+                        .records
+                        .iter()
+                        .find(|r| r.key == own_key)
+                        .map_or(0, |r| r.sync_count);
+                    let patches = vec![
+                        Patch::replace("counter", (count + 1).to_string(), counter_sync),
+                        Patch::replace(own_key.clone(), round.to_string(), own_sync),
+                    ];
+                    match store.update(request(&d, actor, patches)).await.unwrap() {
+                        UpdateOutcome::Committed { .. } => break,
+                        UpdateOutcome::Conflict { .. } => conflicts += 1,
+                    }
+                }
+            }
+            conflicts
+        }));
+    }
+    for task in tasks {
+        task.await.expect("writer task panicked");
+    }
+
+    let s = store.snapshot(&d, ALICE).await.unwrap();
+    let commits = TASKS * ROUNDS;
+    assert_eq!(s.sync_count, commits, "one sync count per commit");
+    assert_eq!(
+        record(&s, "counter").value.as_deref(),
+        Some(commits.to_string().as_str()),
+        "no increment was lost"
+    );
+    assert_eq!(s.records.len() as u64, TASKS + 1);
+    for task in 0..TASKS {
+        let r = record(&s, &format!("task-{task:02}"));
+        assert_eq!(r.value.as_deref(), Some((ROUNDS - 1).to_string().as_str()));
+    }
+    // Every commit's sync count is distinct: the counter's history is 1..=commits.
+    assert_eq!(record(&s, "counter").sync_count, commits);
+}
+
+/// Invalid names, identities, keys and patches are refused before anything is written.
+/// Default limits.
+pub async fn case_validation_errors_leave_data_unchanged(store: Arc<dyn Store>) {
+    let d = ds(ALICE, "valid");
+    commit(&*store, &d, ALICE, vec![Patch::replace("a", "1", 0)]).await;
+    let before = store.changes(&d, ALICE, 0).await.unwrap();
+    let good = || Patch::replace("b", "1", 0);
+
+    for name in ["", "bad name", "slash/name", "é", &"n".repeat(129)] {
+        let bad = ds(ALICE, name);
+        assert!(
+            matches!(
+                store.update(request(&bad, ALICE, vec![good()])).await,
+                Err(StoreError::InvalidName { .. })
+            ),
+            "name {name:?}"
+        );
+        assert_bad_request(store.snapshot(&bad, ALICE).await);
+        assert_bad_request(store.changes(&bad, ALICE, 0).await);
+        assert_bad_request(store.delete_dataset(&bad, ALICE).await);
+        assert_bad_request(store.grant(&bad, ALICE, BOB, Access::Read).await);
+        assert_bad_request(store.revoke(&bad, ALICE, BOB).await);
+        assert_bad_request(store.access(&bad, ALICE).await);
+    }
+    for identity in ["", "line\nbreak", &"i".repeat(257)] {
+        let bad_owner = ds(identity, "valid");
+        assert_bad_request(
+            store
+                .update(request(&bad_owner, identity, vec![good()]))
+                .await,
+        );
+        assert_bad_request(store.snapshot(&bad_owner, identity).await);
+        assert_bad_request(store.update(request(&d, identity, vec![good()])).await);
+        assert_bad_request(store.snapshot(&d, identity).await);
+        assert_bad_request(store.access(&d, identity).await);
+        assert_bad_request(store.delete_dataset(&d, identity).await);
+        assert_bad_request(store.list_datasets(DEFAULT_POOL, identity).await);
+    }
+
+    let mut no_value = Patch::replace("c", "x", 0);
+    no_value.value = None;
+    let bad_updates: Vec<Vec<Patch>> = vec![
+        vec![good(), Patch::replace("", "x", 0)],
+        vec![good(), Patch::replace("b", "2", 0)],
+        vec![good(), no_value],
+        vec![],
+    ];
+    for patches in bad_updates {
+        let err = refused(&*store, request(&d, ALICE, patches.clone())).await;
+        assert!(
+            matches!(err, StoreError::BadRequest(_)),
+            "{patches:?}: {err:?}"
+        );
+    }
+    let err = refused(
+        &*store,
+        request(
+            &d,
+            ALICE,
+            vec![good(), Patch::replace("k".repeat(1025), "x", 0)],
+        ),
+    )
+    .await;
+    assert_limit(&err, LimitCode::MaxKeyLength, 1024);
+    let too_many: Vec<_> = (0..1025)
+        .map(|i| Patch::replace(format!("p{i}"), "x", 0))
+        .collect();
+    let err = refused(&*store, request(&d, ALICE, too_many)).await;
+    assert_limit(&err, LimitCode::MaxPatches, 1024);
+    let err = refused(
+        &*store,
+        UpdateRequest {
+            device_id: Some("d".repeat(129)),
+            ..request(&d, ALICE, vec![good()])
+        },
+    )
+    .await;
+    assert_limit(&err, LimitCode::MaxDeviceIdLength, 128);
+
+    assert_eq!(store.changes(&d, ALICE, 0).await.unwrap(), before);
+    let list = store.list_datasets(DEFAULT_POOL, ALICE).await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].sync_count, 1);
+}
+
+/// `health` answers while open; after `close` (which may be repeated) every call is
+/// `Unavailable`. Default limits.
+pub async fn case_close_makes_calls_unavailable(store: Arc<dyn Store>) {
+    let d = ds(ALICE, "closing");
+    store.health().await.unwrap();
+    commit(&*store, &d, ALICE, vec![Patch::replace("a", "1", 0)]).await;
+    store.close().await;
+    store.close().await;
+
+    let unavailable = |what: &str, e: Option<StoreError>| {
+        assert!(
+            matches!(e, Some(StoreError::Unavailable(_))),
+            "{what} after close: {e:?}"
+        );
+    };
+    unavailable("health", store.health().await.err());
+    unavailable("snapshot", store.snapshot(&d, ALICE).await.err());
+    unavailable("changes", store.changes(&d, ALICE, 0).await.err());
+    unavailable(
+        "update",
+        store
+            .update(request(&d, ALICE, vec![Patch::replace("a", "2", 1)]))
+            .await
+            .err(),
+    );
+    unavailable("delete", store.delete_dataset(&d, ALICE).await.err());
+    unavailable("list", store.list_datasets(DEFAULT_POOL, ALICE).await.err());
+    unavailable(
+        "grant",
+        store.grant(&d, ALICE, BOB, Access::Read).await.err(),
+    );
+    unavailable("revoke", store.revoke(&d, ALICE, BOB).await.err());
+    unavailable("access", store.access(&d, ALICE).await.err());
+}

@@ -11,7 +11,7 @@ mod error;
 mod model;
 mod sqlite;
 
-#[cfg(feature = "conformance")]
+#[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 
 pub use error::StoreError;
@@ -73,8 +73,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
 
     /// Removes `grantee`'s grant; `NotFound` if it had none.
-    async fn revoke(&self, dataset: &DatasetKey, actor: &str, grantee: &str)
-    -> Result<(), StoreError>;
+    async fn revoke(
+        &self,
+        dataset: &DatasetKey,
+        actor: &str,
+        grantee: &str,
+    ) -> Result<(), StoreError>;
 
     /// `identity`'s access to a dataset, or `None`.
     async fn access(

@@ -168,7 +168,9 @@ pub fn validate_update(
         ));
     }
     if request.patches.is_empty() {
-        return Err(StoreError::BadRequest("an update needs at least one patch".into()));
+        return Err(StoreError::BadRequest(
+            "an update needs at least one patch".into(),
+        ));
     }
     if request.patches.len() as u64 > limits.max_patches {
         return Err(StoreError::limit(
@@ -282,12 +284,20 @@ mod tests {
         ]);
         assert!(matches!(
             validate_update(&limits, &many),
-            Err(StoreError::Limit { limit: LimitCode::MaxPatches, max: 2, .. })
+            Err(StoreError::Limit {
+                limit: LimitCode::MaxPatches,
+                max: 2,
+                ..
+            })
         ));
         let long = req(vec![Patch::replace("abcde", "1", 0)]);
         assert!(matches!(
             validate_update(&limits, &long),
-            Err(StoreError::Limit { limit: LimitCode::MaxKeyLength, max: 4, .. })
+            Err(StoreError::Limit {
+                limit: LimitCode::MaxKeyLength,
+                max: 4,
+                ..
+            })
         ));
     }
 

@@ -1,0 +1,413 @@
+//! `SqliteStore`: the embedded, single-node store in one file, `tandem.db`, in WAL mode with
+//! `synchronous=FULL` so an acknowledged commit survives a power cut.
+//!
+//! SQLite allows one writer at a time, so one thread owns the write connection and applies
+//! writes with group commit (see `writer`); reads run on a small pool of query-only
+//! connections on tokio's blocking threads, concurrently with the writer thanks to WAL. No
+//! async method blocks the runtime.
+
+mod query;
+mod schema;
+mod writer;
+
+use crate::{
+    DatasetKey, Limits, Snapshot, Store, StoreError, UpdateOutcome, UpdateRequest,
+    validate_identity, validate_update,
+};
+use async_trait::async_trait;
+use rusqlite::{Connection, OpenFlags};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use tandem_protocol::{Access, DatasetInfo};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use writer::{Command, Done, Op};
+
+/// Write commands that may wait for the writer before senders wait too.
+const QUEUE_DEPTH: usize = 4 * writer::MAX_BATCH;
+
+/// How long a connection waits on a lock held by another process before `Unavailable`.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Statements a connection keeps prepared.
+const STATEMENT_CACHE: usize = 64;
+
+/// The embedded store. Cloning is cheap and shares the same database; the writer thread
+/// stops when `close` is called or the last clone is dropped.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    path: PathBuf,
+    limits: Limits,
+    closed: AtomicBool,
+    commands_tx: Mutex<Option<mpsc::Sender<Command>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    /// Bounds concurrent reads to the number of read connections; closed on `close`.
+    read_permits: Arc<Semaphore>,
+    idle_readers: Mutex<Vec<Connection>>,
+}
+
+impl SqliteStore {
+    /// The database file's name inside the data directory.
+    pub const DB_FILE: &'static str = "tandem.db";
+
+    /// Opens (creating if needed) `tandem.db` in `data_dir`, creating the directory too.
+    /// Blocks while it opens and migrates the database; call it before serving.
+    pub fn open(data_dir: &Path, limits: Limits) -> Result<SqliteStore, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|e| {
+            StoreError::Unavailable(format!(
+                "cannot create data directory {}: {e}",
+                data_dir.display()
+            ))
+        })?;
+        SqliteStore::open_file(&data_dir.join(SqliteStore::DB_FILE), limits)
+    }
+
+    /// Opens (creating if needed) the database at `path`; its directory must exist.
+    pub fn open_file(path: &Path, limits: Limits) -> Result<SqliteStore, StoreError> {
+        let mut conn = Connection::open(path)
+            .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+        configure_writer(&conn)?;
+        schema::migrate(&mut conn)?;
+
+        let readers = std::thread::available_parallelism()
+            .map_or(2, usize::from)
+            .clamp(2, 8);
+        // One reader up front proves the file can be read the way later reads will.
+        let first_reader = open_reader(path)?;
+
+        let (commands_tx, commands_rx) = mpsc::channel(QUEUE_DEPTH);
+        let writer_limits = limits.clone();
+        let writer = std::thread::Builder::new()
+            .name("tandem-sqlite-writer".into())
+            .spawn(move || writer::run(conn, &writer_limits, commands_rx))
+            .map_err(|e| StoreError::Internal(format!("cannot start the writer thread: {e}")))?;
+        tracing::info!(path = %path.display(), readers, "sqlite store open");
+
+        Ok(SqliteStore {
+            inner: Arc::new(Inner {
+                path: path.to_owned(),
+                limits,
+                closed: AtomicBool::new(false),
+                commands_tx: Mutex::new(Some(commands_tx)),
+                writer: Mutex::new(Some(writer)),
+                read_permits: Arc::new(Semaphore::new(readers)),
+                idle_readers: Mutex::new(vec![first_reader]),
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The limits this store enforces.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// Sends a write to the writer thread and waits for its durable result.
+    async fn submit(&self, op: Op) -> Result<Done, StoreError> {
+        let commands_tx = lock(&self.inner.commands_tx)
+            .clone()
+            .ok_or_else(closed_error)?;
+        let (reply_tx, reply_rx) = oneshot::channel();
+        commands_tx
+            .send(Command {
+                op,
+                reply: reply_tx,
+            })
+            .await
+            .map_err(|_| closed_error())?;
+        drop(commands_tx);
+        reply_rx
+            .await
+            .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
+    }
+
+    /// Runs `f` on a read connection on a blocking thread.
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(closed_error());
+        }
+        let permit = Arc::clone(&self.inner.read_permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| closed_error())?;
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let mut conn = match lock(&inner.idle_readers).pop() {
+                Some(conn) => conn,
+                None => open_reader(&inner.path)?,
+            };
+            let result = f(&mut conn);
+            if !inner.closed.load(Ordering::Acquire) {
+                lock(&inner.idle_readers).push(conn);
+            }
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Internal(format!("read task failed: {e}")))?
+    }
+
+    /// Runs `f` in one read transaction, so everything it reads is from one commit.
+    async fn read_tx<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.read(move |conn| {
+            let tx = conn.transaction().map_err(db_err)?;
+            let result = f(&tx)?;
+            tx.finish().map_err(db_err)?;
+            Ok(result)
+        })
+        .await
+    }
+}
+
+impl Inner {
+    /// Stops accepting writes and returns the writer thread, which exits once the queue is
+    /// drained.
+    fn shut(&self) -> Option<JoinHandle<()>> {
+        self.closed.store(true, Ordering::Release);
+        self.read_permits.close();
+        drop(lock(&self.commands_tx).take());
+        lock(&self.writer).take()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // No caller is left (they hold the Arc), so the queue holds at most commands whose
+        // callers gave up: the writer finishes them quickly and closes the file.
+        if let Some(writer) = self.shut()
+            && writer.join().is_err()
+        {
+            tracing::error!("sqlite writer thread panicked");
+        }
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn snapshot(&self, dataset: &DatasetKey, actor: &str) -> Result<Snapshot, StoreError> {
+        dataset.validate()?;
+        validate_identity(actor)?;
+        let (dataset, actor) = (dataset.clone(), actor.to_owned());
+        self.read_tx(move |conn| query::snapshot(conn, &dataset, &actor))
+            .await
+    }
+
+    async fn changes(
+        &self,
+        dataset: &DatasetKey,
+        actor: &str,
+        since: u64,
+    ) -> Result<Snapshot, StoreError> {
+        dataset.validate()?;
+        validate_identity(actor)?;
+        let (dataset, actor) = (dataset.clone(), actor.to_owned());
+        self.read_tx(move |conn| query::changes(conn, &dataset, &actor, since))
+            .await
+    }
+
+    async fn update(&self, request: UpdateRequest) -> Result<UpdateOutcome, StoreError> {
+        let patches = validate_update(&self.inner.limits, &request)?;
+        match self.submit(Op::Update { request, patches }).await? {
+            Done::Update(outcome) => Ok(outcome),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn delete_dataset(&self, dataset: &DatasetKey, actor: &str) -> Result<u64, StoreError> {
+        dataset.validate()?;
+        validate_identity(actor)?;
+        let op = Op::Delete {
+            dataset: dataset.clone(),
+            actor: actor.to_owned(),
+        };
+        match self.submit(op).await? {
+            Done::SyncCount(n) => Ok(n),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn list_datasets(
+        &self,
+        pool: &str,
+        identity: &str,
+    ) -> Result<Vec<DatasetInfo>, StoreError> {
+        validate_identity(identity)?;
+        let (pool, identity) = (pool.to_owned(), identity.to_owned());
+        self.read_tx(move |conn| query::list_datasets(conn, &pool, &identity))
+            .await
+    }
+
+    async fn grant(
+        &self,
+        dataset: &DatasetKey,
+        actor: &str,
+        grantee: &str,
+        access: Access,
+    ) -> Result<(), StoreError> {
+        dataset.validate()?;
+        validate_identity(actor)?;
+        validate_identity(grantee)?;
+        if access == Access::Owner {
+            return Err(StoreError::BadRequest(
+                "access granted must be read or write".into(),
+            ));
+        }
+        if actor != dataset.owner {
+            return Err(query::forbidden(dataset, actor, "owner"));
+        }
+        if grantee == dataset.owner {
+            return Err(StoreError::BadRequest(
+                "the owner cannot be granted access to its own dataset".into(),
+            ));
+        }
+        let op = Op::Grant {
+            dataset: dataset.clone(),
+            grantee: grantee.to_owned(),
+            access,
+        };
+        match self.submit(op).await? {
+            Done::Unit => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn revoke(
+        &self,
+        dataset: &DatasetKey,
+        actor: &str,
+        grantee: &str,
+    ) -> Result<(), StoreError> {
+        dataset.validate()?;
+        validate_identity(actor)?;
+        validate_identity(grantee)?;
+        if actor != dataset.owner {
+            return Err(query::forbidden(dataset, actor, "owner"));
+        }
+        let op = Op::Revoke {
+            dataset: dataset.clone(),
+            grantee: grantee.to_owned(),
+        };
+        match self.submit(op).await? {
+            Done::Unit => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn access(
+        &self,
+        dataset: &DatasetKey,
+        identity: &str,
+    ) -> Result<Option<Access>, StoreError> {
+        dataset.validate()?;
+        validate_identity(identity)?;
+        let (dataset, identity) = (dataset.clone(), identity.to_owned());
+        self.read(move |conn| query::access_of(conn, &dataset, &identity))
+            .await
+    }
+
+    async fn health(&self) -> Result<(), StoreError> {
+        if lock(&self.inner.commands_tx).is_none() {
+            return Err(closed_error());
+        }
+        self.read(|conn| {
+            conn.query_row("SELECT count(*) FROM datasets", [], |_| Ok(()))
+                .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn close(&self) {
+        let Some(writer) = self.inner.shut() else {
+            return;
+        };
+        match tokio::task::spawn_blocking(move || writer.join()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => tracing::error!("sqlite writer thread panicked"),
+            Err(e) => tracing::error!(error = %e, "waiting for the sqlite writer failed"),
+        }
+        lock(&self.inner.idle_readers).clear();
+        tracing::info!(path = %self.inner.path.display(), "sqlite store closed");
+    }
+}
+
+fn configure_writer(conn: &Connection) -> Result<(), StoreError> {
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+        .map_err(db_err)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Internal(format!(
+            "sqlite refused wal mode (journal mode is {mode})"
+        )));
+    }
+    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
+        .map_err(db_err)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    Ok(())
+}
+
+/// A connection that may only read; it never creates the file.
+fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
+    conn.execute_batch("PRAGMA query_only = ON;")
+        .map_err(db_err)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    Ok(conn)
+}
+
+/// Maps a SQLite failure: a locked or unopenable database is `Unavailable` (retry later),
+/// anything else `Internal`.
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "a `map_err` adapter: it takes what `map_err` hands it"
+)]
+fn db_err(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode as Code;
+    match e.sqlite_error_code() {
+        Some(Code::DatabaseBusy | Code::DatabaseLocked) => {
+            StoreError::Unavailable(format!("database busy: {e}"))
+        }
+        Some(Code::CannotOpen) => StoreError::Unavailable(format!("cannot open database: {e}")),
+        _ => StoreError::Internal(format!("sqlite: {e}")),
+    }
+}
+
+fn closed_error() -> StoreError {
+    StoreError::Unavailable("store closed".into())
+}
+
+fn unexpected(done: &Done) -> StoreError {
+    StoreError::Internal(format!("unexpected writer reply {done:?}"))
+}
+
+/// Locks a mutex; a panic elsewhere does not make the guarded state unusable here.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,283 @@
+//! Statements shared by the read connections and the writer: row lookups, access checks and
+//! the record queries. Every statement goes through the connection's statement cache.
+
+use super::db_err;
+use crate::{DatasetKey, Snapshot, StoreError};
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use tandem_protocol::{Access, DatasetInfo, DatasetRef, Record};
+
+/// A dataset's row: its sync count survives a delete (`deleted = true`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct DatasetRow {
+    pub id: i64,
+    pub sync_count: u64,
+    pub deleted: bool,
+    pub record_count: u64,
+    pub byte_size: u64,
+}
+
+impl DatasetRow {
+    /// The live record count and bytes, zero for a deleted dataset.
+    pub fn live_totals(&self) -> (u64, u64) {
+        if self.deleted {
+            (0, 0)
+        } else {
+            (self.record_count, self.byte_size)
+        }
+    }
+}
+
+pub(super) fn load_dataset(
+    conn: &Connection,
+    key: &DatasetKey,
+) -> Result<Option<DatasetRow>, StoreError> {
+    conn.prepare_cached(
+        "SELECT id, sync_count, deleted, record_count, byte_size FROM datasets
+         WHERE pool = ?1 AND owner = ?2 AND name = ?3",
+    )
+    .and_then(|mut stmt| {
+        stmt.query_row(params![key.pool, key.owner, key.name], |row| {
+            Ok(DatasetRow {
+                id: row.get(0)?,
+                sync_count: row.get(1)?,
+                deleted: row.get(2)?,
+                record_count: row.get(3)?,
+                byte_size: row.get(4)?,
+            })
+        })
+        .optional()
+    })
+    .map_err(db_err)
+}
+
+/// The identity's grant on a dataset, if any (the owner has none).
+pub(super) fn grant_of(
+    conn: &Connection,
+    key: &DatasetKey,
+    identity: &str,
+) -> Result<Option<Access>, StoreError> {
+    let access: Option<String> = conn
+        .prepare_cached(
+            "SELECT access FROM grants
+             WHERE pool = ?1 AND owner = ?2 AND name = ?3 AND grantee = ?4",
+        )
+        .and_then(|mut stmt| {
+            stmt.query_row(params![key.pool, key.owner, key.name, identity], |row| {
+                row.get(0)
+            })
+            .optional()
+        })
+        .map_err(db_err)?;
+    access.map(|a| parse_access(&a)).transpose()
+}
+
+/// `identity`'s access: `Owner` for the owner, else its grant.
+pub(super) fn access_of(
+    conn: &Connection,
+    key: &DatasetKey,
+    identity: &str,
+) -> Result<Option<Access>, StoreError> {
+    if identity == key.owner {
+        return Ok(Some(Access::Owner));
+    }
+    grant_of(conn, key, identity)
+}
+
+pub(super) fn forbidden(key: &DatasetKey, identity: &str, needed: &'static str) -> StoreError {
+    StoreError::Forbidden {
+        identity: identity.to_owned(),
+        dataset: key.to_string(),
+        needed,
+    }
+}
+
+/// `Forbidden` unless `identity` may read the dataset (any grant, or ownership).
+pub(super) fn check_read(
+    conn: &Connection,
+    key: &DatasetKey,
+    identity: &str,
+) -> Result<(), StoreError> {
+    match access_of(conn, key, identity)? {
+        Some(_) => Ok(()),
+        None => Err(forbidden(key, identity, "read")),
+    }
+}
+
+/// `Forbidden` unless `identity` may write the dataset (a write grant, or ownership).
+pub(super) fn check_write(
+    conn: &Connection,
+    key: &DatasetKey,
+    identity: &str,
+) -> Result<(), StoreError> {
+    match access_of(conn, key, identity)? {
+        Some(access) if access.can_write() => Ok(()),
+        _ => Err(forbidden(key, identity, "write")),
+    }
+}
+
+fn parse_access(s: &str) -> Result<Access, StoreError> {
+    match Access::parse(s) {
+        Some(access @ (Access::Read | Access::Write)) => Ok(access),
+        _ => Err(StoreError::Internal(format!(
+            "stored grant has access `{s}`"
+        ))),
+    }
+}
+
+fn record_from_row(row: &Row<'_>) -> rusqlite::Result<Record> {
+    Ok(Record {
+        key: row.get(0)?,
+        value: row.get(1)?,
+        sync_count: row.get(2)?,
+        last_modified: row.get(3)?,
+        last_modified_by: row.get(4)?,
+        device_id: row.get(5)?,
+        device_last_modified: row.get(6)?,
+    })
+}
+
+/// The stored record (live or tombstone) for a key.
+pub(super) fn load_record(
+    conn: &Connection,
+    dataset_id: i64,
+    key: &str,
+) -> Result<Option<Record>, StoreError> {
+    conn.prepare_cached(
+        "SELECT key, value, sync_count, last_modified, last_modified_by, device_id,
+                device_last_modified
+         FROM records WHERE dataset_id = ?1 AND key = ?2",
+    )
+    .and_then(|mut stmt| {
+        stmt.query_row(params![dataset_id, key], record_from_row)
+            .optional()
+    })
+    .map_err(db_err)
+}
+
+/// Live records, ordered by key.
+pub(super) fn live_records(conn: &Connection, dataset_id: i64) -> Result<Vec<Record>, StoreError> {
+    conn.prepare_cached(
+        "SELECT key, value, sync_count, last_modified, last_modified_by, device_id,
+                device_last_modified
+         FROM records WHERE dataset_id = ?1 AND value IS NOT NULL ORDER BY key",
+    )
+    .and_then(|mut stmt| {
+        stmt.query_map(params![dataset_id], record_from_row)?
+            .collect()
+    })
+    .map_err(db_err)
+}
+
+/// Records (tombstones included) changed after sync count `since`, ordered by key.
+fn records_since(
+    conn: &Connection,
+    dataset_id: i64,
+    since: u64,
+) -> Result<Vec<Record>, StoreError> {
+    // Above i64::MAX nothing can match; clamp rather than fail the conversion.
+    let since = i64::try_from(since).unwrap_or(i64::MAX);
+    conn.prepare_cached(
+        "SELECT key, value, sync_count, last_modified, last_modified_by, device_id,
+                device_last_modified
+         FROM records WHERE dataset_id = ?1 AND sync_count > ?2 ORDER BY key",
+    )
+    .and_then(|mut stmt| {
+        stmt.query_map(params![dataset_id, since], record_from_row)?
+            .collect()
+    })
+    .map_err(db_err)
+}
+
+/// The whole dataset as `actor` may see it; run inside a read transaction.
+pub(super) fn snapshot(
+    conn: &Connection,
+    key: &DatasetKey,
+    actor: &str,
+) -> Result<Snapshot, StoreError> {
+    check_read(conn, key, actor)?;
+    let (sync_count, records) = match load_dataset(conn, key)? {
+        Some(row) if !row.deleted => (row.sync_count, live_records(conn, row.id)?),
+        Some(row) => (row.sync_count, Vec::new()),
+        None => (0, Vec::new()),
+    };
+    Ok(Snapshot {
+        dataset: key.clone(),
+        sync_count,
+        records,
+    })
+}
+
+/// Records changed after `since`, tombstones included; run inside a read transaction.
+pub(super) fn changes(
+    conn: &Connection,
+    key: &DatasetKey,
+    actor: &str,
+    since: u64,
+) -> Result<Snapshot, StoreError> {
+    check_read(conn, key, actor)?;
+    let (sync_count, records) = match load_dataset(conn, key)? {
+        Some(row) if !row.deleted => (row.sync_count, records_since(conn, row.id, since)?),
+        Some(row) => (row.sync_count, Vec::new()),
+        None => (0, Vec::new()),
+    };
+    Ok(Snapshot {
+        dataset: key.clone(),
+        sync_count,
+        records,
+    })
+}
+
+/// The identity's own live datasets and the live datasets shared with it, by owner then
+/// name.
+pub(super) fn list_datasets(
+    conn: &Connection,
+    pool: &str,
+    identity: &str,
+) -> Result<Vec<DatasetInfo>, StoreError> {
+    let rows: Vec<(String, String, u64, u64, u64, i64, String)> = conn
+        .prepare_cached(
+            "SELECT owner, name, sync_count, record_count, byte_size, last_modified,
+                    'owner' AS access
+             FROM datasets WHERE pool = ?1 AND owner = ?2 AND deleted = 0
+             UNION ALL
+             SELECT d.owner, d.name, d.sync_count, d.record_count, d.byte_size,
+                    d.last_modified, g.access
+             FROM grants g
+             JOIN datasets d ON d.pool = g.pool AND d.owner = g.owner AND d.name = g.name
+             WHERE g.pool = ?1 AND g.grantee = ?2 AND d.deleted = 0
+             ORDER BY 1, 2",
+        )
+        .and_then(|mut stmt| {
+            stmt.query_map(params![pool, identity], |row| {
+                Ok((
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                    row.get(5)?,
+                    row.get(6)?,
+                ))
+            })?
+            .collect()
+        })
+        .map_err(db_err)?;
+    rows.into_iter()
+        .map(
+            |(owner, name, sync_count, records, bytes, last_modified, access)| {
+                let access = match access.as_str() {
+                    "owner" => Access::Owner,
+                    other => parse_access(other)?,
+                };
+                Ok(DatasetInfo {
+                    dataset: DatasetRef::new(owner, name),
+                    sync_count,
+                    records,
+                    bytes,
+                    access,
+                    last_modified,
+                })
+            },
+        )
+        .collect()
+}
