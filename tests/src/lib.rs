@@ -1,1 +1,277 @@
-//! placeholder
+//! End-to-end test helpers: `TestServer` starts the real `tandem serve` as a process on
+//! 127.0.0.1:0 with its own data dir, reads the bound address from its stdout, mints
+//! tokens with its secret, and can SIGTERM, SIGKILL and restart it on the same data dir.
+//! Helpers wait by polling with a deadline, never by sleeping a fixed time.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tandem_client::Connection;
+use tandem_protocol::ServerFrame;
+
+pub use tandem_client;
+pub use tandem_protocol;
+
+/// The HS256 secret every test server uses unless a test configures keys itself.
+pub const SECRET: &str = "e2e-test-secret-0123456789abcdef0123456789abcdef";
+
+/// The gateway's key fixtures (RSA and EC key pairs).
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../crates/tandem-gateway/tests/fixtures")
+        .join(name)
+}
+
+pub struct TestServer {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    data_dir: tempfile::TempDir,
+    args: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct TestServerBuilder {
+    args: Vec<String>,
+    no_secret: bool,
+}
+
+impl TestServerBuilder {
+    /// Adds `--name value` to the command line.
+    pub fn arg(mut self, name: &str, value: impl ToString) -> Self {
+        self.args.push(name.to_owned());
+        self.args.push(value.to_string());
+        self
+    }
+
+    /// Starts without `--jwt-secret` (the test passes its own keys, or none).
+    pub fn without_secret(mut self) -> Self {
+        self.no_secret = true;
+        self
+    }
+
+    pub fn start(self) -> TestServer {
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let mut args = vec!["--listen".to_owned(), "127.0.0.1:0".to_owned()];
+        if !self.no_secret {
+            args.push("--jwt-secret".to_owned());
+            args.push(SECRET.to_owned());
+        }
+        args.extend(self.args);
+        let mut server = TestServer {
+            child: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir,
+            args,
+        };
+        server.spawn();
+        server
+    }
+}
+
+/// The `tandem` binary: Cargo builds it for this package as `tandem-e2e-server`, next to
+/// the `deps/` folder the test executables run from. `TANDEM_BIN` overrides it.
+pub fn tandem_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("TANDEM_BIN") {
+        return PathBuf::from(bin);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().expect("deps dir");
+    let dir = if dir.ends_with("deps") {
+        dir.parent().expect("target dir")
+    } else {
+        dir
+    };
+    dir.join(format!("tandem-e2e-server{}", std::env::consts::EXE_SUFFIX))
+}
+
+impl TestServer {
+    pub fn builder() -> TestServerBuilder {
+        TestServerBuilder::default()
+    }
+
+    pub fn start() -> TestServer {
+        TestServer::builder().start()
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.data_dir.path()
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data_dir.path().join("server.log"))
+            .expect("log file");
+        let mut child = Command::new(tandem_bin())
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(self.data_dir.path())
+            .args(&self.args)
+            .env("RUST_LOG", "info,tandem_gateway=debug")
+            .env_remove("TANDEM_CONFIG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start tandem");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.strip_prefix("tandem listening on ") {
+                    let _ = tx.send(addr.trim().to_owned());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!("tandem did not start; log:\n{}", self.log());
+            });
+        self.addr = addr.parse().expect("listen address");
+        self.child = Some(child);
+    }
+
+    /// The server's log so far (stderr), for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/v1/sync", self.addr)
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn token(&self, sub: &str) -> String {
+        tandem_gateway::auth::mint_hs256(
+            SECRET.as_bytes(),
+            sub,
+            Duration::from_secs(3600),
+            None,
+            None,
+        )
+        .expect("mint token")
+    }
+
+    /// A connected, authenticated client for `sub`.
+    pub async fn connect(&self, sub: &str) -> Connection {
+        Connection::connect(&self.url(), &self.token(sub))
+            .await
+            .unwrap_or_else(|e| panic!("connect as {sub}: {e}"))
+    }
+
+    /// SIGKILL: no shutdown at all.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the process to exit; returns whether it exited successfully.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return false;
+        };
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the server again on the same data dir and settings (on a new port).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits for the next live `dataset` push on `conn` and returns (sync count, records).
+pub async fn next_push(conn: &mut Connection) -> (u64, Vec<tandem_protocol::Record>) {
+    loop {
+        match conn.next_event_timeout(Duration::from_secs(10)).await {
+            Some(ServerFrame::Dataset {
+                sync_count,
+                records,
+                ..
+            }) => return (sync_count, records),
+            Some(_) => continue,
+            None => panic!("no push arrived"),
+        }
+    }
+}
+
+/// Reads pushes until one at `sync_count` or later arrives; returns its records.
+pub async fn push_at_least(
+    conn: &mut Connection,
+    sync_count: u64,
+) -> (u64, Vec<tandem_protocol::Record>) {
+    loop {
+        let (n, records) = next_push(conn).await;
+        if n >= sync_count {
+            return (n, records);
+        }
+    }
+}
+
+/// A plain HTTP GET on loopback; returns (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
