@@ -325,8 +325,12 @@ impl Store for SqliteStore {
     }
 
     async fn health(&self) -> Result<(), StoreError> {
-        if lock(&self.inner.commands_tx).is_none() {
-            return Err(closed_error());
+        match lock(&self.inner.commands_tx).as_ref() {
+            None => return Err(closed_error()),
+            Some(commands_tx) if commands_tx.is_closed() => {
+                return Err(StoreError::Unavailable("store writer stopped".into()));
+            }
+            Some(_) => {}
         }
         self.read(|conn| {
             conn.query_row("SELECT count(*) FROM datasets", [], |_| Ok(()))
