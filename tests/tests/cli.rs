@@ -1,0 +1,121 @@
+//! The `tandem` command as an operator scripts it: zero-config serve with a generated
+//! secret, `tandem token`, refusal to expose a server without keys, bad config.
+
+use std::process::{Command, Stdio};
+use tandem_client::Connection;
+use tandem_tests::{TestServer, tandem_bin};
+
+fn tandem(args: &[&str]) -> std::process::Output {
+    Command::new(tandem_bin())
+        .args(args)
+        .env_remove("TANDEM_CONFIG")
+        .env_remove("TANDEM_JWT_SECRET")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run tandem")
+}
+
+#[tokio::test]
+async fn test_cli_zero_config_serve_and_token_from_data_dir() {
+    let server = TestServer::builder().without_secret().start();
+    let dir = server.data_dir().to_str().unwrap().to_owned();
+    assert!(server.data_dir().join("jwt-secret").exists());
+    let out = tandem(&[
+        "token",
+        "--data-dir",
+        &dir,
+        "--sub",
+        "user-1",
+        "--ttl",
+        "10m",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let conn = Connection::connect(&server.url(), &token).await.unwrap();
+    assert_eq!(conn.identity(), "user-1");
+    assert!(server.log().contains("tandem token --data-dir"));
+}
+
+#[test]
+fn test_cli_token_with_explicit_secret() {
+    let secret = "0123456789abcdef0123456789abcdef";
+    let out = tandem(&["token", "--jwt-secret", secret, "--sub", "u"]);
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout).unwrap();
+    let verifier = tandem_gateway::Verifier::new(&tandem_gateway::AuthConfig {
+        hs256_secret: Some(secret.as_bytes().to_vec()),
+        ..Default::default()
+    })
+    .unwrap();
+    let identity = verifier.verify(token.trim()).unwrap();
+    assert_eq!(identity.sub, "u");
+}
+
+#[test]
+fn test_cli_token_without_secret_explains_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tandem(&[
+        "token",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--sub",
+        "u",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tandem serve --data-dir"), "{err}");
+}
+
+#[test]
+fn test_cli_refuses_non_loopback_without_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tandem(&[
+        "serve",
+        "--listen",
+        "0.0.0.0:0",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refusing to listen"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+}
+
+#[test]
+fn test_cli_unknown_config_key_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tandem.toml");
+    std::fs::write(&config, "listen = \"127.0.0.1:0\"\nmax_recods = 5\n").unwrap();
+    let out = tandem(&["serve", "--config", config.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown field"), "{err}");
+}
+
+#[tokio::test]
+async fn test_cli_config_file_settings_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tandem.toml");
+    std::fs::write(&config, "max_records = 2\nauth_timeout = \"5s\"\n").unwrap();
+    let server = TestServer::builder()
+        .arg("--config", config.to_str().unwrap())
+        .start();
+    let conn = server.connect("u").await;
+    let ds = tandem_protocol::DatasetRef::own("d");
+    let patches = (0..3)
+        .map(|i| tandem_protocol::Patch::replace(format!("k{i}"), "v", 0))
+        .collect();
+    let err = conn.update(ds, None, patches).await.unwrap_err();
+    match err {
+        tandem_client::ClientError::Server { limit, max, .. } => {
+            assert_eq!(limit, Some(tandem_protocol::LimitCode::MaxRecords));
+            assert_eq!(max, Some(2));
+        }
+        other => panic!("{other:?}"),
+    }
+}
