@@ -395,7 +395,10 @@ impl Connection {
     }
 
     pub async fn ping(&self) -> Result<(), ClientError> {
-        match self.request(|id| ClientFrame::Ping { id: Some(id) }).await? {
+        match self
+            .request(|id| ClientFrame::Ping { id: Some(id) })
+            .await?
+        {
             ServerFrame::Pong { .. } => Ok(()),
             other => Err(unexpected(&other)),
         }

@@ -8,7 +8,11 @@ use serde::{Deserialize, Serialize};
 
 /// A frame a client sends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", rename_all_fields = "camelCase")]
+#[serde(
+    tag = "type",
+    rename_all = "snake_case",
+    rename_all_fields = "camelCase"
+)]
 pub enum ClientFrame {
     /// Authenticate; must be the first frame unless the upgrade request carried an
     /// `Authorization: Bearer` header. Sent again later with a fresh token for the same
@@ -92,7 +96,11 @@ pub enum UnsubscribeReason {
 
 /// A frame the server sends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", rename_all_fields = "camelCase")]
+#[serde(
+    tag = "type",
+    rename_all = "snake_case",
+    rename_all_fields = "camelCase"
+)]
 pub enum ServerFrame {
     /// Authentication succeeded.
     Ready {
@@ -144,7 +152,10 @@ pub enum ServerFrame {
         records: Vec<Record>,
     },
     /// A subscribed dataset was deleted by its owner; the subscription has ended.
-    Deleted { dataset: DatasetRef, sync_count: u64 },
+    Deleted {
+        dataset: DatasetRef,
+        sync_count: u64,
+    },
     /// The server ended a subscription (see `reason`).
     Unsubscribed {
         dataset: DatasetRef,

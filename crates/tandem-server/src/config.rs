@@ -9,7 +9,11 @@ use std::str::FromStr;
 use std::time::Duration;
 
 #[derive(Debug, Parser)]
-#[command(name = "tandem", version, about = "Tandem: self-hosted real-time data sync")]
+#[command(
+    name = "tandem",
+    version,
+    about = "Tandem: self-hosted real-time data sync"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -72,10 +76,18 @@ pub struct Settings {
     #[arg(long, env = "TANDEM_JWT_SECRET_FILE")]
     pub jwt_secret_file: Option<PathBuf>,
     /// PEM files with RSA public keys for RS256 tokens (repeat or comma-separate).
-    #[arg(long = "jwt-rsa-public-key", env = "TANDEM_JWT_RSA_PUBLIC_KEYS", value_delimiter = ',')]
+    #[arg(
+        long = "jwt-rsa-public-key",
+        env = "TANDEM_JWT_RSA_PUBLIC_KEYS",
+        value_delimiter = ','
+    )]
     pub jwt_rsa_public_keys: Option<Vec<PathBuf>>,
     /// PEM files with EC P-256 public keys for ES256 tokens (repeat or comma-separate).
-    #[arg(long = "jwt-ec-public-key", env = "TANDEM_JWT_EC_PUBLIC_KEYS", value_delimiter = ',')]
+    #[arg(
+        long = "jwt-ec-public-key",
+        env = "TANDEM_JWT_EC_PUBLIC_KEYS",
+        value_delimiter = ','
+    )]
     pub jwt_ec_public_keys: Option<Vec<PathBuf>>,
     /// Required `iss` claim.
     #[arg(long, env = "TANDEM_JWT_ISSUER")]
@@ -244,8 +256,10 @@ mod tests {
 
     #[test]
     fn test_config_flags_win_over_file() {
-        let file = Settings::from_toml("listen = \"127.0.0.1:9000\"\nmax_records = 7\nauth_timeout = \"3s\"\n")
-            .unwrap();
+        let file = Settings::from_toml(
+            "listen = \"127.0.0.1:9000\"\nmax_records = 7\nauth_timeout = \"3s\"\n",
+        )
+        .unwrap();
         let flags = Settings {
             listen: Some("127.0.0.1:9001".parse().unwrap()),
             ..Settings::default()
@@ -253,7 +267,10 @@ mod tests {
         let merged = flags.or(file);
         assert_eq!(merged.listen().port(), 9001);
         assert_eq!(merged.max_records, Some(7));
-        assert_eq!(merged.auth_timeout, Some(HumanDuration(Duration::from_secs(3))));
+        assert_eq!(
+            merged.auth_timeout,
+            Some(HumanDuration(Duration::from_secs(3)))
+        );
     }
 
     #[test]
@@ -264,10 +281,22 @@ mod tests {
 
     #[test]
     fn test_config_durations_parse() {
-        assert_eq!("90s".parse::<HumanDuration>().unwrap().0, Duration::from_secs(90));
-        assert_eq!("1h".parse::<HumanDuration>().unwrap().0, Duration::from_secs(3600));
-        assert_eq!("250ms".parse::<HumanDuration>().unwrap().0, Duration::from_millis(250));
-        assert_eq!("15".parse::<HumanDuration>().unwrap().0, Duration::from_secs(15));
+        assert_eq!(
+            "90s".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(90)
+        );
+        assert_eq!(
+            "1h".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(3600)
+        );
+        assert_eq!(
+            "250ms".parse::<HumanDuration>().unwrap().0,
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            "15".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(15)
+        );
         assert!("1y".parse::<HumanDuration>().is_err());
         assert!("".parse::<HumanDuration>().is_err());
     }

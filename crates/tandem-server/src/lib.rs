@@ -210,8 +210,8 @@ fn explicit_secret(settings: &Settings) -> anyhow::Result<Option<Vec<u8>>> {
 }
 
 fn read_secret_file(path: &Path) -> anyhow::Result<Vec<u8>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let secret = text.trim();
     if secret.is_empty() {
         bail!("{} is empty", path.display());
