@@ -119,3 +119,42 @@ async fn test_cli_config_file_settings_apply() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test]
+async fn test_cli_dev_token_endpoint_only_in_dev_mode() {
+    let server = TestServer::start();
+    let (status, body) = tandem_tests::http_get(server.addr, "/dev/token?sub=alice").await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("dev mode is off"), "{body}");
+    let (status, body) = tandem_tests::http_get(server.addr, "/").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("<"), "the demo page is served: {body}");
+    let (status, _) = tandem_tests::http_get(server.addr, "/sdk/tandem.js").await;
+    assert_eq!(status, 200);
+
+    let dev = TestServer::builder().arg("--dev", "true").start();
+    let (status, body) = tandem_tests::http_get(dev.addr, "/dev/token?sub=alice").await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let conn = Connection::connect(&dev.url(), v["token"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(conn.identity(), "alice");
+}
+
+#[test]
+fn test_cli_dev_mode_refuses_non_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tandem(&[
+        "serve",
+        "--dev",
+        "--listen",
+        "0.0.0.0:0",
+        "--jwt-secret",
+        "0123456789abcdef0123456789abcdef",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refusing dev mode"));
+}

@@ -7,6 +7,7 @@
 //! process environment; the `tandem` binary wires it up.
 
 pub mod auth;
+mod demo;
 mod hub;
 mod outbox;
 mod session;
@@ -30,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// Per-connection settings; every limit here has its own error or close code.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct GatewayConfig {
     pub pool: String,
     /// Largest WebSocket frame or message accepted; larger ones are refused while reading
@@ -49,6 +50,23 @@ pub struct GatewayConfig {
     pub read_buffer_bytes: usize,
     /// tungstenite write buffer per connection.
     pub write_buffer_bytes: usize,
+    /// Dev mode: the HS256 secret `GET /dev/token` mints demo tokens with. `None` (the
+    /// default) disables the endpoint.
+    pub dev_token_secret: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for GatewayConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayConfig")
+            .field("pool", &self.pool)
+            .field("max_frame_bytes", &self.max_frame_bytes)
+            .field("max_subscriptions", &self.max_subscriptions)
+            .field("max_queued_replies", &self.max_queued_replies)
+            .field("auth_timeout", &self.auth_timeout)
+            .field("write_timeout", &self.write_timeout)
+            .field("dev_mode", &self.dev_token_secret.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for GatewayConfig {
@@ -62,6 +80,7 @@ impl Default for GatewayConfig {
             write_timeout: Duration::from_secs(10),
             read_buffer_bytes: 4 * 1024,
             write_buffer_bytes: 4 * 1024,
+            dev_token_secret: None,
         }
     }
 }
@@ -140,6 +159,10 @@ impl Gateway {
 
     pub fn router(self: &Arc<Self>) -> Router {
         Router::new()
+            .route("/", get(demo::index))
+            .route("/demo/{file}", get(demo::file))
+            .route("/sdk/tandem.js", get(demo::sdk))
+            .route("/dev/token", get(demo::token))
             .route("/v1/sync", get(sync))
             .route("/health", get(health))
             .route("/ready", get(ready))
@@ -215,7 +238,11 @@ fn bearer_token(headers: &HeaderMap) -> Option<&str> {
         .then_some(token.trim())
 }
 
-fn error_response(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Response {
+pub(crate) fn error_response(
+    status: StatusCode,
+    code: ErrorCode,
+    message: impl Into<String>,
+) -> Response {
     let body = ServerFrame::error(None, code, message).to_json();
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }

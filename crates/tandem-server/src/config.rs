@@ -69,6 +69,21 @@ pub struct Settings {
     /// Directory for the database and the generated secret [default: ./tandem-data].
     #[arg(long, env = "TANDEM_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// The store: `sqlite` (embedded, in the data dir) or a `postgres://` URL [default: sqlite].
+    #[arg(long, env = "TANDEM_STORE")]
+    pub store: Option<String>,
+    /// PostgreSQL schema for Tandem's tables [default: tandem].
+    #[arg(long, env = "TANDEM_POSTGRES_SCHEMA")]
+    pub postgres_schema: Option<String>,
+    /// PostgreSQL connections per node [default: 16].
+    #[arg(long, env = "TANDEM_POSTGRES_POOL_SIZE")]
+    pub postgres_pool_size: Option<usize>,
+    /// A `redis://` URL for fan-out between nodes [default: none, in-process fan-out].
+    #[arg(long, env = "TANDEM_REDIS")]
+    pub redis: Option<String>,
+    /// Prefix of Tandem's Redis channels [default: tandem].
+    #[arg(long, env = "TANDEM_REDIS_PREFIX")]
+    pub redis_prefix: Option<String>,
     /// HS256 secret (at least 32 bytes).
     #[arg(long, env = "TANDEM_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
@@ -135,6 +150,9 @@ pub struct Settings {
     /// Time sessions get to close at shutdown [default: 10s].
     #[arg(long, env = "TANDEM_SHUTDOWN_GRACE")]
     pub shutdown_grace: Option<HumanDuration>,
+    /// Dev mode (loopback only): `GET /dev/token?sub=NAME` mints demo tokens for anyone.
+    #[arg(long, env = "TANDEM_DEV", num_args = 0..=1, default_missing_value = "true")]
+    pub dev: Option<bool>,
     /// Log format [default: plain]; the level comes from RUST_LOG [default: info].
     #[arg(long, env = "TANDEM_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -154,6 +172,11 @@ impl Settings {
             lower,
             listen,
             data_dir,
+            store,
+            postgres_schema,
+            postgres_pool_size,
+            redis,
+            redis_prefix,
             jwt_secret,
             jwt_secret_file,
             jwt_rsa_public_keys,
@@ -173,6 +196,7 @@ impl Settings {
             auth_timeout,
             write_timeout,
             shutdown_grace,
+            dev,
             log_format,
         )
     }

@@ -120,7 +120,16 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     let (auth, generated) = auth_config(&settings, &data_dir, listen)?;
     let verifier = Verifier::new(&auth).context("invalid jwt settings")?;
     let limits = limits(&settings);
-    let gateway_config = gateway_config(&settings);
+    let mut gateway_config = gateway_config(&settings);
+    if settings.dev.unwrap_or(false) {
+        if !listen.ip().is_loopback() {
+            bail!("refusing dev mode on {listen}: dev mode mints tokens for anyone, loopback only");
+        }
+        let Some(secret) = auth.hs256_secret.clone() else {
+            bail!("dev mode needs an hs256 secret (the generated one, or --jwt-secret)");
+        };
+        gateway_config.dev_token_secret = Some(secret);
+    }
     let grace = settings
         .shutdown_grace
         .map_or(Duration::from_secs(10), |d| d.0);
@@ -142,6 +151,12 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         let _ = tcp.set_nodelay(true);
     });
     tracing::info!(addr = %local, data_dir = %data_dir.display(), store = "sqlite", broker = "local", "tandem listening");
+    if settings.dev.unwrap_or(false) {
+        tracing::warn!(
+            "dev mode: GET /dev/token mints tokens for anyone; never use it in production"
+        );
+        println!("tandem demo at http://{local}/?user=alice&board=alice/groceries");
+    }
     if generated {
         tracing::info!(
             "no jwt keys configured: using the generated secret in {}; mint a token with: tandem token --data-dir {} --sub user-1",
@@ -196,6 +211,7 @@ fn gateway_config(settings: &Settings) -> GatewayConfig {
         write_timeout: settings.write_timeout.map_or(d.write_timeout, |t| t.0),
         read_buffer_bytes: d.read_buffer_bytes,
         write_buffer_bytes: d.write_buffer_bytes,
+        dev_token_secret: None,
     }
 }
 
