@@ -46,6 +46,7 @@ pub struct Connection {
     next_id: AtomicU64,
     identity: String,
     session: String,
+    expires_at: i64,
 }
 
 impl std::fmt::Debug for Connection {
@@ -154,16 +155,21 @@ impl Connection {
             next_id: AtomicU64::new(1),
             identity: String::new(),
             session: String::new(),
+            expires_at: 0,
         })
     }
 
     fn ready(&mut self, frame: ServerFrame) -> Result<(), ClientError> {
         match frame {
             ServerFrame::Ready {
-                identity, session, ..
+                identity,
+                session,
+                expires_at,
+                ..
             } => {
                 self.identity = identity;
                 self.session = session;
+                self.expires_at = expires_at;
                 Ok(())
             }
             other => Err(unexpected(&other)),
@@ -177,6 +183,32 @@ impl Connection {
 
     pub fn session(&self) -> &str {
         &self.session
+    }
+
+    /// When the session's token expires, milliseconds since the Unix epoch.
+    pub fn expires_at(&self) -> i64 {
+        self.expires_at
+    }
+
+    /// Re-authenticates with a fresh token for the same identity, extending the session.
+    pub async fn reauth(&self, token: &str) -> Result<i64, ClientError> {
+        match self
+            .request(|id| ClientFrame::Auth {
+                id: Some(id),
+                token: token.to_owned(),
+            })
+            .await?
+        {
+            ServerFrame::Ready { expires_at, .. } => Ok(expires_at),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Takes the stream of non-reply frames, so that one task can consume them while others
+    /// share the connection for requests. `next_event` returns `None` afterwards.
+    pub fn take_events(&mut self) -> mpsc::UnboundedReceiver<ServerFrame> {
+        let (_, empty) = mpsc::unbounded_channel();
+        std::mem::replace(&mut self.events_rx, empty)
     }
 
     /// How the connection ended, if it has.
@@ -412,6 +444,11 @@ impl Connection {
             ServerFrame::Ack { .. } => Ok(()),
             other => Err(unexpected(&other)),
         }
+    }
+
+    /// Starts a polite close without waiting for it.
+    pub fn send_close(&self) {
+        let _ = self.out_tx.send(Message::Close(None));
     }
 
     /// Closes the connection politely.

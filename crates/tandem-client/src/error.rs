@@ -17,6 +17,15 @@ pub enum ClientError {
         limit: Option<LimitCode>,
         max: Option<u64>,
     },
+    /// Not connected now; local reads and writes still work, `sync` must wait.
+    #[error("offline")]
+    Offline,
+    /// The offline cache could not be read or written.
+    #[error("offline cache: {0}")]
+    Cache(String),
+    /// `sync` gave up after its retries; these keys are still unsynchronised.
+    #[error("conflicts still unresolved after retries on keys {keys:?}")]
+    Unresolved { keys: Vec<String> },
     /// The server answered with a frame this request does not expect.
     #[error("unexpected reply: {0}")]
     Unexpected(String),

@@ -258,6 +258,11 @@ impl Verifier {
         })
     }
 
+    /// The clock leeway applied to `exp` and `nbf`, in seconds.
+    pub fn leeway_secs(&self) -> u64 {
+        self.inner.leeway_secs
+    }
+
     /// Checks the token's signature with the keys configured for the algorithm its header
     /// names, then its claims, and returns who it speaks for.
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {

@@ -15,19 +15,24 @@ use tokio::sync::Notify;
 pub enum Outgoing {
     Frame(Utf8Bytes),
     Close(CloseCode),
+    /// End without a close frame (the peer is gone).
+    Stop,
 }
 
 enum Item {
     Frame(Utf8Bytes),
     /// The pending push of a dataset, if its slot still holds one with this sequence number.
     Push(Arc<DatasetKey>, u64),
-    Close(CloseCode),
+    Close(Option<CloseCode>),
 }
 
 struct Slot {
     /// The highest sync count queued or sent for this dataset; nothing at or below it is
     /// queued again.
     last: u64,
+    /// The push at `last` (shared bytes), re-queued behind a subscribe reply that turned out
+    /// older than a push already sent.
+    last_frame: Option<Utf8Bytes>,
     pending: Option<(u64, Utf8Bytes)>,
 }
 
@@ -97,6 +102,7 @@ impl Outbox {
             dataset,
             Slot {
                 last: 0,
+                last_frame: None,
                 pending: None,
             },
         );
@@ -144,6 +150,7 @@ impl Outbox {
             return;
         }
         slot.last = sync_count;
+        slot.last_frame = Some(frame.clone());
         if let Some((_, bytes)) = &mut slot.pending {
             // Replaced in place: the queue entry keeps its position and sequence number.
             *bytes = frame.clone();
@@ -157,7 +164,8 @@ impl Outbox {
     }
 
     /// Queues a subscribe reply carrying the dataset at `sync_count`; an unsent push at or
-    /// below it is dropped, a newer one is moved behind the reply so it arrives after it.
+    /// below it is dropped, and the newest push, if newer than the reply (pending or already
+    /// sent), is queued behind the reply, so the client always ends at the newest state.
     pub fn snapshot(&self, dataset: &Arc<DatasetKey>, sync_count: u64, frame: Utf8Bytes) {
         let mut s = self.state.lock();
         if s.closing {
@@ -169,14 +177,13 @@ impl Outbox {
         let seq = s.seq;
         let mut requeue = false;
         if let Some(slot) = s.slots.get_mut(dataset) {
-            slot.last = slot.last.max(sync_count);
-            if let Some((_, bytes)) = slot.pending.take() {
-                // A push is pending only if it is newer than what was last queued, and the
-                // snapshot just raised `last`; keep it only if it is newer still.
-                if slot.last > sync_count {
-                    slot.pending = Some((seq, bytes));
-                    requeue = true;
-                }
+            slot.pending = None;
+            if slot.last > sync_count {
+                slot.pending = slot.last_frame.clone().map(|f| (seq, f));
+                requeue = slot.pending.is_some();
+            } else {
+                slot.last = sync_count;
+                slot.last_frame = None;
             }
         }
         if requeue {
@@ -193,7 +200,19 @@ impl Outbox {
             return;
         }
         s.closing = true;
-        s.queue.push_back(Item::Close(code));
+        s.queue.push_back(Item::Close(Some(code)));
+        drop(s);
+        self.notify.notify_one();
+    }
+
+    /// Ends the writer after what is queued, without a close frame.
+    pub fn stop(&self) {
+        let mut s = self.state.lock();
+        if s.closing {
+            return;
+        }
+        s.closing = true;
+        s.queue.push_back(Item::Close(None));
         drop(s);
         self.notify.notify_one();
     }
@@ -227,7 +246,7 @@ impl Outbox {
                         }
                         Item::Close(code) => {
                             s.queue.clear();
-                            out.push(Outgoing::Close(code));
+                            out.push(code.map_or(Outgoing::Stop, Outgoing::Close));
                             break;
                         }
                     }
@@ -254,6 +273,7 @@ mod tests {
             .map(|o| match o {
                 Outgoing::Frame(f) => f.as_str().to_owned(),
                 Outgoing::Close(c) => format!("close {}", c.code()),
+                Outgoing::Stop => "stop".to_owned(),
             })
             .collect()
     }
@@ -291,6 +311,16 @@ mod tests {
         let mut out = Vec::new();
         ob.next_batch(&mut out, 64).await;
         assert_eq!(texts(&out), ["s7", "p9"]);
+
+        // A push already sent before an older subscribe reply is sent again after it.
+        ob.push(&k, 12, &"p12".into());
+        let mut out = Vec::new();
+        ob.next_batch(&mut out, 64).await;
+        assert_eq!(texts(&out), ["p12"]);
+        ob.snapshot(&k, 11, "s11".into());
+        let mut out = Vec::new();
+        ob.next_batch(&mut out, 64).await;
+        assert_eq!(texts(&out), ["s11", "p12"]);
     }
 
     #[tokio::test]

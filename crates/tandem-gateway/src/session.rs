@@ -118,6 +118,10 @@ impl Session {
                         ));
                         break Stop::Close(CloseCode::MessageTooBig);
                     }
+                    if is_protocol_error(&e) {
+                        tracing::info!(error = %e, "websocket protocol error");
+                        break Stop::Close(CloseCode::ProtocolError);
+                    }
                     tracing::debug!(error = %e, "read failed");
                     break Stop::Gone;
                 }
@@ -133,8 +137,8 @@ impl Session {
             tracing::debug!(code = code.code(), "closing session");
             self.outbox.close(code);
         } else {
-            // Make the writer stop even if nothing more is queued.
-            self.outbox.close(CloseCode::GoingAway);
+            // The peer is gone: stop the writer without a close frame of our own.
+            self.outbox.stop();
         }
     }
 
@@ -556,18 +560,34 @@ fn store_error(id: Option<RequestId>, e: &StoreError) -> ServerFrame {
     }
 }
 
-fn is_too_large(e: &axum::Error) -> bool {
+fn tungstenite_error(e: &axum::Error) -> Option<&tokio_tungstenite::tungstenite::Error> {
     use std::error::Error as _;
     let mut source: Option<&(dyn std::error::Error + 'static)> = e.source();
     while let Some(err) = source {
-        if let Some(tokio_tungstenite::tungstenite::Error::Capacity(_)) =
-            err.downcast_ref::<tokio_tungstenite::tungstenite::Error>()
-        {
-            return true;
+        if let Some(ws) = err.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
+            return Some(ws);
         }
         source = err.source();
     }
-    false
+    None
+}
+
+fn is_too_large(e: &axum::Error) -> bool {
+    matches!(
+        tungstenite_error(e),
+        Some(tokio_tungstenite::tungstenite::Error::Capacity(_))
+    )
+}
+
+/// Broken frames or invalid UTF-8: the client is at fault, reconnecting will not help.
+fn is_protocol_error(e: &axum::Error) -> bool {
+    matches!(
+        tungstenite_error(e),
+        Some(
+            tokio_tungstenite::tungstenite::Error::Protocol(_)
+                | tokio_tungstenite::tungstenite::Error::Utf8(_)
+        )
+    )
 }
 
 async fn run_writer(
@@ -581,12 +601,17 @@ async fn run_writer(
         batch.clear();
         outbox.next_batch(&mut batch, WRITE_BATCH).await;
         let mut close = None;
+        let mut stop = false;
         let write = async {
             for item in batch.drain(..) {
                 match item {
                     Outgoing::Frame(frame) => sink.feed(Message::Text(frame)).await?,
                     Outgoing::Close(code) => {
                         close = Some(code);
+                        break;
+                    }
+                    Outgoing::Stop => {
+                        stop = true;
                         break;
                     }
                 }
@@ -617,6 +642,9 @@ async fn run_writer(
         }
         if let Some(code) = close {
             let _ = tokio::time::timeout(write_timeout, send_close(&mut sink, code)).await;
+            return;
+        }
+        if stop {
             return;
         }
     }

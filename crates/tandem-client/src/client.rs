@@ -1,0 +1,800 @@
+//! `Client`: a connection that stays up (reconnect with backoff and jitter, re-subscription,
+//! token refresh) and `Dataset` handles over the offline cache, the way Cognito Sync's
+//! sync manager worked, but live and shared.
+
+use crate::cache::{Cache, DatasetCache, LocalRecord};
+use crate::conflict::{ConflictCase, ConflictHandler, Resolution};
+use crate::{ClientError, Connection, UpdateResult};
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tandem_protocol::{DatasetRef, Patch, PatchOp, Record, ServerFrame, should_reconnect};
+use tokio::sync::{Notify, broadcast, watch};
+
+type TokenFuture = Pin<Box<dyn Future<Output = Result<String, ClientError>> + Send>>;
+type TokenFn = Arc<dyn Fn() -> TokenFuture + Send + Sync>;
+
+/// The client's connection state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    Connecting,
+    Online,
+    /// Disconnected; reconnecting with backoff. Local reads and writes go on.
+    Offline,
+    /// The server refused this client for good (a 45xx close, or another identity).
+    Failed(String),
+}
+
+/// What happened to an open dataset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatasetEvent {
+    /// Remote changes were applied to the cache (these keys changed).
+    Changed { sync_count: u64, keys: Vec<String> },
+    /// A conflict on `key` was resolved by the handler.
+    Conflict { key: String, resolution: Resolution },
+    /// The owner deleted the dataset. Clean records were dropped; unsynchronised local
+    /// changes were kept and re-create the dataset on the next sync.
+    Deleted { sync_count: u64 },
+    /// The owner revoked this identity's access; the dataset no longer syncs.
+    Revoked,
+}
+
+/// The result of a successful `sync`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncOutcome {
+    /// The dataset's sync count after the sync.
+    pub sync_count: u64,
+    /// Records the server acknowledged.
+    pub pushed: usize,
+    /// Conflicts the handler resolved on the way.
+    pub conflicts: usize,
+}
+
+pub struct ClientBuilder {
+    url: String,
+    identity: String,
+    token: Option<TokenFn>,
+    cache_dir: Option<PathBuf>,
+    device_id: Option<String>,
+    min_backoff: Duration,
+    max_backoff: Duration,
+    max_sync_retries: usize,
+}
+
+impl ClientBuilder {
+    /// A static token (no refresh).
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        let token = token.into();
+        self.token = Some(Arc::new(move || {
+            let token = token.clone();
+            Box::pin(async move { Ok(token) })
+        }));
+        self
+    }
+
+    /// Called for a token at every (re)connect and before the current one expires.
+    pub fn token_provider<F, Fut>(mut self, provider: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<String, ClientError>> + Send + 'static,
+    {
+        self.token = Some(Arc::new(move || Box::pin(provider())));
+        self
+    }
+
+    /// Keep the offline cache in files under this directory (default: memory only).
+    pub fn cache_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cache_dir = Some(dir.into());
+        self
+    }
+
+    pub fn device_id(mut self, device: impl Into<String>) -> Self {
+        self.device_id = Some(device.into());
+        self
+    }
+
+    /// Reconnect backoff bounds (default 100 ms to 10 s; each wait is jittered).
+    pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.min_backoff = min;
+        self.max_backoff = max.max(min);
+        self
+    }
+
+    /// How many times `sync` resolves conflicts and retries before giving up (default 3).
+    pub fn max_sync_retries(mut self, n: usize) -> Self {
+        self.max_sync_retries = n;
+        self
+    }
+
+    /// Starts the client. It connects in the background; datasets work offline meanwhile.
+    pub fn start(self) -> Result<Client, ClientError> {
+        let token = self
+            .token
+            .ok_or_else(|| ClientError::Connect("no token or token provider given".into()))?;
+        let (status, _) = watch::channel(Status::Connecting);
+        let inner = Arc::new(Inner {
+            url: self.url,
+            cache: Cache::new(self.cache_dir.as_deref(), &self.identity),
+            identity: self.identity,
+            token,
+            device_id: self.device_id,
+            min_backoff: self.min_backoff,
+            max_backoff: self.max_backoff,
+            max_sync_retries: self.max_sync_retries,
+            conn: Mutex::new(None),
+            datasets: Mutex::new(HashMap::new()),
+            status,
+            stopped: AtomicBool::new(false),
+            stop: Notify::new(),
+        });
+        tokio::spawn(run(inner.clone()));
+        Ok(Client { inner })
+    }
+}
+
+struct Inner {
+    url: String,
+    identity: String,
+    token: TokenFn,
+    cache: Cache,
+    device_id: Option<String>,
+    min_backoff: Duration,
+    max_backoff: Duration,
+    max_sync_retries: usize,
+    conn: Mutex<Option<Arc<Connection>>>,
+    datasets: Mutex<HashMap<(String, String), Arc<Shared>>>,
+    status: watch::Sender<Status>,
+    stopped: AtomicBool,
+    stop: Notify,
+}
+
+/// A client that keeps its connection up and datasets in sync.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("identity", &self.inner.identity)
+            .field("status", &*self.inner.status.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// `url` is the gateway's `ws://host:port/v1/sync`; `identity` the user the tokens name
+    /// (needed before connecting, to find the offline cache).
+    pub fn builder(url: impl Into<String>, identity: impl Into<String>) -> ClientBuilder {
+        ClientBuilder {
+            url: url.into(),
+            identity: identity.into(),
+            token: None,
+            cache_dir: None,
+            device_id: None,
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(10),
+            max_sync_retries: 3,
+        }
+    }
+
+    /// Starts a client with a token provider (the common case).
+    pub fn connect<F, Fut>(
+        url: &str,
+        identity: &str,
+        token_provider: F,
+    ) -> Result<Client, ClientError>
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<String, ClientError>> + Send + 'static,
+    {
+        Client::builder(url, identity)
+            .token_provider(token_provider)
+            .start()
+    }
+
+    pub fn identity(&self) -> &str {
+        &self.inner.identity
+    }
+
+    pub fn status(&self) -> Status {
+        self.inner.status.borrow().clone()
+    }
+
+    /// Watches the connection state.
+    pub fn status_changes(&self) -> watch::Receiver<Status> {
+        self.inner.status.subscribe()
+    }
+
+    /// Waits until the client is online, up to `timeout`.
+    pub async fn wait_online(&self, timeout: Duration) -> Result<(), ClientError> {
+        let mut rx = self.inner.status.subscribe();
+        let wait = async {
+            loop {
+                match &*rx.borrow_and_update() {
+                    Status::Online => return Ok(()),
+                    Status::Failed(reason) => {
+                        return Err(ClientError::Closed {
+                            code: None,
+                            reason: reason.clone(),
+                        });
+                    }
+                    _ => {}
+                }
+                if rx.changed().await.is_err() {
+                    return Err(ClientError::Offline);
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| ClientError::Offline)?
+    }
+
+    /// Opens one of this identity's datasets (or another owner's, with `DatasetRef::new`).
+    /// Works offline from the cache; when online it subscribes and merges the server's state.
+    pub async fn open(
+        &self,
+        dataset: DatasetRef,
+        handler: ConflictHandler,
+    ) -> Result<Dataset, ClientError> {
+        let owner = dataset
+            .owner
+            .clone()
+            .unwrap_or_else(|| self.inner.identity.clone());
+        let key = (owner.clone(), dataset.name.clone());
+        let existing = self.inner.datasets.lock().get(&key).cloned();
+        let shared = match existing {
+            Some(shared) => shared,
+            None => {
+                let cached = self
+                    .inner
+                    .cache
+                    .load(&owner, &dataset.name)
+                    .map_err(|e| ClientError::Cache(e.to_string()))?;
+                let (events, _) = broadcast::channel(256);
+                let shared = Arc::new(Shared {
+                    dataset: DatasetRef::new(owner, dataset.name),
+                    state: Mutex::new(cached),
+                    handler,
+                    events,
+                    sync_lock: tokio::sync::Mutex::new(()),
+                    revoked: AtomicBool::new(false),
+                });
+                self.inner
+                    .datasets
+                    .lock()
+                    .entry(key)
+                    .or_insert(shared)
+                    .clone()
+            }
+        };
+        if let Some(conn) = self.inner.current() {
+            match subscribe(&self.inner, &conn, &shared).await {
+                Ok(()) => {}
+                Err(e @ ClientError::Server { .. }) => return Err(e),
+                Err(e) => tracing::debug!(error = %e, "subscribe failed; staying offline"),
+            }
+        }
+        Ok(Dataset {
+            inner: self.inner.clone(),
+            shared,
+        })
+    }
+
+    /// Stops reconnecting and closes the connection. Datasets keep working offline.
+    pub async fn shutdown(&self) {
+        self.inner.stopped.store(true, Ordering::SeqCst);
+        self.inner.stop.notify_waiters();
+        let conn = self.inner.conn.lock().take();
+        if let Some(conn) = conn {
+            conn.send_close();
+        }
+        let _ = self.inner.status.send(Status::Offline);
+    }
+}
+
+impl Inner {
+    fn current(&self) -> Option<Arc<Connection>> {
+        self.conn.lock().clone()
+    }
+
+    fn save(&self, shared: &Shared, state: &DatasetCache) {
+        let owner = shared.dataset.owner.as_deref().unwrap_or(&self.identity);
+        if let Err(e) = self.cache.save(owner, &shared.dataset.name, state) {
+            tracing::warn!(error = %e, "cannot write the offline cache");
+        }
+    }
+}
+
+struct Shared {
+    dataset: DatasetRef,
+    state: Mutex<DatasetCache>,
+    handler: ConflictHandler,
+    events: broadcast::Sender<DatasetEvent>,
+    /// One sync at a time per dataset.
+    sync_lock: tokio::sync::Mutex<()>,
+    revoked: AtomicBool,
+}
+
+impl Shared {
+    fn emit(&self, event: DatasetEvent) {
+        let _ = self.events.send(event);
+    }
+
+    /// Merges the server's whole dataset: clean records take the server's state, dirty ones
+    /// keep their local value and the version it was based on, so the next sync surfaces
+    /// any remote change as a conflict instead of overwriting it.
+    fn merge(&self, sync_count: u64, records: Vec<Record>, snapshot: bool) -> Vec<String> {
+        let mut state = self.state.lock();
+        if !snapshot && sync_count <= state.sync_count {
+            return Vec::new();
+        }
+        let mut changed = Vec::new();
+        let mut seen = HashSet::with_capacity(records.len());
+        for record in records {
+            seen.insert(record.key.clone());
+            match state.records.get_mut(&record.key) {
+                Some(local) if local.dirty => {}
+                Some(local)
+                    if local.value == record.value && local.sync_count == record.sync_count => {}
+                Some(local) => {
+                    local.value = record.value;
+                    local.sync_count = record.sync_count;
+                    local.device_last_modified = record.device_last_modified;
+                    changed.push(record.key);
+                }
+                None => {
+                    changed.push(record.key.clone());
+                    state.records.insert(
+                        record.key,
+                        LocalRecord {
+                            value: record.value,
+                            sync_count: record.sync_count,
+                            dirty: false,
+                            device_last_modified: record.device_last_modified,
+                            version: 0,
+                        },
+                    );
+                }
+            }
+        }
+        state.records.retain(|key, local| {
+            if local.dirty || seen.contains(key) {
+                return true;
+            }
+            if local.value.is_some() {
+                changed.push(key.clone());
+            }
+            false
+        });
+        state.sync_count = state.sync_count.max(sync_count);
+        changed
+    }
+}
+
+/// A dataset handle: reads and writes hit the local cache; `sync` reconciles with the server.
+#[derive(Clone)]
+pub struct Dataset {
+    inner: Arc<Inner>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Dataset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dataset")
+            .field("dataset", &self.shared.dataset)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Dataset {
+    pub fn dataset(&self) -> &DatasetRef {
+        &self.shared.dataset
+    }
+
+    pub fn get(&self, key: &str) -> Option<String> {
+        self.shared
+            .state
+            .lock()
+            .records
+            .get(key)
+            .and_then(|r| r.value.clone())
+    }
+
+    /// The live (not removed) records as this device sees them.
+    pub fn records(&self) -> BTreeMap<String, String> {
+        self.shared
+            .state
+            .lock()
+            .records
+            .iter()
+            .filter_map(|(k, r)| r.value.clone().map(|v| (k.clone(), v)))
+            .collect()
+    }
+
+    /// The local record with its sync bookkeeping.
+    pub fn record(&self, key: &str) -> Option<LocalRecord> {
+        self.shared.state.lock().records.get(key).cloned()
+    }
+
+    pub fn put(&self, key: impl Into<String>, value: impl Into<String>) -> Result<(), ClientError> {
+        self.write(key.into(), Some(value.into()))
+    }
+
+    pub fn remove(&self, key: impl Into<String>) -> Result<(), ClientError> {
+        self.write(key.into(), None)
+    }
+
+    fn write(&self, key: String, value: Option<String>) -> Result<(), ClientError> {
+        if key.is_empty() {
+            return Err(ClientError::Cache("a key must not be empty".into()));
+        }
+        let mut state = self.shared.state.lock();
+        let record = state.records.entry(key).or_insert(LocalRecord {
+            value: None,
+            sync_count: 0,
+            dirty: false,
+            device_last_modified: None,
+            version: 0,
+        });
+        record.value = value;
+        record.dirty = true;
+        record.device_last_modified = Some(now_ms());
+        record.version += 1;
+        self.inner.save(&self.shared, &state);
+        Ok(())
+    }
+
+    /// Local changes not yet acknowledged by the server.
+    pub fn pending(&self) -> usize {
+        self.shared.state.lock().dirty_count()
+    }
+
+    /// The highest dataset sync count seen from the server.
+    pub fn sync_count(&self) -> u64 {
+        self.shared.state.lock().sync_count
+    }
+
+    /// Remote changes, conflicts, deletion and revocation, as they happen.
+    pub fn events(&self) -> broadcast::Receiver<DatasetEvent> {
+        self.shared.events.subscribe()
+    }
+
+    /// Sends every local change with the sync counts it was based on. Conflicts go to the
+    /// dataset's handler and the update is retried, up to the client's retry bound.
+    pub async fn sync(&self) -> Result<SyncOutcome, ClientError> {
+        sync(&self.inner, &self.shared).await
+    }
+}
+
+async fn sync(inner: &Inner, shared: &Shared) -> Result<SyncOutcome, ClientError> {
+    let _one_at_a_time = shared.sync_lock.lock().await;
+    let mut conflicts_resolved = 0;
+    for _ in 0..=inner.max_sync_retries {
+        let (patches, versions) = {
+            let state = shared.state.lock();
+            let mut patches = Vec::new();
+            let mut versions = HashMap::new();
+            for (key, local) in state.records.iter().filter(|(_, r)| r.dirty) {
+                patches.push(Patch {
+                    op: if local.value.is_some() {
+                        PatchOp::Replace
+                    } else {
+                        PatchOp::Remove
+                    },
+                    key: key.clone(),
+                    value: local.value.clone(),
+                    sync_count: local.sync_count,
+                    device_last_modified: local.device_last_modified,
+                });
+                versions.insert(key.clone(), local.version);
+            }
+            (patches, versions)
+        };
+        if patches.is_empty() {
+            return Ok(SyncOutcome {
+                sync_count: shared.state.lock().sync_count,
+                pushed: 0,
+                conflicts: conflicts_resolved,
+            });
+        }
+        let conn = inner.current().ok_or(ClientError::Offline)?;
+        let sent = patches.len();
+        match conn
+            .update(shared.dataset.clone(), inner.device_id.clone(), patches)
+            .await?
+        {
+            UpdateResult::Committed {
+                sync_count,
+                records,
+            } => {
+                let mut state = shared.state.lock();
+                let stored: HashMap<String, Record> =
+                    records.into_iter().map(|r| (r.key.clone(), r)).collect();
+                for (key, version) in versions {
+                    let Some(local) = state.records.get_mut(&key) else {
+                        continue;
+                    };
+                    if local.version != version {
+                        continue; // edited again while in flight: still dirty
+                    }
+                    local.dirty = false;
+                    match stored.get(&key) {
+                        Some(record) => local.sync_count = record.sync_count,
+                        // A remove of a key the server did not have: nothing to stamp.
+                        None => local.sync_count = 0,
+                    }
+                    if local.value.is_none() {
+                        state.records.remove(&key);
+                    }
+                }
+                state.sync_count = state.sync_count.max(sync_count);
+                inner.save(shared, &state);
+                return Ok(SyncOutcome {
+                    sync_count,
+                    pushed: sent,
+                    conflicts: conflicts_resolved,
+                });
+            }
+            UpdateResult::Conflict { conflicts, .. } => {
+                let mut state = shared.state.lock();
+                for conflict in conflicts {
+                    let Some(local) = state.records.get(&conflict.key).cloned() else {
+                        continue;
+                    };
+                    let resolution = shared.handler.resolve(&ConflictCase {
+                        key: &conflict.key,
+                        local: &local,
+                        server: conflict.server.as_ref(),
+                    });
+                    let base = conflict.server.as_ref().map_or(0, |r| r.sync_count);
+                    match &resolution {
+                        Resolution::KeepLocal => {
+                            if let Some(l) = state.records.get_mut(&conflict.key) {
+                                l.sync_count = base;
+                            }
+                        }
+                        Resolution::Merge(value) => {
+                            if let Some(l) = state.records.get_mut(&conflict.key) {
+                                l.sync_count = base;
+                                l.value = value.clone();
+                                l.version += 1;
+                            }
+                        }
+                        Resolution::TakeRemote => match &conflict.server {
+                            Some(server) if server.value.is_some() => {
+                                state.records.insert(
+                                    conflict.key.clone(),
+                                    LocalRecord {
+                                        value: server.value.clone(),
+                                        sync_count: server.sync_count,
+                                        dirty: false,
+                                        device_last_modified: server.device_last_modified,
+                                        version: local.version + 1,
+                                    },
+                                );
+                            }
+                            _ => {
+                                state.records.remove(&conflict.key);
+                            }
+                        },
+                    }
+                    conflicts_resolved += 1;
+                    shared.emit(DatasetEvent::Conflict {
+                        key: conflict.key,
+                        resolution,
+                    });
+                }
+                inner.save(shared, &state);
+            }
+        }
+    }
+    let keys = shared
+        .state
+        .lock()
+        .records
+        .iter()
+        .filter(|(_, r)| r.dirty)
+        .map(|(k, _)| k.clone())
+        .collect();
+    Err(ClientError::Unresolved { keys })
+}
+
+async fn subscribe(inner: &Inner, conn: &Connection, shared: &Shared) -> Result<(), ClientError> {
+    if shared.revoked.load(Ordering::SeqCst) {
+        return Ok(());
+    }
+    let (sync_count, records) = conn.subscribe(shared.dataset.clone()).await?;
+    let changed = shared.merge(sync_count, records, true);
+    inner.save(shared, &shared.state.lock());
+    if !changed.is_empty() {
+        shared.emit(DatasetEvent::Changed {
+            sync_count,
+            keys: changed,
+        });
+    }
+    Ok(())
+}
+
+fn find(inner: &Inner, dataset: &DatasetRef) -> Option<Arc<Shared>> {
+    let owner = dataset
+        .owner
+        .clone()
+        .unwrap_or_else(|| inner.identity.clone());
+    inner
+        .datasets
+        .lock()
+        .get(&(owner, dataset.name.clone()))
+        .cloned()
+}
+
+fn handle_event(inner: &Inner, frame: ServerFrame) {
+    match frame {
+        ServerFrame::Dataset {
+            dataset,
+            sync_count,
+            records,
+        } => {
+            if let Some(shared) = find(inner, &dataset) {
+                let changed = shared.merge(sync_count, records, false);
+                if !changed.is_empty() {
+                    inner.save(&shared, &shared.state.lock());
+                    shared.emit(DatasetEvent::Changed {
+                        sync_count,
+                        keys: changed,
+                    });
+                }
+            }
+        }
+        ServerFrame::Deleted {
+            dataset,
+            sync_count,
+        } => {
+            if let Some(shared) = find(inner, &dataset) {
+                {
+                    let mut state = shared.state.lock();
+                    state.records.retain(|_, r| r.dirty);
+                    for r in state.records.values_mut() {
+                        // The records it was based on are gone with the dataset.
+                        r.sync_count = 0;
+                    }
+                    state.sync_count = state.sync_count.max(sync_count);
+                    inner.save(&shared, &state);
+                }
+                shared.emit(DatasetEvent::Deleted { sync_count });
+            }
+        }
+        ServerFrame::Unsubscribed { dataset, .. } => {
+            if let Some(shared) = find(inner, &dataset) {
+                shared.revoked.store(true, Ordering::SeqCst);
+                shared.emit(DatasetEvent::Revoked);
+            }
+        }
+        other => tracing::debug!(frame = ?other, "ignoring event"),
+    }
+}
+
+/// Keeps a connection up until the client is shut down or refused for good.
+async fn run(inner: Arc<Inner>) {
+    let mut backoff = inner.min_backoff;
+    while !inner.stopped.load(Ordering::SeqCst) {
+        let _ = inner.status.send(Status::Connecting);
+        let attempt = async {
+            let token = (inner.token)().await?;
+            Connection::connect(&inner.url, &token).await
+        };
+        match attempt.await {
+            Ok(mut conn) => {
+                if conn.identity() != inner.identity {
+                    let reason = format!(
+                        "token names `{}`, the client was built for `{}`",
+                        conn.identity(),
+                        inner.identity
+                    );
+                    let _ = inner.status.send(Status::Failed(reason));
+                    return;
+                }
+                backoff = inner.min_backoff;
+                let events = conn.take_events();
+                let conn = Arc::new(conn);
+                *inner.conn.lock() = Some(conn.clone());
+                let _ = inner.status.send(Status::Online);
+                let stop_for_good = serve_connection(&inner, &conn, events).await;
+                *inner.conn.lock() = None;
+                if let Some(reason) = stop_for_good {
+                    let _ = inner.status.send(Status::Failed(reason));
+                    return;
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "connect failed"),
+        }
+        if inner.stopped.load(Ordering::SeqCst) {
+            break;
+        }
+        let _ = inner.status.send(Status::Offline);
+        let wait = jitter(backoff);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = inner.stop.notified() => break,
+        }
+        backoff = (backoff * 2).min(inner.max_backoff);
+    }
+}
+
+/// Resubscribes, syncs what is pending, then applies pushes until the connection ends.
+/// Returns a reason if the client must not reconnect.
+async fn serve_connection(
+    inner: &Arc<Inner>,
+    conn: &Arc<Connection>,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<ServerFrame>,
+) -> Option<String> {
+    let datasets: Vec<Arc<Shared>> = inner.datasets.lock().values().cloned().collect();
+    {
+        let (inner, conn) = (inner.clone(), conn.clone());
+        // Pushes queue up in `events` meanwhile; they are applied in order afterwards.
+        tokio::spawn(async move {
+            for shared in datasets {
+                if let Err(e) = subscribe(&inner, &conn, &shared).await {
+                    tracing::warn!(dataset = ?shared.dataset, error = %e, "resubscribe failed");
+                    continue;
+                }
+                if shared.state.lock().dirty_count() > 0
+                    && let Err(e) = sync(&inner, &shared).await
+                {
+                    tracing::warn!(dataset = ?shared.dataset, error = %e, "sync after reconnect failed");
+                }
+            }
+        });
+    }
+    loop {
+        let refresh_in = refresh_delay(conn.expires_at());
+        tokio::select! {
+            frame = events.recv() => match frame {
+                Some(frame) => handle_event(inner, frame),
+                None => break,
+            },
+            _ = tokio::time::sleep(refresh_in) => {
+                match (inner.token)().await {
+                    Ok(token) => if let Err(e) = conn.reauth(&token).await {
+                        tracing::warn!(error = %e, "token refresh refused");
+                    },
+                    Err(e) => tracing::warn!(error = %e, "token provider failed"),
+                }
+            }
+            _ = inner.stop.notified() => return None,
+        }
+    }
+    let closed = conn.wait_closed().await;
+    match closed.code {
+        Some(code) if !should_reconnect(code) => Some(format!(
+            "server closed the connection with {code}: {}",
+            closed.reason
+        )),
+        _ => None,
+    }
+}
+
+/// Refresh the token 30 s before it expires (at least 1 s from now).
+fn refresh_delay(expires_at_ms: i64) -> Duration {
+    let remaining = expires_at_ms - now_ms() - 30_000;
+    Duration::from_millis(u64::try_from(remaining).unwrap_or(0).max(1000))
+}
+
+fn jitter(base: Duration) -> Duration {
+    let half = base / 2;
+    half + Duration::from_millis(rand::random_range(0..=half.as_millis().max(1) as u64))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
