@@ -382,8 +382,13 @@ impl RawSocket {
 
     /// Sends one final, masked frame.
     async fn send(&mut self, opcode: u8, payload: &[u8]) {
+        self.send_frame(true, opcode, payload).await;
+    }
+
+    /// Sends one masked frame; `fin: false` starts or continues a fragmented message.
+    async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
         let mask = [0x37, 0xfa, 0x21, 0x3d];
-        let mut frame = vec![0x80 | opcode];
+        let mut frame = vec![if fin { 0x80 } else { 0 } | opcode];
         match payload.len() {
             n @ 0..=125 => frame.push(0x80 | n as u8),
             n @ 126..=0xffff => {
@@ -430,6 +435,26 @@ impl RawSocket {
         }
     }
 
+    /// Connects and authenticates as `sub` with an `auth` frame.
+    async fn authenticated(server: &TestServer, sub: &str) -> RawSocket {
+        let mut raw = RawSocket::connect(server).await;
+        let auth = ClientFrame::Auth {
+            id: None,
+            token: server.token(sub),
+        };
+        raw.send(0x1, auth.to_json().as_bytes()).await;
+        let ready = raw.recv_frame().await;
+        assert!(matches!(ready, ServerFrame::Ready { .. }), "{ready:?}");
+        raw
+    }
+
+    /// The next frame, which must be a text frame holding a server frame.
+    async fn recv_frame(&mut self) -> ServerFrame {
+        let (opcode, payload) = self.recv().await.expect("a frame");
+        assert_eq!(opcode, 0x1, "{}", String::from_utf8_lossy(&payload));
+        serde_json::from_slice(&payload).unwrap()
+    }
+
     /// Reads until a close frame; returns its code, or `None` if the socket ended without one.
     async fn close_code(&mut self) -> Option<u16> {
         while let Some((opcode, payload)) = self.recv().await {
@@ -448,16 +473,7 @@ async fn test_bad_input_text_frame_with_invalid_utf8_closes_with_protocol_error(
     let ds = DatasetRef::own("groceries");
     let before = seed(&alice, &ds).await;
 
-    let mut raw = RawSocket::connect(&server).await;
-    let auth = ClientFrame::Auth {
-        id: None,
-        token: server.token("alice"),
-    };
-    raw.send(0x1, auth.to_json().as_bytes()).await;
-    let (opcode, payload) = raw.recv().await.expect("ready");
-    assert_eq!(opcode, 0x1);
-    let ready: ServerFrame = serde_json::from_slice(&payload).unwrap();
-    assert!(matches!(ready, ServerFrame::Ready { .. }), "{ready:?}");
+    let mut raw = RawSocket::authenticated(&server, "alice").await;
 
     // A text frame must be UTF-8 (RFC 6455 §5.6); this one is an update with a 0xff byte.
     let mut text = br#"{"type":"update","id":"x","dataset":{"name":"groceries"},"patches":[{"op":"replace","key":"milk","value":""#.to_vec();
@@ -553,6 +569,63 @@ async fn test_bad_input_frame_of_exactly_max_frame_bytes_is_accepted_and_one_byt
 
     let observer = server.connect("alice").await;
     assert_eq!(stored(&observer, &ds).await, before);
+}
+
+#[tokio::test]
+async fn test_bad_input_fragmented_message_over_max_frame_bytes_gets_too_large_then_close_4501() {
+    const MAX: usize = 64 * 1024;
+    let server = TestServer::builder().arg("--max-frame-bytes", MAX).start();
+    let alice = server.connect("alice").await;
+    let ds = DatasetRef::own("groceries");
+    seed(&alice, &ds).await;
+
+    let update = |id: &str, value: String| {
+        ClientFrame::Update {
+            id: RequestId::Str(id.to_owned()),
+            dataset: DatasetRef::own("groceries"),
+            device_id: None,
+            patches: vec![Patch::replace("blob", value, 0)],
+        }
+        .to_json()
+        .into_bytes()
+    };
+    let mut raw = RawSocket::authenticated(&server, "alice").await;
+
+    // A message in two fragments that together stay under the limit is read whole.
+    let small = update("small", "s".repeat(MAX / 2));
+    let (first, rest) = small.split_at(small.len() / 2);
+    raw.send_frame(false, 0x1, first).await;
+    raw.send_frame(true, 0x0, rest).await;
+    let ack = raw.recv_frame().await;
+    assert!(
+        matches!(&ack, ServerFrame::Ack { id, sync_count: Some(4), .. } if *id == RequestId::Str("small".into())),
+        "{ack:?}"
+    );
+    let before = stored(&alice, &ds).await;
+
+    // Two fragments, each under the limit, that add up to more than it.
+    let big = update("big", "b".repeat(MAX));
+    let (first, rest) = big.split_at(big.len() / 2);
+    assert!(first.len() < MAX && rest.len() < MAX && big.len() > MAX);
+    raw.send_frame(false, 0x1, first).await;
+    raw.send_frame(true, 0x0, rest).await;
+    match raw.recv_frame().await {
+        ServerFrame::Error {
+            id: None,
+            code: ErrorCode::TooLarge,
+            limit: Some(LimitCode::MaxFrameBytes),
+            max: Some(max),
+            ..
+        } => assert_eq!(max, MAX as u64),
+        other => panic!("expected too_large / max_frame_bytes, got {other:?}"),
+    }
+    assert_eq!(
+        raw.close_code().await,
+        Some(CloseCode::MessageTooBig.code())
+    );
+
+    assert_eq!(stored(&alice, &ds).await, before);
+    assert_usable(&alice).await;
 }
 
 #[tokio::test]
