@@ -1,1 +1,1617 @@
-/* placeholder */
+// Tandem JavaScript SDK: one ES module, no dependencies, no build step.
+// Works in browsers and in Node >= 20 (Node 20 has no global WebSocket: pass one, e.g.
+// `TandemClient.connect(url, getToken, { WebSocket: (await import('ws')).WebSocket })`,
+// or run Node 20 with `--experimental-websocket`; Node 22+ has it built in).
+//
+// The model (the same as the Rust SDK's, see clients/js/README.md):
+// - `TandemClient.connect(url, tokenProvider, options)` keeps one WebSocket up: it
+//   authenticates with a token from the provider, reconnects with exponential backoff and
+//   jitter, refreshes the token before it expires, re-subscribes every open dataset and then
+//   sends what was written offline.
+// - `client.open(name)` gives a `Dataset` over a persistent local cache. `get`, `put`,
+//   `remove` and `records` work offline; writes mark records dirty. `sync()` sends the dirty
+//   records with the sync counts they were based on; conflicts go to the conflict handler
+//   (keep local, take remote, latest device time, or your function) and the update is
+//   retried a bounded number of times. Nothing written locally is dropped unless the
+//   handler decides so.
+//
+// Wire reference: docs/PROTOCOL.md (protocol version 1).
+
+/** The SDK version. */
+export const VERSION = '0.1.0';
+
+/** The protocol version this SDK speaks. */
+export const PROTOCOL_VERSION = 1;
+
+// ---------------------------------------------------------------------------------------
+// Types (JSDoc; tandem.d.ts has the same in TypeScript form)
+
+/**
+ * @typedef {'connecting' | 'online' | 'offline' | 'failed' | 'closed'} ConnectionState
+ *
+ * @typedef {object} ServerRecord A record as the server stores it.
+ * @property {string} key
+ * @property {string | null} value `null` is a tombstone (a removed record).
+ * @property {number} syncCount The dataset's sync count at the commit that last changed it.
+ * @property {number} lastModified Server time of that commit, ms since the epoch.
+ * @property {string} lastModifiedBy The identity that made the change.
+ * @property {string} [deviceId]
+ * @property {number} [deviceLastModified] The writer's clock, ms since the epoch.
+ *
+ * @typedef {object} LocalRecord A record as this device knows it.
+ * @property {string | null} value The local value; `null` means removed locally.
+ * @property {number} syncCount The server sync count this value is based on (0: never seen).
+ * @property {boolean} dirty Changed locally and not yet acknowledged by the server.
+ * @property {number} [deviceLastModified] This device's clock at the local change.
+ * @property {number} version Bumped on every local edit; an ack cleans only the edit it carried.
+ *
+ * @typedef {object} DatasetState What a store keeps per (identity, owner, dataset).
+ * @property {number} syncCount The highest dataset sync count seen from the server.
+ * @property {Record<string, LocalRecord>} records
+ *
+ * @typedef {object} StoreRef
+ * @property {string} identity
+ * @property {string} owner
+ * @property {string} name
+ *
+ * @typedef {object} TandemStore The offline cache. Implement these two to bring your own.
+ * @property {(ref: StoreRef) => Promise<DatasetState | null | undefined>} load
+ * @property {(ref: StoreRef, state: DatasetState) => Promise<void>} save
+ *
+ * @typedef {{ type: 'keepLocal' } | { type: 'takeRemote' } | { type: 'merge', value: string | null }} ResolutionValue
+ *
+ * @typedef {object} ConflictCase
+ * @property {string} key
+ * @property {LocalRecord} local The local, unacknowledged change.
+ * @property {ServerRecord | null} server The server's record (`null`: no record; a
+ *   tombstone has `value: null`).
+ * @property {Dataset} dataset
+ *
+ * @typedef {(c: ConflictCase) => ResolutionValue | 'keepLocal' | 'takeRemote' | Promise<ResolutionValue | 'keepLocal' | 'takeRemote'>} ConflictHandler
+ *
+ * @typedef {object} TokenRequest
+ * @property {'connect' | 'refresh'} reason
+ * @property {string | null} identity
+ *
+ * @typedef {string | ((req: TokenRequest) => string | Promise<string>)} TokenProvider
+ *
+ * @typedef {object} ClientOptions
+ * @property {string} [identity] The user the tokens name. Needed to open datasets before the
+ *   first token arrives; otherwise it is read from the token's `sub`.
+ * @property {any} [WebSocket] A WebSocket constructor (default: `globalThis.WebSocket`).
+ * @property {TandemStore} [store] Default: `IndexedDBStore` in browsers, `MemoryStore` elsewhere.
+ * @property {string} [deviceId] Sent with every update; default: a random id.
+ * @property {{ initialMs?: number, maxMs?: number }} [backoff] Default 100 ms to 10 s.
+ * @property {number} [maxSyncRetries] Retries after conflicts before `sync()` gives up (default 3).
+ * @property {ConflictHandler | 'keepLocal' | 'takeRemote' | 'latestDeviceTime'} [conflictHandler]
+ *   The default for datasets opened by this client (default `latestDeviceTime`).
+ * @property {boolean} [autoSync] Sync after each local write when online (default false).
+ * @property {number} [autoSyncDelayMs] Debounce for `autoSync` (default 50 ms).
+ * @property {number} [requestTimeoutMs] A reply later than this drops the connection (default 30 s).
+ * @property {number} [pingIntervalMs] Heartbeat period; 0 disables it (default 25 s).
+ * @property {number} [authTimeoutMs] Time to get `ready` after connecting (default 10 s).
+ * @property {boolean} [watchNetwork] Follow the browser's online/offline events (default true).
+ *
+ * @typedef {object} OpenOptions
+ * @property {string} [owner] Another identity's dataset (shared with you); default: yours.
+ * @property {ConflictHandler | 'keepLocal' | 'takeRemote' | 'latestDeviceTime'} [conflictHandler]
+ * @property {boolean} [autoSync]
+ * @property {number} [autoSyncDelayMs]
+ *
+ * @typedef {object} SyncOutcome
+ * @property {number} syncCount The dataset sync count after the sync.
+ * @property {number} pushed Records the server acknowledged.
+ * @property {number} conflicts Conflicts the handler resolved on the way.
+ */
+
+// ---------------------------------------------------------------------------------------
+// Errors
+
+/** An error from the server (its stable `code`) or from the SDK. */
+export class TandemError extends Error {
+  /**
+   * @param {string} code `bad_request`, `unauthorized`, `forbidden`, `not_found`,
+   *   `limit_exceeded`, `too_large`, `unavailable`, `internal` (from the server), or
+   *   `offline`, `disconnected`, `timeout`, `conflict`, `revoked`, `closed` (from the SDK).
+   * @param {string} message
+   * @param {{ limit?: string, max?: number, keys?: string[], closeCode?: number, server?: boolean }} [extra]
+   */
+  constructor(code, message, extra = {}) {
+    super(message);
+    this.name = 'TandemError';
+    /** @type {string} */
+    this.code = code;
+    /** Which limit, for `limit_exceeded` and `too_large`. */
+    this.limit = extra.limit;
+    /** That limit's configured value. */
+    this.max = extra.max;
+    /** For `conflict`: the keys still unresolved. */
+    this.keys = extra.keys;
+    /** For `closed`: the WebSocket close code. */
+    this.closeCode = extra.closeCode;
+    /** True when the server answered with this error (as opposed to a connection fault). */
+    this.server = extra.server ?? false;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Conflict resolution
+
+/** Resolutions a conflict handler returns. */
+export const Resolution = Object.freeze({
+  /** Write the local value over the server's (retried on top of the server's version). */
+  keepLocal: () => /** @type {ResolutionValue} */ ({ type: 'keepLocal' }),
+  /** Drop the local change and take the server's record. */
+  takeRemote: () => /** @type {ResolutionValue} */ ({ type: 'takeRemote' }),
+  /** Write this value instead (`null` removes the key), on top of the server's version. */
+  merge: (/** @type {string | null} */ value) => /** @type {ResolutionValue} */ ({ type: 'merge', value }),
+});
+
+/** The built-in conflict handlers. */
+export const ConflictHandlers = Object.freeze({
+  /** The local change wins. */
+  keepLocal: /** @type {ConflictHandler} */ (() => Resolution.keepLocal()),
+  /** The server's record wins; the local change is dropped. */
+  takeRemote: /** @type {ConflictHandler} */ (() => Resolution.takeRemote()),
+  /**
+   * The change with the later device time wins (the server's `deviceLastModified`, or its
+   * `lastModified` when the writer sent none). Ties keep the server's.
+   * @type {ConflictHandler}
+   */
+  latestDeviceTime: (c) => {
+    const local = c.local.deviceLastModified ?? -Infinity;
+    const server = c.server ? c.server.deviceLastModified ?? c.server.lastModified : -Infinity;
+    return local > server ? Resolution.keepLocal() : Resolution.takeRemote();
+  },
+});
+
+/** @returns {ConflictHandler} */
+function handlerFrom(/** @type {any} */ h) {
+  if (typeof h === 'function') return h;
+  if (h === undefined || h === null) return ConflictHandlers.latestDeviceTime;
+  if (typeof h === 'string' && Object.hasOwn(ConflictHandlers, h)) {
+    return /** @type {any} */ (ConflictHandlers)[h];
+  }
+  throw new TypeError(`unknown conflict handler ${String(h)}: use keepLocal, takeRemote, latestDeviceTime or a function`);
+}
+
+/** @returns {ResolutionValue} */
+function normaliseResolution(/** @type {any} */ r) {
+  if (r === 'keepLocal' || r === 'takeRemote') return { type: r };
+  if (r && (r.type === 'keepLocal' || r.type === 'takeRemote')) return { type: r.type };
+  if (r && r.type === 'merge' && (typeof r.value === 'string' || r.value === null)) {
+    return { type: 'merge', value: r.value };
+  }
+  throw new TypeError('a conflict handler must return Resolution.keepLocal(), Resolution.takeRemote() or Resolution.merge(value)');
+}
+
+// ---------------------------------------------------------------------------------------
+// A tiny event emitter (browsers and Node alike)
+
+class Emitter {
+  /** @type {Map<string, Set<Function>>} */
+  #listeners = new Map();
+
+  /**
+   * Adds a listener; returns a function that removes it.
+   * @param {string} type
+   * @param {(...args: any[]) => void} fn
+   * @returns {() => void}
+   */
+  on(type, fn) {
+    let set = this.#listeners.get(type);
+    if (!set) this.#listeners.set(type, (set = new Set()));
+    set.add(fn);
+    return () => this.off(type, fn);
+  }
+
+  /** @param {string} type @param {(...args: any[]) => void} fn */
+  off(type, fn) {
+    this.#listeners.get(type)?.delete(fn);
+  }
+
+  /**
+   * Calls `fn` once, at the next `type` event.
+   * @param {string} type
+   * @param {(...args: any[]) => void} fn
+   * @returns {() => void}
+   */
+  once(type, fn) {
+    const off = this.on(type, (...args) => {
+      off();
+      fn(...args);
+    });
+    return off;
+  }
+
+  /** @protected @param {string} type @param {...any} args */
+  emit(type, ...args) {
+    const set = this.#listeners.get(type);
+    if (!set) return;
+    for (const fn of [...set]) {
+      try {
+        fn(...args);
+      } catch (e) {
+        // A listener's bug must not break the SDK's state machine.
+        queueMicrotask(() => {
+          throw e;
+        });
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Stores
+
+/** @returns {DatasetState} */
+function emptyState() {
+  return { syncCount: 0, records: Object.create(null) };
+}
+
+/** A copy that shares nothing with the SDK's live state. */
+function cloneState(/** @type {DatasetState} */ s) {
+  const records = Object.create(null);
+  for (const [k, r] of Object.entries(s.records)) records[k] = { ...r };
+  return { syncCount: s.syncCount, records };
+}
+
+/** Keeps dataset state in memory (the default outside browsers). Share one instance between
+ * clients to keep a cache across client restarts in one process. */
+export class MemoryStore {
+  /** @type {Map<string, DatasetState>} */
+  #data = new Map();
+
+  /** @param {StoreRef} ref */
+  async load(ref) {
+    const s = this.#data.get(refKey(ref));
+    return s ? cloneState(s) : null;
+  }
+
+  /** @param {StoreRef} ref @param {DatasetState} state */
+  async save(ref, state) {
+    this.#data.set(refKey(ref), cloneState(state));
+  }
+}
+
+function refKey(/** @type {StoreRef} */ ref) {
+  return JSON.stringify([ref.identity, ref.owner, ref.name]);
+}
+
+/** Keeps dataset state in IndexedDB (the default in browsers): one object per
+ * (identity, owner, dataset) in the object store `datasets` of database `tandem`. */
+export class IndexedDBStore {
+  #name;
+  #idb;
+  /** @type {Promise<any> | null} */
+  #db = null;
+
+  /** @param {{ name?: string, indexedDB?: any }} [options] */
+  constructor(options = {}) {
+    this.#name = options.name ?? 'tandem';
+    this.#idb = options.indexedDB ?? globalThis.indexedDB;
+    if (!this.#idb) throw new TandemError('bad_request', 'IndexedDB is not available here');
+  }
+
+  #open() {
+    if (!this.#db) {
+      this.#db = new Promise((resolve, reject) => {
+        const req = this.#idb.open(this.#name, 1);
+        req.onupgradeneeded = () => req.result.createObjectStore('datasets');
+        req.onsuccess = () => resolve(req.result);
+        req.onerror = () => reject(req.error);
+      });
+      this.#db.catch(() => (this.#db = null));
+    }
+    return this.#db;
+  }
+
+  /** @param {StoreRef} ref @returns {Promise<DatasetState | null>} */
+  async load(ref) {
+    const db = await this.#open();
+    return new Promise((resolve, reject) => {
+      const req = db.transaction('datasets', 'readonly').objectStore('datasets').get([ref.identity, ref.owner, ref.name]);
+      req.onsuccess = () => resolve(req.result ?? null);
+      req.onerror = () => reject(req.error);
+    });
+  }
+
+  /** @param {StoreRef} ref @param {DatasetState} state @returns {Promise<void>} */
+  async save(ref, state) {
+    const db = await this.#open();
+    return new Promise((resolve, reject) => {
+      const tx = db.transaction('datasets', 'readwrite');
+      tx.objectStore('datasets').put(state, [ref.identity, ref.owner, ref.name]);
+      tx.oncomplete = () => resolve();
+      tx.onerror = () => reject(tx.error);
+      tx.onabort = () => reject(tx.error ?? new Error('IndexedDB transaction aborted'));
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+
+/** Whether a close code means "reconnect" (docs/PROTOCOL.md §9). */
+export function shouldReconnect(/** @type {number} */ code) {
+  if (code >= 4000 && code <= 4499) return true;
+  if (code >= 4500 && code <= 4999) return false;
+  return ![1000, 1002, 1003, 1007, 1008, 1009].includes(code);
+}
+
+/** Reads a JWT's `sub` without verifying it (the server verifies). */
+function tokenSubject(/** @type {string} */ token) {
+  try {
+    const part = token.split('.')[1];
+    const b64 = part.replace(/-/g, '+').replace(/_/g, '/') + '='.repeat((4 - (part.length % 4)) % 4);
+    const bin = atob(b64);
+    const bytes = Uint8Array.from(bin, (c) => c.charCodeAt(0));
+    const sub = JSON.parse(new TextDecoder().decode(bytes)).sub;
+    return typeof sub === 'string' ? sub : null;
+  } catch {
+    return null;
+  }
+}
+
+/** `http(s)://host[:port]` becomes `ws(s)://host[:port]/v1/sync`; ws URLs pass unchanged. */
+function syncUrl(/** @type {string} */ url) {
+  const u = new URL(url);
+  if (u.protocol === 'http:') u.protocol = 'ws:';
+  if (u.protocol === 'https:') u.protocol = 'wss:';
+  if (u.pathname === '/' || u.pathname === '') u.pathname = '/v1/sync';
+  return u.toString();
+}
+
+function randomId() {
+  const bytes = new Uint8Array(6);
+  globalThis.crypto.getRandomValues(bytes);
+  return 'js-' + Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
+}
+
+/** setTimeout that does not keep a Node process alive. */
+function timer(/** @type {() => void} */ fn, /** @type {number} */ ms) {
+  const t = setTimeout(fn, ms);
+  /** @type {any} */ (t)?.unref?.();
+  return t;
+}
+
+function deferred() {
+  /** @type {(v?: any) => void} */ let resolve = () => {};
+  /** @type {(e: any) => void} */ let reject = () => {};
+  const promise = new Promise((res, rej) => {
+    resolve = res;
+    reject = rej;
+  });
+  return { promise, resolve, reject };
+}
+
+function datasetKey(/** @type {string} */ owner, /** @type {string} */ name) {
+  return `${owner}\u0000${name}`;
+}
+
+function isNetworkError(/** @type {any} */ e) {
+  return e instanceof TandemError && ['offline', 'disconnected', 'timeout', 'closed'].includes(e.code);
+}
+
+// ---------------------------------------------------------------------------------------
+// The client
+
+/**
+ * One connection to a Tandem server that stays up, and the datasets opened through it.
+ *
+ * Events: `state` (ConnectionState), `online`, `offline`, `connecting`, `failed` (error),
+ * `closed`, `ready` ({identity, session, expiresAt}), `error` (TandemError).
+ */
+export class TandemClient extends Emitter {
+  /**
+   * Starts a client and returns it at once; it connects in the background. Local reads and
+   * writes work whether or not it is online.
+   * @param {string} url `ws(s)://host:port/v1/sync` (or `http(s)://host:port`).
+   * @param {TokenProvider} tokenProvider A token, or a function returning one (or a Promise
+   *   of one). It is called for every connection and before the token expires.
+   * @param {ClientOptions} [options]
+   */
+  static connect(url, tokenProvider, options = {}) {
+    const client = new TandemClient(url, tokenProvider, options);
+    client.#start();
+    return client;
+  }
+
+  #url;
+  /** @type {(req: TokenRequest) => Promise<string>} */
+  #tokenProvider;
+  #WS;
+  #store;
+  #deviceId;
+  #backoffInitial;
+  #backoffMax;
+  #maxSyncRetries;
+  #defaultHandler;
+  #autoSync;
+  #autoSyncDelay;
+  #requestTimeout;
+  #pingInterval;
+  #authTimeout;
+  #watchNetwork;
+
+  /** @type {string | null} */
+  #identity;
+  #identityKnown = deferred();
+  /** @type {ConnectionState} */
+  #state = 'offline';
+  /** @type {{ ws: any, ready: boolean, closedByUs: boolean, timers: any[] } | null} */
+  #conn = null;
+  #nextId = 1;
+  /** @type {Map<number, { resolve: (f: any) => void, reject: (e: any) => void, timer: any }>} */
+  #requests = new Map();
+  /** @type {Map<string, Dataset>} */
+  #datasets = new Map();
+  /** @type {Map<string, Promise<Dataset>>} */
+  #opening = new Map();
+  #attempt = 0;
+  /** @type {any} */
+  #retryTimer = null;
+  /** @type {any} */
+  #refreshTimer = null;
+  /** @type {any} */
+  #pingTimer = null;
+  #stopped = true;
+  /** @type {TandemError | null} */
+  #lastError = null;
+  /** @type {{ session: string, expiresAt: number } | null} */
+  #session = null;
+  /** @type {(() => void) | null} */
+  #unwatchNetwork = null;
+
+  /**
+   * Use `TandemClient.connect`, which also starts the connection.
+   * @param {string} url
+   * @param {TokenProvider} tokenProvider
+   * @param {ClientOptions} [options]
+   */
+  constructor(url, tokenProvider, options = {}) {
+    super();
+    this.#url = syncUrl(url);
+    this.#tokenProvider =
+      typeof tokenProvider === 'function'
+        ? async (req) => tokenProvider(req)
+        : async () => /** @type {string} */ (tokenProvider);
+    this.#WS = options.WebSocket ?? globalThis.WebSocket;
+    if (typeof this.#WS !== 'function') {
+      throw new TandemError(
+        'bad_request',
+        "no WebSocket implementation: on Node 20 pass { WebSocket } (e.g. from the 'ws' package) or run with --experimental-websocket",
+      );
+    }
+    this.#store =
+      options.store ?? (typeof globalThis.indexedDB !== 'undefined' ? new IndexedDBStore() : new MemoryStore());
+    this.#deviceId = options.deviceId ?? randomId();
+    this.#backoffInitial = options.backoff?.initialMs ?? 100;
+    this.#backoffMax = options.backoff?.maxMs ?? 10_000;
+    this.#maxSyncRetries = options.maxSyncRetries ?? 3;
+    this.#defaultHandler = handlerFrom(options.conflictHandler);
+    this.#autoSync = options.autoSync ?? false;
+    this.#autoSyncDelay = options.autoSyncDelayMs ?? 50;
+    this.#requestTimeout = options.requestTimeoutMs ?? 30_000;
+    this.#pingInterval = options.pingIntervalMs ?? 25_000;
+    this.#authTimeout = options.authTimeoutMs ?? 10_000;
+    this.#watchNetwork = options.watchNetwork ?? true;
+    this.#identity = options.identity ?? null;
+    if (this.#identity) this.#identityKnown.resolve(this.#identity);
+  }
+
+  /** The user this client acts as (null until known). */
+  get identity() {
+    return this.#identity;
+  }
+
+  /** `connecting`, `online`, `offline` (reconnecting with backoff), `failed` (the server
+   * refused this client for good) or `closed` (by `close()`). */
+  get state() {
+    return this.#state;
+  }
+
+  /** True while authenticated on a live connection. */
+  get online() {
+    return this.#state === 'online';
+  }
+
+  /** The device id sent with updates. */
+  get deviceId() {
+    return this.#deviceId;
+  }
+
+  /** The error that put the client in `failed`, if any. */
+  get lastError() {
+    return this.#lastError;
+  }
+
+  /** The server's session id and the token's expiry (ms), while online. */
+  get session() {
+    return this.#session ? { ...this.#session } : null;
+  }
+
+  /** Unsynchronised local changes across the open datasets. */
+  get pending() {
+    let n = 0;
+    for (const ds of this.#datasets.values()) n += ds.pending;
+    return n;
+  }
+
+  /** The datasets open on this client. */
+  get datasets() {
+    return [...this.#datasets.values()];
+  }
+
+  /**
+   * Resolves when the client is online; rejects on `failed`/`closed`, or after `timeoutMs`.
+   * @param {number} [timeoutMs]
+   * @returns {Promise<void>}
+   */
+  waitOnline(timeoutMs = 10_000) {
+    if (this.#state === 'online') return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      const offs = [
+        this.on('online', () => done(null)),
+        this.on('failed', (e) => done(e)),
+        this.on('closed', () => done(new TandemError('closed', 'client closed'))),
+      ];
+      const t = timer(() => done(new TandemError('timeout', `not online within ${timeoutMs} ms`)), timeoutMs);
+      const done = (/** @type {any} */ err) => {
+        clearTimeout(t);
+        offs.forEach((off) => off());
+        err ? reject(err) : resolve();
+      };
+    });
+  }
+
+  /**
+   * Opens a dataset (creating nothing on the server until the first sync). Works offline
+   * from the cache; online, it subscribes and merges the server's state. Rejects when the
+   * server refuses the subscription (e.g. `forbidden`). Opening an open dataset returns the
+   * same handle.
+   * @param {string} name
+   * @param {OpenOptions} [options]
+   * @returns {Promise<Dataset>}
+   */
+  async open(name, options = {}) {
+    if (typeof name !== 'string' || !/^[A-Za-z0-9_.:-]{1,128}$/.test(name)) {
+      throw new TandemError('bad_request', `invalid dataset name ${JSON.stringify(name)}: 1-128 characters of [a-zA-Z0-9_.:-]`);
+    }
+    const identity = await this.#identityKnown.promise;
+    const owner = options.owner ?? identity;
+    const key = datasetKey(owner, name);
+    const existing = this.#datasets.get(key);
+    if (existing) return existing;
+    const inFlight = this.#opening.get(key);
+    if (inFlight) return inFlight;
+    const opening = (async () => {
+      const loaded = await this.#store.load({ identity, owner, name });
+      const ds = new Dataset(this, this.#internals(), owner, name, loaded ?? emptyState(), {
+        handler: options.conflictHandler === undefined ? this.#defaultHandler : handlerFrom(options.conflictHandler),
+        autoSync: options.autoSync ?? this.#autoSync,
+        autoSyncDelay: options.autoSyncDelayMs ?? this.#autoSyncDelay,
+        maxRetries: this.#maxSyncRetries,
+      });
+      this.#datasets.set(key, ds);
+      if (this.#state === 'online') {
+        try {
+          await ds.subscribe();
+        } catch (e) {
+          if (e instanceof TandemError && e.server) {
+            this.#datasets.delete(key);
+            throw e;
+          }
+        }
+        if (ds.pending > 0) ds._backgroundSync();
+      }
+      return ds;
+    })();
+    this.#opening.set(key, opening);
+    try {
+      return await opening;
+    } finally {
+      this.#opening.delete(key);
+    }
+  }
+
+  /**
+   * Gives `identity` `read` or `write` access to one of your datasets.
+   * @param {string} name @param {string} identity @param {'read' | 'write'} [access]
+   */
+  async grant(name, identity, access = 'read') {
+    await this._request({ type: 'grant', dataset: { name }, identity, access });
+  }
+
+  /** Takes `identity`'s access away; its live subscriptions end at once.
+   * @param {string} name @param {string} identity */
+  async revoke(name, identity) {
+    await this._request({ type: 'revoke', dataset: { name }, identity });
+  }
+
+  /** Deletes one of your datasets on the server; subscribers get `deleted`.
+   * @param {string} name @returns {Promise<number>} the sync count the delete took */
+  async deleteDataset(name) {
+    const ack = await this._request({ type: 'delete_dataset', dataset: { name } });
+    return ack.syncCount;
+  }
+
+  /** Your datasets and those shared with you.
+   * @returns {Promise<Array<{ dataset: { owner: string, name: string }, syncCount: number, records: number, bytes: number, access: 'owner' | 'write' | 'read', lastModified: number }>>} */
+  async listDatasets() {
+    const reply = await this._request({ type: 'list_datasets' });
+    return reply.datasets;
+  }
+
+  /** Round trip to the server; resolves with the time it took in ms. */
+  async ping() {
+    const t0 = Date.now();
+    await this._request({ type: 'ping' });
+    return Date.now() - t0;
+  }
+
+  /** Drops the current connection (if any) and connects again now, resetting the backoff.
+   * Also restarts a `failed` client, e.g. after fixing its token provider. */
+  reconnect() {
+    if (this.#state === 'closed') throw new TandemError('closed', 'client closed');
+    this.#stopped = false;
+    this.#lastError = null;
+    this.#attempt = 0;
+    clearTimeout(this.#retryTimer);
+    this.#retryTimer = null;
+    if (this.#conn) {
+      this.#dropConnection(1000, 'client reconnect', true);
+    } else {
+      this.#connect();
+    }
+  }
+
+  /** Stops reconnecting and closes the connection; open datasets keep working locally.
+   * Resolves once every dataset's cache is written. */
+  async close() {
+    this.#stopped = true;
+    clearTimeout(this.#retryTimer);
+    this.#unwatchNetwork?.();
+    this.#unwatchNetwork = null;
+    if (this.#conn) this.#dropConnection(1000, 'client closed', false);
+    this.#setState('closed');
+    await Promise.allSettled([...this.#datasets.values()].map((ds) => ds._flush()));
+  }
+
+  // --- internals ------------------------------------------------------------------------
+
+  #start() {
+    this.#stopped = false;
+    if (this.#watchNetwork && typeof window !== 'undefined' && typeof window.addEventListener === 'function') {
+      const offline = () => {
+        if (this.#conn) this.#dropConnection(1000, 'network offline', true);
+      };
+      const online = () => {
+        if (!this.#stopped && this.#state === 'offline') {
+          this.#attempt = 0;
+          clearTimeout(this.#retryTimer);
+          this.#connect();
+        }
+      };
+      window.addEventListener('offline', offline);
+      window.addEventListener('online', online);
+      this.#unwatchNetwork = () => {
+        window.removeEventListener('offline', offline);
+        window.removeEventListener('online', online);
+      };
+    }
+    this.#connect();
+  }
+
+  /** What a Dataset needs from its client, without making it public API. */
+  #internals() {
+    return {
+      identity: () => /** @type {string} */ (this.#identity),
+      store: this.#store,
+      deviceId: this.#deviceId,
+      online: () => this.#state === 'online',
+      request: (/** @type {any} */ frame) => this._request(frame),
+      forget: (/** @type {Dataset} */ ds) => {
+        const key = datasetKey(ds.owner, ds.name);
+        if (this.#datasets.get(key) === ds) this.#datasets.delete(key);
+      },
+    };
+  }
+
+  /** @param {ConnectionState} state */
+  #setState(state) {
+    if (this.#state === state) return;
+    this.#state = state;
+    this.emit('state', state);
+    if (state === 'failed') this.emit('failed', this.#lastError);
+    else this.emit(state);
+  }
+
+  #offlineNow() {
+    return typeof navigator !== 'undefined' && this.#watchNetwork && typeof window !== 'undefined' && navigator.onLine === false;
+  }
+
+  async #connect() {
+    if (this.#stopped || this.#conn) return;
+    if (this.#offlineNow()) {
+      // The browser says there is no network; its `online` event reconnects.
+      this.#setState('offline');
+      return;
+    }
+    this.#setState('connecting');
+    /** @type {{ ws: any, ready: boolean, closedByUs: boolean, timers: any[] }} */
+    const conn = { ws: null, ready: false, closedByUs: false, timers: [] };
+    this.#conn = conn;
+    let token;
+    try {
+      token = await this.#getToken('connect');
+    } catch (e) {
+      if (this.#conn !== conn) return;
+      this.#conn = null;
+      this.emit('error', e instanceof TandemError ? e : new TandemError('unauthorized', `token provider failed: ${errorMessage(e)}`));
+      this.#scheduleReconnect();
+      return;
+    }
+    if (this.#conn !== conn || this.#stopped) return;
+    let ws;
+    try {
+      ws = new this.#WS(this.#url);
+    } catch (e) {
+      this.#conn = null;
+      this.emit('error', new TandemError('disconnected', `cannot open ${this.#url}: ${errorMessage(e)}`));
+      this.#scheduleReconnect();
+      return;
+    }
+    conn.ws = ws;
+    conn.timers.push(
+      timer(() => {
+        if (this.#conn === conn && !conn.ready) this.#dropConnection(1000, 'no ready in time', true);
+      }, this.#authTimeout),
+    );
+    ws.onopen = () => {
+      if (this.#conn !== conn) return;
+      this.#send(conn, { type: 'auth', id: 0, token });
+    };
+    ws.onmessage = (/** @type {any} */ ev) => {
+      if (this.#conn !== conn) return;
+      if (typeof ev.data !== 'string') return; // the server sends text frames only
+      let frame;
+      try {
+        frame = JSON.parse(ev.data);
+      } catch {
+        return;
+      }
+      this.#onFrame(conn, frame);
+    };
+    ws.onerror = () => {}; // a close event follows
+    ws.onclose = (/** @type {any} */ ev) => this.#onClose(conn, ev.code ?? 1006, ev.reason ?? '');
+  }
+
+  /** @param {'connect' | 'refresh'} reason */
+  async #getToken(reason) {
+    const token = await this.#tokenProvider({ reason, identity: this.#identity });
+    if (typeof token !== 'string' || token === '') throw new TandemError('unauthorized', 'the token provider returned no token');
+    if (!this.#identity) {
+      const sub = tokenSubject(token);
+      if (sub) {
+        this.#identity = sub;
+        this.#identityKnown.resolve(sub);
+      }
+    }
+    return token;
+  }
+
+  /** @param {any} conn @param {any} frame */
+  #send(conn, frame) {
+    try {
+      conn.ws.send(JSON.stringify(frame));
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  /** Sends a request on the live connection and resolves with its reply.
+   * @internal @param {any} frame @returns {Promise<any>} */
+  _request(frame) {
+    const conn = this.#conn;
+    if (!conn || !conn.ready) {
+      return Promise.reject(new TandemError('offline', 'not connected'));
+    }
+    const id = this.#nextId++;
+    return new Promise((resolve, reject) => {
+      const t = timer(() => {
+        if (!this.#requests.has(id)) return;
+        this.#requests.delete(id);
+        reject(new TandemError('timeout', `no reply to ${frame.type} within ${this.#requestTimeout} ms`));
+        if (this.#conn === conn) this.#dropConnection(1000, 'request timeout', true);
+      }, this.#requestTimeout);
+      this.#requests.set(id, { resolve, reject, timer: t });
+      if (!this.#send(conn, { ...frame, id })) {
+        clearTimeout(t);
+        this.#requests.delete(id);
+        reject(new TandemError('disconnected', 'the connection is closing'));
+      }
+    });
+  }
+
+  /** @param {any} conn @param {any} frame */
+  #onFrame(conn, frame) {
+    if (!frame || typeof frame !== 'object') return;
+    if (frame.type === 'ready') {
+      if (!conn.ready) {
+        this.#onReady(conn, frame);
+        return;
+      }
+      this.#onRefreshed(frame); // and resolve the refresh's `auth` request below
+    }
+    if (!conn.ready) {
+      // Before ready only our auth can be answered: a refused token (a close follows).
+      if (frame.type === 'error') this.#lastError = serverError(frame);
+      return;
+    }
+    if (frame.id !== undefined && frame.id !== null && frame.type !== 'dataset') {
+      const req = this.#requests.get(frame.id);
+      if (req) {
+        this.#requests.delete(frame.id);
+        clearTimeout(req.timer);
+        if (frame.type === 'error') req.reject(serverError(frame));
+        else req.resolve(frame);
+      } else if (frame.type === 'error') {
+        this.emit('error', serverError(frame));
+      }
+      return;
+    }
+    switch (frame.type) {
+      case 'dataset':
+        this.#find(frame.dataset)?._applyServerState(frame.syncCount, frame.records ?? [], 'push');
+        break;
+      case 'deleted':
+        this.#find(frame.dataset)?._onDeleted(frame.syncCount);
+        break;
+      case 'unsubscribed':
+        this.#find(frame.dataset)?._onRevoked(frame.reason);
+        break;
+      case 'error':
+        this.emit('error', serverError(frame));
+        break;
+      default:
+        // Unknown frame types are ignored (protocol §1, forward compatibility).
+        break;
+    }
+  }
+
+  /** @param {any} ref */
+  #find(ref) {
+    if (!ref || typeof ref.name !== 'string') return undefined;
+    return this.#datasets.get(datasetKey(ref.owner ?? this.#identity, ref.name));
+  }
+
+  /** @param {any} conn @param {any} frame */
+  #onReady(conn, frame) {
+    if (this.#identity && frame.identity !== this.#identity) {
+      this.#lastError = new TandemError(
+        'forbidden',
+        `the token names ${JSON.stringify(frame.identity)}, this client is ${JSON.stringify(this.#identity)}`,
+      );
+      this.#stopped = true;
+      this.#dropConnection(1000, 'identity mismatch', false);
+      this.#setState('failed');
+      return;
+    }
+    if (!this.#identity) {
+      this.#identity = frame.identity;
+      this.#identityKnown.resolve(frame.identity);
+    }
+    conn.ready = true;
+    this.#attempt = 0;
+    this.#lastError = null;
+    this.#session = { session: frame.session, expiresAt: frame.expiresAt };
+    this.#scheduleRefresh(frame.expiresAt);
+    this.#schedulePing(conn);
+    this.#setState('online');
+    this.emit('ready', { identity: frame.identity, session: frame.session, expiresAt: frame.expiresAt });
+    // Re-subscribe every open dataset, then send what was written meanwhile.
+    for (const ds of this.#datasets.values()) ds._resume();
+  }
+
+  /** @param {any} frame */
+  #onRefreshed(frame) {
+    if (this.#session) this.#session.expiresAt = frame.expiresAt;
+    this.#scheduleRefresh(frame.expiresAt);
+    this.emit('ready', { identity: frame.identity, session: frame.session, expiresAt: frame.expiresAt });
+  }
+
+  /** Refreshes the token a margin before it expires: 60 s, or half the time left if less. */
+  #scheduleRefresh(/** @type {number} */ expiresAt) {
+    clearTimeout(this.#refreshTimer);
+    const left = expiresAt - Date.now();
+    const delay = Math.max(500, left - Math.min(60_000, left / 2));
+    this.#refreshTimer = timer(() => this.#refresh(), delay);
+  }
+
+  async #refresh() {
+    const conn = this.#conn;
+    if (!conn || !conn.ready) return;
+    try {
+      const token = await this.#getToken('refresh');
+      if (this.#conn !== conn) return;
+      const id = this.#nextId++;
+      const reply = new Promise((resolve, reject) => {
+        this.#requests.set(id, { resolve, reject, timer: timer(() => reject(new TandemError('timeout', 'no reply to auth')), this.#requestTimeout) });
+      });
+      this.#send(conn, { type: 'auth', id, token });
+      await reply; // `ready` reschedules the next refresh
+    } catch (e) {
+      if (this.#conn !== conn) return;
+      this.emit('error', e instanceof TandemError ? e : new TandemError('unauthorized', `token refresh failed: ${errorMessage(e)}`));
+      // Try again shortly; at expiry the server closes with 4002 and we reconnect anyway.
+      const left = (this.#session?.expiresAt ?? 0) - Date.now();
+      if (left > 1000) this.#refreshTimer = timer(() => this.#refresh(), Math.min(5000, left / 2));
+    }
+  }
+
+  #schedulePing(/** @type {any} */ conn) {
+    clearTimeout(this.#pingTimer);
+    if (!this.#pingInterval) return;
+    this.#pingTimer = timer(async () => {
+      if (this.#conn !== conn) return;
+      try {
+        await this._request({ type: 'ping' });
+      } catch {
+        return; // a timeout drops the connection
+      }
+      this.#schedulePing(conn);
+    }, this.#pingInterval);
+  }
+
+  /** Closes the current socket ourselves. */
+  #dropConnection(/** @type {number} */ code, /** @type {string} */ reason, /** @type {boolean} */ reconnect) {
+    const conn = this.#conn;
+    if (!conn) return;
+    conn.closedByUs = true;
+    try {
+      conn.ws?.close(code, reason);
+    } catch {
+      // already closed
+    }
+    this.#teardown(conn);
+    if (reconnect && !this.#stopped) {
+      this.#setState('offline');
+      this.#scheduleReconnect();
+    }
+  }
+
+  /** Forgets a connection: fails its requests, stops its timers. */
+  #teardown(/** @type {any} */ conn) {
+    if (this.#conn !== conn) return;
+    this.#conn = null;
+    this.#session = null;
+    conn.timers.forEach(clearTimeout);
+    clearTimeout(this.#refreshTimer);
+    clearTimeout(this.#pingTimer);
+    const err = new TandemError('disconnected', 'the connection was lost');
+    for (const [, req] of this.#requests) {
+      clearTimeout(req.timer);
+      req.reject(err);
+    }
+    this.#requests.clear();
+    for (const ds of this.#datasets.values()) ds._disconnected();
+  }
+
+  /** @param {any} conn @param {number} code @param {string} reason */
+  #onClose(conn, code, reason) {
+    if (this.#conn !== conn) return; // a socket we already gave up on
+    const wasReady = conn.ready;
+    this.#teardown(conn);
+    if (this.#stopped) return;
+    if (!shouldReconnect(code)) {
+      this.#lastError = new TandemError('closed', `the server closed the connection (${code}${reason ? ` ${reason}` : ''})${this.#lastError ? `: ${this.#lastError.message}` : ''}`, { closeCode: code });
+      this.#stopped = true;
+      this.emit('error', this.#lastError);
+      this.#setState('failed');
+      return;
+    }
+    if (wasReady) this.#attempt = 0;
+    this.#setState('offline');
+    this.#scheduleReconnect();
+  }
+
+  /** Exponential backoff with jitter: a random delay in [base/2, base], base doubling from
+   * `initialMs` up to `maxMs`. */
+  #scheduleReconnect() {
+    if (this.#stopped) return;
+    this.#setState('offline');
+    const base = Math.min(this.#backoffMax, this.#backoffInitial * 2 ** this.#attempt);
+    this.#attempt = Math.min(this.#attempt + 1, 30);
+    const delay = base / 2 + (Math.random() * base) / 2;
+    clearTimeout(this.#retryTimer);
+    this.#retryTimer = timer(() => {
+      this.#retryTimer = null;
+      this.#connect();
+    }, delay);
+  }
+}
+
+function errorMessage(/** @type {any} */ e) {
+  return e && typeof e.message === 'string' ? e.message : String(e);
+}
+
+function serverError(/** @type {any} */ frame) {
+  return new TandemError(String(frame.code ?? 'internal'), String(frame.message ?? 'error'), {
+    limit: frame.limit,
+    max: frame.max,
+    server: true,
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Datasets
+
+/**
+ * A dataset handle over the local cache. Reads and writes are local and work offline;
+ * `sync()` reconciles with the server; pushes from the server are merged as they come.
+ *
+ * Events: `change` ({syncCount, keys, source: 'remote'}) when remote changes were applied;
+ * `pending` (number of unsynchronised local changes); `conflict` ({key, local, server,
+ * resolution}) after the handler resolved one; `synced` (SyncOutcome); `deleted`
+ * ({syncCount}) when the owner deleted the dataset; `revoked` when your access was taken
+ * away; `error` (TandemError) for failures of background work (auto-sync, re-subscribe).
+ */
+export class Dataset extends Emitter {
+  #client;
+  #io;
+  #owner;
+  #name;
+  /** @type {DatasetState} */
+  #state;
+  #handler;
+  #autoSync;
+  #autoSyncDelay;
+  #maxRetries;
+  #subscribed = false;
+  #revoked = false;
+  #deleted = false;
+  #closed = false;
+  /** @type {any} */
+  #autoTimer = null;
+  /** @type {Promise<SyncOutcome> | null} */
+  #running = null;
+  /** @type {Promise<SyncOutcome> | null} */
+  #queued = null;
+  #saveWanted = false;
+  /** @type {Promise<void> | null} */
+  #saving = null;
+  #lastPending = 0;
+
+  /**
+   * @internal Use `client.open(name)`.
+   * @param {TandemClient} client
+   * @param {any} io
+   * @param {string} owner
+   * @param {string} name
+   * @param {DatasetState} state
+   * @param {{ handler: ConflictHandler, autoSync: boolean, autoSyncDelay: number, maxRetries: number }} opts
+   */
+  constructor(client, io, owner, name, state, opts) {
+    super();
+    this.#client = client;
+    this.#io = io;
+    this.#owner = owner;
+    this.#name = name;
+    const records = Object.create(null);
+    for (const [k, r] of Object.entries(state.records ?? {})) {
+      records[k] = {
+        value: r.value ?? null,
+        syncCount: r.syncCount ?? 0,
+        dirty: !!r.dirty,
+        deviceLastModified: r.deviceLastModified ?? undefined,
+        version: r.version ?? 0,
+      };
+    }
+    this.#state = { syncCount: state.syncCount ?? 0, records };
+    this.#handler = opts.handler;
+    this.#autoSync = opts.autoSync;
+    this.#autoSyncDelay = opts.autoSyncDelay;
+    this.#maxRetries = opts.maxRetries;
+    this.#lastPending = this.pending;
+  }
+
+  /** The owner's identity. */
+  get owner() {
+    return this.#owner;
+  }
+
+  get name() {
+    return this.#name;
+  }
+
+  /** The client this dataset belongs to. */
+  get client() {
+    return this.#client;
+  }
+
+  /** The highest dataset sync count seen from the server. */
+  get syncCount() {
+    return this.#state.syncCount;
+  }
+
+  /** Local changes not yet acknowledged by the server. */
+  get pending() {
+    let n = 0;
+    for (const k in this.#state.records) if (this.#state.records[k].dirty) n++;
+    return n;
+  }
+
+  /** True while the server pushes this dataset's changes to us. */
+  get subscribed() {
+    return this.#subscribed;
+  }
+
+  /** True after the owner revoked our access (until a successful `subscribe()`). */
+  get revoked() {
+    return this.#revoked;
+  }
+
+  /** True after the owner deleted the dataset (until `sync()` or `subscribe()`). */
+  get deleted() {
+    return this.#deleted;
+  }
+
+  /** Whether auto-sync is on; settable. */
+  get autoSync() {
+    return this.#autoSync;
+  }
+
+  set autoSync(on) {
+    this.#autoSync = !!on;
+    if (on && this.pending > 0) this.#scheduleAutoSync();
+  }
+
+  /** The value of `key` as this device sees it, or `undefined`.
+   * @param {string} key @returns {string | undefined} */
+  get(key) {
+    const r = this.#rec(key);
+    return r && r.value !== null ? r.value : undefined;
+  }
+
+  /** @param {string} key */
+  has(key) {
+    return this.get(key) !== undefined;
+  }
+
+  /** The live (not removed) records as this device sees them, ordered by key.
+   * @returns {Map<string, string>} */
+  records() {
+    const out = new Map();
+    for (const k of Object.keys(this.#state.records).sort()) {
+      const r = this.#state.records[k];
+      if (r.value !== null) out.set(k, r.value);
+    }
+    return out;
+  }
+
+  /** The local record of `key` with its sync bookkeeping (a copy), or `undefined`.
+   * @param {string} key @returns {LocalRecord | undefined} */
+  record(key) {
+    const r = this.#rec(key);
+    return r ? { ...r } : undefined;
+  }
+
+  /** Keys with unsynchronised local changes. @returns {string[]} */
+  dirtyKeys() {
+    return Object.keys(this.#state.records).filter((k) => this.#state.records[k].dirty).sort();
+  }
+
+  /**
+   * Sets `key` locally (marks it dirty). Resolves once the local cache is written.
+   * @param {string} key @param {string} value
+   */
+  async put(key, value) {
+    if (typeof value !== 'string') throw new TypeError('a value must be a string (serialise objects yourself, e.g. with JSON.stringify)');
+    await this.#write(key, value);
+  }
+
+  /** Removes `key` locally (marks it dirty). Resolves once the local cache is written.
+   * @param {string} key */
+  async remove(key) {
+    await this.#write(key, null);
+  }
+
+  /**
+   * Sends every local change with the sync counts it was based on. Conflicts go to the
+   * conflict handler and the update is retried, at most `maxSyncRetries` times; then it
+   * rejects with a `conflict` TandemError whose `keys` lists what is still unresolved.
+   * Rejects with `offline` when not connected (local changes stay pending and are sent on
+   * reconnect). One sync runs at a time; calls made meanwhile share the next run.
+   * @returns {Promise<SyncOutcome>}
+   */
+  sync() {
+    if (this.#queued) return this.#queued;
+    const previous = this.#running;
+    /** @type {Promise<SyncOutcome>} */
+    const run = (async () => {
+      // Always yield first: `run` is assigned only after this function returns.
+      await (previous ? previous.catch(() => {}) : null);
+      this.#queued = null;
+      this.#running = run;
+      try {
+        return await this.#syncOnce();
+      } finally {
+        if (this.#running === run) this.#running = null;
+      }
+    })();
+    this.#queued = run;
+    return run;
+  }
+
+  /**
+   * Subscribes (again) now and merges the server's snapshot: follows a re-created dataset
+   * after `deleted`, or one shared with you again after `revoked`.
+   * @returns {Promise<number>} the snapshot's sync count
+   */
+  async subscribe() {
+    this.#checkOpen();
+    const snap = await this.#io.request({ type: 'subscribe', dataset: this.#ref() });
+    this.#subscribed = true;
+    this.#revoked = false;
+    this.#deleted = false;
+    this._applyServerState(snap.syncCount, snap.records ?? [], 'snapshot');
+    return snap.syncCount;
+  }
+
+  /**
+   * The live remote changes as an async iterable of `change` events; ends when the
+   * dataset is closed or the loop breaks.
+   * @returns {AsyncIterableIterator<{ syncCount: number, keys: string[], source: 'remote' }>}
+   */
+  remoteChanges() {
+    /** @type {any[]} */ const queue = [];
+    /** @type {((r: IteratorResult<any>) => void)[]} */ const waiters = [];
+    let done = false;
+    const finish = () => {
+      if (done) return;
+      done = true;
+      offChange();
+      offClose();
+      for (const w of waiters.splice(0)) w({ value: undefined, done: true });
+    };
+    const offChange = this.on('change', (ev) => {
+      const w = waiters.shift();
+      if (w) w({ value: ev, done: false });
+      else queue.push(ev);
+    });
+    const offClose = this.on('close', finish);
+    return {
+      [Symbol.asyncIterator]() {
+        return this;
+      },
+      next() {
+        if (queue.length) return Promise.resolve({ value: queue.shift(), done: false });
+        if (done) return Promise.resolve({ value: undefined, done: true });
+        return new Promise((resolve) => waiters.push(resolve));
+      },
+      return() {
+        finish();
+        return Promise.resolve({ value: undefined, done: true });
+      },
+    };
+  }
+
+  /** Stops following the dataset and forgets the handle (the local cache stays in the
+   * store). Resolves once the cache is written. */
+  async close() {
+    if (this.#closed) return;
+    this.#closed = true;
+    clearTimeout(this.#autoTimer);
+    this.#io.forget(this);
+    if (this.#subscribed && this.#io.online()) {
+      this.#subscribed = false;
+      await this.#io.request({ type: 'unsubscribe', dataset: this.#ref() }).catch(() => {});
+    }
+    this.#subscribed = false;
+    this.emit('close');
+    await this._flush();
+  }
+
+  // --- internals (called by the client) ------------------------------------------------
+
+  /** @internal Resolves when the state is written to the store. */
+  async _flush() {
+    while (this.#saving) await this.#saving.catch(() => {});
+  }
+
+  /** @internal The connection went away. */
+  _disconnected() {
+    this.#subscribed = false;
+    clearTimeout(this.#autoTimer);
+  }
+
+  /** @internal The client is online again: re-subscribe, then sync pending changes. */
+  async _resume() {
+    if (this.#closed || this.#revoked || this.#deleted) return;
+    try {
+      await this.subscribe();
+    } catch (e) {
+      if (e instanceof TandemError && e.server && e.code === 'forbidden') {
+        this._onRevoked('forbidden');
+      } else if (!isNetworkError(e)) {
+        this.emit('error', e);
+      }
+      return;
+    }
+    if (this.pending > 0) this._backgroundSync();
+  }
+
+  /** @internal */
+  _backgroundSync() {
+    this.sync().catch((e) => {
+      if (!isNetworkError(e)) this.emit('error', e);
+    });
+  }
+
+  /**
+   * @internal Merges the server's whole dataset (a `snapshot` or a `dataset` push): clean
+   * records take the server's state, dirty ones keep their local value and the sync count
+   * it was based on, so the next sync surfaces any remote change as a conflict instead of
+   * overwriting it.
+   * @param {number} syncCount @param {ServerRecord[]} records @param {'push' | 'snapshot'} kind
+   */
+  _applyServerState(syncCount, records, kind) {
+    if (this.#closed) return;
+    const st = this.#state;
+    // Latest wins: a push must be newer; a snapshot at the same count is harmless.
+    if (kind === 'push' ? syncCount <= st.syncCount : syncCount < st.syncCount) return;
+    /** @type {string[]} */ const changed = [];
+    const seen = new Set();
+    for (const r of records) {
+      seen.add(r.key);
+      const local = this.#rec(r.key);
+      if (local && local.dirty) continue;
+      // A clean record stamped later than this frame (an ack that beat the push) is newer.
+      if (local && local.syncCount > syncCount) continue;
+      if (local && local.value === r.value && local.syncCount === r.syncCount) continue;
+      st.records[r.key] = {
+        value: r.value ?? null,
+        syncCount: r.syncCount,
+        dirty: false,
+        deviceLastModified: r.deviceLastModified,
+        version: local ? local.version : 0,
+      };
+      if (!local || local.value !== r.value) changed.push(r.key);
+    }
+    for (const k of Object.keys(st.records)) {
+      const local = st.records[k];
+      if (seen.has(k) || local.dirty || local.syncCount > syncCount) continue;
+      delete st.records[k];
+      if (local.value !== null) changed.push(k);
+    }
+    st.syncCount = Math.max(st.syncCount, syncCount);
+    this.#persist().catch(() => {});
+    if (changed.length) this.emit('change', { syncCount, keys: changed.sort(), source: 'remote' });
+  }
+
+  /** @internal The owner deleted the dataset: clean records go, local changes stay (based
+   * on nothing now, so a later sync re-creates the dataset). The subscription has ended.
+   * @param {number} syncCount */
+  _onDeleted(syncCount) {
+    const st = this.#state;
+    /** @type {string[]} */ const dropped = [];
+    for (const k of Object.keys(st.records)) {
+      const r = st.records[k];
+      if (r.dirty) r.syncCount = 0;
+      else {
+        delete st.records[k];
+        if (r.value !== null) dropped.push(k);
+      }
+    }
+    st.syncCount = Math.max(st.syncCount, syncCount ?? 0);
+    this.#subscribed = false;
+    this.#deleted = true;
+    clearTimeout(this.#autoTimer);
+    this.#persist().catch(() => {});
+    if (dropped.length) this.emit('change', { syncCount: st.syncCount, keys: dropped.sort(), source: 'remote' });
+    this.emit('deleted', { syncCount });
+  }
+
+  /** @internal Our access was revoked: stop syncing; the local data stays readable.
+   * @param {string} reason */
+  _onRevoked(reason) {
+    this.#subscribed = false;
+    this.#revoked = true;
+    clearTimeout(this.#autoTimer);
+    this.emit('revoked', { reason });
+  }
+
+  // --- private ------------------------------------------------------------------------
+
+  #ref() {
+    return { owner: this.#owner, name: this.#name };
+  }
+
+  #checkOpen() {
+    if (this.#closed) throw new TandemError('closed', `dataset ${this.#owner}/${this.#name} is closed`);
+  }
+
+  /** @param {string} key @returns {LocalRecord | undefined} */
+  #rec(key) {
+    return Object.hasOwn(this.#state.records, key) ? this.#state.records[key] : undefined;
+  }
+
+  /** @param {string} key @param {string | null} value */
+  async #write(key, value) {
+    this.#checkOpen();
+    if (typeof key !== 'string' || key === '') throw new TypeError('a key must be a non-empty string');
+    const r = this.#rec(key);
+    if (r) {
+      r.value = value;
+      r.dirty = true;
+      r.deviceLastModified = Date.now();
+      r.version += 1;
+    } else {
+      this.#state.records[key] = { value, syncCount: 0, dirty: true, deviceLastModified: Date.now(), version: 1 };
+    }
+    this.#pendingChanged();
+    this.#scheduleAutoSync();
+    await this.#persist();
+  }
+
+  #scheduleAutoSync() {
+    if (!this.#autoSync || this.#revoked || this.#deleted || this.#closed || !this.#io.online()) return;
+    clearTimeout(this.#autoTimer);
+    this.#autoTimer = timer(() => this._backgroundSync(), this.#autoSyncDelay);
+  }
+
+  #pendingChanged() {
+    const n = this.pending;
+    if (n !== this.#lastPending) {
+      this.#lastPending = n;
+      this.emit('pending', n);
+    }
+  }
+
+  /** Writes the state to the store; saves are serialised and coalesced. */
+  #persist() {
+    this.#saveWanted = true;
+    if (!this.#saving) {
+      this.#saving = (async () => {
+        try {
+          while (this.#saveWanted) {
+            this.#saveWanted = false;
+            await this.#io.store.save({ identity: this.#io.identity(), owner: this.#owner, name: this.#name }, cloneState(this.#state));
+          }
+        } catch (e) {
+          this.emit('error', new TandemError('internal', `cannot write the offline cache: ${errorMessage(e)}`));
+          throw e;
+        } finally {
+          this.#saving = null;
+        }
+      })();
+    }
+    return this.#saving;
+  }
+
+  /** @returns {Promise<SyncOutcome>} */
+  async #syncOnce() {
+    this.#checkOpen();
+    clearTimeout(this.#autoTimer);
+    if (this.#revoked) throw new TandemError('revoked', `access to ${this.#owner}/${this.#name} was revoked`);
+    if (!this.#io.online()) throw new TandemError('offline', 'not connected; local changes stay pending');
+    if (!this.#subscribed) await this.subscribe();
+    let conflicts = 0;
+    for (let attempt = 0; attempt <= this.#maxRetries; attempt++) {
+      /** @type {any[]} */ const patches = [];
+      /** @type {Map<string, number>} */ const versions = new Map();
+      for (const k of this.dirtyKeys()) {
+        const r = this.#state.records[k];
+        patches.push(
+          r.value === null
+            ? { op: 'remove', key: k, syncCount: r.syncCount, deviceLastModified: r.deviceLastModified }
+            : { op: 'replace', key: k, value: r.value, syncCount: r.syncCount, deviceLastModified: r.deviceLastModified },
+        );
+        versions.set(k, r.version);
+      }
+      if (patches.length === 0) {
+        const outcome = { syncCount: this.#state.syncCount, pushed: 0, conflicts };
+        if (conflicts) this.emit('synced', outcome);
+        return outcome;
+      }
+      const reply = await this.#io.request({ type: 'update', dataset: this.#ref(), deviceId: this.#io.deviceId, patches });
+      if (reply.type === 'ack') {
+        this.#applyAck(reply, versions);
+        const outcome = { syncCount: reply.syncCount, pushed: patches.length, conflicts };
+        this.emit('synced', outcome);
+        return outcome;
+      }
+      if (reply.type !== 'conflict') throw new TandemError('internal', `unexpected reply ${reply.type} to update`);
+      conflicts += await this.#resolve(reply.conflicts ?? []);
+    }
+    const keys = this.dirtyKeys();
+    throw new TandemError('conflict', `conflicts still unresolved after ${this.#maxRetries} retries: ${keys.join(', ')}`, { keys });
+  }
+
+  /** @param {any} ack @param {Map<string, number>} versions */
+  #applyAck(ack, versions) {
+    const st = this.#state;
+    /** @type {Map<string, ServerRecord>} */
+    const stored = new Map((ack.records ?? []).map((/** @type {ServerRecord} */ r) => [r.key, r]));
+    for (const [k, version] of versions) {
+      const local = this.#rec(k);
+      if (!local) continue;
+      const rec = stored.get(k);
+      // A remove of a key the server did not have writes nothing: the key is absent (0).
+      local.syncCount = rec ? rec.syncCount : 0;
+      if (local.version !== version) continue; // edited again meanwhile: still dirty, rebased
+      local.dirty = false;
+      if (rec) local.deviceLastModified = rec.deviceLastModified ?? local.deviceLastModified;
+      if (local.value === null) delete st.records[k];
+    }
+    // Only when nobody else committed in between do we know the whole dataset at this count;
+    // otherwise the push (or the next snapshot) brings the others' changes.
+    if (ack.syncCount === st.syncCount + 1) st.syncCount = ack.syncCount;
+    this.#pendingChanged();
+    this.#persist().catch(() => {});
+  }
+
+  /** Asks the handler about each conflict and applies its decisions. Returns how many
+   * conflicts the handler resolved. @param {{ key: string, server: ServerRecord | null }[]} list */
+  async #resolve(list) {
+    let resolved = 0;
+    /** @type {string[]} */ const changed = [];
+    for (const { key, server } of list) {
+      const local = this.#rec(key);
+      if (!local || !local.dirty) continue;
+      const serverValue = server ? server.value : null;
+      if (local.value === serverValue) {
+        // The same content (e.g. our own write whose ack was lost): nothing to decide.
+        this.#adopt(key, server, local.version);
+        continue;
+      }
+      const version = local.version;
+      const resolution = normaliseResolution(await this.#handler({ key, local: { ...local }, server: server ?? null, dataset: this }));
+      const now = this.#rec(key);
+      if (!now || now.version !== version) continue; // edited again meanwhile: retry as is
+      const base = server ? server.syncCount : 0;
+      if (resolution.type === 'keepLocal') {
+        now.syncCount = base;
+      } else if (resolution.type === 'merge') {
+        now.syncCount = base;
+        now.value = resolution.value;
+        now.deviceLastModified = Date.now();
+        now.version += 1;
+      } else {
+        this.#adopt(key, server, version);
+        if (serverValue !== local.value) changed.push(key);
+      }
+      resolved++;
+      this.emit('conflict', { key, local: { ...local }, server: server ?? null, resolution });
+    }
+    this.#pendingChanged();
+    await this.#persist();
+    if (changed.length) this.emit('change', { syncCount: this.#state.syncCount, keys: changed.sort(), source: 'remote' });
+    return resolved;
+  }
+
+  /** Takes the server's record for `key` (clean). @param {string} key @param {ServerRecord | null} server @param {number} version */
+  #adopt(key, server, version) {
+    if (server && server.value !== null) {
+      this.#state.records[key] = {
+        value: server.value,
+        syncCount: server.syncCount,
+        dirty: false,
+        deviceLastModified: server.deviceLastModified,
+        version: version + 1,
+      };
+    } else {
+      delete this.#state.records[key];
+    }
+  }
+}
+
+/**
+ * Shorthand for `TandemClient.connect`.
+ * @param {string} url @param {TokenProvider} tokenProvider @param {ClientOptions} [options]
+ */
+export function connect(url, tokenProvider, options) {
+  return TandemClient.connect(url, tokenProvider, options);
+}
