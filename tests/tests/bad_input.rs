@@ -1159,3 +1159,75 @@ async fn test_bad_input_stale_sync_count_gets_conflict_and_writes_nothing() {
         "{r:?}"
     );
 }
+
+#[tokio::test]
+async fn test_bad_input_device_id_over_max_length_gets_too_large_and_writes_nothing() {
+    let server = TestServer::start();
+    let alice = server.connect("alice").await;
+    let ds = DatasetRef::own("groceries");
+    let before = seed(&alice, &ds).await;
+
+    assert_limit(
+        alice
+            .update(
+                ds.clone(),
+                Some("d".repeat(129)),
+                vec![Patch::replace("milk", "9", 2)],
+            )
+            .await,
+        LimitCode::MaxDeviceIdLength,
+        128,
+    );
+
+    assert_usable(&alice).await;
+    assert_eq!(stored(&alice, &ds).await, before);
+    // 128 characters is the longest device id allowed.
+    let r = alice
+        .update(
+            ds.clone(),
+            Some("é".repeat(128)),
+            vec![Patch::replace("milk", "9", 2)],
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(r, UpdateResult::Committed { sync_count: 4, .. }),
+        "{r:?}"
+    );
+}
+
+#[tokio::test]
+async fn test_bad_input_101st_subscription_gets_limit_exceeded_max_subscriptions() {
+    let server = TestServer::start();
+    let mut bob = server.connect("bob").await;
+    for i in 0..100 {
+        bob.subscribe(DatasetRef::own(format!("feed-{i:03}")))
+            .await
+            .unwrap();
+    }
+    assert_limit(
+        bob.subscribe(DatasetRef::own("feed-100")).await,
+        LimitCode::MaxSubscriptions,
+        100,
+    );
+    // The refused subscription receives nothing; re-subscribing to a current one is fine,
+    // and unsubscribing makes room.
+    bob.update(
+        DatasetRef::own("feed-100"),
+        None,
+        vec![Patch::replace("k", "v", 0)],
+    )
+    .await
+    .unwrap();
+    bob.ping().await.unwrap();
+    assert!(
+        bob.next_event_timeout(Duration::from_millis(300))
+            .await
+            .is_none()
+    );
+    bob.subscribe(DatasetRef::own("feed-000")).await.unwrap();
+    bob.unsubscribe(DatasetRef::own("feed-000")).await.unwrap();
+    let (n, records) = bob.subscribe(DatasetRef::own("feed-100")).await.unwrap();
+    assert_eq!((n, records.len()), (1, 1));
+    assert!(bob.closed().is_none());
+}
