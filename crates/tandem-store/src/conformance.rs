@@ -1097,8 +1097,8 @@ pub async fn case_concurrent_writers_serialise(store: Arc<dyn Store>) {
     assert_eq!(record(&s, "counter").sync_count, commits);
 }
 
-/// Invalid names, identities, keys and patches are refused before anything is written.
-/// Default limits.
+/// Invalid names, identities, keys and patches (NUL characters included) are refused
+/// before anything is written. Default limits.
 pub async fn case_validation_errors_leave_data_unchanged(store: Arc<dyn Store>) {
     let d = ds(ALICE, "valid");
     commit(&*store, &d, ALICE, vec![Patch::replace("a", "1", 0)]).await;
@@ -1143,6 +1143,9 @@ pub async fn case_validation_errors_leave_data_unchanged(store: Arc<dyn Store>) 
         vec![good(), Patch::replace("b", "2", 0)],
         vec![good(), no_value],
         vec![],
+        // U+0000 is refused everywhere (PostgreSQL's text cannot hold it).
+        vec![good(), Patch::replace("nul\0key", "x", 0)],
+        vec![good(), Patch::replace("c", "a\0b", 0)],
     ];
     for patches in bad_updates {
         let err = refused(&*store, request(&d, ALICE, patches.clone())).await;
@@ -1175,6 +1178,15 @@ pub async fn case_validation_errors_leave_data_unchanged(store: Arc<dyn Store>) 
     )
     .await;
     assert_limit(&err, LimitCode::MaxDeviceIdLength, 128);
+    let err = refused(
+        &*store,
+        UpdateRequest {
+            device_id: Some("phone\0".into()),
+            ..request(&d, ALICE, vec![good()])
+        },
+    )
+    .await;
+    assert!(matches!(err, StoreError::BadRequest(_)), "{err:?}");
 
     assert_eq!(store.changes(&d, ALICE, 0).await.unwrap(), before);
     let list = store.list_datasets(DEFAULT_POOL, ALICE).await.unwrap();

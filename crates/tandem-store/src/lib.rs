@@ -9,6 +9,7 @@
 
 mod error;
 mod model;
+mod postgres;
 mod sqlite;
 
 #[cfg(any(test, feature = "conformance"))]
@@ -19,6 +20,7 @@ pub use model::{
     DEFAULT_POOL, DatasetKey, Limits, Snapshot, UpdateOutcome, UpdateRequest, ValidatedPatch,
     now_ms, record_bytes, validate_identity, validate_update,
 };
+pub use postgres::{PostgresConfig, PostgresStore};
 pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;

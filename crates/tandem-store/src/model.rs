@@ -149,6 +149,9 @@ impl ValidatedPatch {
 
 /// Checks everything about an update that does not need the database: names, keys, patch
 /// count, duplicate keys, device id. Backends call this first, then check stored limits.
+///
+/// Keys, values and device ids must not contain U+0000: PostgreSQL's `text` cannot store it,
+/// and every backend refuses the same updates.
 pub fn validate_update(
     limits: &Limits,
     request: &UpdateRequest,
@@ -165,6 +168,15 @@ pub fn validate_update(
                 "device id longer than {} characters",
                 limits.max_device_id_length
             ),
+        ));
+    }
+    if request
+        .device_id
+        .as_deref()
+        .is_some_and(|device| device.contains('\0'))
+    {
+        return Err(StoreError::BadRequest(
+            "device id must not contain the NUL character".into(),
         ));
     }
     if request.patches.is_empty() {
@@ -191,6 +203,11 @@ pub fn validate_update(
             ),
             other => StoreError::BadRequest(format!("invalid key: {other}")),
         })?;
+        if patch.key.contains('\0') {
+            return Err(StoreError::BadRequest(
+                "invalid key: keys must not contain the NUL character".into(),
+            ));
+        }
         if !seen.insert(patch.key.as_str()) {
             return Err(StoreError::BadRequest(format!(
                 "key `{}` appears twice in one update",
@@ -198,6 +215,12 @@ pub fn validate_update(
             )));
         }
         let value = match (patch.op, &patch.value) {
+            (PatchOp::Replace, Some(v)) if v.contains('\0') => {
+                return Err(StoreError::BadRequest(format!(
+                    "value of key `{}` must not contain the NUL character",
+                    truncate(&patch.key, 64)
+                )));
+            }
             (PatchOp::Replace, Some(v)) => Some(v.clone()),
             (PatchOp::Replace, None) => {
                 return Err(StoreError::BadRequest(format!(
@@ -215,6 +238,48 @@ pub fn validate_update(
         });
     }
     Ok(out)
+}
+
+/// Checks an update's effect on the stored limits, in the order every backend reports them:
+/// the owner's dataset count (`owned`, counted only when the update creates the dataset,
+/// `None` otherwise), then the dataset's live records, then its bytes.
+pub(crate) fn check_dataset_limits(
+    limits: &Limits,
+    key: &DatasetKey,
+    owned: Option<u64>,
+    records: u64,
+    bytes: u64,
+) -> Result<(), StoreError> {
+    if let Some(owned) = owned
+        && owned >= limits.max_datasets
+    {
+        return Err(StoreError::limit(
+            LimitCode::MaxDatasets,
+            limits.max_datasets,
+            format!(
+                "{} already owns {} datasets, the most allowed",
+                key.owner, limits.max_datasets
+            ),
+        ));
+    }
+    if records > limits.max_records {
+        return Err(StoreError::limit(
+            LimitCode::MaxRecords,
+            limits.max_records,
+            format!("a dataset holds at most {} records", limits.max_records),
+        ));
+    }
+    if bytes > limits.max_dataset_bytes {
+        return Err(StoreError::limit(
+            LimitCode::MaxDatasetBytes,
+            limits.max_dataset_bytes,
+            format!(
+                "a dataset holds at most {} bytes of keys and values",
+                limits.max_dataset_bytes
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn truncate(s: &str, max: usize) -> &str {

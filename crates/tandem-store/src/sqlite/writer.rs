@@ -8,12 +8,13 @@
 
 use super::db_err;
 use super::query::{self, DatasetRow};
+use crate::model::check_dataset_limits;
 use crate::{
     DatasetKey, Limits, Snapshot, StoreError, UpdateOutcome, UpdateRequest, ValidatedPatch, now_ms,
     record_bytes,
 };
 use rusqlite::{Connection, TransactionBehavior, params};
-use tandem_protocol::{Access, Conflict, LimitCode, Record};
+use tandem_protocol::{Access, Conflict, Record};
 use tokio::sync::{mpsc, oneshot};
 
 /// The most commands one COMMIT covers.
@@ -285,42 +286,18 @@ fn check_limits(
     records: u64,
     bytes: u64,
 ) -> Result<(), StoreError> {
-    if creating {
-        let owned: u64 = conn
+    let owned: Option<u64> = if creating {
+        let owned = conn
             .prepare_cached(
                 "SELECT count(*) FROM datasets WHERE pool = ?1 AND owner = ?2 AND deleted = 0",
             )
             .and_then(|mut stmt| stmt.query_row(params![key.pool, key.owner], |r| r.get(0)))
             .map_err(db_err)?;
-        if owned >= limits.max_datasets {
-            return Err(StoreError::limit(
-                LimitCode::MaxDatasets,
-                limits.max_datasets,
-                format!(
-                    "{} already owns {} datasets, the most allowed",
-                    key.owner, limits.max_datasets
-                ),
-            ));
-        }
-    }
-    if records > limits.max_records {
-        return Err(StoreError::limit(
-            LimitCode::MaxRecords,
-            limits.max_records,
-            format!("a dataset holds at most {} records", limits.max_records),
-        ));
-    }
-    if bytes > limits.max_dataset_bytes {
-        return Err(StoreError::limit(
-            LimitCode::MaxDatasetBytes,
-            limits.max_dataset_bytes,
-            format!(
-                "a dataset holds at most {} bytes of keys and values",
-                limits.max_dataset_bytes
-            ),
-        ));
-    }
-    Ok(())
+        Some(owned)
+    } else {
+        None
+    };
+    check_dataset_limits(limits, key, owned, records, bytes)
 }
 
 fn delete(conn: &Connection, key: &DatasetKey, actor: &str) -> Result<u64, StoreError> {

@@ -1,0 +1,528 @@
+//! `PostgresStore`: the store that many gateway nodes share, with exactly the semantics of
+//! `SqliteStore` (the conformance suite runs against both).
+//!
+//! Every table lives in one schema (`tandem` by default), created and migrated at
+//! [`PostgresStore::connect`]; each pooled connection has its `search_path` set to it, so
+//! tests and deployments can share a database and stay apart.
+//!
+//! # Isolation and locking
+//!
+//! Writes run at READ COMMITTED with explicit locks, not SERIALIZABLE with retries. Under
+//! SERIALIZABLE, writers contending for one dataset would mostly fail with serialisation
+//! errors and redo their work; a row lock queues them instead, and each statement after the
+//! lock sees every commit that came before it (READ COMMITTED takes a fresh snapshot per
+//! statement), which is all the write contract needs:
+//!
+//! - An update or a delete first locks the dataset's row (`SELECT … FOR UPDATE`; an update
+//!   of a dataset that has no row yet inserts a placeholder with `ON CONFLICT DO NOTHING`,
+//!   which waits for a concurrent insert of the same row, and then locks it). Writers to one
+//!   dataset therefore serialise on that row on whichever node they run, and the stale
+//!   check, the limits and the returned snapshot are computed from the latest committed
+//!   state. Record writes happen only under this lock, so the snapshot after the commit is
+//!   the records read under the lock with the update's own writes applied.
+//! - An update that creates the dataset (or re-creates a deleted one) then takes a
+//!   transaction-scoped advisory lock on (pool, owner) before counting the owner's datasets,
+//!   so two concurrent creations cannot both take the last slot.
+//! - A grantee's write access is checked after the row lock with `SELECT … FOR SHARE` on its
+//!   grant row: a revoke committed before is seen; a revoke in flight either waits for the
+//!   update to commit (it then comes after the update) or the update waits for the revoke
+//!   and then finds no grant.
+//! - Locks are always taken in the order dataset row → advisory lock / grant row, and a
+//!   delete takes the dataset row before it deletes grants, so these cannot deadlock.
+//!
+//! Reads (`snapshot`, `changes`, `list_datasets`, `access`) are one statement each, so
+//! everything a read returns (access, sync count, records) comes from one snapshot.
+//!
+//! # Failures
+//!
+//! A lost or refused connection, a pool or statement timeout, a server shutting down or out
+//! of resources, a lock or serialisation failure: all are `Unavailable` (retriable), anything
+//! else from the database is `Internal`. A call never waits forever: getting a connection is
+//! bounded by `connect_timeout` (waiting for a free one, then creating one), each statement
+//! by the server's `statement_timeout`, and the whole call by a client-side deadline for when
+//! the server stops answering at all. A commit whose answer is lost is `Unavailable`, never
+//! `Ok`: the update is then either wholly applied or not at all, and the client's retry finds
+//! out which (by sync count). A connection that failed is dropped, and so is every idle one
+//! (a lost connection usually means the server restarted), so the next call reconnects and
+//! service resumes by itself once PostgreSQL is back.
+
+mod read;
+mod schema;
+mod write;
+
+use crate::{
+    DatasetKey, Limits, Snapshot, Store, StoreError, UpdateOutcome, UpdateRequest,
+    validate_identity, validate_update,
+};
+use async_trait::async_trait;
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, tokio_postgres,
+};
+use std::sync::Arc;
+use std::time::Duration;
+use tandem_protocol::{Access, DatasetInfo};
+use tokio::sync::{RwLock, RwLockReadGuard};
+use tokio::time::error::Elapsed;
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+
+/// How to reach PostgreSQL and where Tandem's tables live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresConfig {
+    /// A libpq-style URL or key=value string, e.g. `postgres://tandem@127.0.0.1:5432/tandem`.
+    pub url: String,
+    /// The schema that holds every table; created if missing. `[a-z_][a-z0-9_]*`, at most
+    /// 63 bytes, not starting with `pg_`.
+    pub schema: String,
+    /// The most connections this store opens.
+    pub pool_size: usize,
+    /// How long opening a connection (or waiting for a free one) may take.
+    pub connect_timeout: Duration,
+    /// The server-side limit on one statement, lock waits included.
+    pub statement_timeout: Duration,
+}
+
+impl PostgresConfig {
+    pub const DEFAULT_SCHEMA: &'static str = "tandem";
+    pub const DEFAULT_POOL_SIZE: usize = 16;
+    pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+    pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// The defaults, for the database at `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        PostgresConfig {
+            url: url.into(),
+            schema: Self::DEFAULT_SCHEMA.into(),
+            pool_size: Self::DEFAULT_POOL_SIZE,
+            connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
+            statement_timeout: Self::DEFAULT_STATEMENT_TIMEOUT,
+        }
+    }
+
+    /// The `application_name` the store's connections report (unless the URL sets one), so
+    /// an operator can find them in `pg_stat_activity`.
+    pub fn application_name(&self) -> String {
+        format!("tandem-{}", self.schema)
+    }
+
+    /// The longest a whole call may take before the store gives up on the server: a
+    /// connection, then statements that each end by `statement_timeout` on a live server.
+    fn call_timeout(&self) -> Duration {
+        self.connect_timeout + 2 * self.statement_timeout
+    }
+}
+
+/// The shared store. Cloning is cheap and shares the connection pool.
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    pool: Pool,
+    limits: Limits,
+    schema: String,
+    call_timeout: Duration,
+    /// `true` once closed. Every call holds a read guard while it runs, so `close` (which
+    /// takes it for writing) waits for calls in flight.
+    closed: RwLock<bool>,
+}
+
+/// Why a call failed: a store error to return as is, or a database error to classify.
+#[derive(Debug)]
+enum Fail {
+    Store(StoreError),
+    Db(tokio_postgres::Error),
+}
+
+impl From<StoreError> for Fail {
+    fn from(e: StoreError) -> Self {
+        Fail::Store(e)
+    }
+}
+
+impl From<tokio_postgres::Error> for Fail {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Fail::Db(e)
+    }
+}
+
+/// A call's result as the client-side deadline hands it over.
+type Timed<T> = Result<Result<T, Fail>, Elapsed>;
+
+impl PostgresStore {
+    /// Connects, creates the schema if needed and applies pending migrations. Fails with
+    /// `Unavailable` (within about `connect_timeout`) when the database cannot be reached.
+    /// Safe to call from several nodes at once: migrations serialise on an advisory lock.
+    pub async fn connect(config: PostgresConfig, limits: Limits) -> Result<Self, StoreError> {
+        validate_schema(&config.schema)?;
+        if config.pool_size == 0 {
+            return Err(StoreError::BadRequest(
+                "the postgresql pool needs at least one connection".into(),
+            ));
+        }
+        let pg_config = pg_config(&config)?;
+        let manager = Manager::from_config(
+            pg_config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(config.connect_timeout))
+            .create_timeout(Some(config.connect_timeout))
+            .recycle_timeout(Some(config.connect_timeout))
+            .build()
+            .map_err(|e| StoreError::Internal(format!("cannot build the postgresql pool: {e}")))?;
+        let inner = Inner {
+            pool,
+            limits,
+            schema: config.schema.clone(),
+            call_timeout: config.call_timeout(),
+            closed: RwLock::new(false),
+        };
+
+        let client = inner.pool.get().await.map_err(pool_error)?;
+        let mut client = client;
+        let result = tokio::time::timeout(
+            inner.call_timeout,
+            schema::migrate(&mut client, &inner.schema),
+        )
+        .await;
+        inner.finish(client, result)?;
+        tracing::info!(
+            schema = %inner.schema,
+            pool_size = config.pool_size,
+            version = schema::SCHEMA_VERSION,
+            "postgres store open"
+        );
+        Ok(PostgresStore {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The limits this store enforces.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// The schema that holds the store's tables.
+    pub fn schema(&self) -> &str {
+        &self.inner.schema
+    }
+}
+
+impl Inner {
+    /// A pooled connection for one call, with the guard that keeps `close` waiting for it.
+    async fn client(&self) -> Result<(RwLockReadGuard<'_, bool>, Object), StoreError> {
+        let closed = self.closed.read().await;
+        if *closed {
+            return Err(closed_error());
+        }
+        let client = self.pool.get().await.map_err(pool_error)?;
+        Ok((closed, client))
+    }
+
+    /// Maps a call's outcome, and drops the connection (and every idle one) when it failed
+    /// in a way that leaves it unusable.
+    fn finish<T>(&self, client: Object, result: Timed<T>) -> Result<T, StoreError> {
+        let error = match result {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(Fail::Store(e))) => return Err(e),
+            Ok(Err(Fail::Db(e))) => {
+                let mapped = map_db_error(&e);
+                if !(breaks_connection(&e) || client.is_closed()) {
+                    return Err(mapped);
+                }
+                mapped
+            }
+            Err(_) => StoreError::Unavailable(format!(
+                "postgresql did not answer within {:?}",
+                self.call_timeout
+            )),
+        };
+        tracing::debug!(error = %error, "dropping postgresql connections");
+        drop(Object::take(client));
+        self.pool.retain(|_, _| false);
+        Err(error)
+    }
+}
+
+/// Runs `$call` (a future of `Result<T, Fail>` that borrows the pooled client `$client`) on a
+/// pooled connection under the client-side deadline.
+macro_rules! call {
+    ($store:expr, |$client:ident| $call:expr) => {{
+        let inner = &$store.inner;
+        #[allow(unused_mut, reason = "only some calls need the client mutably")]
+        let (_open, mut $client) = inner.client().await?;
+        let result = tokio::time::timeout(inner.call_timeout, $call).await;
+        inner.finish($client, result)
+    }};
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn snapshot(&self, dataset: &DatasetKey, actor: &str) -> Result<Snapshot, StoreError> {
+        dataset.validate()?;
+        validate_identity(actor)?;
+        call!(self, |client| read::snapshot(&client, dataset, actor))
+    }
+
+    async fn changes(
+        &self,
+        dataset: &DatasetKey,
+        actor: &str,
+        since: u64,
+    ) -> Result<Snapshot, StoreError> {
+        dataset.validate()?;
+        validate_identity(actor)?;
+        call!(self, |client| read::changes(&client, dataset, actor, since))
+    }
+
+    async fn update(&self, request: UpdateRequest) -> Result<UpdateOutcome, StoreError> {
+        let patches = validate_update(&self.inner.limits, &request)?;
+        let limits = &self.inner.limits;
+        call!(self, |client| write::update(
+            &mut client,
+            limits,
+            &request,
+            &patches
+        ))
+    }
+
+    async fn delete_dataset(&self, dataset: &DatasetKey, actor: &str) -> Result<u64, StoreError> {
+        dataset.validate()?;
+        validate_identity(actor)?;
+        call!(self, |client| write::delete(&mut client, dataset, actor))
+    }
+
+    async fn list_datasets(
+        &self,
+        pool: &str,
+        identity: &str,
+    ) -> Result<Vec<DatasetInfo>, StoreError> {
+        validate_identity(identity)?;
+        call!(self, |client| read::list_datasets(&client, pool, identity))
+    }
+
+    async fn grant(
+        &self,
+        dataset: &DatasetKey,
+        actor: &str,
+        grantee: &str,
+        access: Access,
+    ) -> Result<(), StoreError> {
+        dataset.validate()?;
+        validate_identity(actor)?;
+        validate_identity(grantee)?;
+        if access == Access::Owner {
+            return Err(StoreError::BadRequest(
+                "access granted must be read or write".into(),
+            ));
+        }
+        if actor != dataset.owner {
+            return Err(forbidden(dataset, actor, "owner"));
+        }
+        if grantee == dataset.owner {
+            return Err(StoreError::BadRequest(
+                "the owner cannot be granted access to its own dataset".into(),
+            ));
+        }
+        call!(self, |client| write::grant(
+            &client, dataset, grantee, access
+        ))
+    }
+
+    async fn revoke(
+        &self,
+        dataset: &DatasetKey,
+        actor: &str,
+        grantee: &str,
+    ) -> Result<(), StoreError> {
+        dataset.validate()?;
+        validate_identity(actor)?;
+        validate_identity(grantee)?;
+        if actor != dataset.owner {
+            return Err(forbidden(dataset, actor, "owner"));
+        }
+        call!(self, |client| write::revoke(&client, dataset, grantee))
+    }
+
+    async fn access(
+        &self,
+        dataset: &DatasetKey,
+        identity: &str,
+    ) -> Result<Option<Access>, StoreError> {
+        dataset.validate()?;
+        validate_identity(identity)?;
+        call!(self, |client| read::access_of(&client, dataset, identity))
+    }
+
+    async fn health(&self) -> Result<(), StoreError> {
+        call!(self, |client| async {
+            client.simple_query("SELECT 1").await?;
+            Ok(())
+        })
+    }
+
+    async fn close(&self) {
+        let mut closed = self.inner.closed.write().await;
+        if *closed {
+            return;
+        }
+        *closed = true;
+        self.inner.pool.close();
+        tracing::info!(schema = %self.inner.schema, "postgres store closed");
+    }
+}
+
+/// The connection settings: the URL's, plus the store's timeouts, schema and name.
+fn pg_config(config: &PostgresConfig) -> Result<tokio_postgres::Config, StoreError> {
+    // The URL may hold a password: the error does not repeat it.
+    let mut pg: tokio_postgres::Config = config
+        .url
+        .parse()
+        .map_err(|e| StoreError::BadRequest(format!("invalid postgresql url: {e}")))?;
+    pg.connect_timeout(config.connect_timeout);
+    if pg.get_application_name().is_none() {
+        pg.application_name(config.application_name());
+    }
+    let millis = |d: Duration| d.as_millis().max(1);
+    // A transaction left idle (its client stalled) must not hold dataset locks for long.
+    let options = format!(
+        "{} -c search_path={} -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
+        pg.get_options().unwrap_or_default(),
+        config.schema,
+        millis(config.statement_timeout),
+        millis(config.call_timeout()),
+    );
+    pg.options(options.trim());
+    Ok(pg)
+}
+
+/// Schema names go into SQL text and connection options unquoted, so only plain lowercase
+/// identifiers are accepted.
+fn validate_schema(schema: &str) -> Result<(), StoreError> {
+    let mut chars = schema.chars();
+    let valid_start = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    let valid_rest = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if valid_start && valid_rest && schema.len() <= 63 && !schema.starts_with("pg_") {
+        Ok(())
+    } else {
+        Err(StoreError::BadRequest(format!(
+            "invalid postgresql schema name `{schema}`: use [a-z_][a-z0-9_]*, at most 63 \
+             bytes, not starting with pg_"
+        )))
+    }
+}
+
+pub(super) fn forbidden(key: &DatasetKey, identity: &str, needed: &'static str) -> StoreError {
+    StoreError::Forbidden {
+        identity: identity.to_owned(),
+        dataset: key.to_string(),
+        needed,
+    }
+}
+
+fn closed_error() -> StoreError {
+    StoreError::Unavailable("store closed".into())
+}
+
+fn pool_error(e: PoolError) -> StoreError {
+    match e {
+        PoolError::Timeout(kind) => StoreError::Unavailable(format!(
+            "no postgresql connection in time ({kind:?} timed out)"
+        )),
+        PoolError::Backend(e) => match map_db_error(&e) {
+            StoreError::Unavailable(m) => {
+                StoreError::Unavailable(format!("cannot connect to postgresql: {m}"))
+            }
+            other => other,
+        },
+        PoolError::Closed => closed_error(),
+        PoolError::NoRuntimeSpecified | PoolError::PostCreateHook(_) => {
+            StoreError::Internal(format!("postgresql pool: {e}"))
+        }
+    }
+}
+
+/// Classifies a database error: retriable (`Unavailable`) or a fault (`Internal`).
+fn map_db_error(e: &tokio_postgres::Error) -> StoreError {
+    let message = describe(e);
+    if is_retriable(e) {
+        StoreError::Unavailable(format!("postgresql: {message}"))
+    } else {
+        StoreError::Internal(format!("postgresql: {message}"))
+    }
+}
+
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => match std::error::Error::source(e) {
+            Some(source) => format!("{e}: {source}"),
+            None => e.to_string(),
+        },
+    }
+}
+
+/// Whether trying again later may succeed: the server or the connection failed, a timeout,
+/// or a lock or serialisation failure; not a bad statement or a broken invariant.
+fn is_retriable(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
+        Some(code) => {
+            let class = &code.code()[..2];
+            matches!(class, "08" | "53" | "57" | "58")
+                || [
+                    SqlState::T_R_SERIALIZATION_FAILURE,
+                    SqlState::T_R_DEADLOCK_DETECTED,
+                    SqlState::LOCK_NOT_AVAILABLE,
+                    SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+                ]
+                .contains(code)
+        }
+        None => is_connection_error(e),
+    }
+}
+
+/// Whether the connection behind `e` cannot be used any more.
+fn breaks_connection(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
+        // A cancelled statement, a lock or a serialisation failure leaves the session fine.
+        Some(code) => {
+            is_retriable(e)
+                && ![
+                    SqlState::QUERY_CANCELED,
+                    SqlState::T_R_SERIALIZATION_FAILURE,
+                    SqlState::T_R_DEADLOCK_DETECTED,
+                    SqlState::LOCK_NOT_AVAILABLE,
+                ]
+                .contains(code)
+        }
+        None => is_connection_error(e),
+    }
+}
+
+/// An error with no SQLSTATE that comes from the connection, not from our own statement: a
+/// closed connection, an I/O failure, a timeout, or a message the client did not expect.
+fn is_connection_error(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    if std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()) {
+        return true;
+    }
+    let text = e.to_string();
+    text.starts_with("timeout waiting for server")
+        || text.starts_with("unexpected message from server")
+        || text.starts_with("error connecting to server")
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,205 @@
+//! Reads. Each is one statement, so the access check, the sync count and the records it
+//! returns all come from one snapshot, and none takes a lock or waits for a writer.
+
+use super::{Fail, forbidden};
+use crate::{DatasetKey, Snapshot, StoreError};
+use deadpool_postgres::ClientWrapper;
+use deadpool_postgres::tokio_postgres::Row;
+use tandem_protocol::{Access, DatasetInfo, DatasetRef, Record};
+
+/// A dataset read: the caller's grant and the sync count in the first two columns (on every
+/// row; there is always at least one), then the records that pass `$filter` (none when the
+/// caller may not read), ordered by key. Parameters: pool, owner, name, caller, whether the
+/// caller is the owner, then the filter's own.
+macro_rules! dataset_read {
+    ($filter:literal) => {
+        concat!(
+            "WITH d AS (SELECT id, sync_count, deleted FROM datasets
+                        WHERE pool = $1 AND owner = $2 AND name = $3),
+                  g AS (SELECT access FROM grants
+                        WHERE pool = $1 AND owner = $2 AND name = $3 AND grantee = $4)
+             SELECT (SELECT access FROM g), (SELECT sync_count FROM d),
+                    r.key, r.value, r.sync_count, r.last_modified, r.last_modified_by,
+                    r.device_id, r.device_last_modified
+             FROM (SELECT 1) AS one
+             LEFT JOIN records r
+                    ON r.dataset_id = (SELECT id FROM d WHERE NOT deleted)
+                   AND ($5 OR EXISTS (SELECT 1 FROM g))
+                   AND ",
+            $filter,
+            "
+             ORDER BY r.key"
+        )
+    };
+}
+
+const SNAPSHOT: &str = dataset_read!("r.value IS NOT NULL");
+const CHANGES: &str = dataset_read!("r.sync_count > $6");
+
+/// The whole dataset (live records) as `actor` may see it.
+pub(super) async fn snapshot(
+    client: &ClientWrapper,
+    key: &DatasetKey,
+    actor: &str,
+) -> Result<Snapshot, Fail> {
+    let is_owner = actor == key.owner;
+    let stmt = client.prepare_cached(SNAPSHOT).await?;
+    let rows = client
+        .query(
+            &stmt,
+            &[&key.pool, &key.owner, &key.name, &actor, &is_owner],
+        )
+        .await?;
+    dataset_rows(key, actor, is_owner, &rows)
+}
+
+/// Records changed after `since`, tombstones included.
+pub(super) async fn changes(
+    client: &ClientWrapper,
+    key: &DatasetKey,
+    actor: &str,
+    since: u64,
+) -> Result<Snapshot, Fail> {
+    let is_owner = actor == key.owner;
+    // Above i64::MAX nothing can match; clamp rather than fail the conversion.
+    let since = i64::try_from(since).unwrap_or(i64::MAX);
+    let stmt = client.prepare_cached(CHANGES).await?;
+    let rows = client
+        .query(
+            &stmt,
+            &[&key.pool, &key.owner, &key.name, &actor, &is_owner, &since],
+        )
+        .await?;
+    dataset_rows(key, actor, is_owner, &rows)
+}
+
+fn dataset_rows(
+    key: &DatasetKey,
+    actor: &str,
+    is_owner: bool,
+    rows: &[Row],
+) -> Result<Snapshot, Fail> {
+    let Some(first) = rows.first() else {
+        return Err(StoreError::Internal("dataset read returned no row".into()).into());
+    };
+    let grant: Option<String> = first.try_get(0)?;
+    if !is_owner && grant.is_none() {
+        return Err(forbidden(key, actor, "read").into());
+    }
+    let sync_count = to_u64(first.try_get::<_, Option<i64>>(1)?.unwrap_or(0))?;
+    let mut records = Vec::with_capacity(rows.len());
+    for row in rows {
+        if row.try_get::<_, Option<&str>>(2)?.is_some() {
+            records.push(record_from_row(row, 2)?);
+        }
+    }
+    Ok(Snapshot {
+        dataset: key.clone(),
+        sync_count,
+        records,
+    })
+}
+
+/// `identity`'s access: `Owner` for the owner, else its grant.
+pub(super) async fn access_of(
+    client: &ClientWrapper,
+    key: &DatasetKey,
+    identity: &str,
+) -> Result<Option<Access>, Fail> {
+    if identity == key.owner {
+        return Ok(Some(Access::Owner));
+    }
+    let stmt = client
+        .prepare_cached(
+            "SELECT access FROM grants
+             WHERE pool = $1 AND owner = $2 AND name = $3 AND grantee = $4",
+        )
+        .await?;
+    let row = client
+        .query_opt(&stmt, &[&key.pool, &key.owner, &key.name, &identity])
+        .await?;
+    match row {
+        Some(row) => Ok(Some(parse_access(row.try_get(0)?)?)),
+        None => Ok(None),
+    }
+}
+
+/// The identity's own live datasets and the live datasets shared with it, by owner then
+/// name.
+pub(super) async fn list_datasets(
+    client: &ClientWrapper,
+    pool: &str,
+    identity: &str,
+) -> Result<Vec<DatasetInfo>, Fail> {
+    let stmt = client
+        .prepare_cached(
+            r#"SELECT owner, name, sync_count, record_count, byte_size, last_modified, access
+               FROM (
+                   SELECT owner, name, sync_count, record_count, byte_size, last_modified,
+                          'owner' AS access
+                   FROM datasets WHERE pool = $1 AND owner = $2 AND NOT deleted
+                   UNION ALL
+                   SELECT d.owner, d.name, d.sync_count, d.record_count, d.byte_size,
+                          d.last_modified, g.access
+                   FROM grants g
+                   JOIN datasets d ON d.pool = g.pool AND d.owner = g.owner AND d.name = g.name
+                   WHERE g.pool = $1 AND g.grantee = $2 AND NOT d.deleted
+               ) AS listed
+               ORDER BY owner COLLATE "C", name COLLATE "C""#,
+        )
+        .await?;
+    let rows = client.query(&stmt, &[&pool, &identity]).await?;
+    rows.iter()
+        .map(|row| {
+            let access: &str = row.try_get(6)?;
+            let access = match access {
+                "owner" => Access::Owner,
+                other => parse_access(other)?,
+            };
+            Ok(DatasetInfo {
+                dataset: DatasetRef::new(
+                    row.try_get::<_, String>(0)?,
+                    row.try_get::<_, String>(1)?,
+                ),
+                sync_count: to_u64(row.try_get(2)?)?,
+                records: to_u64(row.try_get(3)?)?,
+                bytes: to_u64(row.try_get(4)?)?,
+                access,
+                last_modified: row.try_get(5)?,
+            })
+        })
+        .collect()
+}
+
+/// A record from `row`'s columns `at..at + 7`: key, value, sync count, last modified, last
+/// modified by, device id, device last modified.
+pub(super) fn record_from_row(row: &Row, at: usize) -> Result<Record, Fail> {
+    Ok(Record {
+        key: row.try_get(at)?,
+        value: row.try_get(at + 1)?,
+        sync_count: to_u64(row.try_get(at + 2)?)?,
+        last_modified: row.try_get(at + 3)?,
+        last_modified_by: row.try_get(at + 4)?,
+        device_id: row.try_get(at + 5)?,
+        device_last_modified: row.try_get(at + 6)?,
+    })
+}
+
+fn parse_access(s: &str) -> Result<Access, Fail> {
+    match Access::parse(s) {
+        Some(access @ (Access::Read | Access::Write)) => Ok(access),
+        _ => Err(StoreError::Internal(format!("stored grant has access `{s}`")).into()),
+    }
+}
+
+/// A stored count (never negative: the schema checks it).
+pub(super) fn to_u64(n: i64) -> Result<u64, Fail> {
+    u64::try_from(n)
+        .map_err(|_| StoreError::Internal(format!("stored count {n} is negative")).into())
+}
+
+/// A count to store.
+pub(super) fn to_i64(n: u64) -> Result<i64, Fail> {
+    i64::try_from(n)
+        .map_err(|_| StoreError::Internal(format!("count {n} is too large to store")).into())
+}

@@ -1,0 +1,109 @@
+//! The PostgreSQL schema and its migrations, applied in order at connect and tracked in the
+//! `schema_version` table of the store's schema. All of it runs in one transaction that
+//! first takes an advisory lock on the schema's name, so several nodes starting at once
+//! migrate one after the other (the later ones find nothing to do), and a failed migration
+//! leaves nothing behind. A schema newer than this build is refused rather than misread.
+
+use super::Fail;
+use crate::StoreError;
+use deadpool_postgres::ClientWrapper;
+
+/// Migration `i` takes the schema from version `i` to version `i + 1`.
+///
+/// The same logical schema as SQLite's. Datasets keep their row (with `deleted` and their
+/// sync count) after a delete, so a re-created dataset continues above it. `record_count`
+/// and `byte_size` are the live records' aggregates, kept up to date by every commit so limit
+/// checks never scan. Records hang off the dataset row's id (which carries the pool); grants
+/// are keyed by name since a grant may exist before its dataset does. Text that is compared
+/// or ordered uses the "C" collation, so keys and names sort by bytes, as in SQLite.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE datasets (
+    id            bigint  GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    pool          text    COLLATE "C" NOT NULL,
+    owner         text    COLLATE "C" NOT NULL,
+    name          text    COLLATE "C" NOT NULL,
+    sync_count    bigint  NOT NULL CHECK (sync_count >= 0),
+    deleted       boolean NOT NULL DEFAULT false,
+    record_count  bigint  NOT NULL DEFAULT 0,
+    byte_size     bigint  NOT NULL DEFAULT 0,
+    created_at    bigint  NOT NULL,
+    last_modified bigint  NOT NULL,
+    UNIQUE (pool, owner, name)
+);
+
+CREATE TABLE records (
+    dataset_id           bigint NOT NULL REFERENCES datasets (id),
+    key                  text   COLLATE "C" NOT NULL,
+    value                text,
+    sync_count           bigint NOT NULL,
+    last_modified        bigint NOT NULL,
+    last_modified_by     text   NOT NULL,
+    device_id            text,
+    device_last_modified bigint,
+    PRIMARY KEY (dataset_id, key)
+);
+
+CREATE INDEX records_by_sync_count ON records (dataset_id, sync_count);
+
+CREATE TABLE grants (
+    pool       text   COLLATE "C" NOT NULL,
+    owner      text   COLLATE "C" NOT NULL,
+    name       text   COLLATE "C" NOT NULL,
+    grantee    text   COLLATE "C" NOT NULL,
+    access     text   NOT NULL CHECK (access IN ('read', 'write')),
+    granted_at bigint NOT NULL,
+    PRIMARY KEY (pool, owner, name, grantee)
+);
+
+CREATE INDEX grants_by_grantee ON grants (pool, grantee);
+"#];
+
+/// The schema version this build writes.
+pub(super) const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+
+/// The first key of the advisory lock that serialises migrations of one schema (the second
+/// is a hash of the schema's name). Distinct from [`super::write::OWNER_LOCK`].
+const MIGRATION_LOCK: i32 = 0x5444_4d00;
+
+/// Brings `schema` (a validated identifier) up to `SCHEMA_VERSION`, creating it if needed.
+pub(super) async fn migrate(client: &mut ClientWrapper, schema: &str) -> Result<(), Fail> {
+    let tx = client.transaction().await?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+        &[&MIGRATION_LOCK, &schema],
+    )
+    .await?;
+    // CREATE SCHEMA IF NOT EXISTS is not safe against a concurrent one; the lock makes it so.
+    tx.batch_execute(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema};
+         SET LOCAL search_path TO {schema};
+         CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL);"
+    ))
+    .await?;
+    let current: i32 = tx
+        .query_one("SELECT coalesce(max(version), 0) FROM schema_version", &[])
+        .await?
+        .try_get(0)?;
+    if current > SCHEMA_VERSION {
+        return Err(StoreError::Internal(format!(
+            "database schema {schema} is at version {current}, newer than this build supports \
+             ({SCHEMA_VERSION})"
+        ))
+        .into());
+    }
+    if current < SCHEMA_VERSION {
+        let pending = usize::try_from(current).unwrap_or(0);
+        for (version, sql) in MIGRATIONS.iter().enumerate().skip(pending) {
+            tx.batch_execute(sql).await?;
+            tracing::info!(schema, version = version + 1, "postgres schema migrated");
+        }
+        tx.execute("DELETE FROM schema_version", &[]).await?;
+        tx.execute(
+            "INSERT INTO schema_version (version) VALUES ($1)",
+            &[&SCHEMA_VERSION],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}

@@ -1,0 +1,587 @@
+//! Tests against a real PostgreSQL: `TANDEM_TEST_POSTGRES_URL`, by default the local
+//! server's `test` database. Each store gets a fresh schema, dropped when the test ends, so
+//! tests (and concurrent test processes) never see each other's data.
+
+use super::*;
+use crate::conformance;
+use crate::{DEFAULT_POOL, Snapshot};
+use deadpool_postgres::tokio_postgres::Client;
+use std::collections::HashSet;
+use std::hash::{BuildHasher, Hasher, RandomState};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+use tandem_protocol::{LimitCode, Patch};
+
+const DEFAULT_TEST_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+fn test_url() -> String {
+    std::env::var("TANDEM_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_TEST_URL.into())
+}
+
+/// Fresh schema names for one test; the schemas are dropped (best effort) when this is
+/// dropped, also when the test panics. Declare it first so it is dropped last.
+struct TestSchemas {
+    names: Mutex<Vec<String>>,
+}
+
+impl TestSchemas {
+    fn new() -> Self {
+        TestSchemas {
+            names: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A schema name no other test or test process uses.
+    fn fresh(&self) -> String {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let random = RandomState::new().build_hasher().finish() & 0xffff_ffff;
+        let name = format!(
+            "tandem_test_{}_{}_{random:08x}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        self.names.lock().unwrap().push(name.clone());
+        name
+    }
+
+    /// A small-pool config on a fresh schema.
+    fn config(&self) -> PostgresConfig {
+        PostgresConfig {
+            schema: self.fresh(),
+            pool_size: 8,
+            ..PostgresConfig::new(test_url())
+        }
+    }
+}
+
+impl Drop for TestSchemas {
+    fn drop(&mut self) {
+        let names = std::mem::take(&mut *self.names.lock().unwrap_or_else(|e| e.into_inner()));
+        if names.is_empty() {
+            return;
+        }
+        // Drop runs inside the test's runtime: use a thread with its own.
+        let url = test_url();
+        let cleanup = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async {
+                let Ok((client, connection)) = tokio_postgres::connect(&url, NoTls).await else {
+                    return;
+                };
+                tokio::spawn(connection);
+                for name in names {
+                    let sql = format!("DROP SCHEMA IF EXISTS {name} CASCADE");
+                    if let Err(e) = client.batch_execute(&sql).await {
+                        eprintln!("could not drop test schema {name}: {e}");
+                    }
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// A plain connection for the test itself, outside any store.
+async fn admin() -> Client {
+    let (client, connection) = tokio_postgres::connect(&test_url(), NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+fn ds(owner: &str, name: &str) -> DatasetKey {
+    DatasetKey::new(DEFAULT_POOL, owner, name)
+}
+
+fn update(dataset: &DatasetKey, actor: &str, patches: Vec<Patch>) -> UpdateRequest {
+    UpdateRequest {
+        dataset: dataset.clone(),
+        actor: actor.to_owned(),
+        device_id: None,
+        patches,
+    }
+}
+
+async fn commit(store: &PostgresStore, request: UpdateRequest) -> Snapshot {
+    match store.update(request).await.unwrap() {
+        UpdateOutcome::Committed { snapshot, .. } => snapshot,
+        other => panic!("should commit, got {other:?}"),
+    }
+}
+
+/// The `counter` record's value and sync count (0, 0 when absent).
+fn counter(s: &Snapshot) -> (u64, u64) {
+    s.records
+        .iter()
+        .find(|r| r.key == "counter")
+        .map_or((0, 0), |r| {
+            (
+                r.value.as_deref().unwrap_or("0").parse().unwrap(),
+                r.sync_count,
+            )
+        })
+}
+
+/// Reads the dataset, then writes `counter = n + 1` and a new key `k{n+1}` in one update.
+/// `Ok(Some(sync count))` when it commits, `Ok(None)` on a conflict.
+async fn increment(store: &PostgresStore, d: &DatasetKey) -> Result<Option<u64>, StoreError> {
+    let s = store.snapshot(d, &d.owner).await?;
+    let (n, sync) = counter(&s);
+    let patches = vec![
+        Patch::replace("counter", (n + 1).to_string(), sync),
+        Patch::replace(format!("k{:04}", n + 1), "x", 0),
+    ];
+    match store.update(update(d, &d.owner, patches)).await? {
+        UpdateOutcome::Committed { snapshot, .. } => Ok(Some(snapshot.sync_count)),
+        UpdateOutcome::Conflict { .. } => Ok(None),
+    }
+}
+
+/// A dataset written only by `increment` holds exactly what its commits wrote, each whole:
+/// commit `i` set the counter to `i` and wrote `k{i}` at sync count `i`.
+fn assert_increments_consistent(s: &Snapshot) {
+    let (n, counter_sync) = counter(s);
+    assert_eq!(n, s.sync_count, "one increment per commit: {s:?}");
+    assert_eq!(counter_sync, n);
+    assert_eq!(s.records.len() as u64, n + 1, "counter plus k1..k{n}");
+    for i in 1..=n {
+        let key = format!("k{i:04}");
+        let record = s.records.iter().find(|r| r.key == key);
+        assert_eq!(record.map(|r| r.sync_count), Some(i), "{key} in {s:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_postgres_store_conformance() {
+    let schemas = TestSchemas::new();
+    conformance::run_all(|limits| {
+        let config = schemas.config();
+        async move { PostgresStore::connect(config, limits).await.unwrap() }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_postgres_store_concurrent_writers_on_two_nodes_serialise() {
+    const TASKS: u64 = 16;
+    const ROUNDS: u64 = 5;
+    let schemas = TestSchemas::new();
+    let config = schemas.config();
+    // Two pools on one schema: two gateway nodes sharing the database.
+    let nodes = [
+        PostgresStore::connect(config.clone(), Limits::default())
+            .await
+            .unwrap(),
+        PostgresStore::connect(config, Limits::default())
+            .await
+            .unwrap(),
+    ];
+    let d = ds("alice", "contended");
+    let mut tasks = Vec::new();
+    for task in 0..TASKS {
+        let store = nodes[(task % 2) as usize].clone();
+        let d = d.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut committed = Vec::new();
+            for _ in 0..ROUNDS {
+                loop {
+                    if let Some(sync_count) = increment(&store, &d).await.unwrap() {
+                        committed.push(sync_count);
+                        break;
+                    }
+                }
+            }
+            committed
+        }));
+    }
+    let mut seen = HashSet::new();
+    for task in tasks {
+        for sync_count in task.await.unwrap() {
+            assert!(
+                seen.insert(sync_count),
+                "sync count {sync_count} acked twice"
+            );
+        }
+    }
+    let commits = TASKS * ROUNDS;
+    assert_eq!(seen, (1..=commits).collect::<HashSet<_>>());
+    for node in &nodes {
+        let s = node.snapshot(&d, "alice").await.unwrap();
+        assert_eq!(s.sync_count, commits, "one sync count per commit");
+        assert_increments_consistent(&s);
+        node.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_postgres_store_concurrent_creations_respect_max_datasets() {
+    let schemas = TestSchemas::new();
+    let config = schemas.config();
+    let limits = Limits {
+        max_datasets: 3,
+        ..Limits::default()
+    };
+    let nodes = [
+        PostgresStore::connect(config.clone(), limits.clone())
+            .await
+            .unwrap(),
+        PostgresStore::connect(config, limits).await.unwrap(),
+    ];
+    let mut tasks = Vec::new();
+    for i in 0..12usize {
+        let store = nodes[i % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            let d = ds("alice", &format!("d{i}"));
+            store
+                .update(update(&d, "alice", vec![Patch::replace("k", "v", 0)]))
+                .await
+        }));
+    }
+    let mut created = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(UpdateOutcome::Committed { .. }) => created += 1,
+            Err(StoreError::Limit {
+                limit: LimitCode::MaxDatasets,
+                ..
+            }) => {}
+            other => panic!("expected a commit or the dataset limit, got {other:?}"),
+        }
+    }
+    assert_eq!(created, 3, "exactly max_datasets creations win");
+    let listed = nodes[0].list_datasets(DEFAULT_POOL, "alice").await.unwrap();
+    assert_eq!(listed.len(), 3);
+    for node in &nodes {
+        node.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_postgres_store_revoke_on_one_node_takes_effect_on_another() {
+    let schemas = TestSchemas::new();
+    let config = schemas.config();
+    let a = PostgresStore::connect(config.clone(), Limits::default())
+        .await
+        .unwrap();
+    let b = PostgresStore::connect(config, Limits::default())
+        .await
+        .unwrap();
+    let d = ds("alice", "shared");
+    commit(&a, update(&d, "alice", vec![Patch::replace("x", "1", 0)])).await;
+    a.grant(&d, "alice", "bob", Access::Write).await.unwrap();
+    commit(&b, update(&d, "bob", vec![Patch::replace("x", "2", 1)])).await;
+    a.revoke(&d, "alice", "bob").await.unwrap();
+    assert!(matches!(
+        b.update(update(&d, "bob", vec![Patch::replace("x", "3", 2)]))
+            .await,
+        Err(StoreError::Forbidden { .. })
+    ));
+    assert!(matches!(
+        b.snapshot(&d, "bob").await,
+        Err(StoreError::Forbidden { .. })
+    ));
+    assert_eq!(b.snapshot(&d, "alice").await.unwrap().sync_count, 2);
+    a.close().await;
+    b.close().await;
+}
+
+#[tokio::test]
+async fn test_postgres_store_connect_fails_fast_when_unreachable() {
+    // A port that was free a moment ago: nothing listens there.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let config = PostgresConfig {
+        connect_timeout: Duration::from_secs(1),
+        ..PostgresConfig::new(format!("postgres://postgres@127.0.0.1:{port}/test"))
+    };
+    let started = Instant::now();
+    let result = PostgresStore::connect(config, Limits::default()).await;
+    assert!(
+        matches!(result, Err(StoreError::Unavailable(_))),
+        "{result:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+/// Terminates every backend of the store's connections.
+async fn terminate_backends(admin: &Client, application_name: &str) {
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE application_name = $1",
+            &[&application_name],
+        )
+        .await
+        .unwrap();
+}
+
+/// Waits until none of the store's backends is left.
+async fn wait_for_no_backends(admin: &Client, application_name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                &[&application_name],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{left} backends still alive");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_postgres_store_resumes_after_its_backends_are_terminated() {
+    let schemas = TestSchemas::new();
+    let config = schemas.config();
+    let app = config.application_name();
+    let store = PostgresStore::connect(config, Limits::default())
+        .await
+        .unwrap();
+    let admin = admin().await;
+
+    // One call after the kill may fail with `Unavailable`; the one after it succeeds.
+    let d = ds("alice", "sequential");
+    increment(&store, &d).await.unwrap();
+    for _ in 0..3 {
+        terminate_backends(&admin, &app).await;
+        wait_for_no_backends(&admin, &app).await;
+        match increment(&store, &d).await {
+            Ok(Some(_)) | Err(StoreError::Unavailable(_)) => {}
+            other => panic!("expected a commit or unavailable, got {other:?}"),
+        }
+        let resumed = increment(&store, &d).await;
+        assert!(
+            matches!(resumed, Ok(Some(_))),
+            "the store resumes by itself: {resumed:?}"
+        );
+    }
+    store.health().await.unwrap();
+    assert_increments_consistent(&store.snapshot(&d, "alice").await.unwrap());
+
+    // Writers busy while their connections are killed: each update is applied whole or not
+    // at all, and every acknowledged one is there.
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let store = store.clone();
+        writers.push(tokio::spawn(async move {
+            let d = ds("alice", &format!("busy-{w}"));
+            let mut acked = Vec::new();
+            let mut unavailable = 0;
+            for _ in 0..25 {
+                match increment(&store, &d).await {
+                    Ok(Some(sync_count)) => acked.push(sync_count),
+                    Ok(None) => panic!("a single writer cannot conflict"),
+                    Err(StoreError::Unavailable(_)) => unavailable += 1,
+                    Err(e) => panic!("expected a commit or unavailable, got {e:?}"),
+                }
+            }
+            (d, acked, unavailable)
+        }));
+    }
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        terminate_backends(&admin, &app).await;
+    }
+    for writer in writers {
+        let (d, acked, _unavailable) = writer.await.unwrap();
+        let s = match store.snapshot(&d, "alice").await {
+            Ok(s) => s,
+            Err(StoreError::Unavailable(_)) => store.snapshot(&d, "alice").await.unwrap(),
+            Err(e) => panic!("{e:?}"),
+        };
+        assert_increments_consistent(&s);
+        assert!(
+            acked.iter().all(|n| *n <= s.sync_count),
+            "every acknowledged commit is stored: {acked:?} vs {}",
+            s.sync_count
+        );
+    }
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_postgres_store_statement_timeout_is_unavailable_and_writes_nothing() {
+    let schemas = TestSchemas::new();
+    let config = PostgresConfig {
+        statement_timeout: Duration::from_millis(300),
+        ..schemas.config()
+    };
+    let schema = config.schema.clone();
+    let store = PostgresStore::connect(config, Limits::default())
+        .await
+        .unwrap();
+    let d = ds("alice", "locked");
+    let before = commit(
+        &store,
+        update(&d, "alice", vec![Patch::replace("a", "1", 0)]),
+    )
+    .await;
+
+    // Another session holds the dataset's row lock.
+    let mut holder = admin().await;
+    let tx = holder.transaction().await.unwrap();
+    tx.execute(
+        &format!("SELECT 1 FROM {schema}.datasets WHERE owner = 'alice' FOR UPDATE"),
+        &[],
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let blocked = store
+        .update(update(&d, "alice", vec![Patch::replace("a", "2", 1)]))
+        .await;
+    assert!(
+        matches!(blocked, Err(StoreError::Unavailable(_))),
+        "{blocked:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // Reads do not wait for writers.
+    assert_eq!(store.snapshot(&d, "alice").await.unwrap(), before);
+    tx.rollback().await.unwrap();
+
+    let after = commit(
+        &store,
+        update(&d, "alice", vec![Patch::replace("a", "2", 1)]),
+    )
+    .await;
+    assert_eq!(after.sync_count, 2, "the timed-out update left nothing");
+    store.close().await;
+}
+
+async fn schema_versions(admin: &Client, schema: &str) -> Vec<i32> {
+    admin
+        .query(&format!("SELECT version FROM {schema}.schema_version"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_postgres_store_migrating_twice_is_a_no_op() {
+    let schemas = TestSchemas::new();
+    let config = schemas.config();
+    let admin = admin().await;
+    let d = ds("alice", "kept");
+    let store = PostgresStore::connect(config.clone(), Limits::default())
+        .await
+        .unwrap();
+    let written = commit(
+        &store,
+        update(&d, "alice", vec![Patch::replace("a", "1", 0)]),
+    )
+    .await;
+    store.close().await;
+
+    let store = PostgresStore::connect(config.clone(), Limits::default())
+        .await
+        .unwrap();
+    assert_eq!(store.snapshot(&d, "alice").await.unwrap(), written);
+    assert_eq!(
+        schema_versions(&admin, &config.schema).await,
+        [schema::SCHEMA_VERSION]
+    );
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_postgres_store_concurrent_migrations_of_a_fresh_schema_all_succeed() {
+    let schemas = TestSchemas::new();
+    let config = schemas.config();
+    let connects: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(PostgresStore::connect(config.clone(), Limits::default())))
+        .collect();
+    let mut stores = Vec::new();
+    for connect in connects {
+        stores.push(connect.await.unwrap().unwrap());
+    }
+    let d = ds("alice", "after-migration");
+    commit(
+        &stores[0],
+        update(&d, "alice", vec![Patch::replace("a", "1", 0)]),
+    )
+    .await;
+    assert_eq!(stores[3].snapshot(&d, "alice").await.unwrap().sync_count, 1);
+    assert_eq!(
+        schema_versions(&admin().await, &config.schema).await,
+        [schema::SCHEMA_VERSION]
+    );
+    for store in &stores {
+        store.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_postgres_store_refuses_a_newer_schema() {
+    let schemas = TestSchemas::new();
+    let config = schemas.config();
+    PostgresStore::connect(config.clone(), Limits::default())
+        .await
+        .unwrap()
+        .close()
+        .await;
+    admin()
+        .await
+        .execute(
+            &format!(
+                "UPDATE {}.schema_version SET version = version + 1",
+                config.schema
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let result = PostgresStore::connect(config, Limits::default()).await;
+    assert!(
+        matches!(&result, Err(StoreError::Internal(m)) if m.contains("newer")),
+        "{result:?}"
+    );
+}
+
+#[test]
+fn test_postgres_config_accepts_only_plain_schema_names() {
+    for good in ["tandem", "_x", "tandem_test_1_2_abc", &"s".repeat(63)] {
+        assert!(validate_schema(good).is_ok(), "{good}");
+    }
+    for bad in [
+        "",
+        "Tandem",
+        "1abc",
+        "a-b",
+        "a;drop",
+        "pg_catalog",
+        "a b",
+        &"s".repeat(64),
+    ] {
+        assert!(
+            matches!(validate_schema(bad), Err(StoreError::BadRequest(_))),
+            "{bad}"
+        );
+    }
+    let config = PostgresConfig::new("postgres://u:secret@127.0.0.1/db");
+    assert_eq!(config.schema, "tandem");
+    assert_eq!(config.pool_size, 16);
+    assert_eq!(config.application_name(), "tandem-tandem");
+    let pg = pg_config(&config).unwrap();
+    assert_eq!(pg.get_application_name(), Some("tandem-tandem"));
+    assert!(pg.get_options().unwrap().contains("search_path=tandem"));
+    let err = pg_config(&PostgresConfig::new("postgres://u:secret@[bad")).unwrap_err();
+    assert!(!err.to_string().contains("secret"), "{err}");
+}

@@ -1,0 +1,395 @@
+//! Writes. An update or a delete is one READ COMMITTED transaction that starts by locking
+//! the dataset's row (see the module doc of `postgres` for why that is enough); grants and
+//! revokes are one statement each. Statements that do not depend on each other's results are
+//! sent together (tokio-postgres pipelines them on the connection), and each write is one
+//! statement however many records it touches.
+
+use super::read::{record_from_row, to_i64, to_u64};
+use super::{Fail, forbidden};
+use crate::model::check_dataset_limits;
+use crate::{
+    DatasetKey, Limits, Snapshot, StoreError, UpdateOutcome, UpdateRequest, ValidatedPatch, now_ms,
+    record_bytes,
+};
+use deadpool_postgres::tokio_postgres::Row;
+use deadpool_postgres::tokio_postgres::types::ToSql;
+use deadpool_postgres::{ClientWrapper, Transaction};
+use std::collections::BTreeMap;
+use tandem_protocol::{Access, Conflict, Record};
+
+/// The first key of the advisory lock that serialises the creation of one owner's datasets
+/// (the second is a hash of pool and owner). Distinct from the migration lock's.
+pub(super) const OWNER_LOCK: i32 = 0x5444_4d01;
+
+/// A dataset's row: its sync count survives a delete (`deleted = true`). A row inserted to
+/// be locked, for a dataset that did not exist, looks like a deleted dataset at sync count 0
+/// (which is what a dataset that never existed is) until the update commits.
+#[derive(Debug, Clone, Copy)]
+struct DatasetRow {
+    id: i64,
+    sync_count: u64,
+    deleted: bool,
+    record_count: u64,
+    byte_size: u64,
+}
+
+impl DatasetRow {
+    fn from_row(row: &Row) -> Result<Self, Fail> {
+        Ok(DatasetRow {
+            id: row.try_get(0)?,
+            sync_count: to_u64(row.try_get(1)?)?,
+            deleted: row.try_get(2)?,
+            record_count: to_u64(row.try_get(3)?)?,
+            byte_size: to_u64(row.try_get(4)?)?,
+        })
+    }
+
+    /// The live record count and bytes, zero for a deleted dataset.
+    fn live_totals(&self) -> (u64, u64) {
+        if self.deleted {
+            (0, 0)
+        } else {
+            (self.record_count, self.byte_size)
+        }
+    }
+}
+
+const LOCK_DATASET: &str = "
+    SELECT id, sync_count, deleted, record_count, byte_size FROM datasets
+    WHERE pool = $1 AND owner = $2 AND name = $3
+    FOR UPDATE";
+
+const INSERT_DATASET: &str = "
+    INSERT INTO datasets (pool, owner, name, sync_count, deleted, created_at, last_modified)
+    VALUES ($1, $2, $3, 0, true, $4, $4)
+    ON CONFLICT (pool, owner, name) DO NOTHING
+    RETURNING id, sync_count, deleted, record_count, byte_size";
+
+const LOCK_GRANT: &str = "
+    SELECT access FROM grants
+    WHERE pool = $1 AND owner = $2 AND name = $3 AND grantee = $4
+    FOR SHARE";
+
+const LOAD_RECORDS: &str = "
+    SELECT key, value, sync_count, last_modified, last_modified_by, device_id,
+           device_last_modified
+    FROM records WHERE dataset_id = $1 AND (value IS NOT NULL OR key = ANY($2))";
+
+const LOCK_OWNER: &str = "SELECT pg_advisory_xact_lock($1, hashtext($2))";
+
+const COUNT_OWNED: &str =
+    "SELECT count(*) FROM datasets WHERE pool = $1 AND owner = $2 AND NOT deleted";
+
+const UPDATE_DATASET: &str = "
+    UPDATE datasets SET sync_count = $2, deleted = false, record_count = $3, byte_size = $4,
+                        last_modified = $5
+    WHERE id = $1";
+
+const UPSERT_RECORDS: &str = "
+    INSERT INTO records (dataset_id, key, value, sync_count, last_modified, last_modified_by,
+                         device_id, device_last_modified)
+    SELECT $1, u.key, u.value, $2, $3, $4, $5, u.device_last_modified
+    FROM UNNEST($6::text[], $7::text[], $8::bigint[]) AS u (key, value, device_last_modified)
+    ON CONFLICT (dataset_id, key) DO UPDATE SET
+        value = EXCLUDED.value,
+        sync_count = EXCLUDED.sync_count,
+        last_modified = EXCLUDED.last_modified,
+        last_modified_by = EXCLUDED.last_modified_by,
+        device_id = EXCLUDED.device_id,
+        device_last_modified = EXCLUDED.device_last_modified";
+
+const DELETE_RECORDS: &str = "DELETE FROM records WHERE dataset_id = $1";
+
+const DELETE_GRANTS: &str = "DELETE FROM grants WHERE pool = $1 AND owner = $2 AND name = $3";
+
+const MARK_DELETED: &str = "
+    UPDATE datasets SET sync_count = $2, deleted = true, record_count = 0, byte_size = 0,
+                        last_modified = $3
+    WHERE id = $1";
+
+const UPSERT_GRANT: &str = "
+    INSERT INTO grants (pool, owner, name, grantee, access, granted_at)
+    VALUES ($1, $2, $3, $4, $5, $6)
+    ON CONFLICT (pool, owner, name, grantee) DO UPDATE SET
+        access = EXCLUDED.access,
+        granted_at = EXCLUDED.granted_at";
+
+const DELETE_GRANT: &str = "
+    DELETE FROM grants WHERE pool = $1 AND owner = $2 AND name = $3 AND grantee = $4";
+
+/// Applies an update (validated by the caller) in one transaction; see `Store::update`.
+/// Nothing is written unless it returns `Committed`: any other outcome drops the
+/// transaction, which rolls it back.
+pub(super) async fn update(
+    client: &mut ClientWrapper,
+    limits: &Limits,
+    request: &UpdateRequest,
+    patches: &[ValidatedPatch],
+) -> Result<UpdateOutcome, Fail> {
+    let key = &request.dataset;
+    let now = now_ms();
+    let tx = client.transaction().await?;
+    let row = lock_or_insert_dataset(&tx, key, now).await?;
+    if request.actor != key.owner {
+        let stmt = tx.prepare_cached(LOCK_GRANT).await?;
+        let grant = tx
+            .query_opt(&stmt, &[&key.pool, &key.owner, &key.name, &request.actor])
+            .await?;
+        let grant: Option<String> = grant.map(|row| row.try_get(0)).transpose()?;
+        if !grant
+            .as_deref()
+            .and_then(Access::parse)
+            .is_some_and(Access::can_write)
+        {
+            return Err(forbidden(key, &request.actor, "write").into());
+        }
+    }
+
+    // The dataset's live records and the stored state (tombstones too) of every patched key.
+    let mut stored = BTreeMap::new();
+    if !row.deleted {
+        let stmt = tx.prepare_cached(LOAD_RECORDS).await?;
+        let keys: Vec<&str> = patches.iter().map(|p| p.key.as_str()).collect();
+        for r in tx.query(&stmt, &[&row.id, &keys]).await? {
+            let record = record_from_row(&r, 0)?;
+            stored.insert(record.key.clone(), record);
+        }
+    }
+    let conflicts: Vec<Conflict> = patches
+        .iter()
+        .filter(|patch| !patch.matches(stored.get(&patch.key)))
+        .map(|patch| Conflict {
+            key: patch.key.clone(),
+            server: stored.get(&patch.key).cloned(),
+        })
+        .collect();
+    if !conflicts.is_empty() {
+        return Ok(UpdateOutcome::Conflict {
+            sync_count: row.sync_count,
+            conflicts,
+        });
+    }
+
+    // The dataset's live totals after the update, and the patches that change something.
+    let (mut records, mut bytes) = row.live_totals();
+    let mut writes = Vec::with_capacity(patches.len());
+    for patch in patches {
+        let old_bytes = stored
+            .get(&patch.key)
+            .and_then(|r| r.value.as_deref().map(|v| record_bytes(&r.key, v)));
+        match (&patch.value, old_bytes) {
+            (Some(value), old) => {
+                if old.is_none() {
+                    records += 1;
+                }
+                bytes = bytes.saturating_sub(old.unwrap_or(0)) + record_bytes(&patch.key, value);
+                writes.push(patch);
+            }
+            (None, Some(old)) => {
+                records = records.saturating_sub(1);
+                bytes = bytes.saturating_sub(old);
+                writes.push(patch);
+            }
+            // Removing what is absent or already removed changes nothing.
+            (None, None) => {}
+        }
+    }
+    let owned = if row.deleted {
+        Some(count_owned_locked(&tx, key).await?)
+    } else {
+        None
+    };
+    check_dataset_limits(limits, key, owned, records, bytes)?;
+
+    let new_count = row.sync_count + 1;
+    let changed: Vec<Record> = writes
+        .iter()
+        .map(|patch| Record {
+            key: patch.key.clone(),
+            value: patch.value.clone(),
+            sync_count: new_count,
+            last_modified: now,
+            last_modified_by: request.actor.clone(),
+            device_id: request.device_id.clone(),
+            device_last_modified: patch.device_last_modified,
+        })
+        .collect();
+    let (new_count_db, records_db, bytes_db) =
+        (to_i64(new_count)?, to_i64(records)?, to_i64(bytes)?);
+    let update_dataset = async {
+        let stmt = tx.prepare_cached(UPDATE_DATASET).await?;
+        tx.execute(
+            &stmt,
+            &[&row.id, &new_count_db, &records_db, &bytes_db, &now],
+        )
+        .await
+    };
+    let upsert_records = async {
+        if changed.is_empty() {
+            return Ok(0);
+        }
+        let keys: Vec<&str> = changed.iter().map(|r| r.key.as_str()).collect();
+        let values: Vec<Option<&str>> = changed.iter().map(|r| r.value.as_deref()).collect();
+        let device_times: Vec<Option<i64>> =
+            changed.iter().map(|r| r.device_last_modified).collect();
+        let stmt = tx.prepare_cached(UPSERT_RECORDS).await?;
+        tx.execute(
+            &stmt,
+            &[
+                &row.id,
+                &new_count_db,
+                &now,
+                &request.actor,
+                &request.device_id,
+                &keys,
+                &values,
+                &device_times,
+            ],
+        )
+        .await
+    };
+    tokio::try_join!(update_dataset, upsert_records)?;
+    // If the answer to COMMIT is lost, this fails and the caller gets `Unavailable`.
+    tx.commit().await?;
+
+    // Every record write holds the dataset's row lock, so the records read under it plus
+    // this update's writes are the dataset as committed.
+    let mut changed = changed;
+    changed.sort_by(|a, b| a.key.cmp(&b.key));
+    for record in &changed {
+        stored.insert(record.key.clone(), record.clone());
+    }
+    let live = stored.into_values().filter(|r| r.value.is_some()).collect();
+    Ok(UpdateOutcome::Committed {
+        changed,
+        snapshot: Snapshot {
+            dataset: key.clone(),
+            sync_count: new_count,
+            records: live,
+        },
+    })
+}
+
+/// Locks the dataset's row, inserting a placeholder first if it has none. An insert racing
+/// another transaction's insert of the same row waits for it; if that one commits, the
+/// insert does nothing and the row (now committed) is locked instead.
+async fn lock_or_insert_dataset(
+    tx: &Transaction<'_>,
+    key: &DatasetKey,
+    now: i64,
+) -> Result<DatasetRow, Fail> {
+    if let Some(row) = lock_dataset(tx, key).await? {
+        return Ok(row);
+    }
+    let stmt = tx.prepare_cached(INSERT_DATASET).await?;
+    if let Some(row) = tx
+        .query_opt(&stmt, &[&key.pool, &key.owner, &key.name, &now])
+        .await?
+    {
+        return DatasetRow::from_row(&row);
+    }
+    // Dataset rows are never removed, so the one that won the race is there to lock.
+    lock_dataset(tx, key)
+        .await?
+        .ok_or_else(|| StoreError::Internal(format!("dataset row of {key} vanished")).into())
+}
+
+async fn lock_dataset(tx: &Transaction<'_>, key: &DatasetKey) -> Result<Option<DatasetRow>, Fail> {
+    let stmt = tx.prepare_cached(LOCK_DATASET).await?;
+    tx.query_opt(&stmt, &[&key.pool, &key.owner, &key.name])
+        .await?
+        .map(|row| DatasetRow::from_row(&row))
+        .transpose()
+}
+
+/// The owner's live datasets, counted under the owner's creation lock (held to the end of
+/// the transaction): a creation that committed before is counted, one that has not yet
+/// started waits for this transaction. The count is a separate statement from the lock so
+/// that its snapshot is taken after the lock is granted.
+async fn count_owned_locked(tx: &Transaction<'_>, key: &DatasetKey) -> Result<u64, Fail> {
+    let lock_key = format!("{}:{}/{}", key.pool.len(), key.pool, key.owner);
+    let (lock, count) = tokio::try_join!(
+        tx.prepare_cached(LOCK_OWNER),
+        tx.prepare_cached(COUNT_OWNED)
+    )?;
+    tx.execute(&lock, &[&OWNER_LOCK, &lock_key]).await?;
+    let owned: i64 = tx
+        .query_one(&count, &[&key.pool, &key.owner])
+        .await?
+        .try_get(0)?;
+    to_u64(owned)
+}
+
+/// Deletes a dataset; see `Store::delete_dataset`.
+pub(super) async fn delete(
+    client: &mut ClientWrapper,
+    key: &DatasetKey,
+    actor: &str,
+) -> Result<u64, Fail> {
+    if actor != key.owner {
+        return Err(forbidden(key, actor, "owner").into());
+    }
+    let tx = client.transaction().await?;
+    let row = match lock_dataset(&tx, key).await? {
+        Some(row) if !row.deleted => row,
+        _ => return Err(StoreError::NotFound(format!("dataset {key}")).into()),
+    };
+    let new_count = row.sync_count + 1;
+    let new_count_db = to_i64(new_count)?;
+    let now = now_ms();
+    let (records, grants, mark) = tokio::try_join!(
+        tx.prepare_cached(DELETE_RECORDS),
+        tx.prepare_cached(DELETE_GRANTS),
+        tx.prepare_cached(MARK_DELETED),
+    )?;
+    let records_params: [&(dyn ToSql + Sync); 1] = [&row.id];
+    let grants_params: [&(dyn ToSql + Sync); 3] = [&key.pool, &key.owner, &key.name];
+    let mark_params: [&(dyn ToSql + Sync); 3] = [&row.id, &new_count_db, &now];
+    tokio::try_join!(
+        tx.execute(&records, &records_params),
+        tx.execute(&grants, &grants_params),
+        tx.execute(&mark, &mark_params),
+    )?;
+    tx.commit().await?;
+    Ok(new_count)
+}
+
+/// Grants (or changes) access; the caller checked that the actor is the owner.
+pub(super) async fn grant(
+    client: &ClientWrapper,
+    key: &DatasetKey,
+    grantee: &str,
+    access: Access,
+) -> Result<(), Fail> {
+    let stmt = client.prepare_cached(UPSERT_GRANT).await?;
+    client
+        .execute(
+            &stmt,
+            &[
+                &key.pool,
+                &key.owner,
+                &key.name,
+                &grantee,
+                &access.as_str(),
+                &now_ms(),
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Removes a grant; the caller checked that the actor is the owner.
+pub(super) async fn revoke(
+    client: &ClientWrapper,
+    key: &DatasetKey,
+    grantee: &str,
+) -> Result<(), Fail> {
+    let stmt = client.prepare_cached(DELETE_GRANT).await?;
+    let removed = client
+        .execute(&stmt, &[&key.pool, &key.owner, &key.name, &grantee])
+        .await?;
+    if removed == 0 {
+        return Err(StoreError::NotFound(format!("grant of {key} to {grantee}")).into());
+    }
+    Ok(())
+}
