@@ -199,9 +199,18 @@ impl TestServer {
         }
     }
 
-    /// Starts the server again on the same data dir and settings (on a new port).
+    /// Starts the server again on the same data dir, settings and port (clients that
+    /// reconnect find it where it was).
     pub fn restart(&mut self) {
         self.kill();
+        self.start_again();
+    }
+
+    /// Starts a killed or terminated server again on the same data dir, settings and port.
+    pub fn start_again(&mut self) {
+        if let Some(i) = self.args.iter().position(|a| a == "--listen") {
+            self.args[i + 1] = self.addr.to_string();
+        }
         self.spawn();
     }
 }

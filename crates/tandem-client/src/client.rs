@@ -296,7 +296,7 @@ impl Client {
         if let Some(conn) = conn {
             conn.send_close();
         }
-        let _ = self.inner.status.send(Status::Offline);
+        self.inner.status.send_replace(Status::Offline);
     }
 }
 
@@ -685,7 +685,7 @@ fn handle_event(inner: &Inner, frame: ServerFrame) {
 async fn run(inner: Arc<Inner>) {
     let mut backoff = inner.min_backoff;
     while !inner.stopped.load(Ordering::SeqCst) {
-        let _ = inner.status.send(Status::Connecting);
+        inner.status.send_replace(Status::Connecting);
         let attempt = async {
             let token = (inner.token)().await?;
             Connection::connect(&inner.url, &token).await
@@ -698,18 +698,18 @@ async fn run(inner: Arc<Inner>) {
                         conn.identity(),
                         inner.identity
                     );
-                    let _ = inner.status.send(Status::Failed(reason));
+                    inner.status.send_replace(Status::Failed(reason));
                     return;
                 }
                 backoff = inner.min_backoff;
                 let events = conn.take_events();
                 let conn = Arc::new(conn);
                 *inner.conn.lock() = Some(conn.clone());
-                let _ = inner.status.send(Status::Online);
+                inner.status.send_replace(Status::Online);
                 let stop_for_good = serve_connection(&inner, &conn, events).await;
                 *inner.conn.lock() = None;
                 if let Some(reason) = stop_for_good {
-                    let _ = inner.status.send(Status::Failed(reason));
+                    inner.status.send_replace(Status::Failed(reason));
                     return;
                 }
             }
@@ -718,7 +718,7 @@ async fn run(inner: Arc<Inner>) {
         if inner.stopped.load(Ordering::SeqCst) {
             break;
         }
-        let _ = inner.status.send(Status::Offline);
+        inner.status.send_replace(Status::Offline);
         let wait = jitter(backoff);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}

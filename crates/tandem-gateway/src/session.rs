@@ -153,9 +153,12 @@ impl Session {
     fn authenticated(&mut self, id: Option<RequestId>, identity: Identity) {
         let sub: Arc<str> = Arc::from(identity.sub.as_str());
         tracing::Span::current().record("identity", tracing::field::display(&sub));
+        // The same leeway that accepted the token keeps the session open past `exp`.
         let now_unix = tandem_store::now_ms() / 1000;
-        let remaining =
-            Duration::from_secs(u64::try_from(identity.expires_at - now_unix).unwrap_or(0));
+        let leeway = i64::try_from(self.gw.verifier.leeway_secs()).unwrap_or(0);
+        let remaining = Duration::from_secs(
+            u64::try_from(identity.expires_at + leeway - now_unix).unwrap_or(0),
+        );
         self.expires_at = Some(Instant::now() + remaining);
         self.identity = Some(sub.clone());
         self.reply(ServerFrame::Ready {
@@ -275,7 +278,8 @@ impl Session {
                     ErrorCode::Unauthorized,
                     e.to_string(),
                 ));
-                Some(CloseCode::Unauthorized)
+                // A refused refresh leaves the session on its current, still valid token.
+                self.identity.is_none().then_some(CloseCode::Unauthorized)
             }
         }
     }

@@ -1,0 +1,326 @@
+//! The Rust SDK against a real server: offline writes, reconnect, conflicts resolved by the
+//! handler, convergence of two clients, remote delete and revoke notices.
+
+use std::time::Duration;
+use tandem_client::{
+    Client, ClientError, ConflictHandler, Dataset, DatasetEvent, Resolution, Status,
+};
+use tandem_protocol::{Access, DatasetRef};
+use tandem_tests::TestServer;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn client(server: &TestServer, identity: &str, cache: Option<&std::path::Path>) -> Client {
+    let mut builder = Client::builder(server.url(), identity)
+        .token(server.token(identity))
+        .device_id(format!("{identity}-device"))
+        .backoff(Duration::from_millis(20), Duration::from_millis(200));
+    if let Some(dir) = cache {
+        builder = builder.cache_dir(dir);
+    }
+    builder.start().unwrap()
+}
+
+/// Polls until the dataset holds `key` = `value` (or lacks `key` when `value` is `None`).
+async fn wait_value(ds: &Dataset, key: &str, value: Option<&str>) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while ds.get(key).as_deref() != value {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{key} never became {value:?}; have {:?}",
+            ds.records()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn next_event(events: &mut tokio::sync::broadcast::Receiver<DatasetEvent>) -> DatasetEvent {
+    tokio::time::timeout(WAIT, events.recv())
+        .await
+        .expect("an event in time")
+        .expect("event channel open")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sdk_offline_writes_reach_server_after_it_returns() {
+    let mut server = TestServer::start();
+    let cache = tempfile::tempdir().unwrap();
+    let alice = client(&server, "alice", Some(cache.path()));
+    alice.wait_online(WAIT).await.unwrap();
+    let ds = alice
+        .open(DatasetRef::own("notes"), ConflictHandler::KeepLocal)
+        .await
+        .unwrap();
+    ds.put("a", "1").unwrap();
+    ds.sync().await.unwrap();
+
+    server.kill();
+    let mut status = alice.status_changes();
+    while *status.borrow_and_update() == Status::Online {
+        tokio::time::timeout(WAIT, status.changed())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    // Offline: reads and writes go on against the cache; sync says offline.
+    ds.put("b", "2").unwrap();
+    ds.remove("a").unwrap();
+    assert_eq!(ds.get("b").as_deref(), Some("2"));
+    assert_eq!(ds.pending(), 2);
+    assert!(matches!(ds.sync().await, Err(ClientError::Offline)));
+
+    // The cache survives the process: a fresh client over the same directory sees it.
+    let again = client(&server, "alice", Some(cache.path()));
+    let cached = again
+        .open(DatasetRef::own("notes"), ConflictHandler::KeepLocal)
+        .await
+        .unwrap();
+    assert_eq!(cached.get("b").as_deref(), Some("2"));
+    again.shutdown().await;
+
+    server.start_again();
+    alice.wait_online(WAIT).await.unwrap();
+    // The client syncs pending changes after reconnecting, by itself.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while ds.pending() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pending never drained"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let conn = server.connect("alice").await;
+    let (n, records) = conn.subscribe(DatasetRef::own("notes")).await.unwrap();
+    assert_eq!(n, 2);
+    let live: Vec<_> = records
+        .iter()
+        .map(|r| (r.key.as_str(), r.value.as_deref()))
+        .collect();
+    assert_eq!(live, [("b", Some("2"))]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sdk_two_clients_converge_live() {
+    let server = TestServer::start();
+    let alice = client(&server, "alice", None);
+    let bob = client(&server, "bob", None);
+    alice.wait_online(WAIT).await.unwrap();
+    bob.wait_online(WAIT).await.unwrap();
+    let a = alice
+        .open(DatasetRef::own("list"), ConflictHandler::default())
+        .await
+        .unwrap();
+    a.put("milk", "1").unwrap();
+    a.sync().await.unwrap();
+    server
+        .connect("alice")
+        .await
+        .grant(DatasetRef::own("list"), "bob", Access::Write)
+        .await
+        .unwrap();
+    let b = bob
+        .open(DatasetRef::new("alice", "list"), ConflictHandler::default())
+        .await
+        .unwrap();
+    assert_eq!(b.get("milk").as_deref(), Some("1"));
+
+    let mut a_events = a.events();
+    b.put("eggs", "12").unwrap();
+    b.remove("milk").unwrap();
+    b.sync().await.unwrap();
+    wait_value(&a, "eggs", Some("12")).await;
+    wait_value(&a, "milk", None).await;
+    assert!(matches!(
+        next_event(&mut a_events).await,
+        DatasetEvent::Changed { .. }
+    ));
+    assert_eq!(a.records(), b.records());
+    assert_eq!(a.sync_count(), b.sync_count());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sdk_conflict_is_resolved_by_the_handler() {
+    let server = TestServer::start();
+    let owner = client(&server, "alice", None);
+    owner.wait_online(WAIT).await.unwrap();
+    let ds = DatasetRef::own("doc");
+    let a = owner
+        .open(ds.clone(), ConflictHandler::KeepLocal)
+        .await
+        .unwrap();
+    for key in ["keep", "take", "merge"] {
+        a.put(key, "base").unwrap();
+    }
+    a.sync().await.unwrap();
+
+    // A second device of the same user edits offline-style: its edits are based on the
+    // version it saw, and another device wins the race first.
+    let other = client(&server, "alice", None);
+    other.wait_online(WAIT).await.unwrap();
+    let handler = ConflictHandler::custom(|case| match case.key {
+        "keep" => Resolution::KeepLocal,
+        "take" => Resolution::TakeRemote,
+        _ => Resolution::Merge(Some(format!(
+            "{}+{}",
+            case.server
+                .and_then(|r| r.value.clone())
+                .unwrap_or_default(),
+            case.local.value.clone().unwrap_or_default()
+        ))),
+    });
+    let b = other.open(ds.clone(), handler).await.unwrap();
+    // Hold b's view at the base version: edit locally before a's change reaches it.
+    for key in ["keep", "take", "merge"] {
+        b.put(key, "from-b").unwrap();
+    }
+    for key in ["keep", "take", "merge"] {
+        a.put(key, "from-a").unwrap();
+    }
+    a.sync().await.unwrap();
+
+    let mut events = b.events();
+    let outcome = b.sync().await.unwrap();
+    assert_eq!(outcome.conflicts, 3);
+    assert_eq!(b.get("keep").as_deref(), Some("from-b"));
+    assert_eq!(b.get("take").as_deref(), Some("from-a"));
+    assert_eq!(b.get("merge").as_deref(), Some("from-a+from-b"));
+    let mut resolved = 0;
+    while resolved < 3 {
+        if let DatasetEvent::Conflict { .. } = next_event(&mut events).await {
+            resolved += 1;
+        }
+    }
+    // The server holds the resolutions, and the first device converges to them.
+    wait_value(&a, "keep", Some("from-b")).await;
+    wait_value(&a, "merge", Some("from-a+from-b")).await;
+    assert_eq!(a.get("take").as_deref(), Some("from-a"));
+    assert_eq!(b.pending(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sdk_latest_device_time_wins() {
+    let server = TestServer::start();
+    let one = client(&server, "u", None);
+    let two = client(&server, "u", None);
+    one.wait_online(WAIT).await.unwrap();
+    two.wait_online(WAIT).await.unwrap();
+    let a = one
+        .open(DatasetRef::own("d"), ConflictHandler::LatestDeviceTime)
+        .await
+        .unwrap();
+    let b = two
+        .open(DatasetRef::own("d"), ConflictHandler::LatestDeviceTime)
+        .await
+        .unwrap();
+    b.put("k", "older").unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    a.put("k", "newer").unwrap();
+    a.sync().await.unwrap();
+    // b's edit is older than the server's: the server's wins and b's is dropped by the handler.
+    b.sync().await.unwrap();
+    assert_eq!(b.get("k").as_deref(), Some("newer"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sdk_unresolvable_conflict_gives_up_after_retries() {
+    let server = TestServer::start();
+    let c = Client::builder(server.url(), "u")
+        .token(server.token("u"))
+        .max_sync_retries(2)
+        .start()
+        .unwrap();
+    c.wait_online(WAIT).await.unwrap();
+    let raw = server.connect("u").await;
+    // A handler that always keeps local against a server that keeps changing underneath.
+    let racing = tokio::spawn(async move {
+        for i in 0..200u64 {
+            let (_, records) = raw.changes(DatasetRef::own("hot"), 0).await.unwrap();
+            let seen = records
+                .iter()
+                .find(|r| r.key == "k")
+                .map_or(0, |r| r.sync_count);
+            let _ = raw
+                .update(
+                    DatasetRef::own("hot"),
+                    None,
+                    vec![tandem_protocol::Patch::replace("k", format!("r{i}"), seen)],
+                )
+                .await;
+        }
+    });
+    let handler = ConflictHandler::custom(|_| {
+        // Slow enough that the racer always gets in between.
+        std::thread::sleep(Duration::from_millis(20));
+        Resolution::KeepLocal
+    });
+    let ds = c.open(DatasetRef::own("hot"), handler).await.unwrap();
+    ds.put("k", "mine").unwrap();
+    let mut gave_up = false;
+    for _ in 0..20 {
+        match ds.sync().await {
+            Err(ClientError::Unresolved { keys }) => {
+                assert_eq!(keys, ["k"]);
+                gave_up = true;
+                break;
+            }
+            Ok(_) => ds.put("k", "mine").unwrap(),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    racing.abort();
+    assert!(gave_up, "sync should give up while the key keeps changing");
+    // Nothing local was dropped.
+    assert_eq!(ds.get("k").as_deref(), Some("mine"));
+    assert_eq!(ds.pending(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sdk_remote_delete_and_revoke_are_noticed() {
+    let server = TestServer::start();
+    let owner = server.connect("alice").await;
+    let ds = DatasetRef::own("shared");
+    owner
+        .update(
+            ds.clone(),
+            None,
+            vec![tandem_protocol::Patch::replace("x", "1", 0)],
+        )
+        .await
+        .unwrap();
+    owner.grant(ds.clone(), "bob", Access::Write).await.unwrap();
+    let bob = client(&server, "bob", None);
+    bob.wait_online(WAIT).await.unwrap();
+    let b = bob
+        .open(
+            DatasetRef::new("alice", "shared"),
+            ConflictHandler::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(b.get("x").as_deref(), Some("1"));
+    let mut events = b.events();
+    owner.revoke(ds.clone(), "bob").await.unwrap();
+    assert_eq!(next_event(&mut events).await, DatasetEvent::Revoked);
+
+    let mine = bob
+        .open(DatasetRef::own("mine"), ConflictHandler::default())
+        .await
+        .unwrap();
+    mine.put("clean", "1").unwrap();
+    mine.sync().await.unwrap();
+    mine.put("unsynced", "2").unwrap();
+    let mut events = mine.events();
+    server
+        .connect("bob")
+        .await
+        .delete_dataset(DatasetRef::own("mine"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next_event(&mut events).await,
+        DatasetEvent::Deleted { .. }
+    ));
+    // The clean record went with the dataset; the unsynchronised change was kept.
+    assert_eq!(mine.get("clean"), None);
+    assert_eq!(mine.get("unsynced").as_deref(), Some("2"));
+}
