@@ -188,9 +188,37 @@ impl Hub {
     }
 
     /// Re-reads every dataset with local subscribers from the store and forwards whatever is
-    /// newer than what this node already forwarded. Used after fan-out faults.
+    /// newer than what this node already forwarded. Used after fan-out faults, when events
+    /// may have been missed: so it also re-checks every subscriber's access, ending the
+    /// subscriptions of identities whose grant was revoked meanwhile.
     pub async fn resync(&self) {
         for dataset in self.datasets() {
+            let identities: Vec<Arc<str>> = {
+                let map = self.datasets.read();
+                let Some(entry) = map.get(&dataset) else {
+                    continue;
+                };
+                let mut ids: Vec<Arc<str>> = entry
+                    .subscribers
+                    .values()
+                    .map(|s| s.identity.clone())
+                    .collect();
+                ids.sort();
+                ids.dedup();
+                ids
+            };
+            for identity in identities {
+                if *identity == *dataset.owner {
+                    continue;
+                }
+                match self.store.access(&dataset, &identity).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => self.end_revoked(&dataset, &identity),
+                    Err(e) => {
+                        tracing::warn!(dataset = %dataset, error = %e, "resync access check failed");
+                    }
+                }
+            }
             match self.store.snapshot(&dataset, &dataset.owner).await {
                 Ok(snapshot) => {
                     let frame = ServerFrame::Dataset {
@@ -205,6 +233,30 @@ impl Hub {
                     tracing::warn!(dataset = %dataset, error = %e, "resync read failed");
                 }
             }
+        }
+    }
+
+    fn end_revoked(&self, dataset: &DatasetKey, identity: &str) {
+        let frame = ServerFrame::Unsubscribed {
+            dataset: dataset.to_ref(),
+            reason: UnsubscribeReason::Revoked,
+        }
+        .to_json();
+        self.end_subscriptions(dataset, &Utf8Bytes::from(frame), |s| {
+            *s.identity == *identity
+        });
+    }
+
+    /// Ends every subscription to a deleted dataset, unless this node already forwarded a
+    /// commit after the delete (a late or re-published delete of a since re-created dataset).
+    fn end_deleted(&self, dataset: &DatasetKey, sync_count: u64, frame: &Utf8Bytes) {
+        let stale = self
+            .datasets
+            .read()
+            .get(dataset)
+            .is_some_and(|e| e.last_forwarded.load(Ordering::Acquire) > sync_count);
+        if !stale {
+            self.end_subscriptions(dataset, frame, |_| true);
         }
     }
 }
@@ -223,21 +275,15 @@ impl EventHandler for HubHandler {
                 Ok(frame) => self.0.forward_commit(&dataset, sync_count, &frame),
                 Err(e) => tracing::warn!(dataset = %dataset, error = %e, "push frame is not utf-8"),
             },
-            Event::Deleted { dataset, frame, .. } => match Utf8Bytes::try_from(frame) {
-                Ok(frame) => self.0.end_subscriptions(&dataset, &frame, |_| true),
+            Event::Deleted {
+                dataset,
+                sync_count,
+                frame,
+            } => match Utf8Bytes::try_from(frame) {
+                Ok(frame) => self.0.end_deleted(&dataset, sync_count, &frame),
                 Err(e) => tracing::warn!(dataset = %dataset, error = %e, "frame is not utf-8"),
             },
-            Event::Revoked { dataset, identity } => {
-                let frame = ServerFrame::Unsubscribed {
-                    dataset: dataset.to_ref(),
-                    reason: UnsubscribeReason::Revoked,
-                }
-                .to_json();
-                self.0
-                    .end_subscriptions(&dataset, &Utf8Bytes::from(frame), |s| {
-                        *s.identity == *identity
-                    });
-            }
+            Event::Revoked { dataset, identity } => self.0.end_revoked(&dataset, &identity),
         }
     }
 

@@ -456,7 +456,8 @@ impl Session {
     /// is logged and the write still acknowledged (subscribers catch up on resync).
     async fn publish(&self, event: Event) {
         if let Err(e) = self.gw.broker.publish(event).await {
-            tracing::warn!(error = %e, "publish failed; subscribers catch up on resync");
+            // The broker warns once per outage; this is per write.
+            tracing::debug!(error = %e, "publish failed; subscribers catch up on resync");
         }
     }
 

@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-use tandem_fanout::LocalBroker;
+use tandem_fanout::{Broker, EventHandler, LocalBroker, RedisBroker, RedisConfig};
 use tandem_gateway::{AuthConfig, Gateway, GatewayConfig, Verifier};
-use tandem_store::{Limits, SqliteStore, Store};
+use tandem_store::{Limits, PostgresConfig, PostgresStore, SqliteStore, Store};
 use tokio_util::sync::CancellationToken;
 
 /// The file in the data dir that holds the generated HS256 secret.
@@ -134,12 +134,24 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         .shutdown_grace
         .map_or(Duration::from_secs(10), |d| d.0);
 
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&data_dir, limits)
-            .with_context(|| format!("cannot open the store in {}", data_dir.display()))?,
-    );
+    let (store, store_kind) = open_store(&settings, &data_dir, limits).await?;
+    let redis = settings
+        .redis
+        .as_ref()
+        .map(|url| {
+            RedisBroker::prepare(RedisConfig {
+                url: url.clone(),
+                prefix: settings
+                    .redis_prefix
+                    .clone()
+                    .unwrap_or_else(|| tandem_fanout::DEFAULT_PREFIX.to_owned()),
+            })
+            .context("invalid --redis url")
+        })
+        .transpose()?;
+    let broker_kind = if redis.is_some() { "redis" } else { "local" };
     let gateway = Gateway::new(gateway_config, store.clone(), verifier, |handler| {
-        Arc::new(LocalBroker::new(handler))
+        make_broker(redis, handler)
     });
 
     let listener = tokio::net::TcpListener::bind(listen)
@@ -150,7 +162,7 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         // Pushes are small and latency-bound; do not let Nagle hold them back.
         let _ = tcp.set_nodelay(true);
     });
-    tracing::info!(addr = %local, data_dir = %data_dir.display(), store = "sqlite", broker = "local", "tandem listening");
+    tracing::info!(addr = %local, data_dir = %data_dir.display(), store = store_kind, broker = broker_kind, "tandem listening");
     if settings.dev.unwrap_or(false) {
         tracing::warn!(
             "dev mode: GET /dev/token mints tokens for anyone; never use it in production"
@@ -184,6 +196,45 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     store.close().await;
     tracing::info!(clean, "shutdown complete");
     Ok(())
+}
+
+fn make_broker(
+    redis: Option<tandem_fanout::RedisBrokerBuilder>,
+    handler: Arc<dyn EventHandler>,
+) -> Arc<dyn Broker> {
+    match redis {
+        Some(redis) => redis.start(handler),
+        None => Arc::new(LocalBroker::new(handler)),
+    }
+}
+
+/// The embedded SQLite store in the data dir by default; PostgreSQL for a `postgres://` URL.
+async fn open_store(
+    settings: &Settings,
+    data_dir: &Path,
+    limits: Limits,
+) -> anyhow::Result<(Arc<dyn Store>, &'static str)> {
+    match settings.store.as_deref() {
+        None | Some("sqlite") => {
+            let store = SqliteStore::open(data_dir, limits)
+                .with_context(|| format!("cannot open the store in {}", data_dir.display()))?;
+            Ok((Arc::new(store), "sqlite"))
+        }
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            let mut config = PostgresConfig::new(url);
+            if let Some(schema) = &settings.postgres_schema {
+                config.schema = schema.clone();
+            }
+            if let Some(size) = settings.postgres_pool_size {
+                config.pool_size = size;
+            }
+            let store = PostgresStore::connect(config, limits)
+                .await
+                .context("cannot open the postgresql store")?;
+            Ok((Arc::new(store), "postgres"))
+        }
+        Some(other) => bail!("--store must be `sqlite` or a postgres:// url, not `{other}`"),
+    }
 }
 
 fn limits(settings: &Settings) -> Limits {
