@@ -498,6 +498,7 @@ export class TandemClient extends Emitter {
     this.#watchNetwork = options.watchNetwork ?? true;
     this.#identity = options.identity ?? null;
     if (this.#identity) this.#identityKnown.resolve(this.#identity);
+    this.#identityKnown.promise.catch(() => {}); // rejected only by close(); open() reports it
   }
 
   /** The user this client acts as (null until known). */
@@ -675,6 +676,7 @@ export class TandemClient extends Emitter {
     this.#unwatchNetwork = null;
     if (this.#conn) this.#dropConnection(1000, 'client closed', false);
     this.#setState('closed');
+    if (!this.#identity) this.#identityKnown.reject(new TandemError('closed', 'client closed before its identity was known'));
     await Promise.allSettled([...this.#datasets.values()].map((ds) => ds._flush()));
   }
 
@@ -1229,20 +1231,21 @@ export class Dataset extends Emitter {
   sync() {
     if (this.#queued) return this.#queued;
     const previous = this.#running;
-    /** @type {Promise<SyncOutcome>} */
-    const run = (async () => {
-      // Always yield first: `run` is assigned only after this function returns.
+    /** @type {{ promise: Promise<SyncOutcome> | null }} */
+    const slot = { promise: null };
+    slot.promise = (async () => {
+      // Always yield first: `slot.promise` is set only after this function returns.
       await (previous ? previous.catch(() => {}) : null);
       this.#queued = null;
-      this.#running = run;
+      this.#running = slot.promise;
       try {
         return await this.#syncOnce();
       } finally {
-        if (this.#running === run) this.#running = null;
+        if (this.#running === slot.promise) this.#running = null;
       }
     })();
-    this.#queued = run;
-    return run;
+    this.#queued = slot.promise;
+    return slot.promise;
   }
 
   /**

@@ -135,3 +135,24 @@ test('two users edit a shared list live, offline and back, and converge', async 
   await pageB.screenshot({ path: join(artifacts, 'bob.png'), fullPage: true });
   t.diagnostic(`screenshots in ${artifacts}`);
 });
+
+test('without dev mode the demo says where tokens come from', async (t) => {
+  const plain = await startServer();
+  try {
+    const probe = await fetch(`${plain.httpUrl}/dev/token?sub=alice`);
+    assert.equal(probe.status, 404, 'no token minting outside dev mode');
+    const page = await (browser ??= await chromium.launch({
+      executablePath: chromiumPath(),
+      args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking'],
+    })).newPage();
+    await page.goto(`${plain.httpUrl}/`);
+    await page.waitForSelector('#chooser:not([hidden])');
+    await page.goto(`${plain.httpUrl}/?user=alice`);
+    const message = await page.waitForSelector('#message:not([hidden])');
+    assert.match(await message.textContent(), /dev mode.*your app's own auth/s);
+    assert.equal(await page.getAttribute('#conn', 'data-state'), 'failed');
+    await page.close();
+  } finally {
+    await plain.close();
+  }
+});

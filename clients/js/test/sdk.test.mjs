@@ -164,3 +164,10 @@ test('invalid use throws clearly', async () => {
   await assert.rejects(ds.put('', 'v'), TypeError);
   await c.close();
 });
+
+test('open() waiting for an identity rejects when the client is closed', async () => {
+  const c = TandemClient.connect(server.url, () => new Promise(() => {}), { WebSocket: WebSocketImpl, store: new MemoryStore() });
+  const opening = c.open('settings');
+  await c.close();
+  await assert.rejects(opening, (e) => e.code === 'closed');
+});

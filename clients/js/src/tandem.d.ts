@@ -1,0 +1,284 @@
+// Type declarations for tandem.js (Tandem JavaScript SDK). Keep in sync with the JSDoc there.
+
+export const VERSION: string;
+export const PROTOCOL_VERSION: 1;
+
+export type ConnectionState = 'connecting' | 'online' | 'offline' | 'failed' | 'closed';
+
+/** A record as the server stores it. */
+export interface ServerRecord {
+  key: string;
+  /** `null` is a tombstone (a removed record). */
+  value: string | null;
+  /** The dataset's sync count at the commit that last changed this record. */
+  syncCount: number;
+  /** Server time of that commit, ms since the epoch. */
+  lastModified: number;
+  /** The identity that made the change. */
+  lastModifiedBy: string;
+  deviceId?: string;
+  /** The writer's clock when it made the change, ms since the epoch. */
+  deviceLastModified?: number;
+}
+
+/** A record as this device knows it. */
+export interface LocalRecord {
+  /** The local value; `null` means removed locally. */
+  value: string | null;
+  /** The server sync count this value is based on (0: the key was never seen on the server). */
+  syncCount: number;
+  /** Changed locally and not yet acknowledged by the server. */
+  dirty: boolean;
+  /** This device's clock at the local change, ms since the epoch. */
+  deviceLastModified?: number;
+  /** Bumped on every local edit; an ack only cleans the edit it carried. */
+  version: number;
+}
+
+/** What a store keeps per (identity, owner, dataset). */
+export interface DatasetState {
+  /** The highest dataset sync count seen from the server. */
+  syncCount: number;
+  records: Record<string, LocalRecord>;
+}
+
+export interface StoreRef {
+  identity: string;
+  owner: string;
+  name: string;
+}
+
+/** The offline cache. Implement these two methods to bring your own storage. */
+export interface TandemStore {
+  load(ref: StoreRef): Promise<DatasetState | null | undefined>;
+  save(ref: StoreRef, state: DatasetState): Promise<void>;
+}
+
+/** Keeps dataset state in memory (the default outside browsers). */
+export class MemoryStore implements TandemStore {
+  load(ref: StoreRef): Promise<DatasetState | null>;
+  save(ref: StoreRef, state: DatasetState): Promise<void>;
+}
+
+/** Keeps dataset state in IndexedDB (the default in browsers). */
+export class IndexedDBStore implements TandemStore {
+  constructor(options?: { name?: string; indexedDB?: unknown });
+  load(ref: StoreRef): Promise<DatasetState | null>;
+  save(ref: StoreRef, state: DatasetState): Promise<void>;
+}
+
+export type ResolutionValue =
+  | { type: 'keepLocal' }
+  | { type: 'takeRemote' }
+  | { type: 'merge'; value: string | null };
+
+export const Resolution: {
+  /** Write the local value over the server's (retried on top of the server's version). */
+  keepLocal(): ResolutionValue;
+  /** Drop the local change and take the server's record. */
+  takeRemote(): ResolutionValue;
+  /** Write this value instead (`null` removes the key), on top of the server's version. */
+  merge(value: string | null): ResolutionValue;
+};
+
+export interface ConflictCase {
+  key: string;
+  /** The local, unacknowledged change. */
+  local: LocalRecord;
+  /** The server's record: `null` if the key has no record; a tombstone has `value: null`. */
+  server: ServerRecord | null;
+  dataset: Dataset;
+}
+
+export type ConflictHandler = (
+  c: ConflictCase,
+) => ResolutionValue | 'keepLocal' | 'takeRemote' | Promise<ResolutionValue | 'keepLocal' | 'takeRemote'>;
+
+export type ConflictHandlerOption = ConflictHandler | 'keepLocal' | 'takeRemote' | 'latestDeviceTime';
+
+export const ConflictHandlers: {
+  keepLocal: ConflictHandler;
+  takeRemote: ConflictHandler;
+  /** The later device time wins (server: `deviceLastModified`, else `lastModified`); ties keep the server's. */
+  latestDeviceTime: ConflictHandler;
+};
+
+export interface TokenRequest {
+  reason: 'connect' | 'refresh';
+  identity: string | null;
+}
+
+export type TokenProvider = string | ((req: TokenRequest) => string | Promise<string>);
+
+export interface ClientOptions {
+  /** The user the tokens name; needed to open datasets before the first token arrives. */
+  identity?: string;
+  /** A WebSocket constructor (default `globalThis.WebSocket`; on Node 20 pass one, e.g. from `ws`). */
+  WebSocket?: unknown;
+  /** Default: `IndexedDBStore` in browsers, `MemoryStore` elsewhere. */
+  store?: TandemStore;
+  /** Sent with every update; default a random id. */
+  deviceId?: string;
+  /** Reconnect backoff; default 100 ms doubling to 10 s, with jitter. */
+  backoff?: { initialMs?: number; maxMs?: number };
+  /** Retries after conflicts before `sync()` gives up (default 3). */
+  maxSyncRetries?: number;
+  /** Default handler for datasets opened by this client (default `latestDeviceTime`). */
+  conflictHandler?: ConflictHandlerOption;
+  /** Sync after each local write when online (default false). */
+  autoSync?: boolean;
+  /** Debounce for `autoSync` (default 50 ms). */
+  autoSyncDelayMs?: number;
+  /** A reply later than this drops the connection (default 30 s). */
+  requestTimeoutMs?: number;
+  /** Heartbeat period; 0 disables it (default 25 s). */
+  pingIntervalMs?: number;
+  /** Time to get `ready` after connecting (default 10 s). */
+  authTimeoutMs?: number;
+  /** Follow the browser's online/offline events (default true). */
+  watchNetwork?: boolean;
+}
+
+export interface OpenOptions {
+  /** Another identity's dataset (shared with you); default yours. */
+  owner?: string;
+  conflictHandler?: ConflictHandlerOption;
+  autoSync?: boolean;
+  autoSyncDelayMs?: number;
+}
+
+export interface SyncOutcome {
+  /** The dataset's sync count after the sync. */
+  syncCount: number;
+  /** Records the server acknowledged. */
+  pushed: number;
+  /** Conflicts the handler resolved on the way. */
+  conflicts: number;
+}
+
+export interface DatasetInfo {
+  dataset: { owner: string; name: string };
+  syncCount: number;
+  records: number;
+  bytes: number;
+  access: 'owner' | 'write' | 'read';
+  lastModified: number;
+}
+
+export class TandemError extends Error {
+  constructor(
+    code: string,
+    message: string,
+    extra?: { limit?: string; max?: number; keys?: string[]; closeCode?: number; server?: boolean },
+  );
+  /** The server's stable error code, or one of the SDK's: `offline`, `disconnected`, `timeout`, `conflict`, `revoked`, `closed`. */
+  code: string;
+  limit?: string;
+  max?: number;
+  /** For `conflict`: the keys still unresolved. */
+  keys?: string[];
+  /** For `closed`: the WebSocket close code. */
+  closeCode?: number;
+  /** True when the server answered with this error. */
+  server: boolean;
+}
+
+export interface RemoteChange {
+  syncCount: number;
+  keys: string[];
+  source: 'remote';
+}
+
+export interface ConflictEvent {
+  key: string;
+  local: LocalRecord;
+  server: ServerRecord | null;
+  resolution: ResolutionValue;
+}
+
+interface ClientEvents {
+  state: [ConnectionState];
+  online: [];
+  offline: [];
+  connecting: [];
+  closed: [];
+  failed: [TandemError | null];
+  ready: [{ identity: string; session: string; expiresAt: number }];
+  error: [TandemError];
+}
+
+interface DatasetEvents {
+  change: [RemoteChange];
+  pending: [number];
+  conflict: [ConflictEvent];
+  synced: [SyncOutcome];
+  deleted: [{ syncCount: number }];
+  revoked: [{ reason: string }];
+  error: [TandemError];
+  close: [];
+}
+
+declare class Emitter<E extends { [K in keyof E]: unknown[] }> {
+  /** Adds a listener; returns a function that removes it. */
+  on<K extends keyof E & string>(type: K, fn: (...args: E[K]) => void): () => void;
+  off<K extends keyof E & string>(type: K, fn: (...args: E[K]) => void): void;
+  once<K extends keyof E & string>(type: K, fn: (...args: E[K]) => void): () => void;
+}
+
+export class TandemClient extends Emitter<ClientEvents> {
+  /** Starts a client and returns it at once; it connects in the background. */
+  static connect(url: string, tokenProvider: TokenProvider, options?: ClientOptions): TandemClient;
+  /** Use `TandemClient.connect`, which also starts the connection. */
+  constructor(url: string, tokenProvider: TokenProvider, options?: ClientOptions);
+  readonly identity: string | null;
+  readonly state: ConnectionState;
+  readonly online: boolean;
+  readonly deviceId: string;
+  readonly lastError: TandemError | null;
+  readonly session: { session: string; expiresAt: number } | null;
+  /** Unsynchronised local changes across the open datasets. */
+  readonly pending: number;
+  readonly datasets: Dataset[];
+  waitOnline(timeoutMs?: number): Promise<void>;
+  open(name: string, options?: OpenOptions): Promise<Dataset>;
+  grant(name: string, identity: string, access?: 'read' | 'write'): Promise<void>;
+  revoke(name: string, identity: string): Promise<void>;
+  /** Resolves with the sync count the delete took. */
+  deleteDataset(name: string): Promise<number>;
+  listDatasets(): Promise<DatasetInfo[]>;
+  /** Round trip in ms. */
+  ping(): Promise<number>;
+  reconnect(): void;
+  close(): Promise<void>;
+}
+
+export class Dataset extends Emitter<DatasetEvents> {
+  private constructor();
+  readonly owner: string;
+  readonly name: string;
+  readonly client: TandemClient;
+  readonly syncCount: number;
+  readonly pending: number;
+  readonly subscribed: boolean;
+  readonly revoked: boolean;
+  readonly deleted: boolean;
+  autoSync: boolean;
+  get(key: string): string | undefined;
+  has(key: string): boolean;
+  records(): Map<string, string>;
+  record(key: string): LocalRecord | undefined;
+  dirtyKeys(): string[];
+  put(key: string, value: string): Promise<void>;
+  remove(key: string): Promise<void>;
+  sync(): Promise<SyncOutcome>;
+  /** Resolves with the snapshot's sync count. */
+  subscribe(): Promise<number>;
+  remoteChanges(): AsyncIterableIterator<RemoteChange>;
+  close(): Promise<void>;
+}
+
+/** Whether a WebSocket close code means "reconnect" (protocol §9). */
+export function shouldReconnect(code: number): boolean;
+
+/** Shorthand for `TandemClient.connect`. */
+export function connect(url: string, tokenProvider: TokenProvider, options?: ClientOptions): TandemClient;
