@@ -21,8 +21,9 @@ pub enum CloseCode {
     Unauthorized,
     /// A frame was larger than the server's maximum frame size; do not resend it.
     MessageTooBig,
-    /// The peer broke the WebSocket protocol (binary frames, invalid UTF-8); do not reconnect
-    /// without fixing the client.
+    /// The peer broke the WebSocket protocol (a malformed frame, a text frame that is not
+    /// UTF-8); do not reconnect without fixing the client. Binary frames are refused with a
+    /// `bad_request` error instead and the connection stays open.
     ProtocolError,
 }
 

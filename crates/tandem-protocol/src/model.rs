@@ -186,8 +186,8 @@ impl fmt::Display for NameError {
 /// The longest dataset name the contract allows.
 pub const MAX_DATASET_NAME: usize = 128;
 
-/// A dataset name is 1-128 characters of `[a-zA-Z0-9_.:-]`. Owner identities are checked
-/// with the same rule except for length, which is 1-256, since they come from tokens.
+/// A dataset name is 1-128 characters of `[a-zA-Z0-9_.:-]`. (Owner identities come from
+/// tokens and follow the store's identity rule instead: 1-256 bytes, no control characters.)
 pub fn validate_dataset_name(name: &str) -> Result<(), NameError> {
     validate_pattern(name, MAX_DATASET_NAME)
 }
