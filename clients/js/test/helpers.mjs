@@ -1,7 +1,7 @@
 // Test harness: a real `tandem` process per test file, HS256 tokens, client factories.
 //
-// The binary comes from $TANDEM_BIN, else ../../target/debug/tandem (relative to
-// clients/js), built with `cargo build -p tandem-server`.
+// The binary comes from $TANDEM_BIN, else $CARGO_TARGET_DIR/debug/tandem, else
+// ../../target/debug/tandem (relative to clients/js), built with `cargo build -p tandem-server`.
 
 import { spawn } from 'node:child_process';
 import { createHmac, randomBytes } from 'node:crypto';
@@ -17,7 +17,12 @@ const here = dirname(fileURLToPath(import.meta.url));
 export const WebSocketImpl = globalThis.WebSocket ?? (await import('ws')).WebSocket;
 
 export function tandemBin() {
-  const bin = process.env.TANDEM_BIN ?? resolve(here, '../../../target/debug/tandem');
+  const bin =
+    process.env.TANDEM_BIN ??
+    [process.env.CARGO_TARGET_DIR && resolve(process.env.CARGO_TARGET_DIR, 'debug/tandem'), resolve(here, '../../../target/debug/tandem')].find(
+      (p) => p && existsSync(p),
+    ) ??
+    resolve(here, '../../../target/debug/tandem');
   if (!existsSync(bin)) {
     throw new Error(`tandem binary not found at ${bin}: run \`cargo build -p tandem-server\` or set TANDEM_BIN`);
   }
