@@ -56,7 +56,7 @@ pub struct SyncOutcome {
 }
 
 pub struct ClientBuilder {
-    url: String,
+    urls: Vec<String>,
     identity: String,
     token: Option<TokenFn>,
     cache_dir: Option<PathBuf>,
@@ -67,6 +67,13 @@ pub struct ClientBuilder {
 }
 
 impl ClientBuilder {
+    /// Another gateway to try when the current one cannot be reached; reconnects rotate
+    /// through the URLs in order (for deployments without a load balancer in front).
+    pub fn fallback_url(mut self, url: impl Into<String>) -> Self {
+        self.urls.push(url.into());
+        self
+    }
+
     /// A static token (no refresh).
     pub fn token(mut self, token: impl Into<String>) -> Self {
         let token = token.into();
@@ -118,7 +125,7 @@ impl ClientBuilder {
             .ok_or_else(|| ClientError::Connect("no token or token provider given".into()))?;
         let (status, _) = watch::channel(Status::Connecting);
         let inner = Arc::new(Inner {
-            url: self.url,
+            urls: self.urls,
             cache: Cache::new(self.cache_dir.as_deref(), &self.identity),
             identity: self.identity,
             token,
@@ -138,7 +145,7 @@ impl ClientBuilder {
 }
 
 struct Inner {
-    url: String,
+    urls: Vec<String>,
     identity: String,
     token: TokenFn,
     cache: Cache,
@@ -173,7 +180,7 @@ impl Client {
     /// (needed before connecting, to find the offline cache).
     pub fn builder(url: impl Into<String>, identity: impl Into<String>) -> ClientBuilder {
         ClientBuilder {
-            url: url.into(),
+            urls: vec![url.into()],
             identity: identity.into(),
             token: None,
             cache_dir: None,
@@ -333,7 +340,9 @@ impl Shared {
     /// any remote change as a conflict instead of overwriting it.
     fn merge(&self, sync_count: u64, records: Vec<Record>, snapshot: bool) -> Vec<String> {
         let mut state = self.state.lock();
-        if !snapshot && sync_count <= state.sync_count {
+        // Latest wins: a push must be newer; a subscribe snapshot may equal what was seen
+        // (it also settles records the cache got from acks).
+        if sync_count < state.sync_count || (!snapshot && sync_count == state.sync_count) {
             return Vec::new();
         }
         let mut changed = Vec::new();
@@ -522,20 +531,22 @@ async fn sync(inner: &Inner, shared: &Shared) -> Result<SyncOutcome, ClientError
                     let Some(local) = state.records.get_mut(&key) else {
                         continue;
                     };
+                    // The server now holds what was sent, at this count; a newer local edit
+                    // made while it was in flight is based on it and stays dirty.
+                    local.sync_count = stored.get(&key).map_or(0, |r| r.sync_count);
                     if local.version != version {
-                        continue; // edited again while in flight: still dirty
+                        continue;
                     }
                     local.dirty = false;
-                    match stored.get(&key) {
-                        Some(record) => local.sync_count = record.sync_count,
-                        // A remove of a key the server did not have: nothing to stamp.
-                        None => local.sync_count = 0,
-                    }
                     if local.value.is_none() {
                         state.records.remove(&key);
                     }
                 }
-                state.sync_count = state.sync_count.max(sync_count);
+                // Only a commit right after the last one seen moves the dataset's count: if
+                // others committed in between, their push must still be applied.
+                if sync_count == state.sync_count + 1 {
+                    state.sync_count = sync_count;
+                }
                 inner.save(shared, &state);
                 return Ok(SyncOutcome {
                     sync_count,
@@ -549,6 +560,19 @@ async fn sync(inner: &Inner, shared: &Shared) -> Result<SyncOutcome, ClientError
                     let Some(local) = state.records.get(&conflict.key).cloned() else {
                         continue;
                     };
+                    // The server already holds this very value (say, this client's own write
+                    // whose ack was lost): nothing to decide.
+                    let server_value = conflict.server.as_ref().and_then(|r| r.value.clone());
+                    if server_value == local.value {
+                        let base = conflict.server.as_ref().map_or(0, |r| r.sync_count);
+                        if local.value.is_none() {
+                            state.records.remove(&conflict.key);
+                        } else if let Some(l) = state.records.get_mut(&conflict.key) {
+                            l.sync_count = base;
+                            l.dirty = false;
+                        }
+                        continue;
+                    }
                     let resolution = shared.handler.resolve(&ConflictCase {
                         key: &conflict.key,
                         local: &local,
@@ -684,11 +708,15 @@ fn handle_event(inner: &Inner, frame: ServerFrame) {
 /// Keeps a connection up until the client is shut down or refused for good.
 async fn run(inner: Arc<Inner>) {
     let mut backoff = inner.min_backoff;
+    let mut next_url = 0;
     while !inner.stopped.load(Ordering::SeqCst) {
         inner.status.send_replace(Status::Connecting);
+        let url = &inner.urls[next_url % inner.urls.len()];
+        // The next attempt, after this connection ends or fails, tries the next gateway.
+        next_url += 1;
         let attempt = async {
             let token = (inner.token)().await?;
-            Connection::connect(&inner.url, &token).await
+            Connection::connect(url, &token).await
         };
         match attempt.await {
             Ok(mut conn) => {
