@@ -189,11 +189,14 @@ async fn test_postgres_store_concurrent_writers_on_two_nodes_serialise() {
         tasks.push(tokio::spawn(async move {
             let mut committed = Vec::new();
             for _ in 0..ROUNDS {
+                let mut attempts = 0;
                 loop {
                     if let Some(sync_count) = increment(&store, &d).await.unwrap() {
                         committed.push(sync_count);
                         break;
                     }
+                    attempts += 1;
+                    assert!(attempts < 1_000, "an update keeps conflicting");
                 }
             }
             committed
@@ -214,6 +217,58 @@ async fn test_postgres_store_concurrent_writers_on_two_nodes_serialise() {
         let s = node.snapshot(&d, "alice").await.unwrap();
         assert_eq!(s.sync_count, commits, "one sync count per commit");
         assert_increments_consistent(&s);
+        node.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_postgres_store_racing_first_writes_to_a_new_dataset_commit_once() {
+    const WRITERS: usize = 8;
+    let schemas = TestSchemas::new();
+    let config = schemas.config();
+    let nodes = [
+        PostgresStore::connect(config.clone(), Limits::default())
+            .await
+            .unwrap(),
+        PostgresStore::connect(config, Limits::default())
+            .await
+            .unwrap(),
+    ];
+    for round in 0..20 {
+        // Every writer believes the key is absent (sync count 0) in a dataset not yet there.
+        let d = ds("alice", &format!("new-{round}"));
+        let start = Arc::new(tokio::sync::Barrier::new(WRITERS));
+        let mut tasks = Vec::new();
+        for w in 0..WRITERS {
+            let (store, d, start) = (nodes[w % 2].clone(), d.clone(), Arc::clone(&start));
+            tasks.push(tokio::spawn(async move {
+                start.wait().await;
+                let patches = vec![Patch::replace("k", w.to_string(), 0)];
+                store.update(update(&d, "alice", patches)).await.unwrap()
+            }));
+        }
+        let mut winners = Vec::new();
+        for (w, task) in tasks.into_iter().enumerate() {
+            match task.await.unwrap() {
+                UpdateOutcome::Committed { snapshot, .. } => {
+                    assert_eq!(snapshot.sync_count, 1);
+                    winners.push(w);
+                }
+                UpdateOutcome::Conflict {
+                    sync_count,
+                    conflicts,
+                } => {
+                    assert_eq!(sync_count, 1, "the conflict reports the winner's commit");
+                    assert_eq!(conflicts[0].server.as_ref().map(|r| r.sync_count), Some(1));
+                }
+            }
+        }
+        assert_eq!(winners.len(), 1, "round {round}: {winners:?} all committed");
+        let s = nodes[round % 2].snapshot(&d, "alice").await.unwrap();
+        assert_eq!(s.sync_count, 1);
+        assert_eq!(s.records[0].value, Some(winners[0].to_string()));
+    }
+    for node in &nodes {
         node.close().await;
     }
 }
@@ -288,6 +343,69 @@ async fn test_postgres_store_revoke_on_one_node_takes_effect_on_another() {
     assert_eq!(b.snapshot(&d, "alice").await.unwrap().sync_count, 2);
     a.close().await;
     b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_postgres_store_no_grantee_write_commits_after_a_revoke_returns() {
+    let schemas = TestSchemas::new();
+    let config = schemas.config();
+    let nodes = [
+        PostgresStore::connect(config.clone(), Limits::default())
+            .await
+            .unwrap(),
+        PostgresStore::connect(config, Limits::default())
+            .await
+            .unwrap(),
+    ];
+    for round in 0..5 {
+        let d = ds("alice", &format!("revoked-{round}"));
+        commit(
+            &nodes[0],
+            update(&d, "alice", vec![Patch::replace("a", "0", 0)]),
+        )
+        .await;
+        nodes[0]
+            .grant(&d, "alice", "bob", Access::Write)
+            .await
+            .unwrap();
+        let (revoked_tx, revoked_rx) = tokio::sync::watch::channel(false);
+        let mut writers = Vec::new();
+        for w in 0..4 {
+            let (store, d) = (nodes[w % 2].clone(), d.clone());
+            let mut revoked_rx = revoked_rx.clone();
+            writers.push(tokio::spawn(async move {
+                let key = format!("bob-{w}");
+                let mut sync = 0;
+                // Write until forbidden; a write that starts after the revoke returned
+                // must not commit.
+                loop {
+                    let started_after_revoke = *revoked_rx.borrow();
+                    let patches = vec![Patch::replace(key.clone(), "x", sync)];
+                    match store.update(update(&d, "bob", patches)).await {
+                        Ok(UpdateOutcome::Committed { changed, .. }) => {
+                            assert!(!started_after_revoke, "a write committed after the revoke");
+                            sync = changed[0].sync_count;
+                        }
+                        Err(StoreError::Forbidden { .. }) => break,
+                        other => panic!("{other:?}"),
+                    }
+                }
+                revoked_rx.wait_for(|revoked| *revoked).await.unwrap();
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        nodes[0].revoke(&d, "alice", "bob").await.unwrap();
+        // Every grantee write that will ever commit has committed by now.
+        let at_revoke = nodes[1].snapshot(&d, "alice").await.unwrap();
+        revoked_tx.send(true).unwrap();
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        assert_eq!(nodes[0].snapshot(&d, "alice").await.unwrap(), at_revoke);
+    }
+    for node in &nodes {
+        node.close().await;
+    }
 }
 
 #[tokio::test]

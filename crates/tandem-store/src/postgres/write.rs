@@ -70,10 +70,21 @@ const LOCK_GRANT: &str = "
     WHERE pool = $1 AND owner = $2 AND name = $3 AND grantee = $4
     FOR SHARE";
 
+/// The live records and the patched keys' records (tombstones too) of a dataset.
 const LOAD_RECORDS: &str = "
     SELECT key, value, sync_count, last_modified, last_modified_by, device_id,
            device_last_modified
     FROM records WHERE dataset_id = $1 AND (value IS NOT NULL OR key = ANY($2))";
+
+/// `LOAD_RECORDS` by the dataset's name (nothing for a deleted dataset), so it can be sent
+/// with the row lock before the row's id is known.
+const LOAD_RECORDS_BY_NAME: &str = "
+    SELECT key, value, sync_count, last_modified, last_modified_by, device_id,
+           device_last_modified
+    FROM records
+    WHERE dataset_id = (SELECT id FROM datasets
+                        WHERE pool = $1 AND owner = $2 AND name = $3 AND NOT deleted)
+      AND (value IS NOT NULL OR key = ANY($4))";
 
 const LOCK_OWNER: &str = "SELECT pg_advisory_xact_lock($1, hashtext($2))";
 
@@ -127,14 +138,38 @@ pub(super) async fn update(
     patches: &[ValidatedPatch],
 ) -> Result<UpdateOutcome, Fail> {
     let key = &request.dataset;
+    let is_owner = request.actor == key.owner;
     let now = now_ms();
+    let keys: Vec<&str> = patches.iter().map(|p| p.key.as_str()).collect();
     let tx = client.transaction().await?;
-    let row = lock_or_insert_dataset(&tx, key, now).await?;
-    if request.actor != key.owner {
-        let stmt = tx.prepare_cached(LOCK_GRANT).await?;
-        let grant = tx
-            .query_opt(&stmt, &[&key.pool, &key.owner, &key.name, &request.actor])
-            .await?;
+
+    // Sent together and run in this order: the grant check and the records load each take
+    // their snapshot after the row lock is granted, so they see every earlier commit.
+    let (lock, check, load) = tokio::try_join!(
+        tx.prepare_cached(LOCK_DATASET),
+        tx.prepare_cached(LOCK_GRANT),
+        tx.prepare_cached(LOAD_RECORDS_BY_NAME),
+    )?;
+    let (locked, grant, loaded) = tokio::try_join!(
+        biased;
+        async {
+            tx.query_opt(&lock, &[&key.pool, &key.owner, &key.name])
+                .await
+        },
+        async {
+            if is_owner {
+                Ok(None)
+            } else {
+                tx.query_opt(&check, &[&key.pool, &key.owner, &key.name, &request.actor])
+                    .await
+            }
+        },
+        async {
+            tx.query(&load, &[&key.pool, &key.owner, &key.name, &keys])
+                .await
+        },
+    )?;
+    if !is_owner {
         let grant: Option<String> = grant.map(|row| row.try_get(0)).transpose()?;
         if !grant
             .as_deref()
@@ -146,15 +181,21 @@ pub(super) async fn update(
     }
 
     // The dataset's live records and the stored state (tombstones too) of every patched key.
-    let mut stored = BTreeMap::new();
-    if !row.deleted {
-        let stmt = tx.prepare_cached(LOAD_RECORDS).await?;
-        let keys: Vec<&str> = patches.iter().map(|p| p.key.as_str()).collect();
-        for r in tx.query(&stmt, &[&row.id, &keys]).await? {
-            let record = record_from_row(&r, 0)?;
-            stored.insert(record.key.clone(), record);
+    let (row, mut stored) = match locked {
+        Some(row) => (DatasetRow::from_row(&row)?, records_by_key(&loaded)?),
+        None => {
+            // No row to lock: the records loaded above belong to no lock we hold (a
+            // concurrent creation may have committed since), so load again once locked.
+            let row = insert_or_lock_dataset(&tx, key, now).await?;
+            let stored = if row.deleted {
+                BTreeMap::new()
+            } else {
+                let stmt = tx.prepare_cached(LOAD_RECORDS).await?;
+                records_by_key(&tx.query(&stmt, &[&row.id, &keys]).await?)?
+            };
+            (row, stored)
         }
-    }
+    };
     let conflicts: Vec<Conflict> = patches
         .iter()
         .filter(|patch| !patch.matches(stored.get(&patch.key)))
@@ -270,17 +311,14 @@ pub(super) async fn update(
     })
 }
 
-/// Locks the dataset's row, inserting a placeholder first if it has none. An insert racing
-/// another transaction's insert of the same row waits for it; if that one commits, the
-/// insert does nothing and the row (now committed) is locked instead.
-async fn lock_or_insert_dataset(
+/// Inserts a placeholder row for a dataset that had none, and so holds its lock. An insert
+/// racing another transaction's insert of the same row waits for it; if that one commits,
+/// the insert does nothing and the row (now committed) is locked instead.
+async fn insert_or_lock_dataset(
     tx: &Transaction<'_>,
     key: &DatasetKey,
     now: i64,
 ) -> Result<DatasetRow, Fail> {
-    if let Some(row) = lock_dataset(tx, key).await? {
-        return Ok(row);
-    }
     let stmt = tx.prepare_cached(INSERT_DATASET).await?;
     if let Some(row) = tx
         .query_opt(&stmt, &[&key.pool, &key.owner, &key.name, &now])
@@ -292,6 +330,15 @@ async fn lock_or_insert_dataset(
     lock_dataset(tx, key)
         .await?
         .ok_or_else(|| StoreError::Internal(format!("dataset row of {key} vanished")).into())
+}
+
+fn records_by_key(rows: &[Row]) -> Result<BTreeMap<String, Record>, Fail> {
+    let mut records = BTreeMap::new();
+    for row in rows {
+        let record = record_from_row(row, 0)?;
+        records.insert(record.key.clone(), record);
+    }
+    Ok(records)
 }
 
 async fn lock_dataset(tx: &Transaction<'_>, key: &DatasetKey) -> Result<Option<DatasetRow>, Fail> {
