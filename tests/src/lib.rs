@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use tandem_client::Connection;
 use tandem_protocol::ServerFrame;
 
+pub mod cluster;
+
 pub use tandem_client;
 pub use tandem_protocol;
 

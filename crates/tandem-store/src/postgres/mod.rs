@@ -439,12 +439,11 @@ fn pool_error(e: PoolError) -> StoreError {
         PoolError::Timeout(kind) => StoreError::Unavailable(format!(
             "no postgresql connection in time ({kind:?} timed out)"
         )),
-        PoolError::Backend(e) => match map_db_error(&e) {
-            StoreError::Unavailable(m) => {
-                StoreError::Unavailable(format!("cannot connect to postgresql: {m}"))
-            }
-            other => other,
-        },
+        // Whatever refused the new connection (the server is down, the database does not
+        // accept connections or was dropped), nothing was written and a later try may work.
+        PoolError::Backend(e) => {
+            StoreError::Unavailable(format!("cannot connect to postgresql: {}", describe(&e)))
+        }
         PoolError::Closed => closed_error(),
         PoolError::NoRuntimeSpecified | PoolError::PostCreateHook(_) => {
             StoreError::Internal(format!("postgresql pool: {e}"))
