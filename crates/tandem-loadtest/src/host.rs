@@ -1,0 +1,78 @@
+//! What the harness reads about processes on this machine from Linux's `/proc`: its own
+//! CPU time (so a saturated generator shows in the report) and a server's resident memory.
+//! Elsewhere these read as absent.
+
+use std::time::Instant;
+
+/// `/proc/<pid>/stat` counts CPU time in clock ticks of `USER_HZ`, which Linux fixes at 100
+/// for user space on every architecture it supports.
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// This process's user + system CPU seconds so far.
+pub fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces: start after it.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Field 3 (state) is fields[0]; utime is field 14, stime field 15.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / TICKS_PER_SECOND)
+}
+
+/// A process's resident memory (`VmRSS`), in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Cores this process may run on.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// CPU use between two points, as a share of all cores.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuMeter {
+    wall: Instant,
+    cpu: Option<f64>,
+}
+
+impl CpuMeter {
+    pub fn start() -> CpuMeter {
+        CpuMeter {
+            wall: Instant::now(),
+            cpu: cpu_seconds(),
+        }
+    }
+
+    /// (CPU seconds used, wall seconds, percent of all cores) since `start`.
+    pub fn read(&self) -> (Option<f64>, f64, Option<f64>) {
+        let wall = self.wall.elapsed().as_secs_f64();
+        let used = match (self.cpu, cpu_seconds()) {
+            (Some(a), Some(b)) => Some((b - a).max(0.0)),
+            _ => None,
+        };
+        let percent = used
+            .filter(|_| wall > 0.0)
+            .map(|u| 100.0 * u / wall / cores() as f64);
+        (used, wall, percent)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_host_reads_this_process() {
+        if !std::path::Path::new("/proc/self/stat").exists() {
+            return;
+        }
+        assert!(cpu_seconds().is_some());
+        assert!(rss_kib(std::process::id()).unwrap() > 0);
+    }
+}

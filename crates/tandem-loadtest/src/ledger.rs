@@ -1,0 +1,296 @@
+//! The counting: what each writer sent and how it ended ([`WriteLedger`]), and which of
+//! those writes each subscriber has received ([`Coverage`]).
+//!
+//! A push is a whole-dataset snapshot and the server may coalesce pushes for a slow
+//! reader, so a subscriber can skip sequence numbers. A push whose marker says writer `w`
+//! is at `seq` therefore **covers** every write of `w` up to `seq`. Each committed,
+//! measured write counts as delivered to a subscriber once, at the first push (or
+//! snapshot) that covers it, with latency = that push's receive time − the write's
+//! scheduled send time. Writes that failed (conflict, error), were never sent, or whose
+//! reply never came are neither expected nor delivered. Because the outcome of a skipped
+//! write may not be known yet when the push arrives (its reply can reach the writer after
+//! the push reaches the subscriber), coverage is recorded first and settled once the
+//! writer has the replies.
+
+use crate::stats::record_ns;
+use hdrhistogram::Histogram;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+
+/// How a write ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Outcome {
+    /// Sent (or not yet sent); no reply yet.
+    Pending = 0,
+    /// Acknowledged: durable, and must reach every subscriber.
+    Committed = 1,
+    /// Refused (`conflict` or `error`): nothing was written.
+    Failed = 2,
+    /// Sent, but the connection ended (or the run did) before the reply.
+    Unknown = 3,
+    /// Never sent.
+    Unsent = 4,
+}
+
+impl Outcome {
+    fn from_u8(v: u8) -> Outcome {
+        match v {
+            1 => Outcome::Committed,
+            2 => Outcome::Failed,
+            3 => Outcome::Unknown,
+            4 => Outcome::Unsent,
+            _ => Outcome::Pending,
+        }
+    }
+}
+
+/// One writer's schedule and the outcome of each of its writes. Sequence numbers start at
+/// 1; seq 0 is the marker the setup write leaves.
+#[derive(Debug)]
+pub struct WriteLedger {
+    /// Scheduled send time of seq `i + 1`, ns since the run's start.
+    scheduled: Vec<u64>,
+    /// The first seq scheduled after the warmup.
+    measured_from: u64,
+    outcome: Vec<AtomicU8>,
+    /// Every seq at or below this has its final outcome.
+    resolved: AtomicU64,
+    committed_measured: AtomicU64,
+    /// Subscriptions that follow this writer's dataset.
+    followers: AtomicU64,
+}
+
+impl WriteLedger {
+    /// `scheduled` must be ascending; writes scheduled before `measured_from_ns` are warmup.
+    pub fn new(scheduled: Vec<u64>, measured_from_ns: u64) -> WriteLedger {
+        let measured_from = scheduled
+            .iter()
+            .position(|&t| t >= measured_from_ns)
+            .unwrap_or(scheduled.len()) as u64
+            + 1;
+        let outcome = scheduled.iter().map(|_| AtomicU8::new(0)).collect();
+        WriteLedger {
+            scheduled,
+            measured_from,
+            outcome,
+            resolved: AtomicU64::new(0),
+            committed_measured: AtomicU64::new(0),
+            followers: AtomicU64::new(0),
+        }
+    }
+
+    /// Writes evenly at `rate`/s from `phase_ns`, up to (not including) `end_ns`; `rate` must be
+    /// positive and finite.
+    pub fn evenly(rate: f64, phase_ns: u64, end_ns: u64, measured_from_ns: u64) -> WriteLedger {
+        let interval = 1e9 / rate;
+        let mut scheduled = Vec::new();
+        let mut k = 0u64;
+        loop {
+            let t = phase_ns as f64 + k as f64 * interval;
+            if t >= end_ns as f64 {
+                break;
+            }
+            scheduled.push(t as u64);
+            k += 1;
+        }
+        WriteLedger::new(scheduled, measured_from_ns)
+    }
+
+    /// The number of writes (the highest seq).
+    pub fn len(&self) -> u64 {
+        self.scheduled.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.scheduled.is_empty()
+    }
+
+    pub fn scheduled(&self, seq: u64) -> u64 {
+        index(seq).map_or(0, |i| self.scheduled[i])
+    }
+
+    pub fn is_measured(&self, seq: u64) -> bool {
+        seq >= self.measured_from && seq <= self.len()
+    }
+
+    /// Measured writes in the schedule.
+    pub fn measured(&self) -> u64 {
+        (self.len() + 1).saturating_sub(self.measured_from)
+    }
+
+    pub fn outcome(&self, seq: u64) -> Outcome {
+        index(seq).map_or(Outcome::Pending, |i| {
+            Outcome::from_u8(self.outcome[i].load(Ordering::Acquire))
+        })
+    }
+
+    pub fn set_outcome(&self, seq: u64, outcome: Outcome) {
+        if let Some(i) = index(seq).filter(|&i| i < self.outcome.len()) {
+            let before = self.outcome[i].swap(outcome as u8, Ordering::AcqRel);
+            if outcome == Outcome::Committed
+                && before != Outcome::Committed as u8
+                && self.is_measured(seq)
+            {
+                self.committed_measured.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Every seq at or below `seq` now has its final outcome.
+    pub fn resolve_through(&self, seq: u64) {
+        self.resolved
+            .fetch_max(seq.min(self.len()), Ordering::AcqRel);
+    }
+
+    pub fn resolved(&self) -> u64 {
+        self.resolved.load(Ordering::Acquire)
+    }
+
+    pub fn is_resolved(&self) -> bool {
+        self.resolved() >= self.len()
+    }
+
+    pub fn add_follower(&self) {
+        self.followers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn followers(&self) -> u64 {
+        self.followers.load(Ordering::Relaxed)
+    }
+
+    pub fn committed_measured(&self) -> u64 {
+        self.committed_measured.load(Ordering::Relaxed)
+    }
+
+    /// Deliveries owed: every committed measured write, to every follower.
+    pub fn expected_deliveries(&self) -> u64 {
+        self.committed_measured() * self.followers()
+    }
+}
+
+fn index(seq: u64) -> Option<usize> {
+    seq.checked_sub(1).and_then(|i| usize::try_from(i).ok())
+}
+
+/// What one subscription has received of one writer's writes.
+#[derive(Debug)]
+pub struct Coverage {
+    ledger: std::sync::Arc<WriteLedger>,
+    /// Every seq at or below this is counted (delivered or not owed).
+    settled: u64,
+    /// The highest seq any push covered.
+    highest: u64,
+    /// Covered but not yet settled: (covered up to seq, received at ns).
+    waiting: VecDeque<(u64, u64)>,
+}
+
+impl Coverage {
+    pub fn new(ledger: std::sync::Arc<WriteLedger>) -> Coverage {
+        Coverage {
+            ledger,
+            settled: 0,
+            highest: 0,
+            waiting: VecDeque::new(),
+        }
+    }
+
+    /// A push received at `now_ns` shows this writer at `seq`.
+    pub fn observe(&mut self, seq: u64, now_ns: u64) {
+        let seq = seq.min(self.ledger.len());
+        if seq > self.highest {
+            self.highest = seq;
+            self.waiting.push_back((seq, now_ns));
+        }
+    }
+
+    /// Counts covered writes whose outcome is known: returns how many were delivered and
+    /// records their latencies into `latency`.
+    pub fn settle(&mut self, latency: &mut Histogram<u64>) -> u64 {
+        let resolved = self.ledger.resolved();
+        let mut delivered = 0;
+        while let Some(&(upto, at)) = self.waiting.front() {
+            let end = upto.min(resolved);
+            for seq in self.settled + 1..=end {
+                if self.ledger.is_measured(seq) && self.ledger.outcome(seq) == Outcome::Committed {
+                    delivered += 1;
+                    record_ns(latency, at.saturating_sub(self.ledger.scheduled(seq)));
+                }
+            }
+            self.settled = self.settled.max(end);
+            if end < upto {
+                break;
+            }
+            self.waiting.pop_front();
+        }
+        delivered
+    }
+
+    /// Whether there is nothing covered left to settle.
+    pub fn is_settled(&self) -> bool {
+        self.waiting.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::new_histogram;
+    use std::sync::Arc;
+
+    #[test]
+    fn test_ledger_evenly_schedules_the_window_and_skips_the_warmup() {
+        // 10/s for 1 s of warmup and 2 s measured: 30 writes, the last 20 measured.
+        let l = WriteLedger::evenly(10.0, 0, 3_000_000_000, 1_000_000_000);
+        assert_eq!(l.len(), 30);
+        assert_eq!(l.measured(), 20);
+        assert!(!l.is_measured(10));
+        assert!(l.is_measured(11));
+        assert_eq!(l.scheduled(11), 1_000_000_000);
+    }
+
+    #[test]
+    fn test_coverage_counts_skipped_writes_once_with_their_own_latency() {
+        let ledger = Arc::new(WriteLedger::new(vec![0, 1000, 2000, 3000, 4000], 0));
+        let mut cov = Coverage::new(ledger.clone());
+        let mut h = new_histogram();
+        // A coalesced push shows seq 3 before any reply reached the writer.
+        cov.observe(3, 10_000);
+        assert_eq!(cov.settle(&mut h), 0);
+        for seq in 1..=3 {
+            ledger.set_outcome(seq, Outcome::Committed);
+        }
+        ledger.resolve_through(3);
+        cov.observe(2, 20_000); // older than what was seen: ignored
+        assert_eq!(cov.settle(&mut h), 3);
+        assert_eq!(h.len(), 3);
+        // Seq 4 failed; seq 5 committed and is covered later.
+        ledger.set_outcome(4, Outcome::Failed);
+        ledger.set_outcome(5, Outcome::Committed);
+        ledger.resolve_through(5);
+        ledger.add_follower();
+        cov.observe(5, 50_000);
+        assert_eq!(cov.settle(&mut h), 1);
+        assert!(cov.is_settled());
+        assert_eq!(ledger.expected_deliveries(), 4);
+        // Latency of seq 1: received at 10 µs, scheduled at 0.
+        assert_eq!(h.min(), 8);
+        assert_eq!(h.max(), 46);
+    }
+
+    #[test]
+    fn test_coverage_leaves_unresolved_writes_uncounted() {
+        let ledger = Arc::new(WriteLedger::new(vec![0, 1000], 0));
+        let mut cov = Coverage::new(ledger.clone());
+        let mut h = new_histogram();
+        ledger.set_outcome(1, Outcome::Committed);
+        ledger.resolve_through(1);
+        cov.observe(2, 5000);
+        assert_eq!(cov.settle(&mut h), 1);
+        assert!(!cov.is_settled());
+        ledger.set_outcome(2, Outcome::Unknown);
+        ledger.resolve_through(2);
+        assert_eq!(cov.settle(&mut h), 0);
+        assert!(cov.is_settled());
+    }
+}

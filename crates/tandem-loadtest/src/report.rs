@@ -1,0 +1,267 @@
+//! The end-of-run report: one struct, printed as a table for people or as one JSON object
+//! (`--json`) for machines.
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+/// How deliveries are counted, stated in every report.
+pub const COUNTING_RULE: &str = "a push covers every write of its writer up to the seq in its marker \
+(pushes coalesce); each committed measured write counts once per subscriber at the first push or \
+snapshot that covers it, latency = receive time - scheduled send time; expected = committed measured \
+writes x subscribers of the dataset; lost = expected - received after the drain";
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    /// The scenario's own options.
+    pub params: serde_json::Value,
+    pub prefix: String,
+    pub seed: u64,
+    pub urls: Vec<String>,
+    /// The measured sending window (after the warmup), or the idle/connect phase.
+    pub measured_seconds: f64,
+    pub connections: Connections,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub writes: Option<Writes>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deliveries: Option<Deliveries>,
+    /// Errors by code: the server's error codes, `closed_<close code>`, `connection_lost`,
+    /// `connect_failed`, `reply_timeout`, …
+    pub errors: BTreeMap<String, u64>,
+    pub generator: Generator,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<Server>,
+    pub counting: &'static str,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Connections {
+    /// Connections the scenario wanted.
+    pub target: u64,
+    /// Set up at the start.
+    pub established: u64,
+    pub failed: u64,
+    pub reconnects: u64,
+    /// Wall time of the set-up phase and connections set up per second in it.
+    pub setup_seconds: f64,
+    pub setup_per_second: f64,
+    /// Connect + auth (+ subscribe in `idle` and `connect`), from the scheduled start when
+    /// --connect-rate is set.
+    pub setup_latency_ms: Latency,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Writes {
+    pub sent: u64,
+    pub acked: u64,
+    pub conflicts: u64,
+    /// Scheduled in the window but never sent (a writer sharing a dataset waits for its
+    /// previous reply).
+    pub unsent: u64,
+    /// Sent, but no reply came (connection lost or the run ended first).
+    pub unknown_outcome: u64,
+    pub commits_per_second: f64,
+    /// Scheduled send → ack (durable commit).
+    pub commit_latency_ms: Latency,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Deliveries {
+    pub expected: u64,
+    pub received: u64,
+    pub lost: u64,
+    pub per_second: f64,
+    pub push_frames: u64,
+    pub push_bytes: u64,
+    /// Scheduled send → a subscriber receives a push that covers the write.
+    pub latency_ms: Latency,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Generator {
+    /// CPU used by this process over the run, as a share of all its cores.
+    pub cpu_percent: Option<f64>,
+    pub cpu_seconds: Option<f64>,
+    pub wall_seconds: f64,
+    pub cores: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Server {
+    pub pid: u32,
+    /// VmRSS before the scenario's connections were set up.
+    pub rss_start_kib: Option<u64>,
+    /// VmRSS once every connection was set up.
+    pub rss_connected_kib: Option<u64>,
+    /// VmRSS at the end, before the connections were closed.
+    pub rss_end_kib: Option<u64>,
+    /// (connected - start) / connections set up.
+    pub rss_per_connection_bytes: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Latency {
+    pub count: u64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+impl Latency {
+    /// From a histogram of microseconds.
+    pub fn from_histogram(h: &Histogram<u64>) -> Latency {
+        if h.is_empty() {
+            return Latency::default();
+        }
+        let ms = |us: u64| us as f64 / 1000.0;
+        Latency {
+            count: h.len(),
+            p50: ms(h.value_at_quantile(0.50)),
+            p90: ms(h.value_at_quantile(0.90)),
+            p99: ms(h.value_at_quantile(0.99)),
+            p999: ms(h.value_at_quantile(0.999)),
+            max: ms(h.max()),
+            mean: h.mean() / 1000.0,
+        }
+    }
+}
+
+impl Report {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// The human summary table.
+    pub fn to_table(&self) -> String {
+        let mut out = String::new();
+        let mut row = |name: &str, value: String| {
+            let _ = writeln!(out, "  {name:<22} {value}");
+        };
+        row("scenario", format!("{} {}", self.scenario, self.params));
+        row("prefix / seed", format!("{} / {}", self.prefix, self.seed));
+        row("gateways", self.urls.join(", "));
+        row("measured", format!("{:.2} s", self.measured_seconds));
+        let c = &self.connections;
+        row(
+            "connections",
+            format!(
+                "{} of {} set up, {} failed, {} reconnects",
+                c.established, c.target, c.failed, c.reconnects
+            ),
+        );
+        row(
+            "setup rate",
+            format!(
+                "{:.1} conn/s over {:.2} s",
+                c.setup_per_second, c.setup_seconds
+            ),
+        );
+        row("setup latency", latency(&c.setup_latency_ms));
+        if let Some(w) = &self.writes {
+            row(
+                "writes",
+                format!(
+                    "{} sent, {} acked, {} conflicts, {} unsent, {} unknown outcome",
+                    w.sent, w.acked, w.conflicts, w.unsent, w.unknown_outcome
+                ),
+            );
+            row("commits/s", format!("{:.1}", w.commits_per_second));
+            row("commit latency", latency(&w.commit_latency_ms));
+        }
+        if let Some(d) = &self.deliveries {
+            let loss = if d.expected == 0 {
+                0.0
+            } else {
+                100.0 * d.lost as f64 / d.expected as f64
+            };
+            row(
+                "deliveries",
+                format!(
+                    "{} received of {} expected, {} lost ({loss:.3}%)",
+                    d.received, d.expected, d.lost
+                ),
+            );
+            row(
+                "deliveries/s",
+                format!(
+                    "{:.1} ({} push frames, {})",
+                    d.per_second,
+                    d.push_frames,
+                    bytes(d.push_bytes)
+                ),
+            );
+            row("delivery latency", latency(&d.latency_ms));
+        }
+        let errors = if self.errors.is_empty() {
+            "none".to_owned()
+        } else {
+            self.errors
+                .iter()
+                .map(|(code, n)| format!("{code} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        row("errors", errors);
+        let g = &self.generator;
+        row(
+            "generator cpu",
+            match (g.cpu_percent, g.cpu_seconds) {
+                (Some(p), Some(s)) => format!(
+                    "{p:.1}% of {} cores ({s:.2} cpu-s over {:.2} s){}",
+                    g.cores,
+                    g.wall_seconds,
+                    if p > 80.0 {
+                        "  SATURATED: figures are the generator's limit"
+                    } else {
+                        ""
+                    }
+                ),
+                _ => "unknown".to_owned(),
+            },
+        );
+        if let Some(s) = &self.server {
+            let kib = |v: Option<u64>| v.map_or("?".to_owned(), |v| format!("{v} KiB"));
+            row(
+                "server rss",
+                format!(
+                    "pid {}: {} at start, {} connected, {} at end",
+                    s.pid,
+                    kib(s.rss_start_kib),
+                    kib(s.rss_connected_kib),
+                    kib(s.rss_end_kib)
+                ),
+            );
+            if let Some(per) = s.rss_per_connection_bytes {
+                row("server rss/conn", format!("{:.0} bytes", per));
+            }
+        }
+        if self.deliveries.is_some() {
+            let _ = writeln!(out, "  counting: {}", self.counting);
+        }
+        out
+    }
+}
+
+fn latency(l: &Latency) -> String {
+    if l.count == 0 {
+        return "no samples".to_owned();
+    }
+    format!(
+        "p50 {:.2} ms  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}  (n={})",
+        l.p50, l.p90, l.p99, l.p999, l.max, l.count
+    )
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.2} GiB", n as f64 / f64::from(1u32 << 30)),
+        n if n >= 1 << 20 => format!("{:.2} MiB", n as f64 / f64::from(1u32 << 20)),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}

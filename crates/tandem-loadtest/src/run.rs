@@ -1,0 +1,512 @@
+//! The parts every scenario uses: the run's context (gateways, tokens, prefix, shared
+//! counters), setting up many connections at a bounded rate, the progress line, driving the
+//! connection tasks through the sending window and the drain, and assembling the report.
+
+use crate::cli::{Cli, Common};
+use crate::client::{self, ClientPlan, Shared};
+use crate::conn::{self, Fail, Kind, Ws};
+use crate::error::LoadError;
+use crate::host::{self, CpuMeter};
+use crate::ledger::WriteLedger;
+use crate::marker;
+use crate::report::{self, Connections, Deliveries, Generator, Latency, Report, Server, Writes};
+use crate::stats::Stats;
+use crate::token::Tokens;
+use parking_lot::Mutex;
+use std::future::Future;
+use std::io::{IsTerminal, Write as _};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tandem_protocol::{Access, ClientFrame, DatasetRef, Patch, RequestId};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+/// Writes one writer may be scheduled to send in a run; bounds the ledger's memory.
+pub const MAX_WRITES_PER_WRITER: f64 = 10_000_000.0;
+
+/// The run's context, handed to the scenario.
+#[derive(Debug)]
+pub struct Run {
+    pub common: Common,
+    pub urls: Vec<String>,
+    pub tokens: Tokens,
+    pub prefix: String,
+    pub seed: u64,
+    pub shared: Arc<Shared>,
+    phase: Arc<Mutex<&'static str>>,
+    cpu: CpuMeter,
+    progress: Option<(JoinHandle<()>, tokio_util::sync::CancellationToken)>,
+    /// Connections the scenario wants and the set-up phase's wall time.
+    target: u64,
+    setup_seconds: f64,
+    failed: u64,
+    rss_start: Option<u64>,
+    rss_connected: Option<u64>,
+}
+
+impl Run {
+    /// Checks the common options, reads or prepares tokens, picks the prefix and seed.
+    pub fn new(cli: &Cli) -> Result<Run, LoadError> {
+        let common = cli.common.clone();
+        if common.urls.is_empty() {
+            return Err(LoadError::Options("give at least one --url".into()));
+        }
+        if !(common.connect_rate >= 0.0 && common.connect_rate.is_finite()) {
+            return Err(LoadError::Options(
+                "--connect-rate must be 0 or a positive number".into(),
+            ));
+        }
+        if common.connect_concurrency == 0 {
+            return Err(LoadError::Options(
+                "--connect-concurrency must be at least 1".into(),
+            ));
+        }
+        let prefix = match &common.prefix {
+            Some(p) => {
+                let ok = !p.is_empty()
+                    && p.len() <= 64
+                    && p.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "_.:-".contains(c));
+                if !ok {
+                    return Err(LoadError::Options(
+                        "--prefix must be 1-64 characters of [a-zA-Z0-9_.:-]".into(),
+                    ));
+                }
+                p.clone()
+            }
+            None => format!("lt{:08x}", rand::random::<u32>()),
+        };
+        let idle = match &cli.scenario {
+            crate::cli::Scenario::Idle(a) => a.idle_for,
+            _ => Duration::ZERO,
+        };
+        let run_time = common.warmup + common.duration + common.drain + idle;
+        let ttl = (run_time + Duration::from_secs(600)).max(Duration::from_secs(3600));
+        let tokens = Tokens::from_options(&common, ttl)?;
+        let urls = common.urls.iter().map(|u| conn::normalize_url(u)).collect();
+        let seed = common.seed.unwrap_or_else(rand::random);
+        let shared = Arc::new(Shared::default());
+        let phase = Arc::new(Mutex::new("setup"));
+        let progress = (!common.quiet).then(|| spawn_progress(shared.clone(), phase.clone()));
+        let rss_start = common.server_pid.and_then(host::rss_kib);
+        Ok(Run {
+            common,
+            urls,
+            tokens,
+            prefix,
+            seed,
+            shared,
+            phase,
+            cpu: CpuMeter::start(),
+            progress,
+            target: 0,
+            setup_seconds: 0.0,
+            failed: 0,
+            rss_start,
+            rss_connected: None,
+        })
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
+    }
+
+    pub fn url(&self, slot: usize) -> &str {
+        &self.urls[slot % self.urls.len()]
+    }
+
+    pub fn token(&self, slot: usize, identity: &str) -> Result<String, LoadError> {
+        self.tokens.token(slot, identity)
+    }
+
+    pub fn set_phase(&self, phase: &'static str) {
+        *self.phase.lock() = phase;
+    }
+
+    /// Rejects a rate that is not positive or schedules too many writes.
+    pub fn check_rate(&self, rate: f64) -> Result<(), LoadError> {
+        if !(rate > 0.0 && rate.is_finite()) {
+            return Err(LoadError::Options(
+                "--rate must be a positive number".into(),
+            ));
+        }
+        let writes = rate * (self.common.warmup + self.common.duration).as_secs_f64();
+        if writes > MAX_WRITES_PER_WRITER {
+            return Err(LoadError::Options(format!(
+                "--rate x (--warmup + --duration) schedules {writes:.0} writes per writer; at most {MAX_WRITES_PER_WRITER:.0}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Sets up `n` connections with `open(slot)`, at most `--connect-concurrency` at once
+    /// and at `--connect-rate` when set; slots not started by `deadline` are skipped.
+    /// Records each success's time in the set-up histogram. Results are in slot order.
+    pub async fn open_many<T, F, Fut>(
+        &mut self,
+        n: usize,
+        deadline: Option<Instant>,
+        open: F,
+    ) -> Vec<Option<T>>
+    where
+        F: Fn(usize) -> Fut,
+        Fut: Future<Output = Result<T, Fail>> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.target += n as u64;
+        let started = Instant::now();
+        let semaphore = Arc::new(Semaphore::new(self.common.connect_concurrency));
+        let rate = self.common.connect_rate;
+        let mut handles = Vec::with_capacity(n);
+        for slot in 0..n {
+            let future = open(slot);
+            let semaphore = semaphore.clone();
+            let shared = self.shared.clone();
+            handles.push(tokio::spawn(async move {
+                let scheduled =
+                    (rate > 0.0).then(|| started + Duration::from_secs_f64(slot as f64 / rate));
+                if let Some(at) = scheduled {
+                    tokio::time::sleep_until(at.into()).await;
+                }
+                let _permit = semaphore.acquire_owned().await.ok()?;
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    shared.stats.error("not_attempted");
+                    return None;
+                }
+                let began = scheduled.unwrap_or_else(Instant::now);
+                let result = match deadline {
+                    Some(d) => tokio::time::timeout_at(d.into(), future)
+                        .await
+                        .unwrap_or_else(|_| Err(Fail::new("connect_timeout", "run deadline"))),
+                    None => future.await,
+                };
+                match result {
+                    Ok(value) => {
+                        shared
+                            .stats
+                            .setup
+                            .record(slot, crate::stats::saturating_ns(began.elapsed()));
+                        Stats::add(&shared.stats.established, 1);
+                        Some(value)
+                    }
+                    Err(fail) => {
+                        shared.stats.error(&fail.code);
+                        None
+                    }
+                }
+            }));
+        }
+        let mut results = Vec::with_capacity(n);
+        for handle in handles {
+            results.push(handle.await.ok().flatten());
+        }
+        self.failed += results.iter().filter(|r| r.is_none()).count() as u64;
+        self.setup_seconds += started.elapsed().as_secs_f64();
+        results
+    }
+
+    /// Counts connections that were set up but failed a later setup step (subscribe).
+    pub fn count_failed(&mut self, n: usize) {
+        self.failed += n as u64;
+    }
+
+    /// The server's memory now, when --server-pid is given.
+    pub fn server_rss(&self) -> Option<u64> {
+        self.common.server_pid.and_then(host::rss_kib)
+    }
+
+    /// Notes the server's memory once every connection is set up.
+    pub fn connected(&mut self) {
+        self.rss_connected = self.common.server_pid.and_then(host::rss_kib);
+    }
+
+    /// Runs the connection tasks through the sending window (which ends at `window_end`,
+    /// ns on the run's clock) and the drain, then stops them. Returns once every task ended,
+    /// with the server's memory just before they were stopped.
+    pub async fn drive(
+        &mut self,
+        clients: Vec<(ClientPlan, Ws)>,
+        ledgers: &[Arc<WriteLedger>],
+        window_start: u64,
+        window_end: u64,
+    ) -> Option<u64> {
+        let shared = self.shared.clone();
+        let writers = clients.iter().filter(|(p, _)| p.writer.is_some()).count();
+        shared.writers_open.store(writers, Ordering::Release);
+        let tasks: Vec<JoinHandle<()>> = clients
+            .into_iter()
+            .map(|(plan, ws)| tokio::spawn(client::run(plan, ws, shared.clone())))
+            .collect();
+        let clock = shared.clock;
+        if clock.now() < window_start {
+            self.set_phase("warmup");
+            tokio::time::sleep_until(clock.instant(window_start).into()).await;
+        }
+        self.set_phase("run");
+        tokio::time::sleep_until(clock.instant(window_end).into()).await;
+        self.set_phase("drain");
+        let hard = clock.instant(window_end) + self.common.drain;
+        loop {
+            if shared.writers_open.load(Ordering::Acquire) == 0 {
+                shared.writers_done.cancel();
+                let expected: u64 = ledgers.iter().map(|l| l.expected_deliveries()).sum();
+                if Stats::get(&shared.stats.delivered) >= expected {
+                    break;
+                }
+            }
+            if Instant::now() >= hard {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if !shared.writers_done.is_cancelled() {
+            // The drain ran out with writers still waiting for replies: end them, then let
+            // the subscribers settle what they covered.
+            shared.stop_writes.cancel();
+            let until = Instant::now() + Duration::from_secs(2);
+            while shared.writers_open.load(Ordering::Acquire) > 0 && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            shared.writers_done.cancel();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let rss_end = self.server_rss();
+        self.finish_tasks(tasks).await;
+        rss_end
+    }
+
+    /// Stops every connection task and waits for them (bounded).
+    pub async fn finish_tasks(&mut self, tasks: Vec<JoinHandle<()>>) {
+        self.set_phase("closing");
+        self.shared.stop.cancel();
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        for task in tasks {
+            let abort = task.abort_handle();
+            if tokio::time::timeout_at(until, task).await.is_err() {
+                abort.abort();
+            }
+        }
+    }
+
+    /// The report; `writes` and `deliveries` say which sections the scenario has.
+    pub async fn report(
+        mut self,
+        scenario: &crate::cli::Scenario,
+        measured: Duration,
+        ledgers: &[Arc<WriteLedger>],
+        writes: bool,
+        deliveries: bool,
+        rss_end: Option<u64>,
+    ) -> Report {
+        if let Some((task, stop)) = self.progress.take() {
+            stop.cancel();
+            let _ = task.await;
+        }
+        let stats = &self.shared.stats;
+        let secs = measured.as_secs_f64();
+        let per_second = |n: u64| if secs > 0.0 { n as f64 / secs } else { 0.0 };
+        let established_at_setup = self.target - self.failed;
+        let writes = writes.then(|| {
+            let acked = Stats::get(&stats.acked);
+            Writes {
+                sent: Stats::get(&stats.sent),
+                acked,
+                conflicts: Stats::get(&stats.conflicts),
+                unsent: Stats::get(&stats.unsent),
+                unknown_outcome: Stats::get(&stats.unknown_outcome),
+                commits_per_second: per_second(acked),
+                commit_latency_ms: Latency::from_histogram(&stats.commit.merged()),
+            }
+        });
+        let deliveries = deliveries.then(|| {
+            let expected: u64 = ledgers.iter().map(|l| l.expected_deliveries()).sum();
+            let received = Stats::get(&stats.delivered);
+            Deliveries {
+                expected,
+                received,
+                lost: expected.saturating_sub(received),
+                per_second: per_second(received),
+                push_frames: Stats::get(&stats.push_frames),
+                push_bytes: Stats::get(&stats.push_bytes),
+                latency_ms: Latency::from_histogram(&stats.delivery.merged()),
+            }
+        });
+        let server = self.common.server_pid.map(|pid| Server {
+            pid,
+            rss_start_kib: self.rss_start,
+            rss_connected_kib: self.rss_connected,
+            rss_end_kib: rss_end,
+            rss_per_connection_bytes: match (self.rss_start, self.rss_connected) {
+                (Some(a), Some(b)) if established_at_setup > 0 => {
+                    Some((b as f64 - a as f64) * 1024.0 / established_at_setup as f64)
+                }
+                _ => None,
+            },
+        });
+        let (cpu_seconds, wall_seconds, cpu_percent) = self.cpu.read();
+        Report {
+            scenario: scenario.name().to_owned(),
+            params: serde_json::to_value(scenario).unwrap_or_default(),
+            prefix: self.prefix.clone(),
+            seed: self.seed,
+            urls: self.urls.clone(),
+            measured_seconds: secs,
+            connections: Connections {
+                target: self.target,
+                established: established_at_setup,
+                failed: self.failed,
+                reconnects: Stats::get(&stats.reconnects),
+                setup_seconds: self.setup_seconds,
+                setup_per_second: if self.setup_seconds > 0.0 {
+                    established_at_setup as f64 / self.setup_seconds
+                } else {
+                    0.0
+                },
+                setup_latency_ms: Latency::from_histogram(&stats.setup.merged()),
+            },
+            writes,
+            deliveries,
+            errors: stats.errors(),
+            generator: Generator {
+                cpu_percent,
+                cpu_seconds,
+                wall_seconds,
+                cores: host::cores(),
+            },
+            server,
+            counting: report::COUNTING_RULE,
+        }
+    }
+
+    /// Stops the progress line early (on a setup failure).
+    pub async fn abort(&mut self) {
+        self.shared.stop.cancel();
+        if let Some((task, stop)) = self.progress.take() {
+            stop.cancel();
+            let _ = task.await;
+        }
+    }
+}
+
+/// The setup write: every writer's marker at seq 0 and the filler record, so the dataset
+/// holds about `size` bytes. Returns the dataset's sync count after it (every record's too).
+pub async fn setup_write(
+    ws: &mut Ws,
+    dataset: &DatasetRef,
+    writers: usize,
+    size: usize,
+) -> Result<u64, Fail> {
+    let mut patches: Vec<Patch> = (0..writers)
+        .map(|i| Patch::replace(marker::key(i), marker::value(0, 0), 0))
+        .collect();
+    // A marker is about 3 + 24 bytes of key and value once writing starts.
+    let pad = size.saturating_sub(writers * 28 + marker::PAD_KEY.len());
+    if pad > 0 {
+        patches.push(Patch::replace(marker::PAD_KEY, "x".repeat(pad), 0));
+    }
+    let id = conn::SETUP_ID_BASE + 2;
+    let frame = ClientFrame::Update {
+        id: RequestId::Num(id),
+        dataset: dataset.clone(),
+        device_id: None,
+        patches,
+    }
+    .to_json();
+    let answer = conn::request(ws, id, frame, &mut |_, _| {}).await?;
+    if answer.kind == Kind::Conflict {
+        return Err(Fail::new(
+            "conflict",
+            format!(
+                "dataset {} already exists: use a fresh --prefix",
+                dataset.name
+            ),
+        ));
+    }
+    let answer = answer.expect(Kind::Ack, "setup write")?;
+    answer
+        .reply
+        .sync_count
+        .ok_or_else(|| Fail::new("unexpected_reply", "setup ack without a sync count"))
+}
+
+/// Grants `access` on `dataset` to each identity, pipelined on the owner's connection.
+pub async fn grant_all(
+    ws: &mut Ws,
+    dataset: &DatasetRef,
+    identities: &[String],
+    access: Access,
+) -> Result<(), Fail> {
+    let frames = identities
+        .iter()
+        .enumerate()
+        .map(|(i, identity)| {
+            let id = conn::SETUP_ID_BASE + 16 + i as u64;
+            let frame = ClientFrame::Grant {
+                id: RequestId::Num(id),
+                dataset: dataset.clone(),
+                identity: identity.clone(),
+                access,
+            };
+            (id, frame.to_json())
+        })
+        .collect();
+    for answer in conn::pipeline(ws, frames, 64, &mut |_, _| {}).await? {
+        answer.expect(Kind::Ack, "grant")?;
+    }
+    Ok(())
+}
+
+fn spawn_progress(
+    shared: Arc<Shared>,
+    phase: Arc<Mutex<&'static str>>,
+) -> (JoinHandle<()>, tokio_util::sync::CancellationToken) {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let done = stop.clone();
+    let task = tokio::spawn(async move {
+        let tty = std::io::stderr().is_terminal();
+        let started = Instant::now();
+        let mut ticker = tokio::time::interval(Duration::from_secs(1));
+        ticker.tick().await;
+        let mut cpu = CpuMeter::start();
+        loop {
+            tokio::select! {
+                () = done.cancelled() => break,
+                _ = ticker.tick() => {}
+            }
+            let stats = &shared.stats;
+            let (_, _, cpu_percent) = cpu.read();
+            cpu = CpuMeter::start();
+            let p99 = stats.delivery.merged();
+            let p99 = if p99.is_empty() {
+                "-".to_owned()
+            } else {
+                format!("{:.1}ms", p99.value_at_quantile(0.99) as f64 / 1000.0)
+            };
+            let line = format!(
+                "[{:6.1}s] {:<7} conns {} sent {} acked {} delivered {} p99 {} errors {} reconnects {} cpu {}",
+                started.elapsed().as_secs_f64(),
+                *phase.lock(),
+                Stats::get(&stats.open),
+                Stats::get(&stats.sent),
+                Stats::get(&stats.acked),
+                Stats::get(&stats.delivered),
+                p99,
+                stats.error_total(),
+                Stats::get(&stats.reconnects),
+                cpu_percent.map_or("?".to_owned(), |p| format!("{p:.0}%")),
+            );
+            let mut err = std::io::stderr().lock();
+            if tty {
+                let _ = write!(err, "\r\x1b[K{line}");
+            } else {
+                let _ = writeln!(err, "{line}");
+            }
+            let _ = err.flush();
+        }
+        if tty {
+            let _ = writeln!(std::io::stderr());
+        }
+    });
+    (task, stop)
+}

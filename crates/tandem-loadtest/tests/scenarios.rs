@@ -1,0 +1,279 @@
+//! Each scenario against a real server started in this process: small runs with known
+//! input, asserting the counts exactly (never timings).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use clap::Parser;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tandem_loadtest::{Cli, Report};
+use tokio_util::sync::CancellationToken;
+
+const SECRET: &str = "tandem-loadtest-test-secret-0123456789abcdef";
+
+/// A tandem server on its own runtime and thread, on a free loopback port.
+struct TestServer {
+    url: String,
+    shutdown: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    fn start() -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let addr: SocketAddr = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap()
+        };
+        let settings = tandem_server::config::Settings {
+            listen: Some(addr),
+            data_dir: Some(dir.path().to_path_buf()),
+            jwt_secret: Some(SECRET.to_owned()),
+            ..Default::default()
+        };
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime
+                .block_on(tandem_server::serve(settings, token))
+                .unwrap();
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "the server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        TestServer {
+            url: format!("ws://{addr}/v1/sync"),
+            shutdown,
+            thread: Some(thread),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+async fn run(server: &TestServer, args: &[&str]) -> Report {
+    let mut argv = vec![
+        "tandem-loadtest",
+        "--url",
+        &server.url,
+        "--secret",
+        SECRET,
+        "--quiet",
+        "--drain",
+        "20s",
+    ];
+    argv.extend_from_slice(args);
+    let cli = Cli::try_parse_from(argv).unwrap();
+    tandem_loadtest::run(cli).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_fanout_delivers_every_write_to_every_subscriber() {
+    let server = TestServer::start();
+    // Two --url entries for one server: connections go round-robin across them.
+    let report = run(
+        &server,
+        &[
+            "--url",
+            &server.url,
+            "fanout",
+            "--subscribers",
+            "5",
+            "--rate",
+            "20",
+            "--duration",
+            "1s",
+            "--size",
+            "2000",
+        ],
+    )
+    .await;
+    let writes = report.writes.as_ref().unwrap();
+    let deliveries = report.deliveries.as_ref().unwrap();
+    assert_eq!(writes.sent, 20, "{}", report.to_table());
+    assert_eq!(writes.acked, 20);
+    assert_eq!(writes.conflicts, 0);
+    assert_eq!(writes.commit_latency_ms.count, 20);
+    assert_eq!(deliveries.expected, 5 * 20);
+    assert_eq!(deliveries.received, 5 * 20, "{}", report.to_table());
+    assert_eq!(deliveries.lost, 0);
+    assert_eq!(deliveries.latency_ms.count, 100);
+    assert!(deliveries.push_bytes >= deliveries.push_frames * 2000);
+    assert_eq!(report.connections.established, 6);
+    assert_eq!(report.urls.len(), 2);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    // The JSON form carries the same figures.
+    let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+    assert_eq!(json["deliveries"]["received"], 100);
+    assert_eq!(json["scenario"], "fanout");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_fanout_warmup_writes_are_sent_but_not_counted() {
+    let server = TestServer::start();
+    let report = run(
+        &server,
+        &[
+            "fanout",
+            "--subscribers",
+            "2",
+            "--rate",
+            "10",
+            "--warmup",
+            "500ms",
+            "--duration",
+            "1s",
+        ],
+    )
+    .await;
+    let writes = report.writes.as_ref().unwrap();
+    let deliveries = report.deliveries.as_ref().unwrap();
+    // 15 writes scheduled, the first 5 in the warmup.
+    assert_eq!(writes.sent, 10);
+    assert_eq!(writes.acked, 10);
+    assert_eq!(deliveries.expected, 20);
+    assert_eq!(deliveries.received, 20);
+    assert_eq!(deliveries.lost, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_rooms_every_member_receives_every_members_writes() {
+    let server = TestServer::start();
+    let report = run(
+        &server,
+        &[
+            "rooms",
+            "--groups",
+            "2",
+            "--group-size",
+            "3",
+            "--rate",
+            "5",
+            "--duration",
+            "1s",
+            "--seed",
+            "7",
+        ],
+    )
+    .await;
+    let writes = report.writes.as_ref().unwrap();
+    let deliveries = report.deliveries.as_ref().unwrap();
+    // 6 users x 5 writes; each write reaches the 3 members of its room.
+    assert_eq!(writes.sent, 30, "{}", report.to_table());
+    assert_eq!(writes.acked, 30);
+    assert_eq!(writes.conflicts, 0);
+    assert_eq!(writes.unsent, 0);
+    assert_eq!(deliveries.expected, 90);
+    assert_eq!(deliveries.received, 90, "{}", report.to_table());
+    assert_eq!(deliveries.lost, 0);
+    assert_eq!(report.connections.established, 6);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_write_commits_every_scheduled_write() {
+    let server = TestServer::start();
+    let report = run(
+        &server,
+        &[
+            "write",
+            "--writers",
+            "4",
+            "--rate",
+            "10",
+            "--duration",
+            "1s",
+        ],
+    )
+    .await;
+    let writes = report.writes.as_ref().unwrap();
+    assert_eq!(writes.sent, 40, "{}", report.to_table());
+    assert_eq!(writes.acked, 40);
+    assert_eq!(writes.conflicts, 0);
+    assert_eq!(writes.unknown_outcome, 0);
+    assert_eq!(writes.commit_latency_ms.count, 40);
+    assert!(report.deliveries.is_none());
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_connect_sets_up_every_connection() {
+    let server = TestServer::start();
+    let report = run(
+        &server,
+        &["connect", "--connections", "20", "--duration", "30s"],
+    )
+    .await;
+    assert_eq!(report.connections.target, 20);
+    assert_eq!(report.connections.established, 20, "{}", report.to_table());
+    assert_eq!(report.connections.failed, 0);
+    assert_eq!(report.connections.setup_latency_ms.count, 20);
+    assert!(report.connections.setup_per_second > 0.0);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_idle_reports_the_server_memory_per_connection() {
+    let server = TestServer::start();
+    let pid = std::process::id().to_string();
+    let report = run(
+        &server,
+        &[
+            "idle",
+            "--connections",
+            "10",
+            "--idle-for",
+            "300ms",
+            "--server-pid",
+            &pid,
+        ],
+    )
+    .await;
+    assert_eq!(report.connections.established, 10, "{}", report.to_table());
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let memory = report.server.as_ref().unwrap();
+    assert!(memory.rss_start_kib.is_some());
+    assert!(memory.rss_connected_kib.is_some());
+    assert!(memory.rss_per_connection_bytes.is_some());
+    assert!(report.to_table().contains("server rss/conn"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_setup_failure_is_an_error_not_a_report() {
+    // Nothing listens on this port.
+    let addr = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let url = format!("ws://{addr}/v1/sync");
+    let cli = Cli::try_parse_from([
+        "tandem-loadtest",
+        "--url",
+        &url,
+        "--secret",
+        SECRET,
+        "--quiet",
+        "fanout",
+        "--subscribers",
+        "1",
+    ])
+    .unwrap();
+    let err = tandem_loadtest::run(cli).await.unwrap_err();
+    assert!(matches!(err, tandem_loadtest::LoadError::Setup(_)), "{err}");
+}
