@@ -186,8 +186,7 @@ impl PostgresStore {
             closed: RwLock::new(false),
         };
 
-        let client = inner.pool.get().await.map_err(pool_error)?;
-        let mut client = client;
+        let mut client = inner.pool.get().await.map_err(pool_error)?;
         let result = tokio::time::timeout(
             inner.call_timeout,
             schema::migrate(&mut client, &inner.schema),
