@@ -733,7 +733,6 @@ async fn run(inner: Arc<Inner>) {
                 let events = conn.take_events();
                 let conn = Arc::new(conn);
                 *inner.conn.lock() = Some(conn.clone());
-                inner.status.send_replace(Status::Online);
                 let stop_for_good = serve_connection(&inner, &conn, events).await;
                 *inner.conn.lock() = None;
                 if let Some(reason) = stop_for_good {
@@ -767,6 +766,9 @@ async fn serve_connection(
     {
         let (inner, conn) = (inner.clone(), conn.clone());
         // Pushes queue up in `events` meanwhile; they are applied in order afterwards.
+        // Online only now: datasets opened from here on subscribe themselves, the ones
+        // above are the reconnect's to catch up.
+        inner.status.send_replace(Status::Online);
         tokio::spawn(async move {
             for shared in datasets {
                 if let Err(e) = subscribe(&inner, &conn, &shared).await {

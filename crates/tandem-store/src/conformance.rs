@@ -734,8 +734,18 @@ pub async fn case_delete_then_recreate_continues_sync_count(store: Arc<dyn Store
     assert_eq!(store.delete_dataset(&d, ALICE).await.unwrap(), 4);
     let s = store.snapshot(&d, ALICE).await.unwrap();
     assert_eq!((s.sync_count, s.records.len()), (4, 0));
+    // Every record is now a tombstone; the ones the delete removed carry its sync count, so
+    // `changes` since an earlier count reports the deletion.
     let c = store.changes(&d, ALICE, 0).await.unwrap();
-    assert_eq!((c.sync_count, c.records.len()), (4, 0), "tombstones go too");
+    let tombs: Vec<(&str, Option<&str>, u64)> = c
+        .records
+        .iter()
+        .map(|r| (r.key.as_str(), r.value.as_deref(), r.sync_count))
+        .collect();
+    assert_eq!(c.sync_count, 4);
+    assert_eq!(tombs, [("a", None, 4), ("b", None, 3)]);
+    let c = store.changes(&d, ALICE, 3).await.unwrap();
+    assert_eq!(c.records.len(), 1, "only what the delete removed");
     assert!(
         store
             .list_datasets(DEFAULT_POOL, ALICE)
@@ -755,14 +765,14 @@ pub async fn case_delete_then_recreate_continues_sync_count(store: Arc<dyn Store
         Err(StoreError::NotFound(_))
     ));
 
-    // Records of the deleted dataset are gone: their old sync counts are stale.
+    // Records of the deleted dataset are tombstones: their old sync counts are stale.
     let outcome = store
         .update(request(&d, ALICE, vec![Patch::replace("a", "2", 1)]))
         .await
         .unwrap();
     assert!(
         matches!(&outcome, UpdateOutcome::Conflict { sync_count: 4, conflicts }
-            if conflicts[0].server.is_none()),
+            if conflicts[0].server.as_ref().is_some_and(|r| r.value.is_none() && r.sync_count == 4)),
         "{outcome:?}"
     );
 

@@ -23,7 +23,7 @@ macro_rules! dataset_read {
                     r.device_id, r.device_last_modified
              FROM (SELECT 1) AS one
              LEFT JOIN records r
-                    ON r.dataset_id = (SELECT id FROM d WHERE NOT deleted)
+                    ON r.dataset_id = (SELECT id FROM d)
                    AND ($5 OR EXISTS (SELECT 1 FROM g))
                    AND ",
             $filter,

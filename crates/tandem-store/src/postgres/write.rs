@@ -76,14 +76,14 @@ const LOAD_RECORDS: &str = "
            device_last_modified
     FROM records WHERE dataset_id = $1 AND (value IS NOT NULL OR key = ANY($2))";
 
-/// `LOAD_RECORDS` by the dataset's name (nothing for a deleted dataset), so it can be sent
-/// with the row lock before the row's id is known.
+/// `LOAD_RECORDS` by the dataset's name (a deleted dataset has tombstones only), so it can
+/// be sent with the row lock before the row's id is known.
 const LOAD_RECORDS_BY_NAME: &str = "
     SELECT key, value, sync_count, last_modified, last_modified_by, device_id,
            device_last_modified
     FROM records
     WHERE dataset_id = (SELECT id FROM datasets
-                        WHERE pool = $1 AND owner = $2 AND name = $3 AND NOT deleted)
+                        WHERE pool = $1 AND owner = $2 AND name = $3)
       AND (value IS NOT NULL OR key = ANY($4))";
 
 const LOCK_OWNER: &str = "SELECT pg_advisory_xact_lock($1, hashtext($2))";
@@ -109,7 +109,12 @@ const UPSERT_RECORDS: &str = "
         device_id = EXCLUDED.device_id,
         device_last_modified = EXCLUDED.device_last_modified";
 
-const DELETE_RECORDS: &str = "DELETE FROM records WHERE dataset_id = $1";
+/// A delete turns every live record into a tombstone stamped with the delete's sync count,
+/// so that `changes` since an earlier count reports the deletion.
+const DELETE_RECORDS: &str = "
+    UPDATE records SET value = NULL, sync_count = $2, last_modified = $3,
+                       last_modified_by = $4, device_id = NULL, device_last_modified = NULL
+    WHERE dataset_id = $1 AND value IS NOT NULL";
 
 const DELETE_GRANTS: &str = "DELETE FROM grants WHERE pool = $1 AND owner = $2 AND name = $3";
 
@@ -187,12 +192,8 @@ pub(super) async fn update(
             // No row to lock: the records loaded above belong to no lock we hold (a
             // concurrent creation may have committed since), so load again once locked.
             let row = insert_or_lock_dataset(&tx, key, now).await?;
-            let stored = if row.deleted {
-                BTreeMap::new()
-            } else {
-                let stmt = tx.prepare_cached(LOAD_RECORDS).await?;
-                records_by_key(&tx.query(&stmt, &[&row.id, &keys]).await?)?
-            };
+            let stmt = tx.prepare_cached(LOAD_RECORDS).await?;
+            let stored = records_by_key(&tx.query(&stmt, &[&row.id, &keys]).await?)?;
             (row, stored)
         }
     };
@@ -389,7 +390,7 @@ pub(super) async fn delete(
         tx.prepare_cached(DELETE_GRANTS),
         tx.prepare_cached(MARK_DELETED),
     )?;
-    let records_params: [&(dyn ToSql + Sync); 1] = [&row.id];
+    let records_params: [&(dyn ToSql + Sync); 4] = [&row.id, &new_count_db, &now, &key.owner];
     let grants_params: [&(dyn ToSql + Sync); 3] = [&key.pool, &key.owner, &key.name];
     let mark_params: [&(dyn ToSql + Sync); 3] = [&row.id, &new_count_db, &now];
     tokio::try_join!(

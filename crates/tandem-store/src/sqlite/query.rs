@@ -216,8 +216,8 @@ pub(super) fn changes(
 ) -> Result<Snapshot, StoreError> {
     check_read(conn, key, actor)?;
     let (sync_count, records) = match load_dataset(conn, key)? {
-        Some(row) if !row.deleted => (row.sync_count, records_since(conn, row.id, since)?),
-        Some(row) => (row.sync_count, Vec::new()),
+        // A deleted dataset's records are tombstones: they report the deletion.
+        Some(row) => (row.sync_count, records_since(conn, row.id, since)?),
         None => (0, Vec::new()),
     };
     Ok(Snapshot {

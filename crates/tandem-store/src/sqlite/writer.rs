@@ -150,11 +150,12 @@ fn update(
     let key = &request.dataset;
     query::check_write(conn, key, &request.actor)?;
     let row = query::load_dataset(conn, key)?;
-    let live_row = row.filter(|r| !r.deleted);
 
+    // A deleted dataset's records are all tombstones: a write based on an old version of
+    // one of them conflicts with the tombstone.
     let mut current = Vec::with_capacity(patches.len());
     for patch in patches {
-        current.push(match live_row {
+        current.push(match row {
             Some(r) => query::load_record(conn, r.id, &patch.key)?,
             None => None,
         });
@@ -200,7 +201,8 @@ fn update(
             (None, None) => {}
         }
     }
-    check_limits(conn, limits, key, live_row.is_none(), records, bytes)?;
+    let creates = row.is_none_or(|r| r.deleted);
+    check_limits(conn, limits, key, creates, records, bytes)?;
 
     let new_count = sync_count + 1;
     let now = now_ms();
@@ -309,9 +311,16 @@ fn delete(conn: &Connection, key: &DatasetKey, actor: &str) -> Result<u64, Store
         _ => return Err(StoreError::NotFound(format!("dataset {key}"))),
     };
     let new_count = row.sync_count + 1;
-    conn.prepare_cached("DELETE FROM records WHERE dataset_id = ?1")
-        .and_then(|mut stmt| stmt.execute(params![row.id]))
-        .map_err(db_err)?;
+    let now = now_ms();
+    // Live records become tombstones stamped with the delete's sync count, so that
+    // `changes` since an earlier count reports the deletion.
+    conn.prepare_cached(
+        "UPDATE records SET value = NULL, sync_count = ?2, last_modified = ?3,
+                            last_modified_by = ?4, device_id = NULL, device_last_modified = NULL
+         WHERE dataset_id = ?1 AND value IS NOT NULL",
+    )
+    .and_then(|mut stmt| stmt.execute(params![row.id, new_count, now, key.owner]))
+    .map_err(db_err)?;
     conn.prepare_cached("DELETE FROM grants WHERE pool = ?1 AND owner = ?2 AND name = ?3")
         .and_then(|mut stmt| stmt.execute(params![key.pool, key.owner, key.name]))
         .map_err(db_err)?;
@@ -320,7 +329,7 @@ fn delete(conn: &Connection, key: &DatasetKey, actor: &str) -> Result<u64, Store
                              last_modified = ?3
          WHERE id = ?1",
     )
-    .and_then(|mut stmt| stmt.execute(params![row.id, new_count, now_ms()]))
+    .and_then(|mut stmt| stmt.execute(params![row.id, new_count, now]))
     .map_err(db_err)?;
     Ok(new_count)
 }
