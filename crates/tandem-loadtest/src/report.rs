@@ -157,7 +157,7 @@ impl Report {
         row(
             "setup rate",
             format!(
-                "{:.1} conn/s over {:.2} s",
+                "{:.1} conn/s over {:.3} s",
                 c.setup_per_second, c.setup_seconds
             ),
         );

@@ -10,7 +10,9 @@
 //!
 //! After a refusal the prediction is reset from the reply (a conflict carries the server's
 //! record). Updates already in flight were built on the old prediction and are refused too;
-//! an epoch number keeps their replies from resetting the prediction again.
+//! an epoch number keeps their replies from resetting the prediction again. After a lost
+//! connection the count is unknown (updates in flight may or may not have committed), so
+//! the writer sends one update and waits for its reply before it pipelines again.
 
 use crate::conn::{Kind, Reply};
 use crate::ledger::{Outcome, WriteLedger};
@@ -35,6 +37,9 @@ pub struct Writer {
     next_seq: u64,
     next_count: u64,
     epoch: u64,
+    /// Whether `next_count` is known to be right (false after a lost connection until a
+    /// reply says what the server has).
+    known: bool,
     in_flight: VecDeque<InFlight>,
     finished: bool,
 }
@@ -59,6 +64,7 @@ impl Writer {
             next_seq: 1,
             next_count: sync_count,
             epoch: 0,
+            known: true,
             in_flight: VecDeque::new(),
             finished: false,
         }
@@ -73,7 +79,7 @@ impl Writer {
         if self.finished || self.next_seq > self.ledger.len() {
             return None;
         }
-        if !self.predictable && !self.in_flight.is_empty() {
+        if !(self.predictable && self.known) && !self.in_flight.is_empty() {
             return None;
         }
         Some(self.ledger.scheduled(self.next_seq))
@@ -127,10 +133,13 @@ impl Writer {
                         .commit
                         .record(slot, now.saturating_sub(self.ledger.scheduled(seq)));
                 }
-                if !self.predictable
+                if !(self.predictable && self.known)
                     && let Some(count) = reply.sync_count
                 {
+                    // Alone on the dataset, the commit's count is the marker's; shared, the
+                    // ack's count is still this record's count.
                     self.next_count = count;
+                    self.known = true;
                 }
             }
             Kind::Conflict => {
@@ -143,6 +152,7 @@ impl Writer {
                         .and_then(|c| c.server.as_ref())
                         .map_or(0, |r| r.sync_count);
                     self.epoch += 1;
+                    self.known = true;
                 }
             }
             _ => {
@@ -159,6 +169,9 @@ impl Writer {
 
     /// The connection ended: updates in flight have no known outcome.
     pub fn on_disconnect(&mut self, stats: &Stats) {
+        if !self.in_flight.is_empty() {
+            self.known = false;
+        }
         self.abandon_in_flight(stats);
         self.epoch += 1;
     }
@@ -258,6 +271,22 @@ mod tests {
         w.finish(&stats);
         assert_eq!(Stats::get(&stats.unknown_outcome), 2);
         assert!(w.ledger().is_resolved());
+    }
+
+    #[test]
+    fn test_writer_probes_once_after_a_lost_connection() {
+        let (mut w, stats, clock) = writer(true);
+        w.next_frame(&clock, &stats);
+        w.on_disconnect(&stats);
+        assert_eq!(Stats::get(&stats.unknown_outcome), 1);
+        assert_eq!(w.next_due(), Some(10));
+        w.next_frame(&clock, &stats);
+        // The count is unknown: no pipelining until the reply.
+        assert_eq!(w.next_due(), None);
+        let ack = parse_reply(r#"{"type":"ack","id":2,"syncCount":3}"#).unwrap();
+        w.on_reply(Kind::Ack, &ack, 50, 0, &stats);
+        assert!(w.next_frame(&clock, &stats).contains("\"syncCount\":3,"));
+        assert!(w.next_due().is_some());
     }
 
     #[test]
