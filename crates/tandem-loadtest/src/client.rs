@@ -265,6 +265,8 @@ fn on_text(plan: &mut ClientPlan, text: &str, shared: &Shared) {
             match plan.writer.as_mut() {
                 Some(w) if w.owns(reply.id) => {
                     w.on_reply(kind, &reply, shared.clock.now(), plan.slot, stats);
+                    // Its own push may have come first (it is in the room it writes to).
+                    settle(plan, shared);
                 }
                 _ if kind == Kind::Error => {
                     stats.error(reply.code.as_deref().unwrap_or("error"));

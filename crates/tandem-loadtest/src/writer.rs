@@ -70,6 +70,11 @@ impl Writer {
         }
     }
 
+    /// Whether it may send before the previous reply is in.
+    fn pipelines(&self) -> bool {
+        self.predictable && self.known
+    }
+
     pub fn ledger(&self) -> &Arc<WriteLedger> {
         &self.ledger
     }
@@ -79,7 +84,7 @@ impl Writer {
         if self.finished || self.next_seq > self.ledger.len() {
             return None;
         }
-        if !(self.predictable && self.known) && !self.in_flight.is_empty() {
+        if !self.in_flight.is_empty() && !self.pipelines() {
             return None;
         }
         Some(self.ledger.scheduled(self.next_seq))
@@ -133,7 +138,7 @@ impl Writer {
                         .commit
                         .record(slot, now.saturating_sub(self.ledger.scheduled(seq)));
                 }
-                if !(self.predictable && self.known)
+                if !self.pipelines()
                     && let Some(count) = reply.sync_count
                 {
                     // Alone on the dataset, the commit's count is the marker's; shared, the
