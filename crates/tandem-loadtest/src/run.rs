@@ -484,10 +484,11 @@ fn spawn_progress(
                 format!("{:.1}ms", p99.value_at_quantile(0.99) as f64 / 1000.0)
             };
             let line = format!(
-                "[{:6.1}s] {:<7} conns {} sent {} acked {} delivered {} p99 {} errors {} reconnects {} cpu {}",
+                "[{:6.1}s] {:<7} conns {} (set up {}) sent {} acked {} delivered {} p99 {} errors {} reconnects {} cpu {}",
                 started.elapsed().as_secs_f64(),
                 *phase.lock(),
                 Stats::get(&stats.open),
+                Stats::get(&stats.established),
                 Stats::get(&stats.sent),
                 Stats::get(&stats.acked),
                 Stats::get(&stats.delivered),

@@ -55,7 +55,7 @@ impl Tokens {
                 .as_bytes()
                 .to_vec(),
             (None, None) => {
-                return Err(LoadError::Tokens(
+                return Err(LoadError::Options(
                     "give --secret (or TANDEM_JWT_SECRET), --secret-file or --token-file".into(),
                 ));
             }
