@@ -58,7 +58,7 @@ impl std::fmt::Display for Fail {
 /// Small buffers: a load test holds thousands of these. Buffers grow for large pushes.
 fn config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(16 * 1024)
+        .read_buffer_size(4 * 1024)
         .write_buffer_size(0)
         .max_write_buffer_size(16 * 1024 * 1024)
         .max_message_size(Some(64 * 1024 * 1024))
