@@ -46,7 +46,8 @@ pub struct GatewayConfig {
     /// How long one batch write to the socket may take before the connection is closed as
     /// slow (close 4001).
     pub write_timeout: Duration,
-    /// tungstenite read buffer per connection; small keeps idle connections cheap.
+    /// tungstenite read buffer per connection; small keeps idle connections cheap (it is
+    /// allocated up front and is also the most one read call takes from the socket).
     pub read_buffer_bytes: usize,
     /// tungstenite write buffer per connection.
     pub write_buffer_bytes: usize,
@@ -78,7 +79,7 @@ impl Default for GatewayConfig {
             max_queued_replies: 1024,
             auth_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
-            read_buffer_bytes: 4 * 1024,
+            read_buffer_bytes: 1024,
             write_buffer_bytes: 4 * 1024,
             dev_token_secret: None,
         }

@@ -4,7 +4,7 @@
 
 use axum::extract::ws::Utf8Bytes;
 use parking_lot::Mutex;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use tandem_protocol::CloseCode;
 use tandem_store::DatasetKey;
@@ -36,9 +36,49 @@ struct Slot {
     pending: Option<(u64, Utf8Bytes)>,
 }
 
+/// A connection's subscriptions (at most `max_subscriptions`, usually a handful). A scan by
+/// pointer first finds the hub's shared key without hashing three strings on every push.
+#[derive(Default)]
+struct Slots(Vec<(Arc<DatasetKey>, Slot)>);
+
+impl Slots {
+    fn position(&self, key: &DatasetKey) -> Option<usize> {
+        self.0
+            .iter()
+            .position(|(k, _)| std::ptr::eq(Arc::as_ptr(k), key))
+            .or_else(|| self.0.iter().position(|(k, _)| **k == *key))
+    }
+
+    fn contains_key(&self, key: &DatasetKey) -> bool {
+        self.position(key).is_some()
+    }
+
+    fn get_mut(&mut self, key: &DatasetKey) -> Option<&mut Slot> {
+        let i = self.position(key)?;
+        Some(&mut self.0[i].1)
+    }
+
+    fn insert(&mut self, key: Arc<DatasetKey>, slot: Slot) {
+        self.0.push((key, slot));
+    }
+
+    fn remove(&mut self, key: &DatasetKey) -> Option<Slot> {
+        let i = self.position(key)?;
+        Some(self.0.swap_remove(i).1)
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &Arc<DatasetKey>> {
+        self.0.iter().map(|(k, _)| k)
+    }
+}
+
 struct State {
     queue: VecDeque<Item>,
-    slots: HashMap<Arc<DatasetKey>, Slot>,
+    slots: Slots,
     /// Replies (not pushes) waiting in `queue`; bounded by `max_frames`.
     frames: usize,
     seq: u64,
@@ -66,7 +106,7 @@ impl Outbox {
         Outbox {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
-                slots: HashMap::new(),
+                slots: Slots::default(),
                 frames: 0,
                 seq: 0,
                 closing: false,

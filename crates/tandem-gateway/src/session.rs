@@ -32,19 +32,19 @@ pub(crate) async fn run(gw: Arc<Gateway>, socket: WebSocket, pre_auth: Option<Id
         let outbox = Arc::new(Outbox::new(gw.config.max_queued_replies));
         let (sink, stream) = socket.split();
         let cancel = gw.shutdown.child_token();
-        let writer = tokio::spawn(
-            run_writer(
-                sink,
-                outbox.clone(),
-                gw.config.write_timeout,
-                cancel.clone(),
-            )
-            .in_current_span(),
-        );
+        // Not instrumented: the writer is polled for every push, and entering a span each
+        // time costs more than its rare log lines are worth; they carry the session id.
+        let writer = tokio::spawn(run_writer(
+            sink,
+            outbox.clone(),
+            gw.config.write_timeout,
+            cancel.clone(),
+            session_name.clone(),
+        ));
         let mut session = Session {
             gw: gw.clone(),
             number,
-            name: session_name,
+            name: session_name.clone(),
             outbox,
             identity: None,
             expires_at: None,
@@ -126,7 +126,9 @@ impl Session {
                     break Stop::Gone;
                 }
             };
-            if let Some(code) = self.handle_text(&text).await {
+            // Boxed: the request handlers' state is large and only lives while one runs, so an
+            // idle session keeps a small future.
+            if let Some(code) = Box::pin(self.handle_text(&text)).await {
                 break Stop::Close(code);
             }
             if self.outbox.is_closing() {
@@ -600,6 +602,7 @@ async fn run_writer(
     outbox: Arc<Outbox>,
     write_timeout: Duration,
     cancel: CancellationToken,
+    session: String,
 ) {
     let mut batch = Vec::with_capacity(WRITE_BATCH);
     loop {
@@ -626,12 +629,13 @@ async fn run_writer(
         match tokio::time::timeout(write_timeout, write).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                tracing::debug!(error = %e, "write failed");
+                tracing::debug!(session = %session, error = %e, "write failed");
                 cancel.cancel();
                 return;
             }
             Err(_) => {
                 tracing::info!(
+                    session = %session,
                     timeout_ms = write_timeout.as_millis() as u64,
                     "write deadline passed, closing slow connection"
                 );

@@ -141,6 +141,13 @@ pub struct Settings {
     /// Unread replies queued for one connection before it is closed as slow [default: 1024].
     #[arg(long, env = "TANDEM_MAX_QUEUED_REPLIES")]
     pub max_queued_replies: Option<usize>,
+    /// WebSocket read buffer per connection, bytes [default: 1024]; small keeps idle
+    /// connections cheap, larger reads big frames in fewer system calls.
+    #[arg(long, env = "TANDEM_READ_BUFFER_BYTES")]
+    pub read_buffer_bytes: Option<usize>,
+    /// WebSocket write buffer per connection, bytes [default: 4096].
+    #[arg(long, env = "TANDEM_WRITE_BUFFER_BYTES")]
+    pub write_buffer_bytes: Option<usize>,
     /// Time allowed to authenticate after connecting [default: 10s].
     #[arg(long, env = "TANDEM_AUTH_TIMEOUT")]
     pub auth_timeout: Option<HumanDuration>,
@@ -193,6 +200,8 @@ impl Settings {
             max_frame_bytes,
             max_subscriptions,
             max_queued_replies,
+            read_buffer_bytes,
+            write_buffer_bytes,
             auth_timeout,
             write_timeout,
             shutdown_grace,

@@ -260,8 +260,8 @@ fn gateway_config(settings: &Settings) -> GatewayConfig {
         max_queued_replies: settings.max_queued_replies.unwrap_or(d.max_queued_replies),
         auth_timeout: settings.auth_timeout.map_or(d.auth_timeout, |t| t.0),
         write_timeout: settings.write_timeout.map_or(d.write_timeout, |t| t.0),
-        read_buffer_bytes: d.read_buffer_bytes,
-        write_buffer_bytes: d.write_buffer_bytes,
+        read_buffer_bytes: settings.read_buffer_bytes.unwrap_or(d.read_buffer_bytes),
+        write_buffer_bytes: settings.write_buffer_bytes.unwrap_or(d.write_buffer_bytes),
         dev_token_secret: None,
     }
 }

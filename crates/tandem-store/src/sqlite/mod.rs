@@ -48,6 +48,8 @@ struct Inner {
     closed: AtomicBool,
     commands_tx: Mutex<Option<mpsc::Sender<Command>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// The background checkpointer: dropping the sender stops it.
+    checkpointer: Mutex<Option<(std::sync::mpsc::Sender<()>, JoinHandle<()>)>>,
     /// Bounds concurrent reads to the number of read connections; closed on `close`.
     read_permits: Arc<Semaphore>,
     idle_readers: Mutex<Vec<Connection>>,
@@ -88,6 +90,7 @@ impl SqliteStore {
             .name("tandem-sqlite-writer".into())
             .spawn(move || writer::run(conn, &writer_limits, commands_rx))
             .map_err(|e| StoreError::Internal(format!("cannot start the writer thread: {e}")))?;
+        let checkpointer = spawn_checkpointer(path)?;
         tracing::info!(path = %path.display(), readers, "sqlite store open");
 
         Ok(SqliteStore {
@@ -97,6 +100,7 @@ impl SqliteStore {
                 closed: AtomicBool::new(false),
                 commands_tx: Mutex::new(Some(commands_tx)),
                 writer: Mutex::new(Some(writer)),
+                checkpointer: Mutex::new(Some(checkpointer)),
                 read_permits: Arc::new(Semaphore::new(readers)),
                 idle_readers: Mutex::new(vec![first_reader]),
             }),
@@ -187,6 +191,16 @@ impl Inner {
         drop(lock(&self.commands_tx).take());
         lock(&self.writer).take()
     }
+
+    /// Stops the checkpointer and waits for it (at most one passive checkpoint).
+    fn stop_checkpointer(&self) {
+        if let Some((stop, thread)) = lock(&self.checkpointer).take() {
+            drop(stop);
+            if thread.join().is_err() {
+                tracing::error!("sqlite checkpointer thread panicked");
+            }
+        }
+    }
 }
 
 impl Drop for Inner {
@@ -198,6 +212,7 @@ impl Drop for Inner {
         {
             tracing::error!("sqlite writer thread panicked");
         }
+        self.stop_checkpointer();
     }
 }
 
@@ -348,6 +363,8 @@ impl Store for SqliteStore {
             Ok(Err(_)) => tracing::error!("sqlite writer thread panicked"),
             Err(e) => tracing::error!(error = %e, "waiting for the sqlite writer failed"),
         }
+        let inner = self.inner.clone();
+        let _ = tokio::task::spawn_blocking(move || inner.stop_checkpointer()).await;
         lock(&self.inner.idle_readers).clear();
         tracing::info!(path = %self.inner.path.display(), "sqlite store closed");
     }
@@ -363,10 +380,45 @@ fn configure_writer(conn: &Connection) -> Result<(), StoreError> {
             "sqlite refused wal mode (journal mode is {mode})"
         )));
     }
-    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
-        .map_err(db_err)?;
+    // Checkpoints run on their own thread (`spawn_checkpointer`): an automatic one would
+    // run inside a commit on the writer thread and stall every caller in that batch.
+    conn.execute_batch(
+        "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA wal_autocheckpoint = 0;",
+    )
+    .map_err(db_err)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(())
+}
+
+/// How often the checkpointer copies the WAL back into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Copies committed WAL frames into the database file in the background with PASSIVE
+/// checkpoints, which never block the writer or readers, so the WAL stays small and commits
+/// never pay for a checkpoint.
+fn spawn_checkpointer(
+    path: &Path,
+) -> Result<(std::sync::mpsc::Sender<()>, JoinHandle<()>), StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("tandem-sqlite-checkpoint".into())
+        .spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stop_rx.recv_timeout(CHECKPOINT_EVERY)
+            {
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::warn!(error = %e, "sqlite checkpoint failed");
+                }
+            }
+        })
+        .map_err(|e| StoreError::Internal(format!("cannot start the checkpointer: {e}")))?;
+    Ok((stop_tx, thread))
 }
 
 /// A connection that may only read; it never creates the file.
