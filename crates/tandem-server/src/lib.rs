@@ -154,9 +154,7 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         make_broker(redis, handler)
     });
 
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
     let local = listener.local_addr()?;
     let listener = listener.tap_io(|tcp| {
         // Pushes are small and latency-bound; do not let Nagle hold them back.
@@ -196,6 +194,21 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     store.close().await;
     tracing::info!(clean, "shutdown complete");
     Ok(())
+}
+
+/// The kernel caps the queue at `net.core.somaxconn`; tokio's default of 1024 drops SYNs in
+/// connection bursts (clients then wait a one-second retransmit).
+const LISTEN_BACKLOG: u32 = 8192;
+
+fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 fn make_broker(
