@@ -41,6 +41,14 @@ impl StoreError {
         }
     }
 
+    pub fn forbidden(dataset: &crate::DatasetKey, identity: &str, needed: &'static str) -> Self {
+        StoreError::Forbidden {
+            identity: identity.to_owned(),
+            dataset: dataset.to_string(),
+            needed,
+        }
+    }
+
     pub fn limit(limit: LimitCode, max: u64, message: impl Into<String>) -> Self {
         StoreError::Limit {
             limit,

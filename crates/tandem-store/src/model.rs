@@ -240,6 +240,63 @@ pub fn validate_update(
     Ok(out)
 }
 
+/// The dataset's live record count and bytes after applying `patches` (each with the stored
+/// record it replaces, if any) to `records` and `bytes`, and the patches that change
+/// something: removing what is absent or already removed changes nothing.
+pub(crate) fn totals_after<'a>(
+    mut records: u64,
+    mut bytes: u64,
+    patches: impl Iterator<Item = (&'a ValidatedPatch, Option<&'a Record>)>,
+) -> (u64, u64, Vec<&'a ValidatedPatch>) {
+    let mut writes = Vec::new();
+    for (patch, stored) in patches {
+        let old_bytes = stored.and_then(|r| r.value.as_deref().map(|v| record_bytes(&r.key, v)));
+        match (&patch.value, old_bytes) {
+            (Some(value), old) => {
+                if old.is_none() {
+                    records += 1;
+                }
+                bytes = bytes.saturating_sub(old.unwrap_or(0)) + record_bytes(&patch.key, value);
+                writes.push(patch);
+            }
+            (None, Some(old)) => {
+                records = records.saturating_sub(1);
+                bytes = bytes.saturating_sub(old);
+                writes.push(patch);
+            }
+            (None, None) => {}
+        }
+    }
+    (records, bytes, writes)
+}
+
+/// Checks a grant's arguments, the same for every backend: valid names, `read` or `write`
+/// only, by the owner, not to the owner.
+pub fn validate_grant(
+    dataset: &DatasetKey,
+    actor: &str,
+    grantee: &str,
+    access: tandem_protocol::Access,
+) -> Result<(), StoreError> {
+    dataset.validate()?;
+    validate_identity(actor)?;
+    validate_identity(grantee)?;
+    if access == tandem_protocol::Access::Owner {
+        return Err(StoreError::BadRequest(
+            "access granted must be read or write".into(),
+        ));
+    }
+    if actor != dataset.owner {
+        return Err(StoreError::forbidden(dataset, actor, "owner"));
+    }
+    if grantee == dataset.owner {
+        return Err(StoreError::BadRequest(
+            "the owner cannot be granted access to its own dataset".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks an update's effect on the stored limits, in the order every backend reports them:
 /// the owner's dataset count (`owned`, counted only when the update creates the dataset,
 /// `None` otherwise), then the dataset's live records, then its bytes.

@@ -50,6 +50,7 @@ mod read;
 mod schema;
 mod write;
 
+use crate::validate_grant;
 use crate::{
     DatasetKey, Limits, Snapshot, Store, StoreError, UpdateOutcome, UpdateRequest,
     validate_identity, validate_update,
@@ -315,22 +316,7 @@ impl Store for PostgresStore {
         grantee: &str,
         access: Access,
     ) -> Result<(), StoreError> {
-        dataset.validate()?;
-        validate_identity(actor)?;
-        validate_identity(grantee)?;
-        if access == Access::Owner {
-            return Err(StoreError::BadRequest(
-                "access granted must be read or write".into(),
-            ));
-        }
-        if actor != dataset.owner {
-            return Err(forbidden(dataset, actor, "owner"));
-        }
-        if grantee == dataset.owner {
-            return Err(StoreError::BadRequest(
-                "the owner cannot be granted access to its own dataset".into(),
-            ));
-        }
+        validate_grant(dataset, actor, grantee, access)?;
         call!(self, |client| write::grant(
             &client, dataset, grantee, access
         ))
@@ -422,11 +408,7 @@ fn validate_schema(schema: &str) -> Result<(), StoreError> {
 }
 
 pub(super) fn forbidden(key: &DatasetKey, identity: &str, needed: &'static str) -> StoreError {
-    StoreError::Forbidden {
-        identity: identity.to_owned(),
-        dataset: key.to_string(),
-        needed,
-    }
+    StoreError::forbidden(key, identity, needed)
 }
 
 fn closed_error() -> StoreError {

@@ -6,10 +6,9 @@
 
 use super::read::{record_from_row, to_i64, to_u64};
 use super::{Fail, forbidden};
-use crate::model::check_dataset_limits;
+use crate::model::{check_dataset_limits, totals_after};
 use crate::{
     DatasetKey, Limits, Snapshot, StoreError, UpdateOutcome, UpdateRequest, ValidatedPatch, now_ms,
-    record_bytes,
 };
 use deadpool_postgres::tokio_postgres::Row;
 use deadpool_postgres::tokio_postgres::types::ToSql;
@@ -213,29 +212,12 @@ pub(super) async fn update(
     }
 
     // The dataset's live totals after the update, and the patches that change something.
-    let (mut records, mut bytes) = row.live_totals();
-    let mut writes = Vec::with_capacity(patches.len());
-    for patch in patches {
-        let old_bytes = stored
-            .get(&patch.key)
-            .and_then(|r| r.value.as_deref().map(|v| record_bytes(&r.key, v)));
-        match (&patch.value, old_bytes) {
-            (Some(value), old) => {
-                if old.is_none() {
-                    records += 1;
-                }
-                bytes = bytes.saturating_sub(old.unwrap_or(0)) + record_bytes(&patch.key, value);
-                writes.push(patch);
-            }
-            (None, Some(old)) => {
-                records = records.saturating_sub(1);
-                bytes = bytes.saturating_sub(old);
-                writes.push(patch);
-            }
-            // Removing what is absent or already removed changes nothing.
-            (None, None) => {}
-        }
-    }
+    let (live_records, live_bytes) = row.live_totals();
+    let (records, bytes, writes) = totals_after(
+        live_records,
+        live_bytes,
+        patches.iter().map(|p| (p, stored.get(&p.key))),
+    );
     let owned = if row.deleted {
         Some(count_owned_locked(&tx, key).await?)
     } else {

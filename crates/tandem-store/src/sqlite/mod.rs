@@ -10,6 +10,7 @@ mod query;
 mod schema;
 mod writer;
 
+use crate::validate_grant;
 use crate::{
     DatasetKey, Limits, Snapshot, Store, StoreError, UpdateOutcome, UpdateRequest,
     validate_identity, validate_update,
@@ -278,22 +279,7 @@ impl Store for SqliteStore {
         grantee: &str,
         access: Access,
     ) -> Result<(), StoreError> {
-        dataset.validate()?;
-        validate_identity(actor)?;
-        validate_identity(grantee)?;
-        if access == Access::Owner {
-            return Err(StoreError::BadRequest(
-                "access granted must be read or write".into(),
-            ));
-        }
-        if actor != dataset.owner {
-            return Err(query::forbidden(dataset, actor, "owner"));
-        }
-        if grantee == dataset.owner {
-            return Err(StoreError::BadRequest(
-                "the owner cannot be granted access to its own dataset".into(),
-            ));
-        }
+        validate_grant(dataset, actor, grantee, access)?;
         let op = Op::Grant {
             dataset: dataset.clone(),
             grantee: grantee.to_owned(),

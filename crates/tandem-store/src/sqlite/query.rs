@@ -84,11 +84,7 @@ pub(super) fn access_of(
 }
 
 pub(super) fn forbidden(key: &DatasetKey, identity: &str, needed: &'static str) -> StoreError {
-    StoreError::Forbidden {
-        identity: identity.to_owned(),
-        dataset: key.to_string(),
-        needed,
-    }
+    StoreError::forbidden(key, identity, needed)
 }
 
 /// `Forbidden` unless `identity` may read the dataset (any grant, or ownership).

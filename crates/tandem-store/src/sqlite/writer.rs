@@ -8,10 +8,9 @@
 
 use super::db_err;
 use super::query::{self, DatasetRow};
-use crate::model::check_dataset_limits;
+use crate::model::{check_dataset_limits, totals_after};
 use crate::{
     DatasetKey, Limits, Snapshot, StoreError, UpdateOutcome, UpdateRequest, ValidatedPatch, now_ms,
-    record_bytes,
 };
 use rusqlite::{Connection, TransactionBehavior, params};
 use tandem_protocol::{Access, Conflict, Record};
@@ -178,29 +177,12 @@ fn update(
     }
 
     // The dataset's live totals after the update, and the patches that change something.
-    let (mut records, mut bytes) = row.as_ref().map_or((0, 0), DatasetRow::live_totals);
-    let mut writes = Vec::with_capacity(patches.len());
-    for (patch, record) in patches.iter().zip(&current) {
-        let old_bytes = record
-            .as_ref()
-            .and_then(|r| r.value.as_deref().map(|v| record_bytes(&r.key, v)));
-        match (&patch.value, old_bytes) {
-            (Some(value), old) => {
-                if old.is_none() {
-                    records += 1;
-                }
-                bytes = bytes.saturating_sub(old.unwrap_or(0)) + record_bytes(&patch.key, value);
-                writes.push(patch);
-            }
-            (None, Some(old)) => {
-                records = records.saturating_sub(1);
-                bytes = bytes.saturating_sub(old);
-                writes.push(patch);
-            }
-            // Removing what is absent or already removed changes nothing.
-            (None, None) => {}
-        }
-    }
+    let (live_records, live_bytes) = row.as_ref().map_or((0, 0), DatasetRow::live_totals);
+    let (records, bytes, writes) = totals_after(
+        live_records,
+        live_bytes,
+        patches.iter().zip(current.iter().map(Option::as_ref)),
+    );
     let creates = row.is_none_or(|r| r.deleted);
     check_limits(conn, limits, key, creates, records, bytes)?;
 
