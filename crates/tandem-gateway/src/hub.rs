@@ -133,14 +133,6 @@ impl Hub {
         self.datasets.read().keys().cloned().collect()
     }
 
-    pub fn subscriber_count(&self) -> usize {
-        self.datasets
-            .read()
-            .values()
-            .map(|e| e.subscribers.len())
-            .sum()
-    }
-
     fn forward_commit(&self, dataset: &DatasetKey, sync_count: u64, frame: &Utf8Bytes) {
         let map = self.datasets.read();
         let Some((key, entry)) = map.get_key_value(dataset) else {

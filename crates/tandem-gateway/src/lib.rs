@@ -13,7 +13,7 @@ mod outbox;
 mod session;
 
 pub use auth::{AuthConfig, AuthError, Identity, Verifier};
-pub use hub::Hub;
+use hub::Hub;
 
 use axum::Router;
 use axum::extract::State;
@@ -132,20 +132,8 @@ impl Gateway {
         })
     }
 
-    pub fn config(&self) -> &GatewayConfig {
-        &self.config
-    }
-
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
-    }
-
     pub fn broker(&self) -> &Arc<dyn Broker> {
         &self.broker
-    }
-
-    pub fn hub(&self) -> &Arc<Hub> {
-        &self.hub
     }
 
     /// Open WebSocket sessions.
