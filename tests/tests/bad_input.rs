@@ -9,8 +9,7 @@ use tandem_protocol::{
     ServerFrame,
 };
 use tandem_tests::TestServer;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tandem_tests::raw::RawSocket;
 
 /// How long any single reply or close may take before a test fails.
 const WAIT: Duration = Duration::from_secs(10);
@@ -335,135 +334,6 @@ async fn test_bad_input_binary_frame_gets_bad_request_and_connection_stays_usabl
     assert!(alice.closed().is_none());
     assert_usable(&alice).await;
     assert_eq!(stored(&alice, &ds).await, before);
-}
-
-/// A bare WebSocket client over TCP, for frames `Connection` cannot send (invalid UTF-8).
-struct RawSocket {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl RawSocket {
-    async fn connect(server: &TestServer) -> RawSocket {
-        let mut stream = TcpStream::connect(server.addr).await.unwrap();
-        let request = format!(
-            "GET /v1/sync HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-            server.addr
-        );
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut socket = RawSocket {
-            stream,
-            buf: Vec::new(),
-        };
-        let end = loop {
-            if let Some(end) = socket.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break end + 4;
-            }
-            assert!(socket.fill().await, "no handshake response");
-        };
-        let head = String::from_utf8_lossy(&socket.buf[..end]).into_owned();
-        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-        socket.buf.drain(..end);
-        socket
-    }
-
-    async fn fill(&mut self) -> bool {
-        let mut chunk = [0u8; 4096];
-        match tokio::time::timeout(WAIT, self.stream.read(&mut chunk)).await {
-            Ok(Ok(0) | Err(_)) => false,
-            Ok(Ok(n)) => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                true
-            }
-            Err(_) => panic!("nothing from the server in time"),
-        }
-    }
-
-    /// Sends one final, masked frame.
-    async fn send(&mut self, opcode: u8, payload: &[u8]) {
-        self.send_frame(true, opcode, payload).await;
-    }
-
-    /// Sends one masked frame; `fin: false` starts or continues a fragmented message.
-    async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
-        let mask = [0x37, 0xfa, 0x21, 0x3d];
-        let mut frame = vec![if fin { 0x80 } else { 0 } | opcode];
-        match payload.len() {
-            n @ 0..=125 => frame.push(0x80 | n as u8),
-            n @ 126..=0xffff => {
-                frame.push(0x80 | 126);
-                frame.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                frame.push(0x80 | 127);
-                frame.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        frame.extend_from_slice(&mask);
-        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        self.stream.write_all(&frame).await.unwrap();
-    }
-
-    /// The next frame's (opcode, payload), or `None` once the socket ended.
-    async fn recv(&mut self) -> Option<(u8, Vec<u8>)> {
-        loop {
-            if self.buf.len() >= 2 {
-                let opcode = self.buf[0] & 0x0f;
-                let (len, at) = match self.buf[1] & 0x7f {
-                    126 if self.buf.len() >= 4 => (
-                        usize::from(u16::from_be_bytes([self.buf[2], self.buf[3]])),
-                        4,
-                    ),
-                    127 if self.buf.len() >= 10 => {
-                        let mut n = [0u8; 8];
-                        n.copy_from_slice(&self.buf[2..10]);
-                        (usize::try_from(u64::from_be_bytes(n)).unwrap(), 10)
-                    }
-                    126 | 127 => (usize::MAX, 0),
-                    n => (usize::from(n), 2),
-                };
-                if len != usize::MAX && self.buf.len() >= at + len {
-                    let payload = self.buf[at..at + len].to_vec();
-                    self.buf.drain(..at + len);
-                    return Some((opcode, payload));
-                }
-            }
-            if !self.fill().await {
-                return None;
-            }
-        }
-    }
-
-    /// Connects and authenticates as `sub` with an `auth` frame.
-    async fn authenticated(server: &TestServer, sub: &str) -> RawSocket {
-        let mut raw = RawSocket::connect(server).await;
-        let auth = ClientFrame::Auth {
-            id: None,
-            token: server.token(sub),
-        };
-        raw.send(0x1, auth.to_json().as_bytes()).await;
-        let ready = raw.recv_frame().await;
-        assert!(matches!(ready, ServerFrame::Ready { .. }), "{ready:?}");
-        raw
-    }
-
-    /// The next frame, which must be a text frame holding a server frame.
-    async fn recv_frame(&mut self) -> ServerFrame {
-        let (opcode, payload) = self.recv().await.expect("a frame");
-        assert_eq!(opcode, 0x1, "{}", String::from_utf8_lossy(&payload));
-        serde_json::from_slice(&payload).unwrap()
-    }
-
-    /// Reads until a close frame; returns its code, or `None` if the socket ended without one.
-    async fn close_code(&mut self) -> Option<u16> {
-        while let Some((opcode, payload)) = self.recv().await {
-            if opcode == 0x8 {
-                return (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
-            }
-        }
-        None
-    }
 }
 
 #[tokio::test]
