@@ -270,24 +270,30 @@ pub(crate) fn totals_after<'a>(
     (records, bytes, writes)
 }
 
-/// Checks a grant's arguments, the same for every backend: valid names, `read` or `write`
-/// only, by the owner, not to the owner.
+/// Checks a revoke's arguments, the same for every backend: valid names, by the owner.
+pub fn validate_revoke(dataset: &DatasetKey, actor: &str, grantee: &str) -> Result<(), StoreError> {
+    dataset.validate()?;
+    validate_identity(actor)?;
+    validate_identity(grantee)?;
+    if actor != dataset.owner {
+        return Err(StoreError::forbidden(dataset, actor, "owner"));
+    }
+    Ok(())
+}
+
+/// Checks a grant's arguments, the same for every backend: a revoke's, plus `read` or
+/// `write` only, not to the owner.
 pub fn validate_grant(
     dataset: &DatasetKey,
     actor: &str,
     grantee: &str,
     access: tandem_protocol::Access,
 ) -> Result<(), StoreError> {
-    dataset.validate()?;
-    validate_identity(actor)?;
-    validate_identity(grantee)?;
+    validate_revoke(dataset, actor, grantee)?;
     if access == tandem_protocol::Access::Owner {
         return Err(StoreError::BadRequest(
             "access granted must be read or write".into(),
         ));
-    }
-    if actor != dataset.owner {
-        return Err(StoreError::forbidden(dataset, actor, "owner"));
     }
     if grantee == dataset.owner {
         return Err(StoreError::BadRequest(

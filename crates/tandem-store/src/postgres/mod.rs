@@ -50,11 +50,11 @@ mod read;
 mod schema;
 mod write;
 
-use crate::validate_grant;
 use crate::{
     DatasetKey, Limits, Snapshot, Store, StoreError, UpdateOutcome, UpdateRequest,
     validate_identity, validate_update,
 };
+use crate::{validate_grant, validate_revoke};
 use async_trait::async_trait;
 use deadpool_postgres::{
     Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, tokio_postgres,
@@ -328,12 +328,7 @@ impl Store for PostgresStore {
         actor: &str,
         grantee: &str,
     ) -> Result<(), StoreError> {
-        dataset.validate()?;
-        validate_identity(actor)?;
-        validate_identity(grantee)?;
-        if actor != dataset.owner {
-            return Err(forbidden(dataset, actor, "owner"));
-        }
+        validate_revoke(dataset, actor, grantee)?;
         call!(self, |client| write::revoke(&client, dataset, grantee))
     }
 

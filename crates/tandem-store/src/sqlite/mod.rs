@@ -10,11 +10,11 @@ mod query;
 mod schema;
 mod writer;
 
-use crate::validate_grant;
 use crate::{
     DatasetKey, Limits, Snapshot, Store, StoreError, UpdateOutcome, UpdateRequest,
     validate_identity, validate_update,
 };
+use crate::{validate_grant, validate_revoke};
 use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags};
 use std::path::{Path, PathBuf};
@@ -297,12 +297,7 @@ impl Store for SqliteStore {
         actor: &str,
         grantee: &str,
     ) -> Result<(), StoreError> {
-        dataset.validate()?;
-        validate_identity(actor)?;
-        validate_identity(grantee)?;
-        if actor != dataset.owner {
-            return Err(query::forbidden(dataset, actor, "owner"));
-        }
+        validate_revoke(dataset, actor, grantee)?;
         let op = Op::Revoke {
             dataset: dataset.clone(),
             grantee: grantee.to_owned(),
