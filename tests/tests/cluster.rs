@@ -325,3 +325,53 @@ async fn test_cluster_postgres_unreachable_writes_get_unavailable_and_service_re
     let (pushed, _) = push_at_least(&mut watcher, 2).await;
     assert_eq!(pushed, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cluster_delete_during_redis_outage_still_reaches_subscribers_on_other_nodes() {
+    let schema = PgSchema::create();
+    let mut redis = RedisServer::start();
+    let nodes = start_nodes(2, &schema.url, &schema.name, &redis.url());
+    let owner = nodes[1].connect("alice").await;
+    let ds = DatasetRef::own("doomed");
+    owner
+        .update(ds.clone(), None, vec![Patch::replace("k", "v", 0)])
+        .await
+        .unwrap();
+    let mut watcher = nodes[0].connect("alice").await;
+    watcher.subscribe(ds.clone()).await.unwrap();
+    // A subscriber that comes after the delete keeps its subscription.
+    redis.kill();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while http_get(nodes[1].addr, "/ready").await.0 != 503 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node never degraded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    owner.delete_dataset(ds.clone()).await.unwrap();
+    let mut late = nodes[0].connect("alice").await;
+    let (n, records) = late.subscribe(ds.clone()).await.unwrap();
+    assert_eq!((n, records.len()), (2, 0));
+    redis.start_again();
+
+    // Whichever comes first after the outage, the re-published event or node 1's resync from
+    // the store, the subscriber that missed the delete is told.
+    let frame = loop {
+        match tokio::time::timeout(WAIT, watcher.next_event()).await {
+            Ok(Some(tandem_protocol::ServerFrame::Deleted { sync_count, .. })) => break sync_count,
+            Ok(Some(_)) => continue,
+            other => panic!("no deleted frame: {other:?}"),
+        }
+    };
+    assert_eq!(frame, 2);
+    // The late subscriber keeps its subscription and sees the dataset re-created.
+    owner
+        .update(ds.clone(), None, vec![Patch::replace("again", "1", 0)])
+        .await
+        .unwrap();
+    let (n, records) = tokio::time::timeout(WAIT, push_at_least(&mut late, 3))
+        .await
+        .expect("the late subscriber still gets pushes");
+    assert_eq!((n, records.len()), (3, 1));
+}

@@ -212,6 +212,15 @@ impl Hub {
                 }
             }
             match self.store.snapshot(&dataset, &dataset.owner).await {
+                Ok(snapshot) if snapshot.deleted => {
+                    // A delete this node missed: end the subscriptions as the event would have.
+                    let frame = ServerFrame::Deleted {
+                        dataset: dataset.to_ref(),
+                        sync_count: snapshot.sync_count,
+                    }
+                    .to_json();
+                    self.end_deleted(&dataset, snapshot.sync_count, &Utf8Bytes::from(frame));
+                }
                 Ok(snapshot) => {
                     let frame = ServerFrame::Dataset {
                         dataset: dataset.to_ref(),
@@ -239,8 +248,10 @@ impl Hub {
         });
     }
 
-    /// Ends every subscription to a deleted dataset, unless this node already forwarded a
-    /// commit after the delete (a late or re-published delete of a since re-created dataset).
+    /// Ends the subscriptions to a deleted dataset of every subscriber that has not yet seen
+    /// the delete's sync count, unless this node already forwarded a commit after the delete
+    /// (a late or re-published delete of a since re-created dataset). A subscriber that came
+    /// after the delete (its snapshot is at the delete's count) keeps its subscription.
     fn end_deleted(&self, dataset: &DatasetKey, sync_count: u64, frame: &Utf8Bytes) {
         let stale = self
             .datasets
@@ -248,7 +259,11 @@ impl Hub {
             .get(dataset)
             .is_some_and(|e| e.last_forwarded.load(Ordering::Acquire) > sync_count);
         if !stale {
-            self.end_subscriptions(dataset, frame, |_| true);
+            self.end_subscriptions(dataset, frame, |s| {
+                s.outbox
+                    .last_sent(dataset)
+                    .is_some_and(|last| last < sync_count)
+            });
         }
     }
 }

@@ -53,6 +53,11 @@ impl Slots {
         self.position(key).is_some()
     }
 
+    fn get(&self, key: &DatasetKey) -> Option<&Slot> {
+        let i = self.position(key)?;
+        Some(&self.0[i].1)
+    }
+
     fn get_mut(&mut self, key: &DatasetKey) -> Option<&mut Slot> {
         let i = self.position(key)?;
         Some(&mut self.0[i].1)
@@ -151,6 +156,11 @@ impl Outbox {
 
     pub fn is_subscribed(&self, dataset: &DatasetKey) -> bool {
         self.state.lock().slots.contains_key(dataset)
+    }
+
+    /// The highest sync count queued or sent for a subscribed dataset.
+    pub fn last_sent(&self, dataset: &DatasetKey) -> Option<u64> {
+        self.state.lock().slots.get(dataset).map(|slot| slot.last)
     }
 
     pub fn subscription_count(&self) -> usize {

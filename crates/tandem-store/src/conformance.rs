@@ -731,9 +731,11 @@ pub async fn case_delete_then_recreate_continues_sync_count(store: Arc<dyn Store
     assert_forbidden(store.delete_dataset(&d, CAROL).await);
     assert_eq!(store.snapshot(&d, ALICE).await.unwrap().sync_count, 3);
 
+    assert!(!store.snapshot(&d, ALICE).await.unwrap().deleted);
     assert_eq!(store.delete_dataset(&d, ALICE).await.unwrap(), 4);
     let s = store.snapshot(&d, ALICE).await.unwrap();
-    assert_eq!((s.sync_count, s.records.len()), (4, 0));
+    assert_eq!((s.sync_count, s.records.len(), s.deleted), (4, 0, true));
+    assert!(store.changes(&d, ALICE, 0).await.unwrap().deleted);
     // Every record is now a tombstone; the ones the delete removed carry its sync count, so
     // `changes` since an earlier count reports the deletion.
     let c = store.changes(&d, ALICE, 0).await.unwrap();
@@ -778,6 +780,8 @@ pub async fn case_delete_then_recreate_continues_sync_count(store: Arc<dyn Store
 
     let (changed, s) = commit(&*store, &d, ALICE, vec![Patch::replace("a", "2", 0)]).await;
     assert_eq!(s.sync_count, 5);
+    assert!(!s.deleted, "re-created");
+    assert!(!store.snapshot(&d, ALICE).await.unwrap().deleted);
     assert_eq!(values(&changed), live(&[("a", "2", 5)]));
     let list = store.list_datasets(DEFAULT_POOL, ALICE).await.unwrap();
     assert_eq!((list[0].sync_count, list[0].records), (5, 1));

@@ -74,6 +74,8 @@ pub struct Snapshot {
     pub dataset: DatasetKey,
     pub sync_count: u64,
     pub records: Vec<Record>,
+    /// The dataset was deleted (and not re-created since); `sync_count` is the delete's.
+    pub deleted: bool,
 }
 
 /// An update: patches by `actor`, from `device_id` if the client named one.

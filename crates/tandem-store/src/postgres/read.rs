@@ -7,9 +7,9 @@ use deadpool_postgres::ClientWrapper;
 use deadpool_postgres::tokio_postgres::Row;
 use tandem_protocol::{Access, DatasetInfo, DatasetRef, Record};
 
-/// A dataset read: the caller's grant and the sync count in the first two columns (on every
-/// row; there is always at least one), then the records that pass `$filter` (none when the
-/// caller may not read), ordered by key. Parameters: pool, owner, name, caller, whether the
+/// A dataset read: the caller's grant, the sync count and the deleted flag in the first three
+/// columns (on every row; there is always at least one), then the records that pass `$filter`
+/// (none when the caller may not read), ordered by key. Parameters: pool, owner, name, caller, whether the
 /// caller is the owner, then the filter's own.
 macro_rules! dataset_read {
     ($filter:literal) => {
@@ -18,7 +18,7 @@ macro_rules! dataset_read {
                         WHERE pool = $1 AND owner = $2 AND name = $3),
                   g AS (SELECT access FROM grants
                         WHERE pool = $1 AND owner = $2 AND name = $3 AND grantee = $4)
-             SELECT (SELECT access FROM g), (SELECT sync_count FROM d),
+             SELECT (SELECT access FROM g), (SELECT sync_count FROM d), (SELECT deleted FROM d),
                     r.key, r.value, r.sync_count, r.last_modified, r.last_modified_by,
                     r.device_id, r.device_last_modified
              FROM (SELECT 1) AS one
@@ -87,16 +87,18 @@ fn dataset_rows(
         return Err(forbidden(key, actor, "read").into());
     }
     let sync_count = to_u64(first.try_get::<_, Option<i64>>(1)?.unwrap_or(0))?;
+    let deleted = first.try_get::<_, Option<bool>>(2)?.unwrap_or(false);
     let mut records = Vec::with_capacity(rows.len());
     for row in rows {
-        if row.try_get::<_, Option<&str>>(2)?.is_some() {
-            records.push(record_from_row(row, 2)?);
+        if row.try_get::<_, Option<&str>>(3)?.is_some() {
+            records.push(record_from_row(row, 3)?);
         }
     }
     Ok(Snapshot {
         dataset: key.clone(),
         sync_count,
         records,
+        deleted,
     })
 }
 

@@ -290,6 +290,7 @@ pub(super) async fn update(
             dataset: key.clone(),
             sync_count: new_count,
             records: live,
+            deleted: false,
         },
     })
 }

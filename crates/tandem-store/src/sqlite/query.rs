@@ -191,15 +191,16 @@ pub(super) fn snapshot(
     actor: &str,
 ) -> Result<Snapshot, StoreError> {
     check_read(conn, key, actor)?;
-    let (sync_count, records) = match load_dataset(conn, key)? {
-        Some(row) if !row.deleted => (row.sync_count, live_records(conn, row.id)?),
-        Some(row) => (row.sync_count, Vec::new()),
-        None => (0, Vec::new()),
+    let (sync_count, records, deleted) = match load_dataset(conn, key)? {
+        Some(row) if !row.deleted => (row.sync_count, live_records(conn, row.id)?, false),
+        Some(row) => (row.sync_count, Vec::new(), true),
+        None => (0, Vec::new(), false),
     };
     Ok(Snapshot {
         dataset: key.clone(),
         sync_count,
         records,
+        deleted,
     })
 }
 
@@ -211,15 +212,20 @@ pub(super) fn changes(
     since: u64,
 ) -> Result<Snapshot, StoreError> {
     check_read(conn, key, actor)?;
-    let (sync_count, records) = match load_dataset(conn, key)? {
+    let (sync_count, records, deleted) = match load_dataset(conn, key)? {
         // A deleted dataset's records are tombstones: they report the deletion.
-        Some(row) => (row.sync_count, records_since(conn, row.id, since)?),
-        None => (0, Vec::new()),
+        Some(row) => (
+            row.sync_count,
+            records_since(conn, row.id, since)?,
+            row.deleted,
+        ),
+        None => (0, Vec::new(), false),
     };
     Ok(Snapshot {
         dataset: key.clone(),
         sync_count,
         records,
+        deleted,
     })
 }
 

@@ -258,6 +258,7 @@ fn update(
             dataset: key.clone(),
             sync_count: new_count,
             records: query::live_records(conn, dataset_id)?,
+            deleted: false,
         },
     })
 }
