@@ -346,3 +346,42 @@ async fn test_sync_subscriber_sees_every_commit_or_a_later_one() {
     };
     assert_eq!(last.len(), 50);
 }
+
+#[tokio::test]
+async fn test_sync_metrics_count_sessions_commits_conflicts_and_errors() {
+    let server = TestServer::start();
+    let alice = server.connect("alice").await;
+    let mut watcher = server.connect("alice").await;
+    let ds = DatasetRef::own("m");
+    watcher.subscribe(ds.clone()).await.unwrap();
+    alice
+        .update(ds.clone(), None, vec![Patch::replace("k", "1", 0)])
+        .await
+        .unwrap();
+    let r = alice
+        .update(ds.clone(), None, vec![Patch::replace("k", "2", 0)])
+        .await
+        .unwrap();
+    assert!(matches!(r, UpdateResult::Conflict { .. }));
+    alice.send_text("{not json").unwrap();
+    next_push(&mut watcher).await;
+    alice.ping().await.unwrap();
+
+    let (status, body) = http_get(server.addr, "/metrics").await;
+    assert_eq!(status, 200);
+    let value = |name: &str| -> u64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("{name} missing:\n{body}"))
+    };
+    assert_eq!(value("tandem_gateway_sessions "), 2);
+    assert_eq!(value("tandem_gateway_subscriptions "), 1);
+    assert_eq!(value("tandem_gateway_commits_total "), 1);
+    assert_eq!(value("tandem_gateway_conflicts_total "), 1);
+    assert_eq!(value("tandem_gateway_pushes_total "), 1);
+    assert_eq!(
+        value("tandem_gateway_errors_total{code=\"bad_request\"} "),
+        1
+    );
+    assert_eq!(value("tandem_broker_up "), 1);
+}

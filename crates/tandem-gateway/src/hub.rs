@@ -3,6 +3,7 @@
 //! It also keeps the node-level rule that a sync count is never forwarded twice or
 //! backwards for a dataset.
 
+use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use axum::extract::ws::Utf8Bytes;
 use parking_lot::RwLock;
@@ -29,6 +30,7 @@ struct Entry {
 
 pub struct Hub {
     datasets: RwLock<HashMap<Arc<DatasetKey>, Entry>>,
+    metrics: Arc<Metrics>,
     channels: OnceLock<Arc<Channels>>,
     store: Arc<dyn Store>,
 }
@@ -42,9 +44,10 @@ impl std::fmt::Debug for Hub {
 }
 
 impl Hub {
-    pub fn new(store: Arc<dyn Store>) -> Self {
+    pub(crate) fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
         Hub {
             datasets: RwLock::new(HashMap::new()),
+            metrics,
             channels: OnceLock::new(),
             store,
         }
@@ -145,6 +148,13 @@ impl Hub {
         for subscriber in entry.subscribers.values() {
             subscriber.outbox.push(key, sync_count, frame);
         }
+        Metrics::add(&self.metrics.pushes, entry.subscribers.len() as u64);
+    }
+
+    /// (subscriptions, datasets) on this node.
+    pub fn counts(&self) -> (usize, usize) {
+        let map = self.datasets.read();
+        (map.values().map(|e| e.subscribers.len()).sum(), map.len())
     }
 
     fn end_subscriptions(

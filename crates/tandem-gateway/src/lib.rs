@@ -9,6 +9,7 @@
 pub mod auth;
 mod demo;
 mod hub;
+mod metrics;
 mod outbox;
 mod session;
 
@@ -92,6 +93,7 @@ pub struct Gateway {
     store: Arc<dyn Store>,
     broker: Arc<dyn Broker>,
     hub: Arc<Hub>,
+    metrics: Arc<metrics::Metrics>,
     verifier: Verifier,
     shutdown: CancellationToken,
     sessions: TaskTracker,
@@ -116,7 +118,8 @@ impl Gateway {
         verifier: Verifier,
         make_broker: impl FnOnce(Arc<dyn EventHandler>) -> Arc<dyn Broker>,
     ) -> Arc<Gateway> {
-        let hub = Arc::new(Hub::new(store.clone()));
+        let metrics = Arc::new(metrics::Metrics::default());
+        let hub = Arc::new(Hub::new(store.clone(), metrics.clone()));
         let broker = make_broker(Arc::new(hub::HubHandler(hub.clone())));
         hub.attach(Arc::new(Channels::new(broker.clone())));
         Arc::new(Gateway {
@@ -124,6 +127,7 @@ impl Gateway {
             store,
             broker,
             hub,
+            metrics,
             verifier,
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),
@@ -155,6 +159,7 @@ impl Gateway {
             .route("/v1/sync", get(sync))
             .route("/health", get(health))
             .route("/ready", get(ready))
+            .route("/metrics", get(metrics_text))
             .with_state(self.clone())
     }
 
@@ -240,6 +245,21 @@ async fn health() -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
         r#"{"status":"ok"}"#,
+    )
+        .into_response()
+}
+
+async fn metrics_text(State(gw): State<Arc<Gateway>>) -> Response {
+    let (subscriptions, datasets) = gw.hub.counts();
+    let gauges = metrics::Gauges {
+        sessions: gw.session_count(),
+        subscriptions,
+        datasets,
+        broker_up: gw.broker.health() == BrokerHealth::Up,
+    };
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        metrics::render(&gw.metrics, &gauges),
     )
         .into_response()
 }

@@ -3,6 +3,7 @@
 //! finishes), with a separate writer task that drains the outbox in batches.
 
 use crate::hub::{SessionId, Subscriber};
+use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Outgoing};
 use crate::{Gateway, Identity};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
@@ -26,6 +27,7 @@ const WRITE_BATCH: usize = 64;
 
 pub(crate) async fn run(gw: Arc<Gateway>, socket: WebSocket, pre_auth: Option<Identity>) {
     let (number, session_name) = gw.next_session_id();
+    Metrics::add(&gw.metrics.sessions_opened, 1);
     let span =
         tracing::info_span!("session", session = %session_name, identity = tracing::field::Empty);
     async move {
@@ -146,6 +148,9 @@ impl Session {
 
     /// Queues a reply; a client that lets replies pile up is closed as slow.
     fn reply(&self, frame: ServerFrame) {
+        if let ServerFrame::Error { code, .. } = &frame {
+            self.gw.metrics.error(*code);
+        }
         if self.outbox.send(Utf8Bytes::from(frame.to_json())).is_err() {
             tracing::info!("reply queue full, closing slow connection");
             self.outbox.close(CloseCode::Slow);
@@ -418,6 +423,7 @@ impl Session {
         };
         match self.gw.store.update(request).await {
             Ok(UpdateOutcome::Committed { changed, snapshot }) => {
+                Metrics::add(&self.gw.metrics.commits, 1);
                 let dataset = Arc::new(snapshot.dataset);
                 let sync_count = snapshot.sync_count;
                 let push = ServerFrame::Dataset {
@@ -441,15 +447,18 @@ impl Session {
             Ok(UpdateOutcome::Conflict {
                 sync_count,
                 conflicts,
-            }) => ServerFrame::Conflict {
-                id,
-                dataset: DatasetRef::new(
-                    dataset.owner.as_deref().unwrap_or(identity),
-                    dataset.name,
-                ),
-                sync_count,
-                conflicts,
-            },
+            }) => {
+                Metrics::add(&self.gw.metrics.conflicts, 1);
+                ServerFrame::Conflict {
+                    id,
+                    dataset: DatasetRef::new(
+                        dataset.owner.as_deref().unwrap_or(identity),
+                        dataset.name,
+                    ),
+                    sync_count,
+                    conflicts,
+                }
+            }
             Err(e) => store_error(Some(id), &e),
         }
     }
