@@ -66,10 +66,7 @@ fn credentials(
 }
 
 /// Opens and authenticates one connection per credential.
-async fn connect_all(
-    run: &mut Run,
-    credentials: Arc<Vec<(String, String)>>,
-) -> Vec<Option<(Ws, String, (String, String))>> {
+async fn connect_all(run: &mut Run, credentials: Arc<Vec<(String, String)>>) -> Vec<Member> {
     run.open_many(credentials.len(), None, move |i| {
         let (url, token) = credentials[i].clone();
         async move {
@@ -152,13 +149,7 @@ pub async fn fanout(run: &mut Run, args: &FanoutArgs) -> Result<Finished, LoadEr
     if subs.iter().all(Option::is_none) {
         return Err(setup_failed(run, "no subscriber can connect", None));
     }
-    let grantees: BTreeSet<String> = subs
-        .iter()
-        .flatten()
-        .map(|(_, identity, _)| identity.clone())
-        .filter(|identity| *identity != owner)
-        .collect();
-    let grantees: Vec<String> = grantees.into_iter().collect();
+    let grantees = grantees(&subs, &owner);
     grant_all(&mut writer_ws, &dataset, &grantees, Access::Read)
         .await
         .map_err(|f| setup_failed(run, "grants", Some(&f)))?;
@@ -352,6 +343,17 @@ pub async fn rooms(run: &mut Run, args: &RoomsArgs) -> Result<Finished, LoadErro
 
 type Member = Option<(Ws, String, (String, String))>;
 
+/// The distinct identities of the connected members, less the owner, who needs no grant.
+fn grantees(members: &[Member], owner: &str) -> Vec<String> {
+    let set: BTreeSet<&String> = members
+        .iter()
+        .flatten()
+        .map(|(_, identity, _)| identity)
+        .filter(|identity| identity.as_str() != owner)
+        .collect();
+    set.into_iter().cloned().collect()
+}
+
 /// Sets up one room. On failure, returns how many connected members it loses.
 async fn setup_room(
     members: Vec<Member>,
@@ -376,13 +378,7 @@ async fn setup_room(
         .await
         .map_err(|f| (f, present))?;
     let others: Vec<Member> = members.collect();
-    let grantees: BTreeSet<String> = others
-        .iter()
-        .flatten()
-        .map(|(_, identity, _)| identity.clone())
-        .filter(|identity| *identity != owner)
-        .collect();
-    let grantees: Vec<String> = grantees.into_iter().collect();
+    let grantees = grantees(&others, &owner);
     grant_all(&mut owner_ws, &dataset, &grantees, Access::Write)
         .await
         .map_err(|f| (f, present))?;

@@ -18,7 +18,8 @@ pub mod conformance;
 pub use error::StoreError;
 pub use model::{
     DEFAULT_POOL, DatasetKey, Limits, Snapshot, UpdateOutcome, UpdateRequest, ValidatedPatch,
-    now_ms, record_bytes, validate_grant, validate_identity, validate_revoke, validate_update,
+    now_ms, record_bytes, validate_call, validate_grant, validate_identity, validate_revoke,
+    validate_update,
 };
 pub use postgres::{PostgresConfig, PostgresStore};
 pub use sqlite::SqliteStore;

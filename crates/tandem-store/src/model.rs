@@ -52,6 +52,12 @@ impl fmt::Display for DatasetKey {
     }
 }
 
+/// Checks a call's dataset and acting identity, as every backend does before any I/O.
+pub fn validate_call(dataset: &DatasetKey, actor: &str) -> Result<(), StoreError> {
+    dataset.validate()?;
+    validate_identity(actor)
+}
+
 /// Identities come from tokens; any non-empty string up to 256 bytes without control
 /// characters is accepted.
 pub fn validate_identity(identity: &str) -> Result<(), StoreError> {
@@ -274,8 +280,7 @@ pub(crate) fn totals_after<'a>(
 
 /// Checks a revoke's arguments, the same for every backend: valid names, by the owner.
 pub fn validate_revoke(dataset: &DatasetKey, actor: &str, grantee: &str) -> Result<(), StoreError> {
-    dataset.validate()?;
-    validate_identity(actor)?;
+    validate_call(dataset, actor)?;
     validate_identity(grantee)?;
     if actor != dataset.owner {
         return Err(StoreError::forbidden(dataset, actor, "owner"));

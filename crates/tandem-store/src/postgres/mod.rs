@@ -54,7 +54,7 @@ use crate::{
     DatasetKey, Limits, Snapshot, Store, StoreError, UpdateOutcome, UpdateRequest,
     validate_identity, validate_update,
 };
-use crate::{validate_grant, validate_revoke};
+use crate::{validate_call, validate_grant, validate_revoke};
 use async_trait::async_trait;
 use deadpool_postgres::{
     Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, tokio_postgres,
@@ -267,8 +267,7 @@ macro_rules! call {
 #[async_trait]
 impl Store for PostgresStore {
     async fn snapshot(&self, dataset: &DatasetKey, actor: &str) -> Result<Snapshot, StoreError> {
-        dataset.validate()?;
-        validate_identity(actor)?;
+        validate_call(dataset, actor)?;
         call!(self, |client| read::snapshot(&client, dataset, actor))
     }
 
@@ -278,8 +277,7 @@ impl Store for PostgresStore {
         actor: &str,
         since: u64,
     ) -> Result<Snapshot, StoreError> {
-        dataset.validate()?;
-        validate_identity(actor)?;
+        validate_call(dataset, actor)?;
         call!(self, |client| read::changes(&client, dataset, actor, since))
     }
 
@@ -295,8 +293,7 @@ impl Store for PostgresStore {
     }
 
     async fn delete_dataset(&self, dataset: &DatasetKey, actor: &str) -> Result<u64, StoreError> {
-        dataset.validate()?;
-        validate_identity(actor)?;
+        validate_call(dataset, actor)?;
         call!(self, |client| write::delete(&mut client, dataset, actor))
     }
 

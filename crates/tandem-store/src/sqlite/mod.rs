@@ -14,7 +14,7 @@ use crate::{
     DatasetKey, Limits, Snapshot, Store, StoreError, UpdateOutcome, UpdateRequest,
     validate_identity, validate_update,
 };
-use crate::{validate_grant, validate_revoke};
+use crate::{validate_call, validate_grant, validate_revoke};
 use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags};
 use std::path::{Path, PathBuf};
@@ -220,8 +220,7 @@ impl Drop for Inner {
 #[async_trait]
 impl Store for SqliteStore {
     async fn snapshot(&self, dataset: &DatasetKey, actor: &str) -> Result<Snapshot, StoreError> {
-        dataset.validate()?;
-        validate_identity(actor)?;
+        validate_call(dataset, actor)?;
         let (dataset, actor) = (dataset.clone(), actor.to_owned());
         self.read_tx(move |conn| query::snapshot(conn, &dataset, &actor))
             .await
@@ -233,8 +232,7 @@ impl Store for SqliteStore {
         actor: &str,
         since: u64,
     ) -> Result<Snapshot, StoreError> {
-        dataset.validate()?;
-        validate_identity(actor)?;
+        validate_call(dataset, actor)?;
         let (dataset, actor) = (dataset.clone(), actor.to_owned());
         self.read_tx(move |conn| query::changes(conn, &dataset, &actor, since))
             .await
@@ -249,8 +247,7 @@ impl Store for SqliteStore {
     }
 
     async fn delete_dataset(&self, dataset: &DatasetKey, actor: &str) -> Result<u64, StoreError> {
-        dataset.validate()?;
-        validate_identity(actor)?;
+        validate_call(dataset, actor)?;
         let op = Op::Delete {
             dataset: dataset.clone(),
             actor: actor.to_owned(),
