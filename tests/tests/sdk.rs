@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 use tandem_client::{
-    Client, ClientError, ConflictHandler, Dataset, DatasetEvent, Resolution, Status,
+    Client, ClientError, ConflictHandler, Connection, Dataset, DatasetEvent, Resolution, Status,
 };
 use tandem_protocol::{Access, DatasetRef};
 use tandem_tests::TestServer;
@@ -221,6 +221,15 @@ async fn test_sdk_latest_device_time_wins() {
     assert_eq!(b.get("k").as_deref(), Some("newer"));
 }
 
+/// Asks the writer thread to commit a newer version of the key and waits until it has.
+fn bump(writer: &tokio::sync::mpsc::UnboundedSender<std::sync::mpsc::Sender<()>>) {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    writer.send(done_tx).unwrap();
+    done_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the writer committed a newer version");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_sdk_unresolvable_conflict_gives_up_after_retries() {
     let server = TestServer::start();
@@ -230,45 +239,53 @@ async fn test_sdk_unresolvable_conflict_gives_up_after_retries() {
         .start()
         .unwrap();
     c.wait_online(WAIT).await.unwrap();
-    let raw = server.connect("u").await;
-    // A handler that always keeps local against a server that keeps changing underneath.
-    let racing = tokio::spawn(async move {
-        for i in 0..200u64 {
-            let (_, records) = raw.changes(DatasetRef::own("hot"), 0).await.unwrap();
-            let seen = records
-                .iter()
-                .find(|r| r.key == "k")
-                .map_or(0, |r| r.sync_count);
-            let _ = raw
-                .update(
+    // A handler that always keeps local against a server that changes underneath every time
+    // the handler runs: the handler asks a writer on its own thread and runtime (so blocking
+    // here cannot starve it) to commit a newer version of "k" before it answers.
+    let (bump_tx, mut bump_rx) =
+        tokio::sync::mpsc::unbounded_channel::<std::sync::mpsc::Sender<()>>();
+    let (url, token) = (server.url(), server.token("u"));
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let raw = Connection::connect(&url, &token).await.unwrap();
+            let mut i = 0u64;
+            while let Some(done) = bump_rx.recv().await {
+                let (_, records) = raw.changes(DatasetRef::own("hot"), 0).await.unwrap();
+                let seen = records
+                    .iter()
+                    .find(|r| r.key == "k")
+                    .map_or(0, |r| r.sync_count);
+                raw.update(
                     DatasetRef::own("hot"),
                     None,
                     vec![tandem_protocol::Patch::replace("k", format!("r{i}"), seen)],
                 )
-                .await;
-        }
+                .await
+                .unwrap();
+                i += 1;
+                let _ = done.send(());
+            }
+        });
     });
-    let handler = ConflictHandler::custom(|_| {
-        // Slow enough that the racer always gets in between.
-        std::thread::sleep(Duration::from_millis(20));
+    let first_bump = bump_tx.clone();
+    let handler = ConflictHandler::custom(move |_| {
+        bump(&bump_tx);
         Resolution::KeepLocal
     });
     let ds = c.open(DatasetRef::own("hot"), handler).await.unwrap();
     ds.put("k", "mine").unwrap();
-    let mut gave_up = false;
-    for _ in 0..20 {
-        match ds.sync().await {
-            Err(ClientError::Unresolved { keys }) => {
-                assert_eq!(keys, ["k"]);
-                gave_up = true;
-                break;
-            }
-            Ok(_) => ds.put("k", "mine").unwrap(),
-            Err(e) => panic!("{e}"),
-        }
+    // A newer server version than the one the client opened with, so the first push conflicts.
+    tokio::task::spawn_blocking(move || bump(&first_bump))
+        .await
+        .unwrap();
+    match ds.sync().await {
+        Err(ClientError::Unresolved { keys }) => assert_eq!(keys, ["k"]),
+        other => panic!("sync should give up while the key keeps changing: {other:?}"),
     }
-    racing.abort();
-    assert!(gave_up, "sync should give up while the key keeps changing");
     // Nothing local was dropped.
     assert_eq!(ds.get("k").as_deref(), Some("mine"));
     assert_eq!(ds.pending(), 1);
