@@ -1101,3 +1101,67 @@ async fn test_bad_input_101st_subscription_gets_limit_exceeded_max_subscriptions
     assert_eq!((n, records.len()), (1, 1));
     assert!(bob.closed().is_none());
 }
+
+#[tokio::test]
+async fn test_bad_input_requests_over_max_requests_per_second_get_rate_limited_and_write_nothing() {
+    let server = TestServer::builder()
+        .arg("--max-requests-per-second", 5)
+        .start();
+    // The auth frame takes one of the 5 tokens of the first second.
+    let mut raw = RawSocket::authenticated(&server, "bob").await;
+    const SENT: usize = 20;
+    for i in 0..SENT {
+        let update = ClientFrame::Update {
+            id: RequestId::Str(format!("u{i}")),
+            dataset: DatasetRef::own("burst"),
+            device_id: None,
+            patches: vec![Patch::replace(format!("k{i:02}"), "v", 0)],
+        };
+        raw.send(0x1, update.to_json().as_bytes()).await;
+    }
+    let (mut acked, mut refused) = (Vec::new(), Vec::new());
+    for _ in 0..SENT {
+        match raw.recv_frame().await {
+            ServerFrame::Ack {
+                id: RequestId::Str(id),
+                ..
+            } => acked.push(id),
+            ServerFrame::Error {
+                id: Some(RequestId::Str(id)),
+                code: ErrorCode::RateLimited,
+                limit: Some(LimitCode::MaxRequestsPerSecond),
+                max: Some(5),
+                message,
+            } => {
+                assert!(message.contains("retry in"), "{message}");
+                refused.push(id);
+            }
+            other => panic!("expected an ack or rate_limited, got {other:?}"),
+        }
+    }
+    // A burst of 5 per connection; the refill during the burst is far below one more second.
+    assert!((4..=9).contains(&acked.len()), "acked {acked:?}");
+    assert_eq!(acked.len() + refused.len(), SENT);
+    // Exactly the acknowledged updates were written, in order, one sync count each.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let conn = server.connect("bob").await;
+    let (sync_count, records) = stored(&conn, &DatasetRef::own("burst")).await;
+    assert_eq!(sync_count, acked.len() as u64);
+    let keys: Vec<String> = records.iter().map(|r| r.key.clone()).collect();
+    let expected: Vec<String> = acked
+        .iter()
+        .map(|id| format!("k{:02}", &id[1..].parse::<usize>().unwrap()))
+        .collect();
+    assert_eq!(keys, expected);
+    // After a pause the same connection is served again.
+    raw.send(
+        0x1,
+        ClientFrame::Ping {
+            id: Some(RequestId::Num(1)),
+        }
+        .to_json()
+        .as_bytes(),
+    )
+    .await;
+    assert!(matches!(raw.recv_frame().await, ServerFrame::Pong { .. }));
+}

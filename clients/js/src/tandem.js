@@ -111,7 +111,8 @@ export const PROTOCOL_VERSION = 1;
 export class TandemError extends Error {
   /**
    * @param {string} code `bad_request`, `unauthorized`, `forbidden`, `not_found`,
-   *   `limit_exceeded`, `too_large`, `unavailable`, `internal` (from the server), or
+   *   `limit_exceeded`, `too_large`, `rate_limited`, `unavailable`, `internal` (from the
+   *   server), or
    *   `offline`, `disconnected`, `timeout`, `conflict`, `revoked`, `closed` (from the SDK).
    * @param {string} message
    * @param {{ limit?: string, max?: number, keys?: string[], closeCode?: number, server?: boolean }} [extra]

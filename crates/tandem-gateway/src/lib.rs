@@ -11,6 +11,7 @@ mod demo;
 mod hub;
 mod metrics;
 mod outbox;
+mod rate;
 mod session;
 
 pub use auth::{AuthConfig, AuthError, Identity, Verifier};
@@ -42,6 +43,9 @@ pub struct GatewayConfig {
     pub max_subscriptions: usize,
     /// Replies queued for a client that does not read them before it is closed as slow.
     pub max_queued_replies: usize,
+    /// Frames one connection may send per second, in bursts of up to as many; more are
+    /// refused with `rate_limited` / `max_requests_per_second`. 0 means unlimited.
+    pub max_requests_per_second: u32,
     /// How long a connection may stay unauthenticated (close 4004).
     pub auth_timeout: Duration,
     /// How long one batch write to the socket may take before the connection is closed as
@@ -64,6 +68,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("max_frame_bytes", &self.max_frame_bytes)
             .field("max_subscriptions", &self.max_subscriptions)
             .field("max_queued_replies", &self.max_queued_replies)
+            .field("max_requests_per_second", &self.max_requests_per_second)
             .field("auth_timeout", &self.auth_timeout)
             .field("write_timeout", &self.write_timeout)
             .field("dev_mode", &self.dev_token_secret.is_some())
@@ -78,6 +83,7 @@ impl Default for GatewayConfig {
             max_frame_bytes: 2 * 1024 * 1024,
             max_subscriptions: 100,
             max_queued_replies: 1024,
+            max_requests_per_second: 1000,
             auth_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
             read_buffer_bytes: 1024,

@@ -5,6 +5,7 @@
 use crate::hub::{SessionId, Subscriber};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Outgoing};
+use crate::rate::RateLimiter;
 use crate::{Gateway, Identity};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::Bytes;
@@ -50,6 +51,7 @@ pub(crate) async fn run(gw: Arc<Gateway>, socket: WebSocket, pre_auth: Option<Id
             outbox,
             identity: None,
             expires_at: None,
+            limiter: RateLimiter::new(gw.config.max_requests_per_second),
         };
         if let Some(identity) = pre_auth {
             session.authenticated(None, identity);
@@ -74,6 +76,7 @@ struct Session {
     outbox: Arc<Outbox>,
     identity: Option<Arc<str>>,
     expires_at: Option<Instant>,
+    limiter: RateLimiter,
 }
 
 /// Why the read loop stopped.
@@ -179,6 +182,8 @@ impl Session {
 
     /// Handles one text frame; returns a close code when the connection must end.
     async fn handle_text(&mut self, text: &str) -> Option<CloseCode> {
+        // Every frame counts, also one that does not decode: each costs the node work.
+        let allowed = self.limiter.take();
         let frame = match decode_client_frame(text) {
             Ok(frame) => frame,
             Err(e) => {
@@ -186,6 +191,20 @@ impl Session {
                 return None;
             }
         };
+        if let Err(wait) = allowed {
+            // Refused before anything is read or written; the client retries later.
+            let max = self.gw.config.max_requests_per_second;
+            self.reply(ServerFrame::limit_error(
+                frame.id().cloned(),
+                LimitCode::MaxRequestsPerSecond,
+                u64::from(max),
+                format!(
+                    "more than {max} requests per second on one connection; retry in {} ms",
+                    wait.as_millis().max(1)
+                ),
+            ));
+            return None;
+        }
         if let ClientFrame::Auth { id, token } = frame {
             return self.handle_auth(id, &token);
         }

@@ -96,6 +96,9 @@ pub enum LimitCode {
     MaxSubscriptions,
     /// Characters in a device id (default 128).
     MaxDeviceIdLength,
+    /// Requests (frames) one connection may send per second, with bursts of as many
+    /// (default 1000).
+    MaxRequestsPerSecond,
 }
 
 impl LimitCode {
@@ -110,6 +113,7 @@ impl LimitCode {
             | LimitCode::MaxKeyLength
             | LimitCode::MaxFrameBytes
             | LimitCode::MaxDeviceIdLength => ErrorCode::TooLarge,
+            LimitCode::MaxRequestsPerSecond => ErrorCode::RateLimited,
         }
     }
 
@@ -123,6 +127,7 @@ impl LimitCode {
             LimitCode::MaxPatches => "max_patches",
             LimitCode::MaxSubscriptions => "max_subscriptions",
             LimitCode::MaxDeviceIdLength => "max_device_id_length",
+            LimitCode::MaxRequestsPerSecond => "max_requests_per_second",
         }
     }
 }

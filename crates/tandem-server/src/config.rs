@@ -141,6 +141,10 @@ pub struct Settings {
     /// Unread replies queued for one connection before it is closed as slow [default: 1024].
     #[arg(long, env = "TANDEM_MAX_QUEUED_REPLIES")]
     pub max_queued_replies: Option<usize>,
+    /// Frames one connection may send per second, in bursts of as many; 0 = unlimited
+    /// [default: 1000].
+    #[arg(long, env = "TANDEM_MAX_REQUESTS_PER_SECOND")]
+    pub max_requests_per_second: Option<u32>,
     /// WebSocket read buffer per connection, bytes [default: 1024]; small keeps idle
     /// connections cheap, larger reads big frames in fewer system calls.
     #[arg(long, env = "TANDEM_READ_BUFFER_BYTES")]
@@ -200,6 +204,7 @@ impl Settings {
             max_frame_bytes,
             max_subscriptions,
             max_queued_replies,
+            max_requests_per_second,
             read_buffer_bytes,
             write_buffer_bytes,
             auth_timeout,

@@ -271,6 +271,9 @@ fn gateway_config(settings: &Settings) -> GatewayConfig {
         max_frame_bytes: settings.max_frame_bytes.unwrap_or(d.max_frame_bytes),
         max_subscriptions: settings.max_subscriptions.unwrap_or(d.max_subscriptions),
         max_queued_replies: settings.max_queued_replies.unwrap_or(d.max_queued_replies),
+        max_requests_per_second: settings
+            .max_requests_per_second
+            .unwrap_or(d.max_requests_per_second),
         auth_timeout: settings.auth_timeout.map_or(d.auth_timeout, |t| t.0),
         write_timeout: settings.write_timeout.map_or(d.write_timeout, |t| t.0),
         read_buffer_bytes: settings.read_buffer_bytes.unwrap_or(d.read_buffer_bytes),
