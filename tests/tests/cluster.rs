@@ -375,3 +375,72 @@ async fn test_cluster_delete_during_redis_outage_still_reaches_subscribers_on_ot
         .expect("the late subscriber still gets pushes");
     assert_eq!((n, records.len()), (3, 1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cluster_node_started_before_postgresql_waits_for_it_then_serves() {
+    let db = PgDatabase::create();
+    db.cut_off();
+    let url = db.url.clone();
+    let starting = tokio::task::spawn_blocking(move || {
+        TestServer::builder()
+            .arg("--store", &url)
+            .arg("--postgres-schema", unique("s"))
+            .start()
+    });
+    // Still waiting, not exited (an exited node fails the start at once).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!starting.is_finished(), "the node gave up on postgresql");
+    db.restore();
+    let server = starting
+        .await
+        .expect("the node started once postgresql was back");
+    assert!(
+        server.log().contains("waiting for postgresql"),
+        "{}",
+        server.log()
+    );
+    let conn = server.connect("w").await;
+    let r = conn
+        .update(
+            DatasetRef::own("d"),
+            None,
+            vec![Patch::replace("k", "v", 0)],
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(r, UpdateResult::Committed { sync_count: 1, .. }),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn test_cluster_node_with_store_wait_zero_exits_at_once_when_postgresql_is_unreachable() {
+    // A port nothing listens on: bind one, note it, close it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(tandem_tests::tandem_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--jwt-secret"])
+        .arg(tandem_tests::SECRET)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args([
+            "--store",
+            &format!("postgres://postgres@127.0.0.1:{port}/test"),
+        ])
+        .args(["--store-wait", "0s"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot open the postgresql store"),
+        "{stderr}"
+    );
+    assert!(started.elapsed() < WAIT, "{:?}", started.elapsed());
+}

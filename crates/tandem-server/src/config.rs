@@ -78,6 +78,10 @@ pub struct Settings {
     /// PostgreSQL connections per node [default: 16].
     #[arg(long, env = "TANDEM_POSTGRES_POOL_SIZE")]
     pub postgres_pool_size: Option<usize>,
+    /// How long start-up keeps retrying a PostgreSQL that cannot be reached before it gives
+    /// up; 0 gives up at once [default: 60s].
+    #[arg(long, env = "TANDEM_STORE_WAIT")]
+    pub store_wait: Option<HumanDuration>,
     /// A `redis://` URL for fan-out between nodes [default: none, in-process fan-out].
     #[arg(long, env = "TANDEM_REDIS")]
     pub redis: Option<String>,
@@ -186,6 +190,7 @@ impl Settings {
             store,
             postgres_schema,
             postgres_pool_size,
+            store_wait,
             redis,
             redis_prefix,
             jwt_secret,

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tandem_fanout::{Broker, EventHandler, LocalBroker, RedisBroker, RedisConfig};
 use tandem_gateway::{AuthConfig, Gateway, GatewayConfig, Verifier};
-use tandem_store::{Limits, PostgresConfig, PostgresStore, SqliteStore, Store};
+use tandem_store::{Limits, PostgresConfig, PostgresStore, SqliteStore, Store, StoreError};
 use tokio_util::sync::CancellationToken;
 
 /// The file in the data dir that holds the generated HS256 secret.
@@ -241,12 +241,43 @@ async fn open_store(
             if let Some(size) = settings.postgres_pool_size {
                 config.pool_size = size;
             }
-            let store = PostgresStore::connect(config, limits)
+            let wait = settings.store_wait.map_or(STORE_WAIT, |t| t.0);
+            let store = connect_postgres(config, limits, wait)
                 .await
                 .context("cannot open the postgresql store")?;
             Ok((Arc::new(store), "postgres"))
         }
         Some(other) => bail!("--store must be `sqlite` or a postgres:// url, not `{other}`"),
+    }
+}
+
+/// How long start-up waits for an unreachable PostgreSQL by default: nodes and their database
+/// are often started together (compose, a rebooted host), and a node that exits at once only
+/// leaves the retrying to whatever restarts it.
+const STORE_WAIT: Duration = Duration::from_secs(60);
+
+/// Connects, retrying with backoff while PostgreSQL is unreachable (`Unavailable`) and `wait`
+/// has not passed; any other error (a bad URL or schema, a failed migration) ends at once.
+async fn connect_postgres(
+    config: PostgresConfig,
+    limits: Limits,
+    wait: Duration,
+) -> Result<PostgresStore, StoreError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match PostgresStore::connect(config.clone(), limits.clone()).await {
+            Err(StoreError::Unavailable(reason)) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(
+                    %reason,
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "waiting for postgresql"
+                );
+                tokio::time::sleep(backoff.min(deadline - tokio::time::Instant::now())).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            result => return result,
+        }
     }
 }
 
