@@ -209,6 +209,12 @@ impl TestServer {
         self.start_again();
     }
 
+    /// Adds `--name value` for the next `start_again`.
+    pub fn add_arg(&mut self, name: &str, value: impl ToString) {
+        self.args.push(name.to_owned());
+        self.args.push(value.to_string());
+    }
+
     /// Starts a killed or terminated server again on the same data dir, settings and port.
     pub fn start_again(&mut self) {
         if let Some(i) = self.args.iter().position(|a| a == "--listen") {

@@ -100,6 +100,64 @@ async fn test_sdk_offline_writes_reach_server_after_it_returns() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sdk_catch_up_after_reconnect_retries_what_the_server_refused_for_now() {
+    let mut server = TestServer::start();
+    let alice = client(&server, "alice", None);
+    alice.wait_online(WAIT).await.unwrap();
+    let mut datasets = Vec::new();
+    for i in 0..4 {
+        let ds = alice
+            .open(DatasetRef::own(format!("d{i}")), ConflictHandler::KeepLocal)
+            .await
+            .unwrap();
+        datasets.push(ds);
+    }
+    server.kill();
+    let mut status = alice.status_changes();
+    while *status.borrow_and_update() == Status::Online {
+        tokio::time::timeout(WAIT, status.changed())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    for (i, ds) in datasets.iter().enumerate() {
+        ds.put("offline", format!("v{i}")).unwrap();
+    }
+    // Back with a tight request limit: the reconnect's auth + 4 subscribes + 4 updates do not
+    // fit in one burst of 2, so some are refused with the retriable rate_limited.
+    server.add_arg("--max-requests-per-second", 2);
+    server.start_again();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while datasets.iter().any(|ds| ds.pending() > 0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pending never drained: {:?}",
+            datasets.iter().map(Dataset::pending).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, metrics) = tandem_tests::http_get(server.addr, "/metrics").await;
+    let refused = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tandem_gateway_errors_total{code=\"rate_limited\"} "))
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(refused > 0, "the catch-up was never refused:\n{metrics}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let conn = server.connect("alice").await;
+    for i in 0..4 {
+        // This check is one more connection under the same limit of 2 per second.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let (n, records) = conn
+            .changes(DatasetRef::own(format!("d{i}")), 0)
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(records[0].value.as_deref(), Some(format!("v{i}").as_str()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_sdk_two_clients_converge_live() {
     let server = TestServer::start();
     let alice = client(&server, "alice", None);

@@ -755,6 +755,42 @@ async fn run(inner: Arc<Inner>) {
     }
 }
 
+/// After a reconnect: resubscribes one dataset and pushes its pending changes. A retriable
+/// refusal (the server's store briefly `unavailable`, `rate_limited` after a burst of
+/// resubscriptions) is tried again with backoff for as long as this connection lasts, so
+/// offline edits reach the server without the app calling `sync` again.
+async fn catch_up(inner: &Arc<Inner>, conn: &Arc<Connection>, shared: &Arc<Shared>) {
+    let mut wait = inner.min_backoff;
+    let mut subscribed = false;
+    loop {
+        let result = if subscribed {
+            if shared.state.lock().dirty_count() == 0 {
+                return;
+            }
+            sync(inner, shared).await.map(drop)
+        } else {
+            subscribe(inner, conn, shared).await
+        };
+        match result {
+            Ok(()) if subscribed => return,
+            Ok(()) => subscribed = true,
+            Err(e) => {
+                let retriable = e.code().is_some_and(|code| code.retriable());
+                let what = if subscribed { "sync" } else { "resubscribe" };
+                tracing::warn!(dataset = ?shared.dataset, error = %e, retriable, "{what} after reconnect failed");
+                if !retriable || conn.closed().is_some() {
+                    return;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(jitter(wait)) => {}
+                    _ = conn.wait_closed() => return,
+                }
+                wait = (wait * 2).min(inner.max_backoff);
+            }
+        }
+    }
+}
+
 /// Resubscribes, syncs what is pending, then applies pushes until the connection ends.
 /// Returns a reason if the client must not reconnect.
 async fn serve_connection(
@@ -771,15 +807,7 @@ async fn serve_connection(
         inner.status.send_replace(Status::Online);
         tokio::spawn(async move {
             for shared in datasets {
-                if let Err(e) = subscribe(&inner, &conn, &shared).await {
-                    tracing::warn!(dataset = ?shared.dataset, error = %e, "resubscribe failed");
-                    continue;
-                }
-                if shared.state.lock().dirty_count() > 0
-                    && let Err(e) = sync(&inner, &shared).await
-                {
-                    tracing::warn!(dataset = ?shared.dataset, error = %e, "sync after reconnect failed");
-                }
+                catch_up(&inner, &conn, &shared).await;
             }
         });
     }
