@@ -394,6 +394,11 @@ function isNetworkError(/** @type {any} */ e) {
   return e instanceof TandemError && ['offline', 'disconnected', 'timeout', 'closed'].includes(e.code);
 }
 
+/** A server refusal that may succeed if simply tried again later (docs/PROTOCOL.md §8.1). */
+function isRetriable(/** @type {any} */ e) {
+  return e instanceof TandemError && !!e.server && ['rate_limited', 'unavailable', 'internal'].includes(e.code);
+}
+
 // ---------------------------------------------------------------------------------------
 // The client
 
@@ -713,6 +718,7 @@ export class TandemClient extends Emitter {
       store: this.#store,
       deviceId: this.#deviceId,
       online: () => this.#state === 'online',
+      backoff: { initialMs: this.#backoffInitial, maxMs: this.#backoffMax },
       request: (/** @type {any} */ frame) => this._request(frame),
       forget: (/** @type {Dataset} */ ds) => {
         const key = datasetKey(ds.owner, ds.name);
@@ -1073,6 +1079,8 @@ export class Dataset extends Emitter {
   #autoSyncDelay;
   #maxRetries;
   #subscribed = false;
+  /** Catch-ups started (one per connection); a retry loop stops when a newer one starts. */
+  #resumes = 0;
   #revoked = false;
   #deleted = false;
   #closed = false;
@@ -1333,18 +1341,37 @@ export class Dataset extends Emitter {
 
   /** @internal The client is online again: re-subscribe, then sync pending changes. */
   async _resume() {
-    if (this.#closed || this.#revoked || this.#deleted) return;
-    try {
-      await this.subscribe();
-    } catch (e) {
-      if (e instanceof TandemError && e.server && e.code === 'forbidden') {
-        this._onRevoked('forbidden');
-      } else if (!isNetworkError(e)) {
-        this.emit('error', e);
+    // A newer connection starts its own catch-up; this one's retries then stop.
+    const generation = ++this.#resumes;
+    const { initialMs, maxMs } = this.#io.backoff;
+    let wait = initialMs;
+    let subscribed = false;
+    for (;;) {
+      if (this.#closed || this.#revoked || this.#deleted) return;
+      try {
+        if (!subscribed) {
+          await this.subscribe();
+          subscribed = true;
+        }
+        if (this.pending > 0) await this.sync();
+        return;
+      } catch (e) {
+        if (e instanceof TandemError && e.server && e.code === 'forbidden') {
+          this._onRevoked('forbidden');
+          return;
+        }
+        // Refused for now (the server's store briefly unavailable, rate_limited after a
+        // burst of resubscriptions): try again with backoff while this connection lasts,
+        // so offline edits reach the server without the app calling sync() again.
+        if (!isRetriable(e)) {
+          if (!isNetworkError(e)) this.emit('error', e);
+          return;
+        }
+        await new Promise((resolve) => timer(resolve, wait / 2 + Math.random() * (wait / 2)));
+        wait = Math.min(maxMs, wait * 2);
+        if (generation !== this.#resumes || !this.#io.online()) return;
       }
-      return;
     }
-    if (this.pending > 0) this._backgroundSync();
   }
 
   /** @internal */

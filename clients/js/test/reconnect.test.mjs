@@ -169,3 +169,28 @@ test('reconnect attempts back off exponentially with jitter', async () => {
   assert.ok(gaps[4] > gaps[0] * 3, gaps.join(','));
   assert.equal(c.state, 'closed');
 });
+
+test('the catch-up after a reconnect retries what the server refused for now (rate_limited)', async () => {
+  const opts = { extraArgs: /** @type {string[]} */ ([]) };
+  const own = await startServer(opts);
+  try {
+    const alice = await onlineClient(own, 'alice');
+    const datasets = [];
+    for (let i = 0; i < 4; i++) datasets.push(await alice.open(uniqueName()));
+    const wentOffline = nextEvent(alice, 'offline');
+    await own.stop();
+    await wentOffline;
+    for (const [i, ds] of datasets.entries()) await ds.put('offline', `v${i}`);
+    // Back with a limit of 2 frames per second: auth + 4 subscribes + 4 updates do not fit
+    // in one burst, so some are refused with the retriable rate_limited.
+    opts.extraArgs.push('--max-requests-per-second', '2');
+    await own.restart();
+    await alice.waitOnline(10_000);
+    await until(() => datasets.every((ds) => ds.pending === 0), 20_000, 'every offline edit to be synced');
+    const metrics = await (await fetch(`${own.httpUrl}/metrics`)).text();
+    assert.match(metrics, /tandem_gateway_errors_total\{code="rate_limited"\} [1-9]/);
+    await alice.close();
+  } finally {
+    await own.close();
+  }
+});
