@@ -1367,7 +1367,7 @@ export class Dataset extends Emitter {
           if (!isNetworkError(e)) this.emit('error', e);
           return;
         }
-        await new Promise((resolve) => timer(resolve, wait / 2 + Math.random() * (wait / 2)));
+        await new Promise((resolve) => timer(() => resolve(undefined), wait / 2 + Math.random() * (wait / 2)));
         wait = Math.min(maxMs, wait * 2);
         if (generation !== this.#resumes || !this.#io.online()) return;
       }
