@@ -384,4 +384,7 @@ async fn test_sync_metrics_count_sessions_commits_conflicts_and_errors() {
         1
     );
     assert_eq!(value("tandem_broker_up "), 1);
+    // The node's memory, as the process sees it: more than a few MiB, less than a GiB.
+    let rss = value("process_resident_memory_bytes ");
+    assert!((1 << 20..1 << 30).contains(&rss), "{rss}");
 }

@@ -101,6 +101,17 @@ pub(crate) fn render(m: &Metrics, g: &Gauges) -> String {
         "1 when the broker reaches its peers, 0 when degraded.",
         u64::from(g.broker_up),
     );
+    if let Some(bytes) = resident_memory_bytes() {
+        // The standard name, so dashboards and the load-test harness (`idle --server-metrics`)
+        // read a node's memory without access to its host.
+        metric(
+            &mut out,
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory of the tandem process in bytes.",
+            bytes,
+        );
+    }
     out.push_str("# HELP tandem_gateway_errors_total Error frames sent, by code.\n# TYPE tandem_gateway_errors_total counter\n");
     for (code, count) in ErrorCode::ALL.iter().zip(&m.errors) {
         let _ = writeln!(
@@ -110,4 +121,18 @@ pub(crate) fn render(m: &Metrics, g: &Gauges) -> String {
         );
     }
     out
+}
+
+/// This process's resident memory (`VmRSS` in `/proc/self/status`); absent off Linux.
+fn resident_memory_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
 }

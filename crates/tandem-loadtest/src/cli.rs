@@ -82,8 +82,12 @@ pub struct Common {
     #[arg(long, global = true)]
     pub prefix: Option<String>,
     /// The server's process id, to read its memory (VmRSS) from /proc on this machine.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, conflicts_with = "server_metrics")]
     pub server_pid: Option<u32>,
+    /// A node's metrics URL (`http://HOST:PORT/metrics`), to read its memory
+    /// (`process_resident_memory_bytes`) where its pid is out of reach.
+    #[arg(long, global = true)]
+    pub server_metrics: Option<String>,
 }
 
 #[derive(Debug, Clone, Subcommand, Serialize)]
@@ -95,7 +99,7 @@ pub enum Scenario {
     /// and subscribes to its group's dataset.
     Rooms(RoomsArgs),
     /// C connections authenticated and subscribed, then quiet; reports the server's memory
-    /// per connection with --server-pid.
+    /// per connection with --server-pid or --server-metrics.
     Idle(IdleArgs),
     /// N connections, each connect + auth + subscribe: rate and latency of setting up.
     Connect(ConnectArgs),

@@ -29,6 +29,52 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// Where the server's resident memory is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemorySource {
+    /// `/proc/<pid>/status` of a server on this machine.
+    Pid(u32),
+    /// The `process_resident_memory_bytes` gauge of a node's `GET /metrics` (plain http).
+    Metrics(String),
+}
+
+impl MemorySource {
+    /// The server's resident memory now, in KiB.
+    pub fn rss_kib(&self) -> Option<u64> {
+        match self {
+            MemorySource::Pid(pid) => rss_kib(*pid),
+            MemorySource::Metrics(url) => metrics_rss_kib(url),
+        }
+    }
+}
+
+/// Reads `process_resident_memory_bytes` from a `/metrics` URL with a blocking HTTP/1.0 GET:
+/// called a few times per run (start, connected, end), never on the measured path.
+fn metrics_rss_kib(url: &str) -> Option<u64> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    use std::time::Duration;
+    let rest = url.strip_prefix("http://")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/metrics"),
+    };
+    let addr = authority.to_socket_addrs().ok()?.next()?;
+    let timeout = Duration::from_secs(5);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    stream.set_read_timeout(Some(timeout)).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n").ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).ok()?;
+    let bytes: u64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("process_resident_memory_bytes "))?
+        .trim()
+        .parse::<f64>()
+        .ok()? as u64;
+    Some(bytes / 1024)
+}
+
 /// Cores this process may run on.
 pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())

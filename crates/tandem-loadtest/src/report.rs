@@ -90,7 +90,10 @@ pub struct Generator {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Server {
-    pub pid: u32,
+    /// With --server-pid.
+    pub pid: Option<u32>,
+    /// With --server-metrics.
+    pub metrics: Option<String>,
     /// VmRSS before the scenario's connections were set up.
     pub rss_start_kib: Option<u64>,
     /// VmRSS once every connection was set up.
@@ -229,8 +232,11 @@ impl Report {
             row(
                 "server rss",
                 format!(
-                    "pid {}: {} at start, {} connected, {} at end",
-                    s.pid,
+                    "{}: {} at start, {} connected, {} at end",
+                    s.pid.map_or_else(
+                        || s.metrics.clone().unwrap_or_default(),
+                        |pid| format!("pid {pid}")
+                    ),
                     kib(s.rss_start_kib),
                     kib(s.rss_connected_kib),
                     kib(s.rss_end_kib)

@@ -41,6 +41,7 @@ pub struct Run {
     target: u64,
     setup_seconds: f64,
     failed: u64,
+    memory: Option<host::MemorySource>,
     rss_start: Option<u64>,
     rss_connected: Option<u64>,
 }
@@ -89,7 +90,19 @@ impl Run {
         let shared = Arc::new(Shared::default());
         let phase = Arc::new(Mutex::new("setup"));
         let progress = (!common.quiet).then(|| spawn_progress(shared.clone(), phase.clone()));
-        let rss_start = common.server_pid.and_then(host::rss_kib);
+        let memory = match (&common.server_pid, &common.server_metrics) {
+            (Some(pid), _) => Some(host::MemorySource::Pid(*pid)),
+            (None, Some(url)) if url.starts_with("http://") => {
+                Some(host::MemorySource::Metrics(url.clone()))
+            }
+            (None, Some(url)) => {
+                return Err(LoadError::Options(format!(
+                    "--server-metrics must be an http:// URL, not `{url}`"
+                )));
+            }
+            (None, None) => None,
+        };
+        let rss_start = memory.as_ref().and_then(host::MemorySource::rss_kib);
         Ok(Run {
             common,
             urls,
@@ -103,6 +116,7 @@ impl Run {
             target: 0,
             setup_seconds: 0.0,
             failed: 0,
+            memory,
             rss_start,
             rss_connected: None,
         })
@@ -213,12 +227,12 @@ impl Run {
 
     /// The server's memory now, when --server-pid is given.
     pub fn server_rss(&self) -> Option<u64> {
-        self.common.server_pid.and_then(host::rss_kib)
+        self.memory.as_ref().and_then(host::MemorySource::rss_kib)
     }
 
     /// Notes the server's memory once every connection is set up.
     pub fn connected(&mut self) {
-        self.rss_connected = self.common.server_pid.and_then(host::rss_kib);
+        self.rss_connected = self.memory.as_ref().and_then(host::MemorySource::rss_kib);
     }
 
     /// Runs the connection tasks through the sending window (which ends at `window_end`,
@@ -332,8 +346,15 @@ impl Run {
                 latency_ms: Latency::from_histogram(&stats.delivery.merged()),
             }
         });
-        let server = self.common.server_pid.map(|pid| Server {
-            pid,
+        let server = self.memory.as_ref().map(|memory| Server {
+            pid: match memory {
+                host::MemorySource::Pid(pid) => Some(*pid),
+                host::MemorySource::Metrics(_) => None,
+            },
+            metrics: match memory {
+                host::MemorySource::Metrics(url) => Some(url.clone()),
+                host::MemorySource::Pid(_) => None,
+            },
             rss_start_kib: self.rss_start,
             rss_connected_kib: self.rss_connected,
             rss_end_kib: rss_end,

@@ -255,6 +255,38 @@ async fn test_idle_reports_the_server_memory_per_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_idle_reads_the_server_memory_from_its_metrics() {
+    let server = TestServer::start();
+    let metrics = server
+        .url
+        .replace("ws://", "http://")
+        .replace("/v1/sync", "/metrics");
+    let report = run(
+        &server,
+        &[
+            "idle",
+            "--connections",
+            "10",
+            "--idle-for",
+            "300ms",
+            "--server-metrics",
+            &metrics,
+        ],
+    )
+    .await;
+    assert_eq!(report.connections.established, 10, "{}", report.to_table());
+    let memory = report.server.as_ref().unwrap();
+    assert_eq!(memory.pid, None);
+    assert_eq!(memory.metrics.as_deref(), Some(metrics.as_str()));
+    // The server runs in this process: its gauge is this process's memory.
+    let start = memory.rss_start_kib.expect("read from /metrics");
+    assert!(start > 1024, "{start} KiB");
+    assert!(memory.rss_connected_kib.is_some());
+    assert!(memory.rss_per_connection_bytes.is_some());
+    assert!(report.to_table().contains(&metrics));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_setup_failure_is_an_error_not_a_report() {
     // Nothing listens on this port.
     let addr = {
