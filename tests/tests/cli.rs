@@ -158,3 +158,41 @@ fn test_cli_dev_mode_refuses_non_loopback() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("refusing dev mode"));
 }
+
+#[test]
+fn test_cli_load_runs_the_harness_against_a_running_server() {
+    let server = TestServer::start();
+    let url = server.url();
+    let out = tandem(&[
+        "load",
+        "--url",
+        &url,
+        "--secret",
+        tandem_tests::SECRET,
+        "--quiet",
+        "--json",
+        "fanout",
+        "--subscribers",
+        "3",
+        "--rate",
+        "20",
+        "--size",
+        "256",
+        "--duration",
+        "500ms",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let deliveries = &report["deliveries"];
+    let expected = deliveries["expected"].as_u64().unwrap();
+    assert!(expected > 0, "{report}");
+    assert_eq!(deliveries["received"].as_u64(), Some(expected), "{report}");
+    assert_eq!(deliveries["lost"].as_u64(), Some(0), "{report}");
+    // Bad options exit 2, as the standalone harness does.
+    let bad = tandem(&["load", "fanout", "--subscribers", "lots"]);
+    assert_eq!(bad.status.code(), Some(2));
+}

@@ -50,6 +50,43 @@ pub use cli::{Cli, Scenario};
 pub use error::LoadError;
 pub use report::Report;
 
+/// The whole command: runs `cli` on a new multi-threaded runtime and prints the report (a
+/// table, or one JSON object with `--json`). Exit status: 0 on a completed run, also with
+/// loss or errors (they are in the report); 1 when the run could not be set up; 2 on bad
+/// options. Shared by `tandem-loadtest` and `tandem load`; `name` prefixes error lines.
+pub fn main_with(cli: Cli, name: &str) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let json = cli.common.json;
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("{name}: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(report) => {
+            if json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{}", report.to_table());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e @ LoadError::Options(_)) => {
+            eprintln!("{name}: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs the scenario the command line names and returns its report. Must be called on a
 /// multi-threaded tokio runtime.
 pub async fn run(cli: Cli) -> Result<Report, LoadError> {

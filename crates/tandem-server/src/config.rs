@@ -25,6 +25,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Mint an HS256 token with the server's secret (the data dir's, or --jwt-secret).
     Token(TokenArgs),
+    /// Load-test a running deployment (the `tandem-loadtest` harness, built in): fanout,
+    /// rooms, idle, connect, write.
+    Load(Box<tandem_loadtest::Cli>),
 }
 
 #[derive(Debug, Args)]

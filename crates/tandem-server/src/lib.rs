@@ -28,6 +28,7 @@ pub fn main_entry() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => run_serve(args),
         Command::Token(args) => run_token(args),
+        Command::Load(cli) => return tandem_loadtest::main_with(*cli, "tandem load"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
