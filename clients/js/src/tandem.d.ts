@@ -63,6 +63,8 @@ export class MemoryStore implements TandemStore {
 /** Keeps dataset state in IndexedDB (the default in browsers). */
 export class IndexedDBStore implements TandemStore {
   constructor(options?: { name?: string; indexedDB?: unknown });
+  /** The IndexedDB database name (default `tandem`). */
+  readonly name: string;
   load(ref: StoreRef): Promise<DatasetState | null>;
   save(ref: StoreRef, state: DatasetState): Promise<void>;
 }
@@ -137,6 +139,9 @@ export interface ClientOptions {
   authTimeoutMs?: number;
   /** Follow the browser's online/offline events (default true). */
   watchNetwork?: boolean;
+  /** Share local edits with this user's other tabs over a BroadcastChannel (default: true
+   * with the `IndexedDBStore` where BroadcastChannel exists). */
+  crossTab?: boolean;
 }
 
 export interface OpenOptions {
@@ -186,7 +191,8 @@ export class TandemError extends Error {
 export interface RemoteChange {
   syncCount: number;
   keys: string[];
-  source: 'remote';
+  /** `remote`: from the server; `tab`: a local edit made in another tab of this browser. */
+  source: 'remote' | 'tab';
 }
 
 export interface ConflictEvent {

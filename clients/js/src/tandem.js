@@ -91,6 +91,8 @@ export const PROTOCOL_VERSION = 1;
  * @property {number} [pingIntervalMs] Heartbeat period; 0 disables it (default 25 s).
  * @property {number} [authTimeoutMs] Time to get `ready` after connecting (default 10 s).
  * @property {boolean} [watchNetwork] Follow the browser's online/offline events (default true).
+ * @property {boolean} [crossTab] Share local edits with this user's other tabs over a
+ *   BroadcastChannel (default: true with the IndexedDBStore where BroadcastChannel exists).
  *
  * @typedef {object} OpenOptions
  * @property {string} [owner] Another identity's dataset (shared with you); default: yours.
@@ -290,6 +292,7 @@ export class IndexedDBStore {
   /** @param {{ name?: string, indexedDB?: any }} [options] */
   constructor(options = {}) {
     this.#name = options.name ?? 'tandem';
+    this.name = this.#name;
     this.#idb = options.indexedDB ?? globalThis.indexedDB;
     if (!this.#idb) throw new TandemError('bad_request', 'IndexedDB is not available here');
   }
@@ -468,6 +471,8 @@ export class TandemClient extends Emitter {
   #session = null;
   /** @type {(() => void) | null} */
   #unwatchNetwork = null;
+  /** Local edits shared with this user's other tabs (see `crossTab`). @type {any} */
+  #tabs = null;
 
   /**
    * Use `TandemClient.connect`, which also starts the connection.
@@ -504,6 +509,13 @@ export class TandemClient extends Emitter {
     this.#watchNetwork = options.watchNetwork ?? true;
     this.#identity = options.identity ?? null;
     if (this.#identity) this.#identityKnown.resolve(this.#identity);
+    const crossTab = options.crossTab ?? (this.#store instanceof IndexedDBStore && typeof globalThis.BroadcastChannel === 'function');
+    if (crossTab) {
+      // Tabs of one browser profile share the IndexedDB cache; each also tells the others
+      // of its local edits, so none of them saves a cache state that lacks another's edit.
+      this.#tabs = new globalThis.BroadcastChannel(`tandem-cache:${this.#store instanceof IndexedDBStore ? this.#store.name : 'custom'}`);
+      this.#tabs.onmessage = (/** @type {any} */ ev) => this.#onTabMessage(ev.data);
+    }
     this.#identityKnown.promise.catch(() => {}); // rejected only by close(); open() reports it
   }
 
@@ -681,6 +693,8 @@ export class TandemClient extends Emitter {
     this.#unwatchNetwork?.();
     this.#unwatchNetwork = null;
     if (this.#conn) this.#dropConnection(1000, 'client closed', false);
+    this.#tabs?.close();
+    this.#tabs = null;
     this.#setState('closed');
     if (!this.#identity) this.#identityKnown.reject(new TandemError('closed', 'client closed before its identity was known'));
     await Promise.allSettled([...this.#datasets.values()].map((ds) => ds._flush()));
@@ -719,12 +733,24 @@ export class TandemClient extends Emitter {
       deviceId: this.#deviceId,
       online: () => this.#state === 'online',
       backoff: { initialMs: this.#backoffInitial, maxMs: this.#backoffMax },
+      announce: (/** @type {Dataset} */ ds, /** @type {string} */ key, /** @type {LocalRecord} */ record) => {
+        if (this.#tabs && this.#identity) {
+          this.#tabs.postMessage({ identity: this.#identity, owner: ds.owner, name: ds.name, key, record });
+        }
+      },
       request: (/** @type {any} */ frame) => this._request(frame),
       forget: (/** @type {Dataset} */ ds) => {
         const key = datasetKey(ds.owner, ds.name);
         if (this.#datasets.get(key) === ds) this.#datasets.delete(key);
       },
     };
+  }
+
+  /** Another tab of this browser profile edited a record locally. @param {any} msg */
+  #onTabMessage(msg) {
+    if (!msg || msg.identity !== this.#identity || typeof msg.key !== 'string') return;
+    const ds = this.#datasets.get(datasetKey(msg.owner, msg.name));
+    ds?._applyTabEdit(msg.key, msg.record);
   }
 
   /** @param {ConnectionState} state */
@@ -1061,7 +1087,8 @@ function serverError(/** @type {any} */ frame) {
  * A dataset handle over the local cache. Reads and writes are local and work offline;
  * `sync()` reconciles with the server; pushes from the server are merged as they come.
  *
- * Events: `change` ({syncCount, keys, source: 'remote'}) when remote changes were applied;
+ * Events: `change` ({syncCount, keys, source: 'remote' | 'tab'}) when remote changes (or
+ * another tab's local edits) were applied;
  * `pending` (number of unsynchronised local changes); `conflict` ({key, local, server,
  * resolution}) after the handler resolved one; `synced` (SyncOutcome); `deleted`
  * ({syncCount}) when the owner deleted the dataset; `revoked` when your access was taken
@@ -1275,7 +1302,7 @@ export class Dataset extends Emitter {
   /**
    * The live remote changes as an async iterable of `change` events; ends when the
    * dataset is closed or the loop breaks.
-   * @returns {AsyncIterableIterator<{ syncCount: number, keys: string[], source: 'remote' }>}
+   * @returns {AsyncIterableIterator<{ syncCount: number, keys: string[], source: 'remote' | 'tab' }>}
    */
   remoteChanges() {
     /** @type {any[]} */ const queue = [];
@@ -1382,6 +1409,29 @@ export class Dataset extends Emitter {
   }
 
   /**
+   * @internal Another tab of this user edited `key` locally: take its edit as ours (it is
+   * pending here too, so whichever tab syncs first sends it, and the other sees its own
+   * value come back and drops it as done), save, and tell listeners.
+   * @param {string} key @param {LocalRecord} record
+   */
+  _applyTabEdit(key, record) {
+    if (this.#closed || !record || !record.dirty) return;
+    const local = this.#rec(key);
+    if (local && local.dirty && local.value === record.value && local.deviceLastModified === record.deviceLastModified) return;
+    this.#state.records[key] = {
+      value: record.value ?? null,
+      syncCount: record.syncCount ?? 0,
+      dirty: true,
+      deviceLastModified: record.deviceLastModified,
+      version: (local ? local.version : 0) + 1,
+    };
+    this.#pendingChanged();
+    this.#scheduleAutoSync();
+    this.#persist().catch(() => {});
+    if (!local || local.value !== record.value) this.emit('change', { syncCount: this.#state.syncCount, keys: [key], source: 'tab' });
+  }
+
+  /**
    * @internal Merges the server's whole dataset (a `snapshot` or a `dataset` push): clean
    * records take the server's state, dirty ones keep their local value and the sync count
    * it was based on, so the next sync surfaces any remote change as a conflict instead of
@@ -1398,7 +1448,16 @@ export class Dataset extends Emitter {
     for (const r of records) {
       seen.add(r.key);
       const local = this.#rec(r.key);
-      if (local && local.dirty) continue;
+      if (local && local.dirty) {
+        // The server already holds exactly this local change (our own commit whose ack is
+        // still on its way or was lost, or another tab's): it is done, not pending.
+        if (local.value === (r.value ?? null)) {
+          local.dirty = false;
+          local.syncCount = Math.max(local.syncCount, r.syncCount);
+          this.#pendingChanged();
+        }
+        continue;
+      }
       // A clean record stamped later than this frame (an ack that beat the push) is newer.
       if (local && local.syncCount > syncCount) continue;
       if (local && local.value === r.value && local.syncCount === r.syncCount) continue;
@@ -1484,6 +1543,7 @@ export class Dataset extends Emitter {
     }
     this.#pendingChanged();
     this.#scheduleAutoSync();
+    this.#io.announce(this, key, { ...this.#state.records[key] });
     await this.#persist();
   }
 

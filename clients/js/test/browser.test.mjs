@@ -136,6 +136,49 @@ test('two users edit a shared list live, offline and back, and converge', async 
   t.diagnostic(`screenshots in ${artifacts}`);
 });
 
+test('two tabs of one user: an offline edit in one shows in the other and is synced by it', async (t) => {
+  const probe = await fetch(`${server.httpUrl}/dev/token?sub=probe`);
+  if (probe.status === 404) {
+    t.skip('GET /dev/token answers 404: this tandem binary does not serve the demo in dev mode');
+    return;
+  }
+  mkdirSync(artifacts, { recursive: true });
+  browser ??= await chromium.launch({
+    executablePath: chromiumPath(),
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking'],
+  });
+  // One context = one browser profile: the tabs share IndexedDB and BroadcastChannel.
+  const ctx = await browser.newContext({ viewport: { width: 640, height: 720 } });
+  const board = `${server.httpUrl}/?board=carol/tabs-${Date.now()}&user=carol`;
+  const [tab1, tab2] = [await ctx.newPage(), await ctx.newPage()];
+  for (const [who, page] of [['tab 1', tab1], ['tab 2', tab2]]) {
+    page.on('pageerror', (e) => t.diagnostic(`${who} page error: ${e.message}`));
+    await page.goto(board);
+    await page.waitForSelector('#conn[data-state="online"]');
+    await page.waitForSelector('#list:not([hidden])');
+  }
+  await ctx.setOffline(true);
+  await tab1.waitForSelector('#conn[data-state="offline"]', { timeout: 5000 });
+  await tab2.waitForSelector('#conn[data-state="offline"]', { timeout: 5000 });
+  await add(tab1, 'written in tab 1');
+  await tab1.waitForSelector('#pending[data-count="1"]');
+  // The other tab shows it at once, pending there too, though neither tab is online.
+  await tab2.waitForSelector('#items li[data-text="written in tab 1"]', { timeout: 1000 });
+  await tab2.waitForSelector('#pending[data-count="1"]');
+  await tab2.screenshot({ path: join(artifacts, 'tab2-offline.png'), fullPage: true });
+  // The tab that made the edit goes away before it could sync; the other one sends it.
+  await tab1.close();
+  await ctx.setOffline(false);
+  await tab2.waitForSelector('#conn[data-state="online"]', { timeout: 10_000 });
+  await tab2.waitForSelector('#pending[data-count="0"]', { timeout: 5000 });
+  // A fresh profile (no shared cache) sees it from the server.
+  const other = await browser.newContext();
+  const check = await other.newPage();
+  await check.goto(board);
+  await check.waitForSelector('#items li[data-text="written in tab 1"]', { timeout: 5000 });
+  await Promise.all([ctx.close(), other.close()]);
+});
+
 test('without dev mode the demo says where tokens come from', async (t) => {
   const plain = await startServer();
   try {
