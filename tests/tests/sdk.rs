@@ -158,6 +158,40 @@ async fn test_sdk_catch_up_after_reconnect_retries_what_the_server_refused_for_n
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sdk_a_pending_change_the_server_already_holds_is_done_without_a_sync() {
+    let server = TestServer::start();
+    let phone = client(&server, "alice", None);
+    let laptop = client(&server, "alice", None);
+    phone.wait_online(WAIT).await.unwrap();
+    laptop.wait_online(WAIT).await.unwrap();
+    let p = phone
+        .open(DatasetRef::own("notes"), ConflictHandler::KeepLocal)
+        .await
+        .unwrap();
+    let l = laptop
+        .open(DatasetRef::own("notes"), ConflictHandler::KeepLocal)
+        .await
+        .unwrap();
+    // The same edit on both devices; the phone's reaches the server first.
+    p.put("title", "Groceries").unwrap();
+    l.put("title", "Groceries").unwrap();
+    assert_eq!(l.pending(), 1);
+    let out = p.sync().await.unwrap();
+    // The push of the phone's commit settles the laptop's identical change.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while l.pending() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "still pending");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(l.sync_count(), out.sync_count);
+    // Nothing left to send: no second commit.
+    l.sync().await.unwrap();
+    let conn = server.connect("alice").await;
+    let (n, _) = conn.changes(DatasetRef::own("notes"), 0).await.unwrap();
+    assert_eq!(n, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_sdk_two_clients_converge_live() {
     let server = TestServer::start();
     let alice = client(&server, "alice", None);

@@ -350,6 +350,12 @@ impl Shared {
         for record in records {
             seen.insert(record.key.clone());
             match state.records.get_mut(&record.key) {
+                // The server already holds exactly this local change (our own commit whose
+                // ack is on its way or was lost): it is done, not pending.
+                Some(local) if local.dirty && local.value == record.value => {
+                    local.dirty = false;
+                    local.sync_count = local.sync_count.max(record.sync_count);
+                }
                 Some(local) if local.dirty => {}
                 Some(local)
                     if local.value == record.value && local.sync_count == record.sync_count => {}
