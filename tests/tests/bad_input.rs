@@ -1109,6 +1109,7 @@ async fn test_bad_input_requests_over_max_requests_per_second_get_rate_limited_a
         .start();
     // The auth frame takes one of the 5 tokens of the first second.
     let mut raw = RawSocket::authenticated(&server, "bob").await;
+    let started = std::time::Instant::now();
     const SENT: usize = 20;
     for i in 0..SENT {
         let update = ClientFrame::Update {
@@ -1139,8 +1140,14 @@ async fn test_bad_input_requests_over_max_requests_per_second_get_rate_limited_a
             other => panic!("expected an ack or rate_limited, got {other:?}"),
         }
     }
-    // A burst of 5 per connection; the refill during the burst is far below one more second.
-    assert!((4..=9).contains(&acked.len()), "acked {acked:?}");
+    // A burst of 5 (one went to auth), plus what refilled at 5 per second while the burst
+    // was being served (each accepted update is a durable commit, so a slow disk adds some).
+    let refilled = (5.0 * started.elapsed().as_secs_f64()).ceil() as usize;
+    assert!(
+        (4..=4 + refilled + 1).contains(&acked.len()),
+        "acked {acked:?} with {refilled} refilled"
+    );
+    assert!(!refused.is_empty(), "nothing was refused");
     assert_eq!(acked.len() + refused.len(), SENT);
     // Exactly the acknowledged updates were written, in order, one sync count each.
     tokio::time::sleep(Duration::from_millis(1100)).await;

@@ -444,3 +444,40 @@ fn test_cluster_node_with_store_wait_zero_exits_at_once_when_postgresql_is_unrea
     );
     assert!(started.elapsed() < WAIT, "{:?}", started.elapsed());
 }
+
+#[test]
+fn test_cluster_node_waiting_for_postgresql_stops_at_sigterm() {
+    let db = PgDatabase::create();
+    db.cut_off();
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(tandem_tests::tandem_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--jwt-secret"])
+        .arg(tandem_tests::SECRET)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--store", &db.url])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Give it time to start waiting (the default wait is a minute).
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(child.try_wait().unwrap().is_none(), "it should be waiting");
+    let sent = std::time::Instant::now();
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        sent.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        sent.elapsed()
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("stopped while waiting for postgresql"),
+        "{stderr}"
+    );
+}

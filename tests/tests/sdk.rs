@@ -374,7 +374,10 @@ async fn test_sdk_unresolvable_conflict_gives_up_after_retries() {
     tokio::task::spawn_blocking(move || bump(&first_bump))
         .await
         .unwrap();
-    match ds.sync().await {
+    match tokio::time::timeout(WAIT, ds.sync())
+        .await
+        .expect("sync gives up in time")
+    {
         Err(ClientError::Unresolved { keys }) => assert_eq!(keys, ["k"]),
         other => panic!("sync should give up while the key keeps changing: {other:?}"),
     }

@@ -993,8 +993,9 @@ export class TandemClient extends Emitter {
       if (this.#conn !== conn) return;
       try {
         await this._request({ type: 'ping' });
-      } catch {
-        return; // a timeout drops the connection
+      } catch (e) {
+        // A timeout drops the connection; a refusal (rate_limited) still proves it is alive.
+        if (!(e instanceof TandemError && e.server)) return;
       }
       this.#schedulePing(conn);
     }, this.#pingInterval);

@@ -763,8 +763,9 @@ async fn run(inner: Arc<Inner>) {
 
 /// After a reconnect: resubscribes one dataset and pushes its pending changes. A retriable
 /// refusal (the server's store briefly `unavailable`, `rate_limited` after a burst of
-/// resubscriptions) is tried again with backoff for as long as this connection lasts, so
-/// offline edits reach the server without the app calling `sync` again.
+/// resubscriptions, `internal`) is tried again with backoff (up to the client's maximum) for
+/// as long as this connection lasts, so offline edits reach the server without the app
+/// calling `sync` again.
 async fn catch_up(inner: &Arc<Inner>, conn: &Arc<Connection>, shared: &Arc<Shared>) {
     let mut wait = inner.min_backoff;
     let mut subscribed = false;
@@ -805,17 +806,14 @@ async fn serve_connection(
     mut events: tokio::sync::mpsc::UnboundedReceiver<ServerFrame>,
 ) -> Option<String> {
     let datasets: Vec<Arc<Shared>> = inner.datasets.lock().values().cloned().collect();
-    {
+    // Pushes queue up in `events` meanwhile; they are applied in order afterwards.
+    // Online only now: datasets opened from here on subscribe themselves, the ones above
+    // are the reconnect's to catch up.
+    inner.status.send_replace(Status::Online);
+    // One task per dataset: one that keeps being refused must not hold up the others.
+    for shared in datasets {
         let (inner, conn) = (inner.clone(), conn.clone());
-        // Pushes queue up in `events` meanwhile; they are applied in order afterwards.
-        // Online only now: datasets opened from here on subscribe themselves, the ones
-        // above are the reconnect's to catch up.
-        inner.status.send_replace(Status::Online);
-        tokio::spawn(async move {
-            for shared in datasets {
-                catch_up(&inner, &conn, &shared).await;
-            }
-        });
+        tokio::spawn(async move { catch_up(&inner, &conn, &shared).await });
     }
     loop {
         let refresh_in = refresh_delay(conn.expires_at());

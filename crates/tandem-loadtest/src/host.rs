@@ -43,7 +43,15 @@ impl MemorySource {
     pub fn rss_kib(&self) -> Option<u64> {
         match self {
             MemorySource::Pid(pid) => rss_kib(*pid),
-            MemorySource::Metrics(url) => metrics_rss_kib(url),
+            // A blocking GET, a few times per run: keep it off the runtime's workers.
+            MemorySource::Metrics(url) => match tokio::runtime::Handle::try_current() {
+                Ok(handle)
+                    if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread =>
+                {
+                    tokio::task::block_in_place(|| metrics_rss_kib(url))
+                }
+                _ => metrics_rss_kib(url),
+            },
         }
     }
 }

@@ -103,6 +103,12 @@ impl Run {
             (None, None) => None,
         };
         let rss_start = memory.as_ref().and_then(host::MemorySource::rss_kib);
+        if let (Some(host::MemorySource::Metrics(url)), None) = (&memory, rss_start) {
+            return Err(LoadError::Options(format!(
+                "--server-metrics {url}: no process_resident_memory_bytes there (is it a \
+                 tandem node's /metrics, reachable over plain http?)"
+            )));
+        }
         Ok(Run {
             common,
             urls,

@@ -309,3 +309,36 @@ async fn test_setup_failure_is_an_error_not_a_report() {
     let err = tandem_loadtest::run(cli).await.unwrap_err();
     assert!(matches!(err, tandem_loadtest::LoadError::Setup(_)), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_idle_with_a_metrics_url_that_has_no_memory_gauge_is_a_bad_option() {
+    let server = TestServer::start();
+    // /health answers, but holds no process_resident_memory_bytes.
+    let health = server
+        .url
+        .replace("ws://", "http://")
+        .replace("/v1/sync", "/health");
+    let cli = Cli::try_parse_from([
+        "tandem-loadtest",
+        "--url",
+        &server.url,
+        "--secret",
+        SECRET,
+        "--quiet",
+        "--server-metrics",
+        &health,
+        "idle",
+        "--connections",
+        "1",
+    ])
+    .unwrap();
+    let err = tandem_loadtest::run(cli).await.unwrap_err();
+    assert!(
+        matches!(err, tandem_loadtest::LoadError::Options(_)),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("process_resident_memory_bytes"),
+        "{err}"
+    );
+}

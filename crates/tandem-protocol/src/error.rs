@@ -99,6 +99,10 @@ pub enum LimitCode {
     /// Requests (frames) one connection may send per second, with bursts of as many
     /// (default 1000).
     MaxRequestsPerSecond,
+    /// A limit this build does not know (a newer server's); the frame's `code` still says
+    /// what class of error it is. Never sent.
+    #[serde(other)]
+    Unknown,
 }
 
 impl LimitCode {
@@ -114,6 +118,7 @@ impl LimitCode {
             | LimitCode::MaxFrameBytes
             | LimitCode::MaxDeviceIdLength => ErrorCode::TooLarge,
             LimitCode::MaxRequestsPerSecond => ErrorCode::RateLimited,
+            LimitCode::Unknown => ErrorCode::LimitExceeded,
         }
     }
 
@@ -128,6 +133,7 @@ impl LimitCode {
             LimitCode::MaxSubscriptions => "max_subscriptions",
             LimitCode::MaxDeviceIdLength => "max_device_id_length",
             LimitCode::MaxRequestsPerSecond => "max_requests_per_second",
+            LimitCode::Unknown => "unknown",
         }
     }
 }
@@ -150,5 +156,8 @@ mod tests {
         }
         let json = serde_json::to_string(&LimitCode::MaxDatasetBytes).unwrap();
         assert_eq!(json, "\"max_dataset_bytes\"");
+        // A newer server's limit still decodes, so the request it refused is answered.
+        let later: LimitCode = serde_json::from_str("\"max_something_new\"").unwrap();
+        assert_eq!(later, LimitCode::Unknown);
     }
 }

@@ -135,7 +135,7 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         .shutdown_grace
         .map_or(Duration::from_secs(10), |d| d.0);
 
-    let (store, store_kind) = open_store(&settings, &data_dir, limits).await?;
+    let (store, store_kind) = open_store(&settings, &data_dir, limits, &shutdown).await?;
     let redis = settings
         .redis
         .as_ref()
@@ -227,6 +227,7 @@ async fn open_store(
     settings: &Settings,
     data_dir: &Path,
     limits: Limits,
+    shutdown: &CancellationToken,
 ) -> anyhow::Result<(Arc<dyn Store>, &'static str)> {
     match settings.store.as_deref() {
         None | Some("sqlite") => {
@@ -243,7 +244,7 @@ async fn open_store(
                 config.pool_size = size;
             }
             let wait = settings.store_wait.map_or(STORE_WAIT, |t| t.0);
-            let store = connect_postgres(config, limits, wait)
+            let store = connect_postgres(config, limits, wait, shutdown)
                 .await
                 .context("cannot open the postgresql store")?;
             Ok((Arc::new(store), "postgres"))
@@ -257,24 +258,41 @@ async fn open_store(
 /// leaves the retrying to whatever restarts it.
 const STORE_WAIT: Duration = Duration::from_secs(60);
 
-/// Connects, retrying with backoff while PostgreSQL is unreachable (`Unavailable`) and `wait`
-/// has not passed; any other error (a bad URL or schema, a failed migration) ends at once.
+/// Connects, retrying with backoff while PostgreSQL refuses or cannot be reached
+/// (`Unavailable`: down, not accepting connections, but also a wrong password or a missing
+/// database, which look the same from here; each try logs the reason) until `wait` has
+/// passed or the node is told to stop. Any other error (a bad URL or schema, a failed
+/// migration) ends at once.
 async fn connect_postgres(
     config: PostgresConfig,
     limits: Limits,
     wait: Duration,
+    shutdown: &CancellationToken,
 ) -> Result<PostgresStore, StoreError> {
-    let deadline = tokio::time::Instant::now() + wait;
+    // A wait too long to represent means "until told to stop".
+    let deadline = tokio::time::Instant::now().checked_add(wait);
     let mut backoff = Duration::from_millis(250);
     loop {
         match PostgresStore::connect(config.clone(), limits.clone()).await {
-            Err(StoreError::Unavailable(reason)) if tokio::time::Instant::now() < deadline => {
+            Err(StoreError::Unavailable(reason))
+                if deadline.is_none_or(|d| tokio::time::Instant::now() < d) =>
+            {
                 tracing::warn!(
                     %reason,
                     retry_in_ms = backoff.as_millis() as u64,
                     "waiting for postgresql"
                 );
-                tokio::time::sleep(backoff.min(deadline - tokio::time::Instant::now())).await;
+                let pause = deadline.map_or(backoff, |d| {
+                    backoff.min(d.saturating_duration_since(tokio::time::Instant::now()))
+                });
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = shutdown.cancelled() => {
+                        return Err(StoreError::Unavailable(format!(
+                            "stopped while waiting for postgresql: {reason}"
+                        )));
+                    }
+                }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
             result => return result,
