@@ -282,6 +282,12 @@ impl Connection {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().insert(n, tx);
+        // The reader publishes the close and then clears `pending`: a request registered
+        // after that clear would wait for a reply forever, so look once more.
+        if self.closed_rx.borrow().is_some() {
+            self.pending.lock().remove(&n);
+            return Err(self.closed_error());
+        }
         let frame = build(RequestId::Num(n));
         if self.out_tx.send(Message::text(frame.to_json())).is_err() {
             self.pending.lock().remove(&n);
