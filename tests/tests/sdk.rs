@@ -192,6 +192,48 @@ async fn test_sdk_a_pending_change_the_server_already_holds_is_done_without_a_sy
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sdk_heartbeat_notices_a_silent_connection_and_reconnects() {
+    let server = TestServer::start();
+    let proxy = tandem_tests::proxy::Proxy::start(server.addr).await;
+    let c = Client::builder(proxy.url(), "alice")
+        .token(server.token("alice"))
+        .backoff(Duration::from_millis(20), Duration::from_millis(200))
+        .ping_interval(Duration::from_millis(200))
+        .request_timeout(Duration::from_millis(800))
+        .start()
+        .unwrap();
+    c.wait_online(WAIT).await.unwrap();
+    let ds = c
+        .open(DatasetRef::own("notes"), ConflictHandler::KeepLocal)
+        .await
+        .unwrap();
+    ds.put("before", "1").unwrap();
+    ds.sync().await.unwrap();
+
+    // The path goes silent: no close, no RST, nothing. Only the heartbeat can tell.
+    let mut status = c.status_changes();
+    proxy.silence_existing();
+    tokio::time::timeout(WAIT, async {
+        while *status.borrow_and_update() == Status::Online {
+            status.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the client noticed the silent connection");
+    // It reconnects (new connections through the proxy work) and carries on.
+    c.wait_online(WAIT).await.unwrap();
+    ds.put("after", "2").unwrap();
+    tokio::time::timeout(WAIT, ds.sync())
+        .await
+        .expect("sync after the reconnect")
+        .unwrap();
+    let conn = server.connect("alice").await;
+    let (n, records) = conn.changes(DatasetRef::own("notes"), 0).await.unwrap();
+    assert_eq!(n, 2);
+    assert_eq!(records.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_sdk_two_clients_converge_live() {
     let server = TestServer::start();
     let alice = client(&server, "alice", None);

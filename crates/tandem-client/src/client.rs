@@ -64,6 +64,8 @@ pub struct ClientBuilder {
     min_backoff: Duration,
     max_backoff: Duration,
     max_sync_retries: usize,
+    ping_interval: Duration,
+    request_timeout: Duration,
 }
 
 impl ClientBuilder {
@@ -118,6 +120,21 @@ impl ClientBuilder {
         self
     }
 
+    /// Heartbeat: a `ping` this often while online (default 25 s; zero turns it off). With
+    /// the request timeout it notices a connection that went silent (a laptop woke up on
+    /// another network, a NAT forgot the flow) and reconnects.
+    pub fn ping_interval(mut self, every: Duration) -> Self {
+        self.ping_interval = every;
+        self
+    }
+
+    /// How long any request (a ping, a sync) waits for its reply before the connection is
+    /// presumed dead, dropped and reconnected (default 30 s).
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
     /// Starts the client. It connects in the background; datasets work offline meanwhile.
     pub fn start(self) -> Result<Client, ClientError> {
         let token = self
@@ -133,6 +150,8 @@ impl ClientBuilder {
             min_backoff: self.min_backoff,
             max_backoff: self.max_backoff,
             max_sync_retries: self.max_sync_retries,
+            ping_interval: self.ping_interval,
+            request_timeout: self.request_timeout,
             conn: Mutex::new(None),
             datasets: Mutex::new(HashMap::new()),
             status,
@@ -153,6 +172,8 @@ struct Inner {
     min_backoff: Duration,
     max_backoff: Duration,
     max_sync_retries: usize,
+    ping_interval: Duration,
+    request_timeout: Duration,
     conn: Mutex<Option<Arc<Connection>>>,
     datasets: Mutex<HashMap<(String, String), Arc<Shared>>>,
     status: watch::Sender<Status>,
@@ -188,6 +209,8 @@ impl Client {
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
             max_sync_retries: 3,
+            ping_interval: Duration::from_secs(25),
+            request_timeout: crate::connection::DEFAULT_REQUEST_TIMEOUT,
         }
     }
 
@@ -736,6 +759,7 @@ async fn run(inner: Arc<Inner>) {
                     return;
                 }
                 backoff = inner.min_backoff;
+                conn.set_request_timeout(inner.request_timeout);
                 let events = conn.take_events();
                 let conn = Arc::new(conn);
                 *inner.conn.lock() = Some(conn.clone());
@@ -815,9 +839,24 @@ async fn serve_connection(
         let (inner, conn) = (inner.clone(), conn.clone());
         tokio::spawn(async move { catch_up(&inner, &conn, &shared).await });
     }
+    let mut heartbeat = (!inner.ping_interval.is_zero()).then(|| {
+        let mut every = tokio::time::interval(inner.ping_interval);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        every
+    });
     loop {
         let refresh_in = refresh_delay(conn.expires_at());
         tokio::select! {
+            // Off the loop, so pushes keep flowing while it waits; a ping that times out
+            // drops the connection, which ends `events` below.
+            _ = async { heartbeat.as_mut()?.tick().await; Some(()) }, if heartbeat.is_some() => {
+                let conn = conn.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = conn.ping().await {
+                        tracing::debug!(error = %e, "heartbeat failed");
+                    }
+                });
+            }
             frame = events.recv() => match frame {
                 Some(frame) => handle_event(inner, frame),
                 None => break,

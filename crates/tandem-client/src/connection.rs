@@ -38,9 +38,16 @@ pub enum UpdateResult {
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<ServerFrame>>>>;
 
+/// How long a request waits for its reply by default before the connection is presumed dead.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub struct Connection {
     out_tx: mpsc::UnboundedSender<Message>,
     pending: Pending,
+    /// Ends the reader (and so the connection) from this side: a socket that stopped
+    /// answering never reports a close of its own.
+    abort: Arc<tokio::sync::Notify>,
+    request_timeout: Duration,
     events_rx: mpsc::UnboundedReceiver<ServerFrame>,
     closed_rx: watch::Receiver<Option<Closed>>,
     next_id: AtomicU64,
@@ -115,9 +122,20 @@ impl Connection {
         });
 
         let reader_pending = pending.clone();
+        let abort = Arc::new(tokio::sync::Notify::new());
+        let reader_abort = abort.clone();
         tokio::spawn(async move {
             let closed = loop {
-                match stream.next().await {
+                let next = tokio::select! {
+                    next = stream.next() => next,
+                    () = reader_abort.notified() => {
+                        break Closed {
+                            code: None,
+                            reason: "no reply in time; dropped by the client".into(),
+                        };
+                    }
+                };
+                match next {
                     Some(Ok(Message::Text(text))) => {
                         route(text.as_str(), &reader_pending, &events_tx);
                     }
@@ -150,6 +168,8 @@ impl Connection {
         Ok(Connection {
             out_tx,
             pending,
+            abort,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
             events_rx,
             closed_rx,
             next_id: AtomicU64::new(1),
@@ -214,6 +234,17 @@ impl Connection {
     /// How the connection ended, if it has.
     pub fn closed(&self) -> Option<Closed> {
         self.closed_rx.borrow().clone()
+    }
+
+    /// How long a request waits for its reply before the connection is dropped (default
+    /// [`DEFAULT_REQUEST_TIMEOUT`]).
+    pub fn set_request_timeout(&mut self, timeout: Duration) {
+        self.request_timeout = timeout;
+    }
+
+    /// Ends the connection from this side at once, as if the socket had closed.
+    pub fn abort(&self) {
+        self.abort.notify_one();
     }
 
     /// Waits until the connection ends.
@@ -293,7 +324,17 @@ impl Connection {
             self.pending.lock().remove(&n);
             return Err(self.closed_error());
         }
-        match rx.await {
+        let reply = match tokio::time::timeout(self.request_timeout, rx).await {
+            Ok(reply) => reply,
+            Err(_) => {
+                // Silence this long means a dead path (a half-open socket); waiting longer
+                // would only hang the caller, so drop the connection and say so.
+                self.pending.lock().remove(&n);
+                self.abort();
+                return Err(ClientError::Timeout(self.request_timeout));
+            }
+        };
+        match reply {
             Ok(ServerFrame::Error {
                 code,
                 message,

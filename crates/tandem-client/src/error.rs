@@ -18,6 +18,9 @@ pub enum ClientError {
         max: Option<u64>,
     },
     /// Not connected now; local reads and writes still work, `sync` must wait.
+    /// No reply within the request timeout; the connection was dropped (it is presumed dead).
+    #[error("no reply within {0:?}; connection dropped")]
+    Timeout(std::time::Duration),
     #[error("offline")]
     Offline,
     /// The offline cache could not be read or written.
