@@ -46,6 +46,7 @@
 //! (a lost connection usually means the server restarted), so the next call reconnects and
 //! service resumes by itself once PostgreSQL is back.
 
+mod batch;
 mod read;
 mod schema;
 mod write;
@@ -117,6 +118,8 @@ impl PostgresConfig {
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     inner: Arc<Inner>,
+    /// Updates go through the group-commit workers (see `batch`).
+    updates: batch::Queue,
 }
 
 #[derive(Debug)]
@@ -200,9 +203,10 @@ impl PostgresStore {
             version = schema::SCHEMA_VERSION,
             "postgres store open"
         );
-        Ok(PostgresStore {
-            inner: Arc::new(inner),
-        })
+        let inner = Arc::new(inner);
+        // Half the pool commits updates; the rest stays free for reads and other calls.
+        let updates = batch::start(&inner, config.pool_size / 2);
+        Ok(PostgresStore { inner, updates })
     }
 
     /// The limits this store enforces.
@@ -283,13 +287,19 @@ impl Store for PostgresStore {
 
     async fn update(&self, request: UpdateRequest) -> Result<UpdateOutcome, StoreError> {
         let patches = validate_update(&self.inner.limits, &request)?;
-        let limits = &self.inner.limits;
-        call!(self, |client| write::update(
-            &mut client,
-            limits,
-            &request,
-            &patches
-        ))
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.updates
+            .send(batch::Item {
+                request,
+                patches,
+                reply,
+            })
+            .map_err(|_| closed_error())?;
+        answer.await.unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(
+                "the postgresql writer stopped before answering".into(),
+            ))
+        })
     }
 
     async fn delete_dataset(&self, dataset: &DatasetKey, actor: &str) -> Result<u64, StoreError> {

@@ -45,6 +45,15 @@ impl TestSchemas {
         name
     }
 
+    /// A second store on the schema of `store` (another node, or other limits).
+    fn config_for(&self, store: &PostgresStore) -> PostgresConfig {
+        PostgresConfig {
+            schema: store.schema().to_owned(),
+            pool_size: 8,
+            ..PostgresConfig::new(test_url())
+        }
+    }
+
     /// A small-pool config on a fresh schema.
     fn config(&self) -> PostgresConfig {
         PostgresConfig {
@@ -702,4 +711,143 @@ fn test_postgres_config_accepts_only_plain_schema_names() {
     assert!(pg.get_options().unwrap().contains("search_path=tandem"));
     let err = pg_config(&PostgresConfig::new("postgres://u:secret@[bad")).unwrap_err();
     assert!(!err.to_string().contains("secret"), "{err}");
+}
+
+/// Many writers on many datasets at once, so the group-commit workers batch updates of
+/// different datasets into one transaction: each update still gets exactly its own outcome
+/// (commit, conflict, forbidden, limit), and nothing refused is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_postgres_store_batched_updates_keep_each_updates_outcome() {
+    const DATASETS: usize = 12;
+    const TASKS_PER_DATASET: usize = 6;
+    const ROUNDS: usize = 4;
+    let schemas = TestSchemas::new();
+    let limits = Limits {
+        max_records: 200,
+        ..Limits::default()
+    };
+    let store = PostgresStore::connect(schemas.config(), limits)
+        .await
+        .unwrap();
+    let datasets: Vec<DatasetKey> = (0..DATASETS)
+        .map(|i| ds("owner", &format!("b{i:02}")))
+        .collect();
+    for (i, d) in datasets.iter().enumerate() {
+        commit(
+            &store,
+            update(d, "owner", vec![Patch::replace("counter", "0", 0)]),
+        )
+        .await;
+        // The guest may write the even datasets only.
+        if i % 2 == 0 {
+            store
+                .grant(d, "owner", "guest", Access::Write)
+                .await
+                .unwrap();
+        }
+    }
+    let mut tasks = Vec::new();
+    for (i, d) in datasets.iter().enumerate() {
+        for t in 0..TASKS_PER_DATASET {
+            let (store, d) = (store.clone(), d.clone());
+            let actor = if t % 2 == 0 { "owner" } else { "guest" };
+            tasks.push(tokio::spawn(async move {
+                let mut committed = Vec::new();
+                for _ in 0..ROUNDS {
+                    loop {
+                        let s = store.snapshot(&d, "owner").await.unwrap();
+                        let (n, sync) = counter(&s);
+                        let patches = vec![
+                            Patch::replace("counter", (n + 1).to_string(), sync),
+                            Patch::replace(format!("k{:04}", n + 1), actor, 0),
+                        ];
+                        match store.update(update(&d, actor, patches)).await {
+                            Ok(UpdateOutcome::Committed { snapshot, .. }) => {
+                                committed.push(snapshot.sync_count);
+                                break;
+                            }
+                            Ok(UpdateOutcome::Conflict { .. }) => continue,
+                            Err(StoreError::Forbidden { .. }) => {
+                                assert!(actor == "guest" && i % 2 == 1, "{actor} on {i}");
+                                return committed;
+                            }
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                }
+                committed
+            }));
+        }
+    }
+    let mut per_dataset: Vec<HashSet<u64>> = vec![HashSet::new(); DATASETS];
+    for (n, task) in tasks.into_iter().enumerate() {
+        let i = n / TASKS_PER_DATASET;
+        for sync_count in task.await.unwrap() {
+            assert!(
+                per_dataset[i].insert(sync_count),
+                "{sync_count} acked twice on {i}"
+            );
+        }
+    }
+    for (i, d) in datasets.iter().enumerate() {
+        let writers = if i % 2 == 0 {
+            TASKS_PER_DATASET
+        } else {
+            TASKS_PER_DATASET / 2
+        };
+        let commits = (writers * ROUNDS) as u64;
+        // Sync count 1 was the setup write; every acked update got its own count after it.
+        assert_eq!(
+            per_dataset[i],
+            (2..=commits + 1).collect::<HashSet<_>>(),
+            "dataset {i}"
+        );
+        let s = store.snapshot(d, "owner").await.unwrap();
+        assert_eq!(s.sync_count, commits + 1);
+        let (n, _) = counter(&s);
+        assert_eq!(n, commits, "one increment per commit on {i}");
+        // Odd datasets: the guest never wrote.
+        if i % 2 == 1 {
+            assert!(
+                s.records
+                    .iter()
+                    .all(|r| r.value.as_deref() != Some("guest"))
+            );
+        }
+    }
+    // A limit refusal inside a batch writes nothing and leaves the others alone.
+    let tight = PostgresStore::connect(
+        schemas.config_for(&store),
+        Limits {
+            max_records: 2,
+            ..Limits::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut refusals = Vec::new();
+    for d in &datasets {
+        let (tight, d) = (tight.clone(), d.clone());
+        refusals.push(tokio::spawn(async move {
+            tight
+                .update(update(
+                    &d,
+                    "owner",
+                    vec![Patch::replace("one-too-many", "x", 0)],
+                ))
+                .await
+        }));
+    }
+    for r in refusals {
+        match r.await.unwrap() {
+            Err(StoreError::Limit { limit, .. }) => assert_eq!(limit, LimitCode::MaxRecords),
+            other => panic!("expected max_records, got {other:?}"),
+        }
+    }
+    for d in &datasets {
+        let s = store.snapshot(d, "owner").await.unwrap();
+        assert!(s.records.iter().all(|r| r.key != "one-too-many"));
+    }
+    tight.close().await;
+    store.close().await;
 }

@@ -24,16 +24,16 @@ pub(super) const OWNER_LOCK: i32 = 0x5444_4d01;
 /// be locked, for a dataset that did not exist, looks like a deleted dataset at sync count 0
 /// (which is what a dataset that never existed is) until the update commits.
 #[derive(Debug, Clone, Copy)]
-struct DatasetRow {
-    id: i64,
-    sync_count: u64,
-    deleted: bool,
-    record_count: u64,
-    byte_size: u64,
+pub(super) struct DatasetRow {
+    pub id: i64,
+    pub sync_count: u64,
+    pub deleted: bool,
+    pub record_count: u64,
+    pub byte_size: u64,
 }
 
 impl DatasetRow {
-    fn from_row(row: &Row) -> Result<Self, Fail> {
+    pub(super) fn from_row(row: &Row) -> Result<Self, Fail> {
         Ok(DatasetRow {
             id: row.try_get(0)?,
             sync_count: to_u64(row.try_get(1)?)?,
@@ -44,7 +44,7 @@ impl DatasetRow {
     }
 
     /// The live record count and bytes, zero for a deleted dataset.
-    fn live_totals(&self) -> (u64, u64) {
+    pub(super) fn live_totals(&self) -> (u64, u64) {
         if self.deleted {
             (0, 0)
         } else {

@@ -1,0 +1,485 @@
+//! Group commit for PostgreSQL: updates to different existing datasets that are queued at
+//! the same moment commit in one transaction, a handful of statements for the whole batch
+//! instead of six per update. PostgreSQL's cost is per statement and per commit far more
+//! than per row, so under load this is what lets one database take thousands of updates a
+//! second (docs/BENCHMARKS.md has the `pgbench` figures behind it).
+//!
+//! The semantics are those of `write::update`, update by update: each is checked against the
+//! state under its dataset's row lock (stale counts, grants, limits), gets its own outcome,
+//! and is acknowledged only after the batch's `COMMIT`. A refused update (conflict,
+//! forbidden, limit) writes nothing and does not affect the others. The batch locks its
+//! dataset rows in id order, so two batches (or a batch and single updates, which lock one
+//! row) cannot deadlock. What a batch does not handle goes through `write::update` one by
+//! one: a batch of one, a dataset that has no row yet or is deleted (creation takes the
+//! owner's advisory lock and counts datasets), and a second update of a dataset already in
+//! the batch (it runs after the batch commits).
+
+use super::read::{record_from_row, to_i64};
+use super::write::{self, DatasetRow};
+use super::{Fail, Inner, forbidden};
+use crate::model::{check_dataset_limits, totals_after};
+use crate::{Limits, Snapshot, StoreError, UpdateOutcome, UpdateRequest, ValidatedPatch, now_ms};
+use deadpool_postgres::ClientWrapper;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use tandem_protocol::{Access, Conflict, Record};
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+/// The most updates one transaction commits.
+const MAX_BATCH: usize = 64;
+
+pub(super) struct Item {
+    pub request: UpdateRequest,
+    pub patches: Vec<ValidatedPatch>,
+    pub reply: oneshot::Sender<Result<UpdateOutcome, StoreError>>,
+}
+
+/// The queue every update goes through, and the workers that drain it.
+pub(super) type Queue = mpsc::UnboundedSender<Item>;
+
+/// Starts `workers` batch workers (each uses one pooled connection at a time).
+pub(super) fn start(inner: &Arc<Inner>, workers: usize) -> Queue {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let rx = Arc::new(Mutex::new(rx));
+    for _ in 0..workers.max(1) {
+        // Weak: the store closes when its last handle goes, not when its workers do.
+        let inner = Arc::downgrade(inner);
+        let rx = rx.clone();
+        tokio::spawn(async move {
+            loop {
+                let items = {
+                    let mut rx = rx.lock().await;
+                    let Some(first) = rx.recv().await else { return };
+                    let mut items = vec![first];
+                    while items.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(item) => items.push(item),
+                            Err(_) => break,
+                        }
+                    }
+                    items
+                };
+                let Some(inner) = inner.upgrade() else { return };
+                run(&inner, items).await;
+            }
+        });
+    }
+    tx
+}
+
+/// Commits `items`: as one batch where it can, the rest one by one.
+async fn run(inner: &Inner, items: Vec<Item>) {
+    let (batch, later) = split(items);
+    let mut singles = later;
+    if batch.len() == 1 {
+        singles.splice(0..0, batch);
+    } else if !batch.is_empty() {
+        singles.extend(commit_batch(inner, batch).await);
+    }
+    for item in singles {
+        let result = single(inner, &item).await;
+        let _ = item.reply.send(result);
+    }
+}
+
+/// The first update of each dataset, and the rest (in order).
+fn split(items: Vec<Item>) -> (Vec<Item>, Vec<Item>) {
+    let mut seen = HashSet::new();
+    let (mut batch, mut later) = (Vec::new(), Vec::new());
+    for item in items {
+        if seen.insert(item.request.dataset.clone()) {
+            batch.push(item);
+        } else {
+            later.push(item);
+        }
+    }
+    (batch, later)
+}
+
+async fn single(inner: &Inner, item: &Item) -> Result<UpdateOutcome, StoreError> {
+    let (_open, mut client) = inner.client().await?;
+    let result = tokio::time::timeout(
+        inner.call_timeout,
+        write::update(&mut client, &inner.limits, &item.request, &item.patches),
+    )
+    .await;
+    inner.finish(client, result)
+}
+
+/// Runs a batch of updates to distinct datasets. Answers every item it settles and returns
+/// the ones it leaves to the single path.
+async fn commit_batch(inner: &Inner, items: Vec<Item>) -> Vec<Item> {
+    let client = match inner.client().await {
+        Ok(client) => client,
+        Err(e) => {
+            for item in items {
+                let _ = item.reply.send(Err(e.clone()));
+            }
+            return Vec::new();
+        }
+    };
+    let (_open, mut client) = client;
+    let now = now_ms();
+    let result = tokio::time::timeout(
+        inner.call_timeout,
+        transaction(&mut client, &inner.limits, &items, now),
+    )
+    .await;
+    match inner.finish(client, result) {
+        Ok(plan) => {
+            let mut left = Vec::new();
+            for (item, outcome) in items.into_iter().zip(plan) {
+                match outcome {
+                    Settled::Done(result) => {
+                        let _ = item.reply.send(result);
+                    }
+                    Settled::Single => left.push(item),
+                }
+            }
+            left
+        }
+        Err(e) => {
+            // Nothing of the batch is acknowledged: every update is either wholly applied or
+            // not at all, and each client's retry finds out which by sync count.
+            for item in items {
+                let _ = item.reply.send(Err(e.clone()));
+            }
+            Vec::new()
+        }
+    }
+}
+
+enum Settled {
+    Done(Result<UpdateOutcome, StoreError>),
+    /// Needs the single path (no live dataset row).
+    Single,
+}
+
+const LOCK_DATASETS: &str = r#"
+    SELECT d.id, d.sync_count, d.deleted, d.record_count, d.byte_size, k.i
+    FROM datasets d
+    JOIN UNNEST($1::text[], $2::text[], $3::text[], $4::int[]) AS k (pool, owner, name, i)
+      ON d.pool = k.pool COLLATE "C" AND d.owner = k.owner COLLATE "C"
+         AND d.name = k.name COLLATE "C"
+    ORDER BY d.id
+    FOR UPDATE OF d"#;
+
+const LOCK_GRANTS: &str = r#"
+    SELECT k.i, g.access
+    FROM grants g
+    JOIN UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int[])
+      AS k (pool, owner, name, grantee, i)
+      ON g.pool = k.pool COLLATE "C" AND g.owner = k.owner COLLATE "C"
+         AND g.name = k.name COLLATE "C" AND g.grantee = k.grantee COLLATE "C"
+    ORDER BY g.pool, g.owner, g.name, g.grantee
+    FOR SHARE OF g"#;
+
+/// Live records of the locked datasets, and the patched keys' tombstones.
+const LOAD_RECORDS: &str = r#"
+    SELECT key, value, sync_count, last_modified, last_modified_by, device_id,
+           device_last_modified, dataset_id
+    FROM records
+    WHERE dataset_id = ANY($1)
+      AND (value IS NOT NULL
+           OR (dataset_id, key) IN (SELECT u.id, u.key COLLATE "C"
+                                    FROM UNNEST($2::bigint[], $3::text[]) AS u (id, key)))"#;
+
+const UPDATE_DATASETS: &str = "
+    UPDATE datasets AS d
+    SET sync_count = u.sync_count, deleted = false, record_count = u.record_count,
+        byte_size = u.byte_size, last_modified = $5
+    FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])
+      AS u (id, sync_count, record_count, byte_size)
+    WHERE d.id = u.id";
+
+const UPSERT_RECORDS: &str = "
+    INSERT INTO records (dataset_id, key, value, sync_count, last_modified, last_modified_by,
+                         device_id, device_last_modified)
+    SELECT u.dataset_id, u.key, u.value, u.sync_count, $8, u.last_modified_by, u.device_id,
+           u.device_last_modified
+    FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[],
+                $7::bigint[])
+      AS u (dataset_id, key, value, sync_count, last_modified_by, device_id,
+            device_last_modified)
+    ON CONFLICT (dataset_id, key) DO UPDATE SET
+        value = EXCLUDED.value,
+        sync_count = EXCLUDED.sync_count,
+        last_modified = EXCLUDED.last_modified,
+        last_modified_by = EXCLUDED.last_modified_by,
+        device_id = EXCLUDED.device_id,
+        device_last_modified = EXCLUDED.device_last_modified";
+
+/// One update's planned write.
+struct Write {
+    index: usize,
+    row: DatasetRow,
+    new_count: u64,
+    records: u64,
+    bytes: u64,
+    changed: Vec<Record>,
+}
+
+async fn transaction(
+    client: &mut ClientWrapper,
+    limits: &Limits,
+    items: &[Item],
+    now: i64,
+) -> Result<Vec<Settled>, Fail> {
+    let n = items.len();
+    let index: Vec<i32> = (0..n).map(|i| i as i32).collect();
+    let pools: Vec<&str> = items
+        .iter()
+        .map(|i| i.request.dataset.pool.as_str())
+        .collect();
+    let owners: Vec<&str> = items
+        .iter()
+        .map(|i| i.request.dataset.owner.as_str())
+        .collect();
+    let names: Vec<&str> = items
+        .iter()
+        .map(|i| i.request.dataset.name.as_str())
+        .collect();
+    let tx = client.transaction().await?;
+
+    // 1. The dataset rows, locked in id order.
+    let stmt = tx.prepare_cached(LOCK_DATASETS).await?;
+    let mut rows: Vec<Option<DatasetRow>> = vec![None; n];
+    for row in tx.query(&stmt, &[&pools, &owners, &names, &index]).await? {
+        let i: i32 = row.try_get(5)?;
+        let dataset = DatasetRow::from_row(&row)?;
+        if let Some(slot) = usize::try_from(i).ok().and_then(|i| rows.get_mut(i)) {
+            *slot = Some(dataset).filter(|d| !d.deleted);
+        }
+    }
+
+    // 2. Grants of the non-owners, after the row locks (the single path's order).
+    let guests: Vec<usize> = (0..n)
+        .filter(|&i| rows[i].is_some() && items[i].request.actor != items[i].request.dataset.owner)
+        .collect();
+    let mut can_write = vec![false; n];
+    if !guests.is_empty() {
+        let pick = |f: &dyn Fn(&Item) -> &str| -> Vec<String> {
+            guests.iter().map(|&i| f(&items[i]).to_owned()).collect()
+        };
+        let (gp, go, gn, gg) = (
+            pick(&|i| &i.request.dataset.pool),
+            pick(&|i| &i.request.dataset.owner),
+            pick(&|i| &i.request.dataset.name),
+            pick(&|i| &i.request.actor),
+        );
+        let gi: Vec<i32> = guests.iter().map(|&i| i as i32).collect();
+        let stmt = tx.prepare_cached(LOCK_GRANTS).await?;
+        for row in tx.query(&stmt, &[&gp, &go, &gn, &gg, &gi]).await? {
+            let i: i32 = row.try_get(0)?;
+            let access: String = row.try_get(1)?;
+            if let Some(slot) = usize::try_from(i).ok().and_then(|i| can_write.get_mut(i)) {
+                *slot = Access::parse(&access).is_some_and(Access::can_write);
+            }
+        }
+    }
+
+    // 3. The records of every dataset that goes ahead.
+    let mut ids = Vec::new();
+    let (mut key_ids, mut keys) = (Vec::new(), Vec::new());
+    for (i, row) in rows.iter().enumerate() {
+        let Some(row) = row else { continue };
+        let owner = items[i].request.actor == items[i].request.dataset.owner;
+        if !owner && !can_write[i] {
+            continue;
+        }
+        ids.push(row.id);
+        for patch in &items[i].patches {
+            key_ids.push(row.id);
+            keys.push(patch.key.as_str());
+        }
+    }
+    let mut stored: HashMap<i64, BTreeMap<String, Record>> = HashMap::new();
+    if !ids.is_empty() {
+        let stmt = tx.prepare_cached(LOAD_RECORDS).await?;
+        for row in tx.query(&stmt, &[&ids, &key_ids, &keys]).await? {
+            let id: i64 = row.try_get(7)?;
+            let record = record_from_row(&row, 0)?;
+            stored
+                .entry(id)
+                .or_default()
+                .insert(record.key.clone(), record);
+        }
+    }
+
+    // 4. Each update's outcome, as `write::update` decides it.
+    let mut settled: Vec<Option<Settled>> = (0..n).map(|_| None).collect();
+    let mut writes = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let request = &item.request;
+        let key = &request.dataset;
+        let Some(row) = rows[i] else {
+            settled[i] = Some(Settled::Single);
+            continue;
+        };
+        if request.actor != key.owner && !can_write[i] {
+            let e = forbidden(key, &request.actor, "write");
+            settled[i] = Some(Settled::Done(Err(e)));
+            continue;
+        }
+        let current = stored.get(&row.id);
+        let get = |k: &str| current.and_then(|m| m.get(k));
+        let conflicts: Vec<Conflict> = item
+            .patches
+            .iter()
+            .filter(|p| !p.matches(get(&p.key)))
+            .map(|p| Conflict {
+                key: p.key.clone(),
+                server: get(&p.key).cloned(),
+            })
+            .collect();
+        if !conflicts.is_empty() {
+            settled[i] = Some(Settled::Done(Ok(UpdateOutcome::Conflict {
+                sync_count: row.sync_count,
+                conflicts,
+            })));
+            continue;
+        }
+        let (live_records, live_bytes) = row.live_totals();
+        let (records, bytes, changes) = totals_after(
+            live_records,
+            live_bytes,
+            item.patches.iter().map(|p| (p, get(&p.key))),
+        );
+        if let Err(e) = check_dataset_limits(limits, key, None, records, bytes) {
+            settled[i] = Some(Settled::Done(Err(e)));
+            continue;
+        }
+        let new_count = row.sync_count + 1;
+        let changed = changes
+            .iter()
+            .map(|patch| Record {
+                key: patch.key.clone(),
+                value: patch.value.clone(),
+                sync_count: new_count,
+                last_modified: now,
+                last_modified_by: request.actor.clone(),
+                device_id: request.device_id.clone(),
+                device_last_modified: patch.device_last_modified,
+            })
+            .collect();
+        writes.push(Write {
+            index: i,
+            row,
+            new_count,
+            records,
+            bytes,
+            changed,
+        });
+    }
+
+    // 5. Every write of the batch in two statements, then one commit.
+    if !writes.is_empty() {
+        let (mut ds_ids, mut ds_counts, mut ds_records, mut ds_bytes) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for w in &writes {
+            ds_ids.push(w.row.id);
+            ds_counts.push(to_i64(w.new_count)?);
+            ds_records.push(to_i64(w.records)?);
+            ds_bytes.push(to_i64(w.bytes)?);
+        }
+        let mut rec_ids: Vec<i64> = Vec::new();
+        let mut rec_keys: Vec<&str> = Vec::new();
+        let mut rec_values: Vec<Option<&str>> = Vec::new();
+        let mut rec_counts: Vec<i64> = Vec::new();
+        let mut rec_by: Vec<&str> = Vec::new();
+        let mut rec_devices: Vec<Option<&str>> = Vec::new();
+        let mut rec_device_times: Vec<Option<i64>> = Vec::new();
+        for w in &writes {
+            for record in &w.changed {
+                rec_ids.push(w.row.id);
+                rec_keys.push(record.key.as_str());
+                rec_values.push(record.value.as_deref());
+                rec_counts.push(to_i64(record.sync_count)?);
+                rec_by.push(record.last_modified_by.as_str());
+                rec_devices.push(record.device_id.as_deref());
+                rec_device_times.push(record.device_last_modified);
+            }
+        }
+        let (update, upsert) = tokio::try_join!(
+            tx.prepare_cached(UPDATE_DATASETS),
+            tx.prepare_cached(UPSERT_RECORDS),
+        )?;
+        let update_params: [&(dyn deadpool_postgres::tokio_postgres::types::ToSql + Sync); 5] =
+            [&ds_ids, &ds_counts, &ds_records, &ds_bytes, &now];
+        let upsert_params: [&(dyn deadpool_postgres::tokio_postgres::types::ToSql + Sync); 8] = [
+            &rec_ids,
+            &rec_keys,
+            &rec_values,
+            &rec_counts,
+            &rec_by,
+            &rec_devices,
+            &rec_device_times,
+            &now,
+        ];
+        tokio::try_join!(tx.execute(&update, &update_params), async {
+            if rec_ids.is_empty() {
+                Ok(0)
+            } else {
+                tx.execute(&upsert, &upsert_params).await
+            }
+        },)?;
+    }
+    // If the answer to COMMIT is lost, this fails and every update gets `Unavailable`.
+    tx.commit().await?;
+
+    // 6. The committed snapshots: the records read under the lock plus each update's writes.
+    for w in writes {
+        let mut changed = w.changed;
+        changed.sort_by(|a, b| a.key.cmp(&b.key));
+        let mut records = stored.remove(&w.row.id).unwrap_or_default();
+        for record in &changed {
+            records.insert(record.key.clone(), record.clone());
+        }
+        let live = records
+            .into_values()
+            .filter(|r| r.value.is_some())
+            .collect();
+        settled[w.index] = Some(Settled::Done(Ok(UpdateOutcome::Committed {
+            changed,
+            snapshot: Snapshot {
+                dataset: items[w.index].request.dataset.clone(),
+                sync_count: w.new_count,
+                records: live,
+                deleted: false,
+            },
+        })));
+    }
+    Ok(settled
+        .into_iter()
+        .map(|s| s.unwrap_or(Settled::Single))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DatasetKey;
+
+    #[test]
+    fn test_batch_split_keeps_the_first_update_of_each_dataset() {
+        let item = |name: &str| {
+            let (reply, _) = oneshot::channel();
+            Item {
+                request: UpdateRequest {
+                    dataset: DatasetKey::new("p", "o", name),
+                    actor: "o".into(),
+                    device_id: None,
+                    patches: Vec::new(),
+                },
+                patches: Vec::new(),
+                reply,
+            }
+        };
+        let (batch, later) = split(vec![item("a"), item("b"), item("a"), item("c"), item("b")]);
+        let names = |v: &[Item]| -> Vec<String> {
+            v.iter().map(|i| i.request.dataset.name.clone()).collect()
+        };
+        assert_eq!(names(&batch), ["a", "b", "c"]);
+        assert_eq!(names(&later), ["a", "b"]);
+    }
+}
