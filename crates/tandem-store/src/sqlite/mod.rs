@@ -137,7 +137,11 @@ impl SqliteStore {
             .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
     }
 
-    /// Runs `f` on a read connection on a blocking thread.
+    /// Runs `f` on a read connection, right here on the async worker. Reads are one short
+    /// statement or transaction over pages that are almost always cached (a dataset is at
+    /// most `max_dataset_bytes`), so the hop to a blocking thread and back cost more than the
+    /// read: on a host where every context switch is expensive, connect + subscribe went
+    /// from 4.0-4.7k to 5.2-5.4k per second (docs/BENCHMARKS.md). Writes keep their thread.
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -151,20 +155,16 @@ impl SqliteStore {
             .await
             .map_err(|_| closed_error())?;
         let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            let mut conn = match lock(&inner.idle_readers).pop() {
-                Some(conn) => conn,
-                None => open_reader(&inner.path)?,
-            };
-            let result = f(&mut conn);
-            if !inner.closed.load(Ordering::Acquire) {
-                lock(&inner.idle_readers).push(conn);
-            }
-            result
-        })
-        .await
-        .map_err(|e| StoreError::Internal(format!("read task failed: {e}")))?
+        let _permit = permit;
+        let mut conn = match lock(&inner.idle_readers).pop() {
+            Some(conn) => conn,
+            None => open_reader(&inner.path)?,
+        };
+        let result = f(&mut conn);
+        if !inner.closed.load(Ordering::Acquire) {
+            lock(&inner.idle_readers).push(conn);
+        }
+        result
     }
 
     /// Runs `f` in one read transaction, so everything it reads is from one commit.
