@@ -20,26 +20,38 @@ use super::{Fail, Inner, forbidden};
 use crate::model::{check_dataset_limits, totals_after};
 use crate::{Limits, Snapshot, StoreError, UpdateOutcome, UpdateRequest, ValidatedPatch, now_ms};
 use deadpool_postgres::ClientWrapper;
+use futures_util::StreamExt;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use tandem_protocol::{Access, Conflict, Record};
 use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::time::Instant;
 
 /// The most updates one transaction commits.
 const MAX_BATCH: usize = 64;
+
+/// Updates waiting for a worker before new ones are refused as `unavailable` (a database
+/// that is down or too slow must not grow the queue, and its latency, without bound).
+pub(super) const QUEUE_CAPACITY: usize = 4096;
+
+/// Updates a worker sends down the single path at once (each holds a pooled connection).
+const SINGLE_CONCURRENCY: usize = 4;
 
 pub(super) struct Item {
     pub request: UpdateRequest,
     pub patches: Vec<ValidatedPatch>,
     pub reply: oneshot::Sender<Result<UpdateOutcome, StoreError>>,
+    /// When it was queued: an update that waited longer than a call may take is answered
+    /// `unavailable` without being tried (its caller has given up on it).
+    pub queued: Instant,
 }
 
 /// The queue every update goes through, and the workers that drain it.
-pub(super) type Queue = mpsc::UnboundedSender<Item>;
+pub(super) type Queue = mpsc::Sender<Item>;
 
 /// Starts `workers` batch workers (each uses one pooled connection at a time).
 pub(super) fn start(inner: &Arc<Inner>, workers: usize) -> Queue {
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
     let rx = Arc::new(Mutex::new(rx));
     for _ in 0..workers.max(1) {
         // Weak: the store closes when its last handle goes, not when its workers do.
@@ -60,26 +72,59 @@ pub(super) fn start(inner: &Arc<Inner>, workers: usize) -> Queue {
                     items
                 };
                 let Some(inner) = inner.upgrade() else { return };
-                run(&inner, items).await;
+                // Its own task: a panic fails this batch's updates (their replies drop, so
+                // they get `unavailable`), not the worker.
+                if let Err(e) = tokio::spawn(async move { run(&inner, items).await }).await {
+                    tracing::error!(error = %e, "postgresql batch failed");
+                }
             }
         });
     }
     tx
 }
 
-/// Commits `items`: as one batch where it can, the rest one by one.
+/// Commits `items`: as one batch where it can, the rest on the single path, and repeats of
+/// a dataset after its earlier update (in the next round).
 async fn run(inner: &Inner, items: Vec<Item>) {
-    let (batch, later) = split(items);
-    let mut singles = later;
-    if batch.len() == 1 {
-        singles.splice(0..0, batch);
-    } else if !batch.is_empty() {
-        singles.extend(commit_batch(inner, batch).await);
+    let mut items = items;
+    while !items.is_empty() {
+        let live = drop_stale(inner, items);
+        let (batch, later) = split(live);
+        let singles = if batch.len() == 1 {
+            batch
+        } else {
+            commit_batch(inner, batch).await
+        };
+        // Distinct datasets, so they may run side by side; before `later`, which may hold
+        // their datasets' next updates.
+        futures_util::stream::iter(singles)
+            .for_each_concurrent(SINGLE_CONCURRENCY, |item| async move {
+                let result = single(inner, &item).await;
+                let _ = item.reply.send(result);
+            })
+            .await;
+        items = later;
     }
-    for item in singles {
-        let result = single(inner, &item).await;
-        let _ = item.reply.send(result);
+}
+
+/// Answers, without trying them, updates whose caller is gone or that waited longer than a
+/// call may take; returns the rest.
+fn drop_stale(inner: &Inner, items: Vec<Item>) -> Vec<Item> {
+    let mut live = Vec::with_capacity(items.len());
+    for item in items {
+        if item.reply.is_closed() {
+            continue;
+        }
+        if item.queued.elapsed() > inner.call_timeout {
+            let _ = item.reply.send(Err(StoreError::Unavailable(format!(
+                "postgresql writes are backed up: not started within {:?}",
+                inner.call_timeout
+            ))));
+            continue;
+        }
+        live.push(item);
     }
+    live
 }
 
 /// The first update of each dataset, and the rest (in order).
@@ -127,6 +172,13 @@ async fn commit_batch(inner: &Inner, items: Vec<Item>) -> Vec<Item> {
     .await;
     match inner.finish(client, result) {
         Ok(plan) => {
+            let committed = plan
+                .iter()
+                .filter(|s| matches!(s, Settled::Done(Ok(UpdateOutcome::Committed { .. }))))
+                .count();
+            inner
+                .batched
+                .fetch_add(committed as u64, std::sync::atomic::Ordering::Relaxed);
             let mut left = Vec::new();
             for (item, outcome) in items.into_iter().zip(plan) {
                 match outcome {
@@ -162,7 +214,7 @@ const LOCK_DATASETS: &str = r#"
       ON d.pool = k.pool COLLATE "C" AND d.owner = k.owner COLLATE "C"
          AND d.name = k.name COLLATE "C"
     ORDER BY d.id
-    FOR UPDATE OF d"#;
+    FOR UPDATE OF d SKIP LOCKED"#;
 
 const LOCK_GRANTS: &str = r#"
     SELECT k.i, g.access
@@ -241,7 +293,9 @@ async fn transaction(
         .collect();
     let tx = client.transaction().await?;
 
-    // 1. The dataset rows, locked in id order.
+    // 1. The dataset rows, locked in id order. A row someone else holds is skipped: its
+    //    update goes to the single path and waits there for that row alone, instead of the
+    //    whole batch waiting behind it (while holding the other rows).
     let stmt = tx.prepare_cached(LOCK_DATASETS).await?;
     let mut rows: Vec<Option<DatasetRow>> = vec![None; n];
     for row in tx.query(&stmt, &[&pools, &owners, &names, &index]).await? {
@@ -473,6 +527,7 @@ mod tests {
                 },
                 patches: Vec::new(),
                 reply,
+                queued: Instant::now(),
             }
         };
         let (batch, later) = split(vec![item("a"), item("b"), item("a"), item("c"), item("b")]);

@@ -128,6 +128,8 @@ struct Inner {
     limits: Limits,
     schema: String,
     call_timeout: Duration,
+    /// Updates committed as part of a batch of more than one (for tests and curiosity).
+    batched: std::sync::atomic::AtomicU64,
     /// `true` once closed. Every call holds a read guard while it runs, so `close` (which
     /// takes it for writing) waits for calls in flight.
     closed: RwLock<bool>,
@@ -187,6 +189,7 @@ impl PostgresStore {
             limits,
             schema: config.schema.clone(),
             call_timeout: config.call_timeout(),
+            batched: std::sync::atomic::AtomicU64::new(0),
             closed: RwLock::new(false),
         };
 
@@ -288,18 +291,31 @@ impl Store for PostgresStore {
     async fn update(&self, request: UpdateRequest) -> Result<UpdateOutcome, StoreError> {
         let patches = validate_update(&self.inner.limits, &request)?;
         let (reply, answer) = tokio::sync::oneshot::channel();
-        self.updates
-            .send(batch::Item {
-                request,
-                patches,
-                reply,
-            })
-            .map_err(|_| closed_error())?;
-        answer.await.unwrap_or_else(|_| {
-            Err(StoreError::Unavailable(
+        let item = batch::Item {
+            request,
+            patches,
+            reply,
+            queued: tokio::time::Instant::now(),
+        };
+        self.updates.try_send(item).map_err(|e| match e {
+            tokio::sync::mpsc::error::TrySendError::Full(_) => StoreError::Unavailable(format!(
+                "postgresql writes are backed up ({} waiting)",
+                batch::QUEUE_CAPACITY
+            )),
+            tokio::sync::mpsc::error::TrySendError::Closed(_) => closed_error(),
+        })?;
+        // Queued no longer than a call may take (else it is answered without being tried),
+        // then at most one call: the backstop only matters if a worker is stuck.
+        match tokio::time::timeout(3 * self.inner.call_timeout, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(StoreError::Unavailable(
                 "the postgresql writer stopped before answering".into(),
-            ))
-        })
+            )),
+            // It may still commit; like a lost COMMIT answer, the retry finds out which.
+            Err(_) => Err(StoreError::Unavailable(
+                "postgresql did not commit in time".into(),
+            )),
+        }
     }
 
     async fn delete_dataset(&self, dataset: &DatasetKey, actor: &str) -> Result<u64, StoreError> {

@@ -738,10 +738,15 @@ async fn test_postgres_store_batched_updates_keep_each_updates_outcome() {
             update(d, "owner", vec![Patch::replace("counter", "0", 0)]),
         )
         .await;
-        // The guest may write the even datasets only.
+        // The guest may write the even datasets only; it may read some odd ones.
         if i % 2 == 0 {
             store
                 .grant(d, "owner", "guest", Access::Write)
+                .await
+                .unwrap();
+        } else if i % 4 == 1 {
+            store
+                .grant(d, "owner", "guest", Access::Read)
                 .await
                 .unwrap();
         }
@@ -815,6 +820,14 @@ async fn test_postgres_store_batched_updates_keep_each_updates_outcome() {
             );
         }
     }
+    let batched = store
+        .inner
+        .batched
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        batched > 0,
+        "no update was committed in a batch of more than one"
+    );
     // A limit refusal inside a batch writes nothing and leaves the others alone.
     let tight = PostgresStore::connect(
         schemas.config_for(&store),
