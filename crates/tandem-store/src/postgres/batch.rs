@@ -17,13 +17,12 @@
 use super::read::{record_from_row, to_i64};
 use super::write::{self, DatasetRow};
 use super::{Fail, Inner, forbidden};
-use crate::model::{check_dataset_limits, totals_after};
-use crate::{Limits, Snapshot, StoreError, UpdateOutcome, UpdateRequest, ValidatedPatch, now_ms};
+use crate::{Limits, StoreError, UpdateOutcome, UpdateRequest, ValidatedPatch, now_ms};
 use deadpool_postgres::ClientWrapper;
 use futures_util::StreamExt;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use tandem_protocol::{Access, Conflict, Record};
+use tandem_protocol::{Access, Record};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -265,10 +264,7 @@ const UPSERT_RECORDS: &str = "
 struct Write {
     index: usize,
     row: DatasetRow,
-    new_count: u64,
-    records: u64,
-    bytes: u64,
-    changed: Vec<Record>,
+    plan: write::Plan,
 }
 
 async fn transaction(
@@ -375,55 +371,21 @@ async fn transaction(
             settled[i] = Some(Settled::Done(Err(e)));
             continue;
         }
-        let current = stored.get(&row.id);
-        let get = |k: &str| current.and_then(|m| m.get(k));
-        let conflicts: Vec<Conflict> = item
-            .patches
-            .iter()
-            .filter(|p| !p.matches(get(&p.key)))
-            .map(|p| Conflict {
-                key: p.key.clone(),
-                server: get(&p.key).cloned(),
-            })
-            .collect();
-        if !conflicts.is_empty() {
-            settled[i] = Some(Settled::Done(Ok(UpdateOutcome::Conflict {
-                sync_count: row.sync_count,
-                conflicts,
-            })));
+        let empty = BTreeMap::new();
+        let current = stored.get(&row.id).unwrap_or(&empty);
+        if let Some(conflict) = write::conflicts(&row, &item.patches, current) {
+            settled[i] = Some(Settled::Done(Ok(conflict)));
             continue;
         }
-        let (live_records, live_bytes) = row.live_totals();
-        let (records, bytes, changes) = totals_after(
-            live_records,
-            live_bytes,
-            item.patches.iter().map(|p| (p, get(&p.key))),
-        );
-        if let Err(e) = check_dataset_limits(limits, key, None, records, bytes) {
-            settled[i] = Some(Settled::Done(Err(e)));
-            continue;
+        // Deleted datasets take the single path, so nothing here re-creates one.
+        match write::plan(limits, request, &item.patches, &row, current, None, now) {
+            Ok(plan) => writes.push(Write {
+                index: i,
+                row,
+                plan,
+            }),
+            Err(e) => settled[i] = Some(Settled::Done(Err(e))),
         }
-        let new_count = row.sync_count + 1;
-        let changed = changes
-            .iter()
-            .map(|patch| Record {
-                key: patch.key.clone(),
-                value: patch.value.clone(),
-                sync_count: new_count,
-                last_modified: now,
-                last_modified_by: request.actor.clone(),
-                device_id: request.device_id.clone(),
-                device_last_modified: patch.device_last_modified,
-            })
-            .collect();
-        writes.push(Write {
-            index: i,
-            row,
-            new_count,
-            records,
-            bytes,
-            changed,
-        });
     }
 
     // 5. Every write of the batch in two statements, then one commit.
@@ -432,9 +394,9 @@ async fn transaction(
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for w in &writes {
             ds_ids.push(w.row.id);
-            ds_counts.push(to_i64(w.new_count)?);
-            ds_records.push(to_i64(w.records)?);
-            ds_bytes.push(to_i64(w.bytes)?);
+            ds_counts.push(to_i64(w.plan.new_count)?);
+            ds_records.push(to_i64(w.plan.records)?);
+            ds_bytes.push(to_i64(w.plan.bytes)?);
         }
         let mut rec_ids: Vec<i64> = Vec::new();
         let mut rec_keys: Vec<&str> = Vec::new();
@@ -444,7 +406,7 @@ async fn transaction(
         let mut rec_devices: Vec<Option<&str>> = Vec::new();
         let mut rec_device_times: Vec<Option<i64>> = Vec::new();
         for w in &writes {
-            for record in &w.changed {
+            for record in &w.plan.changed {
                 rec_ids.push(w.row.id);
                 rec_keys.push(record.key.as_str());
                 rec_values.push(record.value.as_deref());
@@ -481,27 +443,12 @@ async fn transaction(
     // If the answer to COMMIT is lost, this fails and every update gets `Unavailable`.
     tx.commit().await?;
 
-    // 6. The committed snapshots: the records read under the lock plus each update's writes.
+    // 6. The committed outcomes: the records read under the lock plus each update's writes.
     for w in writes {
-        let mut changed = w.changed;
-        changed.sort_by(|a, b| a.key.cmp(&b.key));
-        let mut records = stored.remove(&w.row.id).unwrap_or_default();
-        for record in &changed {
-            records.insert(record.key.clone(), record.clone());
-        }
-        let live = records
-            .into_values()
-            .filter(|r| r.value.is_some())
-            .collect();
-        settled[w.index] = Some(Settled::Done(Ok(UpdateOutcome::Committed {
-            changed,
-            snapshot: Snapshot {
-                dataset: items[w.index].request.dataset.clone(),
-                sync_count: w.new_count,
-                records: live,
-                deleted: false,
-            },
-        })));
+        let stored = stored.remove(&w.row.id).unwrap_or_default();
+        let dataset = &items[w.index].request.dataset;
+        let outcome = write::committed(dataset, w.plan.new_count, w.plan.changed, stored);
+        settled[w.index] = Some(Settled::Done(Ok(outcome)));
     }
     Ok(settled
         .into_iter()

@@ -185,7 +185,7 @@ pub(super) async fn update(
     }
 
     // The dataset's live records and the stored state (tombstones too) of every patched key.
-    let (row, mut stored) = match locked {
+    let (row, stored) = match locked {
         Some(row) => (DatasetRow::from_row(&row)?, records_by_key(&loaded)?),
         None => {
             // No row to lock: the records loaded above belong to no lock we hold (a
@@ -196,48 +196,20 @@ pub(super) async fn update(
             (row, stored)
         }
     };
-    let conflicts: Vec<Conflict> = patches
-        .iter()
-        .filter(|patch| !patch.matches(stored.get(&patch.key)))
-        .map(|patch| Conflict {
-            key: patch.key.clone(),
-            server: stored.get(&patch.key).cloned(),
-        })
-        .collect();
-    if !conflicts.is_empty() {
-        return Ok(UpdateOutcome::Conflict {
-            sync_count: row.sync_count,
-            conflicts,
-        });
+    if let Some(conflict) = conflicts(&row, patches, &stored) {
+        return Ok(conflict);
     }
-
-    // The dataset's live totals after the update, and the patches that change something.
-    let (live_records, live_bytes) = row.live_totals();
-    let (records, bytes, writes) = totals_after(
-        live_records,
-        live_bytes,
-        patches.iter().map(|p| (p, stored.get(&p.key))),
-    );
     let owned = if row.deleted {
         Some(count_owned_locked(&tx, key).await?)
     } else {
         None
     };
-    check_dataset_limits(limits, key, owned, records, bytes)?;
-
-    let new_count = row.sync_count + 1;
-    let changed: Vec<Record> = writes
-        .iter()
-        .map(|patch| Record {
-            key: patch.key.clone(),
-            value: patch.value.clone(),
-            sync_count: new_count,
-            last_modified: now,
-            last_modified_by: request.actor.clone(),
-            device_id: request.device_id.clone(),
-            device_last_modified: patch.device_last_modified,
-        })
-        .collect();
+    let Plan {
+        new_count,
+        records,
+        bytes,
+        changed,
+    } = plan(limits, request, patches, &row, &stored, owned, now)?;
     let (new_count_db, records_db, bytes_db) =
         (to_i64(new_count)?, to_i64(records)?, to_i64(bytes)?);
     let update_dataset = async {
@@ -275,16 +247,93 @@ pub(super) async fn update(
     tokio::try_join!(update_dataset, upsert_records)?;
     // If the answer to COMMIT is lost, this fails and the caller gets `Unavailable`.
     tx.commit().await?;
+    Ok(committed(key, new_count, changed, stored))
+}
 
-    // Every record write holds the dataset's row lock, so the records read under it plus
-    // this update's writes are the dataset as committed.
-    let mut changed = changed;
+/// The stale check: a `Conflict` outcome listing every patch not based on the stored record.
+pub(super) fn conflicts(
+    row: &DatasetRow,
+    patches: &[ValidatedPatch],
+    stored: &BTreeMap<String, Record>,
+) -> Option<UpdateOutcome> {
+    let conflicts: Vec<Conflict> = patches
+        .iter()
+        .filter(|patch| !patch.matches(stored.get(&patch.key)))
+        .map(|patch| Conflict {
+            key: patch.key.clone(),
+            server: stored.get(&patch.key).cloned(),
+        })
+        .collect();
+    (!conflicts.is_empty()).then_some(UpdateOutcome::Conflict {
+        sync_count: row.sync_count,
+        conflicts,
+    })
+}
+
+/// What an update that passed the stale check will write.
+pub(super) struct Plan {
+    pub new_count: u64,
+    /// The dataset's live records and bytes after it.
+    pub records: u64,
+    pub bytes: u64,
+    /// The records it writes (the patches that change something), stamped.
+    pub changed: Vec<Record>,
+}
+
+/// Checks the dataset limits (`owned`: the owner's live datasets, counted under the owner's
+/// lock, when this update re-creates the dataset) and stamps the records to write.
+pub(super) fn plan(
+    limits: &Limits,
+    request: &UpdateRequest,
+    patches: &[ValidatedPatch],
+    row: &DatasetRow,
+    stored: &BTreeMap<String, Record>,
+    owned: Option<u64>,
+    now: i64,
+) -> Result<Plan, StoreError> {
+    let (live_records, live_bytes) = row.live_totals();
+    let (records, bytes, writes) = totals_after(
+        live_records,
+        live_bytes,
+        patches.iter().map(|p| (p, stored.get(&p.key))),
+    );
+    check_dataset_limits(limits, &request.dataset, owned, records, bytes)?;
+    let new_count = row.sync_count + 1;
+    let changed = writes
+        .iter()
+        .map(|patch| Record {
+            key: patch.key.clone(),
+            value: patch.value.clone(),
+            sync_count: new_count,
+            last_modified: now,
+            last_modified_by: request.actor.clone(),
+            device_id: request.device_id.clone(),
+            device_last_modified: patch.device_last_modified,
+        })
+        .collect();
+    Ok(Plan {
+        new_count,
+        records,
+        bytes,
+        changed,
+    })
+}
+
+/// The outcome of a committed update. Every record write holds the dataset's row lock, so
+/// the records read under it (`stored`) plus this update's writes are the dataset as
+/// committed.
+pub(super) fn committed(
+    key: &DatasetKey,
+    new_count: u64,
+    mut changed: Vec<Record>,
+    mut stored: BTreeMap<String, Record>,
+) -> UpdateOutcome {
     changed.sort_by(|a, b| a.key.cmp(&b.key));
     for record in &changed {
         stored.insert(record.key.clone(), record.clone());
     }
     let live = stored.into_values().filter(|r| r.value.is_some()).collect();
-    Ok(UpdateOutcome::Committed {
+    UpdateOutcome::Committed {
         changed,
         snapshot: Snapshot {
             dataset: key.clone(),
@@ -292,7 +341,7 @@ pub(super) async fn update(
             records: live,
             deleted: false,
         },
-    })
+    }
 }
 
 /// Inserts a placeholder row for a dataset that had none, and so holds its lock. An insert
