@@ -414,6 +414,19 @@ async fn test_cluster_node_started_before_postgresql_waits_for_it_then_serves() 
     );
 }
 
+/// `tandem serve` on a free port with the test secret and `store`, for tests that watch the
+/// process start (or fail to) rather than use a started server.
+fn serve_command(data_dir: &std::path::Path, store: &str) -> std::process::Command {
+    let mut command = std::process::Command::new(tandem_tests::tandem_bin());
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--jwt-secret"])
+        .arg(tandem_tests::SECRET)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--store", store]);
+    command
+}
+
 #[test]
 fn test_cluster_node_with_store_wait_zero_exits_at_once_when_postgresql_is_unreachable() {
     // A port nothing listens on: bind one, note it, close it.
@@ -424,18 +437,13 @@ fn test_cluster_node_with_store_wait_zero_exits_at_once_when_postgresql_is_unrea
         .port();
     let dir = tempfile::tempdir().unwrap();
     let started = std::time::Instant::now();
-    let out = std::process::Command::new(tandem_tests::tandem_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--jwt-secret"])
-        .arg(tandem_tests::SECRET)
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args([
-            "--store",
-            &format!("postgres://postgres@127.0.0.1:{port}/test"),
-        ])
-        .args(["--store-wait", "0s"])
-        .output()
-        .unwrap();
+    let out = serve_command(
+        dir.path(),
+        &format!("postgres://postgres@127.0.0.1:{port}/test"),
+    )
+    .args(["--store-wait", "0s"])
+    .output()
+    .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -450,12 +458,7 @@ fn test_cluster_node_waiting_for_postgresql_stops_at_sigterm() {
     let db = PgDatabase::create();
     db.cut_off();
     let dir = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(tandem_tests::tandem_bin())
-        .args(["serve", "--listen", "127.0.0.1:0", "--jwt-secret"])
-        .arg(tandem_tests::SECRET)
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args(["--store", &db.url])
+    let mut child = serve_command(dir.path(), &db.url)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
