@@ -21,6 +21,18 @@ fn client(server: &TestServer, identity: &str, cache: Option<&std::path::Path>) 
     builder.start().unwrap()
 }
 
+/// Waits until the client has noticed it is no longer online.
+async fn wait_offline(client: &Client) {
+    let mut status = client.status_changes();
+    tokio::time::timeout(WAIT, async {
+        while *status.borrow_and_update() == Status::Online {
+            status.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the client noticed it went offline");
+}
+
 /// Polls until the dataset holds `key` = `value` (or lacks `key` when `value` is `None`).
 async fn wait_value(ds: &Dataset, key: &str, value: Option<&str>) {
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -55,13 +67,7 @@ async fn test_sdk_offline_writes_reach_server_after_it_returns() {
     ds.sync().await.unwrap();
 
     server.kill();
-    let mut status = alice.status_changes();
-    while *status.borrow_and_update() == Status::Online {
-        tokio::time::timeout(WAIT, status.changed())
-            .await
-            .unwrap()
-            .unwrap();
-    }
+    wait_offline(&alice).await;
     // Offline: reads and writes go on against the cache; sync says offline.
     ds.put("b", "2").unwrap();
     ds.remove("a").unwrap();
@@ -113,13 +119,7 @@ async fn test_sdk_catch_up_after_reconnect_retries_what_the_server_refused_for_n
         datasets.push(ds);
     }
     server.kill();
-    let mut status = alice.status_changes();
-    while *status.borrow_and_update() == Status::Online {
-        tokio::time::timeout(WAIT, status.changed())
-            .await
-            .unwrap()
-            .unwrap();
-    }
+    wait_offline(&alice).await;
     for (i, ds) in datasets.iter().enumerate() {
         ds.put("offline", format!("v{i}")).unwrap();
     }
@@ -211,15 +211,8 @@ async fn test_sdk_heartbeat_notices_a_silent_connection_and_reconnects() {
     ds.sync().await.unwrap();
 
     // The path goes silent: no close, no RST, nothing. Only the heartbeat can tell.
-    let mut status = c.status_changes();
     proxy.silence_existing();
-    tokio::time::timeout(WAIT, async {
-        while *status.borrow_and_update() == Status::Online {
-            status.changed().await.unwrap();
-        }
-    })
-    .await
-    .expect("the client noticed the silent connection");
+    wait_offline(&c).await;
     // It reconnects (new connections through the proxy work) and carries on.
     c.wait_online(WAIT).await.unwrap();
     ds.put("after", "2").unwrap();

@@ -141,13 +141,12 @@ fn split(items: Vec<Item>) -> (Vec<Item>, Vec<Item>) {
 }
 
 async fn single(inner: &Inner, item: &Item) -> Result<UpdateOutcome, StoreError> {
-    let (_open, mut client) = inner.client().await?;
-    let result = tokio::time::timeout(
-        inner.call_timeout,
-        write::update(&mut client, &inner.limits, &item.request, &item.patches),
-    )
-    .await;
-    inner.finish(client, result)
+    call!(inner, |client| write::update(
+        &mut client,
+        &inner.limits,
+        &item.request,
+        &item.patches
+    ))
 }
 
 /// Runs a batch of updates to distinct datasets. Answers every item it settles and returns

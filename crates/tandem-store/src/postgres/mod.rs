@@ -46,6 +46,19 @@
 //! (a lost connection usually means the server restarted), so the next call reconnects and
 //! service resumes by itself once PostgreSQL is back.
 
+/// Runs `$call` (a future of `Result<T, Fail>` that borrows the pooled client `$client`) on a
+/// pooled connection of `$inner` (an `&Inner`) under the client-side deadline. Defined before
+/// the submodules so `batch` can use it too.
+macro_rules! call {
+    ($inner:expr, |$client:ident| $call:expr) => {{
+        let inner: &Inner = $inner;
+        #[allow(unused_mut, reason = "only some calls need the client mutably")]
+        let (_open, mut $client) = inner.client().await?;
+        let result = tokio::time::timeout(inner.call_timeout, $call).await;
+        inner.finish($client, result)
+    }};
+}
+
 mod batch;
 mod read;
 mod schema;
@@ -259,23 +272,13 @@ impl Inner {
     }
 }
 
-/// Runs `$call` (a future of `Result<T, Fail>` that borrows the pooled client `$client`) on a
-/// pooled connection under the client-side deadline.
-macro_rules! call {
-    ($store:expr, |$client:ident| $call:expr) => {{
-        let inner = &$store.inner;
-        #[allow(unused_mut, reason = "only some calls need the client mutably")]
-        let (_open, mut $client) = inner.client().await?;
-        let result = tokio::time::timeout(inner.call_timeout, $call).await;
-        inner.finish($client, result)
-    }};
-}
-
 #[async_trait]
 impl Store for PostgresStore {
     async fn snapshot(&self, dataset: &DatasetKey, actor: &str) -> Result<Snapshot, StoreError> {
         validate_call(dataset, actor)?;
-        call!(self, |client| read::snapshot(&client, dataset, actor))
+        call!(&self.inner, |client| read::snapshot(
+            &client, dataset, actor
+        ))
     }
 
     async fn changes(
@@ -285,7 +288,9 @@ impl Store for PostgresStore {
         since: u64,
     ) -> Result<Snapshot, StoreError> {
         validate_call(dataset, actor)?;
-        call!(self, |client| read::changes(&client, dataset, actor, since))
+        call!(&self.inner, |client| read::changes(
+            &client, dataset, actor, since
+        ))
     }
 
     async fn update(&self, request: UpdateRequest) -> Result<UpdateOutcome, StoreError> {
@@ -320,7 +325,11 @@ impl Store for PostgresStore {
 
     async fn delete_dataset(&self, dataset: &DatasetKey, actor: &str) -> Result<u64, StoreError> {
         validate_call(dataset, actor)?;
-        call!(self, |client| write::delete(&mut client, dataset, actor))
+        call!(&self.inner, |client| write::delete(
+            &mut client,
+            dataset,
+            actor
+        ))
     }
 
     async fn list_datasets(
@@ -329,7 +338,9 @@ impl Store for PostgresStore {
         identity: &str,
     ) -> Result<Vec<DatasetInfo>, StoreError> {
         validate_identity(identity)?;
-        call!(self, |client| read::list_datasets(&client, pool, identity))
+        call!(&self.inner, |client| read::list_datasets(
+            &client, pool, identity
+        ))
     }
 
     async fn grant(
@@ -340,7 +351,7 @@ impl Store for PostgresStore {
         access: Access,
     ) -> Result<(), StoreError> {
         validate_grant(dataset, actor, grantee, access)?;
-        call!(self, |client| write::grant(
+        call!(&self.inner, |client| write::grant(
             &client, dataset, grantee, access
         ))
     }
@@ -352,7 +363,9 @@ impl Store for PostgresStore {
         grantee: &str,
     ) -> Result<(), StoreError> {
         validate_revoke(dataset, actor, grantee)?;
-        call!(self, |client| write::revoke(&client, dataset, grantee))
+        call!(&self.inner, |client| write::revoke(
+            &client, dataset, grantee
+        ))
     }
 
     async fn access(
@@ -362,11 +375,13 @@ impl Store for PostgresStore {
     ) -> Result<Option<Access>, StoreError> {
         dataset.validate()?;
         validate_identity(identity)?;
-        call!(self, |client| read::access_of(&client, dataset, identity))
+        call!(&self.inner, |client| read::access_of(
+            &client, dataset, identity
+        ))
     }
 
     async fn health(&self) -> Result<(), StoreError> {
-        call!(self, |client| async {
+        call!(&self.inner, |client| async {
             client.simple_query("SELECT 1").await?;
             Ok(())
         })
