@@ -13,9 +13,12 @@ mod metrics;
 mod outbox;
 mod rate;
 mod session;
+#[cfg(test)]
+mod testkit;
 
 pub use auth::{AuthConfig, AuthError, Identity, Verifier};
 use hub::Hub;
+pub use hub::Subscribers;
 
 use axum::Router;
 use axum::extract::State;
@@ -26,7 +29,7 @@ use axum::routing::get;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tandem_fanout::{Broker, BrokerHealth, Channels, EventHandler};
+use tandem_fanout::{Broker, BrokerHealth};
 use tandem_protocol::{ErrorCode, ServerFrame};
 use tandem_store::{DEFAULT_POOL, Store};
 use tokio_util::sync::CancellationToken;
@@ -97,9 +100,7 @@ impl Default for GatewayConfig {
 pub struct Gateway {
     config: GatewayConfig,
     store: Arc<dyn Store>,
-    broker: Arc<dyn Broker>,
-    hub: Arc<Hub>,
-    metrics: Arc<metrics::Metrics>,
+    hub: Hub,
     verifier: Verifier,
     shutdown: CancellationToken,
     sessions: TaskTracker,
@@ -116,24 +117,19 @@ impl std::fmt::Debug for Gateway {
 }
 
 impl Gateway {
-    /// Builds a gateway. `make_broker` receives the handler that delivers broker events to
-    /// this node's hub (the broker and the hub need each other).
+    /// Builds a gateway over a registry of subscribers and the broker that was made with the
+    /// registry's handler ([`Subscribers::handler`]); the store is the registry's.
     pub fn new(
         config: GatewayConfig,
-        store: Arc<dyn Store>,
+        subscribers: Arc<Subscribers>,
+        broker: Arc<dyn Broker>,
         verifier: Verifier,
-        make_broker: impl FnOnce(Arc<dyn EventHandler>) -> Arc<dyn Broker>,
     ) -> Arc<Gateway> {
-        let metrics = Arc::new(metrics::Metrics::default());
-        let hub = Arc::new(Hub::new(store.clone(), metrics.clone()));
-        let broker = make_broker(Arc::new(hub::HubHandler(hub.clone())));
-        hub.attach(Arc::new(Channels::new(broker.clone())));
+        let store = subscribers.store().clone();
         Arc::new(Gateway {
             config,
             store,
-            broker,
-            hub,
-            metrics,
+            hub: Hub::new(subscribers, broker),
             verifier,
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),
@@ -143,7 +139,11 @@ impl Gateway {
     }
 
     pub fn broker(&self) -> &Arc<dyn Broker> {
-        &self.broker
+        self.hub.broker()
+    }
+
+    fn metrics(&self) -> &Arc<metrics::Metrics> {
+        self.hub.metrics()
     }
 
     /// Open WebSocket sessions.
@@ -256,16 +256,16 @@ async fn health() -> Response {
 }
 
 async fn metrics_text(State(gw): State<Arc<Gateway>>) -> Response {
-    let (subscriptions, datasets) = gw.hub.counts();
+    let (subscriptions, datasets) = gw.hub.subscribers().counts();
     let gauges = metrics::Gauges {
         sessions: gw.session_count(),
         subscriptions,
         datasets,
-        broker_up: gw.broker.health() == BrokerHealth::Up,
+        broker_up: gw.broker().health() == BrokerHealth::Up,
     };
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        metrics::render(&gw.metrics, &gauges),
+        metrics::render(gw.metrics(), &gauges),
     )
         .into_response()
 }
@@ -274,7 +274,7 @@ async fn metrics_text(State(gw): State<Arc<Gateway>>) -> Response {
 /// with the reason, so a load balancer stops sending new clients here.
 async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
     let store = gw.store.health().await;
-    let broker = gw.broker.health();
+    let broker = gw.broker().health();
     let shutting_down = gw.is_shutting_down();
     let ok = store.is_ok() && broker == BrokerHealth::Up && !shutting_down;
     let body = serde_json::json!({

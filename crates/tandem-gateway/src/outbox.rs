@@ -84,7 +84,8 @@ impl Slots {
 struct State {
     queue: VecDeque<Item>,
     slots: Slots,
-    /// Replies (not pushes) waiting in `queue`; bounded by `max_frames`.
+    /// Replies, subscribe replies and unsubscribe notices (not pushes) waiting in `queue`;
+    /// bounded by `max_frames`.
     frames: usize,
     seq: u64,
     closing: bool,
@@ -171,18 +172,26 @@ impl Outbox {
         self.state.lock().slots.keys().cloned().collect()
     }
 
-    /// Stops pushes for a dataset, drops an unsent one, and queues `frame` (the reason) if
-    /// given. Returns whether it was subscribed.
-    pub fn end_subscription(&self, dataset: &DatasetKey, frame: Option<Utf8Bytes>) -> bool {
+    /// Stops pushes for a dataset, drops an unsent one, and queues `notice` (the reason) if
+    /// given. Returns whether it was subscribed; `Full` when the notice does not fit under
+    /// `max_frames` (the subscription has ended all the same).
+    pub fn unsubscribe(
+        &self,
+        dataset: &DatasetKey,
+        notice: Option<Utf8Bytes>,
+    ) -> Result<bool, Full> {
         let mut s = self.state.lock();
         let existed = s.slots.remove(dataset).is_some();
-        if let (true, Some(frame), false) = (existed, frame, s.closing) {
+        if let (true, Some(frame), false) = (existed, notice, s.closing) {
+            if s.frames >= self.max_frames {
+                return Err(Full);
+            }
             s.frames += 1;
             s.queue.push_back(Item::Frame(frame));
             drop(s);
             self.notify.notify_one();
         }
-        existed
+        Ok(existed)
     }
 
     /// Queues a live push unless an equal or newer sync count was already queued or sent;
@@ -216,10 +225,19 @@ impl Outbox {
     /// Queues a subscribe reply carrying the dataset at `sync_count`; an unsent push at or
     /// below it is dropped, and the newest push, if newer than the reply (pending or already
     /// sent), is queued behind the reply, so the client always ends at the newest state.
-    pub fn snapshot(&self, dataset: &Arc<DatasetKey>, sync_count: u64, frame: Utf8Bytes) {
+    /// A reply like any other, it counts against `max_frames`.
+    pub fn snapshot(
+        &self,
+        dataset: &Arc<DatasetKey>,
+        sync_count: u64,
+        frame: Utf8Bytes,
+    ) -> Result<(), Full> {
         let mut s = self.state.lock();
         if s.closing {
-            return;
+            return Ok(());
+        }
+        if s.frames >= self.max_frames {
+            return Err(Full);
         }
         s.frames += 1;
         s.queue.push_back(Item::Frame(frame));
@@ -241,6 +259,7 @@ impl Outbox {
         }
         drop(s);
         self.notify.notify_one();
+        Ok(())
     }
 
     /// Queues a close frame; everything queued before it is still sent, nothing after.
@@ -350,14 +369,14 @@ mod tests {
         let k = key();
         ob.subscribe(k.clone());
         ob.push(&k, 3, &"p3".into());
-        ob.snapshot(&k, 5, "s5".into());
+        ob.snapshot(&k, 5, "s5".into()).unwrap();
         ob.push(&k, 4, &"p4".into());
         let mut out = Vec::new();
         ob.next_batch(&mut out, 64).await;
         assert_eq!(texts(&out), ["s5"]);
 
         ob.push(&k, 9, &"p9".into());
-        ob.snapshot(&k, 7, "s7".into());
+        ob.snapshot(&k, 7, "s7".into()).unwrap();
         let mut out = Vec::new();
         ob.next_batch(&mut out, 64).await;
         assert_eq!(texts(&out), ["s7", "p9"]);
@@ -367,7 +386,7 @@ mod tests {
         let mut out = Vec::new();
         ob.next_batch(&mut out, 64).await;
         assert_eq!(texts(&out), ["p12"]);
-        ob.snapshot(&k, 11, "s11".into());
+        ob.snapshot(&k, 11, "s11".into()).unwrap();
         let mut out = Vec::new();
         ob.next_batch(&mut out, 64).await;
         assert_eq!(texts(&out), ["s11", "p12"]);
@@ -392,10 +411,25 @@ mod tests {
         let k = key();
         ob.subscribe(k.clone());
         ob.push(&k, 1, &"p1".into());
-        assert!(ob.end_subscription(&k, Some("bye".into())));
+        assert!(ob.unsubscribe(&k, Some("bye".into())).unwrap());
         ob.push(&k, 2, &"p2".into());
         let mut out = Vec::new();
         ob.next_batch(&mut out, 64).await;
         assert_eq!(texts(&out), ["bye"]);
+    }
+
+    #[tokio::test]
+    async fn test_outbox_bounds_snapshots_and_notices_like_replies() {
+        let ob = Outbox::new(2);
+        let k = key();
+        ob.subscribe(k.clone());
+        ob.snapshot(&k, 1, "s1".into()).unwrap();
+        ob.snapshot(&k, 1, "s1 again".into()).unwrap();
+        assert_eq!(ob.snapshot(&k, 1, "s1 third".into()), Err(Full));
+        assert_eq!(ob.unsubscribe(&k, Some("bye".into())), Err(Full));
+        assert!(!ob.is_subscribed(&k));
+        let mut out = Vec::new();
+        ob.next_batch(&mut out, 64).await;
+        assert_eq!(texts(&out), ["s1", "s1 again"]);
     }
 }

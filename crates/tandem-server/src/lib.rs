@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-use tandem_fanout::{Broker, EventHandler, LocalBroker, RedisBroker, RedisConfig};
-use tandem_gateway::{AuthConfig, Gateway, GatewayConfig, Verifier};
+use tandem_fanout::{Broker, LocalBroker, RedisBroker, RedisConfig};
+use tandem_gateway::{AuthConfig, Gateway, GatewayConfig, Subscribers, Verifier};
 use tandem_store::{Limits, PostgresConfig, PostgresStore, SqliteStore, Store, StoreError};
 use tokio_util::sync::CancellationToken;
 
@@ -151,9 +151,13 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         })
         .transpose()?;
     let broker_kind = if redis.is_some() { "redis" } else { "local" };
-    let gateway = Gateway::new(gateway_config, store.clone(), verifier, |handler| {
-        make_broker(redis, handler)
-    });
+    // The registry first, then the broker that delivers into it, then the gateway.
+    let subscribers = Subscribers::new(store.clone());
+    let broker: Arc<dyn Broker> = match redis {
+        Some(redis) => redis.start(subscribers.handler()),
+        None => Arc::new(LocalBroker::new(subscribers.handler())),
+    };
+    let gateway = Gateway::new(gateway_config, subscribers, broker, verifier);
 
     let listener = bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
     let local = listener.local_addr()?;
@@ -210,16 +214,6 @@ fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
-}
-
-fn make_broker(
-    redis: Option<tandem_fanout::RedisBrokerBuilder>,
-    handler: Arc<dyn EventHandler>,
-) -> Arc<dyn Broker> {
-    match redis {
-        Some(redis) => redis.start(handler),
-        None => Arc::new(LocalBroker::new(handler)),
-    }
 }
 
 /// The embedded SQLite store in the data dir by default; PostgreSQL for a `postgres://` URL.

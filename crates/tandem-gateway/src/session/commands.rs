@@ -1,0 +1,365 @@
+//! The command layer: one handler per client request. Each takes the decoded frame's fields,
+//! calls the store (and the hub for subscriptions and publishing), and returns the reply;
+//! none of them touches the socket.
+
+use super::{Session, ack, store_error};
+use crate::hub::Subscriber;
+use crate::metrics::Metrics;
+use std::sync::Arc;
+use tandem_protocol::{
+    Access, ClientFrame, CloseCode, DatasetRef, ErrorCode, LimitCode, Patch, RequestId,
+    ServerFrame, decode_client_frame,
+};
+use tandem_store::{UpdateOutcome, UpdateRequest};
+
+impl Session {
+    /// Handles one text frame; returns a close code when the connection must end.
+    pub(super) async fn handle_text(&mut self, text: &str) -> Option<CloseCode> {
+        // Every frame counts, also one that does not decode: each costs the node work.
+        let allowed = self.limiter.take();
+        let frame = match decode_client_frame(text) {
+            Ok(frame) => frame,
+            Err(e) => {
+                self.reply(ServerFrame::error(e.id, ErrorCode::BadRequest, e.message));
+                return None;
+            }
+        };
+        if let Err(wait) = allowed {
+            // Refused before anything is read or written; the client retries later.
+            let max = self.gw.config.max_requests_per_second;
+            self.reply(ServerFrame::limit_error(
+                frame.id().cloned(),
+                LimitCode::MaxRequestsPerSecond,
+                u64::from(max),
+                format!(
+                    "more than {max} requests per second on one connection; retry in {} ms",
+                    wait.as_millis().max(1)
+                ),
+            ));
+            return None;
+        }
+        let frame = match frame {
+            ClientFrame::Auth { id, token } => return self.auth(id, &token),
+            ClientFrame::Ping { id } => {
+                self.reply(ServerFrame::Pong { id });
+                return None;
+            }
+            frame => frame,
+        };
+        let Some(identity) = self.identity.clone() else {
+            self.reply(ServerFrame::error(
+                frame.id().cloned(),
+                ErrorCode::Unauthorized,
+                "authenticate first: send an auth frame",
+            ));
+            return None;
+        };
+        let reply = match frame {
+            // The snapshot is queued by `subscribe` itself, in order with the pushes.
+            ClientFrame::Subscribe { id, dataset } => self.subscribe(id, &identity, dataset).await,
+            ClientFrame::Unsubscribe { id, dataset } => {
+                Some(self.unsubscribe(id, &identity, &dataset).await)
+            }
+            ClientFrame::Update {
+                id,
+                dataset,
+                device_id,
+                patches,
+            } => Some(
+                self.update(id, &identity, dataset, device_id, patches)
+                    .await,
+            ),
+            ClientFrame::Changes { id, dataset, since } => {
+                Some(self.changes(id, &identity, &dataset, since).await)
+            }
+            ClientFrame::ListDatasets { id } => Some(self.list_datasets(id, &identity).await),
+            ClientFrame::DeleteDataset { id, dataset } => {
+                Some(self.delete(id, &identity, &dataset).await)
+            }
+            ClientFrame::Grant {
+                id,
+                dataset,
+                identity: grantee,
+                access,
+            } => Some(self.grant(id, &identity, &dataset, &grantee, access).await),
+            ClientFrame::Revoke {
+                id,
+                dataset,
+                identity: grantee,
+            } => Some(self.revoke(id, &identity, &dataset, grantee).await),
+            ClientFrame::Auth { .. } | ClientFrame::Ping { .. } => None,
+        };
+        if let Some(reply) = reply {
+            self.reply(reply);
+        }
+        None
+    }
+
+    /// `auth`: the first token authenticates the session; later ones refresh its expiry.
+    fn auth(&mut self, id: Option<RequestId>, token: &str) -> Option<CloseCode> {
+        match self.gw.verifier.verify(token) {
+            Ok(identity) => {
+                if let Some(current) = &self.identity
+                    && **current != *identity.sub
+                {
+                    // A session belongs to one identity; a refresh may not switch it.
+                    self.reply(ServerFrame::error(
+                        id,
+                        ErrorCode::Forbidden,
+                        "a session cannot change identity; open a new connection",
+                    ));
+                    return None;
+                }
+                self.authenticated(id, identity);
+                None
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "token refused");
+                self.reply(ServerFrame::error(
+                    id,
+                    ErrorCode::Unauthorized,
+                    e.to_string(),
+                ));
+                // A refused refresh leaves the session on its current, still valid token.
+                self.identity.is_none().then_some(CloseCode::Unauthorized)
+            }
+        }
+    }
+
+    /// `subscribe`: returns an error frame, or `None` when the snapshot was queued.
+    async fn subscribe(
+        &mut self,
+        id: RequestId,
+        identity: &Arc<str>,
+        dataset: DatasetRef,
+    ) -> Option<ServerFrame> {
+        let key = match self.key(identity, &dataset) {
+            Ok(key) => Arc::new(key),
+            Err(e) => return Some(store_error(Some(id), &e)),
+        };
+        let fresh = !self.outbox.is_subscribed(&key);
+        if fresh {
+            let max = self.gw.config.max_subscriptions;
+            if self.outbox.subscription_count() >= max {
+                return Some(ServerFrame::limit_error(
+                    Some(id),
+                    LimitCode::MaxSubscriptions,
+                    max as u64,
+                    format!("more than {max} subscriptions on one connection"),
+                ));
+            }
+        }
+        // Register first, then read: a commit that lands in between is both in the snapshot
+        // or pushed after it, never lost between the two.
+        let key = if fresh {
+            let subscriber = Subscriber {
+                identity: identity.clone(),
+                outbox: self.outbox.clone(),
+            };
+            match self.gw.hub.subscribe(key, self.id, subscriber).await {
+                Ok(shared) => {
+                    self.outbox.subscribe(shared.clone());
+                    shared
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "channel subscribe failed");
+                    return Some(ServerFrame::error(Some(id), e.code(), e.to_string()));
+                }
+            }
+        } else {
+            key
+        };
+        match self.gw.store.snapshot(&key, identity).await {
+            Ok(snapshot) => {
+                let frame = ServerFrame::Snapshot {
+                    id,
+                    dataset: key.to_ref(),
+                    sync_count: snapshot.sync_count,
+                    records: snapshot.records,
+                };
+                self.snapshot_reply(&key, snapshot.sync_count, frame);
+                tracing::debug!(dataset = %key, sync_count = snapshot.sync_count, "subscribed");
+                None
+            }
+            Err(e) => {
+                if fresh {
+                    self.drop_subscription(&key).await;
+                }
+                Some(store_error(Some(id), &e))
+            }
+        }
+    }
+
+    /// `unsubscribe`: acknowledged whether or not the session was subscribed.
+    async fn unsubscribe(
+        &mut self,
+        id: RequestId,
+        identity: &str,
+        dataset: &DatasetRef,
+    ) -> ServerFrame {
+        match self.key(identity, dataset) {
+            Ok(key) => {
+                let key = Arc::new(key);
+                self.drop_subscription(&key).await;
+                ServerFrame::Ack {
+                    id,
+                    dataset: Some(key.to_ref()),
+                    sync_count: None,
+                    records: None,
+                }
+            }
+            Err(e) => store_error(Some(id), &e),
+        }
+    }
+
+    /// `update`: commits, publishes the new dataset, then acknowledges.
+    async fn update(
+        &mut self,
+        id: RequestId,
+        identity: &str,
+        dataset: DatasetRef,
+        device_id: Option<String>,
+        patches: Vec<Patch>,
+    ) -> ServerFrame {
+        let key = match self.key(identity, &dataset) {
+            Ok(key) => key,
+            Err(e) => return store_error(Some(id), &e),
+        };
+        let request = UpdateRequest {
+            dataset: key,
+            actor: identity.to_owned(),
+            device_id,
+            patches,
+        };
+        match self.gw.store.update(request).await {
+            Ok(UpdateOutcome::Committed { changed, snapshot }) => {
+                Metrics::add(&self.gw.metrics().commits, 1);
+                let dataset = Arc::new(snapshot.dataset);
+                let sync_count = snapshot.sync_count;
+                let reply_dataset = dataset.to_ref();
+                self.gw
+                    .hub
+                    .publish_commit(dataset, sync_count, snapshot.records)
+                    .await;
+                ServerFrame::Ack {
+                    id,
+                    dataset: Some(reply_dataset),
+                    sync_count: Some(sync_count),
+                    records: Some(changed),
+                }
+            }
+            Ok(UpdateOutcome::Conflict {
+                sync_count,
+                conflicts,
+            }) => {
+                Metrics::add(&self.gw.metrics().conflicts, 1);
+                ServerFrame::Conflict {
+                    id,
+                    dataset: DatasetRef::new(
+                        dataset.owner.as_deref().unwrap_or(identity),
+                        dataset.name,
+                    ),
+                    sync_count,
+                    conflicts,
+                }
+            }
+            Err(e) => store_error(Some(id), &e),
+        }
+    }
+
+    /// `changes`: the records changed since a sync count, tombstones included.
+    async fn changes(
+        &mut self,
+        id: RequestId,
+        identity: &str,
+        dataset: &DatasetRef,
+        since: u64,
+    ) -> ServerFrame {
+        let key = match self.key(identity, dataset) {
+            Ok(key) => key,
+            Err(e) => return store_error(Some(id), &e),
+        };
+        match self.gw.store.changes(&key, identity, since).await {
+            Ok(snapshot) => ServerFrame::Changes {
+                id,
+                dataset: key.to_ref(),
+                sync_count: snapshot.sync_count,
+                records: snapshot.records,
+            },
+            Err(e) => store_error(Some(id), &e),
+        }
+    }
+
+    /// `list_datasets`: the caller's own datasets.
+    async fn list_datasets(&mut self, id: RequestId, identity: &str) -> ServerFrame {
+        match self
+            .gw
+            .store
+            .list_datasets(&self.gw.config.pool, identity)
+            .await
+        {
+            Ok(datasets) => ServerFrame::Datasets { id, datasets },
+            Err(e) => store_error(Some(id), &e),
+        }
+    }
+
+    /// `delete_dataset`: deletes, tells every subscriber, then acknowledges.
+    async fn delete(&mut self, id: RequestId, identity: &str, dataset: &DatasetRef) -> ServerFrame {
+        let key = match self.key(identity, dataset) {
+            Ok(key) => Arc::new(key),
+            Err(e) => return store_error(Some(id), &e),
+        };
+        match self.gw.store.delete_dataset(&key, identity).await {
+            Ok(sync_count) => {
+                self.gw.hub.publish_deleted(key.clone(), sync_count).await;
+                ServerFrame::Ack {
+                    id,
+                    dataset: Some(key.to_ref()),
+                    sync_count: Some(sync_count),
+                    records: None,
+                }
+            }
+            Err(e) => store_error(Some(id), &e),
+        }
+    }
+
+    /// `grant`: the owner shares the dataset.
+    async fn grant(
+        &mut self,
+        id: RequestId,
+        identity: &str,
+        dataset: &DatasetRef,
+        grantee: &str,
+        access: Access,
+    ) -> ServerFrame {
+        let key = match self.key(identity, dataset) {
+            Ok(key) => key,
+            Err(e) => return store_error(Some(id), &e),
+        };
+        match self.gw.store.grant(&key, identity, grantee, access).await {
+            Ok(()) => ack(id),
+            Err(e) => store_error(Some(id), &e),
+        }
+    }
+
+    /// `revoke`: takes effect at once, also for the grantee's live subscriptions.
+    async fn revoke(
+        &mut self,
+        id: RequestId,
+        identity: &str,
+        dataset: &DatasetRef,
+        grantee: String,
+    ) -> ServerFrame {
+        let key = match self.key(identity, dataset) {
+            Ok(key) => Arc::new(key),
+            Err(e) => return store_error(Some(id), &e),
+        };
+        match self.gw.store.revoke(&key, identity, &grantee).await {
+            Ok(()) => {
+                self.gw.hub.publish_revoked(key, grantee).await;
+                ack(id)
+            }
+            Err(e) => store_error(Some(id), &e),
+        }
+    }
+}

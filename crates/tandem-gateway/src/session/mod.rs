@@ -1,0 +1,202 @@
+//! One WebSocket connection: authentication, then requests handled one at a time in the
+//! order they arrive (so replies keep request order and an in-flight commit always
+//! finishes), with a separate writer task that drains the outbox in batches.
+//!
+//! `transport` moves messages between the socket and the session (read loop, writer task,
+//! close codes); `commands` handles one request each. This file holds the session's state
+//! and what both share.
+
+mod commands;
+#[cfg(test)]
+mod tests;
+mod transport;
+
+use crate::hub::SessionId;
+use crate::metrics::Metrics;
+use crate::outbox::Outbox;
+use crate::rate::RateLimiter;
+use crate::{Gateway, Identity};
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
+use futures_util::{Sink, Stream, StreamExt};
+use std::sync::Arc;
+use std::time::Duration;
+use tandem_protocol::{
+    CloseCode, DatasetRef, ErrorCode, PROTOCOL_VERSION, RequestId, ServerFrame,
+    validate_dataset_name,
+};
+use tandem_store::{DatasetKey, StoreError, validate_identity};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+pub(crate) async fn run(gw: Arc<Gateway>, socket: WebSocket, pre_auth: Option<Identity>) {
+    let (sink, stream) = socket.split();
+    serve(gw, sink, stream, pre_auth).await;
+}
+
+/// Runs a session over any sink and stream of WebSocket messages: a socket's halves in
+/// production, channels in tests. `pre_auth` is the identity of an `Authorization` header.
+pub(crate) async fn serve<Si, St>(
+    gw: Arc<Gateway>,
+    sink: Si,
+    stream: St,
+    pre_auth: Option<Identity>,
+) where
+    Si: Sink<Message, Error = axum::Error> + Unpin + Send + 'static,
+    St: Stream<Item = Result<Message, axum::Error>> + Unpin + Send,
+{
+    let (id, label) = gw.next_session_id();
+    Metrics::add(&gw.metrics().sessions_opened, 1);
+    let span = tracing::info_span!("session", session = %label, identity = tracing::field::Empty);
+    async move {
+        let outbox = Arc::new(Outbox::new(gw.config.max_queued_replies));
+        let cancel = gw.shutdown.child_token();
+        // Not instrumented: the writer is polled for every push, and entering a span each
+        // time costs more than its rare log lines are worth; they carry the session label.
+        let writer = tokio::spawn(transport::run_writer(
+            sink,
+            outbox.clone(),
+            gw.config.write_timeout,
+            cancel.clone(),
+            label.clone(),
+        ));
+        let mut session = Session {
+            gw: gw.clone(),
+            id,
+            label,
+            outbox,
+            identity: None,
+            expires_at: None,
+            limiter: RateLimiter::new(gw.config.max_requests_per_second),
+        };
+        if let Some(identity) = pre_auth {
+            session.authenticated(None, identity);
+        }
+        session.read_loop(stream, &cancel).await;
+        session.drop_all_subscriptions().await;
+        // The writer sends what is queued, then the close frame; give it the write deadline.
+        let deadline = gw.config.write_timeout + Duration::from_secs(1);
+        if tokio::time::timeout(deadline, writer).await.is_err() {
+            tracing::debug!("writer did not finish in time");
+        }
+        tracing::debug!("session ended");
+    }
+    .instrument(span)
+    .await;
+}
+
+struct Session {
+    gw: Arc<Gateway>,
+    /// The hub's key for this session.
+    id: SessionId,
+    /// What the client (`ready.session`) and the logs call this session: unique per node run.
+    label: String,
+    outbox: Arc<Outbox>,
+    identity: Option<Arc<str>>,
+    expires_at: Option<Instant>,
+    limiter: RateLimiter,
+}
+
+impl Session {
+    /// Queues a reply; a client that lets replies pile up is closed as slow.
+    fn reply(&self, frame: ServerFrame) {
+        if let ServerFrame::Error { code, .. } = &frame {
+            self.gw.metrics().error(*code);
+        }
+        if self.outbox.send(Utf8Bytes::from(frame.to_json())).is_err() {
+            self.close_slow();
+        }
+    }
+
+    /// Queues a subscribe reply in order with the dataset's pushes, under the same bound.
+    fn snapshot_reply(&self, key: &Arc<DatasetKey>, sync_count: u64, frame: ServerFrame) {
+        if self
+            .outbox
+            .snapshot(key, sync_count, Utf8Bytes::from(frame.to_json()))
+            .is_err()
+        {
+            self.close_slow();
+        }
+    }
+
+    fn close_slow(&self) {
+        tracing::info!("reply queue full, closing slow connection");
+        self.outbox.close(CloseCode::Slow);
+    }
+
+    fn authenticated(&mut self, id: Option<RequestId>, identity: Identity) {
+        let sub: Arc<str> = Arc::from(identity.sub.as_str());
+        tracing::Span::current().record("identity", tracing::field::display(&sub));
+        // The same leeway that accepted the token keeps the session open past `exp`.
+        let now_unix = tandem_store::now_ms() / 1000;
+        let leeway = i64::try_from(self.gw.verifier.leeway_secs()).unwrap_or(0);
+        let remaining = Duration::from_secs(
+            u64::try_from(identity.expires_at + leeway - now_unix).unwrap_or(0),
+        );
+        self.expires_at = Some(Instant::now() + remaining);
+        self.identity = Some(sub.clone());
+        self.reply(ServerFrame::Ready {
+            id,
+            identity: sub.to_string(),
+            session: self.label.clone(),
+            protocol: PROTOCOL_VERSION,
+            expires_at: identity.expires_at.saturating_mul(1000),
+        });
+    }
+
+    /// Resolves a wire dataset reference for this caller (owner defaults to the caller).
+    fn key(&self, identity: &str, dataset: &DatasetRef) -> Result<DatasetKey, StoreError> {
+        validate_dataset_name(&dataset.name).map_err(|reason| StoreError::InvalidName {
+            name: dataset.name.chars().take(64).collect(),
+            reason,
+        })?;
+        let owner = dataset.owner.as_deref().unwrap_or(identity);
+        validate_identity(owner)?;
+        Ok(DatasetKey::new(
+            self.gw.config.pool.clone(),
+            owner,
+            dataset.name.clone(),
+        ))
+    }
+
+    /// Ends one of this session's subscriptions, in the outbox and in the hub.
+    async fn drop_subscription(&self, key: &Arc<DatasetKey>) {
+        // Without a notice it cannot be over the bound.
+        let _ = self.outbox.unsubscribe(key, None);
+        self.gw.hub.unsubscribe(key, self.id).await;
+    }
+
+    async fn drop_all_subscriptions(&self) {
+        for key in self.outbox.subscriptions() {
+            self.drop_subscription(&key).await;
+        }
+    }
+}
+
+fn ack(id: RequestId) -> ServerFrame {
+    ServerFrame::Ack {
+        id,
+        dataset: None,
+        sync_count: None,
+        records: None,
+    }
+}
+
+/// Turns a store error into its error frame; faults are logged here, once.
+fn store_error(id: Option<RequestId>, e: &StoreError) -> ServerFrame {
+    match e {
+        StoreError::Limit {
+            limit,
+            max,
+            message,
+        } => ServerFrame::limit_error(id, *limit, *max, message.clone()),
+        StoreError::Internal(_) => {
+            tracing::error!(error = %e, "store fault");
+            ServerFrame::error(id, ErrorCode::Internal, "internal error")
+        }
+        StoreError::Unavailable(_) => {
+            tracing::warn!(error = %e, "store unavailable");
+            ServerFrame::error(id, ErrorCode::Unavailable, e.to_string())
+        }
+        _ => ServerFrame::error(id, e.code(), e.to_string()),
+    }
+}

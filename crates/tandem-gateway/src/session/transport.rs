@@ -1,0 +1,197 @@
+//! The session's transport: the read loop that turns WebSocket messages into requests (and
+//! sorts read errors into close codes), and the writer task that drains the outbox to the
+//! sink in batches. Both are generic over a `Stream`/`Sink` of messages, so tests drive a
+//! session through channels instead of a socket.
+
+use super::Session;
+use crate::outbox::{Outbox, Outgoing};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use std::sync::Arc;
+use std::time::Duration;
+use tandem_protocol::{CloseCode, ErrorCode, LimitCode, ServerFrame};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite;
+use tokio_util::sync::CancellationToken;
+
+/// Frames the writer sends before one flush.
+const WRITE_BATCH: usize = 64;
+
+/// Why the read loop stopped.
+enum Stop {
+    Close(CloseCode),
+    /// The peer went away or the writer already closed the connection.
+    Gone,
+}
+
+impl Session {
+    /// Reads requests until the peer leaves, a deadline passes (authentication, token
+    /// expiry), the node shuts down or a request ends the session; then queues the close.
+    pub(super) async fn read_loop<St>(&mut self, mut stream: St, cancel: &CancellationToken)
+    where
+        St: Stream<Item = Result<Message, axum::Error>> + Unpin,
+    {
+        let auth_deadline = Instant::now() + self.gw.config.auth_timeout;
+        let stop = loop {
+            let (deadline, on_deadline) = match self.expires_at {
+                Some(at) => (at, CloseCode::TokenExpired),
+                None => (auth_deadline, CloseCode::AuthTimeout),
+            };
+            let message = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break Stop::Close(CloseCode::GoingAway),
+                _ = tokio::time::sleep_until(deadline) => break Stop::Close(on_deadline),
+                message = stream.next() => message,
+            };
+            let text = match message {
+                None | Some(Ok(Message::Close(_))) => break Stop::Gone,
+                Some(Ok(Message::Text(text))) => text,
+                Some(Ok(Message::Binary(_))) => {
+                    self.reply(ServerFrame::error(
+                        None,
+                        ErrorCode::BadRequest,
+                        "binary frames are not supported; send json text frames",
+                    ));
+                    continue;
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Err(e)) => {
+                    if is_too_large(&e) {
+                        let max = self.gw.config.max_frame_bytes as u64;
+                        self.reply(ServerFrame::limit_error(
+                            None,
+                            LimitCode::MaxFrameBytes,
+                            max,
+                            format!("frame larger than {max} bytes"),
+                        ));
+                        break Stop::Close(CloseCode::MessageTooBig);
+                    }
+                    if is_protocol_error(&e) {
+                        tracing::info!(error = %e, "websocket protocol error");
+                        break Stop::Close(CloseCode::ProtocolError);
+                    }
+                    tracing::debug!(error = %e, "read failed");
+                    break Stop::Gone;
+                }
+            };
+            // Boxed: the request handlers' state is large and only lives while one runs, so an
+            // idle session keeps a small future.
+            if let Some(code) = Box::pin(self.handle_text(&text)).await {
+                break Stop::Close(code);
+            }
+            if self.outbox.is_closing() {
+                break Stop::Gone;
+            }
+        };
+        if let Stop::Close(code) = stop {
+            tracing::debug!(code = code.code(), "closing session");
+            self.outbox.close(code);
+        } else {
+            // The peer is gone: stop the writer without a close frame of our own.
+            self.outbox.stop();
+        }
+    }
+}
+
+fn tungstenite_error(e: &axum::Error) -> Option<&tungstenite::Error> {
+    use std::error::Error as _;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = e.source();
+    while let Some(err) = source {
+        if let Some(ws) = err.downcast_ref::<tungstenite::Error>() {
+            return Some(ws);
+        }
+        source = err.source();
+    }
+    None
+}
+
+fn is_too_large(e: &axum::Error) -> bool {
+    matches!(tungstenite_error(e), Some(tungstenite::Error::Capacity(_)))
+}
+
+/// Broken frames or invalid UTF-8: the client is at fault, reconnecting will not help.
+fn is_protocol_error(e: &axum::Error) -> bool {
+    matches!(
+        tungstenite_error(e),
+        Some(tungstenite::Error::Protocol(_) | tungstenite::Error::Utf8(_))
+    )
+}
+
+/// Drains the outbox into the sink until a close or stop, or until a write fails or misses
+/// its deadline (then the session is cancelled and, if slow, closed with 4001).
+pub(super) async fn run_writer<Si>(
+    mut sink: Si,
+    outbox: Arc<Outbox>,
+    write_timeout: Duration,
+    cancel: CancellationToken,
+    session: String,
+) where
+    Si: Sink<Message, Error = axum::Error> + Unpin,
+{
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    loop {
+        batch.clear();
+        outbox.next_batch(&mut batch, WRITE_BATCH).await;
+        let mut close = None;
+        let mut stop = false;
+        let write = async {
+            for item in batch.drain(..) {
+                match item {
+                    Outgoing::Frame(frame) => sink.feed(Message::Text(frame)).await?,
+                    Outgoing::Close(code) => {
+                        close = Some(code);
+                        break;
+                    }
+                    Outgoing::Stop => {
+                        stop = true;
+                        break;
+                    }
+                }
+            }
+            sink.flush().await
+        };
+        match tokio::time::timeout(write_timeout, write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(session = %session, error = %e, "write failed");
+                cancel.cancel();
+                return;
+            }
+            Err(_) => {
+                tracing::info!(
+                    session = %session,
+                    timeout_ms = write_timeout.as_millis() as u64,
+                    "write deadline passed, closing slow connection"
+                );
+                outbox.close(CloseCode::Slow);
+                cancel.cancel();
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(100),
+                    send_close(&mut sink, CloseCode::Slow),
+                )
+                .await;
+                return;
+            }
+        }
+        if let Some(code) = close {
+            let _ = tokio::time::timeout(write_timeout, send_close(&mut sink, code)).await;
+            return;
+        }
+        if stop {
+            return;
+        }
+    }
+}
+
+async fn send_close<Si>(sink: &mut Si, code: CloseCode)
+where
+    Si: Sink<Message, Error = axum::Error> + Unpin,
+{
+    let frame = CloseFrame {
+        code: code.code(),
+        reason: Utf8Bytes::from_static(code.reason()),
+    };
+    if sink.send(Message::Close(Some(frame))).await.is_ok() {
+        let _ = sink.close().await;
+    }
+}
