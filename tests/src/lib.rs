@@ -41,6 +41,7 @@ pub struct TestServer {
 pub struct TestServerBuilder {
     args: Vec<String>,
     no_secret: bool,
+    data_dir: Option<tempfile::TempDir>,
 }
 
 impl TestServerBuilder {
@@ -57,8 +58,20 @@ impl TestServerBuilder {
         self
     }
 
+    /// The log file the server will write, known before `start` so that a test can watch a
+    /// start that takes a while.
+    pub fn log_path(&mut self) -> PathBuf {
+        log_file(
+            self.data_dir
+                .get_or_insert_with(|| tempfile::tempdir().expect("temp dir"))
+                .path(),
+        )
+    }
+
     pub fn start(self) -> TestServer {
-        let data_dir = tempfile::tempdir().expect("temp dir");
+        let data_dir = self
+            .data_dir
+            .unwrap_or_else(|| tempfile::tempdir().expect("temp dir"));
         let mut args = vec!["--listen".to_owned(), "127.0.0.1:0".to_owned()];
         if !self.no_secret {
             args.push("--jwt-secret".to_owned());
@@ -109,7 +122,7 @@ impl TestServer {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.data_dir.path().join("server.log"))
+            .open(log_file(self.data_dir.path()))
             .expect("log file");
         let mut child = Command::new(tandem_bin())
             .arg("serve")
@@ -144,7 +157,7 @@ impl TestServer {
 
     /// The server's log so far (stderr), for failure messages.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.data_dir.path().join("server.log")).unwrap_or_default()
+        std::fs::read_to_string(log_file(self.data_dir.path())).unwrap_or_default()
     }
 
     pub fn url(&self) -> String {
@@ -231,6 +244,11 @@ impl Drop for TestServer {
     }
 }
 
+/// Where a server started in `data_dir` writes its log (stderr).
+fn log_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("server.log")
+}
+
 /// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where
@@ -245,6 +263,11 @@ where
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Polls `done` until it is true, or panics with `what` after `timeout`.
+pub async fn wait_until(timeout: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    eventually(timeout, what, || std::future::ready(done().then_some(()))).await;
 }
 
 /// Waits for the next live `dataset` push on `conn` and returns (sync count, records).

@@ -3,11 +3,12 @@
 //! unreachable.
 
 use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
 use std::time::Duration;
 use tandem_client::{Client, ClientError, ConflictHandler, Connection, UpdateResult};
 use tandem_protocol::{Access, DatasetRef, ErrorCode, Patch};
 use tandem_tests::cluster::{PgDatabase, PgSchema, RedisServer, redis_url, start_nodes, unique};
-use tandem_tests::{TestServer, http_get, push_at_least};
+use tandem_tests::{TestServer, http_get, push_at_least, wait_until};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -230,6 +231,7 @@ async fn test_cluster_killed_node_clients_reconnect_elsewhere_and_nothing_is_los
                 }
             }
             Err(ClientError::Offline | ClientError::Closed { .. }) => {
+                // The retry interval while the client fails over; the loop's deadline bounds it.
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             Err(e) => panic!("{e}"),
@@ -380,15 +382,17 @@ async fn test_cluster_delete_during_redis_outage_still_reaches_subscribers_on_ot
 async fn test_cluster_node_started_before_postgresql_waits_for_it_then_serves() {
     let db = PgDatabase::create();
     db.cut_off();
-    let url = db.url.clone();
-    let starting = tokio::task::spawn_blocking(move || {
-        TestServer::builder()
-            .arg("--store", &url)
-            .arg("--postgres-schema", unique("s"))
-            .start()
-    });
-    // Still waiting, not exited (an exited node fails the start at once).
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut builder = TestServer::builder()
+        .arg("--store", &db.url)
+        .arg("--postgres-schema", unique("s"));
+    let log = builder.log_path();
+    let starting = tokio::task::spawn_blocking(move || builder.start());
+    // Still waiting, not exited (an exited node fails the start at once), once it has said
+    // that it waits.
+    wait_until(WAIT, "the node to wait for postgresql", || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("waiting for postgresql"))
+    })
+    .await;
     assert!(!starting.is_finished(), "the node gave up on postgresql");
     db.restore();
     let server = starting
@@ -463,8 +467,24 @@ fn test_cluster_node_waiting_for_postgresql_stops_at_sigterm() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Give it time to start waiting (the default wait is a minute).
-    std::thread::sleep(Duration::from_millis(1000));
+    // The log is read as it comes: SIGTERM goes once the node says it waits (the default
+    // wait is a minute).
+    let (waiting_tx, waiting_rx) = std::sync::mpsc::channel();
+    let pipe = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut log = String::new();
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if line.contains("waiting for postgresql") {
+                let _ = waiting_tx.send(());
+            }
+            log.push_str(&line);
+            log.push('\n');
+        }
+        log
+    });
+    waiting_rx
+        .recv_timeout(WAIT)
+        .expect("the node waits for postgresql");
     assert!(child.try_wait().unwrap().is_none(), "it should be waiting");
     let sent = std::time::Instant::now();
     std::process::Command::new("kill")
@@ -478,7 +498,7 @@ fn test_cluster_node_waiting_for_postgresql_stops_at_sigterm() {
         sent.elapsed()
     );
     assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = reader.join().unwrap();
     assert!(
         stderr.contains("stopped while waiting for postgresql"),
         "{stderr}"

@@ -6,7 +6,7 @@ use tandem_client::{
     Client, ClientError, ConflictHandler, Connection, Dataset, DatasetEvent, Resolution, Status,
 };
 use tandem_protocol::{Access, DatasetRef};
-use tandem_tests::TestServer;
+use tandem_tests::{TestServer, wait_until};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -44,6 +44,14 @@ async fn wait_value(ds: &Dataset, key: &str, value: Option<&str>) {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// This device's clock in ms since the Unix epoch, as the SDK stamps edits.
+fn now_ms() -> i64 {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    i64::try_from(since_epoch.as_millis()).unwrap()
 }
 
 async fn next_event(events: &mut tokio::sync::broadcast::Receiver<DatasetEvent>) -> DatasetEvent {
@@ -143,11 +151,10 @@ async fn test_sdk_catch_up_after_reconnect_retries_what_the_server_refused_for_n
         .and_then(|n| n.parse::<u64>().ok())
         .unwrap_or(0);
     assert!(refused > 0, "the catch-up was never refused:\n{metrics}");
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let conn = server.connect("alice").await;
     for i in 0..4 {
-        // This check is one more connection under the same limit of 2 per second.
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        // Each check on a connection of its own, under the same limit of 2 per second: its
+        // auth and its one read fit in the burst, so it never waits for the limiter.
+        let conn = server.connect("alice").await;
         let (n, records) = conn
             .changes(DatasetRef::own(format!("d{i}")), 0)
             .await
@@ -340,7 +347,9 @@ async fn test_sdk_latest_device_time_wins() {
         .await
         .unwrap();
     b.put("k", "older").unwrap();
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    // Device times are in ms: a edits once its clock has passed b's edit.
+    let older = b.record("k").and_then(|r| r.device_last_modified).unwrap();
+    wait_until(WAIT, "the clock to pass b's edit", || now_ms() > older).await;
     a.put("k", "newer").unwrap();
     a.sync().await.unwrap();
     // b's edit is older than the server's: the server's wins and b's is dropped by the handler.

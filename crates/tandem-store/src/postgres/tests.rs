@@ -378,10 +378,12 @@ async fn test_postgres_store_no_grantee_write_commits_after_a_revoke_returns() {
             .await
             .unwrap();
         let (revoked_tx, revoked_rx) = tokio::sync::watch::channel(false);
+        let (started_tx, mut started_rx) = tokio::sync::mpsc::unbounded_channel();
         let mut writers = Vec::new();
         for w in 0..4 {
             let (store, d) = (nodes[w % 2].clone(), d.clone());
             let mut revoked_rx = revoked_rx.clone();
+            let mut started_tx = Some(started_tx.clone());
             writers.push(tokio::spawn(async move {
                 let key = format!("bob-{w}");
                 let mut sync = 0;
@@ -394,6 +396,9 @@ async fn test_postgres_store_no_grantee_write_commits_after_a_revoke_returns() {
                         Ok(UpdateOutcome::Committed { changed, .. }) => {
                             assert!(!started_after_revoke, "a write committed after the revoke");
                             sync = changed[0].sync_count;
+                            if let Some(tx) = started_tx.take() {
+                                let _ = tx.send(());
+                            }
                         }
                         Err(StoreError::Forbidden { .. }) => break,
                         other => panic!("{other:?}"),
@@ -402,7 +407,15 @@ async fn test_postgres_store_no_grantee_write_commits_after_a_revoke_returns() {
                 revoked_rx.wait_for(|revoked| *revoked).await.unwrap();
             }));
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The revoke comes once every writer has committed and is writing on.
+        drop(started_tx);
+        tokio::time::timeout(Duration::from_secs(10), async {
+            for _ in 0..4 {
+                started_rx.recv().await.expect("every writer commits once");
+            }
+        })
+        .await
+        .expect("every writer commits in time");
         nodes[0].revoke(&d, "alice", "bob").await.unwrap();
         // Every grantee write that will ever commit has committed by now.
         let at_revoke = nodes[1].snapshot(&d, "alice").await.unwrap();
@@ -522,6 +535,8 @@ async fn test_postgres_store_resumes_after_its_backends_are_terminated() {
         }));
     }
     for _ in 0..5 {
+        // Pacing, not a wait for a condition: the kills are spread over the writers' run so
+        // that they land mid-write.
         tokio::time::sleep(Duration::from_millis(30)).await;
         terminate_backends(&admin, &app).await;
     }
