@@ -23,7 +23,8 @@ pub enum ErrorCode {
     LimitExceeded,
     /// A size limit was passed (dataset bytes, key length, frame bytes); `limit` names which.
     TooLarge,
-    /// Too many requests in flight on this connection; slow down and retry.
+    /// More requests per second on this connection than `max_requests_per_second` allows;
+    /// the refused request was not looked at; retry after the delay the message gives.
     RateLimited,
     /// A backing service (the store) is unreachable; nothing was written; retry later.
     Unavailable,
