@@ -5,13 +5,13 @@ use std::fmt;
 
 /// The default clock-skew allowance for `exp` and `nbf`, in seconds.
 pub const DEFAULT_LEEWAY_SECS: u64 = 30;
-/// The largest leeway [`Verifier::new`] accepts, in seconds.
+/// The largest leeway [`Verifier::new`](super::Verifier::new) accepts, in seconds.
 pub const MAX_LEEWAY_SECS: u64 = 600;
 
-/// What a [`Verifier`] accepts. At least one key must be given.
+/// What a [`Verifier`](super::Verifier) accepts. At least one key must be given.
 #[derive(Clone)]
 pub struct AuthConfig {
-    /// Shared secret for HS256, at least [`MIN_HS256_SECRET_BYTES`] long.
+    /// Shared secret for HS256, at least [`MIN_HS256_SECRET_BYTES`](super::MIN_HS256_SECRET_BYTES) long.
     pub hs256_secret: Option<Vec<u8>>,
     /// PEM-encoded RSA public keys (`BEGIN PUBLIC KEY` or `BEGIN RSA PUBLIC KEY`) for RS256.
     pub rs256_public_keys: Vec<Vec<u8>>,

@@ -1,8 +1,9 @@
 //! Why a token was refused or a verifier could not be built, and the wire code for each.
 
 use tandem_protocol::ErrorCode;
+use tandem_token::TokenError;
 
-/// Why a token was refused, or why a [`Verifier`] could not be built. Messages are safe to
+/// Why a token was refused, or why a [`Verifier`](super::Verifier) could not be built. Messages are safe to
 /// send to a client: they never contain key material.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
@@ -44,10 +45,10 @@ pub enum AuthError {
     /// A configured key cannot be used; the message names which one.
     #[error("invalid key: {0}")]
     BadKey(String),
-    /// The HS256 secret is shorter than [`MIN_HS256_SECRET_BYTES`].
+    /// The HS256 secret is shorter than [`MIN_HS256_SECRET_BYTES`](super::MIN_HS256_SECRET_BYTES).
     #[error("hs256 secret is {len} bytes, at least 32 are required")]
     WeakSecret { len: usize },
-    /// The configured leeway is larger than [`MAX_LEEWAY_SECS`].
+    /// The configured leeway is larger than [`MAX_LEEWAY_SECS`](super::MAX_LEEWAY_SECS).
     #[error("leeway of {0} s is above the maximum of 600 s")]
     InvalidLeeway(u64),
     /// A token lifetime of zero, or one that overflows a unix timestamp.
@@ -79,6 +80,19 @@ impl AuthError {
             | AuthError::InvalidLeeway(_)
             | AuthError::InvalidTtl
             | AuthError::Signing(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+/// The rules a minted token must meet are the verifier's rules too, so minting fails with
+/// the same errors and codes.
+impl From<TokenError> for AuthError {
+    fn from(error: TokenError) -> Self {
+        match error {
+            TokenError::WeakSecret { len } => AuthError::WeakSecret { len },
+            TokenError::InvalidSubject => AuthError::InvalidSubject,
+            TokenError::InvalidTtl => AuthError::InvalidTtl,
+            TokenError::Signing(message) => AuthError::Signing(message),
         }
     }
 }

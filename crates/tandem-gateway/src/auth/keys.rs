@@ -3,12 +3,10 @@
 
 use super::config::MAX_LEEWAY_SECS;
 use super::{AuthConfig, AuthError};
-use jsonwebtoken::crypto::{CryptoProvider, rust_crypto};
+use jsonwebtoken::crypto::rust_crypto;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use std::sync::Once;
+use tandem_token::{check_secret, ensure_crypto_provider};
 
-/// The shortest HS256 secret accepted, in bytes.
-pub const MIN_HS256_SECRET_BYTES: usize = 32;
 /// The smallest RSA modulus accepted, in bits.
 const MIN_RSA_BITS: usize = 2048;
 
@@ -73,24 +71,6 @@ impl Keys {
             leeway_secs: config.leeway_secs,
         })
     }
-}
-
-/// jsonwebtoken 11 picks its crypto backend from a process-wide default. It infers
-/// RustCrypto when that is the only backend feature enabled, but panics on first use when
-/// another crate in the build also enables `aws_lc_rs`. Installing it explicitly avoids
-/// that; if someone else installed a provider first, theirs stays.
-pub(super) fn ensure_crypto_provider() {
-    static INSTALL: Once = Once::new();
-    INSTALL.call_once(|| {
-        let _already_installed = CryptoProvider::install_default(&rust_crypto::DEFAULT_PROVIDER);
-    });
-}
-
-pub(super) fn check_secret(secret: &[u8]) -> Result<(), AuthError> {
-    if secret.len() < MIN_HS256_SECRET_BYTES {
-        return Err(AuthError::WeakSecret { len: secret.len() });
-    }
-    Ok(())
 }
 
 fn rsa_public_key(index: usize, pem: &[u8]) -> Result<DecodingKey, AuthError> {

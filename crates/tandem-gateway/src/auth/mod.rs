@@ -1,6 +1,6 @@
 //! JWT authentication: a [`Verifier`] built once from an [`AuthConfig`] that turns a bearer
-//! token into an [`Identity`], and [`mint_hs256`] / [`generate_secret`] for a server that
-//! issues its own tokens.
+//! token into an [`Identity`]. Minting tokens is `tandem-token`'s job; the secret and subject
+//! rules come from there, so a minted token always meets them.
 //!
 //! Algorithms are pinned: HS256 with a shared secret, RS256 and ES256 with PEM public keys.
 //! The algorithm named in a token's header only ever selects among the keys configured for
@@ -12,18 +12,16 @@
 //! decide what an identity may access.
 //!
 //! By job: `config` (what a verifier accepts), `keys` (loading and checking the keys once),
-//! `verify` (a token in, an identity out), `mint` (issuing HS256 tokens) and `error`.
+//! `verify` (a token in, an identity out) and `error`.
 
 mod config;
 mod error;
 mod keys;
-mod mint;
 #[cfg(test)]
 mod tests;
 mod verify;
 
 pub use config::{AuthConfig, DEFAULT_LEEWAY_SECS, MAX_LEEWAY_SECS};
 pub use error::AuthError;
-pub use keys::MIN_HS256_SECRET_BYTES;
-pub use mint::{generate_secret, mint_hs256};
-pub use verify::{Identity, MAX_SUBJECT_BYTES, MAX_TOKEN_BYTES, Verifier};
+pub use tandem_token::{MAX_SUBJECT_BYTES, MIN_HS256_SECRET_BYTES};
+pub use verify::{Identity, MAX_TOKEN_BYTES, Verifier};

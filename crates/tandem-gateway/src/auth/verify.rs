@@ -10,9 +10,8 @@ use jsonwebtoken::{DecodingKey, Validation};
 use serde::Deserialize;
 use std::fmt;
 use std::sync::Arc;
+use tandem_token::check_subject;
 
-/// The longest `sub` accepted, in bytes.
-pub const MAX_SUBJECT_BYTES: usize = 256;
 /// The longest token accepted, in bytes; anything longer is [`AuthError::Malformed`].
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 /// How much of a client-sent `alg` is echoed back in [`AuthError::UnsupportedAlgorithm`].
@@ -21,7 +20,7 @@ pub(super) const MAX_ECHOED_ALG_CHARS: usize = 32;
 /// Who a verified token speaks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
-    /// The token's `sub`: non-empty, at most [`MAX_SUBJECT_BYTES`], no control characters.
+    /// The token's `sub`: non-empty, at most [`MAX_SUBJECT_BYTES`](super::MAX_SUBJECT_BYTES), no control characters.
     pub sub: String,
     /// The token's `exp`, in unix seconds.
     pub expires_at: i64,
@@ -91,13 +90,6 @@ impl Verifier {
         }
         Err(AuthError::BadSignature)
     }
-}
-
-pub(super) fn check_subject(sub: &str) -> Result<(), AuthError> {
-    if sub.is_empty() || sub.len() > MAX_SUBJECT_BYTES || sub.chars().any(char::is_control) {
-        return Err(AuthError::InvalidSubject);
-    }
-    Ok(())
 }
 
 /// The claims this module reads. Loosely typed so that a missing or mistyped claim is
