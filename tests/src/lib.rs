@@ -169,7 +169,7 @@ impl TestServer {
     }
 
     pub fn token(&self, sub: &str) -> String {
-        tandem_gateway::auth::mint_hs256(
+        tandem_token::mint_hs256(
             SECRET.as_bytes(),
             sub,
             Duration::from_secs(3600),

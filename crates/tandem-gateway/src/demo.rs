@@ -62,8 +62,11 @@ pub(crate) async fn token(
             "missing query parameter `sub`",
         );
     };
-    match crate::auth::mint_hs256(secret, sub, Duration::from_secs(3600), None, None) {
+    match tandem_token::mint_hs256(secret, sub, Duration::from_secs(3600), None, None) {
         Ok(token) => axum::Json(serde_json::json!({ "token": token })).into_response(),
-        Err(e) => crate::error_response(StatusCode::BAD_REQUEST, e.code(), e.to_string()),
+        Err(e) => {
+            let e = crate::AuthError::from(e);
+            crate::error_response(StatusCode::BAD_REQUEST, e.code(), e.to_string())
+        }
     }
 }

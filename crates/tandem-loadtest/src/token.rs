@@ -79,7 +79,7 @@ impl Tokens {
                 ttl,
                 issuer,
                 audience,
-            } => tandem_gateway::auth::mint_hs256(
+            } => tandem_token::mint_hs256(
                 secret,
                 identity,
                 *ttl,

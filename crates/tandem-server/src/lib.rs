@@ -54,7 +54,7 @@ fn run_token(args: TokenArgs) -> anyhow::Result<()> {
             })?
         }
     };
-    let token = tandem_gateway::auth::mint_hs256(
+    let token = tandem_token::mint_hs256(
         &secret,
         &args.sub,
         args.ttl.0,
@@ -392,7 +392,7 @@ fn load_or_generate_secret(data_dir: &Path) -> anyhow::Result<Vec<u8>> {
     }
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
-    let secret = tandem_gateway::auth::generate_secret();
+    let secret = tandem_token::generate_secret();
     write_private(&path, secret.as_bytes())?;
     Ok(secret.into_bytes())
 }
