@@ -244,8 +244,12 @@ impl Settings {
     /// Reads TOML settings; a missing key keeps its default. The error is one line.
     pub fn from_toml(text: &str) -> Result<Settings, String> {
         let file: SettingsFile = toml::from_str(text).map_err(|e| describe(&e, text))?;
-        if let Some(key) = file.unknown.keys().next() {
-            return Err(format!("unknown field `{key}`"));
+        if !file.unknown.is_empty() {
+            let keys: Vec<String> = file.unknown.keys().map(|k| format!("`{k}`")).collect();
+            return Err(format!(
+                "unknown field {}: the keys are the flags of `tandem serve --help` in snake_case",
+                keys.join(", ")
+            ));
         }
         Ok(Settings {
             server: file.server,
