@@ -55,6 +55,55 @@ fn test_cli_token_with_explicit_secret() {
     assert_eq!(identity.sub, "u");
 }
 
+/// `tandem token`'s `iss` claim as the settings layers give it: flags over `TANDEM_*` over the
+/// `--config` file over the default (none).
+#[test]
+fn test_cli_settings_flag_over_env_over_file_over_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tandem.toml");
+    std::fs::write(&config, "jwt_issuer = \"file\"\n").unwrap();
+    let issuer = |config: Option<&std::path::Path>, env: Option<&str>, flag: Option<&str>| {
+        let mut cmd = Command::new(tandem_bin());
+        cmd.args(["token", "--sub", "u", "--jwt-secret"])
+            .arg("0123456789abcdef0123456789abcdef")
+            .env_remove("TANDEM_CONFIG")
+            .env_remove("TANDEM_JWT_SECRET")
+            .env_remove("TANDEM_JWT_ISSUER")
+            .stdin(Stdio::null());
+        if let Some(config) = config {
+            cmd.env("TANDEM_CONFIG", config);
+        }
+        if let Some(env) = env {
+            cmd.env("TANDEM_JWT_ISSUER", env);
+        }
+        if let Some(flag) = flag {
+            cmd.args(["--jwt-issuer", flag]);
+        }
+        let out = cmd.output().expect("run tandem");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = String::from_utf8(out.stdout).unwrap();
+        let payload = token.trim().split('.').nth(1).unwrap();
+        use base64::Engine;
+        let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap();
+        let claims: serde_json::Value = serde_json::from_slice(&claims).unwrap();
+        claims["iss"].as_str().map(str::to_owned)
+    };
+    let file = Some(config.as_path());
+    assert_eq!(
+        issuer(file, Some("env"), Some("flag")).as_deref(),
+        Some("flag")
+    );
+    assert_eq!(issuer(file, Some("env"), None).as_deref(), Some("env"));
+    assert_eq!(issuer(file, None, None).as_deref(), Some("file"));
+    assert_eq!(issuer(None, None, None), None);
+}
+
 #[test]
 fn test_cli_token_without_secret_explains_what_to_do() {
     let dir = tempfile::tempdir().unwrap();

@@ -7,6 +7,7 @@
 //! process environment; the `tandem` binary wires it up.
 
 pub mod auth;
+pub mod config;
 mod demo;
 mod hub;
 mod metrics;
@@ -17,6 +18,7 @@ mod session;
 mod testkit;
 
 pub use auth::{AuthConfig, AuthError, Identity, Verifier};
+pub use config::GatewayConfig;
 use hub::Hub;
 pub use hub::Subscribers;
 
@@ -31,70 +33,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tandem_fanout::{Broker, BrokerHealth};
 use tandem_protocol::{ErrorCode, ServerFrame};
-use tandem_store::{DEFAULT_POOL, Store};
+use tandem_store::Store;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-
-/// Per-connection settings; every limit here has its own error or close code.
-#[derive(Clone)]
-pub struct GatewayConfig {
-    pub pool: String,
-    /// Largest WebSocket frame or message accepted; larger ones are refused while reading
-    /// the header, without buffering the payload (`too_large` / `max_frame_bytes`, close 4501).
-    pub max_frame_bytes: usize,
-    /// Datasets one connection may subscribe to (`limit_exceeded` / `max_subscriptions`).
-    pub max_subscriptions: usize,
-    /// Replies queued for a client that does not read them before it is closed as slow.
-    pub max_queued_replies: usize,
-    /// Frames one connection may send per second, in bursts of up to as many; more are
-    /// refused with `rate_limited` / `max_requests_per_second`. 0 means unlimited.
-    pub max_requests_per_second: u32,
-    /// How long a connection may stay unauthenticated (close 4004).
-    pub auth_timeout: Duration,
-    /// How long one batch write to the socket may take before the connection is closed as
-    /// slow (close 4001).
-    pub write_timeout: Duration,
-    /// tungstenite read buffer per connection; small keeps idle connections cheap (it is
-    /// allocated up front and is also the most one read call takes from the socket).
-    pub read_buffer_bytes: usize,
-    /// tungstenite write buffer per connection.
-    pub write_buffer_bytes: usize,
-    /// Dev mode: the HS256 secret `GET /dev/token` mints demo tokens with. `None` (the
-    /// default) disables the endpoint.
-    pub dev_token_secret: Option<Vec<u8>>,
-}
-
-impl std::fmt::Debug for GatewayConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GatewayConfig")
-            .field("pool", &self.pool)
-            .field("max_frame_bytes", &self.max_frame_bytes)
-            .field("max_subscriptions", &self.max_subscriptions)
-            .field("max_queued_replies", &self.max_queued_replies)
-            .field("max_requests_per_second", &self.max_requests_per_second)
-            .field("auth_timeout", &self.auth_timeout)
-            .field("write_timeout", &self.write_timeout)
-            .field("dev_mode", &self.dev_token_secret.is_some())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Default for GatewayConfig {
-    fn default() -> Self {
-        GatewayConfig {
-            pool: DEFAULT_POOL.to_owned(),
-            max_frame_bytes: 2 * 1024 * 1024,
-            max_subscriptions: 100,
-            max_queued_replies: 1024,
-            max_requests_per_second: 1000,
-            auth_timeout: Duration::from_secs(10),
-            write_timeout: Duration::from_secs(10),
-            read_buffer_bytes: 1024,
-            write_buffer_bytes: 4 * 1024,
-            dev_token_secret: None,
-        }
-    }
-}
 
 /// One gateway node: shared by every session and HTTP handler.
 pub struct Gateway {

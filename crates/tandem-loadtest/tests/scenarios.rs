@@ -27,9 +27,12 @@ impl TestServer {
             probe.local_addr().unwrap()
         };
         let settings = tandem_server::config::Settings {
-            listen: Some(addr),
-            data_dir: Some(dir.path().to_path_buf()),
-            jwt_secret: Some(SECRET.to_owned()),
+            server: tandem_server::config::ServerConfig {
+                listen: addr,
+                data_dir: dir.path().to_path_buf(),
+                jwt_secret: Some(SECRET.to_owned()),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let shutdown = CancellationToken::new();

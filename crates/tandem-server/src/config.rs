@@ -1,12 +1,28 @@
 //! Command line, environment and TOML file settings. Precedence: flags > `TANDEM_*` env >
 //! the file named by `--config` > defaults. Unknown file keys are an error.
+//!
+//! Each crate owns its section of [`Settings`]: [`ServerConfig`] here (listening, backends,
+//! keys, logging), [`GatewayConfig`] (per-connection limits and timeouts) and the store's
+//! [`Limits`]. A section is a plain struct whose `Default` is the only place a default is
+//! written; serde reads it from the file (missing keys keep the default), and its clap
+//! derive makes each field a flag and a `TANDEM_*` variable with the field's doc as help.
+//! So adding a setting is one field (doc, `#[arg(long, env = "TANDEM_NAME")]`) and its value
+//! in that struct's `Default`, plus its row in the docs; the help shows the default, the
+//! file accepts the key and the binary receives it in its section without further edits.
+//!
+//! Layering: the file (or nothing) is deserialized into the sections first, then clap's
+//! matches of the flags and variables are applied over it ([`SettingFlags`]): those args are
+//! never required, so a setting that is not given leaves the file's value or the default.
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use serde::Deserialize;
+use clap::{ArgMatches, Args, FromArgMatches, Parser, Subcommand, ValueEnum};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::str::FromStr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tandem_gateway::GatewayConfig;
+use tandem_gateway::config::duration;
+use tandem_store::{Limits, PostgresConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -36,7 +52,14 @@ pub struct ServeArgs {
     #[arg(long, env = "TANDEM_CONFIG")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
-    pub settings: Settings,
+    pub flags: SettingFlags,
+}
+
+impl ServeArgs {
+    /// The defaults, the file over them, the flags and env over that.
+    pub fn settings(&self) -> anyhow::Result<Settings> {
+        self.flags.over_file(self.config.as_deref())
+    }
 }
 
 #[derive(Debug, Args)]
@@ -49,52 +72,79 @@ pub struct TokenArgs {
     #[arg(long)]
     pub sub: String,
     /// How long the token is valid: 90s, 30m, 1h, 7d.
-    #[arg(long, default_value = "1h")]
-    pub ttl: HumanDuration,
+    #[arg(long, default_value = "1h", value_parser = duration::parse)]
+    pub ttl: Duration,
     #[command(flatten)]
-    pub settings: Settings,
+    pub flags: SettingFlags,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+impl TokenArgs {
+    /// The defaults, the file over them, the flags and env over that.
+    pub fn settings(&self) -> anyhow::Result<Settings> {
+        self.flags.over_file(self.config.as_deref())
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
+    #[default]
     Plain,
     Json,
 }
 
-/// Every setting, all optional so that the sources can be layered.
-#[derive(Debug, Clone, Default, Args, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Every setting, one section per crate that reads it. In a TOML file the sections' keys
+/// stand side by side at the top level, as the flags do on the command line.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Args, Serialize)]
 pub struct Settings {
-    /// Address to listen on [default: 127.0.0.1:7420].
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub server: ServerConfig,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub gateway: GatewayConfig,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub limits: Limits,
+}
+
+/// The binary's own section: where to listen, which backends, the keys, logging, shutdown.
+#[derive(Debug, Clone, PartialEq, Eq, Args, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on.
     #[arg(long, env = "TANDEM_LISTEN")]
-    pub listen: Option<SocketAddr>,
-    /// Directory for the database and the generated secret [default: ./tandem-data].
+    pub listen: SocketAddr,
+    /// Directory for the database and the generated secret.
     #[arg(long, env = "TANDEM_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// The store: `sqlite` (embedded, in the data dir) or a `postgres://` URL [default: sqlite].
+    pub data_dir: PathBuf,
+    /// The store: `sqlite` (embedded, in the data dir) or a `postgres://` URL.
     #[arg(long, env = "TANDEM_STORE")]
-    pub store: Option<String>,
-    /// PostgreSQL schema for Tandem's tables [default: tandem].
+    pub store: String,
+    /// PostgreSQL schema for Tandem's tables.
     #[arg(long, env = "TANDEM_POSTGRES_SCHEMA")]
-    pub postgres_schema: Option<String>,
-    /// PostgreSQL connections per node [default: 16].
+    pub postgres_schema: String,
+    /// PostgreSQL connections per node.
     #[arg(long, env = "TANDEM_POSTGRES_POOL_SIZE")]
-    pub postgres_pool_size: Option<usize>,
+    pub postgres_pool_size: usize,
     /// How long start-up keeps retrying a PostgreSQL that cannot be reached before it gives
-    /// up; 0 gives up at once [default: 60s].
-    #[arg(long, env = "TANDEM_STORE_WAIT")]
-    pub store_wait: Option<HumanDuration>,
-    /// A `redis://` URL for fan-out between nodes [default: none, in-process fan-out].
+    /// up; 0 gives up at once.
+    #[serde(with = "duration")]
+    #[arg(long, env = "TANDEM_STORE_WAIT", value_parser = duration::parse)]
+    pub store_wait: Duration,
+    /// A `redis://` URL for fan-out between nodes; unset, fan-out stays in this process.
+    #[serde(skip_serializing_if = "Option::is_none")]
     #[arg(long, env = "TANDEM_REDIS")]
     pub redis: Option<String>,
-    /// Prefix of Tandem's Redis channels [default: tandem].
+    /// Prefix of Tandem's Redis channels.
     #[arg(long, env = "TANDEM_REDIS_PREFIX")]
-    pub redis_prefix: Option<String>,
+    pub redis_prefix: String,
     /// HS256 secret (at least 32 bytes).
+    #[serde(skip_serializing_if = "Option::is_none")]
     #[arg(long, env = "TANDEM_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
     /// A file holding the HS256 secret.
+    #[serde(skip_serializing_if = "Option::is_none")]
     #[arg(long, env = "TANDEM_JWT_SECRET_FILE")]
     pub jwt_secret_file: Option<PathBuf>,
     /// PEM files with RSA public keys for RS256 tokens (repeat or comma-separate).
@@ -103,202 +153,263 @@ pub struct Settings {
         env = "TANDEM_JWT_RSA_PUBLIC_KEYS",
         value_delimiter = ','
     )]
-    pub jwt_rsa_public_keys: Option<Vec<PathBuf>>,
+    pub jwt_rsa_public_keys: Vec<PathBuf>,
     /// PEM files with EC P-256 public keys for ES256 tokens (repeat or comma-separate).
     #[arg(
         long = "jwt-ec-public-key",
         env = "TANDEM_JWT_EC_PUBLIC_KEYS",
         value_delimiter = ','
     )]
-    pub jwt_ec_public_keys: Option<Vec<PathBuf>>,
+    pub jwt_ec_public_keys: Vec<PathBuf>,
     /// Required `iss` claim.
+    #[serde(skip_serializing_if = "Option::is_none")]
     #[arg(long, env = "TANDEM_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
     /// Required `aud` claim.
+    #[serde(skip_serializing_if = "Option::is_none")]
     #[arg(long, env = "TANDEM_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
-    /// Clock leeway for exp/nbf [default: 30s].
-    #[arg(long, env = "TANDEM_JWT_LEEWAY")]
-    pub jwt_leeway: Option<HumanDuration>,
-
-    /// Datasets one identity may own [default: 20].
-    #[arg(long, env = "TANDEM_MAX_DATASETS")]
-    pub max_datasets: Option<u64>,
-    /// Live records in one dataset [default: 1024].
-    #[arg(long, env = "TANDEM_MAX_RECORDS")]
-    pub max_records: Option<u64>,
-    /// Bytes of keys and values in one dataset [default: 1048576].
-    #[arg(long, env = "TANDEM_MAX_DATASET_BYTES")]
-    pub max_dataset_bytes: Option<u64>,
-    /// Characters in a record key [default: 1024].
-    #[arg(long, env = "TANDEM_MAX_KEY_LENGTH")]
-    pub max_key_length: Option<u64>,
-    /// Patches in one update [default: 1024].
-    #[arg(long, env = "TANDEM_MAX_PATCHES")]
-    pub max_patches: Option<u64>,
-    /// Characters in a device id [default: 128].
-    #[arg(long, env = "TANDEM_MAX_DEVICE_ID_LENGTH")]
-    pub max_device_id_length: Option<u64>,
-    /// Bytes in one WebSocket frame [default: 2097152].
-    #[arg(long, env = "TANDEM_MAX_FRAME_BYTES")]
-    pub max_frame_bytes: Option<usize>,
-    /// Subscriptions on one connection [default: 100].
-    #[arg(long, env = "TANDEM_MAX_SUBSCRIPTIONS")]
-    pub max_subscriptions: Option<usize>,
-    /// Unread replies queued for one connection before it is closed as slow [default: 1024].
-    #[arg(long, env = "TANDEM_MAX_QUEUED_REPLIES")]
-    pub max_queued_replies: Option<usize>,
-    /// Frames one connection may send per second, in bursts of as many; 0 = unlimited
-    /// [default: 1000].
-    #[arg(long, env = "TANDEM_MAX_REQUESTS_PER_SECOND")]
-    pub max_requests_per_second: Option<u32>,
-    /// WebSocket read buffer per connection, bytes [default: 1024]; small keeps idle
-    /// connections cheap, larger reads big frames in fewer system calls.
-    #[arg(long, env = "TANDEM_READ_BUFFER_BYTES")]
-    pub read_buffer_bytes: Option<usize>,
-    /// WebSocket write buffer per connection, bytes [default: 4096].
-    #[arg(long, env = "TANDEM_WRITE_BUFFER_BYTES")]
-    pub write_buffer_bytes: Option<usize>,
-    /// Time allowed to authenticate after connecting [default: 10s].
-    #[arg(long, env = "TANDEM_AUTH_TIMEOUT")]
-    pub auth_timeout: Option<HumanDuration>,
-    /// Time one socket write may take before the connection is closed as slow [default: 10s].
-    #[arg(long, env = "TANDEM_WRITE_TIMEOUT")]
-    pub write_timeout: Option<HumanDuration>,
-    /// Time sessions get to close at shutdown [default: 10s].
-    #[arg(long, env = "TANDEM_SHUTDOWN_GRACE")]
-    pub shutdown_grace: Option<HumanDuration>,
+    /// Clock leeway for exp/nbf.
+    #[serde(with = "duration")]
+    #[arg(long, env = "TANDEM_JWT_LEEWAY", value_parser = duration::parse)]
+    pub jwt_leeway: Duration,
+    /// Time sessions get to close at shutdown.
+    #[serde(with = "duration")]
+    #[arg(long, env = "TANDEM_SHUTDOWN_GRACE", value_parser = duration::parse)]
+    pub shutdown_grace: Duration,
     /// Dev mode (loopback only): `GET /dev/token?sub=NAME` mints demo tokens for anyone.
-    #[arg(long, env = "TANDEM_DEV", num_args = 0..=1, default_missing_value = "true")]
-    pub dev: Option<bool>,
-    /// Log format [default: plain]; the level comes from RUST_LOG [default: info].
+    #[arg(
+        long,
+        env = "TANDEM_DEV",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
+    pub dev: bool,
+    /// Log format; the level comes from RUST_LOG (info when unset).
     #[arg(long, env = "TANDEM_LOG_FORMAT")]
-    pub log_format: Option<LogFormat>,
+    pub log_format: LogFormat,
 }
 
-macro_rules! layer {
-    ($a:expr, $b:expr, $($field:ident),+ $(,)?) => {
-        Settings { $($field: $a.$field.or($b.$field)),+ }
-    };
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7420)),
+            data_dir: PathBuf::from("tandem-data"),
+            store: "sqlite".to_owned(),
+            postgres_schema: PostgresConfig::DEFAULT_SCHEMA.to_owned(),
+            postgres_pool_size: PostgresConfig::DEFAULT_POOL_SIZE,
+            // Nodes and their database are often started together (compose, a rebooted
+            // host), and a node that exits at once only leaves the retrying to whatever
+            // restarts it.
+            store_wait: Duration::from_secs(60),
+            redis: None,
+            redis_prefix: tandem_fanout::DEFAULT_PREFIX.to_owned(),
+            jwt_secret: None,
+            jwt_secret_file: None,
+            jwt_rsa_public_keys: Vec::new(),
+            jwt_ec_public_keys: Vec::new(),
+            jwt_issuer: None,
+            jwt_audience: None,
+            jwt_leeway: Duration::from_secs(tandem_gateway::auth::DEFAULT_LEEWAY_SECS),
+            shutdown_grace: Duration::from_secs(10),
+            dev: false,
+            log_format: LogFormat::Plain,
+        }
+    }
+}
+
+/// A settings file: the sections side by side, and what none of them knows.
+#[derive(Deserialize)]
+struct SettingsFile {
+    #[serde(flatten)]
+    server: ServerConfig,
+    #[serde(flatten)]
+    gateway: GatewayConfig,
+    #[serde(flatten)]
+    limits: Limits,
+    #[serde(flatten)]
+    unknown: BTreeMap<String, toml::Value>,
 }
 
 impl Settings {
-    /// Fills every setting missing here from `lower`.
-    pub fn or(self, lower: Settings) -> Settings {
-        layer!(
-            self,
-            lower,
-            listen,
-            data_dir,
-            store,
-            postgres_schema,
-            postgres_pool_size,
-            store_wait,
-            redis,
-            redis_prefix,
-            jwt_secret,
-            jwt_secret_file,
-            jwt_rsa_public_keys,
-            jwt_ec_public_keys,
-            jwt_issuer,
-            jwt_audience,
-            jwt_leeway,
-            max_datasets,
-            max_records,
-            max_dataset_bytes,
-            max_key_length,
-            max_patches,
-            max_device_id_length,
-            max_frame_bytes,
-            max_subscriptions,
-            max_queued_replies,
-            max_requests_per_second,
-            read_buffer_bytes,
-            write_buffer_bytes,
-            auth_timeout,
-            write_timeout,
-            shutdown_grace,
-            dev,
-            log_format,
-        )
-    }
-
     /// Reads a TOML settings file.
-    pub fn from_file(path: &std::path::Path) -> anyhow::Result<Settings> {
+    pub fn from_file(path: &Path) -> anyhow::Result<Settings> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
         Settings::from_toml(&text)
             .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
     }
 
-    pub fn from_toml(text: &str) -> Result<Settings, toml::de::Error> {
-        toml::from_str(text)
-    }
-
-    /// Layers the optional file under these settings (which came from flags and env).
-    pub fn with_file(self, file: Option<&std::path::Path>) -> anyhow::Result<Settings> {
-        match file {
-            Some(path) => Ok(self.or(Settings::from_file(path)?)),
-            None => Ok(self),
+    /// Reads TOML settings; a missing key keeps its default. The error is one line.
+    pub fn from_toml(text: &str) -> Result<Settings, String> {
+        let file: SettingsFile = toml::from_str(text).map_err(|e| describe(&e, text))?;
+        if !file.unknown.is_empty() {
+            let keys: Vec<String> = file.unknown.keys().map(|k| format!("`{k}`")).collect();
+            return Err(format!(
+                "unknown field {}: the keys are the flags of `tandem serve --help` in snake_case",
+                keys.join(", ")
+            ));
         }
+        Ok(Settings {
+            server: file.server,
+            gateway: file.gateway,
+            limits: file.limits,
+        })
     }
 
-    pub fn data_dir(&self) -> PathBuf {
-        self.data_dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("tandem-data"))
-    }
-
-    pub fn listen(&self) -> SocketAddr {
-        self.listen
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7420)))
-    }
-}
-
-/// A duration written as `500ms`, `90s`, `30m`, `1h`, `7d`, or plain seconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HumanDuration(pub Duration);
-
-impl FromStr for HumanDuration {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (digits, unit) = s.split_at(split);
-        let n: u64 = digits
-            .parse()
-            .map_err(|_| format!("invalid duration `{s}`: expected e.g. 90s, 30m, 1h"))?;
-        let secs = match unit.trim() {
-            "ms" => return Ok(HumanDuration(Duration::from_millis(n))),
-            "" | "s" => n,
-            "m" => n.saturating_mul(60),
-            "h" => n.saturating_mul(3600),
-            "d" => n.saturating_mul(86_400),
-            other => return Err(format!("invalid duration unit `{other}` in `{s}`")),
+    /// Each setting that has a default, by its clap id (= file key), written as a flag
+    /// takes it: the sections' `Default`s, seen through serde.
+    pub fn defaults() -> Vec<(String, String)> {
+        let Ok(table) = toml::Table::try_from(Settings::default()) else {
+            return Vec::new();
         };
-        Ok(HumanDuration(Duration::from_secs(secs)))
+        table
+            .iter()
+            .filter_map(|(key, value)| Some((key.clone(), flag_text(value)?)))
+            .collect()
     }
 }
 
-impl<'de> Deserialize<'de> for HumanDuration {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Secs(u64),
-            Text(String),
+/// A TOML value as it would be written after its flag; `None` for an empty list.
+fn flag_text(value: &toml::Value) -> Option<String> {
+    match value {
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Array(items) if items.is_empty() => None,
+        toml::Value::Array(items) => Some(
+            items
+                .iter()
+                .filter_map(flag_text)
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+        other => Some(other.to_string()),
+    }
+}
+
+/// One line for a file toml or a section refused. toml's own errors quote the offending lines,
+/// and a value a section refuses reaches serde through the flattened sections without its
+/// key, so the key is found by reading the values one at a time.
+fn describe(e: &toml::de::Error, text: &str) -> String {
+    let message = e.message().trim_end();
+    let Ok(table) = text.parse::<toml::Table>() else {
+        return match e.span() {
+            Some(span) => {
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                format!("line {line}: {message}")
+            }
+            None => message.to_owned(),
+        };
+    };
+    table
+        .into_iter()
+        .find_map(|(key, value)| {
+            let alone = toml::Value::Table(toml::Table::from_iter([(key.clone(), value)]));
+            alone
+                .try_into::<SettingsFile>()
+                .is_err()
+                .then(|| format!("{key}: {message}"))
+        })
+        .unwrap_or_else(|| message.to_owned())
+}
+
+/// The settings given as flags or `TANDEM_*` variables, kept as clap matched them until the
+/// file they go over has been read. Its args are never required (a setting not given keeps
+/// the file's value, else the default), and each one's help ends with its default.
+#[derive(Debug, Clone)]
+pub struct SettingFlags(ArgMatches);
+
+impl SettingFlags {
+    /// These flags over the file's settings, or over the defaults without a file.
+    pub fn over_file(&self, file: Option<&Path>) -> anyhow::Result<Settings> {
+        let lower = match file {
+            Some(path) => Settings::from_file(path)?,
+            None => Settings::default(),
+        };
+        self.over(lower)
+    }
+
+    /// These flags over `lower`.
+    pub fn over(&self, mut lower: Settings) -> anyhow::Result<Settings> {
+        // Cannot fail: the same derive made the args and reads them back.
+        lower
+            .update_from_arg_matches(&self.0)
+            .map_err(|e| anyhow::anyhow!("{}", e.to_string().trim()))?;
+        Ok(lower)
+    }
+}
+
+impl Args for SettingFlags {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        let mut cmd = Settings::augment_args_for_update(cmd);
+        for (id, default) in Settings::defaults() {
+            if cmd.get_arguments().any(|arg| arg.get_id() == id.as_str()) {
+                cmd = cmd.mut_arg(id, |arg| show_default(arg, &default));
+            }
         }
-        match Raw::deserialize(d)? {
-            Raw::Secs(n) => Ok(HumanDuration(Duration::from_secs(n))),
-            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
-        }
+        cmd
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+impl FromArgMatches for SettingFlags {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        Ok(SettingFlags(matches.clone()))
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        self.0 = matches.clone();
+        Ok(())
+    }
+}
+
+/// Appends clap's own `[default: …]` note to the help: a real clap default would count as
+/// given and hide the file's value.
+fn show_default(arg: clap::Arg, default: &str) -> clap::Arg {
+    let note = format!("[default: {default}]");
+    let help = match arg.get_help() {
+        Some(help) => format!("{help} {note}"),
+        None => note.clone(),
+    };
+    let long_help = arg.get_long_help().map(|long| format!("{long}\n\n{note}"));
+    let arg = arg.help(help);
+    match long_help {
+        Some(long) => arg.long_help(long),
+        None => arg,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
+
+    /// The flags as `tandem serve ARGS` gives them, with no variable read from this process.
+    fn flags(args: &[&str]) -> SettingFlags {
+        let cmd = Cli::command().mut_subcommand("serve", |serve| {
+            serve.mut_args(|arg| arg.env(None::<&'static str>))
+        });
+        let matches = cmd
+            .try_get_matches_from(["tandem", "serve"].iter().chain(args))
+            .unwrap();
+        match Cli::from_arg_matches(&matches).unwrap().command {
+            Command::Serve(serve) => serve.flags,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn help_of(id: &str) -> String {
+        let cmd = Cli::command();
+        let serve = cmd.find_subcommand("serve").unwrap();
+        let arg = serve
+            .get_arguments()
+            .find(|arg| arg.get_id() == id)
+            .unwrap();
+        arg.get_help().unwrap().to_string()
+    }
 
     #[test]
     fn test_config_flags_win_over_file() {
@@ -306,44 +417,114 @@ mod tests {
             "listen = \"127.0.0.1:9000\"\nmax_records = 7\nauth_timeout = \"3s\"\n",
         )
         .unwrap();
-        let flags = Settings {
-            listen: Some("127.0.0.1:9001".parse().unwrap()),
-            ..Settings::default()
-        };
-        let merged = flags.or(file);
-        assert_eq!(merged.listen().port(), 9001);
-        assert_eq!(merged.max_records, Some(7));
-        assert_eq!(
-            merged.auth_timeout,
-            Some(HumanDuration(Duration::from_secs(3)))
+        let merged = flags(&["--listen", "127.0.0.1:9001"]).over(file).unwrap();
+        assert_eq!(merged.server.listen.port(), 9001);
+        assert_eq!(merged.limits.max_records, 7);
+        assert_eq!(merged.gateway.auth_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn test_config_flag_over_file_over_default() {
+        let file = Settings::from_toml(
+            "max_records = 7\nmax_patches = 9\ndev = true\nshutdown_grace = 4\n\
+             jwt_rsa_public_keys = [\"file.pem\"]\n",
+        )
+        .unwrap();
+        let merged = flags(&["--max-records", "5", "--jwt-rsa-public-key", "a.pem,b.pem"])
+            .over(file)
+            .unwrap();
+        let defaults = Settings::default();
+        assert_eq!(merged.limits.max_records, 5, "flag over file");
+        assert_eq!(merged.limits.max_patches, 9, "file over default");
+        assert!(
+            merged.server.dev,
+            "a file's boolean is not reset by the absent flag"
         );
+        assert_eq!(merged.server.shutdown_grace, Duration::from_secs(4));
+        assert_eq!(
+            merged.server.jwt_rsa_public_keys,
+            [PathBuf::from("a.pem"), PathBuf::from("b.pem")],
+            "a list given as a flag replaces the file's"
+        );
+        assert_eq!(merged.limits.max_datasets, defaults.limits.max_datasets);
+        assert_eq!(merged.gateway, defaults.gateway);
+    }
+
+    #[test]
+    fn test_config_no_flags_and_no_file_are_the_defaults() {
+        assert_eq!(flags(&[]).over_file(None).unwrap(), Settings::default());
+        let dev = flags(&["--dev"]).over(Settings::default()).unwrap();
+        assert!(dev.server.dev);
     }
 
     #[test]
     fn test_config_unknown_file_key_is_an_error() {
         let err = Settings::from_toml("listn = \"127.0.0.1:9000\"").unwrap_err();
         assert!(err.to_string().contains("unknown field"), "{err}");
+        let err = Settings::from_toml("pool = \"other\"").unwrap_err();
+        assert!(err.contains("unknown field `pool`"), "{err}");
     }
 
     #[test]
-    fn test_config_durations_parse() {
-        assert_eq!(
-            "90s".parse::<HumanDuration>().unwrap().0,
-            Duration::from_secs(90)
+    fn test_config_bad_file_value_is_one_line() {
+        let cases = [
+            ("max_patches = 3\nmax_records = \"many\"\n", "max_records: "),
+            ("listen = \n", "line 1: "),
+            ("\n\nauth_timeout = \"1y\"", "auth_timeout: "),
+        ];
+        for (text, start) in cases {
+            let err = Settings::from_toml(text).unwrap_err();
+            assert_eq!(err.lines().count(), 1, "{err}");
+            assert!(err.starts_with(start), "{err}");
+        }
+    }
+
+    #[test]
+    fn test_config_file_of_every_default_reads_back() {
+        let text = toml::to_string(&Settings::default()).unwrap();
+        assert_eq!(Settings::from_toml(&text).unwrap(), Settings::default());
+    }
+
+    #[test]
+    fn test_config_help_shows_each_default() {
+        assert!(
+            help_of("max_records").ends_with("[default: 1024]"),
+            "{}",
+            help_of("max_records")
         );
-        assert_eq!(
-            "1h".parse::<HumanDuration>().unwrap().0,
-            Duration::from_secs(3600)
-        );
-        assert_eq!(
-            "250ms".parse::<HumanDuration>().unwrap().0,
-            Duration::from_millis(250)
-        );
-        assert_eq!(
-            "15".parse::<HumanDuration>().unwrap().0,
-            Duration::from_secs(15)
-        );
-        assert!("1y".parse::<HumanDuration>().is_err());
-        assert!("".parse::<HumanDuration>().is_err());
+        assert!(help_of("listen").ends_with("[default: 127.0.0.1:7420]"));
+        assert!(help_of("store_wait").ends_with("[default: 60s]"));
+        let defaults = Settings::defaults();
+        assert!(defaults.len() > 20, "{defaults:?}");
+        for (id, default) in defaults {
+            assert!(
+                help_of(&id).ends_with(&format!("[default: {default}]")),
+                "{id}: {}",
+                help_of(&id)
+            );
+        }
+    }
+
+    #[test]
+    fn test_config_every_setting_is_a_flag_and_a_tandem_variable() {
+        let cmd = Cli::command();
+        let serve = cmd.find_subcommand("serve").unwrap();
+        let mut count = 0;
+        for arg in serve.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" {
+                continue;
+            }
+            count += 1;
+            let env = format!("TANDEM_{}", id.to_uppercase());
+            assert_eq!(arg.get_env(), Some(std::ffi::OsStr::new(&env)), "{id}");
+            // The key lists take one key per flag, so their flags are singular.
+            let long = id.replace('_', "-");
+            let long = long
+                .strip_suffix("-keys")
+                .map_or(long.clone(), |l| format!("{l}-key"));
+            assert_eq!(arg.get_long(), Some(long.as_str()), "{id}");
+        }
+        assert!(count > 30, "{count}");
     }
 }

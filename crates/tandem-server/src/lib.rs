@@ -7,14 +7,14 @@ pub mod config;
 
 use anyhow::{Context, bail};
 use axum::serve::ListenerExt;
-use config::{Cli, Command, LogFormat, ServeArgs, Settings, TokenArgs};
+use config::{Cli, Command, LogFormat, ServeArgs, ServerConfig, Settings, TokenArgs};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 use tandem_fanout::{Broker, LocalBroker, RedisBroker, RedisConfig};
-use tandem_gateway::{AuthConfig, Gateway, GatewayConfig, Subscribers, Verifier};
+use tandem_gateway::{AuthConfig, Gateway, Subscribers, Verifier};
 use tandem_store::{Limits, PostgresConfig, PostgresStore, SqliteStore, Store, StoreError};
 use tokio_util::sync::CancellationToken;
 
@@ -40,16 +40,16 @@ pub fn main_entry() -> ExitCode {
 }
 
 fn run_token(args: TokenArgs) -> anyhow::Result<()> {
-    let settings = args.settings.with_file(args.config.as_deref())?;
+    let settings = args.settings()?.server;
     let secret = match explicit_secret(&settings)? {
         Some(secret) => secret,
         None => {
-            let path = settings.data_dir().join(SECRET_FILE);
+            let path = settings.data_dir.join(SECRET_FILE);
             read_secret_file(&path).with_context(|| {
                 format!(
                     "no secret at {}: start `tandem serve --data-dir {}` once, or pass --jwt-secret",
                     path.display(),
-                    settings.data_dir().display()
+                    settings.data_dir.display()
                 )
             })?
         }
@@ -57,7 +57,7 @@ fn run_token(args: TokenArgs) -> anyhow::Result<()> {
     let token = tandem_token::mint_hs256(
         &secret,
         &args.sub,
-        args.ttl.0,
+        args.ttl,
         settings.jwt_issuer.as_deref(),
         settings.jwt_audience.as_deref(),
     )?;
@@ -66,8 +66,8 @@ fn run_token(args: TokenArgs) -> anyhow::Result<()> {
 }
 
 fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
-    let settings = args.settings.with_file(args.config.as_deref())?;
-    init_logging(settings.log_format.unwrap_or(LogFormat::Plain));
+    let settings = args.settings()?;
+    init_logging(settings.server.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -116,13 +116,16 @@ async fn watch_signals(shutdown: CancellationToken) {
 
 /// Runs the service until `shutdown` is cancelled, then shuts down in order.
 pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let listen = settings.listen();
-    let data_dir = settings.data_dir();
-    let (auth, generated) = auth_config(&settings, &data_dir, listen)?;
+    let Settings {
+        server,
+        gateway: mut gateway_config,
+        limits,
+    } = settings;
+    let listen = server.listen;
+    let data_dir = server.data_dir.clone();
+    let (auth, generated) = auth_config(&server, &data_dir, listen)?;
     let verifier = Verifier::new(&auth).context("invalid jwt settings")?;
-    let limits = limits(&settings);
-    let mut gateway_config = gateway_config(&settings);
-    if settings.dev.unwrap_or(false) {
+    if server.dev {
         if !listen.ip().is_loopback() {
             bail!("refusing dev mode on {listen}: dev mode mints tokens for anyone, loopback only");
         }
@@ -131,21 +134,16 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         };
         gateway_config.dev_token_secret = Some(secret);
     }
-    let grace = settings
-        .shutdown_grace
-        .map_or(Duration::from_secs(10), |d| d.0);
+    let grace = server.shutdown_grace;
 
-    let (store, store_kind) = open_store(&settings, &data_dir, limits, &shutdown).await?;
-    let redis = settings
+    let (store, store_kind) = open_store(&server, &data_dir, limits, &shutdown).await?;
+    let redis = server
         .redis
         .as_ref()
         .map(|url| {
             RedisBroker::prepare(RedisConfig {
                 url: url.clone(),
-                prefix: settings
-                    .redis_prefix
-                    .clone()
-                    .unwrap_or_else(|| tandem_fanout::DEFAULT_PREFIX.to_owned()),
+                prefix: server.redis_prefix.clone(),
             })
             .context("invalid --redis url")
         })
@@ -166,7 +164,7 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         let _ = tcp.set_nodelay(true);
     });
     tracing::info!(addr = %local, data_dir = %data_dir.display(), store = store_kind, broker = broker_kind, "tandem listening");
-    if settings.dev.unwrap_or(false) {
+    if server.dev {
         tracing::warn!(
             "dev mode: GET /dev/token mints tokens for anyone; never use it in production"
         );
@@ -218,39 +216,29 @@ fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 
 /// The embedded SQLite store in the data dir by default; PostgreSQL for a `postgres://` URL.
 async fn open_store(
-    settings: &Settings,
+    server: &ServerConfig,
     data_dir: &Path,
     limits: Limits,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(Arc<dyn Store>, &'static str)> {
-    match settings.store.as_deref() {
-        None | Some("sqlite") => {
+    match server.store.as_str() {
+        "sqlite" => {
             let store = SqliteStore::open(data_dir, limits)
                 .with_context(|| format!("cannot open the store in {}", data_dir.display()))?;
             Ok((Arc::new(store), "sqlite"))
         }
-        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+        url if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
             let mut config = PostgresConfig::new(url);
-            if let Some(schema) = &settings.postgres_schema {
-                config.schema = schema.clone();
-            }
-            if let Some(size) = settings.postgres_pool_size {
-                config.pool_size = size;
-            }
-            let wait = settings.store_wait.map_or(STORE_WAIT, |t| t.0);
-            let store = connect_postgres(config, limits, wait, shutdown)
+            config.schema = server.postgres_schema.clone();
+            config.pool_size = server.postgres_pool_size;
+            let store = connect_postgres(config, limits, server.store_wait, shutdown)
                 .await
                 .context("cannot open the postgresql store")?;
             Ok((Arc::new(store), "postgres"))
         }
-        Some(other) => bail!("--store must be `sqlite` or a postgres:// url, not `{other}`"),
+        other => bail!("--store must be `sqlite` or a postgres:// url, not `{other}`"),
     }
 }
-
-/// How long start-up waits for an unreachable PostgreSQL by default: nodes and their database
-/// are often started together (compose, a rebooted host), and a node that exits at once only
-/// leaves the retrying to whatever restarts it.
-const STORE_WAIT: Duration = Duration::from_secs(60);
 
 /// Connects, retrying with backoff while PostgreSQL refuses or cannot be reached
 /// (`Unavailable`: down, not accepting connections, but also a wrong password or a missing
@@ -294,39 +282,7 @@ async fn connect_postgres(
     }
 }
 
-fn limits(settings: &Settings) -> Limits {
-    let d = Limits::default();
-    Limits {
-        max_datasets: settings.max_datasets.unwrap_or(d.max_datasets),
-        max_records: settings.max_records.unwrap_or(d.max_records),
-        max_dataset_bytes: settings.max_dataset_bytes.unwrap_or(d.max_dataset_bytes),
-        max_key_length: settings.max_key_length.unwrap_or(d.max_key_length),
-        max_patches: settings.max_patches.unwrap_or(d.max_patches),
-        max_device_id_length: settings
-            .max_device_id_length
-            .unwrap_or(d.max_device_id_length),
-    }
-}
-
-fn gateway_config(settings: &Settings) -> GatewayConfig {
-    let d = GatewayConfig::default();
-    GatewayConfig {
-        pool: d.pool,
-        max_frame_bytes: settings.max_frame_bytes.unwrap_or(d.max_frame_bytes),
-        max_subscriptions: settings.max_subscriptions.unwrap_or(d.max_subscriptions),
-        max_queued_replies: settings.max_queued_replies.unwrap_or(d.max_queued_replies),
-        max_requests_per_second: settings
-            .max_requests_per_second
-            .unwrap_or(d.max_requests_per_second),
-        auth_timeout: settings.auth_timeout.map_or(d.auth_timeout, |t| t.0),
-        write_timeout: settings.write_timeout.map_or(d.write_timeout, |t| t.0),
-        read_buffer_bytes: settings.read_buffer_bytes.unwrap_or(d.read_buffer_bytes),
-        write_buffer_bytes: settings.write_buffer_bytes.unwrap_or(d.write_buffer_bytes),
-        dev_token_secret: None,
-    }
-}
-
-fn explicit_secret(settings: &Settings) -> anyhow::Result<Option<Vec<u8>>> {
+fn explicit_secret(settings: &ServerConfig) -> anyhow::Result<Option<Vec<u8>>> {
     if let Some(secret) = &settings.jwt_secret {
         return Ok(Some(secret.as_bytes().to_vec()));
     }
@@ -346,10 +302,9 @@ fn read_secret_file(path: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(secret.as_bytes().to_vec())
 }
 
-fn read_pems(paths: Option<&Vec<PathBuf>>) -> anyhow::Result<Vec<Vec<u8>>> {
+fn read_pems(paths: &[PathBuf]) -> anyhow::Result<Vec<Vec<u8>>> {
     paths
-        .into_iter()
-        .flatten()
+        .iter()
         .map(|p| std::fs::read(p).with_context(|| format!("cannot read key file {}", p.display())))
         .collect()
 }
@@ -357,12 +312,12 @@ fn read_pems(paths: Option<&Vec<PathBuf>>) -> anyhow::Result<Vec<Vec<u8>>> {
 /// The verifier's keys. With none configured, a generated secret kept in the data dir is
 /// used, and only on a loopback address: an exposed server must have keys set on purpose.
 fn auth_config(
-    settings: &Settings,
+    settings: &ServerConfig,
     data_dir: &Path,
     listen: SocketAddr,
 ) -> anyhow::Result<(AuthConfig, bool)> {
-    let rsa = read_pems(settings.jwt_rsa_public_keys.as_ref())?;
-    let ec = read_pems(settings.jwt_ec_public_keys.as_ref())?;
+    let rsa = read_pems(&settings.jwt_rsa_public_keys)?;
+    let ec = read_pems(&settings.jwt_ec_public_keys)?;
     let mut secret = explicit_secret(settings)?;
     let mut generated = false;
     if secret.is_none() && rsa.is_empty() && ec.is_empty() {
@@ -380,7 +335,7 @@ fn auth_config(
         es256_public_keys: ec,
         issuer: settings.jwt_issuer.clone(),
         audience: settings.jwt_audience.clone(),
-        leeway_secs: settings.jwt_leeway.map_or(30, |d| d.0.as_secs()),
+        leeway_secs: settings.jwt_leeway.as_secs(),
     };
     Ok((config, generated))
 }

@@ -108,14 +108,30 @@ pub enum UpdateOutcome {
     },
 }
 
-/// Configurable limits; the defaults are Cognito Sync's.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Configurable limits; the defaults are Cognito Sync's. A settings section: read from a TOML
+/// file through serde, and with the `clap` feature the `tandem serve` flags (the field's doc
+/// is its help), so a new limit is one field and its default here.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
+#[serde(default, deny_unknown_fields)]
 pub struct Limits {
+    /// Datasets one identity may own.
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_MAX_DATASETS"))]
     pub max_datasets: u64,
+    /// Live records in one dataset.
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_MAX_RECORDS"))]
     pub max_records: u64,
+    /// Bytes of keys and values in one dataset.
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_MAX_DATASET_BYTES"))]
     pub max_dataset_bytes: u64,
+    /// Characters in a record key.
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_MAX_KEY_LENGTH"))]
     pub max_key_length: u64,
+    /// Patches in one update.
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_MAX_PATCHES"))]
     pub max_patches: u64,
+    /// Characters in a device id.
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_MAX_DEVICE_ID_LENGTH"))]
     pub max_device_id_length: u64,
 }
 

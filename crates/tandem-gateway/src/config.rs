@@ -1,0 +1,190 @@
+//! The gateway's settings section: one field per setting, its default written once in
+//! [`GatewayConfig`]'s `Default`, and read from a TOML file through serde. With the `clap`
+//! feature the same fields are the `tandem serve` flags and `TANDEM_*` variables (the field's
+//! doc is its help), so a new per-connection setting is one field here and nothing in the
+//! binary. Also the duration syntax every setting shares (`90s`, `250ms`, `1h`).
+
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use tandem_store::DEFAULT_POOL;
+
+/// Per-connection settings; every limit here has its own error or close code.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    #[serde(skip)]
+    #[cfg_attr(feature = "clap", arg(skip))]
+    pub pool: String,
+    /// Bytes in one WebSocket frame or message; larger ones are refused while reading the
+    /// header, without buffering the payload (`too_large` / `max_frame_bytes`, close 4501).
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_MAX_FRAME_BYTES"))]
+    pub max_frame_bytes: usize,
+    /// Subscriptions on one connection (`limit_exceeded` / `max_subscriptions`).
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_MAX_SUBSCRIPTIONS"))]
+    pub max_subscriptions: usize,
+    /// Unread replies queued for one connection before it is closed as slow.
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_MAX_QUEUED_REPLIES"))]
+    pub max_queued_replies: usize,
+    /// Frames one connection may send per second, in bursts of as many; more are refused with
+    /// `rate_limited` / `max_requests_per_second`; 0 = unlimited.
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_MAX_REQUESTS_PER_SECOND"))]
+    pub max_requests_per_second: u32,
+    /// Time allowed to authenticate after connecting (close 4004).
+    #[serde(with = "duration")]
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, env = "TANDEM_AUTH_TIMEOUT", value_parser = duration::parse)
+    )]
+    pub auth_timeout: Duration,
+    /// Time one socket write may take before the connection is closed as slow (close 4001).
+    #[serde(with = "duration")]
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, env = "TANDEM_WRITE_TIMEOUT", value_parser = duration::parse)
+    )]
+    pub write_timeout: Duration,
+    /// WebSocket read buffer per connection, bytes; small keeps idle connections cheap (it is
+    /// allocated up front), larger reads big frames in fewer system calls.
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_READ_BUFFER_BYTES"))]
+    pub read_buffer_bytes: usize,
+    /// WebSocket write buffer per connection, bytes.
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_WRITE_BUFFER_BYTES"))]
+    pub write_buffer_bytes: usize,
+    /// Dev mode: the HS256 secret `GET /dev/token` mints demo tokens with. `None` (the
+    /// default) disables the endpoint. Set by the binary, never read from settings.
+    #[serde(skip)]
+    #[cfg_attr(feature = "clap", arg(skip))]
+    pub dev_token_secret: Option<Vec<u8>>,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            pool: DEFAULT_POOL.to_owned(),
+            max_frame_bytes: 2 * 1024 * 1024,
+            max_subscriptions: 100,
+            max_queued_replies: 1024,
+            max_requests_per_second: 1000,
+            auth_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
+            read_buffer_bytes: 1024,
+            write_buffer_bytes: 4 * 1024,
+            dev_token_secret: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for GatewayConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayConfig")
+            .field("pool", &self.pool)
+            .field("max_frame_bytes", &self.max_frame_bytes)
+            .field("max_subscriptions", &self.max_subscriptions)
+            .field("max_queued_replies", &self.max_queued_replies)
+            .field("max_requests_per_second", &self.max_requests_per_second)
+            .field("auth_timeout", &self.auth_timeout)
+            .field("write_timeout", &self.write_timeout)
+            .field("dev_mode", &self.dev_token_secret.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Durations as settings write them: `500ms`, `90s`, `30m`, `1h`, `7d`, or plain seconds
+/// (a TOML integer or a string of digits). Use as `#[serde(with = "duration")]` and as a clap
+/// `value_parser = duration::parse`.
+pub mod duration {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (digits, unit) = s.split_at(split);
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("invalid duration `{s}`: expected e.g. 90s, 30m, 1h"))?;
+        let secs = match unit.trim() {
+            "ms" => return Ok(Duration::from_millis(n)),
+            "" | "s" => n,
+            "m" => n.saturating_mul(60),
+            "h" => n.saturating_mul(3600),
+            "d" => n.saturating_mul(86_400),
+            other => return Err(format!("invalid duration unit `{other}` in `{s}`")),
+        };
+        Ok(Duration::from_secs(secs))
+    }
+
+    /// The form [`parse`] reads back: whole seconds as `90s`, anything finer as `ms`.
+    pub fn format(d: Duration) -> String {
+        if d.subsec_nanos() == 0 {
+            format!("{}s", d.as_secs())
+        } else {
+            format!("{}ms", d.as_millis())
+        }
+    }
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(n) => Ok(Duration::from_secs(n)),
+            Raw::Text(t) => parse(&t).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_config_durations_parse() {
+        assert_eq!(duration::parse("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(duration::parse("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(
+            duration::parse("250ms").unwrap(),
+            Duration::from_millis(250)
+        );
+        assert_eq!(duration::parse("15").unwrap(), Duration::from_secs(15));
+        assert!(duration::parse("1y").is_err());
+        assert!(duration::parse("").is_err());
+    }
+
+    #[test]
+    fn test_config_duration_format_reads_back() {
+        for d in [
+            Duration::from_secs(10),
+            Duration::from_millis(250),
+            Duration::ZERO,
+        ] {
+            assert_eq!(duration::parse(&duration::format(d)).unwrap(), d);
+        }
+        assert_eq!(duration::format(Duration::from_secs(60)), "60s");
+    }
+
+    #[test]
+    fn test_config_missing_keys_take_the_defaults() {
+        let config: GatewayConfig =
+            serde_json::from_str(r#"{"max_subscriptions": 3, "auth_timeout": "2s"}"#).unwrap();
+        assert_eq!(config.max_subscriptions, 3);
+        assert_eq!(config.auth_timeout, Duration::from_secs(2));
+        let defaults = GatewayConfig::default();
+        assert_eq!(config.max_frame_bytes, defaults.max_frame_bytes);
+        assert_eq!(config.pool, defaults.pool);
+    }
+
+    #[test]
+    fn test_config_unknown_key_is_an_error() {
+        let err = serde_json::from_str::<GatewayConfig>(r#"{"pool": "x"}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+}
