@@ -7,6 +7,7 @@
 //! write it guards, so a revoke takes effect at once. The store knows nothing of sockets,
 //! subscriptions or fan-out: the gateway publishes what a commit returns.
 
+mod decision;
 mod error;
 mod model;
 mod postgres;

@@ -14,15 +14,16 @@
 //! owner's advisory lock and counts datasets), and a second update of a dataset already in
 //! the batch (it runs after the batch commits).
 
-use super::read::{record_from_row, to_i64};
-use super::write::{self, DatasetRow};
+use super::read::record_from_row;
+use super::write::{self, Write};
 use super::{Fail, Inner, forbidden};
+use crate::decision::{self, DatasetRow, StoredRecords};
 use crate::{Limits, StoreError, UpdateOutcome, UpdateRequest, ValidatedPatch, now_ms};
 use deadpool_postgres::ClientWrapper;
 use futures_util::StreamExt;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use tandem_protocol::{Access, Record};
+use tandem_protocol::Access;
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -234,36 +235,10 @@ const LOAD_RECORDS: &str = r#"
            OR (dataset_id, key) IN (SELECT u.id, u.key COLLATE "C"
                                     FROM UNNEST($2::bigint[], $3::text[]) AS u (id, key)))"#;
 
-const UPDATE_DATASETS: &str = "
-    UPDATE datasets AS d
-    SET sync_count = u.sync_count, deleted = false, record_count = u.record_count,
-        byte_size = u.byte_size, last_modified = $5
-    FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])
-      AS u (id, sync_count, record_count, byte_size)
-    WHERE d.id = u.id";
-
-const UPSERT_RECORDS: &str = "
-    INSERT INTO records (dataset_id, key, value, sync_count, last_modified, last_modified_by,
-                         device_id, device_last_modified)
-    SELECT u.dataset_id, u.key, u.value, u.sync_count, $8, u.last_modified_by, u.device_id,
-           u.device_last_modified
-    FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[],
-                $7::bigint[])
-      AS u (dataset_id, key, value, sync_count, last_modified_by, device_id,
-            device_last_modified)
-    ON CONFLICT (dataset_id, key) DO UPDATE SET
-        value = EXCLUDED.value,
-        sync_count = EXCLUDED.sync_count,
-        last_modified = EXCLUDED.last_modified,
-        last_modified_by = EXCLUDED.last_modified_by,
-        device_id = EXCLUDED.device_id,
-        device_last_modified = EXCLUDED.device_last_modified";
-
 /// One update's planned write.
-struct Write {
+struct Planned {
     index: usize,
-    row: DatasetRow,
-    plan: write::Plan,
+    write: Write,
 }
 
 async fn transaction(
@@ -295,9 +270,9 @@ async fn transaction(
     let mut rows: Vec<Option<DatasetRow>> = vec![None; n];
     for row in tx.query(&stmt, &[&pools, &owners, &names, &index]).await? {
         let i: i32 = row.try_get(5)?;
-        let dataset = DatasetRow::from_row(&row)?;
+        let dataset = write::dataset_row(&row)?;
         if let Some(slot) = usize::try_from(i).ok().and_then(|i| rows.get_mut(i)) {
-            *slot = Some(dataset).filter(|d| !d.deleted);
+            *slot = Some(dataset).filter(|d| !d.state.deleted);
         }
     }
 
@@ -342,7 +317,7 @@ async fn transaction(
             keys.push(patch.key.as_str());
         }
     }
-    let mut stored: HashMap<i64, BTreeMap<String, Record>> = HashMap::new();
+    let mut stored: HashMap<i64, StoredRecords> = HashMap::new();
     if !ids.is_empty() {
         let stmt = tx.prepare_cached(LOAD_RECORDS).await?;
         for row in tx.query(&stmt, &[&ids, &key_ids, &keys]).await? {
@@ -355,7 +330,7 @@ async fn transaction(
         }
     }
 
-    // 4. Each update's outcome, as `write::update` decides it.
+    // 4. Each update's outcome, by the shared decision (as the single path decides it).
     let mut settled: Vec<Option<Settled>> = (0..n).map(|_| None).collect();
     let mut writes = Vec::new();
     for (i, item) in items.iter().enumerate() {
@@ -370,84 +345,44 @@ async fn transaction(
             settled[i] = Some(Settled::Done(Err(e)));
             continue;
         }
-        let empty = BTreeMap::new();
+        let empty = StoredRecords::new();
         let current = stored.get(&row.id).unwrap_or(&empty);
-        if let Some(conflict) = write::conflicts(&row, &item.patches, current) {
+        if let Some(conflict) = decision::conflict(&row.state, &item.patches, current) {
             settled[i] = Some(Settled::Done(Ok(conflict)));
             continue;
         }
         // Deleted datasets take the single path, so nothing here re-creates one.
-        match write::plan(limits, request, &item.patches, &row, current, None, now) {
-            Ok(plan) => writes.push(Write {
+        match decision::plan(
+            limits,
+            request,
+            &item.patches,
+            &row.state,
+            current,
+            None,
+            now,
+        ) {
+            Ok(plan) => writes.push(Planned {
                 index: i,
-                row,
-                plan,
+                write: Write {
+                    dataset_id: row.id,
+                    plan,
+                },
             }),
             Err(e) => settled[i] = Some(Settled::Done(Err(e))),
         }
     }
 
     // 5. Every write of the batch in two statements, then one commit.
-    if !writes.is_empty() {
-        let (mut ds_ids, mut ds_counts, mut ds_records, mut ds_bytes) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for w in &writes {
-            ds_ids.push(w.row.id);
-            ds_counts.push(to_i64(w.plan.new_count)?);
-            ds_records.push(to_i64(w.plan.records)?);
-            ds_bytes.push(to_i64(w.plan.bytes)?);
-        }
-        let mut rec_ids: Vec<i64> = Vec::new();
-        let mut rec_keys: Vec<&str> = Vec::new();
-        let mut rec_values: Vec<Option<&str>> = Vec::new();
-        let mut rec_counts: Vec<i64> = Vec::new();
-        let mut rec_by: Vec<&str> = Vec::new();
-        let mut rec_devices: Vec<Option<&str>> = Vec::new();
-        let mut rec_device_times: Vec<Option<i64>> = Vec::new();
-        for w in &writes {
-            for record in &w.plan.changed {
-                rec_ids.push(w.row.id);
-                rec_keys.push(record.key.as_str());
-                rec_values.push(record.value.as_deref());
-                rec_counts.push(to_i64(record.sync_count)?);
-                rec_by.push(record.last_modified_by.as_str());
-                rec_devices.push(record.device_id.as_deref());
-                rec_device_times.push(record.device_last_modified);
-            }
-        }
-        let (update, upsert) = tokio::try_join!(
-            tx.prepare_cached(UPDATE_DATASETS),
-            tx.prepare_cached(UPSERT_RECORDS),
-        )?;
-        let update_params: [&(dyn deadpool_postgres::tokio_postgres::types::ToSql + Sync); 5] =
-            [&ds_ids, &ds_counts, &ds_records, &ds_bytes, &now];
-        let upsert_params: [&(dyn deadpool_postgres::tokio_postgres::types::ToSql + Sync); 8] = [
-            &rec_ids,
-            &rec_keys,
-            &rec_values,
-            &rec_counts,
-            &rec_by,
-            &rec_devices,
-            &rec_device_times,
-            &now,
-        ];
-        tokio::try_join!(tx.execute(&update, &update_params), async {
-            if rec_ids.is_empty() {
-                Ok(0)
-            } else {
-                tx.execute(&upsert, &upsert_params).await
-            }
-        },)?;
-    }
+    let planned: Vec<&Write> = writes.iter().map(|p| &p.write).collect();
+    write::store_writes(&tx, &planned, now).await?;
     // If the answer to COMMIT is lost, this fails and every update gets `Unavailable`.
     tx.commit().await?;
 
     // 6. The committed outcomes: the records read under the lock plus each update's writes.
-    for w in writes {
-        let stored = stored.remove(&w.row.id).unwrap_or_default();
-        let dataset = &items[w.index].request.dataset;
-        let outcome = write::committed(dataset, w.plan.new_count, w.plan.changed, stored);
-        settled[w.index] = Some(Settled::Done(Ok(outcome)));
+    for Planned { index, write } in writes {
+        let stored = stored.remove(&write.dataset_id).unwrap_or_default();
+        let outcome = write.plan.committed(&items[index].request.dataset, stored);
+        settled[index] = Some(Settled::Done(Ok(outcome)));
     }
     Ok(settled
         .into_iter()
