@@ -19,7 +19,8 @@ use super::write::{self, Write};
 use super::{Fail, Inner, forbidden};
 use crate::decision::{self, DatasetRow, StoredRecords};
 use crate::{Limits, StoreError, UpdateOutcome, UpdateRequest, ValidatedPatch, now_ms};
-use deadpool_postgres::ClientWrapper;
+use deadpool_postgres::tokio_postgres::Row;
+use deadpool_postgres::{ClientWrapper, Transaction};
 use futures_util::StreamExt;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -235,80 +236,142 @@ const LOAD_RECORDS: &str = r#"
            OR (dataset_id, key) IN (SELECT u.id, u.key COLLATE "C"
                                     FROM UNNEST($2::bigint[], $3::text[]) AS u (id, key)))"#;
 
-/// One update's planned write.
-struct Planned {
-    index: usize,
-    write: Write,
+/// What step 4 decided for one update.
+enum Decided {
+    /// Answered without writing: forbidden, a conflict or a limit.
+    Refused(Result<UpdateOutcome, StoreError>),
+    /// Left to the single path.
+    Single,
+    /// Goes ahead with this write.
+    Write(Write),
 }
 
+/// Decides and writes one update per item (each of its own dataset) in one transaction, in
+/// the numbered steps below: one statement per step for the whole batch.
 async fn transaction(
     client: &mut ClientWrapper,
     limits: &Limits,
     items: &[Item],
     now: i64,
 ) -> Result<Vec<Settled>, Fail> {
-    let n = items.len();
-    let index: Vec<i32> = (0..n).map(|i| i as i32).collect();
-    let pools: Vec<&str> = items
-        .iter()
-        .map(|i| i.request.dataset.pool.as_str())
-        .collect();
-    let owners: Vec<&str> = items
-        .iter()
-        .map(|i| i.request.dataset.owner.as_str())
-        .collect();
-    let names: Vec<&str> = items
-        .iter()
-        .map(|i| i.request.dataset.name.as_str())
-        .collect();
     let tx = client.transaction().await?;
+    let rows = lock_datasets(&tx, items).await?;
+    let can_write = lock_write_grants(&tx, items, &rows).await?;
+    let mut stored = load_records(&tx, items, &rows, &can_write).await?;
+    let decided = decide(limits, items, &rows, &can_write, &stored, now);
+    // 5. Every write of the batch in two statements, then one commit.
+    let writes: Vec<&Write> = decided
+        .iter()
+        .filter_map(|d| match d {
+            Decided::Write(write) => Some(write),
+            _ => None,
+        })
+        .collect();
+    write::store_writes(&tx, &writes, now).await?;
+    // If the answer to COMMIT is lost, this fails and every update gets `Unavailable`.
+    tx.commit().await?;
+    Ok(settle(items, decided, &mut stored))
+}
 
-    // 1. The dataset rows, locked in id order. A row someone else holds is skipped: its
-    //    update goes to the single path and waits there for that row alone, instead of the
-    //    whole batch waiting behind it (while holding the other rows).
+/// 1. The dataset rows, locked in id order; `None` for an item whose dataset has no live row
+///    or whose row someone else holds. A held row is skipped: its update goes to the single
+///    path and waits there for that row alone, instead of the whole batch waiting behind it
+///    (while holding the other rows).
+async fn lock_datasets(
+    tx: &Transaction<'_>,
+    items: &[Item],
+) -> Result<Vec<Option<DatasetRow>>, Fail> {
+    let k = Columns::of(items, 0..items.len());
     let stmt = tx.prepare_cached(LOCK_DATASETS).await?;
-    let mut rows: Vec<Option<DatasetRow>> = vec![None; n];
-    for row in tx.query(&stmt, &[&pools, &owners, &names, &index]).await? {
-        let i: i32 = row.try_get(5)?;
+    let mut rows: Vec<Option<DatasetRow>> = vec![None; items.len()];
+    for row in tx
+        .query(&stmt, &[&k.pools, &k.owners, &k.names, &k.index])
+        .await?
+    {
         let dataset = write::dataset_row(&row)?;
-        if let Some(slot) = usize::try_from(i).ok().and_then(|i| rows.get_mut(i)) {
+        if let Some(slot) = slot(&mut rows, &row, 5)? {
             *slot = Some(dataset).filter(|d| !d.state.deleted);
         }
     }
+    Ok(rows)
+}
 
-    // 2. Grants of the non-owners, after the row locks (the single path's order).
-    let guests: Vec<usize> = (0..n)
-        .filter(|&i| rows[i].is_some() && items[i].request.actor != items[i].request.dataset.owner)
-        .collect();
-    let mut can_write = vec![false; n];
-    if !guests.is_empty() {
-        let pick = |f: &dyn Fn(&Item) -> &str| -> Vec<String> {
-            guests.iter().map(|&i| f(&items[i]).to_owned()).collect()
-        };
-        let (gp, go, gn, gg) = (
-            pick(&|i| &i.request.dataset.pool),
-            pick(&|i| &i.request.dataset.owner),
-            pick(&|i| &i.request.dataset.name),
-            pick(&|i| &i.request.actor),
-        );
-        let gi: Vec<i32> = guests.iter().map(|&i| i as i32).collect();
-        let stmt = tx.prepare_cached(LOCK_GRANTS).await?;
-        for row in tx.query(&stmt, &[&gp, &go, &gn, &gg, &gi]).await? {
-            let i: i32 = row.try_get(0)?;
-            let access: String = row.try_get(1)?;
-            if let Some(slot) = usize::try_from(i).ok().and_then(|i| can_write.get_mut(i)) {
-                *slot = Access::parse(&access).is_some_and(Access::can_write);
-            }
+/// 2. Whether each item's actor may write: the owner may; a guest's grant is locked
+///    (`FOR SHARE`) after the row locks, the single path's order.
+async fn lock_write_grants(
+    tx: &Transaction<'_>,
+    items: &[Item],
+    rows: &[Option<DatasetRow>],
+) -> Result<Vec<bool>, Fail> {
+    let mut can_write: Vec<bool> = items.iter().map(is_owner).collect();
+    let guests = (0..items.len()).filter(|&i| rows[i].is_some() && !is_owner(&items[i]));
+    let k = Columns::of(items, guests);
+    if k.index.is_empty() {
+        return Ok(can_write);
+    }
+    let stmt = tx.prepare_cached(LOCK_GRANTS).await?;
+    for row in tx
+        .query(&stmt, &[&k.pools, &k.owners, &k.names, &k.actors, &k.index])
+        .await?
+    {
+        let access: String = row.try_get(1)?;
+        if let Some(slot) = slot(&mut can_write, &row, 0)? {
+            *slot = Access::parse(&access).is_some_and(Access::can_write);
         }
     }
+    Ok(can_write)
+}
 
-    // 3. The records of every dataset that goes ahead.
+/// Some items' datasets and actors as arrays for `UNNEST`, with each item's index in the
+/// batch, which the statements return to say which item a row belongs to.
+struct Columns<'a> {
+    pools: Vec<&'a str>,
+    owners: Vec<&'a str>,
+    names: Vec<&'a str>,
+    actors: Vec<&'a str>,
+    index: Vec<i32>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(items: &'a [Item], which: impl Iterator<Item = usize>) -> Self {
+        let mut k = Columns {
+            pools: Vec::new(),
+            owners: Vec::new(),
+            names: Vec::new(),
+            actors: Vec::new(),
+            index: Vec::new(),
+        };
+        for i in which {
+            let request = &items[i].request;
+            k.pools.push(&request.dataset.pool);
+            k.owners.push(&request.dataset.owner);
+            k.names.push(&request.dataset.name);
+            k.actors.push(&request.actor);
+            k.index.push(i as i32);
+        }
+        k
+    }
+}
+
+/// The slot of the item whose index is in `row`'s column `at`.
+fn slot<'s, T>(slots: &'s mut [T], row: &Row, at: usize) -> Result<Option<&'s mut T>, Fail> {
+    let i: i32 = row.try_get(at)?;
+    Ok(usize::try_from(i).ok().and_then(|i| slots.get_mut(i)))
+}
+
+/// 3. The stored records of every dataset that goes ahead (locked, and writable by its
+///    actor), by dataset id.
+async fn load_records(
+    tx: &Transaction<'_>,
+    items: &[Item],
+    rows: &[Option<DatasetRow>],
+    can_write: &[bool],
+) -> Result<HashMap<i64, StoredRecords>, Fail> {
     let mut ids = Vec::new();
     let (mut key_ids, mut keys) = (Vec::new(), Vec::new());
     for (i, row) in rows.iter().enumerate() {
         let Some(row) = row else { continue };
-        let owner = items[i].request.actor == items[i].request.dataset.owner;
-        if !owner && !can_write[i] {
+        if !can_write[i] {
             continue;
         }
         ids.push(row.id);
@@ -318,76 +381,91 @@ async fn transaction(
         }
     }
     let mut stored: HashMap<i64, StoredRecords> = HashMap::new();
-    if !ids.is_empty() {
-        let stmt = tx.prepare_cached(LOAD_RECORDS).await?;
-        for row in tx.query(&stmt, &[&ids, &key_ids, &keys]).await? {
-            let id: i64 = row.try_get(7)?;
-            let record = record_from_row(&row, 0)?;
-            stored
-                .entry(id)
-                .or_default()
-                .insert(record.key.clone(), record);
-        }
+    if ids.is_empty() {
+        return Ok(stored);
     }
+    let stmt = tx.prepare_cached(LOAD_RECORDS).await?;
+    for row in tx.query(&stmt, &[&ids, &key_ids, &keys]).await? {
+        let id: i64 = row.try_get(7)?;
+        let record = record_from_row(&row, 0)?;
+        stored
+            .entry(id)
+            .or_default()
+            .insert(record.key.clone(), record);
+    }
+    Ok(stored)
+}
 
-    // 4. Each update's outcome, by the shared decision (as the single path decides it).
-    let mut settled: Vec<Option<Settled>> = (0..n).map(|_| None).collect();
-    let mut writes = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        let request = &item.request;
-        let key = &request.dataset;
-        let Some(row) = rows[i] else {
-            settled[i] = Some(Settled::Single);
-            continue;
-        };
-        if request.actor != key.owner && !can_write[i] {
-            let e = forbidden(key, &request.actor, "write");
-            settled[i] = Some(Settled::Done(Err(e)));
-            continue;
-        }
-        let empty = StoredRecords::new();
-        let current = stored.get(&row.id).unwrap_or(&empty);
-        if let Some(conflict) = decision::conflict(&row.state, &item.patches, current) {
-            settled[i] = Some(Settled::Done(Ok(conflict)));
-            continue;
-        }
-        // Deleted datasets take the single path, so nothing here re-creates one.
-        match decision::plan(
-            limits,
-            request,
-            &item.patches,
-            &row.state,
-            current,
-            None,
-            now,
-        ) {
-            Ok(plan) => writes.push(Planned {
-                index: i,
-                write: Write {
+/// 4. Each update's outcome by the shared decision, as the single path decides it: refused,
+///    left to the single path, or the write it makes.
+fn decide(
+    limits: &Limits,
+    items: &[Item],
+    rows: &[Option<DatasetRow>],
+    can_write: &[bool],
+    stored: &HashMap<i64, StoredRecords>,
+    now: i64,
+) -> Vec<Decided> {
+    let empty = StoredRecords::new();
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let request = &item.request;
+            let Some(row) = rows[i] else {
+                return Decided::Single;
+            };
+            if !can_write[i] {
+                let e = forbidden(&request.dataset, &request.actor, "write");
+                return Decided::Refused(Err(e));
+            }
+            let current = stored.get(&row.id).unwrap_or(&empty);
+            if let Some(conflict) = decision::conflict(&row.state, &item.patches, current) {
+                return Decided::Refused(Ok(conflict));
+            }
+            // Deleted datasets take the single path, so nothing here creates one.
+            match decision::plan(
+                limits,
+                request,
+                &item.patches,
+                &row.state,
+                current,
+                None,
+                now,
+            ) {
+                Ok(plan) => Decided::Write(Write {
                     dataset_id: row.id,
                     plan,
-                },
-            }),
-            Err(e) => settled[i] = Some(Settled::Done(Err(e))),
-        }
-    }
+                }),
+                Err(e) => Decided::Refused(Err(e)),
+            }
+        })
+        .collect()
+}
 
-    // 5. Every write of the batch in two statements, then one commit.
-    let planned: Vec<&Write> = writes.iter().map(|p| &p.write).collect();
-    write::store_writes(&tx, &planned, now).await?;
-    // If the answer to COMMIT is lost, this fails and every update gets `Unavailable`.
-    tx.commit().await?;
-
-    // 6. The committed outcomes: the records read under the lock plus each update's writes.
-    for Planned { index, write } in writes {
-        let stored = stored.remove(&write.dataset_id).unwrap_or_default();
-        let outcome = write.plan.committed(&items[index].request.dataset, stored);
-        settled[index] = Some(Settled::Done(Ok(outcome)));
-    }
-    Ok(settled
+/// 6. Every item's answer; a committed one's outcome is the records read under the lock
+///    plus its writes.
+fn settle(
+    items: &[Item],
+    decided: Vec<Decided>,
+    stored: &mut HashMap<i64, StoredRecords>,
+) -> Vec<Settled> {
+    decided
         .into_iter()
-        .map(|s| s.unwrap_or(Settled::Single))
-        .collect())
+        .zip(items)
+        .map(|(decided, item)| match decided {
+            Decided::Refused(result) => Settled::Done(result),
+            Decided::Single => Settled::Single,
+            Decided::Write(write) => {
+                let records = stored.remove(&write.dataset_id).unwrap_or_default();
+                Settled::Done(Ok(write.plan.committed(&item.request.dataset, records)))
+            }
+        })
+        .collect()
+}
+
+fn is_owner(item: &Item) -> bool {
+    item.request.actor == item.request.dataset.owner
 }
 
 #[cfg(test)]
