@@ -16,7 +16,7 @@
 
 use super::read::record_from_row;
 use super::write::{self, Write};
-use super::{Fail, Inner, forbidden};
+use super::{CallError, Inner, forbidden};
 use crate::decision::{self, DatasetRow, StoredRecords};
 use crate::{Limits, StoreError, UpdateOutcome, UpdateRequest, ValidatedPatch, now_ms};
 use deadpool_postgres::tokio_postgres::Row;
@@ -253,7 +253,7 @@ async fn transaction(
     limits: &Limits,
     items: &[Item],
     now: i64,
-) -> Result<Vec<Settled>, Fail> {
+) -> Result<Vec<Settled>, CallError> {
     let tx = client.transaction().await?;
     let rows = lock_datasets(&tx, items).await?;
     let can_write = lock_write_grants(&tx, items, &rows).await?;
@@ -280,7 +280,7 @@ async fn transaction(
 async fn lock_datasets(
     tx: &Transaction<'_>,
     items: &[Item],
-) -> Result<Vec<Option<DatasetRow>>, Fail> {
+) -> Result<Vec<Option<DatasetRow>>, CallError> {
     let k = Columns::of(items, 0..items.len());
     let stmt = tx.prepare_cached(LOCK_DATASETS).await?;
     let mut rows: Vec<Option<DatasetRow>> = vec![None; items.len()];
@@ -302,7 +302,7 @@ async fn lock_write_grants(
     tx: &Transaction<'_>,
     items: &[Item],
     rows: &[Option<DatasetRow>],
-) -> Result<Vec<bool>, Fail> {
+) -> Result<Vec<bool>, CallError> {
     let mut can_write: Vec<bool> = items.iter().map(is_owner).collect();
     let guests = (0..items.len()).filter(|&i| rows[i].is_some() && !is_owner(&items[i]));
     let k = Columns::of(items, guests);
@@ -354,7 +354,7 @@ impl<'a> Columns<'a> {
 }
 
 /// The slot of the item whose index is in `row`'s column `at`.
-fn slot<'s, T>(slots: &'s mut [T], row: &Row, at: usize) -> Result<Option<&'s mut T>, Fail> {
+fn slot<'s, T>(slots: &'s mut [T], row: &Row, at: usize) -> Result<Option<&'s mut T>, CallError> {
     let i: i32 = row.try_get(at)?;
     Ok(usize::try_from(i).ok().and_then(|i| slots.get_mut(i)))
 }
@@ -366,7 +366,7 @@ async fn load_records(
     items: &[Item],
     rows: &[Option<DatasetRow>],
     can_write: &[bool],
-) -> Result<HashMap<i64, StoredRecords>, Fail> {
+) -> Result<HashMap<i64, StoredRecords>, CallError> {
     let mut ids = Vec::new();
     let (mut key_ids, mut keys) = (Vec::new(), Vec::new());
     for (i, row) in rows.iter().enumerate() {

@@ -5,7 +5,7 @@
 //! statement however many records it touches.
 
 use super::read::{record_from_row, to_i64, to_u64};
-use super::{Fail, forbidden};
+use super::{CallError, forbidden};
 use crate::decision::{self, DatasetRow, DatasetState, Plan, StoredRecords, upsert_records};
 use crate::{DatasetKey, Limits, StoreError, UpdateOutcome, UpdateRequest, ValidatedPatch, now_ms};
 use deadpool_postgres::tokio_postgres::Row;
@@ -21,7 +21,7 @@ pub(super) const OWNER_LOCK: i32 = 0x5444_4d01;
 /// count, byte size. A row inserted to be locked, for a dataset that did not exist, looks like
 /// a deleted dataset at sync count 0 (which is what a dataset that never existed is) until the
 /// update commits.
-pub(super) fn dataset_row(row: &Row) -> Result<DatasetRow, Fail> {
+pub(super) fn dataset_row(row: &Row) -> Result<DatasetRow, CallError> {
     Ok(DatasetRow {
         id: row.try_get(0)?,
         state: DatasetState {
@@ -121,7 +121,7 @@ pub(super) async fn update(
     limits: &Limits,
     request: &UpdateRequest,
     patches: &[ValidatedPatch],
-) -> Result<UpdateOutcome, Fail> {
+) -> Result<UpdateOutcome, CallError> {
     let key = &request.dataset;
     let is_owner = request.actor == key.owner;
     let now = now_ms();
@@ -208,7 +208,7 @@ pub(super) async fn store_writes(
     tx: &Transaction<'_>,
     writes: &[&Write],
     now: i64,
-) -> Result<(), Fail> {
+) -> Result<(), CallError> {
     if writes.is_empty() {
         return Ok(());
     }
@@ -271,7 +271,7 @@ async fn insert_or_lock_dataset(
     tx: &Transaction<'_>,
     key: &DatasetKey,
     now: i64,
-) -> Result<DatasetRow, Fail> {
+) -> Result<DatasetRow, CallError> {
     let stmt = tx.prepare_cached(INSERT_DATASET).await?;
     if let Some(row) = tx
         .query_opt(&stmt, &[&key.pool, &key.owner, &key.name, &now])
@@ -285,7 +285,7 @@ async fn insert_or_lock_dataset(
         .ok_or_else(|| StoreError::Internal(format!("dataset row of {key} vanished")).into())
 }
 
-fn records_by_key(rows: &[Row]) -> Result<StoredRecords, Fail> {
+fn records_by_key(rows: &[Row]) -> Result<StoredRecords, CallError> {
     let mut records = StoredRecords::new();
     for row in rows {
         let record = record_from_row(row, 0)?;
@@ -294,7 +294,10 @@ fn records_by_key(rows: &[Row]) -> Result<StoredRecords, Fail> {
     Ok(records)
 }
 
-async fn lock_dataset(tx: &Transaction<'_>, key: &DatasetKey) -> Result<Option<DatasetRow>, Fail> {
+async fn lock_dataset(
+    tx: &Transaction<'_>,
+    key: &DatasetKey,
+) -> Result<Option<DatasetRow>, CallError> {
     let stmt = tx.prepare_cached(LOCK_DATASET).await?;
     tx.query_opt(&stmt, &[&key.pool, &key.owner, &key.name])
         .await?
@@ -306,7 +309,7 @@ async fn lock_dataset(tx: &Transaction<'_>, key: &DatasetKey) -> Result<Option<D
 /// the transaction): a creation that committed before is counted, one that has not yet
 /// started waits for this transaction. The count is a separate statement from the lock so
 /// that its snapshot is taken after the lock is granted.
-async fn count_owned_locked(tx: &Transaction<'_>, key: &DatasetKey) -> Result<u64, Fail> {
+async fn count_owned_locked(tx: &Transaction<'_>, key: &DatasetKey) -> Result<u64, CallError> {
     let lock_key = format!("{}:{}/{}", key.pool.len(), key.pool, key.owner);
     let (lock, count) = tokio::try_join!(
         tx.prepare_cached(LOCK_OWNER),
@@ -325,7 +328,7 @@ pub(super) async fn delete(
     client: &mut ClientWrapper,
     key: &DatasetKey,
     actor: &str,
-) -> Result<u64, Fail> {
+) -> Result<u64, CallError> {
     if actor != key.owner {
         return Err(forbidden(key, actor, "owner").into());
     }
@@ -360,7 +363,7 @@ pub(super) async fn grant(
     key: &DatasetKey,
     grantee: &str,
     access: Access,
-) -> Result<(), Fail> {
+) -> Result<(), CallError> {
     let stmt = client.prepare_cached(UPSERT_GRANT).await?;
     client
         .execute(
@@ -383,7 +386,7 @@ pub(super) async fn revoke(
     client: &ClientWrapper,
     key: &DatasetKey,
     grantee: &str,
-) -> Result<(), Fail> {
+) -> Result<(), CallError> {
     let stmt = client.prepare_cached(DELETE_GRANT).await?;
     let removed = client
         .execute(&stmt, &[&key.pool, &key.owner, &key.name, &grantee])
