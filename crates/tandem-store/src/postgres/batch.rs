@@ -5,14 +5,14 @@
 //! second (docs/BENCHMARKS.md has the `pgbench` figures behind it).
 //!
 //! The semantics are those of `write::update`, update by update: each is checked against the
-//! state under its dataset's row lock (stale counts, grants, limits), gets its own outcome,
-//! and is acknowledged only after the batch's `COMMIT`. A refused update (conflict,
-//! forbidden, limit) writes nothing and does not affect the others. The batch locks its
-//! dataset rows in id order, so two batches (or a batch and single updates, which lock one
-//! row) cannot deadlock. What a batch does not handle goes through `write::update` one by
-//! one: a batch of one, a dataset that has no row yet or is deleted (creation takes the
-//! owner's advisory lock and counts datasets), and a second update of a dataset already in
-//! the batch (it runs after the batch commits).
+//! state under its dataset's row lock (grants, then the shared `decision`: stale counts,
+//! limits, stamping), gets its own outcome, and is acknowledged only after the batch's
+//! `COMMIT`. A refused update (conflict, forbidden, limit) writes nothing and does not
+//! affect the others. The batch locks its dataset rows in id order, so two batches (or a
+//! batch and single updates, which lock one row) cannot deadlock. What a batch does not
+//! handle goes through `write::update` one by one: a batch of one, a dataset that has no row
+//! yet or is deleted (creation takes the owner's advisory lock and counts datasets), and a
+//! second update of a dataset already in the batch (it runs after the batch commits).
 
 use super::read::record_from_row;
 use super::write::{self, Write};

@@ -9,8 +9,8 @@ use tandem_protocol::{Access, DatasetInfo, DatasetRef, Record};
 
 /// A dataset read: the caller's grant, the sync count and the deleted flag in the first three
 /// columns (on every row; there is always at least one), then the records that pass `$filter`
-/// (none when the caller may not read), ordered by key. Parameters: pool, owner, name, caller, whether the
-/// caller is the owner, then the filter's own.
+/// (none when the caller may not read), ordered by key. Parameters: pool, owner, name,
+/// caller, whether the caller is the owner, then the filter's own.
 macro_rules! dataset_read {
     ($filter:literal) => {
         concat!(

@@ -1,8 +1,10 @@
 //! Writes. An update or a delete is one READ COMMITTED transaction that starts by locking
 //! the dataset's row (see the module doc of `postgres` for why that is enough); grants and
-//! revokes are one statement each. Statements that do not depend on each other's results are
-//! sent together (tokio-postgres pipelines them on the connection), and each write is one
-//! statement however many records it touches.
+//! revokes are one statement each. An update reads the rows under the lock, lets the shared
+//! `decision` say what it writes, and writes that with the same statements as a batch
+//! (`store_writes`). Statements that do not depend on each other's results are sent together
+//! (tokio-postgres pipelines them on the connection), and each write is one statement however
+//! many records it touches.
 
 use super::read::{record_from_row, to_i64, to_u64};
 use super::{CallError, forbidden};

@@ -7,6 +7,7 @@ use crate::{DatasetKey, Snapshot, StoreError};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use tandem_protocol::{Access, DatasetInfo, DatasetRef, Record};
 
+/// The dataset's row, if it was ever written.
 pub(super) fn load_dataset(
     conn: &Connection,
     key: &DatasetKey,
