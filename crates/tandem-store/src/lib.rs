@@ -4,9 +4,12 @@
 //! embedded default; PostgreSQL for many nodes).
 //!
 //! Authorisation of data access lives here, checked in the same transaction as the read or
-//! write it guards, so a revoke takes effect at once. The store knows nothing of sockets,
-//! subscriptions or fan-out: the gateway publishes what a commit returns.
+//! write it guards, so a revoke takes effect at once. What an update does (stale check,
+//! limits, record stamps, outcome) is decided once, in `decision`, for every backend. The
+//! store knows nothing of sockets, subscriptions or fan-out: the gateway publishes what a
+//! commit returns.
 
+mod decision;
 mod error;
 mod model;
 mod postgres;

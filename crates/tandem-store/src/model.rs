@@ -264,36 +264,6 @@ pub fn validate_update(
     Ok(out)
 }
 
-/// The dataset's live record count and bytes after applying `patches` (each with the stored
-/// record it replaces, if any) to `records` and `bytes`, and the patches that change
-/// something: removing what is absent or already removed changes nothing.
-pub(crate) fn totals_after<'a>(
-    mut records: u64,
-    mut bytes: u64,
-    patches: impl Iterator<Item = (&'a ValidatedPatch, Option<&'a Record>)>,
-) -> (u64, u64, Vec<&'a ValidatedPatch>) {
-    let mut writes = Vec::new();
-    for (patch, stored) in patches {
-        let old_bytes = stored.and_then(|r| r.value.as_deref().map(|v| record_bytes(&r.key, v)));
-        match (&patch.value, old_bytes) {
-            (Some(value), old) => {
-                if old.is_none() {
-                    records += 1;
-                }
-                bytes = bytes.saturating_sub(old.unwrap_or(0)) + record_bytes(&patch.key, value);
-                writes.push(patch);
-            }
-            (None, Some(old)) => {
-                records = records.saturating_sub(1);
-                bytes = bytes.saturating_sub(old);
-                writes.push(patch);
-            }
-            (None, None) => {}
-        }
-    }
-    (records, bytes, writes)
-}
-
 /// Checks a revoke's arguments, the same for every backend: valid names, by the owner.
 pub fn validate_revoke(dataset: &DatasetKey, actor: &str, grantee: &str) -> Result<(), StoreError> {
     validate_call(dataset, actor)?;
@@ -321,48 +291,6 @@ pub fn validate_grant(
     if grantee == dataset.owner {
         return Err(StoreError::BadRequest(
             "the owner cannot be granted access to its own dataset".into(),
-        ));
-    }
-    Ok(())
-}
-
-/// Checks an update's effect on the stored limits, in the order every backend reports them:
-/// the owner's dataset count (`owned`, counted only when the update creates the dataset,
-/// `None` otherwise), then the dataset's live records, then its bytes.
-pub(crate) fn check_dataset_limits(
-    limits: &Limits,
-    key: &DatasetKey,
-    owned: Option<u64>,
-    records: u64,
-    bytes: u64,
-) -> Result<(), StoreError> {
-    if let Some(owned) = owned
-        && owned >= limits.max_datasets
-    {
-        return Err(StoreError::limit(
-            LimitCode::MaxDatasets,
-            limits.max_datasets,
-            format!(
-                "{} already owns {} datasets, the most allowed",
-                key.owner, limits.max_datasets
-            ),
-        ));
-    }
-    if records > limits.max_records {
-        return Err(StoreError::limit(
-            LimitCode::MaxRecords,
-            limits.max_records,
-            format!("a dataset holds at most {} records", limits.max_records),
-        ));
-    }
-    if bytes > limits.max_dataset_bytes {
-        return Err(StoreError::limit(
-            LimitCode::MaxDatasetBytes,
-            limits.max_dataset_bytes,
-            format!(
-                "a dataset holds at most {} bytes of keys and values",
-                limits.max_dataset_bytes
-            ),
         ));
     }
     Ok(())

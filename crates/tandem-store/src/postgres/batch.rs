@@ -5,24 +5,26 @@
 //! second (docs/BENCHMARKS.md has the `pgbench` figures behind it).
 //!
 //! The semantics are those of `write::update`, update by update: each is checked against the
-//! state under its dataset's row lock (stale counts, grants, limits), gets its own outcome,
-//! and is acknowledged only after the batch's `COMMIT`. A refused update (conflict,
-//! forbidden, limit) writes nothing and does not affect the others. The batch locks its
-//! dataset rows in id order, so two batches (or a batch and single updates, which lock one
-//! row) cannot deadlock. What a batch does not handle goes through `write::update` one by
-//! one: a batch of one, a dataset that has no row yet or is deleted (creation takes the
-//! owner's advisory lock and counts datasets), and a second update of a dataset already in
-//! the batch (it runs after the batch commits).
+//! state under its dataset's row lock (grants, then the shared `decision`: stale counts,
+//! limits, stamping), gets its own outcome, and is acknowledged only after the batch's
+//! `COMMIT`. A refused update (conflict, forbidden, limit) writes nothing and does not
+//! affect the others. The batch locks its dataset rows in id order, so two batches (or a
+//! batch and single updates, which lock one row) cannot deadlock. What a batch does not
+//! handle goes through `write::update` one by one: a batch of one, a dataset that has no row
+//! yet or is deleted (creation takes the owner's advisory lock and counts datasets), and a
+//! second update of a dataset already in the batch (it runs after the batch commits).
 
-use super::read::{record_from_row, to_i64};
-use super::write::{self, DatasetRow};
-use super::{Fail, Inner, forbidden};
+use super::read::record_from_row;
+use super::write::{self, Write};
+use super::{CallError, Inner, forbidden};
+use crate::decision::{self, DatasetRow, StoredRecords};
 use crate::{Limits, StoreError, UpdateOutcome, UpdateRequest, ValidatedPatch, now_ms};
-use deadpool_postgres::ClientWrapper;
+use deadpool_postgres::tokio_postgres::Row;
+use deadpool_postgres::{ClientWrapper, Transaction};
 use futures_util::StreamExt;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use tandem_protocol::{Access, Record};
+use tandem_protocol::Access;
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -234,106 +236,142 @@ const LOAD_RECORDS: &str = r#"
            OR (dataset_id, key) IN (SELECT u.id, u.key COLLATE "C"
                                     FROM UNNEST($2::bigint[], $3::text[]) AS u (id, key)))"#;
 
-const UPDATE_DATASETS: &str = "
-    UPDATE datasets AS d
-    SET sync_count = u.sync_count, deleted = false, record_count = u.record_count,
-        byte_size = u.byte_size, last_modified = $5
-    FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])
-      AS u (id, sync_count, record_count, byte_size)
-    WHERE d.id = u.id";
-
-const UPSERT_RECORDS: &str = "
-    INSERT INTO records (dataset_id, key, value, sync_count, last_modified, last_modified_by,
-                         device_id, device_last_modified)
-    SELECT u.dataset_id, u.key, u.value, u.sync_count, $8, u.last_modified_by, u.device_id,
-           u.device_last_modified
-    FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[],
-                $7::bigint[])
-      AS u (dataset_id, key, value, sync_count, last_modified_by, device_id,
-            device_last_modified)
-    ON CONFLICT (dataset_id, key) DO UPDATE SET
-        value = EXCLUDED.value,
-        sync_count = EXCLUDED.sync_count,
-        last_modified = EXCLUDED.last_modified,
-        last_modified_by = EXCLUDED.last_modified_by,
-        device_id = EXCLUDED.device_id,
-        device_last_modified = EXCLUDED.device_last_modified";
-
-/// One update's planned write.
-struct Write {
-    index: usize,
-    row: DatasetRow,
-    plan: write::Plan,
+/// What step 4 decided for one update.
+enum Decided {
+    /// Answered without writing: forbidden, a conflict or a limit.
+    Refused(Result<UpdateOutcome, StoreError>),
+    /// Left to the single path.
+    Single,
+    /// Goes ahead with this write.
+    Write(Write),
 }
 
+/// Decides and writes one update per item (each of its own dataset) in one transaction, in
+/// the numbered steps below: one statement per step for the whole batch.
 async fn transaction(
     client: &mut ClientWrapper,
     limits: &Limits,
     items: &[Item],
     now: i64,
-) -> Result<Vec<Settled>, Fail> {
-    let n = items.len();
-    let index: Vec<i32> = (0..n).map(|i| i as i32).collect();
-    let pools: Vec<&str> = items
-        .iter()
-        .map(|i| i.request.dataset.pool.as_str())
-        .collect();
-    let owners: Vec<&str> = items
-        .iter()
-        .map(|i| i.request.dataset.owner.as_str())
-        .collect();
-    let names: Vec<&str> = items
-        .iter()
-        .map(|i| i.request.dataset.name.as_str())
-        .collect();
+) -> Result<Vec<Settled>, CallError> {
     let tx = client.transaction().await?;
-
-    // 1. The dataset rows, locked in id order. A row someone else holds is skipped: its
-    //    update goes to the single path and waits there for that row alone, instead of the
-    //    whole batch waiting behind it (while holding the other rows).
-    let stmt = tx.prepare_cached(LOCK_DATASETS).await?;
-    let mut rows: Vec<Option<DatasetRow>> = vec![None; n];
-    for row in tx.query(&stmt, &[&pools, &owners, &names, &index]).await? {
-        let i: i32 = row.try_get(5)?;
-        let dataset = DatasetRow::from_row(&row)?;
-        if let Some(slot) = usize::try_from(i).ok().and_then(|i| rows.get_mut(i)) {
-            *slot = Some(dataset).filter(|d| !d.deleted);
-        }
-    }
-
-    // 2. Grants of the non-owners, after the row locks (the single path's order).
-    let guests: Vec<usize> = (0..n)
-        .filter(|&i| rows[i].is_some() && items[i].request.actor != items[i].request.dataset.owner)
+    let rows = lock_datasets(&tx, items).await?;
+    let can_write = lock_write_grants(&tx, items, &rows).await?;
+    let mut stored = load_records(&tx, items, &rows, &can_write).await?;
+    let decided = decide(limits, items, &rows, &can_write, &stored, now);
+    // 5. Every write of the batch in two statements, then one commit.
+    let writes: Vec<&Write> = decided
+        .iter()
+        .filter_map(|d| match d {
+            Decided::Write(write) => Some(write),
+            _ => None,
+        })
         .collect();
-    let mut can_write = vec![false; n];
-    if !guests.is_empty() {
-        let pick = |f: &dyn Fn(&Item) -> &str| -> Vec<String> {
-            guests.iter().map(|&i| f(&items[i]).to_owned()).collect()
-        };
-        let (gp, go, gn, gg) = (
-            pick(&|i| &i.request.dataset.pool),
-            pick(&|i| &i.request.dataset.owner),
-            pick(&|i| &i.request.dataset.name),
-            pick(&|i| &i.request.actor),
-        );
-        let gi: Vec<i32> = guests.iter().map(|&i| i as i32).collect();
-        let stmt = tx.prepare_cached(LOCK_GRANTS).await?;
-        for row in tx.query(&stmt, &[&gp, &go, &gn, &gg, &gi]).await? {
-            let i: i32 = row.try_get(0)?;
-            let access: String = row.try_get(1)?;
-            if let Some(slot) = usize::try_from(i).ok().and_then(|i| can_write.get_mut(i)) {
-                *slot = Access::parse(&access).is_some_and(Access::can_write);
-            }
+    write::store_writes(&tx, &writes, now).await?;
+    // If the answer to COMMIT is lost, this fails and every update gets `Unavailable`.
+    tx.commit().await?;
+    Ok(settle(items, decided, &mut stored))
+}
+
+/// 1. The dataset rows, locked in id order; `None` for an item whose dataset has no live row
+///    or whose row someone else holds. A held row is skipped: its update goes to the single
+///    path and waits there for that row alone, instead of the whole batch waiting behind it
+///    (while holding the other rows).
+async fn lock_datasets(
+    tx: &Transaction<'_>,
+    items: &[Item],
+) -> Result<Vec<Option<DatasetRow>>, CallError> {
+    let k = Columns::of(items, 0..items.len());
+    let stmt = tx.prepare_cached(LOCK_DATASETS).await?;
+    let mut rows: Vec<Option<DatasetRow>> = vec![None; items.len()];
+    for row in tx
+        .query(&stmt, &[&k.pools, &k.owners, &k.names, &k.index])
+        .await?
+    {
+        let dataset = write::dataset_row(&row)?;
+        if let Some(slot) = slot(&mut rows, &row, 5)? {
+            *slot = Some(dataset).filter(|d| !d.state.deleted);
         }
     }
+    Ok(rows)
+}
 
-    // 3. The records of every dataset that goes ahead.
+/// 2. Whether each item's actor may write: the owner may; a guest's grant is locked
+///    (`FOR SHARE`) after the row locks, the single path's order.
+async fn lock_write_grants(
+    tx: &Transaction<'_>,
+    items: &[Item],
+    rows: &[Option<DatasetRow>],
+) -> Result<Vec<bool>, CallError> {
+    let mut can_write: Vec<bool> = items.iter().map(is_owner).collect();
+    let guests = (0..items.len()).filter(|&i| rows[i].is_some() && !is_owner(&items[i]));
+    let k = Columns::of(items, guests);
+    if k.index.is_empty() {
+        return Ok(can_write);
+    }
+    let stmt = tx.prepare_cached(LOCK_GRANTS).await?;
+    for row in tx
+        .query(&stmt, &[&k.pools, &k.owners, &k.names, &k.actors, &k.index])
+        .await?
+    {
+        let access: String = row.try_get(1)?;
+        if let Some(slot) = slot(&mut can_write, &row, 0)? {
+            *slot = Access::parse(&access).is_some_and(Access::can_write);
+        }
+    }
+    Ok(can_write)
+}
+
+/// Some items' datasets and actors as arrays for `UNNEST`, with each item's index in the
+/// batch, which the statements return to say which item a row belongs to.
+struct Columns<'a> {
+    pools: Vec<&'a str>,
+    owners: Vec<&'a str>,
+    names: Vec<&'a str>,
+    actors: Vec<&'a str>,
+    index: Vec<i32>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(items: &'a [Item], which: impl Iterator<Item = usize>) -> Self {
+        let mut k = Columns {
+            pools: Vec::new(),
+            owners: Vec::new(),
+            names: Vec::new(),
+            actors: Vec::new(),
+            index: Vec::new(),
+        };
+        for i in which {
+            let request = &items[i].request;
+            k.pools.push(&request.dataset.pool);
+            k.owners.push(&request.dataset.owner);
+            k.names.push(&request.dataset.name);
+            k.actors.push(&request.actor);
+            k.index.push(i as i32);
+        }
+        k
+    }
+}
+
+/// The slot of the item whose index is in `row`'s column `at`.
+fn slot<'s, T>(slots: &'s mut [T], row: &Row, at: usize) -> Result<Option<&'s mut T>, CallError> {
+    let i: i32 = row.try_get(at)?;
+    Ok(usize::try_from(i).ok().and_then(|i| slots.get_mut(i)))
+}
+
+/// 3. The stored records of every dataset that goes ahead (locked, and writable by its
+///    actor), by dataset id.
+async fn load_records(
+    tx: &Transaction<'_>,
+    items: &[Item],
+    rows: &[Option<DatasetRow>],
+    can_write: &[bool],
+) -> Result<HashMap<i64, StoredRecords>, CallError> {
     let mut ids = Vec::new();
     let (mut key_ids, mut keys) = (Vec::new(), Vec::new());
     for (i, row) in rows.iter().enumerate() {
         let Some(row) = row else { continue };
-        let owner = items[i].request.actor == items[i].request.dataset.owner;
-        if !owner && !can_write[i] {
+        if !can_write[i] {
             continue;
         }
         ids.push(row.id);
@@ -342,117 +380,92 @@ async fn transaction(
             keys.push(patch.key.as_str());
         }
     }
-    let mut stored: HashMap<i64, BTreeMap<String, Record>> = HashMap::new();
-    if !ids.is_empty() {
-        let stmt = tx.prepare_cached(LOAD_RECORDS).await?;
-        for row in tx.query(&stmt, &[&ids, &key_ids, &keys]).await? {
-            let id: i64 = row.try_get(7)?;
-            let record = record_from_row(&row, 0)?;
-            stored
-                .entry(id)
-                .or_default()
-                .insert(record.key.clone(), record);
-        }
+    let mut stored: HashMap<i64, StoredRecords> = HashMap::new();
+    if ids.is_empty() {
+        return Ok(stored);
     }
-
-    // 4. Each update's outcome, as `write::update` decides it.
-    let mut settled: Vec<Option<Settled>> = (0..n).map(|_| None).collect();
-    let mut writes = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        let request = &item.request;
-        let key = &request.dataset;
-        let Some(row) = rows[i] else {
-            settled[i] = Some(Settled::Single);
-            continue;
-        };
-        if request.actor != key.owner && !can_write[i] {
-            let e = forbidden(key, &request.actor, "write");
-            settled[i] = Some(Settled::Done(Err(e)));
-            continue;
-        }
-        let empty = BTreeMap::new();
-        let current = stored.get(&row.id).unwrap_or(&empty);
-        if let Some(conflict) = write::conflicts(&row, &item.patches, current) {
-            settled[i] = Some(Settled::Done(Ok(conflict)));
-            continue;
-        }
-        // Deleted datasets take the single path, so nothing here re-creates one.
-        match write::plan(limits, request, &item.patches, &row, current, None, now) {
-            Ok(plan) => writes.push(Write {
-                index: i,
-                row,
-                plan,
-            }),
-            Err(e) => settled[i] = Some(Settled::Done(Err(e))),
-        }
+    let stmt = tx.prepare_cached(LOAD_RECORDS).await?;
+    for row in tx.query(&stmt, &[&ids, &key_ids, &keys]).await? {
+        let id: i64 = row.try_get(7)?;
+        let record = record_from_row(&row, 0)?;
+        stored
+            .entry(id)
+            .or_default()
+            .insert(record.key.clone(), record);
     }
+    Ok(stored)
+}
 
-    // 5. Every write of the batch in two statements, then one commit.
-    if !writes.is_empty() {
-        let (mut ds_ids, mut ds_counts, mut ds_records, mut ds_bytes) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for w in &writes {
-            ds_ids.push(w.row.id);
-            ds_counts.push(to_i64(w.plan.new_count)?);
-            ds_records.push(to_i64(w.plan.records)?);
-            ds_bytes.push(to_i64(w.plan.bytes)?);
-        }
-        let mut rec_ids: Vec<i64> = Vec::new();
-        let mut rec_keys: Vec<&str> = Vec::new();
-        let mut rec_values: Vec<Option<&str>> = Vec::new();
-        let mut rec_counts: Vec<i64> = Vec::new();
-        let mut rec_by: Vec<&str> = Vec::new();
-        let mut rec_devices: Vec<Option<&str>> = Vec::new();
-        let mut rec_device_times: Vec<Option<i64>> = Vec::new();
-        for w in &writes {
-            for record in &w.plan.changed {
-                rec_ids.push(w.row.id);
-                rec_keys.push(record.key.as_str());
-                rec_values.push(record.value.as_deref());
-                rec_counts.push(to_i64(record.sync_count)?);
-                rec_by.push(record.last_modified_by.as_str());
-                rec_devices.push(record.device_id.as_deref());
-                rec_device_times.push(record.device_last_modified);
+/// 4. Each update's outcome by the shared decision, as the single path decides it: refused,
+///    left to the single path, or the write it makes.
+fn decide(
+    limits: &Limits,
+    items: &[Item],
+    rows: &[Option<DatasetRow>],
+    can_write: &[bool],
+    stored: &HashMap<i64, StoredRecords>,
+    now: i64,
+) -> Vec<Decided> {
+    let empty = StoredRecords::new();
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let request = &item.request;
+            let Some(row) = rows[i] else {
+                return Decided::Single;
+            };
+            if !can_write[i] {
+                let e = forbidden(&request.dataset, &request.actor, "write");
+                return Decided::Refused(Err(e));
             }
-        }
-        let (update, upsert) = tokio::try_join!(
-            tx.prepare_cached(UPDATE_DATASETS),
-            tx.prepare_cached(UPSERT_RECORDS),
-        )?;
-        let update_params: [&(dyn deadpool_postgres::tokio_postgres::types::ToSql + Sync); 5] =
-            [&ds_ids, &ds_counts, &ds_records, &ds_bytes, &now];
-        let upsert_params: [&(dyn deadpool_postgres::tokio_postgres::types::ToSql + Sync); 8] = [
-            &rec_ids,
-            &rec_keys,
-            &rec_values,
-            &rec_counts,
-            &rec_by,
-            &rec_devices,
-            &rec_device_times,
-            &now,
-        ];
-        tokio::try_join!(tx.execute(&update, &update_params), async {
-            if rec_ids.is_empty() {
-                Ok(0)
-            } else {
-                tx.execute(&upsert, &upsert_params).await
+            let current = stored.get(&row.id).unwrap_or(&empty);
+            if let Some(conflict) = decision::conflict(&row.state, &item.patches, current) {
+                return Decided::Refused(Ok(conflict));
             }
-        },)?;
-    }
-    // If the answer to COMMIT is lost, this fails and every update gets `Unavailable`.
-    tx.commit().await?;
+            // Deleted datasets take the single path, so nothing here creates one.
+            match decision::plan(
+                limits,
+                request,
+                &item.patches,
+                &row.state,
+                current,
+                None,
+                now,
+            ) {
+                Ok(plan) => Decided::Write(Write {
+                    dataset_id: row.id,
+                    plan,
+                }),
+                Err(e) => Decided::Refused(Err(e)),
+            }
+        })
+        .collect()
+}
 
-    // 6. The committed outcomes: the records read under the lock plus each update's writes.
-    for w in writes {
-        let stored = stored.remove(&w.row.id).unwrap_or_default();
-        let dataset = &items[w.index].request.dataset;
-        let outcome = write::committed(dataset, w.plan.new_count, w.plan.changed, stored);
-        settled[w.index] = Some(Settled::Done(Ok(outcome)));
-    }
-    Ok(settled
+/// 6. Every item's answer; a committed one's outcome is the records read under the lock
+///    plus its writes.
+fn settle(
+    items: &[Item],
+    decided: Vec<Decided>,
+    stored: &mut HashMap<i64, StoredRecords>,
+) -> Vec<Settled> {
+    decided
         .into_iter()
-        .map(|s| s.unwrap_or(Settled::Single))
-        .collect())
+        .zip(items)
+        .map(|(decided, item)| match decided {
+            Decided::Refused(result) => Settled::Done(result),
+            Decided::Single => Settled::Single,
+            Decided::Write(write) => {
+                let records = stored.remove(&write.dataset_id).unwrap_or_default();
+                Settled::Done(Ok(write.plan.committed(&item.request.dataset, records)))
+            }
+        })
+        .collect()
+}
+
+fn is_owner(item: &Item) -> bool {
+    item.request.actor == item.request.dataset.owner
 }
 
 #[cfg(test)]

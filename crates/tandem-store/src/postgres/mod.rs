@@ -46,9 +46,9 @@
 //! (a lost connection usually means the server restarted), so the next call reconnects and
 //! service resumes by itself once PostgreSQL is back.
 
-/// Runs `$call` (a future of `Result<T, Fail>` that borrows the pooled client `$client`) on a
-/// pooled connection of `$inner` (an `&Inner`) under the client-side deadline. Defined before
-/// the submodules so `batch` can use it too.
+/// Runs `$call` (a future of `Result<T, CallError>` that borrows the pooled client `$client`)
+/// on a pooled connection of `$inner` (an `&Inner`) under the client-side deadline. Defined
+/// before the submodules so `batch` can use it too.
 macro_rules! call {
     ($inner:expr, |$client:ident| $call:expr) => {{
         let inner: &Inner = $inner;
@@ -148,27 +148,28 @@ struct Inner {
     closed: RwLock<bool>,
 }
 
-/// Why a call failed: a store error to return as is, or a database error to classify.
+/// Why a call failed, before `Inner::finish` turns it into a `StoreError`: a store error to
+/// return as is, or a database error to classify (and maybe drop the connection for).
 #[derive(Debug)]
-enum Fail {
+enum CallError {
     Store(StoreError),
     Db(tokio_postgres::Error),
 }
 
-impl From<StoreError> for Fail {
+impl From<StoreError> for CallError {
     fn from(e: StoreError) -> Self {
-        Fail::Store(e)
+        CallError::Store(e)
     }
 }
 
-impl From<tokio_postgres::Error> for Fail {
+impl From<tokio_postgres::Error> for CallError {
     fn from(e: tokio_postgres::Error) -> Self {
-        Fail::Db(e)
+        CallError::Db(e)
     }
 }
 
 /// A call's result as the client-side deadline hands it over.
-type Timed<T> = Result<Result<T, Fail>, Elapsed>;
+type Timed<T> = Result<Result<T, CallError>, Elapsed>;
 
 impl PostgresStore {
     /// Connects, creates the schema if needed and applies pending migrations. Fails with
@@ -252,8 +253,8 @@ impl Inner {
     fn finish<T>(&self, client: Object, result: Timed<T>) -> Result<T, StoreError> {
         let error = match result {
             Ok(Ok(value)) => return Ok(value),
-            Ok(Err(Fail::Store(e))) => return Err(e),
-            Ok(Err(Fail::Db(e))) => {
+            Ok(Err(CallError::Store(e))) => return Err(e),
+            Ok(Err(CallError::Db(e))) => {
                 let mapped = map_db_error(&e);
                 if !(breaks_connection(&e) || client.is_closed()) {
                     return Err(mapped);

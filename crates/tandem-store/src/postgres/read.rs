@@ -1,7 +1,7 @@
 //! Reads. Each is one statement, so the access check, the sync count and the records it
 //! returns all come from one snapshot, and none takes a lock or waits for a writer.
 
-use super::{Fail, forbidden};
+use super::{CallError, forbidden};
 use crate::{DatasetKey, Snapshot, StoreError};
 use deadpool_postgres::ClientWrapper;
 use deadpool_postgres::tokio_postgres::Row;
@@ -9,8 +9,8 @@ use tandem_protocol::{Access, DatasetInfo, DatasetRef, Record};
 
 /// A dataset read: the caller's grant, the sync count and the deleted flag in the first three
 /// columns (on every row; there is always at least one), then the records that pass `$filter`
-/// (none when the caller may not read), ordered by key. Parameters: pool, owner, name, caller, whether the
-/// caller is the owner, then the filter's own.
+/// (none when the caller may not read), ordered by key. Parameters: pool, owner, name,
+/// caller, whether the caller is the owner, then the filter's own.
 macro_rules! dataset_read {
     ($filter:literal) => {
         concat!(
@@ -41,7 +41,7 @@ pub(super) async fn snapshot(
     client: &ClientWrapper,
     key: &DatasetKey,
     actor: &str,
-) -> Result<Snapshot, Fail> {
+) -> Result<Snapshot, CallError> {
     let is_owner = actor == key.owner;
     let stmt = client.prepare_cached(SNAPSHOT).await?;
     let rows = client
@@ -59,7 +59,7 @@ pub(super) async fn changes(
     key: &DatasetKey,
     actor: &str,
     since: u64,
-) -> Result<Snapshot, Fail> {
+) -> Result<Snapshot, CallError> {
     let is_owner = actor == key.owner;
     // Above i64::MAX nothing can match; clamp rather than fail the conversion.
     let since = i64::try_from(since).unwrap_or(i64::MAX);
@@ -78,7 +78,7 @@ fn dataset_rows(
     actor: &str,
     is_owner: bool,
     rows: &[Row],
-) -> Result<Snapshot, Fail> {
+) -> Result<Snapshot, CallError> {
     let Some(first) = rows.first() else {
         return Err(StoreError::Internal("dataset read returned no row".into()).into());
     };
@@ -107,7 +107,7 @@ pub(super) async fn access_of(
     client: &ClientWrapper,
     key: &DatasetKey,
     identity: &str,
-) -> Result<Option<Access>, Fail> {
+) -> Result<Option<Access>, CallError> {
     if identity == key.owner {
         return Ok(Some(Access::Owner));
     }
@@ -132,7 +132,7 @@ pub(super) async fn list_datasets(
     client: &ClientWrapper,
     pool: &str,
     identity: &str,
-) -> Result<Vec<DatasetInfo>, Fail> {
+) -> Result<Vec<DatasetInfo>, CallError> {
     let stmt = client
         .prepare_cached(
             r#"SELECT owner, name, sync_count, record_count, byte_size, last_modified, access
@@ -175,7 +175,7 @@ pub(super) async fn list_datasets(
 
 /// A record from `row`'s columns `at..at + 7`: key, value, sync count, last modified, last
 /// modified by, device id, device last modified.
-pub(super) fn record_from_row(row: &Row, at: usize) -> Result<Record, Fail> {
+pub(super) fn record_from_row(row: &Row, at: usize) -> Result<Record, CallError> {
     Ok(Record {
         key: row.try_get(at)?,
         value: row.try_get(at + 1)?,
@@ -187,7 +187,7 @@ pub(super) fn record_from_row(row: &Row, at: usize) -> Result<Record, Fail> {
     })
 }
 
-fn parse_access(s: &str) -> Result<Access, Fail> {
+fn parse_access(s: &str) -> Result<Access, CallError> {
     match Access::parse(s) {
         Some(access @ (Access::Read | Access::Write)) => Ok(access),
         _ => Err(StoreError::Internal(format!("stored grant has access `{s}`")).into()),
@@ -195,13 +195,13 @@ fn parse_access(s: &str) -> Result<Access, Fail> {
 }
 
 /// A stored count (never negative: the schema checks it).
-pub(super) fn to_u64(n: i64) -> Result<u64, Fail> {
+pub(super) fn to_u64(n: i64) -> Result<u64, CallError> {
     u64::try_from(n)
         .map_err(|_| StoreError::Internal(format!("stored count {n} is negative")).into())
 }
 
 /// A count to store.
-pub(super) fn to_i64(n: u64) -> Result<i64, Fail> {
+pub(super) fn to_i64(n: u64) -> Result<i64, CallError> {
     i64::try_from(n)
         .map_err(|_| StoreError::Internal(format!("count {n} is too large to store")).into())
 }

@@ -4,7 +4,7 @@
 //! migrate one after the other (the later ones find nothing to do), and a failed migration
 //! leaves nothing behind. A schema newer than this build is refused rather than misread.
 
-use super::Fail;
+use super::CallError;
 use crate::StoreError;
 use deadpool_postgres::ClientWrapper;
 
@@ -66,7 +66,7 @@ pub(super) const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 const MIGRATION_LOCK: i32 = 0x5444_4d00;
 
 /// Brings `schema` (a validated identifier) up to `SCHEMA_VERSION`, creating it if needed.
-pub(super) async fn migrate(client: &mut ClientWrapper, schema: &str) -> Result<(), Fail> {
+pub(super) async fn migrate(client: &mut ClientWrapper, schema: &str) -> Result<(), CallError> {
     let tx = client.transaction().await?;
     tx.execute(
         "SELECT pg_advisory_xact_lock($1, hashtext($2))",

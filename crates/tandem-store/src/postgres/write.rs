@@ -1,56 +1,38 @@
 //! Writes. An update or a delete is one READ COMMITTED transaction that starts by locking
 //! the dataset's row (see the module doc of `postgres` for why that is enough); grants and
-//! revokes are one statement each. Statements that do not depend on each other's results are
-//! sent together (tokio-postgres pipelines them on the connection), and each write is one
-//! statement however many records it touches.
+//! revokes are one statement each. An update reads the rows under the lock, lets the shared
+//! `decision` say what it writes, and writes that with the same statements as a batch
+//! (`store_writes`). Statements that do not depend on each other's results are sent together
+//! (tokio-postgres pipelines them on the connection), and each write is one statement however
+//! many records it touches.
 
 use super::read::{record_from_row, to_i64, to_u64};
-use super::{Fail, forbidden};
-use crate::model::{check_dataset_limits, totals_after};
-use crate::{
-    DatasetKey, Limits, Snapshot, StoreError, UpdateOutcome, UpdateRequest, ValidatedPatch, now_ms,
-};
+use super::{CallError, forbidden};
+use crate::decision::{self, DatasetRow, DatasetState, Plan, StoredRecords, upsert_records};
+use crate::{DatasetKey, Limits, StoreError, UpdateOutcome, UpdateRequest, ValidatedPatch, now_ms};
 use deadpool_postgres::tokio_postgres::Row;
 use deadpool_postgres::tokio_postgres::types::ToSql;
 use deadpool_postgres::{ClientWrapper, Transaction};
-use std::collections::BTreeMap;
-use tandem_protocol::{Access, Conflict, Record};
+use tandem_protocol::Access;
 
 /// The first key of the advisory lock that serialises the creation of one owner's datasets
 /// (the second is a hash of pool and owner). Distinct from the migration lock's.
 pub(super) const OWNER_LOCK: i32 = 0x5444_4d01;
 
-/// A dataset's row: its sync count survives a delete (`deleted = true`). A row inserted to
-/// be locked, for a dataset that did not exist, looks like a deleted dataset at sync count 0
-/// (which is what a dataset that never existed is) until the update commits.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct DatasetRow {
-    pub id: i64,
-    pub sync_count: u64,
-    pub deleted: bool,
-    pub record_count: u64,
-    pub byte_size: u64,
-}
-
-impl DatasetRow {
-    pub(super) fn from_row(row: &Row) -> Result<Self, Fail> {
-        Ok(DatasetRow {
-            id: row.try_get(0)?,
+/// A dataset's row from a statement's first five columns: id, sync count, deleted, record
+/// count, byte size. A row inserted to be locked, for a dataset that did not exist, looks like
+/// a deleted dataset at sync count 0 (which is what a dataset that never existed is) until the
+/// update commits.
+pub(super) fn dataset_row(row: &Row) -> Result<DatasetRow, CallError> {
+    Ok(DatasetRow {
+        id: row.try_get(0)?,
+        state: DatasetState {
             sync_count: to_u64(row.try_get(1)?)?,
             deleted: row.try_get(2)?,
             record_count: to_u64(row.try_get(3)?)?,
             byte_size: to_u64(row.try_get(4)?)?,
-        })
-    }
-
-    /// The live record count and bytes, zero for a deleted dataset.
-    pub(super) fn live_totals(&self) -> (u64, u64) {
-        if self.deleted {
-            (0, 0)
-        } else {
-            (self.record_count, self.byte_size)
-        }
-    }
+        },
+    })
 }
 
 const LOCK_DATASET: &str = "
@@ -90,23 +72,24 @@ const LOCK_OWNER: &str = "SELECT pg_advisory_xact_lock($1, hashtext($2))";
 const COUNT_OWNED: &str =
     "SELECT count(*) FROM datasets WHERE pool = $1 AND owner = $2 AND NOT deleted";
 
-const UPDATE_DATASET: &str = "
-    UPDATE datasets SET sync_count = $2, deleted = false, record_count = $3, byte_size = $4,
-                        last_modified = $5
-    WHERE id = $1";
+/// Sets the rows of updated datasets; one statement for any number of them.
+const UPDATE_DATASETS: &str = "
+    UPDATE datasets AS d
+    SET sync_count = u.sync_count, deleted = false, record_count = u.record_count,
+        byte_size = u.byte_size, last_modified = $5
+    FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])
+      AS u (id, sync_count, record_count, byte_size)
+    WHERE d.id = u.id";
 
-const UPSERT_RECORDS: &str = "
-    INSERT INTO records (dataset_id, key, value, sync_count, last_modified, last_modified_by,
-                         device_id, device_last_modified)
-    SELECT $1, u.key, u.value, $2, $3, $4, $5, u.device_last_modified
-    FROM UNNEST($6::text[], $7::text[], $8::bigint[]) AS u (key, value, device_last_modified)
-    ON CONFLICT (dataset_id, key) DO UPDATE SET
-        value = EXCLUDED.value,
-        sync_count = EXCLUDED.sync_count,
-        last_modified = EXCLUDED.last_modified,
-        last_modified_by = EXCLUDED.last_modified_by,
-        device_id = EXCLUDED.device_id,
-        device_last_modified = EXCLUDED.device_last_modified";
+/// Writes the stamped records of any number of updates in one statement.
+const UPSERT_RECORDS: &str = upsert_records!(
+    "SELECT u.dataset_id, u.key, u.value, u.sync_count, $8, u.last_modified_by, u.device_id,
+            u.device_last_modified
+     FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[],
+                 $7::bigint[])
+       AS u (dataset_id, key, value, sync_count, last_modified_by, device_id,
+             device_last_modified)"
+);
 
 /// A delete turns every live record into a tombstone stamped with the delete's sync count,
 /// so that `changes` since an earlier count reports the deletion.
@@ -140,7 +123,7 @@ pub(super) async fn update(
     limits: &Limits,
     request: &UpdateRequest,
     patches: &[ValidatedPatch],
-) -> Result<UpdateOutcome, Fail> {
+) -> Result<UpdateOutcome, CallError> {
     let key = &request.dataset;
     let is_owner = request.actor == key.owner;
     let now = now_ms();
@@ -186,7 +169,7 @@ pub(super) async fn update(
 
     // The dataset's live records and the stored state (tombstones too) of every patched key.
     let (row, stored) = match locked {
-        Some(row) => (DatasetRow::from_row(&row)?, records_by_key(&loaded)?),
+        Some(row) => (dataset_row(&row)?, records_by_key(&loaded)?),
         None => {
             // No row to lock: the records loaded above belong to no lock we hold (a
             // concurrent creation may have committed since), so load again once locked.
@@ -196,152 +179,91 @@ pub(super) async fn update(
             (row, stored)
         }
     };
-    if let Some(conflict) = conflicts(&row, patches, &stored) {
+    if let Some(conflict) = decision::conflict(&row.state, patches, &stored) {
         return Ok(conflict);
     }
-    let owned = if row.deleted {
+    let owned = if row.state.is_created_by_update() {
         Some(count_owned_locked(&tx, key).await?)
     } else {
         None
     };
-    let Plan {
-        new_count,
-        records,
-        bytes,
-        changed,
-    } = plan(limits, request, patches, &row, &stored, owned, now)?;
-    let (new_count_db, records_db, bytes_db) =
-        (to_i64(new_count)?, to_i64(records)?, to_i64(bytes)?);
-    let update_dataset = async {
-        let stmt = tx.prepare_cached(UPDATE_DATASET).await?;
-        tx.execute(
-            &stmt,
-            &[&row.id, &new_count_db, &records_db, &bytes_db, &now],
-        )
-        .await
+    let plan = decision::plan(limits, request, patches, &row.state, &stored, owned, now)?;
+    let write = Write {
+        dataset_id: row.id,
+        plan,
     };
-    let upsert_records = async {
-        if changed.is_empty() {
-            return Ok(0);
-        }
-        let keys: Vec<&str> = changed.iter().map(|r| r.key.as_str()).collect();
-        let values: Vec<Option<&str>> = changed.iter().map(|r| r.value.as_deref()).collect();
-        let device_times: Vec<Option<i64>> =
-            changed.iter().map(|r| r.device_last_modified).collect();
-        let stmt = tx.prepare_cached(UPSERT_RECORDS).await?;
-        tx.execute(
-            &stmt,
-            &[
-                &row.id,
-                &new_count_db,
-                &now,
-                &request.actor,
-                &request.device_id,
-                &keys,
-                &values,
-                &device_times,
-            ],
-        )
-        .await
-    };
-    tokio::try_join!(update_dataset, upsert_records)?;
+    store_writes(&tx, &[&write], now).await?;
     // If the answer to COMMIT is lost, this fails and the caller gets `Unavailable`.
     tx.commit().await?;
-    Ok(committed(key, new_count, changed, stored))
+    Ok(write.plan.committed(key, stored))
 }
 
-/// The stale check: a `Conflict` outcome listing every patch not based on the stored record.
-pub(super) fn conflicts(
-    row: &DatasetRow,
-    patches: &[ValidatedPatch],
-    stored: &BTreeMap<String, Record>,
-) -> Option<UpdateOutcome> {
-    let conflicts: Vec<Conflict> = patches
-        .iter()
-        .filter(|patch| !patch.matches(stored.get(&patch.key)))
-        .map(|patch| Conflict {
-            key: patch.key.clone(),
-            server: stored.get(&patch.key).cloned(),
-        })
-        .collect();
-    (!conflicts.is_empty()).then_some(UpdateOutcome::Conflict {
-        sync_count: row.sync_count,
-        conflicts,
-    })
+/// An update's plan, for the dataset row it writes.
+pub(super) struct Write {
+    pub dataset_id: i64,
+    pub plan: Plan,
 }
 
-/// What an update that passed the stale check will write.
-pub(super) struct Plan {
-    pub new_count: u64,
-    /// The dataset's live records and bytes after it.
-    pub records: u64,
-    pub bytes: u64,
-    /// The records it writes (the patches that change something), stamped.
-    pub changed: Vec<Record>,
-}
-
-/// Checks the dataset limits (`owned`: the owner's live datasets, counted under the owner's
-/// lock, when this update re-creates the dataset) and stamps the records to write.
-pub(super) fn plan(
-    limits: &Limits,
-    request: &UpdateRequest,
-    patches: &[ValidatedPatch],
-    row: &DatasetRow,
-    stored: &BTreeMap<String, Record>,
-    owned: Option<u64>,
+/// Writes planned updates (to distinct datasets, whose rows the transaction holds): every
+/// dataset row in one statement and every record in another, sent together.
+pub(super) async fn store_writes(
+    tx: &Transaction<'_>,
+    writes: &[&Write],
     now: i64,
-) -> Result<Plan, StoreError> {
-    let (live_records, live_bytes) = row.live_totals();
-    let (records, bytes, writes) = totals_after(
-        live_records,
-        live_bytes,
-        patches.iter().map(|p| (p, stored.get(&p.key))),
-    );
-    check_dataset_limits(limits, &request.dataset, owned, records, bytes)?;
-    let new_count = row.sync_count + 1;
-    let changed = writes
-        .iter()
-        .map(|patch| Record {
-            key: patch.key.clone(),
-            value: patch.value.clone(),
-            sync_count: new_count,
-            last_modified: now,
-            last_modified_by: request.actor.clone(),
-            device_id: request.device_id.clone(),
-            device_last_modified: patch.device_last_modified,
-        })
-        .collect();
-    Ok(Plan {
-        new_count,
-        records,
-        bytes,
-        changed,
-    })
-}
-
-/// The outcome of a committed update. Every record write holds the dataset's row lock, so
-/// the records read under it (`stored`) plus this update's writes are the dataset as
-/// committed.
-pub(super) fn committed(
-    key: &DatasetKey,
-    new_count: u64,
-    mut changed: Vec<Record>,
-    mut stored: BTreeMap<String, Record>,
-) -> UpdateOutcome {
-    changed.sort_by(|a, b| a.key.cmp(&b.key));
-    for record in &changed {
-        stored.insert(record.key.clone(), record.clone());
+) -> Result<(), CallError> {
+    if writes.is_empty() {
+        return Ok(());
     }
-    let live = stored.into_values().filter(|r| r.value.is_some()).collect();
-    UpdateOutcome::Committed {
-        changed,
-        snapshot: Snapshot {
-            dataset: key.clone(),
-            sync_count: new_count,
-            records: live,
-            deleted: false,
-        },
+    let (mut ds_ids, mut ds_counts, mut ds_records, mut ds_bytes) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for w in writes {
+        ds_ids.push(w.dataset_id);
+        ds_counts.push(to_i64(w.plan.sync_count)?);
+        ds_records.push(to_i64(w.plan.records)?);
+        ds_bytes.push(to_i64(w.plan.bytes)?);
     }
+    let mut rec_ids: Vec<i64> = Vec::new();
+    let mut rec_keys: Vec<&str> = Vec::new();
+    let mut rec_values: Vec<Option<&str>> = Vec::new();
+    let mut rec_counts: Vec<i64> = Vec::new();
+    let mut rec_by: Vec<&str> = Vec::new();
+    let mut rec_devices: Vec<Option<&str>> = Vec::new();
+    let mut rec_device_times: Vec<Option<i64>> = Vec::new();
+    for w in writes {
+        for record in &w.plan.changed {
+            rec_ids.push(w.dataset_id);
+            rec_keys.push(record.key.as_str());
+            rec_values.push(record.value.as_deref());
+            rec_counts.push(to_i64(record.sync_count)?);
+            rec_by.push(record.last_modified_by.as_str());
+            rec_devices.push(record.device_id.as_deref());
+            rec_device_times.push(record.device_last_modified);
+        }
+    }
+    let (update, upsert) = tokio::try_join!(
+        tx.prepare_cached(UPDATE_DATASETS),
+        tx.prepare_cached(UPSERT_RECORDS),
+    )?;
+    let update_params: [&(dyn ToSql + Sync); 5] =
+        [&ds_ids, &ds_counts, &ds_records, &ds_bytes, &now];
+    let upsert_params: [&(dyn ToSql + Sync); 8] = [
+        &rec_ids,
+        &rec_keys,
+        &rec_values,
+        &rec_counts,
+        &rec_by,
+        &rec_devices,
+        &rec_device_times,
+        &now,
+    ];
+    tokio::try_join!(tx.execute(&update, &update_params), async {
+        if rec_ids.is_empty() {
+            Ok(0)
+        } else {
+            tx.execute(&upsert, &upsert_params).await
+        }
+    })?;
+    Ok(())
 }
 
 /// Inserts a placeholder row for a dataset that had none, and so holds its lock. An insert
@@ -351,13 +273,13 @@ async fn insert_or_lock_dataset(
     tx: &Transaction<'_>,
     key: &DatasetKey,
     now: i64,
-) -> Result<DatasetRow, Fail> {
+) -> Result<DatasetRow, CallError> {
     let stmt = tx.prepare_cached(INSERT_DATASET).await?;
     if let Some(row) = tx
         .query_opt(&stmt, &[&key.pool, &key.owner, &key.name, &now])
         .await?
     {
-        return DatasetRow::from_row(&row);
+        return dataset_row(&row);
     }
     // Dataset rows are never removed, so the one that won the race is there to lock.
     lock_dataset(tx, key)
@@ -365,8 +287,8 @@ async fn insert_or_lock_dataset(
         .ok_or_else(|| StoreError::Internal(format!("dataset row of {key} vanished")).into())
 }
 
-fn records_by_key(rows: &[Row]) -> Result<BTreeMap<String, Record>, Fail> {
-    let mut records = BTreeMap::new();
+fn records_by_key(rows: &[Row]) -> Result<StoredRecords, CallError> {
+    let mut records = StoredRecords::new();
     for row in rows {
         let record = record_from_row(row, 0)?;
         records.insert(record.key.clone(), record);
@@ -374,11 +296,14 @@ fn records_by_key(rows: &[Row]) -> Result<BTreeMap<String, Record>, Fail> {
     Ok(records)
 }
 
-async fn lock_dataset(tx: &Transaction<'_>, key: &DatasetKey) -> Result<Option<DatasetRow>, Fail> {
+async fn lock_dataset(
+    tx: &Transaction<'_>,
+    key: &DatasetKey,
+) -> Result<Option<DatasetRow>, CallError> {
     let stmt = tx.prepare_cached(LOCK_DATASET).await?;
     tx.query_opt(&stmt, &[&key.pool, &key.owner, &key.name])
         .await?
-        .map(|row| DatasetRow::from_row(&row))
+        .map(|row| dataset_row(&row))
         .transpose()
 }
 
@@ -386,7 +311,7 @@ async fn lock_dataset(tx: &Transaction<'_>, key: &DatasetKey) -> Result<Option<D
 /// the transaction): a creation that committed before is counted, one that has not yet
 /// started waits for this transaction. The count is a separate statement from the lock so
 /// that its snapshot is taken after the lock is granted.
-async fn count_owned_locked(tx: &Transaction<'_>, key: &DatasetKey) -> Result<u64, Fail> {
+async fn count_owned_locked(tx: &Transaction<'_>, key: &DatasetKey) -> Result<u64, CallError> {
     let lock_key = format!("{}:{}/{}", key.pool.len(), key.pool, key.owner);
     let (lock, count) = tokio::try_join!(
         tx.prepare_cached(LOCK_OWNER),
@@ -405,16 +330,16 @@ pub(super) async fn delete(
     client: &mut ClientWrapper,
     key: &DatasetKey,
     actor: &str,
-) -> Result<u64, Fail> {
+) -> Result<u64, CallError> {
     if actor != key.owner {
         return Err(forbidden(key, actor, "owner").into());
     }
     let tx = client.transaction().await?;
     let row = match lock_dataset(&tx, key).await? {
-        Some(row) if !row.deleted => row,
+        Some(row) if !row.state.deleted => row,
         _ => return Err(StoreError::NotFound(format!("dataset {key}")).into()),
     };
-    let new_count = row.sync_count + 1;
+    let new_count = row.state.sync_count + 1;
     let new_count_db = to_i64(new_count)?;
     let now = now_ms();
     let (records, grants, mark) = tokio::try_join!(
@@ -440,7 +365,7 @@ pub(super) async fn grant(
     key: &DatasetKey,
     grantee: &str,
     access: Access,
-) -> Result<(), Fail> {
+) -> Result<(), CallError> {
     let stmt = client.prepare_cached(UPSERT_GRANT).await?;
     client
         .execute(
@@ -463,7 +388,7 @@ pub(super) async fn revoke(
     client: &ClientWrapper,
     key: &DatasetKey,
     grantee: &str,
-) -> Result<(), Fail> {
+) -> Result<(), CallError> {
     let stmt = client.prepare_cached(DELETE_GRANT).await?;
     let removed = client
         .execute(&stmt, &[&key.pool, &key.owner, &key.name, &grantee])

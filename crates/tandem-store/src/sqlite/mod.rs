@@ -3,8 +3,9 @@
 //!
 //! SQLite allows one writer at a time, so one thread owns the write connection and applies
 //! writes with group commit (see `writer`); reads run on a small pool of query-only
-//! connections on tokio's blocking threads, concurrently with the writer thanks to WAL. No
-//! async method blocks the runtime.
+//! connections, concurrently with the writer thanks to WAL. Writes and their fsync never
+//! run on the async runtime; a read does, because it is one short statement or transaction
+//! over cached pages (see `SqliteStore::read`).
 
 mod query;
 mod schema;

@@ -2,31 +2,12 @@
 //! the record queries. Every statement goes through the connection's statement cache.
 
 use super::db_err;
+use crate::decision::{DatasetRow, DatasetState};
 use crate::{DatasetKey, Snapshot, StoreError};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use tandem_protocol::{Access, DatasetInfo, DatasetRef, Record};
 
-/// A dataset's row: its sync count survives a delete (`deleted = true`).
-#[derive(Debug, Clone, Copy)]
-pub(super) struct DatasetRow {
-    pub id: i64,
-    pub sync_count: u64,
-    pub deleted: bool,
-    pub record_count: u64,
-    pub byte_size: u64,
-}
-
-impl DatasetRow {
-    /// The live record count and bytes, zero for a deleted dataset.
-    pub fn live_totals(&self) -> (u64, u64) {
-        if self.deleted {
-            (0, 0)
-        } else {
-            (self.record_count, self.byte_size)
-        }
-    }
-}
-
+/// The dataset's row, if it was ever written.
 pub(super) fn load_dataset(
     conn: &Connection,
     key: &DatasetKey,
@@ -39,10 +20,12 @@ pub(super) fn load_dataset(
         stmt.query_row(params![key.pool, key.owner, key.name], |row| {
             Ok(DatasetRow {
                 id: row.get(0)?,
-                sync_count: row.get(1)?,
-                deleted: row.get(2)?,
-                record_count: row.get(3)?,
-                byte_size: row.get(4)?,
+                state: DatasetState {
+                    sync_count: row.get(1)?,
+                    deleted: row.get(2)?,
+                    record_count: row.get(3)?,
+                    byte_size: row.get(4)?,
+                },
             })
         })
         .optional()
@@ -192,8 +175,10 @@ pub(super) fn snapshot(
 ) -> Result<Snapshot, StoreError> {
     check_read(conn, key, actor)?;
     let (sync_count, records, deleted) = match load_dataset(conn, key)? {
-        Some(row) if !row.deleted => (row.sync_count, live_records(conn, row.id)?, false),
-        Some(row) => (row.sync_count, Vec::new(), true),
+        Some(row) if !row.state.deleted => {
+            (row.state.sync_count, live_records(conn, row.id)?, false)
+        }
+        Some(row) => (row.state.sync_count, Vec::new(), true),
         None => (0, Vec::new(), false),
     };
     Ok(Snapshot {
@@ -215,9 +200,9 @@ pub(super) fn changes(
     let (sync_count, records, deleted) = match load_dataset(conn, key)? {
         // A deleted dataset's records are tombstones: they report the deletion.
         Some(row) => (
-            row.sync_count,
+            row.state.sync_count,
             records_since(conn, row.id, since)?,
-            row.deleted,
+            row.state.deleted,
         ),
         None => (0, Vec::new(), false),
     };

@@ -7,13 +7,11 @@
 //! Replies go out only after the COMMIT; if it fails, every command in the batch fails.
 
 use super::db_err;
-use super::query::{self, DatasetRow};
-use crate::model::{check_dataset_limits, totals_after};
-use crate::{
-    DatasetKey, Limits, Snapshot, StoreError, UpdateOutcome, UpdateRequest, ValidatedPatch, now_ms,
-};
+use super::query;
+use crate::decision::{self, DatasetState, StoredRecords, upsert_records};
+use crate::{DatasetKey, Limits, StoreError, UpdateOutcome, UpdateRequest, ValidatedPatch, now_ms};
 use rusqlite::{Connection, TransactionBehavior, params};
-use tandem_protocol::{Access, Conflict, Record};
+use tandem_protocol::Access;
 use tokio::sync::{mpsc, oneshot};
 
 /// The most commands one COMMIT covers.
@@ -148,46 +146,35 @@ fn update(
 ) -> Result<UpdateOutcome, StoreError> {
     let key = &request.dataset;
     query::check_write(conn, key, &request.actor)?;
+    // The writer thread holds the only write connection inside `BEGIN IMMEDIATE`, so what it
+    // reads here is what the update is decided and written against.
     let row = query::load_dataset(conn, key)?;
-
-    // A deleted dataset's records are all tombstones: a write based on an old version of
-    // one of them conflicts with the tombstone.
-    let mut current = Vec::with_capacity(patches.len());
-    for patch in patches {
-        current.push(match row {
-            Some(r) => query::load_record(conn, r.id, &patch.key)?,
-            None => None,
-        });
+    let state = row.map_or(DatasetState::ABSENT, |r| r.state);
+    let mut stored = StoredRecords::new();
+    if let Some(row) = row {
+        for patch in patches {
+            if let Some(record) = query::load_record(conn, row.id, &patch.key)? {
+                stored.insert(record.key.clone(), record);
+            }
+        }
     }
-    let conflicts: Vec<Conflict> = patches
-        .iter()
-        .zip(&current)
-        .filter(|(patch, record)| !patch.matches(record.as_ref()))
-        .map(|(patch, record)| Conflict {
-            key: patch.key.clone(),
-            server: record.clone(),
-        })
-        .collect();
-    let sync_count = row.map_or(0, |r| r.sync_count);
-    if !conflicts.is_empty() {
-        return Ok(UpdateOutcome::Conflict {
-            sync_count,
-            conflicts,
-        });
+    if let Some(conflict) = decision::conflict(&state, patches, &stored) {
+        return Ok(conflict);
     }
-
-    // The dataset's live totals after the update, and the patches that change something.
-    let (live_records, live_bytes) = row.as_ref().map_or((0, 0), DatasetRow::live_totals);
-    let (records, bytes, writes) = totals_after(
-        live_records,
-        live_bytes,
-        patches.iter().zip(current.iter().map(Option::as_ref)),
-    );
-    let creates = row.is_none_or(|r| r.deleted);
-    check_limits(conn, limits, key, creates, records, bytes)?;
-
-    let new_count = sync_count + 1;
+    let owned = if state.is_created_by_update() {
+        Some(count_owned(conn, key)?)
+    } else {
+        None
+    };
     let now = now_ms();
+    let plan = decision::plan(limits, request, patches, &state, &stored, owned, now)?;
+    // The rest of the dataset, for the committed snapshot.
+    if let Some(row) = row {
+        for record in query::live_records(conn, row.id)? {
+            stored.entry(record.key.clone()).or_insert(record);
+        }
+    }
+
     let dataset_id: i64 = conn
         .prepare_cached(
             "INSERT INTO datasets (pool, owner, name, sync_count, deleted, record_count,
@@ -204,85 +191,45 @@ fn update(
         .and_then(|mut stmt| {
             stmt.query_row(
                 params![
-                    key.pool, key.owner, key.name, new_count, records, bytes, now
+                    key.pool,
+                    key.owner,
+                    key.name,
+                    plan.sync_count,
+                    plan.records,
+                    plan.bytes,
+                    now
                 ],
                 |r| r.get(0),
             )
         })
         .map_err(db_err)?;
-
-    let mut changed = Vec::with_capacity(writes.len());
-    {
-        let mut stmt = conn
-            .prepare_cached(
-                "INSERT INTO records (dataset_id, key, value, sync_count, last_modified,
-                                      last_modified_by, device_id, device_last_modified)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-                 ON CONFLICT (dataset_id, key) DO UPDATE SET
-                     value = excluded.value,
-                     sync_count = excluded.sync_count,
-                     last_modified = excluded.last_modified,
-                     last_modified_by = excluded.last_modified_by,
-                     device_id = excluded.device_id,
-                     device_last_modified = excluded.device_last_modified",
-            )
-            .map_err(db_err)?;
-        for patch in writes {
-            stmt.execute(params![
-                dataset_id,
-                patch.key,
-                patch.value,
-                new_count,
-                now,
-                request.actor,
-                request.device_id,
-                patch.device_last_modified,
-            ])
-            .map_err(db_err)?;
-            changed.push(Record {
-                key: patch.key.clone(),
-                value: patch.value.clone(),
-                sync_count: new_count,
-                last_modified: now,
-                last_modified_by: request.actor.clone(),
-                device_id: request.device_id.clone(),
-                device_last_modified: patch.device_last_modified,
-            });
-        }
+    let mut stmt = conn
+        .prepare_cached(upsert_records!("VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"))
+        .map_err(db_err)?;
+    for record in &plan.changed {
+        stmt.execute(params![
+            dataset_id,
+            record.key,
+            record.value,
+            record.sync_count,
+            record.last_modified,
+            record.last_modified_by,
+            record.device_id,
+            record.device_last_modified,
+        ])
+        .map_err(db_err)?;
     }
-    changed.sort_by(|a, b| a.key.cmp(&b.key));
-
-    Ok(UpdateOutcome::Committed {
-        changed,
-        snapshot: Snapshot {
-            dataset: key.clone(),
-            sync_count: new_count,
-            records: query::live_records(conn, dataset_id)?,
-            deleted: false,
-        },
-    })
+    Ok(plan.committed(key, stored))
 }
 
-fn check_limits(
-    conn: &Connection,
-    limits: &Limits,
-    key: &DatasetKey,
-    creating: bool,
-    records: u64,
-    bytes: u64,
-) -> Result<(), StoreError> {
-    let owned: Option<u64> = if creating {
-        let owned = conn
-            .prepare_cached(
-                "SELECT count(*) FROM datasets WHERE pool = ?1 AND owner = ?2 AND deleted = 0",
-            )
-            .and_then(|mut stmt| stmt.query_row(params![key.pool, key.owner], |r| r.get(0)))
-            .map_err(db_err)?;
-        Some(owned)
-    } else {
-        None
-    };
-    check_dataset_limits(limits, key, owned, records, bytes)
+/// The owner's live datasets (the writer connection holds the write lock, so no creation
+/// can race this count).
+fn count_owned(conn: &Connection, key: &DatasetKey) -> Result<u64, StoreError> {
+    conn.prepare_cached(
+        "SELECT count(*) FROM datasets WHERE pool = ?1 AND owner = ?2 AND deleted = 0",
+    )
+    .and_then(|mut stmt| stmt.query_row(params![key.pool, key.owner], |r| r.get(0)))
+    .map_err(db_err)
 }
 
 fn delete(conn: &Connection, key: &DatasetKey, actor: &str) -> Result<u64, StoreError> {
@@ -290,10 +237,10 @@ fn delete(conn: &Connection, key: &DatasetKey, actor: &str) -> Result<u64, Store
         return Err(query::forbidden(key, actor, "owner"));
     }
     let row = match query::load_dataset(conn, key)? {
-        Some(row) if !row.deleted => row,
+        Some(row) if !row.state.deleted => row,
         _ => return Err(StoreError::NotFound(format!("dataset {key}"))),
     };
-    let new_count = row.sync_count + 1;
+    let new_count = row.state.sync_count + 1;
     let now = now_ms();
     // Live records become tombstones stamped with the delete's sync count, so that
     // `changes` since an earlier count reports the deletion.
