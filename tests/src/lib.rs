@@ -317,3 +317,16 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// One value from the node's `/metrics`, by its full name with labels (`name{…}`).
+pub async fn metric(server: &TestServer, name: &str) -> u64 {
+    let (status, body) = http_get(server.addr, "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|v| v.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("{name} missing:\n{body}"))
+}

@@ -26,6 +26,10 @@ pub struct GatewayConfig {
     /// Unread replies queued for one connection before it is closed as slow.
     #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_MAX_QUEUED_REPLIES"))]
     pub max_queued_replies: usize,
+    /// Bytes of unsent replies (snapshots and notices included) before a client that does
+    /// not read them is closed as slow (close 4001); one larger reply is always let through.
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_MAX_QUEUED_BYTES"))]
+    pub max_queued_bytes: usize,
     /// Frames one connection may send per second, in bursts of as many; more are refused with
     /// `rate_limited` / `max_requests_per_second`; 0 = unlimited.
     #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_MAX_REQUESTS_PER_SECOND"))]
@@ -65,6 +69,7 @@ impl Default for GatewayConfig {
             max_frame_bytes: 2 * 1024 * 1024,
             max_subscriptions: 100,
             max_queued_replies: 1024,
+            max_queued_bytes: 4 * 1024 * 1024,
             max_requests_per_second: 1000,
             auth_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
@@ -82,6 +87,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("max_frame_bytes", &self.max_frame_bytes)
             .field("max_subscriptions", &self.max_subscriptions)
             .field("max_queued_replies", &self.max_queued_replies)
+            .field("max_queued_bytes", &self.max_queued_bytes)
             .field("max_requests_per_second", &self.max_requests_per_second)
             .field("auth_timeout", &self.auth_timeout)
             .field("write_timeout", &self.write_timeout)

@@ -84,9 +84,10 @@ impl Slots {
 struct State {
     queue: VecDeque<Item>,
     slots: Slots,
-    /// Replies, subscribe replies and unsubscribe notices (not pushes) waiting in `queue`;
-    /// bounded by `max_frames`.
+    /// Replies, subscribe replies and unsubscribe notices (not pushes) waiting in `queue`,
+    /// and their bytes; bounded by `max_frames` and `max_bytes`.
     frames: usize,
+    bytes: usize,
     seq: u64,
     closing: bool,
 }
@@ -95,6 +96,7 @@ pub struct Outbox {
     state: Mutex<State>,
     notify: Notify,
     max_frames: usize,
+    max_bytes: usize,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -108,30 +110,43 @@ impl std::fmt::Debug for Outbox {
 pub struct Full;
 
 impl Outbox {
-    pub fn new(max_frames: usize) -> Self {
+    /// An outbox that holds at most `max_frames` unsent replies and `max_bytes` of them (or
+    /// one reply larger than that, so that a big snapshot can always be sent). Pushes do not
+    /// count: there is at most one per subscription, and its bytes are shared by every
+    /// subscriber of the dataset.
+    pub fn new(max_frames: usize, max_bytes: usize) -> Self {
         Outbox {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 slots: Slots::default(),
                 frames: 0,
+                bytes: 0,
                 seq: 0,
                 closing: false,
             }),
             notify: Notify::new(),
             max_frames,
+            max_bytes,
         }
     }
 
-    /// Queues a reply. Fails when `max_frames` replies are already waiting.
+    /// Takes room for one reply of `len` bytes, or says the queue is full.
+    fn admit(&self, s: &mut State, len: usize) -> Result<(), Full> {
+        if s.frames >= self.max_frames || (s.bytes > 0 && s.bytes + len > self.max_bytes) {
+            return Err(Full);
+        }
+        s.frames += 1;
+        s.bytes += len;
+        Ok(())
+    }
+
+    /// Queues a reply. Fails when the queue's bounds are reached.
     pub fn send(&self, frame: Utf8Bytes) -> Result<(), Full> {
         let mut s = self.state.lock();
         if s.closing {
             return Ok(());
         }
-        if s.frames >= self.max_frames {
-            return Err(Full);
-        }
-        s.frames += 1;
+        self.admit(&mut s, frame.len())?;
         s.queue.push_back(Item::Frame(frame));
         drop(s);
         self.notify.notify_one();
@@ -173,8 +188,8 @@ impl Outbox {
     }
 
     /// Stops pushes for a dataset, drops an unsent one, and queues `notice` (the reason) if
-    /// given. Returns whether it was subscribed; `Full` when the notice does not fit under
-    /// `max_frames` (the subscription has ended all the same).
+    /// given. Returns whether it was subscribed; `Full` when the notice does not fit in the
+    /// bounds (the subscription has ended all the same).
     pub fn unsubscribe(
         &self,
         dataset: &DatasetKey,
@@ -183,10 +198,7 @@ impl Outbox {
         let mut s = self.state.lock();
         let existed = s.slots.remove(dataset).is_some();
         if let (true, Some(frame), false) = (existed, notice, s.closing) {
-            if s.frames >= self.max_frames {
-                return Err(Full);
-            }
-            s.frames += 1;
+            self.admit(&mut s, frame.len())?;
             s.queue.push_back(Item::Frame(frame));
             drop(s);
             self.notify.notify_one();
@@ -225,7 +237,7 @@ impl Outbox {
     /// Queues a subscribe reply carrying the dataset at `sync_count`; an unsent push at or
     /// below it is dropped, and the newest push, if newer than the reply (pending or already
     /// sent), is queued behind the reply, so the client always ends at the newest state.
-    /// A reply like any other, it counts against `max_frames`.
+    /// A reply like any other, it counts against the bounds.
     pub fn snapshot(
         &self,
         dataset: &Arc<DatasetKey>,
@@ -236,10 +248,7 @@ impl Outbox {
         if s.closing {
             return Ok(());
         }
-        if s.frames >= self.max_frames {
-            return Err(Full);
-        }
-        s.frames += 1;
+        self.admit(&mut s, frame.len())?;
         s.queue.push_back(Item::Frame(frame));
         s.seq += 1;
         let seq = s.seq;
@@ -303,6 +312,7 @@ impl Outbox {
                     match item {
                         Item::Frame(f) => {
                             s.frames -= 1;
+                            s.bytes -= f.len();
                             out.push(Outgoing::Frame(f));
                         }
                         Item::Push(dataset, seq) => {
@@ -349,7 +359,7 @@ mod tests {
 
     #[tokio::test]
     async fn test_outbox_coalesces_pushes_per_dataset() {
-        let ob = Outbox::new(8);
+        let ob = Outbox::new(8, 1 << 20);
         let k = key();
         ob.subscribe(k.clone());
         ob.send("r1".into()).unwrap();
@@ -365,7 +375,7 @@ mod tests {
 
     #[tokio::test]
     async fn test_outbox_snapshot_orders_against_pending_push() {
-        let ob = Outbox::new(8);
+        let ob = Outbox::new(8, 1 << 20);
         let k = key();
         ob.subscribe(k.clone());
         ob.push(&k, 3, &"p3".into());
@@ -394,7 +404,7 @@ mod tests {
 
     #[tokio::test]
     async fn test_outbox_bounds_replies_and_stops_after_close() {
-        let ob = Outbox::new(2);
+        let ob = Outbox::new(2, 1 << 20);
         ob.send("a".into()).unwrap();
         ob.send("b".into()).unwrap();
         assert_eq!(ob.send("c".into()), Err(Full));
@@ -407,7 +417,7 @@ mod tests {
 
     #[tokio::test]
     async fn test_outbox_ended_subscription_drops_pending_push() {
-        let ob = Outbox::new(8);
+        let ob = Outbox::new(8, 1 << 20);
         let k = key();
         ob.subscribe(k.clone());
         ob.push(&k, 1, &"p1".into());
@@ -420,7 +430,7 @@ mod tests {
 
     #[tokio::test]
     async fn test_outbox_bounds_snapshots_and_notices_like_replies() {
-        let ob = Outbox::new(2);
+        let ob = Outbox::new(2, 1 << 20);
         let k = key();
         ob.subscribe(k.clone());
         ob.snapshot(&k, 1, "s1".into()).unwrap();
@@ -431,5 +441,21 @@ mod tests {
         let mut out = Vec::new();
         ob.next_batch(&mut out, 64).await;
         assert_eq!(texts(&out), ["s1", "s1 again"]);
+    }
+
+    #[tokio::test]
+    async fn test_outbox_bounds_reply_bytes_but_always_admits_one_reply() {
+        let ob = Outbox::new(100, 10);
+        ob.send("123456".into()).unwrap();
+        assert_eq!(ob.send("123456".into()), Err(Full));
+        let mut out = Vec::new();
+        ob.next_batch(&mut out, 64).await;
+        assert_eq!(texts(&out), ["123456"]);
+        // An empty queue takes one reply of any size.
+        ob.send("a reply longer than ten bytes".into()).unwrap();
+        assert_eq!(ob.send("x".into()), Err(Full));
+        let mut out = Vec::new();
+        ob.next_batch(&mut out, 64).await;
+        ob.send("x".into()).unwrap();
     }
 }

@@ -24,7 +24,7 @@ fn key() -> Arc<DatasetKey> {
 
 /// Subscribes a fresh outbox as `identity` (session `id`), as a session does.
 async fn subscribe(hub: &Hub, id: u64, identity: &str) -> Arc<Outbox> {
-    let outbox = Arc::new(Outbox::new(16));
+    let outbox = Arc::new(Outbox::new(16, 1 << 20));
     let subscriber = Subscriber {
         identity: Arc::from(identity),
         outbox: outbox.clone(),

@@ -48,7 +48,10 @@ pub(crate) async fn serve<Si, St>(
     Metrics::add(&gw.metrics().sessions_opened, 1);
     let span = tracing::info_span!("session", session = %label, identity = tracing::field::Empty);
     async move {
-        let outbox = Arc::new(Outbox::new(gw.config.max_queued_replies));
+        let outbox = Arc::new(Outbox::new(
+            gw.config.max_queued_replies,
+            gw.config.max_queued_bytes,
+        ));
         let cancel = gw.shutdown.child_token();
         // Not instrumented: the writer is polled for every push, and entering a span each
         // time costs more than its rare log lines are worth; they carry the session label.
