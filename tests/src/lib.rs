@@ -330,3 +330,11 @@ pub async fn metric(server: &TestServer, name: &str) -> u64 {
         })
         .unwrap_or_else(|| panic!("{name} missing:\n{body}"))
 }
+
+/// Now, in unix seconds (for claims).
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

@@ -69,3 +69,98 @@ async fn test_hardening_resubscribing_reader_that_never_reads_is_closed_within_m
     let code = raw.close_code().await;
     assert!(matches!(code, None | Some(4001)), "{code:?}");
 }
+
+/// Sends a WebSocket upgrade request; returns the response's status and body.
+async fn upgrade(server: &TestServer) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let request = format!(
+        "GET /v1/sync HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        server.addr
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        response.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&response);
+        if n == 0 || text.starts_with("HTTP/1.1 101") || text.contains("}") {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned());
+    (status, body.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn test_hardening_node_refuses_connections_past_max_connections() {
+    let server = TestServer::builder().arg("--max-connections", 2).start();
+    let _a = RawSocket::connect(&server).await;
+    let _b = RawSocket::connect(&server).await;
+    let (status, body) = upgrade(&server).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"limit\":\"max_connections\""), "{body}");
+    drop(_a);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while upgrade(&server).await.0 != 101 {
+        assert!(tokio::time::Instant::now() < deadline, "no place freed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn test_hardening_one_identity_cannot_hold_more_than_its_connections() {
+    let server = TestServer::builder()
+        .arg("--max-connections-per-identity", 3)
+        .start();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(RawSocket::authenticated(&server, "mallory").await);
+    }
+    let mut fourth = RawSocket::connect(&server).await;
+    let auth = ClientFrame::Auth {
+        id: None,
+        token: server.token("mallory"),
+    };
+    fourth.send(0x1, auth.to_json().as_bytes()).await;
+    let refused = fourth.recv_frame().await;
+    assert!(
+        format!("{refused:?}").contains("MaxConnectionsPerIdentity"),
+        "{refused:?}"
+    );
+    assert_eq!(fourth.close_code().await, Some(4005));
+    // Others still get in.
+    RawSocket::authenticated(&server, "alice").await;
+}
+
+#[tokio::test]
+async fn test_hardening_a_token_valid_for_a_century_does_not_keep_a_session_for_ever() {
+    let server = TestServer::builder().arg("--max-session-age", "1s").start();
+    let _ = jsonwebtoken::crypto::CryptoProvider::install_default(
+        &jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER,
+    );
+    let exp = tandem_tests::now_secs() + 100 * 365 * 86_400;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({ "sub": "alice", "exp": exp }),
+        &jsonwebtoken::EncodingKey::from_secret(tandem_tests::SECRET.as_bytes()),
+    )
+    .unwrap();
+    let mut raw = RawSocket::connect(&server).await;
+    let auth = ClientFrame::Auth { id: None, token };
+    raw.send(0x1, auth.to_json().as_bytes()).await;
+    let ready = raw.recv_frame().await;
+    assert!(format!("{ready:?}").contains("Ready"), "{ready:?}");
+    assert_eq!(raw.close_code().await, Some(4006));
+}

@@ -34,6 +34,33 @@ pub struct GatewayConfig {
     /// `rate_limited` / `max_requests_per_second`; 0 = unlimited.
     #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_MAX_REQUESTS_PER_SECOND"))]
     pub max_requests_per_second: u32,
+    /// WebSocket connections this node serves at once; more are refused at the upgrade with
+    /// HTTP 503 (`limit_exceeded` / `max_connections`).
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_MAX_CONNECTIONS"))]
+    pub max_connections: usize,
+    /// Sessions one identity may hold on this node at once; one more is refused at
+    /// authentication (`limit_exceeded` / `max_connections_per_identity`, close 4005).
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, env = "TANDEM_MAX_CONNECTIONS_PER_IDENTITY")
+    )]
+    pub max_connections_per_identity: usize,
+    /// The longest a session lasts, whatever its token's `exp` says (close 4006); clients
+    /// reconnect.
+    #[serde(with = "duration")]
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, env = "TANDEM_MAX_SESSION_AGE", value_parser = duration::parse)
+    )]
+    pub max_session_age: Duration,
+    /// How long an authenticated session with no subscriptions may go without a request
+    /// (pings do not count) before it is closed (close 4007).
+    #[serde(with = "duration")]
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, env = "TANDEM_IDLE_TIMEOUT", value_parser = duration::parse)
+    )]
+    pub idle_timeout: Duration,
     /// Time allowed to authenticate after connecting (close 4004).
     #[serde(with = "duration")]
     #[cfg_attr(
@@ -71,6 +98,10 @@ impl Default for GatewayConfig {
             max_queued_replies: 1024,
             max_queued_bytes: 4 * 1024 * 1024,
             max_requests_per_second: 1000,
+            max_connections: 20_000,
+            max_connections_per_identity: 100,
+            max_session_age: Duration::from_secs(24 * 3600),
+            idle_timeout: Duration::from_secs(300),
             auth_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
             read_buffer_bytes: 1024,
@@ -89,6 +120,13 @@ impl std::fmt::Debug for GatewayConfig {
             .field("max_queued_replies", &self.max_queued_replies)
             .field("max_queued_bytes", &self.max_queued_bytes)
             .field("max_requests_per_second", &self.max_requests_per_second)
+            .field("max_connections", &self.max_connections)
+            .field(
+                "max_connections_per_identity",
+                &self.max_connections_per_identity,
+            )
+            .field("max_session_age", &self.max_session_age)
+            .field("idle_timeout", &self.idle_timeout)
             .field("auth_timeout", &self.auth_timeout)
             .field("write_timeout", &self.write_timeout)
             .field("dev_mode", &self.dev_token_secret.is_some())

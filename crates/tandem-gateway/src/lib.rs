@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod config;
+mod connections;
 mod demo;
 mod hub;
 mod metrics;
@@ -32,7 +33,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tandem_fanout::{Broker, BrokerHealth};
-use tandem_protocol::{ErrorCode, ServerFrame};
+use tandem_protocol::{ErrorCode, LimitCode, ServerFrame};
 use tandem_store::Store;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -42,6 +43,7 @@ pub struct Gateway {
     config: GatewayConfig,
     store: Arc<dyn Store>,
     hub: Hub,
+    connections: connections::Connections,
     verifier: Verifier,
     shutdown: CancellationToken,
     sessions: TaskTracker,
@@ -68,6 +70,10 @@ impl Gateway {
     ) -> Arc<Gateway> {
         let store = subscribers.store().clone();
         Arc::new(Gateway {
+            connections: connections::Connections::new(
+                config.max_connections,
+                config.max_connections_per_identity,
+            ),
             config,
             store,
             hub: Hub::new(subscribers, broker),
@@ -147,6 +153,24 @@ async fn sync(
             "server is shutting down",
         );
     }
+    let max = gw.config.max_connections;
+    let Some(open) = gw.connections.open() else {
+        // Refused before the upgrade: a refused client costs no session at all.
+        gw.metrics().error(ErrorCode::LimitExceeded);
+        let body = ServerFrame::limit_error(
+            None,
+            LimitCode::MaxConnections,
+            max as u64,
+            format!("this node serves at most {max} connections; retry later or elsewhere"),
+        )
+        .to_json();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response();
+    };
     let pre_auth = match bearer_token(&headers) {
         Some(token) => match gw.verifier.verify(token) {
             Ok(identity) => Some(identity),
@@ -167,7 +191,10 @@ async fn sync(
         .write_buffer_size(config.write_buffer_bytes)
         .on_upgrade(move |socket| {
             let tracker = gw.sessions.clone();
-            tracker.track_future(session::run(gw, socket, pre_auth))
+            tracker.track_future(async move {
+                session::run(gw, socket, pre_auth).await;
+                drop(open);
+            })
         })
 }
 

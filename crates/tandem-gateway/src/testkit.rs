@@ -52,6 +52,19 @@ impl TestGateway {
     /// bounds the messages the session can write before the test reads them, like a socket
     /// buffer; a full one makes the session's writes wait.
     pub(crate) fn connect_with(&self, sub: Option<&str>, sink_capacity: usize) -> TestClient {
+        let pre_auth = sub.map(|sub| Identity {
+            sub: sub.to_owned(),
+            expires_at: tandem_store::now_ms() / 1000 + 3600,
+        });
+        self.connect_identity(pre_auth, sink_capacity)
+    }
+
+    /// A session that starts as `pre_auth` (as by an `Authorization` header), if given.
+    pub(crate) fn connect_identity(
+        &self,
+        pre_auth: Option<Identity>,
+        sink_capacity: usize,
+    ) -> TestClient {
         let (to_session, session_rx) = mpsc::unbounded_channel();
         let (session_tx, from_session) = mpsc::channel(sink_capacity);
         let stream = Box::pin(futures_util::stream::unfold(
@@ -65,10 +78,6 @@ impl TestGateway {
                 Ok::<_, axum::Error>(tx)
             },
         ));
-        let pre_auth = sub.map(|sub| Identity {
-            sub: sub.to_owned(),
-            expires_at: tandem_store::now_ms() / 1000 + 3600,
-        });
         tokio::spawn(crate::session::serve(
             self.gw.clone(),
             sink,

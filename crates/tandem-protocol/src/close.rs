@@ -16,6 +16,14 @@ pub enum CloseCode {
     /// No `auth` frame (and no `Authorization` header) arrived in time; reconnect and
     /// authenticate promptly.
     AuthTimeout,
+    /// The identity already holds `max_connections_per_identity` sessions on this node;
+    /// reconnect later, with backoff, or close another connection first.
+    TooManyConnections,
+    /// The session reached `max_session_age`; reconnect (a fresh token may be needed).
+    SessionAge,
+    /// The session had no subscriptions and sent no request for `idle_timeout`; reconnect
+    /// when there is something to sync.
+    Idle,
     /// The token was refused (bad signature, wrong algorithm, expired at connect, wrong
     /// issuer or audience); do not reconnect with the same token.
     Unauthorized,
@@ -28,12 +36,15 @@ pub enum CloseCode {
 }
 
 impl CloseCode {
-    pub const ALL: [CloseCode; 8] = [
+    pub const ALL: [CloseCode; 11] = [
         CloseCode::GoingAway,
         CloseCode::Slow,
         CloseCode::TokenExpired,
         CloseCode::Internal,
         CloseCode::AuthTimeout,
+        CloseCode::TooManyConnections,
+        CloseCode::SessionAge,
+        CloseCode::Idle,
         CloseCode::Unauthorized,
         CloseCode::MessageTooBig,
         CloseCode::ProtocolError,
@@ -47,6 +58,9 @@ impl CloseCode {
             CloseCode::TokenExpired => 4002,
             CloseCode::Internal => 4003,
             CloseCode::AuthTimeout => 4004,
+            CloseCode::TooManyConnections => 4005,
+            CloseCode::SessionAge => 4006,
+            CloseCode::Idle => 4007,
             CloseCode::Unauthorized => 4500,
             CloseCode::MessageTooBig => 4501,
             CloseCode::ProtocolError => 4502,
@@ -61,6 +75,9 @@ impl CloseCode {
             CloseCode::TokenExpired => "token expired, reconnect with a fresh token",
             CloseCode::Internal => "internal error, reconnect",
             CloseCode::AuthTimeout => "no auth in time, reconnect",
+            CloseCode::TooManyConnections => "too many connections, reconnect later",
+            CloseCode::SessionAge => "session too old, reconnect",
+            CloseCode::Idle => "idle, reconnect when needed",
             CloseCode::Unauthorized => "unauthorized, do not reconnect with this token",
             CloseCode::MessageTooBig => "frame too large, do not resend",
             CloseCode::ProtocolError => "protocol error, do not reconnect",

@@ -100,6 +100,12 @@ pub enum LimitCode {
     /// Requests (frames) one connection may send per second, with bursts of as many
     /// (default 1000).
     MaxRequestsPerSecond,
+    /// WebSocket connections one node serves at once (default 20,000); the upgrade is
+    /// refused with HTTP 503.
+    MaxConnections,
+    /// Sessions one identity may hold on one node at once (default 100); the session is
+    /// closed with 4005.
+    MaxConnectionsPerIdentity,
     /// A limit this build does not know (a newer server's); the frame's `code` still says
     /// what class of error it is. Never sent.
     #[serde(other)]
@@ -113,7 +119,9 @@ impl LimitCode {
             LimitCode::MaxDatasets
             | LimitCode::MaxRecords
             | LimitCode::MaxPatches
-            | LimitCode::MaxSubscriptions => ErrorCode::LimitExceeded,
+            | LimitCode::MaxSubscriptions
+            | LimitCode::MaxConnections
+            | LimitCode::MaxConnectionsPerIdentity => ErrorCode::LimitExceeded,
             LimitCode::MaxDatasetBytes
             | LimitCode::MaxKeyLength
             | LimitCode::MaxFrameBytes
@@ -134,6 +142,8 @@ impl LimitCode {
             LimitCode::MaxSubscriptions => "max_subscriptions",
             LimitCode::MaxDeviceIdLength => "max_device_id_length",
             LimitCode::MaxRequestsPerSecond => "max_requests_per_second",
+            LimitCode::MaxConnections => "max_connections",
+            LimitCode::MaxConnectionsPerIdentity => "max_connections_per_identity",
             LimitCode::Unknown => "unknown",
         }
     }

@@ -40,12 +40,14 @@ impl Session {
         }
         let frame = match frame {
             ClientFrame::Auth { id, token } => return self.auth(id, &token),
+            // A heartbeat: it keeps the socket alive but does not make the session busy.
             ClientFrame::Ping { id } => {
                 self.reply(ServerFrame::Pong { id });
                 return None;
             }
             frame => frame,
         };
+        self.last_request = tokio::time::Instant::now();
         let Some(identity) = self.identity.clone() else {
             self.reply(ServerFrame::error(
                 frame.id().cloned(),
@@ -110,8 +112,7 @@ impl Session {
                     ));
                     return None;
                 }
-                self.authenticated(id, identity);
-                None
+                self.authenticated(id, identity)
             }
             Err(e) => {
                 tracing::info!(error = %e, "token refused");

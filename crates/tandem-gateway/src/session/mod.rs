@@ -21,7 +21,7 @@ use futures_util::{Sink, Stream, StreamExt};
 use std::sync::Arc;
 use std::time::Duration;
 use tandem_protocol::{
-    CloseCode, DatasetRef, ErrorCode, PROTOCOL_VERSION, RequestId, ServerFrame,
+    CloseCode, DatasetRef, ErrorCode, LimitCode, PROTOCOL_VERSION, RequestId, ServerFrame,
     validate_dataset_name,
 };
 use tandem_store::{DatasetKey, StoreError, validate_identity};
@@ -62,20 +62,30 @@ pub(crate) async fn serve<Si, St>(
             cancel.clone(),
             label.clone(),
         ));
+        let now = Instant::now();
         let mut session = Session {
             gw: gw.clone(),
             id,
             label,
             outbox,
             identity: None,
-            expires_at: None,
+            started: now,
+            deadline: (after(now, gw.config.auth_timeout), CloseCode::AuthTimeout),
+            last_request: now,
             limiter: RateLimiter::new(gw.config.max_requests_per_second),
         };
-        if let Some(identity) = pre_auth {
-            session.authenticated(None, identity);
+        let refused = match pre_auth {
+            Some(identity) => session.authenticated(None, identity),
+            None => None,
+        };
+        match refused {
+            Some(code) => session.outbox.close(code),
+            None => session.read_loop(stream, &cancel).await,
         }
-        session.read_loop(stream, &cancel).await;
         session.drop_all_subscriptions().await;
+        if let Some(identity) = &session.identity {
+            gw.connections.release(identity);
+        }
         // The writer sends what is queued, then the close frame; give it the write deadline.
         let deadline = gw.config.write_timeout + Duration::from_secs(1);
         if tokio::time::timeout(deadline, writer).await.is_err() {
@@ -94,8 +104,14 @@ struct Session {
     /// What the client (`ready.session`) and the logs call this session: unique per node run.
     label: String,
     outbox: Arc<Outbox>,
+    /// Set once authenticated; the session is then counted in `Gateway::connections`.
     identity: Option<Arc<str>>,
-    expires_at: Option<Instant>,
+    started: Instant,
+    /// When the session ends by itself, and with which code: the auth timeout until
+    /// authenticated, then the token's expiry or `max_session_age`, whichever comes first.
+    deadline: (Instant, CloseCode),
+    /// The last request other than a ping, for `idle_timeout`.
+    last_request: Instant,
     limiter: RateLimiter,
 }
 
@@ -126,16 +142,45 @@ impl Session {
         self.outbox.close(CloseCode::Slow);
     }
 
-    fn authenticated(&mut self, id: Option<RequestId>, identity: Identity) {
+    /// Takes a verified identity: counts the session for it (the first time) and sets the
+    /// session's deadline. Returns a close code when the identity holds too many sessions.
+    fn authenticated(&mut self, id: Option<RequestId>, identity: Identity) -> Option<CloseCode> {
         let sub: Arc<str> = Arc::from(identity.sub.as_str());
-        tracing::Span::current().record("identity", tracing::field::display(&sub));
+        if self.identity.is_none() {
+            if !self.gw.connections.acquire(&sub) {
+                let max = self.gw.config.max_connections_per_identity;
+                tracing::info!(identity = %sub, max, "too many sessions for one identity");
+                self.reply(ServerFrame::limit_error(
+                    id,
+                    LimitCode::MaxConnectionsPerIdentity,
+                    max as u64,
+                    format!("at most {max} connections per identity on this node"),
+                ));
+                return Some(CloseCode::TooManyConnections);
+            }
+            tracing::Span::current().record("identity", tracing::field::display(&sub));
+        }
         // The same leeway that accepted the token keeps the session open past `exp`.
         let now_unix = tandem_store::now_ms() / 1000;
         let leeway = i64::try_from(self.gw.verifier.leeway_secs()).unwrap_or(0);
         let remaining = Duration::from_secs(
-            u64::try_from(identity.expires_at + leeway - now_unix).unwrap_or(0),
+            u64::try_from(
+                identity
+                    .expires_at
+                    .saturating_add(leeway)
+                    .saturating_sub(now_unix),
+            )
+            .unwrap_or(0),
         );
-        self.expires_at = Some(Instant::now() + remaining);
+        let now = Instant::now();
+        // A token may claim to live for ever; the session does not.
+        let age_left =
+            after(self.started, self.gw.config.max_session_age).saturating_duration_since(now);
+        self.deadline = if remaining <= age_left {
+            (after(now, remaining), CloseCode::TokenExpired)
+        } else {
+            (after(now, age_left), CloseCode::SessionAge)
+        };
         self.identity = Some(sub.clone());
         self.reply(ServerFrame::Ready {
             id,
@@ -144,6 +189,19 @@ impl Session {
             protocol: PROTOCOL_VERSION,
             expires_at: identity.expires_at.saturating_mul(1000),
         });
+        None
+    }
+
+    /// When and how the session ends if nothing else happens: its deadline, or sooner the
+    /// idle timeout of an authenticated session without subscriptions.
+    fn next_deadline(&self) -> (Instant, CloseCode) {
+        if self.identity.is_some() && self.outbox.subscription_count() == 0 {
+            let idle = after(self.last_request, self.gw.config.idle_timeout);
+            if idle < self.deadline.0 {
+                return (idle, CloseCode::Idle);
+            }
+        }
+        self.deadline
     }
 
     /// Resolves a wire dataset reference for this caller (owner defaults to the caller).
@@ -173,6 +231,14 @@ impl Session {
             self.drop_subscription(&key).await;
         }
     }
+}
+
+/// `at + d`, or a time decades away when a setting or a token asks for more than an
+/// `Instant` can hold.
+fn after(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d)
+        .or_else(|| at.checked_add(Duration::from_secs(30 * 365 * 86_400)))
+        .unwrap_or(at)
 }
 
 fn ack(id: RequestId) -> ServerFrame {

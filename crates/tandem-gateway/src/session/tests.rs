@@ -226,3 +226,72 @@ async fn test_session_shutdown_closes_with_going_away() {
     assert!(t.gw.shutdown(Duration::from_secs(5)).await);
     assert_eq!(alice.close_code().await, Some(4000));
 }
+
+#[tokio::test]
+async fn test_session_one_identity_holds_at_most_max_connections_per_identity() {
+    let t = gateway(GatewayConfig {
+        max_connections_per_identity: 2,
+        ..GatewayConfig::default()
+    });
+    let first = t.connect("alice").await;
+    let _second = t.connect("alice").await;
+    let mut third = t.connect_with(Some("alice"), 16);
+    let refused = third.recv().await;
+    assert_eq!(
+        refused["limit"], "max_connections_per_identity",
+        "{refused}"
+    );
+    assert_eq!(third.close_code().await, Some(4005));
+    // Another identity is not affected, and a closed session frees its place.
+    let _bob = t.connect("bob").await;
+    drop(first);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut again = t.connect_with(Some("alice"), 16);
+        if again.recv().await["type"] == "ready" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the place was not freed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn test_session_ends_at_max_session_age_even_with_a_token_that_never_expires() {
+    let t = gateway(GatewayConfig {
+        max_session_age: Duration::from_millis(300),
+        ..GatewayConfig::default()
+    });
+    let forever = crate::Identity {
+        sub: "alice".to_owned(),
+        expires_at: i64::MAX,
+    };
+    let mut alice = t.connect_identity(Some(forever), 16);
+    assert_eq!(alice.recv().await["type"], "ready");
+    assert_eq!(alice.close_code().await, Some(4006));
+}
+
+#[tokio::test]
+async fn test_session_without_subscriptions_is_closed_when_idle_and_kept_while_subscribed() {
+    let t = gateway(GatewayConfig {
+        idle_timeout: Duration::from_millis(300),
+        ..GatewayConfig::default()
+    });
+    let mut idle = t.connect("alice").await;
+    let mut busy = t.connect("alice").await;
+    busy.request(json!({"type": "subscribe", "id": 1, "dataset": ds("todo")}))
+        .await;
+    // Pings do not keep a session without subscriptions open.
+    idle.send(json!({"type": "ping", "id": 1}));
+    assert_eq!(idle.close_code().await, Some(4007));
+    // The idle timeout is the behaviour under test: wait past it, then the subscribed
+    // session still answers.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        busy.request(json!({"type": "ping", "id": 2})).await["type"],
+        "pong"
+    );
+}

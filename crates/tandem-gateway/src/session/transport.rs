@@ -10,7 +10,6 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use std::sync::Arc;
 use std::time::Duration;
 use tandem_protocol::{CloseCode, ErrorCode, LimitCode, ServerFrame};
-use tokio::time::Instant;
 use tokio_tungstenite::tungstenite;
 use tokio_util::sync::CancellationToken;
 
@@ -31,12 +30,8 @@ impl Session {
     where
         St: Stream<Item = Result<Message, axum::Error>> + Unpin,
     {
-        let auth_deadline = Instant::now() + self.gw.config.auth_timeout;
         let stop = loop {
-            let (deadline, on_deadline) = match self.expires_at {
-                Some(at) => (at, CloseCode::TokenExpired),
-                None => (auth_deadline, CloseCode::AuthTimeout),
-            };
+            let (deadline, on_deadline) = self.next_deadline();
             let message = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break Stop::Close(CloseCode::GoingAway),
