@@ -164,3 +164,137 @@ async fn test_hardening_a_token_valid_for_a_century_does_not_keep_a_session_for_
     assert!(format!("{ready:?}").contains("Ready"), "{ready:?}");
     assert_eq!(raw.close_code().await, Some(4006));
 }
+
+/// Opens a WebSocket without authenticating and streams most of one large frame, without
+/// finishing it; returns whether the node cut the connection off before the end.
+async fn stream_unauthenticated(addr: std::net::SocketAddr, frame_bytes: usize) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+        return true;
+    };
+    let request = format!(
+        "GET /v1/sync HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return true;
+    }
+    let mut head = [0u8; 256];
+    match stream.read(&mut head).await {
+        Ok(n) if head[..n].starts_with(b"HTTP/1.1 101") => {}
+        _ => return true,
+    }
+    // A masked text frame announcing `frame_bytes`, of which all but 1 KB is sent.
+    let mut header = vec![0x81, 0x80 | 127];
+    header.extend_from_slice(&(frame_bytes as u64).to_be_bytes());
+    header.extend_from_slice(&[1, 2, 3, 4]);
+    if stream.write_all(&header).await.is_err() {
+        return true;
+    }
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut sent = 0;
+    while sent + chunk.len() < frame_bytes - 1024 {
+        let write = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&chunk)).await;
+        match write {
+            Ok(Ok(())) => sent += chunk.len(),
+            // Refused, or the node stopped reading: either way it holds no more of it.
+            Ok(Err(_)) | Err(_) => return true,
+        }
+    }
+    // Everything went in (socket buffers are large on loopback): hold the connection a
+    // moment longer, as the abusive client would, and see whether the node closed it (after
+    // its error frame).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut head)).await {
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test]
+async fn test_hardening_anonymous_streamers_hold_little_memory_and_are_cut_off() {
+    let server = TestServer::start();
+    let idle = metric(&server, "process_resident_memory_bytes").await;
+    // 300 anonymous connections, each streaming most of a 2 MiB frame (the largest an
+    // authenticated client may send) and stalling inside the auth window.
+    let streamers: Vec<_> = (0..300)
+        .map(|_| tokio::spawn(stream_unauthenticated(server.addr, 2 << 20)))
+        .collect();
+    let mut peak = idle;
+    let mut cut_off = 0;
+    for streamer in streamers {
+        peak = peak.max(metric(&server, "process_resident_memory_bytes").await);
+        cut_off += usize::from(streamer.await.unwrap());
+    }
+    peak = peak.max(metric(&server, "process_resident_memory_bytes").await);
+    assert!(
+        peak.saturating_sub(idle) < MEMORY_BOUND,
+        "memory rose {} MB",
+        (peak - idle) >> 20
+    );
+    assert_eq!(cut_off, 300, "only {cut_off} of 300 were cut off");
+}
+
+#[tokio::test]
+async fn test_hardening_unauthenticated_connections_are_capped_per_node() {
+    let server = TestServer::builder()
+        .arg("--max-unauthenticated-connections", 3)
+        .start();
+    let mut waiting = Vec::new();
+    for _ in 0..3 {
+        waiting.push(RawSocket::connect(&server).await);
+    }
+    let (status, body) = upgrade(&server).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("max_unauthenticated_connections"), "{body}");
+    // Authenticated connections are not held back by them...
+    let token = server.token("alice");
+    let authed = tandem_client::Connection::connect_with_header(&server.url(), &token).await;
+    assert!(authed.is_ok(), "{authed:?}");
+    // ...and once one of the waiting ones authenticates, a new anonymous one gets in.
+    let auth = ClientFrame::Auth {
+        id: None,
+        token: server.token("bob"),
+    };
+    waiting[0].send(0x1, auth.to_json().as_bytes()).await;
+    waiting[0].recv_frame().await;
+    RawSocket::connect(&server).await;
+}
+
+#[tokio::test]
+async fn test_hardening_one_address_is_capped_in_connections() {
+    // Loopback is exempt by default (local proxies, load generators); exempt another one.
+    let server = TestServer::builder()
+        .arg("--ip-limits-exempt", "192.0.2.1")
+        .arg("--max-connections-per-ip", 3)
+        .arg("--max-new-connections-per-ip", 0)
+        .start();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(RawSocket::connect(&server).await);
+    }
+    let (status, body) = upgrade(&server).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("\"max_connections_per_ip\""), "{body}");
+    held.pop();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while upgrade(&server).await.0 != 101 {
+        assert!(tokio::time::Instant::now() < deadline, "no place freed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn test_hardening_one_address_is_capped_in_new_connections_per_second() {
+    let server = TestServer::builder()
+        .arg("--ip-limits-exempt", "192.0.2.1")
+        .arg("--max-new-connections-per-ip", 1)
+        .start();
+    assert_eq!(upgrade(&server).await.0, 101);
+    let (status, body) = upgrade(&server).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("\"max_new_connections_per_ip\""), "{body}");
+}

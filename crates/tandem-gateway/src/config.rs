@@ -45,6 +45,33 @@ pub struct GatewayConfig {
         arg(long, env = "TANDEM_MAX_CONNECTIONS_PER_IDENTITY")
     )]
     pub max_connections_per_identity: usize,
+    /// Connections that have not authenticated yet, on this node; more are refused at the
+    /// upgrade with HTTP 503 (`max_unauthenticated_connections`). A token in the upgrade's
+    /// `Authorization` header counts as authenticated.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, env = "TANDEM_MAX_UNAUTHENTICATED_CONNECTIONS")
+    )]
+    pub max_unauthenticated_connections: usize,
+    /// Bytes a connection may send before it authenticates (an `auth` frame is a few KB);
+    /// past them it is closed with 4501 (`too_large` / `max_unauthenticated_bytes`).
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_MAX_UNAUTHENTICATED_BYTES"))]
+    pub max_unauthenticated_bytes: usize,
+    /// Connections from one IP address at once; more are refused at the upgrade with HTTP
+    /// 429 (`max_connections_per_ip`).
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_MAX_CONNECTIONS_PER_IP"))]
+    pub max_connections_per_ip: usize,
+    /// New connections from one IP address per second, in bursts of as many; more are
+    /// refused with HTTP 429 and `Retry-After` (`max_new_connections_per_ip`); 0 = unlimited.
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_MAX_NEW_CONNECTIONS_PER_IP"))]
+    pub max_new_connections_per_ip: u32,
+    /// Peer addresses the per-IP limits do not apply to (comma-separated): by default
+    /// loopback, where a local proxy or load generator connects from.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, env = "TANDEM_IP_LIMITS_EXEMPT", value_delimiter = ',')
+    )]
+    pub ip_limits_exempt: Vec<std::net::IpAddr>,
     /// The longest a session lasts, whatever its token's `exp` says (close 4006); clients
     /// reconnect.
     #[serde(with = "duration")]
@@ -100,6 +127,14 @@ impl Default for GatewayConfig {
             max_requests_per_second: 1000,
             max_connections: 20_000,
             max_connections_per_identity: 100,
+            max_unauthenticated_connections: 1000,
+            max_unauthenticated_bytes: 64 * 1024,
+            max_connections_per_ip: 500,
+            max_new_connections_per_ip: 50,
+            ip_limits_exempt: vec![
+                std::net::IpAddr::from([127, 0, 0, 1]),
+                std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+            ],
             max_session_age: Duration::from_secs(24 * 3600),
             idle_timeout: Duration::from_secs(300),
             auth_timeout: Duration::from_secs(10),
@@ -125,6 +160,17 @@ impl std::fmt::Debug for GatewayConfig {
                 "max_connections_per_identity",
                 &self.max_connections_per_identity,
             )
+            .field(
+                "max_unauthenticated_connections",
+                &self.max_unauthenticated_connections,
+            )
+            .field("max_unauthenticated_bytes", &self.max_unauthenticated_bytes)
+            .field("max_connections_per_ip", &self.max_connections_per_ip)
+            .field(
+                "max_new_connections_per_ip",
+                &self.max_new_connections_per_ip,
+            )
+            .field("ip_limits_exempt", &self.ip_limits_exempt)
             .field("max_session_age", &self.max_session_age)
             .field("idle_timeout", &self.idle_timeout)
             .field("auth_timeout", &self.auth_timeout)

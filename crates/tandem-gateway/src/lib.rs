@@ -11,6 +11,7 @@ pub mod config;
 mod connections;
 mod demo;
 mod hub;
+mod listener;
 mod metrics;
 mod outbox;
 mod rate;
@@ -22,10 +23,12 @@ pub use auth::{AuthConfig, AuthError, Identity, Verifier};
 pub use config::GatewayConfig;
 use hub::Hub;
 pub use hub::Subscribers;
+pub use listener::{Listener, Peer};
 
+use axum::Extension;
 use axum::Router;
-use axum::extract::State;
 use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -70,10 +73,7 @@ impl Gateway {
     ) -> Arc<Gateway> {
         let store = subscribers.store().clone();
         Arc::new(Gateway {
-            connections: connections::Connections::new(
-                config.max_connections,
-                config.max_connections_per_identity,
-            ),
+            connections: connections::Connections::new(&config),
             config,
             store,
             hub: Hub::new(subscribers, broker),
@@ -143,6 +143,7 @@ impl Gateway {
 
 async fn sync(
     State(gw): State<Arc<Gateway>>,
+    peer: Option<Extension<ConnectInfo<Peer>>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -153,24 +154,6 @@ async fn sync(
             "server is shutting down",
         );
     }
-    let max = gw.config.max_connections;
-    let Some(open) = gw.connections.open() else {
-        // Refused before the upgrade: a refused client costs no session at all.
-        gw.metrics().error(ErrorCode::LimitExceeded);
-        let body = ServerFrame::limit_error(
-            None,
-            LimitCode::MaxConnections,
-            max as u64,
-            format!("this node serves at most {max} connections; retry later or elsewhere"),
-        )
-        .to_json();
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(header::CONTENT_TYPE, "application/json")],
-            body,
-        )
-            .into_response();
-    };
     let pre_auth = match bearer_token(&headers) {
         Some(token) => match gw.verifier.verify(token) {
             Ok(identity) => Some(identity),
@@ -184,6 +167,22 @@ async fn sync(
         },
         None => None,
     };
+    let peer = peer.map(|Extension(ConnectInfo(peer))| peer);
+    // Counted before the upgrade: a refused client costs no session at all.
+    let admitted = match gw
+        .connections
+        .admit(peer.as_ref().map(|p| p.addr.ip()), pre_auth.is_some())
+    {
+        Ok(admitted) => admitted,
+        Err(refused) => return refused_response(&gw, refused),
+    };
+    let budget = match (&pre_auth, peer) {
+        (None, Some(peer)) => {
+            peer.budget.arm(gw.config.max_unauthenticated_bytes);
+            Some(peer.budget)
+        }
+        _ => None,
+    };
     let config = &gw.config;
     ws.max_message_size(config.max_frame_bytes)
         .max_frame_size(config.max_frame_bytes)
@@ -191,11 +190,43 @@ async fn sync(
         .write_buffer_size(config.write_buffer_bytes)
         .on_upgrade(move |socket| {
             let tracker = gw.sessions.clone();
-            tracker.track_future(async move {
-                session::run(gw, socket, pre_auth).await;
-                drop(open);
-            })
+            let conn = session::Conn { admitted, budget };
+            tracker.track_future(session::run(gw, socket, pre_auth, conn))
         })
+}
+
+/// The answer to an upgrade a connection limit refused: 503 for the node's limits (try
+/// another node), 429 for the peer's own.
+fn refused_response(gw: &Gateway, refused: connections::Refused) -> Response {
+    gw.metrics().error(refused.limit.error_code());
+    let max = refused.max;
+    let message = match refused.limit {
+        LimitCode::MaxConnections => {
+            format!("this node serves at most {max} connections; retry later or elsewhere")
+        }
+        LimitCode::MaxUnauthenticatedConnections => format!(
+            "this node has {max} connections that have not authenticated; retry later or elsewhere"
+        ),
+        LimitCode::MaxConnectionsPerIp => {
+            format!("at most {max} connections from one address")
+        }
+        _ => format!("at most {max} new connections per second from one address"),
+    };
+    let status = match refused.limit {
+        LimitCode::MaxConnections | LimitCode::MaxUnauthenticatedConnections => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        _ => StatusCode::TOO_MANY_REQUESTS,
+    };
+    let body = ServerFrame::limit_error(None, refused.limit, max, message).to_json();
+    let mut response = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+    if let Some(wait) = refused.retry_after {
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from(secs.max(1)));
+    }
+    response
 }
 
 fn bearer_token(headers: &HeaderMap) -> Option<&str> {

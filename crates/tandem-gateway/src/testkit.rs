@@ -83,6 +83,7 @@ impl TestGateway {
             sink,
             stream,
             pre_auth,
+            None,
         ));
         TestClient {
             to_session,

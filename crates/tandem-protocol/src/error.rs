@@ -106,6 +106,18 @@ pub enum LimitCode {
     /// Sessions one identity may hold on one node at once (default 100); the session is
     /// closed with 4005.
     MaxConnectionsPerIdentity,
+    /// Connections that have not authenticated yet, on one node (default 1,000); the upgrade
+    /// is refused with HTTP 503.
+    MaxUnauthenticatedConnections,
+    /// Bytes a connection may send before it authenticates (default 64 KiB); past them it is
+    /// closed with 4501.
+    MaxUnauthenticatedBytes,
+    /// Connections from one IP address at once (default 500); the upgrade is refused with
+    /// HTTP 429.
+    MaxConnectionsPerIp,
+    /// New connections from one IP address per second, in bursts of as many (default 50);
+    /// the upgrade is refused with HTTP 429 and `Retry-After`.
+    MaxNewConnectionsPerIp,
     /// A limit this build does not know (a newer server's); the frame's `code` still says
     /// what class of error it is. Never sent.
     #[serde(other)]
@@ -121,7 +133,11 @@ impl LimitCode {
             | LimitCode::MaxPatches
             | LimitCode::MaxSubscriptions
             | LimitCode::MaxConnections
-            | LimitCode::MaxConnectionsPerIdentity => ErrorCode::LimitExceeded,
+            | LimitCode::MaxConnectionsPerIdentity
+            | LimitCode::MaxUnauthenticatedConnections
+            | LimitCode::MaxConnectionsPerIp => ErrorCode::LimitExceeded,
+            LimitCode::MaxUnauthenticatedBytes => ErrorCode::TooLarge,
+            LimitCode::MaxNewConnectionsPerIp => ErrorCode::RateLimited,
             LimitCode::MaxDatasetBytes
             | LimitCode::MaxKeyLength
             | LimitCode::MaxFrameBytes
@@ -144,6 +160,10 @@ impl LimitCode {
             LimitCode::MaxRequestsPerSecond => "max_requests_per_second",
             LimitCode::MaxConnections => "max_connections",
             LimitCode::MaxConnectionsPerIdentity => "max_connections_per_identity",
+            LimitCode::MaxUnauthenticatedConnections => "max_unauthenticated_connections",
+            LimitCode::MaxUnauthenticatedBytes => "max_unauthenticated_bytes",
+            LimitCode::MaxConnectionsPerIp => "max_connections_per_ip",
+            LimitCode::MaxNewConnectionsPerIp => "max_new_connections_per_ip",
             LimitCode::Unknown => "unknown",
         }
     }

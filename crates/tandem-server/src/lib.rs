@@ -6,7 +6,6 @@
 pub mod config;
 
 use anyhow::{Context, bail};
-use axum::serve::ListenerExt;
 use config::{Cli, Command, LogFormat, ServeArgs, ServerConfig, Settings, TokenArgs};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -159,10 +158,8 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
 
     let listener = bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
     let local = listener.local_addr()?;
-    let listener = listener.tap_io(|tcp| {
-        // Pushes are small and latency-bound; do not let Nagle hold them back.
-        let _ = tcp.set_nodelay(true);
-    });
+    // TCP_NODELAY and each connection's read budget before it authenticates.
+    let listener = tandem_gateway::Listener::new(listener);
     tracing::info!(addr = %local, data_dir = %data_dir.display(), store = store_kind, broker = broker_kind, "tandem listening");
     if server.dev {
         tracing::warn!(
@@ -180,8 +177,13 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     // Tests and scripts read the bound address from this line.
     println!("tandem listening on {local}");
 
-    let server = axum::serve(listener, gateway.router())
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let server = axum::serve(
+        listener,
+        gateway
+            .router()
+            .into_make_service_with_connect_info::<tandem_gateway::Peer>(),
+    )
+    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let server = tokio::spawn(async move { server.await });
 
     shutdown.cancelled().await;

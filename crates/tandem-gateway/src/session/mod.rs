@@ -11,7 +11,9 @@ mod commands;
 mod tests;
 mod transport;
 
+use crate::connections::Admitted;
 use crate::hub::SessionId;
+use crate::listener::Budget;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::rate::RateLimiter;
@@ -28,9 +30,22 @@ use tandem_store::{DatasetKey, StoreError, validate_identity};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-pub(crate) async fn run(gw: Arc<Gateway>, socket: WebSocket, pre_auth: Option<Identity>) {
+/// What the node counted for a connection before its upgrade, held for its life.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    pub admitted: Admitted,
+    /// The read budget of a connection that has not authenticated yet.
+    pub budget: Option<Arc<Budget>>,
+}
+
+pub(crate) async fn run(
+    gw: Arc<Gateway>,
+    socket: WebSocket,
+    pre_auth: Option<Identity>,
+    conn: Conn,
+) {
     let (sink, stream) = socket.split();
-    serve(gw, sink, stream, pre_auth).await;
+    serve(gw, sink, stream, pre_auth, Some(conn)).await;
 }
 
 /// Runs a session over any sink and stream of WebSocket messages: a socket's halves in
@@ -40,6 +55,7 @@ pub(crate) async fn serve<Si, St>(
     sink: Si,
     stream: St,
     pre_auth: Option<Identity>,
+    conn: Option<Conn>,
 ) where
     Si: Sink<Message, Error = axum::Error> + Unpin + Send + 'static,
     St: Stream<Item = Result<Message, axum::Error>> + Unpin + Send,
@@ -72,6 +88,7 @@ pub(crate) async fn serve<Si, St>(
             started: now,
             deadline: (after(now, gw.config.auth_timeout), CloseCode::AuthTimeout),
             last_request: now,
+            conn,
             limiter: RateLimiter::new(gw.config.max_requests_per_second),
         };
         let refused = match pre_auth {
@@ -112,6 +129,8 @@ struct Session {
     deadline: (Instant, CloseCode),
     /// The last request other than a ping, for `idle_timeout`.
     last_request: Instant,
+    /// The node's counts for this connection (none in unit tests over channels).
+    conn: Option<Conn>,
     limiter: RateLimiter,
 }
 
@@ -159,6 +178,12 @@ impl Session {
                 return Some(CloseCode::TooManyConnections);
             }
             tracing::Span::current().record("identity", tracing::field::display(&sub));
+            if let Some(conn) = &mut self.conn {
+                conn.admitted.authenticated();
+                if let Some(budget) = conn.budget.take() {
+                    budget.lift();
+                }
+            }
         }
         // The same leeway that accepted the token keeps the session open past `exp`.
         let now_unix = tandem_store::now_ms() / 1000;

@@ -4,6 +4,7 @@
 //! session through channels instead of a socket.
 
 use super::Session;
+use crate::listener::OverBudget;
 use crate::outbox::{Outbox, Outgoing};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
@@ -51,6 +52,16 @@ impl Session {
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                 Some(Err(e)) => {
+                    if is_over_budget(&e) {
+                        let max = self.gw.config.max_unauthenticated_bytes as u64;
+                        self.reply(ServerFrame::limit_error(
+                            None,
+                            LimitCode::MaxUnauthenticatedBytes,
+                            max,
+                            format!("more than {max} bytes before authenticating"),
+                        ));
+                        break Stop::Close(CloseCode::MessageTooBig);
+                    }
                     if is_too_large(&e) {
                         let max = self.gw.config.max_frame_bytes as u64;
                         self.reply(ServerFrame::limit_error(
@@ -98,6 +109,14 @@ fn tungstenite_error(e: &axum::Error) -> Option<&tungstenite::Error> {
         source = err.source();
     }
     None
+}
+
+/// A read past the budget of a connection that has not authenticated.
+fn is_over_budget(e: &axum::Error) -> bool {
+    matches!(
+        tungstenite_error(e),
+        Some(tungstenite::Error::Io(io)) if io.get_ref().is_some_and(|inner| inner.is::<OverBudget>())
+    )
 }
 
 fn is_too_large(e: &axum::Error) -> bool {
