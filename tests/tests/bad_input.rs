@@ -313,6 +313,58 @@ async fn test_bad_input_missing_or_mistyped_fields_get_bad_request_with_their_id
 }
 
 #[tokio::test]
+async fn test_bad_input_duplicate_key_gets_bad_request_with_its_id_and_writes_nothing() {
+    let server = TestServer::start();
+    let mut alice = server.connect("alice").await;
+    let ds = DatasetRef::own("groceries");
+    let before = seed(&alice, &ds).await;
+
+    // Read last-wins, each of these would write something other than what a first-wins
+    // reader (a proxy, an audit log) saw.
+    let cases = [
+        (
+            "d1",
+            r#"{"type":"update","id":"d1","dataset":{"name":"groceries"},"patches":[{"op":"replace","key":"milk","value":"9","syncCount":2}],"patches":[{"op":"remove","key":"milk","syncCount":2}]}"#,
+            "duplicate key `patches`",
+        ),
+        (
+            "d2",
+            r#"{"type":"update","id":"d2","dataset":{"name":"decoy","name":"groceries"},"patches":[{"op":"replace","key":"milk","value":"9","syncCount":2}]}"#,
+            "duplicate key `name` in `dataset`",
+        ),
+        (
+            "d3",
+            r#"{"type":"update","id":"d3","dataset":{"name":"groceries"},"patches":[{"op":"replace","key":"milk","value":"9","value":"10","syncCount":2}]}"#,
+            "duplicate key `value` in `patches`",
+        ),
+        (
+            "d4",
+            r#"{"type":"ping","id":"d4","later":1,"later":2}"#,
+            "duplicate key `later`",
+        ),
+    ];
+    for (want_id, text, message) in cases {
+        alice.send_text(text).unwrap();
+        let (id, code, got, limit, max) = next_error(&mut alice).await;
+        assert_eq!(id, str_id(want_id), "{text}");
+        assert_eq!(code, ErrorCode::BadRequest, "{text}: {got}");
+        assert_eq!(got, message, "{text}");
+        assert_eq!((limit, max), (None, None), "{text}");
+    }
+    // Two ids: the reply cannot say which request it answers.
+    alice
+        .send_text(r#"{"type":"ping","id":"a","id":"b"}"#)
+        .unwrap();
+    let (id, code, _, _, _) = next_error(&mut alice).await;
+    assert_eq!((id, code), (None, ErrorCode::BadRequest));
+
+    assert!(alice.closed().is_none());
+    assert_usable(&alice).await;
+    let observer = server.connect("alice").await;
+    assert_eq!(stored(&observer, &ds).await, before);
+}
+
+#[tokio::test]
 async fn test_bad_input_binary_frame_gets_bad_request_and_connection_stays_usable() {
     let server = TestServer::start();
     let mut alice = server.connect("alice").await;
