@@ -47,8 +47,14 @@ pub struct GatewayConfig {
     /// Replies queued for a client that does not read them before it is closed as slow.
     pub max_queued_replies: usize,
     /// Frames one connection may send per second, in bursts of up to as many; more are
-    /// refused with `rate_limited` / `max_requests_per_second`. 0 means unlimited.
+    /// refused with `rate_limited` / `max_requests_per_second`, whether they decode or not.
+    /// 0 means unlimited.
     pub max_requests_per_second: u32,
+    /// `bad_request` answers one connection may get per `bad_frames_window`, in bursts of up
+    /// to as many; the one past that closes the connection (close 4503). 0 means never.
+    pub max_bad_frames: u32,
+    /// The window `max_bad_frames` is counted over.
+    pub bad_frames_window: Duration,
     /// How long a connection may stay unauthenticated (close 4004).
     pub auth_timeout: Duration,
     /// How long one batch write to the socket may take before the connection is closed as
@@ -72,6 +78,8 @@ impl std::fmt::Debug for GatewayConfig {
             .field("max_subscriptions", &self.max_subscriptions)
             .field("max_queued_replies", &self.max_queued_replies)
             .field("max_requests_per_second", &self.max_requests_per_second)
+            .field("max_bad_frames", &self.max_bad_frames)
+            .field("bad_frames_window", &self.bad_frames_window)
             .field("auth_timeout", &self.auth_timeout)
             .field("write_timeout", &self.write_timeout)
             .field("dev_mode", &self.dev_token_secret.is_some())
@@ -87,6 +95,11 @@ impl Default for GatewayConfig {
             max_subscriptions: 100,
             max_queued_replies: 1024,
             max_requests_per_second: 1000,
+            // A client with a bug in one kind of request keeps working on the rest (a bad
+            // request a second, or a replayed backlog of under 100, never closes it); one
+            // that sends little but bad frames is closed within seconds.
+            max_bad_frames: 100,
+            bad_frames_window: Duration::from_secs(10),
             auth_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
             read_buffer_bytes: 1024,

@@ -318,6 +318,9 @@ fn gateway_config(settings: &Settings) -> GatewayConfig {
         max_requests_per_second: settings
             .max_requests_per_second
             .unwrap_or(d.max_requests_per_second),
+        // Defaults until the settings are wired (--max-bad-frames, --bad-frames-window).
+        max_bad_frames: d.max_bad_frames,
+        bad_frames_window: d.bad_frames_window,
         auth_timeout: settings.auth_timeout.map_or(d.auth_timeout, |t| t.0),
         write_timeout: settings.write_timeout.map_or(d.write_timeout, |t| t.0),
         read_buffer_bytes: settings.read_buffer_bytes.unwrap_or(d.read_buffer_bytes),
