@@ -313,6 +313,58 @@ async fn test_bad_input_missing_or_mistyped_fields_get_bad_request_with_their_id
 }
 
 #[tokio::test]
+async fn test_bad_input_duplicate_key_gets_bad_request_with_its_id_and_writes_nothing() {
+    let server = TestServer::start();
+    let mut alice = server.connect("alice").await;
+    let ds = DatasetRef::own("groceries");
+    let before = seed(&alice, &ds).await;
+
+    // Read last-wins, each of these would write something other than what a first-wins
+    // reader (a proxy, an audit log) saw.
+    let cases = [
+        (
+            "d1",
+            r#"{"type":"update","id":"d1","dataset":{"name":"groceries"},"patches":[{"op":"replace","key":"milk","value":"9","syncCount":2}],"patches":[{"op":"remove","key":"milk","syncCount":2}]}"#,
+            "duplicate key `patches`",
+        ),
+        (
+            "d2",
+            r#"{"type":"update","id":"d2","dataset":{"name":"decoy","name":"groceries"},"patches":[{"op":"replace","key":"milk","value":"9","syncCount":2}]}"#,
+            "duplicate key `name` in `dataset`",
+        ),
+        (
+            "d3",
+            r#"{"type":"update","id":"d3","dataset":{"name":"groceries"},"patches":[{"op":"replace","key":"milk","value":"9","value":"10","syncCount":2}]}"#,
+            "duplicate key `value` in `patches`",
+        ),
+        (
+            "d4",
+            r#"{"type":"ping","id":"d4","later":1,"later":2}"#,
+            "duplicate key `later`",
+        ),
+    ];
+    for (want_id, text, message) in cases {
+        alice.send_text(text).unwrap();
+        let (id, code, got, limit, max) = next_error(&mut alice).await;
+        assert_eq!(id, str_id(want_id), "{text}");
+        assert_eq!(code, ErrorCode::BadRequest, "{text}: {got}");
+        assert_eq!(got, message, "{text}");
+        assert_eq!((limit, max), (None, None), "{text}");
+    }
+    // Two ids: the reply cannot say which request it answers.
+    alice
+        .send_text(r#"{"type":"ping","id":"a","id":"b"}"#)
+        .unwrap();
+    let (id, code, _, _, _) = next_error(&mut alice).await;
+    assert_eq!((id, code), (None, ErrorCode::BadRequest));
+
+    assert!(alice.closed().is_none());
+    assert_usable(&alice).await;
+    let observer = server.connect("alice").await;
+    assert_eq!(stored(&observer, &ds).await, before);
+}
+
+#[tokio::test]
 async fn test_bad_input_binary_frame_gets_bad_request_and_connection_stays_usable() {
     let server = TestServer::start();
     let mut alice = server.connect("alice").await;
@@ -1102,14 +1154,26 @@ async fn test_bad_input_101st_subscription_gets_limit_exceeded_max_subscriptions
     assert!(bob.closed().is_none());
 }
 
-#[tokio::test]
-async fn test_bad_input_requests_over_max_requests_per_second_get_rate_limited_and_write_nothing() {
+/// A server that allows 5 requests per second, a raw socket authenticated on it (the auth
+/// frame took one of the 5 tokens of the first second), and when that was.
+async fn five_per_second() -> (TestServer, RawSocket, std::time::Instant) {
     let server = TestServer::builder()
         .arg("--max-requests-per-second", 5)
         .start();
-    // The auth frame takes one of the 5 tokens of the first second.
-    let mut raw = RawSocket::authenticated(&server, "bob").await;
-    let started = std::time::Instant::now();
+    let raw = RawSocket::authenticated(&server, "bob").await;
+    (server, raw, std::time::Instant::now())
+}
+
+async fn send_ping(raw: &mut RawSocket) {
+    let ping = ClientFrame::Ping {
+        id: Some(RequestId::Num(1)),
+    };
+    raw.send(0x1, ping.to_json().as_bytes()).await;
+}
+
+#[tokio::test]
+async fn test_bad_input_requests_over_max_requests_per_second_get_rate_limited_and_write_nothing() {
+    let (server, mut raw, started) = five_per_second().await;
     const SENT: usize = 20;
     for i in 0..SENT {
         let update = ClientFrame::Update {
@@ -1163,14 +1227,99 @@ async fn test_bad_input_requests_over_max_requests_per_second_get_rate_limited_a
     // test, not a wait for a condition: the limiter refills with time, and the server is
     // another process, so tokio's paused time cannot stand in for it.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    raw.send(
-        0x1,
-        ClientFrame::Ping {
-            id: Some(RequestId::Num(1)),
-        }
-        .to_json()
-        .as_bytes(),
-    )
-    .await;
+    send_ping(&mut raw).await;
     assert!(matches!(raw.recv_frame().await, ServerFrame::Pong { .. }));
+}
+
+/// Sends `n` text frames that are not JSON.
+async fn send_garbage(raw: &mut RawSocket, n: usize) {
+    for _ in 0..n {
+        raw.send(0x1, b"{not json").await;
+    }
+}
+
+#[tokio::test]
+async fn test_bad_input_flood_of_malformed_frames_gets_rate_limited() {
+    let (_server, mut raw, started) = five_per_second().await;
+    const SENT: usize = 50;
+    send_garbage(&mut raw, SENT).await;
+    let (mut bad, mut limited) = (0, 0);
+    for _ in 0..SENT {
+        match raw.recv_frame().await {
+            ServerFrame::Error {
+                id: None,
+                code: ErrorCode::BadRequest,
+                ..
+            } => bad += 1,
+            ServerFrame::Error {
+                id: None,
+                code: ErrorCode::RateLimited,
+                limit: Some(LimitCode::MaxRequestsPerSecond),
+                max: Some(5),
+                ..
+            } => limited += 1,
+            other => panic!("expected bad_request or rate_limited, got {other:?}"),
+        }
+    }
+    // Only what fits the rate is looked at (and answered `bad_request`).
+    let refilled = (5.0 * started.elapsed().as_secs_f64()).ceil() as usize;
+    assert!(
+        (4..=4 + refilled + 1).contains(&bad),
+        "{bad} bad_request, {limited} rate_limited, {refilled} refilled"
+    );
+    assert_eq!(bad + limited, SENT);
+    // Far below max_bad_frames: the connection stays open and answers (if only to refuse).
+    send_ping(&mut raw).await;
+    let reply = raw.recv_frame().await;
+    assert!(
+        matches!(
+            reply,
+            ServerFrame::Pong { .. }
+                | ServerFrame::Error {
+                    code: ErrorCode::RateLimited,
+                    ..
+                }
+        ),
+        "{reply:?}"
+    );
+}
+
+#[tokio::test]
+async fn test_bad_input_flood_of_malformed_frames_closes_with_too_many_bad_frames() {
+    let server = TestServer::start();
+    let mut raw = RawSocket::authenticated(&server, "bob").await;
+    let started = std::time::Instant::now();
+    // The default max_bad_frames is 100 per 10 s.
+    send_garbage(&mut raw, 200).await;
+    let mut bad = 0;
+    let code = loop {
+        let (opcode, payload) = raw.recv().await.expect("a close frame");
+        if opcode == 0x8 {
+            break (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+        }
+        let frame: ServerFrame = serde_json::from_slice(&payload).unwrap();
+        assert!(
+            matches!(
+                frame,
+                ServerFrame::Error {
+                    code: ErrorCode::BadRequest,
+                    ..
+                }
+            ),
+            "{frame:?}"
+        );
+        bad += 1;
+    };
+    assert_eq!(code, Some(CloseCode::TooManyBadFrames.code()));
+    assert!(!CloseCode::TooManyBadFrames.reconnect());
+    // 100 at once, one more for each tenth of a second the flood took, then the one that
+    // went over the limit.
+    let refilled = (10.0 * started.elapsed().as_secs_f64()).ceil() as usize;
+    assert!(
+        (101..=101 + refilled).contains(&bad),
+        "{bad} bad_request answers, {refilled} refilled"
+    );
+    // Only that connection was closed.
+    let bob = server.connect("bob").await;
+    assert_usable(&bob).await;
 }

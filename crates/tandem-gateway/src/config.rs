@@ -88,6 +88,17 @@ pub struct GatewayConfig {
         arg(long, env = "TANDEM_IDLE_TIMEOUT", value_parser = duration::parse)
     )]
     pub idle_timeout: Duration,
+    /// `bad_request` answers one connection may get per `bad_frames_window`, in bursts of as
+    /// many; the one past that closes the connection (close 4503). 0 = never.
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_MAX_BAD_FRAMES"))]
+    pub max_bad_frames: u32,
+    /// The window `max_bad_frames` is counted over.
+    #[serde(with = "duration")]
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, env = "TANDEM_BAD_FRAMES_WINDOW", value_parser = duration::parse)
+    )]
+    pub bad_frames_window: Duration,
     /// Time allowed to authenticate after connecting (close 4004).
     #[serde(with = "duration")]
     #[cfg_attr(
@@ -137,6 +148,11 @@ impl Default for GatewayConfig {
             ],
             max_session_age: Duration::from_secs(24 * 3600),
             idle_timeout: Duration::from_secs(300),
+            // A client with a bug in one kind of request keeps working on the rest (a bad
+            // request a second, or a replayed backlog of under 100, never closes it); one
+            // that sends little but bad frames is closed within seconds.
+            max_bad_frames: 100,
+            bad_frames_window: Duration::from_secs(10),
             auth_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
             read_buffer_bytes: 1024,
@@ -173,6 +189,8 @@ impl std::fmt::Debug for GatewayConfig {
             .field("ip_limits_exempt", &self.ip_limits_exempt)
             .field("max_session_age", &self.max_session_age)
             .field("idle_timeout", &self.idle_timeout)
+            .field("max_bad_frames", &self.max_bad_frames)
+            .field("bad_frames_window", &self.bad_frames_window)
             .field("auth_timeout", &self.auth_timeout)
             .field("write_timeout", &self.write_timeout)
             .field("dev_mode", &self.dev_token_secret.is_some())

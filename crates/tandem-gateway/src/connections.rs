@@ -150,7 +150,7 @@ impl Connections {
         }
         let entry = map.entry(ip).or_insert_with(|| PerIp {
             open: 0,
-            new: RateLimiter::new(self.new_per_ip),
+            new: RateLimiter::per_second(self.new_per_ip),
         });
         if entry.open >= self.max_per_ip {
             return Err(Refused {

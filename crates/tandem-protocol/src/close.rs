@@ -33,10 +33,14 @@ pub enum CloseCode {
     /// UTF-8); do not reconnect without fixing the client. Binary frames are refused with a
     /// `bad_request` error instead and the connection stays open.
     ProtocolError,
+    /// More `bad_request` answers in a short time than the server's `max_bad_frames`
+    /// allows: the client keeps sending what it cannot send; do not reconnect without fixing
+    /// the client.
+    TooManyBadFrames,
 }
 
 impl CloseCode {
-    pub const ALL: [CloseCode; 11] = [
+    pub const ALL: [CloseCode; 12] = [
         CloseCode::GoingAway,
         CloseCode::Slow,
         CloseCode::TokenExpired,
@@ -48,6 +52,7 @@ impl CloseCode {
         CloseCode::Unauthorized,
         CloseCode::MessageTooBig,
         CloseCode::ProtocolError,
+        CloseCode::TooManyBadFrames,
     ];
 
     /// The numeric code on the wire.
@@ -64,6 +69,7 @@ impl CloseCode {
             CloseCode::Unauthorized => 4500,
             CloseCode::MessageTooBig => 4501,
             CloseCode::ProtocolError => 4502,
+            CloseCode::TooManyBadFrames => 4503,
         }
     }
 
@@ -81,6 +87,7 @@ impl CloseCode {
             CloseCode::Unauthorized => "unauthorized, do not reconnect with this token",
             CloseCode::MessageTooBig => "frame too large, do not resend",
             CloseCode::ProtocolError => "protocol error, do not reconnect",
+            CloseCode::TooManyBadFrames => "too many bad frames, do not reconnect",
         }
     }
 

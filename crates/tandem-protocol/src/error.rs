@@ -8,7 +8,8 @@ use std::fmt;
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The frame is malformed: not JSON, an unknown type, a missing or mistyped field, a
-    /// dataset name or key outside the pattern. Fix the request; the connection stays open.
+    /// dataset name or key outside the pattern, a key twice in one object. Fix the request;
+    /// the connection stays open unless too many of these come in a short time (close 4503).
     BadRequest,
     /// No valid authentication yet, or the token was refused.
     Unauthorized,
@@ -24,7 +25,8 @@ pub enum ErrorCode {
     /// A size limit was passed (dataset bytes, key length, frame bytes); `limit` names which.
     TooLarge,
     /// More requests per second on this connection than `max_requests_per_second` allows;
-    /// the refused request was not looked at; retry after the delay the message gives.
+    /// the refused frame was not decoded (only its `id` read, to answer with it); retry
+    /// after the delay the message gives.
     RateLimited,
     /// A backing service (the store) is unreachable; nothing was written; retry later.
     Unavailable,

@@ -1,9 +1,12 @@
 //! Client and server frames: JSON objects with a `type` field. Unknown fields are ignored in
 //! both directions so that either side can add fields without breaking the other; a client
 //! must also ignore server frame types it does not know (room for a `delta` push later).
+//! A client frame with the same key twice in one object is refused rather than read
+//! last-wins (see `strict`).
 
 use crate::error::{ErrorCode, LimitCode};
 use crate::model::{Access, Conflict, DatasetInfo, DatasetRef, Patch, Record, RequestId};
+use crate::strict;
 use serde::{Deserialize, Serialize};
 
 /// A frame a client sends.
@@ -239,9 +242,10 @@ const CLIENT_TYPES: [&str; 10] = [
     "ping",
 ];
 
-/// Decodes a client text frame, with messages that say what was wrong.
+/// Decodes a client text frame, with messages that say what was wrong. A frame with the
+/// same key twice in any object is refused, like a malformed one.
 pub fn decode_client_frame(text: &str) -> Result<ClientFrame, DecodeError> {
-    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| DecodeError {
+    let (value, duplicate) = strict::parse(text).map_err(|e| DecodeError {
         id: None,
         message: format!("malformed json: {e}"),
     })?;
@@ -251,9 +255,15 @@ pub fn decode_client_frame(text: &str) -> Result<ClientFrame, DecodeError> {
             message: "a frame must be a json object".into(),
         });
     };
-    let id = map
-        .get("id")
-        .and_then(|v| serde_json::from_value::<RequestId>(v.clone()).ok());
+    let id = map.get("id").and_then(|v| RequestId::deserialize(v).ok());
+    if let Some(duplicate) = duplicate {
+        // Two ids: either could be the one the client matches replies by, so neither is.
+        let id = id.filter(|_| !(duplicate.parent.is_none() && duplicate.key == "id"));
+        return Err(DecodeError {
+            id,
+            message: duplicate.to_string(),
+        });
+    }
     let kind = match map.get("type") {
         Some(serde_json::Value::String(kind)) => kind.as_str(),
         Some(_) => {
@@ -275,10 +285,27 @@ pub fn decode_client_frame(text: &str) -> Result<ClientFrame, DecodeError> {
             message: format!("unknown message type `{kind}`"),
         });
     }
-    serde_json::from_value(value.clone()).map_err(|e| DecodeError {
+    // The known type is kept for the message; the value itself moves into the frame.
+    let kind = kind.to_owned();
+    serde_json::from_value(value).map_err(|e| DecodeError {
         id,
         message: format!("invalid `{kind}` frame: {e}"),
     })
+}
+
+/// The `id` of a client frame, read without decoding the rest (no values are built): for a
+/// frame refused before it is looked at, so the refusal can still be matched to its request.
+pub fn peek_request_id(text: &str) -> Option<RequestId> {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        #[serde(default)]
+        id: Option<RequestId>,
+    }
+    // A derived struct also reads from an array (`[1]`); a frame is an object.
+    if !text.trim_start().starts_with('{') {
+        return None;
+    }
+    serde_json::from_str::<IdOnly>(text).ok()?.id
 }
 
 #[cfg(test)]
@@ -327,6 +354,85 @@ mod tests {
 
         assert!(decode_client_frame("[1]").is_err());
         assert!(decode_client_frame(r#"{"id":1}"#).is_err());
+    }
+
+    #[test]
+    fn test_decode_refuses_a_duplicate_key_at_any_level_with_the_id() {
+        let update = |dataset: &str, patch: &str, extra: &str| {
+            format!(
+                r#"{{"type":"update","id":"u1","dataset":{dataset},"patches":[{{"op":"remove","key":"a","syncCount":1}},{patch}]{extra}}}"#
+            )
+        };
+        let ok_patch = r#"{"op":"replace","key":"b","value":"1","syncCount":0}"#;
+        assert!(decode_client_frame(&update(r#"{"name":"t"}"#, ok_patch, "")).is_ok());
+        let cases = [
+            // Top level, a known field: last-wins would apply no patches where a first-wins
+            // reader saw two.
+            (
+                update(r#"{"name":"t"}"#, ok_patch, r#","patches":[]"#),
+                "duplicate key `patches`",
+            ),
+            (
+                update(r#"{"name":"t","name":"other"}"#, ok_patch, ""),
+                "duplicate key `name` in `dataset`",
+            ),
+            (
+                update(
+                    r#"{"name":"t"}"#,
+                    r#"{"op":"replace","key":"b","value":"1","value":"2","syncCount":0}"#,
+                    "",
+                ),
+                "duplicate key `value` in `patches`",
+            ),
+            // Unknown fields are ignored, but not when they come twice.
+            (
+                update(r#"{"name":"t"}"#, ok_patch, r#","later":1,"later":2"#),
+                "duplicate key `later`",
+            ),
+            (
+                update(
+                    r#"{"name":"t"}"#,
+                    ok_patch,
+                    r#","later":{"x":{"y":1,"y":1}}"#,
+                ),
+                "duplicate key `y` in `x`",
+            ),
+        ];
+        for (text, message) in cases {
+            let e = decode_client_frame(&text).unwrap_err();
+            assert_eq!(e.message, message, "{text}");
+            assert_eq!(e.id, Some(RequestId::Str("u1".into())), "{text}");
+        }
+        // `type` twice is refused even when both agree.
+        let e = decode_client_frame(r#"{"type":"ping","id":3,"type":"ping"}"#).unwrap_err();
+        assert_eq!(e.message, "duplicate key `type`");
+        assert_eq!(e.id, Some(RequestId::Num(3)));
+        // With two ids the reply cannot say which request it answers.
+        let e = decode_client_frame(r#"{"type":"ping","id":1,"id":2}"#).unwrap_err();
+        assert_eq!(e.message, "duplicate key `id`");
+        assert_eq!(e.id, None);
+    }
+
+    #[test]
+    fn test_peek_request_id_reads_only_the_id() {
+        assert_eq!(
+            peek_request_id(r#"{"type":"update","id":"u1","patches":[{"x":[1,2,{}]}]}"#),
+            Some(RequestId::Str("u1".into()))
+        );
+        assert_eq!(
+            peek_request_id(r#"{"patches":{},"id":7}"#),
+            Some(RequestId::Num(7))
+        );
+        for text in [
+            r#"{"type":"ping"}"#,
+            r#"{"id":-1}"#,
+            r#"{"id":1,"id":2}"#,
+            r#"{"id":1"#,
+            "{not json",
+            "[1]",
+        ] {
+            assert_eq!(peek_request_id(text), None, "{text}");
+        }
     }
 
     #[test]

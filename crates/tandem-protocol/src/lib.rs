@@ -11,10 +11,13 @@ mod close;
 mod error;
 mod frame;
 mod model;
+mod strict;
 
 pub use close::{CloseCode, should_reconnect};
 pub use error::{ErrorCode, LimitCode};
-pub use frame::{ClientFrame, DecodeError, ServerFrame, UnsubscribeReason, decode_client_frame};
+pub use frame::{
+    ClientFrame, DecodeError, ServerFrame, UnsubscribeReason, decode_client_frame, peek_request_id,
+};
 pub use model::{
     Access, Conflict, DatasetInfo, DatasetRef, NameError, Patch, PatchOp, Record, RequestId,
     validate_dataset_name, validate_key,

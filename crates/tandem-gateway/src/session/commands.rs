@@ -8,15 +8,18 @@ use crate::metrics::Metrics;
 use std::sync::Arc;
 use tandem_protocol::{
     Access, ClientFrame, CloseCode, DatasetRef, ErrorCode, LimitCode, Patch, RequestId,
-    ServerFrame, decode_client_frame,
+    ServerFrame, decode_client_frame, peek_request_id,
 };
 use tandem_store::{UpdateOutcome, UpdateRequest};
 
 impl Session {
     /// Handles one text frame; returns a close code when the connection must end.
     pub(super) async fn handle_text(&mut self, text: &str) -> Option<CloseCode> {
-        // Every frame counts, also one that does not decode: each costs the node work.
-        let allowed = self.limiter.take();
+        // Every frame counts, also one that does not decode: each costs the node work, and
+        // a flood of garbage is refused as cheaply as a flood of requests.
+        if !self.admit(|| peek_request_id(text)) {
+            return None;
+        }
         let frame = match decode_client_frame(text) {
             Ok(frame) => frame,
             Err(e) => {
@@ -24,20 +27,6 @@ impl Session {
                 return None;
             }
         };
-        if let Err(wait) = allowed {
-            // Refused before anything is read or written; the client retries later.
-            let max = self.gw.config.max_requests_per_second;
-            self.reply(ServerFrame::limit_error(
-                frame.id().cloned(),
-                LimitCode::MaxRequestsPerSecond,
-                u64::from(max),
-                format!(
-                    "more than {max} requests per second on one connection; retry in {} ms",
-                    wait.as_millis().max(1)
-                ),
-            ));
-            return None;
-        }
         let frame = match frame {
             ClientFrame::Auth { id, token } => return self.auth(id, &token),
             // A heartbeat: it keeps the socket alive but does not make the session busy.

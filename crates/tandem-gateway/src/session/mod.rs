@@ -89,7 +89,8 @@ pub(crate) async fn serve<Si, St>(
             deadline: (after(now, gw.config.auth_timeout), CloseCode::AuthTimeout),
             last_request: now,
             conn,
-            limiter: RateLimiter::new(gw.config.max_requests_per_second),
+            limiter: RateLimiter::per_second(gw.config.max_requests_per_second),
+            bad_frames: RateLimiter::new(gw.config.max_bad_frames, gw.config.bad_frames_window),
         };
         let refused = match pre_auth {
             Some(identity) => session.authenticated(None, identity),
@@ -131,18 +132,58 @@ struct Session {
     last_request: Instant,
     /// The node's counts for this connection (none in unit tests over channels).
     conn: Option<Conn>,
+    /// Every data frame takes a token, first.
     limiter: RateLimiter,
+    /// Every `bad_request` answer takes a token; running out closes the connection.
+    bad_frames: RateLimiter,
 }
 
 impl Session {
-    /// Queues a reply; a client that lets replies pile up is closed as slow.
-    fn reply(&self, frame: ServerFrame) {
+    /// Queues a reply; a client that lets replies pile up is closed as slow, and one that
+    /// gets more `bad_request` answers than `max_bad_frames` allows is closed after this one.
+    fn reply(&mut self, frame: ServerFrame) {
+        let bad = matches!(
+            frame,
+            ServerFrame::Error {
+                code: ErrorCode::BadRequest,
+                ..
+            }
+        );
         if let ServerFrame::Error { code, .. } = &frame {
             self.gw.metrics().error(*code);
         }
         if self.outbox.send(Utf8Bytes::from(frame.to_json())).is_err() {
             self.close_slow();
+            return;
         }
+        if bad && self.bad_frames.take().is_err() {
+            tracing::info!(
+                max = self.gw.config.max_bad_frames,
+                window_ms = self.gw.config.bad_frames_window.as_millis() as u64,
+                "too many bad frames, closing connection"
+            );
+            self.outbox.close(CloseCode::TooManyBadFrames);
+        }
+    }
+
+    /// Takes a request token for a data frame before anything else looks at it. A frame over
+    /// the rate is answered with `rate_limited`, carrying the request id that `id` reads from
+    /// the frame if any, and must be dropped: this returns false.
+    fn admit(&mut self, id: impl FnOnce() -> Option<RequestId>) -> bool {
+        let Err(wait) = self.limiter.take() else {
+            return true;
+        };
+        let max = self.gw.config.max_requests_per_second;
+        self.reply(ServerFrame::limit_error(
+            id(),
+            LimitCode::MaxRequestsPerSecond,
+            u64::from(max),
+            format!(
+                "more than {max} requests per second on one connection; retry in {} ms",
+                wait.as_millis().max(1)
+            ),
+        ));
+        false
     }
 
     /// Queues a subscribe reply in order with the dataset's pushes, under the same bound.

@@ -166,23 +166,96 @@ async fn test_session_too_large_frame_closes_with_4501() {
 }
 
 #[tokio::test]
-async fn test_session_rate_limit_counts_malformed_frames() {
+async fn test_session_frames_over_the_rate_get_rate_limited_whether_or_not_they_decode() {
     let t = gateway(GatewayConfig {
-        max_requests_per_second: 3,
+        max_requests_per_second: 4,
         ..GatewayConfig::default()
     });
     let mut alice = t.connect("alice").await;
     for _ in 0..3 {
         alice.send_message(Message::Text("{not json".into()));
     }
-    alice.send(json!({"type": "ping", "id": 1}));
-    let mut codes = Vec::new();
-    for _ in 0..4 {
-        codes.push(alice.recv().await["code"].clone());
+    alice.send_message(Message::Binary(vec![1, 2, 3].into()));
+    // The bucket is empty: garbage, binary frames and requests are all refused unread,
+    // except for the id of a frame that has one.
+    alice.send_message(Message::Text("{not json".into()));
+    alice.send_message(Message::Binary(vec![1, 2, 3].into()));
+    alice.send(json!({"type": "frobnicate", "id": "f1"}));
+    alice.send(json!({"type": "ping", "id": 7}));
+    let mut replies = Vec::new();
+    for _ in 0..8 {
+        let reply = alice.recv().await;
+        replies.push((reply["code"].clone(), reply["id"].clone()));
+    }
+    let bad = (json!("bad_request"), json!(null));
+    let limited = |id: serde_json::Value| (json!("rate_limited"), id);
+    assert_eq!(
+        replies,
+        [
+            bad.clone(),
+            bad.clone(),
+            bad.clone(),
+            bad,
+            limited(json!(null)),
+            limited(json!(null)),
+            limited(json!("f1")),
+            limited(json!(7)),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn test_session_bad_request_answers_past_max_bad_frames_close_with_4503() {
+    let t = gateway(GatewayConfig {
+        max_bad_frames: 3,
+        ..GatewayConfig::default()
+    });
+    let mut alice = t.connect("alice").await;
+    // Every kind of `bad_request` counts: garbage, a binary frame, a request the store
+    // refuses as malformed. Other answers do not.
+    alice.send_message(Message::Text("{not json".into()));
+    assert_eq!(alice.recv().await["code"], "bad_request");
+    alice.send_message(Message::Binary(vec![1, 2, 3].into()));
+    assert_eq!(alice.recv().await["code"], "bad_request");
+    let refused = alice
+        .request(json!({"type": "subscribe", "id": 1, "dataset": ds("not a name")}))
+        .await;
+    assert_eq!(refused["code"], "bad_request", "{refused}");
+    let forbidden = alice
+        .request(json!({"type": "subscribe", "id": 2, "dataset": {"owner": "bob", "name": "x"}}))
+        .await;
+    assert_eq!(forbidden["code"], "forbidden", "{forbidden}");
+    assert_eq!(
+        alice.request(json!({"type": "ping", "id": 3})).await["type"],
+        "pong"
+    );
+    // The fourth is answered, then the connection closes and reads nothing more.
+    let last = alice.request(json!({"type": "nope", "id": 4})).await;
+    assert_eq!(last["code"], "bad_request", "{last}");
+    alice.send(json!({"type": "ping", "id": 5}));
+    match alice.next_message().await {
+        Some(Message::Close(Some(frame))) => assert_eq!(frame.code, 4503),
+        other => panic!("expected close 4503, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn test_session_max_bad_frames_zero_never_closes() {
+    let t = gateway(GatewayConfig {
+        max_bad_frames: 0,
+        max_requests_per_second: 0,
+        ..GatewayConfig::default()
+    });
+    let mut alice = t.connect("alice").await;
+    for _ in 0..500 {
+        alice.send_message(Message::Text("{not json".into()));
+    }
+    for _ in 0..500 {
+        assert_eq!(alice.recv().await["code"], "bad_request");
     }
     assert_eq!(
-        codes,
-        ["bad_request", "bad_request", "bad_request", "rate_limited"]
+        alice.request(json!({"type": "ping", "id": 1})).await["type"],
+        "pong"
     );
 }
 

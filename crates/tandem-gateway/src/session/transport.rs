@@ -39,16 +39,20 @@ impl Session {
                 _ = tokio::time::sleep_until(deadline) => break Stop::Close(on_deadline),
                 message = stream.next() => message,
             };
-            let text = match message {
+            let close = match message {
                 None | Some(Ok(Message::Close(_))) => break Stop::Gone,
-                Some(Ok(Message::Text(text))) => text,
+                // Boxed: the request handlers' state is large and only lives while one runs,
+                // so an idle session keeps a small future.
+                Some(Ok(Message::Text(text))) => Box::pin(self.handle_text(&text)).await,
                 Some(Ok(Message::Binary(_))) => {
-                    self.reply(ServerFrame::error(
-                        None,
-                        ErrorCode::BadRequest,
-                        "binary frames are not supported; send json text frames",
-                    ));
-                    continue;
+                    if self.admit(|| None) {
+                        self.reply(ServerFrame::error(
+                            None,
+                            ErrorCode::BadRequest,
+                            "binary frames are not supported; send json text frames",
+                        ));
+                    }
+                    None
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                 Some(Err(e)) => {
@@ -80,11 +84,10 @@ impl Session {
                     break Stop::Gone;
                 }
             };
-            // Boxed: the request handlers' state is large and only lives while one runs, so an
-            // idle session keeps a small future.
-            if let Some(code) = Box::pin(self.handle_text(&text)).await {
+            if let Some(code) = close {
                 break Stop::Close(code);
             }
+            // A reply found the client slow or past `max_bad_frames` and queued the close.
             if self.outbox.is_closing() {
                 break Stop::Gone;
             }
