@@ -1,8 +1,9 @@
 //! Keys from a JWKS URL, served by a local HTTP server on 127.0.0.1:0 whose document the test
 //! rotates: the first fetch, a new `kid` picked up after one refresh, a flood of unknown kids
-//! costing no more fetches, and documents over the size bound refused (with and without a
-//! declared length). Real time: the cooldown here is long enough that the test never waits
-//! it out (the timing of refreshes is pinned under paused time in `jwks`).
+//! costing no more fetches, documents over the size bound refused (with and without a
+//! declared length), and a server that never answers cut off by the fetch timeout. Real time,
+//! except for the timeout: the cooldown here is long enough that no test waits it out (the
+//! timing of refreshes is pinned under paused time in `jwks`).
 
 use super::*;
 use axum::Router;
@@ -175,5 +176,23 @@ async fn test_auth_jwks_url_error_status_is_a_failed_fetch() {
     until("a failed fetch", || stats(&verifier).failures >= 1).await;
     let seen = stats(&verifier);
     assert!(!seen.loaded && seen.keys == 0, "{seen:?}");
+    shutdown.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn test_auth_jwks_url_fetch_that_never_answers_times_out() {
+    // The kernel completes the connection, but nothing ever answers the request.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/jwks.json", silent.local_addr().unwrap());
+    let jwks = JwksConfig {
+        fetch_timeout: Duration::from_secs(5),
+        ..JwksConfig::default()
+    };
+    let verifier = url_verifier(url, &jwks);
+    let shutdown = CancellationToken::new();
+    let _tasks = verifier.spawn_refresh(&shutdown);
+    // Paused time runs ahead while the fetch waits, so the timeout ends it at once.
+    until("a timed-out fetch", || stats(&verifier).failures >= 1).await;
+    assert!(!stats(&verifier).loaded);
     shutdown.cancel();
 }
