@@ -4,7 +4,8 @@
 //!
 //! It owns no data: the store is the truth and is called for every read and write, and the
 //! broker carries commits between nodes. It installs no tracing subscriber and reads no
-//! process environment; the `tandem` binary wires it up.
+//! process environment (except the system trust store's `SSL_CERT_FILE` / `SSL_CERT_DIR`, read
+//! by the TLS client when a JWKS URL is configured); the `tandem` binary wires it up.
 
 pub mod auth;
 pub mod config;
@@ -19,7 +20,7 @@ mod session;
 #[cfg(test)]
 mod testkit;
 
-pub use auth::{AuthConfig, AuthError, Identity, Verifier};
+pub use auth::{AuthConfig, AuthError, Identity, IssuerConfig, JwksConfig, KeySource, Verifier};
 pub use config::GatewayConfig;
 use hub::Hub;
 pub use hub::Subscribers;

@@ -34,6 +34,13 @@ pub enum AuthError {
     /// A claim is present but its value cannot be used.
     #[error("token claim {0} has an invalid value")]
     InvalidClaim(&'static str),
+    /// The token names a `kid` that is not among its issuer's keys. A refresh of the keys has
+    /// been asked for (at most one per cooldown), so the same token may be accepted later.
+    #[error("unknown token key id; the issuer's keys are being refreshed, retry later")]
+    UnknownKeyId,
+    /// The token's issuer takes its keys from a JWKS that has not been fetched yet.
+    #[error("the token issuer's keys are not loaded yet, retry later")]
+    KeysNotLoaded,
     /// `sub` is empty, too long, or contains control characters.
     #[error(
         "token subject must be a non-empty string of at most 256 bytes without control characters"
@@ -45,6 +52,10 @@ pub enum AuthError {
     /// A configured key cannot be used; the message names which one.
     #[error("invalid key: {0}")]
     BadKey(String),
+    /// An issuer's settings cannot be used (a duplicate issuer, a URL that is not `https://`,
+    /// a JWKS file without usable keys, out-of-range JWKS settings); the message says which.
+    #[error("invalid jwt issuer settings: {0}")]
+    BadIssuerConfig(String),
     /// The HS256 secret is shorter than [`MIN_HS256_SECRET_BYTES`](super::MIN_HS256_SECRET_BYTES).
     #[error("hs256 secret is {len} bytes, at least 32 are required")]
     WeakSecret { len: usize },
@@ -73,9 +84,12 @@ impl AuthError {
             | AuthError::WrongAudience
             | AuthError::MissingClaim(_)
             | AuthError::InvalidClaim(_)
+            | AuthError::UnknownKeyId
+            | AuthError::KeysNotLoaded
             | AuthError::InvalidSubject => ErrorCode::Unauthorized,
             AuthError::NoKeys
             | AuthError::BadKey(_)
+            | AuthError::BadIssuerConfig(_)
             | AuthError::WeakSecret { .. }
             | AuthError::InvalidLeeway(_)
             | AuthError::InvalidTtl
