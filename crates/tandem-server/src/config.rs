@@ -169,6 +169,43 @@ pub struct ServerConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[arg(long, env = "TANDEM_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
+    /// A JWKS URL with the keys of the `--jwt-issuer` (https, or http on loopback); its
+    /// tokens must carry that `iss` (and `--jwt-audience`, if set).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long, env = "TANDEM_JWT_JWKS_URL")]
+    pub jwt_jwks_url: Option<String>,
+    /// A JWKS file with the keys of the `--jwt-issuer`, read again on the refresh schedule.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long, env = "TANDEM_JWT_JWKS_FILE")]
+    pub jwt_jwks_file: Option<PathBuf>,
+    /// More issuers, each with its own keys and audience (TOML only: `[[jwt_issuers]]` with
+    /// `issuer`, `audience`, `subject_prefix`, and one of `jwks_url`, `jwks_file`, or
+    /// `rsa_public_keys`/`ec_public_keys`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[arg(skip)]
+    pub jwt_issuers: Vec<IssuerSettings>,
+    /// How often each JWKS is fetched again.
+    #[serde(with = "duration")]
+    #[arg(long, env = "TANDEM_JWT_JWKS_REFRESH_INTERVAL", value_parser = duration::parse)]
+    pub jwt_jwks_refresh_interval: Duration,
+    /// The least time between two JWKS fetches caused by tokens with an unknown `kid`.
+    #[serde(with = "duration")]
+    #[arg(long, env = "TANDEM_JWT_JWKS_UNKNOWN_KID_COOLDOWN", value_parser = duration::parse)]
+    pub jwt_jwks_unknown_kid_cooldown: Duration,
+    /// The longest one JWKS fetch may take.
+    #[serde(with = "duration")]
+    #[arg(long, env = "TANDEM_JWT_JWKS_FETCH_TIMEOUT", value_parser = duration::parse)]
+    pub jwt_jwks_fetch_timeout: Duration,
+    /// The largest JWKS document accepted, in bytes.
+    #[arg(long, env = "TANDEM_JWT_JWKS_MAX_DOCUMENT_BYTES")]
+    pub jwt_jwks_max_document_bytes: usize,
+    /// The most keys one JWKS may hold, and kept per issuer (current and retired).
+    #[arg(long, env = "TANDEM_JWT_JWKS_MAX_KEYS")]
+    pub jwt_jwks_max_keys: usize,
+    /// How long a key that left its JWKS is still accepted.
+    #[serde(with = "duration")]
+    #[arg(long, env = "TANDEM_JWT_JWKS_RETIRED_KEY_TTL", value_parser = duration::parse)]
+    pub jwt_jwks_retired_key_ttl: Duration,
     /// Clock leeway for exp/nbf.
     #[serde(with = "duration")]
     #[arg(long, env = "TANDEM_JWT_LEEWAY", value_parser = duration::parse)]
@@ -191,8 +228,28 @@ pub struct ServerConfig {
     pub log_format: LogFormat,
 }
 
+/// One `[[jwt_issuers]]` entry of the TOML file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerSettings {
+    pub issuer: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rsa_public_keys: Vec<PathBuf>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ec_public_keys: Vec<PathBuf>,
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
+        let jwks = tandem_gateway::JwksConfig::default();
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7420)),
             data_dir: PathBuf::from("tandem-data"),
@@ -211,6 +268,15 @@ impl Default for ServerConfig {
             jwt_ec_public_keys: Vec::new(),
             jwt_issuer: None,
             jwt_audience: None,
+            jwt_jwks_url: None,
+            jwt_jwks_file: None,
+            jwt_issuers: Vec::new(),
+            jwt_jwks_refresh_interval: jwks.refresh_interval,
+            jwt_jwks_unknown_kid_cooldown: jwks.unknown_kid_cooldown,
+            jwt_jwks_fetch_timeout: jwks.fetch_timeout,
+            jwt_jwks_max_document_bytes: jwks.max_document_bytes,
+            jwt_jwks_max_keys: jwks.max_keys,
+            jwt_jwks_retired_key_ttl: jwks.retired_key_ttl,
             jwt_leeway: Duration::from_secs(tandem_gateway::auth::DEFAULT_LEEWAY_SECS),
             shutdown_grace: Duration::from_secs(10),
             dev: false,

@@ -13,7 +13,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 use tandem_fanout::{Broker, LocalBroker, RedisBroker, RedisConfig};
-use tandem_gateway::{AuthConfig, Gateway, Subscribers, Verifier};
+use tandem_gateway::{
+    AuthConfig, Gateway, IssuerConfig, JwksConfig, KeySource, Subscribers, Verifier,
+};
 use tandem_store::{Limits, PostgresConfig, PostgresStore, SqliteStore, Store, StoreError};
 use tokio_util::sync::CancellationToken;
 
@@ -122,8 +124,12 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     } = settings;
     let listen = server.listen;
     let data_dir = server.data_dir.clone();
-    let (auth, generated) = auth_config(&server, &data_dir, listen)?;
-    let verifier = Verifier::new(&auth).context("invalid jwt settings")?;
+    let issuers = issuers(&server)?;
+    let (auth, generated) = auth_config(&server, &data_dir, listen, !issuers.is_empty())?;
+    let verifier = Verifier::with_issuers(&auth, &issuers, &jwks_config(&server))
+        .context("invalid jwt settings")?;
+    // JWKS documents are fetched and refreshed in the background until shutdown.
+    verifier.spawn_refresh(&shutdown);
     if server.dev {
         if !listen.ip().is_loopback() {
             bail!("refusing dev mode on {listen}: dev mode mints tokens for anyone, loopback only");
@@ -311,18 +317,89 @@ fn read_pems(paths: &[PathBuf]) -> anyhow::Result<Vec<Vec<u8>>> {
         .collect()
 }
 
+/// The issuers with keys of their own: `--jwt-jwks-url`/`--jwt-jwks-file` for `--jwt-issuer`,
+/// and every `[[jwt_issuers]]` of the file.
+fn issuers(settings: &ServerConfig) -> anyhow::Result<Vec<IssuerConfig>> {
+    let mut issuers = Vec::new();
+    let flag = match (&settings.jwt_jwks_url, &settings.jwt_jwks_file) {
+        (Some(_), Some(_)) => bail!("set one of --jwt-jwks-url and --jwt-jwks-file, not both"),
+        (Some(url), None) => Some(KeySource::JwksUrl(url.clone())),
+        (None, Some(file)) => Some(KeySource::JwksFile(file.clone())),
+        (None, None) => None,
+    };
+    if let Some(keys) = flag {
+        let Some(issuer) = settings.jwt_issuer.clone() else {
+            bail!(
+                "--jwt-jwks-url and --jwt-jwks-file need --jwt-issuer: the iss their tokens carry"
+            );
+        };
+        issuers.push(IssuerConfig {
+            issuer,
+            keys,
+            audience: settings.jwt_audience.clone(),
+            subject_prefix: None,
+        });
+    }
+    for entry in &settings.jwt_issuers {
+        let keys = match (&entry.jwks_url, &entry.jwks_file) {
+            (Some(url), None)
+                if entry.rsa_public_keys.is_empty() && entry.ec_public_keys.is_empty() =>
+            {
+                KeySource::JwksUrl(url.clone())
+            }
+            (None, Some(file))
+                if entry.rsa_public_keys.is_empty() && entry.ec_public_keys.is_empty() =>
+            {
+                KeySource::JwksFile(file.clone())
+            }
+            (None, None)
+                if !entry.rsa_public_keys.is_empty() || !entry.ec_public_keys.is_empty() =>
+            {
+                KeySource::Pem {
+                    rs256_public_keys: read_pems(&entry.rsa_public_keys)?,
+                    es256_public_keys: read_pems(&entry.ec_public_keys)?,
+                }
+            }
+            _ => bail!(
+                "jwt_issuers entry {:?}: give exactly one of jwks_url, jwks_file, or rsa_public_keys/ec_public_keys",
+                entry.issuer
+            ),
+        };
+        issuers.push(IssuerConfig {
+            issuer: entry.issuer.clone(),
+            keys,
+            audience: entry.audience.clone(),
+            subject_prefix: entry.subject_prefix.clone(),
+        });
+    }
+    Ok(issuers)
+}
+
+fn jwks_config(settings: &ServerConfig) -> JwksConfig {
+    JwksConfig {
+        refresh_interval: settings.jwt_jwks_refresh_interval,
+        unknown_kid_cooldown: settings.jwt_jwks_unknown_kid_cooldown,
+        fetch_timeout: settings.jwt_jwks_fetch_timeout,
+        max_document_bytes: settings.jwt_jwks_max_document_bytes,
+        max_keys: settings.jwt_jwks_max_keys,
+        retired_key_ttl: settings.jwt_jwks_retired_key_ttl,
+    }
+}
+
 /// The verifier's keys. With none configured, a generated secret kept in the data dir is
 /// used, and only on a loopback address: an exposed server must have keys set on purpose.
 fn auth_config(
     settings: &ServerConfig,
     data_dir: &Path,
     listen: SocketAddr,
+    has_issuers: bool,
 ) -> anyhow::Result<(AuthConfig, bool)> {
     let rsa = read_pems(&settings.jwt_rsa_public_keys)?;
     let ec = read_pems(&settings.jwt_ec_public_keys)?;
     let mut secret = explicit_secret(settings)?;
     let mut generated = false;
-    if secret.is_none() && rsa.is_empty() && ec.is_empty() {
+    let jwks_flag = settings.jwt_jwks_url.is_some() || settings.jwt_jwks_file.is_some();
+    if secret.is_none() && rsa.is_empty() && ec.is_empty() && !has_issuers {
         if !listen.ip().is_loopback() {
             bail!(
                 "refusing to listen on {listen} without explicitly configured jwt keys: set --jwt-secret, --jwt-secret-file, --jwt-rsa-public-key or --jwt-ec-public-key"
@@ -335,8 +412,9 @@ fn auth_config(
         hs256_secret: secret,
         rs256_public_keys: rsa,
         es256_public_keys: ec,
-        issuer: settings.jwt_issuer.clone(),
-        audience: settings.jwt_audience.clone(),
+        // With a JWKS flag, --jwt-issuer and --jwt-audience belong to that issuer.
+        issuer: settings.jwt_issuer.clone().filter(|_| !jwks_flag),
+        audience: settings.jwt_audience.clone().filter(|_| !jwks_flag),
         leeway_secs: settings.jwt_leeway.as_secs(),
     };
     Ok((config, generated))
