@@ -168,15 +168,18 @@ fn run(conn: &Connection, sql: &str, budget: Duration) -> Result<Finding, StoreE
     if rows.len() == 1 && rows[0] == "ok" {
         return Ok(Finding::Intact);
     }
-    Ok(Finding::Damaged(rows.iter().map(|r| one_line(r)).collect()))
+    Ok(Finding::Damaged(problems(&rows)))
 }
 
-/// SQLite's problems may span lines and start with the database they are in.
-fn one_line(problem: &str) -> String {
-    let problem = problem
-        .strip_prefix("*** in database main ***")
-        .unwrap_or(problem);
-    problem.split_whitespace().collect::<Vec<_>>().join(" ")
+/// One problem a line: a row may hold several, one a line, under a line that names the
+/// database they are in.
+fn problems(rows: &[String]) -> Vec<String> {
+    rows.iter()
+        .flat_map(|row| row.lines())
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with("*** in database"))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Runs `f` on `conn`, interrupting whatever statement it runs once `budget` has passed.
@@ -284,10 +287,20 @@ mod tests {
     }
 
     #[test]
-    fn test_check_problem_is_one_line() {
+    fn test_check_problems_are_one_a_line() {
+        let rows = [
+            "*** in database main ***\nTree 4 page 9 cell 6: invalid page number 28\n\
+             Multiple uses for byte 988 of page 9"
+                .to_owned(),
+            "database disk image is malformed".to_owned(),
+        ];
         assert_eq!(
-            one_line("*** in database main ***\nPage 7: btreeInitPage() returns error code 11"),
-            "Page 7: btreeInitPage() returns error code 11"
+            problems(&rows),
+            [
+                "Tree 4 page 9 cell 6: invalid page number 28",
+                "Multiple uses for byte 988 of page 9",
+                "database disk image is malformed",
+            ]
         );
     }
 }
