@@ -41,6 +41,10 @@ pub enum Command {
     Serve(ServeArgs),
     /// Mint an HS256 token with the server's secret (the data dir's, or --jwt-secret).
     Token(TokenArgs),
+    /// Check the SQLite database in the data dir for damage (the full `PRAGMA
+    /// integrity_check`), with the settings `serve` would use; exits 0 when it is intact,
+    /// 1 otherwise.
+    Check(ServeArgs),
     /// Load-test a running deployment (the `tandem-loadtest` harness, built in): fanout,
     /// rooms, idle, connect, write.
     Load(Box<tandem_loadtest::Cli>),
@@ -177,6 +181,12 @@ pub struct ServerConfig {
     #[serde(with = "duration")]
     #[arg(long, env = "TANDEM_SHUTDOWN_GRACE", value_parser = duration::parse)]
     pub shutdown_grace: Duration,
+    /// Time between SIGTERM and closing sessions: `/ready` answers 503 while the node goes on
+    /// serving, so a load balancer stops sending it new clients first; 0 closes at once. A
+    /// second SIGTERM or SIGINT ends the delay.
+    #[serde(with = "duration")]
+    #[arg(long, env = "TANDEM_DRAIN_DELAY", value_parser = duration::parse)]
+    pub drain_delay: Duration,
     /// Dev mode (loopback only): `GET /dev/token?sub=NAME` mints demo tokens for anyone.
     #[arg(
         long,
@@ -213,6 +223,9 @@ impl Default for ServerConfig {
             jwt_audience: None,
             jwt_leeway: Duration::from_secs(tandem_gateway::auth::DEFAULT_LEEWAY_SECS),
             shutdown_grace: Duration::from_secs(10),
+            // Two failed checks of a load balancer that checks `/ready` every 2 s (the
+            // compose file's HAProxy) and a little more.
+            drain_delay: Duration::from_secs(5),
             dev: false,
             log_format: LogFormat::Plain,
         }
