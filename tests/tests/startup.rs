@@ -191,3 +191,21 @@ async fn test_startup_sigterm_keeps_ready_503_through_the_default_drain_delay() 
     }
     assert!(try_http_get(addr, "/ready").await.is_err());
 }
+
+#[tokio::test]
+async fn test_startup_second_sigterm_ends_the_drain_delay() {
+    let mut server = TestServer::builder().arg("--drain-delay", "1h").start();
+    let alice = server.connect("alice").await;
+    server.send_sigterm();
+    let addr = server.addr;
+    eventually(
+        Duration::from_secs(10),
+        "/ready to answer 503",
+        || async move { matches!(try_http_get(addr, "/ready").await, Ok((503, _))).then_some(()) },
+    )
+    .await;
+    server.send_sigterm();
+    assert!(server.wait_exit(), "tandem exits 0 long before the hour");
+    let closed = alice.wait_closed().await;
+    assert_eq!(closed.code, Some(CloseCode::GoingAway.code()));
+}
