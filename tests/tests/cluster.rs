@@ -421,13 +421,8 @@ async fn test_cluster_node_started_before_postgresql_waits_for_it_then_serves() 
 /// `tandem serve` on a free port with the test secret and `store`, for tests that watch the
 /// process start (or fail to) rather than use a started server.
 fn serve_command(data_dir: &std::path::Path, store: &str) -> std::process::Command {
-    let mut command = std::process::Command::new(tandem_tests::tandem_bin());
-    command
-        .args(["serve", "--listen", "127.0.0.1:0", "--jwt-secret"])
-        .arg(tandem_tests::SECRET)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(["--store", store]);
+    let mut command = tandem_tests::serve_command(data_dir);
+    command.args(["--store", store]);
     command
 }
 

@@ -71,7 +71,10 @@ async fn test_jwks_file_issuer_verifies_and_picks_up_a_rotated_key() {
     let b = token("rsa_other_private.pem", "b", ISSUER, "bob");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while Connection::connect(&server.url(), &b).await.is_err() {
-        assert!(tokio::time::Instant::now() < deadline, "key b was never picked up");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "key b was never picked up"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -34,7 +34,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tandem_fanout::{Broker, BrokerHealth};
 use tandem_protocol::{ErrorCode, LimitCode, ServerFrame};
@@ -50,6 +50,8 @@ pub struct Gateway {
     connections: connections::Connections,
     verifier: Verifier,
     shutdown: CancellationToken,
+    /// Set at SIGTERM, before `shutdown`: `/ready` answers 503 while sessions go on.
+    draining: AtomicBool,
     sessions: TaskTracker,
     next_session: AtomicU64,
     session_salt: u64,
@@ -80,6 +82,7 @@ impl Gateway {
             hub: Hub::new(subscribers, broker),
             verifier,
             shutdown: CancellationToken::new(),
+            draining: AtomicBool::new(false),
             sessions: TaskTracker::new(),
             next_session: AtomicU64::new(1),
             session_salt: rand::random::<u64>() & 0xffff_ffff,
@@ -139,6 +142,13 @@ impl Gateway {
 
     pub fn is_shutting_down(&self) -> bool {
         self.shutdown.is_cancelled()
+    }
+
+    /// From now on `/ready` answers 503 (`shuttingDown`) so that load balancers stop sending
+    /// new clients, while sessions and new upgrades are still served: the drain delay
+    /// before [`Gateway::shutdown`].
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
     }
 }
 
@@ -275,7 +285,7 @@ async fn metrics_text(State(gw): State<Arc<Gateway>>) -> Response {
 async fn ready(State(gw): State<Arc<Gateway>>) -> Response {
     let store = gw.store.health().await;
     let broker = gw.broker().health();
-    let shutting_down = gw.is_shutting_down();
+    let shutting_down = gw.is_shutting_down() || gw.draining.load(Ordering::Relaxed);
     let ok = store.is_ok() && broker == BrokerHealth::Up && !shutting_down;
     let body = serde_json::json!({
         "status": if ok { "ready" } else { "degraded" },

@@ -31,6 +31,7 @@ impl TestServer {
                 listen: addr,
                 data_dir: dir.path().to_path_buf(),
                 jwt_secret: Some(SECRET.to_owned()),
+                drain_delay: Duration::ZERO,
                 ..Default::default()
             },
             ..Default::default()

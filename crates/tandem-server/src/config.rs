@@ -41,6 +41,10 @@ pub enum Command {
     Serve(ServeArgs),
     /// Mint an HS256 token with the server's secret (the data dir's, or --jwt-secret).
     Token(TokenArgs),
+    /// Check the SQLite database in the data dir for damage (the full `PRAGMA
+    /// integrity_check`), with the settings `serve` would use; exits 0 when it is intact,
+    /// 1 otherwise.
+    Check(ServeArgs),
     /// Load-test a running deployment (the `tandem-loadtest` harness, built in): fanout,
     /// rooms, idle, connect, write.
     Load(Box<tandem_loadtest::Cli>),
@@ -200,8 +204,8 @@ pub struct ServerConfig {
     #[arg(long, env = "TANDEM_JWT_JWKS_MAX_DOCUMENT_BYTES")]
     pub jwt_jwks_max_document_bytes: usize,
     /// The most keys one JWKS may hold, and kept per issuer (current and retired).
-    #[arg(long, env = "TANDEM_JWT_JWKS_MAX_KEYS")]
-    pub jwt_jwks_max_keys: usize,
+    #[arg(long, env = "TANDEM_JWT_JWKS_MAX_KEY_COUNT")]
+    pub jwt_jwks_max_key_count: usize,
     /// How long a key that left its JWKS is still accepted.
     #[serde(with = "duration")]
     #[arg(long, env = "TANDEM_JWT_JWKS_RETIRED_KEY_TTL", value_parser = duration::parse)]
@@ -214,6 +218,12 @@ pub struct ServerConfig {
     #[serde(with = "duration")]
     #[arg(long, env = "TANDEM_SHUTDOWN_GRACE", value_parser = duration::parse)]
     pub shutdown_grace: Duration,
+    /// Time between SIGTERM and closing sessions: `/ready` answers 503 while the node goes on
+    /// serving, so a load balancer stops sending it new clients first; 0 closes at once. A
+    /// second SIGTERM or SIGINT ends the delay.
+    #[serde(with = "duration")]
+    #[arg(long, env = "TANDEM_DRAIN_DELAY", value_parser = duration::parse)]
+    pub drain_delay: Duration,
     /// Dev mode (loopback only): `GET /dev/token?sub=NAME` mints demo tokens for anyone.
     #[arg(
         long,
@@ -275,10 +285,13 @@ impl Default for ServerConfig {
             jwt_jwks_unknown_kid_cooldown: jwks.unknown_kid_cooldown,
             jwt_jwks_fetch_timeout: jwks.fetch_timeout,
             jwt_jwks_max_document_bytes: jwks.max_document_bytes,
-            jwt_jwks_max_keys: jwks.max_keys,
+            jwt_jwks_max_key_count: jwks.max_keys,
             jwt_jwks_retired_key_ttl: jwks.retired_key_ttl,
             jwt_leeway: Duration::from_secs(tandem_gateway::auth::DEFAULT_LEEWAY_SECS),
             shutdown_grace: Duration::from_secs(10),
+            // Two failed checks of a load balancer that checks `/ready` every 2 s (the
+            // compose file's HAProxy) and a little more.
+            drain_delay: Duration::from_secs(5),
             dev: false,
             log_format: LogFormat::Plain,
         }

@@ -1,12 +1,16 @@
-//! The `tandem` binary's library half: settings (flags, env, TOML), logging, choosing and
-//! opening the backends, wiring the gateway, and the ordered shutdown (stop accepting, close
-//! sessions with "going away", wait with a grace period, close the broker, close the store).
-//! It holds no sync logic of its own; the gateway, store and fan-out crates do.
+//! The `tandem` binary's library half: settings (flags, env, TOML), logging, the start-up
+//! checks (one process per SQLite data dir, see `lock`; the store's integrity check),
+//! choosing and opening the backends, wiring the gateway, and the ordered shutdown (drain
+//! delay with `/ready` 503, stop accepting, close sessions with "going away", wait with a
+//! grace period, close the broker, close the store). It holds no sync logic of its own; the
+//! gateway, store and fan-out crates do.
 
 pub mod config;
+pub mod lock;
 
 use anyhow::{Context, bail};
 use config::{Cli, Command, LogFormat, ServeArgs, ServerConfig, Settings, TokenArgs};
+use lock::DataDirLock;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -16,23 +20,29 @@ use tandem_fanout::{Broker, LocalBroker, RedisBroker, RedisConfig};
 use tandem_gateway::{
     AuthConfig, Gateway, IssuerConfig, JwksConfig, KeySource, Subscribers, Verifier,
 };
-use tandem_store::{Limits, PostgresConfig, PostgresStore, SqliteStore, Store, StoreError};
+use tandem_store::{
+    Limits, PostgresConfig, PostgresStore, SqliteStore, Store, StoreError, check_sqlite,
+};
 use tokio_util::sync::CancellationToken;
 
 /// The file in the data dir that holds the generated HS256 secret.
 pub const SECRET_FILE: &str = "jwt-secret";
+
+/// `--store` for the embedded SQLite store in the data dir.
+const SQLITE_STORE: &str = "sqlite";
 
 /// Parses the command line and runs it; the `tandem` binary's whole `main`.
 pub fn main_entry() -> ExitCode {
     use clap::Parser;
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => run_serve(args),
-        Command::Token(args) => run_token(args),
+        Command::Serve(args) => run_serve(args).map(|()| ExitCode::SUCCESS),
+        Command::Token(args) => run_token(args).map(|()| ExitCode::SUCCESS),
+        Command::Check(args) => run_check(&args),
         Command::Load(cli) => return tandem_loadtest::main_with(*cli, "tandem load"),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("tandem: error: {e:#}");
             ExitCode::FAILURE
@@ -66,6 +76,36 @@ fn run_token(args: TokenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The full integrity check of the data dir's SQLite file: a report on stdout, exit 0 when
+/// intact and 1 when damaged (or when the check cannot run, with the reason on stderr).
+fn run_check(args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    let server = args.settings()?.server;
+    if server.store != SQLITE_STORE {
+        bail!(
+            "tandem check checks the embedded SQLite store, and --store is not `sqlite`: check PostgreSQL with its own tools (pg_amcheck)"
+        );
+    }
+    let report = check_sqlite(&server.data_dir)?;
+    let path = report.path.display();
+    if report.is_intact() {
+        println!(
+            "{path}: intact (integrity_check ok, {} bytes in {} ms)",
+            report.bytes,
+            report.elapsed.as_millis()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{path}: DAMAGED, integrity_check found {} problem(s):",
+        report.problems.len()
+    );
+    for problem in &report.problems {
+        println!("  {problem}");
+    }
+    println!("{}", report.restore_advice());
+    Ok(ExitCode::FAILURE)
+}
+
 fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     let settings = args.settings()?;
     init_logging(settings.server.log_format);
@@ -75,8 +115,9 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        tokio::spawn(watch_signals(shutdown.clone()));
-        serve(settings, shutdown).await
+        let skip_drain = CancellationToken::new();
+        tokio::spawn(watch_signals(shutdown.clone(), skip_drain.clone()));
+        serve_until(settings, shutdown, skip_drain).await
     })
 }
 
@@ -92,31 +133,46 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn watch_signals(shutdown: CancellationToken) {
+/// The first SIGINT/SIGTERM starts the shutdown; a second one ends the drain delay.
+async fn watch_signals(shutdown: CancellationToken, skip_drain: CancellationToken) {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .inspect_err(|e| {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT shuts down");
+        })
+        .ok();
+    for (n, token) in [shutdown, skip_drain].into_iter().enumerate() {
+        #[cfg(unix)]
+        match term.as_mut() {
+            Some(term) => {
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => {}
                     _ = term.recv() => {}
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM; only SIGINT shuts down");
+            None => {
                 let _ = tokio::signal::ctrl_c().await;
             }
         }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!(signal = n + 1, "shutdown signal received");
+        token.cancel();
     }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
-    tracing::info!("shutdown signal received");
-    shutdown.cancel();
 }
 
-/// Runs the service until `shutdown` is cancelled, then shuts down in order.
+/// Runs the service until `shutdown` is cancelled, then shuts down in order, the drain
+/// delay (`drain_delay`) first.
 pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    serve_until(settings, shutdown, CancellationToken::new()).await
+}
+
+/// [`serve`], where cancelling `skip_drain` ends the drain delay early.
+async fn serve_until(
+    settings: Settings,
+    shutdown: CancellationToken,
+    skip_drain: CancellationToken,
+) -> anyhow::Result<()> {
     let Settings {
         server,
         gateway: mut gateway_config,
@@ -124,6 +180,11 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     } = settings;
     let listen = server.listen;
     let data_dir = server.data_dir.clone();
+    // Before anything is written in the data dir; held until the store is closed. With
+    // PostgreSQL the data dir holds only the secret, which nodes on one host may share.
+    let _lock = (server.store == SQLITE_STORE)
+        .then(|| DataDirLock::acquire(&data_dir))
+        .transpose()?;
     let issuers = issuers(&server)?;
     let (auth, generated) = auth_config(&server, &data_dir, listen, !issuers.is_empty())?;
     let verifier = Verifier::with_issuers(&auth, &issuers, &jwks_config(&server))
@@ -140,6 +201,7 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         gateway_config.dev_token_secret = Some(secret);
     }
     let grace = server.shutdown_grace;
+    let drain_delay = server.drain_delay;
 
     let (store, store_kind) = open_store(&server, &data_dir, limits, &shutdown).await?;
     let redis = server
@@ -183,17 +245,32 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     // Tests and scripts read the bound address from this line.
     println!("tandem listening on {local}");
 
+    let stop_accepting = CancellationToken::new();
     let server = axum::serve(
         listener,
         gateway
             .router()
             .into_make_service_with_connect_info::<tandem_gateway::Peer>(),
     )
-    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    .with_graceful_shutdown(stop_accepting.clone().cancelled_owned());
     let server = tokio::spawn(async move { server.await });
 
     shutdown.cancelled().await;
+    if !drain_delay.is_zero() {
+        // Load balancers see `/ready` 503 and stop sending new clients; whatever they still
+        // send meanwhile is served, and closed with the rest below.
+        gateway.start_draining();
+        tracing::info!(
+            drain_delay_ms = drain_delay.as_millis() as u64,
+            "shutting down: draining, /ready answers 503"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(drain_delay) => {}
+            () = skip_drain.cancelled() => tracing::info!("drain delay cut short"),
+        }
+    }
     tracing::info!("shutting down: closing sessions");
+    stop_accepting.cancel();
     let clean = gateway.shutdown(grace).await;
     match tokio::time::timeout(Duration::from_secs(5), server).await {
         Ok(Ok(Ok(()))) => {}
@@ -230,7 +307,7 @@ async fn open_store(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(Arc<dyn Store>, &'static str)> {
     match server.store.as_str() {
-        "sqlite" => {
+        SQLITE_STORE => {
             let store = SqliteStore::open(data_dir, limits)
                 .with_context(|| format!("cannot open the store in {}", data_dir.display()))?;
             Ok((Arc::new(store), "sqlite"))
@@ -381,7 +458,7 @@ fn jwks_config(settings: &ServerConfig) -> JwksConfig {
         unknown_kid_cooldown: settings.jwt_jwks_unknown_kid_cooldown,
         fetch_timeout: settings.jwt_jwks_fetch_timeout,
         max_document_bytes: settings.jwt_jwks_max_document_bytes,
-        max_keys: settings.jwt_jwks_max_keys,
+        max_keys: settings.jwt_jwks_max_key_count,
         retired_key_ttl: settings.jwt_jwks_retired_key_ttl,
     }
 }

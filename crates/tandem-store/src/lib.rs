@@ -25,7 +25,7 @@ pub use model::{
     validate_update,
 };
 pub use postgres::{PostgresConfig, PostgresStore};
-pub use sqlite::SqliteStore;
+pub use sqlite::{SqliteCheckReport, SqliteStore, check_sqlite};
 
 use async_trait::async_trait;
 use tandem_protocol::{Access, DatasetInfo};

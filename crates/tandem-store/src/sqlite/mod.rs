@@ -7,6 +7,7 @@
 //! run on the async runtime; a read does, because it is one short statement or transaction
 //! over cached pages (see `SqliteStore::read`).
 
+mod check;
 mod query;
 mod schema;
 mod writer;
@@ -26,6 +27,8 @@ use std::time::Duration;
 use tandem_protocol::{Access, DatasetInfo};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use writer::{Command, Done, Op};
+
+pub use check::{SqliteCheckReport, check_sqlite};
 
 /// Write commands that may wait for the writer before senders wait too.
 const QUEUE_DEPTH: usize = 4 * writer::MAX_BATCH;
@@ -77,6 +80,7 @@ impl SqliteStore {
     pub fn open_file(path: &Path, limits: Limits) -> Result<SqliteStore, StoreError> {
         let mut conn = Connection::open(path)
             .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+        check::at_open(&conn, path)?;
         configure_writer(&conn)?;
         schema::migrate(&mut conn)?;
 
