@@ -82,6 +82,17 @@ pub struct GatewayConfig {
     /// WebSocket write buffer per connection, bytes.
     #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_WRITE_BUFFER_BYTES"))]
     pub write_buffer_bytes: usize,
+    /// Log lines per `log_interval` for each kind of event a client can cause at will
+    /// (refused token, protocol error, abrupt disconnect, slow client, refused connection); the rest are counted in `/metrics` and summed up in one line.
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_MAX_LOG_LINES"))]
+    pub max_log_lines: u32,
+    /// The interval `max_log_lines` applies to.
+    #[serde(with = "duration")]
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, env = "TANDEM_LOG_INTERVAL", value_parser = duration::parse)
+    )]
+    pub log_interval: Duration,
     /// Dev mode: the HS256 secret `GET /dev/token` mints demo tokens with. `None` (the
     /// default) disables the endpoint. Set by the binary, never read from settings.
     #[serde(skip)]
@@ -106,6 +117,8 @@ impl Default for GatewayConfig {
             write_timeout: Duration::from_secs(10),
             read_buffer_bytes: 1024,
             write_buffer_bytes: 4 * 1024,
+            max_log_lines: 10,
+            log_interval: Duration::from_secs(10),
             dev_token_secret: None,
         }
     }
@@ -129,6 +142,8 @@ impl std::fmt::Debug for GatewayConfig {
             .field("idle_timeout", &self.idle_timeout)
             .field("auth_timeout", &self.auth_timeout)
             .field("write_timeout", &self.write_timeout)
+            .field("max_log_lines", &self.max_log_lines)
+            .field("log_interval", &self.log_interval)
             .field("dev_mode", &self.dev_token_secret.is_some())
             .finish_non_exhaustive()
     }

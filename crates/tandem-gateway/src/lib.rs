@@ -17,6 +17,7 @@ mod rate;
 mod session;
 #[cfg(test)]
 mod testkit;
+mod throttle;
 
 pub use auth::{AuthConfig, AuthError, Identity, Verifier};
 pub use config::GatewayConfig;
@@ -35,6 +36,7 @@ use std::time::Duration;
 use tandem_fanout::{Broker, BrokerHealth};
 use tandem_protocol::{ErrorCode, LimitCode, ServerFrame};
 use tandem_store::Store;
+use throttle::{Event, Throttle};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -45,6 +47,8 @@ pub struct Gateway {
     hub: Hub,
     connections: connections::Connections,
     verifier: Verifier,
+    /// Counts what clients cause at will and keeps its log lines few.
+    throttle: Arc<Throttle>,
     shutdown: CancellationToken,
     sessions: TaskTracker,
     next_session: AtomicU64,
@@ -74,6 +78,7 @@ impl Gateway {
                 config.max_connections,
                 config.max_connections_per_identity,
             ),
+            throttle: Throttle::new(config.max_log_lines, config.log_interval),
             config,
             store,
             hub: Hub::new(subscribers, broker),
@@ -122,18 +127,19 @@ impl Gateway {
     pub async fn shutdown(&self, grace: Duration) -> bool {
         self.shutdown.cancel();
         self.sessions.close();
-        if tokio::time::timeout(grace, self.sessions.wait())
+        let ended = tokio::time::timeout(grace, self.sessions.wait())
             .await
-            .is_err()
-        {
+            .is_ok();
+        if !ended {
             tracing::warn!(
                 open = self.sessions.len(),
                 grace_ms = grace.as_millis() as u64,
                 "sessions still open after the grace period"
             );
-            return false;
         }
-        true
+        // The counts of lines left out in the interval the node stops in.
+        self.throttle.flush();
+        ended
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -157,6 +163,9 @@ async fn sync(
     let Some(open) = gw.connections.open() else {
         // Refused before the upgrade: a refused client costs no session at all.
         gw.metrics().error(ErrorCode::LimitExceeded);
+        if gw.throttle.record(Event::ConnectionLimit) {
+            tracing::info!(max, "connection refused: the node serves max_connections");
+        }
         let body = ServerFrame::limit_error(
             None,
             LimitCode::MaxConnections,
@@ -175,6 +184,9 @@ async fn sync(
         Some(token) => match gw.verifier.verify(token) {
             Ok(identity) => Some(identity),
             Err(e) => {
+                if gw.throttle.record(Event::TokenRefused) {
+                    tracing::info!(error = %e, "token refused at the upgrade");
+                }
                 return error_response(
                     StatusCode::UNAUTHORIZED,
                     ErrorCode::Unauthorized,
@@ -233,7 +245,7 @@ async fn metrics_text(State(gw): State<Arc<Gateway>>) -> Response {
     };
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        metrics::render(gw.metrics(), &gauges),
+        metrics::render(gw.metrics(), &gauges, &gw.throttle),
     )
         .into_response()
 }

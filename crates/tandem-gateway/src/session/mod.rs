@@ -15,6 +15,7 @@ use crate::hub::SessionId;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::rate::RateLimiter;
+use crate::throttle::Event;
 use crate::{Gateway, Identity};
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
 use futures_util::{Sink, Stream, StreamExt};
@@ -61,6 +62,7 @@ pub(crate) async fn serve<Si, St>(
             gw.config.write_timeout,
             cancel.clone(),
             label.clone(),
+            gw.throttle.clone(),
         ));
         let now = Instant::now();
         let mut session = Session {
@@ -138,7 +140,9 @@ impl Session {
     }
 
     fn close_slow(&self) {
-        tracing::info!("reply queue full, closing slow connection");
+        if self.gw.throttle.record(Event::SlowClient) {
+            tracing::info!("reply queue full, closing slow connection");
+        }
         self.outbox.close(CloseCode::Slow);
     }
 
@@ -149,7 +153,9 @@ impl Session {
         if self.identity.is_none() {
             if !self.gw.connections.acquire(&sub) {
                 let max = self.gw.config.max_connections_per_identity;
-                tracing::info!(identity = %sub, max, "too many sessions for one identity");
+                if self.gw.throttle.record(Event::ConnectionLimit) {
+                    tracing::info!(identity = %sub, max, "too many sessions for one identity");
+                }
                 self.reply(ServerFrame::limit_error(
                     id,
                     LimitCode::MaxConnectionsPerIdentity,

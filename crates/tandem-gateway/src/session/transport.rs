@@ -5,6 +5,7 @@
 
 use super::Session;
 use crate::outbox::{Outbox, Outgoing};
+use crate::throttle::{Event, Throttle};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use std::sync::Arc;
@@ -39,7 +40,11 @@ impl Session {
                 message = stream.next() => message,
             };
             let text = match message {
-                None | Some(Ok(Message::Close(_))) => break Stop::Gone,
+                Some(Ok(Message::Close(_))) => break Stop::Gone,
+                None => {
+                    self.abrupt_disconnect("connection ended without a close frame");
+                    break Stop::Gone;
+                }
                 Some(Ok(Message::Text(text))) => text,
                 Some(Ok(Message::Binary(_))) => {
                     self.reply(ServerFrame::error(
@@ -62,10 +67,12 @@ impl Session {
                         break Stop::Close(CloseCode::MessageTooBig);
                     }
                     if is_protocol_error(&e) {
-                        tracing::info!(error = %e, "websocket protocol error");
+                        if self.gw.throttle.record(Event::ProtocolError) {
+                            tracing::info!(error = %e, "websocket protocol error");
+                        }
                         break Stop::Close(CloseCode::ProtocolError);
                     }
-                    tracing::debug!(error = %e, "read failed");
+                    self.abrupt_disconnect(&e.to_string());
                     break Stop::Gone;
                 }
             };
@@ -88,6 +95,16 @@ impl Session {
     }
 }
 
+impl Session {
+    /// The peer left without closing: everyday on mobile networks, and what a flood of
+    /// connect-and-drop clients looks like, so counted and logged at a bounded pace.
+    fn abrupt_disconnect(&self, error: &str) {
+        if self.gw.throttle.record(Event::AbruptDisconnect) {
+            tracing::debug!(error, "peer left without a close frame");
+        }
+    }
+}
+
 fn tungstenite_error(e: &axum::Error) -> Option<&tungstenite::Error> {
     use std::error::Error as _;
     let mut source: Option<&(dyn std::error::Error + 'static)> = e.source();
@@ -104,12 +121,16 @@ fn is_too_large(e: &axum::Error) -> bool {
     matches!(tungstenite_error(e), Some(tungstenite::Error::Capacity(_)))
 }
 
-/// Broken frames or invalid UTF-8: the client is at fault, reconnecting will not help.
+/// Broken frames or invalid UTF-8: the client is at fault, reconnecting will not help. A
+/// connection reset without a close frame is not one: the peer is merely gone.
 fn is_protocol_error(e: &axum::Error) -> bool {
-    matches!(
-        tungstenite_error(e),
-        Some(tungstenite::Error::Protocol(_) | tungstenite::Error::Utf8(_))
-    )
+    match tungstenite_error(e) {
+        Some(tungstenite::Error::Protocol(
+            tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+        )) => false,
+        Some(tungstenite::Error::Protocol(_) | tungstenite::Error::Utf8(_)) => true,
+        _ => false,
+    }
 }
 
 /// Drains the outbox into the sink until a close or stop, or until a write fails or misses
@@ -120,6 +141,7 @@ pub(super) async fn run_writer<Si>(
     write_timeout: Duration,
     cancel: CancellationToken,
     session: String,
+    throttle: Arc<Throttle>,
 ) where
     Si: Sink<Message, Error = axum::Error> + Unpin,
 {
@@ -148,16 +170,20 @@ pub(super) async fn run_writer<Si>(
         match tokio::time::timeout(write_timeout, write).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                tracing::debug!(session = %session, error = %e, "write failed");
+                if throttle.record(Event::AbruptDisconnect) {
+                    tracing::debug!(session = %session, error = %e, "write failed");
+                }
                 cancel.cancel();
                 return;
             }
             Err(_) => {
-                tracing::info!(
-                    session = %session,
-                    timeout_ms = write_timeout.as_millis() as u64,
-                    "write deadline passed, closing slow connection"
-                );
+                if throttle.record(Event::SlowClient) {
+                    tracing::info!(
+                        session = %session,
+                        timeout_ms = write_timeout.as_millis() as u64,
+                        "write deadline passed, closing slow connection"
+                    );
+                }
                 outbox.close(CloseCode::Slow);
                 cancel.cancel();
                 let _ = tokio::time::timeout(
