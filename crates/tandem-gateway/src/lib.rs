@@ -12,6 +12,7 @@ mod connections;
 mod demo;
 mod hub;
 mod metrics;
+mod origin;
 mod outbox;
 mod rate;
 mod session;
@@ -109,12 +110,20 @@ impl Gateway {
     }
 
     pub fn router(self: &Arc<Self>) -> Router {
+        // What a page on another site could call from a visitor's browser (REST routes
+        // belong here too): only allowed origins.
+        let browser_api = Router::new()
+            .route("/dev/token", get(demo::token))
+            .route("/v1/sync", get(sync))
+            .route_layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                origin::guard,
+            ));
         Router::new()
+            .merge(browser_api)
             .route("/", get(demo::index))
             .route("/demo/{file}", get(demo::file))
             .route("/sdk/tandem.js", get(demo::sdk))
-            .route("/dev/token", get(demo::token))
-            .route("/v1/sync", get(sync))
             .route("/health", get(health))
             .route("/ready", get(ready))
             .route("/metrics", get(metrics_text))

@@ -1,5 +1,5 @@
 //! Log volume for what a client can cause at will (refused tokens, broken frames, dropped
-//! connections): every event is counted for `/metrics`, but only the first
+//! connections, refused origins): every event is counted for `/metrics`, but only the first
 //! `max_log_lines` of each kind per `log_interval` are logged; the rest are summed up in one
 //! line ("suppressed similar events", with the count) when the interval ends. So a flood of
 //! bad clients costs at most a few lines per kind and interval, however fast it comes, and an
@@ -30,15 +30,21 @@ pub(crate) enum Event {
     SlowClient,
     /// A connection refused by `max_connections` or `max_connections_per_identity`.
     ConnectionLimit,
+    /// A browser request from an origin that is not allowed.
+    OriginRefused,
+    /// A dev-mode `/dev/token` request addressed to a host that is not this machine.
+    HostRefused,
 }
 
 impl Event {
-    const ALL: [Event; 5] = [
+    const ALL: [Event; 7] = [
         Event::TokenRefused,
         Event::ProtocolError,
         Event::AbruptDisconnect,
         Event::SlowClient,
         Event::ConnectionLimit,
+        Event::OriginRefused,
+        Event::HostRefused,
     ];
 
     /// The `event` label in `/metrics` and in the summary lines.
@@ -49,6 +55,8 @@ impl Event {
             Event::AbruptDisconnect => "abrupt_disconnect",
             Event::SlowClient => "slow_client",
             Event::ConnectionLimit => "connection_limit",
+            Event::OriginRefused => "origin_refused",
+            Event::HostRefused => "host_refused",
         }
     }
 

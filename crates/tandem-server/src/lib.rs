@@ -155,10 +155,12 @@ pub async fn serve(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         Some(redis) => redis.start(subscribers.handler()),
         None => Arc::new(LocalBroker::new(subscribers.handler())),
     };
-    let gateway = Gateway::new(gateway_config, subscribers, broker, verifier);
 
     let listener = bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
     let local = listener.local_addr()?;
+    // Dev mode's Host check needs the port, which `--listen …:0` leaves to the kernel.
+    gateway_config.listen_port = local.port();
+    let gateway = Gateway::new(gateway_config, subscribers, broker, verifier);
     let listener = listener.tap_io(|tcp| {
         // Pushes are small and latency-bound; do not let Nagle hold them back.
         let _ = tcp.set_nodelay(true);
