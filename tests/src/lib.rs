@@ -309,6 +309,62 @@ pub async fn try_http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16,
     Ok((status, body))
 }
 
+/// A GET on loopback with more headers (a `Host` among them replaces the default); returns
+/// (status, body). Reads the head and a `Content-Length` body without waiting for the
+/// connection to close, so it also takes the answer to a WebSocket upgrade (101, no body).
+pub async fn http_get_with(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut request = format!("GET {path} HTTP/1.1\r\n");
+    if !headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("host"))
+    {
+        request.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut read = async |buf: &mut Vec<u8>| {
+        let n = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut chunk))
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        buf.extend_from_slice(&chunk[..n]);
+        n > 0
+    };
+    let end = loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        assert!(read(&mut buf).await, "no complete answer: {buf:?}");
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    while buf.len() < end + length && read(&mut buf).await {}
+    (status, String::from_utf8_lossy(&buf[end..]).into_owned())
+}
+
 /// One value from the node's `/metrics`, by its full name with labels (`name{…}`).
 pub async fn metric(server: &TestServer, name: &str) -> u64 {
     let (status, body) = http_get(server.addr, "/metrics").await;

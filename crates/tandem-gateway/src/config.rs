@@ -120,6 +120,38 @@ pub struct GatewayConfig {
     /// WebSocket write buffer per connection, bytes.
     #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_WRITE_BUFFER_BYTES"))]
     pub write_buffer_bytes: usize,
+    /// Browser origins (`https://app.example.com`, comma-separated) whose pages may open
+    /// `/v1/sync` and call `/dev/token`, besides the node's own pages (same origin, always
+    /// allowed); `*` allows any. Browsers send `Origin`, native clients do not, and a request
+    /// without one is not checked; one from another origin gets HTTP 403.
+    #[serde(deserialize_with = "crate::origin::deserialize_list")]
+    #[cfg_attr(
+        feature = "clap",
+        arg(
+            long,
+            env = "TANDEM_ALLOWED_ORIGINS",
+            value_delimiter = ',',
+            value_parser = crate::origin::parse
+        )
+    )]
+    pub allowed_origins: Vec<String>,
+    /// Log lines per `log_interval` for each kind of event a client can cause at will
+    /// (refused token, protocol error, abrupt disconnect, slow client, refused connection,
+    /// origin or host); the rest are counted in `/metrics` and summed up in one line.
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_MAX_LOG_LINES"))]
+    pub max_log_lines: u32,
+    /// The interval `max_log_lines` applies to.
+    #[serde(with = "duration")]
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, env = "TANDEM_LOG_INTERVAL", value_parser = duration::parse)
+    )]
+    pub log_interval: Duration,
+    /// The port this node listens on, for dev mode's `Host` check; 0 = any. Set by the
+    /// binary once it has bound the listener, never read from settings.
+    #[serde(skip)]
+    #[cfg_attr(feature = "clap", arg(skip))]
+    pub listen_port: u16,
     /// Dev mode: the HS256 secret `GET /dev/token` mints demo tokens with. `None` (the
     /// default) disables the endpoint. Set by the binary, never read from settings.
     #[serde(skip)]
@@ -157,6 +189,10 @@ impl Default for GatewayConfig {
             write_timeout: Duration::from_secs(10),
             read_buffer_bytes: 1024,
             write_buffer_bytes: 4 * 1024,
+            allowed_origins: Vec::new(),
+            max_log_lines: 10,
+            log_interval: Duration::from_secs(10),
+            listen_port: 0,
             dev_token_secret: None,
         }
     }
@@ -193,6 +229,10 @@ impl std::fmt::Debug for GatewayConfig {
             .field("bad_frames_window", &self.bad_frames_window)
             .field("auth_timeout", &self.auth_timeout)
             .field("write_timeout", &self.write_timeout)
+            .field("allowed_origins", &self.allowed_origins)
+            .field("max_log_lines", &self.max_log_lines)
+            .field("log_interval", &self.log_interval)
+            .field("listen_port", &self.listen_port)
             .field("dev_mode", &self.dev_token_secret.is_some())
             .finish_non_exhaustive()
     }

@@ -3,7 +3,7 @@
 
 use crate::Gateway;
 use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -44,8 +44,10 @@ pub(crate) async fn file(Path(name): Path<String>) -> Response {
 }
 
 /// `GET /dev/token?sub=NAME`: a one-hour token for anyone who asks. Dev mode only.
+/// Its origin is checked by the router; a page on a name rebound to 127.0.0.1 is refused here.
 pub(crate) async fn token(
     State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
     let Some(secret) = &gw.config.dev_token_secret else {
@@ -55,6 +57,9 @@ pub(crate) async fn token(
             "dev mode is off: tokens come from your app's own auth (start with --dev to try the demo)",
         );
     };
+    if let Some(refused) = crate::origin::refuse_foreign_host(&gw, &headers) {
+        return refused;
+    }
     let Some(sub) = query.get("sub").filter(|s| !s.is_empty()) else {
         return crate::error_response(
             StatusCode::BAD_REQUEST,

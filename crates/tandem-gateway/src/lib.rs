@@ -14,11 +14,13 @@ mod demo;
 mod hub;
 mod listener;
 mod metrics;
+mod origin;
 mod outbox;
 mod rate;
 mod session;
 #[cfg(test)]
 mod testkit;
+mod throttle;
 
 pub use auth::{AuthConfig, AuthError, Identity, IssuerConfig, JwksConfig, KeySource, Verifier};
 pub use config::GatewayConfig;
@@ -39,6 +41,7 @@ use std::time::Duration;
 use tandem_fanout::{Broker, BrokerHealth};
 use tandem_protocol::{ErrorCode, LimitCode, ServerFrame};
 use tandem_store::Store;
+use throttle::{Event, Throttle};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -49,6 +52,8 @@ pub struct Gateway {
     hub: Hub,
     connections: connections::Connections,
     verifier: Verifier,
+    /// Counts what clients cause at will and keeps its log lines few.
+    throttle: Arc<Throttle>,
     shutdown: CancellationToken,
     /// Set at SIGTERM, before `shutdown`: `/ready` answers 503 while sessions go on.
     draining: AtomicBool,
@@ -77,6 +82,7 @@ impl Gateway {
         let store = subscribers.store().clone();
         Arc::new(Gateway {
             connections: connections::Connections::new(&config),
+            throttle: Throttle::new(config.max_log_lines, config.log_interval),
             config,
             store,
             hub: Hub::new(subscribers, broker),
@@ -108,12 +114,20 @@ impl Gateway {
     }
 
     pub fn router(self: &Arc<Self>) -> Router {
+        // What a page on another site could call from a visitor's browser (REST routes
+        // belong here too): only allowed origins.
+        let browser_api = Router::new()
+            .route("/dev/token", get(demo::token))
+            .route("/v1/sync", get(sync))
+            .route_layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                origin::guard,
+            ));
         Router::new()
+            .merge(browser_api)
             .route("/", get(demo::index))
             .route("/demo/{file}", get(demo::file))
             .route("/sdk/tandem.js", get(demo::sdk))
-            .route("/dev/token", get(demo::token))
-            .route("/v1/sync", get(sync))
             .route("/health", get(health))
             .route("/ready", get(ready))
             .route("/metrics", get(metrics_text))
@@ -126,18 +140,19 @@ impl Gateway {
     pub async fn shutdown(&self, grace: Duration) -> bool {
         self.shutdown.cancel();
         self.sessions.close();
-        if tokio::time::timeout(grace, self.sessions.wait())
+        let ended = tokio::time::timeout(grace, self.sessions.wait())
             .await
-            .is_err()
-        {
+            .is_ok();
+        if !ended {
             tracing::warn!(
                 open = self.sessions.len(),
                 grace_ms = grace.as_millis() as u64,
                 "sessions still open after the grace period"
             );
-            return false;
         }
-        true
+        // The counts of lines left out in the interval the node stops in.
+        self.throttle.flush();
+        ended
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -169,6 +184,9 @@ async fn sync(
         Some(token) => match gw.verifier.verify(token) {
             Ok(identity) => Some(identity),
             Err(e) => {
+                if gw.throttle.record(Event::TokenRefused) {
+                    tracing::info!(error = %e, "token refused at the upgrade");
+                }
                 return error_response(
                     StatusCode::UNAUTHORIZED,
                     ErrorCode::Unauthorized,
@@ -211,6 +229,9 @@ async fn sync(
 fn refused_response(gw: &Gateway, refused: connections::Refused) -> Response {
     gw.metrics().error(refused.limit.error_code());
     let max = refused.max;
+    if gw.throttle.record(Event::ConnectionLimit) {
+        tracing::info!(limit = %refused.limit, max, "connection refused at the upgrade");
+    }
     let message = match refused.limit {
         LimitCode::MaxConnections => {
             format!("this node serves at most {max} connections; retry later or elsewhere")
@@ -275,7 +296,7 @@ async fn metrics_text(State(gw): State<Arc<Gateway>>) -> Response {
     };
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        metrics::render(gw.metrics(), &gauges),
+        metrics::render(gw.metrics(), &gauges, &gw.throttle),
     )
         .into_response()
 }

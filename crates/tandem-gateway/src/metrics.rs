@@ -1,6 +1,7 @@
 //! Counters behind `GET /metrics` (Prometheus text format). Updated with relaxed atomic adds,
 //! once per request or per commit, never per subscriber.
 
+use crate::throttle::Throttle;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tandem_protocol::ErrorCode;
@@ -42,7 +43,7 @@ fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
     );
 }
 
-pub(crate) fn render(m: &Metrics, g: &Gauges) -> String {
+pub(crate) fn render(m: &Metrics, g: &Gauges, throttle: &Throttle) -> String {
     let mut out = String::with_capacity(2048);
     let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
     metric(
@@ -120,6 +121,7 @@ pub(crate) fn render(m: &Metrics, g: &Gauges) -> String {
             get(count)
         );
     }
+    throttle.render(&mut out);
     out
 }
 

@@ -222,10 +222,12 @@ async fn serve_until(
         Some(redis) => redis.start(subscribers.handler()),
         None => Arc::new(LocalBroker::new(subscribers.handler())),
     };
-    let gateway = Gateway::new(gateway_config, subscribers, broker, verifier);
 
     let listener = bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
     let local = listener.local_addr()?;
+    // Dev mode's Host check needs the port, which `--listen …:0` leaves to the kernel.
+    gateway_config.listen_port = local.port();
+    let gateway = Gateway::new(gateway_config, subscribers, broker, verifier);
     // TCP_NODELAY and each connection's read budget before it authenticates.
     let listener = tandem_gateway::Listener::new(listener);
     tracing::info!(addr = %local, data_dir = %data_dir.display(), store = store_kind, broker = broker_kind, "tandem listening");

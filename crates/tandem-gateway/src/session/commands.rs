@@ -5,6 +5,7 @@
 use super::{Session, ack, store_error};
 use crate::hub::Subscriber;
 use crate::metrics::Metrics;
+use crate::throttle::Event;
 use std::sync::Arc;
 use tandem_protocol::{
     Access, ClientFrame, CloseCode, DatasetRef, ErrorCode, LimitCode, Patch, RequestId,
@@ -104,7 +105,9 @@ impl Session {
                 self.authenticated(id, identity)
             }
             Err(e) => {
-                tracing::info!(error = %e, "token refused");
+                if self.gw.throttle.record(Event::TokenRefused) {
+                    tracing::info!(error = %e, "token refused");
+                }
                 self.reply(ServerFrame::error(
                     id,
                     ErrorCode::Unauthorized,

@@ -17,6 +17,7 @@ use crate::listener::Budget;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::rate::RateLimiter;
+use crate::throttle::Event;
 use crate::{Gateway, Identity};
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
 use futures_util::{Sink, Stream, StreamExt};
@@ -77,6 +78,7 @@ pub(crate) async fn serve<Si, St>(
             gw.config.write_timeout,
             cancel.clone(),
             label.clone(),
+            gw.throttle.clone(),
         ));
         let now = Instant::now();
         let mut session = Session {
@@ -198,7 +200,9 @@ impl Session {
     }
 
     fn close_slow(&self) {
-        tracing::info!("reply queue full, closing slow connection");
+        if self.gw.throttle.record(Event::SlowClient) {
+            tracing::info!("reply queue full, closing slow connection");
+        }
         self.outbox.close(CloseCode::Slow);
     }
 
@@ -209,7 +213,9 @@ impl Session {
         if self.identity.is_none() {
             if !self.gw.connections.acquire(&sub) {
                 let max = self.gw.config.max_connections_per_identity;
-                tracing::info!(identity = %sub, max, "too many sessions for one identity");
+                if self.gw.throttle.record(Event::ConnectionLimit) {
+                    tracing::info!(identity = %sub, max, "too many sessions for one identity");
+                }
                 self.reply(ServerFrame::limit_error(
                     id,
                     LimitCode::MaxConnectionsPerIdentity,

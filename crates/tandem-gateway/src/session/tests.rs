@@ -368,3 +368,22 @@ async fn test_session_without_subscriptions_is_closed_when_idle_and_kept_while_s
         "pong"
     );
 }
+
+#[tokio::test]
+async fn test_session_reset_without_close_is_an_abrupt_disconnect_not_a_protocol_error() {
+    use crate::throttle::Event;
+    let t = gateway(GatewayConfig::default());
+    let mut alice = t.connect("alice").await;
+    let reset = tungstenite::error::ProtocolError::ResetWithoutClosingHandshake;
+    alice.send_raw(Err(axum::Error::new(tungstenite::Error::Protocol(reset))));
+    // The peer is gone: no close frame is written to it.
+    assert_eq!(alice.close_code().await, None);
+    assert_eq!(t.gw.throttle.count(Event::AbruptDisconnect).0, 1);
+    assert_eq!(t.gw.throttle.count(Event::ProtocolError).0, 0);
+
+    let mut bob = t.connect("bob").await;
+    let broken = tungstenite::error::ProtocolError::NonZeroReservedBits;
+    bob.send_raw(Err(axum::Error::new(tungstenite::Error::Protocol(broken))));
+    assert_eq!(bob.close_code().await, Some(4502));
+    assert_eq!(t.gw.throttle.count(Event::ProtocolError).0, 1);
+}

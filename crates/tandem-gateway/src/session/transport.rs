@@ -6,6 +6,7 @@
 use super::Session;
 use crate::listener::OverBudget;
 use crate::outbox::{Outbox, Outgoing};
+use crate::throttle::{Event, Throttle};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use std::sync::Arc;
@@ -40,7 +41,11 @@ impl Session {
                 message = stream.next() => message,
             };
             let close = match message {
-                None | Some(Ok(Message::Close(_))) => break Stop::Gone,
+                Some(Ok(Message::Close(_))) => break Stop::Gone,
+                None => {
+                    self.abrupt_disconnect("connection ended without a close frame");
+                    break Stop::Gone;
+                }
                 // Boxed: the request handlers' state is large and only lives while one runs,
                 // so an idle session keeps a small future.
                 Some(Ok(Message::Text(text))) => Box::pin(self.handle_text(&text)).await,
@@ -77,10 +82,12 @@ impl Session {
                         break Stop::Close(CloseCode::MessageTooBig);
                     }
                     if is_protocol_error(&e) {
-                        tracing::info!(error = %e, "websocket protocol error");
+                        if self.gw.throttle.record(Event::ProtocolError) {
+                            tracing::info!(error = %e, "websocket protocol error");
+                        }
                         break Stop::Close(CloseCode::ProtocolError);
                     }
-                    tracing::debug!(error = %e, "read failed");
+                    self.abrupt_disconnect(&e.to_string());
                     break Stop::Gone;
                 }
             };
@@ -98,6 +105,16 @@ impl Session {
         } else {
             // The peer is gone: stop the writer without a close frame of our own.
             self.outbox.stop();
+        }
+    }
+}
+
+impl Session {
+    /// The peer left without closing: everyday on mobile networks, and what a flood of
+    /// connect-and-drop clients looks like, so counted and logged at a bounded pace.
+    fn abrupt_disconnect(&self, error: &str) {
+        if self.gw.throttle.record(Event::AbruptDisconnect) {
+            tracing::debug!(error, "peer left without a close frame");
         }
     }
 }
@@ -126,12 +143,16 @@ fn is_too_large(e: &axum::Error) -> bool {
     matches!(tungstenite_error(e), Some(tungstenite::Error::Capacity(_)))
 }
 
-/// Broken frames or invalid UTF-8: the client is at fault, reconnecting will not help.
+/// Broken frames or invalid UTF-8: the client is at fault, reconnecting will not help. A
+/// connection reset without a close frame is not one: the peer is merely gone.
 fn is_protocol_error(e: &axum::Error) -> bool {
-    matches!(
-        tungstenite_error(e),
-        Some(tungstenite::Error::Protocol(_) | tungstenite::Error::Utf8(_))
-    )
+    match tungstenite_error(e) {
+        Some(tungstenite::Error::Protocol(
+            tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+        )) => false,
+        Some(tungstenite::Error::Protocol(_) | tungstenite::Error::Utf8(_)) => true,
+        _ => false,
+    }
 }
 
 /// Drains the outbox into the sink until a close or stop, or until a write fails or misses
@@ -142,6 +163,7 @@ pub(super) async fn run_writer<Si>(
     write_timeout: Duration,
     cancel: CancellationToken,
     session: String,
+    throttle: Arc<Throttle>,
 ) where
     Si: Sink<Message, Error = axum::Error> + Unpin,
 {
@@ -170,16 +192,20 @@ pub(super) async fn run_writer<Si>(
         match tokio::time::timeout(write_timeout, write).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                tracing::debug!(session = %session, error = %e, "write failed");
+                if throttle.record(Event::AbruptDisconnect) {
+                    tracing::debug!(session = %session, error = %e, "write failed");
+                }
                 cancel.cancel();
                 return;
             }
             Err(_) => {
-                tracing::info!(
-                    session = %session,
-                    timeout_ms = write_timeout.as_millis() as u64,
-                    "write deadline passed, closing slow connection"
-                );
+                if throttle.record(Event::SlowClient) {
+                    tracing::info!(
+                        session = %session,
+                        timeout_ms = write_timeout.as_millis() as u64,
+                        "write deadline passed, closing slow connection"
+                    );
+                }
                 outbox.close(CloseCode::Slow);
                 cancel.cancel();
                 let _ = tokio::time::timeout(

@@ -1,0 +1,96 @@
+//! Log volume is bounded: a flood of what a client can cause at will (here refused tokens)
+//! costs a few log lines and one summary with the count, while `/metrics` counts every one.
+
+use tandem_tests::raw::RawSocket;
+use tandem_tests::tandem_protocol::{ClientFrame, ErrorCode, ServerFrame};
+use tandem_tests::{TestServer, metric};
+
+const REFUSED: usize = 2_000;
+/// Frames sent before their replies are read: well under `max_queued_replies`.
+const BATCH: usize = 100;
+
+#[tokio::test]
+async fn test_logs_a_flood_of_refused_tokens_logs_a_few_lines_and_counts_all() {
+    // The interval outlasts the test, so no second budget of lines can start under a slow
+    // run; the default budget of lines applies.
+    let mut server = TestServer::builder()
+        .arg("--max-requests-per-second", 0)
+        .arg("--log-interval", "1h")
+        .start();
+    // A refused refresh keeps the session open, so one connection sends them all.
+    let mut raw = RawSocket::authenticated(&server, "alice").await;
+    let bad = ClientFrame::Auth {
+        id: None,
+        token: "not-a-jwt".to_owned(),
+    }
+    .to_json();
+    for _ in 0..REFUSED / BATCH {
+        for _ in 0..BATCH {
+            raw.send(0x1, bad.as_bytes()).await;
+        }
+        for _ in 0..BATCH {
+            let reply = raw.recv_frame().await;
+            assert!(
+                matches!(
+                    &reply,
+                    ServerFrame::Error {
+                        code: ErrorCode::Unauthorized,
+                        ..
+                    }
+                ),
+                "{reply:?}"
+            );
+        }
+    }
+    let lines = |log: &str| log.lines().filter(|l| l.contains("token refused")).count();
+    let logged = lines(&without_colours(&server.log()));
+    assert!(
+        (1..=10).contains(&logged),
+        "{logged} lines for {REFUSED} refused tokens"
+    );
+    assert_eq!(
+        metric(
+            &server,
+            "tandem_gateway_events_total{event=\"token_refused\"}"
+        )
+        .await,
+        REFUSED as u64
+    );
+    assert_eq!(
+        metric(
+            &server,
+            "tandem_gateway_log_lines_suppressed_total{event=\"token_refused\"}"
+        )
+        .await,
+        (REFUSED - logged) as u64
+    );
+
+    // The node that stops mid-interval says how many it left out.
+    drop(raw);
+    assert!(server.terminate());
+    let log = without_colours(&server.log());
+    let summary = log
+        .lines()
+        .find(|l| l.contains("suppressed similar events") && l.contains("token_refused"))
+        .unwrap_or_else(|| panic!("no summary line:\n{log}"));
+    assert!(
+        summary.contains(&format!("suppressed={}", REFUSED - logged)),
+        "{summary}"
+    );
+    assert_eq!(lines(&log), logged);
+}
+
+/// The log as text: the plain format colours field names even when writing to a file.
+fn without_colours(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // CSI sequences end with a letter (`\x1b[3m`, `\x1b[0m`).
+            chars.by_ref().find(char::is_ascii_alphabetic);
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
