@@ -106,6 +106,12 @@ pub enum LimitCode {
     /// Sessions one identity may hold on one node at once (default 100); the session is
     /// closed with 4005.
     MaxConnectionsPerIdentity,
+    /// Grants on one dataset name, existing or not (default 100); changing a grant's
+    /// access does not count as a new one.
+    MaxGrantsPerDataset,
+    /// Grants one owner has made across all its dataset names, existing or not (default
+    /// 1000).
+    MaxGrantsPerOwner,
     /// A limit this build does not know (a newer server's); the frame's `code` still says
     /// what class of error it is. Never sent.
     #[serde(other)]
@@ -121,7 +127,9 @@ impl LimitCode {
             | LimitCode::MaxPatches
             | LimitCode::MaxSubscriptions
             | LimitCode::MaxConnections
-            | LimitCode::MaxConnectionsPerIdentity => ErrorCode::LimitExceeded,
+            | LimitCode::MaxConnectionsPerIdentity
+            | LimitCode::MaxGrantsPerDataset
+            | LimitCode::MaxGrantsPerOwner => ErrorCode::LimitExceeded,
             LimitCode::MaxDatasetBytes
             | LimitCode::MaxKeyLength
             | LimitCode::MaxFrameBytes
@@ -144,6 +152,8 @@ impl LimitCode {
             LimitCode::MaxRequestsPerSecond => "max_requests_per_second",
             LimitCode::MaxConnections => "max_connections",
             LimitCode::MaxConnectionsPerIdentity => "max_connections_per_identity",
+            LimitCode::MaxGrantsPerDataset => "max_grants_per_dataset",
+            LimitCode::MaxGrantsPerOwner => "max_grants_per_owner",
             LimitCode::Unknown => "unknown",
         }
     }

@@ -133,6 +133,12 @@ pub struct Limits {
     /// Characters in a device id.
     #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_MAX_DEVICE_ID_LENGTH"))]
     pub max_device_id_length: u64,
+    /// Grants on one dataset name, existing or not.
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_MAX_GRANTS_PER_DATASET"))]
+    pub max_grants_per_dataset: u64,
+    /// Grants one owner has made across all its dataset names, existing or not.
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_MAX_GRANTS_PER_OWNER"))]
+    pub max_grants_per_owner: u64,
 }
 
 impl Default for Limits {
@@ -144,6 +150,8 @@ impl Default for Limits {
             max_key_length: 1024,
             max_patches: 1024,
             max_device_id_length: 128,
+            max_grants_per_dataset: 100,
+            max_grants_per_owner: 1000,
         }
     }
 }

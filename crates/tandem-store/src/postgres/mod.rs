@@ -27,8 +27,13 @@
 //!   grant row: a revoke committed before is seen; a revoke in flight either waits for the
 //!   update to commit (it then comes after the update) or the update waits for the revoke
 //!   and then finds no grant.
-//! - Locks are always taken in the order dataset row → advisory lock / grant row, and a
-//!   delete takes the dataset row before it deletes grants, so these cannot deadlock.
+//! - A grant takes a transaction-scoped advisory lock on (pool, owner) of its own before it
+//!   counts the owner's grants, so two new grants cannot both take the last slot of
+//!   `max_grants_per_dataset` or `max_grants_per_owner`. It is not the creation lock: a
+//!   grant waits for grant rows that an update holds while it waits for the creation lock.
+//! - Locks are always taken in the order dataset row → advisory lock / grant row, or grant
+//!   lock → grant row, and a delete takes the dataset row before it deletes grants, so these
+//!   cannot deadlock.
 //!
 //! Reads (`snapshot`, `changes`, `list_datasets`, `access`) are one statement each, so
 //! everything a read returns (access, sync count, records) comes from one snapshot.
@@ -353,7 +358,11 @@ impl Store for PostgresStore {
     ) -> Result<(), StoreError> {
         validate_grant(dataset, actor, grantee, access)?;
         call!(&self.inner, |client| write::grant(
-            &client, dataset, grantee, access
+            &mut client,
+            &self.inner.limits,
+            dataset,
+            grantee,
+            access
         ))
     }
 

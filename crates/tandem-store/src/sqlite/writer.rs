@@ -8,7 +8,7 @@
 
 use super::db_err;
 use super::query;
-use crate::decision::{self, DatasetState, StoredRecords, upsert_records};
+use crate::decision::{self, DatasetState, GrantCounts, StoredRecords, upsert_records};
 use crate::{DatasetKey, Limits, StoreError, UpdateOutcome, UpdateRequest, ValidatedPatch, now_ms};
 use rusqlite::{Connection, TransactionBehavior, params};
 use tandem_protocol::Access;
@@ -133,7 +133,7 @@ fn apply(conn: &Connection, limits: &Limits, op: &Op) -> Result<Done, StoreError
             dataset,
             grantee,
             access,
-        } => grant(conn, dataset, grantee, *access).map(|()| Done::Unit),
+        } => grant(conn, limits, dataset, grantee, *access).map(|()| Done::Unit),
         Op::Revoke { dataset, grantee } => revoke(conn, dataset, grantee).map(|()| Done::Unit),
     }
 }
@@ -264,12 +264,33 @@ fn delete(conn: &Connection, key: &DatasetKey, actor: &str) -> Result<u64, Store
     Ok(new_count)
 }
 
+/// Grants (or changes) access, within the grant limits. The writer thread holds the write
+/// lock, so no other grant can take the last slot between the count and the insert.
 fn grant(
     conn: &Connection,
+    limits: &Limits,
     key: &DatasetKey,
     grantee: &str,
     access: Access,
 ) -> Result<(), StoreError> {
+    let counts = conn
+        .prepare_cached(
+            "SELECT count(*) FILTER (WHERE name = ?3 AND grantee = ?4),
+                    count(*) FILTER (WHERE name = ?3),
+                    count(*)
+             FROM grants WHERE pool = ?1 AND owner = ?2",
+        )
+        .and_then(|mut stmt| {
+            stmt.query_row(params![key.pool, key.owner, key.name, grantee], |r| {
+                Ok(GrantCounts {
+                    exists: r.get::<_, u64>(0)? > 0,
+                    on_dataset: r.get(1)?,
+                    by_owner: r.get(2)?,
+                })
+            })
+        })
+        .map_err(db_err)?;
+    decision::check_grant(limits, key, counts)?;
     conn.prepare_cached(
         "INSERT INTO grants (pool, owner, name, grantee, access, granted_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)
