@@ -108,9 +108,10 @@ pub enum UpdateOutcome {
     },
 }
 
-/// Configurable limits; the defaults are Cognito Sync's. A settings section: read from a TOML
-/// file through serde, and with the `clap` feature the `tandem serve` flags (the field's doc
-/// is its help), so a new limit is one field and its default here.
+/// Configurable limits (the defaults of the data limits are Cognito Sync's) and the store's
+/// other settings. A settings section: read from a TOML file through serde, and with the
+/// `clap` feature the `tandem serve` flags (the field's doc is its help), so a new limit is
+/// one field and its default here.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[cfg_attr(feature = "clap", derive(clap::Args))]
 #[serde(default, deny_unknown_fields)]
@@ -139,6 +140,10 @@ pub struct Limits {
     /// Grants one owner has made across all its dataset names, existing or not.
     #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_MAX_GRANTS_PER_OWNER"))]
     pub max_grants_per_owner: u64,
+    /// SQLite only: bytes the write-ahead log file may reach before the writer checkpoints it
+    /// and truncates it; the file stays under this plus one group commit.
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_SQLITE_WAL_MAX_BYTES"))]
+    pub sqlite_wal_max_bytes: u64,
 }
 
 impl Default for Limits {
@@ -152,6 +157,7 @@ impl Default for Limits {
             max_device_id_length: 128,
             max_grants_per_dataset: 100,
             max_grants_per_owner: 1000,
+            sqlite_wal_max_bytes: 64 * 1024 * 1024,
         }
     }
 }

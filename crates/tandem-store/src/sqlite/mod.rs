@@ -6,6 +6,9 @@
 //! connections, concurrently with the writer thanks to WAL. Writes and their fsync never
 //! run on the async runtime; a read does, because it is one short statement or transaction
 //! over cached pages (see `SqliteStore::read`).
+//!
+//! Disk use follows the data, not the traffic: the WAL file stays under
+//! `Limits::sqlite_wal_max_bytes` plus one group commit (see `writer::WalBound`).
 
 mod query;
 mod schema;
@@ -77,7 +80,7 @@ impl SqliteStore {
     pub fn open_file(path: &Path, limits: Limits) -> Result<SqliteStore, StoreError> {
         let mut conn = Connection::open(path)
             .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
-        configure_writer(&conn)?;
+        configure_writer(&conn, limits.sqlite_wal_max_bytes)?;
         schema::migrate(&mut conn)?;
 
         let readers = std::thread::available_parallelism()
@@ -88,11 +91,13 @@ impl SqliteStore {
 
         let (commands_tx, commands_rx) = mpsc::channel(QUEUE_DEPTH);
         let writer_limits = limits.clone();
+        let checkpoint_lock = CheckpointLock::default();
+        let writer_checkpoint_lock = Arc::clone(&checkpoint_lock);
         let writer = std::thread::Builder::new()
             .name("tandem-sqlite-writer".into())
-            .spawn(move || writer::run(conn, &writer_limits, commands_rx))
+            .spawn(move || writer::run(conn, &writer_limits, commands_rx, writer_checkpoint_lock))
             .map_err(|e| StoreError::Internal(format!("cannot start the writer thread: {e}")))?;
-        let checkpointer = spawn_checkpointer(path)?;
+        let checkpointer = spawn_checkpointer(path, checkpoint_lock)?;
         tracing::info!(path = %path.display(), readers, "sqlite store open");
 
         Ok(SqliteStore {
@@ -349,7 +354,9 @@ impl Store for SqliteStore {
     }
 }
 
-fn configure_writer(conn: &Connection) -> Result<(), StoreError> {
+/// WAL mode, durable commits, no automatic checkpoints, and the WAL file truncated to
+/// `wal_max_bytes` whenever the log restarts (see `writer::WalBound`).
+fn configure_writer(conn: &Connection, wal_max_bytes: u64) -> Result<(), StoreError> {
     conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
     let mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
@@ -360,23 +367,35 @@ fn configure_writer(conn: &Connection) -> Result<(), StoreError> {
         )));
     }
     // Checkpoints run on their own thread (`spawn_checkpointer`): an automatic one would
-    // run inside a commit on the writer thread and stall every caller in that batch.
+    // run inside a commit on the writer thread and stall every caller in that batch. The
+    // writer checkpoints only when the WAL has passed its bound, between batches.
     conn.execute_batch(
         "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA wal_autocheckpoint = 0;",
     )
+    .map_err(db_err)?;
+    let limit = i64::try_from(wal_max_bytes).unwrap_or(i64::MAX);
+    conn.query_row(&format!("PRAGMA journal_size_limit = {limit}"), [], |_| {
+        Ok(())
+    })
     .map_err(db_err)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(())
 }
 
+/// Held while a checkpoint runs: SQLite refuses a second one at once rather than wait, so the
+/// checkpointer and the writer's truncating checkpoint take turns on this.
+type CheckpointLock = Arc<Mutex<()>>;
+
 /// How often the checkpointer copies the WAL back into the database file.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Copies committed WAL frames into the database file in the background with PASSIVE
-/// checkpoints, which never block the writer or readers, so the WAL stays small and commits
-/// never pay for a checkpoint.
+/// checkpoints, which never block the writer or readers, so commits never pay for a
+/// checkpoint and the log restarts from its beginning whenever writes pause. Under writes
+/// that never pause it cannot restart the log: the writer bounds it (`writer::WalBound`).
 fn spawn_checkpointer(
     path: &Path,
+    checkpoint_lock: CheckpointLock,
 ) -> Result<(std::sync::mpsc::Sender<()>, JoinHandle<()>), StoreError> {
     let conn = Connection::open_with_flags(
         path,
@@ -391,6 +410,7 @@ fn spawn_checkpointer(
             while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                 stop_rx.recv_timeout(CHECKPOINT_EVERY)
             {
+                let _checkpointing = lock(&checkpoint_lock);
                 if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
                     tracing::warn!(error = %e, "sqlite checkpoint failed");
                 }

@@ -5,12 +5,16 @@
 //! A batch is `BEGIN IMMEDIATE`, then each command under its own SAVEPOINT (rolled back
 //! when that command fails or conflicts, so the others are unaffected), then one COMMIT.
 //! Replies go out only after the COMMIT; if it fails, every command in the batch fails.
+//!
+//! Between batches the writer also keeps the WAL bounded ([`WalBound`]).
 
-use super::db_err;
 use super::query;
+use super::{CheckpointLock, db_err, lock};
 use crate::decision::{self, DatasetState, GrantCounts, StoredRecords, upsert_records};
 use crate::{DatasetKey, Limits, StoreError, UpdateOutcome, UpdateRequest, ValidatedPatch, now_ms};
 use rusqlite::{Connection, TransactionBehavior, params};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 use tandem_protocol::Access;
 use tokio::sync::{mpsc, oneshot};
 
@@ -56,8 +60,14 @@ pub(super) struct Command {
 }
 
 /// Runs until every sender is gone and the queue is drained, then closes the connection.
-pub(super) fn run(mut conn: Connection, limits: &Limits, mut commands_rx: mpsc::Receiver<Command>) {
+pub(super) fn run(
+    mut conn: Connection,
+    limits: &Limits,
+    mut commands_rx: mpsc::Receiver<Command>,
+    checkpoint_lock: CheckpointLock,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut wal = WalBound::new(&conn, limits.sqlite_wal_max_bytes, checkpoint_lock);
     while let Some(first) = commands_rx.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -67,11 +77,85 @@ pub(super) fn run(mut conn: Connection, limits: &Limits, mut commands_rx: mpsc::
             }
         }
         commit_batch(&mut conn, limits, &mut batch);
+        wal.after_commit(&conn);
     }
     if let Err((_, e)) = conn.close() {
         tracing::warn!(error = %e, "closing the sqlite write connection failed");
     }
     tracing::debug!("sqlite writer stopped");
+}
+
+/// How long the writer waits before it tries again a truncating checkpoint that could not
+/// finish (readers kept using the WAL for the whole busy timeout, or an I/O error).
+const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
+
+/// Keeps the WAL file under `max_bytes` plus one group commit. The checkpointer thread's
+/// PASSIVE checkpoints copy frames back but never reset the log while the writer keeps
+/// appending, so under a steady write flood the WAL grew without end (289 MB beside an
+/// 8.6 MB database). When the file has passed `max_bytes` after a commit, the writer itself
+/// runs `wal_checkpoint(TRUNCATE)` between batches: it holds no transaction then, so the
+/// checkpoint needs no write lock it would have to win against a writer that retakes it at
+/// once (a RESTART from another connection could starve); it waits (up to the busy timeout)
+/// only for readers still on old frames, which are short. It takes the checkpointer's lock
+/// first: SQLite refuses a checkpoint while another runs, without waiting. `journal_size_limit`
+/// truncates the file the same way when the log restarts on its own.
+struct WalBound {
+    /// The `-wal` file beside the database (where SQLite puts it: symlinks resolved).
+    wal: Option<PathBuf>,
+    max_bytes: u64,
+    /// After a checkpoint that could not finish: when to try again.
+    retry_at: Option<Instant>,
+    checkpoint_lock: CheckpointLock,
+}
+
+impl WalBound {
+    fn new(conn: &Connection, max_bytes: u64, checkpoint_lock: CheckpointLock) -> Self {
+        WalBound {
+            wal: conn.path().map(|db| PathBuf::from(format!("{db}-wal"))),
+            max_bytes,
+            retry_at: None,
+            checkpoint_lock,
+        }
+    }
+
+    fn after_commit(&mut self, conn: &Connection) {
+        if self.retry_at.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+        let Some(size) = self
+            .wal
+            .as_deref()
+            .and_then(|wal| std::fs::metadata(wal).ok())
+            .map(|m| m.len())
+        else {
+            return;
+        };
+        if size <= self.max_bytes {
+            return;
+        }
+        let _checkpointing = lock(&self.checkpoint_lock);
+        // Columns: busy (1 when it could not finish), frames in the log, frames copied back.
+        let result = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+            row.get::<_, i64>(0)
+        });
+        match result {
+            Ok(0) => {
+                self.retry_at = None;
+                tracing::debug!(wal_bytes = size, "sqlite wal checkpointed and truncated");
+            }
+            Ok(_) => {
+                self.retry_at = Some(Instant::now() + CHECKPOINT_RETRY);
+                tracing::debug!(
+                    wal_bytes = size,
+                    "sqlite wal checkpoint busy; retrying later"
+                );
+            }
+            Err(e) => {
+                self.retry_at = Some(Instant::now() + CHECKPOINT_RETRY);
+                tracing::debug!(error = %e, wal_bytes = size, "sqlite wal checkpoint failed");
+            }
+        }
+    }
 }
 
 /// Applies and commits a batch, then answers every command in it.
