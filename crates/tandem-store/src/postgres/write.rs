@@ -271,7 +271,9 @@ pub(super) async fn store_writes(
         &rec_device_times,
         &now,
     ];
-    tokio::try_join!(tx.execute(&update, &update_params), async {
+    // Biased: the statements fail in order, and the first one's error is the cause (a full
+    // disk, say); the next one's is only "current transaction is aborted".
+    tokio::try_join!(biased; tx.execute(&update, &update_params), async {
         if rec_ids.is_empty() {
             Ok(0)
         } else {
@@ -370,7 +372,9 @@ pub(super) async fn delete(
     let records_params: [&(dyn ToSql + Sync); 4] = [&row.id, &new_count_db, &now, &key.owner];
     let grants_params: [&(dyn ToSql + Sync); 3] = [&key.pool, &key.owner, &key.name];
     let mark_params: [&(dyn ToSql + Sync); 3] = [&row.id, &new_count_db, &now];
+    // Biased, as in `store_writes`: the first error is the cause.
     tokio::try_join!(
+        biased;
         tx.execute(&records, &records_params),
         tx.execute(&grants, &grants_params),
         tx.execute(&mark, &mark_params),

@@ -14,6 +14,7 @@ mod query;
 mod schema;
 mod writer;
 
+use crate::outage::CommitOutage;
 use crate::{
     DatasetKey, Limits, Snapshot, Store, StoreError, UpdateOutcome, UpdateRequest,
     validate_identity, validate_update,
@@ -58,6 +59,8 @@ struct Inner {
     /// Bounds concurrent reads to the number of read connections; closed on `close`.
     read_permits: Arc<Semaphore>,
     idle_readers: Mutex<Vec<Connection>>,
+    /// Set by the writer while group commits fail; `health` reports it.
+    outage: Arc<CommitOutage>,
 }
 
 impl SqliteStore {
@@ -93,11 +96,21 @@ impl SqliteStore {
         let writer_limits = limits.clone();
         let checkpoint_lock = CheckpointLock::default();
         let writer_checkpoint_lock = Arc::clone(&checkpoint_lock);
+        let outage = Arc::new(CommitOutage::default());
+        let writer_outage = Arc::clone(&outage);
         let writer = std::thread::Builder::new()
             .name("tandem-sqlite-writer".into())
-            .spawn(move || writer::run(conn, &writer_limits, commands_rx, writer_checkpoint_lock))
+            .spawn(move || {
+                writer::run(
+                    conn,
+                    &writer_limits,
+                    commands_rx,
+                    writer_checkpoint_lock,
+                    &writer_outage,
+                );
+            })
             .map_err(|e| StoreError::Internal(format!("cannot start the writer thread: {e}")))?;
-        let checkpointer = spawn_checkpointer(path, checkpoint_lock)?;
+        let checkpointer = spawn_checkpointer(path, checkpoint_lock, Arc::clone(&outage))?;
         tracing::info!(path = %path.display(), readers, "sqlite store open");
 
         Ok(SqliteStore {
@@ -110,6 +123,7 @@ impl SqliteStore {
                 checkpointer: Mutex::new(Some(checkpointer)),
                 read_permits: Arc::new(Semaphore::new(readers)),
                 idle_readers: Mutex::new(vec![first_reader]),
+                outage,
             }),
         })
     }
@@ -324,6 +338,7 @@ impl Store for SqliteStore {
     }
 
     async fn health(&self) -> Result<(), StoreError> {
+        self.inner.outage.check()?;
         match lock(&self.inner.commands_tx).as_ref() {
             None => return Err(closed_error()),
             Some(commands_tx) if commands_tx.is_closed() => {
@@ -396,6 +411,7 @@ const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(2
 fn spawn_checkpointer(
     path: &Path,
     checkpoint_lock: CheckpointLock,
+    outage: Arc<CommitOutage>,
 ) -> Result<(std::sync::mpsc::Sender<()>, JoinHandle<()>), StoreError> {
     let conn = Connection::open_with_flags(
         path,
@@ -407,12 +423,24 @@ fn spawn_checkpointer(
     let thread = std::thread::Builder::new()
         .name("tandem-sqlite-checkpoint".into())
         .spawn(move || {
+            // Failures are logged once per run of them, not every 250 ms, and not at all
+            // while commits fail too: that outage is logged already, for the same cause.
+            let mut warned = false;
             while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                 stop_rx.recv_timeout(CHECKPOINT_EVERY)
             {
                 let _checkpointing = lock(&checkpoint_lock);
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    tracing::warn!(error = %e, "sqlite checkpoint failed");
+                match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    Err(e) if !warned && !outage.is_down() => {
+                        tracing::warn!(error = %e, "sqlite checkpoints fail; retrying quietly");
+                        warned = true;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "sqlite checkpoint failed"),
+                    Ok(()) if warned => {
+                        tracing::info!("sqlite checkpoints work again");
+                        warned = false;
+                    }
+                    Ok(()) => {}
                 }
             }
         })
@@ -434,8 +462,8 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-/// Maps a SQLite failure: a locked or unopenable database is `Unavailable` (retry later),
-/// anything else `Internal`.
+/// Maps a SQLite failure: a locked or unopenable database, a full disk or an I/O error is
+/// `Unavailable` (nothing was written; retry later), anything else `Internal`.
 #[expect(
     clippy::needless_pass_by_value,
     reason = "a `map_err` adapter: it takes what `map_err` hands it"
@@ -447,6 +475,9 @@ fn db_err(e: rusqlite::Error) -> StoreError {
             StoreError::Unavailable(format!("database busy: {e}"))
         }
         Some(Code::CannotOpen) => StoreError::Unavailable(format!("cannot open database: {e}")),
+        Some(Code::DiskFull | Code::SystemIoFailure) => {
+            StoreError::Unavailable(format!("sqlite cannot write: {e}"))
+        }
         _ => StoreError::Internal(format!("sqlite: {e}")),
     }
 }

@@ -1,6 +1,7 @@
 use super::writer::{Command, Done, Op, commit_batch};
 use super::*;
 use crate::conformance;
+use crate::outage::CommitOutage;
 use crate::{DEFAULT_POOL, now_ms};
 use std::sync::atomic::AtomicUsize;
 use tandem_protocol::{LimitCode, Patch};
@@ -139,7 +140,7 @@ fn run_batch(
         batch.push(Command { op, reply });
         replies.push(reply_rx);
     }
-    commit_batch(conn, limits, &mut batch);
+    commit_batch(conn, limits, &mut batch, &CommitOutage::default());
     assert!(batch.is_empty());
     replies
         .into_iter()

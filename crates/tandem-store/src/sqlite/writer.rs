@@ -4,13 +4,15 @@
 //!
 //! A batch is `BEGIN IMMEDIATE`, then each command under its own SAVEPOINT (rolled back
 //! when that command fails or conflicts, so the others are unaffected), then one COMMIT.
-//! Replies go out only after the COMMIT; if it fails, every command in the batch fails.
+//! Replies go out only after the COMMIT; if it fails, every command in the batch fails, and
+//! the store is in a commit outage (see `outage`) until a batch that writes commits.
 //!
 //! Between batches the writer also keeps the WAL bounded ([`WalBound`]).
 
 use super::query;
 use super::{CheckpointLock, db_err, lock};
 use crate::decision::{self, DatasetState, GrantCounts, StoredRecords, upsert_records};
+use crate::outage::CommitOutage;
 use crate::{DatasetKey, Limits, StoreError, UpdateOutcome, UpdateRequest, ValidatedPatch, now_ms};
 use rusqlite::{Connection, TransactionBehavior, params};
 use std::path::PathBuf;
@@ -65,6 +67,7 @@ pub(super) fn run(
     limits: &Limits,
     mut commands_rx: mpsc::Receiver<Command>,
     checkpoint_lock: CheckpointLock,
+    outage: &CommitOutage,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut wal = WalBound::new(&conn, limits.sqlite_wal_max_bytes, checkpoint_lock);
@@ -76,7 +79,7 @@ pub(super) fn run(
                 Err(_) => break,
             }
         }
-        commit_batch(&mut conn, limits, &mut batch);
+        commit_batch(&mut conn, limits, &mut batch, outage);
         wal.after_commit(&conn);
     }
     if let Err((_, e)) = conn.close() {
@@ -159,7 +162,12 @@ impl WalBound {
 }
 
 /// Applies and commits a batch, then answers every command in it.
-pub(super) fn commit_batch(conn: &mut Connection, limits: &Limits, batch: &mut Vec<Command>) {
+pub(super) fn commit_batch(
+    conn: &mut Connection,
+    limits: &Limits,
+    batch: &mut Vec<Command>,
+    outage: &CommitOutage,
+) {
     let size = batch.len();
     let mut replies = Vec::with_capacity(size);
     let mut ops = Vec::with_capacity(size);
@@ -168,14 +176,20 @@ pub(super) fn commit_batch(conn: &mut Connection, limits: &Limits, batch: &mut V
         ops.push(op);
     }
     match apply_batch(conn, limits, &ops) {
-        Ok(results) => {
+        Ok((results, wrote)) => {
+            // A batch that wrote nothing committed without touching the disk: it says
+            // nothing about whether writes work.
+            if wrote {
+                outage.succeeded("sqlite");
+            }
             for (reply, result) in replies.into_iter().zip(results) {
                 // The caller may have gone away; the commit stands either way.
                 let _ = reply.send(result);
             }
         }
         Err(e) => {
-            tracing::error!(error = %e, batch = size, "sqlite group commit failed");
+            tracing::debug!(error = %e, batch = size, "sqlite group commit failed");
+            outage.failed("sqlite", &e);
             for reply in replies {
                 let _ = reply.send(Err(e.clone()));
             }
@@ -183,15 +197,19 @@ pub(super) fn commit_batch(conn: &mut Connection, limits: &Limits, batch: &mut V
     }
 }
 
+/// Each command's result, and whether any of them wrote.
+type BatchResults = (Vec<Result<Done, StoreError>>, bool);
+
 fn apply_batch(
     conn: &mut Connection,
     limits: &Limits,
     ops: &[Op],
-) -> Result<Vec<Result<Done, StoreError>>, StoreError> {
+) -> Result<BatchResults, StoreError> {
     let mut tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(db_err)?;
     let mut results = Vec::with_capacity(ops.len());
+    let mut wrote = false;
     for op in ops {
         let mut savepoint = tx.savepoint().map_err(db_err)?;
         let result = apply(&savepoint, limits, op);
@@ -203,10 +221,11 @@ fn apply_batch(
             savepoint.rollback().map_err(db_err)?;
         }
         savepoint.commit().map_err(db_err)?;
+        wrote |= keep;
         results.push(result);
     }
     tx.commit().map_err(db_err)?;
-    Ok(results)
+    Ok((results, wrote))
 }
 
 fn apply(conn: &Connection, limits: &Limits, op: &Op) -> Result<Done, StoreError> {
