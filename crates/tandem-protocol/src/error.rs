@@ -120,6 +120,12 @@ pub enum LimitCode {
     /// New connections from one IP address per second, in bursts of as many (default 50);
     /// the upgrade is refused with HTTP 429 and `Retry-After`.
     MaxNewConnectionsPerIp,
+    /// Grants on one dataset name, existing or not (default 100); changing a grant's
+    /// access does not count as a new one.
+    MaxGrantsPerDataset,
+    /// Grants one owner has made across all its dataset names, existing or not (default
+    /// 1000).
+    MaxGrantsPerOwner,
     /// A limit this build does not know (a newer server's); the frame's `code` still says
     /// what class of error it is. Never sent.
     #[serde(other)]
@@ -137,7 +143,9 @@ impl LimitCode {
             | LimitCode::MaxConnections
             | LimitCode::MaxConnectionsPerIdentity
             | LimitCode::MaxUnauthenticatedConnections
-            | LimitCode::MaxConnectionsPerIp => ErrorCode::LimitExceeded,
+            | LimitCode::MaxConnectionsPerIp
+            | LimitCode::MaxGrantsPerDataset
+            | LimitCode::MaxGrantsPerOwner => ErrorCode::LimitExceeded,
             LimitCode::MaxUnauthenticatedBytes => ErrorCode::TooLarge,
             LimitCode::MaxNewConnectionsPerIp => ErrorCode::RateLimited,
             LimitCode::MaxDatasetBytes
@@ -166,6 +174,8 @@ impl LimitCode {
             LimitCode::MaxUnauthenticatedBytes => "max_unauthenticated_bytes",
             LimitCode::MaxConnectionsPerIp => "max_connections_per_ip",
             LimitCode::MaxNewConnectionsPerIp => "max_new_connections_per_ip",
+            LimitCode::MaxGrantsPerDataset => "max_grants_per_dataset",
+            LimitCode::MaxGrantsPerOwner => "max_grants_per_owner",
             LimitCode::Unknown => "unknown",
         }
     }

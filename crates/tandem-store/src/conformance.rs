@@ -26,6 +26,8 @@ pub fn small_limits() -> Limits {
         max_datasets: 3,
         max_records: 4,
         max_dataset_bytes: 64,
+        max_grants_per_dataset: 3,
+        max_grants_per_owner: 5,
         ..Limits::default()
     }
 }
@@ -74,6 +76,8 @@ where
     run!(case_revoke_takes_effect, Limits::default());
     run!(case_no_grant_is_forbidden, Limits::default());
     run!(case_grant_rejects_bad_requests, Limits::default());
+    run!(case_limit_grants, small_limits());
+    run!(case_concurrent_grants_respect_the_limits, small_limits());
     run!(case_list_datasets_shows_own_and_shared, Limits::default());
     run!(case_pools_are_separate, Limits::default());
     run!(case_concurrent_writers_serialise, Limits::default());
@@ -942,6 +946,109 @@ pub async fn case_grant_rejects_bad_requests(store: Arc<dyn Store>) {
     assert_bad_request(store.revoke(&d, ALICE, "").await);
     assert_eq!(store.access(&d, BOB).await.unwrap(), None);
     assert_eq!(store.access(&d, ALICE).await.unwrap(), Some(Access::Owner));
+}
+
+/// Grants per dataset name and per owner are capped, whether the datasets exist or not;
+/// changing a grant's access is not a new grant; a refused grant leaves nothing; a revoke or
+/// a delete frees slots; other owners have their own count. Limits: [`small_limits`] (3 per
+/// dataset, 5 per owner).
+pub async fn case_limit_grants(store: Arc<dyn Store>) {
+    let shared = ds(ALICE, "shared");
+    commit(&*store, &shared, ALICE, vec![Patch::replace("k", "v", 0)]).await;
+    for grantee in ["g0", "g1", "g2"] {
+        store
+            .grant(&shared, ALICE, grantee, Access::Read)
+            .await
+            .unwrap();
+    }
+    let err = store
+        .grant(&shared, ALICE, "g3", Access::Read)
+        .await
+        .unwrap_err();
+    assert_limit(&err, LimitCode::MaxGrantsPerDataset, 3);
+    assert_eq!(store.access(&shared, "g3").await.unwrap(), None);
+    store
+        .grant(&shared, ALICE, "g0", Access::Write)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.access(&shared, "g0").await.unwrap(),
+        Some(Access::Write)
+    );
+
+    // Names that were never written count against the owner all the same.
+    for grantee in ["g0", "g1"] {
+        store
+            .grant(&ds(ALICE, "unborn"), ALICE, grantee, Access::Read)
+            .await
+            .unwrap();
+    }
+    let err = store
+        .grant(&ds(ALICE, "third"), ALICE, "g0", Access::Read)
+        .await
+        .unwrap_err();
+    assert_limit(&err, LimitCode::MaxGrantsPerOwner, 5);
+    assert_eq!(store.access(&ds(ALICE, "third"), "g0").await.unwrap(), None);
+    store
+        .grant(&ds(ALICE, "unborn"), ALICE, "g1", Access::Write)
+        .await
+        .unwrap();
+    store
+        .grant(&ds(BOB, "own"), BOB, "g0", Access::Read)
+        .await
+        .unwrap();
+
+    store.revoke(&shared, ALICE, "g1").await.unwrap();
+    store
+        .grant(&shared, ALICE, "g3", Access::Read)
+        .await
+        .unwrap();
+    store.delete_dataset(&shared, ALICE).await.unwrap();
+    for grantee in ["g0", "g1", "g2"] {
+        store
+            .grant(&ds(ALICE, "third"), ALICE, grantee, Access::Read)
+            .await
+            .unwrap();
+    }
+}
+
+/// New grants racing for the last slots: exactly as many succeed as fit. Limits:
+/// [`small_limits`] (3 per dataset, 5 per owner).
+pub async fn case_concurrent_grants_respect_the_limits(store: Arc<dyn Store>) {
+    async fn race(store: &Arc<dyn Store>, names: &[&str], grantees: usize) -> usize {
+        let mut tasks = Vec::new();
+        for i in 0..grantees {
+            let store = Arc::clone(store);
+            let d = ds(ALICE, names[i % names.len()]);
+            tasks.push(tokio::spawn(async move {
+                store
+                    .grant(&d, ALICE, &format!("racer-{i}"), Access::Read)
+                    .await
+            }));
+        }
+        let mut granted = 0;
+        for task in tasks {
+            match task.await.expect("grant task panicked") {
+                Ok(()) => granted += 1,
+                Err(StoreError::Limit {
+                    limit: LimitCode::MaxGrantsPerDataset | LimitCode::MaxGrantsPerOwner,
+                    ..
+                }) => {}
+                Err(e) => panic!("expected a grant or a grant limit, got {e:?}"),
+            }
+        }
+        granted
+    }
+    assert_eq!(
+        race(&store, &["one"], 12).await,
+        3,
+        "max_grants_per_dataset"
+    );
+    assert_eq!(
+        race(&store, &["two", "three"], 12).await,
+        2,
+        "max_grants_per_owner"
+    );
 }
 
 /// `list_datasets` shows the identity's own live datasets and the live ones shared with it,

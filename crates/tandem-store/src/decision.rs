@@ -5,6 +5,9 @@
 //! stamped) and what the `Committed` outcome holds. The backend then writes what the
 //! [`Plan`] says with its own SQL. Nothing here touches a database, so SQLite, PostgreSQL's
 //! single path and its batches decide alike by construction, and the tests below need none.
+//!
+//! A grant is decided here too ([`check_grant`]): the backend counts the owner's grants under
+//! its lock and this says whether one more is allowed.
 
 use crate::{DatasetKey, Limits, Snapshot, StoreError, UpdateOutcome, UpdateRequest};
 use crate::{ValidatedPatch, record_bytes};
@@ -245,6 +248,50 @@ fn check_limits(
             format!(
                 "a dataset holds at most {} bytes of keys and values",
                 limits.max_dataset_bytes
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The owner's grants as a grant finds them under its lock (one statement, one snapshot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct GrantCounts {
+    /// The grantee already has a grant on this dataset: the grant only changes its access.
+    pub exists: bool,
+    /// Grants on this dataset name.
+    pub on_dataset: u64,
+    /// Grants on every dataset name of the owner (in the pool).
+    pub by_owner: u64,
+}
+
+/// Whether a grant may be made: changing an existing grant's access always may; a new one
+/// must fit under `max_grants_per_dataset`, then `max_grants_per_owner`.
+pub(crate) fn check_grant(
+    limits: &Limits,
+    key: &DatasetKey,
+    counts: GrantCounts,
+) -> Result<(), StoreError> {
+    if counts.exists {
+        return Ok(());
+    }
+    if counts.on_dataset >= limits.max_grants_per_dataset {
+        return Err(StoreError::limit(
+            LimitCode::MaxGrantsPerDataset,
+            limits.max_grants_per_dataset,
+            format!(
+                "dataset {} already has {} grants, the most allowed",
+                key.name, limits.max_grants_per_dataset
+            ),
+        ));
+    }
+    if counts.by_owner >= limits.max_grants_per_owner {
+        return Err(StoreError::limit(
+            LimitCode::MaxGrantsPerOwner,
+            limits.max_grants_per_owner,
+            format!(
+                "{} already has {} grants on its datasets, the most allowed",
+                key.owner, limits.max_grants_per_owner
             ),
         ));
     }
@@ -547,5 +594,41 @@ mod tests {
             .map(|r| (r.key.as_str(), r.value.as_deref()))
             .collect();
         assert_eq!(live, [("b", Some("x")), ("d", Some("4"))]);
+    }
+
+    #[test]
+    fn test_check_grant_counts_new_grants_only() {
+        let limits = Limits {
+            max_grants_per_dataset: 2,
+            max_grants_per_owner: 3,
+            ..Limits::default()
+        };
+        let key = DatasetKey::new(DEFAULT_POOL, "alice", "ds");
+        let counts = |exists, on_dataset, by_owner| GrantCounts {
+            exists,
+            on_dataset,
+            by_owner,
+        };
+        assert!(check_grant(&limits, &key, counts(false, 1, 2)).is_ok());
+        let full_dataset = check_grant(&limits, &key, counts(false, 2, 2));
+        assert!(matches!(
+            full_dataset,
+            Err(StoreError::Limit {
+                limit: LimitCode::MaxGrantsPerDataset,
+                max: 2,
+                ..
+            })
+        ));
+        let full_owner = check_grant(&limits, &key, counts(false, 0, 3));
+        assert!(matches!(
+            full_owner,
+            Err(StoreError::Limit {
+                limit: LimitCode::MaxGrantsPerOwner,
+                max: 3,
+                ..
+            })
+        ));
+        // Changing the access of a grant that exists adds none.
+        assert!(check_grant(&limits, &key, counts(true, 2, 3)).is_ok());
     }
 }

@@ -12,6 +12,7 @@
 mod decision;
 mod error;
 mod model;
+mod outage;
 mod postgres;
 mod sqlite;
 

@@ -108,9 +108,10 @@ pub enum UpdateOutcome {
     },
 }
 
-/// Configurable limits; the defaults are Cognito Sync's. A settings section: read from a TOML
-/// file through serde, and with the `clap` feature the `tandem serve` flags (the field's doc
-/// is its help), so a new limit is one field and its default here.
+/// Configurable limits (the defaults of the data limits are Cognito Sync's) and the store's
+/// other settings. A settings section: read from a TOML file through serde, and with the
+/// `clap` feature the `tandem serve` flags (the field's doc is its help), so a new limit is
+/// one field and its default here.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[cfg_attr(feature = "clap", derive(clap::Args))]
 #[serde(default, deny_unknown_fields)]
@@ -133,6 +134,16 @@ pub struct Limits {
     /// Characters in a device id.
     #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_MAX_DEVICE_ID_LENGTH"))]
     pub max_device_id_length: u64,
+    /// Grants on one dataset name, existing or not.
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_MAX_GRANTS_PER_DATASET"))]
+    pub max_grants_per_dataset: u64,
+    /// Grants one owner has made across all its dataset names, existing or not.
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_MAX_GRANTS_PER_OWNER"))]
+    pub max_grants_per_owner: u64,
+    /// SQLite only: bytes the write-ahead log file may reach before the writer checkpoints it
+    /// and truncates it; the file stays under this plus one group commit.
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_SQLITE_WAL_MAX_BYTES"))]
+    pub sqlite_wal_max_bytes: u64,
 }
 
 impl Default for Limits {
@@ -144,6 +155,9 @@ impl Default for Limits {
             max_key_length: 1024,
             max_patches: 1024,
             max_device_id_length: 128,
+            max_grants_per_dataset: 100,
+            max_grants_per_owner: 1000,
+            sqlite_wal_max_bytes: 64 * 1024 * 1024,
         }
     }
 }

@@ -335,7 +335,25 @@ fn store_error(id: Option<RequestId>, e: &StoreError) -> ServerFrame {
             ServerFrame::error(id, ErrorCode::Internal, "internal error")
         }
         StoreError::Unavailable(_) => {
-            tracing::warn!(error = %e, "store unavailable");
+            // Once per outage, not once per request: at most one warning a minute, with the
+            // number of requests refused since the last one (the store itself says when a
+            // commit outage starts and ends).
+            const WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+            static LAST_WARNING: std::sync::Mutex<Option<std::time::Instant>> =
+                std::sync::Mutex::new(None);
+            static REFUSED_SINCE: std::sync::atomic::AtomicU64 =
+                std::sync::atomic::AtomicU64::new(0);
+            let mut last = LAST_WARNING
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+                *last = Some(std::time::Instant::now());
+                let refused_since = REFUSED_SINCE.swap(0, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(error = %e, refused_since, "store unavailable");
+            } else {
+                REFUSED_SINCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::debug!(error = %e, "store unavailable");
+            }
             ServerFrame::error(id, ErrorCode::Unavailable, e.to_string())
         }
         _ => ServerFrame::error(id, e.code(), e.to_string()),

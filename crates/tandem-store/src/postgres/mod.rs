@@ -27,8 +27,13 @@
 //!   grant row: a revoke committed before is seen; a revoke in flight either waits for the
 //!   update to commit (it then comes after the update) or the update waits for the revoke
 //!   and then finds no grant.
-//! - Locks are always taken in the order dataset row → advisory lock / grant row, and a
-//!   delete takes the dataset row before it deletes grants, so these cannot deadlock.
+//! - A grant takes a transaction-scoped advisory lock on (pool, owner) of its own before it
+//!   counts the owner's grants, so two new grants cannot both take the last slot of
+//!   `max_grants_per_dataset` or `max_grants_per_owner`. It is not the creation lock: a
+//!   grant waits for grant rows that an update holds while it waits for the creation lock.
+//! - Locks are always taken in the order dataset row → advisory lock / grant row, or grant
+//!   lock → grant row, and a delete takes the dataset row before it deletes grants, so these
+//!   cannot deadlock.
 //!
 //! Reads (`snapshot`, `changes`, `list_datasets`, `access`) are one statement each, so
 //! everything a read returns (access, sync count, records) comes from one snapshot.
@@ -36,8 +41,10 @@
 //! # Failures
 //!
 //! A lost or refused connection, a pool or statement timeout, a server shutting down or out
-//! of resources, a lock or serialisation failure: all are `Unavailable` (retriable), anything
-//! else from the database is `Internal`. A call never waits forever: getting a connection is
+//! of resources (a full disk, `53100`, included), a lock or serialisation failure: all are
+//! `Unavailable` (retriable), anything else from the database is `Internal`. A write that
+//! fails because the server cannot write (a full disk, an I/O error) starts a commit outage
+//! (see `outage`): `health` reports it until a write commits again. A call never waits forever: getting a connection is
 //! bounded by `connect_timeout` (waiting for a free one, then creating one), each statement
 //! by the server's `statement_timeout`, and the whole call by a client-side deadline for when
 //! the server stops answering at all. A commit whose answer is lost is `Unavailable`, never
@@ -64,6 +71,7 @@ mod read;
 mod schema;
 mod write;
 
+use crate::outage::CommitOutage;
 use crate::{
     DatasetKey, Limits, Snapshot, Store, StoreError, UpdateOutcome, UpdateRequest,
     validate_identity, validate_update,
@@ -146,6 +154,8 @@ struct Inner {
     /// `true` once closed. Every call holds a read guard while it runs, so `close` (which
     /// takes it for writing) waits for calls in flight.
     closed: RwLock<bool>,
+    /// Set while writes fail because the server cannot write; `health` reports it.
+    outage: CommitOutage,
 }
 
 /// Why a call failed, before `Inner::finish` turns it into a `StoreError`: a store error to
@@ -205,6 +215,7 @@ impl PostgresStore {
             call_timeout: config.call_timeout(),
             batched: std::sync::atomic::AtomicU64::new(0),
             closed: RwLock::new(false),
+            outage: CommitOutage::default(),
         };
 
         let mut client = inner.pool.get().await.map_err(pool_error)?;
@@ -248,6 +259,14 @@ impl Inner {
         Ok((closed, client))
     }
 
+    /// Ends a commit outage: a call that writes succeeded.
+    fn wrote<T>(&self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if result.is_ok() {
+            self.outage.succeeded("postgresql");
+        }
+        result
+    }
+
     /// Maps a call's outcome, and drops the connection (and every idle one) when it failed
     /// in a way that leaves it unusable.
     fn finish<T>(&self, client: Object, result: Timed<T>) -> Result<T, StoreError> {
@@ -256,6 +275,9 @@ impl Inner {
             Ok(Err(CallError::Store(e))) => return Err(e),
             Ok(Err(CallError::Db(e))) => {
                 let mapped = map_db_error(&e);
+                if e.code().is_some_and(cannot_write) {
+                    self.outage.failed("postgresql", &mapped);
+                }
                 if !(breaks_connection(&e) || client.is_closed()) {
                     return Err(mapped);
                 }
@@ -313,7 +335,12 @@ impl Store for PostgresStore {
         // Queued no longer than a call may take (else it is answered without being tried),
         // then at most one call: the backstop only matters if a worker is stuck.
         match tokio::time::timeout(3 * self.inner.call_timeout, answer).await {
-            Ok(Ok(result)) => result,
+            Ok(Ok(result)) => {
+                if let Ok(UpdateOutcome::Committed { .. }) = &result {
+                    self.inner.outage.succeeded("postgresql");
+                }
+                result
+            }
             Ok(Err(_)) => Err(StoreError::Unavailable(
                 "the postgresql writer stopped before answering".into(),
             )),
@@ -326,11 +353,12 @@ impl Store for PostgresStore {
 
     async fn delete_dataset(&self, dataset: &DatasetKey, actor: &str) -> Result<u64, StoreError> {
         validate_call(dataset, actor)?;
-        call!(&self.inner, |client| write::delete(
+        let result = call!(&self.inner, |client| write::delete(
             &mut client,
             dataset,
             actor
-        ))
+        ));
+        self.inner.wrote(result)
     }
 
     async fn list_datasets(
@@ -352,9 +380,14 @@ impl Store for PostgresStore {
         access: Access,
     ) -> Result<(), StoreError> {
         validate_grant(dataset, actor, grantee, access)?;
-        call!(&self.inner, |client| write::grant(
-            &client, dataset, grantee, access
-        ))
+        let result = call!(&self.inner, |client| write::grant(
+            &mut client,
+            &self.inner.limits,
+            dataset,
+            grantee,
+            access
+        ));
+        self.inner.wrote(result)
     }
 
     async fn revoke(
@@ -364,9 +397,10 @@ impl Store for PostgresStore {
         grantee: &str,
     ) -> Result<(), StoreError> {
         validate_revoke(dataset, actor, grantee)?;
-        call!(&self.inner, |client| write::revoke(
+        let result = call!(&self.inner, |client| write::revoke(
             &client, dataset, grantee
-        ))
+        ));
+        self.inner.wrote(result)
     }
 
     async fn access(
@@ -385,7 +419,8 @@ impl Store for PostgresStore {
         call!(&self.inner, |client| async {
             client.simple_query("SELECT 1").await?;
             Ok(())
-        })
+        })?;
+        self.inner.outage.check()
     }
 
     async fn close(&self) {
@@ -490,19 +525,29 @@ fn describe(e: &tokio_postgres::Error) -> String {
 /// or a lock or serialisation failure; not a bad statement or a broken invariant.
 fn is_retriable(e: &tokio_postgres::Error) -> bool {
     match e.code() {
-        Some(code) => {
-            let class = &code.code()[..2];
-            matches!(class, "08" | "53" | "57" | "58")
-                || [
-                    SqlState::T_R_SERIALIZATION_FAILURE,
-                    SqlState::T_R_DEADLOCK_DETECTED,
-                    SqlState::LOCK_NOT_AVAILABLE,
-                    SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
-                ]
-                .contains(code)
-        }
+        Some(code) => is_retriable_state(code),
         None => is_connection_error(e),
     }
+}
+
+/// `is_retriable` for an error the server sent: connection failures (class 08), a lack of
+/// resources (53: a full disk, memory, connections), an operator's intervention or shutdown
+/// (57), a system error (58: I/O), and lock or serialisation failures.
+fn is_retriable_state(code: &SqlState) -> bool {
+    let class = &code.code()[..2];
+    matches!(class, "08" | "53" | "57" | "58")
+        || [
+            SqlState::T_R_SERIALIZATION_FAILURE,
+            SqlState::T_R_DEADLOCK_DETECTED,
+            SqlState::LOCK_NOT_AVAILABLE,
+            SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+        ]
+        .contains(code)
+}
+
+/// Whether the server failed because it cannot write: a commit outage, not a passing fault.
+fn cannot_write(code: &SqlState) -> bool {
+    [SqlState::DISK_FULL, SqlState::IO_ERROR].contains(code)
 }
 
 /// Whether the connection behind `e` cannot be used any more.

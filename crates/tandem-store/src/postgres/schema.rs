@@ -62,7 +62,8 @@ CREATE INDEX grants_by_grantee ON grants (pool, grantee);
 pub(super) const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 
 /// The first key of the advisory lock that serialises migrations of one schema (the second
-/// is a hash of the schema's name). Distinct from [`super::write::OWNER_LOCK`].
+/// is a hash of the schema's name). Distinct from [`super::write::OWNER_LOCK`] and
+/// [`super::write::GRANT_LOCK`].
 const MIGRATION_LOCK: i32 = 0x5444_4d00;
 
 /// Brings `schema` (a validated identifier) up to `SCHEMA_VERSION`, creating it if needed.

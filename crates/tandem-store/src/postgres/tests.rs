@@ -606,6 +606,83 @@ async fn test_postgres_store_statement_timeout_is_unavailable_and_writes_nothing
     store.close().await;
 }
 
+/// A full disk (SQLSTATE 53100, raised here by a trigger on the store's tables) is the
+/// retriable `unavailable`, and the store is not ready until a write commits again, though
+/// it still answers reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_postgres_store_disk_full_is_unavailable_and_not_ready_until_a_write_commits() {
+    let schemas = TestSchemas::new();
+    let config = schemas.config();
+    let schema = config.schema.clone();
+    let store = PostgresStore::connect(config, Limits::default())
+        .await
+        .unwrap();
+    let d = ds("alice", "full");
+    commit(
+        &store,
+        update(&d, "alice", vec![Patch::replace("a", "1", 0)]),
+    )
+    .await;
+    let admin = admin().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE FUNCTION {schema}.disk_full() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN RAISE EXCEPTION 'could not extend file' USING ERRCODE = 'disk_full'; END $$;
+             CREATE TRIGGER disk_full BEFORE INSERT OR UPDATE ON {schema}.datasets
+             FOR EACH ROW EXECUTE FUNCTION {schema}.disk_full();
+             CREATE TRIGGER disk_full BEFORE INSERT OR UPDATE ON {schema}.grants
+             FOR EACH ROW EXECUTE FUNCTION {schema}.disk_full();"
+        ))
+        .await
+        .unwrap();
+    store.health().await.unwrap();
+
+    let refused = store
+        .update(update(&d, "alice", vec![Patch::replace("a", "2", 1)]))
+        .await;
+    assert!(
+        matches!(&refused, Err(StoreError::Unavailable(m)) if m.contains("53100")),
+        "{refused:?}"
+    );
+    let refused = store.grant(&d, "alice", "bob", Access::Read).await;
+    assert!(
+        matches!(refused, Err(StoreError::Unavailable(_))),
+        "{refused:?}"
+    );
+    assert_eq!(store.snapshot(&d, "alice").await.unwrap().sync_count, 1);
+    let health = store.health().await;
+    assert!(
+        matches!(&health, Err(StoreError::Unavailable(m)) if m.contains("could not extend")),
+        "{health:?}"
+    );
+
+    admin
+        .batch_execute(&format!(
+            "DROP TRIGGER disk_full ON {schema}.datasets;
+             DROP TRIGGER disk_full ON {schema}.grants;"
+        ))
+        .await
+        .unwrap();
+    assert!(store.health().await.is_err(), "no write has committed yet");
+    commit(
+        &store,
+        update(&d, "alice", vec![Patch::replace("a", "2", 1)]),
+    )
+    .await;
+    store.health().await.unwrap();
+    store.close().await;
+}
+
+#[test]
+fn test_postgres_disk_full_and_io_errors_are_retriable_outages() {
+    for code in [SqlState::DISK_FULL, SqlState::IO_ERROR] {
+        assert!(is_retriable_state(&code), "{code:?}");
+        assert!(cannot_write(&code), "{code:?}");
+    }
+    assert!(!cannot_write(&SqlState::T_R_SERIALIZATION_FAILURE));
+    assert!(!is_retriable_state(&SqlState::UNIQUE_VIOLATION));
+}
+
 async fn schema_versions(admin: &Client, schema: &str) -> Vec<i32> {
     admin
         .query(&format!("SELECT version FROM {schema}.schema_version"), &[])

@@ -1,6 +1,6 @@
 //! Writes. An update or a delete is one READ COMMITTED transaction that starts by locking
-//! the dataset's row (see the module doc of `postgres` for why that is enough); grants and
-//! revokes are one statement each. An update reads the rows under the lock, lets the shared
+//! the dataset's row (see the module doc of `postgres` for why that is enough); a grant is
+//! one that takes the owner's grant lock, counts and writes; a revoke is one statement. An update reads the rows under the lock, lets the shared
 //! `decision` say what it writes, and writes that with the same statements as a batch
 //! (`store_writes`). Statements that do not depend on each other's results are sent together
 //! (tokio-postgres pipelines them on the connection), and each write is one statement however
@@ -8,7 +8,9 @@
 
 use super::read::{record_from_row, to_i64, to_u64};
 use super::{CallError, forbidden};
-use crate::decision::{self, DatasetRow, DatasetState, Plan, StoredRecords, upsert_records};
+use crate::decision::{
+    self, DatasetRow, DatasetState, GrantCounts, Plan, StoredRecords, upsert_records,
+};
 use crate::{DatasetKey, Limits, StoreError, UpdateOutcome, UpdateRequest, ValidatedPatch, now_ms};
 use deadpool_postgres::tokio_postgres::Row;
 use deadpool_postgres::tokio_postgres::types::ToSql;
@@ -18,6 +20,12 @@ use tandem_protocol::Access;
 /// The first key of the advisory lock that serialises the creation of one owner's datasets
 /// (the second is a hash of pool and owner). Distinct from the migration lock's.
 pub(super) const OWNER_LOCK: i32 = 0x5444_4d01;
+
+/// The first key of the advisory lock that serialises one owner's new grants (the second is
+/// the same as [`OWNER_LOCK`]'s). Not `OWNER_LOCK` itself: an update by a grantee holds its
+/// grant row `FOR SHARE` while it waits for `OWNER_LOCK`, and a grant changing that row's
+/// access under `OWNER_LOCK` would wait for the update: a deadlock.
+pub(super) const GRANT_LOCK: i32 = 0x5444_4d02;
 
 /// A dataset's row from a statement's first five columns: id, sync count, deleted, record
 /// count, byte size. A row inserted to be locked, for a dataset that did not exist, looks like
@@ -114,6 +122,13 @@ const UPSERT_GRANT: &str = "
 
 const DELETE_GRANT: &str = "
     DELETE FROM grants WHERE pool = $1 AND owner = $2 AND name = $3 AND grantee = $4";
+
+/// Whether the grantee's grant exists, the grants on the dataset name and the owner's grants.
+const COUNT_GRANTS: &str = "
+    SELECT count(*) FILTER (WHERE name = $3 AND grantee = $4),
+           count(*) FILTER (WHERE name = $3),
+           count(*)
+    FROM grants WHERE pool = $1 AND owner = $2";
 
 /// Applies an update (validated by the caller) in one transaction; see `Store::update`.
 /// Nothing is written unless it returns `Committed`: any other outcome drops the
@@ -256,7 +271,9 @@ pub(super) async fn store_writes(
         &rec_device_times,
         &now,
     ];
-    tokio::try_join!(tx.execute(&update, &update_params), async {
+    // Biased: the statements fail in order, and the first one's error is the cause (a full
+    // disk, say); the next one's is only "current transaction is aborted".
+    tokio::try_join!(biased; tx.execute(&update, &update_params), async {
         if rec_ids.is_empty() {
             Ok(0)
         } else {
@@ -312,17 +329,22 @@ async fn lock_dataset(
 /// started waits for this transaction. The count is a separate statement from the lock so
 /// that its snapshot is taken after the lock is granted.
 async fn count_owned_locked(tx: &Transaction<'_>, key: &DatasetKey) -> Result<u64, CallError> {
-    let lock_key = format!("{}:{}/{}", key.pool.len(), key.pool, key.owner);
     let (lock, count) = tokio::try_join!(
         tx.prepare_cached(LOCK_OWNER),
         tx.prepare_cached(COUNT_OWNED)
     )?;
-    tx.execute(&lock, &[&OWNER_LOCK, &lock_key]).await?;
+    tx.execute(&lock, &[&OWNER_LOCK, &owner_lock_key(key)])
+        .await?;
     let owned: i64 = tx
         .query_one(&count, &[&key.pool, &key.owner])
         .await?
         .try_get(0)?;
     to_u64(owned)
+}
+
+/// The second key of the owner's advisory locks: pool and owner, unambiguously joined.
+fn owner_lock_key(key: &DatasetKey) -> String {
+    format!("{}:{}/{}", key.pool.len(), key.pool, key.owner)
 }
 
 /// Deletes a dataset; see `Store::delete_dataset`.
@@ -350,7 +372,9 @@ pub(super) async fn delete(
     let records_params: [&(dyn ToSql + Sync); 4] = [&row.id, &new_count_db, &now, &key.owner];
     let grants_params: [&(dyn ToSql + Sync); 3] = [&key.pool, &key.owner, &key.name];
     let mark_params: [&(dyn ToSql + Sync); 3] = [&row.id, &new_count_db, &now];
+    // Biased, as in `store_writes`: the first error is the cause.
     tokio::try_join!(
+        biased;
         tx.execute(&records, &records_params),
         tx.execute(&grants, &grants_params),
         tx.execute(&mark, &mark_params),
@@ -359,27 +383,48 @@ pub(super) async fn delete(
     Ok(new_count)
 }
 
-/// Grants (or changes) access; the caller checked that the actor is the owner.
+/// Grants (or changes) access within the grant limits; the caller checked that the actor is
+/// the owner. The owner's grant lock is taken before anything else, so the counts (a
+/// statement after the lock, READ COMMITTED: it sees every grant committed before) cannot
+/// miss a new grant racing for the last slot, which waits for this transaction. A revoke or
+/// delete racing the count only makes it high for a moment.
 pub(super) async fn grant(
-    client: &ClientWrapper,
+    client: &mut ClientWrapper,
+    limits: &Limits,
     key: &DatasetKey,
     grantee: &str,
     access: Access,
 ) -> Result<(), CallError> {
-    let stmt = client.prepare_cached(UPSERT_GRANT).await?;
-    client
-        .execute(
-            &stmt,
-            &[
-                &key.pool,
-                &key.owner,
-                &key.name,
-                &grantee,
-                &access.as_str(),
-                &now_ms(),
-            ],
-        )
+    let tx = client.transaction().await?;
+    let (lock, count, upsert) = tokio::try_join!(
+        tx.prepare_cached(LOCK_OWNER),
+        tx.prepare_cached(COUNT_GRANTS),
+        tx.prepare_cached(UPSERT_GRANT),
+    )?;
+    tx.execute(&lock, &[&GRANT_LOCK, &owner_lock_key(key)])
         .await?;
+    let row = tx
+        .query_one(&count, &[&key.pool, &key.owner, &key.name, &grantee])
+        .await?;
+    let counts = GrantCounts {
+        exists: row.try_get::<_, i64>(0)? > 0,
+        on_dataset: to_u64(row.try_get(1)?)?,
+        by_owner: to_u64(row.try_get(2)?)?,
+    };
+    decision::check_grant(limits, key, counts)?;
+    tx.execute(
+        &upsert,
+        &[
+            &key.pool,
+            &key.owner,
+            &key.name,
+            &grantee,
+            &access.as_str(),
+            &now_ms(),
+        ],
+    )
+    .await?;
+    tx.commit().await?;
     Ok(())
 }
 

@@ -6,12 +6,16 @@
 //! connections, concurrently with the writer thanks to WAL. Writes and their fsync never
 //! run on the async runtime; a read does, because it is one short statement or transaction
 //! over cached pages (see `SqliteStore::read`).
+//!
+//! Disk use follows the data, not the traffic: the WAL file stays under
+//! `Limits::sqlite_wal_max_bytes` plus one group commit (see `writer::WalBound`).
 
 mod check;
 mod query;
 mod schema;
 mod writer;
 
+use crate::outage::CommitOutage;
 use crate::{
     DatasetKey, Limits, Snapshot, Store, StoreError, UpdateOutcome, UpdateRequest,
     validate_identity, validate_update,
@@ -58,6 +62,8 @@ struct Inner {
     /// Bounds concurrent reads to the number of read connections; closed on `close`.
     read_permits: Arc<Semaphore>,
     idle_readers: Mutex<Vec<Connection>>,
+    /// Set by the writer while group commits fail; `health` reports it.
+    outage: Arc<CommitOutage>,
 }
 
 impl SqliteStore {
@@ -81,7 +87,7 @@ impl SqliteStore {
         let mut conn = Connection::open(path)
             .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
         check::at_open(&conn, path)?;
-        configure_writer(&conn)?;
+        configure_writer(&conn, limits.sqlite_wal_max_bytes)?;
         schema::migrate(&mut conn)?;
 
         let readers = std::thread::available_parallelism()
@@ -92,11 +98,23 @@ impl SqliteStore {
 
         let (commands_tx, commands_rx) = mpsc::channel(QUEUE_DEPTH);
         let writer_limits = limits.clone();
+        let checkpoint_lock = CheckpointLock::default();
+        let writer_checkpoint_lock = Arc::clone(&checkpoint_lock);
+        let outage = Arc::new(CommitOutage::default());
+        let writer_outage = Arc::clone(&outage);
         let writer = std::thread::Builder::new()
             .name("tandem-sqlite-writer".into())
-            .spawn(move || writer::run(conn, &writer_limits, commands_rx))
+            .spawn(move || {
+                writer::run(
+                    conn,
+                    &writer_limits,
+                    commands_rx,
+                    writer_checkpoint_lock,
+                    &writer_outage,
+                );
+            })
             .map_err(|e| StoreError::Internal(format!("cannot start the writer thread: {e}")))?;
-        let checkpointer = spawn_checkpointer(path)?;
+        let checkpointer = spawn_checkpointer(path, checkpoint_lock, Arc::clone(&outage))?;
         tracing::info!(path = %path.display(), readers, "sqlite store open");
 
         Ok(SqliteStore {
@@ -109,6 +127,7 @@ impl SqliteStore {
                 checkpointer: Mutex::new(Some(checkpointer)),
                 read_permits: Arc::new(Semaphore::new(readers)),
                 idle_readers: Mutex::new(vec![first_reader]),
+                outage,
             }),
         })
     }
@@ -323,6 +342,7 @@ impl Store for SqliteStore {
     }
 
     async fn health(&self) -> Result<(), StoreError> {
+        self.inner.outage.check()?;
         match lock(&self.inner.commands_tx).as_ref() {
             None => return Err(closed_error()),
             Some(commands_tx) if commands_tx.is_closed() => {
@@ -353,7 +373,9 @@ impl Store for SqliteStore {
     }
 }
 
-fn configure_writer(conn: &Connection) -> Result<(), StoreError> {
+/// WAL mode, durable commits, no automatic checkpoints, and the WAL file truncated to
+/// `wal_max_bytes` whenever the log restarts (see `writer::WalBound`).
+fn configure_writer(conn: &Connection, wal_max_bytes: u64) -> Result<(), StoreError> {
     conn.busy_timeout(BUSY_TIMEOUT).map_err(db_err)?;
     let mode: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
@@ -364,23 +386,36 @@ fn configure_writer(conn: &Connection) -> Result<(), StoreError> {
         )));
     }
     // Checkpoints run on their own thread (`spawn_checkpointer`): an automatic one would
-    // run inside a commit on the writer thread and stall every caller in that batch.
+    // run inside a commit on the writer thread and stall every caller in that batch. The
+    // writer checkpoints only when the WAL has passed its bound, between batches.
     conn.execute_batch(
         "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA wal_autocheckpoint = 0;",
     )
+    .map_err(db_err)?;
+    let limit = i64::try_from(wal_max_bytes).unwrap_or(i64::MAX);
+    conn.query_row(&format!("PRAGMA journal_size_limit = {limit}"), [], |_| {
+        Ok(())
+    })
     .map_err(db_err)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(())
 }
 
+/// Held while a checkpoint runs: SQLite refuses a second one at once rather than wait, so the
+/// checkpointer and the writer's truncating checkpoint take turns on this.
+type CheckpointLock = Arc<Mutex<()>>;
+
 /// How often the checkpointer copies the WAL back into the database file.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Copies committed WAL frames into the database file in the background with PASSIVE
-/// checkpoints, which never block the writer or readers, so the WAL stays small and commits
-/// never pay for a checkpoint.
+/// checkpoints, which never block the writer or readers, so commits never pay for a
+/// checkpoint and the log restarts from its beginning whenever writes pause. Under writes
+/// that never pause it cannot restart the log: the writer bounds it (`writer::WalBound`).
 fn spawn_checkpointer(
     path: &Path,
+    checkpoint_lock: CheckpointLock,
+    outage: Arc<CommitOutage>,
 ) -> Result<(std::sync::mpsc::Sender<()>, JoinHandle<()>), StoreError> {
     let conn = Connection::open_with_flags(
         path,
@@ -392,11 +427,24 @@ fn spawn_checkpointer(
     let thread = std::thread::Builder::new()
         .name("tandem-sqlite-checkpoint".into())
         .spawn(move || {
+            // Failures are logged once per run of them, not every 250 ms, and not at all
+            // while commits fail too: that outage is logged already, for the same cause.
+            let mut warned = false;
             while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                 stop_rx.recv_timeout(CHECKPOINT_EVERY)
             {
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    tracing::warn!(error = %e, "sqlite checkpoint failed");
+                let _checkpointing = lock(&checkpoint_lock);
+                match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    Err(e) if !warned && !outage.is_down() => {
+                        tracing::warn!(error = %e, "sqlite checkpoints fail; retrying quietly");
+                        warned = true;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "sqlite checkpoint failed"),
+                    Ok(()) if warned => {
+                        tracing::info!("sqlite checkpoints work again");
+                        warned = false;
+                    }
+                    Ok(()) => {}
                 }
             }
         })
@@ -418,8 +466,8 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-/// Maps a SQLite failure: a locked or unopenable database is `Unavailable` (retry later),
-/// anything else `Internal`.
+/// Maps a SQLite failure: a locked or unopenable database, a full disk or an I/O error is
+/// `Unavailable` (nothing was written; retry later), anything else `Internal`.
 #[expect(
     clippy::needless_pass_by_value,
     reason = "a `map_err` adapter: it takes what `map_err` hands it"
@@ -431,6 +479,9 @@ fn db_err(e: rusqlite::Error) -> StoreError {
             StoreError::Unavailable(format!("database busy: {e}"))
         }
         Some(Code::CannotOpen) => StoreError::Unavailable(format!("cannot open database: {e}")),
+        Some(Code::DiskFull | Code::SystemIoFailure) => {
+            StoreError::Unavailable(format!("sqlite cannot write: {e}"))
+        }
         _ => StoreError::Internal(format!("sqlite: {e}")),
     }
 }

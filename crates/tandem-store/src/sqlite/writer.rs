@@ -4,13 +4,19 @@
 //!
 //! A batch is `BEGIN IMMEDIATE`, then each command under its own SAVEPOINT (rolled back
 //! when that command fails or conflicts, so the others are unaffected), then one COMMIT.
-//! Replies go out only after the COMMIT; if it fails, every command in the batch fails.
+//! Replies go out only after the COMMIT; if it fails, every command in the batch fails, and
+//! the store is in a commit outage (see `outage`) until a batch that writes commits.
+//!
+//! Between batches the writer also keeps the WAL bounded ([`WalBound`]).
 
-use super::db_err;
 use super::query;
-use crate::decision::{self, DatasetState, StoredRecords, upsert_records};
+use super::{CheckpointLock, db_err, lock};
+use crate::decision::{self, DatasetState, GrantCounts, StoredRecords, upsert_records};
+use crate::outage::CommitOutage;
 use crate::{DatasetKey, Limits, StoreError, UpdateOutcome, UpdateRequest, ValidatedPatch, now_ms};
 use rusqlite::{Connection, TransactionBehavior, params};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 use tandem_protocol::Access;
 use tokio::sync::{mpsc, oneshot};
 
@@ -56,8 +62,15 @@ pub(super) struct Command {
 }
 
 /// Runs until every sender is gone and the queue is drained, then closes the connection.
-pub(super) fn run(mut conn: Connection, limits: &Limits, mut commands_rx: mpsc::Receiver<Command>) {
+pub(super) fn run(
+    mut conn: Connection,
+    limits: &Limits,
+    mut commands_rx: mpsc::Receiver<Command>,
+    checkpoint_lock: CheckpointLock,
+    outage: &CommitOutage,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut wal = WalBound::new(&conn, limits.sqlite_wal_max_bytes, checkpoint_lock);
     while let Some(first) = commands_rx.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -66,7 +79,8 @@ pub(super) fn run(mut conn: Connection, limits: &Limits, mut commands_rx: mpsc::
                 Err(_) => break,
             }
         }
-        commit_batch(&mut conn, limits, &mut batch);
+        commit_batch(&mut conn, limits, &mut batch, outage);
+        wal.after_commit(&conn);
     }
     if let Err((_, e)) = conn.close() {
         tracing::warn!(error = %e, "closing the sqlite write connection failed");
@@ -74,8 +88,86 @@ pub(super) fn run(mut conn: Connection, limits: &Limits, mut commands_rx: mpsc::
     tracing::debug!("sqlite writer stopped");
 }
 
+/// How long the writer waits before it tries again a truncating checkpoint that could not
+/// finish (readers kept using the WAL for the whole busy timeout, or an I/O error).
+const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
+
+/// Keeps the WAL file under `max_bytes` plus one group commit. The checkpointer thread's
+/// PASSIVE checkpoints copy frames back but never reset the log while the writer keeps
+/// appending, so under a steady write flood the WAL grew without end (289 MB beside an
+/// 8.6 MB database). When the file has passed `max_bytes` after a commit, the writer itself
+/// runs `wal_checkpoint(TRUNCATE)` between batches: it holds no transaction then, so the
+/// checkpoint needs no write lock it would have to win against a writer that retakes it at
+/// once (a RESTART from another connection could starve); it waits (up to the busy timeout)
+/// only for readers still on old frames, which are short. It takes the checkpointer's lock
+/// first: SQLite refuses a checkpoint while another runs, without waiting. `journal_size_limit`
+/// truncates the file the same way when the log restarts on its own.
+struct WalBound {
+    /// The `-wal` file beside the database (where SQLite puts it: symlinks resolved).
+    wal: Option<PathBuf>,
+    max_bytes: u64,
+    /// After a checkpoint that could not finish: when to try again.
+    retry_at: Option<Instant>,
+    checkpoint_lock: CheckpointLock,
+}
+
+impl WalBound {
+    fn new(conn: &Connection, max_bytes: u64, checkpoint_lock: CheckpointLock) -> Self {
+        WalBound {
+            wal: conn.path().map(|db| PathBuf::from(format!("{db}-wal"))),
+            max_bytes,
+            retry_at: None,
+            checkpoint_lock,
+        }
+    }
+
+    fn after_commit(&mut self, conn: &Connection) {
+        if self.retry_at.is_some_and(|at| Instant::now() < at) {
+            return;
+        }
+        let Some(size) = self
+            .wal
+            .as_deref()
+            .and_then(|wal| std::fs::metadata(wal).ok())
+            .map(|m| m.len())
+        else {
+            return;
+        };
+        if size <= self.max_bytes {
+            return;
+        }
+        let _checkpointing = lock(&self.checkpoint_lock);
+        // Columns: busy (1 when it could not finish), frames in the log, frames copied back.
+        let result = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+            row.get::<_, i64>(0)
+        });
+        match result {
+            Ok(0) => {
+                self.retry_at = None;
+                tracing::debug!(wal_bytes = size, "sqlite wal checkpointed and truncated");
+            }
+            Ok(_) => {
+                self.retry_at = Some(Instant::now() + CHECKPOINT_RETRY);
+                tracing::debug!(
+                    wal_bytes = size,
+                    "sqlite wal checkpoint busy; retrying later"
+                );
+            }
+            Err(e) => {
+                self.retry_at = Some(Instant::now() + CHECKPOINT_RETRY);
+                tracing::debug!(error = %e, wal_bytes = size, "sqlite wal checkpoint failed");
+            }
+        }
+    }
+}
+
 /// Applies and commits a batch, then answers every command in it.
-pub(super) fn commit_batch(conn: &mut Connection, limits: &Limits, batch: &mut Vec<Command>) {
+pub(super) fn commit_batch(
+    conn: &mut Connection,
+    limits: &Limits,
+    batch: &mut Vec<Command>,
+    outage: &CommitOutage,
+) {
     let size = batch.len();
     let mut replies = Vec::with_capacity(size);
     let mut ops = Vec::with_capacity(size);
@@ -84,14 +176,20 @@ pub(super) fn commit_batch(conn: &mut Connection, limits: &Limits, batch: &mut V
         ops.push(op);
     }
     match apply_batch(conn, limits, &ops) {
-        Ok(results) => {
+        Ok((results, wrote)) => {
+            // A batch that wrote nothing committed without touching the disk: it says
+            // nothing about whether writes work.
+            if wrote {
+                outage.succeeded("sqlite");
+            }
             for (reply, result) in replies.into_iter().zip(results) {
                 // The caller may have gone away; the commit stands either way.
                 let _ = reply.send(result);
             }
         }
         Err(e) => {
-            tracing::error!(error = %e, batch = size, "sqlite group commit failed");
+            tracing::debug!(error = %e, batch = size, "sqlite group commit failed");
+            outage.failed("sqlite", &e);
             for reply in replies {
                 let _ = reply.send(Err(e.clone()));
             }
@@ -99,15 +197,19 @@ pub(super) fn commit_batch(conn: &mut Connection, limits: &Limits, batch: &mut V
     }
 }
 
+/// Each command's result, and whether any of them wrote.
+type BatchResults = (Vec<Result<Done, StoreError>>, bool);
+
 fn apply_batch(
     conn: &mut Connection,
     limits: &Limits,
     ops: &[Op],
-) -> Result<Vec<Result<Done, StoreError>>, StoreError> {
+) -> Result<BatchResults, StoreError> {
     let mut tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(db_err)?;
     let mut results = Vec::with_capacity(ops.len());
+    let mut wrote = false;
     for op in ops {
         let mut savepoint = tx.savepoint().map_err(db_err)?;
         let result = apply(&savepoint, limits, op);
@@ -119,10 +221,11 @@ fn apply_batch(
             savepoint.rollback().map_err(db_err)?;
         }
         savepoint.commit().map_err(db_err)?;
+        wrote |= keep;
         results.push(result);
     }
     tx.commit().map_err(db_err)?;
-    Ok(results)
+    Ok((results, wrote))
 }
 
 fn apply(conn: &Connection, limits: &Limits, op: &Op) -> Result<Done, StoreError> {
@@ -133,7 +236,7 @@ fn apply(conn: &Connection, limits: &Limits, op: &Op) -> Result<Done, StoreError
             dataset,
             grantee,
             access,
-        } => grant(conn, dataset, grantee, *access).map(|()| Done::Unit),
+        } => grant(conn, limits, dataset, grantee, *access).map(|()| Done::Unit),
         Op::Revoke { dataset, grantee } => revoke(conn, dataset, grantee).map(|()| Done::Unit),
     }
 }
@@ -264,12 +367,33 @@ fn delete(conn: &Connection, key: &DatasetKey, actor: &str) -> Result<u64, Store
     Ok(new_count)
 }
 
+/// Grants (or changes) access, within the grant limits. The writer thread holds the write
+/// lock, so no other grant can take the last slot between the count and the insert.
 fn grant(
     conn: &Connection,
+    limits: &Limits,
     key: &DatasetKey,
     grantee: &str,
     access: Access,
 ) -> Result<(), StoreError> {
+    let counts = conn
+        .prepare_cached(
+            "SELECT count(*) FILTER (WHERE name = ?3 AND grantee = ?4),
+                    count(*) FILTER (WHERE name = ?3),
+                    count(*)
+             FROM grants WHERE pool = ?1 AND owner = ?2",
+        )
+        .and_then(|mut stmt| {
+            stmt.query_row(params![key.pool, key.owner, key.name, grantee], |r| {
+                Ok(GrantCounts {
+                    exists: r.get::<_, u64>(0)? > 0,
+                    on_dataset: r.get(1)?,
+                    by_owner: r.get(2)?,
+                })
+            })
+        })
+        .map_err(db_err)?;
+    decision::check_grant(limits, key, counts)?;
     conn.prepare_cached(
         "INSERT INTO grants (pool, owner, name, grantee, access, granted_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)
