@@ -210,3 +210,30 @@ pub fn start_nodes(n: usize, store_url: &str, schema: &str, redis_url: &str) -> 
         })
         .collect()
 }
+
+impl RedisServer {
+    /// The process id, for signals the test sends itself (`None` after `kill`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGSTOP: the process keeps its sockets open and answers nothing (a hung Redis, not a
+    /// dead one).
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after `pause`.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.pid().expect("redis-server is running");
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+}

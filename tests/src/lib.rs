@@ -457,3 +457,31 @@ pub fn output_within(command: &mut Command, timeout: Duration) -> Option<std::pr
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+impl TestServerBuilder {
+    /// Runs the server in `dir` (a test that needs the data dir on a particular file system,
+    /// such as a small tmpfs).
+    pub fn data_dir(mut self, dir: tempfile::TempDir) -> Self {
+        self.data_dir = Some(dir);
+        self
+    }
+}
+
+/// The status of a GET on loopback, or `None` when nothing answers within a second (the
+/// node is down or stopped): for watching a node that a test kills and restarts.
+pub async fn try_http_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        stream.write_all(request.as_bytes()).await.ok()?;
+        // The status line is all that is needed.
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.ok()?;
+        std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+    };
+    tokio::time::timeout(Duration::from_secs(1), exchange)
+        .await
+        .ok()
+        .flatten()
+}
