@@ -31,8 +31,9 @@ fn assert_grant_limit(result: Result<(), ClientError>, limit: LimitCode, max: u6
 
 #[tokio::test]
 async fn test_grant_limits_refuse_grants_past_the_dataset_and_owner_limits() {
-    // The default per-dataset limit (100), and a per-owner limit small enough to reach.
+    // Limits small enough to reach quickly.
     let server = TestServer::builder()
+        .arg("--max-grants-per-dataset", 100)
         .arg("--max-grants-per-owner", 150)
         .start();
     let alice = server.connect("alice").await;

@@ -120,11 +120,11 @@ pub enum LimitCode {
     /// New connections from one IP address per second, in bursts of as many (default 50);
     /// the upgrade is refused with HTTP 429 and `Retry-After`.
     MaxNewConnectionsPerIp,
-    /// Grants on one dataset name, existing or not (default 100); changing a grant's
+    /// Grants on one dataset name, existing or not (default 10,000); changing a grant's
     /// access does not count as a new one.
     MaxGrantsPerDataset,
     /// Grants one owner has made across all its dataset names, existing or not (default
-    /// 1000).
+    /// 20,000).
     MaxGrantsPerOwner,
     /// A limit this build does not know (a newer server's); the frame's `code` still says
     /// what class of error it is. Never sent.

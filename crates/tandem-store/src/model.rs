@@ -155,8 +155,10 @@ impl Default for Limits {
             max_key_length: 1024,
             max_patches: 1024,
             max_device_id_length: 128,
-            max_grants_per_dataset: 100,
-            max_grants_per_owner: 1000,
+            // A dataset shared with thousands (a live document, a big room) is the point of
+            // sharing; the owner's bound is what stops grants on made-up names.
+            max_grants_per_dataset: 10_000,
+            max_grants_per_owner: 20_000,
             sqlite_wal_max_bytes: 64 * 1024 * 1024,
         }
     }
