@@ -56,7 +56,8 @@ export async function startServer(opts = {}) {
     proc: /** @type {import('node:child_process').ChildProcess | null} */ (null),
     log: '',
     async start() {
-      const args = ['serve', '--listen', `127.0.0.1:${this.port}`, '--jwt-secret', SECRET, '--data-dir', dataDir];
+      // No load balancer to drain for: a stopped server closes its sessions at once.
+      const args = ['serve', '--listen', `127.0.0.1:${this.port}`, '--jwt-secret', SECRET, '--data-dir', dataDir, '--drain-delay', '0'];
       if (opts.dev) args.push('--dev');
       args.push(...(opts.extraArgs ?? []));
       const proc = spawn(tandemBin(), args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'warn' } });
