@@ -18,6 +18,9 @@ struct Vector {
     body: String,
     access_key_id: String,
     secret_key: String,
+    /// Set when the credentials were made as Tandem issues them, from this shared secret.
+    #[serde(default)]
+    shared_secret: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -163,6 +166,34 @@ fn test_verify_accepts_every_js_v3_vector_and_refuses_it_tampered() {
 fn test_verify_accepts_every_js_v2_vector_and_refuses_it_tampered() {
     // v2 sends `X-Amz-Content-Sha256`, which the verifier ignores for the payload hash.
     assert_vectors_verify_and_refuse_tampering(sdk_js_v2());
+}
+
+#[test]
+fn test_verify_accepts_credentials_made_independently_from_the_shared_secret() {
+    // generate.py derives the keys, the secret key and the session token from COGNITO.md §3
+    // on its own, and botocore signs with them: Tandem's keys must verify all of it.
+    let v = vector("tandem_issued_credentials");
+    let keys = CredentialKeys::derive(v.shared_secret.as_deref().unwrap().as_bytes());
+    assert_eq!(keys.secret_key(&v.access_key_id), v.secret_key);
+    let now = v.signed_at();
+    let verified = v
+        .with_request(|request| verify(request, now, |query| keys.lookup(query, now)))
+        .unwrap();
+    assert_eq!(
+        verified.principal.identity_id,
+        "us-east-1:abc12345-6789-4def-8123-456789abcdef"
+    );
+    assert_eq!(
+        verified.principal.pool,
+        "us-east-1:0f6a6b1e-2d7c-4f1b-9a55-3c8e9e2b7a10"
+    );
+    // The token the generator made expires an hour after it was made.
+    let token = v.header("x-amz-security-token").unwrap();
+    assert!(keys.verify(token, &v.access_key_id, now).is_ok());
+    let err = keys
+        .verify(token, &v.access_key_id, now + Duration::from_secs(3601))
+        .unwrap_err();
+    assert_eq!(err.error_type, ErrorType::ExpiredToken);
 }
 
 #[test]

@@ -10,9 +10,13 @@ as it would go on the wire and stops it there. CI does not run this; rerun it by
     /tmp/sigv4-venv/bin/python crates/tandem-cognito/tests/vectors/generate.py
 """
 
+import base64
+import hashlib
+import hmac
 import json
 import os
 import sys
+import time
 from urllib.parse import urlsplit
 
 import botocore
@@ -26,6 +30,32 @@ SECRET_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 SESSION_TOKEN = "eyJ2IjoxfQ.c2lnbmF0dXJl"
 POOL = "us-east-1:0f6a6b1e-2d7c-4f1b-9a55-3c8e9e2b7a10"
 IDENTITY = "us-east-1:abc12345-6789-4def-8123-456789abcdef"
+
+
+# Credentials as Tandem issues them (COGNITO.md §3), computed here independently of the
+# Rust code: HKDF-SHA256 (no salt) of the shared secret under each label, the secret key a
+# MAC of the key id, the session token a MACed payload.
+SHARED_SECRET = "tandem-cognito test vectors: a shared secret"
+
+
+def hkdf_sha256(secret, label):
+    prk = hmac.new(b"\0" * 32, secret, hashlib.sha256).digest()
+    return hmac.new(prk, label + b"\x01", hashlib.sha256).digest()
+
+
+def b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def tandem_credentials(identity_id, pool, now):
+    secret = SHARED_SECRET.encode()
+    k_secret = hkdf_sha256(secret, b"tandem-cognito secret-key v1")
+    k_cred = hkdf_sha256(secret, b"tandem-cognito session-token v1")
+    akid = "ASIAMZXW6YTBOI3DKNRQ"
+    payload = json.dumps({"v": 1, "akid": akid, "pool": pool, "identityId": identity_id,
+                          "exp": int(now) + 3600}).encode()
+    token = b64url(payload) + "." + b64url(hmac.new(k_cred, payload, hashlib.sha256).digest())
+    return akid, b64url(hmac.new(k_secret, akid.encode(), hashlib.sha256).digest()), token
 
 
 class Captured(Exception):
@@ -81,13 +111,13 @@ def raw(method, url, headers, body):
     }
 
 
-def client(session, endpoint, region, token):
+def client(session, endpoint, region, token, akid=ACCESS_KEY_ID, secret=SECRET_KEY):
     return session.create_client(
         "cognito-sync",
         region_name=region,
         endpoint_url=endpoint,
-        aws_access_key_id=ACCESS_KEY_ID,
-        aws_secret_access_key=SECRET_KEY,
+        aws_access_key_id=akid,
+        aws_secret_access_key=secret,
         aws_session_token=token,
     )
 
@@ -140,6 +170,15 @@ def main():
         request["access_key_id"] = ACCESS_KEY_ID
         request["secret_key"] = SECRET_KEY
         vectors.append(request)
+    akid, secret, token = tandem_credentials(IDENTITY, POOL, time.time())
+    issued = client(session, "http://127.0.0.1:4000", "us-east-1", token, akid, secret)
+    request = capture(issued, "list_records", IdentityPoolId=POOL, IdentityId=IDENTITY,
+                      DatasetName="settings", LastSyncCount=1)
+    request["name"] = "tandem_issued_credentials"
+    request["access_key_id"] = akid
+    request["secret_key"] = secret
+    request["shared_secret"] = SHARED_SECRET
+    vectors.append(request)
     out = {
         "generator": f"botocore {botocore.__version__} SigV4Auth via the cognito-sync client",
         "vectors": vectors,
