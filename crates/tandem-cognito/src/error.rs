@@ -1,11 +1,13 @@
 //! The Cognito error shapes (COGNITO.md §5, §6): the error types the SDKs recognise, the
-//! HTTP status of each, and how an error goes on the wire. Every SDK reads the error code
+//! HTTP status of each, the type of each Tandem error code, and how an error goes on the
+//! wire. Every SDK reads the error code
 //! from a different place first (the `x-amzn-ErrorType` header, body `__type`, body `code`),
 //! so the rendered body carries `__type` and `message` only: a `code` member would be read
 //! as the error code by v2 and botocore.
 
 use serde::Serialize;
 use std::fmt;
+use tandem_protocol::{ErrorCode, LimitCode};
 
 /// A Cognito error type: the shape name the SDKs match on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -83,6 +85,26 @@ impl ErrorType {
             Self::TooManyRequests => 429,
             Self::InternalError => 500,
             Self::Unavailable => 503,
+        }
+    }
+}
+
+impl ErrorType {
+    /// The Cognito type of a Tandem error (COGNITO.md §6). `limit` tells a dataset that
+    /// grew too large (`LimitExceededException`) from a key that is too long
+    /// (`InvalidParameterException`).
+    pub fn from_tandem(code: ErrorCode, limit: Option<LimitCode>) -> Self {
+        match code {
+            ErrorCode::BadRequest => Self::InvalidParameter,
+            ErrorCode::TooLarge if limit == Some(LimitCode::MaxDatasetBytes) => Self::LimitExceeded,
+            ErrorCode::TooLarge => Self::InvalidParameter,
+            ErrorCode::LimitExceeded => Self::LimitExceeded,
+            ErrorCode::Conflict => Self::ResourceConflict,
+            ErrorCode::NotFound => Self::ResourceNotFound,
+            ErrorCode::Unauthorized | ErrorCode::Forbidden => Self::NotAuthorized,
+            ErrorCode::RateLimited => Self::TooManyRequests,
+            ErrorCode::Unavailable => Self::Unavailable,
+            ErrorCode::Internal => Self::InternalError,
         }
     }
 }
@@ -216,6 +238,55 @@ mod tests {
             );
         }
         assert_eq!(ErrorType::Unavailable.shape(), "InternalErrorException");
+    }
+
+    #[test]
+    fn test_from_tandem_follows_the_mapping() {
+        let cases = [
+            (
+                ErrorCode::BadRequest,
+                None,
+                "InvalidParameterException",
+                400,
+            ),
+            (
+                ErrorCode::TooLarge,
+                Some(LimitCode::MaxKeyLength),
+                "InvalidParameterException",
+                400,
+            ),
+            (
+                ErrorCode::TooLarge,
+                Some(LimitCode::MaxDatasetBytes),
+                "LimitExceededException",
+                400,
+            ),
+            (
+                ErrorCode::LimitExceeded,
+                Some(LimitCode::MaxRecords),
+                "LimitExceededException",
+                400,
+            ),
+            (ErrorCode::Conflict, None, "ResourceConflictException", 409),
+            (ErrorCode::NotFound, None, "ResourceNotFoundException", 404),
+            (ErrorCode::Forbidden, None, "NotAuthorizedException", 403),
+            (
+                ErrorCode::RateLimited,
+                None,
+                "TooManyRequestsException",
+                429,
+            ),
+            (ErrorCode::Unavailable, None, "InternalErrorException", 503),
+            (ErrorCode::Internal, None, "InternalErrorException", 500),
+        ];
+        for (code, limit, shape, status) in cases {
+            let error_type = ErrorType::from_tandem(code, limit);
+            assert_eq!(
+                (error_type.shape(), error_type.status()),
+                (shape, status),
+                "{code:?}"
+            );
+        }
     }
 
     #[test]
