@@ -1,0 +1,16 @@
+//! The foundation of Tandem's Cognito Sync and Cognito Identity compatibility
+//! (`shared/COGNITO.md`): SigV4 verification of Sync requests ([`sigv4`]), the stateless
+//! temporary credentials the Identity endpoint issues and the verifier accepts
+//! ([`credentials`]), and the Cognito error shapes as the AWS SDKs parse them ([`error`]).
+//!
+//! It is pure: no HTTP types, no store, no clock of its own (every check takes `now`). The
+//! routes, the store mapping and the access rule (an identity reaches only its own data)
+//! belong to the gateway that will wire it; that is not done yet.
+
+pub mod credentials;
+pub mod error;
+pub mod sigv4;
+
+pub use credentials::{CredentialKeys, Credentials, SessionClaims};
+pub use error::{CognitoError, ErrorResponse, ErrorType};
+pub use sigv4::{KeyQuery, SignedRequest, Verified, verify};
