@@ -61,24 +61,23 @@ impl Session {
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                 Some(Err(e)) => {
-                    if is_over_budget(&e) {
+                    // Too much to read: say which limit, then close (do not resend).
+                    let over = if is_over_budget(&e) {
                         let max = self.gw.config.max_unauthenticated_bytes as u64;
-                        self.reply(ServerFrame::limit_error(
-                            None,
-                            LimitCode::MaxUnauthenticatedBytes,
-                            max,
-                            format!("more than {max} bytes before authenticating"),
-                        ));
-                        break Stop::Close(CloseCode::MessageTooBig);
-                    }
-                    if is_too_large(&e) {
+                        let why = format!("more than {max} bytes before authenticating");
+                        Some((LimitCode::MaxUnauthenticatedBytes, max, why))
+                    } else if is_too_large(&e) {
                         let max = self.gw.config.max_frame_bytes as u64;
-                        self.reply(ServerFrame::limit_error(
-                            None,
+                        Some((
                             LimitCode::MaxFrameBytes,
                             max,
                             format!("frame larger than {max} bytes"),
-                        ));
+                        ))
+                    } else {
+                        None
+                    };
+                    if let Some((limit, max, why)) = over {
+                        self.reply(ServerFrame::limit_error(None, limit, max, why));
                         break Stop::Close(CloseCode::MessageTooBig);
                     }
                     if is_protocol_error(&e) {
