@@ -71,6 +71,7 @@ mod read;
 mod schema;
 mod write;
 
+use crate::identity::{Identity, Login, MergeOutcome};
 use crate::outage::CommitOutage;
 use crate::{
     DatasetKey, Limits, Snapshot, Store, StoreError, UpdateOutcome, UpdateRequest,
@@ -415,6 +416,49 @@ impl Store for PostgresStore {
         ))
     }
 
+    async fn create_identity(
+        &self,
+        _pool: &str,
+        _id: &str,
+        _guest: bool,
+    ) -> Result<(), StoreError> {
+        Err(not_yet())
+    }
+
+    async fn identity(&self, _pool: &str, _id: &str) -> Result<Option<Identity>, StoreError> {
+        Err(not_yet())
+    }
+
+    async fn link_logins(
+        &self,
+        _pool: &str,
+        _id: &str,
+        _logins: &[Login],
+    ) -> Result<(), StoreError> {
+        Err(not_yet())
+    }
+
+    async fn identity_for_logins(
+        &self,
+        _pool: &str,
+        _logins: &[Login],
+    ) -> Result<Option<String>, StoreError> {
+        Err(not_yet())
+    }
+
+    async fn merge_identity(
+        &self,
+        _pool: &str,
+        _from_guest: &str,
+        _into: &str,
+    ) -> Result<MergeOutcome, StoreError> {
+        Err(not_yet())
+    }
+
+    async fn merged_dataset_names(&self, _dataset: &DatasetKey) -> Result<Vec<String>, StoreError> {
+        Err(not_yet())
+    }
+
     async fn health(&self) -> Result<(), StoreError> {
         call!(&self.inner, |client| async {
             client.simple_query("SELECT 1").await?;
@@ -478,6 +522,10 @@ fn validate_schema(schema: &str) -> Result<(), StoreError> {
 
 pub(super) fn forbidden(key: &DatasetKey, identity: &str, needed: &'static str) -> StoreError {
     StoreError::forbidden(key, identity, needed)
+}
+
+fn not_yet() -> StoreError {
+    StoreError::Internal("identities are not in the postgresql store yet".into())
 }
 
 fn closed_error() -> StoreError {
