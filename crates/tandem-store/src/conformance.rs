@@ -86,22 +86,6 @@ where
         Limits::default()
     );
     run!(case_close_makes_calls_unavailable, Limits::default());
-}
-
-/// Runs the identity, login and merge cases, each on a fresh store from `make`.
-pub async fn run_identities<F, Fut, S>(make: F)
-where
-    F: Fn(Limits) -> Fut,
-    Fut: Future<Output = S>,
-    S: Store,
-{
-    macro_rules! run {
-        ($case:ident, $limits:expr) => {{
-            let store: Arc<dyn Store> = Arc::new(make($limits).await);
-            $case(Arc::clone(&store)).await;
-            store.close().await;
-        }};
-    }
     run!(case_identities_and_logins, Limits::default());
     run!(case_merge_moves_and_renames_datasets, Limits::default());
     run!(case_merge_may_exceed_max_datasets, small_limits());
@@ -1368,6 +1352,24 @@ pub async fn case_close_makes_calls_unavailable(store: Arc<dyn Store>) {
     );
     unavailable("revoke", store.revoke(&d, ALICE, BOB).await.err());
     unavailable("access", store.access(&d, ALICE).await.err());
+    unavailable(
+        "create identity",
+        store
+            .create_identity(DEFAULT_POOL, &iid(1), true)
+            .await
+            .err(),
+    );
+    unavailable(
+        "identity",
+        store.identity(DEFAULT_POOL, &iid(1)).await.err(),
+    );
+    unavailable(
+        "merge",
+        store
+            .merge_identity(DEFAULT_POOL, &iid(1), &iid(2))
+            .await
+            .err(),
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -67,11 +67,13 @@ macro_rules! call {
 }
 
 mod batch;
+mod identity;
 mod read;
 mod schema;
 mod write;
 
 use crate::identity::{Identity, Login, MergeOutcome};
+use crate::identity::{validate_identity_call, validate_logins, validate_merge};
 use crate::outage::CommitOutage;
 use crate::{
     DatasetKey, Limits, Snapshot, Store, StoreError, UpdateOutcome, UpdateRequest,
@@ -416,47 +418,65 @@ impl Store for PostgresStore {
         ))
     }
 
-    async fn create_identity(
-        &self,
-        _pool: &str,
-        _id: &str,
-        _guest: bool,
-    ) -> Result<(), StoreError> {
-        Err(not_yet())
+    async fn create_identity(&self, pool: &str, id: &str, guest: bool) -> Result<(), StoreError> {
+        validate_identity_call(pool, id)?;
+        let result = call!(&self.inner, |client| identity::create(
+            &client, pool, id, guest
+        ));
+        self.inner.wrote(result)
     }
 
-    async fn identity(&self, _pool: &str, _id: &str) -> Result<Option<Identity>, StoreError> {
-        Err(not_yet())
+    async fn identity(&self, pool: &str, id: &str) -> Result<Option<Identity>, StoreError> {
+        validate_identity_call(pool, id)?;
+        call!(&self.inner, |client| identity::load(&client, pool, id))
     }
 
-    async fn link_logins(
-        &self,
-        _pool: &str,
-        _id: &str,
-        _logins: &[Login],
-    ) -> Result<(), StoreError> {
-        Err(not_yet())
+    async fn link_logins(&self, pool: &str, id: &str, logins: &[Login]) -> Result<(), StoreError> {
+        validate_identity_call(pool, id)?;
+        validate_logins(logins)?;
+        let result = call!(&self.inner, |client| identity::link(
+            &mut client,
+            pool,
+            id,
+            logins
+        ));
+        self.inner.wrote(result)
     }
 
     async fn identity_for_logins(
         &self,
-        _pool: &str,
-        _logins: &[Login],
+        pool: &str,
+        logins: &[Login],
     ) -> Result<Option<String>, StoreError> {
-        Err(not_yet())
+        validate_identity(pool)?;
+        validate_logins(logins)?;
+        let found = call!(&self.inner, |client| identity::linked(
+            &client, pool, logins
+        ))?;
+        crate::identity::one_identity(&found)
     }
 
     async fn merge_identity(
         &self,
-        _pool: &str,
-        _from_guest: &str,
-        _into: &str,
+        pool: &str,
+        from_guest: &str,
+        into: &str,
     ) -> Result<MergeOutcome, StoreError> {
-        Err(not_yet())
+        validate_merge(pool, from_guest, into)?;
+        let result = call!(&self.inner, |client| identity::merge(
+            &mut client,
+            pool,
+            from_guest,
+            into
+        ));
+        self.inner.wrote(result)
     }
 
-    async fn merged_dataset_names(&self, _dataset: &DatasetKey) -> Result<Vec<String>, StoreError> {
-        Err(not_yet())
+    async fn merged_dataset_names(&self, dataset: &DatasetKey) -> Result<Vec<String>, StoreError> {
+        dataset.validate()?;
+        call!(&self.inner, |client| identity::merged_names(
+            &client, dataset
+        ))
     }
 
     async fn health(&self) -> Result<(), StoreError> {
@@ -522,10 +542,6 @@ fn validate_schema(schema: &str) -> Result<(), StoreError> {
 
 pub(super) fn forbidden(key: &DatasetKey, identity: &str, needed: &'static str) -> StoreError {
     StoreError::forbidden(key, identity, needed)
-}
-
-fn not_yet() -> StoreError {
-    StoreError::Internal("identities are not in the postgresql store yet".into())
 }
 
 fn closed_error() -> StoreError {

@@ -39,19 +39,6 @@ async fn test_sqlite_store_conformance() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn test_sqlite_store_identity_conformance() {
-    let root = tempfile::tempdir().unwrap();
-    let next = AtomicUsize::new(0);
-    conformance::run_identities(|limits| {
-        let dir = root
-            .path()
-            .join(format!("case-{}", next.fetch_add(1, Ordering::Relaxed)));
-        async move { SqliteStore::open(&dir, limits).unwrap() }
-    })
-    .await;
-}
-
 #[test]
 fn test_sqlite_store_open_creates_dir_with_wal_and_schema() {
     let root = tempfile::tempdir().unwrap();
