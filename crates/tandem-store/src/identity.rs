@@ -125,6 +125,12 @@ pub fn validate_identity_call(pool: &str, id: &str) -> Result<(), StoreError> {
     validate_identity_id(id)
 }
 
+/// Checks a pool and logins.
+pub fn validate_logins_call(pool: &str, logins: &[Login]) -> Result<(), StoreError> {
+    validate_identity(pool)?;
+    validate_logins(logins)
+}
+
 /// Checks logins: at least one, each part 1 to 256 bytes without control characters.
 pub fn validate_logins(logins: &[Login]) -> Result<(), StoreError> {
     if logins.is_empty() {

@@ -73,7 +73,7 @@ mod schema;
 mod write;
 
 use crate::identity::{Identity, Login, MergeOutcome};
-use crate::identity::{validate_identity_call, validate_logins, validate_merge};
+use crate::identity::{validate_identity_call, validate_logins_call, validate_merge};
 use crate::outage::CommitOutage;
 use crate::{
     DatasetKey, Limits, Snapshot, Store, StoreError, UpdateOutcome, UpdateRequest,
@@ -433,7 +433,7 @@ impl Store for PostgresStore {
 
     async fn link_logins(&self, pool: &str, id: &str, logins: &[Login]) -> Result<(), StoreError> {
         validate_identity_call(pool, id)?;
-        validate_logins(logins)?;
+        validate_logins_call(pool, logins)?;
         let result = call!(&self.inner, |client| identity::link(
             &mut client,
             pool,
@@ -448,8 +448,7 @@ impl Store for PostgresStore {
         pool: &str,
         logins: &[Login],
     ) -> Result<Option<String>, StoreError> {
-        validate_identity(pool)?;
-        validate_logins(logins)?;
+        validate_logins_call(pool, logins)?;
         let found = call!(&self.inner, |client| identity::linked(
             &client, pool, logins
         ))?;

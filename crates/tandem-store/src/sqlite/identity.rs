@@ -157,35 +157,16 @@ pub(super) fn merge(
         }
         let sync_count = target.sync_count + 1;
         let merge_root = (to_name != name).then_some(name.as_str());
-        let target_id: i64 = conn
-            .prepare_cached(
-                "INSERT INTO datasets (pool, owner, name, sync_count, deleted, record_count,
-                                       byte_size, created_at, last_modified, merge_root)
-                 VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6, ?7, ?7, ?8)
-                 ON CONFLICT (pool, owner, name) DO UPDATE SET
-                     sync_count = excluded.sync_count,
-                     deleted = 0,
-                     record_count = excluded.record_count,
-                     byte_size = excluded.byte_size,
-                     last_modified = excluded.last_modified,
-                     merge_root = excluded.merge_root
-                 RETURNING id",
-            )
-            .and_then(|mut stmt| {
-                stmt.query_row(
-                    params![
-                        pool,
-                        into,
-                        to_name,
-                        sync_count,
-                        source.state.record_count,
-                        source.state.byte_size,
-                        now,
-                        merge_root
-                    ],
-                    |r| r.get(0),
-                )
-            })
+        let target_id = writer::upsert_dataset(
+            conn,
+            &target_key,
+            sync_count,
+            source.state.record_count,
+            source.state.byte_size,
+            now,
+        )?;
+        conn.prepare_cached("UPDATE datasets SET merge_root = ?2 WHERE id = ?1")
+            .and_then(|mut stmt| stmt.execute(params![target_id, merge_root]))
             .map_err(db_err)?;
         conn.prepare_cached(upsert_records!(
             "SELECT ?1, key, value, ?2, last_modified, last_modified_by, device_id,

@@ -17,7 +17,7 @@ mod schema;
 mod writer;
 
 use crate::identity::{Identity, Login, MergeOutcome};
-use crate::identity::{validate_identity_call, validate_logins, validate_merge};
+use crate::identity::{validate_identity_call, validate_logins_call, validate_merge};
 use crate::outage::CommitOutage;
 use crate::{
     DatasetKey, Limits, Snapshot, Store, StoreError, UpdateOutcome, UpdateRequest,
@@ -366,7 +366,7 @@ impl Store for SqliteStore {
 
     async fn link_logins(&self, pool: &str, id: &str, logins: &[Login]) -> Result<(), StoreError> {
         validate_identity_call(pool, id)?;
-        validate_logins(logins)?;
+        validate_logins_call(pool, logins)?;
         let op = Op::LinkLogins {
             pool: pool.to_owned(),
             id: id.to_owned(),
@@ -383,8 +383,7 @@ impl Store for SqliteStore {
         pool: &str,
         logins: &[Login],
     ) -> Result<Option<String>, StoreError> {
-        validate_identity(pool)?;
-        validate_logins(logins)?;
+        validate_logins_call(pool, logins)?;
         let (pool, logins) = (pool.to_owned(), logins.to_vec());
         self.read_tx(move |conn| {
             crate::identity::one_identity(&identity::linked(conn, &pool, &logins)?)

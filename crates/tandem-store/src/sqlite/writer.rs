@@ -305,34 +305,7 @@ fn update(
         }
     }
 
-    let dataset_id: i64 = conn
-        .prepare_cached(
-            "INSERT INTO datasets (pool, owner, name, sync_count, deleted, record_count,
-                                   byte_size, created_at, last_modified)
-             VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6, ?7, ?7)
-             ON CONFLICT (pool, owner, name) DO UPDATE SET
-                 sync_count = excluded.sync_count,
-                 deleted = 0,
-                 record_count = excluded.record_count,
-                 byte_size = excluded.byte_size,
-                 last_modified = excluded.last_modified
-             RETURNING id",
-        )
-        .and_then(|mut stmt| {
-            stmt.query_row(
-                params![
-                    key.pool,
-                    key.owner,
-                    key.name,
-                    plan.sync_count,
-                    plan.records,
-                    plan.bytes,
-                    now
-                ],
-                |r| r.get(0),
-            )
-        })
-        .map_err(db_err)?;
+    let dataset_id = upsert_dataset(conn, key, plan.sync_count, plan.records, plan.bytes, now)?;
     let mut stmt = conn
         .prepare_cached(upsert_records!("VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"))
         .map_err(db_err)?;
@@ -350,6 +323,39 @@ fn update(
         .map_err(db_err)?;
     }
     Ok(plan.committed(key, stored))
+}
+
+/// Writes a dataset's row as one commit left it (live, at `sync_count`, with its live
+/// records' totals), creating it if it has none; returns its id.
+pub(super) fn upsert_dataset(
+    conn: &Connection,
+    key: &DatasetKey,
+    sync_count: u64,
+    records: u64,
+    bytes: u64,
+    now: i64,
+) -> Result<i64, StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO datasets (pool, owner, name, sync_count, deleted, record_count,
+                                   byte_size, created_at, last_modified)
+             VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6, ?7, ?7)
+             ON CONFLICT (pool, owner, name) DO UPDATE SET
+                 sync_count = excluded.sync_count,
+                 deleted = 0,
+                 record_count = excluded.record_count,
+                 byte_size = excluded.byte_size,
+                 last_modified = excluded.last_modified
+             RETURNING id",
+    )
+    .and_then(|mut stmt| {
+        stmt.query_row(
+            params![
+                key.pool, key.owner, key.name, sync_count, records, bytes, now
+            ],
+            |r| r.get(0),
+        )
+    })
+    .map_err(db_err)
 }
 
 /// The owner's live datasets (the writer connection holds the write lock, so no creation
