@@ -90,6 +90,14 @@ where
     run!(case_merge_moves_and_renames_datasets, Limits::default());
     run!(case_merge_may_exceed_max_datasets, small_limits());
     run!(case_failed_merge_changes_nothing, Limits::default());
+    run!(
+        case_concurrent_links_give_a_login_to_one_identity,
+        Limits::default()
+    );
+    run!(
+        case_merge_concurrent_with_updates_loses_nothing,
+        Limits::default()
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1380,6 +1388,20 @@ fn iid(n: u32) -> String {
     format!("us-east-1:00000000-0000-4000-8000-{n:012x}")
 }
 
+/// Creates guest `iid(n)` and authenticated identity `iid(n + 1)`; returns their ids.
+async fn guest_and_user(store: &dyn Store, n: u32) -> (String, String) {
+    let (guest, user) = (iid(n), iid(n + 1));
+    store
+        .create_identity(DEFAULT_POOL, &guest, true)
+        .await
+        .unwrap();
+    store
+        .create_identity(DEFAULT_POOL, &user, false)
+        .await
+        .unwrap();
+    (guest, user)
+}
+
 fn login(provider: &str, subject: &str) -> Login {
     Login::new(provider, subject)
 }
@@ -1518,15 +1540,7 @@ pub async fn case_identities_and_logins(store: Arc<dyn Store>) {
 /// deleted and the guest is merged, so it can be neither linked nor merged again. Default
 /// limits.
 pub async fn case_merge_moves_and_renames_datasets(store: Arc<dyn Store>) {
-    let (guest, user) = (iid(10), iid(11));
-    store
-        .create_identity(DEFAULT_POOL, &guest, true)
-        .await
-        .unwrap();
-    store
-        .create_identity(DEFAULT_POOL, &user, false)
-        .await
-        .unwrap();
+    let (guest, user) = guest_and_user(&*store, 10).await;
     store
         .link_logins(DEFAULT_POOL, &user, &[login("google", "u")])
         .await
@@ -1739,15 +1753,7 @@ pub async fn case_merge_moves_and_renames_datasets(store: Arc<dyn Store>) {
 /// Copies may take the target past `max_datasets` (a login never fails on a limit); new
 /// datasets stay refused until it is back under. Small limits (3 datasets).
 pub async fn case_merge_may_exceed_max_datasets(store: Arc<dyn Store>) {
-    let (guest, user) = (iid(20), iid(21));
-    store
-        .create_identity(DEFAULT_POOL, &guest, true)
-        .await
-        .unwrap();
-    store
-        .create_identity(DEFAULT_POOL, &user, false)
-        .await
-        .unwrap();
+    let (guest, user) = guest_and_user(&*store, 20).await;
     for name in ["d1", "d2", "d3"] {
         commit(
             &*store,
@@ -1790,15 +1796,7 @@ pub async fn case_merge_may_exceed_max_datasets(store: Arc<dyn Store>) {
 /// A merge that cannot finish writes nothing: here the copy's name is taken by a live
 /// dataset of the target. Default limits.
 pub async fn case_failed_merge_changes_nothing(store: Arc<dyn Store>) {
-    let (guest, user) = (iid(30), iid(31));
-    store
-        .create_identity(DEFAULT_POOL, &guest, true)
-        .await
-        .unwrap();
-    store
-        .create_identity(DEFAULT_POOL, &user, false)
-        .await
-        .unwrap();
+    let (guest, user) = guest_and_user(&*store, 30).await;
     commit(
         &*store,
         &ds(&guest, "a"),
@@ -1841,4 +1839,98 @@ pub async fn case_failed_merge_changes_nothing(store: Arc<dyn Store>) {
     );
     let g = store.identity(DEFAULT_POOL, &guest).await.unwrap().unwrap();
     assert_eq!(g.merged_into, None);
+}
+
+/// Identities racing to link the same login: exactly one gets it, the others are refused
+/// with `LoginLinked` and link nothing. Default limits.
+pub async fn case_concurrent_links_give_a_login_to_one_identity(store: Arc<dyn Store>) {
+    const TASKS: u32 = 8;
+    let mut tasks = Vec::new();
+    for n in 0..TASKS {
+        store
+            .create_identity(DEFAULT_POOL, &iid(40 + n), true)
+            .await
+            .unwrap();
+    }
+    for n in 0..TASKS {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            let own = login("own", &n.to_string());
+            let result = store
+                .link_logins(DEFAULT_POOL, &iid(40 + n), &[own, login("shared", "s")])
+                .await;
+            (n, result)
+        }));
+    }
+    let mut winners = Vec::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            (n, Ok(())) => winners.push(n),
+            (_, Err(StoreError::LoginLinked { .. })) => {}
+            (_, other) => panic!("a link should win or be refused, got {other:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "{winners:?}");
+    let winner = iid(40 + winners[0]);
+    assert_eq!(
+        store
+            .identity_for_logins(DEFAULT_POOL, &[login("shared", "s")])
+            .await
+            .unwrap(),
+        Some(winner)
+    );
+    for n in (0..TASKS).filter(|n| *n != winners[0]) {
+        let i = store
+            .identity(DEFAULT_POOL, &iid(40 + n))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(i.guest && i.logins.is_empty(), "{i:?}");
+    }
+}
+
+/// Updates of the guest's dataset racing its merge: each committed update lands either in
+/// the moved dataset (before the merge) or in the guest's re-created one (after), never in
+/// both and never lost. Default limits.
+pub async fn case_merge_concurrent_with_updates_loses_nothing(store: Arc<dyn Store>) {
+    const TASKS: u32 = 20;
+    let (guest, user) = guest_and_user(&*store, 60).await;
+    let gd = ds(&guest, "d");
+    commit(&*store, &gd, &guest, vec![Patch::replace("first", "1", 0)]).await;
+    let mut tasks = Vec::new();
+    for n in 0..TASKS {
+        let (store, gd, guest) = (Arc::clone(&store), gd.clone(), guest.clone());
+        tasks.push(tokio::spawn(async move {
+            commit(
+                &*store,
+                &gd,
+                &guest,
+                vec![Patch::replace(format!("k{n:02}"), "v", 0)],
+            )
+            .await;
+        }));
+    }
+    let outcome = store
+        .merge_identity(DEFAULT_POOL, &guest, &user)
+        .await
+        .unwrap();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(outcome.renamed(), Vec::<&str>::new());
+    let moved = store.snapshot(&ds(&user, "d"), &user).await.unwrap();
+    let left = store.snapshot(&gd, &guest).await.unwrap();
+    assert!(
+        moved
+            .records
+            .iter()
+            .all(|r| r.sync_count == moved.sync_count)
+    );
+    let mut all: Vec<&str> = keys(&moved.records);
+    all.extend(keys(&left.records));
+    all.sort_unstable();
+    let mut expected: Vec<String> = (0..TASKS).map(|n| format!("k{n:02}")).collect();
+    expected.push("first".into());
+    expected.sort_unstable();
+    assert_eq!(all, expected);
 }

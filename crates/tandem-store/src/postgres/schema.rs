@@ -18,7 +18,7 @@ use deadpool_postgres::ClientWrapper;
 /// or ordered uses the "C" collation, so keys and names sort by bytes, as in SQLite.
 ///
 /// Version 2 adds identities, their logins and a dataset's `merge_root`, as in SQLite.
-const MIGRATIONS: &[&str] = &[
+pub(super) const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE datasets (
     id            bigint  GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
