@@ -91,6 +91,10 @@ where
     run!(case_merge_may_exceed_max_datasets, small_limits());
     run!(case_failed_merge_changes_nothing, Limits::default());
     run!(
+        case_merge_copies_of_long_names_stay_apart,
+        Limits::default()
+    );
+    run!(
         case_concurrent_links_give_a_login_to_one_identity,
         Limits::default()
     );
@@ -1933,4 +1937,59 @@ pub async fn case_merge_concurrent_with_updates_loses_nothing(store: Arc<dyn Sto
     expected.push("first".into());
     expected.sort_unstable();
     assert_eq!(all, expected);
+}
+
+/// A clash on a name so long that `<name>.<uuid>` cut to 128 characters is the name itself
+/// (or loses the uuid) makes the copy `<name cut>.<uuid>` instead, so the login still
+/// succeeds and copies from two guests stay apart. Default limits.
+pub async fn case_merge_copies_of_long_names_stay_apart(store: Arc<dyn Store>) {
+    let (guest, user) = guest_and_user(&*store, 70).await;
+    let other_guest = iid(72);
+    store
+        .create_identity(DEFAULT_POOL, &other_guest, true)
+        .await
+        .unwrap();
+    let long = "n".repeat(128);
+    for owner in [&guest, &user, &other_guest] {
+        commit(
+            &*store,
+            &ds(owner, &long),
+            owner,
+            vec![Patch::replace("k", owner.as_str(), 0)],
+        )
+        .await;
+    }
+    let first = store
+        .merge_identity(DEFAULT_POOL, &guest, &user)
+        .await
+        .unwrap();
+    let second = store
+        .merge_identity(DEFAULT_POOL, &other_guest, &user)
+        .await
+        .unwrap();
+    let prefix = "n".repeat(91);
+    assert_eq!(
+        first.renamed(),
+        vec![format!("{prefix}.00000000-0000-4000-8000-000000000046").as_str()]
+    );
+    assert_eq!(
+        second.renamed(),
+        vec![format!("{prefix}.00000000-0000-4000-8000-000000000048").as_str()]
+    );
+    assert_eq!(
+        store
+            .list_datasets(DEFAULT_POOL, &user)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(
+        store
+            .merged_dataset_names(&ds(&user, &long))
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
 }

@@ -236,16 +236,25 @@ pub(crate) fn check_not_merged(identity: &Identity) -> Result<(), StoreError> {
     }
 }
 
-/// The name a guest's dataset takes under the target: its own, unless the target has a live
-/// dataset of that name; then `<name>.<guest's uuid>`, cut to 128 characters.
-pub(crate) fn merged_name(name: &str, from_guest: &str, target_has_live: bool) -> String {
-    if !target_has_live {
-        return name.to_owned();
-    }
-    let copy = format!("{name}.{}", uuid_of(from_guest));
-    // The name and the uuid are ASCII (the dataset name pattern), so bytes are characters.
+/// The names a guest's dataset may take under the target, in order: the first with no live
+/// dataset of the target is the one. Its own name; else the copy `<name>.<guest's uuid>`
+/// cut to 128 characters; else, when that cut lost part of the uuid (a name over 91
+/// characters) and the result is taken, the name cut instead so that the whole uuid fits.
+pub(crate) fn merge_target_names(name: &str, from_guest: &str) -> Vec<String> {
+    let uuid = uuid_of(from_guest);
+    // Dataset names and uuids are ASCII (the name pattern), so bytes are characters.
     debug_assert!(validate_dataset_name(name).is_ok());
-    copy.chars().take(MAX_DATASET_NAME).collect()
+    let copy: String = format!("{name}.{uuid}")
+        .chars()
+        .take(MAX_DATASET_NAME)
+        .collect();
+    let keep = MAX_DATASET_NAME.saturating_sub(uuid.len() + 1);
+    let whole_uuid = format!("{}.{uuid}", name.chars().take(keep).collect::<String>());
+    let mut names = vec![name.to_owned(), copy];
+    if !names.contains(&whole_uuid) {
+        names.push(whole_uuid);
+    }
+    names
 }
 
 #[cfg(test)]
@@ -274,16 +283,18 @@ mod tests {
     }
 
     #[test]
-    fn test_merged_name_is_cut_to_128_characters() {
-        assert_eq!(merged_name("d", ID, false), "d");
-        assert_eq!(
-            merged_name("d", ID, true),
-            "d.0f8fad5b-d9cb-469f-a165-70867728950e"
-        );
+    fn test_merge_target_names_are_cut_to_128_characters() {
+        let copy = "d.0f8fad5b-d9cb-469f-a165-70867728950e";
+        assert_eq!(merge_target_names("d", ID), vec!["d", copy]);
         let long = "n".repeat(120);
-        let cut = merged_name(&long, ID, true);
-        assert_eq!(cut.len(), 128);
-        assert!(cut.starts_with(&format!("{long}.0f8fad")));
+        let names = merge_target_names(&long, ID);
+        assert_eq!(names.len(), 3);
+        assert_eq!(names[1].len(), 128);
+        assert!(names[1].starts_with(&format!("{long}.0f8fad")));
+        assert_eq!(names[2], format!("{}.{}", "n".repeat(91), &ID[10..]));
+        // A 128-character name's cut copy is the name itself.
+        let full = "n".repeat(128);
+        assert_eq!(merge_target_names(&full, ID)[1], full);
     }
 
     #[test]

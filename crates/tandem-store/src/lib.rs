@@ -123,7 +123,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Merges guest `from_guest` into `into`, in one transaction. Each live dataset `d` of the
     /// guest moves to `into`: as `d` if `into` has no live `d`, else as the copy
-    /// `d.<guest's uuid>` (cut to 128 characters) whose merge root is `d`. Each is written as
+    /// `d.<guest's uuid>` (cut to 128 characters; see `identity::merge_target_names` for
+    /// long names) whose merge root is `d`. Each is written as
     /// one commit on its target, whose sync count continues above a deleted dataset of that
     /// name, with every live record stamped with that count (their other fields kept); the
     /// guest's dataset is deleted as `delete_dataset` would. The grants on a moved dataset

@@ -226,21 +226,23 @@ pub(super) async fn merge(
             // Deleted since the names were read.
             _ => continue,
         };
-        let same =
-            insert_or_lock_dataset(&tx, &DatasetKey::new(pool, into, name.as_str()), now).await?;
-        let to_name = identity::merged_name(&name, from, !same.state.deleted);
-        let target_key = DatasetKey::new(pool, into, to_name.as_str());
-        let target = if to_name == name {
-            same
-        } else {
-            insert_or_lock_dataset(&tx, &target_key, now).await?
-        };
-        if !target.state.deleted {
+        // Each name tried is locked (a placeholder row where there is none, as an update
+        // inserts) so no update can create it before this commits.
+        let mut free = None;
+        for candidate in identity::merge_target_names(&name, from) {
+            let key = DatasetKey::new(pool, into, candidate.as_str());
+            let row = insert_or_lock_dataset(&tx, &key, now).await?;
+            if row.state.deleted {
+                free = Some((candidate, row));
+                break;
+            }
+        }
+        let Some((to_name, target)) = free else {
             return Err(StoreError::Internal(format!(
-                "the merged copy {target_key} would overwrite a live dataset"
+                "every name for the merged copy of {source_key} is a live dataset"
             ))
             .into());
-        }
+        };
         let sync_count = target.state.sync_count + 1;
         let merge_root = (to_name != name).then_some(name.as_str());
         tx.execute(

@@ -143,18 +143,20 @@ pub(super) fn merge(
         let source_key = DatasetKey::new(pool, from, name.as_str());
         let source = query::load_dataset(conn, &source_key)?
             .ok_or_else(|| StoreError::Internal(format!("dataset {source_key} vanished")))?;
-        let live = |key: &DatasetKey| -> Result<Option<DatasetState>, StoreError> {
-            Ok(query::load_dataset(conn, key)?.map(|row| row.state))
-        };
-        let same_name = live(&DatasetKey::new(pool, into, name.as_str()))?;
-        let to_name = identity::merged_name(&name, from, same_name.is_some_and(|s| !s.deleted));
-        let target_key = DatasetKey::new(pool, into, to_name.as_str());
-        let target = live(&target_key)?.unwrap_or(DatasetState::ABSENT);
-        if !target.deleted {
-            return Err(StoreError::Internal(format!(
-                "the merged copy {target_key} would overwrite a live dataset"
-            )));
+        let mut free = None;
+        for candidate in identity::merge_target_names(&name, from) {
+            let key = DatasetKey::new(pool, into, candidate.as_str());
+            let state = query::load_dataset(conn, &key)?.map_or(DatasetState::ABSENT, |r| r.state);
+            if state.deleted {
+                free = Some((candidate, key, state));
+                break;
+            }
         }
+        let Some((to_name, target_key, target)) = free else {
+            return Err(StoreError::Internal(format!(
+                "every name for the merged copy of {source_key} is a live dataset"
+            )));
+        };
         let sync_count = target.sync_count + 1;
         let merge_root = (to_name != name).then_some(name.as_str());
         let target_id = writer::upsert_dataset(
