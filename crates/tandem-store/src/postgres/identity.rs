@@ -3,10 +3,14 @@
 //! A link or a merge first locks the identity rows it changes (`FOR UPDATE`, in id order),
 //! so links and merges of one identity serialise. A login's primary key makes it name one
 //! identity: a link racing another link of the same login waits for it at the insert and
-//! then finds it taken. A merge then locks, dataset by dataset in name order, the guest's
-//! row and the target's rows (inserting a placeholder where the target has none, as an
-//! update does), always in the order identity rows → dataset rows → grant rows, which is
-//! the order every other write keeps too (see the module doc of `postgres`).
+//! then finds it taken. A merge then locks every dataset row of both identities in id
+//! order, the order a batch of updates locks in, so it cannot deadlock with one on rows
+//! that exist; then, name by name, it inserts a placeholder row where the target has none
+//! (as an update does), and it moves grant rows last. Locks go identity rows → dataset
+//! rows → grant rows, the order every other write keeps too (see the module doc of
+//! `postgres`). Should PostgreSQL still find a deadlock (a batch creating a dataset of the
+//! target while the merge creates the same name), it aborts one transaction, which is
+//! `Unavailable`: nothing was written and the call may be retried.
 
 use super::CallError;
 use super::read::to_i64;
@@ -48,6 +52,9 @@ const INSERT_LOGINS: &str = "
     ON CONFLICT (pool, provider, subject) DO NOTHING";
 
 const NOT_GUEST: &str = "UPDATE identities SET guest = false WHERE pool = $1 AND id = $2";
+
+const LOCK_OWNERS_DATASETS: &str = "
+    SELECT id FROM datasets WHERE pool = $1 AND owner = ANY($2) ORDER BY id FOR UPDATE";
 
 const LIVE_NAMES: &str = "
     SELECT name FROM datasets WHERE pool = $1 AND owner = $2 AND NOT deleted ORDER BY name";
@@ -205,12 +212,15 @@ pub(super) async fn merge(
     let locked = lock_identities(&tx, pool, &[from, into]).await?;
     let find = |id: &str| locked.iter().find(|i| i.id == id);
     identity::check_merge(find(from), find(into), from, into)?;
-    let (names, write_target, copy_records, move_grants) = tokio::try_join!(
+    let (lock_all, names, write_target, copy_records, move_grants) = tokio::try_join!(
+        tx.prepare_cached(LOCK_OWNERS_DATASETS),
         tx.prepare_cached(LIVE_NAMES),
         tx.prepare_cached(WRITE_TARGET),
         tx.prepare_cached(COPY_RECORDS),
         tx.prepare_cached(MOVE_GRANTS),
     )?;
+    tx.execute(&lock_all, &[&pool, &[from, into].as_slice()])
+        .await?;
     let names: Vec<String> = tx
         .query(&names, &[&pool, &from])
         .await?
@@ -221,11 +231,10 @@ pub(super) async fn merge(
     let mut moved = Vec::with_capacity(names.len());
     for name in names {
         let source_key = DatasetKey::new(pool, from, name.as_str());
-        let source = match lock_dataset(&tx, &source_key).await? {
-            Some(row) if !row.state.deleted => row,
-            // Deleted since the names were read.
-            _ => continue,
-        };
+        // Locked already, with every row of both identities: this reads it.
+        let source = lock_dataset(&tx, &source_key)
+            .await?
+            .ok_or_else(|| StoreError::Internal(format!("dataset {source_key} vanished")))?;
         // Each name tried is locked (a placeholder row where there is none, as an update
         // inserts) so no update can create it before this commits.
         let mut free = None;
