@@ -1,7 +1,8 @@
 //! Tandem's source of truth: the `Store` trait, the data model with Cognito Sync's
 //! semantics (dataset and record sync counts, tombstones, server and device timestamps,
-//! last-modified-by, grants), the configurable limits, and the backends (`SqliteStore`, the
-//! embedded default; PostgreSQL for many nodes).
+//! last-modified-by, grants), Cognito-style identities with their logins and the merge of a
+//! guest into another identity (`identity`), the configurable limits, and the backends
+//! (`SqliteStore`, the embedded default; PostgreSQL for many nodes).
 //!
 //! Authorisation of data access lives here, checked in the same transaction as the read or
 //! write it guards, so a revoke takes effect at once. What an update does (stale check,
