@@ -10,7 +10,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::{DEFAULT_POOL, DatasetKey, Limits, Snapshot, Store, StoreError, UpdateOutcome};
-use crate::{UpdateRequest, now_ms, record_bytes};
+use crate::{Login, UpdateRequest, now_ms, record_bytes};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -86,6 +86,22 @@ where
         Limits::default()
     );
     run!(case_close_makes_calls_unavailable, Limits::default());
+    run!(case_identities_and_logins, Limits::default());
+    run!(case_merge_moves_and_renames_datasets, Limits::default());
+    run!(case_merge_may_exceed_max_datasets, small_limits());
+    run!(case_failed_merge_changes_nothing, Limits::default());
+    run!(
+        case_merge_copies_of_long_names_stay_apart,
+        Limits::default()
+    );
+    run!(
+        case_concurrent_links_give_a_login_to_one_identity,
+        Limits::default()
+    );
+    run!(
+        case_merge_concurrent_with_updates_loses_nothing,
+        Limits::default()
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1348,4 +1364,632 @@ pub async fn case_close_makes_calls_unavailable(store: Arc<dyn Store>) {
     );
     unavailable("revoke", store.revoke(&d, ALICE, BOB).await.err());
     unavailable("access", store.access(&d, ALICE).await.err());
+    unavailable(
+        "create identity",
+        store
+            .create_identity(DEFAULT_POOL, &iid(1), true)
+            .await
+            .err(),
+    );
+    unavailable(
+        "identity",
+        store.identity(DEFAULT_POOL, &iid(1)).await.err(),
+    );
+    unavailable(
+        "merge",
+        store
+            .merge_identity(DEFAULT_POOL, &iid(1), &iid(2))
+            .await
+            .err(),
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Identities, logins and merges
+
+/// A valid identity id, distinct for each `n`.
+fn iid(n: u32) -> String {
+    format!("us-east-1:00000000-0000-4000-8000-{n:012x}")
+}
+
+/// Creates guest `iid(n)` and authenticated identity `iid(n + 1)`; returns their ids.
+async fn guest_and_user(store: &dyn Store, n: u32) -> (String, String) {
+    let (guest, user) = (iid(n), iid(n + 1));
+    store
+        .create_identity(DEFAULT_POOL, &guest, true)
+        .await
+        .unwrap();
+    store
+        .create_identity(DEFAULT_POOL, &user, false)
+        .await
+        .unwrap();
+    (guest, user)
+}
+
+fn login(provider: &str, subject: &str) -> Login {
+    Login::new(provider, subject)
+}
+
+/// Identities are created as guests or not and read back; a login names one identity,
+/// linking one linked elsewhere is refused whole, logins naming two identities conflict, and
+/// a guest with a login is a guest no more. Default limits.
+pub async fn case_identities_and_logins(store: Arc<dyn Store>) {
+    let (guest, alice, bob) = (iid(1), iid(2), iid(3));
+    store
+        .create_identity(DEFAULT_POOL, &guest, true)
+        .await
+        .unwrap();
+    store
+        .create_identity(DEFAULT_POOL, &alice, false)
+        .await
+        .unwrap();
+    store
+        .create_identity(DEFAULT_POOL, &bob, false)
+        .await
+        .unwrap();
+    let err = store
+        .create_identity(DEFAULT_POOL, &guest, true)
+        .await
+        .unwrap_err();
+    assert_eq!(err, StoreError::IdentityExists(guest.clone()));
+    assert_eq!(err.code(), tandem_protocol::ErrorCode::Conflict);
+    assert_bad_request(
+        store
+            .create_identity(
+                DEFAULT_POOL,
+                "us-east-1:0000000A-0000-4000-8000-000000000001",
+                true,
+            )
+            .await,
+    );
+    assert_bad_request(store.create_identity(DEFAULT_POOL, "alice", true).await);
+
+    let g = store.identity(DEFAULT_POOL, &guest).await.unwrap().unwrap();
+    assert!(
+        g.guest && g.merged_into.is_none() && g.logins.is_empty(),
+        "{g:?}"
+    );
+    assert_eq!(store.identity(DEFAULT_POOL, &iid(9)).await.unwrap(), None);
+    assert_eq!(store.identity("other", &guest).await.unwrap(), None);
+
+    let (google, facebook, apple) = (
+        login("google", "1"),
+        login("facebook", "2"),
+        login("apple", "3"),
+    );
+    store
+        .link_logins(DEFAULT_POOL, &alice, &[google.clone(), facebook.clone()])
+        .await
+        .unwrap();
+    // Linking again what is linked already changes nothing.
+    store
+        .link_logins(DEFAULT_POOL, &alice, std::slice::from_ref(&google))
+        .await
+        .unwrap();
+    let a = store.identity(DEFAULT_POOL, &alice).await.unwrap().unwrap();
+    assert_eq!(a.logins, vec![facebook.clone(), google.clone()]);
+    assert!(!a.guest);
+
+    let find = |logins: Vec<Login>| {
+        let store = Arc::clone(&store);
+        async move { store.identity_for_logins(DEFAULT_POOL, &logins).await }
+    };
+    assert_eq!(
+        find(vec![google.clone()]).await.unwrap(),
+        Some(alice.clone())
+    );
+    assert_eq!(find(vec![login("google", "9")]).await.unwrap(), None);
+    assert_eq!(
+        find(vec![login("google", "9"), facebook.clone()])
+            .await
+            .unwrap(),
+        Some(alice.clone())
+    );
+    // The same subject with another provider is another login.
+    assert_eq!(find(vec![login("apple", "1")]).await.unwrap(), None);
+    assert_bad_request(find(vec![]).await);
+    assert_eq!(
+        store
+            .identity_for_logins("other", std::slice::from_ref(&google))
+            .await
+            .unwrap(),
+        None
+    );
+
+    // A login linked elsewhere refuses the whole link.
+    let err = store
+        .link_logins(DEFAULT_POOL, &bob, &[apple.clone(), google.clone()])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::LoginLinked { identity, .. } if *identity == alice),
+        "{err:?}"
+    );
+    assert_eq!(err.code(), tandem_protocol::ErrorCode::Conflict);
+    assert_eq!(find(vec![apple.clone()]).await.unwrap(), None);
+    store
+        .link_logins(DEFAULT_POOL, &bob, std::slice::from_ref(&apple))
+        .await
+        .unwrap();
+    let err = find(vec![google.clone(), apple.clone()]).await.unwrap_err();
+    assert!(matches!(err, StoreError::LoginsConflict { .. }), "{err:?}");
+    assert_eq!(err.code(), tandem_protocol::ErrorCode::Conflict);
+
+    // A guest that links a login keeps its id and is a guest no more.
+    store
+        .link_logins(DEFAULT_POOL, &guest, &[login("twitter", "4")])
+        .await
+        .unwrap();
+    let g = store.identity(DEFAULT_POOL, &guest).await.unwrap().unwrap();
+    assert!(!g.guest && g.logins == vec![login("twitter", "4")], "{g:?}");
+
+    assert!(matches!(
+        store
+            .link_logins(DEFAULT_POOL, &iid(9), &[login("x", "1")])
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_bad_request(store.link_logins(DEFAULT_POOL, &bob, &[]).await);
+    assert_bad_request(
+        store
+            .link_logins(DEFAULT_POOL, &bob, &[login("", "1")])
+            .await,
+    );
+}
+
+/// A merge moves each live dataset of the guest: under its own name where the target has
+/// no live dataset of that name (continuing above a deleted one), else as the copy
+/// `<name>.<guest's uuid>` reported by `merged_dataset_names` until it is deleted; each is
+/// one commit with its live records stamped; grants move along; the guest's datasets are
+/// deleted and the guest is merged, so it can be neither linked nor merged again. Default
+/// limits.
+pub async fn case_merge_moves_and_renames_datasets(store: Arc<dyn Store>) {
+    let (guest, user) = guest_and_user(&*store, 10).await;
+    store
+        .link_logins(DEFAULT_POOL, &user, &[login("google", "u")])
+        .await
+        .unwrap();
+    let gds = |name: &str| ds(&guest, name);
+    let uds = |name: &str| ds(&user, name);
+    // The guest's `a` at sync count 2, with a tombstone; `b` clashes with the user's live
+    // `b`; `c` was the user's and is deleted; `gone` is deleted and stays behind.
+    commit(
+        &*store,
+        &gds("a"),
+        &guest,
+        vec![Patch::replace("k1", "v1", 0), Patch::replace("k2", "v2", 0)],
+    )
+    .await;
+    commit(&*store, &gds("a"), &guest, vec![Patch::remove("k2", 1)]).await;
+    commit(
+        &*store,
+        &gds("b"),
+        &guest,
+        vec![Patch::replace("gb", "guest", 0)],
+    )
+    .await;
+    commit(
+        &*store,
+        &gds("c"),
+        &guest,
+        vec![Patch::replace("gc", "guest", 0)],
+    )
+    .await;
+    commit(
+        &*store,
+        &gds("gone"),
+        &guest,
+        vec![Patch::replace("x", "1", 0)],
+    )
+    .await;
+    store.delete_dataset(&gds("gone"), &guest).await.unwrap();
+    store
+        .grant(&gds("a"), &guest, CAROL, Access::Read)
+        .await
+        .unwrap();
+    store
+        .grant(&gds("a"), &guest, &user, Access::Write)
+        .await
+        .unwrap();
+    let (_, user_b) = commit(
+        &*store,
+        &uds("b"),
+        &user,
+        vec![Patch::replace("ub", "user", 0)],
+    )
+    .await;
+    commit(
+        &*store,
+        &uds("c"),
+        &user,
+        vec![Patch::replace("uc", "user", 0)],
+    )
+    .await;
+    commit(
+        &*store,
+        &uds("c"),
+        &user,
+        vec![Patch::replace("uc", "user2", 1)],
+    )
+    .await;
+    assert_eq!(store.delete_dataset(&uds("c"), &user).await.unwrap(), 3);
+
+    let before = now_ms();
+    let outcome = store
+        .merge_identity(DEFAULT_POOL, &guest, &user)
+        .await
+        .unwrap();
+    let copy = "b.00000000-0000-4000-8000-00000000000a";
+    let moved: Vec<(&str, &str, u64)> = outcome
+        .moved
+        .iter()
+        .map(|m| (m.from_name.as_str(), m.to_name.as_str(), m.sync_count))
+        .collect();
+    assert_eq!(moved, vec![("a", "a", 1), ("b", copy, 1), ("c", "c", 4)]);
+    assert_eq!(outcome.renamed(), vec![copy]);
+
+    // Each moved dataset is one commit whose records carry its count and their own fields.
+    let a = store.snapshot(&uds("a"), &user).await.unwrap();
+    assert_eq!((a.sync_count, a.deleted), (1, false));
+    assert_eq!(values(&a.records), live(&[("k1", "v1", 1)]));
+    let k1 = record(&a, "k1");
+    assert_eq!(k1.last_modified_by, guest);
+    assert!(k1.last_modified <= before, "the record keeps its own time");
+    assert_eq!(store.snapshot(&uds("b"), &user).await.unwrap(), user_b);
+    let b_copy = store.snapshot(&uds(copy), &user).await.unwrap();
+    assert_eq!(values(&b_copy.records), live(&[("gb", "guest", 1)]));
+    let c = store.changes(&uds("c"), &user, 3).await.unwrap();
+    assert_eq!((c.sync_count, c.deleted), (4, false));
+    assert_eq!(values(&c.records), live(&[("gc", "guest", 4)]));
+    let c_all = store.snapshot(&uds("c"), &user).await.unwrap();
+    assert_eq!(keys(&c_all.records), vec!["gc"]);
+    let names: Vec<String> = store
+        .list_datasets(DEFAULT_POOL, &user)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.dataset.name)
+        .collect();
+    assert_eq!(names, vec!["a", "b", copy, "c"]);
+
+    assert_eq!(
+        store.merged_dataset_names(&uds("b")).await.unwrap(),
+        vec![copy.to_owned()]
+    );
+    assert!(
+        store
+            .merged_dataset_names(&uds("a"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Grants moved along; one to the user itself is gone.
+    assert_eq!(
+        store.access(&uds("a"), CAROL).await.unwrap(),
+        Some(Access::Read)
+    );
+    assert_eq!(store.access(&gds("a"), CAROL).await.unwrap(), None);
+    assert_eq!(
+        store.access(&uds("a"), &user).await.unwrap(),
+        Some(Access::Owner)
+    );
+
+    // The guest keeps nothing live, and is merged.
+    assert!(
+        store
+            .list_datasets(DEFAULT_POOL, &guest)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let ga = store.snapshot(&gds("a"), &guest).await.unwrap();
+    assert!(
+        ga.deleted && ga.records.is_empty() && ga.sync_count == 3,
+        "{ga:?}"
+    );
+    let g = store.identity(DEFAULT_POOL, &guest).await.unwrap().unwrap();
+    assert_eq!(g.merged_into.as_deref(), Some(user.as_str()));
+    let merged = StoreError::IdentityMerged {
+        identity: guest.clone(),
+        into: user.clone(),
+    };
+    assert_eq!(merged.code(), tandem_protocol::ErrorCode::Forbidden);
+    assert_eq!(
+        store.merge_identity(DEFAULT_POOL, &guest, &user).await,
+        Err(merged.clone())
+    );
+    assert_eq!(
+        store
+            .link_logins(DEFAULT_POOL, &guest, &[login("google", "g")])
+            .await,
+        Err(merged)
+    );
+
+    // A deleted copy is no longer reported, even once re-created.
+    store.delete_dataset(&uds(copy), &user).await.unwrap();
+    assert!(
+        store
+            .merged_dataset_names(&uds("b"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    commit(
+        &*store,
+        &uds(copy),
+        &user,
+        vec![Patch::replace("n", "1", 0)],
+    )
+    .await;
+    assert!(
+        store
+            .merged_dataset_names(&uds("b"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Only a guest is merged, into another identity that exists and was not merged.
+    let other = iid(12);
+    store
+        .create_identity(DEFAULT_POOL, &other, true)
+        .await
+        .unwrap();
+    assert_bad_request(store.merge_identity(DEFAULT_POOL, &user, &other).await);
+    assert_bad_request(store.merge_identity(DEFAULT_POOL, &other, &other).await);
+    assert!(matches!(
+        store.merge_identity(DEFAULT_POOL, &other, &iid(99)).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.merge_identity(DEFAULT_POOL, &other, &guest).await,
+        Err(StoreError::IdentityMerged { .. })
+    ));
+    // A guest without datasets merges too.
+    let empty = store
+        .merge_identity(DEFAULT_POOL, &other, &user)
+        .await
+        .unwrap();
+    assert!(empty.moved.is_empty());
+}
+
+/// Copies may take the target past `max_datasets` (a login never fails on a limit); new
+/// datasets stay refused until it is back under. Small limits (3 datasets).
+pub async fn case_merge_may_exceed_max_datasets(store: Arc<dyn Store>) {
+    let (guest, user) = guest_and_user(&*store, 20).await;
+    for name in ["d1", "d2", "d3"] {
+        commit(
+            &*store,
+            &ds(&user, name),
+            &user,
+            vec![Patch::replace("k", "u", 0)],
+        )
+        .await;
+    }
+    for name in ["d1", "e1"] {
+        commit(
+            &*store,
+            &ds(&guest, name),
+            &guest,
+            vec![Patch::replace("k", "g", 0)],
+        )
+        .await;
+    }
+    let outcome = store
+        .merge_identity(DEFAULT_POOL, &guest, &user)
+        .await
+        .unwrap();
+    assert_eq!(outcome.moved.len(), 2);
+    assert_eq!(
+        store
+            .list_datasets(DEFAULT_POOL, &user)
+            .await
+            .unwrap()
+            .len(),
+        5
+    );
+    let err = refused(
+        &*store,
+        request(&ds(&user, "new"), &user, vec![Patch::replace("k", "v", 0)]),
+    )
+    .await;
+    assert_limit(&err, LimitCode::MaxDatasets, 3);
+}
+
+/// A merge that cannot finish writes nothing: here the copy's name is taken by a live
+/// dataset of the target. Default limits.
+pub async fn case_failed_merge_changes_nothing(store: Arc<dyn Store>) {
+    let (guest, user) = guest_and_user(&*store, 30).await;
+    commit(
+        &*store,
+        &ds(&guest, "a"),
+        &guest,
+        vec![Patch::replace("k", "g", 0)],
+    )
+    .await;
+    commit(
+        &*store,
+        &ds(&guest, "b"),
+        &guest,
+        vec![Patch::replace("k", "g", 0)],
+    )
+    .await;
+    let copy = "b.00000000-0000-4000-8000-00000000001e";
+    for name in ["b", copy] {
+        commit(
+            &*store,
+            &ds(&user, name),
+            &user,
+            vec![Patch::replace("k", "u", 0)],
+        )
+        .await;
+    }
+    let guest_before = store.list_datasets(DEFAULT_POOL, &guest).await.unwrap();
+    let user_before = store.list_datasets(DEFAULT_POOL, &user).await.unwrap();
+    assert!(
+        store
+            .merge_identity(DEFAULT_POOL, &guest, &user)
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        store.list_datasets(DEFAULT_POOL, &guest).await.unwrap(),
+        guest_before
+    );
+    assert_eq!(
+        store.list_datasets(DEFAULT_POOL, &user).await.unwrap(),
+        user_before
+    );
+    let g = store.identity(DEFAULT_POOL, &guest).await.unwrap().unwrap();
+    assert_eq!(g.merged_into, None);
+}
+
+/// Identities racing to link the same login: exactly one gets it, the others are refused
+/// with `LoginLinked` and link nothing. Default limits.
+pub async fn case_concurrent_links_give_a_login_to_one_identity(store: Arc<dyn Store>) {
+    const TASKS: u32 = 8;
+    let mut tasks = Vec::new();
+    for n in 0..TASKS {
+        store
+            .create_identity(DEFAULT_POOL, &iid(40 + n), true)
+            .await
+            .unwrap();
+    }
+    for n in 0..TASKS {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            let own = login("own", &n.to_string());
+            let result = store
+                .link_logins(DEFAULT_POOL, &iid(40 + n), &[own, login("shared", "s")])
+                .await;
+            (n, result)
+        }));
+    }
+    let mut winners = Vec::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            (n, Ok(())) => winners.push(n),
+            (_, Err(StoreError::LoginLinked { .. })) => {}
+            (_, other) => panic!("a link should win or be refused, got {other:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "{winners:?}");
+    let winner = iid(40 + winners[0]);
+    assert_eq!(
+        store
+            .identity_for_logins(DEFAULT_POOL, &[login("shared", "s")])
+            .await
+            .unwrap(),
+        Some(winner)
+    );
+    for n in (0..TASKS).filter(|n| *n != winners[0]) {
+        let i = store
+            .identity(DEFAULT_POOL, &iid(40 + n))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(i.guest && i.logins.is_empty(), "{i:?}");
+    }
+}
+
+/// Updates of the guest's dataset racing its merge: each committed update lands either in
+/// the moved dataset (before the merge) or in the guest's re-created one (after), never in
+/// both and never lost. Default limits.
+pub async fn case_merge_concurrent_with_updates_loses_nothing(store: Arc<dyn Store>) {
+    const TASKS: u32 = 20;
+    let (guest, user) = guest_and_user(&*store, 60).await;
+    let gd = ds(&guest, "d");
+    commit(&*store, &gd, &guest, vec![Patch::replace("first", "1", 0)]).await;
+    let mut tasks = Vec::new();
+    for n in 0..TASKS {
+        let (store, gd, guest) = (Arc::clone(&store), gd.clone(), guest.clone());
+        tasks.push(tokio::spawn(async move {
+            commit(
+                &*store,
+                &gd,
+                &guest,
+                vec![Patch::replace(format!("k{n:02}"), "v", 0)],
+            )
+            .await;
+        }));
+    }
+    let outcome = store
+        .merge_identity(DEFAULT_POOL, &guest, &user)
+        .await
+        .unwrap();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(outcome.renamed(), Vec::<&str>::new());
+    let moved = store.snapshot(&ds(&user, "d"), &user).await.unwrap();
+    let left = store.snapshot(&gd, &guest).await.unwrap();
+    assert!(
+        moved
+            .records
+            .iter()
+            .all(|r| r.sync_count == moved.sync_count)
+    );
+    let mut all: Vec<&str> = keys(&moved.records);
+    all.extend(keys(&left.records));
+    all.sort_unstable();
+    let mut expected: Vec<String> = (0..TASKS).map(|n| format!("k{n:02}")).collect();
+    expected.push("first".into());
+    expected.sort_unstable();
+    assert_eq!(all, expected);
+}
+
+/// A clash on a name so long that `<name>.<uuid>` cut to 128 characters is the name itself
+/// (or loses the uuid) makes the copy `<name cut>.<uuid>` instead, so the login still
+/// succeeds and copies from two guests stay apart. Default limits.
+pub async fn case_merge_copies_of_long_names_stay_apart(store: Arc<dyn Store>) {
+    let (guest, user) = guest_and_user(&*store, 70).await;
+    let other_guest = iid(72);
+    store
+        .create_identity(DEFAULT_POOL, &other_guest, true)
+        .await
+        .unwrap();
+    let long = "n".repeat(128);
+    for owner in [&guest, &user, &other_guest] {
+        commit(
+            &*store,
+            &ds(owner, &long),
+            owner,
+            vec![Patch::replace("k", owner.as_str(), 0)],
+        )
+        .await;
+    }
+    let first = store
+        .merge_identity(DEFAULT_POOL, &guest, &user)
+        .await
+        .unwrap();
+    let second = store
+        .merge_identity(DEFAULT_POOL, &other_guest, &user)
+        .await
+        .unwrap();
+    let prefix = "n".repeat(91);
+    assert_eq!(
+        first.renamed(),
+        vec![format!("{prefix}.00000000-0000-4000-8000-000000000046").as_str()]
+    );
+    assert_eq!(
+        second.renamed(),
+        vec![format!("{prefix}.00000000-0000-4000-8000-000000000048").as_str()]
+    );
+    assert_eq!(
+        store
+            .list_datasets(DEFAULT_POOL, &user)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(
+        store
+            .merged_dataset_names(&ds(&user, &long))
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
 }

@@ -22,6 +22,18 @@ pub enum StoreError {
         max: u64,
         message: String,
     },
+    /// `create_identity` with an id that is taken.
+    #[error("identity {0} exists already")]
+    IdentityExists(String),
+    /// The identity was merged into another one and answers for nothing any more.
+    #[error("identity {identity} was merged into {into}")]
+    IdentityMerged { identity: String, into: String },
+    /// A login to link is linked to another identity already; nothing was linked.
+    #[error("login {login} is linked to identity {identity} already")]
+    LoginLinked { login: String, identity: String },
+    /// Logins that should name one identity name two.
+    #[error("the logins are linked to two identities, {first} and {second}")]
+    LoginsConflict { first: String, second: String },
     /// The backing database cannot be reached; nothing was written.
     #[error("store unavailable: {0}")]
     Unavailable(String),
@@ -35,6 +47,10 @@ impl StoreError {
             StoreError::InvalidName { .. } | StoreError::BadRequest(_) => ErrorCode::BadRequest,
             StoreError::Forbidden { .. } => ErrorCode::Forbidden,
             StoreError::NotFound(_) => ErrorCode::NotFound,
+            StoreError::IdentityExists(_)
+            | StoreError::LoginLinked { .. }
+            | StoreError::LoginsConflict { .. } => ErrorCode::Conflict,
+            StoreError::IdentityMerged { .. } => ErrorCode::Forbidden,
             StoreError::Limit { limit, .. } => limit.error_code(),
             StoreError::Unavailable(_) => ErrorCode::Unavailable,
             StoreError::Internal(_) => ErrorCode::Internal,

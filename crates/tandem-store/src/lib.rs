@@ -1,7 +1,8 @@
 //! Tandem's source of truth: the `Store` trait, the data model with Cognito Sync's
 //! semantics (dataset and record sync counts, tombstones, server and device timestamps,
-//! last-modified-by, grants), the configurable limits, and the backends (`SqliteStore`, the
-//! embedded default; PostgreSQL for many nodes).
+//! last-modified-by, grants), Cognito-style identities with their logins and the merge of a
+//! guest into another identity (`identity`), the configurable limits, and the backends
+//! (`SqliteStore`, the embedded default; PostgreSQL for many nodes).
 //!
 //! Authorisation of data access lives here, checked in the same transaction as the read or
 //! write it guards, so a revoke takes effect at once. What an update does (stale check,
@@ -11,6 +12,7 @@
 
 mod decision;
 mod error;
+mod identity;
 mod model;
 mod outage;
 mod postgres;
@@ -20,6 +22,10 @@ mod sqlite;
 pub mod conformance;
 
 pub use error::StoreError;
+pub use identity::{
+    Identity, Login, MAX_IDENTITY_ID, MAX_LOGIN_PART, MergeOutcome, MovedDataset,
+    validate_identity_id, validate_logins,
+};
 pub use model::{
     DEFAULT_POOL, DatasetKey, Limits, Snapshot, UpdateOutcome, UpdateRequest, ValidatedPatch,
     now_ms, record_bytes, validate_call, validate_grant, validate_identity, validate_revoke,
@@ -93,6 +99,50 @@ pub trait Store: Send + Sync + 'static {
         dataset: &DatasetKey,
         identity: &str,
     ) -> Result<Option<Access>, StoreError>;
+
+    /// Creates identity `id` (`<region>:<lowercase uuid>`) in `pool`, a guest or not;
+    /// `IdentityExists` if the id is taken. An identity is linked to logins with
+    /// [`Store::link_logins`] (which also makes a guest an authenticated identity).
+    async fn create_identity(&self, pool: &str, id: &str, guest: bool) -> Result<(), StoreError>;
+
+    /// The identity with its logins, merged or not, or `None` if it was never created.
+    async fn identity(&self, pool: &str, id: &str) -> Result<Option<Identity>, StoreError>;
+
+    /// Links `logins` to `id` in one transaction: `LoginLinked` (nothing linked) if one is
+    /// linked to another identity; logins already linked to `id` are left as they are.
+    /// `NotFound` for an unknown identity, `IdentityMerged` for a merged one. A guest with a
+    /// login is a guest no more.
+    async fn link_logins(&self, pool: &str, id: &str, logins: &[Login]) -> Result<(), StoreError>;
+
+    /// The identity the logins are linked to: `None` if none is linked, `LoginsConflict` if
+    /// they are linked to two identities.
+    async fn identity_for_logins(
+        &self,
+        pool: &str,
+        logins: &[Login],
+    ) -> Result<Option<String>, StoreError>;
+
+    /// Merges guest `from_guest` into `into`, in one transaction. Each live dataset `d` of the
+    /// guest moves to `into`: as `d` if `into` has no live `d`, else as the copy
+    /// `d.<guest's uuid>` (cut to 128 characters; see `identity::merge_target_names` for
+    /// long names) whose merge root is `d`. Each is written as
+    /// one commit on its target, whose sync count continues above a deleted dataset of that
+    /// name, with every live record stamped with that count (their other fields kept); the
+    /// guest's dataset is deleted as `delete_dataset` would. The grants on a moved dataset
+    /// move with it (a grant to `into` itself is dropped; `into`'s own grants on the target
+    /// name win). Copies may take `into` past `max_datasets`: a login never fails on a
+    /// limit. The guest is then marked merged into `into`.
+    async fn merge_identity(
+        &self,
+        pool: &str,
+        from_guest: &str,
+        into: &str,
+    ) -> Result<MergeOutcome, StoreError>;
+
+    /// The live copies merged into `dataset` (ListRecords' `MergedDatasetNames`), by name;
+    /// a copy deleted (even if re-created later) is no longer reported. The caller checks
+    /// that whoever asks is the owner.
+    async fn merged_dataset_names(&self, dataset: &DatasetKey) -> Result<Vec<String>, StoreError>;
 
     /// Whether the store answers now (for `/ready`).
     async fn health(&self) -> Result<(), StoreError>;

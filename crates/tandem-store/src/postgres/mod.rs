@@ -67,10 +67,13 @@ macro_rules! call {
 }
 
 mod batch;
+mod identity;
 mod read;
 mod schema;
 mod write;
 
+use crate::identity::{Identity, Login, MergeOutcome};
+use crate::identity::{validate_identity_call, validate_logins_call, validate_merge};
 use crate::outage::CommitOutage;
 use crate::{
     DatasetKey, Limits, Snapshot, Store, StoreError, UpdateOutcome, UpdateRequest,
@@ -412,6 +415,66 @@ impl Store for PostgresStore {
         validate_identity(identity)?;
         call!(&self.inner, |client| read::access_of(
             &client, dataset, identity
+        ))
+    }
+
+    async fn create_identity(&self, pool: &str, id: &str, guest: bool) -> Result<(), StoreError> {
+        validate_identity_call(pool, id)?;
+        let result = call!(&self.inner, |client| identity::create(
+            &client, pool, id, guest
+        ));
+        self.inner.wrote(result)
+    }
+
+    async fn identity(&self, pool: &str, id: &str) -> Result<Option<Identity>, StoreError> {
+        validate_identity_call(pool, id)?;
+        call!(&self.inner, |client| identity::load(&client, pool, id))
+    }
+
+    async fn link_logins(&self, pool: &str, id: &str, logins: &[Login]) -> Result<(), StoreError> {
+        validate_identity_call(pool, id)?;
+        validate_logins_call(pool, logins)?;
+        let result = call!(&self.inner, |client| identity::link(
+            &mut client,
+            pool,
+            id,
+            logins
+        ));
+        self.inner.wrote(result)
+    }
+
+    async fn identity_for_logins(
+        &self,
+        pool: &str,
+        logins: &[Login],
+    ) -> Result<Option<String>, StoreError> {
+        validate_logins_call(pool, logins)?;
+        let found = call!(&self.inner, |client| identity::linked(
+            &client, pool, logins
+        ))?;
+        crate::identity::one_identity(&found)
+    }
+
+    async fn merge_identity(
+        &self,
+        pool: &str,
+        from_guest: &str,
+        into: &str,
+    ) -> Result<MergeOutcome, StoreError> {
+        validate_merge(pool, from_guest, into)?;
+        let result = call!(&self.inner, |client| identity::merge(
+            &mut client,
+            pool,
+            from_guest,
+            into
+        ));
+        self.inner.wrote(result)
+    }
+
+    async fn merged_dataset_names(&self, dataset: &DatasetKey) -> Result<Vec<String>, StoreError> {
+        dataset.validate()?;
+        call!(&self.inner, |client| identity::merged_names(
+            &client, dataset
         ))
     }
 

@@ -16,7 +16,10 @@ use deadpool_postgres::ClientWrapper;
 /// checks never scan. Records hang off the dataset row's id (which carries the pool); grants
 /// are keyed by name since a grant may exist before its dataset does. Text that is compared
 /// or ordered uses the "C" collation, so keys and names sort by bytes, as in SQLite.
-const MIGRATIONS: &[&str] = &[r#"
+///
+/// Version 2 adds identities, their logins and a dataset's `merge_root`, as in SQLite.
+pub(super) const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE datasets (
     id            bigint  GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     pool          text    COLLATE "C" NOT NULL,
@@ -56,7 +59,34 @@ CREATE TABLE grants (
 );
 
 CREATE INDEX grants_by_grantee ON grants (pool, grantee);
-"#];
+"#,
+    r#"
+ALTER TABLE datasets ADD COLUMN merge_root text COLLATE "C";
+
+CREATE INDEX datasets_by_merge_root ON datasets (pool, owner, merge_root)
+    WHERE merge_root IS NOT NULL;
+
+CREATE TABLE identities (
+    pool        text    COLLATE "C" NOT NULL,
+    id          text    COLLATE "C" NOT NULL,
+    guest       boolean NOT NULL,
+    merged_into text    COLLATE "C",
+    created_at  bigint  NOT NULL,
+    PRIMARY KEY (pool, id)
+);
+
+CREATE TABLE logins (
+    pool      text   COLLATE "C" NOT NULL,
+    provider  text   COLLATE "C" NOT NULL,
+    subject   text   COLLATE "C" NOT NULL,
+    identity  text   COLLATE "C" NOT NULL,
+    linked_at bigint NOT NULL,
+    PRIMARY KEY (pool, provider, subject)
+);
+
+CREATE INDEX logins_by_identity ON logins (pool, identity);
+"#,
+];
 
 /// The schema version this build writes.
 pub(super) const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;

@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::conformance;
-use crate::{DEFAULT_POOL, Snapshot};
+use crate::{DEFAULT_POOL, Login, Snapshot};
 use deadpool_postgres::tokio_postgres::Client;
 use std::collections::HashSet;
 use std::hash::{BuildHasher, Hasher, RandomState};
@@ -485,6 +485,78 @@ async fn wait_for_no_backends(admin: &Client, application_name: &str) {
     }
 }
 
+/// A link that read a login as free, while another identity's link of it had not
+/// committed, waits for that one at the insert and is then refused: the login is linked
+/// once, and nothing of the refused link is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_postgres_store_link_racing_an_uncommitted_link_is_refused() {
+    let schemas = TestSchemas::new();
+    let config = schemas.config();
+    let store = PostgresStore::connect(config.clone(), Limits::default())
+        .await
+        .unwrap();
+    let (first, second) = (
+        "us-east-1:00000000-0000-4000-8000-000000000001",
+        "us-east-1:00000000-0000-4000-8000-000000000002",
+    );
+    store
+        .create_identity(DEFAULT_POOL, first, true)
+        .await
+        .unwrap();
+    store
+        .create_identity(DEFAULT_POOL, second, true)
+        .await
+        .unwrap();
+    let mut other = admin().await;
+    let other_tx = other.transaction().await.unwrap();
+    other_tx
+        .execute(
+            &format!(
+                "INSERT INTO {}.logins (pool, provider, subject, identity, linked_at)
+                 VALUES ($1, 'shared', 's', $2, 0)",
+                config.schema
+            ),
+            &[&DEFAULT_POOL, &first],
+        )
+        .await
+        .unwrap();
+    let racing = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let logins = [Login::new("own", "2"), Login::new("shared", "s")];
+            store.link_logins(DEFAULT_POOL, second, &logins).await
+        })
+    };
+    // Commit the other link only once the racing one waits for it.
+    let admin = admin().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                &[&config.application_name()],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the racing link never waited");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    other_tx.commit().await.unwrap();
+    let result = racing.await.unwrap();
+    assert!(
+        matches!(&result, Err(StoreError::LoginLinked { identity, .. }) if identity == first),
+        "{result:?}"
+    );
+    let loser = store.identity(DEFAULT_POOL, second).await.unwrap().unwrap();
+    assert!(loser.guest && loser.logins.is_empty(), "{loser:?}");
+    store.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_postgres_store_resumes_after_its_backends_are_terminated() {
     let schemas = TestSchemas::new();
@@ -717,6 +789,41 @@ async fn test_postgres_store_migrating_twice_is_a_no_op() {
         schema_versions(&admin, &config.schema).await,
         [schema::SCHEMA_VERSION]
     );
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_postgres_store_upgrades_a_version_1_schema_in_place() {
+    let schemas = TestSchemas::new();
+    let config = schemas.config();
+    let admin = admin().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE SCHEMA {schema};
+             SET search_path TO {schema};
+             {v1}
+             CREATE TABLE schema_version (version integer NOT NULL);
+             INSERT INTO schema_version (version) VALUES (1);
+             INSERT INTO datasets (pool, owner, name, sync_count, created_at, last_modified)
+             VALUES ('default', 'alice', 'kept', 7, 0, 0);
+             RESET search_path;",
+            schema = config.schema,
+            v1 = schema::MIGRATIONS[0],
+        ))
+        .await
+        .unwrap();
+    let store = PostgresStore::connect(config.clone(), Limits::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        schema_versions(&admin, &config.schema).await,
+        [schema::SCHEMA_VERSION]
+    );
+    let d = ds("alice", "kept");
+    assert_eq!(store.snapshot(&d, "alice").await.unwrap().sync_count, 7);
+    assert!(store.merged_dataset_names(&d).await.unwrap().is_empty());
+    let id = "us-east-1:00000000-0000-4000-8000-000000000001";
+    store.create_identity(DEFAULT_POOL, id, true).await.unwrap();
     store.close().await;
 }
 

@@ -110,7 +110,7 @@ const DELETE_GRANTS: &str = "DELETE FROM grants WHERE pool = $1 AND owner = $2 A
 
 const MARK_DELETED: &str = "
     UPDATE datasets SET sync_count = $2, deleted = true, record_count = 0, byte_size = 0,
-                        last_modified = $3
+                        last_modified = $3, merge_root = NULL
     WHERE id = $1";
 
 const UPSERT_GRANT: &str = "
@@ -286,7 +286,7 @@ pub(super) async fn store_writes(
 /// Inserts a placeholder row for a dataset that had none, and so holds its lock. An insert
 /// racing another transaction's insert of the same row waits for it; if that one commits,
 /// the insert does nothing and the row (now committed) is locked instead.
-async fn insert_or_lock_dataset(
+pub(super) async fn insert_or_lock_dataset(
     tx: &Transaction<'_>,
     key: &DatasetKey,
     now: i64,
@@ -313,7 +313,7 @@ fn records_by_key(rows: &[Row]) -> Result<StoredRecords, CallError> {
     Ok(records)
 }
 
-async fn lock_dataset(
+pub(super) async fn lock_dataset(
     tx: &Transaction<'_>,
     key: &DatasetKey,
 ) -> Result<Option<DatasetRow>, CallError> {
@@ -361,6 +361,17 @@ pub(super) async fn delete(
         Some(row) if !row.state.deleted => row,
         _ => return Err(StoreError::NotFound(format!("dataset {key}")).into()),
     };
+    let new_count = delete_locked(&tx, key, &row).await?;
+    tx.commit().await?;
+    Ok(new_count)
+}
+
+/// Deletes a live dataset whose row `tx` holds locked; returns the delete's sync count.
+pub(super) async fn delete_locked(
+    tx: &Transaction<'_>,
+    key: &DatasetKey,
+    row: &DatasetRow,
+) -> Result<u64, CallError> {
     let new_count = row.state.sync_count + 1;
     let new_count_db = to_i64(new_count)?;
     let now = now_ms();
@@ -379,7 +390,6 @@ pub(super) async fn delete(
         tx.execute(&grants, &grants_params),
         tx.execute(&mark, &mark_params),
     )?;
-    tx.commit().await?;
     Ok(new_count)
 }
 

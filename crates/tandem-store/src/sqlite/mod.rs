@@ -11,10 +11,13 @@
 //! `Limits::sqlite_wal_max_bytes` plus one group commit (see `writer::WalBound`).
 
 mod check;
+mod identity;
 mod query;
 mod schema;
 mod writer;
 
+use crate::identity::{Identity, Login, MergeOutcome};
+use crate::identity::{validate_identity_call, validate_logins_call, validate_merge};
 use crate::outage::CommitOutage;
 use crate::{
     DatasetKey, Limits, Snapshot, Store, StoreError, UpdateOutcome, UpdateRequest,
@@ -338,6 +341,78 @@ impl Store for SqliteStore {
         validate_identity(identity)?;
         let (dataset, identity) = (dataset.clone(), identity.to_owned());
         self.read(move |conn| query::access_of(conn, &dataset, &identity))
+            .await
+    }
+
+    async fn create_identity(&self, pool: &str, id: &str, guest: bool) -> Result<(), StoreError> {
+        validate_identity_call(pool, id)?;
+        let op = Op::CreateIdentity {
+            pool: pool.to_owned(),
+            id: id.to_owned(),
+            guest,
+        };
+        match self.submit(op).await? {
+            Done::Unit => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn identity(&self, pool: &str, id: &str) -> Result<Option<Identity>, StoreError> {
+        validate_identity_call(pool, id)?;
+        let (pool, id) = (pool.to_owned(), id.to_owned());
+        self.read_tx(move |conn| identity::load(conn, &pool, &id))
+            .await
+    }
+
+    async fn link_logins(&self, pool: &str, id: &str, logins: &[Login]) -> Result<(), StoreError> {
+        validate_identity_call(pool, id)?;
+        validate_logins_call(pool, logins)?;
+        let op = Op::LinkLogins {
+            pool: pool.to_owned(),
+            id: id.to_owned(),
+            logins: logins.to_vec(),
+        };
+        match self.submit(op).await? {
+            Done::Unit => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn identity_for_logins(
+        &self,
+        pool: &str,
+        logins: &[Login],
+    ) -> Result<Option<String>, StoreError> {
+        validate_logins_call(pool, logins)?;
+        let (pool, logins) = (pool.to_owned(), logins.to_vec());
+        self.read_tx(move |conn| {
+            crate::identity::one_identity(&identity::linked(conn, &pool, &logins)?)
+        })
+        .await
+    }
+
+    async fn merge_identity(
+        &self,
+        pool: &str,
+        from_guest: &str,
+        into: &str,
+    ) -> Result<MergeOutcome, StoreError> {
+        validate_merge(pool, from_guest, into)?;
+        let op = Op::Merge {
+            pool: pool.to_owned(),
+            from: from_guest.to_owned(),
+            into: into.to_owned(),
+        };
+        match self.submit(op).await? {
+            Done::Merge(outcome) => Ok(outcome),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn merged_dataset_names(&self, dataset: &DatasetKey) -> Result<Vec<String>, StoreError> {
+        dataset.validate()?;
+        let dataset = dataset.clone();
+        self.read_tx(move |conn| identity::merged_names(conn, &dataset))
             .await
     }
 

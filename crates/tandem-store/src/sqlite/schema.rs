@@ -13,7 +13,12 @@ use rusqlite::{Connection, TransactionBehavior};
 /// records' aggregates, kept up to date by every commit so limit checks never scan. Records
 /// hang off the dataset row's id (which carries the pool); grants are keyed by name since
 /// a grant may exist before its dataset does.
-const MIGRATIONS: &[&str] = &["
+///
+/// Version 2 adds identities, the logins linked to them (a login names one identity per
+/// pool) and a dataset's `merge_root`: the name of the dataset a merged copy was made
+/// beside, kept until the copy is deleted (see `crate::identity`).
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE datasets (
     id            INTEGER PRIMARY KEY,
     pool          TEXT    NOT NULL,
@@ -53,7 +58,34 @@ CREATE TABLE grants (
 ) WITHOUT ROWID;
 
 CREATE INDEX grants_by_grantee ON grants (pool, grantee);
-"];
+",
+    "
+ALTER TABLE datasets ADD COLUMN merge_root TEXT;
+
+CREATE INDEX datasets_by_merge_root ON datasets (pool, owner, merge_root)
+    WHERE merge_root IS NOT NULL;
+
+CREATE TABLE identities (
+    pool        TEXT    NOT NULL,
+    id          TEXT    NOT NULL,
+    guest       INTEGER NOT NULL,
+    merged_into TEXT,
+    created_at  INTEGER NOT NULL,
+    PRIMARY KEY (pool, id)
+) WITHOUT ROWID;
+
+CREATE TABLE logins (
+    pool      TEXT    NOT NULL,
+    provider  TEXT    NOT NULL,
+    subject   TEXT    NOT NULL,
+    identity  TEXT    NOT NULL,
+    linked_at INTEGER NOT NULL,
+    PRIMARY KEY (pool, provider, subject)
+) WITHOUT ROWID;
+
+CREATE INDEX logins_by_identity ON logins (pool, identity);
+",
+];
 
 /// The schema version this build writes.
 pub(super) const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -100,5 +132,29 @@ mod tests {
             migrate(&mut conn),
             Err(StoreError::Internal(m)) if m.contains("newer")
         ));
+    }
+
+    #[test]
+    fn test_schema_migrate_upgrades_a_version_1_database_in_place() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute(
+            "INSERT INTO datasets (pool, owner, name, sync_count, created_at, last_modified)
+             VALUES ('default', 'u', 'd', 7, 0, 0)",
+            [],
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let (count, root): (i64, Option<String>) = conn
+            .query_row("SELECT sync_count, merge_root FROM datasets", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!((count, root), (7, None));
+        let identities: i64 = conn
+            .query_row("SELECT count(*) FROM identities", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(identities, 0);
     }
 }

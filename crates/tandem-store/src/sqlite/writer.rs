@@ -9,9 +9,10 @@
 //!
 //! Between batches the writer also keeps the WAL bounded ([`WalBound`]).
 
-use super::query;
 use super::{CheckpointLock, db_err, lock};
+use super::{identity, query};
 use crate::decision::{self, DatasetState, GrantCounts, StoredRecords, upsert_records};
+use crate::identity::{Login, MergeOutcome};
 use crate::outage::CommitOutage;
 use crate::{DatasetKey, Limits, StoreError, UpdateOutcome, UpdateRequest, ValidatedPatch, now_ms};
 use rusqlite::{Connection, TransactionBehavior, params};
@@ -43,6 +44,21 @@ pub(super) enum Op {
         dataset: DatasetKey,
         grantee: String,
     },
+    CreateIdentity {
+        pool: String,
+        id: String,
+        guest: bool,
+    },
+    LinkLogins {
+        pool: String,
+        id: String,
+        logins: Vec<Login>,
+    },
+    Merge {
+        pool: String,
+        from: String,
+        into: String,
+    },
 }
 
 /// What a successful command produced.
@@ -50,6 +66,7 @@ pub(super) enum Op {
 pub(super) enum Done {
     Update(UpdateOutcome),
     SyncCount(u64),
+    Merge(MergeOutcome),
     Unit,
 }
 
@@ -215,7 +232,10 @@ fn apply_batch(
         let result = apply(&savepoint, limits, op);
         let keep = matches!(
             result,
-            Ok(Done::Update(UpdateOutcome::Committed { .. }) | Done::SyncCount(_) | Done::Unit)
+            Ok(Done::Update(UpdateOutcome::Committed { .. })
+                | Done::SyncCount(_)
+                | Done::Merge(_)
+                | Done::Unit)
         );
         if !keep {
             savepoint.rollback().map_err(db_err)?;
@@ -238,6 +258,13 @@ fn apply(conn: &Connection, limits: &Limits, op: &Op) -> Result<Done, StoreError
             access,
         } => grant(conn, limits, dataset, grantee, *access).map(|()| Done::Unit),
         Op::Revoke { dataset, grantee } => revoke(conn, dataset, grantee).map(|()| Done::Unit),
+        Op::CreateIdentity { pool, id, guest } => {
+            identity::create(conn, pool, id, *guest).map(|()| Done::Unit)
+        }
+        Op::LinkLogins { pool, id, logins } => {
+            identity::link(conn, pool, id, logins).map(|()| Done::Unit)
+        }
+        Op::Merge { pool, from, into } => identity::merge(conn, pool, from, into).map(Done::Merge),
     }
 }
 
@@ -278,34 +305,7 @@ fn update(
         }
     }
 
-    let dataset_id: i64 = conn
-        .prepare_cached(
-            "INSERT INTO datasets (pool, owner, name, sync_count, deleted, record_count,
-                                   byte_size, created_at, last_modified)
-             VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6, ?7, ?7)
-             ON CONFLICT (pool, owner, name) DO UPDATE SET
-                 sync_count = excluded.sync_count,
-                 deleted = 0,
-                 record_count = excluded.record_count,
-                 byte_size = excluded.byte_size,
-                 last_modified = excluded.last_modified
-             RETURNING id",
-        )
-        .and_then(|mut stmt| {
-            stmt.query_row(
-                params![
-                    key.pool,
-                    key.owner,
-                    key.name,
-                    plan.sync_count,
-                    plan.records,
-                    plan.bytes,
-                    now
-                ],
-                |r| r.get(0),
-            )
-        })
-        .map_err(db_err)?;
+    let dataset_id = upsert_dataset(conn, key, plan.sync_count, plan.records, plan.bytes, now)?;
     let mut stmt = conn
         .prepare_cached(upsert_records!("VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"))
         .map_err(db_err)?;
@@ -325,6 +325,39 @@ fn update(
     Ok(plan.committed(key, stored))
 }
 
+/// Writes a dataset's row as one commit left it (live, at `sync_count`, with its live
+/// records' totals), creating it if it has none; returns its id.
+pub(super) fn upsert_dataset(
+    conn: &Connection,
+    key: &DatasetKey,
+    sync_count: u64,
+    records: u64,
+    bytes: u64,
+    now: i64,
+) -> Result<i64, StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO datasets (pool, owner, name, sync_count, deleted, record_count,
+                                   byte_size, created_at, last_modified)
+             VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6, ?7, ?7)
+             ON CONFLICT (pool, owner, name) DO UPDATE SET
+                 sync_count = excluded.sync_count,
+                 deleted = 0,
+                 record_count = excluded.record_count,
+                 byte_size = excluded.byte_size,
+                 last_modified = excluded.last_modified
+             RETURNING id",
+    )
+    .and_then(|mut stmt| {
+        stmt.query_row(
+            params![
+                key.pool, key.owner, key.name, sync_count, records, bytes, now
+            ],
+            |r| r.get(0),
+        )
+    })
+    .map_err(db_err)
+}
+
 /// The owner's live datasets (the writer connection holds the write lock, so no creation
 /// can race this count).
 fn count_owned(conn: &Connection, key: &DatasetKey) -> Result<u64, StoreError> {
@@ -335,7 +368,7 @@ fn count_owned(conn: &Connection, key: &DatasetKey) -> Result<u64, StoreError> {
     .map_err(db_err)
 }
 
-fn delete(conn: &Connection, key: &DatasetKey, actor: &str) -> Result<u64, StoreError> {
+pub(super) fn delete(conn: &Connection, key: &DatasetKey, actor: &str) -> Result<u64, StoreError> {
     if actor != key.owner {
         return Err(query::forbidden(key, actor, "owner"));
     }
@@ -359,7 +392,7 @@ fn delete(conn: &Connection, key: &DatasetKey, actor: &str) -> Result<u64, Store
         .map_err(db_err)?;
     conn.prepare_cached(
         "UPDATE datasets SET sync_count = ?2, deleted = 1, record_count = 0, byte_size = 0,
-                             last_modified = ?3
+                             last_modified = ?3, merge_root = NULL
          WHERE id = ?1",
     )
     .and_then(|mut stmt| stmt.execute(params![row.id, new_count, now]))
