@@ -357,3 +357,43 @@ async fn test_cognito_bad_requests_get_their_documented_errors() {
     let answer = call(&off, "GetId", json!({ "IdentityPoolId": POOL })).await;
     assert_eq!(answer.status, 404, "{answer:?}");
 }
+
+/// boto3 (pinned in tests/python/requirements.txt, in the venv `.ci/run` makes) walks the
+/// endpoint as an app would; its guest's open id token then works on `/v1/sync`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cognito_boto3_walk() {
+    let Some(python) = std::env::var_os("TANDEM_TEST_PYTHON") else {
+        println!("skipped: TANDEM_TEST_PYTHON is not set (.ci/run sets it to a venv with boto3)");
+        return;
+    };
+    let server = start();
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/cognito_identity.py");
+    // The server is another process: blocking here holds up nothing it needs.
+    let output = std::process::Command::new(python)
+        .arg(script)
+        .arg(server.http(""))
+        .arg(POOL)
+        .arg(PROVIDER)
+        .arg(login("alice"))
+        // Nothing from this machine's AWS setup: the calls must go unsigned.
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_PROFILE")
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "boto3 walk failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let result: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let conn = Connection::connect(&server.url(), result["token"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(conn.identity(), result["guest"].as_str().unwrap());
+}
