@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use std::time::Duration;
 use tandem_client::Connection;
 use tandem_protocol::{DatasetRef, Patch};
-use tandem_tests::{SECRET, TestServer, now_secs};
+use tandem_tests::{SECRET, TestServer, fixture, now_secs, output_within, serve_command};
 
 const POOL: &str = "us-east-1:0f6a6b1e-2d7c-4f1b-9a55-3c8e9e2b7a10";
 const ISSUER: &str = "https://login.example.com";
@@ -356,6 +356,61 @@ async fn test_cognito_bad_requests_get_their_documented_errors() {
     let off = TestServer::start();
     let answer = call(&off, "GetId", json!({ "IdentityPoolId": POOL })).await;
     assert_eq!(answer.status, 404, "{answer:?}");
+}
+
+/// An RS256 token of `issuer` for `sub`, signed with the fixture key.
+fn rs256_login(issuer: &str, sub: &str) -> String {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    let _ = jsonwebtoken::crypto::CryptoProvider::install_default(
+        &jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER,
+    );
+    let claims = json!({ "sub": sub, "iss": issuer, "exp": now_secs() + 600 });
+    let key =
+        EncodingKey::from_rsa_pem(&std::fs::read(fixture("rsa_private.pem")).unwrap()).unwrap();
+    jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, &key).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cognito_each_configured_issuer_is_a_login_provider() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tandem.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[jwt_issuers]]\nissuer = \"https://idp.example\"\nrsa_public_keys = [{:?}]\n",
+            fixture("rsa_public.pem").display().to_string()
+        ),
+    )
+    .unwrap();
+    let server = TestServer::builder()
+        .arg("--cognito-identity-pool", POOL)
+        .arg("--jwt-issuer", ISSUER)
+        .arg("--config", config.display())
+        .start();
+    let alice = get_id(&server, Some(logins(&["alice"]))).await.id();
+    let both = json!({ PROVIDER: login("alice"), "idp.example": rs256_login("https://idp.example", "a-1") });
+    assert_eq!(credentials(&server, &alice, Some(both)).await.id(), alice);
+    let idp_only = json!({ "idp.example": rs256_login("https://idp.example", "a-1") });
+    assert_eq!(get_id(&server, Some(idp_only)).await.id(), alice);
+
+    // The provider's key signs, but the token names another issuer.
+    let foreign = json!({ "idp.example": rs256_login("https://other.example", "a-1") });
+    get_id(&server, Some(foreign))
+        .await
+        .assert_error("NotAuthorizedException");
+}
+
+#[test]
+fn test_cognito_malformed_pool_id_stops_the_node_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = output_within(
+        serve_command(dir.path()).args(["--cognito-identity-pool", "us-east-1:NOT-A-UUID"]),
+        Duration::from_secs(30),
+    )
+    .expect("the node exits");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("invalid cognito identity pool"), "{stderr}");
 }
 
 /// boto3 (pinned in tests/python/requirements.txt, in the venv `.ci/run` makes) walks the
