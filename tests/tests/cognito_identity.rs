@@ -358,6 +358,46 @@ async fn test_cognito_bad_requests_get_their_documented_errors() {
     assert_eq!(answer.status, 404, "{answer:?}");
 }
 
+/// Two nodes on one PostgreSQL: an identity made on one is served, logged in and merged on
+/// the other, and the other's open id token works on the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cognito_identities_are_shared_by_the_nodes_of_one_postgresql() {
+    let schema = tandem_tests::cluster::PgSchema::create();
+    let node = || {
+        TestServer::builder()
+            .arg("--store", &schema.url)
+            .arg("--postgres-schema", &schema.name)
+            .arg("--cognito-identity-pool", POOL)
+            .arg("--jwt-issuer", ISSUER)
+            .start()
+    };
+    let (a, b) = (node(), node());
+    let alice = get_id(&a, Some(logins(&["alice"]))).await.id();
+    let guest = get_id(&a, None).await.id();
+    let conn = Connection::connect(&a.url(), &open_id_token(&b, &guest, None).await)
+        .await
+        .unwrap();
+    write_notes(&conn).await;
+    conn.close().await;
+    assert_eq!(
+        credentials(&b, &guest, Some(logins(&["alice"]))).await.id(),
+        alice
+    );
+    credentials(&a, &guest, None)
+        .await
+        .assert_error("NotAuthorizedException");
+    let token = open_id_token(&a, &alice, Some(logins(&["alice"]))).await;
+    let conn = Connection::connect(&b.url(), &token).await.unwrap();
+    let names: Vec<String> = conn
+        .list_datasets()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.dataset.name)
+        .collect();
+    assert_eq!(names, ["notes"]);
+}
+
 /// An RS256 token of `issuer` for `sub`, signed with the fixture key.
 fn rs256_login(issuer: &str, sub: &str) -> String {
     use jsonwebtoken::{Algorithm, EncodingKey, Header};
