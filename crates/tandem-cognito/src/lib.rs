@@ -5,7 +5,8 @@
 //!
 //! It is pure: no HTTP types, no store, no clock of its own (every check takes `now`). The
 //! routes, the store mapping and the access rule (an identity reaches only its own data)
-//! belong to the gateway that will wire it; that is not done yet.
+//! belong to the gateway: its Cognito Identity endpoint issues [`credentials`]; the Sync
+//! API that verifies them is not wired yet.
 
 pub mod credentials;
 pub mod error;

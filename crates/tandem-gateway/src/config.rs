@@ -157,6 +157,11 @@ pub struct GatewayConfig {
     #[serde(skip)]
     #[cfg_attr(feature = "clap", arg(skip))]
     pub dev_token_secret: Option<Vec<u8>>,
+    /// The Cognito section ([`crate::CognitoConfig`]), read as its own section of the
+    /// settings and handed over by the binary.
+    #[serde(skip)]
+    #[cfg_attr(feature = "clap", arg(skip))]
+    pub cognito: crate::CognitoConfig,
 }
 
 impl Default for GatewayConfig {
@@ -194,6 +199,7 @@ impl Default for GatewayConfig {
             log_interval: Duration::from_secs(10),
             listen_port: 0,
             dev_token_secret: None,
+            cognito: crate::CognitoConfig::default(),
         }
     }
 }
@@ -234,6 +240,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("log_interval", &self.log_interval)
             .field("listen_port", &self.listen_port)
             .field("dev_mode", &self.dev_token_secret.is_some())
+            .field("cognito", &self.cognito)
             .finish_non_exhaustive()
     }
 }

@@ -1,6 +1,7 @@
-//! Tandem's gateway: the axum router (`GET /v1/sync` WebSocket, `/health`, `/ready`), one
-//! session per WebSocket connection (authentication, requests, subscriptions), JWT
-//! verification, and the local hub that hands committed changes to local subscribers.
+//! Tandem's gateway: the axum router (`GET /v1/sync` WebSocket, `/health`, `/ready`, the
+//! Cognito Identity endpoint at `POST /`), one session per WebSocket connection
+//! (authentication, requests, subscriptions), JWT verification, and the local hub that hands
+//! committed changes to local subscribers.
 //!
 //! It owns no data: the store is the truth and is called for every read and write, and the
 //! broker carries commits between nodes. It installs no tracing subscriber and reads no
@@ -8,6 +9,7 @@
 //! by the TLS client when a JWKS URL is configured); the `tandem` binary wires it up.
 
 pub mod auth;
+pub mod cognito;
 pub mod config;
 mod connections;
 mod demo;
@@ -23,6 +25,7 @@ mod testkit;
 mod throttle;
 
 pub use auth::{AuthConfig, AuthError, Identity, IssuerConfig, JwksConfig, KeySource, Verifier};
+pub use cognito::CognitoConfig;
 pub use config::GatewayConfig;
 use hub::Hub;
 pub use hub::Subscribers;
@@ -52,6 +55,8 @@ pub struct Gateway {
     hub: Hub,
     connections: connections::Connections,
     verifier: Verifier,
+    /// The Cognito Identity endpoint, when an identity pool is configured.
+    cognito_identity: Option<cognito::identity::IdentityEndpoint>,
     /// Counts what clients cause at will and keeps its log lines few.
     throttle: Arc<Throttle>,
     shutdown: CancellationToken,
@@ -83,6 +88,7 @@ impl Gateway {
         Arc::new(Gateway {
             connections: connections::Connections::new(&config),
             throttle: Throttle::new(config.max_log_lines, config.log_interval),
+            cognito_identity: cognito::identity::IdentityEndpoint::new(&config.cognito),
             config,
             store,
             hub: Hub::new(subscribers, broker),
@@ -125,7 +131,13 @@ impl Gateway {
             ));
         Router::new()
             .merge(browser_api)
-            .route("/", get(demo::index))
+            // `POST /` is the Cognito Identity endpoint (404 while it is off).
+            .route(
+                "/",
+                get(demo::index)
+                    .post(cognito::identity::handle)
+                    .options(cognito::identity::preflight),
+            )
             .route("/demo/{file}", get(demo::file))
             .route("/sdk/tandem.js", get(demo::sdk))
             .route("/health", get(health))

@@ -2,8 +2,8 @@
 //! the file named by `--config` > defaults. Unknown file keys are an error.
 //!
 //! Each crate owns its section of [`Settings`]: [`ServerConfig`] here (listening, backends,
-//! keys, logging), [`GatewayConfig`] (per-connection limits and timeouts) and the store's
-//! [`Limits`]. A section is a plain struct whose `Default` is the only place a default is
+//! keys, logging), [`GatewayConfig`] (per-connection limits and timeouts), the store's
+//! [`Limits`] and the gateway's [`CognitoConfig`]. A section is a plain struct whose `Default` is the only place a default is
 //! written; serde reads it from the file (missing keys keep the default), and its clap
 //! derive makes each field a flag and a `TANDEM_*` variable with the field's doc as help.
 //! So adding a setting is one field (doc, `#[arg(long, env = "TANDEM_NAME")]`) and its value
@@ -20,8 +20,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tandem_gateway::GatewayConfig;
 use tandem_gateway::config::duration;
+use tandem_gateway::{CognitoConfig, GatewayConfig};
 use tandem_store::{Limits, PostgresConfig};
 
 #[derive(Debug, Parser)]
@@ -110,6 +110,9 @@ pub struct Settings {
     #[command(flatten)]
     #[serde(flatten)]
     pub limits: Limits,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub cognito: CognitoConfig,
 }
 
 /// The binary's own section: where to listen, which backends, the keys, logging, shutdown.
@@ -308,6 +311,8 @@ struct SettingsFile {
     #[serde(flatten)]
     limits: Limits,
     #[serde(flatten)]
+    cognito: CognitoConfig,
+    #[serde(flatten)]
     unknown: BTreeMap<String, toml::Value>,
 }
 
@@ -334,6 +339,7 @@ impl Settings {
             server: file.server,
             gateway: file.gateway,
             limits: file.limits,
+            cognito: file.cognito,
         })
     }
 

@@ -17,8 +17,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 use tandem_fanout::{Broker, LocalBroker, RedisBroker, RedisConfig};
+use tandem_gateway::cognito::config::OpenIdMint;
 use tandem_gateway::{
-    AuthConfig, Gateway, IssuerConfig, JwksConfig, KeySource, Subscribers, Verifier,
+    AuthConfig, CognitoConfig, Gateway, IssuerConfig, JwksConfig, KeySource, Subscribers, Verifier,
 };
 use tandem_store::{
     Limits, PostgresConfig, PostgresStore, SqliteStore, Store, StoreError, check_sqlite,
@@ -177,6 +178,7 @@ async fn serve_until(
         server,
         gateway: mut gateway_config,
         limits,
+        cognito,
     } = settings;
     let listen = server.listen;
     let data_dir = server.data_dir.clone();
@@ -200,6 +202,7 @@ async fn serve_until(
         };
         gateway_config.dev_token_secret = Some(secret);
     }
+    gateway_config.cognito = cognito_config(cognito, &auth)?;
     let grace = server.shutdown_grace;
     let drain_delay = server.drain_delay;
 
@@ -497,6 +500,30 @@ fn auth_config(
         leeway_secs: settings.jwt_leeway.as_secs(),
     };
     Ok((config, generated))
+}
+
+/// The Cognito section with what the binary adds: the credential keys' secret (the
+/// `--cognito-secret-file`'s, else the HS256 secret) and GetOpenIdToken's signing key (the
+/// HS256 secret, with the default keys' `iss` and `aud`, so `/v1/sync` accepts its tokens).
+fn cognito_config(mut cognito: CognitoConfig, auth: &AuthConfig) -> anyhow::Result<CognitoConfig> {
+    let Some(pool) = &cognito.cognito_identity_pool else {
+        return Ok(cognito);
+    };
+    tandem_gateway::cognito::config::validate_pool_id(pool).map_err(anyhow::Error::msg)?;
+    let secret = match &cognito.cognito_secret_file {
+        Some(path) => read_secret_file(path)?,
+        None => auth.hs256_secret.clone().context(
+            "--cognito-identity-pool needs --cognito-secret-file or an hs256 secret to derive credentials from",
+        )?,
+    };
+    tandem_token::check_secret(&secret).context("the cognito secret")?;
+    cognito.credential_secret = Some(secret);
+    cognito.open_id = auth.hs256_secret.clone().map(|hs256_secret| OpenIdMint {
+        hs256_secret,
+        issuer: auth.issuer.clone(),
+        audience: auth.audience.clone(),
+    });
+    Ok(cognito)
 }
 
 fn load_or_generate_secret(data_dir: &Path) -> anyhow::Result<Vec<u8>> {

@@ -1,0 +1,112 @@
+//! The Cognito settings section: one field per setting, its default written once in
+//! [`CognitoConfig`]'s `Default`; with the `clap` feature the same fields are `tandem serve`
+//! flags and `TANDEM_*` variables, as in [`crate::GatewayConfig`].
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// The Cognito Identity endpoint's settings (`shared/COGNITO.md` §3).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
+#[serde(default, deny_unknown_fields)]
+pub struct CognitoConfig {
+    /// The Cognito identity pool id this node answers for, `<region>:<uuid>`; its identities
+    /// are the store's `default` pool. Unset, the Cognito Identity endpoint (`POST /`) is off
+    /// and answers 404.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_COGNITO_IDENTITY_POOL"))]
+    pub cognito_identity_pool: Option<String>,
+    /// Whether GetId gives out guest (unauthenticated) identities to callers without Logins;
+    /// off, they get `NotAuthorizedException`.
+    #[cfg_attr(
+        feature = "clap",
+        arg(
+            long,
+            env = "TANDEM_COGNITO_GUESTS",
+            num_args = 0..=1,
+            default_missing_value = "true",
+            action = clap::ArgAction::Set
+        )
+    )]
+    pub cognito_guests: bool,
+    /// A file holding the secret the temporary credentials are derived from; every node of a
+    /// deployment must share it. Unset, the HS256 JWT secret is used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_COGNITO_SECRET_FILE"))]
+    pub cognito_secret_file: Option<PathBuf>,
+    /// Bytes in one Cognito Identity request body; a larger one gets
+    /// `InvalidParameterException` (`cognito_max_request_bytes`). Ten login tokens of 8 KiB
+    /// fit.
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_COGNITO_MAX_REQUEST_BYTES"))]
+    pub cognito_max_request_bytes: usize,
+    /// The secret the credential keys are derived from: the file's, else the HS256 secret.
+    /// Set by the binary, never read from settings.
+    #[serde(skip)]
+    #[cfg_attr(feature = "clap", arg(skip))]
+    pub credential_secret: Option<Vec<u8>>,
+    /// How GetOpenIdToken mints: the node's HS256 secret, with the default keys' `iss` and
+    /// `aud`, so that `/v1/sync` accepts the token. `None` without an HS256 secret. Set by
+    /// the binary, never read from settings.
+    #[serde(skip)]
+    #[cfg_attr(feature = "clap", arg(skip))]
+    pub open_id: Option<OpenIdMint>,
+}
+
+/// What GetOpenIdToken signs with.
+#[derive(Clone, PartialEq, Eq)]
+pub struct OpenIdMint {
+    pub hs256_secret: Vec<u8>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+}
+
+impl Default for CognitoConfig {
+    fn default() -> Self {
+        CognitoConfig {
+            cognito_identity_pool: None,
+            cognito_guests: true,
+            cognito_secret_file: None,
+            cognito_max_request_bytes: 128 * 1024,
+            credential_secret: None,
+            open_id: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for CognitoConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CognitoConfig")
+            .field("cognito_identity_pool", &self.cognito_identity_pool)
+            .field("cognito_guests", &self.cognito_guests)
+            .field("cognito_secret_file", &self.cognito_secret_file)
+            .field("cognito_max_request_bytes", &self.cognito_max_request_bytes)
+            .field("credential_secret", &self.credential_secret.is_some())
+            .field("open_id", &self.open_id.is_some())
+            .finish()
+    }
+}
+
+/// Checks an identity pool id: `<region>:<lowercase uuid>`, the form identity ids take too.
+pub fn validate_pool_id(pool: &str) -> Result<(), String> {
+    tandem_store::validate_identity_id(pool).map_err(|_| {
+        format!("invalid cognito identity pool `{pool}`: expected <region>:<lowercase uuid>")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_cognito_pool_id_validation() {
+        assert!(validate_pool_id("us-east-1:0f6a6b1e-2d7c-4f1b-9a55-3c8e9e2b7a10").is_ok());
+        for bad in [
+            "",
+            "us-east-1",
+            "us-east-1:NOT-A-UUID",
+            ":0f6a6b1e-2d7c-4f1b-9a55-3c8e9e2b7a10",
+        ] {
+            assert!(validate_pool_id(bad).is_err(), "{bad}");
+        }
+    }
+}
