@@ -147,6 +147,25 @@ pub struct GatewayConfig {
         arg(long, env = "TANDEM_LOG_INTERVAL", value_parser = duration::parse)
     )]
     pub log_interval: Duration,
+    /// The Cognito identity pool id (`<region>:<uuid>`) the Cognito Sync API under
+    /// `/identitypools/…` answers for; it maps to the store pool `default`. Unset (the
+    /// default), those routes answer 404.
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_COGNITO_IDENTITY_POOL"))]
+    pub cognito_identity_pool: Option<String>,
+    /// A file holding the secret Cognito credentials and tokens are derived from; every node
+    /// of a deployment must share it. Unset, the node's HS256 JWT secret is used.
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_COGNITO_SECRET_FILE"))]
+    pub cognito_secret_file: Option<std::path::PathBuf>,
+    /// Bytes in one Cognito Sync request body; a larger one is refused with
+    /// `LimitExceededException` before it is read whole (JSON escaping can grow a 1 MiB
+    /// dataset sixfold, hence the default of 8 MiB).
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_COGNITO_MAX_BODY_BYTES"))]
+    pub cognito_max_body_bytes: usize,
+    /// The secret the Cognito keys derive from (the file's, or the HS256 secret). Set by the
+    /// binary, never read from settings.
+    #[serde(skip)]
+    #[cfg_attr(feature = "clap", arg(skip))]
+    pub cognito_secret: Option<Vec<u8>>,
     /// The port this node listens on, for dev mode's `Host` check; 0 = any. Set by the
     /// binary once it has bound the listener, never read from settings.
     #[serde(skip)]
@@ -192,6 +211,10 @@ impl Default for GatewayConfig {
             allowed_origins: Vec::new(),
             max_log_lines: 10,
             log_interval: Duration::from_secs(10),
+            cognito_identity_pool: None,
+            cognito_secret_file: None,
+            cognito_max_body_bytes: 8 * 1024 * 1024,
+            cognito_secret: None,
             listen_port: 0,
             dev_token_secret: None,
         }
@@ -232,6 +255,9 @@ impl std::fmt::Debug for GatewayConfig {
             .field("allowed_origins", &self.allowed_origins)
             .field("max_log_lines", &self.max_log_lines)
             .field("log_interval", &self.log_interval)
+            .field("cognito_identity_pool", &self.cognito_identity_pool)
+            .field("cognito_secret_file", &self.cognito_secret_file)
+            .field("cognito_max_body_bytes", &self.cognito_max_body_bytes)
             .field("listen_port", &self.listen_port)
             .field("dev_mode", &self.dev_token_secret.is_some())
             .finish_non_exhaustive()

@@ -200,6 +200,17 @@ async fn serve_until(
         };
         gateway_config.dev_token_secret = Some(secret);
     }
+    if gateway_config.cognito_identity_pool.is_some() {
+        // Every node that shares this secret verifies the credentials any of them issued.
+        let secret = match &gateway_config.cognito_secret_file {
+            Some(path) => read_secret_file(path)
+                .with_context(|| format!("cannot read --cognito-secret-file {}", path.display()))?,
+            None => auth.hs256_secret.clone().context(
+                "--cognito-identity-pool needs a secret: --cognito-secret-file or an hs256 jwt secret",
+            )?,
+        };
+        gateway_config.cognito_secret = Some(secret);
+    }
     let grace = server.shutdown_grace;
     let drain_delay = server.drain_delay;
 
