@@ -6,7 +6,7 @@ use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tandem_cognito::{CredentialKeys, Credentials};
 use tandem_protocol::{DatasetRef, Patch};
 use tandem_tests::{SECRET, TestServer, next_push};
@@ -582,4 +582,64 @@ async fn test_cognito_sync_routes_are_absent_without_a_pool() {
     )
     .await;
     assert_eq!(reply.status, 404);
+}
+
+fn credentials_json(identity: &str, creds: &Credentials) -> Value {
+    json!({
+        "identity_id": identity,
+        "access_key_id": creds.access_key_id,
+        "secret_key": creds.secret_key,
+        "session_token": creds.session_token,
+    })
+}
+
+/// boto3 (the pinned version of tests/python/requirements.txt, in the venv `.ci/run`
+/// makes) drives the whole walk; the WebSocket side of the live bridge is checked here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cognito_sync_boto3_walk_and_live_bridge() {
+    let Ok(python) = std::env::var("TANDEM_TEST_PYTHON") else {
+        println!("skipped: TANDEM_TEST_PYTHON is not set (.ci/run sets it to a venv with boto3)");
+        return;
+    };
+    let server = server();
+    let mut ws = server.connect(ALICE).await;
+    ws.update(
+        DatasetRef::own("fromws"),
+        None,
+        vec![Patch::replace("from-ws", "1", 0)],
+    )
+    .await
+    .unwrap();
+    ws.subscribe(DatasetRef::own("pushed")).await.unwrap();
+
+    let keys = CredentialKeys::derive(SECRET.as_bytes());
+    let expired = keys.issue(ALICE, POOL, SystemTime::now() - Duration::from_secs(7200));
+    let walk = json!({
+        "endpoint": format!("http://{}", server.addr),
+        "pool": POOL,
+        "a": credentials_json(ALICE, &credentials(ALICE)),
+        "b": credentials_json(BOB, &credentials(BOB)),
+        "a_expired": credentials_json(ALICE, &expired),
+        "ws_dataset": "fromws",
+        "push_dataset": "pushed",
+    });
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/cognito_sync_walk.py");
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(script)
+            .env("TANDEM_COGNITO_WALK", walk.to_string())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "boto3 walk failed\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("cognito sync walk: ok"));
+    let (_, records) = next_push(&mut ws).await;
+    assert!(records.iter().any(|r| r.key == "from-boto"), "{records:?}");
 }
