@@ -9,7 +9,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tandem_cognito::{CredentialKeys, Credentials};
 use tandem_protocol::{DatasetRef, Patch};
-use tandem_tests::{SECRET, TestServer, next_push};
+use tandem_tests::cluster::{PgSchema, redis_url, unique};
+use tandem_tests::{SECRET, TestServer, next_push, push_at_least};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const POOL: &str = "us-east-1:0f6a6b1e-2d7c-4f1b-9a55-3c8e9e2b7a10";
@@ -190,8 +191,29 @@ async fn call_with(
     body: Option<Value>,
     tamper: bool,
 ) -> Reply {
+    signed_at(
+        server,
+        creds,
+        method,
+        path_and_query,
+        body,
+        tamper,
+        SystemTime::now(),
+    )
+    .await
+}
+
+async fn signed_at(
+    server: &TestServer,
+    creds: &Credentials,
+    method: &str,
+    path_and_query: &str,
+    body: Option<Value>,
+    tamper: bool,
+    at: SystemTime,
+) -> Reply {
     let body = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
-    let date = amz_date(SystemTime::now());
+    let date = amz_date(at);
     let host = server.addr.to_string();
     let mut authorization = sign(creds, method, &host, path_and_query, &body, &date);
     if tamper {
@@ -642,4 +664,97 @@ async fn test_cognito_sync_boto3_walk_and_live_bridge() {
     assert!(String::from_utf8_lossy(&output.stdout).contains("cognito sync walk: ok"));
     let (_, records) = next_push(&mut ws).await;
     assert!(records.iter().any(|r| r.key == "from-boto"), "{records:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cognito_sync_refuses_a_replay_past_the_skew_and_an_oversized_body() {
+    let server = TestServer::builder()
+        .arg("--cognito-identity-pool", POOL)
+        .arg("--cognito-max-body-bytes", 4096)
+        .start();
+    let alice = credentials(ALICE);
+    let late = SystemTime::now() - Duration::from_secs(10 * 60);
+    let replay = signed_at(
+        &server,
+        &alice,
+        "GET",
+        &path(ALICE, "/datasets"),
+        None,
+        false,
+        late,
+    )
+    .await;
+    replay.assert_error(403, "InvalidSignatureException");
+    assert!(
+        replay.body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Signature expired:"),
+        "{}",
+        replay.body
+    );
+
+    let token = list_records(&server, &alice, ALICE, "big", "").await["SyncSessionToken"].clone();
+    let oversized = call(
+        &server,
+        &alice,
+        "POST",
+        &path(ALICE, "/datasets/big"),
+        Some(json!({
+            "SyncSessionToken": token,
+            "RecordPatches": [{ "Op": "replace", "Key": "k", "Value": "x".repeat(5000), "SyncCount": 0 }],
+        })),
+    )
+    .await;
+    oversized.assert_error(400, "LimitExceededException");
+    let records = list_records(&server, &alice, ALICE, "big", "").await;
+    assert_eq!(records["DatasetExists"], false);
+}
+
+/// Two nodes on one PostgreSQL and one Redis: a REST commit through one node is pushed to a
+/// WebSocket subscriber on the other, and a WebSocket write on that one is listed by the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cognito_sync_rest_commit_reaches_a_subscriber_on_another_node() {
+    let schema = PgSchema::create();
+    let prefix = unique("tandem-e2e");
+    let nodes: Vec<TestServer> = (0..2)
+        .map(|_| {
+            TestServer::builder()
+                .arg("--store", &schema.url)
+                .arg("--postgres-schema", &schema.name)
+                .arg("--postgres-pool-size", 4)
+                .arg("--redis", redis_url())
+                .arg("--redis-prefix", &prefix)
+                .arg("--cognito-identity-pool", POOL)
+                .start()
+        })
+        .collect();
+    let alice = credentials(ALICE);
+    let mut ws = nodes[0].connect(ALICE).await;
+    ws.subscribe(DatasetRef::own("shared")).await.unwrap();
+
+    let written = update(
+        &nodes[1],
+        &alice,
+        ALICE,
+        "shared",
+        json!([{ "Op": "replace", "Key": "via-rest", "Value": "1", "SyncCount": 0 }]),
+    )
+    .await;
+    assert_eq!(written.status, 200, "{}", written.body);
+    let (n, records) = tokio::time::timeout(Duration::from_secs(20), push_at_least(&mut ws, 1))
+        .await
+        .expect("the other node pushes the REST commit");
+    assert_eq!(n, 1);
+    assert!(records.iter().any(|r| r.key == "via-rest"));
+
+    ws.update(
+        DatasetRef::own("shared"),
+        None,
+        vec![Patch::replace("via-ws", "2", 0)],
+    )
+    .await
+    .unwrap();
+    let listed = list_records(&nodes[1], &alice, ALICE, "shared", "?lastSyncCount=1").await;
+    assert_eq!(keys(&listed["Records"]), ["via-ws"]);
 }
