@@ -899,6 +899,49 @@ fn epoch_secs(t: SystemTime) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testkit;
+
+    const POOL: &str = "us-east-1:0f6a6b1e-2d7c-4f1b-9a55-3c8e9e2b7a10";
+    const GUEST: &str = "us-east-1:aaaaaaaa-1111-4111-8111-aaaaaaaaaaaa";
+    const INTO: &str = "us-east-1:bbbbbbbb-2222-4222-8222-bbbbbbbbbbbb";
+
+    fn claims(identity: &str, pool: &str) -> SessionClaims {
+        SessionClaims {
+            pool: pool.to_owned(),
+            identity_id: identity.to_owned(),
+            expiration: SystemTime::now() + Duration::from_secs(3600),
+        }
+    }
+
+    #[tokio::test]
+    async fn test_authorize_allows_only_the_own_live_identity_of_the_pool() {
+        let test = testkit::gateway(crate::GatewayConfig {
+            cognito_identity_pool: Some(POOL.to_owned()),
+            cognito_secret: Some(vec![3; 32]),
+            ..crate::GatewayConfig::default()
+        });
+        let gw = &test.gw;
+        let api = gw.cognito_sync.as_ref().unwrap();
+        let refused = |r: Result<(), CognitoError>| {
+            assert_eq!(r.unwrap_err().error_type, ErrorType::NotAuthorized);
+        };
+        authorize(gw, api, &claims(GUEST, POOL), POOL, GUEST)
+            .await
+            .unwrap();
+        refused(authorize(gw, api, &claims(GUEST, POOL), POOL, INTO).await);
+        refused(authorize(gw, api, &claims(GUEST, "us-east-1:other"), POOL, GUEST).await);
+        refused(authorize(gw, api, &claims(GUEST, POOL), "us-east-1:other", GUEST).await);
+
+        // Once merged away, the guest's credentials reach nothing, its old data included.
+        let pool = &gw.config.pool;
+        gw.store.create_identity(pool, GUEST, true).await.unwrap();
+        gw.store.create_identity(pool, INTO, false).await.unwrap();
+        gw.store.merge_identity(pool, GUEST, INTO).await.unwrap();
+        refused(authorize(gw, api, &claims(GUEST, POOL), POOL, GUEST).await);
+        authorize(gw, api, &claims(INTO, POOL), POOL, INTO)
+            .await
+            .unwrap();
+    }
 
     #[test]
     fn test_route_parses_the_model_paths() {
