@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tandem_cognito::{CredentialKeys, Credentials};
 use tandem_protocol::{DatasetRef, Patch};
 use tandem_tests::cluster::{PgSchema, redis_url, unique};
-use tandem_tests::{SECRET, TestServer, next_push, push_at_least};
+use tandem_tests::{SECRET, TestServer, metric, next_push, push_at_least};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const POOL: &str = "us-east-1:0f6a6b1e-2d7c-4f1b-9a55-3c8e9e2b7a10";
@@ -473,7 +473,9 @@ async fn test_cognito_sync_refuses_other_identities_bad_signatures_and_bad_input
     .await;
     trespass.assert_error(403, "NotAuthorizedException");
 
-    // A tampered signature, and none at all.
+    // A tampered signature, and none at all; refusals are counted like refused tokens.
+    const REFUSED: &str = "tandem_gateway_events_total{event=\"token_refused\"}";
+    let refused_before = metric(&server, REFUSED).await;
     call_with(
         &server,
         &alice,
@@ -484,6 +486,7 @@ async fn test_cognito_sync_refuses_other_identities_bad_signatures_and_bad_input
     )
     .await
     .assert_error(403, "InvalidSignatureException");
+    assert_eq!(metric(&server, REFUSED).await, refused_before + 1);
     raw(server.addr, "GET", &path(ALICE, "/datasets"), &[], b"")
         .await
         .assert_error(403, "MissingAuthenticationTokenException");

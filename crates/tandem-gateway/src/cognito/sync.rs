@@ -12,6 +12,7 @@
 
 use crate::Gateway;
 use crate::metrics::Metrics;
+use crate::throttle::Event;
 use axum::extract::{Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -87,7 +88,12 @@ pub(crate) async fn handle(State(gw): State<Arc<Gateway>>, request: Request) -> 
     } else {
         match serve(&gw, api, request).await {
             Ok(response) => response,
-            Err(e) => error_response(&e),
+            Err(e) => {
+                if refused_credentials(e.error_type) && gw.throttle.record(Event::TokenRefused) {
+                    tracing::info!(error = %e, "cognito sync request refused");
+                }
+                error_response(&e)
+            }
         }
     };
     let headers = response.headers_mut();
@@ -119,6 +125,20 @@ fn preflight(request: &HeaderMap) -> Response {
     }
     headers.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from(600));
     response
+}
+
+/// Errors a client causes at will with bad or foreign credentials: counted and logged
+/// through the throttle, like a refused WebSocket token.
+fn refused_credentials(error_type: ErrorType) -> bool {
+    matches!(
+        error_type,
+        ErrorType::MissingAuthenticationToken
+            | ErrorType::IncompleteSignature
+            | ErrorType::InvalidSignature
+            | ErrorType::UnrecognizedClient
+            | ErrorType::ExpiredToken
+            | ErrorType::NotAuthorized
+    )
 }
 
 fn request_id() -> String {
