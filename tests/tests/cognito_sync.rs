@@ -403,6 +403,18 @@ async fn test_cognito_sync_walk_create_list_conflict_remove_delete() {
     let fresh = list_records(&server, &alice, ALICE, "notes", "").await;
     assert_eq!(keys(&fresh["Records"]), ["a", "c"]);
 
+    // A body past axum's own 2 MiB default is read whole: the bound is
+    // cognito_max_body_bytes (8 MiB), room for a 1 MiB dataset JSON-escaped.
+    let padded = call(
+        &server,
+        &alice,
+        "GET",
+        &path(ALICE, "/datasets"),
+        Some(json!({ "pad": "x".repeat(3 << 20) })),
+    )
+    .await;
+    assert_eq!(padded.status, 200, "{}", padded.body);
+
     // The dataset and usage views.
     let datasets = call(&server, &alice, "GET", &path(ALICE, "/datasets"), None).await;
     assert_eq!(datasets.body["Count"], 1);
