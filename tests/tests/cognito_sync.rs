@@ -448,6 +448,22 @@ async fn test_cognito_sync_walk_create_list_conflict_remove_delete() {
     )
     .await
     .assert_error(404, "ResourceNotFoundException");
+
+    // Re-created: a client at a count before the delete is still told.
+    let recreated = update(
+        &server,
+        &alice,
+        ALICE,
+        "notes",
+        json!([{ "Op": "replace", "Key": "a", "Value": "again", "SyncCount": 0 }]),
+    )
+    .await;
+    assert_eq!(recreated.status, 200, "{}", recreated.body);
+    let back = list_records(&server, &alice, ALICE, "notes", "?lastSyncCount=2").await;
+    assert_eq!(back["DatasetDeletedAfterRequestedSyncCount"], true);
+    assert_eq!(back["DatasetExists"], true);
+    let current = list_records(&server, &alice, ALICE, "notes", "?lastSyncCount=4").await;
+    assert_eq!(current["DatasetDeletedAfterRequestedSyncCount"], false);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

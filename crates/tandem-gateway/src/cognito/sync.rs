@@ -692,6 +692,14 @@ async fn list_records(
         .merged_dataset_names(&key)
         .await
         .map_err(store_error)?;
+    // Also once the dataset was re-created: the client's copy predates a delete.
+    let deleted_after = since > 0
+        && gw
+            .store
+            .last_deleted_sync_count(&key)
+            .await
+            .map_err(store_error)?
+            > since;
     let session = SyncSession {
         v: TOKEN_VERSION,
         pool: api.pool_id.clone(),
@@ -705,8 +713,7 @@ async fn list_records(
         "Count": shapes.len(),
         "DatasetSyncCount": snapshot,
         "DatasetExists": exists,
-        "DatasetDeletedAfterRequestedSyncCount":
-            changes.deleted && since > 0 && changes.sync_count > since,
+        "DatasetDeletedAfterRequestedSyncCount": deleted_after,
         "SyncSessionToken": seal(&api.session_key, &session),
     });
     if !merged.is_empty() {
