@@ -265,8 +265,6 @@ impl Route {
         let get = *method == Method::GET;
         let post = *method == Method::POST;
         let delete = *method == Method::DELETE;
-        let p = |s: &str| s.to_owned();
-        let i = p;
         Ok(match segments[..] {
             ["identitypools"] | ["identitypools", _] if get => Route::Developer,
             ["identitypools", _, "events" | "configuration"] if get || post => Route::Developer,
@@ -274,15 +272,15 @@ impl Route {
                 Route::Developer
             }
             ["identitypools", pool, "identities", id] if get => Route::DescribeIdentityUsage {
-                pool: p(pool),
-                id: i(id),
+                pool: pool.to_owned(),
+                id: id.to_owned(),
             },
             ["identitypools", pool, "identities", id, "datasets"] if get => Route::ListDatasets {
-                pool: p(pool),
-                id: i(id),
+                pool: pool.to_owned(),
+                id: id.to_owned(),
             },
             ["identitypools", pool, "identities", id, "datasets", name] => {
-                let (pool, id, name) = (p(pool), i(id), name.to_owned());
+                let (pool, id, name) = (pool.to_owned(), id.to_owned(), name.to_owned());
                 match *method {
                     Method::GET => Route::DescribeDataset { pool, id, name },
                     Method::POST => Route::UpdateRecords { pool, id, name },
@@ -299,8 +297,8 @@ impl Route {
                 name,
                 "records",
             ] if get => Route::ListRecords {
-                pool: p(pool),
-                id: i(id),
+                pool: pool.to_owned(),
+                id: id.to_owned(),
                 name: name.to_owned(),
             },
             [
@@ -313,12 +311,12 @@ impl Route {
                 "subscriptions",
                 _,
             ] if post || delete => Route::PushSync {
-                pool: p(pool),
-                id: i(id),
+                pool: pool.to_owned(),
+                id: id.to_owned(),
             },
             ["identitypools", pool, "identity", id, "device"] if post => Route::PushSync {
-                pool: p(pool),
-                id: i(id),
+                pool: pool.to_owned(),
+                id: id.to_owned(),
             },
             _ => Route::Unknown,
         })
