@@ -789,3 +789,29 @@ async fn test_cognito_sync_rest_commit_reaches_a_subscriber_on_another_node() {
     let listed = list_records(&nodes[1], &alice, ALICE, "shared", "?lastSyncCount=1").await;
     assert_eq!(keys(&listed["Records"]), ["via-ws"]);
 }
+
+/// With `--cognito-secret-file`, credentials derive from that file's secret, not from the
+/// JWT secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cognito_sync_secret_file_replaces_the_jwt_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cognito-secret");
+    let secret = "a cognito secret shared by every node, 32+ bytes";
+    std::fs::write(&file, format!("{secret}\n")).unwrap();
+    let server = TestServer::builder()
+        .arg("--cognito-identity-pool", POOL)
+        .arg("--cognito-secret-file", file.display())
+        .start();
+    let from_file = CredentialKeys::derive(secret.as_bytes()).issue(ALICE, POOL, SystemTime::now());
+    let reply = call(&server, &from_file, "GET", &path(ALICE, "/datasets"), None).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    call(
+        &server,
+        &credentials(ALICE),
+        "GET",
+        &path(ALICE, "/datasets"),
+        None,
+    )
+    .await
+    .assert_error(403, "UnrecognizedClientException");
+}
