@@ -147,6 +147,11 @@ pub struct GatewayConfig {
         arg(long, env = "TANDEM_LOG_INTERVAL", value_parser = duration::parse)
     )]
     pub log_interval: Duration,
+    /// Bytes in one Cognito Sync request body; a larger one is refused with
+    /// `LimitExceededException` before it is read whole (JSON escaping can grow a 1 MiB
+    /// dataset sixfold, hence the default of 8 MiB).
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_COGNITO_MAX_BODY_BYTES"))]
+    pub cognito_max_body_bytes: usize,
     /// The port this node listens on, for dev mode's `Host` check; 0 = any. Set by the
     /// binary once it has bound the listener, never read from settings.
     #[serde(skip)]
@@ -197,6 +202,7 @@ impl Default for GatewayConfig {
             allowed_origins: Vec::new(),
             max_log_lines: 10,
             log_interval: Duration::from_secs(10),
+            cognito_max_body_bytes: 8 * 1024 * 1024,
             listen_port: 0,
             dev_token_secret: None,
             cognito: crate::CognitoConfig::default(),
@@ -238,6 +244,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("allowed_origins", &self.allowed_origins)
             .field("max_log_lines", &self.max_log_lines)
             .field("log_interval", &self.log_interval)
+            .field("cognito_max_body_bytes", &self.cognito_max_body_bytes)
             .field("listen_port", &self.listen_port)
             .field("dev_mode", &self.dev_token_secret.is_some())
             .field("cognito", &self.cognito)

@@ -37,7 +37,7 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{any, get};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -65,6 +65,8 @@ pub struct Gateway {
     sessions: TaskTracker,
     next_session: AtomicU64,
     session_salt: u64,
+    /// The Cognito Sync API, when a Cognito identity pool is configured.
+    cognito_sync: Option<cognito::sync::SyncApi>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -87,6 +89,7 @@ impl Gateway {
         let store = subscribers.store().clone();
         Arc::new(Gateway {
             connections: connections::Connections::new(&config),
+            cognito_sync: cognito::sync::SyncApi::from_config(&config),
             throttle: Throttle::new(config.max_log_lines, config.log_interval),
             cognito_identity: cognito::identity::IdentityEndpoint::new(&config.cognito),
             config,
@@ -143,6 +146,9 @@ impl Gateway {
             .route("/health", get(health))
             .route("/ready", get(ready))
             .route("/metrics", get(metrics_text))
+            // Signed with SigV4, so no cookie rides along: open to every origin (CORS).
+            .route("/identitypools", any(cognito::sync::handle))
+            .route("/identitypools/{*rest}", any(cognito::sync::handle))
             .with_state(self.clone())
     }
 

@@ -738,7 +738,8 @@ pub async fn case_default_limits(store: Arc<dyn Store>) {
 }
 
 /// Deleting removes records (tombstones too) and grants and bumps the sync count; only the
-/// owner may; a re-created dataset continues above the old count. Default limits.
+/// owner may; a re-created dataset continues above the old count, and the last delete's
+/// count is kept across the re-creation. Default limits.
 pub async fn case_delete_then_recreate_continues_sync_count(store: Arc<dyn Store>) {
     let d = ds(ALICE, "journal");
     commit(&*store, &d, ALICE, vec![Patch::replace("a", "1", 0)]).await;
@@ -752,7 +753,16 @@ pub async fn case_delete_then_recreate_continues_sync_count(store: Arc<dyn Store
     assert_eq!(store.snapshot(&d, ALICE).await.unwrap().sync_count, 3);
 
     assert!(!store.snapshot(&d, ALICE).await.unwrap().deleted);
+    assert_eq!(store.last_deleted_sync_count(&d).await.unwrap(), 0);
+    assert_eq!(
+        store
+            .last_deleted_sync_count(&ds(ALICE, "never"))
+            .await
+            .unwrap(),
+        0
+    );
     assert_eq!(store.delete_dataset(&d, ALICE).await.unwrap(), 4);
+    assert_eq!(store.last_deleted_sync_count(&d).await.unwrap(), 4);
     let s = store.snapshot(&d, ALICE).await.unwrap();
     assert_eq!((s.sync_count, s.records.len(), s.deleted), (4, 0, true));
     assert!(store.changes(&d, ALICE, 0).await.unwrap().deleted);
@@ -805,7 +815,13 @@ pub async fn case_delete_then_recreate_continues_sync_count(store: Arc<dyn Store
     assert_eq!(values(&changed), live(&[("a", "2", 5)]));
     let list = store.list_datasets(DEFAULT_POOL, ALICE).await.unwrap();
     assert_eq!((list[0].sync_count, list[0].records), (5, 1));
+    assert_eq!(
+        store.last_deleted_sync_count(&d).await.unwrap(),
+        4,
+        "kept when re-created"
+    );
     assert_eq!(store.delete_dataset(&d, ALICE).await.unwrap(), 6);
+    assert_eq!(store.last_deleted_sync_count(&d).await.unwrap(), 6);
 }
 
 /// A read grant allows `snapshot` and `changes` but not `update`. Default limits.

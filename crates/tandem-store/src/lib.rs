@@ -144,6 +144,11 @@ pub trait Store: Send + Sync + 'static {
     /// that whoever asks is the owner.
     async fn merged_dataset_names(&self, dataset: &DatasetKey) -> Result<Vec<String>, StoreError>;
 
+    /// The sync count of the dataset's last delete, 0 if it was never deleted; kept when the
+    /// dataset is re-created (ListRecords' `DatasetDeletedAfterRequestedSyncCount`). The
+    /// caller checks that whoever asks is the owner.
+    async fn last_deleted_sync_count(&self, dataset: &DatasetKey) -> Result<u64, StoreError>;
+
     /// Whether the store answers now (for `/ready`).
     async fn health(&self) -> Result<(), StoreError>;
 

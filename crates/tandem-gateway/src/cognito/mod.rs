@@ -1,8 +1,9 @@
-//! Cognito compatibility (`shared/COGNITO.md`): the settings section ([`config`]) and the
-//! Cognito Identity endpoint ([`identity`]). The wire pieces with no HTTP in them (SigV4,
-//! credentials, error shapes) are `tandem-cognito`'s.
+//! Cognito compatibility (`shared/COGNITO.md`): the settings section ([`config`]), the
+//! Cognito Identity endpoint ([`identity`]) and the Sync API ([`sync`]). The wire pieces with
+//! no HTTP in them (SigV4, credentials, error shapes) are `tandem-cognito`'s.
 
 pub mod config;
 pub(crate) mod identity;
+pub(crate) mod sync;
 
 pub use config::CognitoConfig;

@@ -286,6 +286,23 @@ pub(super) async fn merge(
     Ok(MergeOutcome { moved })
 }
 
+pub(super) async fn last_deleted_sync_count(
+    client: &ClientWrapper,
+    key: &DatasetKey,
+) -> Result<u64, CallError> {
+    let stmt = client.prepare_cached(LAST_DELETED).await?;
+    let row = client
+        .query_opt(&stmt, &[&key.pool, &key.owner, &key.name])
+        .await?;
+    Ok(match row {
+        Some(row) => u64::try_from(row.try_get::<_, i64>(0)?).unwrap_or(0),
+        None => 0,
+    })
+}
+
+const LAST_DELETED: &str = "
+    SELECT last_deleted_sync_count FROM datasets WHERE pool = $1 AND owner = $2 AND name = $3";
+
 pub(super) async fn merged_names(
     client: &ClientWrapper,
     key: &DatasetKey,

@@ -478,6 +478,13 @@ impl Store for PostgresStore {
         ))
     }
 
+    async fn last_deleted_sync_count(&self, dataset: &DatasetKey) -> Result<u64, StoreError> {
+        dataset.validate()?;
+        call!(&self.inner, |client| identity::last_deleted_sync_count(
+            &client, dataset
+        ))
+    }
+
     async fn health(&self) -> Result<(), StoreError> {
         call!(&self.inner, |client| async {
             client.simple_query("SELECT 1").await?;

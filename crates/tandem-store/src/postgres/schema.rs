@@ -86,6 +86,11 @@ CREATE TABLE logins (
 
 CREATE INDEX logins_by_identity ON logins (pool, identity);
 "#,
+    r#"
+ALTER TABLE datasets ADD COLUMN last_deleted_sync_count bigint NOT NULL DEFAULT 0;
+
+UPDATE datasets SET last_deleted_sync_count = sync_count WHERE deleted;
+"#,
 ];
 
 /// The schema version this build writes.

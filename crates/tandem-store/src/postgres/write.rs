@@ -110,7 +110,7 @@ const DELETE_GRANTS: &str = "DELETE FROM grants WHERE pool = $1 AND owner = $2 A
 
 const MARK_DELETED: &str = "
     UPDATE datasets SET sync_count = $2, deleted = true, record_count = 0, byte_size = 0,
-                        last_modified = $3, merge_root = NULL
+                        last_modified = $3, merge_root = NULL, last_deleted_sync_count = $2
     WHERE id = $1";
 
 const UPSERT_GRANT: &str = "

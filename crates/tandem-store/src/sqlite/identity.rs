@@ -199,6 +199,21 @@ pub(super) fn merge(
     Ok(MergeOutcome { moved })
 }
 
+pub(super) fn last_deleted_sync_count(
+    conn: &Connection,
+    key: &DatasetKey,
+) -> Result<u64, StoreError> {
+    conn.prepare_cached(
+        "SELECT last_deleted_sync_count FROM datasets WHERE pool = ?1 AND owner = ?2 AND name = ?3",
+    )
+    .and_then(|mut stmt| {
+        stmt.query_row(params![key.pool, key.owner, key.name], |r| r.get(0))
+            .optional()
+    })
+    .map(Option::unwrap_or_default)
+    .map_err(db_err)
+}
+
 pub(super) fn merged_names(conn: &Connection, key: &DatasetKey) -> Result<Vec<String>, StoreError> {
     conn.prepare_cached(
         "SELECT name FROM datasets

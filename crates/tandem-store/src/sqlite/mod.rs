@@ -416,6 +416,13 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn last_deleted_sync_count(&self, dataset: &DatasetKey) -> Result<u64, StoreError> {
+        dataset.validate()?;
+        let dataset = dataset.clone();
+        self.read_tx(move |conn| identity::last_deleted_sync_count(conn, &dataset))
+            .await
+    }
+
     async fn health(&self) -> Result<(), StoreError> {
         self.inner.outage.check()?;
         match lock(&self.inner.commands_tx).as_ref() {

@@ -17,6 +17,9 @@ use rusqlite::{Connection, TransactionBehavior};
 /// Version 2 adds identities, the logins linked to them (a login names one identity per
 /// pool) and a dataset's `merge_root`: the name of the dataset a merged copy was made
 /// beside, kept until the copy is deleted (see `crate::identity`).
+///
+/// Version 3 adds a dataset's `last_deleted_sync_count`: the sync count of its last delete,
+/// kept when it is re-created (Cognito's `DatasetDeletedAfterRequestedSyncCount`).
 const MIGRATIONS: &[&str] = &[
     "
 CREATE TABLE datasets (
@@ -84,6 +87,11 @@ CREATE TABLE logins (
 ) WITHOUT ROWID;
 
 CREATE INDEX logins_by_identity ON logins (pool, identity);
+",
+    "
+ALTER TABLE datasets ADD COLUMN last_deleted_sync_count INTEGER NOT NULL DEFAULT 0;
+
+UPDATE datasets SET last_deleted_sync_count = sync_count WHERE deleted = 1;
 ",
 ];
 

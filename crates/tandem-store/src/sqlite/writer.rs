@@ -392,7 +392,8 @@ pub(super) fn delete(conn: &Connection, key: &DatasetKey, actor: &str) -> Result
         .map_err(db_err)?;
     conn.prepare_cached(
         "UPDATE datasets SET sync_count = ?2, deleted = 1, record_count = 0, byte_size = 0,
-                             last_modified = ?3, merge_root = NULL
+                             last_modified = ?3, merge_root = NULL,
+                             last_deleted_sync_count = ?2
          WHERE id = ?1",
     )
     .and_then(|mut stmt| stmt.execute(params![row.id, new_count, now]))
