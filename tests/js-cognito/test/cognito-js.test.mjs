@@ -5,7 +5,11 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createRequire } from 'node:module';
-import { POOL, REGION, startServer } from './helpers.mjs';
+import { POOL, REGION, mintLogin, startServer } from './helpers.mjs';
+
+const ISSUER = 'https://login.example.com';
+/** The Logins key of `ISSUER`: the issuer without `https://`. */
+const PROVIDER = 'login.example.com';
 
 process.env.AWS_SDK_JS_SUPPRESS_MAINTENANCE_MODE_MESSAGE = '1';
 const require = createRequire(import.meta.url);
@@ -38,15 +42,15 @@ function newDevice() {
 
 const call = (fn) => new Promise((resolve, reject) => fn((err, v) => (err ? reject(err) : resolve(v))));
 
-/** README step 6, with the conflict handler given by the test. */
-function synchronize(dataset, onConflict) {
+/** README step 6, with the conflict and merge handlers given by the test. */
+function synchronize(dataset, onConflict, onDatasetsMerged) {
   return new Promise((resolve, reject) => {
     dataset.synchronize({
       onSuccess: (ds, newRecords) => resolve(newRecords),
       onFailure: (err) => reject(err),
       onConflict: onConflict ?? ((ds, conflicts, callback) => reject(new Error(`unexpected conflict on ${conflicts.map((c) => c.getKey())}`))),
       onDatasetDeleted: (ds, name, callback) => callback(true),
-      onDatasetsMerged: (ds, names, callback) => callback(false),
+      onDatasetsMerged: onDatasetsMerged ?? ((ds, names, callback) => callback(false)),
     });
   });
 }
@@ -55,7 +59,7 @@ let server;
 let sync;
 
 before(async () => {
-  server = await startServer();
+  server = await startServer(['--jwt-issuer', ISSUER]);
   // The only change from the README: both clients' endpoint is the node.
   AWS.config.update({ cognitoidentity: { endpoint: server.endpoint }, cognitosync: { endpoint: server.endpoint } });
   AWS.config.region = REGION;
@@ -73,7 +77,7 @@ after(async () => {
 
 async function serverRecords(datasetName) {
   const answer = await sync
-    .listRecords({ IdentityPoolId: POOL, IdentityId: AWS.config.credentials.identityId, DatasetName: datasetName, LastSyncCount: 0 })
+    .listRecords({ IdentityPoolId: POOL, IdentityId: sync.config.credentials.identityId, DatasetName: datasetName, LastSyncCount: 0 })
     .promise();
   return Object.fromEntries(answer.Records.map((r) => [r.Key, [r.Value, r.SyncCount]]));
 }
@@ -119,4 +123,57 @@ test('test_cognito_js_conflict_between_two_devices_is_resolved_by_on_conflict', 
   // The phone syncs again and gets the resolution.
   await synchronize(phone);
   assert.equal(await call((cb) => phone.get('best', cb)), 'phone+laptop');
+});
+
+test('test_cognito_js_guest_that_logs_in_is_merged_into_the_account', async () => {
+  const logins = { [PROVIDER]: mintLogin('alice', ISSUER) };
+  // Alice's account, made on a laptop that logged in, with a dataset.
+  AWS.config.credentials = new AWS.CognitoIdentityCredentials({ IdentityPoolId: POOL, Logins: logins });
+  await call((cb) => AWS.config.credentials.get(cb));
+  const account = AWS.config.credentials.identityId;
+  const laptop = await call((cb) => newDevice().openOrCreateDataset('profile', cb));
+  await call((cb) => laptop.put('name', 'alice', cb));
+  await synchronize(laptop);
+
+  // A guest on a phone writes a dataset of the same name, then logs in as alice.
+  const guestCredentials = new AWS.CognitoIdentityCredentials({ IdentityPoolId: POOL });
+  AWS.config.credentials = guestCredentials;
+  await call((cb) => guestCredentials.get(cb));
+  const guest = guestCredentials.identityId;
+  assert.notEqual(guest, account);
+  const phoneManager = newDevice();
+  const phone = await call((cb) => phoneManager.openOrCreateDataset('profile', cb));
+  await call((cb) => phone.put('theme', 'dark', cb));
+  await synchronize(phone);
+  const guestKeys = new AWS.Credentials(guestCredentials.accessKeyId, guestCredentials.secretAccessKey, guestCredentials.sessionToken);
+
+  // aws-sdk v2's way to log in: add Logins and refresh.
+  guestCredentials.params.Logins = logins;
+  guestCredentials.expired = true;
+  await call((cb) => guestCredentials.get(cb));
+  assert.equal(guestCredentials.identityId, account);
+
+  // The phone opens `profile` again, now the account's (the library keys its cache by
+  // identity), and its sync is told of the guest's copy under another name.
+  const mine = await call((cb) => phoneManager.openOrCreateDataset('profile', cb));
+  let merged = [];
+  await assert.rejects(
+    synchronize(mine, undefined, (ds, names, callback) => {
+      merged = names;
+      callback(false);
+    }),
+    /onDatasetsMerged/,
+  );
+  assert.equal(merged.length, 1, `merged: ${merged}`);
+  assert.match(merged[0], /^profile\./);
+  const copy = await call((cb) => phoneManager.openOrCreateDataset(merged[0], cb));
+  await synchronize(copy);
+  assert.equal(await call((cb) => copy.get('theme', cb)), 'dark');
+
+  // The guest's old credentials no longer work.
+  const old = new AWS.CognitoSync({ credentials: guestKeys, maxRetries: 0 });
+  await assert.rejects(
+    old.listRecords({ IdentityPoolId: POOL, IdentityId: guest, DatasetName: 'profile' }).promise(),
+    (e) => e.code === 'NotAuthorizedException' && e.statusCode === 403,
+  );
 });
