@@ -492,3 +492,71 @@ async fn test_cognito_boto3_walk() {
         .unwrap();
     assert_eq!(conn.identity(), result["guest"].as_str().unwrap());
 }
+
+/// A malformed body never acts: not a GetId that would make or link an identity, not a
+/// GetCredentialsForIdentity or GetOpenIdToken that would link a login to a guest (or merge
+/// it). The login in them stays unlinked, so the guest links it afterwards and keeps its id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cognito_malformed_bodies_get_invalid_parameter_and_change_nothing() {
+    let server = start();
+    let guest = get_id(&server, None).await.id();
+    let dave = logins(&["dave"]);
+    let get_id_body = json!({ "IdentityPoolId": POOL, "Logins": dave }).to_string();
+    let as_guest = json!({ "IdentityId": guest, "Logins": dave }).to_string();
+    let cut = |whole: &str| whole.as_bytes()[..whole.len() - 1].to_vec();
+    let malformed = |whole: &str| -> Vec<Vec<u8>> {
+        vec![
+            cut(whole),
+            format!("{whole} {{}}").into_bytes(),
+            b"".to_vec(),
+            b"null".to_vec(),
+            b"[]".to_vec(),
+            b"\xff\xfe{}".to_vec(),
+        ]
+    };
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    for body in malformed(&get_id_body) {
+        cases.push(("GetId", body));
+    }
+    for op in ["GetCredentialsForIdentity", "GetOpenIdToken"] {
+        for body in malformed(&as_guest) {
+            cases.push((op, body));
+        }
+        for body in [
+            json!({ "IdentityId": [guest], "Logins": dave }),
+            json!({ "IdentityId": guest, "Logins": { PROVIDER: 5 } }),
+            json!({ "IdentityId": guest, "Logins": [login("dave")] }),
+        ] {
+            cases.push((op, body.to_string().into_bytes()));
+        }
+        // A duplicate member: which one would count is the parser's guess.
+        let duplicate = format!(
+            r#"{{"IdentityId":"{guest}","Logins":{{"{PROVIDER}":"{}"}},"IdentityId":"{guest}"}}"#,
+            login("dave")
+        );
+        cases.push((op, duplicate.into_bytes()));
+    }
+    for body in [
+        json!({ "IdentityPoolId": 5, "Logins": dave }),
+        json!({ "IdentityPoolId": POOL, "Logins": { PROVIDER: null } }),
+    ] {
+        cases.push(("GetId", body.to_string().into_bytes()));
+    }
+    for (op, body) in &cases {
+        let answer = post(&server, &format!("AWSCognitoIdentityService.{op}"), body).await;
+        assert_eq!(
+            answer.error_type(),
+            "InvalidParameterException",
+            "{op} {}: {answer:?}",
+            String::from_utf8_lossy(body)
+        );
+        answer.assert_error("InvalidParameterException");
+    }
+    // Dave's login is linked to nothing: the guest links it and keeps its id (a login linked
+    // elsewhere would have merged the guest away).
+    assert_eq!(
+        credentials(&server, &guest, Some(dave.clone())).await.id(),
+        guest
+    );
+    assert_eq!(get_id(&server, Some(dave)).await.id(), guest);
+}

@@ -2,6 +2,8 @@
 //! secret, requests signed by a SigV4 signer written here from the AWS rules (independent of
 //! the server's verifier), the data-plane walk and the live bridge to WebSocket subscribers.
 
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -92,8 +94,9 @@ fn amz_date(t: SystemTime) -> String {
     )
 }
 
-/// Signs as botocore does: the already-encoded path is encoded once more (`%3A` signs as
-/// `%253A`), the query sorted, `host`, `x-amz-date` and the session token signed.
+/// Signs as botocore does: `.` and `..` segments removed, the already-encoded path encoded
+/// once more (`%3A` signs as `%253A`), the query sorted, `host`, `x-amz-date` and the
+/// session token signed.
 fn sign(
     creds: &Credentials,
     method: &str,
@@ -105,7 +108,17 @@ fn sign(
     let (path, query) = path_and_query
         .split_once('?')
         .unwrap_or((path_and_query, ""));
-    let canonical_uri: String = path
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in path.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            _ => segments.push(segment),
+        }
+    }
+    let canonical_uri: String = format!("/{}", segments.join("/"))
         .bytes()
         .map(|b| {
             if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) {
@@ -213,9 +226,22 @@ async fn signed_at(
     at: SystemTime,
 ) -> Reply {
     let body = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+    signed_bytes(server, creds, method, path_and_query, &body, tamper, at).await
+}
+
+/// A request signed over `body` as sent, JSON or not.
+async fn signed_bytes(
+    server: &TestServer,
+    creds: &Credentials,
+    method: &str,
+    path_and_query: &str,
+    body: &[u8],
+    tamper: bool,
+    at: SystemTime,
+) -> Reply {
     let date = amz_date(at);
     let host = server.addr.to_string();
-    let mut authorization = sign(creds, method, &host, path_and_query, &body, &date);
+    let mut authorization = sign(creds, method, &host, path_and_query, body, &date);
     if tamper {
         // The last hex digit of the signature, changed.
         let last = authorization.pop().unwrap();
@@ -227,7 +253,7 @@ async fn signed_at(
         ("X-Amz-Security-Token", creds.session_token.clone()),
         ("Content-Type", "application/json".to_owned()),
     ];
-    raw(server.addr, method, path_and_query, &headers, &body).await
+    raw(server.addr, method, path_and_query, &headers, body).await
 }
 
 async fn call(
@@ -814,4 +840,317 @@ async fn test_cognito_sync_secret_file_replaces_the_jwt_secret() {
     )
     .await
     .assert_error(403, "UnrecognizedClientException");
+}
+
+/// `creds` carrying `session_token` instead of their own: the request is signed with it, so
+/// the signature is valid and only the token is wrong.
+fn with_token(creds: &Credentials, session_token: String) -> Credentials {
+    Credentials {
+        session_token,
+        ..creds.clone()
+    }
+}
+
+/// Writes `k` to `private` of `id`, sync count 1.
+async fn write_private(server: &TestServer, creds: &Credentials, id: &str) {
+    let written = update(
+        server,
+        creds,
+        id,
+        "private",
+        json!([{ "Op": "replace", "Key": "k", "Value": "v", "SyncCount": 0 }]),
+    )
+    .await;
+    assert_eq!(written.status, 200, "{}", written.body);
+}
+
+/// The datasets of `id` and the records of its `private`: what a refused request must leave.
+async fn state_of(server: &TestServer, creds: &Credentials, id: &str) -> (Value, Value) {
+    let datasets = call(server, creds, "GET", &path(id, "/datasets"), None).await;
+    assert_eq!(datasets.status, 200, "{}", datasets.body);
+    let names = datasets.body["Datasets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| json!([d["DatasetName"], d["NumRecords"]]))
+        .collect();
+    let records = list_records(server, creds, id, "private", "").await;
+    let records = json!([records["DatasetSyncCount"], records["Records"]]);
+    (names, records)
+}
+
+/// A server where Alice and Bob each wrote `private` once.
+struct Written {
+    server: TestServer,
+    alice: Credentials,
+    bob: Credentials,
+    /// Alice's SyncSessionToken for `private`.
+    sync_token: Value,
+    before: [(Value, Value); 2],
+}
+
+async fn two_writers() -> Written {
+    let server = server();
+    let alice = credentials(ALICE);
+    let bob = credentials(BOB);
+    write_private(&server, &alice, ALICE).await;
+    write_private(&server, &bob, BOB).await;
+    let before = [
+        state_of(&server, &alice, ALICE).await,
+        state_of(&server, &bob, BOB).await,
+    ];
+    let sync_token =
+        list_records(&server, &alice, ALICE, "private", "").await["SyncSessionToken"].clone();
+    Written {
+        server,
+        alice,
+        bob,
+        sync_token,
+        before,
+    }
+}
+
+impl Written {
+    /// Both identities' datasets and records are as they were.
+    async fn assert_unchanged(&self) {
+        assert_eq!(
+            state_of(&self.server, &self.alice, ALICE).await,
+            self.before[0]
+        );
+        assert_eq!(state_of(&self.server, &self.bob, BOB).await, self.before[1]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cognito_sync_refuses_forged_session_tokens_and_changes_nothing() {
+    let written = &two_writers().await;
+    let Written {
+        server,
+        alice,
+        bob,
+        sync_token,
+        ..
+    } = written;
+
+    let (payload, mac) = alice.session_token.split_once('.').unwrap();
+    // The MAC's first character changed (the last one may only carry padding bits).
+    let other = if mac.starts_with('A') { 'B' } else { 'A' };
+    let bad_mac = format!("{payload}.{other}{}", &mac[1..]);
+    // Alice's token rewritten to name Bob, with Alice's MAC.
+    let mut claims: Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+    assert_eq!(claims["identityId"], ALICE);
+    claims["identityId"] = json!(BOB);
+    let as_bob = format!("{}.{mac}", URL_SAFE_NO_PAD.encode(claims.to_string()));
+    // Bob's genuine token with Alice's key: a token is bound to its access key id.
+    let swapped = bob.session_token.clone();
+
+    const REFUSED: &str = "tandem_gateway_events_total{event=\"token_refused\"}";
+    let refused_before = metric(server, REFUSED).await;
+    let forgeries = [bad_mac, as_bob, swapped, "not-a-token".to_owned()];
+    for forged in &forgeries {
+        let forged = with_token(alice, forged.clone());
+        call(
+            server,
+            &forged,
+            "POST",
+            &path(ALICE, "/datasets/private"),
+            Some(json!({
+                "SyncSessionToken": sync_token,
+                "RecordPatches": [{ "Op": "replace", "Key": "k", "Value": "forged", "SyncCount": 1 }],
+            })),
+        )
+        .await
+        .assert_error(403, "UnrecognizedClientException");
+        for (method, target) in [("DELETE", "/datasets/private"), ("GET", "/datasets")] {
+            call(server, &forged, method, &path(BOB, target), None)
+                .await
+                .assert_error(403, "UnrecognizedClientException");
+        }
+    }
+    assert_eq!(
+        metric(server, REFUSED).await,
+        refused_before + 3 * forgeries.len() as u64
+    );
+    written.assert_unchanged().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cognito_sync_malformed_bodies_get_invalid_parameter_and_change_nothing() {
+    let server = server();
+    let alice = credentials(ALICE);
+    write_private(&server, &alice, ALICE).await;
+    let before = state_of(&server, &alice, ALICE).await;
+    let sync_token = list_records(&server, &alice, ALICE, "private", "").await["SyncSessionToken"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let whole = json!({
+        "SyncSessionToken": sync_token,
+        "RecordPatches": [{ "Op": "replace", "Key": "k", "Value": "new", "SyncCount": 1 }],
+        "DeviceId": "dev-1",
+    })
+    .to_string();
+    let bodies: Vec<Vec<u8>> = vec![
+        // Cut short, a valid write up to the last brace.
+        whole.as_bytes()[..whole.len() - 1].to_vec(),
+        b"{not json".to_vec(),
+        b"".to_vec(),
+        b"[]".to_vec(),
+        b"null".to_vec(),
+        b"\xff\xfe{}".to_vec(),
+        // Trailing bytes after a valid write.
+        format!("{whole} {{}}").into_bytes(),
+        // Wrong types and shapes, each around a valid session token.
+        json!({ "SyncSessionToken": sync_token, "RecordPatches": { "Op": "replace" } })
+            .to_string()
+            .into_bytes(),
+        json!({ "SyncSessionToken": sync_token,
+                "RecordPatches": [{ "Op": "replace", "Key": "k", "Value": "new", "SyncCount": "1" }] })
+        .to_string()
+        .into_bytes(),
+        json!({ "SyncSessionToken": sync_token,
+                "RecordPatches": [{ "Op": "replace", "Key": "k", "Value": 5, "SyncCount": 1 }] })
+        .to_string()
+        .into_bytes(),
+        json!({ "SyncSessionToken": sync_token,
+                "RecordPatches": [{ "Op": "upsert", "Key": "k", "Value": "new", "SyncCount": 1 }] })
+        .to_string()
+        .into_bytes(),
+        json!({ "SyncSessionToken": sync_token,
+                "RecordPatches": [{ "Op": "replace", "Value": "new", "SyncCount": 1 }] })
+        .to_string()
+        .into_bytes(),
+        json!({ "SyncSessionToken": 7,
+                "RecordPatches": [{ "Op": "replace", "Key": "k", "Value": "new", "SyncCount": 1 }] })
+        .to_string()
+        .into_bytes(),
+    ];
+    for body in &bodies {
+        let reply = signed_bytes(
+            &server,
+            &alice,
+            "POST",
+            &path(ALICE, "/datasets/private"),
+            body,
+            false,
+            SystemTime::now(),
+        )
+        .await;
+        assert_eq!(
+            reply.status,
+            400,
+            "{}: {}",
+            String::from_utf8_lossy(body),
+            reply.body
+        );
+        reply.assert_error(400, "InvalidParameterException");
+    }
+    // The same body, whole, is a write: the refusals above were about the body alone.
+    let (_, records) = &before;
+    assert_eq!(records[0], 1);
+    assert_eq!(state_of(&server, &alice, ALICE).await, before);
+    let written = signed_bytes(
+        &server,
+        &alice,
+        "POST",
+        &path(ALICE, "/datasets/private"),
+        whole.as_bytes(),
+        false,
+        SystemTime::now(),
+    )
+    .await;
+    assert_eq!(written.status, 200, "{}", written.body);
+    assert_eq!(written.body["Records"][0]["SyncCount"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cognito_sync_unknown_routes_and_dot_names_are_refused_and_change_nothing() {
+    let written = &two_writers().await;
+    let Written {
+        server,
+        alice,
+        sync_token,
+        ..
+    } = written;
+    let write = json!({
+        "SyncSessionToken": sync_token,
+        "RecordPatches": [{ "Op": "replace", "Key": "k", "Value": "new", "SyncCount": 1 }],
+    });
+    let pool = POOL.replace(':', "%3A");
+
+    // Routes the model does not have, signed correctly.
+    let unknown = [
+        ("GET", format!("/identitypools/{pool}/whatever")),
+        ("GET", format!("/identitypools/{pool}/identities")),
+        ("DELETE", path(ALICE, "")),
+        ("POST", path(ALICE, "/datasets")),
+        ("PUT", path(ALICE, "/datasets/private")),
+        ("POST", path(ALICE, "/datasets/private/records")),
+        ("DELETE", path(ALICE, "/datasets/private/records")),
+        ("GET", path(ALICE, "/datasets/private/records/k")),
+        // Dot segments that would lead to Bob's data once resolved.
+        (
+            "DELETE",
+            path(
+                ALICE,
+                &format!(
+                    "/datasets/../../{}/datasets/private",
+                    BOB.replace(':', "%3A")
+                ),
+            ),
+        ),
+        (
+            "GET",
+            format!(
+                "/identitypools/{pool}/identities/{}/../{}/datasets",
+                BOB.replace(':', "%3A"),
+                ALICE.replace(':', "%3A")
+            ),
+        ),
+    ];
+    for (method, target) in &unknown {
+        let reply = call(server, alice, method, target, Some(write.clone())).await;
+        assert_eq!(reply.status, 404, "{method} {target}: {}", reply.body);
+        reply.assert_error(404, "UnknownOperationException");
+    }
+
+    // Names the store refuses, and names of dots, which the SDKs would drop before signing:
+    // the documented InvalidParameterException on every dataset route.
+    let long = "n".repeat(129);
+    let names = [
+        ".",
+        "..",
+        "...",
+        "%2E",
+        "%2e%2E",
+        "a%20b",
+        "a%2Fb",
+        "caf%C3%A9",
+        "%FF",
+        "%00",
+        "a%3Bb",
+        long.as_str(),
+    ];
+    for name in names {
+        for (method, rest, body) in [
+            ("GET", "/records", None),
+            ("GET", "", None),
+            ("POST", "", Some(write.clone())),
+            ("DELETE", "", None),
+        ] {
+            let target = path(ALICE, &format!("/datasets/{name}{rest}"));
+            let reply = call(server, alice, method, &target, body).await;
+            assert_eq!(reply.status, 400, "{method} {target}: {}", reply.body);
+            reply.assert_error(400, "InvalidParameterException");
+        }
+    }
+    // The longest valid name and dots inside a name are fine.
+    let longest = "n".repeat(128);
+    for name in [longest.as_str(), "a..b", ".a", "a."] {
+        let listed = list_records(server, alice, ALICE, name, "").await;
+        assert_eq!(listed["DatasetExists"], false, "{name}");
+    }
+
+    written.assert_unchanged().await;
 }
