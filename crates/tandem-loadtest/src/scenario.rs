@@ -112,7 +112,7 @@ async fn subscribe_all(run: &mut Run, conns: Vec<Option<(Ws, DatasetRef)>>) -> V
 }
 
 /// The sending window on the run's clock: (first write, start of measuring, end).
-fn window(run: &Run) -> (u64, u64, u64) {
+pub(crate) fn window(run: &Run) -> (u64, u64, u64) {
     let clock = run.shared.clock;
     let t0 = clock.now() + crate::stats::saturating_ns(START_DELAY);
     let start = t0 + crate::stats::saturating_ns(run.common.warmup);
