@@ -1,4 +1,4 @@
-//! The five scenarios: how each sets up its connections and datasets, and what it runs.
+//! The five WebSocket scenarios (`cognito` is in its own module): how each sets up its connections and datasets, and what it runs.
 //!
 //! Names are derived from the run's prefix: identities `<prefix>-w<i>` (writers),
 //! `<prefix>-s<i>` (fan-out subscribers), `<prefix>-g<g>-u<u>` (room members),
