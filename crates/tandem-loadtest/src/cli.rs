@@ -12,7 +12,7 @@ pub const DEFAULT_URL: &str = "ws://127.0.0.1:7420/v1/sync";
 #[command(
     name = "tandem-loadtest",
     version,
-    about = "Load-test a Tandem server: fan-out, rooms, idle, connect and write scenarios",
+    about = "Load-test a Tandem server: fan-out, rooms, idle, connect, write and cognito scenarios",
     after_help = "Latency runs from each write's scheduled send time (open loop) to the moment a \
 subscriber receives a push that contains it. A push covers every earlier write of its writer, so \
 coalesced pushes still count; a write is lost for a subscriber only if no push or snapshot covered \
@@ -105,6 +105,9 @@ pub enum Scenario {
     Connect(ConnectArgs),
     /// W writers each on its own dataset at R updates/s: durable commits/s and commit latency.
     Write(WriteArgs),
+    /// W writers, each its own Cognito identity and dataset, sending SigV4-signed
+    /// UpdateRecords at R/s (and ListRecords at L/s) over HTTP/1.1: commits/s and latency.
+    Cognito(CognitoArgs),
 }
 
 impl Scenario {
@@ -115,6 +118,7 @@ impl Scenario {
             Scenario::Idle(_) => "idle",
             Scenario::Connect(_) => "connect",
             Scenario::Write(_) => "write",
+            Scenario::Cognito(_) => "cognito",
         }
     }
 }
@@ -178,6 +182,22 @@ pub struct WriteArgs {
     /// Bytes of each writer's document.
     #[arg(long, default_value_t = 256)]
     pub size: usize,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct CognitoArgs {
+    /// The node's Cognito identity pool (its --cognito-identity-pool).
+    #[arg(long)]
+    pub pool: String,
+    /// Writers, each with its own identity, credentials, connection and dataset.
+    #[arg(long, default_value_t = 4)]
+    pub writers: usize,
+    /// Signed UpdateRecords per second from each writer.
+    #[arg(long, default_value_t = 10.0)]
+    pub rate: f64,
+    /// Signed ListRecords per second from each writer, on a second connection (0 = none).
+    #[arg(long, default_value_t = 0.0)]
+    pub list_rate: f64,
 }
 
 /// `500ms`, `90s`, `30m`, `1h`, `1.5s`, or plain seconds.

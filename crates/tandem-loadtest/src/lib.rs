@@ -8,7 +8,8 @@
 //! its own key at r/s), `idle` (C connections authenticated and subscribed, then quiet;
 //! the server's memory per connection with `--server-pid`), `connect` (connect + auth +
 //! subscribe rate), `write` (W writers each on its own dataset: durable commits/s and
-//! commit latency).
+//! commit latency), `cognito` (W Cognito identities sending SigV4-signed UpdateRecords,
+//! and optionally ListRecords, over HTTP/1.1: commits/s and latency through the REST API).
 //!
 //! **Open loop.** Each writer's updates are scheduled at fixed times (start + i/R, rooms
 //! with a seeded random phase per user) and sent at those times whatever the replies; a
@@ -34,14 +35,17 @@
 
 pub mod cli;
 pub mod client;
+pub mod cognito;
 pub mod conn;
 pub mod error;
 pub mod host;
+pub mod http;
 pub mod ledger;
 pub mod marker;
 pub mod report;
 pub mod run;
 pub mod scenario;
+pub mod sigv4;
 pub mod stats;
 pub mod token;
 pub mod writer;
@@ -97,6 +101,7 @@ pub async fn run(cli: Cli) -> Result<Report, LoadError> {
         Scenario::Idle(args) => scenario::idle(&mut run, args).await,
         Scenario::Connect(args) => scenario::connect(&mut run, args).await,
         Scenario::Write(args) => scenario::write(&mut run, args).await,
+        Scenario::Cognito(args) => cognito::cognito(&mut run, args).await,
     };
     match finished {
         Ok(f) => Ok(run

@@ -25,6 +25,9 @@ pub struct Report {
     pub connections: Connections,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub writes: Option<Writes>,
+    /// ListRecords (`cognito` with --list-rate).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reads: Option<Reads>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deliveries: Option<Deliveries>,
     /// Errors by code: the server's error codes, `closed_<close code>`, `connection_lost`,
@@ -65,6 +68,16 @@ pub struct Writes {
     pub commits_per_second: f64,
     /// Scheduled send → ack (durable commit).
     pub commit_latency_ms: Latency,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Reads {
+    pub sent: u64,
+    /// Answered 200.
+    pub ok: u64,
+    pub per_second: f64,
+    /// Scheduled send → reply.
+    pub latency_ms: Latency,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -175,6 +188,11 @@ impl Report {
             );
             row("commits/s", format!("{:.1}", w.commits_per_second));
             row("commit latency", latency(&w.commit_latency_ms));
+        }
+        if let Some(r) = &self.reads {
+            row("reads", format!("{} sent, {} ok", r.sent, r.ok));
+            row("reads/s", format!("{:.1}", r.per_second));
+            row("read latency", latency(&r.latency_ms));
         }
         if let Some(d) = &self.deliveries {
             let loss = if d.expected == 0 {

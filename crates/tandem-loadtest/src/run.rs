@@ -9,7 +9,9 @@ use crate::error::LoadError;
 use crate::host::{self, CpuMeter};
 use crate::ledger::WriteLedger;
 use crate::marker;
-use crate::report::{self, Connections, Deliveries, Generator, Latency, Report, Server, Writes};
+use crate::report::{
+    self, Connections, Deliveries, Generator, Latency, Reads, Report, Server, Writes,
+};
 use crate::stats::Stats;
 use crate::token::Tokens;
 use parking_lot::Mutex;
@@ -84,7 +86,11 @@ impl Run {
         };
         let run_time = common.warmup + common.duration + common.drain + idle;
         let ttl = (run_time + Duration::from_secs(600)).max(Duration::from_secs(3600));
-        let tokens = Tokens::from_options(&common, ttl)?;
+        // Cognito writers get their credentials from the node, not from a token.
+        let tokens = match &cli.scenario {
+            crate::cli::Scenario::Cognito(_) => Tokens::File(vec![String::new()]),
+            _ => Tokens::from_options(&common, ttl)?,
+        };
         let urls = common.urls.iter().map(|u| conn::normalize_url(u)).collect();
         let seed = common.seed.unwrap_or_else(rand::random);
         let shared = Arc::new(Shared::default());
@@ -352,6 +358,16 @@ impl Run {
                 latency_ms: Latency::from_histogram(&stats.delivery.merged()),
             }
         });
+        let lists_sent = Stats::get(&stats.lists_sent);
+        let reads = (lists_sent > 0).then(|| {
+            let ok = Stats::get(&stats.lists_ok);
+            Reads {
+                sent: lists_sent,
+                ok,
+                per_second: per_second(ok),
+                latency_ms: Latency::from_histogram(&stats.list.merged()),
+            }
+        });
         let server = self.memory.as_ref().map(|memory| Server {
             pid: match memory {
                 host::MemorySource::Pid(pid) => Some(*pid),
@@ -393,6 +409,7 @@ impl Run {
                 setup_latency_ms: Latency::from_histogram(&stats.setup.merged()),
             },
             writes,
+            reads,
             deliveries,
             errors: stats.errors(),
             generator: Generator {

@@ -1,4 +1,4 @@
-//! The five scenarios: how each sets up its connections and datasets, and what it runs.
+//! The five WebSocket scenarios (`cognito` is in its own module): how each sets up its connections and datasets, and what it runs.
 //!
 //! Names are derived from the run's prefix: identities `<prefix>-w<i>` (writers),
 //! `<prefix>-s<i>` (fan-out subscribers), `<prefix>-g<g>-u<u>` (room members),
@@ -112,7 +112,7 @@ async fn subscribe_all(run: &mut Run, conns: Vec<Option<(Ws, DatasetRef)>>) -> V
 }
 
 /// The sending window on the run's clock: (first write, start of measuring, end).
-fn window(run: &Run) -> (u64, u64, u64) {
+pub(crate) fn window(run: &Run) -> (u64, u64, u64) {
     let clock = run.shared.clock;
     let t0 = clock.now() + crate::stats::saturating_ns(START_DELAY);
     let start = t0 + crate::stats::saturating_ns(run.common.warmup);

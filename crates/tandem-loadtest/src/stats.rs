@@ -127,11 +127,16 @@ pub struct Stats {
     /// Connections set up, counting each reconnect.
     pub established: AtomicU64,
     pub reconnects: AtomicU64,
+    /// Measured ListRecords sent and answered 200 (`cognito` with --list-rate).
+    pub lists_sent: AtomicU64,
+    pub lists_ok: AtomicU64,
     errors: Mutex<BTreeMap<String, u64>>,
     /// Scheduled send → subscriber receives a push that covers the write.
     pub delivery: ShardedHistogram,
     /// Scheduled send → the writer receives the ack.
     pub commit: ShardedHistogram,
+    /// Scheduled send → the ListRecords reply.
+    pub list: ShardedHistogram,
     /// Connect + auth (+ subscribe where the scenario subscribes at once).
     pub setup: ShardedHistogram,
 }

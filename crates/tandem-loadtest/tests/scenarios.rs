@@ -10,6 +10,7 @@ use tandem_loadtest::{Cli, Report};
 use tokio_util::sync::CancellationToken;
 
 const SECRET: &str = "tandem-loadtest-test-secret-0123456789abcdef";
+const POOL: &str = "us-east-1:0f6a6b1e-2d7c-4f1b-9a55-3c8e9e2b7a10";
 
 /// A tandem server on its own runtime and thread, on a free loopback port.
 struct TestServer {
@@ -26,7 +27,7 @@ impl TestServer {
             let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             probe.local_addr().unwrap()
         };
-        let settings = tandem_server::config::Settings {
+        let mut settings = tandem_server::config::Settings {
             server: tandem_server::config::ServerConfig {
                 listen: addr,
                 data_dir: dir.path().to_path_buf(),
@@ -36,6 +37,8 @@ impl TestServer {
             },
             ..Default::default()
         };
+        // The Identity endpoint, for the `cognito` scenario.
+        settings.cognito.cognito_identity_pool = Some(POOL.to_owned());
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let thread = std::thread::spawn(move || {
@@ -214,6 +217,40 @@ async fn test_write_commits_every_scheduled_write() {
     assert_eq!(writes.commit_latency_ms.count, 40);
     assert!(report.deliveries.is_none());
     assert!(report.errors.is_empty(), "{:?}", report.errors);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cognito_signs_and_commits_every_scheduled_update() {
+    let server = TestServer::start();
+    let report = run(
+        &server,
+        &[
+            "cognito",
+            "--pool",
+            POOL,
+            "--writers",
+            "3",
+            "--rate",
+            "10",
+            "--list-rate",
+            "5",
+            "--duration",
+            "1s",
+        ],
+    )
+    .await;
+    // Every update was signed right (no IncompleteSignature / InvalidSignatureException)
+    // and carried the sync count of the previous reply (no conflicts).
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.connections.established, 3);
+    let writes = report.writes.as_ref().unwrap();
+    assert_eq!(writes.sent, 30, "{}", report.to_table());
+    assert_eq!(writes.acked, 30);
+    assert_eq!(writes.conflicts, 0);
+    assert_eq!(writes.unknown_outcome, 0);
+    assert_eq!(writes.commit_latency_ms.count, 30);
+    let reads = report.reads.as_ref().unwrap();
+    assert_eq!((reads.sent, reads.ok), (15, 15));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
