@@ -4,11 +4,9 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 use tandem_cognito::{CredentialKeys, Credentials};
 use tandem_protocol::{DatasetRef, Patch};
 use tandem_tests::cluster::{PgSchema, redis_url, unique};
@@ -62,41 +60,8 @@ impl Reply {
     }
 }
 
-fn hmac(key: &[u8], data: &str) -> Vec<u8> {
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap();
-    mac.update(data.as_bytes());
-    mac.finalize().into_bytes().to_vec()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// `YYYYMMDDTHHMMSSZ` of `t`.
-fn amz_date(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil from days (Howard Hinnant).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Signs as botocore does: `.` and `..` segments removed, the already-encoded path encoded
-/// once more (`%3A` signs as `%253A`), the query sorted, `host`, `x-amz-date` and the
-/// session token signed.
+/// Signs as botocore does, with the load generator's signer (written apart from the node's
+/// verifier, so each checks the other).
 fn sign(
     creds: &Credentials,
     method: &str,
@@ -105,51 +70,19 @@ fn sign(
     body: &[u8],
     date: &str,
 ) -> String {
-    let (path, query) = path_and_query
-        .split_once('?')
-        .unwrap_or((path_and_query, ""));
-    let mut segments: Vec<&str> = Vec::new();
-    for segment in path.split('/') {
-        match segment {
-            "" | "." => {}
-            ".." => {
-                segments.pop();
-            }
-            _ => segments.push(segment),
-        }
-    }
-    let canonical_uri: String = format!("/{}", segments.join("/"))
-        .bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) {
-                char::from(b).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect();
-    let mut pairs: Vec<&str> = query.split('&').filter(|p| !p.is_empty()).collect();
-    pairs.sort();
-    let canonical_query = pairs.join("&");
-    let signed_headers = "host;x-amz-date;x-amz-security-token";
-    let canonical = format!(
-        "{method}\n{canonical_uri}\n{canonical_query}\nhost:{host}\nx-amz-date:{date}\nx-amz-security-token:{}\n\n{signed_headers}\n{}",
-        creds.session_token,
-        hex(&Sha256::digest(body))
-    );
-    let scope = format!("{}/us-east-1/cognito-sync/aws4_request", &date[..8]);
-    let to_sign = format!(
-        "AWS4-HMAC-SHA256\n{date}\n{scope}\n{}",
-        hex(&Sha256::digest(canonical.as_bytes()))
-    );
-    let k_date = hmac(format!("AWS4{}", creds.secret_key).as_bytes(), &date[..8]);
-    let k_region = hmac(&k_date, "us-east-1");
-    let k_service = hmac(&k_region, "cognito-sync");
-    let k_signing = hmac(&k_service, "aws4_request");
-    format!(
-        "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders={signed_headers}, Signature={}",
-        creds.access_key_id,
-        hex(&hmac(&k_signing, &to_sign))
+    let creds = tandem_loadtest::sigv4::Credentials {
+        access_key_id: creds.access_key_id.clone(),
+        secret_key: creds.secret_key.clone(),
+        session_token: creds.session_token.clone(),
+    };
+    tandem_loadtest::sigv4::authorization(
+        &creds,
+        "us-east-1",
+        method,
+        host,
+        path_and_query,
+        body,
+        date,
     )
 }
 
@@ -239,7 +172,7 @@ async fn signed_bytes(
     tamper: bool,
     at: SystemTime,
 ) -> Reply {
-    let date = amz_date(at);
+    let date = tandem_loadtest::sigv4::amz_date(at);
     let host = server.addr.to_string();
     let mut authorization = sign(creds, method, &host, path_and_query, body, &date);
     if tamper {

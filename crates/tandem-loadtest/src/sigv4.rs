@@ -1,5 +1,5 @@
 //! A SigV4 signer for Cognito Sync requests, written from the AWS rules (COGNITO.md §5.5)
-//! the way botocore signs: the already-encoded path encoded once more, the query sorted,
+//! the way botocore signs: dot segments removed, the already-encoded path encoded once more, the query sorted,
 //! `host`, `x-amz-date` and the session token signed, the body's SHA-256 in the hash.
 
 use hmac::{Hmac, Mac};
@@ -69,6 +69,18 @@ pub fn authorization(
     let (path, query) = path_and_query
         .split_once('?')
         .unwrap_or((path_and_query, ""));
+    // `.` and `..` segments go, as botocore removes them before signing.
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in path.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            _ => segments.push(segment),
+        }
+    }
+    let path = format!("/{}", segments.join("/"));
     let mut canonical_uri = String::with_capacity(path.len() + 16);
     for b in path.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) {
