@@ -113,6 +113,7 @@ impl RawSocket {
         let auth = ClientFrame::Auth {
             id: None,
             token: server.token(sub),
+            features: Vec::new(),
         };
         raw.send(0x1, auth.to_json().as_bytes()).await;
         let ready = raw.recv_frame().await;

@@ -126,6 +126,7 @@ async fn assert_token_refused(
     let auth = ClientFrame::Auth {
         id: Some(RequestId::Str("auth".into())),
         token: token.to_owned(),
+        features: Vec::new(),
     };
     let update = ClientFrame::Update {
         id: RequestId::Str("update".into()),
@@ -474,6 +475,7 @@ async fn test_auth_request_before_auth_gets_unauthorized_and_a_later_auth_succee
         .request(|id| ClientFrame::Auth {
             id: Some(id),
             token: server.token("alice"),
+            features: Vec::new(),
         })
         .await
         .unwrap();
@@ -638,6 +640,7 @@ async fn test_auth_refresh_with_another_identity_is_forbidden_and_session_stays(
         .request(|id| ClientFrame::Auth {
             id: Some(id),
             token: server.token("mallory"),
+            features: Vec::new(),
         })
         .await;
     assert_error(switched, ErrorCode::Forbidden);
@@ -649,6 +652,7 @@ async fn test_auth_refresh_with_another_identity_is_forbidden_and_session_stays(
         .request(|id| ClientFrame::Auth {
             id: Some(id),
             token: server.token("alice"),
+            features: Vec::new(),
         })
         .await
         .unwrap();

@@ -39,6 +39,8 @@ async fn test_hardening_resubscribing_reader_that_never_reads_is_closed_within_m
         let frame = ClientFrame::Subscribe {
             id: RequestId::Num(id),
             dataset: DatasetRef::own("big"),
+            delta: None,
+            since: None,
         };
         raw.send(0x1, frame.to_json().as_bytes()).await;
     }
@@ -132,6 +134,7 @@ async fn test_hardening_one_identity_cannot_hold_more_than_its_connections() {
     let auth = ClientFrame::Auth {
         id: None,
         token: server.token("mallory"),
+        features: Vec::new(),
     };
     fourth.send(0x1, auth.to_json().as_bytes()).await;
     let refused = fourth.recv_frame().await;
@@ -158,7 +161,7 @@ async fn test_hardening_a_token_valid_for_a_century_does_not_keep_a_session_for_
     )
     .unwrap();
     let mut raw = RawSocket::connect(&server).await;
-    let auth = ClientFrame::Auth { id: None, token };
+    let auth = ClientFrame::Auth { id: None, token, features: Vec::new() };
     raw.send(0x1, auth.to_json().as_bytes()).await;
     let ready = raw.recv_frame().await;
     assert!(format!("{ready:?}").contains("Ready"), "{ready:?}");
@@ -258,6 +261,7 @@ async fn test_hardening_unauthenticated_connections_are_capped_per_node() {
     let auth = ClientFrame::Auth {
         id: None,
         token: server.token("bob"),
+        features: Vec::new(),
     };
     waiting[0].send(0x1, auth.to_json().as_bytes()).await;
     waiting[0].recv_frame().await;

@@ -22,6 +22,7 @@ async fn test_logs_a_flood_of_refused_tokens_logs_a_few_lines_and_counts_all() {
     let bad = ClientFrame::Auth {
         id: None,
         token: "not-a-jwt".to_owned(),
+        features: Vec::new(),
     }
     .to_json();
     for _ in 0..REFUSED / BATCH {

@@ -30,6 +30,8 @@ async fn subscribe_raw(server: &TestServer, sub: &str) -> RawSocket {
     let frame = ClientFrame::Subscribe {
         id: RequestId::Num(1),
         dataset: DatasetRef::new("alice", "doc"),
+        delta: None,
+        since: None,
     };
     raw.send(0x1, frame.to_json().as_bytes()).await;
     let reply = raw.recv_frame().await;

@@ -73,6 +73,7 @@ impl Connection {
             .request(|id| ClientFrame::Auth {
                 id: Some(id),
                 token: token.to_owned(),
+                features: Vec::new(),
             })
             .await?;
         conn.ready(reply)?;
@@ -216,6 +217,7 @@ impl Connection {
             .request(|id| ClientFrame::Auth {
                 id: Some(id),
                 token: token.to_owned(),
+                features: Vec::new(),
             })
             .await?
         {
@@ -365,7 +367,12 @@ impl Connection {
     /// Subscribes; returns the snapshot's sync count and records.
     pub async fn subscribe(&self, dataset: DatasetRef) -> Result<(u64, Vec<Record>), ClientError> {
         match self
-            .request(|id| ClientFrame::Subscribe { id, dataset })
+            .request(|id| ClientFrame::Subscribe {
+                id,
+                dataset,
+                delta: None,
+                since: None,
+            })
             .await?
         {
             ServerFrame::Snapshot {
@@ -513,7 +520,7 @@ fn unexpected(frame: &ServerFrame) -> ClientError {
 
 /// Hands a server frame to the request waiting for its id, or to the event queue.
 fn route(text: &str, pending: &Pending, events: &mpsc::UnboundedSender<ServerFrame>) {
-    let frame: ServerFrame = match serde_json::from_str(text) {
+    let frame = match ServerFrame::from_json(text) {
         Ok(frame) => frame,
         Err(e) => {
             // Unknown frame types are allowed by the protocol: skip them.
@@ -531,6 +538,7 @@ fn route(text: &str, pending: &Pending, events: &mpsc::UnboundedSender<ServerFra
         | ServerFrame::Changes { id, .. }
         | ServerFrame::Datasets { id, .. } => Some(id.clone()),
         ServerFrame::Dataset { .. }
+        | ServerFrame::Delta { .. }
         | ServerFrame::Deleted { .. }
         | ServerFrame::Unsubscribed { .. } => None,
     };

@@ -293,6 +293,7 @@ pub fn auth_frame(id: u64, token: &str) -> String {
     ClientFrame::Auth {
         id: Some(RequestId::Num(id)),
         token: token.to_owned(),
+        features: Vec::new(),
     }
     .to_json()
 }
@@ -301,6 +302,8 @@ pub fn subscribe_frame(id: u64, dataset: &DatasetRef) -> String {
     ClientFrame::Subscribe {
         id: RequestId::Num(id),
         dataset: dataset.clone(),
+        delta: None,
+        since: None,
     }
     .to_json()
 }

@@ -1,6 +1,7 @@
 //! Client and server frames: JSON objects with a `type` field. Unknown fields are ignored in
 //! both directions so that either side can add fields without breaking the other; a client
-//! must also ignore server frame types it does not know (room for a `delta` push later).
+//! must also ignore server frame types it does not know. `delta` pushes and the lean record
+//! encoding are opt-in features (see `lean` and docs/PROTOCOL.md §3).
 //! A client frame with the same key twice in one object is refused rather than read
 //! last-wins (see `strict`).
 
@@ -24,9 +25,25 @@ pub enum ClientFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<RequestId>,
         token: String,
+        /// Opt-in protocol features (`delta`, `lean`); unknown names are ignored. Every
+        /// `auth` frame sets the session's features anew; `ready` names those accepted.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        features: Vec<String>,
     },
-    /// Start receiving a dataset: answered with `snapshot`, then live `dataset` pushes.
-    Subscribe { id: RequestId, dataset: DatasetRef },
+    /// Start receiving a dataset: answered with `snapshot`, then live `dataset` (or, with
+    /// `delta`, `delta`) pushes.
+    Subscribe {
+        id: RequestId,
+        dataset: DatasetRef,
+        /// Pushes as `delta` frames (true) or whole `dataset` frames (false); absent means
+        /// whatever the session's `delta` feature says.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        delta: Option<bool>,
+        /// The dataset's sync count the client already holds: the reply may then carry only
+        /// what changed since (the `snapshot` says so with its own `since`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<u64>,
+    },
     /// Stop receiving a dataset: answered with `ack`.
     Unsubscribe { id: RequestId, dataset: DatasetRef },
     /// Apply patches atomically: answered with `ack` or `conflict`.
@@ -89,6 +106,20 @@ impl ClientFrame {
     }
 }
 
+/// How records are written in server frames: `Full` (every field, protocol version 1's
+/// default) or `Lean` (the `lean` feature: fields the frame implies are left out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Encoding {
+    #[default]
+    Full,
+    Lean,
+}
+
+/// The `auth` feature that turns on `delta` pushes for the session's subscriptions.
+pub const FEATURE_DELTA: &str = "delta";
+/// The `auth` feature that turns on the lean record encoding.
+pub const FEATURE_LEAN: &str = "lean";
+
 /// Why the server ended a subscription on its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -114,17 +145,32 @@ pub enum ServerFrame {
         protocol: u32,
         /// When the token expires, milliseconds since the Unix epoch.
         expires_at: i64,
+        /// The features of the `auth` frame this server supports, now on for the session.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        features: Vec<String>,
     },
-    /// The answer to `subscribe`: the whole dataset (live records only).
+    /// The answer to `subscribe`: the whole dataset (live records only), or, when `since` is
+    /// present, only the records changed after `since`, tombstones included.
     Snapshot {
         id: RequestId,
         dataset: DatasetRef,
         sync_count: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<u64>,
         records: Vec<Record>,
     },
     /// A live push after a commit: the whole dataset (live records only) at `sync_count`.
     Dataset {
         dataset: DatasetRef,
+        sync_count: u64,
+        records: Vec<Record>,
+    },
+    /// A live push to a subscriber that opted in to deltas: the records that changed between
+    /// `baseSyncCount` and `syncCount`, tombstones included, ordered by key. Apply it only on
+    /// top of exactly `baseSyncCount`; otherwise ask `changes` (or re-subscribe).
+    Delta {
+        dataset: DatasetRef,
+        base_sync_count: u64,
         sync_count: u64,
         records: Vec<Record>,
     },
@@ -193,6 +239,22 @@ impl ServerFrame {
     pub fn to_json(&self) -> String {
         // Serialising these types cannot fail: every map key is a string.
         serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// The frame as JSON in the given record encoding (see `lean`).
+    pub fn encode(&self, encoding: Encoding) -> String {
+        match encoding {
+            Encoding::Full => self.to_json(),
+            Encoding::Lean => crate::lean::to_json(self),
+        }
+    }
+
+    /// Reads a server frame in either record encoding: fields a lean record left out are
+    /// filled in from the frame (see `lean`).
+    pub fn from_json(text: &str) -> serde_json::Result<ServerFrame> {
+        let mut frame: ServerFrame = serde_json::from_str(text)?;
+        crate::lean::expand(&mut frame);
+        Ok(frame)
     }
 
     pub fn error(id: Option<RequestId>, code: ErrorCode, message: impl Into<String>) -> Self {

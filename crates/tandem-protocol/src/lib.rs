@@ -10,13 +10,15 @@
 mod close;
 mod error;
 mod frame;
+pub mod lean;
 mod model;
 mod strict;
 
 pub use close::{CloseCode, should_reconnect};
 pub use error::{ErrorCode, LimitCode};
 pub use frame::{
-    ClientFrame, DecodeError, ServerFrame, UnsubscribeReason, decode_client_frame, peek_request_id,
+    ClientFrame, DecodeError, Encoding, FEATURE_DELTA, FEATURE_LEAN, ServerFrame, UnsubscribeReason,
+    decode_client_frame, peek_request_id,
 };
 pub use model::{
     Access, Conflict, DatasetInfo, DatasetRef, NameError, Patch, PatchOp, Record, RequestId,

@@ -52,11 +52,15 @@ impl DatasetRef {
 pub struct Record {
     pub key: String,
     pub value: Option<String>,
-    /// The dataset's sync count at the commit that last changed this record.
+    /// The dataset's sync count at the commit that last changed this record. A lean record
+    /// leaves it out when it equals its frame's; read as 0 until `lean::expand` fills it in.
+    #[serde(default)]
     pub sync_count: u64,
     /// Server time of that commit, milliseconds since the Unix epoch.
     pub last_modified: i64,
-    /// The identity that made that change.
+    /// The identity that made that change. A lean record leaves it out when it is the
+    /// dataset's owner; read as empty until `lean::expand` fills it in.
+    #[serde(default)]
     pub last_modified_by: String,
     /// The device that made that change, when the client named one.
     #[serde(default, skip_serializing_if = "Option::is_none")]

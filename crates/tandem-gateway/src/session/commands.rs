@@ -29,7 +29,7 @@ impl Session {
             }
         };
         let frame = match frame {
-            ClientFrame::Auth { id, token } => return self.auth(id, &token),
+            ClientFrame::Auth { id, token, .. } => return self.auth(id, &token),
             // A heartbeat: it keeps the socket alive but does not make the session busy.
             ClientFrame::Ping { id } => {
                 self.reply(ServerFrame::Pong { id });
@@ -48,7 +48,9 @@ impl Session {
         };
         let reply = match frame {
             // The snapshot is queued by `subscribe` itself, in order with the pushes.
-            ClientFrame::Subscribe { id, dataset } => self.subscribe(id, &identity, dataset).await,
+            ClientFrame::Subscribe { id, dataset, .. } => {
+                self.subscribe(id, &identity, dataset).await
+            }
             ClientFrame::Unsubscribe { id, dataset } => {
                 Some(self.unsubscribe(id, &identity, &dataset).await)
             }
@@ -168,6 +170,7 @@ impl Session {
                     id,
                     dataset: key.to_ref(),
                     sync_count: snapshot.sync_count,
+                    since: None,
                     records: snapshot.records,
                 };
                 self.snapshot_reply(&key, snapshot.sync_count, frame);

@@ -260,6 +260,7 @@ impl Session {
             session: self.label.clone(),
             protocol: PROTOCOL_VERSION,
             expires_at: identity.expires_at.saturating_mul(1000),
+            features: Vec::new(),
         });
         None
     }
