@@ -20,6 +20,6 @@ mod error;
 pub use cache::{DatasetCache, LocalRecord};
 pub use client::{Client, ClientBuilder, Dataset, DatasetEvent, Status, SyncOutcome};
 pub use conflict::{ConflictCase, ConflictHandler, Resolution};
-pub use connection::{Closed, Connection, UpdateResult};
+pub use connection::{Closed, Connection, Snapshot, UpdateResult};
 pub use error::ClientError;
 pub use tandem_protocol as protocol;
