@@ -1072,3 +1072,148 @@ fn now_ms() -> i64 {
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn shared(sync_count: u64, records: &[(&str, &str, u64)]) -> Shared {
+        let mut cache = DatasetCache {
+            sync_count,
+            ..DatasetCache::default()
+        };
+        for (key, value, sync_count) in records {
+            cache.records.insert(
+                (*key).to_owned(),
+                LocalRecord {
+                    value: Some((*value).to_owned()),
+                    sync_count: *sync_count,
+                    dirty: false,
+                    device_last_modified: None,
+                    version: 0,
+                },
+            );
+        }
+        Shared {
+            dataset: DatasetRef::new("alice", "list"),
+            state: Mutex::new(cache),
+            handler: ConflictHandler::TakeRemote,
+            events: broadcast::channel(8).0,
+            sync_lock: tokio::sync::Mutex::new(()),
+            revoked: AtomicBool::new(false),
+            catching_up: AtomicBool::new(false),
+            catch_up_to: AtomicU64::new(0),
+        }
+    }
+
+    fn record(key: &str, value: Option<&str>, sync_count: u64) -> Record {
+        Record {
+            key: key.to_owned(),
+            value: value.map(str::to_owned),
+            sync_count,
+            last_modified: 1,
+            last_modified_by: "alice".to_owned(),
+            device_id: None,
+            device_last_modified: None,
+        }
+    }
+
+    fn values(shared: &Shared) -> BTreeMap<String, Option<String>> {
+        let state = shared.state.lock();
+        state
+            .records
+            .iter()
+            .map(|(k, r)| (k.clone(), r.value.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn test_merge_changes_sets_and_removes_listed_keys_only() {
+        let s = shared(3, &[("a", "1", 3), ("b", "2", 2), ("c", "3", 1)]);
+        let changed = s
+            .merge_changes(
+                3,
+                4,
+                vec![record("a", Some("9"), 4), record("c", None, 4)],
+                false,
+            )
+            .unwrap();
+        assert_eq!(changed, ["a", "c"]);
+        assert_eq!(s.state.lock().sync_count, 4);
+        let want: BTreeMap<_, _> = [
+            ("a".into(), Some("9".into())),
+            ("b".into(), Some("2".into())),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(values(&s), want, "b, not listed, stays");
+    }
+
+    #[test]
+    fn test_merge_changes_ignores_old_and_refuses_a_gap() {
+        let s = shared(5, &[("a", "1", 5)]);
+        assert!(
+            s.merge_changes(3, 5, vec![record("a", Some("old"), 4)], false)
+                .is_none()
+        );
+        assert!(
+            s.merge_changes(6, 7, vec![record("a", Some("new"), 7)], false)
+                .is_none()
+        );
+        assert_eq!(s.state.lock().sync_count, 5);
+        assert_eq!(s.state.lock().records["a"].value.as_deref(), Some("1"));
+        // A base below our count (a conflated delta) applies: it holds every later change.
+        assert!(
+            s.merge_changes(4, 7, vec![record("a", Some("new"), 7)], false)
+                .is_some()
+        );
+        assert_eq!(s.state.lock().records["a"].value.as_deref(), Some("new"));
+    }
+
+    #[test]
+    fn test_merge_changes_keeps_dirty_edits_and_settles_what_the_server_holds() {
+        let s = shared(2, &[("a", "1", 2), ("b", "2", 2), ("c", "3", 2)]);
+        {
+            let mut state = s.state.lock();
+            for (key, value) in [("a", Some("mine")), ("b", None), ("c", Some("same"))] {
+                let r = state.records.get_mut(key).unwrap();
+                r.value = value.map(str::to_owned);
+                r.dirty = true;
+                r.version = 1;
+            }
+        }
+        s.merge_changes(
+            2,
+            3,
+            vec![
+                record("a", Some("theirs"), 3),
+                record("b", None, 3),
+                record("c", Some("same"), 3),
+            ],
+            false,
+        )
+        .unwrap();
+        let state = s.state.lock();
+        // `a` keeps its value and old base, so the next sync conflicts; `b` and `c` are done.
+        assert_eq!(state.records["a"].value.as_deref(), Some("mine"));
+        assert!(state.records["a"].dirty);
+        assert_eq!(state.records["a"].sync_count, 2);
+        assert!(!state.records.contains_key("b"));
+        assert!(!state.records["c"].dirty);
+        assert_eq!(state.dirty_count(), 1);
+    }
+
+    #[test]
+    fn test_merge_whole_removes_missing_clean_keys_but_keeps_newer_acked_ones() {
+        let s = shared(3, &[("a", "1", 3), ("b", "2", 2), ("acked", "x", 6)]);
+        let changed = s.merge(4, vec![record("a", Some("1"), 3)], false);
+        assert_eq!(changed, ["b"]);
+        assert_eq!(
+            values(&s).keys().collect::<Vec<_>>(),
+            ["a", "acked"],
+            "a record stamped after the frame (from an ack) is newer and stays"
+        );
+    }
+}

@@ -283,3 +283,138 @@ async fn test_client_with_features_turned_off_gets_whole_dataset_frames() {
     writer.shutdown().await;
     reader.shutdown().await;
 }
+
+/// A scripted peer on a loopback socket for what a real server never sends a client that
+/// reads every frame: a `delta` whose base the client lacks. It answers `auth` with `ready`
+/// (the features asked for), `subscribe` with a lean snapshot at 3, and `changes` since 4
+/// with the changes up to 7; `push` sends frames unasked.
+async fn scripted_peer() -> (
+    String,
+    tokio::sync::mpsc::UnboundedSender<serde_json::Value>,
+    Arc<PeerLog>,
+) {
+    use futures_util::{SinkExt, StreamExt};
+    use serde_json::json;
+    use tokio_tungstenite::tungstenite::Message;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/v1/sync", listener.local_addr().unwrap());
+    let (push_tx, mut push_rx) = tokio::sync::mpsc::unbounded_channel::<serde_json::Value>();
+    let log = Arc::new(PeerLog::default());
+    let seen = log.clone();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        let ds = json!({"owner": "alice", "name": "list"});
+        let rec =
+            |key: &str, value: Option<&str>| json!({"key": key, "value": value, "lastModified": 1});
+        loop {
+            let frame: serde_json::Value = tokio::select! {
+                Some(frame) = push_rx.recv() => {
+                    ws.send(Message::text(frame.to_string())).await.unwrap();
+                    continue;
+                }
+                message = ws.next() => match message {
+                    Some(Ok(Message::Text(text))) => serde_json::from_str(text.as_str()).unwrap(),
+                    Some(Ok(_)) => continue,
+                    _ => return,
+                },
+            };
+            seen.push(frame.clone());
+            let id = frame["id"].clone();
+            let reply = match frame["type"].as_str().unwrap() {
+                "auth" => json!({"type": "ready", "id": id, "identity": "alice", "session": "s-1",
+                    "protocol": 1, "expiresAt": 4_102_444_800_000_i64, "features": frame["features"]}),
+                "subscribe" => {
+                    let mut b = rec("b", Some("2"));
+                    b["syncCount"] = json!(2);
+                    b["lastModifiedBy"] = json!("bob");
+                    json!({"type": "snapshot", "id": id, "dataset": ds, "syncCount": 3,
+                        "records": [rec("a", Some("1")), b, rec("c", Some("3"))]})
+                }
+                "changes" => {
+                    assert_eq!(frame["since"], 4);
+                    let mut a = rec("a", None);
+                    a["syncCount"] = json!(6);
+                    json!({"type": "changes", "id": id, "dataset": ds, "syncCount": 7,
+                        "records": [a, rec("d", Some("4"))]})
+                }
+                "ping" => json!({"type": "pong", "id": id}),
+                other => panic!("unexpected {other}"),
+            };
+            ws.send(Message::text(reply.to_string())).await.unwrap();
+        }
+    });
+    (url, push_tx, log)
+}
+
+/// Frames the scripted peer received.
+#[derive(Default)]
+struct PeerLog(std::sync::Mutex<Vec<serde_json::Value>>);
+
+impl PeerLog {
+    fn push(&self, frame: serde_json::Value) {
+        self.0.lock().unwrap().push(frame);
+    }
+
+    fn of_type(&self, t: &str) -> Vec<serde_json::Value> {
+        let frames = self.0.lock().unwrap();
+        frames.iter().filter(|f| f["type"] == t).cloned().collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_delta_whose_base_the_copy_lacks_makes_the_client_fetch_changes() {
+    use serde_json::json;
+    let (url, push, log) = scripted_peer().await;
+    let client = Client::builder(&url, "alice")
+        .token("not-checked-by-the-peer")
+        .ping_interval(Duration::ZERO)
+        .start()
+        .unwrap();
+    client.wait_online(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(log.of_type("auth")[0]["features"], json!(["delta", "lean"]));
+    let d = client
+        .open(
+            DatasetRef::new("alice", "list"),
+            ConflictHandler::TakeRemote,
+        )
+        .await
+        .unwrap();
+    // The lean snapshot was filled in from the frame.
+    assert_eq!(d.sync_count(), 3);
+    assert_eq!(d.record("a").unwrap().sync_count, 3);
+    assert_eq!(d.record("b").unwrap().sync_count, 2);
+
+    let ds = json!({"owner": "alice", "name": "list"});
+    let delta = |base: u64, sync: u64, records: serde_json::Value| json!({"type": "delta", "dataset": ds, "baseSyncCount": base, "syncCount": sync, "records": records});
+    // On base: a tombstone removes, keys not listed stay.
+    push.send(delta(
+        3,
+        4,
+        json!([{"key": "c", "value": null, "lastModified": 1}]),
+    ))
+    .unwrap();
+    until("the delta at 4", || d.sync_count() == 4).await;
+    assert_eq!(d.records().keys().collect::<Vec<_>>(), ["a", "b"]);
+    // Old: ignored. A gap (base 6, the copy holds 4): changes since 4, applied.
+    push.send(delta(
+        2,
+        3,
+        json!([{"key": "zzz", "value": "old", "lastModified": 1}]),
+    ))
+    .unwrap();
+    push.send(delta(
+        6,
+        7,
+        json!([{"key": "d", "value": "4", "lastModified": 1}]),
+    ))
+    .unwrap();
+    until("the catch-up to 7", || d.sync_count() == 7).await;
+    let want: BTreeMap<String, String> = [("b", "2"), ("d", "4")]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    assert_eq!(d.records(), want);
+    assert_eq!(log.of_type("changes").len(), 1);
+    client.shutdown().await;
+}
