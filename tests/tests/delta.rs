@@ -233,17 +233,15 @@ async fn test_delta_slow_reader_gets_merged_deltas_that_end_at_the_newest_state(
     }
 
     // Bob reads nothing while 40 commits change one key each, then a small key goes away.
-    let mut last = 0;
     for i in 1..=40u64 {
         let k = (i % 2) as usize;
-        last = commit(
+        counts[k] = commit(
             &alice,
             vec![Patch::replace(format!("k{k}"), big(i), counts[k])],
         )
         .await;
-        counts[k] = last;
     }
-    last = commit(&alice, vec![Patch::remove("k3", counts[3])]).await;
+    let last = commit(&alice, vec![Patch::remove("k3", counts[3])]).await;
 
     let mut frames = 0;
     let mut merged = 0;
