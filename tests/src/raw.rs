@@ -13,6 +13,8 @@ const WAIT: Duration = Duration::from_secs(20);
 pub struct RawSocket {
     stream: TcpStream,
     buf: Vec<u8>,
+    /// Bytes `sip` read so far.
+    pub sipped: usize,
 }
 
 impl RawSocket {
@@ -27,6 +29,7 @@ impl RawSocket {
         let mut socket = RawSocket {
             stream,
             buf: Vec::new(),
+            sipped: 0,
         };
         let end = loop {
             if let Some(end) = socket.buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -109,23 +112,80 @@ impl RawSocket {
 
     /// Connects and authenticates as `sub` with an `auth` frame.
     pub async fn authenticated(server: &TestServer, sub: &str) -> RawSocket {
+        Self::with_features(server, sub, &[]).await.0
+    }
+
+    /// Connects and authenticates as `sub`, asking for protocol features; returns the
+    /// features `ready` named.
+    pub async fn with_features(
+        server: &TestServer,
+        sub: &str,
+        features: &[&str],
+    ) -> (RawSocket, Vec<String>) {
         let mut raw = RawSocket::connect(server).await;
         let auth = ClientFrame::Auth {
             id: None,
             token: server.token(sub),
-            features: Vec::new(),
+            features: features.iter().map(|f| f.to_string()).collect(),
         };
         raw.send(0x1, auth.to_json().as_bytes()).await;
-        let ready = raw.recv_frame().await;
-        assert!(matches!(ready, ServerFrame::Ready { .. }), "{ready:?}");
-        raw
+        match raw.recv_frame().await {
+            ServerFrame::Ready { features, .. } => (raw, features),
+            other => panic!("{other:?}"),
+        }
     }
 
-    /// The next frame, which must be a text frame holding a server frame.
-    pub async fn recv_frame(&mut self) -> ServerFrame {
+    /// The next frame, which must be a text frame: its text.
+    pub async fn recv_text(&mut self) -> String {
         let (opcode, payload) = self.recv().await.expect("a frame");
-        assert_eq!(opcode, 0x1, "{}", String::from_utf8_lossy(&payload));
-        serde_json::from_slice(&payload).unwrap()
+        let text = String::from_utf8(payload).unwrap();
+        assert_eq!(opcode, 0x1, "{text}");
+        text
+    }
+
+    /// The next frame, which must be a text frame holding a server frame (either record
+    /// encoding).
+    pub async fn recv_frame(&mut self) -> ServerFrame {
+        ServerFrame::from_json(&self.recv_text().await).unwrap()
+    }
+
+    /// Reads at most `bytes` more from the socket into the buffer, a slow reader's sip.
+    pub async fn sip(&mut self, bytes: usize) -> bool {
+        let mut chunk = vec![0u8; bytes];
+        match tokio::time::timeout(WAIT, self.stream.read(&mut chunk)).await {
+            Ok(Ok(0) | Err(_)) => false,
+            Ok(Ok(n)) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                self.sipped += n;
+                true
+            }
+            Err(_) => panic!("nothing from the server in time"),
+        }
+    }
+
+    /// A complete frame already read, without reading more.
+    pub fn buffered_frame(&mut self) -> Option<ServerFrame> {
+        if self.buf.len() < 2 {
+            return None;
+        }
+        let (len, at) = match self.buf[1] & 0x7f {
+            126 if self.buf.len() >= 4 => (
+                usize::from(u16::from_be_bytes([self.buf[2], self.buf[3]])),
+                4,
+            ),
+            127 if self.buf.len() >= 10 => {
+                let mut n = [0u8; 8];
+                n.copy_from_slice(&self.buf[2..10]);
+                (usize::try_from(u64::from_be_bytes(n)).unwrap(), 10)
+            }
+            126 | 127 => return None,
+            n => (usize::from(n), 2),
+        };
+        if self.buf.len() < at + len {
+            return None;
+        }
+        let payload: Vec<u8> = self.buf.drain(..at + len).skip(at).collect();
+        ServerFrame::from_json(std::str::from_utf8(&payload).ok()?).ok()
     }
 
     /// Reads until a close frame; returns its code, or `None` if the socket ended without one.

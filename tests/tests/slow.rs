@@ -104,7 +104,7 @@ async fn test_slow_reader_that_stops_reading_is_closed_as_slow() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while !server
         .log()
-        .contains("write deadline passed, closing slow connection")
+        .contains("socket took nothing for the write timeout, closing slow connection")
     {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -116,6 +116,15 @@ async fn test_slow_reader_that_stops_reading_is_closed_as_slow() {
     // The connection ends: with the close code if it still fit in the socket, else just EOF.
     let code = stuck.close_code().await;
     assert!(code.is_none() || code == Some(4001), "{code:?}");
+
+    assert_eq!(
+        tandem_tests::metric(
+            &server,
+            "tandem_gateway_closes_total{code=\"4001\",reason=\"write_stalled\"}"
+        )
+        .await,
+        1
+    );
 
     // Everyone else goes on, and the newest state is there for a reconnect.
     let conn = server.connect("bob").await;

@@ -106,13 +106,21 @@ pub struct GatewayConfig {
         arg(long, env = "TANDEM_AUTH_TIMEOUT", value_parser = duration::parse)
     )]
     pub auth_timeout: Duration,
-    /// Time one socket write may take before the connection is closed as slow (close 4001).
+    /// Time a socket write may make no progress (the socket takes not one byte) before the
+    /// connection is closed as slow (close 4001). A reader that reads, however slowly, is
+    /// kept: its pushes are conflated meanwhile.
     #[serde(with = "duration")]
     #[cfg_attr(
         feature = "clap",
         arg(long, env = "TANDEM_WRITE_TIMEOUT", value_parser = duration::parse)
     )]
     pub write_timeout: Duration,
+    /// Bytes the kernel may hold unsent for one connection (`TCP_NOTSENT_LOWAT`); the rest of
+    /// a slow reader's pushes wait in the outbox, where they are conflated, and the writer
+    /// sees each sip of a slow reader as progress. 0 leaves the kernel's default (its whole
+    /// send buffer, up to megabytes).
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_MAX_UNSENT_SOCKET_BYTES"))]
+    pub max_unsent_socket_bytes: u32,
     /// WebSocket read buffer per connection, bytes; small keeps idle connections cheap (it is
     /// allocated up front), larger reads big frames in fewer system calls.
     #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_READ_BUFFER_BYTES"))]
@@ -197,6 +205,7 @@ impl Default for GatewayConfig {
             bad_frames_window: Duration::from_secs(10),
             auth_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
+            max_unsent_socket_bytes: 128 * 1024,
             read_buffer_bytes: 1024,
             write_buffer_bytes: 4 * 1024,
             allowed_origins: Vec::new(),
@@ -241,6 +250,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("bad_frames_window", &self.bad_frames_window)
             .field("auth_timeout", &self.auth_timeout)
             .field("write_timeout", &self.write_timeout)
+            .field("max_unsent_socket_bytes", &self.max_unsent_socket_bytes)
             .field("allowed_origins", &self.allowed_origins)
             .field("max_log_lines", &self.max_log_lines)
             .field("log_interval", &self.log_interval)

@@ -154,11 +154,18 @@ pub struct Peer {
 /// The node's listener: TCP with `TCP_NODELAY` (pushes are small and latency-bound; Nagle
 /// must not hold them back) and a read budget per connection.
 #[derive(Debug)]
-pub struct Listener(TcpListener);
+pub struct Listener {
+    inner: TcpListener,
+    unsent: u32,
+}
 
 impl Listener {
-    pub fn new(listener: TcpListener) -> Self {
-        Listener(listener)
+    /// `max_unsent_socket_bytes`: the kernel's unsent bytes per connection (0: its default).
+    pub fn new(listener: TcpListener, max_unsent_socket_bytes: u32) -> Self {
+        Listener {
+            inner: listener,
+            unsent: max_unsent_socket_bytes,
+        }
     }
 }
 
@@ -167,8 +174,14 @@ impl axum::serve::Listener for Listener {
     type Addr = Peer;
 
     async fn accept(&mut self) -> (BudgetIo, Peer) {
-        let (io, addr) = axum::serve::Listener::accept(&mut self.0).await;
+        let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
         let _ = io.set_nodelay(true);
+        if self.unsent > 0 {
+            // Unsent bytes beyond this wait in the outbox (where pushes are conflated), not in
+            // the kernel; and the socket turns writable again after each small sip of a slow
+            // reader instead of after a third of a multi-megabyte buffer drained.
+            let _ = socket2::SockRef::from(&io).set_tcp_notsent_lowat(self.unsent);
+        }
         let budget = Budget::new();
         let progress = Arc::new(Progress::default());
         let peer = Peer {
@@ -188,7 +201,7 @@ impl axum::serve::Listener for Listener {
 
     fn local_addr(&self) -> io::Result<Peer> {
         Ok(Peer {
-            addr: self.0.local_addr()?,
+            addr: self.inner.local_addr()?,
             budget: Budget::new(),
             progress: Arc::default(),
         })

@@ -230,9 +230,11 @@ async fn serve_until(
     let local = listener.local_addr()?;
     // Dev mode's Host check needs the port, which `--listen …:0` leaves to the kernel.
     gateway_config.listen_port = local.port();
+    let unsent = gateway_config.max_unsent_socket_bytes;
     let gateway = Gateway::new(gateway_config, subscribers, broker, verifier);
-    // TCP_NODELAY and each connection's read budget before it authenticates.
-    let listener = tandem_gateway::Listener::new(listener);
+    // TCP_NODELAY, the kernel's unsent bytes and each connection's read budget before it
+    // authenticates.
+    let listener = tandem_gateway::Listener::new(listener, unsent);
     tracing::info!(addr = %local, data_dir = %data_dir.display(), store = store_kind, broker = broker_kind, "tandem listening");
     if server.dev {
         tracing::warn!(

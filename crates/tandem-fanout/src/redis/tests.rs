@@ -16,7 +16,9 @@ fn commit(dataset: &Arc<DatasetKey>, sync_count: u64) -> Event {
         dataset: dataset.clone(),
         sync_count,
         frame: Bytes::from(format!("{{\"syncCount\":{sync_count}}}")),
-        delta: (sync_count % 2 == 0).then(|| Bytes::from(format!("{{\"d\":{sync_count}}}"))),
+        delta: sync_count
+            .is_multiple_of(2)
+            .then(|| Bytes::from(format!("{{\"d\":{sync_count}}}"))),
     }
 }
 

@@ -184,6 +184,7 @@ impl Writer {
                 Ok(done) => return Some(done),
                 Err(_) => {
                     let now = progress.written();
+                    tracing::debug!(session = %self.session, seen, now, "write still pending");
                     if now == seen {
                         return None;
                     }
