@@ -32,14 +32,16 @@ impl TestServer {
             ..AuthConfig::default()
         })
         .unwrap();
-        let gateway = Gateway::new(GatewayConfig::default(), subscribers, broker, verifier);
+        let config = GatewayConfig::default();
+        let unsent = config.max_unsent_socket_bytes;
+        let gateway = Gateway::new(config, subscribers, broker, verifier);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let app = gateway
             .router()
             .into_make_service_with_connect_info::<tandem_gateway::Peer>();
         tokio::spawn(async move {
-            axum::serve(tandem_gateway::Listener::new(listener), app)
+            axum::serve(tandem_gateway::Listener::new(listener, unsent), app)
                 .await
                 .unwrap();
         });
