@@ -1348,7 +1348,8 @@ export class Dataset extends Emitter {
 
   /**
    * Subscribes (again) now and merges the server's snapshot: follows a re-created dataset
-   * after `deleted`, or one shared with you again after `revoked`.
+   * after `deleted`, or one shared with you again after `revoked`. A cached copy is named
+   * with `since`, so the snapshot may hold only the changes after it.
    * @returns {Promise<number>} the snapshot's sync count
    */
   async subscribe() {
