@@ -163,6 +163,14 @@ impl WriteLedger {
         self.committed_measured.load(Ordering::Relaxed)
     }
 
+    /// The highest seq known to have committed (0: none; the setup write's marker).
+    pub fn last_committed(&self) -> u64 {
+        (1..=self.len())
+            .rev()
+            .find(|&seq| self.outcome(seq) == Outcome::Committed)
+            .unwrap_or(0)
+    }
+
     /// Deliveries owed: every committed measured write, to every follower.
     pub fn expected_deliveries(&self) -> u64 {
         self.committed_measured() * self.followers()
@@ -226,6 +234,12 @@ impl Coverage {
         delivered
     }
 
+    /// Whether a push showed this writer's last committed write: the subscriber holds the
+    /// writer's final state.
+    pub fn has_final_state(&self) -> bool {
+        self.highest >= self.ledger.last_committed()
+    }
+
     /// Whether there is nothing covered left to settle.
     pub fn is_settled(&self) -> bool {
         self.waiting.is_empty()
@@ -276,6 +290,23 @@ mod tests {
         // Latency of seq 1: received at 10 µs, scheduled at 0.
         assert_eq!(h.min(), 8);
         assert_eq!(h.max(), 46);
+    }
+
+    #[test]
+    fn test_coverage_has_the_final_state_once_it_saw_the_last_commit() {
+        let ledger = Arc::new(WriteLedger::new(vec![0, 1000, 2000], 0));
+        let mut cov = Coverage::new(ledger.clone());
+        // Nothing committed: the setup state is final.
+        assert!(cov.has_final_state());
+        ledger.set_outcome(1, Outcome::Committed);
+        ledger.set_outcome(2, Outcome::Committed);
+        ledger.set_outcome(3, Outcome::Failed);
+        assert_eq!(ledger.last_committed(), 2);
+        cov.observe(1, 10);
+        assert!(!cov.has_final_state());
+        // A conflated push jumps straight to the last commit.
+        cov.observe(2, 20);
+        assert!(cov.has_final_state());
     }
 
     #[test]
