@@ -161,7 +161,11 @@ async fn test_hardening_a_token_valid_for_a_century_does_not_keep_a_session_for_
     )
     .unwrap();
     let mut raw = RawSocket::connect(&server).await;
-    let auth = ClientFrame::Auth { id: None, token, features: Vec::new() };
+    let auth = ClientFrame::Auth {
+        id: None,
+        token,
+        features: Vec::new(),
+    };
     raw.send(0x1, auth.to_json().as_bytes()).await;
     let ready = raw.recv_frame().await;
     assert!(format!("{ready:?}").contains("Ready"), "{ready:?}");

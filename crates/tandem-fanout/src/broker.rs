@@ -10,11 +10,14 @@ use tandem_store::DatasetKey;
 /// that committed, and forwarded byte for byte to every subscriber on every node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// A commit: `frame` is the encoded `dataset` push at `sync_count`.
+    /// A commit: `frame` is the encoded `dataset` push at `sync_count` (the whole dataset,
+    /// lean record encoding); `delta`, when the committing node knew it, the encoded `delta`
+    /// push from `sync_count - 1` (only the records the commit wrote, lean encoding).
     Commit {
         dataset: Arc<DatasetKey>,
         sync_count: u64,
         frame: Bytes,
+        delta: Option<Bytes>,
     },
     /// The dataset was deleted: `frame` is the encoded `deleted` frame.
     Deleted {

@@ -82,6 +82,7 @@ fn commit(dataset: &Arc<DatasetKey>, sync_count: u64) -> Event {
         frame: Bytes::from(format!(
             "{{\"type\":\"dataset\",\"syncCount\":{sync_count}}}"
         )),
+        delta: None,
     }
 }
 

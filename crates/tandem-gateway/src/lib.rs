@@ -18,6 +18,7 @@ mod listener;
 mod metrics;
 mod origin;
 mod outbox;
+mod push;
 mod rate;
 mod session;
 #[cfg(test)]
@@ -223,6 +224,7 @@ async fn sync(
         Ok(admitted) => admitted,
         Err(refused) => return refused_response(&gw, refused),
     };
+    let progress = peer.as_ref().map(|p| p.progress.clone());
     let budget = match (&pre_auth, peer) {
         (None, Some(peer)) => {
             peer.budget.arm(gw.config.max_unauthenticated_bytes);
@@ -237,7 +239,11 @@ async fn sync(
         .write_buffer_size(config.write_buffer_bytes)
         .on_upgrade(move |socket| {
             let tracker = gw.sessions.clone();
-            let conn = session::Conn { admitted, budget };
+            let conn = session::Conn {
+                admitted,
+                budget,
+                progress,
+            };
             tracker.track_future(session::run(gw, socket, pre_auth, conn))
         })
 }

@@ -11,7 +11,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -58,6 +58,22 @@ impl Budget {
     }
 }
 
+/// Bytes the socket has taken from the node's writes. The session's writer watches it: a
+/// slow reader whose socket still takes bytes is not cut off (`write_timeout` counts time
+/// without progress).
+#[derive(Debug, Default)]
+pub struct Progress(AtomicU64);
+
+impl Progress {
+    pub(crate) fn written(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn add(&self, n: usize) {
+        self.0.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
 /// The error a read past the budget fails with; the session recognises it.
 #[derive(Debug, thiserror::Error)]
 #[error("more bytes than allowed before authentication")]
@@ -68,6 +84,7 @@ pub struct OverBudget;
 pub struct BudgetIo {
     io: TcpStream,
     budget: Arc<Budget>,
+    progress: Arc<Progress>,
 }
 
 impl AsyncRead for BudgetIo {
@@ -94,7 +111,11 @@ impl AsyncWrite for BudgetIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let poll = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &poll {
+            self.progress.add(*n);
+        }
+        poll
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -110,7 +131,11 @@ impl AsyncWrite for BudgetIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let poll = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &poll {
+            self.progress.add(*n);
+        }
+        poll
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -123,6 +148,7 @@ impl AsyncWrite for BudgetIo {
 pub struct Peer {
     pub addr: SocketAddr,
     pub(crate) budget: Arc<Budget>,
+    pub(crate) progress: Arc<Progress>,
 }
 
 /// The node's listener: TCP with `TCP_NODELAY` (pushes are small and latency-bound; Nagle
@@ -144,17 +170,27 @@ impl axum::serve::Listener for Listener {
         let (io, addr) = axum::serve::Listener::accept(&mut self.0).await;
         let _ = io.set_nodelay(true);
         let budget = Budget::new();
+        let progress = Arc::new(Progress::default());
         let peer = Peer {
             addr,
             budget: budget.clone(),
+            progress: progress.clone(),
         };
-        (BudgetIo { io, budget }, peer)
+        (
+            BudgetIo {
+                io,
+                budget,
+                progress,
+            },
+            peer,
+        )
     }
 
     fn local_addr(&self) -> io::Result<Peer> {
         Ok(Peer {
             addr: self.0.local_addr()?,
             budget: Budget::new(),
+            progress: Arc::default(),
         })
     }
 }

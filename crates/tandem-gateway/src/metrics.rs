@@ -1,10 +1,79 @@
 //! Counters behind `GET /metrics` (Prometheus text format). Updated with relaxed atomic adds,
 //! once per request or per commit, never per subscriber.
 
+use crate::outbox::PushKind;
 use crate::throttle::Throttle;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use tandem_protocol::ErrorCode;
+use tandem_protocol::{CloseCode, ErrorCode};
+
+/// Why the node closed a connection, for `tandem_gateway_closes_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CloseReason {
+    /// The close frame the session queued (4001 here means the reply bounds were hit).
+    Code(CloseCode),
+    /// The socket took no byte for `write_timeout` (sent as 4001).
+    WriteStalled,
+}
+
+impl CloseReason {
+    const COUNT: usize = CloseCode::ALL.len() + 1;
+
+    fn index(self) -> usize {
+        match self {
+            CloseReason::Code(code) => CloseCode::ALL
+                .iter()
+                .position(|c| *c == code)
+                .unwrap_or(CloseCode::ALL.len()),
+            CloseReason::WriteStalled => CloseCode::ALL.len(),
+        }
+    }
+
+    fn label(self) -> (u16, &'static str) {
+        match self {
+            CloseReason::WriteStalled => (CloseCode::Slow.code(), "write_stalled"),
+            CloseReason::Code(code) => (
+                code.code(),
+                match code {
+                    CloseCode::GoingAway => "going_away",
+                    CloseCode::Slow => "reply_queue_full",
+                    CloseCode::TokenExpired => "token_expired",
+                    CloseCode::Internal => "internal",
+                    CloseCode::AuthTimeout => "auth_timeout",
+                    CloseCode::TooManyConnections => "too_many_connections",
+                    CloseCode::SessionAge => "session_age",
+                    CloseCode::Idle => "idle",
+                    CloseCode::Unauthorized => "unauthorized",
+                    CloseCode::MessageTooBig => "message_too_big",
+                    CloseCode::ProtocolError => "protocol_error",
+                    CloseCode::TooManyBadFrames => "too_many_bad_frames",
+                },
+            ),
+        }
+    }
+}
+
+/// Pushes one writer batch sent, by kind: counted locally, added to the node's counters
+/// once per batch.
+#[derive(Debug, Default)]
+pub(crate) struct PushesSent {
+    frames: [u64; 3],
+    bytes: [u64; 3],
+}
+
+impl PushesSent {
+    pub fn add(&mut self, kind: PushKind, bytes: usize) {
+        let i = kind as usize;
+        self.frames[i] += 1;
+        self.bytes[i] += bytes as u64;
+    }
+}
+
+const PUSH_KINDS: [(PushKind, &str); 3] = [
+    (PushKind::Whole, "dataset"),
+    (PushKind::Delta, "delta"),
+    (PushKind::Merged, "merged_delta"),
+];
 
 #[derive(Debug, Default)]
 pub(crate) struct Metrics {
@@ -14,6 +83,9 @@ pub(crate) struct Metrics {
     pub pushes: AtomicU64,
     pub sessions_opened: AtomicU64,
     errors: [AtomicU64; ErrorCode::ALL.len()],
+    closes: [AtomicU64; CloseReason::COUNT],
+    push_frames: [AtomicU64; 3],
+    push_bytes: [AtomicU64; 3],
 }
 
 impl Metrics {
@@ -25,6 +97,19 @@ impl Metrics {
 
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn closed(&self, reason: CloseReason) {
+        self.closes[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn pushes_sent(&self, sent: &PushesSent) {
+        for i in 0..3 {
+            if sent.frames[i] > 0 {
+                self.push_frames[i].fetch_add(sent.frames[i], Ordering::Relaxed);
+                self.push_bytes[i].fetch_add(sent.bytes[i], Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -119,6 +204,35 @@ pub(crate) fn render(m: &Metrics, g: &Gauges, throttle: &Throttle) -> String {
             out,
             "tandem_gateway_errors_total{{code=\"{code}\"}} {}",
             get(count)
+        );
+    }
+    out.push_str("# HELP tandem_gateway_push_frames_total Push frames written to sockets, by kind.\n# TYPE tandem_gateway_push_frames_total counter\n");
+    for (i, (_, kind)) in PUSH_KINDS.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "tandem_gateway_push_frames_total{{kind=\"{kind}\"}} {}",
+            get(&m.push_frames[i])
+        );
+    }
+    out.push_str("# HELP tandem_gateway_push_bytes_total Bytes of push frames written to sockets (payload), by kind.\n# TYPE tandem_gateway_push_bytes_total counter\n");
+    for (i, (_, kind)) in PUSH_KINDS.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "tandem_gateway_push_bytes_total{{kind=\"{kind}\"}} {}",
+            get(&m.push_bytes[i])
+        );
+    }
+    out.push_str("# HELP tandem_gateway_closes_total Connections the node closed, by close code and reason.\n# TYPE tandem_gateway_closes_total counter\n");
+    let reasons = CloseCode::ALL
+        .into_iter()
+        .map(CloseReason::Code)
+        .chain([CloseReason::WriteStalled]);
+    for reason in reasons {
+        let (code, label) = reason.label();
+        let _ = writeln!(
+            out,
+            "tandem_gateway_closes_total{{code=\"{code}\",reason=\"{label}\"}} {}",
+            get(&m.closes[reason.index()])
         );
     }
     throttle.render(&mut out);

@@ -1,7 +1,9 @@
 //! A connection's outbound queue. Replies keep their order; live pushes are coalesced per
-//! dataset: at most one unsent push per dataset waits, and a newer one replaces it in place,
-//! so a slow client costs bounded memory and still ends at the latest state.
+//! dataset: at most one unsent push per dataset waits, and a newer one replaces it in place
+//! (a whole frame) or is merged into it (deltas), so a slow client costs memory bounded by
+//! its datasets' sizes and still ends at the latest state.
 
+use crate::push::{self, Push};
 use axum::extract::ws::Utf8Bytes;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
@@ -14,6 +16,8 @@ use tokio::sync::Notify;
 #[derive(Debug, Clone)]
 pub enum Outgoing {
     Frame(Utf8Bytes),
+    /// A live push, and what kind (for the metrics).
+    Push(Utf8Bytes, PushKind),
     Close(CloseCode),
     /// End without a close frame (the peer is gone).
     Stop,
@@ -26,14 +30,42 @@ enum Item {
     Close(Option<CloseCode>),
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushKind {
+    /// A whole `dataset` frame.
+    Whole,
+    /// One commit's `delta`, shared by every subscriber.
+    Delta,
+    /// Several commits' deltas merged for one slow subscriber.
+    Merged,
+}
+
+/// The unsent push of one subscription.
+enum Pending {
+    Whole(Arc<Push>),
+    /// Consecutive commits on top of `base` (what the client holds), to be sent as one
+    /// `delta`; `bytes` are their delta frames' sizes summed, kept below the whole frame's.
+    Deltas {
+        base: u64,
+        parts: Vec<Arc<Push>>,
+        bytes: usize,
+    },
+}
+
 struct Slot {
     /// The highest sync count queued or sent for this dataset; nothing at or below it is
-    /// queued again.
+    /// queued again. Once `based`, it is also the state the client holds after what is
+    /// queued, the base of the next delta.
     last: u64,
-    /// The push at `last` (shared bytes), re-queued behind a subscribe reply that turned out
-    /// older than a push already sent.
-    last_frame: Option<Utf8Bytes>,
-    pending: Option<(u64, Utf8Bytes)>,
+    /// A subscribe reply was queued: `last` is a state the client will hold. Before it,
+    /// pushes go whole.
+    based: bool,
+    /// Pushes of this subscription go as deltas where they can.
+    delta: bool,
+    /// The push at `last`, re-queued (whole) behind a subscribe reply that turned out older
+    /// than a push already sent.
+    last_push: Option<Arc<Push>>,
+    pending: Option<(u64, Pending)>,
 }
 
 /// A connection's subscriptions (at most `max_subscriptions`, usually a handful). A scan by
@@ -90,6 +122,8 @@ struct State {
     bytes: usize,
     seq: u64,
     closing: bool,
+    /// Whole frames in the lean record encoding (the session's `lean` feature).
+    lean: bool,
 }
 
 pub struct Outbox {
@@ -123,6 +157,7 @@ impl Outbox {
                 bytes: 0,
                 seq: 0,
                 closing: false,
+                lean: false,
             }),
             notify: Notify::new(),
             max_frames,
@@ -153,17 +188,26 @@ impl Outbox {
         Ok(())
     }
 
-    /// Starts accepting pushes for a dataset. Returns false if it was already subscribed.
-    pub fn subscribe(&self, dataset: Arc<DatasetKey>) -> bool {
+    /// Whole pushes from now on in the lean encoding (or not).
+    pub fn set_lean(&self, lean: bool) {
+        self.state.lock().lean = lean;
+    }
+
+    /// Starts accepting pushes for a dataset, as deltas or whole frames. Returns false if it
+    /// was already subscribed (then only the push form changes, from the next push on).
+    pub fn subscribe(&self, dataset: Arc<DatasetKey>, delta: bool) -> bool {
         let mut s = self.state.lock();
-        if s.slots.contains_key(&dataset) {
+        if let Some(slot) = s.slots.get_mut(&dataset) {
+            slot.delta = delta;
             return false;
         }
         s.slots.insert(
             dataset,
             Slot {
                 last: 0,
-                last_frame: None,
+                based: false,
+                delta,
+                last_push: None,
                 pending: None,
             },
         );
@@ -206,9 +250,11 @@ impl Outbox {
         Ok(existed)
     }
 
-    /// Queues a live push unless an equal or newer sync count was already queued or sent;
-    /// replaces an unsent older push of the same dataset in place.
-    pub fn push(&self, dataset: &Arc<DatasetKey>, sync_count: u64, frame: &Utf8Bytes) {
+    /// Queues a live push unless an equal or newer sync count was already queued or sent.
+    /// An unsent older push of the same dataset is replaced in place, or, when both are
+    /// deltas that follow on each other, merged with it (unless the merge would be larger
+    /// than the whole frame, which then replaces it).
+    pub fn push(&self, dataset: &Arc<DatasetKey>, push: &Arc<Push>) {
         let mut s = self.state.lock();
         if s.closing {
             return;
@@ -217,17 +263,39 @@ impl Outbox {
         let Some(slot) = s.slots.get_mut(dataset) else {
             return;
         };
-        if sync_count <= slot.last {
+        let n = push.sync_count;
+        if n <= slot.last {
             return;
         }
-        slot.last = sync_count;
-        slot.last_frame = Some(frame.clone());
-        if let Some((_, bytes)) = &mut slot.pending {
-            // Replaced in place: the queue entry keeps its position and sequence number.
-            *bytes = frame.clone();
+        let delta = push
+            .delta()
+            .filter(|_| slot.delta && slot.based && n == slot.last + 1)
+            .map(|d| d.len());
+        let base = slot.last;
+        slot.last = n;
+        slot.last_push = Some(push.clone());
+        if let Some((_, pending)) = &mut slot.pending {
+            // The queue entry keeps its position and sequence number.
+            match (pending, delta) {
+                (Pending::Deltas { parts, bytes, .. }, Some(len))
+                    if *bytes + len <= push.whole_len() =>
+                {
+                    parts.push(push.clone());
+                    *bytes += len;
+                }
+                (pending, _) => *pending = Pending::Whole(push.clone()),
+            }
             return;
         }
-        slot.pending = Some((seq, frame.clone()));
+        let pending = match delta {
+            Some(bytes) => Pending::Deltas {
+                base,
+                parts: vec![push.clone()],
+                bytes,
+            },
+            None => Pending::Whole(push.clone()),
+        };
+        slot.pending = Some((seq, pending));
         s.seq = seq;
         s.queue.push_back(Item::Push(dataset.clone(), seq));
         drop(s);
@@ -236,8 +304,8 @@ impl Outbox {
 
     /// Queues a subscribe reply carrying the dataset at `sync_count`; an unsent push at or
     /// below it is dropped, and the newest push, if newer than the reply (pending or already
-    /// sent), is queued behind the reply, so the client always ends at the newest state.
-    /// A reply like any other, it counts against the bounds.
+    /// sent), is queued behind the reply as a whole frame, so the client always ends at the
+    /// newest state. A reply like any other, it counts against the bounds.
     pub fn snapshot(
         &self,
         dataset: &Arc<DatasetKey>,
@@ -255,12 +323,13 @@ impl Outbox {
         let mut requeue = false;
         if let Some(slot) = s.slots.get_mut(dataset) {
             slot.pending = None;
+            slot.based = true;
             if slot.last > sync_count {
-                slot.pending = slot.last_frame.clone().map(|f| (seq, f));
+                slot.pending = slot.last_push.clone().map(|p| (seq, Pending::Whole(p)));
                 requeue = slot.pending.is_some();
             } else {
                 slot.last = sync_count;
-                slot.last_frame = None;
+                slot.last_push = None;
             }
         }
         if requeue {
@@ -316,11 +385,12 @@ impl Outbox {
                             out.push(Outgoing::Frame(f));
                         }
                         Item::Push(dataset, seq) => {
+                            let lean = s.lean;
                             if let Some(slot) = s.slots.get_mut(&dataset)
                                 && slot.pending.as_ref().is_some_and(|(p, _)| *p == seq)
-                                && let Some((_, f)) = slot.pending.take()
+                                && let Some((_, pending)) = slot.pending.take()
                             {
-                                out.push(Outgoing::Frame(f));
+                                out.push(materialize(pending, lean));
                             }
                         }
                         Item::Close(code) => {
@@ -339,6 +409,20 @@ impl Outbox {
     }
 }
 
+/// The frame an unsent push becomes when the writer takes it.
+fn materialize(pending: Pending, lean: bool) -> Outgoing {
+    match pending {
+        Pending::Whole(p) => Outgoing::Push(p.whole(lean), PushKind::Whole),
+        Pending::Deltas { base, parts, .. } => match parts.as_slice() {
+            [one] => match one.delta() {
+                Some(frame) => Outgoing::Push(frame.clone(), PushKind::Delta),
+                None => Outgoing::Push(one.whole(lean), PushKind::Whole),
+            },
+            _ => Outgoing::Push(push::merge(base, &parts), PushKind::Merged),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,10 +431,21 @@ mod tests {
         Arc::new(DatasetKey::new("default", "u1", "ds"))
     }
 
+    /// A push whose whole frame reads `p<n>` and delta `d<n>` (not frames: the outbox does
+    /// not look inside unless it merges).
+    fn p(k: &Arc<DatasetKey>, n: u64) -> Arc<Push> {
+        Arc::new(Push::new(
+            k.clone(),
+            n,
+            format!("p{n}").into(),
+            Some(format!("d{n}").into()),
+        ))
+    }
+
     fn texts(out: &[Outgoing]) -> Vec<String> {
         out.iter()
             .map(|o| match o {
-                Outgoing::Frame(f) => f.as_str().to_owned(),
+                Outgoing::Frame(f) | Outgoing::Push(f, _) => f.as_str().to_owned(),
                 Outgoing::Close(c) => format!("close {}", c.code()),
                 Outgoing::Stop => "stop".to_owned(),
             })
@@ -361,13 +456,13 @@ mod tests {
     async fn test_outbox_coalesces_pushes_per_dataset() {
         let ob = Outbox::new(8, 1 << 20);
         let k = key();
-        ob.subscribe(k.clone());
+        ob.subscribe(k.clone(), false);
         ob.send("r1".into()).unwrap();
         for n in 1..=100u64 {
-            ob.push(&k, n, &Utf8Bytes::from(format!("p{n}")));
+            ob.push(&k, &p(&k, n));
         }
         ob.send("r2".into()).unwrap();
-        ob.push(&k, 50, &"old".into());
+        ob.push(&k, &p(&k, 50));
         let mut out = Vec::new();
         ob.next_batch(&mut out, 64).await;
         assert_eq!(texts(&out), ["r1", "p100", "r2"]);
@@ -377,22 +472,22 @@ mod tests {
     async fn test_outbox_snapshot_orders_against_pending_push() {
         let ob = Outbox::new(8, 1 << 20);
         let k = key();
-        ob.subscribe(k.clone());
-        ob.push(&k, 3, &"p3".into());
+        ob.subscribe(k.clone(), false);
+        ob.push(&k, &p(&k, 3));
         ob.snapshot(&k, 5, "s5".into()).unwrap();
-        ob.push(&k, 4, &"p4".into());
+        ob.push(&k, &p(&k, 4));
         let mut out = Vec::new();
         ob.next_batch(&mut out, 64).await;
         assert_eq!(texts(&out), ["s5"]);
 
-        ob.push(&k, 9, &"p9".into());
+        ob.push(&k, &p(&k, 9));
         ob.snapshot(&k, 7, "s7".into()).unwrap();
         let mut out = Vec::new();
         ob.next_batch(&mut out, 64).await;
         assert_eq!(texts(&out), ["s7", "p9"]);
 
         // A push already sent before an older subscribe reply is sent again after it.
-        ob.push(&k, 12, &"p12".into());
+        ob.push(&k, &p(&k, 12));
         let mut out = Vec::new();
         ob.next_batch(&mut out, 64).await;
         assert_eq!(texts(&out), ["p12"]);
@@ -419,10 +514,10 @@ mod tests {
     async fn test_outbox_ended_subscription_drops_pending_push() {
         let ob = Outbox::new(8, 1 << 20);
         let k = key();
-        ob.subscribe(k.clone());
-        ob.push(&k, 1, &"p1".into());
+        ob.subscribe(k.clone(), false);
+        ob.push(&k, &p(&k, 1));
         assert!(ob.unsubscribe(&k, Some("bye".into())).unwrap());
-        ob.push(&k, 2, &"p2".into());
+        ob.push(&k, &p(&k, 2));
         let mut out = Vec::new();
         ob.next_batch(&mut out, 64).await;
         assert_eq!(texts(&out), ["bye"]);
@@ -432,7 +527,7 @@ mod tests {
     async fn test_outbox_bounds_snapshots_and_notices_like_replies() {
         let ob = Outbox::new(2, 1 << 20);
         let k = key();
-        ob.subscribe(k.clone());
+        ob.subscribe(k.clone(), false);
         ob.snapshot(&k, 1, "s1".into()).unwrap();
         ob.snapshot(&k, 1, "s1 again".into()).unwrap();
         assert_eq!(ob.snapshot(&k, 1, "s1 third".into()), Err(Full));
@@ -457,5 +552,95 @@ mod tests {
         let mut out = Vec::new();
         ob.next_batch(&mut out, 64).await;
         ob.send("x".into()).unwrap();
+    }
+
+    fn real(k: &Arc<DatasetKey>, n: u64, value: &str) -> Arc<Push> {
+        let record = tandem_protocol::Record {
+            key: format!("k{}", n % 2),
+            value: Some(value.to_owned()),
+            sync_count: n,
+            last_modified: 1,
+            last_modified_by: "u1".into(),
+            device_id: None,
+            device_last_modified: None,
+        };
+        // The whole dataset holds four more records, so that a delta is smaller than it.
+        let mut all: Vec<_> = (0..4)
+            .map(|i| tandem_protocol::Record {
+                key: format!("z{i}"),
+                ..record.clone()
+            })
+            .collect();
+        all.push(record.clone());
+        Arc::new(Push::new(
+            k.clone(),
+            n,
+            push::whole_frame(k, n, all).into(),
+            Some(push::delta_frame(k, n, vec![record]).into()),
+        ))
+    }
+
+    async fn take(ob: &Outbox) -> Vec<(String, Option<PushKind>)> {
+        let mut out = Vec::new();
+        ob.next_batch(&mut out, 64).await;
+        out.into_iter()
+            .map(|o| match o {
+                Outgoing::Push(f, kind) => (f.as_str().to_owned(), Some(kind)),
+                Outgoing::Frame(f) => (f.as_str().to_owned(), None),
+                _ => ("close".to_owned(), None),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn test_outbox_sends_deltas_on_a_known_base_and_merges_them() {
+        let ob = Outbox::new(8, 1 << 20);
+        let k = key();
+        ob.subscribe(k.clone(), true);
+        // Before the subscribe reply the client's base is unknown: whole.
+        ob.push(&k, &real(&k, 1, "a"));
+        ob.snapshot(&k, 2, "s2".into()).unwrap();
+        assert_eq!(take(&ob).await, [("s2".to_owned(), None)]);
+        ob.push(&k, &real(&k, 3, "b"));
+        let sent = take(&ob).await;
+        assert_eq!(sent[0].1, Some(PushKind::Delta));
+        assert!(
+            sent[0].0.contains(r#""baseSyncCount":2,"syncCount":3"#),
+            "{sent:?}"
+        );
+        // Two more while unsent: one merged delta from 3 to 5 with the newest of each key.
+        ob.push(&k, &real(&k, 4, "c"));
+        ob.push(&k, &real(&k, 5, "d"));
+        let sent = take(&ob).await;
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].1, Some(PushKind::Merged));
+        let frame = tandem_protocol::ServerFrame::from_json(&sent[0].0).unwrap();
+        let tandem_protocol::ServerFrame::Delta {
+            base_sync_count,
+            sync_count,
+            records,
+            ..
+        } = frame
+        else {
+            panic!("{sent:?}")
+        };
+        assert_eq!((base_sync_count, sync_count), (3, 5));
+        let values: Vec<_> = records.iter().map(|r| r.value.clone().unwrap()).collect();
+        assert_eq!(values, ["c", "d"]);
+        // A gap (6 never came here): whole.
+        ob.push(&k, &real(&k, 7, "e"));
+        assert_eq!(take(&ob).await[0].1, Some(PushKind::Whole));
+        // A merge that would outgrow the whole frame becomes the whole frame.
+        ob.push(&k, &real(&k, 8, "f"));
+        for n in 9..=20 {
+            ob.push(&k, &real(&k, n, "g"));
+        }
+        let sent = take(&ob).await;
+        assert_eq!(sent[0].1, Some(PushKind::Whole));
+        assert!(sent[0].0.contains(r#""syncCount":20"#));
+        // A whole-frame subscription never gets deltas.
+        ob.subscribe(k.clone(), false);
+        ob.push(&k, &real(&k, 21, "h"));
+        assert_eq!(take(&ob).await[0].1, Some(PushKind::Whole));
     }
 }

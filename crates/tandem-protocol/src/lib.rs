@@ -17,8 +17,8 @@ mod strict;
 pub use close::{CloseCode, should_reconnect};
 pub use error::{ErrorCode, LimitCode};
 pub use frame::{
-    ClientFrame, DecodeError, Encoding, FEATURE_DELTA, FEATURE_LEAN, ServerFrame, UnsubscribeReason,
-    decode_client_frame, peek_request_id,
+    ClientFrame, DecodeError, Encoding, FEATURE_DELTA, FEATURE_LEAN, ServerFrame,
+    UnsubscribeReason, decode_client_frame, peek_request_id,
 };
 pub use model::{
     Access, Conflict, DatasetInfo, DatasetRef, NameError, Patch, PatchOp, Record, RequestId,

@@ -6,11 +6,14 @@ use std::sync::Arc;
 use tandem_store::DatasetKey;
 
 // The message envelope: a version byte, a kind byte, the dataset as three length-prefixed
-// strings, then for a commit or a delete the sync count and the frame bytes verbatim (to the
-// end of the message), for a revoke the identity as a fourth string. Lengths and the sync
-// count are big-endian u32 and u64.
+// strings, then for a commit the sync count, the delta frame as a length-prefixed string
+// (length 0: none) and the dataset frame bytes verbatim (to the end of the message), for a
+// delete the sync count and the frame verbatim, for a revoke the identity as a fourth string.
+// Lengths and the sync count are big-endian u32 and u64. Version 2 added the commit's delta;
+// a node of version 1 drops version-2 messages (upgrade every node of a deployment together,
+// see docs/OPERATIONS.md).
 
-pub(super) const VERSION: u8 = 1;
+pub(super) const VERSION: u8 = 2;
 pub(super) const KIND_COMMIT: u8 = 1;
 const KIND_DELETED: u8 = 2;
 const KIND_REVOKED: u8 = 3;
@@ -18,7 +21,10 @@ const KIND_REVOKED: u8 = 3;
 pub(super) fn encode(event: &Event) -> Vec<u8> {
     let dataset = event.dataset();
     let tail = match event {
-        Event::Commit { frame, .. } | Event::Deleted { frame, .. } => 8 + frame.len(),
+        Event::Commit { frame, delta, .. } => {
+            12 + frame.len() + delta.as_ref().map_or(0, Bytes::len)
+        }
+        Event::Deleted { frame, .. } => 8 + frame.len(),
         Event::Revoked { identity, .. } => 4 + identity.len(),
     };
     let mut out = Vec::with_capacity(
@@ -35,9 +41,16 @@ pub(super) fn encode(event: &Event) -> Vec<u8> {
     }
     match event {
         Event::Commit {
-            sync_count, frame, ..
+            sync_count,
+            frame,
+            delta,
+            ..
+        } => {
+            out.extend_from_slice(&sync_count.to_be_bytes());
+            put_bytes(&mut out, delta.as_deref().unwrap_or_default());
+            out.extend_from_slice(frame);
         }
-        | Event::Deleted {
+        Event::Deleted {
             sync_count, frame, ..
         } => {
             out.extend_from_slice(&sync_count.to_be_bytes());
@@ -49,10 +62,15 @@ pub(super) fn encode(event: &Event) -> Vec<u8> {
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
-    // Dataset parts and identities are validated far below 4 GiB.
-    let len = u32::try_from(s.len()).unwrap_or(u32::MAX);
+    put_bytes(out, s.as_bytes());
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    // Dataset parts, identities and frames (a dataset is at most a few MiB) are far below
+    // 4 GiB.
+    let len = u32::try_from(b.len()).unwrap_or(u32::MAX);
     out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(s.as_bytes());
+    out.extend_from_slice(b);
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -91,21 +109,25 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             }
             Ok(Event::Revoked { dataset, identity })
         }
+        KIND_COMMIT => {
+            let sync_count = reader.u64()?;
+            let delta = reader.bytes()?;
+            let delta = (!delta.is_empty()).then(|| Bytes::copy_from_slice(delta));
+            let frame = Bytes::copy_from_slice(reader.0);
+            Ok(Event::Commit {
+                dataset,
+                sync_count,
+                frame,
+                delta,
+            })
+        }
         _ => {
             let sync_count = reader.u64()?;
             let frame = Bytes::copy_from_slice(reader.0);
-            Ok(if kind == KIND_COMMIT {
-                Event::Commit {
-                    dataset,
-                    sync_count,
-                    frame,
-                }
-            } else {
-                Event::Deleted {
-                    dataset,
-                    sync_count,
-                    frame,
-                }
+            Ok(Event::Deleted {
+                dataset,
+                sync_count,
+                frame,
             })
         }
     }
@@ -113,8 +135,8 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
 
 struct Reader<'a>(&'a [u8]);
 
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], DecodeError> {
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         if self.0.len() < n {
             return Err(DecodeError::Truncated);
         }
@@ -133,11 +155,15 @@ impl Reader<'_> {
         Ok(u64::from_be_bytes(buf))
     }
 
-    fn string(&mut self) -> Result<String, DecodeError> {
+    fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
         let mut buf = [0u8; 4];
         buf.copy_from_slice(self.take(4)?);
         let len = u32::from_be_bytes(buf) as usize;
-        let bytes = self.take(len)?;
+        self.take(len)
+    }
+
+    fn string(&mut self) -> Result<String, DecodeError> {
+        let bytes = self.bytes()?;
         String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::Utf8)
     }
 }

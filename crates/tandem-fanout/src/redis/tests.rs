@@ -16,6 +16,7 @@ fn commit(dataset: &Arc<DatasetKey>, sync_count: u64) -> Event {
         dataset: dataset.clone(),
         sync_count,
         frame: Bytes::from(format!("{{\"syncCount\":{sync_count}}}")),
+        delta: (sync_count % 2 == 0).then(|| Bytes::from(format!("{{\"d\":{sync_count}}}"))),
     }
 }
 
@@ -24,6 +25,7 @@ fn test_redis_envelope_round_trips_every_kind() {
     let dataset = key("auth0|a:b", "x:y.z");
     let events = [
         commit(&dataset, 7),
+        commit(&dataset, 8),
         Event::Deleted {
             dataset: dataset.clone(),
             sync_count: u64::MAX,

@@ -829,7 +829,12 @@ async fn update_records(
             // The same publish as a WebSocket `update`: subscribers on every node see it.
             let sync_count = snapshot.sync_count;
             gw.hub
-                .publish_commit(Arc::new(snapshot.dataset), sync_count, snapshot.records)
+                .publish_commit(
+                    Arc::new(snapshot.dataset),
+                    sync_count,
+                    snapshot.records,
+                    changed.clone(),
+                )
                 .await;
             let mut records = Vec::with_capacity(body.record_patches.len());
             let mut unwritten = Vec::new();

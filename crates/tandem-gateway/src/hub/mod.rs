@@ -17,6 +17,7 @@ pub use subscribers::Subscribers;
 pub(crate) use subscribers::{SessionId, Subscriber};
 
 use crate::metrics::Metrics;
+use crate::push;
 use bytes::Bytes;
 use std::sync::{Arc, Weak};
 use tandem_fanout::{Broker, Channels, Event, FanoutError};
@@ -89,20 +90,26 @@ impl Hub {
         removed
     }
 
-    /// Publishes a commit: the `dataset` push is encoded here, once, and the same bytes go
-    /// to every subscriber on every node. The commit is already durable, so a broker fault
-    /// is only logged (subscribers catch up on resync).
+    /// Publishes a commit: the `dataset` push (the whole dataset, `records`) and the `delta`
+    /// push (what the commit wrote, `changed`, ordered by key) are encoded here, once, and
+    /// the same bytes go to every subscriber on every node. The commit is already durable,
+    /// so a broker fault is only logged (subscribers catch up on resync).
     pub(crate) async fn publish_commit(
         &self,
         dataset: Arc<DatasetKey>,
         sync_count: u64,
         records: Vec<Record>,
+        changed: Vec<Record>,
     ) {
-        let frame = push_frame(&dataset, sync_count, records);
+        let frame = Bytes::from(push::whole_frame(&dataset, sync_count, records));
+        let delta = Some(Bytes::from(push::delta_frame(
+            &dataset, sync_count, changed,
+        )));
         self.publish(Event::Commit {
             dataset,
             sync_count,
             frame,
+            delta,
         })
         .await;
     }
@@ -147,18 +154,6 @@ fn spawn_releaser(
             }
         }
     });
-}
-
-/// The live push of a dataset at a sync count.
-pub(crate) fn push_frame(dataset: &DatasetKey, sync_count: u64, records: Vec<Record>) -> Bytes {
-    Bytes::from(
-        ServerFrame::Dataset {
-            dataset: dataset.to_ref(),
-            sync_count,
-            records,
-        }
-        .to_json(),
-    )
 }
 
 /// The notice that a dataset was deleted at a sync count.

@@ -4,9 +4,10 @@
 //! is never forwarded twice or backwards for a dataset; and after a fan-out fault it re-reads
 //! its datasets from the store. It never calls the broker.
 
-use super::{deleted_frame, push_frame};
+use super::deleted_frame;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
+use crate::push::{self, Push};
 use axum::extract::ws::Utf8Bytes;
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
@@ -127,17 +128,20 @@ impl Subscribers {
         (map.values().map(|e| e.subscribers.len()).sum(), map.len())
     }
 
-    fn forward_commit(&self, dataset: &DatasetKey, sync_count: u64, frame: &Utf8Bytes) {
+    fn forward_commit(&self, push: Push) {
         let map = self.datasets.read();
-        let Some((key, entry)) = map.get_key_value(dataset) else {
+        let Some((key, entry)) = map.get_key_value(&push.dataset) else {
             return;
         };
-        let previous = entry.last_forwarded.fetch_max(sync_count, Ordering::AcqRel);
-        if previous >= sync_count {
+        let previous = entry
+            .last_forwarded
+            .fetch_max(push.sync_count, Ordering::AcqRel);
+        if previous >= push.sync_count {
             return;
         }
+        let push = Arc::new(push);
         for subscriber in entry.subscribers.values() {
-            subscriber.outbox.push(key, sync_count, frame);
+            subscriber.outbox.push(key, &push);
         }
         Metrics::add(&self.metrics.pushes, entry.subscribers.len() as u64);
     }
@@ -218,10 +222,18 @@ impl Subscribers {
                 dataset,
                 sync_count,
                 frame,
-            } => match Utf8Bytes::try_from(frame) {
-                Ok(frame) => self.forward_commit(&dataset, sync_count, &frame),
-                Err(e) => tracing::warn!(dataset = %dataset, error = %e, "push frame is not utf-8"),
-            },
+                delta,
+            } => {
+                let delta = delta.map(Utf8Bytes::try_from).transpose();
+                match (Utf8Bytes::try_from(frame), delta) {
+                    (Ok(frame), Ok(delta)) => {
+                        self.forward_commit(Push::new(dataset, sync_count, frame, delta));
+                    }
+                    (Err(e), _) | (_, Err(e)) => {
+                        tracing::warn!(dataset = %dataset, error = %e, "push frame is not utf-8");
+                    }
+                }
+            }
             Event::Deleted {
                 dataset,
                 sync_count,
@@ -266,7 +278,8 @@ impl Subscribers {
                     }
                 }
             }
-            // The same frames a publish would have carried, delivered to this node only.
+            // The same frames a publish would have carried, delivered to this node only; no
+            // delta: what changed since each subscriber's state is not known here.
             match self.store.snapshot(&dataset, &dataset.owner).await {
                 Ok(snapshot) if snapshot.deleted => self.deliver(Event::Deleted {
                     frame: deleted_frame(&dataset, snapshot.sync_count),
@@ -274,9 +287,11 @@ impl Subscribers {
                     sync_count: snapshot.sync_count,
                 }),
                 Ok(snapshot) => self.deliver(Event::Commit {
-                    frame: push_frame(&dataset, snapshot.sync_count, snapshot.records),
+                    frame: push::whole_frame(&dataset, snapshot.sync_count, snapshot.records)
+                        .into(),
                     dataset,
                     sync_count: snapshot.sync_count,
+                    delta: None,
                 }),
                 Err(e) => {
                     tracing::warn!(dataset = %dataset, error = %e, "resync read failed");

@@ -30,7 +30,7 @@ async fn subscribe(hub: &Hub, id: u64, identity: &str) -> Arc<Outbox> {
         outbox: outbox.clone(),
     };
     let shared = hub.subscribe(key(), id, subscriber).await.unwrap();
-    outbox.subscribe(shared);
+    outbox.subscribe(shared, false);
     outbox
 }
 
@@ -40,7 +40,7 @@ async fn drain(outbox: &Outbox) -> Vec<String> {
     let _ = tokio::time::timeout(Duration::from_millis(50), outbox.next_batch(&mut out, 64)).await;
     out.into_iter()
         .map(|o| match o {
-            Outgoing::Frame(f) => f.as_str().to_owned(),
+            Outgoing::Frame(f) | Outgoing::Push(f, _) => f.as_str().to_owned(),
             Outgoing::Close(c) => format!("close {}", c.code()),
             Outgoing::Stop => "stop".to_owned(),
         })
@@ -68,13 +68,13 @@ async fn test_hub_publish_reaches_subscribers_until_they_unsubscribe() {
     let b = subscribe(&hub, 2, "alice").await;
     assert_eq!(hub.subscribers().counts(), (2, 1));
 
-    hub.publish_commit(key(), 1, Vec::new()).await;
+    hub.publish_commit(key(), 1, Vec::new(), Vec::new()).await;
     assert_eq!(drain(&a).await.len(), 1);
     assert_eq!(drain(&b).await.len(), 1);
 
     assert!(hub.unsubscribe(&key(), 2).await);
     assert!(!hub.unsubscribe(&key(), 2).await);
-    hub.publish_commit(key(), 2, Vec::new()).await;
+    hub.publish_commit(key(), 2, Vec::new(), Vec::new()).await;
     let pushed = drain(&a).await;
     assert!(pushed[0].contains("\"syncCount\":2"), "{pushed:?}");
     assert!(drain(&b).await.is_empty());
@@ -87,12 +87,12 @@ async fn test_hub_coalesces_and_never_forwards_a_sync_count_twice_or_backwards()
     let hub = hub(&store);
     let a = subscribe(&hub, 1, "alice").await;
     for n in [3, 1, 5, 5, 4] {
-        hub.publish_commit(key(), n, Vec::new()).await;
+        hub.publish_commit(key(), n, Vec::new(), Vec::new()).await;
     }
     let pushed = drain(&a).await;
     assert_eq!(pushed.len(), 1, "{pushed:?}");
     assert!(pushed[0].contains("\"syncCount\":5"), "{pushed:?}");
-    hub.publish_commit(key(), 5, Vec::new()).await;
+    hub.publish_commit(key(), 5, Vec::new(), Vec::new()).await;
     assert!(drain(&a).await.is_empty());
 }
 

@@ -11,7 +11,7 @@ use tandem_protocol::{
     Access, ClientFrame, CloseCode, DatasetRef, ErrorCode, LimitCode, Patch, RequestId,
     ServerFrame, decode_client_frame, peek_request_id,
 };
-use tandem_store::{UpdateOutcome, UpdateRequest};
+use tandem_store::{DatasetKey, Snapshot, StoreError, UpdateOutcome, UpdateRequest};
 
 impl Session {
     /// Handles one text frame; returns a close code when the connection must end.
@@ -29,7 +29,11 @@ impl Session {
             }
         };
         let frame = match frame {
-            ClientFrame::Auth { id, token, .. } => return self.auth(id, &token),
+            ClientFrame::Auth {
+                id,
+                token,
+                features,
+            } => return self.auth(id, &token, &features),
             // A heartbeat: it keeps the socket alive but does not make the session busy.
             ClientFrame::Ping { id } => {
                 self.reply(ServerFrame::Pong { id });
@@ -48,8 +52,14 @@ impl Session {
         };
         let reply = match frame {
             // The snapshot is queued by `subscribe` itself, in order with the pushes.
-            ClientFrame::Subscribe { id, dataset, .. } => {
-                self.subscribe(id, &identity, dataset).await
+            ClientFrame::Subscribe {
+                id,
+                dataset,
+                delta,
+                since,
+            } => {
+                let delta = delta.unwrap_or(self.delta);
+                self.subscribe(id, &identity, dataset, delta, since).await
             }
             ClientFrame::Unsubscribe { id, dataset } => {
                 Some(self.unsubscribe(id, &identity, &dataset).await)
@@ -59,10 +69,10 @@ impl Session {
                 dataset,
                 device_id,
                 patches,
-            } => Some(
+            } => {
                 self.update(id, &identity, dataset, device_id, patches)
-                    .await,
-            ),
+                    .await
+            }
             ClientFrame::Changes { id, dataset, since } => {
                 Some(self.changes(id, &identity, &dataset, since).await)
             }
@@ -90,7 +100,12 @@ impl Session {
     }
 
     /// `auth`: the first token authenticates the session; later ones refresh its expiry.
-    fn auth(&mut self, id: Option<RequestId>, token: &str) -> Option<CloseCode> {
+    fn auth(
+        &mut self,
+        id: Option<RequestId>,
+        token: &str,
+        features: &[String],
+    ) -> Option<CloseCode> {
         match self.gw.verifier.verify(token) {
             Ok(identity) => {
                 if let Some(current) = &self.identity
@@ -104,7 +119,8 @@ impl Session {
                     ));
                     return None;
                 }
-                self.authenticated(id, identity)
+                let features = self.set_features(features);
+                self.authenticated(id, identity, features)
             }
             Err(e) => {
                 if self.gw.throttle.record(Event::TokenRefused) {
@@ -127,6 +143,8 @@ impl Session {
         id: RequestId,
         identity: &Arc<str>,
         dataset: DatasetRef,
+        delta: bool,
+        since: Option<u64>,
     ) -> Option<ServerFrame> {
         let key = match self.key(identity, &dataset) {
             Ok(key) => Arc::new(key),
@@ -153,7 +171,7 @@ impl Session {
             };
             match self.gw.hub.subscribe(key, self.id, subscriber).await {
                 Ok(shared) => {
-                    self.outbox.subscribe(shared.clone());
+                    self.outbox.subscribe(shared.clone(), delta);
                     shared
                 }
                 Err(e) => {
@@ -162,15 +180,16 @@ impl Session {
                 }
             }
         } else {
+            self.outbox.subscribe(key.clone(), delta);
             key
         };
-        match self.gw.store.snapshot(&key, identity).await {
-            Ok(snapshot) => {
+        match self.read_for_subscribe(&key, identity, since).await {
+            Ok((snapshot, since)) => {
                 let frame = ServerFrame::Snapshot {
                     id,
                     dataset: key.to_ref(),
                     sync_count: snapshot.sync_count,
-                    since: None,
+                    since,
                     records: snapshot.records,
                 };
                 self.snapshot_reply(&key, snapshot.sync_count, frame);
@@ -184,6 +203,25 @@ impl Session {
                 Some(store_error(Some(id), &e))
             }
         }
+    }
+
+    /// What a subscribe reply carries: the changes after `since` when the client holds a
+    /// state of this dataset (returned with `Some(since)`), else the whole dataset.
+    async fn read_for_subscribe(
+        &self,
+        key: &DatasetKey,
+        identity: &str,
+        since: Option<u64>,
+    ) -> Result<(Snapshot, Option<u64>), StoreError> {
+        if let Some(since) = since {
+            let changes = self.gw.store.changes(key, identity, since).await?;
+            // A deleted dataset answers `changes` without its tombstones, and a client ahead
+            // of the store holds a state the store never had: both get the whole dataset.
+            if !changes.deleted && since <= changes.sync_count {
+                return Ok((changes, Some(since)));
+            }
+        }
+        Ok((self.gw.store.snapshot(key, identity).await?, None))
     }
 
     /// `unsubscribe`: acknowledged whether or not the session was subscribed.
@@ -208,7 +246,9 @@ impl Session {
         }
     }
 
-    /// `update`: commits, publishes the new dataset, then acknowledges.
+    /// `update`: commits, acknowledges, then publishes. The ack is queued first so that the
+    /// writer's own reply does not wait behind the fan-out of its commit; returns the reply
+    /// when it is not an ack.
     async fn update(
         &mut self,
         id: RequestId,
@@ -216,10 +256,10 @@ impl Session {
         dataset: DatasetRef,
         device_id: Option<String>,
         patches: Vec<Patch>,
-    ) -> ServerFrame {
+    ) -> Option<ServerFrame> {
         let key = match self.key(identity, &dataset) {
             Ok(key) => key,
-            Err(e) => return store_error(Some(id), &e),
+            Err(e) => return Some(store_error(Some(id), &e)),
         };
         let request = UpdateRequest {
             dataset: key,
@@ -232,24 +272,24 @@ impl Session {
                 Metrics::add(&self.gw.metrics().commits, 1);
                 let dataset = Arc::new(snapshot.dataset);
                 let sync_count = snapshot.sync_count;
-                let reply_dataset = dataset.to_ref();
+                self.reply(ServerFrame::Ack {
+                    id,
+                    dataset: Some(dataset.to_ref()),
+                    sync_count: Some(sync_count),
+                    records: Some(changed.clone()),
+                });
                 self.gw
                     .hub
-                    .publish_commit(dataset, sync_count, snapshot.records)
+                    .publish_commit(dataset, sync_count, snapshot.records, changed)
                     .await;
-                ServerFrame::Ack {
-                    id,
-                    dataset: Some(reply_dataset),
-                    sync_count: Some(sync_count),
-                    records: Some(changed),
-                }
+                None
             }
             Ok(UpdateOutcome::Conflict {
                 sync_count,
                 conflicts,
             }) => {
                 Metrics::add(&self.gw.metrics().conflicts, 1);
-                ServerFrame::Conflict {
+                Some(ServerFrame::Conflict {
                     id,
                     dataset: DatasetRef::new(
                         dataset.owner.as_deref().unwrap_or(identity),
@@ -257,9 +297,9 @@ impl Session {
                     ),
                     sync_count,
                     conflicts,
-                }
+                })
             }
-            Err(e) => store_error(Some(id), &e),
+            Err(e) => Some(store_error(Some(id), &e)),
         }
     }
 

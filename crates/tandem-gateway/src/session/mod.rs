@@ -13,7 +13,7 @@ mod transport;
 
 use crate::connections::Admitted;
 use crate::hub::SessionId;
-use crate::listener::Budget;
+use crate::listener::{Budget, Progress};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::rate::RateLimiter;
@@ -24,8 +24,8 @@ use futures_util::{Sink, Stream, StreamExt};
 use std::sync::Arc;
 use std::time::Duration;
 use tandem_protocol::{
-    CloseCode, DatasetRef, ErrorCode, LimitCode, PROTOCOL_VERSION, RequestId, ServerFrame,
-    validate_dataset_name,
+    CloseCode, DatasetRef, Encoding, ErrorCode, FEATURE_DELTA, FEATURE_LEAN, LimitCode,
+    PROTOCOL_VERSION, RequestId, ServerFrame, validate_dataset_name,
 };
 use tandem_store::{DatasetKey, StoreError, validate_identity};
 use tokio::time::Instant;
@@ -37,6 +37,8 @@ pub(crate) struct Conn {
     pub admitted: Admitted,
     /// The read budget of a connection that has not authenticated yet.
     pub budget: Option<Arc<Budget>>,
+    /// What the socket took of the writes (none behind other listeners).
+    pub progress: Option<Arc<Progress>>,
 }
 
 pub(crate) async fn run(
@@ -74,11 +76,15 @@ pub(crate) async fn serve<Si, St>(
         // time costs more than its rare log lines are worth; they carry the session label.
         let writer = tokio::spawn(transport::run_writer(
             sink,
-            outbox.clone(),
-            gw.config.write_timeout,
-            cancel.clone(),
-            label.clone(),
-            gw.throttle.clone(),
+            transport::Writer {
+                outbox: outbox.clone(),
+                write_timeout: gw.config.write_timeout,
+                progress: conn.as_ref().and_then(|c| c.progress.clone()),
+                cancel: cancel.clone(),
+                session: label.clone(),
+                throttle: gw.throttle.clone(),
+                metrics: gw.metrics().clone(),
+            },
         ));
         let now = Instant::now();
         let mut session = Session {
@@ -93,9 +99,11 @@ pub(crate) async fn serve<Si, St>(
             conn,
             limiter: RateLimiter::per_second(gw.config.max_requests_per_second),
             bad_frames: RateLimiter::new(gw.config.max_bad_frames, gw.config.bad_frames_window),
+            delta: false,
+            lean: false,
         };
         let refused = match pre_auth {
-            Some(identity) => session.authenticated(None, identity),
+            Some(identity) => session.authenticated(None, identity, Vec::new()),
             None => None,
         };
         match refused {
@@ -138,6 +146,10 @@ struct Session {
     limiter: RateLimiter,
     /// Every `bad_request` answer takes a token; running out closes the connection.
     bad_frames: RateLimiter,
+    /// The `delta` feature: subscriptions get `delta` pushes unless `subscribe` says not.
+    delta: bool,
+    /// The `lean` feature: records in this session's frames in the lean encoding.
+    lean: bool,
 }
 
 impl Session {
@@ -154,7 +166,11 @@ impl Session {
         if let ServerFrame::Error { code, .. } = &frame {
             self.gw.metrics().error(*code);
         }
-        if self.outbox.send(Utf8Bytes::from(frame.to_json())).is_err() {
+        if self
+            .outbox
+            .send(Utf8Bytes::from(frame.encode(self.encoding())))
+            .is_err()
+        {
             self.close_slow();
             return;
         }
@@ -188,11 +204,35 @@ impl Session {
         false
     }
 
+    fn encoding(&self) -> Encoding {
+        if self.lean {
+            Encoding::Lean
+        } else {
+            Encoding::Full
+        }
+    }
+
+    /// Takes the features an `auth` frame asked for; returns those this server supports.
+    fn set_features(&mut self, asked: &[String]) -> Vec<String> {
+        self.delta = asked.iter().any(|f| f == FEATURE_DELTA);
+        self.lean = asked.iter().any(|f| f == FEATURE_LEAN);
+        self.outbox.set_lean(self.lean);
+        [(self.delta, FEATURE_DELTA), (self.lean, FEATURE_LEAN)]
+            .into_iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, name)| name.to_owned())
+            .collect()
+    }
+
     /// Queues a subscribe reply in order with the dataset's pushes, under the same bound.
     fn snapshot_reply(&self, key: &Arc<DatasetKey>, sync_count: u64, frame: ServerFrame) {
         if self
             .outbox
-            .snapshot(key, sync_count, Utf8Bytes::from(frame.to_json()))
+            .snapshot(
+                key,
+                sync_count,
+                Utf8Bytes::from(frame.encode(self.encoding())),
+            )
             .is_err()
         {
             self.close_slow();
@@ -208,7 +248,12 @@ impl Session {
 
     /// Takes a verified identity: counts the session for it (the first time) and sets the
     /// session's deadline. Returns a close code when the identity holds too many sessions.
-    fn authenticated(&mut self, id: Option<RequestId>, identity: Identity) -> Option<CloseCode> {
+    fn authenticated(
+        &mut self,
+        id: Option<RequestId>,
+        identity: Identity,
+        features: Vec<String>,
+    ) -> Option<CloseCode> {
         let sub: Arc<str> = Arc::from(identity.sub.as_str());
         if self.identity.is_none() {
             if !self.gw.connections.acquire(&sub) {
@@ -260,7 +305,7 @@ impl Session {
             session: self.label.clone(),
             protocol: PROTOCOL_VERSION,
             expires_at: identity.expires_at.saturating_mul(1000),
-            features: Vec::new(),
+            features,
         });
         None
     }

@@ -4,7 +4,8 @@
 //! session through channels instead of a socket.
 
 use super::Session;
-use crate::listener::OverBudget;
+use crate::listener::{OverBudget, Progress};
+use crate::metrics::{CloseReason, Metrics, PushesSent};
 use crate::outbox::{Outbox, Outgoing};
 use crate::throttle::{Event, Throttle};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
@@ -154,28 +155,66 @@ fn is_protocol_error(e: &axum::Error) -> bool {
     }
 }
 
-/// Drains the outbox into the sink until a close or stop, or until a write fails or misses
-/// its deadline (then the session is cancelled and, if slow, closed with 4001).
-pub(super) async fn run_writer<Si>(
-    mut sink: Si,
-    outbox: Arc<Outbox>,
-    write_timeout: Duration,
-    cancel: CancellationToken,
-    session: String,
-    throttle: Arc<Throttle>,
-) where
+/// What the writer task needs besides the sink.
+pub(super) struct Writer {
+    pub outbox: Arc<Outbox>,
+    /// How long a write may make no progress before the connection is closed as slow.
+    pub write_timeout: Duration,
+    /// What the socket took so far; without it (tests over channels) a whole batch must
+    /// finish within `write_timeout`.
+    pub progress: Option<Arc<Progress>>,
+    pub cancel: CancellationToken,
+    pub session: String,
+    pub throttle: Arc<Throttle>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Writer {
+    /// Runs a write while it makes progress: `None` once a whole `write_timeout` passed in
+    /// which the socket took not one byte. A slow reader that reads is never cut off here;
+    /// what waits for it is bounded by the outbox (conflation and the reply bounds).
+    async fn while_moving<F: Future>(&self, write: F) -> Option<F::Output> {
+        let Some(progress) = &self.progress else {
+            return tokio::time::timeout(self.write_timeout, write).await.ok();
+        };
+        tokio::pin!(write);
+        let mut seen = progress.written();
+        loop {
+            match tokio::time::timeout(self.write_timeout, &mut write).await {
+                Ok(done) => return Some(done),
+                Err(_) => {
+                    let now = progress.written();
+                    if now == seen {
+                        return None;
+                    }
+                    seen = now;
+                }
+            }
+        }
+    }
+}
+
+/// Drains the outbox into the sink until a close or stop, or until a write fails or stalls
+/// (then the session is cancelled and, if stalled, closed with 4001).
+pub(super) async fn run_writer<Si>(mut sink: Si, w: Writer)
+where
     Si: Sink<Message, Error = axum::Error> + Unpin,
 {
     let mut batch = Vec::with_capacity(WRITE_BATCH);
     loop {
         batch.clear();
-        outbox.next_batch(&mut batch, WRITE_BATCH).await;
+        w.outbox.next_batch(&mut batch, WRITE_BATCH).await;
         let mut close = None;
         let mut stop = false;
+        let mut pushed = PushesSent::default();
         let write = async {
             for item in batch.drain(..) {
                 match item {
                     Outgoing::Frame(frame) => sink.feed(Message::Text(frame)).await?,
+                    Outgoing::Push(frame, kind) => {
+                        pushed.add(kind, frame.len());
+                        sink.feed(Message::Text(frame)).await?;
+                    }
                     Outgoing::Close(code) => {
                         close = Some(code);
                         break;
@@ -188,25 +227,28 @@ pub(super) async fn run_writer<Si>(
             }
             sink.flush().await
         };
-        match tokio::time::timeout(write_timeout, write).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                if throttle.record(Event::AbruptDisconnect) {
-                    tracing::debug!(session = %session, error = %e, "write failed");
+        let written = w.while_moving(write).await;
+        w.metrics.pushes_sent(&pushed);
+        match written {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                if w.throttle.record(Event::AbruptDisconnect) {
+                    tracing::debug!(session = %w.session, error = %e, "write failed");
                 }
-                cancel.cancel();
+                w.cancel.cancel();
                 return;
             }
-            Err(_) => {
-                if throttle.record(Event::SlowClient) {
+            None => {
+                if w.throttle.record(Event::SlowClient) {
                     tracing::info!(
-                        session = %session,
-                        timeout_ms = write_timeout.as_millis() as u64,
-                        "write deadline passed, closing slow connection"
+                        session = %w.session,
+                        timeout_ms = w.write_timeout.as_millis() as u64,
+                        "socket took nothing for the write timeout, closing slow connection"
                     );
                 }
-                outbox.close(CloseCode::Slow);
-                cancel.cancel();
+                w.metrics.closed(CloseReason::WriteStalled);
+                w.outbox.close(CloseCode::Slow);
+                w.cancel.cancel();
                 let _ = tokio::time::timeout(
                     Duration::from_millis(100),
                     send_close(&mut sink, CloseCode::Slow),
@@ -216,7 +258,8 @@ pub(super) async fn run_writer<Si>(
             }
         }
         if let Some(code) = close {
-            let _ = tokio::time::timeout(write_timeout, send_close(&mut sink, code)).await;
+            w.metrics.closed(CloseReason::Code(code));
+            let _ = tokio::time::timeout(w.write_timeout, send_close(&mut sink, code)).await;
             return;
         }
         if stop {
