@@ -1,9 +1,12 @@
 //! The counting: what each writer sent and how it ended ([`WriteLedger`]), and which of
 //! those writes each subscriber has received ([`Coverage`]).
 //!
-//! A push is a whole-dataset snapshot and the server may coalesce pushes for a slow
-//! reader, so a subscriber can skip sequence numbers. A push whose marker says writer `w`
-//! is at `seq` therefore **covers** every write of `w` up to `seq`. Each committed,
+//! A push is a whole-dataset snapshot or a `delta` of the keys that changed, and the server
+//! may coalesce pushes (merge deltas) for a slow reader, so a subscriber can skip sequence
+//! numbers. Each write rewrites its writer's marker and a writer's commits land in seq
+//! order, so a push whose marker says writer `w` is at `seq` **covers** every write of `w`
+//! up to `seq` (a merged delta keeps the newest version of each key; a delta without `w`'s
+//! marker says nothing about `w`). Each committed,
 //! measured write counts as delivered to a subscriber once, at the first push (or
 //! snapshot) that covers it, with latency = that push's receive time − the write's
 //! scheduled send time. Writes that failed (conflict, error), were never sent, or whose
