@@ -19,7 +19,16 @@ pub struct RawSocket {
 
 impl RawSocket {
     pub async fn connect(server: &TestServer) -> RawSocket {
-        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        Self::connect_with_buffer(server, None).await
+    }
+
+    /// Connects with a receive buffer of `rcvbuf` bytes (the kernel's default otherwise).
+    pub async fn connect_with_buffer(server: &TestServer, rcvbuf: Option<u32>) -> RawSocket {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        if let Some(bytes) = rcvbuf {
+            socket.set_recv_buffer_size(bytes).unwrap();
+        }
+        let mut stream = socket.connect(server.addr).await.unwrap();
         let request = format!(
             "GET /v1/sync HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
@@ -122,7 +131,17 @@ impl RawSocket {
         sub: &str,
         features: &[&str],
     ) -> (RawSocket, Vec<String>) {
-        let mut raw = RawSocket::connect(server).await;
+        Self::with_features_and_buffer(server, sub, features, None).await
+    }
+
+    /// `with_features`, with a receive buffer of `rcvbuf` bytes.
+    pub async fn with_features_and_buffer(
+        server: &TestServer,
+        sub: &str,
+        features: &[&str],
+        rcvbuf: Option<u32>,
+    ) -> (RawSocket, Vec<String>) {
+        let mut raw = RawSocket::connect_with_buffer(server, rcvbuf).await;
         let auth = ClientFrame::Auth {
             id: None,
             token: server.token(sub),

@@ -41,7 +41,9 @@ async fn subscribe_raw(server: &TestServer, sub: &str) -> RawSocket {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_slow_reader_gets_coalesced_pushes_and_ends_at_the_newest_state() {
-    let server = TestServer::start();
+    // Bob does not read at all while the writes go on; on a busy machine they can take longer
+    // than the default write timeout, which this test is not about.
+    let server = TestServer::builder().arg("--write-timeout", "120s").start();
     let owner = server.connect("alice").await;
     owner
         .grant(DatasetRef::own("doc"), "bob", Access::Read)

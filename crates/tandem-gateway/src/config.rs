@@ -205,7 +205,7 @@ impl Default for GatewayConfig {
             bad_frames_window: Duration::from_secs(10),
             auth_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
-            max_unsent_socket_bytes: 128 * 1024,
+            max_unsent_socket_bytes: 16 * 1024,
             read_buffer_bytes: 1024,
             write_buffer_bytes: 4 * 1024,
             allowed_origins: Vec::new(),

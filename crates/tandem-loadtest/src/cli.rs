@@ -88,6 +88,27 @@ pub struct Common {
     /// (`process_resident_memory_bytes`) where its pid is out of reach.
     #[arg(long, global = true)]
     pub server_metrics: Option<String>,
+    /// Do not ask for the `delta` feature: subscribers get whole `dataset` frames (the
+    /// protocol's default), e.g. to compare push sizes with and without deltas.
+    #[arg(long, global = true)]
+    pub no_delta: bool,
+    /// Do not ask for the `lean` feature: records in server frames carry every field.
+    #[arg(long, global = true)]
+    pub no_lean: bool,
+}
+
+impl Common {
+    /// The `auth` features every connection asks for: `delta` and `lean` unless turned off.
+    pub fn features(&self) -> Vec<String> {
+        let mut features = Vec::new();
+        if !self.no_delta {
+            features.push(tandem_protocol::FEATURE_DELTA.to_owned());
+        }
+        if !self.no_lean {
+            features.push(tandem_protocol::FEATURE_LEAN.to_owned());
+        }
+        features
+    }
 }
 
 #[derive(Debug, Clone, Subcommand, Serialize)]
@@ -131,9 +152,68 @@ pub struct FanoutArgs {
     /// Updates per second from the one writer.
     #[arg(long, default_value_t = 10.0)]
     pub rate: f64,
-    /// Bytes of the document (a filler record pads the dataset to about this size).
+    /// Bytes of the document (filler records pad the dataset to about this size).
     #[arg(long, default_value_t = 1024)]
     pub size: usize,
+    /// Records in the document: the writer's marker and N-1 filler records of about equal
+    /// size (default: the marker and one filler). Only the marker changes on each write.
+    #[arg(long)]
+    pub records: Option<usize>,
+    /// Slow readers read at most this many frames per second from their socket (they sleep
+    /// between reads), so the server has to conflate their pushes.
+    #[arg(long)]
+    pub read_rate: Option<f64>,
+    /// Which subscribers read at --read-rate: a count (`50`), a fraction (`0.1`) or a
+    /// percentage (`10%`) of --subscribers, the first ones. Default: all of them.
+    #[arg(long, requires = "read_rate", value_parser = parse_slow_readers)]
+    pub slow_readers: Option<SlowReaders>,
+    /// Receive buffer (SO_RCVBUF, bytes) of the slow readers' sockets; the kernel doubles it.
+    /// Default: the system's (autotuned, up to megabytes, which hides slowness for a while).
+    #[arg(long, requires = "read_rate")]
+    pub recv_buffer: Option<u32>,
+}
+
+/// Which fan-out subscribers read slowly.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlowReaders {
+    Count(usize),
+    Fraction(f64),
+}
+
+impl SlowReaders {
+    /// How many of `total` subscribers.
+    pub fn of(self, total: usize) -> usize {
+        match self {
+            SlowReaders::Count(n) => n.min(total),
+            SlowReaders::Fraction(f) => ((f * total as f64).round() as usize).min(total),
+        }
+    }
+}
+
+/// `50` (a count), `0.1` (a fraction), `10%` (a percentage) or `all`.
+pub fn parse_slow_readers(s: &str) -> Result<SlowReaders, String> {
+    let s = s.trim();
+    let bad = || {
+        format!(
+            "invalid --slow-readers `{s}`: expected a count (50), a fraction (0.1), a percentage (10%) or `all`"
+        )
+    };
+    if s == "all" {
+        return Ok(SlowReaders::Fraction(1.0));
+    }
+    let fraction = if let Some(percent) = s.strip_suffix('%') {
+        percent.trim().parse::<f64>().map_err(|_| bad())? / 100.0
+    } else if s.contains('.') {
+        s.parse::<f64>().map_err(|_| bad())?
+    } else {
+        return s.parse().map(SlowReaders::Count).map_err(|_| bad());
+    };
+    if (0.0..=1.0).contains(&fraction) {
+        Ok(SlowReaders::Fraction(fraction))
+    } else {
+        Err(bad())
+    }
 }
 
 #[derive(Debug, Clone, Args, Serialize)]
@@ -150,6 +230,10 @@ pub struct RoomsArgs {
     /// Bytes of each group's document.
     #[arg(long, default_value_t = 256)]
     pub size: usize,
+    /// Records in each group's document: one marker per member and filler records of about
+    /// equal size for the rest (default: the markers and one filler).
+    #[arg(long)]
+    pub records: Option<usize>,
 }
 
 #[derive(Debug, Clone, Args, Serialize)]
@@ -252,6 +336,72 @@ mod tests {
         let cli = Cli::try_parse_from(["tandem-loadtest", "write", "--json"]).unwrap();
         assert!(cli.common.json);
         assert_eq!(cli.common.urls, [DEFAULT_URL]);
+    }
+
+    #[test]
+    fn test_cli_features_default_to_delta_and_lean() {
+        let cli = Cli::try_parse_from(["tandem-loadtest", "fanout"]).unwrap();
+        assert_eq!(cli.common.features(), ["delta", "lean"]);
+        let cli = Cli::try_parse_from(["tandem-loadtest", "fanout", "--no-delta"]).unwrap();
+        assert_eq!(cli.common.features(), ["lean"]);
+        let cli =
+            Cli::try_parse_from(["tandem-loadtest", "--no-lean", "rooms", "--no-delta"]).unwrap();
+        assert!(cli.common.features().is_empty());
+    }
+
+    #[test]
+    fn test_cli_fanout_slow_reader_options_parse() {
+        let cli = Cli::try_parse_from([
+            "tandem-loadtest",
+            "fanout",
+            "--records",
+            "20",
+            "--read-rate",
+            "20",
+            "--slow-readers",
+            "10%",
+            "--recv-buffer",
+            "8192",
+        ])
+        .unwrap();
+        let Scenario::Fanout(args) = cli.scenario else {
+            panic!("not fanout");
+        };
+        assert_eq!(args.records, Some(20));
+        assert_eq!(args.read_rate, Some(20.0));
+        assert_eq!(args.slow_readers, Some(SlowReaders::Fraction(0.1)));
+        assert_eq!(args.recv_buffer, Some(8192));
+        // --slow-readers means nothing without a read rate.
+        assert!(Cli::try_parse_from(["tandem-loadtest", "fanout", "--slow-readers", "5"]).is_err());
+        let cli = Cli::try_parse_from(["tandem-loadtest", "rooms", "--records", "8"]).unwrap();
+        let Scenario::Rooms(args) = cli.scenario else {
+            panic!("not rooms");
+        };
+        assert_eq!(args.records, Some(8));
+    }
+
+    #[test]
+    fn test_cli_slow_readers_parse_counts_fractions_and_percentages() {
+        assert_eq!(parse_slow_readers("50").unwrap(), SlowReaders::Count(50));
+        assert_eq!(
+            parse_slow_readers("0.25").unwrap(),
+            SlowReaders::Fraction(0.25)
+        );
+        assert_eq!(
+            parse_slow_readers("10%").unwrap(),
+            SlowReaders::Fraction(0.1)
+        );
+        assert_eq!(
+            parse_slow_readers("all").unwrap(),
+            SlowReaders::Fraction(1.0)
+        );
+        assert!(parse_slow_readers("1.5").is_err());
+        assert!(parse_slow_readers("150%").is_err());
+        assert!(parse_slow_readers("-3").is_err());
+        assert!(parse_slow_readers("some").is_err());
+        assert_eq!(SlowReaders::Count(50).of(10), 10);
+        assert_eq!(SlowReaders::Fraction(0.25).of(10), 3);
+        assert_eq!(SlowReaders::Fraction(1.0).of(1000), 1000);
     }
 
     #[test]

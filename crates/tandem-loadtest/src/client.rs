@@ -1,8 +1,11 @@
 //! One task per connection: it sends its writer's updates on schedule, reads every frame,
 //! books replies and pushes, and reconnects (with backoff, re-authenticating and
-//! re-subscribing) when the server allows it.
+//! re-subscribing) when the server allows it. A slow reader takes at most one frame off its
+//! socket per read interval, so the server's buffers and conflation, not this process,
+//! absorb the difference. When the task ends it books whether its subscription reached the
+//! final state and, along the way, every close by its code.
 
-use crate::conn::{self, Fail, Kind, Ws};
+use crate::conn::{self, ConnectOptions, Fail, Kind, Ws};
 use crate::ledger::Coverage;
 use crate::marker;
 use crate::stats::{Clock, Stats};
@@ -42,6 +45,10 @@ pub struct ClientPlan {
     /// Coverage of the subscribed dataset's writers, by marker index.
     pub follows: Vec<Coverage>,
     pub writer: Option<Writer>,
+    /// Features and socket options, again after a reconnect.
+    pub connect: ConnectOptions,
+    /// A slow reader's least time between two frames read off the socket.
+    pub read_interval: Option<Duration>,
 }
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
@@ -59,6 +66,8 @@ pub async fn run(mut plan: ClientPlan, ws: Ws, shared: Arc<Shared>) {
     let mut attempt: u32 = 0;
     let mut retry_at: Option<Instant> = None;
     let mut gave_up = false;
+    // A slow reader's next frame may be read at this time.
+    let mut read_at: Option<Instant> = None;
 
     loop {
         let due = match (&ws, &plan.writer) {
@@ -102,6 +111,9 @@ pub async fn run(mut plan: ClientPlan, ws: Ws, shared: Arc<Shared>) {
                     }
                     Some(Err(fail)) => {
                         stats.error(&fail.code);
+                        if let Some(code) = fail.close {
+                            stats.close(code);
+                        }
                         if fail.retry {
                             attempt = attempt.saturating_add(1);
                             retry_at = Some(Instant::now() + backoff(attempt));
@@ -112,7 +124,10 @@ pub async fn run(mut plan: ClientPlan, ws: Ws, shared: Arc<Shared>) {
                     }
                 }
             }
-            message = next_message(&mut ws) => {
+            message = next_message(&mut ws, read_at) => {
+                if let Some(interval) = plan.read_interval {
+                    read_at = Some(Instant::now() + interval);
+                }
                 match message {
                     Some(Ok(Message::Text(text))) => on_text(&mut plan, text.as_str(), &shared),
                     Some(Ok(Message::Close(frame))) => {
@@ -124,11 +139,11 @@ pub async fn run(mut plan: ClientPlan, ws: Ws, shared: Arc<Shared>) {
                     }
                     Some(Ok(_)) => {}
                     Some(Err(e)) => {
-                        let fail = Fail::new("connection_lost", e.to_string());
+                        let fail = Fail::lost(e.to_string());
                         disconnected(&mut ws, &mut plan, &shared, fail, &mut retry_at, &mut attempt);
                     }
                     None => {
-                        let fail = Fail::new("connection_lost", "socket ended");
+                        let fail = Fail::lost("socket ended");
                         disconnected(&mut ws, &mut plan, &shared, fail, &mut retry_at, &mut attempt);
                     }
                 }
@@ -156,6 +171,7 @@ pub async fn run(mut plan: ClientPlan, ws: Ws, shared: Arc<Shared>) {
         close_writer(&mut writer_open, &shared);
     }
     settle(&mut plan, &shared);
+    book_final_state(&plan, stats);
     if let Some(socket) = ws {
         Stats::sub_open(stats);
         conn::close(socket).await;
@@ -184,12 +200,33 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
+/// The next frame, not before `read_at` (a slow reader's pace).
 async fn next_message(
     ws: &mut Option<Ws>,
+    read_at: Option<Instant>,
 ) -> Option<Result<Message, tokio_tungstenite::tungstenite::Error>> {
     match ws {
-        Some(ws) => ws.next().await,
+        Some(ws) => {
+            if let Some(at) = read_at {
+                tokio::time::sleep_until(at.into()).await;
+            }
+            ws.next().await
+        }
         None => std::future::pending().await,
+    }
+}
+
+/// Whether the subscription ended having seen each writer's last committed write.
+fn book_final_state(plan: &ClientPlan, stats: &Stats) {
+    if plan.follows.is_empty() {
+        return;
+    }
+    let at_final = plan.follows.iter().all(Coverage::has_final_state);
+    Stats::add(&stats.subscribers, 1);
+    Stats::add(&stats.subscribers_final, u64::from(at_final));
+    if plan.read_interval.is_some() {
+        Stats::add(&stats.slow_subscribers, 1);
+        Stats::add(&stats.slow_subscribers_final, u64::from(at_final));
     }
 }
 
@@ -204,13 +241,11 @@ async fn send_due(ws: &mut Ws, writer: &mut Writer, shared: &Shared) -> Result<(
         let frame = writer.next_frame(&shared.clock, &shared.stats);
         ws.feed(Message::text(frame))
             .await
-            .map_err(|e| Fail::new("connection_lost", e.to_string()))?;
+            .map_err(|e| Fail::lost(e.to_string()))?;
         sent = true;
     }
     if sent {
-        ws.flush()
-            .await
-            .map_err(|e| Fail::new("connection_lost", e.to_string()))?;
+        ws.flush().await.map_err(|e| Fail::lost(e.to_string()))?;
     }
     Ok(())
 }
@@ -234,6 +269,9 @@ fn disconnected(
         return;
     }
     shared.stats.error(&fail.code);
+    if let Some(code) = fail.close {
+        shared.stats.close(code);
+    }
     if fail.retry {
         *attempt = 0;
         *retry_at = Some(Instant::now() + backoff(0));
@@ -243,7 +281,8 @@ fn disconnected(
 }
 
 async fn reconnect(plan: &mut ClientPlan, shared: &Shared) -> Result<Ws, Fail> {
-    let (mut ws, _) = conn::connect_auth(&plan.url, &plan.token).await?;
+    let (mut ws, ready) = conn::connect_auth(&plan.url, &plan.token, &plan.connect).await?;
+    shared.stats.features_on(&ready.features);
     if let Some(dataset) = plan.subscription.clone() {
         let follows = &mut plan.follows;
         let slot = plan.slot;
@@ -257,7 +296,7 @@ async fn reconnect(plan: &mut ClientPlan, shared: &Shared) -> Result<Ws, Fail> {
 fn on_text(plan: &mut ClientPlan, text: &str, shared: &Shared) {
     let stats = &shared.stats;
     match conn::kind(text) {
-        kind @ (Kind::Dataset | Kind::Snapshot) => {
+        kind @ (Kind::Dataset | Kind::Delta | Kind::Snapshot) => {
             observe(&mut plan.follows, plan.slot, kind, text, shared);
         }
         kind @ (Kind::Ack | Kind::Conflict | Kind::Error) => {
@@ -280,15 +319,26 @@ fn on_text(plan: &mut ClientPlan, text: &str, shared: &Shared) {
     }
 }
 
-/// Books the markers of a `dataset` or `snapshot` frame as coverage, then settles.
+/// Books the markers of a `dataset`, `delta` or `snapshot` frame as coverage, then settles.
 fn observe(follows: &mut [Coverage], slot: usize, kind: Kind, text: &str, shared: &Shared) {
-    if !matches!(kind, Kind::Dataset | Kind::Snapshot) || follows.is_empty() {
+    if follows.is_empty() {
         return;
     }
     let now = shared.clock.now();
     let stats = &shared.stats;
-    Stats::add(&stats.push_frames, 1);
-    Stats::add(&stats.push_bytes, text.len() as u64);
+    let bytes = text.len() as u64;
+    match kind {
+        Kind::Dataset | Kind::Delta => {
+            Stats::add(&stats.push_frames, 1);
+            Stats::add(&stats.push_bytes, bytes);
+            Stats::add(&stats.delta_frames, u64::from(kind == Kind::Delta));
+        }
+        Kind::Snapshot => {
+            Stats::add(&stats.snapshot_frames, 1);
+            Stats::add(&stats.snapshot_bytes, bytes);
+        }
+        _ => return,
+    }
     marker::scan(text, follows.len(), |index, seq| {
         if let Some(coverage) = follows.get_mut(index) {
             coverage.observe(seq, now);

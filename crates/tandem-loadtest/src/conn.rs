@@ -26,7 +26,15 @@ pub struct Fail {
     pub detail: String,
     /// Whether trying again later may work (the close code, or a refused token, says no).
     pub retry: bool,
+    /// How the connection ended, when it did: the close frame's code, 1005 for a close
+    /// frame without one, 1006 for a connection lost without a close frame.
+    pub close: Option<u16>,
 }
+
+/// RFC 6455's "no status received": a close frame without a code.
+pub const CLOSE_NO_STATUS: u16 = 1005;
+/// RFC 6455's "abnormal closure": the connection ended without a close frame.
+pub const CLOSE_ABNORMAL: u16 = 1006;
 
 impl Fail {
     pub fn new(code: impl Into<String>, detail: impl Into<String>) -> Fail {
@@ -34,6 +42,15 @@ impl Fail {
             code: code.into(),
             detail: detail.into(),
             retry: true,
+            close: None,
+        }
+    }
+
+    /// The connection ended without a close frame (reset, EOF, a failed read or write).
+    pub fn lost(detail: impl Into<String>) -> Fail {
+        Fail {
+            close: Some(CLOSE_ABNORMAL),
+            ..Fail::new("connection_lost", detail)
         }
     }
 
@@ -43,8 +60,12 @@ impl Fail {
                 code: format!("closed_{code}"),
                 detail: format!("closed by the server: {code} {reason}"),
                 retry: tandem_protocol::should_reconnect(code),
+                close: Some(code),
             },
-            None => Fail::new("connection_lost", reason.to_owned()),
+            None => Fail {
+                close: Some(CLOSE_NO_STATUS),
+                ..Fail::new("connection_lost", reason.to_owned())
+            },
         }
     }
 }
@@ -82,23 +103,81 @@ pub fn normalize_url(url: &str) -> String {
     }
 }
 
+/// How a connection is opened and authenticated.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnectOptions {
+    /// The `auth` frame's opt-in features (`delta`, `lean`).
+    pub features: Vec<String>,
+    /// `SO_RCVBUF` for the socket, set before connecting so the TCP window stays small (a
+    /// slow reader whose kernel buffer holds megabytes would hide its slowness from the
+    /// server for minutes). `None`: the system's default (autotuned).
+    pub recv_buffer: Option<u32>,
+}
+
 /// Opens the WebSocket (TCP with `TCP_NODELAY`, upgrade).
-pub async fn open(url: &str) -> Result<Ws, Fail> {
-    let connect = tokio_tungstenite::connect_async_with_config(url, Some(config()), true);
-    match tokio::time::timeout(STEP_TIMEOUT, connect).await {
-        Ok(Ok((ws, _))) => Ok(ws),
-        Ok(Err(e)) => Err(Fail::new("connect_failed", e.to_string())),
-        Err(_) => Err(Fail::new(
-            "connect_timeout",
-            format!("no upgrade within {STEP_TIMEOUT:?}"),
-        )),
+pub async fn open(url: &str, options: &ConnectOptions) -> Result<Ws, Fail> {
+    let connect = async {
+        match options.recv_buffer {
+            None => tokio_tungstenite::connect_async_with_config(url, Some(config()), true)
+                .await
+                .map(|(ws, _)| ws)
+                .map_err(|e| Fail::new("connect_failed", e.to_string())),
+            Some(bytes) => {
+                let tcp = tcp_with_recv_buffer(url, bytes).await?;
+                let tcp = MaybeTlsStream::Plain(tcp);
+                tokio_tungstenite::client_async_with_config(url, tcp, Some(config()))
+                    .await
+                    .map(|(ws, _)| ws)
+                    .map_err(|e| Fail::new("connect_failed", e.to_string()))
+            }
+        }
+    };
+    tokio::time::timeout(STEP_TIMEOUT, connect)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Fail::new(
+                "connect_timeout",
+                format!("no upgrade within {STEP_TIMEOUT:?}"),
+            ))
+        })
+}
+
+/// A TCP connection to the URL's host with `SO_RCVBUF` set before the handshake (the window
+/// scale is fixed then) and `TCP_NODELAY`.
+async fn tcp_with_recv_buffer(url: &str, bytes: u32) -> Result<TcpStream, Fail> {
+    let failed = |e: &dyn std::fmt::Display| Fail::new("connect_failed", format!("{url}: {e}"));
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split('/').next().unwrap_or_default();
+    let authority = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()))
+    {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    };
+    let addr = tokio::net::lookup_host(&authority)
+        .await
+        .map_err(|e| failed(&e))?
+        .next()
+        .ok_or_else(|| failed(&"no address"))?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
     }
+    .map_err(|e| failed(&e))?;
+    socket.set_recv_buffer_size(bytes).map_err(|e| failed(&e))?;
+    let tcp = socket.connect(addr).await.map_err(|e| failed(&e))?;
+    tcp.set_nodelay(true).map_err(|e| failed(&e))?;
+    Ok(tcp)
 }
 
 /// The kind of a server frame, read from its leading `{"type":"…"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Dataset,
+    Delta,
     Snapshot,
     Ack,
     Conflict,
@@ -116,6 +195,7 @@ pub fn kind(text: &str) -> Kind {
     let name = rest.split('"').next().unwrap_or_default();
     match name {
         "dataset" => Kind::Dataset,
+        "delta" => Kind::Delta,
         "snapshot" => Kind::Snapshot,
         "ack" => Kind::Ack,
         "conflict" => Kind::Conflict,
@@ -141,6 +221,9 @@ pub struct Reply {
     pub message: Option<String>,
     #[serde(default)]
     pub identity: Option<String>,
+    /// `ready`: the features the server turned on.
+    #[serde(default)]
+    pub features: Vec<String>,
     #[serde(default)]
     pub conflicts: Vec<ConflictReply>,
 }
@@ -154,7 +237,20 @@ pub struct ConflictReply {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServerRecord {
-    pub sync_count: u64,
+    /// Absent in the lean encoding when it is the frame's `syncCount`.
+    #[serde(default)]
+    pub sync_count: Option<u64>,
+}
+
+impl Reply {
+    /// The server's record count of the first conflict (0 when the key has no record); a
+    /// lean record without one has the frame's.
+    pub fn conflict_sync_count(&self) -> u64 {
+        self.conflicts
+            .first()
+            .and_then(|c| c.server.as_ref())
+            .map_or(0, |r| r.sync_count.or(self.sync_count).unwrap_or(0))
+    }
 }
 
 pub fn parse_reply(text: &str) -> Option<Reply> {
@@ -184,6 +280,7 @@ impl Answer {
                 ),
                 retry: code != "unauthorized" && code != "forbidden",
                 code,
+                close: None,
             });
         }
         let mut text = self.text;
@@ -215,12 +312,10 @@ pub async fn pipeline(
             };
             ws.feed(Message::text(text))
                 .await
-                .map_err(|e| Fail::new("connection_lost", e.to_string()))?;
+                .map_err(|e| Fail::lost(e.to_string()))?;
             sent += 1;
         }
-        ws.flush()
-            .await
-            .map_err(|e| Fail::new("connection_lost", e.to_string()))?;
+        ws.flush().await.map_err(|e| Fail::lost(e.to_string()))?;
         let want = ids[answers.len()];
         let answer = tokio::time::timeout(STEP_TIMEOUT, read_reply(ws, want, other))
             .await
@@ -261,8 +356,8 @@ async fn read_reply(
                 ));
             }
             Some(Ok(_)) => continue,
-            Some(Err(e)) => return Err(Fail::new("connection_lost", e.to_string())),
-            None => return Err(Fail::new("connection_lost", "socket ended")),
+            Some(Err(e)) => return Err(Fail::lost(e.to_string())),
+            None => return Err(Fail::lost("socket ended")),
         };
         let text = text.as_str();
         let kind = kind(text);
@@ -289,11 +384,11 @@ async fn read_reply(
     }
 }
 
-pub fn auth_frame(id: u64, token: &str) -> String {
+pub fn auth_frame(id: u64, token: &str, features: &[String]) -> String {
     ClientFrame::Auth {
         id: Some(RequestId::Num(id)),
         token: token.to_owned(),
-        features: Vec::new(),
+        features: features.to_vec(),
     }
     .to_json()
 }
@@ -308,13 +403,25 @@ pub fn subscribe_frame(id: u64, dataset: &DatasetRef) -> String {
     .to_json()
 }
 
-/// Opens a connection and authenticates it; returns the identity the server saw.
-pub async fn connect_auth(url: &str, token: &str) -> Result<(Ws, String), Fail> {
-    let mut ws = open(url).await?;
+/// What `ready` said.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ready {
+    pub identity: String,
+    /// The asked-for features the server turned on.
+    pub features: Vec<String>,
+}
+
+/// Opens a connection and authenticates it; returns what the server's `ready` said.
+pub async fn connect_auth(
+    url: &str,
+    token: &str,
+    options: &ConnectOptions,
+) -> Result<(Ws, Ready), Fail> {
+    let mut ws = open(url, options).await?;
     let answer = request(
         &mut ws,
         SETUP_ID_BASE,
-        auth_frame(SETUP_ID_BASE, token),
+        auth_frame(SETUP_ID_BASE, token, &options.features),
         &mut |_, _| {},
     )
     .await?
@@ -325,8 +432,11 @@ pub async fn connect_auth(url: &str, token: &str) -> Result<(Ws, String), Fail> 
         }
         f
     })?;
-    let identity = answer.reply.identity.unwrap_or_default();
-    Ok((ws, identity))
+    let ready = Ready {
+        identity: answer.reply.identity.unwrap_or_default(),
+        features: answer.reply.features,
+    };
+    Ok((ws, ready))
 }
 
 /// Subscribes; returns the snapshot frame's text.
@@ -355,7 +465,8 @@ mod tests {
     fn test_conn_kind_reads_the_leading_type() {
         assert_eq!(kind(r#"{"type":"dataset","dataset":{}}"#), Kind::Dataset);
         assert_eq!(kind(r#"{"type":"ack","id":1}"#), Kind::Ack);
-        assert_eq!(kind(r#"{"type":"delta"}"#), Kind::Other);
+        assert_eq!(kind(r#"{"type":"delta","dataset":{}}"#), Kind::Delta);
+        assert_eq!(kind(r#"{"type":"datasets","id":1}"#), Kind::Other);
         assert_eq!(kind("[]"), Kind::Other);
     }
 
@@ -363,7 +474,53 @@ mod tests {
     fn test_conn_reply_reads_a_conflict() {
         let r = parse_reply(r#"{"type":"conflict","id":4,"dataset":{"owner":"a","name":"b"},"syncCount":6,"conflicts":[{"key":"lt0","server":{"key":"lt0","value":"1:2","syncCount":6,"lastModified":1,"lastModifiedBy":"a"}}]}"#).unwrap();
         assert_eq!(r.id, Some(4));
-        assert_eq!(r.conflicts[0].server.as_ref().unwrap().sync_count, 6);
+        assert_eq!(r.conflicts[0].server.as_ref().unwrap().sync_count, Some(6));
+        assert_eq!(r.conflict_sync_count(), 6);
+    }
+
+    #[test]
+    fn test_conn_reply_reads_a_lean_conflict() {
+        // The lean encoding leaves out the record's count when it is the frame's.
+        let frame = tandem_protocol::ServerFrame::Conflict {
+            id: RequestId::Num(4),
+            dataset: DatasetRef::new("a", "b"),
+            sync_count: 6,
+            conflicts: vec![tandem_protocol::Conflict {
+                key: "lt0".into(),
+                server: Some(tandem_protocol::Record {
+                    key: "lt0".into(),
+                    value: Some("1:2".into()),
+                    sync_count: 6,
+                    last_modified: 1,
+                    last_modified_by: "a".into(),
+                    device_id: None,
+                    device_last_modified: None,
+                }),
+            }],
+        }
+        .encode(tandem_protocol::Encoding::Lean);
+        assert!(!frame.contains("\"lastModifiedBy\""), "{frame}");
+        let r = parse_reply(&frame).unwrap();
+        assert_eq!(r.conflicts[0].server.as_ref().unwrap().sync_count, None);
+        assert_eq!(r.conflict_sync_count(), 6);
+    }
+
+    #[test]
+    fn test_conn_ready_reads_the_features() {
+        let r = parse_reply(r#"{"type":"ready","id":1,"identity":"a","session":"s","protocol":1,"expiresAt":1,"features":["delta","lean"]}"#).unwrap();
+        assert_eq!(r.features, ["delta", "lean"]);
+        let r = parse_reply(
+            r#"{"type":"ready","id":1,"identity":"a","session":"s","protocol":1,"expiresAt":1}"#,
+        )
+        .unwrap();
+        assert!(r.features.is_empty());
+    }
+
+    #[test]
+    fn test_conn_auth_frame_asks_for_features() {
+        let text = auth_frame(1, "t", &["delta".to_owned(), "lean".to_owned()]);
+        assert!(text.contains(r#""features":["delta","lean"]"#), "{text}");
+        assert!(!auth_frame(1, "t", &[]).contains("features"));
     }
 
     #[test]

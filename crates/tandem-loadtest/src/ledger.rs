@@ -1,9 +1,12 @@
 //! The counting: what each writer sent and how it ended ([`WriteLedger`]), and which of
 //! those writes each subscriber has received ([`Coverage`]).
 //!
-//! A push is a whole-dataset snapshot and the server may coalesce pushes for a slow
-//! reader, so a subscriber can skip sequence numbers. A push whose marker says writer `w`
-//! is at `seq` therefore **covers** every write of `w` up to `seq`. Each committed,
+//! A push is a whole-dataset snapshot or a `delta` of the keys that changed, and the server
+//! may coalesce pushes (merge deltas) for a slow reader, so a subscriber can skip sequence
+//! numbers. Each write rewrites its writer's marker and a writer's commits land in seq
+//! order, so a push whose marker says writer `w` is at `seq` **covers** every write of `w`
+//! up to `seq` (a merged delta keeps the newest version of each key; a delta without `w`'s
+//! marker says nothing about `w`). Each committed,
 //! measured write counts as delivered to a subscriber once, at the first push (or
 //! snapshot) that covers it, with latency = that push's receive time − the write's
 //! scheduled send time. Writes that failed (conflict, error), were never sent, or whose
@@ -163,6 +166,14 @@ impl WriteLedger {
         self.committed_measured.load(Ordering::Relaxed)
     }
 
+    /// The highest seq known to have committed (0: none; the setup write's marker).
+    pub fn last_committed(&self) -> u64 {
+        (1..=self.len())
+            .rev()
+            .find(|&seq| self.outcome(seq) == Outcome::Committed)
+            .unwrap_or(0)
+    }
+
     /// Deliveries owed: every committed measured write, to every follower.
     pub fn expected_deliveries(&self) -> u64 {
         self.committed_measured() * self.followers()
@@ -226,6 +237,12 @@ impl Coverage {
         delivered
     }
 
+    /// Whether a push showed this writer's last committed write: the subscriber holds the
+    /// writer's final state.
+    pub fn has_final_state(&self) -> bool {
+        self.highest >= self.ledger.last_committed()
+    }
+
     /// Whether there is nothing covered left to settle.
     pub fn is_settled(&self) -> bool {
         self.waiting.is_empty()
@@ -276,6 +293,23 @@ mod tests {
         // Latency of seq 1: received at 10 µs, scheduled at 0.
         assert_eq!(h.min(), 8);
         assert_eq!(h.max(), 46);
+    }
+
+    #[test]
+    fn test_coverage_has_the_final_state_once_it_saw_the_last_commit() {
+        let ledger = Arc::new(WriteLedger::new(vec![0, 1000, 2000], 0));
+        let mut cov = Coverage::new(ledger.clone());
+        // Nothing committed: the setup state is final.
+        assert!(cov.has_final_state());
+        ledger.set_outcome(1, Outcome::Committed);
+        ledger.set_outcome(2, Outcome::Committed);
+        ledger.set_outcome(3, Outcome::Failed);
+        assert_eq!(ledger.last_committed(), 2);
+        cov.observe(1, 10);
+        assert!(!cov.has_final_state());
+        // A conflated push jumps straight to the last commit.
+        cov.observe(2, 20);
+        assert!(cov.has_final_state());
     }
 
     #[test]

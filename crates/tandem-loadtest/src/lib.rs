@@ -19,9 +19,11 @@
 //! as soon as the previous reply is in and shows up as latency.
 //!
 //! **Counting.** Every update carries a marker record (`lt<i>` = `<seq>:<scheduled unix
-//! ns>`), which subscribers find by a plain text search of the push. The server coalesces
-//! pushes for slow readers (at most one pending per dataset), so a subscriber may skip
-//! seqs: a push showing writer `w` at `seq` **covers** every write of `w` up to `seq`.
+//! ns>`), which subscribers find by a plain text search of the push (`dataset` or, with the
+//! `delta` feature every connection asks for unless `--no-delta`, `delta`). The server
+//! coalesces pushes for slow readers (at most one pending per dataset, deltas merged), so a
+//! subscriber may skip seqs: a push showing writer `w` at `seq` **covers** every write of
+//! `w` up to `seq`.
 //! A committed write scheduled after the warmup counts as delivered to a subscriber
 //! once, at the first push or snapshot that covers it; its latency is that push's
 //! receive time minus the write's scheduled send time. Expected deliveries are committed

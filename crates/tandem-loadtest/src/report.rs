@@ -7,10 +7,11 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 /// How deliveries are counted, stated in every report.
-pub const COUNTING_RULE: &str = "a push covers every write of its writer up to the seq in its marker \
-(pushes coalesce); each committed measured write counts once per subscriber at the first push or \
-snapshot that covers it, latency = receive time - scheduled send time; expected = committed measured \
-writes x subscribers of the dataset; lost = expected - received after the drain";
+pub const COUNTING_RULE: &str = "a push (dataset or delta) covers every write of its writer up to the seq \
+in its marker (pushes coalesce, deltas merge); each committed measured write counts once per subscriber \
+at the first push or snapshot that covers it, latency = receive time - scheduled send time; expected = \
+committed measured writes x subscribers of the dataset; lost = expected - received after the drain; a \
+subscriber ends at the final sync count when it saw every writer's last committed write";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -22,6 +23,9 @@ pub struct Report {
     pub urls: Vec<String>,
     /// The measured sending window (after the warmup), or the idle/connect phase.
     pub measured_seconds: f64,
+    /// The `auth` features asked for and those the server turned on (WebSocket scenarios).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub features: Option<Features>,
     pub connections: Connections,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub writes: Option<Writes>,
@@ -33,10 +37,21 @@ pub struct Report {
     /// Errors by code: the server's error codes, `closed_<close code>`, `connection_lost`,
     /// `connect_failed`, `reply_timeout`, …
     pub errors: BTreeMap<String, u64>,
+    /// Connections that ended during the run, by close code: the server's close frame's code
+    /// (4001 slow, …), 1006 when the connection ended without a close frame, 1005 when the
+    /// close frame had no code. The run's own closes at the end are not counted.
+    pub closes: BTreeMap<String, u64>,
     pub generator: Generator,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server: Option<Server>,
     pub counting: &'static str,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Features {
+    pub asked: Vec<String>,
+    /// What the first `ready` named (`None`: no connection got that far).
+    pub accepted: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -86,8 +101,26 @@ pub struct Deliveries {
     pub received: u64,
     pub lost: u64,
     pub per_second: f64,
+    /// Subscriptions that count deliveries.
+    pub subscribers: u64,
+    /// Live pushes received (`dataset` and `delta` frames), all subscribers together, their
+    /// bytes, and how many were deltas.
     pub push_frames: u64,
     pub push_bytes: u64,
+    pub delta_frames: u64,
+    pub push_frames_per_subscriber: f64,
+    pub push_bytes_per_subscriber: f64,
+    /// push_bytes / push_frames.
+    pub bytes_per_push: f64,
+    /// `snapshot` replies to re-subscribes after reconnects, and their bytes.
+    pub snapshot_frames: u64,
+    pub snapshot_bytes: u64,
+    /// Subscribers that had, when the run ended, seen every writer's last committed write.
+    pub at_final_sync_count: u64,
+    /// Slow readers (`fanout --read-rate`) among the subscribers, and how many of them ended
+    /// at the final sync count.
+    pub slow_readers: u64,
+    pub slow_at_final_sync_count: u64,
     /// Scheduled send → a subscriber receives a push that covers the write.
     pub latency_ms: Latency,
 }
@@ -162,6 +195,23 @@ impl Report {
         row("prefix / seed", format!("{} / {}", self.prefix, self.seed));
         row("gateways", self.urls.join(", "));
         row("measured", format!("{:.2} s", self.measured_seconds));
+        if let Some(f) = &self.features {
+            let list = |v: &[String]| {
+                if v.is_empty() {
+                    "none".to_owned()
+                } else {
+                    v.join(", ")
+                }
+            };
+            row(
+                "features",
+                format!(
+                    "asked {}; server turned on {}",
+                    list(&f.asked),
+                    f.accepted.as_deref().map_or("?".to_owned(), list)
+                ),
+            );
+        }
         let c = &self.connections;
         row(
             "connections",
@@ -207,13 +257,38 @@ impl Report {
                     d.received, d.expected, d.lost
                 ),
             );
+            row("deliveries/s", format!("{:.1}", d.per_second));
             row(
-                "deliveries/s",
+                "push frames",
                 format!(
-                    "{:.1} ({} push frames, {})",
-                    d.per_second,
+                    "{} ({} deltas), {}; per subscriber {:.1} frames, {}; {:.0} B per push",
                     d.push_frames,
-                    bytes(d.push_bytes)
+                    d.delta_frames,
+                    bytes(d.push_bytes),
+                    d.push_frames_per_subscriber,
+                    bytes(d.push_bytes_per_subscriber.round() as u64),
+                    d.bytes_per_push
+                ),
+            );
+            if d.snapshot_frames > 0 {
+                row(
+                    "resubscribe snapshots",
+                    format!("{}, {}", d.snapshot_frames, bytes(d.snapshot_bytes)),
+                );
+            }
+            let slow = if d.slow_readers > 0 {
+                format!(
+                    " (slow readers {} of {})",
+                    d.slow_at_final_sync_count, d.slow_readers
+                )
+            } else {
+                String::new()
+            };
+            row(
+                "final state",
+                format!(
+                    "ended at final sync count: {} of {}{slow}",
+                    d.at_final_sync_count, d.subscribers
                 ),
             );
             row("delivery latency", latency(&d.latency_ms));
@@ -228,6 +303,16 @@ impl Report {
                 .join(", ")
         };
         row("errors", errors);
+        let closes = if self.closes.is_empty() {
+            "none".to_owned()
+        } else {
+            self.closes
+                .iter()
+                .map(|(code, n)| format!("{code} x{n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        row("closes", closes);
         let g = &self.generator;
         row(
             "generator cpu",

@@ -134,6 +134,14 @@ impl Run {
         })
     }
 
+    /// How every connection opens and authenticates: the features the options ask for.
+    pub fn connect_options(&self) -> conn::ConnectOptions {
+        conn::ConnectOptions {
+            features: self.common.features(),
+            recv_buffer: None,
+        }
+    }
+
     pub fn stats(&self) -> &Stats {
         &self.shared.stats
     }
@@ -348,13 +356,27 @@ impl Run {
         let deliveries = deliveries.then(|| {
             let expected: u64 = ledgers.iter().map(|l| l.expected_deliveries()).sum();
             let received = Stats::get(&stats.delivered);
+            let subscribers = Stats::get(&stats.subscribers);
+            let push_frames = Stats::get(&stats.push_frames);
+            let push_bytes = Stats::get(&stats.push_bytes);
+            let ratio = |n: u64, d: u64| if d > 0 { n as f64 / d as f64 } else { 0.0 };
             Deliveries {
                 expected,
                 received,
                 lost: expected.saturating_sub(received),
                 per_second: per_second(received),
-                push_frames: Stats::get(&stats.push_frames),
-                push_bytes: Stats::get(&stats.push_bytes),
+                subscribers,
+                push_frames,
+                push_bytes,
+                delta_frames: Stats::get(&stats.delta_frames),
+                push_frames_per_subscriber: ratio(push_frames, subscribers),
+                push_bytes_per_subscriber: ratio(push_bytes, subscribers),
+                bytes_per_push: ratio(push_bytes, push_frames),
+                snapshot_frames: Stats::get(&stats.snapshot_frames),
+                snapshot_bytes: Stats::get(&stats.snapshot_bytes),
+                at_final_sync_count: Stats::get(&stats.subscribers_final),
+                slow_readers: Stats::get(&stats.slow_subscribers),
+                slow_at_final_sync_count: Stats::get(&stats.slow_subscribers_final),
                 latency_ms: Latency::from_histogram(&stats.delivery.merged()),
             }
         });
@@ -395,6 +417,12 @@ impl Run {
             seed: self.seed,
             urls: self.urls.clone(),
             measured_seconds: secs,
+            features: (!matches!(scenario, crate::cli::Scenario::Cognito(_))).then(|| {
+                report::Features {
+                    asked: self.common.features(),
+                    accepted: stats.features(),
+                }
+            }),
             connections: Connections {
                 target: self.target,
                 established: established_at_setup,
@@ -412,6 +440,11 @@ impl Run {
             reads,
             deliveries,
             errors: stats.errors(),
+            closes: stats
+                .closes()
+                .into_iter()
+                .map(|(code, n)| (code.to_string(), n))
+                .collect(),
             generator: Generator {
                 cpu_percent,
                 cpu_seconds,
@@ -433,22 +466,20 @@ impl Run {
     }
 }
 
-/// The setup write: every writer's marker at seq 0 and the filler record, so the dataset
-/// holds about `size` bytes. Returns the dataset's sync count after it (every record's too).
+/// The setup write: every writer's marker at seq 0 and `fillers` filler records of about
+/// equal size, so the dataset holds about `size` bytes (keys and values). Returns the
+/// dataset's sync count after it (every record's too).
 pub async fn setup_write(
     ws: &mut Ws,
     dataset: &DatasetRef,
     writers: usize,
+    fillers: usize,
     size: usize,
 ) -> Result<u64, Fail> {
     let mut patches: Vec<Patch> = (0..writers)
         .map(|i| Patch::replace(marker::key(i), marker::value(0, 0), 0))
         .collect();
-    // A marker is about 3 + 24 bytes of key and value once writing starts.
-    let pad = size.saturating_sub(writers * 28 + marker::PAD_KEY.len());
-    if pad > 0 {
-        patches.push(Patch::replace(marker::PAD_KEY, "x".repeat(pad), 0));
-    }
+    patches.extend(filler_patches(writers, fillers, size));
     let id = conn::SETUP_ID_BASE + 2;
     let frame = ClientFrame::Update {
         id: RequestId::Num(id),
@@ -472,6 +503,22 @@ pub async fn setup_write(
         .reply
         .sync_count
         .ok_or_else(|| Fail::new("unexpected_reply", "setup ack without a sync count"))
+}
+
+/// The filler records' patches. One filler (the default) is left out when the markers fill
+/// `size` alone; several always exist, each at least one byte.
+fn filler_patches(writers: usize, fillers: usize, size: usize) -> Vec<Patch> {
+    let keys = marker::pad_keys(fillers);
+    let key_bytes: usize = keys.iter().map(String::len).sum();
+    // A marker is about 3 + 24 bytes of key and value once writing starts.
+    let pad = size.saturating_sub(writers * 28 + key_bytes);
+    if fillers == 1 && pad == 0 {
+        return Vec::new();
+    }
+    let each = (pad / fillers.max(1)).max(1);
+    keys.into_iter()
+        .map(|key| Patch::replace(key, "x".repeat(each), 0))
+        .collect()
 }
 
 /// Grants `access` on `dataset` to each identity, pipelined on the owner's connection.
@@ -554,4 +601,42 @@ fn spawn_progress(
         }
     });
     (task, stop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(patches: &[Patch]) -> usize {
+        patches
+            .iter()
+            .map(|p| p.key.len() + p.value.as_deref().map_or(0, str::len))
+            .sum()
+    }
+
+    #[test]
+    fn test_run_fillers_spread_the_document_over_equal_records() {
+        // 20 records of a ~1 KiB document: the marker and 19 fillers.
+        let fillers = filler_patches(1, 19, 1024);
+        assert_eq!(fillers.len(), 19);
+        let sizes: Vec<usize> = fillers
+            .iter()
+            .map(|p| p.value.as_ref().unwrap().len())
+            .collect();
+        assert!(sizes.windows(2).all(|w| w[0] == w[1]), "{sizes:?}");
+        let total = bytes(&fillers) + 28;
+        assert!((1000..=1024).contains(&total), "{total}");
+    }
+
+    #[test]
+    fn test_run_one_filler_keeps_the_old_document() {
+        let fillers = filler_patches(1, 1, 1024);
+        assert_eq!(fillers.len(), 1);
+        assert_eq!(fillers[0].key, "zpad");
+        assert_eq!(bytes(&fillers) + 28, 1024);
+        // Markers alone fill a tiny document: no filler.
+        assert!(filler_patches(5, 1, 100).is_empty());
+        // Asked-for fillers exist however small the document.
+        assert_eq!(filler_patches(5, 3, 100).len(), 3);
+    }
 }

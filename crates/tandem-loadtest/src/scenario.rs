@@ -5,9 +5,9 @@
 //! `<prefix>-c<i>` (idle and connect); datasets `<prefix>-fan`, `<prefix>-room<g>`,
 //! `<prefix>-w<i>`, `<prefix>-idle`. With --token-file the identities are the tokens'.
 
-use crate::cli::{ConnectArgs, FanoutArgs, IdleArgs, RoomsArgs, WriteArgs};
+use crate::cli::{ConnectArgs, FanoutArgs, IdleArgs, RoomsArgs, SlowReaders, WriteArgs};
 use crate::client::ClientPlan;
-use crate::conn::{self, Fail, Ws};
+use crate::conn::{self, ConnectOptions, Fail, Ws};
 use crate::error::LoadError;
 use crate::ledger::{Coverage, WriteLedger};
 use crate::marker;
@@ -65,17 +65,40 @@ fn credentials(
         .collect()
 }
 
-/// Opens and authenticates one connection per credential.
-async fn connect_all(run: &mut Run, credentials: Arc<Vec<(String, String)>>) -> Vec<Member> {
+/// Opens and authenticates one connection per credential, each with `options(slot)`.
+async fn connect_all(
+    run: &mut Run,
+    credentials: Arc<Vec<(String, String)>>,
+    options: impl Fn(usize) -> ConnectOptions,
+) -> Vec<Member> {
+    let options: Arc<Vec<ConnectOptions>> = Arc::new((0..credentials.len()).map(options).collect());
+    let shared = run.shared.clone();
     run.open_many(credentials.len(), None, move |i| {
         let (url, token) = credentials[i].clone();
+        let options = options.clone();
+        let shared = shared.clone();
         async move {
-            let (ws, identity) = conn::connect_auth(&url, &token).await?;
-            Ok((ws, identity, (url, token)))
+            let (ws, ready) = conn::connect_auth(&url, &token, &options[i]).await?;
+            shared.stats.features_on(&ready.features);
+            Ok((ws, ready.identity, (url, token)))
         }
     })
     .await
 }
+
+/// Filler records for `records` in all with `markers` marker records (`None`: one filler).
+fn fillers(records: Option<usize>, markers: usize) -> Result<usize, LoadError> {
+    match records {
+        None => Ok(1),
+        Some(n) if n > markers => Ok(n - markers),
+        Some(_) => Err(LoadError::Options(format!(
+            "--records must be more than the {markers} marker record(s) (one per writer)"
+        ))),
+    }
+}
+
+/// Slowest read rate a slow reader may have: it still reads once every 10 s.
+const MIN_READ_RATE: f64 = 0.1;
 
 /// Subscribes each connection to its dataset; failures are counted and dropped.
 async fn subscribe_all(run: &mut Run, conns: Vec<Option<(Ws, DatasetRef)>>) -> Vec<Option<Ws>> {
@@ -127,17 +150,50 @@ pub async fn fanout(run: &mut Run, args: &FanoutArgs) -> Result<Finished, LoadEr
             "--subscribers must be at least 1".into(),
         ));
     }
+    let fillers = fillers(args.records, 1)?;
+    let read_interval = match args.read_rate {
+        None => None,
+        Some(rate) if rate >= MIN_READ_RATE && rate.is_finite() => {
+            Some(Duration::from_secs_f64(1.0 / rate))
+        }
+        Some(_) => {
+            return Err(LoadError::Options(format!(
+                "--read-rate must be at least {MIN_READ_RATE} frames/s"
+            )));
+        }
+    };
+    // The first `slow` subscribers read at --read-rate.
+    let slow = match read_interval {
+        Some(_) => args
+            .slow_readers
+            .unwrap_or(SlowReaders::Fraction(1.0))
+            .of(args.subscribers),
+        None => 0,
+    };
+    let options = run.connect_options();
+    let slow_options = ConnectOptions {
+        recv_buffer: args.recv_buffer,
+        ..options.clone()
+    };
+    let sub_options = |i: usize| {
+        if i < slow {
+            slow_options.clone()
+        } else {
+            options.clone()
+        }
+    };
     let prefix = run.prefix.clone();
     let writer_creds = credentials(run, std::iter::once((0, format!("{prefix}-w0"))))?;
-    let Some((mut writer_ws, owner, writer_cred)) = connect_all(run, Arc::new(writer_creds))
-        .await
-        .pop()
-        .flatten()
+    let Some((mut writer_ws, owner, writer_cred)) =
+        connect_all(run, Arc::new(writer_creds), |_| options.clone())
+            .await
+            .pop()
+            .flatten()
     else {
         return Err(setup_failed(run, "the writer cannot connect", None));
     };
     let dataset = DatasetRef::new(owner.clone(), format!("{prefix}-fan"));
-    let d0 = setup_write(&mut writer_ws, &dataset, 1, args.size)
+    let d0 = setup_write(&mut writer_ws, &dataset, 1, fillers, args.size)
         .await
         .map_err(|f| setup_failed(run, "setup write", Some(&f)))?;
 
@@ -145,7 +201,7 @@ pub async fn fanout(run: &mut Run, args: &FanoutArgs) -> Result<Finished, LoadEr
         run,
         (0..args.subscribers).map(|i| (i + 1, format!("{prefix}-s{i}"))),
     )?;
-    let subs = connect_all(run, Arc::new(sub_creds)).await;
+    let subs = connect_all(run, Arc::new(sub_creds), sub_options).await;
     if subs.iter().all(Option::is_none) {
         return Err(setup_failed(run, "no subscriber can connect", None));
     }
@@ -182,6 +238,8 @@ pub async fn fanout(run: &mut Run, args: &FanoutArgs) -> Result<Finished, LoadEr
                 d0,
                 true,
             )),
+            connect: options.clone(),
+            read_interval: None,
         },
         writer_ws,
     )];
@@ -198,6 +256,8 @@ pub async fn fanout(run: &mut Run, args: &FanoutArgs) -> Result<Finished, LoadEr
                 subscription: Some(dataset.clone()),
                 follows: vec![Coverage::new(ledger.clone())],
                 writer: None,
+                connect: sub_options(i),
+                read_interval: read_interval.filter(|_| i < slow),
             },
             ws,
         ));
@@ -228,13 +288,17 @@ pub async fn rooms(run: &mut Run, args: &RoomsArgs) -> Result<Finished, LoadErro
         ));
     }
     let (groups, size) = (args.groups, args.group_size);
+    let fillers = fillers(args.records, size)?;
+    let options = run.connect_options();
     let prefix = run.prefix.clone();
     let creds = credentials(
         run,
         (0..groups * size)
             .map(|slot| (slot, format!("{prefix}-g{}-u{}", slot / size, slot % size))),
     )?;
-    let mut conns = connect_all(run, Arc::new(creds)).await.into_iter();
+    let mut conns = connect_all(run, Arc::new(creds), |_| options.clone())
+        .await
+        .into_iter();
     if conns.as_slice().iter().all(Option::is_none) {
         return Err(setup_failed(run, "no member can connect", None));
     }
@@ -251,7 +315,7 @@ pub async fn rooms(run: &mut Run, args: &RoomsArgs) -> Result<Finished, LoadErro
         let shared = run.shared.clone();
         handles.push(tokio::spawn(async move {
             let _permit = semaphore.acquire_owned().await.ok();
-            setup_room(members, name, doc_size, &shared).await
+            setup_room(members, name, fillers, doc_size, &shared).await
         }));
     }
     let mut rooms = Vec::with_capacity(groups);
@@ -325,6 +389,8 @@ pub async fn rooms(run: &mut Run, args: &RoomsArgs) -> Result<Finished, LoadErro
                         room.sync_count,
                         false,
                     )),
+                    connect: options.clone(),
+                    read_interval: None,
                 },
                 ws,
             ));
@@ -358,6 +424,7 @@ fn grantees(members: &[Member], owner: &str) -> Vec<String> {
 async fn setup_room(
     members: Vec<Member>,
     name: String,
+    fillers: usize,
     doc_size: usize,
     shared: &crate::client::Shared,
 ) -> Result<Room, (Fail, usize)> {
@@ -374,7 +441,7 @@ async fn setup_room(
         ));
     };
     let dataset = DatasetRef::new(owner.clone(), name);
-    let sync_count = setup_write(&mut owner_ws, &dataset, size, doc_size)
+    let sync_count = setup_write(&mut owner_ws, &dataset, size, fillers, doc_size)
         .await
         .map_err(|f| (f, present))?;
     let others: Vec<Member> = members.collect();
@@ -414,7 +481,8 @@ pub async fn write(run: &mut Run, args: &WriteArgs) -> Result<Finished, LoadErro
         run,
         (0..args.writers).map(|i| (i, format!("{prefix}-w{i}"))),
     )?;
-    let conns = connect_all(run, Arc::new(creds)).await;
+    let options = run.connect_options();
+    let conns = connect_all(run, Arc::new(creds), |_| options.clone()).await;
     if conns.iter().all(Option::is_none) {
         return Err(setup_failed(run, "no writer can connect", None));
     }
@@ -431,7 +499,7 @@ pub async fn write(run: &mut Run, args: &WriteArgs) -> Result<Finished, LoadErro
                 let _permit = semaphore.acquire_owned().await.ok()?;
                 let dataset = DatasetRef::new(identity, name);
                 Some(
-                    setup_write(&mut ws, &dataset, 1, size)
+                    setup_write(&mut ws, &dataset, 1, 1, size)
                         .await
                         .map(|count| (ws, cred, dataset, count)),
                 )
@@ -484,6 +552,8 @@ pub async fn write(run: &mut Run, args: &WriteArgs) -> Result<Finished, LoadErro
                 subscription: None,
                 follows: Vec::new(),
                 writer: Some(Writer::new(ledger, &dataset, &marker::key(0), count, true)),
+                connect: options.clone(),
+                read_interval: None,
             },
             ws,
         ));
@@ -511,12 +581,17 @@ async fn open_subscribed(
         (0..n).map(|i| (i, format!("{prefix}-c{i}"))),
     )?);
     let dataset = DatasetRef::own(format!("{prefix}-idle"));
+    let options = Arc::new(run.connect_options());
+    let shared = run.shared.clone();
     Ok(run
         .open_many(n, deadline, move |i| {
             let (url, token) = creds[i].clone();
             let dataset = dataset.clone();
+            let options = options.clone();
+            let shared = shared.clone();
             async move {
-                let (mut ws, _) = conn::connect_auth(&url, &token).await?;
+                let (mut ws, ready) = conn::connect_auth(&url, &token, &options).await?;
+                shared.stats.features_on(&ready.features);
                 conn::subscribe(&mut ws, &dataset, &mut |_, _| {}).await?;
                 Ok((ws, (url, token)))
             }
@@ -549,6 +624,8 @@ pub async fn idle(run: &mut Run, args: &IdleArgs) -> Result<Finished, LoadError>
                 subscription: Some(dataset.clone()),
                 follows: Vec::new(),
                 writer: None,
+                connect: run.connect_options(),
+                read_interval: None,
             };
             Some(tokio::spawn(crate::client::run(plan, ws, shared.clone())))
         })

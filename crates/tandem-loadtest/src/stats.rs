@@ -119,9 +119,21 @@ pub struct Stats {
     pub unknown_outcome: AtomicU64,
     /// Writes delivered to subscribers (one per subscriber per covered write).
     pub delivered: AtomicU64,
-    /// `dataset` and `snapshot` frames that carried markers, and their bytes.
+    /// Live pushes (`dataset` and `delta` frames) received by subscribers that count
+    /// deliveries, and their bytes; `delta_frames` of them were deltas.
     pub push_frames: AtomicU64,
     pub push_bytes: AtomicU64,
+    pub delta_frames: AtomicU64,
+    /// `snapshot` replies to re-subscribes after a reconnect, and their bytes.
+    pub snapshot_frames: AtomicU64,
+    pub snapshot_bytes: AtomicU64,
+    /// Subscriptions that count deliveries, checked when their task ends, and how many of
+    /// them had by then seen every writer's last committed write (the final state);
+    /// `slow_*` the same for the slow readers among them.
+    pub subscribers: AtomicU64,
+    pub subscribers_final: AtomicU64,
+    pub slow_subscribers: AtomicU64,
+    pub slow_subscribers_final: AtomicU64,
     /// Connections currently open and set up.
     pub open: AtomicU64,
     /// Connections set up, counting each reconnect.
@@ -131,6 +143,11 @@ pub struct Stats {
     pub lists_sent: AtomicU64,
     pub lists_ok: AtomicU64,
     errors: Mutex<BTreeMap<String, u64>>,
+    /// Connections that ended while the run wanted them, by close code (1006: no close
+    /// frame; 1005: a close frame without a code).
+    closes: Mutex<BTreeMap<u16, u64>>,
+    /// The features the server turned on, as the first `ready` said.
+    features: Mutex<Option<Vec<String>>>,
     /// Scheduled send → subscriber receives a push that covers the write.
     pub delivery: ShardedHistogram,
     /// Scheduled send → the writer receives the ack.
@@ -158,6 +175,25 @@ impl Stats {
 
     pub fn errors(&self) -> BTreeMap<String, u64> {
         self.errors.lock().clone()
+    }
+
+    pub fn close(&self, code: u16) {
+        *self.closes.lock().entry(code).or_default() += 1;
+    }
+
+    pub fn closes(&self) -> BTreeMap<u16, u64> {
+        self.closes.lock().clone()
+    }
+
+    /// Notes what a `ready` said it turned on (the first one is kept).
+    pub fn features_on(&self, features: &[String]) {
+        self.features
+            .lock()
+            .get_or_insert_with(|| features.to_vec());
+    }
+
+    pub fn features(&self) -> Option<Vec<String>> {
+        self.features.lock().clone()
     }
 
     pub fn error_total(&self) -> u64 {

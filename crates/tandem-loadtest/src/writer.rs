@@ -151,11 +151,7 @@ impl Writer {
                 self.ledger.set_outcome(seq, Outcome::Failed);
                 Stats::add(&stats.conflicts, 1);
                 if sent.epoch == self.epoch {
-                    self.next_count = reply
-                        .conflicts
-                        .first()
-                        .and_then(|c| c.server.as_ref())
-                        .map_or(0, |r| r.sync_count);
+                    self.next_count = reply.conflict_sync_count();
                     self.epoch += 1;
                     self.known = true;
                 }

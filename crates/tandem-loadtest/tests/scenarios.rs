@@ -93,12 +93,14 @@ async fn run(server: &TestServer, args: &[&str]) -> Report {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_fanout_delivers_every_write_to_every_subscriber() {
     let server = TestServer::start();
-    // Two --url entries for one server: connections go round-robin across them.
+    // Two --url entries for one server: connections go round-robin across them. Whole
+    // `dataset` frames (--no-delta), each the whole ~2000-byte document.
     let report = run(
         &server,
         &[
             "--url",
             &server.url,
+            "--no-delta",
             "fanout",
             "--subscribers",
             "5",
@@ -122,6 +124,13 @@ async fn test_fanout_delivers_every_write_to_every_subscriber() {
     assert_eq!(deliveries.lost, 0);
     assert_eq!(deliveries.latency_ms.count, 100);
     assert!(deliveries.push_bytes >= deliveries.push_frames * 2000);
+    assert_eq!(deliveries.delta_frames, 0);
+    assert_eq!(deliveries.subscribers, 5);
+    assert_eq!(deliveries.at_final_sync_count, 5);
+    let features = report.features.as_ref().unwrap();
+    assert_eq!(features.asked, ["lean"]);
+    assert_eq!(features.accepted.as_deref(), Some(&["lean".to_owned()][..]));
+    assert!(report.closes.is_empty(), "{:?}", report.closes);
     assert_eq!(report.connections.established, 6);
     assert_eq!(report.urls.len(), 2);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
@@ -160,6 +169,81 @@ async fn test_fanout_warmup_writes_are_sent_but_not_counted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_fanout_with_deltas_pushes_only_the_changed_record() {
+    let server = TestServer::start();
+    // A 20-record ~2000-byte document; each write changes the one marker record.
+    let report = run(
+        &server,
+        &[
+            "fanout",
+            "--subscribers",
+            "4",
+            "--rate",
+            "20",
+            "--duration",
+            "1s",
+            "--size",
+            "2000",
+            "--records",
+            "20",
+        ],
+    )
+    .await;
+    let deliveries = report.deliveries.as_ref().unwrap();
+    let features = report.features.as_ref().unwrap();
+    assert_eq!(features.asked, ["delta", "lean"]);
+    assert_eq!(
+        features.accepted.as_deref(),
+        Some(&["delta".to_owned(), "lean".to_owned()][..])
+    );
+    assert_eq!(deliveries.expected, 4 * 20);
+    assert_eq!(deliveries.received, 4 * 20, "{}", report.to_table());
+    assert!(deliveries.delta_frames > 0, "{}", report.to_table());
+    // Mostly deltas of one ~30-byte record: far below the document's size on average.
+    assert!(deliveries.bytes_per_push < 1000.0, "{}", report.to_table());
+    assert_eq!(deliveries.at_final_sync_count, 4);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_fanout_slow_readers_still_end_at_the_final_state() {
+    let server = TestServer::start();
+    // 2 of 4 subscribers read 10 frames/s while 30 commits come at 30/s: they fall behind
+    // and catch up in the drain (a bounded one: run() gives 20 s).
+    let report = run(
+        &server,
+        &[
+            "fanout",
+            "--subscribers",
+            "4",
+            "--rate",
+            "30",
+            "--duration",
+            "1s",
+            "--read-rate",
+            "10",
+            "--slow-readers",
+            "2",
+            "--recv-buffer",
+            "4096",
+        ],
+    )
+    .await;
+    let deliveries = report.deliveries.as_ref().unwrap();
+    assert_eq!(deliveries.slow_readers, 2, "{}", report.to_table());
+    assert_eq!(deliveries.subscribers, 4);
+    assert_eq!(deliveries.at_final_sync_count, 4, "{}", report.to_table());
+    assert_eq!(deliveries.slow_at_final_sync_count, 2);
+    assert_eq!(
+        deliveries.received,
+        deliveries.expected,
+        "{}",
+        report.to_table()
+    );
+    assert_eq!(deliveries.expected, 4 * 30);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_rooms_every_member_receives_every_members_writes() {
     let server = TestServer::start();
     let report = run(
@@ -176,6 +260,8 @@ async fn test_rooms_every_member_receives_every_members_writes() {
             "1s",
             "--seed",
             "7",
+            "--records",
+            "10",
         ],
     )
     .await;
@@ -189,6 +275,7 @@ async fn test_rooms_every_member_receives_every_members_writes() {
     assert_eq!(deliveries.expected, 90);
     assert_eq!(deliveries.received, 90, "{}", report.to_table());
     assert_eq!(deliveries.lost, 0);
+    assert_eq!(deliveries.at_final_sync_count, 6);
     assert_eq!(report.connections.established, 6);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
 }
