@@ -2,6 +2,8 @@
 
 export const VERSION: string;
 export const PROTOCOL_VERSION: 1;
+/** The protocol features a client asks for unless told otherwise: `['delta', 'lean']`. */
+export const DEFAULT_FEATURES: readonly string[];
 
 export type ConnectionState = 'connecting' | 'online' | 'offline' | 'failed' | 'closed';
 
@@ -142,6 +144,10 @@ export interface ClientOptions {
   /** Share local edits with this user's other tabs over a BroadcastChannel (default: true
    * with the `IndexedDBStore` where BroadcastChannel exists). */
   crossTab?: boolean;
+  /** Protocol features to ask for (docs/PROTOCOL.md §1): `delta` (pushes carry only the
+   * records a commit changed) and `lean` (records leave out fields the frame says).
+   * Default `['delta', 'lean']`; `[]` gets whole-dataset pushes in the full encoding. */
+  features?: Array<'delta' | 'lean' | (string & {})>;
 }
 
 export interface OpenOptions {
@@ -242,6 +248,8 @@ export class TandemClient extends Emitter<ClientEvents> {
   readonly deviceId: string;
   readonly lastError: TandemError | null;
   readonly session: { session: string; expiresAt: number } | null;
+  /** The features the server turned on for this session (`ready.features`); empty offline. */
+  readonly features: string[];
   /** Unsynchronised local changes across the open datasets. */
   readonly pending: number;
   readonly datasets: Dataset[];

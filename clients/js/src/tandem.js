@@ -8,6 +8,9 @@
 //   authenticates with a token from the provider, reconnects with exponential backoff and
 //   jitter, refreshes the token before it expires, re-subscribes every open dataset and then
 //   sends what was written offline.
+// - Opt-in protocol features (`features`, default both): `delta` pushes carry only what a
+//   commit changed, `lean` leaves out record fields the frame already says. A re-subscribe
+//   sends `since` (the sync count of the copy kept), so a reconnect fetches only the changes.
 // - `client.open(name)` gives a `Dataset` over a persistent local cache. `get`, `put`,
 //   `remove` and `records` work offline; writes mark records dirty. `sync()` sends the dirty
 //   records with the sync counts they were based on; conflicts go to the conflict handler
@@ -93,6 +96,9 @@ export const PROTOCOL_VERSION = 1;
  * @property {boolean} [watchNetwork] Follow the browser's online/offline events (default true).
  * @property {boolean} [crossTab] Share local edits with this user's other tabs over a
  *   BroadcastChannel (default: true with the IndexedDBStore where BroadcastChannel exists).
+ * @property {string[]} [features] Protocol features to ask for (docs/PROTOCOL.md §1):
+ *   `delta` (pushes carry only the changed records) and `lean` (records leave out fields the
+ *   frame says). Default: both; `[]` gets whole-dataset pushes in the full encoding.
  *
  * @typedef {object} OpenOptions
  * @property {string} [owner] Another identity's dataset (shared with you); default: yours.
@@ -389,6 +395,28 @@ function deferred() {
   return { promise, resolve, reject };
 }
 
+/** The features asked for by default (docs/PROTOCOL.md §1). */
+export const DEFAULT_FEATURES = Object.freeze(['delta', 'lean']);
+
+/**
+ * Fills in what the lean encoding left out of a frame's records (docs/PROTOCOL.md §3): a
+ * missing `syncCount` is the frame's, a missing `lastModifiedBy` is the dataset's owner. Full
+ * records pass unchanged, so this runs on every frame whatever the session's features.
+ * @param {any} frame
+ */
+function expandLean(frame) {
+  const fill = (/** @type {any} */ r) => {
+    if (!r || typeof r !== 'object') return;
+    if (r.syncCount === undefined) r.syncCount = frame.syncCount;
+    if (r.lastModifiedBy === undefined) r.lastModifiedBy = frame.dataset?.owner;
+  };
+  if (typeof frame.syncCount !== 'number' || !frame.dataset) return;
+  if (Array.isArray(frame.records)) frame.records.forEach(fill);
+  if (frame.type === 'conflict' && Array.isArray(frame.conflicts)) {
+    for (const c of frame.conflicts) fill(c?.server);
+  }
+}
+
 function datasetKey(/** @type {string} */ owner, /** @type {string} */ name) {
   return `${owner}\u0000${name}`;
 }
@@ -442,6 +470,10 @@ export class TandemClient extends Emitter {
   #pingInterval;
   #authTimeout;
   #watchNetwork;
+  /** @type {string[]} */
+  #wantFeatures;
+  /** What the server turned on for the current session (`ready.features`). @type {string[]} */
+  #features = [];
 
   /** @type {string | null} */
   #identity;
@@ -507,6 +539,7 @@ export class TandemClient extends Emitter {
     this.#pingInterval = options.pingIntervalMs ?? 25_000;
     this.#authTimeout = options.authTimeoutMs ?? 10_000;
     this.#watchNetwork = options.watchNetwork ?? true;
+    this.#wantFeatures = [...(options.features ?? DEFAULT_FEATURES)];
     this.#identity = options.identity ?? null;
     if (this.#identity) this.#identityKnown.resolve(this.#identity);
     const crossTab = options.crossTab ?? (this.#store instanceof IndexedDBStore && typeof globalThis.BroadcastChannel === 'function');
@@ -533,6 +566,12 @@ export class TandemClient extends Emitter {
   /** True while authenticated on a live connection. */
   get online() {
     return this.#state === 'online';
+  }
+
+  /** The protocol features the server turned on for this session (`ready.features`, e.g.
+   * `['delta', 'lean']`); empty while offline or when none were asked for. */
+  get features() {
+    return [...this.#features];
   }
 
   /** The device id sent with updates. */
@@ -805,7 +844,7 @@ export class TandemClient extends Emitter {
     );
     ws.onopen = () => {
       if (this.#conn !== conn) return;
-      this.#send(conn, { type: 'auth', id: 0, token });
+      this.#send(conn, this.#authFrame(0, token));
     };
     ws.onmessage = (/** @type {any} */ ev) => {
       if (this.#conn !== conn) return;
@@ -816,6 +855,8 @@ export class TandemClient extends Emitter {
       } catch {
         return;
       }
+      if (!frame || typeof frame !== 'object') return;
+      expandLean(frame);
       this.#onFrame(conn, frame);
     };
     ws.onerror = () => {}; // a close event follows
@@ -834,6 +875,11 @@ export class TandemClient extends Emitter {
       }
     }
     return token;
+  }
+
+  /** @param {number} id @param {string} token */
+  #authFrame(id, token) {
+    return this.#wantFeatures.length ? { type: 'auth', id, token, features: this.#wantFeatures } : { type: 'auth', id, token };
   }
 
   /** @param {any} conn @param {any} frame */
@@ -885,7 +931,7 @@ export class TandemClient extends Emitter {
       if (frame.type === 'error') this.#lastError = serverError(frame);
       return;
     }
-    if (frame.id !== undefined && frame.id !== null && frame.type !== 'dataset') {
+    if (frame.id !== undefined && frame.id !== null && frame.type !== 'dataset' && frame.type !== 'delta') {
       const req = this.#requests.get(frame.id);
       if (req) {
         this.#requests.delete(frame.id);
@@ -900,6 +946,9 @@ export class TandemClient extends Emitter {
     switch (frame.type) {
       case 'dataset':
         this.#find(frame.dataset)?._applyServerState(frame.syncCount, frame.records ?? [], 'push');
+        break;
+      case 'delta':
+        this.#find(frame.dataset)?._applyDelta(frame.baseSyncCount, frame.syncCount, frame.records ?? []);
         break;
       case 'deleted':
         this.#find(frame.dataset)?._onDeleted(frame.syncCount);
@@ -942,6 +991,7 @@ export class TandemClient extends Emitter {
     this.#attempt = 0;
     this.#lastError = null;
     this.#session = { session: frame.session, expiresAt: frame.expiresAt };
+    this.#features = readyFeatures(frame);
     this.#scheduleRefresh(frame.expiresAt);
     this.#schedulePing(conn);
     this.#setState('online');
@@ -953,6 +1003,7 @@ export class TandemClient extends Emitter {
   /** @param {any} frame */
   #onRefreshed(frame) {
     if (this.#session) this.#session.expiresAt = frame.expiresAt;
+    this.#features = readyFeatures(frame);
     this.#scheduleRefresh(frame.expiresAt);
     this.emit('ready', { identity: frame.identity, session: frame.session, expiresAt: frame.expiresAt });
   }
@@ -975,7 +1026,7 @@ export class TandemClient extends Emitter {
       const reply = new Promise((resolve, reject) => {
         this.#requests.set(id, { resolve, reject, timer: timer(() => reject(new TandemError('timeout', 'no reply to auth')), this.#requestTimeout) });
       });
-      this.#send(conn, { type: 'auth', id, token });
+      this.#send(conn, this.#authFrame(id, token)); // every auth sets the features anew
       await reply; // `ready` reschedules the next refresh
     } catch (e) {
       if (this.#conn !== conn) return;
@@ -1023,6 +1074,7 @@ export class TandemClient extends Emitter {
     if (this.#conn !== conn) return;
     this.#conn = null;
     this.#session = null;
+    this.#features = [];
     conn.timers.forEach(clearTimeout);
     clearTimeout(this.#refreshTimer);
     clearTimeout(this.#pingTimer);
@@ -1067,6 +1119,11 @@ export class TandemClient extends Emitter {
       this.#connect();
     }, delay);
   }
+}
+
+/** `ready.features`: what the server turned on (absent: none). @returns {string[]} */
+function readyFeatures(/** @type {any} */ frame) {
+  return Array.isArray(frame.features) ? frame.features.filter((/** @type {any} */ f) => typeof f === 'string') : [];
 }
 
 function errorMessage(/** @type {any} */ e) {
@@ -1122,6 +1179,10 @@ export class Dataset extends Emitter {
   /** @type {Promise<void> | null} */
   #saving = null;
   #lastPending = 0;
+  /** A `changes` catch-up after a `delta` whose base this copy does not hold is running. */
+  #catchingUp = false;
+  /** The highest sync count a `delta` announced that this copy has not reached. */
+  #catchUpTo = 0;
 
   /**
    * @internal Use `client.open(name)`.
@@ -1287,16 +1348,23 @@ export class Dataset extends Emitter {
 
   /**
    * Subscribes (again) now and merges the server's snapshot: follows a re-created dataset
-   * after `deleted`, or one shared with you again after `revoked`.
+   * after `deleted`, or one shared with you again after `revoked`. A cached copy is named
+   * with `since`, so the snapshot may hold only the changes after it.
    * @returns {Promise<number>} the snapshot's sync count
    */
   async subscribe() {
     this.#checkOpen();
-    const snap = await this.#io.request({ type: 'subscribe', dataset: this.#ref() });
+    // The copy is complete at its sync count (every frame applied in order, own edits kept
+    // apart as dirty), so the server need only send what changed after it.
+    const since = this.#state.syncCount;
+    /** @type {any} */ const frame = { type: 'subscribe', dataset: this.#ref() };
+    if (since > 0) frame.since = since;
+    const snap = await this.#io.request(frame);
     this.#subscribed = true;
     this.#revoked = false;
     this.#deleted = false;
-    this._applyServerState(snap.syncCount, snap.records ?? [], 'snapshot');
+    if (typeof snap.since === 'number') this.#applyChanges(snap.since, snap.syncCount, snap.records ?? [], true);
+    else this._applyServerState(snap.syncCount, snap.records ?? [], 'snapshot');
     return snap.syncCount;
   }
 
@@ -1448,28 +1516,7 @@ export class Dataset extends Emitter {
     const seen = new Set();
     for (const r of records) {
       seen.add(r.key);
-      const local = this.#rec(r.key);
-      if (local && local.dirty) {
-        // The server already holds exactly this local change (our own commit whose ack is
-        // still on its way or was lost, or another tab's): it is done, not pending.
-        if (local.value === (r.value ?? null)) {
-          local.dirty = false;
-          local.syncCount = Math.max(local.syncCount, r.syncCount);
-          this.#pendingChanged();
-        }
-        continue;
-      }
-      // A clean record stamped later than this frame (an ack that beat the push) is newer.
-      if (local && local.syncCount > syncCount) continue;
-      if (local && local.value === r.value && local.syncCount === r.syncCount) continue;
-      st.records[r.key] = {
-        value: r.value ?? null,
-        syncCount: r.syncCount,
-        dirty: false,
-        deviceLastModified: r.deviceLastModified,
-        version: local ? local.version : 0,
-      };
-      if (!local || local.value !== r.value) changed.push(r.key);
+      this.#mergeRecord(r, syncCount, changed);
     }
     for (const k of Object.keys(st.records)) {
       const local = st.records[k];
@@ -1480,6 +1527,113 @@ export class Dataset extends Emitter {
     st.syncCount = Math.max(st.syncCount, syncCount);
     this.#persist().catch(() => {});
     if (changed.length) this.emit('change', { syncCount, keys: changed.sort(), source: 'remote' });
+  }
+
+  /**
+   * @internal A `delta` push: the records changed after `base` up to `syncCount`, tombstones
+   * included. Old ones are ignored; one whose base this copy has not reached (something was
+   * missed) makes it fetch `changes` since its own sync count instead.
+   * @param {number} base @param {number} syncCount @param {ServerRecord[]} records
+   */
+  _applyDelta(base, syncCount, records) {
+    if (this.#closed) return;
+    if (syncCount <= this.#state.syncCount) return;
+    if (base > this.#state.syncCount) {
+      this.#catchUp(syncCount);
+      return;
+    }
+    // Usually base equals our count. A base below it (a conflated delta whose first commit
+    // this copy already has from its own ack) is as good: the delta holds the newest version
+    // of every key changed after base, so it also covers everything after our count.
+    this.#applyChanges(base, syncCount, records, false);
+  }
+
+  /**
+   * Merges the records changed after `since` up to `syncCount` (a `delta`, a `changes`
+   * reply, a `snapshot` with `since`) by the same rules as a whole dataset, except that a
+   * key not listed is unchanged and a tombstone removes a clean key. Applies only on a copy
+   * complete at a count between `since` and `syncCount`: then the result is the dataset at
+   * `syncCount`.
+   * @param {number} since @param {number} syncCount @param {ServerRecord[]} records
+   * @param {boolean} snapshot A subscribe's reply: at our own count it still settles records.
+   * @returns {boolean} whether it applied
+   */
+  #applyChanges(since, syncCount, records, snapshot) {
+    if (this.#closed) return false;
+    const st = this.#state;
+    if (since > st.syncCount || (snapshot ? syncCount < st.syncCount : syncCount <= st.syncCount)) return false;
+    /** @type {string[]} */ const changed = [];
+    for (const r of records) this.#mergeRecord(r, syncCount, changed);
+    st.syncCount = Math.max(st.syncCount, syncCount);
+    this.#persist().catch(() => {});
+    if (changed.length) this.emit('change', { syncCount, keys: changed.sort(), source: 'remote' });
+    return true;
+  }
+
+  /**
+   * One server record into the local copy, from a frame at `syncCount`. Dirty records keep
+   * their local value (the next sync surfaces a remote change as a conflict), unless the
+   * server already holds exactly that value; a tombstone removes a clean record.
+   * @param {ServerRecord} r @param {number} syncCount @param {string[]} changed
+   */
+  #mergeRecord(r, syncCount, changed) {
+    const st = this.#state;
+    const local = this.#rec(r.key);
+    const value = r.value ?? null;
+    if (local && local.dirty) {
+      // The server already holds exactly this local change (our own commit whose ack is
+      // still on its way or was lost, or another tab's): it is done, not pending.
+      if (local.value === value) {
+        local.dirty = false;
+        local.syncCount = Math.max(local.syncCount, r.syncCount);
+        if (value === null) delete st.records[r.key];
+        this.#pendingChanged();
+      }
+      return;
+    }
+    // A clean record stamped later than this frame (an ack that beat the push) is newer.
+    if (local && local.syncCount > syncCount) return;
+    if (value === null) {
+      if (!local) return;
+      delete st.records[r.key];
+      if (local.value !== null) changed.push(r.key);
+      return;
+    }
+    if (local && local.value === value && local.syncCount === r.syncCount) return;
+    st.records[r.key] = {
+      value,
+      syncCount: r.syncCount,
+      dirty: false,
+      deviceLastModified: r.deviceLastModified,
+      version: local ? local.version : 0,
+    };
+    if (!local || local.value !== value) changed.push(r.key);
+  }
+
+  /**
+   * A `delta` said the dataset reached `target` from a base this copy does not hold: fetch
+   * `changes` since our count and apply them, again while a newer `delta` announced more
+   * (bounded; the next `delta` or re-subscribe picks it up otherwise).
+   * @param {number} target
+   */
+  #catchUp(target) {
+    this.#catchUpTo = Math.max(this.#catchUpTo, target);
+    if (this.#catchingUp) return;
+    this.#catchingUp = true;
+    (async () => {
+      try {
+        for (let round = 0; round < 3 && this.#catchUpTo > this.#state.syncCount; round++) {
+          if (this.#closed || !this.#subscribed || !this.#io.online()) return;
+          const since = this.#state.syncCount;
+          const reply = await this.#io.request({ type: 'changes', dataset: this.#ref(), since });
+          this.#applyChanges(since, reply.syncCount, reply.records ?? [], false);
+        }
+      } catch (e) {
+        if (!isNetworkError(e)) this.emit('error', e);
+      } finally {
+        this.#catchingUp = false;
+      }
+    })();
   }
 
   /** @internal The owner deleted the dataset: clean records go, local changes stay (based

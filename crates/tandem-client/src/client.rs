@@ -11,9 +11,11 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
-use tandem_protocol::{DatasetRef, Patch, PatchOp, Record, ServerFrame, should_reconnect};
+use tandem_protocol::{
+    DatasetRef, FEATURE_DELTA, FEATURE_LEAN, Patch, PatchOp, Record, ServerFrame, should_reconnect,
+};
 use tokio::sync::{Notify, broadcast, watch};
 
 type TokenFuture = Pin<Box<dyn Future<Output = Result<String, ClientError>> + Send>>;
@@ -66,6 +68,7 @@ pub struct ClientBuilder {
     max_sync_retries: usize,
     ping_interval: Duration,
     request_timeout: Duration,
+    features: Vec<String>,
 }
 
 impl ClientBuilder {
@@ -135,6 +138,19 @@ impl ClientBuilder {
         self
     }
 
+    /// The protocol features to ask for (docs/PROTOCOL.md §1). Default: both, `delta`
+    /// (pushes carry only the records a commit changed) and `lean` (records leave out the
+    /// fields their frame already says). An empty list gets whole-dataset pushes with full
+    /// records; [`Client::features`] says what the server turned on.
+    pub fn features<I, S>(mut self, features: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.features = features.into_iter().map(Into::into).collect();
+        self
+    }
+
     /// Starts the client. It connects in the background; datasets work offline meanwhile.
     pub fn start(self) -> Result<Client, ClientError> {
         let token = self
@@ -152,6 +168,7 @@ impl ClientBuilder {
             max_sync_retries: self.max_sync_retries,
             ping_interval: self.ping_interval,
             request_timeout: self.request_timeout,
+            features: self.features,
             conn: Mutex::new(None),
             datasets: Mutex::new(HashMap::new()),
             status,
@@ -174,6 +191,7 @@ struct Inner {
     max_sync_retries: usize,
     ping_interval: Duration,
     request_timeout: Duration,
+    features: Vec<String>,
     conn: Mutex<Option<Arc<Connection>>>,
     datasets: Mutex<HashMap<(String, String), Arc<Shared>>>,
     status: watch::Sender<Status>,
@@ -211,6 +229,7 @@ impl Client {
             max_sync_retries: 3,
             ping_interval: Duration::from_secs(25),
             request_timeout: crate::connection::DEFAULT_REQUEST_TIMEOUT,
+            features: vec![FEATURE_DELTA.to_owned(), FEATURE_LEAN.to_owned()],
         }
     }
 
@@ -235,6 +254,15 @@ impl Client {
 
     pub fn status(&self) -> Status {
         self.inner.status.borrow().clone()
+    }
+
+    /// The protocol features the server turned on for the current connection (empty while
+    /// offline, or when none were asked for).
+    pub fn features(&self) -> Vec<String> {
+        self.inner
+            .current()
+            .map(|conn| conn.features().to_vec())
+            .unwrap_or_default()
     }
 
     /// Watches the connection state.
@@ -296,6 +324,8 @@ impl Client {
                     events,
                     sync_lock: tokio::sync::Mutex::new(()),
                     revoked: AtomicBool::new(false),
+                    catching_up: AtomicBool::new(false),
+                    catch_up_to: AtomicU64::new(0),
                 });
                 self.inner
                     .datasets
@@ -351,6 +381,10 @@ struct Shared {
     /// One sync at a time per dataset.
     sync_lock: tokio::sync::Mutex<()>,
     revoked: AtomicBool,
+    /// A `changes` catch-up after a `delta` whose base the copy lacks is running.
+    catching_up: AtomicBool,
+    /// The highest sync count such a `delta` announced.
+    catch_up_to: AtomicU64,
 }
 
 impl Shared {
@@ -372,39 +406,10 @@ impl Shared {
         let mut seen = HashSet::with_capacity(records.len());
         for record in records {
             seen.insert(record.key.clone());
-            match state.records.get_mut(&record.key) {
-                // The server already holds exactly this local change (our own commit whose
-                // ack is on its way or was lost): it is done, not pending.
-                Some(local) if local.dirty && local.value == record.value => {
-                    local.dirty = false;
-                    local.sync_count = local.sync_count.max(record.sync_count);
-                }
-                Some(local) if local.dirty => {}
-                Some(local)
-                    if local.value == record.value && local.sync_count == record.sync_count => {}
-                Some(local) => {
-                    local.value = record.value;
-                    local.sync_count = record.sync_count;
-                    local.device_last_modified = record.device_last_modified;
-                    changed.push(record.key);
-                }
-                None => {
-                    changed.push(record.key.clone());
-                    state.records.insert(
-                        record.key,
-                        LocalRecord {
-                            value: record.value,
-                            sync_count: record.sync_count,
-                            dirty: false,
-                            device_last_modified: record.device_last_modified,
-                            version: 0,
-                        },
-                    );
-                }
-            }
+            merge_record(&mut state, record, sync_count, &mut changed);
         }
         state.records.retain(|key, local| {
-            if local.dirty || seen.contains(key) {
+            if local.dirty || seen.contains(key) || local.sync_count > sync_count {
                 return true;
             }
             if local.value.is_some() {
@@ -414,6 +419,87 @@ impl Shared {
         });
         state.sync_count = state.sync_count.max(sync_count);
         changed
+    }
+
+    /// Merges the records changed after `since` up to `sync_count` (a `delta`, a `changes`
+    /// reply, a `snapshot` with `since`) by the rules of [`Shared::merge`], except that a key
+    /// not listed is unchanged and a tombstone removes a clean key. It applies only on a copy
+    /// complete at a count between `since` and `sync_count`, which it then brings to
+    /// `sync_count`; `None` when it did not apply. `snapshot`: a subscribe's reply, which at
+    /// the copy's own count still settles records.
+    fn merge_changes(
+        &self,
+        since: u64,
+        sync_count: u64,
+        records: Vec<Record>,
+        snapshot: bool,
+    ) -> Option<Vec<String>> {
+        let mut state = self.state.lock();
+        if since > state.sync_count
+            || sync_count < state.sync_count
+            || (!snapshot && sync_count == state.sync_count)
+        {
+            return None;
+        }
+        let mut changed = Vec::new();
+        for record in records {
+            merge_record(&mut state, record, sync_count, &mut changed);
+        }
+        state.sync_count = sync_count;
+        Some(changed)
+    }
+}
+
+/// One server record into the local copy, from a frame at `sync_count`. Dirty records keep
+/// their local value unless the server already holds exactly it; a tombstone removes a clean
+/// record.
+fn merge_record(
+    state: &mut DatasetCache,
+    record: Record,
+    sync_count: u64,
+    changed: &mut Vec<String>,
+) {
+    match state.records.get_mut(&record.key) {
+        // The server already holds exactly this local change (our own commit whose ack is on
+        // its way or was lost): it is done, not pending.
+        Some(local) if local.dirty && local.value == record.value => {
+            if local.value.is_none() {
+                state.records.remove(&record.key);
+            } else {
+                local.dirty = false;
+                local.sync_count = local.sync_count.max(record.sync_count);
+            }
+        }
+        Some(local) if local.dirty => {}
+        // A clean record stamped later than this frame (an ack that beat the push) is newer.
+        Some(local) if local.sync_count > sync_count => {}
+        Some(local) if record.value.is_none() => {
+            if local.value.is_some() {
+                changed.push(record.key.clone());
+            }
+            state.records.remove(&record.key);
+        }
+        Some(local) if local.value == record.value && local.sync_count == record.sync_count => {}
+        Some(local) => {
+            local.value = record.value;
+            local.sync_count = record.sync_count;
+            local.device_last_modified = record.device_last_modified;
+            changed.push(record.key);
+        }
+        None if record.value.is_none() => {}
+        None => {
+            changed.push(record.key.clone());
+            state.records.insert(
+                record.key,
+                LocalRecord {
+                    value: record.value,
+                    sync_count: record.sync_count,
+                    dirty: false,
+                    device_last_modified: record.device_last_modified,
+                    version: 0,
+                },
+            );
+        }
     }
 }
 
@@ -664,8 +750,19 @@ async fn subscribe(inner: &Inner, conn: &Connection, shared: &Shared) -> Result<
     if shared.revoked.load(Ordering::SeqCst) {
         return Ok(());
     }
-    let (sync_count, records) = conn.subscribe(shared.dataset.clone()).await?;
-    let changed = shared.merge(sync_count, records, true);
+    // The copy is complete at its sync count (every frame applied in order, own edits kept
+    // apart as dirty), so the server need only send what changed after it.
+    let held = shared.state.lock().sync_count;
+    let snapshot = conn
+        .subscribe_since(shared.dataset.clone(), (held > 0).then_some(held))
+        .await?;
+    let sync_count = snapshot.sync_count;
+    let changed = match snapshot.since {
+        Some(since) => shared
+            .merge_changes(since, sync_count, snapshot.records, true)
+            .unwrap_or_default(),
+        None => shared.merge(sync_count, snapshot.records, true),
+    };
     inner.save(shared, &shared.state.lock());
     if !changed.is_empty() {
         shared.emit(DatasetEvent::Changed {
@@ -688,8 +785,40 @@ fn find(inner: &Inner, dataset: &DatasetRef) -> Option<Arc<Shared>> {
         .cloned()
 }
 
-fn handle_event(inner: &Inner, frame: ServerFrame) {
+fn handle_event(inner: &Arc<Inner>, conn: &Arc<Connection>, frame: ServerFrame) {
     match frame {
+        ServerFrame::Delta {
+            dataset,
+            base_sync_count,
+            sync_count,
+            records,
+        } => {
+            let Some(shared) = find(inner, &dataset) else {
+                return;
+            };
+            let held = shared.state.lock().sync_count;
+            if sync_count <= held {
+                return; // old
+            }
+            if base_sync_count > held {
+                // Something this copy never applied came before: fetch it.
+                catch_up_gap(inner, conn, shared, sync_count);
+                return;
+            }
+            // Usually the base is exactly our count. A base below it (a conflated delta
+            // whose first commit this copy already has from its own ack) is as good: the
+            // delta holds the newest version of every key changed after its base.
+            if let Some(changed) = shared.merge_changes(base_sync_count, sync_count, records, false)
+            {
+                inner.save(&shared, &shared.state.lock());
+                if !changed.is_empty() {
+                    shared.emit(DatasetEvent::Changed {
+                        sync_count,
+                        keys: changed,
+                    });
+                }
+            }
+        }
         ServerFrame::Dataset {
             dataset,
             sync_count,
@@ -734,6 +863,50 @@ fn handle_event(inner: &Inner, frame: ServerFrame) {
     }
 }
 
+/// A `delta` said the dataset reached `target` from a base this copy lacks: fetch `changes`
+/// since the copy's count and apply them, again while newer deltas announced more (a few
+/// rounds at most; the next delta or re-subscribe picks up the rest).
+fn catch_up_gap(inner: &Arc<Inner>, conn: &Arc<Connection>, shared: Arc<Shared>, target: u64) {
+    shared.catch_up_to.fetch_max(target, Ordering::SeqCst);
+    if shared.catching_up.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let (inner, conn) = (inner.clone(), conn.clone());
+    tokio::spawn(async move {
+        for _ in 0..3 {
+            let since = shared.state.lock().sync_count;
+            if shared.catch_up_to.load(Ordering::SeqCst) <= since {
+                shared.catching_up.store(false, Ordering::SeqCst);
+                // A delta may have raised the target between the check and the store.
+                if shared.catch_up_to.load(Ordering::SeqCst) <= shared.state.lock().sync_count
+                    || shared.catching_up.swap(true, Ordering::SeqCst)
+                {
+                    return;
+                }
+                continue;
+            }
+            match conn.changes(shared.dataset.clone(), since).await {
+                Ok((sync_count, records)) => {
+                    if let Some(changed) = shared.merge_changes(since, sync_count, records, false) {
+                        inner.save(&shared, &shared.state.lock());
+                        if !changed.is_empty() {
+                            shared.emit(DatasetEvent::Changed {
+                                sync_count,
+                                keys: changed,
+                            });
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(dataset = ?shared.dataset, error = %e, "catching up after a missed delta failed");
+                    break;
+                }
+            }
+        }
+        shared.catching_up.store(false, Ordering::SeqCst);
+    });
+}
+
 /// Keeps a connection up until the client is shut down or refused for good.
 async fn run(inner: Arc<Inner>) {
     let mut backoff = inner.min_backoff;
@@ -745,7 +918,7 @@ async fn run(inner: Arc<Inner>) {
         next_url += 1;
         let attempt = async {
             let token = (inner.token)().await?;
-            Connection::connect(url, &token).await
+            Connection::connect_with_features(url, &token, inner.features.clone()).await
         };
         match attempt.await {
             Ok(mut conn) => {
@@ -858,7 +1031,7 @@ async fn serve_connection(
                 });
             }
             frame = events.recv() => match frame {
-                Some(frame) => handle_event(inner, frame),
+                Some(frame) => handle_event(inner, conn, frame),
                 None => break,
             },
             _ = tokio::time::sleep(refresh_in) => {
@@ -898,4 +1071,149 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn shared(sync_count: u64, records: &[(&str, &str, u64)]) -> Shared {
+        let mut cache = DatasetCache {
+            sync_count,
+            ..DatasetCache::default()
+        };
+        for (key, value, sync_count) in records {
+            cache.records.insert(
+                (*key).to_owned(),
+                LocalRecord {
+                    value: Some((*value).to_owned()),
+                    sync_count: *sync_count,
+                    dirty: false,
+                    device_last_modified: None,
+                    version: 0,
+                },
+            );
+        }
+        Shared {
+            dataset: DatasetRef::new("alice", "list"),
+            state: Mutex::new(cache),
+            handler: ConflictHandler::TakeRemote,
+            events: broadcast::channel(8).0,
+            sync_lock: tokio::sync::Mutex::new(()),
+            revoked: AtomicBool::new(false),
+            catching_up: AtomicBool::new(false),
+            catch_up_to: AtomicU64::new(0),
+        }
+    }
+
+    fn record(key: &str, value: Option<&str>, sync_count: u64) -> Record {
+        Record {
+            key: key.to_owned(),
+            value: value.map(str::to_owned),
+            sync_count,
+            last_modified: 1,
+            last_modified_by: "alice".to_owned(),
+            device_id: None,
+            device_last_modified: None,
+        }
+    }
+
+    fn values(shared: &Shared) -> BTreeMap<String, Option<String>> {
+        let state = shared.state.lock();
+        state
+            .records
+            .iter()
+            .map(|(k, r)| (k.clone(), r.value.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn test_merge_changes_sets_and_removes_listed_keys_only() {
+        let s = shared(3, &[("a", "1", 3), ("b", "2", 2), ("c", "3", 1)]);
+        let changed = s
+            .merge_changes(
+                3,
+                4,
+                vec![record("a", Some("9"), 4), record("c", None, 4)],
+                false,
+            )
+            .unwrap();
+        assert_eq!(changed, ["a", "c"]);
+        assert_eq!(s.state.lock().sync_count, 4);
+        let want: BTreeMap<_, _> = [
+            ("a".into(), Some("9".into())),
+            ("b".into(), Some("2".into())),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(values(&s), want, "b, not listed, stays");
+    }
+
+    #[test]
+    fn test_merge_changes_ignores_old_and_refuses_a_gap() {
+        let s = shared(5, &[("a", "1", 5)]);
+        assert!(
+            s.merge_changes(3, 5, vec![record("a", Some("old"), 4)], false)
+                .is_none()
+        );
+        assert!(
+            s.merge_changes(6, 7, vec![record("a", Some("new"), 7)], false)
+                .is_none()
+        );
+        assert_eq!(s.state.lock().sync_count, 5);
+        assert_eq!(s.state.lock().records["a"].value.as_deref(), Some("1"));
+        // A base below our count (a conflated delta) applies: it holds every later change.
+        assert!(
+            s.merge_changes(4, 7, vec![record("a", Some("new"), 7)], false)
+                .is_some()
+        );
+        assert_eq!(s.state.lock().records["a"].value.as_deref(), Some("new"));
+    }
+
+    #[test]
+    fn test_merge_changes_keeps_dirty_edits_and_settles_what_the_server_holds() {
+        let s = shared(2, &[("a", "1", 2), ("b", "2", 2), ("c", "3", 2)]);
+        {
+            let mut state = s.state.lock();
+            for (key, value) in [("a", Some("mine")), ("b", None), ("c", Some("same"))] {
+                let r = state.records.get_mut(key).unwrap();
+                r.value = value.map(str::to_owned);
+                r.dirty = true;
+                r.version = 1;
+            }
+        }
+        s.merge_changes(
+            2,
+            3,
+            vec![
+                record("a", Some("theirs"), 3),
+                record("b", None, 3),
+                record("c", Some("same"), 3),
+            ],
+            false,
+        )
+        .unwrap();
+        let state = s.state.lock();
+        // `a` keeps its value and old base, so the next sync conflicts; `b` and `c` are done.
+        assert_eq!(state.records["a"].value.as_deref(), Some("mine"));
+        assert!(state.records["a"].dirty);
+        assert_eq!(state.records["a"].sync_count, 2);
+        assert!(!state.records.contains_key("b"));
+        assert!(!state.records["c"].dirty);
+        assert_eq!(state.dirty_count(), 1);
+    }
+
+    #[test]
+    fn test_merge_whole_removes_missing_clean_keys_but_keeps_newer_acked_ones() {
+        let s = shared(3, &[("a", "1", 3), ("b", "2", 2), ("acked", "x", 6)]);
+        let changed = s.merge(4, vec![record("a", Some("1"), 3)], false);
+        assert_eq!(changed, ["b"]);
+        assert_eq!(
+            values(&s).keys().collect::<Vec<_>>(),
+            ["a", "acked"],
+            "a record stamped after the frame (from an ack) is newer and stays"
+        );
+    }
 }

@@ -36,6 +36,16 @@ pub enum UpdateResult {
     },
 }
 
+/// The reply to `subscribe`: the whole dataset, or (with `since`) only what changed after
+/// the sync count the subscribe named, tombstones included.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub sync_count: u64,
+    /// Present when `records` are the changes after this sync count.
+    pub since: Option<u64>,
+    pub records: Vec<Record>,
+}
+
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<ServerFrame>>>>;
 
 /// How long a request waits for its reply by default before the connection is presumed dead.
@@ -54,6 +64,10 @@ pub struct Connection {
     identity: String,
     session: String,
     expires_at: i64,
+    /// The features every `auth` on this connection asks for (each `auth` sets them anew).
+    wanted_features: Vec<String>,
+    /// What the server turned on (`ready.features`).
+    features: Vec<String>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -66,14 +80,27 @@ impl std::fmt::Debug for Connection {
 }
 
 impl Connection {
-    /// Connects and authenticates with an `auth` frame.
+    /// Connects and authenticates with an `auth` frame, asking for no features: pushes are
+    /// whole `dataset` frames with full records, as in protocol version 1 without features.
     pub async fn connect(url: &str, token: &str) -> Result<Connection, ClientError> {
+        Connection::connect_with_features(url, token, Vec::new()).await
+    }
+
+    /// Connects and authenticates, asking for these protocol features (`delta`, `lean`; see
+    /// [`tandem_protocol::FEATURE_DELTA`]). [`Connection::features`] says which the server
+    /// turned on. Records are read in either encoding whatever was asked.
+    pub async fn connect_with_features(
+        url: &str,
+        token: &str,
+        features: Vec<String>,
+    ) -> Result<Connection, ClientError> {
         let mut conn = Connection::open(url, None).await?;
+        conn.wanted_features = features;
         let reply = conn
             .request(|id| ClientFrame::Auth {
                 id: Some(id),
                 token: token.to_owned(),
-                features: Vec::new(),
+                features: conn.wanted_features.clone(),
             })
             .await?;
         conn.ready(reply)?;
@@ -177,6 +204,8 @@ impl Connection {
             identity: String::new(),
             session: String::new(),
             expires_at: 0,
+            wanted_features: Vec::new(),
+            features: Vec::new(),
         })
     }
 
@@ -186,11 +215,13 @@ impl Connection {
                 identity,
                 session,
                 expires_at,
+                features,
                 ..
             } => {
                 self.identity = identity;
                 self.session = session;
                 self.expires_at = expires_at;
+                self.features = features;
                 Ok(())
             }
             other => Err(unexpected(&other)),
@@ -211,13 +242,24 @@ impl Connection {
         self.expires_at
     }
 
-    /// Re-authenticates with a fresh token for the same identity, extending the session.
+    /// The features the server turned on for this session (`ready.features`).
+    pub fn features(&self) -> &[String] {
+        &self.features
+    }
+
+    /// Whether the server turned on `feature` for this session.
+    pub fn has_feature(&self, feature: &str) -> bool {
+        self.features.iter().any(|f| f == feature)
+    }
+
+    /// Re-authenticates with a fresh token for the same identity, extending the session. It
+    /// asks for the features the connection was opened with (an `auth` sets them anew).
     pub async fn reauth(&self, token: &str) -> Result<i64, ClientError> {
         match self
             .request(|id| ClientFrame::Auth {
                 id: Some(id),
                 token: token.to_owned(),
-                features: Vec::new(),
+                features: self.wanted_features.clone(),
             })
             .await?
         {
@@ -364,22 +406,39 @@ impl Connection {
         }
     }
 
-    /// Subscribes; returns the snapshot's sync count and records.
+    /// Subscribes; returns the snapshot's sync count and records (the whole dataset).
     pub async fn subscribe(&self, dataset: DatasetRef) -> Result<(u64, Vec<Record>), ClientError> {
+        let snapshot = self.subscribe_since(dataset, None).await?;
+        Ok((snapshot.sync_count, snapshot.records))
+    }
+
+    /// Subscribes naming the sync count of a copy the caller kept (`since`): the server may
+    /// then answer with only the records changed after it (`Snapshot::since` says so).
+    /// Pushes are `delta` frames if the session's `delta` feature is on.
+    pub async fn subscribe_since(
+        &self,
+        dataset: DatasetRef,
+        since: Option<u64>,
+    ) -> Result<Snapshot, ClientError> {
         match self
             .request(|id| ClientFrame::Subscribe {
                 id,
                 dataset,
                 delta: None,
-                since: None,
+                since,
             })
             .await?
         {
             ServerFrame::Snapshot {
                 sync_count,
+                since,
                 records,
                 ..
-            } => Ok((sync_count, records)),
+            } => Ok(Snapshot {
+                sync_count,
+                since,
+                records,
+            }),
             other => Err(unexpected(&other)),
         }
     }

@@ -7,6 +7,14 @@
 //!   locally is dropped unless the handler says so.
 //! - `Connection` is the protocol underneath: one WebSocket, requests matched to replies by
 //!   id, pushes as events. The end-to-end tests drive the server through it.
+//! - Protocol features (docs/PROTOCOL.md §1): a `Client` asks for `delta` (pushes carry only
+//!   the records a commit changed) and `lean` (records leave out fields their frame says) by
+//!   default, and re-subscribes with `since` (the sync count of its cached copy) so that a
+//!   reconnect fetches only the changes. A delta applies on the copy at its base; an old one
+//!   is ignored; one after a gap makes the client fetch `changes` since its count. Turn the
+//!   features off with `ClientBuilder::features(Vec::<String>::new())` (whole `dataset`
+//!   pushes, full records). `Connection::connect` asks for none; `connect_with_features` for
+//!   some. Lean records are filled in on reading either way (`ServerFrame::from_json`).
 //!
 //! It never panics on what the server sends: unknown frame types are skipped, as the
 //! protocol asks.
@@ -20,6 +28,6 @@ mod error;
 pub use cache::{DatasetCache, LocalRecord};
 pub use client::{Client, ClientBuilder, Dataset, DatasetEvent, Status, SyncOutcome};
 pub use conflict::{ConflictCase, ConflictHandler, Resolution};
-pub use connection::{Closed, Connection, UpdateResult};
+pub use connection::{Closed, Connection, Snapshot, UpdateResult};
 pub use error::ClientError;
 pub use tandem_protocol as protocol;

@@ -7,7 +7,9 @@ async function example(): Promise<void> {
     identity: 'alice',
     store: new MemoryStore(),
     conflictHandler: 'latestDeviceTime',
+    features: ['lean'],
   });
+  const on: string[] = client.features;
   client.on('state', (s) => console.log(s.toUpperCase()));
   const ds = await client.open('settings', { conflictHandler: (c: ConflictCase) => (c.server ? Resolution.merge(`${c.server.value}|${c.local.value}`) : Resolution.keepLocal()) });
   await ds.put('theme', 'dark');
@@ -16,7 +18,7 @@ async function example(): Promise<void> {
   ds.on('conflict', ({ key, resolution }) => console.log(key, resolution.type));
   for await (const change of ds.remoteChanges()) console.log(change.keys.join(), change.syncCount);
   const handler = ConflictHandlers.takeRemote;
-  void [theme, out, handler];
+  void [theme, out, handler, on];
   await client.close();
 }
 void example;
