@@ -23,16 +23,29 @@ use super::{CallError, Inner, forbidden};
 use crate::decision::{self, DatasetRow, DatasetState, Plan, StoredRecords};
 use crate::{DatasetKey, Limits, StoreError, UpdateOutcome, UpdateRequest, ValidatedPatch, now_ms};
 use deadpool_postgres::tokio_postgres::Row;
-use deadpool_postgres::{ClientWrapper, Transaction};
+use deadpool_postgres::tokio_postgres::types::ToSql;
+use deadpool_postgres::{ClientWrapper, Object};
 use futures_util::StreamExt;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use tandem_protocol::{Access, Record};
 use tokio::sync::{Mutex, mpsc, oneshot};
+use std::time::Duration;
 use tokio::time::Instant;
 
 /// The most updates one transaction commits.
-const MAX_BATCH: usize = 64;
+const MAX_BATCH: usize = 256;
+
+/// The least time between the starts of two batches of one store. A transaction costs
+/// PostgreSQL far more CPU than the updates in it (about 0.7 ms of backend CPU on the
+/// benchmark host, see docs/BENCHMARKS.md), so under load, updates that arrive within this
+/// interval wait for each other and commit together; an update that finds no batch started
+/// in the last interval starts one at once, so a quiet store adds no latency.
+const BATCH_INTERVAL: Duration = Duration::from_millis(8);
+
+/// The batches one store runs at once: a second one starts while the first waits for its
+/// commit, so a slow commit does not hold up the queue for its whole duration.
+pub(super) const BATCH_WORKERS: usize = 2;
 
 /// Updates waiting for a worker before new ones are refused as `unavailable` (a database
 /// that is down or too slow must not grow the queue, and its latency, without bound).
@@ -56,24 +69,18 @@ pub(super) type Queue = mpsc::Sender<Item>;
 /// Starts `workers` batch workers (each uses one pooled connection at a time).
 pub(super) fn start(inner: &Arc<Inner>, workers: usize) -> Queue {
     let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-    let rx = Arc::new(Mutex::new(rx));
+    let queue = Arc::new(Mutex::new(Taker {
+        rx,
+        last_start: Instant::now(),
+    }));
     for _ in 0..workers.max(1) {
         // Weak: the store closes when its last handle goes, not when its workers do.
         let inner = Arc::downgrade(inner);
-        let rx = rx.clone();
+        let queue = queue.clone();
         tokio::spawn(async move {
             loop {
-                let items = {
-                    let mut rx = rx.lock().await;
-                    let Some(first) = rx.recv().await else { return };
-                    let mut items = vec![first];
-                    while items.len() < MAX_BATCH {
-                        match rx.try_recv() {
-                            Ok(item) => items.push(item),
-                            Err(_) => break,
-                        }
-                    }
-                    items
+                let Some(items) = queue.lock().await.take(BATCH_INTERVAL).await else {
+                    return;
                 };
                 let Some(inner) = inner.upgrade() else { return };
                 // Its own task: a panic fails this batch's updates (their replies drop, so
@@ -87,10 +94,36 @@ pub(super) fn start(inner: &Arc<Inner>, workers: usize) -> Queue {
     tx
 }
 
+/// The queue's receiving end, which one worker at a time takes a batch from.
+struct Taker {
+    rx: mpsc::Receiver<Item>,
+    /// When the last batch was taken.
+    last_start: Instant,
+}
+
+impl Taker {
+    /// The next batch: once an update is queued, and no sooner than `interval` after the
+    /// last batch was taken, everything queued by then (up to `MAX_BATCH`). `None` once the
+    /// queue is closed.
+    async fn take(&mut self, interval: Duration) -> Option<Vec<Item>> {
+        let first = self.rx.recv().await?;
+        tokio::time::sleep_until(self.last_start + interval).await;
+        let mut items = vec![first];
+        while items.len() < MAX_BATCH {
+            match self.rx.try_recv() {
+                Ok(item) => items.push(item),
+                Err(_) => break,
+            }
+        }
+        self.last_start = Instant::now();
+        Some(items)
+    }
+}
+
 /// Commits `items`: as one batch where it can, the rest on the single path.
 async fn run(inner: &Inner, items: Vec<Item>) {
     let live = drop_stale(inner, items);
-    let singles = if live.len() == 1 {
+    let singles = if live.is_empty() {
         live
     } else {
         commit_batch(inner, live).await
@@ -173,22 +206,27 @@ async fn commit_batch(inner: &Inner, items: Vec<Item>) -> Vec<Item> {
             return Vec::new();
         }
     };
-    let (_open, mut client) = client;
+    let (_open, client) = client;
+    // Until `finish` takes it back: if this task is cancelled or panics mid-transaction, the
+    // connection is closed rather than pooled with the transaction open.
+    let mut client = Unfinished(Some(client));
     let now = now_ms();
     let result = tokio::time::timeout(
         inner.call_timeout,
-        transaction(&mut client, &inner.limits, &items, now),
+        transaction(client.get(), &inner.limits, &items, now),
     )
     .await;
-    match inner.finish(client, result) {
+    match inner.finish(client.take(), result) {
         Ok(settled) => {
-            let committed = settled
-                .iter()
-                .filter(|s| matches!(s, Settled::Done(Ok(UpdateOutcome::Committed { .. }))))
-                .count();
-            inner
-                .batched
-                .fetch_add(committed as u64, std::sync::atomic::Ordering::Relaxed);
+            if items.len() > 1 {
+                let committed = settled
+                    .iter()
+                    .filter(|s| matches!(s, Settled::Done(Ok(UpdateOutcome::Committed { .. }))))
+                    .count();
+                inner
+                    .batched
+                    .fetch_add(committed as u64, std::sync::atomic::Ordering::Relaxed);
+            }
             let mut left = Vec::new();
             for (item, outcome) in items.into_iter().zip(settled) {
                 match outcome {
@@ -211,6 +249,27 @@ async fn commit_batch(inner: &Inner, items: Vec<Item>) -> Vec<Item> {
     }
 }
 
+/// A pooled connection in the middle of a batch; dropped, it closes the connection.
+struct Unfinished(Option<Object>);
+
+impl Unfinished {
+    fn get(&mut self) -> &mut ClientWrapper {
+        self.0.as_mut().expect("taken only once the batch is done")
+    }
+
+    fn take(&mut self) -> Object {
+        self.0.take().expect("taken only once")
+    }
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(Object::take(client));
+        }
+    }
+}
+
 enum Settled {
     /// The answer, sent once the batch has committed.
     Done(Result<UpdateOutcome, StoreError>),
@@ -218,148 +277,186 @@ enum Settled {
     Single,
 }
 
-const LOCK_DATASETS: &str = r#"
-    SELECT d.id, d.sync_count, d.deleted, d.record_count, d.byte_size, k.i
-    FROM datasets d
-    JOIN UNNEST($1::text[], $2::text[], $3::text[], $4::int[]) AS k (pool, owner, name, i)
+/// 1 and 2. The dataset rows (`kind` 0), locked in id order and each with its group's slot
+/// `i`; then the write grants of guests on the rows it locked (`kind` 1), locked `FOR SHARE`
+/// in key order, each with its (dataset, guest) pair's slot. Every row lock comes before
+/// every grant lock (the CTE is materialised, and `UNION ALL` reads its first branch first),
+/// the single path's order. A row that another transaction holds is skipped: its updates go
+/// to the single path and wait there for that row alone, instead of the whole batch waiting
+/// behind it (while holding the other rows). Grants are locked only on rows this statement
+/// locked, so a delete holding a row (and deleting its grants) never waits for the batch.
+const LOCK: &str = r#"
+    WITH locked AS MATERIALIZED (
+        SELECT d.id, d.sync_count, d.deleted, d.record_count, d.byte_size, k.i
+        FROM datasets d
+        JOIN UNNEST($1::text[], $2::text[], $3::text[], $4::int[]) AS k (pool, owner, name, i)
+          ON d.pool = k.pool COLLATE "C" AND d.owner = k.owner COLLATE "C"
+             AND d.name = k.name COLLATE "C"
+        ORDER BY d.id
+        FOR UPDATE OF d SKIP LOCKED
+    ), granted AS (
+        SELECT q.j, g.access
+        FROM grants g
+        JOIN UNNEST($5::int[], $6::text[], $7::int[]) AS q (i, grantee, j)
+          ON g.grantee = q.grantee COLLATE "C"
+        JOIN UNNEST($1::text[], $2::text[], $3::text[], $4::int[]) AS k (pool, owner, name, i)
+          ON k.i = q.i AND g.pool = k.pool COLLATE "C" AND g.owner = k.owner COLLATE "C"
+             AND g.name = k.name COLLATE "C"
+        WHERE EXISTS (SELECT 1 FROM locked l WHERE l.i = q.i AND NOT l.deleted)
+        ORDER BY g.pool, g.owner, g.name, g.grantee
+        FOR SHARE OF g
+    )
+    SELECT 0, id, sync_count, deleted, record_count, byte_size, i, NULL::text FROM locked
+    UNION ALL
+    SELECT 1, NULL, NULL, NULL, NULL, NULL, j, access FROM granted"#;
+
+/// 3. The live records of the batch's datasets and the patched keys' tombstones, each with
+/// its group's slot. Sent with the lock but run after it, with a snapshot of its own, so it
+/// sees every commit before the lock; rows of datasets the lock skipped are ignored.
+const LOAD_RECORDS: &str = r#"
+    SELECT r.key, r.value, r.sync_count, r.last_modified, r.last_modified_by, r.device_id,
+           r.device_last_modified, k.i
+    FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int[]) AS k (pool, owner, name, i)
+    JOIN datasets d
       ON d.pool = k.pool COLLATE "C" AND d.owner = k.owner COLLATE "C"
          AND d.name = k.name COLLATE "C"
-    ORDER BY d.id
-    FOR UPDATE OF d SKIP LOCKED"#;
+    JOIN records r ON r.dataset_id = d.id
+    WHERE r.value IS NOT NULL
+       OR (k.i, r.key) IN (SELECT u.i, u.key COLLATE "C"
+                           FROM UNNEST($5::int[], $6::text[]) AS u (i, key))"#;
 
-const LOCK_GRANTS: &str = r#"
-    SELECT k.i, g.access
-    FROM grants g
-    JOIN UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int[])
-      AS k (pool, owner, name, grantee, i)
-      ON g.pool = k.pool COLLATE "C" AND g.owner = k.owner COLLATE "C"
-         AND g.name = k.name COLLATE "C" AND g.grantee = k.grantee COLLATE "C"
-    ORDER BY g.pool, g.owner, g.name, g.grantee
-    FOR SHARE OF g"#;
-
-/// Live records of the locked datasets, and the patched keys' tombstones.
-const LOAD_RECORDS: &str = r#"
-    SELECT key, value, sync_count, last_modified, last_modified_by, device_id,
-           device_last_modified, dataset_id
-    FROM records
-    WHERE dataset_id = ANY($1)
-      AND (value IS NOT NULL
-           OR (dataset_id, key) IN (SELECT u.id, u.key COLLATE "C"
-                                    FROM UNNEST($2::bigint[], $3::text[]) AS u (id, key)))"#;
-
-/// Decides and writes the items' updates in one transaction, in the numbered steps below:
-/// one statement per step for the whole batch, however many updates each dataset has.
+/// Decides and writes the items' updates in one transaction and two round trips: `BEGIN`,
+/// the locks and the records load sent together; the decisions in Rust; the writes and
+/// `COMMIT` sent together. One statement per step for the whole batch, however many
+/// updates each dataset has. On an error the transaction is rolled back before the
+/// connection is reused.
 async fn transaction(
     client: &mut ClientWrapper,
     limits: &Limits,
     items: &[Item],
     now: i64,
 ) -> Result<Vec<Settled>, CallError> {
+    let result = decide_and_write(client, limits, items, now).await;
+    if result.is_err() && !client.is_closed() {
+        // Whatever state the transaction is in (open, aborted, or never begun), end it.
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
+    result
+}
+
+async fn decide_and_write(
+    client: &ClientWrapper,
+    limits: &Limits,
+    items: &[Item],
+    now: i64,
+) -> Result<Vec<Settled>, CallError> {
     let groups = group_indices(items);
-    let tx = client.transaction().await?;
-    let rows = lock_datasets(&tx, items, &groups).await?;
-    let can_write = lock_write_grants(&tx, items, &groups, &rows).await?;
-    let mut stored = load_records(&tx, items, &groups, &rows, &can_write).await?;
-    // 4. Each dataset's updates decided in Rust, in order.
-    let mut settled: Vec<Settled> = items.iter().map(|_| Settled::Single).collect();
-    let mut writes = Vec::new();
-    for (members, row) in groups.iter().zip(&rows) {
-        let Some(row) = row else { continue };
-        let records = stored.remove(&row.id).unwrap_or_default();
-        let mut dataset = Decider::new(*row, records);
-        for &i in members {
-            settled[i] = Settled::Done(dataset.decide(limits, &items[i], can_write[i], now));
-        }
-        writes.extend(dataset.into_write());
-    }
-    // 5. Every write of the batch in two statements, then one commit.
-    let writes: Vec<&Write> = writes.iter().collect();
-    write::store_writes(&tx, &writes, now).await?;
-    // If the answer to COMMIT is lost, this fails and every update gets `Unavailable`.
-    tx.commit().await?;
-    Ok(settled)
-}
-
-/// 1. The dataset rows, locked in id order, one per group of items; `None` for a dataset
-///    that has no live row or whose row someone else holds. A held row is skipped: its
-///    updates go to the single path and wait there for that row alone, instead of the whole
-///    batch waiting behind it (while holding the other rows).
-async fn lock_datasets(
-    tx: &Transaction<'_>,
-    items: &[Item],
-    groups: &[Vec<usize>],
-) -> Result<Vec<Option<DatasetRow>>, CallError> {
+    let (lock, load, update, upsert) = tokio::try_join!(
+        client.prepare_cached(LOCK),
+        client.prepare_cached(LOAD_RECORDS),
+        client.prepare_cached(write::UPDATE_DATASETS),
+        client.prepare_cached(write::UPSERT_RECORDS),
+    )?;
     let k = Columns::of(items, groups.iter().map(|members| members[0]).enumerate());
-    let stmt = tx.prepare_cached(LOCK_DATASETS).await?;
-    let mut rows: Vec<Option<DatasetRow>> = vec![None; groups.len()];
-    for row in tx
-        .query(&stmt, &[&k.pools, &k.owners, &k.names, &k.index])
-        .await?
-    {
-        let dataset = write::dataset_row(&row)?;
-        if let Some(slot) = slot(&mut rows, &row, 5)? {
-            *slot = Some(dataset).filter(|d| !d.state.deleted);
-        }
-    }
-    Ok(rows)
-}
-
-/// 2. Whether each item's actor may write: the owner may; a guest's grant is locked
-///    (`FOR SHARE`, once per dataset and guest) after the row locks, the single path's
-///    order.
-async fn lock_write_grants(
-    tx: &Transaction<'_>,
-    items: &[Item],
-    groups: &[Vec<usize>],
-    rows: &[Option<DatasetRow>],
-) -> Result<Vec<bool>, CallError> {
-    let mut can_write: Vec<bool> = items.iter().map(is_owner).collect();
-    // The first item of each (locked dataset, guest) pair, and each guest item's pair.
-    let mut pairs: Vec<usize> = Vec::new();
-    let mut pair_of: Vec<Option<usize>> = vec![None; items.len()];
-    let mut seen: HashMap<(usize, &str), usize> = HashMap::new();
+    let guests = Guests::of(items, &groups);
+    let (mut key_groups, mut keys) = (Vec::new(), Vec::new());
     for (g, members) in groups.iter().enumerate() {
-        if rows[g].is_none() {
-            continue;
-        }
-        for &i in members.iter().filter(|&&i| !is_owner(&items[i])) {
-            let actor = items[i].request.actor.as_str();
-            pair_of[i] = Some(*seen.entry((g, actor)).or_insert_with(|| {
-                pairs.push(i);
-                pairs.len() - 1
-            }));
+        for &i in members {
+            for patch in &items[i].patches {
+                key_groups.push(g as i32);
+                keys.push(patch.key.as_str());
+            }
         }
     }
-    if pairs.is_empty() {
-        return Ok(can_write);
-    }
-    let k = Columns::of(items, pairs.iter().copied().enumerate());
-    let stmt = tx.prepare_cached(LOCK_GRANTS).await?;
-    let mut pair_can_write = vec![false; pairs.len()];
-    for row in tx
-        .query(&stmt, &[&k.pools, &k.owners, &k.names, &k.actors, &k.index])
-        .await?
-    {
-        let access: String = row.try_get(1)?;
-        if let Some(slot) = slot(&mut pair_can_write, &row, 0)? {
+    let lock_params: [&(dyn ToSql + Sync); 7] = [
+        &k.pools,
+        &k.owners,
+        &k.names,
+        &k.index,
+        &guests.groups,
+        &guests.actors,
+        &guests.pairs,
+    ];
+    let load_params: [&(dyn ToSql + Sync); 6] =
+        [&k.pools, &k.owners, &k.names, &k.index, &key_groups, &keys];
+    // Biased: sent in this order, and the first error is the cause.
+    let ((), locked, loaded) = tokio::try_join!(
+        biased;
+        client.batch_execute("BEGIN"),
+        client.query(&lock, &lock_params),
+        client.query(&load, &load_params),
+    )?;
+
+    let mut rows: Vec<Option<DatasetRow>> = vec![None; groups.len()];
+    let mut pair_can_write = vec![false; guests.pairs.len()];
+    for row in &locked {
+        let kind: i32 = row.try_get(0)?;
+        if kind == 0 {
+            let dataset = write::dataset_row_at(row, 1)?;
+            if let Some(slot) = slot(&mut rows, row, 6)? {
+                *slot = Some(dataset).filter(|d| !d.state.deleted);
+            }
+        } else if let Some(slot) = slot(&mut pair_can_write, row, 6)? {
+            let access: String = row.try_get(7)?;
             *slot = Access::parse(&access).is_some_and(Access::can_write);
         }
     }
-    for (can, pair) in can_write.iter_mut().zip(pair_of) {
-        if let Some(p) = pair {
-            *can = pair_can_write[p];
+    let mut stored: Vec<StoredRecords> = vec![StoredRecords::new(); groups.len()];
+    for row in &loaded {
+        let record = record_from_row(row, 0)?;
+        if let Some(slot) = slot(&mut stored, row, 7)? {
+            slot.insert(record.key.clone(), record);
         }
     }
-    Ok(can_write)
+
+    // 4. Each dataset's updates decided in Rust, in order.
+    let mut settled: Vec<Settled> = items.iter().map(|_| Settled::Single).collect();
+    let mut writes = Vec::new();
+    for (g, members) in groups.iter().enumerate() {
+        let Some(row) = rows[g] else { continue };
+        let mut dataset = Decider::new(row, std::mem::take(&mut stored[g]));
+        for &i in members {
+            let can_write = match guests.pair_of[i] {
+                Some(p) => pair_can_write[p],
+                None => true,
+            };
+            settled[i] = Settled::Done(dataset.decide(limits, &items[i], can_write, now));
+        }
+        writes.extend(dataset.into_write());
+    }
+
+    // 5. Every write of the batch in two statements and the commit, sent together. If the
+    //    answer to COMMIT is lost, this fails and every update gets `Unavailable`.
+    let writes: Vec<&Write> = writes.iter().collect();
+    let columns = write::WriteColumns::of(&writes)?;
+    let (update_params, upsert_params) = columns.params(&now);
+    tokio::try_join!(
+        biased;
+        async {
+            if writes.is_empty() {
+                Ok(0)
+            } else {
+                client.execute(&update, &update_params).await
+            }
+        },
+        async {
+            if columns.has_records() {
+                client.execute(&upsert, &upsert_params).await
+            } else {
+                Ok(0)
+            }
+        },
+        client.batch_execute("COMMIT"),
+    )?;
+    Ok(settled)
 }
 
-/// Some items' datasets and actors as arrays for `UNNEST`, each with the slot (an index the
-/// caller chose) that the statements return to say which one a row belongs to.
+/// Some items' datasets as arrays for `UNNEST`, each with the slot (an index the caller
+/// chose) that the statements return to say which one a row belongs to.
 struct Columns<'a> {
     pools: Vec<&'a str>,
     owners: Vec<&'a str>,
     names: Vec<&'a str>,
-    actors: Vec<&'a str>,
     index: Vec<i32>,
 }
 
@@ -370,18 +467,50 @@ impl<'a> Columns<'a> {
             pools: Vec::new(),
             owners: Vec::new(),
             names: Vec::new(),
-            actors: Vec::new(),
             index: Vec::new(),
         };
         for (slot, i) in which {
-            let request = &items[i].request;
-            k.pools.push(&request.dataset.pool);
-            k.owners.push(&request.dataset.owner);
-            k.names.push(&request.dataset.name);
-            k.actors.push(&request.actor);
+            let dataset = &items[i].request.dataset;
+            k.pools.push(&dataset.pool);
+            k.owners.push(&dataset.owner);
+            k.names.push(&dataset.name);
             k.index.push(slot as i32);
         }
         k
+    }
+}
+
+/// The distinct (dataset, guest) pairs of a batch, whose grants it locks: each pair's group,
+/// actor and slot, and each item's pair (`None` for the owner, who needs no grant).
+struct Guests<'a> {
+    groups: Vec<i32>,
+    actors: Vec<&'a str>,
+    pairs: Vec<i32>,
+    pair_of: Vec<Option<usize>>,
+}
+
+impl<'a> Guests<'a> {
+    fn of(items: &'a [Item], groups: &[Vec<usize>]) -> Self {
+        let mut guests = Guests {
+            groups: Vec::new(),
+            actors: Vec::new(),
+            pairs: Vec::new(),
+            pair_of: vec![None; items.len()],
+        };
+        let mut seen: HashMap<(usize, &str), usize> = HashMap::new();
+        for (g, members) in groups.iter().enumerate() {
+            for &i in members.iter().filter(|&&i| !is_owner(&items[i])) {
+                let actor = items[i].request.actor.as_str();
+                let p = *seen.entry((g, actor)).or_insert_with(|| {
+                    guests.groups.push(g as i32);
+                    guests.actors.push(actor);
+                    guests.pairs.push(guests.pairs.len() as i32);
+                    guests.pairs.len() - 1
+                });
+                guests.pair_of[i] = Some(p);
+            }
+        }
+        guests
     }
 }
 
@@ -389,48 +518,6 @@ impl<'a> Columns<'a> {
 fn slot<'s, T>(slots: &'s mut [T], row: &Row, at: usize) -> Result<Option<&'s mut T>, CallError> {
     let i: i32 = row.try_get(at)?;
     Ok(usize::try_from(i).ok().and_then(|i| slots.get_mut(i)))
-}
-
-/// 3. The stored records of every dataset that has an update to decide (locked, and
-///    writable by at least one of its actors), by dataset id: the live ones and every key
-///    any of its updates patches.
-async fn load_records(
-    tx: &Transaction<'_>,
-    items: &[Item],
-    groups: &[Vec<usize>],
-    rows: &[Option<DatasetRow>],
-    can_write: &[bool],
-) -> Result<HashMap<i64, StoredRecords>, CallError> {
-    let mut ids = Vec::new();
-    let (mut key_ids, mut keys) = (Vec::new(), Vec::new());
-    for (members, row) in groups.iter().zip(rows) {
-        let Some(row) = row else { continue };
-        let mut writers = members.iter().filter(|&&i| can_write[i]).peekable();
-        if writers.peek().is_none() {
-            continue;
-        }
-        ids.push(row.id);
-        for &i in writers {
-            for patch in &items[i].patches {
-                key_ids.push(row.id);
-                keys.push(patch.key.as_str());
-            }
-        }
-    }
-    let mut stored: HashMap<i64, StoredRecords> = HashMap::new();
-    if ids.is_empty() {
-        return Ok(stored);
-    }
-    let stmt = tx.prepare_cached(LOAD_RECORDS).await?;
-    for row in tx.query(&stmt, &[&ids, &key_ids, &keys]).await? {
-        let id: i64 = row.try_get(7)?;
-        let record = record_from_row(&row, 0)?;
-        stored
-            .entry(id)
-            .or_default()
-            .insert(record.key.clone(), record);
-    }
-    Ok(stored)
 }
 
 /// 4. One dataset's updates, decided one after the other by the shared decision, each
