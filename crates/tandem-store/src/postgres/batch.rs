@@ -28,9 +28,9 @@ use deadpool_postgres::{ClientWrapper, Object};
 use futures_util::StreamExt;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 use tandem_protocol::{Access, Record};
 use tokio::sync::{Mutex, mpsc, oneshot};
-use std::time::Duration;
 use tokio::time::Instant;
 
 /// The most updates one transaction commits.
