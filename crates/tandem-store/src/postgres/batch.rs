@@ -209,14 +209,20 @@ async fn commit_batch(inner: &Inner, items: Vec<Item>) -> Vec<Item> {
     let (_open, client) = client;
     // Until `finish` takes it back: if this task is cancelled or panics mid-transaction, the
     // connection is closed rather than pooled with the transaction open.
-    let mut client = Unfinished(Some(client));
+    let mut unfinished = Unfinished(Some(client));
+    let Some(client) = unfinished.0.as_mut() else {
+        return Vec::new();
+    };
     let now = now_ms();
     let result = tokio::time::timeout(
         inner.call_timeout,
-        transaction(client.get(), &inner.limits, &items, now),
+        transaction(client, &inner.limits, &items, now),
     )
     .await;
-    match inner.finish(client.take(), result) {
+    let Some(client) = unfinished.0.take() else {
+        return Vec::new();
+    };
+    match inner.finish(client, result) {
         Ok(settled) => {
             if items.len() > 1 {
                 let committed = settled
@@ -251,16 +257,6 @@ async fn commit_batch(inner: &Inner, items: Vec<Item>) -> Vec<Item> {
 
 /// A pooled connection in the middle of a batch; dropped, it closes the connection.
 struct Unfinished(Option<Object>);
-
-impl Unfinished {
-    fn get(&mut self) -> &mut ClientWrapper {
-        self.0.as_mut().expect("taken only once the batch is done")
-    }
-
-    fn take(&mut self) -> Object {
-        self.0.take().expect("taken only once")
-    }
-}
 
 impl Drop for Unfinished {
     fn drop(&mut self) {
@@ -311,8 +307,8 @@ const LOCK: &str = r#"
     SELECT 1, NULL, NULL, NULL, NULL, NULL, j, access FROM granted"#;
 
 /// 3. The live records of the batch's datasets and the patched keys' tombstones, each with
-/// its group's slot. Sent with the lock but run after it, with a snapshot of its own, so it
-/// sees every commit before the lock; rows of datasets the lock skipped are ignored.
+///    its group's slot. Sent with the lock but run after it, with a snapshot of its own, so
+///    it sees every commit before the lock; rows of datasets the lock skipped are ignored.
 const LOAD_RECORDS: &str = r#"
     SELECT r.key, r.value, r.sync_count, r.last_modified, r.last_modified_by, r.device_id,
            r.device_last_modified, k.i
