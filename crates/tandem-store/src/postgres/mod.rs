@@ -235,8 +235,8 @@ impl PostgresStore {
             "postgres store open"
         );
         let inner = Arc::new(inner);
-        // Half the pool commits updates; the rest stays free for reads and other calls.
-        let updates = batch::start(&inner, config.pool_size / 2);
+        // At most half the pool commits updates; the rest stays free for reads and other calls.
+        let updates = batch::start(&inner, batch::BATCH_WORKERS.min(config.pool_size / 2));
         Ok(PostgresStore { inner, updates })
     }
 
@@ -517,8 +517,14 @@ fn pg_config(config: &PostgresConfig) -> Result<tokio_postgres::Config, StoreErr
     }
     let millis = |d: Duration| d.as_millis().max(1);
     // A transaction left idle (its client stalled) must not hold dataset locks for long.
+    // Every statement of the store is a lookup by key on an index, with arrays (`UNNEST`) for
+    // batches: planned afresh for each call (PostgreSQL's default for such statements), or as
+    // a sequential scan when a table is small, they cost the server more CPU than running
+    // them (docs/BENCHMARKS.md, "PostgreSQL under contended rooms"), so each is planned once
+    // per connection, on its indexes.
     let options = format!(
-        "{} -c search_path={} -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
+        "{} -c search_path={} -c statement_timeout={} -c idle_in_transaction_session_timeout={} \
+         -c plan_cache_mode=force_generic_plan -c enable_seqscan=off",
         pg.get_options().unwrap_or_default(),
         config.schema,
         millis(config.statement_timeout),

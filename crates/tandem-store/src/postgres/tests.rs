@@ -1063,3 +1063,135 @@ async fn test_postgres_store_batched_updates_keep_each_updates_outcome() {
     tight.close().await;
     store.close().await;
 }
+
+/// An outcome without its clock-dependent fields, to compare two runs of the same updates.
+fn shape(result: &Result<UpdateOutcome, StoreError>) -> String {
+    match result {
+        Ok(UpdateOutcome::Committed { changed, snapshot }) => {
+            let records: Vec<_> = snapshot
+                .records
+                .iter()
+                .map(|r| (&r.key, &r.value, r.sync_count, &r.last_modified_by))
+                .collect();
+            let changed: Vec<_> = changed.iter().map(|r| (&r.key, r.sync_count)).collect();
+            format!("committed {} {records:?} {changed:?}", snapshot.sync_count)
+        }
+        Ok(UpdateOutcome::Conflict {
+            sync_count,
+            conflicts,
+        }) => {
+            let keys: Vec<_> = conflicts
+                .iter()
+                .map(|c| (&c.key, c.server.as_ref().map(|r| r.sync_count)))
+                .collect();
+            format!("conflict {sync_count} {keys:?}")
+        }
+        Err(e) => format!("error {:?}", e.code()),
+    }
+}
+
+/// Several updates of one dataset in one batch (a shared dataset's writers): each is decided
+/// against the state the previous ones left, gets the next sync count, and the answers and
+/// the stored dataset are those of committing them one by one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_postgres_batch_decides_updates_of_one_dataset_as_if_one_by_one() {
+    let schemas = TestSchemas::new();
+    let limits = Limits {
+        max_records: 3,
+        ..Limits::default()
+    };
+    let store = PostgresStore::connect(schemas.config(), limits)
+        .await
+        .unwrap();
+    let (batched, one_by_one) = (ds("owner", "together"), ds("owner", "apart"));
+    for d in [&batched, &one_by_one] {
+        commit(
+            &store,
+            update(d, "owner", vec![Patch::replace("a", "0", 0)]),
+        )
+        .await;
+        store
+            .grant(d, "owner", "writer", Access::Write)
+            .await
+            .unwrap();
+        store
+            .grant(d, "owner", "reader", Access::Read)
+            .await
+            .unwrap();
+    }
+    let requests = |d: &DatasetKey| {
+        vec![
+            update(d, "owner", vec![Patch::replace("a", "1", 1)]),
+            // Based on the count the first one replaced: a conflict.
+            update(d, "writer", vec![Patch::replace("a", "w", 1)]),
+            update(
+                d,
+                "writer",
+                vec![Patch::replace("a", "w", 2), Patch::replace("b", "b", 0)],
+            ),
+            update(d, "reader", vec![Patch::replace("c", "r", 0)]),
+            // a, b, c and d: one more than the limit.
+            update(
+                d,
+                "owner",
+                vec![Patch::replace("c", "c", 0), Patch::replace("d", "d", 0)],
+            ),
+            update(d, "owner", vec![Patch::remove("b", 3)]),
+            update(d, "writer", vec![Patch::replace("c", "c", 0)]),
+        ]
+    };
+    let before = store.inner.batched.load(Ordering::Relaxed);
+    let together = batch::run_together(&store.inner, requests(&batched)).await;
+    assert_eq!(
+        store.inner.batched.load(Ordering::Relaxed) - before,
+        4,
+        "every committed update went through one batch"
+    );
+    let mut apart = Vec::new();
+    for request in requests(&one_by_one) {
+        apart.push(store.update(request).await);
+    }
+    let shapes = |results: &[Result<UpdateOutcome, StoreError>]| -> Vec<String> {
+        results.iter().map(shape).collect()
+    };
+    assert_eq!(shapes(&together), shapes(&apart));
+    let counts: Vec<Option<u64>> = together
+        .iter()
+        .map(|r| match r {
+            Ok(UpdateOutcome::Committed { snapshot, .. }) => Some(snapshot.sync_count),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        counts,
+        [Some(2), None, Some(3), None, None, Some(4), Some(5)]
+    );
+    assert!(matches!(together[3], Err(StoreError::Forbidden { .. })));
+    assert!(matches!(
+        together[4],
+        Err(StoreError::Limit {
+            limit: LimitCode::MaxRecords,
+            ..
+        })
+    ));
+    let (a, b) = (
+        store.snapshot(&batched, "owner").await.unwrap(),
+        store.snapshot(&one_by_one, "owner").await.unwrap(),
+    );
+    assert_eq!(a.sync_count, 5);
+    assert_eq!(
+        shape(&Ok(UpdateOutcome::Committed {
+            changed: Vec::new(),
+            snapshot: a
+        })),
+        shape(&Ok(UpdateOutcome::Committed {
+            changed: Vec::new(),
+            snapshot: b
+        }))
+    );
+    // The removed key's tombstone carries the count of the update that removed it.
+    let changes = store.changes(&batched, "owner", 3).await.unwrap();
+    let b_record = changes.records.iter().find(|r| r.key == "b").unwrap();
+    assert_eq!((b_record.value.as_deref(), b_record.sync_count), (None, 4));
+    store.close().await;
+}

@@ -32,13 +32,18 @@ pub(super) const GRANT_LOCK: i32 = 0x5444_4d02;
 /// a deleted dataset at sync count 0 (which is what a dataset that never existed is) until the
 /// update commits.
 pub(super) fn dataset_row(row: &Row) -> Result<DatasetRow, CallError> {
+    dataset_row_at(row, 0)
+}
+
+/// [`dataset_row`] from the five columns from `at` on.
+pub(super) fn dataset_row_at(row: &Row, at: usize) -> Result<DatasetRow, CallError> {
     Ok(DatasetRow {
-        id: row.try_get(0)?,
+        id: row.try_get(at)?,
         state: DatasetState {
-            sync_count: to_u64(row.try_get(1)?)?,
-            deleted: row.try_get(2)?,
-            record_count: to_u64(row.try_get(3)?)?,
-            byte_size: to_u64(row.try_get(4)?)?,
+            sync_count: to_u64(row.try_get(at + 1)?)?,
+            deleted: row.try_get(at + 2)?,
+            record_count: to_u64(row.try_get(at + 3)?)?,
+            byte_size: to_u64(row.try_get(at + 4)?)?,
         },
     })
 }
@@ -81,7 +86,7 @@ const COUNT_OWNED: &str =
     "SELECT count(*) FROM datasets WHERE pool = $1 AND owner = $2 AND NOT deleted";
 
 /// Sets the rows of updated datasets; one statement for any number of them.
-const UPDATE_DATASETS: &str = "
+pub(super) const UPDATE_DATASETS: &str = "
     UPDATE datasets AS d
     SET sync_count = u.sync_count, deleted = false, record_count = u.record_count,
         byte_size = u.byte_size, last_modified = $5
@@ -90,7 +95,7 @@ const UPDATE_DATASETS: &str = "
     WHERE d.id = u.id";
 
 /// Writes the stamped records of any number of updates in one statement.
-const UPSERT_RECORDS: &str = upsert_records!(
+pub(super) const UPSERT_RECORDS: &str = upsert_records!(
     "SELECT u.dataset_id, u.key, u.value, u.sync_count, $8, u.last_modified_by, u.device_id,
             u.device_last_modified
      FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[],
@@ -229,58 +234,101 @@ pub(super) async fn store_writes(
     if writes.is_empty() {
         return Ok(());
     }
-    let (mut ds_ids, mut ds_counts, mut ds_records, mut ds_bytes) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for w in writes {
-        ds_ids.push(w.dataset_id);
-        ds_counts.push(to_i64(w.plan.sync_count)?);
-        ds_records.push(to_i64(w.plan.records)?);
-        ds_bytes.push(to_i64(w.plan.bytes)?);
-    }
-    let mut rec_ids: Vec<i64> = Vec::new();
-    let mut rec_keys: Vec<&str> = Vec::new();
-    let mut rec_values: Vec<Option<&str>> = Vec::new();
-    let mut rec_counts: Vec<i64> = Vec::new();
-    let mut rec_by: Vec<&str> = Vec::new();
-    let mut rec_devices: Vec<Option<&str>> = Vec::new();
-    let mut rec_device_times: Vec<Option<i64>> = Vec::new();
-    for w in writes {
-        for record in &w.plan.changed {
-            rec_ids.push(w.dataset_id);
-            rec_keys.push(record.key.as_str());
-            rec_values.push(record.value.as_deref());
-            rec_counts.push(to_i64(record.sync_count)?);
-            rec_by.push(record.last_modified_by.as_str());
-            rec_devices.push(record.device_id.as_deref());
-            rec_device_times.push(record.device_last_modified);
-        }
-    }
+    let columns = WriteColumns::of(writes)?;
     let (update, upsert) = tokio::try_join!(
         tx.prepare_cached(UPDATE_DATASETS),
         tx.prepare_cached(UPSERT_RECORDS),
     )?;
-    let update_params: [&(dyn ToSql + Sync); 5] =
-        [&ds_ids, &ds_counts, &ds_records, &ds_bytes, &now];
-    let upsert_params: [&(dyn ToSql + Sync); 8] = [
-        &rec_ids,
-        &rec_keys,
-        &rec_values,
-        &rec_counts,
-        &rec_by,
-        &rec_devices,
-        &rec_device_times,
-        &now,
-    ];
+    let (update_params, upsert_params) = columns.params(&now);
     // Biased: the statements fail in order, and the first one's error is the cause (a full
     // disk, say); the next one's is only "current transaction is aborted".
     tokio::try_join!(biased; tx.execute(&update, &update_params), async {
-        if rec_ids.is_empty() {
-            Ok(0)
-        } else {
+        if columns.has_records() {
             tx.execute(&upsert, &upsert_params).await
+        } else {
+            Ok(0)
         }
     })?;
     Ok(())
+}
+
+/// Planned writes as the arrays of [`UPDATE_DATASETS`] and [`UPSERT_RECORDS`].
+pub(super) struct WriteColumns<'a> {
+    ds_ids: Vec<i64>,
+    ds_counts: Vec<i64>,
+    ds_records: Vec<i64>,
+    ds_bytes: Vec<i64>,
+    rec_ids: Vec<i64>,
+    rec_keys: Vec<&'a str>,
+    rec_values: Vec<Option<&'a str>>,
+    rec_counts: Vec<i64>,
+    rec_by: Vec<&'a str>,
+    rec_devices: Vec<Option<&'a str>>,
+    rec_device_times: Vec<Option<i64>>,
+}
+
+/// The parameters of [`UPDATE_DATASETS`] and of [`UPSERT_RECORDS`].
+pub(super) type WriteParams<'p> = ([&'p (dyn ToSql + Sync); 5], [&'p (dyn ToSql + Sync); 8]);
+
+impl<'a> WriteColumns<'a> {
+    pub(super) fn of(writes: &[&'a Write]) -> Result<Self, CallError> {
+        let mut c = WriteColumns {
+            ds_ids: Vec::new(),
+            ds_counts: Vec::new(),
+            ds_records: Vec::new(),
+            ds_bytes: Vec::new(),
+            rec_ids: Vec::new(),
+            rec_keys: Vec::new(),
+            rec_values: Vec::new(),
+            rec_counts: Vec::new(),
+            rec_by: Vec::new(),
+            rec_devices: Vec::new(),
+            rec_device_times: Vec::new(),
+        };
+        for w in writes {
+            c.ds_ids.push(w.dataset_id);
+            c.ds_counts.push(to_i64(w.plan.sync_count)?);
+            c.ds_records.push(to_i64(w.plan.records)?);
+            c.ds_bytes.push(to_i64(w.plan.bytes)?);
+            for record in &w.plan.changed {
+                c.rec_ids.push(w.dataset_id);
+                c.rec_keys.push(record.key.as_str());
+                c.rec_values.push(record.value.as_deref());
+                c.rec_counts.push(to_i64(record.sync_count)?);
+                c.rec_by.push(record.last_modified_by.as_str());
+                c.rec_devices.push(record.device_id.as_deref());
+                c.rec_device_times.push(record.device_last_modified);
+            }
+        }
+        Ok(c)
+    }
+
+    /// Whether any record is written (an update may change only the sync count).
+    pub(super) fn has_records(&self) -> bool {
+        !self.rec_ids.is_empty()
+    }
+
+    pub(super) fn params<'p>(&'p self, now: &'p i64) -> WriteParams<'p> {
+        (
+            [
+                &self.ds_ids,
+                &self.ds_counts,
+                &self.ds_records,
+                &self.ds_bytes,
+                now,
+            ],
+            [
+                &self.rec_ids,
+                &self.rec_keys,
+                &self.rec_values,
+                &self.rec_counts,
+                &self.rec_by,
+                &self.rec_devices,
+                &self.rec_device_times,
+                now,
+            ],
+        )
+    }
 }
 
 /// Inserts a placeholder row for a dataset that had none, and so holds its lock. An insert
