@@ -134,6 +134,12 @@ pub struct ServerConfig {
     /// PostgreSQL connections per node.
     #[arg(long, env = "TANDEM_POSTGRES_POOL_SIZE")]
     pub postgres_pool_size: usize,
+    /// The least time between the starts of two PostgreSQL update batches: under load,
+    /// updates arriving within it commit in one transaction (less database CPU per commit,
+    /// up to this much more latency); a quiet store starts a batch at once. 0 = no wait.
+    #[serde(with = "duration")]
+    #[arg(long, env = "TANDEM_POSTGRES_BATCH_INTERVAL", value_parser = duration::parse)]
+    pub postgres_batch_interval: Duration,
     /// How long start-up keeps retrying a PostgreSQL that cannot be reached before it gives
     /// up; 0 gives up at once.
     #[serde(with = "duration")]
@@ -269,6 +275,7 @@ impl Default for ServerConfig {
             store: "sqlite".to_owned(),
             postgres_schema: PostgresConfig::DEFAULT_SCHEMA.to_owned(),
             postgres_pool_size: PostgresConfig::DEFAULT_POOL_SIZE,
+            postgres_batch_interval: PostgresConfig::DEFAULT_BATCH_INTERVAL,
             // Nodes and their database are often started together (compose, a rebooted
             // host), and a node that exits at once only leaves the retrying to whatever
             // restarts it.

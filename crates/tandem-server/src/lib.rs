@@ -323,6 +323,7 @@ async fn open_store(
             let mut config = PostgresConfig::new(url);
             config.schema = server.postgres_schema.clone();
             config.pool_size = server.postgres_pool_size;
+            config.batch_interval = server.postgres_batch_interval;
             let store = connect_postgres(config, limits, server.store_wait, shutdown)
                 .await
                 .context("cannot open the postgresql store")?;

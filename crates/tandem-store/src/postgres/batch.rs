@@ -36,13 +36,6 @@ use tokio::time::Instant;
 /// The most updates one transaction commits.
 const MAX_BATCH: usize = 256;
 
-/// The least time between the starts of two batches of one store. A transaction costs
-/// PostgreSQL far more CPU than the updates in it (about 0.7 ms of backend CPU on the
-/// benchmark host, see docs/BENCHMARKS.md), so under load, updates that arrive within this
-/// interval wait for each other and commit together; an update that finds no batch started
-/// in the last interval starts one at once, so a quiet store adds no latency.
-const BATCH_INTERVAL: Duration = Duration::from_millis(8);
-
 /// The batches one store runs at once: a second one starts while the first waits for its
 /// commit, so a slow commit does not hold up the queue for its whole duration.
 pub(super) const BATCH_WORKERS: usize = 2;
@@ -67,7 +60,9 @@ pub(super) struct Item {
 pub(super) type Queue = mpsc::Sender<Item>;
 
 /// Starts `workers` batch workers (each uses one pooled connection at a time).
-pub(super) fn start(inner: &Arc<Inner>, workers: usize) -> Queue {
+/// `interval` is the least time between the starts of two batches (`PostgresConfig::
+/// batch_interval`).
+pub(super) fn start(inner: &Arc<Inner>, workers: usize, interval: Duration) -> Queue {
     let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
     let queue = Arc::new(Mutex::new(Taker {
         rx,
@@ -79,7 +74,7 @@ pub(super) fn start(inner: &Arc<Inner>, workers: usize) -> Queue {
         let queue = queue.clone();
         tokio::spawn(async move {
             loop {
-                let Some(items) = queue.lock().await.take(BATCH_INTERVAL).await else {
+                let Some(items) = queue.lock().await.take(interval).await else {
                     return;
                 };
                 let Some(inner) = inner.upgrade() else { return };
