@@ -1367,7 +1367,10 @@ mod tests {
         assert_eq!(state.sync_count, 4, "the lower count is taken");
         let r = |k: &str| state.records[k].clone();
         assert_eq!((r("mine-new").dirty, r("mine-new").sync_count), (true, 0));
-        assert_eq!((r("mine-same").dirty, r("mine-same").sync_count), (false, 4));
+        assert_eq!(
+            (r("mine-same").dirty, r("mine-same").sync_count),
+            (false, 4)
+        );
         assert_eq!(r("mine-other").value.as_deref(), Some("theirs"));
         assert!(!r("mine-other").dirty);
         assert_eq!(
@@ -1375,7 +1378,10 @@ mod tests {
             (true, 3),
             "a base the server accepts is kept"
         );
-        assert_eq!((r("moved").value.as_deref(), r("moved").sync_count), (Some("old"), 1));
+        assert_eq!(
+            (r("moved").value.as_deref(), r("moved").sync_count),
+            (Some("old"), 1)
+        );
         assert!(!state.records.contains_key("gone"));
         assert_eq!(state.dirty_count(), 2);
     }
