@@ -1364,6 +1364,8 @@ export class Dataset extends Emitter {
     this.#revoked = false;
     this.#deleted = false;
     if (typeof snap.since === 'number') this.#applyChanges(snap.since, snap.syncCount, snap.records ?? [], true);
+    // Whole and below what we named: the server never had this copy's history.
+    else if (since > 0 && snap.syncCount < since) await this.#replaceCopy(since, snap.syncCount, snap.records ?? []);
     else this._applyServerState(snap.syncCount, snap.records ?? [], 'snapshot');
     return snap.syncCount;
   }
@@ -1568,6 +1570,59 @@ export class Dataset extends Emitter {
     this.#persist().catch(() => {});
     if (changed.length) this.emit('change', { syncCount, keys: changed.sort(), source: 'remote' });
     return true;
+  }
+
+  /**
+   * A whole snapshot below the `since` this copy sent: the server no longer has the history
+   * the copy was built on (its store restored from an older backup, or started afresh), so
+   * the snapshot replaces the copy, lower sync count and all. Clean records take the
+   * server's state. Local edits stay pending, rebased on it: a key the server lacks is
+   * written as new (base 0), one it holds with the same value is done, and one it holds at
+   * another version goes to the conflict handler now, as a refused update would.
+   * @param {number} sent the `since` the subscribe named
+   * @param {number} syncCount @param {ServerRecord[]} records
+   */
+  async #replaceCopy(sent, syncCount, records) {
+    if (this.#closed) return;
+    const st = this.#state;
+    // A push or an ack applied while the subscribe was in flight landed on the stale copy:
+    // what the server did after the snapshot is fetched again below.
+    const moved = st.syncCount > sent ? st.syncCount : 0;
+    /** @type {Map<string, ServerRecord>} */ const server = new Map(records.map((r) => [r.key, r]));
+    /** @type {string[]} */ const changed = [];
+    /** @type {{ key: string, server: ServerRecord }[]} */ const stale = [];
+    for (const k of Object.keys(st.records)) {
+      const local = st.records[k];
+      if (server.has(k)) continue;
+      if (local.dirty) local.syncCount = 0;
+      else {
+        delete st.records[k];
+        if (local.value !== null) changed.push(k);
+      }
+    }
+    for (const r of records) {
+      const local = this.#rec(r.key);
+      const value = r.value ?? null;
+      if (local && local.dirty) {
+        if (local.value === value) {
+          local.dirty = false;
+          local.syncCount = r.syncCount;
+          local.deviceLastModified = r.deviceLastModified;
+        } else if (local.syncCount !== r.syncCount) {
+          // A base equal to the server's version is what the server accepts; others are stale.
+          stale.push({ key: r.key, server: r });
+        }
+        continue;
+      }
+      if (!local || local.value !== value) changed.push(r.key);
+      st.records[r.key] = { value, syncCount: r.syncCount, dirty: false, deviceLastModified: r.deviceLastModified, version: local ? local.version : 0 };
+    }
+    st.syncCount = syncCount;
+    this.#pendingChanged();
+    this.#persist().catch(() => {});
+    if (changed.length) this.emit('change', { syncCount, keys: changed.sort(), source: 'remote' });
+    if (stale.length) await this.#resolve(stale);
+    if (moved) this.#catchUp(moved);
   }
 
   /**

@@ -7,7 +7,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { WebSocketServer } from 'ws';
 import { TandemClient, MemoryStore } from '../src/tandem.js';
-import { startServer, mintToken, WebSocketImpl, until, uniqueName } from './helpers.mjs';
+import { startServer, mintToken, WebSocketImpl, until, uniqueName, sleep } from './helpers.mjs';
 
 let server;
 before(async () => {
@@ -44,8 +44,8 @@ function recordedClient(sub, options = {}) {
 }
 
 /** The server's state of a dataset as `changes{since:0}` tells it (live records only). */
-async function serverRecords(owner, name) {
-  const ws = new WebSocketImpl(server.url);
+async function serverRecords(owner, name, srv = server) {
+  const ws = new WebSocketImpl(srv.url);
   const frames = [];
   const reply = new Promise((resolve, reject) => {
     ws.addEventListener('message', (ev) => {
@@ -198,6 +198,88 @@ test('a client asking for lean only gets lean whole frames', async () => {
   await Promise.all([writer.client.close(), reader.client.close()]);
 });
 
+test('a client ahead of a replaced store takes its state and writes again', async () => {
+  const first = await startServer();
+  const name = uniqueName('restored');
+  const wire = { sent: [], received: [] };
+  // Reconnects to the same address, wherever the server behind it comes from.
+  const client = TandemClient.connect(first.url, () => mintToken('alice'), {
+    WebSocket: recordingSocket(wire),
+    identity: 'alice',
+    store: new MemoryStore(),
+    backoff: { initialMs: 20, maxMs: 200 },
+    conflictHandler: 'keepLocal',
+  });
+  await client.waitOnline(5000);
+  const d = await client.open(name);
+  await writeSome(d, 1);
+  await writeSome(d, 2);
+  const held = d.syncCount;
+  assert.equal(held, 6);
+  const events = { change: [], conflict: [] };
+  d.on('change', (e) => events.change.push(e));
+  d.on('conflict', (e) => events.conflict.push(e));
+
+  // The store behind the address is replaced by one with fewer commits of the dataset.
+  await first.stop();
+  await d.put('offline', 'new key'); // absent there: written as new
+  await d.put('k0', 'mine'); // held there at another version: the handler decides
+  const older = await startServer();
+  const other = TandemClient.connect(older.url, () => mintToken('alice'), { WebSocket: WebSocketImpl, identity: 'alice', store: new MemoryStore() });
+  await other.waitOnline(5000);
+  const o = await other.open(name);
+  await o.put('k0', 'restored');
+  await o.put('b', '1');
+  await o.sync();
+  await o.put('c', '2');
+  await o.sync();
+  await other.close();
+  await older.stop();
+  let server2;
+  for (let i = 0; !server2; i++) {
+    try {
+      server2 = await startServer({ port: first.port, dataDir: older.dataDir });
+    } catch (e) {
+      if (i >= 20) throw e; // the port was just released
+      await sleep(100);
+    }
+  }
+  try {
+    // The client reconnects, takes the server's state, and sends its edits on top of it.
+    let want;
+    await until(async () => {
+      want = await serverRecords('alice', name, server2);
+      return d.pending === 0 && d.syncCount === want.syncCount && JSON.stringify([...d.records()]) === JSON.stringify([...want.records]);
+    }, 10_000, 'the client to take the new store\'s state');
+    const sub = wire.sent.find((f) => f.type === 'subscribe' && f.since === held);
+    assert.ok(sub, 'the re-subscribe named the count the copy held');
+    const snap = wire.received.find((f) => f.type === 'snapshot' && f.id === sub.id);
+    assert.ok(snap && snap.since === undefined && snap.syncCount < held, `a whole snapshot at a lower count: ${JSON.stringify(snap)}`);
+    assert.equal(want.syncCount, 3, 'the two commits there, then the client\'s edits');
+    assert.deepEqual(Object.fromEntries(want.records), { b: '1', c: '2', k0: 'mine', offline: 'new key' }, 'the old copy\'s other records are gone');
+    assert.deepEqual(events.conflict.map((e) => [e.key, e.resolution.type]), [['k0', 'keepLocal']]);
+    assert.ok(events.change.some((e) => e.source === 'remote' && e.keys.includes('k2')), 'the dropped records were announced');
+
+    // Not stuck: pushes from the new store apply, and the client writes again.
+    const writer = TandemClient.connect(server2.url, () => mintToken('alice'), { WebSocket: WebSocketImpl, identity: 'alice', store: new MemoryStore() });
+    await writer.waitOnline(5000);
+    const w = await writer.open(name);
+    await w.put('later', 'pushed');
+    await w.sync();
+    await until(() => d.get('later') === 'pushed', 5000, 'the push after the reset');
+    await d.put('again', 'written');
+    assert.equal((await d.sync()).syncCount, 5);
+    const after = await serverRecords('alice', name, server2);
+    assert.equal(d.syncCount, after.syncCount);
+    assert.deepEqual(d.records(), after.records);
+    await Promise.all([writer.close(), client.close()]);
+  } finally {
+    await client.close();
+    await server2.close();
+    await first.close();
+  }
+});
+
 // --- a scripted peer --------------------------------------------------------------------
 
 /** A WebSocket server on loopback that answers `auth` with `ready` (with `features`) and
@@ -277,6 +359,42 @@ test('a delta keeps dirty local edits and settles the ones the server already ho
   assert.equal(d.record('b'), undefined);
   assert.equal(d.record('c').dirty, false);
   assert.deepEqual(d.dirtyKeys(), ['a']);
+  await client.close();
+  await peer.close();
+});
+
+test('a whole snapshot below the since sent replaces the copy and rebases local edits', async () => {
+  const subscribes = [];
+  const peer = await scriptedPeer((f, send) => {
+    if (f.type !== 'subscribe') return; // updates stay unanswered: the state after the snapshot is what counts
+    subscribes.push(f);
+    if (subscribes.length === 1) {
+      send({ type: 'snapshot', id: f.id, dataset: ds, syncCount: 9, records: [rec('gone', '1', { syncCount: 8 }), rec('same', '2', { syncCount: 2 }), rec('moved', '3', { syncCount: 7 }), rec('mine-same', 'x', { syncCount: 5 }), rec('mine-other', 'x', { syncCount: 6 }), rec('mine-based', 'x', { syncCount: 3 })] });
+    } else {
+      // The server's store was replaced: it is at 4 and cannot resume from 9.
+      send({ type: 'snapshot', id: f.id, dataset: ds, syncCount: 4, records: [rec('mine-based', 'theirs', { syncCount: 3 }), rec('mine-other', 'theirs', { syncCount: 2 }), rec('mine-same', 'mine-same!', { syncCount: 4 }), rec('moved', 'old', { syncCount: 1 }), rec('new', 'n', { syncCount: 4 }), rec('same', '2', { syncCount: 2 })] });
+    }
+  });
+  const client = TandemClient.connect(peer.url, mintToken('alice'), { WebSocket: WebSocketImpl, identity: 'alice', store: new MemoryStore(), pingIntervalMs: 0, conflictHandler: 'takeRemote' });
+  await client.waitOnline(5000);
+  const d = await client.open('list');
+  assert.equal(d.syncCount, 9);
+  for (const k of ['mine-new', 'mine-same', 'mine-other', 'mine-based']) await d.put(k, `${k}!`);
+  const changes = [];
+  const conflicts = [];
+  d.on('change', (e) => changes.push(e));
+  d.on('conflict', (e) => conflicts.push(e.key));
+  client.reconnect();
+  await until(() => d.syncCount === 4, 2000, 'the lower snapshot to be taken');
+  assert.equal(subscribes[1].since, 9);
+  assert.deepEqual(Object.fromEntries(d.records()), { 'mine-based': 'mine-based!', 'mine-new': 'mine-new!', 'mine-other': 'theirs', 'mine-same': 'mine-same!', moved: 'old', new: 'n', same: '2' });
+  assert.deepEqual([d.record('mine-new').dirty, d.record('mine-new').syncCount], [true, 0], 'absent there: written as new');
+  assert.deepEqual([d.record('mine-same').dirty, d.record('mine-same').syncCount], [false, 4], 'the server holds it: done');
+  assert.deepEqual([d.record('mine-based').dirty, d.record('mine-based').syncCount], [true, 3], 'a base the server accepts is kept');
+  assert.equal(d.record('mine-other').dirty, false, 'stale: the handler took the remote one');
+  assert.deepEqual(conflicts, ['mine-other']);
+  assert.deepEqual(changes.flatMap((e) => e.keys).sort(), ['gone', 'mine-other', 'moved', 'new']);
+  assert.ok(changes.every((e) => e.source === 'remote'));
   await client.close();
   await peer.close();
 });

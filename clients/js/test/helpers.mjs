@@ -42,11 +42,12 @@ export function mintToken(sub, ttlSeconds = 3600, secret = SECRET) {
 
 /**
  * Starts `tandem serve` on a loopback port with a temp data dir. `restart()` stops it and
- * starts it again on the same port and data dir.
- * @param {{ dev?: boolean, port?: number, extraArgs?: string[] }} [opts]
+ * starts it again on the same port and data dir. `dataDir`: serve another (stopped) server's
+ * store, which this one then owns and removes on `close()`.
+ * @param {{ dev?: boolean, port?: number, dataDir?: string, extraArgs?: string[] }} [opts]
  */
 export async function startServer(opts = {}) {
-  const dataDir = mkdtempSync(join(tmpdir(), 'tandem-js-'));
+  const dataDir = opts.dataDir ?? mkdtempSync(join(tmpdir(), 'tandem-js-'));
   const server = {
     dataDir,
     port: opts.port ?? 0,

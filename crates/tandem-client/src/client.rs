@@ -448,6 +448,87 @@ impl Shared {
         state.sync_count = sync_count;
         Some(changed)
     }
+
+    /// A whole snapshot below the `since` this copy sent: the server no longer has the
+    /// history the copy was built on (its store restored from an older backup, or started
+    /// afresh), so the snapshot replaces the copy, lower sync count and all. Clean records
+    /// take the server's state. Local edits stay pending, rebased on it: a key the server
+    /// lacks is written as new (base 0), one it holds with the same value is done, and one
+    /// it holds at another version goes to the handler now, as a refused update would.
+    /// Returns the keys whose value changed, and the count the copy had reached past `sent`
+    /// while the subscribe was in flight (a push or an ack applied on top of the stale
+    /// copy), which must be fetched again.
+    fn replace(
+        &self,
+        sent: u64,
+        sync_count: u64,
+        records: Vec<Record>,
+    ) -> (Vec<String>, Option<u64>) {
+        let mut state = self.state.lock();
+        let moved = (state.sync_count > sent).then_some(state.sync_count);
+        let server: BTreeMap<String, Record> =
+            records.into_iter().map(|r| (r.key.clone(), r)).collect();
+        let mut changed = Vec::new();
+        state.records.retain(|key, local| {
+            if server.contains_key(key) {
+                return true;
+            }
+            if local.dirty {
+                local.sync_count = 0;
+                return true;
+            }
+            if local.value.is_some() {
+                changed.push(key.clone());
+            }
+            false
+        });
+        let mut stale = Vec::new();
+        for (key, record) in &server {
+            match state.records.get_mut(key) {
+                Some(local) if local.dirty && local.value == record.value => {
+                    local.dirty = false;
+                    local.sync_count = record.sync_count;
+                    local.device_last_modified = record.device_last_modified;
+                }
+                Some(local) if local.dirty => {
+                    // A base equal to the server's version is what the server accepts.
+                    if local.sync_count != record.sync_count {
+                        stale.push(key.clone());
+                    }
+                }
+                Some(local) => {
+                    if local.value != record.value {
+                        changed.push(key.clone());
+                    }
+                    local.value = record.value.clone();
+                    local.sync_count = record.sync_count;
+                    local.device_last_modified = record.device_last_modified;
+                }
+                None => {
+                    changed.push(key.clone());
+                    state.records.insert(
+                        key.clone(),
+                        LocalRecord {
+                            value: record.value.clone(),
+                            sync_count: record.sync_count,
+                            dirty: false,
+                            device_last_modified: record.device_last_modified,
+                            version: 0,
+                        },
+                    );
+                }
+            }
+        }
+        for key in stale {
+            let resolution = resolve_conflict(self, &mut state, &key, server.get(&key));
+            if resolution == Some(Resolution::TakeRemote) {
+                changed.push(key);
+            }
+        }
+        state.sync_count = sync_count;
+        changed.sort();
+        (changed, moved)
+    }
 }
 
 /// One server record into the local copy, from a frame at `sync_count`. Dirty records keep
@@ -672,64 +753,11 @@ async fn sync(inner: &Inner, shared: &Shared) -> Result<SyncOutcome, ClientError
             UpdateResult::Conflict { conflicts, .. } => {
                 let mut state = shared.state.lock();
                 for conflict in conflicts {
-                    let Some(local) = state.records.get(&conflict.key).cloned() else {
-                        continue;
-                    };
-                    // The server already holds this very value (say, this client's own write
-                    // whose ack was lost): nothing to decide.
-                    let server_value = conflict.server.as_ref().and_then(|r| r.value.clone());
-                    if server_value == local.value {
-                        let base = conflict.server.as_ref().map_or(0, |r| r.sync_count);
-                        if local.value.is_none() {
-                            state.records.remove(&conflict.key);
-                        } else if let Some(l) = state.records.get_mut(&conflict.key) {
-                            l.sync_count = base;
-                            l.dirty = false;
-                        }
-                        continue;
+                    if resolve_conflict(shared, &mut state, &conflict.key, conflict.server.as_ref())
+                        .is_some()
+                    {
+                        conflicts_resolved += 1;
                     }
-                    let resolution = shared.handler.resolve(&ConflictCase {
-                        key: &conflict.key,
-                        local: &local,
-                        server: conflict.server.as_ref(),
-                    });
-                    let base = conflict.server.as_ref().map_or(0, |r| r.sync_count);
-                    match &resolution {
-                        Resolution::KeepLocal => {
-                            if let Some(l) = state.records.get_mut(&conflict.key) {
-                                l.sync_count = base;
-                            }
-                        }
-                        Resolution::Merge(value) => {
-                            if let Some(l) = state.records.get_mut(&conflict.key) {
-                                l.sync_count = base;
-                                l.value = value.clone();
-                                l.version += 1;
-                            }
-                        }
-                        Resolution::TakeRemote => match &conflict.server {
-                            Some(server) if server.value.is_some() => {
-                                state.records.insert(
-                                    conflict.key.clone(),
-                                    LocalRecord {
-                                        value: server.value.clone(),
-                                        sync_count: server.sync_count,
-                                        dirty: false,
-                                        device_last_modified: server.device_last_modified,
-                                        version: local.version + 1,
-                                    },
-                                );
-                            }
-                            _ => {
-                                state.records.remove(&conflict.key);
-                            }
-                        },
-                    }
-                    conflicts_resolved += 1;
-                    shared.emit(DatasetEvent::Conflict {
-                        key: conflict.key,
-                        resolution,
-                    });
                 }
                 inner.save(shared, &state);
             }
@@ -746,22 +774,98 @@ async fn sync(inner: &Inner, shared: &Shared) -> Result<SyncOutcome, ClientError
     Err(ClientError::Unresolved { keys })
 }
 
-async fn subscribe(inner: &Inner, conn: &Connection, shared: &Shared) -> Result<(), ClientError> {
+/// One local change the server would refuse as stale, against the server's record for its
+/// key (`None`: no record): nothing to decide when the server holds the very same value (say,
+/// this client's own write whose ack was lost); otherwise the dataset's handler decides and
+/// the edit is rebased on the server's version. Returns the handler's decision, already
+/// emitted, or `None` when there was nothing to decide.
+fn resolve_conflict(
+    shared: &Shared,
+    state: &mut DatasetCache,
+    key: &str,
+    server: Option<&Record>,
+) -> Option<Resolution> {
+    let local = state.records.get(key).filter(|r| r.dirty).cloned()?;
+    let base = server.map_or(0, |r| r.sync_count);
+    let server_value = server.and_then(|r| r.value.clone());
+    if server_value == local.value {
+        if local.value.is_none() {
+            state.records.remove(key);
+        } else if let Some(l) = state.records.get_mut(key) {
+            l.sync_count = base;
+            l.dirty = false;
+        }
+        return None;
+    }
+    let resolution = shared.handler.resolve(&ConflictCase {
+        key,
+        local: &local,
+        server,
+    });
+    match &resolution {
+        Resolution::KeepLocal => {
+            if let Some(l) = state.records.get_mut(key) {
+                l.sync_count = base;
+            }
+        }
+        Resolution::Merge(value) => {
+            if let Some(l) = state.records.get_mut(key) {
+                l.sync_count = base;
+                l.value = value.clone();
+                l.version += 1;
+            }
+        }
+        Resolution::TakeRemote => match server {
+            Some(server) if server.value.is_some() => {
+                state.records.insert(
+                    key.to_owned(),
+                    LocalRecord {
+                        value: server.value.clone(),
+                        sync_count: server.sync_count,
+                        dirty: false,
+                        device_last_modified: server.device_last_modified,
+                        version: local.version + 1,
+                    },
+                );
+            }
+            _ => {
+                state.records.remove(key);
+            }
+        },
+    }
+    shared.emit(DatasetEvent::Conflict {
+        key: key.to_owned(),
+        resolution: resolution.clone(),
+    });
+    Some(resolution)
+}
+
+async fn subscribe(
+    inner: &Arc<Inner>,
+    conn: &Arc<Connection>,
+    shared: &Arc<Shared>,
+) -> Result<(), ClientError> {
     if shared.revoked.load(Ordering::SeqCst) {
         return Ok(());
     }
     // The copy is complete at its sync count (every frame applied in order, own edits kept
     // apart as dirty), so the server need only send what changed after it.
     let held = shared.state.lock().sync_count;
-    let snapshot = conn
-        .subscribe_since(shared.dataset.clone(), (held > 0).then_some(held))
-        .await?;
+    let sent = (held > 0).then_some(held);
+    let snapshot = conn.subscribe_since(shared.dataset.clone(), sent).await?;
     let sync_count = snapshot.sync_count;
-    let changed = match snapshot.since {
-        Some(since) => shared
+    let mut refetch = None;
+    let changed = match (snapshot.since, sent) {
+        (Some(since), _) => shared
             .merge_changes(since, sync_count, snapshot.records, true)
             .unwrap_or_default(),
-        None => shared.merge(sync_count, snapshot.records, true),
+        // Whole and below what we named: the server never had this copy's history.
+        (None, Some(sent)) if sync_count < sent => {
+            let (changed, moved) = shared.replace(sent, sync_count, snapshot.records);
+            refetch = moved;
+            changed
+        }
+        (None, _) => shared.merge(sync_count, snapshot.records, true),
     };
     inner.save(shared, &shared.state.lock());
     if !changed.is_empty() {
@@ -769,6 +873,9 @@ async fn subscribe(inner: &Inner, conn: &Connection, shared: &Shared) -> Result<
             sync_count,
             keys: changed,
         });
+    }
+    if let Some(target) = refetch {
+        catch_up_gap(inner, conn, shared.clone(), target);
     }
     Ok(())
 }
@@ -1215,5 +1322,67 @@ mod tests {
             ["a", "acked"],
             "a record stamped after the frame (from an ack) is newer and stays"
         );
+    }
+
+    #[test]
+    fn test_replace_takes_a_lower_whole_snapshot_and_rebases_local_edits() {
+        // The copy is at 9; the server, restored from an older backup, is at 4.
+        let s = shared(
+            9,
+            &[
+                ("gone", "1", 8),
+                ("same", "2", 2),
+                ("moved", "3", 7),
+                ("mine-new", "x", 0),
+                ("mine-same", "x", 5),
+                ("mine-other", "x", 6),
+                ("mine-based", "x", 3),
+            ],
+        );
+        {
+            let mut state = s.state.lock();
+            for key in ["mine-new", "mine-same", "mine-other", "mine-based"] {
+                let r = state.records.get_mut(key).unwrap();
+                r.value = Some(format!("{key}!"));
+                r.dirty = true;
+                r.version = 1;
+            }
+        }
+        let (changed, moved) = s.replace(
+            9,
+            4,
+            vec![
+                record("mine-based", Some("theirs"), 3),
+                record("mine-other", Some("theirs"), 2),
+                record("mine-same", Some("mine-same!"), 4),
+                record("moved", Some("old"), 1),
+                record("new", Some("n"), 4),
+                record("same", Some("2"), 2),
+            ],
+        );
+        assert_eq!(moved, None);
+        // The handler (TakeRemote) was asked about `mine-other` only.
+        assert_eq!(changed, ["gone", "mine-other", "moved", "new"]);
+        let state = s.state.lock();
+        assert_eq!(state.sync_count, 4, "the lower count is taken");
+        let r = |k: &str| state.records[k].clone();
+        assert_eq!((r("mine-new").dirty, r("mine-new").sync_count), (true, 0));
+        assert_eq!(
+            (r("mine-same").dirty, r("mine-same").sync_count),
+            (false, 4)
+        );
+        assert_eq!(r("mine-other").value.as_deref(), Some("theirs"));
+        assert!(!r("mine-other").dirty);
+        assert_eq!(
+            (r("mine-based").dirty, r("mine-based").sync_count),
+            (true, 3),
+            "a base the server accepts is kept"
+        );
+        assert_eq!(
+            (r("moved").value.as_deref(), r("moved").sync_count),
+            (Some("old"), 1)
+        );
+        assert!(!state.records.contains_key("gone"));
+        assert_eq!(state.dirty_count(), 2);
     }
 }

@@ -11,7 +11,9 @@
 //!   the records a commit changed) and `lean` (records leave out fields their frame says) by
 //!   default, and re-subscribes with `since` (the sync count of its cached copy) so that a
 //!   reconnect fetches only the changes. A delta applies on the copy at its base; an old one
-//!   is ignored; one after a gap makes the client fetch `changes` since its count. Turn the
+//!   is ignored; one after a gap makes the client fetch `changes` since its count. A whole
+//!   snapshot below the `since` sent (the server's store was replaced by an older one)
+//!   replaces the copy, lower count and all; local edits stay pending, rebased on it. Turn the
 //!   features off with `ClientBuilder::features(Vec::<String>::new())` (whole `dataset`
 //!   pushes, full records). `Connection::connect` asks for none; `connect_with_features` for
 //!   some. Lean records are filled in on reading either way (`ServerFrame::from_json`).

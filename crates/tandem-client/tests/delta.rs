@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_client::protocol::{DatasetRef, FEATURE_DELTA, FEATURE_LEAN, ServerFrame};
-use tandem_client::{Client, ConflictHandler, Connection, Dataset};
+use tandem_client::{Client, ConflictHandler, Connection, Dataset, DatasetEvent, Resolution};
 use tandem_fanout::{Broker, LocalBroker};
 use tandem_gateway::{AuthConfig, Gateway, GatewayConfig, Subscribers, Verifier};
 use tandem_store::{Limits, SqliteStore, Store};
@@ -17,12 +17,32 @@ const SECRET: &[u8] = b"tandem-client-tests-secret-0123456789abcdef";
 
 struct TestServer {
     url: String,
+    addr: std::net::SocketAddr,
+    gateway: Arc<Gateway>,
+    serve: tokio::task::JoinHandle<()>,
     _dir: tempfile::TempDir,
 }
 
 impl TestServer {
     async fn start() -> TestServer {
-        let dir = tempfile::tempdir().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        TestServer::serve(listener, tempfile::tempdir().unwrap())
+    }
+
+    /// A server on `addr` over the store in `dir` (another server's, stopped): what a client
+    /// sees after the store behind its address was replaced (say, restored from a backup).
+    async fn start_at(addr: std::net::SocketAddr, dir: tempfile::TempDir) -> TestServer {
+        // The port was just released; retry briefly in case it is not free yet.
+        for _ in 0..50 {
+            if let Ok(listener) = tokio::net::TcpListener::bind(addr).await {
+                return TestServer::serve(listener, dir);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("cannot bind {addr} again");
+    }
+
+    fn serve(listener: tokio::net::TcpListener, dir: tempfile::TempDir) -> TestServer {
         let store: Arc<dyn Store> =
             Arc::new(SqliteStore::open(dir.path(), Limits::default()).unwrap());
         let subscribers = Subscribers::new(store);
@@ -35,20 +55,31 @@ impl TestServer {
         let config = GatewayConfig::default();
         let unsent = config.max_unsent_socket_bytes;
         let gateway = Gateway::new(config, subscribers, broker, verifier);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let app = gateway
             .router()
             .into_make_service_with_connect_info::<tandem_gateway::Peer>();
-        tokio::spawn(async move {
+        let serve = tokio::spawn(async move {
             axum::serve(tandem_gateway::Listener::new(listener, unsent), app)
                 .await
                 .unwrap();
         });
         TestServer {
             url: format!("ws://{addr}/v1/sync"),
+            addr,
+            gateway,
+            serve,
             _dir: dir,
         }
+    }
+
+    /// Stops accepting and closes every session ("going away, reconnect"); returns the
+    /// address and the store's directory.
+    async fn stop(self) -> (std::net::SocketAddr, tempfile::TempDir) {
+        self.serve.abort();
+        let _ = self.serve.await;
+        assert!(self.gateway.shutdown(Duration::from_secs(5)).await);
+        (self.addr, self._dir)
     }
 
     fn token(&self, sub: &str) -> String {
@@ -419,4 +450,120 @@ async fn test_delta_whose_base_the_copy_lacks_makes_the_client_fetch_changes() {
     assert_eq!(d.records(), want);
     assert_eq!(log.of_type("changes").len(), 1);
     client.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_client_ahead_of_a_replaced_store_takes_its_state_and_writes_again() {
+    let old = TestServer::start().await;
+    let name = unique("restored");
+    let dataset = DatasetRef::new("alice", &name);
+    // Reconnects to the same address, wherever the server behind it comes from.
+    let client = old.online(old.client("alice")).await;
+    let ds = client
+        .open(dataset.clone(), ConflictHandler::KeepLocal)
+        .await
+        .unwrap();
+    write_some(&ds, 1).await;
+    write_some(&ds, 2).await;
+    let held = ds.sync_count();
+    assert_eq!(held, 6);
+    let mut events = ds.events();
+
+    // The store behind the address is replaced by one with fewer commits of the dataset.
+    let (addr, _old_store) = old.stop().await;
+    ds.put("offline", "new key").unwrap(); // absent there: written as new
+    ds.put("k0", "mine").unwrap(); // held there at another version: the handler decides
+    let older = TestServer::start().await;
+    let w = older.online(older.client("alice")).await;
+    let w_ds = w
+        .open(dataset.clone(), ConflictHandler::TakeRemote)
+        .await
+        .unwrap();
+    w_ds.put("k0", "restored").unwrap();
+    w_ds.put("b", "1").unwrap();
+    w_ds.sync().await.unwrap();
+    w_ds.put("c", "2").unwrap();
+    w_ds.sync().await.unwrap();
+    w.shutdown().await;
+    let (_, older_store) = older.stop().await;
+    let server = TestServer::start_at(addr, older_store).await;
+    let other = server.online(server.client("alice")).await;
+    let w = other
+        .open(dataset.clone(), ConflictHandler::TakeRemote)
+        .await
+        .unwrap();
+    let raw = Connection::connect(&server.url, &server.token("alice"))
+        .await
+        .unwrap();
+    let snapshot = raw
+        .subscribe_since(dataset.clone(), Some(held))
+        .await
+        .unwrap();
+    // (2, or 3 once the client, reconnecting meanwhile, sent its edits.)
+    assert!(
+        snapshot.since.is_none() && snapshot.sync_count < held,
+        "a since above the dataset's count gets the whole dataset, at a lower count: {snapshot:?}"
+    );
+
+    // The client reconnects, takes the server's state, and sends its edits on top of it.
+    client.wait_online(Duration::from_secs(10)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (sync_count, want) = loop {
+        let (sync_count, want) = server.state("alice", &name).await;
+        if ds.pending() == 0 && ds.sync_count() == sync_count && ds.records() == want {
+            break (sync_count, want);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for the client to take the new store's state: at {} with {:?}",
+            ds.sync_count(),
+            ds.records()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        sync_count, 3,
+        "the two commits there, then the client's edits"
+    );
+    let expected: BTreeMap<String, String> = [
+        ("b", "1"),
+        ("c", "2"),
+        ("k0", "mine"),
+        ("offline", "new key"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    assert_eq!(want, expected, "the old copy's other records are gone");
+    let mut seen = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        seen.push(event);
+    }
+    assert!(
+        seen.contains(&DatasetEvent::Conflict {
+            key: "k0".into(),
+            resolution: Resolution::KeepLocal
+        }),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().any(
+            |e| matches!(e, DatasetEvent::Changed { keys, .. } if keys.contains(&"k2".to_owned()))
+        ),
+        "the dropped records were announced: {seen:?}"
+    );
+
+    // Not stuck: pushes from the new store apply, and the client writes again.
+    w.put("later", "pushed").unwrap();
+    w.sync().await.unwrap();
+    until("the push after the reset", || {
+        ds.get("later").as_deref() == Some("pushed")
+    })
+    .await;
+    ds.put("again", "written").unwrap();
+    assert_eq!(ds.sync().await.unwrap().sync_count, 5);
+    let (sync_count, want) = server.state("alice", &name).await;
+    assert_eq!((ds.sync_count(), ds.records()), (sync_count, want));
+    client.shutdown().await;
+    other.shutdown().await;
 }
