@@ -421,3 +421,83 @@ async fn test_slow_reader_that_still_reads_is_not_closed() {
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cluster_deltas_cross_nodes_and_the_ack_comes_first() {
+    use tandem_tests::cluster::{PgSchema, redis_url, start_nodes};
+    let schema = PgSchema::create();
+    let nodes = start_nodes(2, &schema.url, &schema.name, &redis_url());
+    let (alice, first) = twenty_records(&nodes[0]).await;
+    drop(alice);
+    // Alice writes through node 0 and follows her own dataset there; bob follows it through
+    // node 1 with deltas, carol through node 1 with neither feature.
+    let (mut writer, _) = RawSocket::with_features(&nodes[0], "alice", FEATURES).await;
+    send_subscribe(&mut writer, 1, None, None).await;
+    writer.recv_frame().await;
+    let (mut bob, _) = RawSocket::with_features(&nodes[1], "bob", FEATURES).await;
+    send_subscribe(&mut bob, 1, None, None).await;
+    let mut copy = Copy::default();
+    match bob.recv_frame().await {
+        ServerFrame::Snapshot {
+            sync_count,
+            records,
+            ..
+        } => copy.whole(sync_count, records),
+        other => panic!("{other:?}"),
+    }
+    let alice = nodes[0].connect("alice").await;
+    alice
+        .grant(DatasetRef::own("doc"), "carol", Access::Read)
+        .await
+        .unwrap();
+    let (mut carol, _) = RawSocket::with_features(&nodes[1], "carol", &[]).await;
+    send_subscribe(&mut carol, 1, None, None).await;
+    carol.recv_frame().await;
+
+    let mut base = first;
+    let mut item00 = first;
+    for id in 2..12u64 {
+        let patch = if id == 7 {
+            Patch::remove("item05", first)
+        } else {
+            Patch::replace("item00", format!("v{id}"), item00)
+        };
+        let update = ClientFrame::Update {
+            id: RequestId::Num(id),
+            dataset: DatasetRef::own("doc"),
+            device_id: None,
+            patches: vec![patch],
+        };
+        writer.send(0x1, update.to_json().as_bytes()).await;
+        match writer.recv_frame().await {
+            ServerFrame::Ack { sync_count, .. } => base = sync_count.unwrap(),
+            other => panic!("the ack comes first: {other:?}"),
+        }
+        if id != 7 {
+            item00 = base;
+        }
+        match writer.recv_frame().await {
+            ServerFrame::Delta { sync_count, .. } => assert_eq!(sync_count, base),
+            other => panic!("{other:?}"),
+        }
+    }
+    while copy.sync_count < base {
+        copy.apply(bob.recv_frame().await);
+    }
+    assert!(!copy.records.contains_key("item05"));
+    // Carol's frames are whole and in the full encoding, made on node 1 from the lean ones.
+    let mut seen = 0;
+    while seen < base {
+        let text = carol.recv_text().await;
+        assert!(text.starts_with(r#"{"type":"dataset""#), "{text}");
+        assert!(text.contains(r#""lastModifiedBy":"alice""#), "{text}");
+        if let ServerFrame::Dataset { sync_count, .. } = ServerFrame::from_json(&text).unwrap() {
+            seen = sync_count;
+        }
+    }
+    let conn = nodes[1].connect("bob").await;
+    let (sync_count, records) = conn.subscribe(doc()).await.unwrap();
+    let mut server = Copy::default();
+    server.whole(sync_count, records);
+    assert_eq!(copy, server);
+}
