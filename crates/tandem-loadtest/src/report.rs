@@ -443,15 +443,14 @@ impl Report {
                         c.percent_of_one_core
                     ),
                 );
-                let us = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1} us"));
-                row(
-                    "server cpu per",
-                    format!(
-                        "delivery {}, commit {}",
-                        us(c.per_delivery_us),
-                        us(c.per_commit_us)
-                    ),
-                );
+                let per: Vec<String> =
+                    [("delivery", c.per_delivery_us), ("commit", c.per_commit_us)]
+                        .into_iter()
+                        .filter_map(|(what, us)| us.map(|us| format!("{what} {us:.1} us")))
+                        .collect();
+                if !per.is_empty() {
+                    row("server cpu per", per.join(", "));
+                }
             }
         }
         if self.deliveries.is_some() {

@@ -138,7 +138,7 @@ async fn test_fanout_delivers_every_write_to_every_subscriber() {
     let server_figures = report.server.as_ref().unwrap();
     assert_eq!(server_figures.pids.len(), 2);
     let cpu = server_figures.cpu.as_ref().unwrap();
-    assert!(cpu.window_seconds >= 1.0);
+    assert!(cpu.window_seconds > 0.0);
     assert!(cpu.per_delivery_us.is_some() && cpu.per_commit_us.is_some());
     assert!(deliveries.push_bytes >= deliveries.push_frames * 2000);
     assert_eq!(deliveries.delta_frames, 0);
