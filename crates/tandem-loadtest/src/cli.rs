@@ -81,9 +81,15 @@ pub struct Common {
     /// (`[a-zA-Z0-9_.:-]`, at most 64 characters).
     #[arg(long, global = true)]
     pub prefix: Option<String>,
-    /// The server's process id, to read its memory (VmRSS) from /proc on this machine.
-    #[arg(long, global = true, conflicts_with = "server_metrics")]
-    pub server_pid: Option<u32>,
+    /// The server's process id, to read its memory (VmRSS) and CPU time from /proc on this
+    /// machine. Repeat it (or give a comma-separated list) for several nodes: summed.
+    #[arg(
+        long,
+        global = true,
+        value_delimiter = ',',
+        conflicts_with = "server_metrics"
+    )]
+    pub server_pid: Vec<u32>,
     /// A node's metrics URL (`http://HOST:PORT/metrics`), to read its memory
     /// (`process_resident_memory_bytes`) where its pid is out of reach.
     #[arg(long, global = true)]

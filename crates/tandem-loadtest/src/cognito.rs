@@ -259,13 +259,17 @@ pub async fn cognito(run: &mut Run, args: &CognitoArgs) -> Result<Finished, Load
             hard,
         )));
     }
+    run.set_phase("warmup");
+    tokio::time::sleep_until(shared.clock.instant(start).into()).await;
     run.set_phase("run");
+    run.server_cpu_start();
     tokio::time::sleep_until(shared.clock.instant(end).into()).await;
     run.set_phase("drain");
     // Each task ends by itself once its last reply is in, or at `hard`.
     while !tasks.iter().all(tokio::task::JoinHandle::is_finished) && Instant::now() < hard {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+    run.server_cpu_end();
     run.finish_tasks(tasks).await;
     Ok(Finished {
         measured: run.common.duration,

@@ -1,6 +1,6 @@
 //! What the harness reads about processes on this machine from Linux's `/proc`: its own
-//! CPU time (so a saturated generator shows in the report) and a server's resident memory.
-//! Elsewhere these read as absent.
+//! CPU time (so a saturated generator shows in the report), a server's CPU time and its
+//! resident memory. Elsewhere these read as absent.
 
 use std::time::Instant;
 
@@ -10,14 +10,56 @@ const TICKS_PER_SECOND: f64 = 100.0;
 
 /// This process's user + system CPU seconds so far.
 pub fn cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let t = parse_cpu_times(&std::fs::read_to_string("/proc/self/stat").ok()?)?;
+    Some(t.user + t.system)
+}
+
+/// User and system CPU seconds a process has used so far. The process's figures in
+/// `/proc/<pid>/stat` cover all its threads, live and exited (not its waited-for children).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CpuTimes {
+    pub user: f64,
+    pub system: f64,
+}
+
+impl CpuTimes {
+    /// What was used between `self` (earlier) and `later`.
+    pub fn until(self, later: CpuTimes) -> CpuTimes {
+        CpuTimes {
+            user: (later.user - self.user).max(0.0),
+            system: (later.system - self.system).max(0.0),
+        }
+    }
+
+    pub fn total(self) -> f64 {
+        self.user + self.system
+    }
+}
+
+/// The summed CPU times of `pids` (several nodes on this machine); `None` when any of them
+/// cannot be read.
+pub fn cpu_times(pids: &[u32]) -> Option<CpuTimes> {
+    let mut sum = CpuTimes::default();
+    for pid in pids {
+        let t = parse_cpu_times(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?;
+        sum.user += t.user;
+        sum.system += t.system;
+    }
+    Some(sum)
+}
+
+/// utime and stime of a `/proc/<pid>/stat` line.
+fn parse_cpu_times(stat: &str) -> Option<CpuTimes> {
     // The command name (field 2) is in parentheses and may hold spaces: start after it.
     let rest = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // Field 3 (state) is fields[0]; utime is field 14, stime field 15.
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / TICKS_PER_SECOND)
+    Some(CpuTimes {
+        user: utime / TICKS_PER_SECOND,
+        system: stime / TICKS_PER_SECOND,
+    })
 }
 
 /// A process's resident memory (`VmRSS`), in KiB.
@@ -32,8 +74,8 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
 /// Where the server's resident memory is read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MemorySource {
-    /// `/proc/<pid>/status` of a server on this machine.
-    Pid(u32),
+    /// `/proc/<pid>/status` of servers on this machine (several nodes: summed).
+    Pids(Vec<u32>),
     /// The `process_resident_memory_bytes` gauge of a node's `GET /metrics` (plain http).
     Metrics(String),
 }
@@ -42,7 +84,7 @@ impl MemorySource {
     /// The server's resident memory now, in KiB.
     pub fn rss_kib(&self) -> Option<u64> {
         match self {
-            MemorySource::Pid(pid) => rss_kib(*pid),
+            MemorySource::Pids(pids) => pids.iter().map(|&pid| rss_kib(pid)).sum(),
             // A blocking GET, a few times per run: keep it off the runtime's workers.
             MemorySource::Metrics(url) => match tokio::runtime::Handle::try_current() {
                 Ok(handle)
@@ -128,5 +170,46 @@ mod tests {
         }
         assert!(cpu_seconds().is_some());
         assert!(rss_kib(std::process::id()).unwrap() > 0);
+        let me = std::process::id();
+        let one = cpu_times(&[me]).unwrap();
+        // Two pids are summed (times only grow).
+        let two = cpu_times(&[me, me]).unwrap();
+        assert!(two.total() >= 2.0 * one.total());
+        assert_eq!(cpu_times(&[me, u32::MAX]), None);
+        assert_eq!(
+            MemorySource::Pids(vec![me, me])
+                .rss_kib()
+                .map(|kib| kib > 0),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn test_host_parses_cpu_times_after_a_command_with_spaces() {
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
+        // utime stime ...
+        let stat = "42 (tandem serve) S 1 42 42 0 -1 4194560 10 0 0 0 250 75 0 0 20 0";
+        let t = parse_cpu_times(stat).unwrap();
+        assert_eq!(
+            t,
+            CpuTimes {
+                user: 2.5,
+                system: 0.75
+            }
+        );
+        let used = CpuTimes {
+            user: 1.0,
+            system: 0.5,
+        }
+        .until(t);
+        assert_eq!(
+            used,
+            CpuTimes {
+                user: 1.5,
+                system: 0.25
+            }
+        );
+        assert_eq!(used.total(), 1.75);
+        assert_eq!(parse_cpu_times("garbage"), None);
     }
 }

@@ -14,6 +14,11 @@
 //! write may not be known yet when the push arrives (its reply can reach the writer after
 //! the push reaches the subscriber), coverage is recorded first and settled once the
 //! writer has the replies.
+//!
+//! The ledger also keeps, per write, the earliest time any subscriber other than the
+//! writer's own connection received a push covering it: the **first delivery**, which is
+//! when the write became visible to someone else (a per-write minimum, so memory stays one
+//! word per scheduled write).
 
 use crate::stats::record_ns;
 use hdrhistogram::Histogram;
@@ -62,7 +67,12 @@ pub struct WriteLedger {
     committed_measured: AtomicU64,
     /// Subscriptions that follow this writer's dataset.
     followers: AtomicU64,
+    /// Per seq, the earliest receive time (ns) of a push covering it at a subscriber other
+    /// than the writer; `NOT_DELIVERED` until one does.
+    first_delivery: Vec<AtomicU64>,
 }
+
+const NOT_DELIVERED: u64 = u64::MAX;
 
 impl WriteLedger {
     /// `scheduled` must be ascending; writes scheduled before `measured_from_ns` are warmup.
@@ -73,6 +83,10 @@ impl WriteLedger {
             .unwrap_or(scheduled.len()) as u64
             + 1;
         let outcome = scheduled.iter().map(|_| AtomicU8::new(0)).collect();
+        let first_delivery = scheduled
+            .iter()
+            .map(|_| AtomicU64::new(NOT_DELIVERED))
+            .collect();
         WriteLedger {
             scheduled,
             measured_from,
@@ -80,6 +94,7 @@ impl WriteLedger {
             resolved: AtomicU64::new(0),
             committed_measured: AtomicU64::new(0),
             followers: AtomicU64::new(0),
+            first_delivery,
         }
     }
 
@@ -178,6 +193,30 @@ impl WriteLedger {
     pub fn expected_deliveries(&self) -> u64 {
         self.committed_measured() * self.followers()
     }
+
+    /// A subscriber other than the writer received a push covering `seq` at `at_ns`.
+    pub fn delivered_to_other(&self, seq: u64, at_ns: u64) {
+        if let Some(first) = index(seq).and_then(|i| self.first_delivery.get(i)) {
+            first.fetch_min(at_ns, Ordering::AcqRel);
+        }
+    }
+
+    /// Records, for each committed measured write some other subscriber received, its
+    /// first delivery latency (first receive − scheduled send) into `latency`. Writes no
+    /// other subscriber received are left out (they show as lost deliveries).
+    pub fn record_first_deliveries(&self, latency: &mut Histogram<u64>) {
+        for seq in self.measured_from..=self.len() {
+            if self.outcome(seq) != Outcome::Committed {
+                continue;
+            }
+            let at = index(seq).map_or(NOT_DELIVERED, |i| {
+                self.first_delivery[i].load(Ordering::Acquire)
+            });
+            if at != NOT_DELIVERED {
+                record_ns(latency, at.saturating_sub(self.scheduled(seq)));
+            }
+        }
+    }
 }
 
 fn index(seq: u64) -> Option<usize> {
@@ -194,6 +233,9 @@ pub struct Coverage {
     highest: u64,
     /// Covered but not yet settled: (covered up to seq, received at ns).
     waiting: VecDeque<(u64, u64)>,
+    /// The subscription is on the writer's own connection (rooms): its deliveries count,
+    /// but not as anyone else's first delivery.
+    own: bool,
 }
 
 impl Coverage {
@@ -203,6 +245,15 @@ impl Coverage {
             settled: 0,
             highest: 0,
             waiting: VecDeque::new(),
+            own: false,
+        }
+    }
+
+    /// Coverage of the writes the same connection sends.
+    pub fn of_own_writes(ledger: std::sync::Arc<WriteLedger>) -> Coverage {
+        Coverage {
+            own: true,
+            ..Coverage::new(ledger)
         }
     }
 
@@ -226,6 +277,9 @@ impl Coverage {
                 if self.ledger.is_measured(seq) && self.ledger.outcome(seq) == Outcome::Committed {
                     delivered += 1;
                     record_ns(latency, at.saturating_sub(self.ledger.scheduled(seq)));
+                    if !self.own {
+                        self.ledger.delivered_to_other(seq, at);
+                    }
                 }
             }
             self.settled = self.settled.max(end);
@@ -310,6 +364,54 @@ mod tests {
         // A conflated push jumps straight to the last commit.
         cov.observe(2, 20);
         assert!(cov.has_final_state());
+    }
+
+    #[test]
+    fn test_ledger_first_delivery_is_the_earliest_other_subscriber() {
+        // Three writes, the first one warmup; seq 3 fails.
+        let ledger = Arc::new(WriteLedger::new(vec![0, 1_000_000, 2_000_000], 500_000));
+        ledger.set_outcome(1, Outcome::Committed);
+        ledger.set_outcome(2, Outcome::Committed);
+        ledger.set_outcome(3, Outcome::Failed);
+        ledger.resolve_through(3);
+        let mut own = Coverage::of_own_writes(ledger.clone());
+        let mut late = Coverage::new(ledger.clone());
+        let mut early = Coverage::new(ledger.clone());
+        let mut every = new_histogram();
+        // The writer's own push comes first and does not count as a first delivery.
+        own.observe(3, 1_100_000);
+        // A slow subscriber sees seq 2 at 9 ms, settled first; a faster one at 1.9 ms.
+        late.observe(3, 9_000_000);
+        early.observe(2, 1_900_000);
+        assert_eq!(own.settle(&mut every), 1);
+        assert_eq!(late.settle(&mut every), 1);
+        assert_eq!(early.settle(&mut every), 1);
+        assert_eq!(every.len(), 3);
+        let mut first = new_histogram();
+        ledger.record_first_deliveries(&mut first);
+        // Only seq 2 (measured, committed): 1.9 ms - 1 ms (µs below 2048 are exact).
+        assert_eq!(first.len(), 1);
+        assert_eq!(first.max(), 900);
+        assert_eq!(first.min(), 900);
+    }
+
+    #[test]
+    fn test_ledger_first_delivery_leaves_out_writes_only_the_writer_saw() {
+        let ledger = Arc::new(WriteLedger::new(vec![0, 1000], 0));
+        ledger.set_outcome(1, Outcome::Committed);
+        ledger.set_outcome(2, Outcome::Committed);
+        ledger.resolve_through(2);
+        let mut own = Coverage::of_own_writes(ledger.clone());
+        let mut other = Coverage::new(ledger.clone());
+        let mut every = new_histogram();
+        own.observe(2, 5000);
+        other.observe(1, 7000);
+        own.settle(&mut every);
+        other.settle(&mut every);
+        let mut first = new_histogram();
+        ledger.record_first_deliveries(&mut first);
+        assert_eq!(first.len(), 1);
+        assert_eq!(first.max(), 7);
     }
 
     #[test]

@@ -121,8 +121,13 @@ pub struct Deliveries {
     /// at the final sync count.
     pub slow_readers: u64,
     pub slow_at_final_sync_count: u64,
-    /// Scheduled send → a subscriber receives a push that covers the write.
+    /// Scheduled send → a subscriber receives a push that covers the write; one sample per
+    /// delivery (every subscriber).
     pub latency_ms: Latency,
+    /// Scheduled send → the first subscriber other than the writer's own connection receives
+    /// a push (or snapshot) that covers the write; one sample per committed measured write
+    /// that reached someone. Compare with `writes.commit_latency_ms`.
+    pub first_latency_ms: Latency,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -134,10 +139,13 @@ pub struct Generator {
     pub cores: usize,
 }
 
+/// What the server CPU window covers, stated in every report that has one.
+pub const SERVER_CPU_WINDOW: &str = "first measured send to the end of the drain";
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Server {
-    /// With --server-pid.
-    pub pid: Option<u32>,
+    /// With --server-pid (several nodes: their figures are summed).
+    pub pids: Vec<u32>,
     /// With --server-metrics.
     pub metrics: Option<String>,
     /// VmRSS before the scenario's connections were set up.
@@ -148,6 +156,51 @@ pub struct Server {
     pub rss_end_kib: Option<u64>,
     /// (connected - start) / connections set up.
     pub rss_per_connection_bytes: Option<f64>,
+    /// With --server-pid, in scenarios with a sending window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<ServerCpu>,
+}
+
+/// The servers' CPU time (all threads, summed over --server-pid) over [`SERVER_CPU_WINDOW`].
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerCpu {
+    pub window: &'static str,
+    pub window_seconds: f64,
+    pub user_seconds: f64,
+    pub system_seconds: f64,
+    /// (user + system) / window: 100 is one core busy all the time.
+    pub percent_of_one_core: f64,
+    /// (user + system) / deliveries received, in µs (fanout, rooms).
+    pub per_delivery_us: Option<f64>,
+    /// (user + system) / writes acknowledged, in µs.
+    pub per_commit_us: Option<f64>,
+}
+
+impl ServerCpu {
+    /// From the CPU used over a window of `window_seconds`, and what the run counted.
+    pub fn new(
+        user_seconds: f64,
+        system_seconds: f64,
+        window_seconds: f64,
+        deliveries: Option<u64>,
+        commits: Option<u64>,
+    ) -> ServerCpu {
+        let total = user_seconds + system_seconds;
+        let per = |n: Option<u64>| n.filter(|&n| n > 0).map(|n| total * 1e6 / n as f64);
+        ServerCpu {
+            window: SERVER_CPU_WINDOW,
+            window_seconds,
+            user_seconds,
+            system_seconds,
+            percent_of_one_core: if window_seconds > 0.0 {
+                100.0 * total / window_seconds
+            } else {
+                0.0
+            },
+            per_delivery_us: per(deliveries),
+            per_commit_us: per(commits),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -237,7 +290,9 @@ impl Report {
                 ),
             );
             row("commits/s", format!("{:.1}", w.commits_per_second));
-            row("commit latency", latency(&w.commit_latency_ms));
+            if self.deliveries.is_none() {
+                row("commit latency", latency(&w.commit_latency_ms));
+            }
         }
         if let Some(r) = &self.reads {
             row("reads", format!("{} sent, {} ok", r.sent, r.ok));
@@ -291,7 +346,28 @@ impl Report {
                     d.at_final_sync_count, d.subscribers
                 ),
             );
+            // The three latencies together, from the same scheduled send: the writer's ack,
+            // the first other subscriber's push, every subscriber's push.
+            if let Some(w) = &self.writes {
+                row("commit latency", latency(&w.commit_latency_ms));
+            }
+            row("first delivery", latency(&d.first_latency_ms));
             row("delivery latency", latency(&d.latency_ms));
+            if let Some(w) = self
+                .writes
+                .as_ref()
+                .filter(|_| d.first_latency_ms.count > 0)
+            {
+                let (ack, first) = (w.commit_latency_ms.p50, d.first_latency_ms.p50);
+                row(
+                    "ack vs first p50",
+                    format!(
+                        "ack {ack:.2} ms {} first delivery {first:.2} ms ({:+.2} ms)",
+                        if ack <= first { "<=" } else { ">" },
+                        ack - first
+                    ),
+                );
+            }
         }
         let errors = if self.errors.is_empty() {
             "none".to_owned()
@@ -336,10 +412,17 @@ impl Report {
                 "server rss",
                 format!(
                     "{}: {} at start, {} connected, {} at end",
-                    s.pid.map_or_else(
-                        || s.metrics.clone().unwrap_or_default(),
-                        |pid| format!("pid {pid}")
-                    ),
+                    match s.pids.as_slice() {
+                        [] => s.metrics.clone().unwrap_or_default(),
+                        [pid] => format!("pid {pid}"),
+                        pids => format!(
+                            "pids {} (summed)",
+                            pids.iter()
+                                .map(u32::to_string)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    },
                     kib(s.rss_start_kib),
                     kib(s.rss_connected_kib),
                     kib(s.rss_end_kib)
@@ -347,6 +430,27 @@ impl Report {
             );
             if let Some(per) = s.rss_per_connection_bytes {
                 row("server rss/conn", format!("{:.0} bytes", per));
+            }
+            if let Some(c) = &s.cpu {
+                row(
+                    "server cpu",
+                    format!(
+                        "{:.2} s user + {:.2} s system over {:.2} s ({}), {:.1}% of one core",
+                        c.user_seconds,
+                        c.system_seconds,
+                        c.window_seconds,
+                        c.window,
+                        c.percent_of_one_core
+                    ),
+                );
+                let per: Vec<String> =
+                    [("delivery", c.per_delivery_us), ("commit", c.per_commit_us)]
+                        .into_iter()
+                        .filter_map(|(what, us)| us.map(|us| format!("{what} {us:.1} us")))
+                        .collect();
+                if !per.is_empty() {
+                    row("server cpu per", per.join(", "));
+                }
             }
         }
         if self.deliveries.is_some() {
@@ -360,8 +464,9 @@ fn latency(l: &Latency) -> String {
     if l.count == 0 {
         return "no samples".to_owned();
     }
+    // Fixed widths, so rows printed together line up.
     format!(
-        "p50 {:.2} ms  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}  (n={})",
+        "p50 {:>7.2} ms  p90 {:>7.2}  p99 {:>7.2}  p99.9 {:>7.2}  max {:>7.2}  (n={})",
         l.p50, l.p90, l.p99, l.p999, l.max, l.count
     )
 }
@@ -372,5 +477,23 @@ fn bytes(n: u64) -> String {
         n if n >= 1 << 20 => format!("{:.2} MiB", n as f64 / f64::from(1u32 << 20)),
         n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
         n => format!("{n} B"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_server_cpu_per_delivery_and_per_commit() {
+        // 1.5 s user + 0.5 s system over 10 s, 100,000 deliveries of 1,000 commits.
+        let c = ServerCpu::new(1.5, 0.5, 10.0, Some(100_000), Some(1_000));
+        assert_eq!(c.percent_of_one_core, 20.0);
+        assert_eq!(c.per_delivery_us, Some(20.0));
+        assert_eq!(c.per_commit_us, Some(2000.0));
+        // Nothing delivered (the write scenario) or nothing counted: no ratio.
+        let c = ServerCpu::new(1.0, 0.0, 0.0, None, Some(0));
+        assert_eq!((c.per_delivery_us, c.per_commit_us), (None, None));
+        assert_eq!(c.percent_of_one_core, 0.0);
     }
 }

@@ -46,6 +46,10 @@ pub struct Run {
     memory: Option<host::MemorySource>,
     rss_start: Option<u64>,
     rss_connected: Option<u64>,
+    /// The servers' CPU times and the clock (ns) at the first measured send, then what they
+    /// used up to the end of the drain and the window's length in seconds.
+    server_cpu_from: Option<(host::CpuTimes, u64)>,
+    server_cpu_used: Option<(host::CpuTimes, f64)>,
 }
 
 impl Run {
@@ -96,18 +100,27 @@ impl Run {
         let shared = Arc::new(Shared::default());
         let phase = Arc::new(Mutex::new("setup"));
         let progress = (!common.quiet).then(|| spawn_progress(shared.clone(), phase.clone()));
-        let memory = match (&common.server_pid, &common.server_metrics) {
-            (Some(pid), _) => Some(host::MemorySource::Pid(*pid)),
-            (None, Some(url)) if url.starts_with("http://") => {
+        let memory = match (common.server_pid.as_slice(), &common.server_metrics) {
+            ([_, ..], _) => Some(host::MemorySource::Pids(common.server_pid.clone())),
+            ([], Some(url)) if url.starts_with("http://") => {
                 Some(host::MemorySource::Metrics(url.clone()))
             }
-            (None, Some(url)) => {
+            ([], Some(url)) => {
                 return Err(LoadError::Options(format!(
                     "--server-metrics must be an http:// URL, not `{url}`"
                 )));
             }
-            (None, None) => None,
+            ([], None) => None,
         };
+        if let Some(pid) = common
+            .server_pid
+            .iter()
+            .find(|&&pid| host::cpu_times(&[pid]).is_none())
+        {
+            return Err(LoadError::Options(format!(
+                "--server-pid {pid}: no such process on this machine (/proc/{pid}/stat)"
+            )));
+        }
         let rss_start = memory.as_ref().and_then(host::MemorySource::rss_kib);
         if let (Some(host::MemorySource::Metrics(url)), None) = (&memory, rss_start) {
             return Err(LoadError::Options(format!(
@@ -131,6 +144,8 @@ impl Run {
             memory,
             rss_start,
             rss_connected: None,
+            server_cpu_from: None,
+            server_cpu_used: None,
         })
     }
 
@@ -255,6 +270,26 @@ impl Run {
         self.rss_connected = self.memory.as_ref().and_then(host::MemorySource::rss_kib);
     }
 
+    /// Starts the server CPU window (with --server-pid): call at the first measured send.
+    pub fn server_cpu_start(&mut self) {
+        let now = self.shared.clock.now();
+        self.server_cpu_from = host::cpu_times(&self.common.server_pid).map(|t| (t, now));
+    }
+
+    /// Ends the server CPU window: call when the drain ends, before connections close.
+    pub fn server_cpu_end(&mut self) {
+        let now = self.shared.clock.now();
+        self.server_cpu_used = match (
+            self.server_cpu_from,
+            host::cpu_times(&self.common.server_pid),
+        ) {
+            (Some((from, at)), Some(to)) => {
+                Some((from.until(to), now.saturating_sub(at) as f64 / 1e9))
+            }
+            _ => None,
+        };
+    }
+
     /// Runs the connection tasks through the sending window (which ends at `window_end`,
     /// ns on the run's clock) and the drain, then stops them. Returns once every task ended,
     /// with the server's memory just before they were stopped.
@@ -278,6 +313,7 @@ impl Run {
             tokio::time::sleep_until(clock.instant(window_start).into()).await;
         }
         self.set_phase("run");
+        self.server_cpu_start();
         tokio::time::sleep_until(clock.instant(window_end).into()).await;
         self.set_phase("drain");
         let hard = clock.instant(window_end) + self.common.drain;
@@ -305,6 +341,7 @@ impl Run {
             shared.writers_done.cancel();
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        self.server_cpu_end();
         let rss_end = self.server_rss();
         self.finish_tasks(tasks).await;
         rss_end
@@ -378,6 +415,13 @@ impl Run {
                 slow_readers: Stats::get(&stats.slow_subscribers),
                 slow_at_final_sync_count: Stats::get(&stats.slow_subscribers_final),
                 latency_ms: Latency::from_histogram(&stats.delivery.merged()),
+                first_latency_ms: {
+                    let mut first = crate::stats::new_histogram();
+                    for ledger in ledgers {
+                        ledger.record_first_deliveries(&mut first);
+                    }
+                    Latency::from_histogram(&first)
+                },
             }
         });
         let lists_sent = Stats::get(&stats.lists_sent);
@@ -390,15 +434,25 @@ impl Run {
                 latency_ms: Latency::from_histogram(&stats.list.merged()),
             }
         });
+        let cpu = self.server_cpu_used.map(|(used, window)| {
+            report::ServerCpu::new(
+                used.user,
+                used.system,
+                window,
+                deliveries.as_ref().map(|d| d.received),
+                writes.as_ref().map(|w| w.acked),
+            )
+        });
         let server = self.memory.as_ref().map(|memory| Server {
-            pid: match memory {
-                host::MemorySource::Pid(pid) => Some(*pid),
-                host::MemorySource::Metrics(_) => None,
+            pids: match memory {
+                host::MemorySource::Pids(pids) => pids.clone(),
+                host::MemorySource::Metrics(_) => Vec::new(),
             },
             metrics: match memory {
                 host::MemorySource::Metrics(url) => Some(url.clone()),
-                host::MemorySource::Pid(_) => None,
+                host::MemorySource::Pids(_) => None,
             },
+            cpu,
             rss_start_kib: self.rss_start,
             rss_connected_kib: self.rss_connected,
             rss_end_kib: rss_end,

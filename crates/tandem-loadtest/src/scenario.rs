@@ -380,7 +380,14 @@ pub async fn rooms(run: &mut Run, args: &RoomsArgs) -> Result<Finished, LoadErro
                     subscription: Some(room.dataset.clone()),
                     follows: group_ledgers
                         .iter()
-                        .map(|l| Coverage::new(l.clone()))
+                        .enumerate()
+                        .map(|(w, l)| {
+                            if w == u {
+                                Coverage::of_own_writes(l.clone())
+                            } else {
+                                Coverage::new(l.clone())
+                            }
+                        })
                         .collect(),
                     writer: Some(Writer::new(
                         ledger.clone(),

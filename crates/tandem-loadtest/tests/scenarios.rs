@@ -94,12 +94,18 @@ async fn run(server: &TestServer, args: &[&str]) -> Report {
 async fn test_fanout_delivers_every_write_to_every_subscriber() {
     let server = TestServer::start();
     // Two --url entries for one server: connections go round-robin across them. Whole
-    // `dataset` frames (--no-delta), each the whole ~2000-byte document.
+    // `dataset` frames (--no-delta), each the whole ~2000-byte document. The server runs in
+    // this process: its pid, twice, stands for two nodes.
+    let pid = std::process::id().to_string();
     let report = run(
         &server,
         &[
             "--url",
             &server.url,
+            "--server-pid",
+            &pid,
+            "--server-pid",
+            &pid,
             "--no-delta",
             "fanout",
             "--subscribers",
@@ -123,6 +129,17 @@ async fn test_fanout_delivers_every_write_to_every_subscriber() {
     assert_eq!(deliveries.received, 5 * 20, "{}", report.to_table());
     assert_eq!(deliveries.lost, 0);
     assert_eq!(deliveries.latency_ms.count, 100);
+    // One first delivery per write; the first subscriber is never later than all of them.
+    let first = &deliveries.first_latency_ms;
+    assert_eq!(first.count, 20);
+    assert!(first.p50 <= deliveries.latency_ms.p50);
+    assert!(first.max <= deliveries.latency_ms.max);
+    assert!(report.to_table().contains("first delivery"));
+    let server_figures = report.server.as_ref().unwrap();
+    assert_eq!(server_figures.pids.len(), 2);
+    let cpu = server_figures.cpu.as_ref().unwrap();
+    assert!(cpu.window_seconds > 0.0);
+    assert!(cpu.per_delivery_us.is_some() && cpu.per_commit_us.is_some());
     assert!(deliveries.push_bytes >= deliveries.push_frames * 2000);
     assert_eq!(deliveries.delta_frames, 0);
     assert_eq!(deliveries.subscribers, 5);
@@ -137,6 +154,8 @@ async fn test_fanout_delivers_every_write_to_every_subscriber() {
     // The JSON form carries the same figures.
     let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
     assert_eq!(json["deliveries"]["received"], 100);
+    assert_eq!(json["deliveries"]["first_latency_ms"]["count"], 20);
+    assert!(json["server"]["cpu"]["per_delivery_us"].is_number());
     assert_eq!(json["scenario"], "fanout");
 }
 
@@ -275,6 +294,8 @@ async fn test_rooms_every_member_receives_every_members_writes() {
     assert_eq!(deliveries.expected, 90);
     assert_eq!(deliveries.received, 90, "{}", report.to_table());
     assert_eq!(deliveries.lost, 0);
+    // A member's own push is not a first delivery, but each write reaches two others.
+    assert_eq!(deliveries.first_latency_ms.count, 30);
     assert_eq!(deliveries.at_final_sync_count, 6);
     assert_eq!(report.connections.established, 6);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
@@ -404,7 +425,7 @@ async fn test_idle_reads_the_server_memory_from_its_metrics() {
     .await;
     assert_eq!(report.connections.established, 10, "{}", report.to_table());
     let memory = report.server.as_ref().unwrap();
-    assert_eq!(memory.pid, None);
+    assert!(memory.pids.is_empty());
     assert_eq!(memory.metrics.as_deref(), Some(metrics.as_str()));
     // The server runs in this process: its gauge is this process's memory.
     let start = memory.rss_start_kib.expect("read from /metrics");
