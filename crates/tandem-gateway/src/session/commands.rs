@@ -278,6 +278,9 @@ impl Session {
                     sync_count: Some(sync_count),
                     records: Some(changed.clone()),
                 });
+                // Let the ack's writer, woken just now, run before the fan-out wakes every
+                // subscriber's: the writer hears back first, not last.
+                tokio::task::yield_now().await;
                 self.gw
                     .hub
                     .publish_commit(dataset, sync_count, snapshot.records, changed)
