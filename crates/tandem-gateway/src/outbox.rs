@@ -3,7 +3,7 @@
 //! (a whole frame) or is merged into it (deltas), so a slow client costs memory bounded by
 //! its datasets' sizes and still ends at the latest state.
 
-use crate::push::{self, Push};
+use crate::push::{self, Delta, Push};
 use axum::extract::ws::Utf8Bytes;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
@@ -43,11 +43,14 @@ pub enum PushKind {
 /// The unsent push of one subscription.
 enum Pending {
     Whole(Arc<Push>),
-    /// Consecutive commits on top of `base` (what the client holds), to be sent as one
-    /// `delta`; `bytes` are their delta frames' sizes summed, kept below the whole frame's.
+    /// Consecutive commits' deltas on top of `base` (what the client holds), to be sent as
+    /// one `delta`; `bytes` are their frames' sizes summed, kept below the whole frame's.
+    /// Only the deltas and the newest push (for its whole frame) are held: a long chain of a
+    /// large dataset must not keep every commit's whole frame alive.
     Deltas {
         base: u64,
-        parts: Vec<Arc<Push>>,
+        parts: Vec<Arc<Delta>>,
+        newest: Arc<Push>,
         bytes: usize,
     },
 }
@@ -193,6 +196,18 @@ impl Outbox {
         self.state.lock().lean = lean;
     }
 
+    /// Sets whether an existing subscription's pushes go as deltas; false when the connection
+    /// is not (or no longer) subscribed to the dataset.
+    pub fn set_delta(&self, dataset: &DatasetKey, delta: bool) -> bool {
+        match self.state.lock().slots.get_mut(dataset) {
+            Some(slot) => {
+                slot.delta = delta;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Starts accepting pushes for a dataset, as deltas or whole frames. Returns false if it
     /// was already subscribed (then only the push form changes, from the next push on).
     pub fn subscribe(&self, dataset: Arc<DatasetKey>, delta: bool) -> bool {
@@ -270,28 +285,36 @@ impl Outbox {
         let delta = push
             .delta()
             .filter(|_| slot.delta && slot.based && n == slot.last + 1)
-            .map(|d| d.len());
+            .cloned();
         let base = slot.last;
         slot.last = n;
         slot.last_push = Some(push.clone());
         if let Some((_, pending)) = &mut slot.pending {
             // The queue entry keeps its position and sequence number.
             match (pending, delta) {
-                (Pending::Deltas { parts, bytes, .. }, Some(len))
-                    if *bytes + len <= push.whole_len() =>
-                {
-                    parts.push(push.clone());
-                    *bytes += len;
+                (
+                    Pending::Deltas {
+                        parts,
+                        newest,
+                        bytes,
+                        ..
+                    },
+                    Some(delta),
+                ) if *bytes + delta.frame.len() <= push.whole_len() => {
+                    *bytes += delta.frame.len();
+                    parts.push(delta);
+                    *newest = push.clone();
                 }
                 (pending, _) => *pending = Pending::Whole(push.clone()),
             }
             return;
         }
         let pending = match delta {
-            Some(bytes) => Pending::Deltas {
+            Some(delta) => Pending::Deltas {
                 base,
-                parts: vec![push.clone()],
-                bytes,
+                bytes: delta.frame.len(),
+                parts: vec![delta],
+                newest: push.clone(),
             },
             None => Pending::Whole(push.clone()),
         };
@@ -390,7 +413,7 @@ impl Outbox {
                                 && slot.pending.as_ref().is_some_and(|(p, _)| *p == seq)
                                 && let Some((_, pending)) = slot.pending.take()
                             {
-                                out.push(materialize(pending, lean));
+                                out.push(materialize(&dataset, pending, lean, slot.delta));
                             }
                         }
                         Item::Close(code) => {
@@ -409,16 +432,28 @@ impl Outbox {
     }
 }
 
-/// The frame an unsent push becomes when the writer takes it.
-fn materialize(pending: Pending, lean: bool) -> Outgoing {
+/// The frame an unsent push becomes when the writer takes it: the deltas merged, unless
+/// the subscription no longer wants deltas, a delta does not read back, or the merge came
+/// out larger than the whole frame (records of earlier commits gain a `syncCount`).
+fn materialize(dataset: &DatasetKey, pending: Pending, lean: bool, delta: bool) -> Outgoing {
     match pending {
         Pending::Whole(p) => Outgoing::Push(p.whole(lean), PushKind::Whole),
-        Pending::Deltas { base, parts, .. } => match parts.as_slice() {
-            [one] => match one.delta() {
-                Some(frame) => Outgoing::Push(frame.clone(), PushKind::Delta),
-                None => Outgoing::Push(one.whole(lean), PushKind::Whole),
+        Pending::Deltas { newest, .. } if !delta => {
+            Outgoing::Push(newest.whole(lean), PushKind::Whole)
+        }
+        Pending::Deltas {
+            base,
+            parts,
+            newest,
+            ..
+        } => match parts.as_slice() {
+            [one] => Outgoing::Push(one.frame.clone(), PushKind::Delta),
+            _ => match push::merge(dataset, base, &parts) {
+                Some(merged) if merged.len() <= newest.whole_len() => {
+                    Outgoing::Push(merged, PushKind::Merged)
+                }
+                _ => Outgoing::Push(newest.whole(lean), PushKind::Whole),
             },
-            _ => Outgoing::Push(push::merge(base, &parts), PushKind::Merged),
         },
     }
 }
@@ -641,6 +676,57 @@ mod tests {
         // A whole-frame subscription never gets deltas.
         ob.subscribe(k.clone(), false);
         ob.push(&k, &real(&k, 21, "h"));
+        assert_eq!(take(&ob).await[0].1, Some(PushKind::Whole));
+    }
+
+    #[tokio::test]
+    async fn test_outbox_delta_chain_holds_deltas_not_every_whole_frame() {
+        let ob = Outbox::new(8, 1 << 20);
+        let k = key();
+        ob.subscribe(k.clone(), true);
+        ob.snapshot(&k, 0, "s0".into()).unwrap();
+        take(&ob).await;
+        // The writer is stuck: 500 commits of a ~100 KB dataset, one small change each.
+        let mut weak = Vec::new();
+        for n in 1..=500u64 {
+            let p = Arc::new(Push::new(
+                k.clone(),
+                n,
+                "x".repeat(100_000).into(),
+                Some(push::delta_frame(&k, n, vec![]).into()),
+            ));
+            weak.push(Arc::downgrade(&p));
+            ob.push(&k, &p);
+        }
+        let alive = weak.iter().filter(|w| w.strong_count() > 0).count();
+        assert!(alive <= 2, "{alive} whole frames held by one subscriber");
+        let sent = take(&ob).await;
+        assert_eq!(sent[0].1, Some(PushKind::Merged));
+        assert!(sent[0].0.contains(r#""baseSyncCount":0,"syncCount":500"#));
+    }
+
+    #[tokio::test]
+    async fn test_outbox_set_delta_only_touches_a_live_subscription() {
+        let ob = Outbox::new(8, 1 << 20);
+        let k = key();
+        assert!(!ob.set_delta(&k, true));
+        ob.subscribe(k.clone(), false);
+        assert!(ob.set_delta(&k, true));
+        // The hub ended it (a delete, a revoke): a re-subscribe must start afresh.
+        ob.unsubscribe(&k, None).unwrap();
+        assert!(!ob.set_delta(&k, true));
+        assert!(!ob.is_subscribed(&k));
+    }
+
+    #[tokio::test]
+    async fn test_outbox_pending_deltas_go_whole_once_deltas_are_turned_off() {
+        let ob = Outbox::new(8, 1 << 20);
+        let k = key();
+        ob.subscribe(k.clone(), true);
+        ob.snapshot(&k, 2, "s2".into()).unwrap();
+        take(&ob).await;
+        ob.push(&k, &real(&k, 3, "a"));
+        assert!(ob.set_delta(&k, false));
         assert_eq!(take(&ob).await[0].1, Some(PushKind::Whole));
     }
 }

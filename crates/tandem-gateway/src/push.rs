@@ -1,8 +1,9 @@
 //! One commit's push as a node shares it between its local subscribers: the whole-dataset
 //! frame (lean encoding, as the broker carried it), the same frame in the full encoding for
-//! sessions without `lean` (made once, on first use), and the commit's `delta` frame. A
-//! subscriber's outbox holds these by reference; merged deltas of a slow subscriber are made
-//! from the commits' records when its writer takes them.
+//! sessions without `lean` (made once, on first use), and the commit's `delta` frame, a
+//! separate shared [`Delta`] so that a slow subscriber's chain of pending deltas holds only
+//! the deltas, not every commit's whole frame. Merged deltas are made from the deltas'
+//! records when the subscriber's writer takes them.
 
 use axum::extract::ws::Utf8Bytes;
 use std::collections::BTreeMap;
@@ -18,9 +19,26 @@ pub(crate) struct Push {
     /// The `dataset` frame, full encoding.
     full: OnceLock<Utf8Bytes>,
     /// The `delta` frame from `sync_count - 1`, when the committing node sent one.
-    delta: Option<Utf8Bytes>,
-    /// The delta's records, read back for merging.
-    delta_records: OnceLock<Vec<Record>>,
+    delta: Option<Arc<Delta>>,
+}
+
+/// One commit's `delta` frame.
+pub(crate) struct Delta {
+    pub sync_count: u64,
+    pub frame: Utf8Bytes,
+    /// The frame's records, read back for merging (`None`: it did not read back).
+    records: OnceLock<Option<Vec<Record>>>,
+}
+
+impl Delta {
+    fn records(&self) -> Option<&[Record]> {
+        self.records
+            .get_or_init(|| match ServerFrame::from_json(self.frame.as_str()) {
+                Ok(ServerFrame::Delta { records, .. }) => Some(records),
+                _ => None,
+            })
+            .as_deref()
+    }
 }
 
 impl std::fmt::Debug for Push {
@@ -44,8 +62,13 @@ impl Push {
             sync_count,
             lean,
             full: OnceLock::new(),
-            delta,
-            delta_records: OnceLock::new(),
+            delta: delta.map(|frame| {
+                Arc::new(Delta {
+                    sync_count,
+                    frame,
+                    records: OnceLock::new(),
+                })
+            }),
         }
     }
 
@@ -69,21 +92,8 @@ impl Push {
         self.lean.len()
     }
 
-    pub fn delta(&self) -> Option<&Utf8Bytes> {
+    pub fn delta(&self) -> Option<&Arc<Delta>> {
         self.delta.as_ref()
-    }
-
-    fn delta_records(&self) -> &[Record] {
-        self.delta_records.get_or_init(|| {
-            match self
-                .delta
-                .as_ref()
-                .map(|d| ServerFrame::from_json(d.as_str()))
-            {
-                Some(Ok(ServerFrame::Delta { records, .. })) => records,
-                _ => Vec::new(),
-            }
-        })
     }
 }
 
@@ -109,24 +119,23 @@ pub(crate) fn delta_frame(dataset: &DatasetKey, sync_count: u64, records: Vec<Re
 }
 
 /// One `delta` frame for consecutive commits `parts` (each one's base the previous one's
-/// sync count) applied on `base`: the newest version of every key they wrote.
-pub(crate) fn merge(base: u64, parts: &[Arc<Push>]) -> Utf8Bytes {
-    let Some(last) = parts.last() else {
-        return Utf8Bytes::from_static("");
-    };
+/// sync count) applied on `base`: the newest version of every key they wrote. `None` when a
+/// part does not read back (then only the whole frame is right).
+pub(crate) fn merge(dataset: &DatasetKey, base: u64, parts: &[Arc<Delta>]) -> Option<Utf8Bytes> {
+    let last = parts.last()?;
     let mut newest: BTreeMap<&str, &Record> = BTreeMap::new();
     for part in parts {
-        for record in part.delta_records() {
+        for record in part.records()? {
             newest.insert(&record.key, record);
         }
     }
     let frame = ServerFrame::Delta {
-        dataset: last.dataset.to_ref(),
+        dataset: dataset.to_ref(),
         base_sync_count: base,
         sync_count: last.sync_count,
         records: newest.into_values().cloned().collect(),
     };
-    Utf8Bytes::from(frame.encode(Encoding::Lean))
+    Some(Utf8Bytes::from(frame.encode(Encoding::Lean)))
 }
 
 #[cfg(test)]
@@ -145,8 +154,12 @@ mod tests {
         }
     }
 
+    fn parts_key() -> DatasetKey {
+        DatasetKey::new("default", "u1", "ds")
+    }
+
     fn push(n: u64, changed: Vec<Record>, all: Vec<Record>) -> Arc<Push> {
-        let key = Arc::new(DatasetKey::new("default", "u1", "ds"));
+        let key = Arc::new(parts_key());
         Arc::new(Push::new(
             key.clone(),
             n,
@@ -170,7 +183,8 @@ mod tests {
                 vec![],
             ),
         ];
-        let merged = merge(4, &parts);
+        let parts: Vec<_> = parts.iter().map(|p| p.delta().unwrap().clone()).collect();
+        let merged = merge(&parts_key(), 4, &parts).unwrap();
         let frame = ServerFrame::from_json(merged.as_str()).unwrap();
         assert_eq!(
             frame,
@@ -201,5 +215,16 @@ mod tests {
             ServerFrame::from_json(p.whole(true).as_str()).unwrap()
         );
         assert!(p.whole(true).len() < full.len());
+    }
+
+    #[test]
+    fn test_push_merge_of_a_delta_that_does_not_read_back_is_none() {
+        let bad = Arc::new(Push::new(
+            Arc::new(parts_key()),
+            5,
+            "p5".into(),
+            Some("not a frame".into()),
+        ));
+        assert!(merge(&parts_key(), 4, &[bad.delta().unwrap().clone()]).is_none());
     }
 }

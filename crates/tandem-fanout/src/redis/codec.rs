@@ -10,8 +10,8 @@ use tandem_store::DatasetKey;
 // (length 0: none) and the dataset frame bytes verbatim (to the end of the message), for a
 // delete the sync count and the frame verbatim, for a revoke the identity as a fourth string.
 // Lengths and the sync count are big-endian u32 and u64. Version 2 added the commit's delta;
-// a node of version 1 drops version-2 messages (upgrade every node of a deployment together,
-// see docs/OPERATIONS.md).
+// this code still reads version 1, but a node of version 1 drops version-2 messages (see
+// docs/OPERATIONS.md on upgrading).
 
 pub(super) const VERSION: u8 = 2;
 pub(super) const KIND_COMMIT: u8 = 1;
@@ -90,7 +90,9 @@ pub(super) enum DecodeError {
 pub(super) fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let mut reader = Reader(bytes);
     let version = reader.u8()?;
-    if version != VERSION {
+    // Version 1 (before commits carried a delta) is still read, so that a node upgraded
+    // before the others hears their commits, deletes and revokes.
+    if version != VERSION && version != 1 {
         return Err(DecodeError::Version(version));
     }
     let kind = reader.u8()?;
@@ -111,7 +113,11 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         }
         KIND_COMMIT => {
             let sync_count = reader.u64()?;
-            let delta = reader.bytes()?;
+            let delta = if version == 1 {
+                &[][..]
+            } else {
+                reader.bytes()?
+            };
             let delta = (!delta.is_empty()).then(|| Bytes::copy_from_slice(delta));
             let frame = Bytes::copy_from_slice(reader.0);
             Ok(Event::Commit {

@@ -139,3 +139,25 @@ async fn test_redis_start_rejects_an_invalid_url() {
     let result = RedisBroker::start(RedisConfig::new("not a url"), Arc::new(Nothing));
     assert!(matches!(result, Err(FanoutError::Unavailable(_))));
 }
+
+#[test]
+fn test_redis_envelope_version_1_is_still_read() {
+    let dataset = key("u", "d");
+    // A version-1 commit: no delta length, the frame to the end.
+    let mut v1 = vec![1, KIND_COMMIT];
+    for part in ["default", "u", "d"] {
+        v1.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        v1.extend_from_slice(part.as_bytes());
+    }
+    v1.extend_from_slice(&9u64.to_be_bytes());
+    v1.extend_from_slice(b"{\"frame\":9}");
+    assert_eq!(
+        decode(&v1),
+        Ok(Event::Commit {
+            dataset,
+            sync_count: 9,
+            frame: Bytes::from_static(b"{\"frame\":9}"),
+            delta: None,
+        })
+    );
+}

@@ -150,7 +150,9 @@ impl Session {
             Ok(key) => Arc::new(key),
             Err(e) => return Some(store_error(Some(id), &e)),
         };
-        let fresh = !self.outbox.is_subscribed(&key);
+        // An existing subscription only changes its push form. One the hub ended meanwhile
+        // (delete, revoke) is gone from the outbox too, so it is subscribed afresh.
+        let fresh = !self.outbox.set_delta(&key, delta);
         if fresh {
             let max = self.gw.config.max_subscriptions;
             if self.outbox.subscription_count() >= max {
@@ -180,7 +182,6 @@ impl Session {
                 }
             }
         } else {
-            self.outbox.subscribe(key.clone(), delta);
             key
         };
         match self.read_for_subscribe(&key, identity, since).await {

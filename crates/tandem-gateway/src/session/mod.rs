@@ -74,7 +74,7 @@ pub(crate) async fn serve<Si, St>(
         let cancel = gw.shutdown.child_token();
         // Not instrumented: the writer is polled for every push, and entering a span each
         // time costs more than its rare log lines are worth; they carry the session label.
-        let writer = tokio::spawn(transport::run_writer(
+        let mut writer = tokio::spawn(transport::run_writer(
             sink,
             transport::Writer {
                 outbox: outbox.clone(),
@@ -116,7 +116,10 @@ pub(crate) async fn serve<Si, St>(
         }
         // The writer sends what is queued, then the close frame; give it the write deadline.
         let deadline = gw.config.write_timeout + Duration::from_secs(1);
-        if tokio::time::timeout(deadline, writer).await.is_err() {
+        if tokio::time::timeout(deadline, &mut writer).await.is_err() {
+            // A peer that takes a byte now and then would keep a detached writer (and its
+            // socket) alive past the session, uncounted by the connection limits.
+            writer.abort();
             tracing::debug!("writer did not finish in time");
         }
         tracing::debug!("session ended");
