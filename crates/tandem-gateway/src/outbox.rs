@@ -84,6 +84,7 @@ impl Slots {
             .or_else(|| self.0.iter().position(|(k, _)| **k == *key))
     }
 
+    #[cfg(test)]
     fn contains_key(&self, key: &DatasetKey) -> bool {
         self.position(key).is_some()
     }
@@ -229,6 +230,7 @@ impl Outbox {
         true
     }
 
+    #[cfg(test)]
     pub fn is_subscribed(&self, dataset: &DatasetKey) -> bool {
         self.state.lock().slots.contains_key(dataset)
     }
