@@ -56,6 +56,18 @@ async fn send_subscribe(raw: &mut RawSocket, id: u64, delta: Option<bool>, since
     raw.send(0x1, frame.to_json().as_bytes()).await;
 }
 
+/// The reply to a `subscribe`, past any whole pushes that came first: a commit acknowledged
+/// just before can still be in its fan-out when the subscription registers (the ack goes
+/// first), and such a push is no newer than the reply (a newer one is sent again after it).
+async fn recv_reply(raw: &mut RawSocket) -> ServerFrame {
+    loop {
+        match raw.recv_frame().await {
+            ServerFrame::Dataset { .. } => continue,
+            frame => return frame,
+        }
+    }
+}
+
 /// A client's copy of a dataset, kept the way the protocol says.
 #[derive(Debug, Default, PartialEq)]
 struct Copy {
@@ -185,10 +197,10 @@ async fn test_delta_off_per_subscription_and_without_features_gets_whole_frames(
     let (mut plain, features) = RawSocket::with_features(&server, "bob", &[]).await;
     assert!(features.is_empty());
     send_subscribe(&mut plain, 1, None, None).await;
-    plain.recv_frame().await;
+    recv_reply(&mut plain).await;
     let (mut opted_out, _) = RawSocket::with_features(&server, "bob", FEATURES).await;
     send_subscribe(&mut opted_out, 1, Some(false), None).await;
-    opted_out.recv_frame().await;
+    recv_reply(&mut opted_out).await;
 
     commit(&alice, vec![Patch::replace("item00", "x", first)]).await;
     let full = plain.recv_text().await;
@@ -223,7 +235,7 @@ async fn test_delta_slow_reader_gets_merged_deltas_that_end_at_the_newest_state(
     let (mut bob, _) = RawSocket::with_features(&server, "bob", FEATURES).await;
     send_subscribe(&mut bob, 1, None, None).await;
     let mut copy = Copy::default();
-    match bob.recv_frame().await {
+    match recv_reply(&mut bob).await {
         ServerFrame::Snapshot {
             sync_count,
             records,
@@ -278,7 +290,7 @@ async fn test_subscribe_with_since_resumes_with_the_changes() {
 
     // Caught up: nothing to send.
     send_subscribe(&mut bob, 1, None, Some(first)).await;
-    match bob.recv_frame().await {
+    match recv_reply(&mut bob).await {
         ServerFrame::Snapshot {
             sync_count,
             since,
@@ -295,7 +307,7 @@ async fn test_subscribe_with_since_resumes_with_the_changes() {
     let now = commit(&alice, vec![Patch::remove("item02", first)]).await;
     let (mut again, _) = RawSocket::with_features(&server, "bob", FEATURES).await;
     send_subscribe(&mut again, 1, None, Some(first)).await;
-    match again.recv_frame().await {
+    match recv_reply(&mut again).await {
         ServerFrame::Snapshot {
             sync_count,
             since,
@@ -314,7 +326,7 @@ async fn test_subscribe_with_since_resumes_with_the_changes() {
     // A client that claims a state the store never had gets the whole dataset.
     let (mut ahead, _) = RawSocket::with_features(&server, "bob", FEATURES).await;
     send_subscribe(&mut ahead, 1, None, Some(now + 100)).await;
-    match ahead.recv_frame().await {
+    match recv_reply(&mut ahead).await {
         ServerFrame::Snapshot { since, records, .. } => {
             assert_eq!(since, None);
             assert_eq!(records.len(), 19);
@@ -325,7 +337,7 @@ async fn test_subscribe_with_since_resumes_with_the_changes() {
     alice.delete_dataset(DatasetRef::own("doc")).await.unwrap();
     let (mut gone, _) = RawSocket::with_features(&server, "alice", FEATURES).await;
     send_subscribe(&mut gone, 1, None, Some(first)).await;
-    match gone.recv_frame().await {
+    match recv_reply(&mut gone).await {
         ServerFrame::Snapshot { since, records, .. } => {
             assert_eq!(since, None);
             assert!(records.is_empty());
@@ -340,7 +352,7 @@ async fn test_writers_ack_comes_before_the_push_of_its_own_commit() {
     let (_alice, first) = twenty_records(&server).await;
     let (mut raw, _) = RawSocket::with_features(&server, "alice", FEATURES).await;
     send_subscribe(&mut raw, 1, None, None).await;
-    raw.recv_frame().await;
+    recv_reply(&mut raw).await;
     let mut base = first;
     for id in 2..12u64 {
         let update = ClientFrame::Update {
@@ -379,7 +391,7 @@ async fn test_slow_reader_that_still_reads_is_not_closed() {
     let (mut bob, _) =
         RawSocket::with_features_and_buffer(&server, "bob", &[], Some(1 << 20)).await;
     send_subscribe(&mut bob, 1, None, None).await;
-    bob.recv_frame().await;
+    recv_reply(&mut bob).await;
 
     // Whole frames of ~3 MB; bob takes 32 KB every 100 ms (~320 KB/s), so one frame takes
     // longer than the write timeout to get through (a deadline on the whole write would close
@@ -433,11 +445,11 @@ async fn test_cluster_deltas_cross_nodes_and_the_ack_comes_first() {
     // node 1 with deltas, carol through node 1 with neither feature.
     let (mut writer, _) = RawSocket::with_features(&nodes[0], "alice", FEATURES).await;
     send_subscribe(&mut writer, 1, None, None).await;
-    writer.recv_frame().await;
+    recv_reply(&mut writer).await;
     let (mut bob, _) = RawSocket::with_features(&nodes[1], "bob", FEATURES).await;
     send_subscribe(&mut bob, 1, None, None).await;
     let mut copy = Copy::default();
-    match bob.recv_frame().await {
+    match recv_reply(&mut bob).await {
         ServerFrame::Snapshot {
             sync_count,
             records,
@@ -452,7 +464,7 @@ async fn test_cluster_deltas_cross_nodes_and_the_ack_comes_first() {
         .unwrap();
     let (mut carol, _) = RawSocket::with_features(&nodes[1], "carol", &[]).await;
     send_subscribe(&mut carol, 1, None, None).await;
-    carol.recv_frame().await;
+    recv_reply(&mut carol).await;
 
     let mut base = first;
     let mut item00 = first;
