@@ -14,6 +14,7 @@ use tandem_client::Connection;
 use tandem_protocol::ServerFrame;
 
 pub mod cluster;
+pub mod hook;
 pub mod proxy;
 pub mod raw;
 

@@ -1087,3 +1087,55 @@ async fn test_cognito_sync_unknown_routes_and_dot_names_are_refused_and_change_n
 
     written.assert_unchanged().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cognito_sync_hook_stands_in_for_the_sync_trigger() {
+    use tandem_tests::hook::{Hook, Mode, SECRET as HOOK_SECRET};
+    let hook = Hook::start().await;
+    let server = TestServer::builder()
+        .arg("--cognito-identity-pool", POOL)
+        .arg("--sync-hook-url", hook.url())
+        .arg("--sync-hook-secret", HOOK_SECRET)
+        .arg("--sync-hook-timeout", "300ms")
+        .start();
+    let alice = credentials(ALICE);
+
+    // Rewritten: the answer carries the value as stored.
+    let written = update(
+        &server,
+        &alice,
+        ALICE,
+        "notes",
+        json!([{ "Op": "replace", "Key": "title", "Value": "hello", "SyncCount": 0 }]),
+    )
+    .await;
+    assert_eq!(written.status, 200, "{}", written.body);
+    assert_eq!(written.body["Records"][0]["Value"], "HELLO");
+
+    // Rejected: Cognito's LambdaRejectedException, nothing written.
+    let refused = update(
+        &server,
+        &alice,
+        ALICE,
+        "notes",
+        json!([{ "Op": "replace", "Key": "body", "Value": "far too long a value", "SyncCount": 0 }]),
+    )
+    .await;
+    refused.assert_error(400, "LambdaRejectedException");
+
+    // No answer in time: LambdaThrottledException (429, which the SDKs retry).
+    hook.set(Mode::Sleep);
+    let late = update(
+        &server,
+        &alice,
+        ALICE,
+        "notes",
+        json!([{ "Op": "replace", "Key": "later", "Value": "x", "SyncCount": 0 }]),
+    )
+    .await;
+    late.assert_error(429, "LambdaThrottledException");
+
+    let listed = list_records(&server, &alice, ALICE, "notes", "").await;
+    assert_eq!(keys(&listed["Records"]), ["title"]);
+    assert_eq!(hook.bad_signatures(), 0);
+}

@@ -43,6 +43,10 @@ pub enum ErrorType {
     UnknownOperation,
     /// Push sync routes on a pool without push sync (400).
     InvalidConfiguration,
+    /// The sync hook (Cognito's Sync Trigger) refused the update (400).
+    LambdaRejected,
+    /// The sync hook did not answer (timeout, failure, breaker open) (429, retried).
+    LambdaThrottled,
 }
 
 impl ErrorType {
@@ -63,6 +67,8 @@ impl ErrorType {
             Self::InternalError | Self::Unavailable => "InternalErrorException",
             Self::UnknownOperation => "UnknownOperationException",
             Self::InvalidConfiguration => "InvalidConfigurationException",
+            Self::LambdaRejected => "LambdaRejectedException",
+            Self::LambdaThrottled => "LambdaThrottledException",
         }
     }
 
@@ -74,7 +80,8 @@ impl ErrorType {
             Self::IncompleteSignature
             | Self::InvalidParameter
             | Self::LimitExceeded
-            | Self::InvalidConfiguration => 400,
+            | Self::InvalidConfiguration
+            | Self::LambdaRejected => 400,
             Self::MissingAuthenticationToken
             | Self::InvalidSignature
             | Self::UnrecognizedClient
@@ -82,7 +89,7 @@ impl ErrorType {
             | Self::NotAuthorized => 403,
             Self::ResourceNotFound | Self::UnknownOperation => 404,
             Self::ResourceConflict => 409,
-            Self::TooManyRequests => 429,
+            Self::TooManyRequests | Self::LambdaThrottled => 429,
             Self::InternalError => 500,
             Self::Unavailable => 503,
         }
@@ -105,6 +112,7 @@ impl ErrorType {
             ErrorCode::RateLimited => Self::TooManyRequests,
             ErrorCode::Unavailable => Self::Unavailable,
             ErrorCode::Internal => Self::InternalError,
+            ErrorCode::Rejected => Self::LambdaRejected,
         }
     }
 }

@@ -160,6 +160,45 @@ pub struct GatewayConfig {
     /// dataset sixfold, hence the default of 8 MiB).
     #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_COGNITO_MAX_BODY_BYTES"))]
     pub cognito_max_body_bytes: usize,
+    /// An HTTP endpoint asked before every update commits (WebSocket and Cognito REST
+    /// writes alike): it accepts, rewrites the patches, or rejects (`rejected`); when it fails
+    /// or does not answer in `sync_hook_timeout` the update is refused as `unavailable`
+    /// (docs/HOOKS.md). `http://host[:port]/path`; unset, no hook.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::hook::deserialize_url"
+    )]
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, env = "TANDEM_SYNC_HOOK_URL", value_parser = crate::hook::parse_url)
+    )]
+    pub sync_hook_url: Option<String>,
+    /// The shared secret the hook's requests are signed with (`X-Tandem-Signature`);
+    /// unset, requests are not signed.
+    #[serde(skip_serializing)]
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, env = "TANDEM_SYNC_HOOK_SECRET", hide_env_values = true)
+    )]
+    pub sync_hook_secret: Option<String>,
+    /// How long one hook call may take; past it the update is refused as `unavailable`.
+    #[serde(with = "duration")]
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, env = "TANDEM_SYNC_HOOK_TIMEOUT", value_parser = duration::parse)
+    )]
+    pub sync_hook_timeout: Duration,
+    /// Consecutive hook failures (errors or timeouts) that open its circuit breaker: while
+    /// open, updates are refused as `unavailable` without calling the hook.
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_SYNC_HOOK_BREAKER_FAILURES"))]
+    pub sync_hook_breaker_failures: u32,
+    /// How long the breaker stays open before one call tries the hook again.
+    #[serde(with = "duration")]
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, env = "TANDEM_SYNC_HOOK_BREAKER_OPEN", value_parser = duration::parse)
+    )]
+    pub sync_hook_breaker_open: Duration,
     /// The port this node listens on, for dev mode's `Host` check; 0 = any. Set by the
     /// binary once it has bound the listener, never read from settings.
     #[serde(skip)]
@@ -212,6 +251,11 @@ impl Default for GatewayConfig {
             max_log_lines: 10,
             log_interval: Duration::from_secs(10),
             cognito_max_body_bytes: 8 * 1024 * 1024,
+            sync_hook_url: None,
+            sync_hook_secret: None,
+            sync_hook_timeout: Duration::from_secs(5),
+            sync_hook_breaker_failures: 5,
+            sync_hook_breaker_open: Duration::from_secs(30),
             listen_port: 0,
             dev_token_secret: None,
             cognito: crate::CognitoConfig::default(),
@@ -255,6 +299,8 @@ impl std::fmt::Debug for GatewayConfig {
             .field("max_log_lines", &self.max_log_lines)
             .field("log_interval", &self.log_interval)
             .field("cognito_max_body_bytes", &self.cognito_max_body_bytes)
+            .field("sync_hook_url", &self.sync_hook_url)
+            .field("sync_hook_timeout", &self.sync_hook_timeout)
             .field("listen_port", &self.listen_port)
             .field("dev_mode", &self.dev_token_secret.is_some())
             .field("cognito", &self.cognito)

@@ -13,6 +13,7 @@ pub mod cognito;
 pub mod config;
 mod connections;
 mod demo;
+mod hook;
 mod hub;
 mod listener;
 mod metrics;
@@ -68,6 +69,8 @@ pub struct Gateway {
     session_salt: u64,
     /// The Cognito Sync API, when a Cognito identity pool is configured.
     cognito_sync: Option<cognito::sync::SyncApi>,
+    /// The deployment's sync hook, when one is configured.
+    hook: Option<hook::SyncHook>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -93,6 +96,7 @@ impl Gateway {
             cognito_sync: cognito::sync::SyncApi::from_config(&config),
             throttle: Throttle::new(config.max_log_lines, config.log_interval),
             cognito_identity: cognito::identity::IdentityEndpoint::new(&config.cognito),
+            hook: hook::SyncHook::from_config(&config),
             config,
             store,
             hub: Hub::new(subscribers, broker),

@@ -34,10 +34,12 @@ pub(crate) enum Event {
     OriginRefused,
     /// A dev-mode `/dev/token` request addressed to a host that is not this machine.
     HostRefused,
+    /// The sync hook gave no verdict (failed, timed out, or its breaker is open).
+    HookFailed,
 }
 
 impl Event {
-    const ALL: [Event; 7] = [
+    const ALL: [Event; 8] = [
         Event::TokenRefused,
         Event::ProtocolError,
         Event::AbruptDisconnect,
@@ -45,6 +47,7 @@ impl Event {
         Event::ConnectionLimit,
         Event::OriginRefused,
         Event::HostRefused,
+        Event::HookFailed,
     ];
 
     /// The `event` label in `/metrics` and in the summary lines.
@@ -57,6 +60,7 @@ impl Event {
             Event::ConnectionLimit => "connection_limit",
             Event::OriginRefused => "origin_refused",
             Event::HostRefused => "host_refused",
+            Event::HookFailed => "hook_failed",
         }
     }
 

@@ -32,10 +32,13 @@ pub enum ErrorCode {
     Unavailable,
     /// A fault in the server; nothing was acknowledged; retry later.
     Internal,
+    /// The deployment's sync hook refused the update (its message says why); nothing was
+    /// written. Not retriable as is.
+    Rejected,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 11] = [
         ErrorCode::BadRequest,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
@@ -46,6 +49,7 @@ impl ErrorCode {
         ErrorCode::RateLimited,
         ErrorCode::Unavailable,
         ErrorCode::Internal,
+        ErrorCode::Rejected,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -60,6 +64,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::Rejected => "rejected",
         }
     }
 

@@ -817,6 +817,19 @@ async fn update_records(
             })
         })
         .collect::<Result<Vec<Patch>, CognitoError>>()?;
+    // The sync hook stands where Cognito's Sync Trigger Lambda stood, with its errors.
+    let patches = match crate::hook::check_update(gw, id, &key, body.device_id.as_deref(), patches)
+        .await
+        .map_err(store_error)?
+    {
+        crate::hook::Checked::Commit(patches) => patches,
+        crate::hook::Checked::Rejected(message) => {
+            return Err(CognitoError::new(ErrorType::LambdaRejected, message));
+        }
+        crate::hook::Checked::Unavailable(e) => {
+            return Err(CognitoError::new(ErrorType::LambdaThrottled, e.to_string()));
+        }
+    };
     let request = UpdateRequest {
         dataset: key.clone(),
         actor: id.to_owned(),

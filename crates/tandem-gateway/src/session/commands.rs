@@ -3,6 +3,7 @@
 //! none of them touches the socket.
 
 use super::{Session, ack, store_error};
+use crate::hook::Checked;
 use crate::hub::Subscriber;
 use crate::metrics::Metrics;
 use crate::throttle::Event;
@@ -260,6 +261,28 @@ impl Session {
     ) -> Option<ServerFrame> {
         let key = match self.key(identity, &dataset) {
             Ok(key) => key,
+            Err(e) => return Some(store_error(Some(id), &e)),
+        };
+        let patches = match crate::hook::check_update(
+            &self.gw,
+            identity,
+            &key,
+            device_id.as_deref(),
+            patches,
+        )
+        .await
+        {
+            Ok(Checked::Commit(patches)) => patches,
+            Ok(Checked::Rejected(message)) => {
+                return Some(ServerFrame::error(Some(id), ErrorCode::Rejected, message));
+            }
+            Ok(Checked::Unavailable(e)) => {
+                return Some(ServerFrame::error(
+                    Some(id),
+                    ErrorCode::Unavailable,
+                    e.to_string(),
+                ));
+            }
             Err(e) => return Some(store_error(Some(id), &e)),
         };
         let request = UpdateRequest {

@@ -1,0 +1,311 @@
+//! The sync hook: an HTTP endpoint the deployment names (`sync_hook_url`) that is asked
+//! before every update commits, with the identity, the dataset, its current records and the
+//! patches, and answers accept, accept with rewritten patches, or reject (what a Cognito Sync
+//! Trigger Lambda did). Requests are signed (`X-Tandem-Signature: sha256=HMAC(secret,
+//! timestamp + "." + body)` with `X-Tandem-Timestamp`), bounded by `sync_hook_timeout`, and a
+//! circuit breaker stops calling an endpoint that keeps failing. A hook that fails, times out
+//! or is skipped by the open breaker refuses the update with `unavailable` (retriable): nothing
+//! is written without the hook's say. See docs/HOOKS.md.
+
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::Uri;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use std::time::{Duration, Instant};
+use tandem_protocol::{DatasetRef, Patch, Record};
+
+/// The most bytes of a hook's answer that are read.
+const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
+
+/// What the hook decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Commit these patches (the request's, or the hook's rewrite of them).
+    Accept(Vec<Patch>),
+    /// Refuse the update with this message.
+    Reject(String),
+}
+
+/// Why the hook gave no verdict; the update is refused as `unavailable`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum HookError {
+    #[error("the sync hook did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the sync hook failed: {0}")]
+    Failed(String),
+    #[error("the sync hook is failing; not called until its breaker closes")]
+    Open,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Request<'a> {
+    identity: &'a str,
+    dataset: DatasetRef,
+    device_id: Option<&'a str>,
+    sync_count: u64,
+    records: &'a [Record],
+    patches: &'a [Patch],
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+enum Answer {
+    Accept {
+        #[serde(default)]
+        patches: Option<Vec<Patch>>,
+    },
+    Reject {
+        #[serde(default)]
+        message: Option<String>,
+    },
+}
+
+/// Consecutive failures open the breaker for a while; then one call tries again.
+#[derive(Debug)]
+struct Breaker {
+    failures: u32,
+    open_until: Option<Instant>,
+}
+
+pub(crate) struct SyncHook {
+    url: Uri,
+    secret: Option<Vec<u8>>,
+    timeout: Duration,
+    failures_to_open: u32,
+    open_for: Duration,
+    client: Client<HttpConnector, Full<Bytes>>,
+    breaker: Mutex<Breaker>,
+}
+
+impl std::fmt::Debug for SyncHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncHook")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `sync_hook_url` from a settings file, through [`parse_url`].
+pub(crate) fn deserialize_url<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<String>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|url| parse_url(&url).map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+/// What an update becomes after the hook: the patches to commit, or the refusal.
+pub(crate) enum Checked {
+    Commit(Vec<Patch>),
+    Rejected(String),
+    Unavailable(HookError),
+}
+
+/// Runs the deployment's hook, if any, for an update; reads the dataset's current records
+/// for it (outside any store lock: the stale check at commit still guards the result).
+pub(crate) async fn check_update(
+    gw: &crate::Gateway,
+    identity: &str,
+    key: &tandem_store::DatasetKey,
+    device_id: Option<&str>,
+    patches: Vec<Patch>,
+) -> Result<Checked, tandem_store::StoreError> {
+    let Some(hook) = &gw.hook else {
+        return Ok(Checked::Commit(patches));
+    };
+    let current = gw.store.snapshot(key, identity).await?;
+    let verdict = hook
+        .check(
+            identity,
+            key.to_ref(),
+            device_id,
+            current.sync_count,
+            &current.records,
+            &patches,
+        )
+        .await;
+    Ok(match verdict {
+        Ok(Verdict::Accept(patches)) => Checked::Commit(patches),
+        Ok(Verdict::Reject(message)) => Checked::Rejected(message),
+        Err(e) => {
+            if gw.throttle.record(crate::throttle::Event::HookFailed) {
+                tracing::warn!(error = %e, "sync hook gave no verdict; update refused");
+            }
+            Checked::Unavailable(e)
+        }
+    })
+}
+
+/// A `sync_hook_url` as a setting gives it: `http://host[:port]/path`.
+pub(crate) fn parse_url(url: &str) -> Result<String, String> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| format!("invalid sync hook url `{url}`: {e}"))?;
+    if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        return Err(format!(
+            "invalid sync hook url `{url}`: expected http://host[:port]/path (put TLS in front with a proxy on the same host)"
+        ));
+    }
+    Ok(url.to_owned())
+}
+
+impl SyncHook {
+    /// The hook a deployment configured, if any.
+    pub(crate) fn from_config(config: &crate::GatewayConfig) -> Option<SyncHook> {
+        let url = config.sync_hook_url.as_deref()?;
+        let url = parse_url(url).ok()?.parse().ok()?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        Some(SyncHook {
+            url,
+            secret: config
+                .sync_hook_secret
+                .as_ref()
+                .map(|s| s.as_bytes().to_vec()),
+            timeout: config.sync_hook_timeout,
+            failures_to_open: config.sync_hook_breaker_failures.max(1),
+            open_for: config.sync_hook_breaker_open,
+            client: Client::builder(TokioExecutor::new()).build(connector),
+            breaker: Mutex::new(Breaker {
+                failures: 0,
+                open_until: None,
+            }),
+        })
+    }
+
+    /// Asks the hook about an update of `dataset` (at `sync_count`, holding `records`).
+    pub(crate) async fn check(
+        &self,
+        identity: &str,
+        dataset: DatasetRef,
+        device_id: Option<&str>,
+        sync_count: u64,
+        records: &[Record],
+        patches: &[Patch],
+    ) -> Result<Verdict, HookError> {
+        {
+            let mut breaker = self.breaker.lock();
+            if let Some(until) = breaker.open_until {
+                if Instant::now() < until {
+                    return Err(HookError::Open);
+                }
+                // Half open: this call tries; another failure opens it again at once.
+                breaker.open_until = None;
+                breaker.failures = self.failures_to_open.saturating_sub(1);
+            }
+        }
+        let body = serde_json::to_vec(&Request {
+            identity,
+            dataset,
+            device_id,
+            sync_count,
+            records,
+            patches,
+        })
+        .map_err(|e| HookError::Failed(e.to_string()))?;
+        let outcome = match tokio::time::timeout(self.timeout, self.call(body)).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(e)) => Err(HookError::Failed(e)),
+            Err(_) => Err(HookError::Timeout(self.timeout)),
+        };
+        let mut breaker = self.breaker.lock();
+        match outcome {
+            Ok(answer) => {
+                breaker.failures = 0;
+                Ok(match answer {
+                    Answer::Accept { patches: Some(p) } => Verdict::Accept(p),
+                    Answer::Accept { patches: None } => Verdict::Accept(patches.to_vec()),
+                    Answer::Reject { message } => Verdict::Reject(
+                        message.unwrap_or_else(|| "rejected by the sync hook".to_owned()),
+                    ),
+                })
+            }
+            Err(e) => {
+                breaker.failures += 1;
+                if breaker.failures >= self.failures_to_open {
+                    breaker.open_until = Some(Instant::now() + self.open_for);
+                    tracing::warn!(error = %e, open_for_ms = self.open_for.as_millis() as u64, "sync hook failing, breaker open");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn call(&self, body: Vec<u8>) -> Result<Answer, String> {
+        let timestamp = tandem_store::now_ms() / 1000;
+        let mut request = hyper::Request::post(self.url.clone())
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header(
+                hyper::header::USER_AGENT,
+                concat!("tandem/", env!("CARGO_PKG_VERSION")),
+            )
+            .header("x-tandem-timestamp", timestamp.to_string());
+        if let Some(secret) = &self.secret {
+            request = request.header("x-tandem-signature", sign(secret, timestamp, &body));
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| format!("bad request: {e}"))?;
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| format!("request failed: {e}"))?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the answer failed: {e}"))?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(format!("http status {status}"));
+        }
+        serde_json::from_slice(&body).map_err(|e| format!("unreadable answer: {e}"))
+    }
+}
+
+/// `sha256=` and the hex HMAC-SHA256 of `timestamp.body` under the secret.
+pub(crate) fn sign(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
+    // HMAC takes a key of any length; the error case cannot happen.
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else {
+        return String::new();
+    };
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    let digest = mac.finalize().into_bytes();
+    let mut out = String::with_capacity(7 + 64);
+    out.push_str("sha256=");
+    for b in digest {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_hook_signature_is_hmac_of_timestamp_dot_body() {
+        // Python: hmac.new(b"s3cret", b"1700000000." + body, hashlib.sha256).hexdigest()
+        let sig = sign(b"s3cret", 1_700_000_000, b"{}");
+        assert!(sig.starts_with("sha256="));
+        assert_eq!(sig.len(), 7 + 64);
+        assert_ne!(sig, sign(b"s3cret", 1_700_000_001, b"{}"));
+    }
+
+    #[test]
+    fn test_hook_url_must_be_plain_http() {
+        assert!(parse_url("http://127.0.0.1:9000/hook").is_ok());
+        assert!(parse_url("https://example.com/hook").is_err());
+        assert!(parse_url("not a url").is_err());
+    }
+}
