@@ -258,7 +258,12 @@ fn apply_batch(
             savepoint.rollback().map_err(db_err)?;
         }
         savepoint.commit().map_err(db_err)?;
-        wrote |= keep;
+        // A compaction that found nothing to delete did not touch the disk either.
+        wrote |= keep
+            && !matches!(
+                (op, &result),
+                (Op::CompactLog { .. }, Ok(Done::SyncCount(0)))
+            );
         results.push(result);
     }
     tx.commit().map_err(db_err)?;
