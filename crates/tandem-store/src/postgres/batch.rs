@@ -420,7 +420,8 @@ async fn decide_and_write(
         writes.extend(dataset.into_write());
     }
 
-    // 5. Every write of the batch in two statements and the commit, sent together. If the
+    // 5. Every write of the batch in three statements (dataset rows, records, commit log
+    //    entries) and the commit, sent together. If the
     //    answer to COMMIT is lost, this fails and every update gets `Unavailable`.
     let writes: Vec<&Write> = writes.iter().collect();
     let columns = write::WriteColumns::of(&writes)?;

@@ -328,7 +328,8 @@ pub(super) struct Write {
 }
 
 /// Writes planned updates (to distinct datasets, whose rows the transaction holds): every
-/// dataset row in one statement and every record in another, sent together.
+/// dataset row in one statement, every record in another and the updates' commit log
+/// entries (`log`) in a third, sent together.
 pub(super) async fn store_writes(
     tx: &Transaction<'_>,
     writes: &[&Write],
