@@ -166,7 +166,8 @@ pub trait Store: Send + Sync + 'static {
     async fn log_since(&self, after_id: i64, limit: usize) -> Result<Vec<LogEntry>, StoreError>;
 
     /// Deletes the commit log entries older than `commit_log_max_age_secs` before `now` (ms)
-    /// and, per dataset, all but the newest `commit_log_max_entries_per_dataset`; returns
+    /// (but never the store's newest entry, so no id is reused) and, per dataset, all but the
+    /// newest `commit_log_max_entries_per_dataset`; returns
     /// how many went. The store runs it about every minute; tests call it with their own
     /// `now`.
     async fn compact_log(&self, now: i64) -> Result<u64, StoreError>;

@@ -657,7 +657,11 @@ pub(super) async fn compact_log(
         i64::try_from(limits.commit_log_max_age_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
     let max_entries = to_i64(limits.commit_log_max_entries_per_dataset)?;
     let (old, over) = tokio::try_join!(
-        client.prepare_cached("DELETE FROM commit_log WHERE server_time < $1"),
+        // The store's newest entry stays, as in SQLite (where that keeps ids unique).
+        client.prepare_cached(
+            "DELETE FROM commit_log
+             WHERE server_time < $1 AND id < (SELECT max(id) FROM commit_log)"
+        ),
         client.prepare_cached(
             "DELETE FROM commit_log WHERE id IN (
                  SELECT id FROM (

@@ -22,9 +22,10 @@ use rusqlite::{Connection, TransactionBehavior};
 /// kept when it is re-created (Cognito's `DatasetDeletedAfterRequestedSyncCount`).
 ///
 /// Version 4 adds the commit log (see `crate::commitlog`), keyed by dataset name since a
-/// grant may precede its dataset and entries outlive a delete. AUTOINCREMENT: ids are
-/// never reused, even when compaction has deleted the newest, so a consumer's position
-/// stays valid. Commits before the upgrade have no entries.
+/// grant may precede its dataset and entries outlive a delete. Ids are rowids, which
+/// SQLite never reuses while the newest row stays, and compaction always keeps it, so a
+/// consumer's position stays valid (AUTOINCREMENT and an index on time cost pages in every
+/// group commit). Commits before the upgrade have no entries.
 const MIGRATIONS: &[&str] = &[
     "
 CREATE TABLE datasets (
@@ -100,7 +101,7 @@ UPDATE datasets SET last_deleted_sync_count = sync_count WHERE deleted = 1;
 ",
     "
 CREATE TABLE commit_log (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    id          INTEGER PRIMARY KEY,
     pool        TEXT    NOT NULL,
     owner       TEXT    NOT NULL,
     name        TEXT    NOT NULL,
@@ -113,7 +114,6 @@ CREATE TABLE commit_log (
 );
 
 CREATE INDEX commit_log_by_dataset ON commit_log (pool, owner, name, id);
-CREATE INDEX commit_log_by_time ON commit_log (server_time);
 ",
 ];
 

@@ -487,8 +487,15 @@ pub(super) fn compact_log(conn: &Connection, limits: &Limits, now: i64) -> Resul
     let max_age_ms =
         i64::try_from(limits.commit_log_max_age_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
     let max_entries = i64::try_from(limits.commit_log_max_entries_per_dataset).unwrap_or(i64::MAX);
+    // Entries are in time order by id (up to clock steps), so the old ones are those below
+    // the first recent one, found by walking the rowids; the newest entry always stays, so
+    // its id is never handed out again.
     let old = conn
-        .prepare_cached("DELETE FROM commit_log WHERE server_time < ?1")
+        .prepare_cached(
+            "DELETE FROM commit_log WHERE id < coalesce(
+                 (SELECT id FROM commit_log WHERE server_time >= ?1 ORDER BY id LIMIT 1),
+                 (SELECT max(id) FROM commit_log))",
+        )
         .and_then(|mut stmt| stmt.execute(params![now.saturating_sub(max_age_ms)]))
         .map_err(db_err)?;
     // Only datasets over the cap are ranked, so a compaction of a log within its bounds
