@@ -10,7 +10,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::{DEFAULT_POOL, DatasetKey, Limits, Snapshot, Store, StoreError, UpdateOutcome};
-use crate::{Login, UpdateRequest, now_ms, record_bytes};
+use crate::{LogEntry, LogKind, Login, UpdateRequest, now_ms, record_bytes};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -102,6 +102,21 @@ where
         case_merge_concurrent_with_updates_loses_nothing,
         Limits::default()
     );
+    run!(case_commit_log_records_every_commit, Limits::default());
+    run!(case_commit_log_logs_merges, Limits::default());
+    run!(
+        case_commit_log_compaction_drops_the_oldest_only,
+        log_limits()
+    );
+}
+
+/// Retention small enough to reach: 3 entries per dataset, a minute.
+pub fn log_limits() -> Limits {
+    Limits {
+        commit_log_max_entries_per_dataset: 3,
+        commit_log_max_age_secs: 60,
+        ..Limits::default()
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -2008,4 +2023,220 @@ pub async fn case_merge_copies_of_long_names_stay_apart(store: Arc<dyn Store>) {
             .len(),
         2
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// The commit log
+
+fn kinds(entries: &[LogEntry]) -> Vec<(LogKind, u64, &str)> {
+    entries
+        .iter()
+        .map(|e| (e.kind, e.sync_count, e.actor.as_str()))
+        .collect()
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("patches {text:?}: {e}"))
+}
+
+/// Every commit appends one entry, in order, with what it applied; a conflict or a refused
+/// update appends nothing. `log` and `log_since` agree. Default limits.
+pub async fn case_commit_log_records_every_commit(store: Arc<dyn Store>) {
+    let d = ds(ALICE, "logged");
+    let before = now_ms();
+    let mut first = request(
+        &d,
+        ALICE,
+        vec![
+            Patch::replace("a", "1", 0),
+            Patch {
+                device_last_modified: Some(42),
+                ..Patch::replace("b", "2", 0)
+            },
+            // Removing what is absent changes nothing and is not logged.
+            Patch::remove("c", 0),
+        ],
+    );
+    first.device_id = Some("phone".into());
+    let Ok(UpdateOutcome::Committed { changed, .. }) = store.update(first).await else {
+        panic!("first update should commit");
+    };
+    let log = store.log(&d, 0, 100).await.unwrap();
+    assert_eq!(log.len(), 1, "{log:?}");
+    let entry = &log[0];
+    assert_eq!(entry.dataset, d);
+    assert_eq!(
+        (entry.kind, entry.sync_count, entry.actor.as_str()),
+        (LogKind::Update, 1, ALICE)
+    );
+    assert_eq!(entry.device_id.as_deref(), Some("phone"));
+    assert!(entry.server_time >= before && entry.server_time <= now_ms());
+    let expected: Vec<serde_json::Value> = changed
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "key": r.key,
+                "value": r.value,
+                "syncCount": r.sync_count,
+                "deviceLastModified": r.device_last_modified,
+            })
+        })
+        .collect();
+    assert_eq!(json(&entry.patches), serde_json::Value::Array(expected));
+    assert_eq!(
+        json(&entry.patches)[1]["deviceLastModified"],
+        serde_json::json!(42)
+    );
+
+    // A conflict and a forbidden update leave the log as it was.
+    let stale = store
+        .update(request(&d, ALICE, vec![Patch::replace("a", "x", 0)]))
+        .await
+        .unwrap();
+    assert!(matches!(stale, UpdateOutcome::Conflict { .. }), "{stale:?}");
+    assert_forbidden(
+        store
+            .update(request(&d, BOB, vec![Patch::replace("a", "x", 1)]))
+            .await,
+    );
+    assert_eq!(store.log(&d, 0, 100).await.unwrap(), log);
+
+    store.grant(&d, ALICE, BOB, Access::Write).await.unwrap();
+    commit(&*store, &d, BOB, vec![Patch::remove("a", 1)]).await;
+    store.revoke(&d, ALICE, BOB).await.unwrap();
+    // A revoke of nothing is refused and not logged.
+    assert!(matches!(
+        store.revoke(&d, ALICE, CAROL).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(store.delete_dataset(&d, ALICE).await.unwrap(), 3);
+
+    let log = store.log(&d, 0, 100).await.unwrap();
+    assert_eq!(
+        kinds(&log),
+        [
+            (LogKind::Update, 1, ALICE),
+            (LogKind::Grant, 1, ALICE),
+            (LogKind::Update, 2, BOB),
+            (LogKind::Revoke, 2, ALICE),
+            (LogKind::Delete, 3, ALICE),
+        ]
+    );
+    assert!(log.windows(2).all(|w| w[0].id < w[1].id), "{log:?}");
+    assert_eq!(
+        json(&log[1].patches),
+        serde_json::json!({"grantee": BOB, "access": "write"})
+    );
+    assert_eq!(
+        json(&log[2].patches),
+        serde_json::json!([{"key": "a", "value": null, "syncCount": 2,
+                            "deviceLastModified": null}])
+    );
+    assert_eq!(
+        json(&log[3].patches),
+        serde_json::json!({"grantee": BOB, "access": null})
+    );
+    assert_eq!(json(&log[4].patches), serde_json::json!([]));
+
+    // From a sync count, and a page at a time.
+    assert_eq!(store.log(&d, 2, 100).await.unwrap(), log[4..]);
+    assert_eq!(store.log(&d, 0, 2).await.unwrap(), log[..2]);
+    assert!(
+        store
+            .log(&ds(ALICE, "never"), 0, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Another dataset's commits interleave in the store-wide order.
+    let other = ds(CAROL, "other");
+    commit(&*store, &other, CAROL, vec![Patch::replace("k", "v", 0)]).await;
+    let all = store.log_since(0, 100).await.unwrap();
+    assert_eq!(all.len(), 6);
+    assert_eq!(all[..5], log[..]);
+    assert_eq!(all[5].dataset, other);
+    assert_eq!(store.log_since(log[1].id, 2).await.unwrap(), all[2..4]);
+    assert!(store.log_since(all[5].id, 100).await.unwrap().is_empty());
+
+    // A re-created dataset's log continues above the delete.
+    commit(&*store, &d, ALICE, vec![Patch::replace("a", "again", 0)]).await;
+    assert_eq!(
+        kinds(&store.log(&d, 3, 100).await.unwrap()),
+        [(LogKind::Update, 4, ALICE)]
+    );
+}
+
+/// A merge logs a `merge` entry on each target and a `delete` on each guest dataset it
+/// moved. Default limits.
+pub async fn case_commit_log_logs_merges(store: Arc<dyn Store>) {
+    let (guest, user) = guest_and_user(&*store, 40).await;
+    let from = ds(&guest, "notes");
+    commit(&*store, &from, &guest, vec![Patch::replace("k", "v", 0)]).await;
+    let outcome = store
+        .merge_identity(DEFAULT_POOL, &guest, &user)
+        .await
+        .unwrap();
+    assert_eq!(outcome.moved.len(), 1);
+    let to = ds(&user, &outcome.moved[0].to_name);
+    assert_eq!(
+        kinds(&store.log(&to, 0, 100).await.unwrap()),
+        [(LogKind::Merge, outcome.moved[0].sync_count, user.as_str())]
+    );
+    let merged = &store.log(&to, 0, 100).await.unwrap()[0];
+    assert_eq!(
+        json(&merged.patches),
+        serde_json::json!({"fromOwner": guest, "fromName": "notes"})
+    );
+    assert_eq!(
+        kinds(&store.log(&from, 0, 100).await.unwrap()),
+        [
+            (LogKind::Update, 1, guest.as_str()),
+            (LogKind::Delete, 2, guest.as_str())
+        ]
+    );
+}
+
+/// Compaction keeps each dataset's newest entries up to the cap and drops entries past the
+/// maximum age, oldest first, and never reuses an id. `log_limits`.
+pub async fn case_commit_log_compaction_drops_the_oldest_only(store: Arc<dyn Store>) {
+    let (busy, quiet) = (ds(ALICE, "busy"), ds(BOB, "quiet"));
+    for n in 0..5 {
+        commit(&*store, &busy, ALICE, vec![Patch::replace("k", "v", n)]).await;
+    }
+    commit(&*store, &quiet, BOB, vec![Patch::replace("k", "v", 0)]).await;
+    let oldest_quiet = store.log(&quiet, 0, 10).await.unwrap()[0].clone();
+    // The clock moves on before the last entry, so an age cut can fall between them.
+    while now_ms() <= oldest_quiet.server_time {
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    commit(&*store, &quiet, BOB, vec![Patch::replace("k", "w", 1)]).await;
+    let newest_quiet = store.log(&quiet, 1, 10).await.unwrap()[0].clone();
+    assert!(newest_quiet.server_time > oldest_quiet.server_time);
+
+    // Far enough back in time that nothing is old: only the count cap applies.
+    let deleted = store.compact_log(oldest_quiet.server_time).await.unwrap();
+    assert_eq!(deleted, 2);
+    let counts =
+        |entries: Vec<LogEntry>| -> Vec<u64> { entries.iter().map(|e| e.sync_count).collect() };
+    assert_eq!(counts(store.log(&busy, 0, 10).await.unwrap()), [3, 4, 5]);
+    assert_eq!(counts(store.log(&quiet, 0, 10).await.unwrap()), [1, 2]);
+
+    // The maximum age after the newest quiet entry: older ones go, it stays.
+    let deleted = store
+        .compact_log(newest_quiet.server_time + 60_000)
+        .await
+        .unwrap();
+    assert!(deleted >= 1, "{deleted}");
+    assert_eq!(counts(store.log(&quiet, 0, 10).await.unwrap()), [2]);
+
+    // Everything past its age but the store's newest entry (kept so that no id is handed out
+    // twice), and later ids still go up.
+    let last_id = newest_quiet.id;
+    store.compact_log(now_ms() + 120_000).await.unwrap();
+    assert_eq!(store.log_since(0, 100).await.unwrap(), [newest_quiet]);
+    commit(&*store, &quiet, BOB, vec![Patch::replace("k", "x", 2)]).await;
+    let after = store.log_since(last_id, 100).await.unwrap();
+    assert_eq!(after.len(), 1);
+    assert!(after[0].id > last_id, "{after:?} after id {last_id}");
 }

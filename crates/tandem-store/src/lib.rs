@@ -10,6 +10,7 @@
 //! store knows nothing of sockets, subscriptions or fan-out: the gateway publishes what a
 //! commit returns.
 
+mod commitlog;
 mod decision;
 mod error;
 mod identity;
@@ -21,6 +22,7 @@ mod sqlite;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 
+pub use commitlog::{LogEntry, LogKind};
 pub use error::StoreError;
 pub use identity::{
     Identity, Login, MAX_IDENTITY_ID, MAX_LOGIN_PART, MergeOutcome, MovedDataset,
@@ -148,6 +150,27 @@ pub trait Store: Send + Sync + 'static {
     /// dataset is re-created (ListRecords' `DatasetDeletedAfterRequestedSyncCount`). The
     /// caller checks that whoever asks is the owner.
     async fn last_deleted_sync_count(&self, dataset: &DatasetKey) -> Result<u64, StoreError>;
+
+    /// The dataset's commit log entries whose sync count is above `after_sync_count`, in
+    /// commit order, at most `limit`. Grants and revokes carry the dataset's sync count at
+    /// the time, so they follow the update they came after. The caller checks access.
+    async fn log(
+        &self,
+        dataset: &DatasetKey,
+        after_sync_count: u64,
+        limit: usize,
+    ) -> Result<Vec<LogEntry>, StoreError>;
+
+    /// Every dataset's commit log entries with an id above `after_id`, by id, at most
+    /// `limit`: what a change stream consumer reads.
+    async fn log_since(&self, after_id: i64, limit: usize) -> Result<Vec<LogEntry>, StoreError>;
+
+    /// Deletes the commit log entries older than `commit_log_max_age_secs` before `now` (ms)
+    /// (but never the store's newest entry, so no id is reused) and, per dataset, all but the
+    /// newest `commit_log_max_entries_per_dataset`; returns
+    /// how many went. The store runs it about every minute; tests call it with their own
+    /// `now`.
+    async fn compact_log(&self, now: i64) -> Result<u64, StoreError>;
 
     /// Whether the store answers now (for `/ready`).
     async fn health(&self) -> Result<(), StoreError>;

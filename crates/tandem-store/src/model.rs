@@ -144,6 +144,15 @@ pub struct Limits {
     /// and truncates it; the file stays under this plus one group commit.
     #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_SQLITE_WAL_MAX_BYTES"))]
     pub sqlite_wal_max_bytes: u64,
+    /// Seconds a commit log entry is kept; compaction deletes older ones.
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_COMMIT_LOG_MAX_AGE_SECS"))]
+    pub commit_log_max_age_secs: u64,
+    /// Commit log entries kept per dataset; compaction deletes the oldest beyond it.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, env = "TANDEM_COMMIT_LOG_MAX_ENTRIES_PER_DATASET")
+    )]
+    pub commit_log_max_entries_per_dataset: u64,
 }
 
 impl Default for Limits {
@@ -160,6 +169,8 @@ impl Default for Limits {
             max_grants_per_dataset: 10_000,
             max_grants_per_owner: 20_000,
             sqlite_wal_max_bytes: 64 * 1024 * 1024,
+            commit_log_max_age_secs: 30 * 24 * 60 * 60,
+            commit_log_max_entries_per_dataset: 10_000,
         }
     }
 }

@@ -342,11 +342,12 @@ async fn decide_and_write(
     now: i64,
 ) -> Result<Vec<Settled>, CallError> {
     let groups = group_indices(items);
-    let (lock, load, update, upsert) = tokio::try_join!(
+    let (lock, load, update, upsert, append) = tokio::try_join!(
         client.prepare_cached(LOCK),
         client.prepare_cached(LOAD_RECORDS),
         client.prepare_cached(write::UPDATE_DATASETS),
         client.prepare_cached(write::UPSERT_RECORDS),
+        client.prepare_cached(write::APPEND_LOG),
     )?;
     let k = Columns::of(items, groups.iter().map(|members| members[0]).enumerate());
     let guests = Guests::of(items, &groups);
@@ -403,6 +404,8 @@ async fn decide_and_write(
     // 4. Each dataset's updates decided in Rust, in order.
     let mut settled: Vec<Settled> = items.iter().map(|_| Settled::Single).collect();
     let mut writes = Vec::new();
+    // Each committed update's entry, in commit order per dataset.
+    let mut log = write::LogColumns::default();
     for (g, members) in groups.iter().enumerate() {
         let Some(row) = rows[g] else { continue };
         let mut dataset = Decider::new(row, std::mem::take(&mut stored[g]));
@@ -411,16 +414,19 @@ async fn decide_and_write(
                 Some(p) => pair_can_write[p],
                 None => true,
             };
-            settled[i] = Settled::Done(dataset.decide(limits, &items[i], can_write, now));
+            settled[i] =
+                Settled::Done(dataset.decide(limits, &items[i], can_write, now, &mut log)?);
         }
         writes.extend(dataset.into_write());
     }
 
-    // 5. Every write of the batch in two statements and the commit, sent together. If the
+    // 5. Every write of the batch in three statements (dataset rows, records, commit log
+    //    entries) and the commit, sent together. If the
     //    answer to COMMIT is lost, this fails and every update gets `Unavailable`.
     let writes: Vec<&Write> = writes.iter().collect();
     let columns = write::WriteColumns::of(&writes)?;
     let (update_params, upsert_params) = columns.params(&now);
+    let log_params = log.params(&now);
     tokio::try_join!(
         biased;
         async {
@@ -435,6 +441,13 @@ async fn decide_and_write(
                 client.execute(&upsert, &upsert_params).await
             } else {
                 Ok(0)
+            }
+        },
+        async {
+            if log.is_empty() {
+                Ok(0)
+            } else {
+                client.execute(&append, &log_params).await
             }
         },
         client.batch_execute("COMMIT"),
@@ -536,22 +549,25 @@ impl Decider {
     }
 
     /// The next update's outcome; a committed one's snapshot is the records so far.
-    fn decide(
+    /// A committed update's log entry goes to `log`. The outer error is one the whole
+    /// batch fails with; the inner result is the update's.
+    fn decide<'a>(
         &mut self,
         limits: &Limits,
-        item: &Item,
+        item: &'a Item,
         can_write: bool,
         now: i64,
-    ) -> Result<UpdateOutcome, StoreError> {
+        log: &mut write::LogColumns<'a>,
+    ) -> Result<Result<UpdateOutcome, StoreError>, CallError> {
         let request = &item.request;
         if !can_write {
-            return Err(forbidden(&request.dataset, &request.actor, "write"));
+            return Ok(Err(forbidden(&request.dataset, &request.actor, "write")));
         }
         if let Some(conflict) = decision::conflict(&self.state, &item.patches, &self.records) {
-            return Ok(conflict);
+            return Ok(Ok(conflict));
         }
         // Deleted datasets take the single path, so nothing here creates one.
-        let plan = decision::plan(
+        let plan = match decision::plan(
             limits,
             request,
             &item.patches,
@@ -559,7 +575,11 @@ impl Decider {
             &self.records,
             None,
             now,
-        )?;
+        ) {
+            Ok(plan) => plan,
+            Err(e) => return Ok(Err(e)),
+        };
+        log.push_update(request, &plan)?;
         self.state = DatasetState {
             sync_count: plan.sync_count,
             deleted: false,
@@ -571,7 +591,7 @@ impl Decider {
             self.written.insert(record.key.clone(), record.clone());
         }
         self.committed = true;
-        Ok(plan.committed(&request.dataset, self.records.clone()))
+        Ok(Ok(plan.committed(&request.dataset, self.records.clone())))
     }
 
     /// What the committed updates write together: the dataset row as the last one left it

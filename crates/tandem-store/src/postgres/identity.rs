@@ -14,7 +14,8 @@
 
 use super::CallError;
 use super::read::to_i64;
-use super::write::{delete_locked, insert_or_lock_dataset, lock_dataset};
+use super::write::{APPEND_LOG, LogColumns, delete_locked, insert_or_lock_dataset, lock_dataset};
+use crate::commitlog::{self, LogKind};
 use crate::decision::upsert_records;
 use crate::identity::{self, Identity, Login, MergeOutcome, MovedDataset};
 use crate::{DatasetKey, StoreError, now_ms};
@@ -273,7 +274,19 @@ pub(super) async fn merge(
         .await?;
         tx.execute(&move_grants, &[&pool, &from, &name, &into, &to_name])
             .await?;
-        delete_locked(&tx, &source_key, &source).await?;
+        let target_key = DatasetKey::new(pool, into, to_name.as_str());
+        let append = tx.prepare_cached(APPEND_LOG).await?;
+        let mut log = LogColumns::default();
+        log.push(
+            &target_key,
+            LogKind::Merge,
+            sync_count,
+            into,
+            None,
+            commitlog::merge_json(from, &name),
+        )?;
+        tx.execute(&append, &log.params(&now)).await?;
+        delete_locked(&tx, &source_key, &source, from).await?;
         moved.push(MovedDataset {
             from_name: name,
             to_name,

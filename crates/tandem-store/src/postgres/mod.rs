@@ -76,7 +76,7 @@ use crate::identity::{Identity, Login, MergeOutcome};
 use crate::identity::{validate_identity_call, validate_logins_call, validate_merge};
 use crate::outage::CommitOutage;
 use crate::{
-    DatasetKey, Limits, Snapshot, Store, StoreError, UpdateOutcome, UpdateRequest,
+    DatasetKey, Limits, LogEntry, Snapshot, Store, StoreError, UpdateOutcome, UpdateRequest,
     validate_identity, validate_update,
 };
 use crate::{validate_call, validate_grant, validate_revoke};
@@ -250,6 +250,7 @@ impl PostgresStore {
             batch::BATCH_WORKERS.min(config.pool_size / 2),
             config.batch_interval,
         );
+        spawn_compaction(&inner);
         Ok(PostgresStore { inner, updates })
     }
 
@@ -491,6 +492,36 @@ impl Store for PostgresStore {
         ))
     }
 
+    async fn log(
+        &self,
+        dataset: &DatasetKey,
+        after_sync_count: u64,
+        limit: usize,
+    ) -> Result<Vec<LogEntry>, StoreError> {
+        dataset.validate()?;
+        call!(&self.inner, |client| read::log(
+            &client,
+            dataset,
+            after_sync_count,
+            limit
+        ))
+    }
+
+    async fn log_since(&self, after_id: i64, limit: usize) -> Result<Vec<LogEntry>, StoreError> {
+        call!(&self.inner, |client| read::log_since(
+            &client, after_id, limit
+        ))
+    }
+
+    async fn compact_log(&self, now: i64) -> Result<u64, StoreError> {
+        let result = call!(&self.inner, |client| write::compact_log(
+            &client,
+            &self.inner.limits,
+            now
+        ));
+        self.inner.wrote(result)
+    }
+
     async fn last_deleted_sync_count(&self, dataset: &DatasetKey) -> Result<u64, StoreError> {
         dataset.validate()?;
         call!(&self.inner, |client| identity::last_deleted_sync_count(
@@ -674,3 +705,35 @@ fn is_connection_error(e: &tokio_postgres::Error) -> bool {
 
 #[cfg(test)]
 mod tests;
+
+/// Compacts the commit log about every minute until the store is dropped or closed. Every
+/// node does it; a compaction that finds nothing to delete costs an index scan.
+fn spawn_compaction(inner: &Arc<Inner>) {
+    let inner = Arc::downgrade(inner);
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(crate::commitlog::COMPACT_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        every.tick().await;
+        loop {
+            every.tick().await;
+            let Some(inner) = inner.upgrade() else { return };
+            if *inner.closed.read().await {
+                return;
+            }
+            let now = crate::now_ms();
+            let result = async {
+                call!(&inner, |client| write::compact_log(
+                    &client,
+                    &inner.limits,
+                    now
+                ))
+            }
+            .await;
+            match result {
+                Ok(0) => {}
+                Ok(deleted) => tracing::debug!(deleted, "commit log compacted"),
+                Err(e) => tracing::warn!(error = %e, "commit log compaction failed"),
+            }
+        }
+    });
+}

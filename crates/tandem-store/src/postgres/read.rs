@@ -2,7 +2,7 @@
 //! returns all come from one snapshot, and none takes a lock or waits for a writer.
 
 use super::{CallError, forbidden};
-use crate::{DatasetKey, Snapshot, StoreError};
+use crate::{DatasetKey, LogEntry, LogKind, Snapshot, StoreError};
 use deadpool_postgres::ClientWrapper;
 use deadpool_postgres::tokio_postgres::Row;
 use tandem_protocol::{Access, DatasetInfo, DatasetRef, Record};
@@ -204,4 +204,72 @@ pub(super) fn to_u64(n: i64) -> Result<u64, CallError> {
 pub(super) fn to_i64(n: u64) -> Result<i64, CallError> {
     i64::try_from(n)
         .map_err(|_| StoreError::Internal(format!("count {n} is too large to store")).into())
+}
+
+const LOG_COLUMNS: &str =
+    "id, pool, owner, name, kind, sync_count, actor, device_id, server_time, patches";
+
+fn log_entry(row: &Row) -> Result<LogEntry, CallError> {
+    let kind: String = row.try_get(4)?;
+    Ok(LogEntry {
+        id: row.try_get(0)?,
+        dataset: DatasetKey::new(
+            row.try_get::<_, String>(1)?,
+            row.try_get::<_, String>(2)?,
+            row.try_get::<_, String>(3)?,
+        ),
+        kind: LogKind::parse(&kind)
+            .ok_or_else(|| StoreError::Internal(format!("unknown commit log kind {kind}")))?,
+        sync_count: to_u64(row.try_get(5)?)?,
+        actor: row.try_get(6)?,
+        device_id: row.try_get(7)?,
+        server_time: row.try_get(8)?,
+        patches: row.try_get(9)?,
+    })
+}
+
+/// See `Store::log`.
+pub(super) async fn log(
+    client: &ClientWrapper,
+    key: &DatasetKey,
+    after_sync_count: u64,
+    limit: usize,
+) -> Result<Vec<LogEntry>, CallError> {
+    let stmt = client
+        .prepare_cached(&format!(
+            "SELECT {LOG_COLUMNS} FROM commit_log
+             WHERE pool = $1 AND owner = $2 AND name = $3 AND sync_count > $4
+             ORDER BY id LIMIT $5"
+        ))
+        .await?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = client
+        .query(
+            &stmt,
+            &[
+                &key.pool,
+                &key.owner,
+                &key.name,
+                &to_i64(after_sync_count)?,
+                &limit,
+            ],
+        )
+        .await?;
+    rows.iter().map(log_entry).collect()
+}
+
+/// See `Store::log_since`.
+pub(super) async fn log_since(
+    client: &ClientWrapper,
+    after_id: i64,
+    limit: usize,
+) -> Result<Vec<LogEntry>, CallError> {
+    let stmt = client
+        .prepare_cached(&format!(
+            "SELECT {LOG_COLUMNS} FROM commit_log WHERE id > $1 ORDER BY id LIMIT $2"
+        ))
+        .await?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = client.query(&stmt, &[&after_id, &limit]).await?;
+    rows.iter().map(log_entry).collect()
 }

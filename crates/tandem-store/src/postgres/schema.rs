@@ -18,6 +18,10 @@ use deadpool_postgres::ClientWrapper;
 /// or ordered uses the "C" collation, so keys and names sort by bytes, as in SQLite.
 ///
 /// Version 2 adds identities, their logins and a dataset's `merge_root`, as in SQLite.
+///
+/// Version 4 adds the commit log, as in SQLite. Its ids come from an identity column, so
+/// they increase store-wide, but in the order transactions took them, which is not always
+/// the order they committed in; per dataset, the row lock makes the two the same.
 pub(super) const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE datasets (
@@ -90,6 +94,23 @@ CREATE INDEX logins_by_identity ON logins (pool, identity);
 ALTER TABLE datasets ADD COLUMN last_deleted_sync_count bigint NOT NULL DEFAULT 0;
 
 UPDATE datasets SET last_deleted_sync_count = sync_count WHERE deleted;
+"#,
+    r#"
+CREATE TABLE commit_log (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    pool        text   COLLATE "C" NOT NULL,
+    owner       text   COLLATE "C" NOT NULL,
+    name        text   COLLATE "C" NOT NULL,
+    kind        text   NOT NULL,
+    sync_count  bigint NOT NULL,
+    actor       text   NOT NULL,
+    device_id   text,
+    server_time bigint NOT NULL,
+    patches     text   NOT NULL
+);
+
+CREATE INDEX commit_log_by_dataset ON commit_log (pool, owner, name, id);
+CREATE INDEX commit_log_by_time ON commit_log (server_time);
 "#,
 ];
 

@@ -828,6 +828,49 @@ async fn test_postgres_store_upgrades_a_version_1_schema_in_place() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_postgres_store_upgrades_a_version_3_schema_with_a_commit_log() {
+    let schemas = TestSchemas::new();
+    let config = schemas.config();
+    let admin = admin().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE SCHEMA {schema};
+             SET search_path TO {schema};
+             {v1} {v2} {v3}
+             CREATE TABLE schema_version (version integer NOT NULL);
+             INSERT INTO schema_version (version) VALUES (3);
+             INSERT INTO datasets (pool, owner, name, sync_count, created_at, last_modified)
+             VALUES ('default', 'alice', 'kept', 7, 0, 0);
+             RESET search_path;",
+            schema = config.schema,
+            v1 = schema::MIGRATIONS[0],
+            v2 = schema::MIGRATIONS[1],
+            v3 = schema::MIGRATIONS[2],
+        ))
+        .await
+        .unwrap();
+    let store = PostgresStore::connect(config.clone(), Limits::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        schema_versions(&admin, &config.schema).await,
+        [schema::SCHEMA_VERSION]
+    );
+    let d = ds("alice", "kept");
+    assert_eq!(store.snapshot(&d, "alice").await.unwrap().sync_count, 7);
+    assert!(store.log(&d, 0, 10).await.unwrap().is_empty());
+    commit(
+        &store,
+        update(&d, "alice", vec![Patch::replace("a", "1", 0)]),
+    )
+    .await;
+    let log = store.log(&d, 0, 10).await.unwrap();
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].sync_count, 8);
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn test_postgres_store_concurrent_migrations_of_a_fresh_schema_all_succeed() {
     let schemas = TestSchemas::new();
     let config = schemas.config();
@@ -1193,5 +1236,25 @@ async fn test_postgres_batch_decides_updates_of_one_dataset_as_if_one_by_one() {
     let changes = store.changes(&batched, "owner", 3).await.unwrap();
     let b_record = changes.records.iter().find(|r| r.key == "b").unwrap();
     assert_eq!((b_record.value.as_deref(), b_record.sync_count), (None, 4));
+    // The batch logged each committed update, with consecutive sync counts, as the single
+    // path did; the refused ones logged nothing.
+    let logged = |entries: Vec<crate::LogEntry>| -> Vec<(u64, String, String)> {
+        entries
+            .into_iter()
+            .map(|e| (e.sync_count, e.actor, e.patches))
+            .collect()
+    };
+    let together_log = logged(store.log(&batched, 1, 100).await.unwrap());
+    assert_eq!(
+        together_log
+            .iter()
+            .map(|(n, actor, _)| (*n, actor.as_str()))
+            .collect::<Vec<_>>(),
+        [(2, "owner"), (3, "writer"), (4, "owner"), (5, "writer")]
+    );
+    assert_eq!(
+        together_log,
+        logged(store.log(&one_by_one, 1, 100).await.unwrap())
+    );
     store.close().await;
 }

@@ -8,6 +8,7 @@
 
 use super::read::{record_from_row, to_i64, to_u64};
 use super::{CallError, forbidden};
+use crate::commitlog::{self, LogKind};
 use crate::decision::{
     self, DatasetRow, DatasetState, GrantCounts, Plan, StoredRecords, upsert_records,
 };
@@ -104,6 +105,109 @@ pub(super) const UPSERT_RECORDS: &str = upsert_records!(
              device_last_modified)"
 );
 
+/// Appends commit log entries, in the arrays' order (so their ids follow it).
+pub(super) const APPEND_LOG: &str = "
+    INSERT INTO commit_log (pool, owner, name, kind, sync_count, actor, device_id,
+                            server_time, patches)
+    SELECT u.pool, u.owner, u.name, u.kind, u.sync_count, u.actor, u.device_id, $9, u.patches
+    FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[],
+                $7::text[], $8::text[])
+      WITH ORDINALITY AS u (pool, owner, name, kind, sync_count, actor, device_id, patches, n)
+    ORDER BY u.n";
+
+/// Appends one entry at the dataset's current sync count (0 if it has no row), for a grant.
+const APPEND_GRANT_LOG: &str = "
+    INSERT INTO commit_log (pool, owner, name, kind, sync_count, actor, device_id,
+                            server_time, patches)
+    VALUES ($1, $2, $3, 'grant',
+            coalesce((SELECT sync_count FROM datasets
+                      WHERE pool = $1 AND owner = $2 AND name = $3), 0),
+            $2, NULL, $4, $5)";
+
+/// A revoke and its log entry in one statement: the entry exists only if a grant went.
+const REVOKE_AND_LOG: &str = "
+    WITH gone AS (
+        DELETE FROM grants WHERE pool = $1 AND owner = $2 AND name = $3 AND grantee = $4
+        RETURNING 1
+    )
+    INSERT INTO commit_log (pool, owner, name, kind, sync_count, actor, device_id,
+                            server_time, patches)
+    SELECT $1, $2, $3, 'revoke',
+           coalesce((SELECT sync_count FROM datasets
+                     WHERE pool = $1 AND owner = $2 AND name = $3), 0),
+           $2, NULL, $5, $6
+    FROM gone";
+
+/// Log entries to append, as the arrays of [`APPEND_LOG`].
+#[derive(Default)]
+pub(super) struct LogColumns<'a> {
+    pools: Vec<&'a str>,
+    owners: Vec<&'a str>,
+    names: Vec<&'a str>,
+    kinds: Vec<&'static str>,
+    counts: Vec<i64>,
+    actors: Vec<&'a str>,
+    devices: Vec<Option<&'a str>>,
+    patches: Vec<String>,
+}
+
+impl<'a> LogColumns<'a> {
+    /// An update's entry: `changed` are the records it wrote.
+    pub(super) fn push_update(
+        &mut self,
+        request: &'a UpdateRequest,
+        plan: &Plan,
+    ) -> Result<(), CallError> {
+        let key = &request.dataset;
+        self.push(
+            key,
+            LogKind::Update,
+            plan.sync_count,
+            &request.actor,
+            request.device_id.as_deref(),
+            commitlog::records_json(&plan.changed),
+        )
+    }
+
+    pub(super) fn push(
+        &mut self,
+        key: &'a DatasetKey,
+        kind: LogKind,
+        sync_count: u64,
+        actor: &'a str,
+        device: Option<&'a str>,
+        patches: String,
+    ) -> Result<(), CallError> {
+        self.pools.push(&key.pool);
+        self.owners.push(&key.owner);
+        self.names.push(&key.name);
+        self.kinds.push(kind.as_str());
+        self.counts.push(to_i64(sync_count)?);
+        self.actors.push(actor);
+        self.devices.push(device);
+        self.patches.push(patches);
+        Ok(())
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.pools.is_empty()
+    }
+
+    pub(super) fn params<'p>(&'p self, now: &'p i64) -> [&'p (dyn ToSql + Sync); 9] {
+        [
+            &self.pools,
+            &self.owners,
+            &self.names,
+            &self.kinds,
+            &self.counts,
+            &self.actors,
+            &self.devices,
+            &self.patches,
+            now,
+        ]
+    }
+}
+
 /// A delete turns every live record into a tombstone stamped with the delete's sync count,
 /// so that `changes` since an earlier count reports the deletion.
 const DELETE_RECORDS: &str = "
@@ -124,9 +228,6 @@ const UPSERT_GRANT: &str = "
     ON CONFLICT (pool, owner, name, grantee) DO UPDATE SET
         access = EXCLUDED.access,
         granted_at = EXCLUDED.granted_at";
-
-const DELETE_GRANT: &str = "
-    DELETE FROM grants WHERE pool = $1 AND owner = $2 AND name = $3 AND grantee = $4";
 
 /// Whether the grantee's grant exists, the grants on the dataset name and the owner's grants.
 const COUNT_GRANTS: &str = "
@@ -208,11 +309,13 @@ pub(super) async fn update(
         None
     };
     let plan = decision::plan(limits, request, patches, &row.state, &stored, owned, now)?;
+    let mut log = LogColumns::default();
+    log.push_update(request, &plan)?;
     let write = Write {
         dataset_id: row.id,
         plan,
     };
-    store_writes(&tx, &[&write], now).await?;
+    store_writes(&tx, &[&write], &log, now).await?;
     // If the answer to COMMIT is lost, this fails and the caller gets `Unavailable`.
     tx.commit().await?;
     Ok(write.plan.committed(key, stored))
@@ -225,30 +328,45 @@ pub(super) struct Write {
 }
 
 /// Writes planned updates (to distinct datasets, whose rows the transaction holds): every
-/// dataset row in one statement and every record in another, sent together.
+/// dataset row in one statement, every record in another and the updates' commit log
+/// entries (`log`) in a third, sent together.
 pub(super) async fn store_writes(
     tx: &Transaction<'_>,
     writes: &[&Write],
+    log: &LogColumns<'_>,
     now: i64,
 ) -> Result<(), CallError> {
     if writes.is_empty() {
         return Ok(());
     }
     let columns = WriteColumns::of(writes)?;
-    let (update, upsert) = tokio::try_join!(
+    let (update, upsert, append) = tokio::try_join!(
         tx.prepare_cached(UPDATE_DATASETS),
         tx.prepare_cached(UPSERT_RECORDS),
+        tx.prepare_cached(APPEND_LOG),
     )?;
     let (update_params, upsert_params) = columns.params(&now);
+    let log_params = log.params(&now);
     // Biased: the statements fail in order, and the first one's error is the cause (a full
     // disk, say); the next one's is only "current transaction is aborted".
-    tokio::try_join!(biased; tx.execute(&update, &update_params), async {
-        if columns.has_records() {
-            tx.execute(&upsert, &upsert_params).await
-        } else {
-            Ok(0)
-        }
-    })?;
+    tokio::try_join!(
+        biased;
+        tx.execute(&update, &update_params),
+        async {
+            if columns.has_records() {
+                tx.execute(&upsert, &upsert_params).await
+            } else {
+                Ok(0)
+            }
+        },
+        async {
+            if log.is_empty() {
+                Ok(0)
+            } else {
+                tx.execute(&append, &log_params).await
+            }
+        },
+    )?;
     Ok(())
 }
 
@@ -409,7 +527,7 @@ pub(super) async fn delete(
         Some(row) if !row.state.deleted => row,
         _ => return Err(StoreError::NotFound(format!("dataset {key}")).into()),
     };
-    let new_count = delete_locked(&tx, key, &row).await?;
+    let new_count = delete_locked(&tx, key, &row, actor).await?;
     tx.commit().await?;
     Ok(new_count)
 }
@@ -419,15 +537,27 @@ pub(super) async fn delete_locked(
     tx: &Transaction<'_>,
     key: &DatasetKey,
     row: &DatasetRow,
+    actor: &str,
 ) -> Result<u64, CallError> {
     let new_count = row.state.sync_count + 1;
     let new_count_db = to_i64(new_count)?;
     let now = now_ms();
-    let (records, grants, mark) = tokio::try_join!(
+    let (records, grants, mark, append) = tokio::try_join!(
         tx.prepare_cached(DELETE_RECORDS),
         tx.prepare_cached(DELETE_GRANTS),
         tx.prepare_cached(MARK_DELETED),
+        tx.prepare_cached(APPEND_LOG),
     )?;
+    let mut log = LogColumns::default();
+    log.push(
+        key,
+        LogKind::Delete,
+        new_count,
+        actor,
+        None,
+        commitlog::DELETE_JSON.to_owned(),
+    )?;
+    let log_params = log.params(&now);
     let records_params: [&(dyn ToSql + Sync); 4] = [&row.id, &new_count_db, &now, &key.owner];
     let grants_params: [&(dyn ToSql + Sync); 3] = [&key.pool, &key.owner, &key.name];
     let mark_params: [&(dyn ToSql + Sync); 3] = [&row.id, &new_count_db, &now];
@@ -437,6 +567,7 @@ pub(super) async fn delete_locked(
         tx.execute(&records, &records_params),
         tx.execute(&grants, &grants_params),
         tx.execute(&mark, &mark_params),
+        tx.execute(&append, &log_params),
     )?;
     Ok(new_count)
 }
@@ -454,10 +585,11 @@ pub(super) async fn grant(
     access: Access,
 ) -> Result<(), CallError> {
     let tx = client.transaction().await?;
-    let (lock, count, upsert) = tokio::try_join!(
+    let (lock, count, upsert, append) = tokio::try_join!(
         tx.prepare_cached(LOCK_OWNER),
         tx.prepare_cached(COUNT_GRANTS),
         tx.prepare_cached(UPSERT_GRANT),
+        tx.prepare_cached(APPEND_GRANT_LOG),
     )?;
     tx.execute(&lock, &[&GRANT_LOCK, &owner_lock_key(key)])
         .await?;
@@ -470,18 +602,19 @@ pub(super) async fn grant(
         by_owner: to_u64(row.try_get(2)?)?,
     };
     decision::check_grant(limits, key, counts)?;
-    tx.execute(
-        &upsert,
-        &[
-            &key.pool,
-            &key.owner,
-            &key.name,
-            &grantee,
-            &access.as_str(),
-            &now_ms(),
-        ],
-    )
-    .await?;
+    let now = now_ms();
+    let patches = commitlog::grant_json(grantee, Some(access));
+    let access = access.as_str();
+    let upsert_params: [&(dyn ToSql + Sync); 6] =
+        [&key.pool, &key.owner, &key.name, &grantee, &access, &now];
+    let append_params: [&(dyn ToSql + Sync); 5] =
+        [&key.pool, &key.owner, &key.name, &now, &patches];
+    // Biased, as in `store_writes`: the first error is the cause.
+    tokio::try_join!(
+        biased;
+        tx.execute(&upsert, &upsert_params),
+        tx.execute(&append, &append_params),
+    )?;
     tx.commit().await?;
     Ok(())
 }
@@ -492,12 +625,58 @@ pub(super) async fn revoke(
     key: &DatasetKey,
     grantee: &str,
 ) -> Result<(), CallError> {
-    let stmt = client.prepare_cached(DELETE_GRANT).await?;
+    let stmt = client.prepare_cached(REVOKE_AND_LOG).await?;
+    let patches = commitlog::grant_json(grantee, None);
     let removed = client
-        .execute(&stmt, &[&key.pool, &key.owner, &key.name, &grantee])
+        .execute(
+            &stmt,
+            &[
+                &key.pool,
+                &key.owner,
+                &key.name,
+                &grantee,
+                &now_ms(),
+                &patches,
+            ],
+        )
         .await?;
     if removed == 0 {
         return Err(StoreError::NotFound(format!("grant of {key} to {grantee}")).into());
     }
     Ok(())
+}
+
+/// Deletes the log entries past the retention settings; see `Store::compact_log`. Only
+/// datasets over the count cap are ranked.
+pub(super) async fn compact_log(
+    client: &ClientWrapper,
+    limits: &Limits,
+    now: i64,
+) -> Result<u64, CallError> {
+    let max_age_ms =
+        i64::try_from(limits.commit_log_max_age_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let max_entries = to_i64(limits.commit_log_max_entries_per_dataset)?;
+    let (old, over) = tokio::try_join!(
+        // The store's newest entry stays, as in SQLite (where that keeps ids unique).
+        client.prepare_cached(
+            "DELETE FROM commit_log
+             WHERE server_time < $1 AND id < (SELECT max(id) FROM commit_log)"
+        ),
+        client.prepare_cached(
+            "DELETE FROM commit_log WHERE id IN (
+                 SELECT id FROM (
+                     SELECT l.id, row_number() OVER (PARTITION BY l.pool, l.owner, l.name
+                                                     ORDER BY l.id DESC) AS n
+                     FROM commit_log l
+                     JOIN (SELECT pool, owner, name FROM commit_log
+                           GROUP BY pool, owner, name HAVING count(*) > $1) o
+                       ON l.pool = o.pool AND l.owner = o.owner AND l.name = o.name) t
+                 WHERE n > $1)"
+        ),
+    )?;
+    let old = client
+        .execute(&old, &[&now.saturating_sub(max_age_ms)])
+        .await?;
+    let over = client.execute(&over, &[&max_entries]).await?;
+    Ok(old + over)
 }

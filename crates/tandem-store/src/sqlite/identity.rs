@@ -6,6 +6,7 @@
 use super::db_err;
 use super::query;
 use super::writer;
+use crate::commitlog::{self, LogKind};
 use crate::decision::{DatasetState, upsert_records};
 use crate::identity::{self, Identity, Login, MergeOutcome, MovedDataset};
 use crate::{DatasetKey, StoreError, now_ms};
@@ -186,6 +187,16 @@ pub(super) fn merge(
         )
         .and_then(|mut stmt| stmt.execute(params![pool, from, name, into, to_name]))
         .map_err(db_err)?;
+        writer::append_log(
+            conn,
+            &target_key,
+            LogKind::Merge,
+            Some(sync_count),
+            into,
+            None,
+            now,
+            &commitlog::merge_json(from, &name),
+        )?;
         writer::delete(conn, &source_key, from)?;
         moved.push(MovedDataset {
             from_name: name,

@@ -20,7 +20,7 @@ use crate::identity::{Identity, Login, MergeOutcome};
 use crate::identity::{validate_identity_call, validate_logins_call, validate_merge};
 use crate::outage::CommitOutage;
 use crate::{
-    DatasetKey, Limits, Snapshot, Store, StoreError, UpdateOutcome, UpdateRequest,
+    DatasetKey, Limits, LogEntry, Snapshot, Store, StoreError, UpdateOutcome, UpdateRequest,
     validate_identity, validate_update,
 };
 use crate::{validate_call, validate_grant, validate_revoke};
@@ -421,6 +421,30 @@ impl Store for SqliteStore {
         let dataset = dataset.clone();
         self.read_tx(move |conn| identity::last_deleted_sync_count(conn, &dataset))
             .await
+    }
+
+    async fn log(
+        &self,
+        dataset: &DatasetKey,
+        after_sync_count: u64,
+        limit: usize,
+    ) -> Result<Vec<LogEntry>, StoreError> {
+        dataset.validate()?;
+        let dataset = dataset.clone();
+        self.read(move |conn| query::log(conn, &dataset, after_sync_count, limit))
+            .await
+    }
+
+    async fn log_since(&self, after_id: i64, limit: usize) -> Result<Vec<LogEntry>, StoreError> {
+        self.read(move |conn| query::log_since(conn, after_id, limit))
+            .await
+    }
+
+    async fn compact_log(&self, now: i64) -> Result<u64, StoreError> {
+        match self.submit(Op::CompactLog { now }).await? {
+            Done::SyncCount(n) => Ok(n),
+            other => Err(unexpected(&other)),
+        }
     }
 
     async fn health(&self) -> Result<(), StoreError> {

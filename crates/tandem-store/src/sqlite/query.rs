@@ -3,7 +3,7 @@
 
 use super::db_err;
 use crate::decision::{DatasetRow, DatasetState};
-use crate::{DatasetKey, Snapshot, StoreError};
+use crate::{DatasetKey, LogEntry, LogKind, Snapshot, StoreError};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use tandem_protocol::{Access, DatasetInfo, DatasetRef, Record};
 
@@ -267,4 +267,71 @@ pub(super) fn list_datasets(
             },
         )
         .collect()
+}
+
+const LOG_COLUMNS: &str =
+    "id, pool, owner, name, kind, sync_count, actor, device_id, server_time, patches";
+
+fn log_entry(row: &rusqlite::Row<'_>) -> rusqlite::Result<LogEntry> {
+    let kind: String = row.get(4)?;
+    Ok(LogEntry {
+        id: row.get(0)?,
+        dataset: DatasetKey::new(
+            row.get::<_, String>(1)?,
+            row.get::<_, String>(2)?,
+            row.get::<_, String>(3)?,
+        ),
+        kind: LogKind::parse(&kind).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                4,
+                rusqlite::types::Type::Text,
+                format!("unknown commit log kind {kind}").into(),
+            )
+        })?,
+        sync_count: row.get(5)?,
+        actor: row.get(6)?,
+        device_id: row.get(7)?,
+        server_time: row.get(8)?,
+        patches: row.get(9)?,
+    })
+}
+
+/// See `Store::log`.
+pub(super) fn log(
+    conn: &Connection,
+    key: &DatasetKey,
+    after_sync_count: u64,
+    limit: usize,
+) -> Result<Vec<LogEntry>, StoreError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT {LOG_COLUMNS} FROM commit_log
+             WHERE pool = ?1 AND owner = ?2 AND name = ?3 AND sync_count > ?4
+             ORDER BY id LIMIT ?5"
+        ))
+        .map_err(db_err)?;
+    stmt.query_map(
+        params![key.pool, key.owner, key.name, after_sync_count, limit],
+        log_entry,
+    )
+    .and_then(|rows| rows.collect())
+    .map_err(db_err)
+}
+
+/// See `Store::log_since`.
+pub(super) fn log_since(
+    conn: &Connection,
+    after_id: i64,
+    limit: usize,
+) -> Result<Vec<LogEntry>, StoreError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT {LOG_COLUMNS} FROM commit_log WHERE id > ?1 ORDER BY id LIMIT ?2"
+        ))
+        .map_err(db_err)?;
+    stmt.query_map(params![after_id, limit], log_entry)
+        .and_then(|rows| rows.collect())
+        .map_err(db_err)
 }

@@ -20,6 +20,12 @@ use rusqlite::{Connection, TransactionBehavior};
 ///
 /// Version 3 adds a dataset's `last_deleted_sync_count`: the sync count of its last delete,
 /// kept when it is re-created (Cognito's `DatasetDeletedAfterRequestedSyncCount`).
+///
+/// Version 4 adds the commit log (see `crate::commitlog`), keyed by dataset name since a
+/// grant may precede its dataset and entries outlive a delete. Ids are rowids, which
+/// SQLite never reuses while the newest row stays, and compaction always keeps it, so a
+/// consumer's position stays valid (AUTOINCREMENT and an index on time cost pages in every
+/// group commit). Commits before the upgrade have no entries.
 const MIGRATIONS: &[&str] = &[
     "
 CREATE TABLE datasets (
@@ -93,6 +99,22 @@ ALTER TABLE datasets ADD COLUMN last_deleted_sync_count INTEGER NOT NULL DEFAULT
 
 UPDATE datasets SET last_deleted_sync_count = sync_count WHERE deleted = 1;
 ",
+    "
+CREATE TABLE commit_log (
+    id          INTEGER PRIMARY KEY,
+    pool        TEXT    NOT NULL,
+    owner       TEXT    NOT NULL,
+    name        TEXT    NOT NULL,
+    kind        TEXT    NOT NULL,
+    sync_count  INTEGER NOT NULL,
+    actor       TEXT    NOT NULL,
+    device_id   TEXT,
+    server_time INTEGER NOT NULL,
+    patches     TEXT    NOT NULL
+);
+
+CREATE INDEX commit_log_by_dataset ON commit_log (pool, owner, name, id);
+",
 ];
 
 /// The schema version this build writes.
@@ -164,5 +186,29 @@ mod tests {
             .query_row("SELECT count(*) FROM identities", [], |r| r.get(0))
             .unwrap();
         assert_eq!(identities, 0);
+    }
+
+    #[test]
+    fn test_schema_migrate_adds_the_commit_log_to_a_version_3_database() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for sql in &MIGRATIONS[..3] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 3).unwrap();
+        conn.execute(
+            "INSERT INTO datasets (pool, owner, name, sync_count, created_at, last_modified)
+             VALUES ('default', 'u', 'd', 7, 0, 0)",
+            [],
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let count: i64 = conn
+            .query_row("SELECT sync_count FROM datasets", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(count, 7);
+        let entries: i64 = conn
+            .query_row("SELECT count(*) FROM commit_log", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(entries, 0);
     }
 }

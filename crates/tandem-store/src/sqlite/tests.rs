@@ -245,6 +245,23 @@ fn test_sqlite_group_commit_answers_each_command_with_its_own_result() {
     assert_eq!(s.records[0].value.as_deref(), Some("2"));
     assert_eq!(query::snapshot(&tx, &two, "u2").unwrap().sync_count, 1);
     assert!(query::load_dataset(&tx, &three).unwrap().is_none());
+    // The log holds the committed commands only, in the batch's order, with consecutive
+    // sync counts per dataset; the failed ones rolled their entries back.
+    let logged: Vec<(String, crate::LogKind, u64)> = query::log_since(&tx, 0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.dataset.name, e.kind, e.sync_count))
+        .collect();
+    use crate::LogKind::{Grant, Update};
+    assert_eq!(
+        logged,
+        [
+            ("one".to_owned(), Update, 1),
+            ("one".to_owned(), Update, 2),
+            ("two".to_owned(), Update, 1),
+            ("one".to_owned(), Grant, 2),
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -11,6 +11,7 @@
 
 use super::{CheckpointLock, db_err, lock};
 use super::{identity, query};
+use crate::commitlog::{self, LogKind};
 use crate::decision::{self, DatasetState, GrantCounts, StoredRecords, upsert_records};
 use crate::identity::{Login, MergeOutcome};
 use crate::outage::CommitOutage;
@@ -59,6 +60,10 @@ pub(super) enum Op {
         from: String,
         into: String,
     },
+    /// Compacts the commit log as at `now` (ms).
+    CompactLog {
+        now: i64,
+    },
 }
 
 /// What a successful command produced.
@@ -88,6 +93,7 @@ pub(super) fn run(
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut wal = WalBound::new(&conn, limits.sqlite_wal_max_bytes, checkpoint_lock);
+    let mut compacted_at = Instant::now();
     while let Some(first) = commands_rx.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -98,6 +104,17 @@ pub(super) fn run(
         }
         commit_batch(&mut conn, limits, &mut batch, outage);
         wal.after_commit(&conn);
+        // Only writes add entries, so compacting between batches keeps the log bounded;
+        // entries only past their age wait for the next write.
+        if compacted_at.elapsed() >= commitlog::COMPACT_EVERY {
+            compacted_at = Instant::now();
+            let (reply, _) = oneshot::channel();
+            batch.push(Command {
+                op: Op::CompactLog { now: now_ms() },
+                reply,
+            });
+            commit_batch(&mut conn, limits, &mut batch, outage);
+        }
     }
     if let Err((_, e)) = conn.close() {
         tracing::warn!(error = %e, "closing the sqlite write connection failed");
@@ -241,7 +258,12 @@ fn apply_batch(
             savepoint.rollback().map_err(db_err)?;
         }
         savepoint.commit().map_err(db_err)?;
-        wrote |= keep;
+        // A compaction that found nothing to delete did not touch the disk either.
+        wrote |= keep
+            && !matches!(
+                (op, &result),
+                (Op::CompactLog { .. }, Ok(Done::SyncCount(0)))
+            );
         results.push(result);
     }
     tx.commit().map_err(db_err)?;
@@ -265,6 +287,7 @@ fn apply(conn: &Connection, limits: &Limits, op: &Op) -> Result<Done, StoreError
             identity::link(conn, pool, id, logins).map(|()| Done::Unit)
         }
         Op::Merge { pool, from, into } => identity::merge(conn, pool, from, into).map(Done::Merge),
+        Op::CompactLog { now } => compact_log(conn, limits, *now).map(Done::SyncCount),
     }
 }
 
@@ -322,6 +345,16 @@ fn update(
         ])
         .map_err(db_err)?;
     }
+    append_log(
+        conn,
+        key,
+        LogKind::Update,
+        Some(plan.sync_count),
+        &request.actor,
+        request.device_id.as_deref(),
+        now,
+        &commitlog::records_json(&plan.changed),
+    )?;
     Ok(plan.committed(key, stored))
 }
 
@@ -398,7 +431,90 @@ pub(super) fn delete(conn: &Connection, key: &DatasetKey, actor: &str) -> Result
     )
     .and_then(|mut stmt| stmt.execute(params![row.id, new_count, now]))
     .map_err(db_err)?;
+    append_log(
+        conn,
+        key,
+        LogKind::Delete,
+        Some(new_count),
+        actor,
+        None,
+        now,
+        commitlog::DELETE_JSON,
+    )?;
     Ok(new_count)
+}
+
+/// Appends a commit log entry for `key`, in the caller's transaction. `sync_count` `None`
+/// takes the dataset's current one (0 if it has no row), for grants and revokes.
+#[allow(clippy::too_many_arguments, reason = "one per column of the entry")]
+pub(super) fn append_log(
+    conn: &Connection,
+    key: &DatasetKey,
+    kind: LogKind,
+    sync_count: Option<u64>,
+    actor: &str,
+    device_id: Option<&str>,
+    now: i64,
+    patches: &str,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO commit_log (pool, owner, name, kind, sync_count, actor, device_id,
+                                 server_time, patches)
+         VALUES (?1, ?2, ?3, ?4,
+                 coalesce(?5, (SELECT sync_count FROM datasets
+                               WHERE pool = ?1 AND owner = ?2 AND name = ?3), 0),
+                 ?6, ?7, ?8, ?9)",
+    )
+    .and_then(|mut stmt| {
+        stmt.execute(params![
+            key.pool,
+            key.owner,
+            key.name,
+            kind.as_str(),
+            sync_count,
+            actor,
+            device_id,
+            now,
+            patches
+        ])
+    })
+    .map_err(db_err)?;
+    Ok(())
+}
+
+/// Deletes the log entries past the retention settings; see `Store::compact_log`.
+pub(super) fn compact_log(conn: &Connection, limits: &Limits, now: i64) -> Result<u64, StoreError> {
+    let max_age_ms =
+        i64::try_from(limits.commit_log_max_age_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let max_entries = i64::try_from(limits.commit_log_max_entries_per_dataset).unwrap_or(i64::MAX);
+    // Entries are in time order by id (up to clock steps), so the old ones are those below
+    // the first recent one, found by walking the rowids; the newest entry always stays, so
+    // its id is never handed out again.
+    let old = conn
+        .prepare_cached(
+            "DELETE FROM commit_log WHERE id < coalesce(
+                 (SELECT id FROM commit_log WHERE server_time >= ?1 ORDER BY id LIMIT 1),
+                 (SELECT max(id) FROM commit_log))",
+        )
+        .and_then(|mut stmt| stmt.execute(params![now.saturating_sub(max_age_ms)]))
+        .map_err(db_err)?;
+    // Only datasets over the cap are ranked, so a compaction of a log within its bounds
+    // reads the index and no more.
+    let over = conn
+        .prepare_cached(
+            "DELETE FROM commit_log WHERE id IN (
+                 SELECT id FROM (
+                     SELECT l.id, row_number() OVER (PARTITION BY l.pool, l.owner, l.name
+                                                     ORDER BY l.id DESC) AS n
+                     FROM commit_log l
+                     JOIN (SELECT pool, owner, name FROM commit_log
+                           GROUP BY pool, owner, name HAVING count(*) > ?1) o
+                       ON l.pool = o.pool AND l.owner = o.owner AND l.name = o.name)
+                 WHERE n > ?1)",
+        )
+        .and_then(|mut stmt| stmt.execute(params![max_entries]))
+        .map_err(db_err)?;
+    Ok((old + over) as u64)
 }
 
 /// Grants (or changes) access, within the grant limits. The writer thread holds the write
@@ -446,7 +562,16 @@ fn grant(
         ])
     })
     .map_err(db_err)?;
-    Ok(())
+    append_log(
+        conn,
+        key,
+        LogKind::Grant,
+        None,
+        &key.owner,
+        None,
+        now_ms(),
+        &commitlog::grant_json(grantee, Some(access)),
+    )
 }
 
 fn revoke(conn: &Connection, key: &DatasetKey, grantee: &str) -> Result<(), StoreError> {
@@ -459,5 +584,14 @@ fn revoke(conn: &Connection, key: &DatasetKey, grantee: &str) -> Result<(), Stor
     if removed == 0 {
         return Err(StoreError::NotFound(format!("grant of {key} to {grantee}")));
     }
-    Ok(())
+    append_log(
+        conn,
+        key,
+        LogKind::Revoke,
+        None,
+        &key.owner,
+        None,
+        now_ms(),
+        &commitlog::grant_json(grantee, None),
+    )
 }
