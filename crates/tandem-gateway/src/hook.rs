@@ -23,6 +23,10 @@ use tandem_protocol::{DatasetRef, Patch, Record};
 /// The most bytes of a hook's answer that are read.
 const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
 
+/// Hook calls in flight at once on one node; more updates are refused as `unavailable`
+/// at once rather than each holding a socket to a hook that is not keeping up.
+const MAX_CALLS_IN_FLIGHT: usize = 64;
+
 /// What the hook decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Verdict {
@@ -41,6 +45,8 @@ pub(crate) enum HookError {
     Failed(String),
     #[error("the sync hook is failing; not called until its breaker closes")]
     Open,
+    #[error("too many sync hook calls in flight")]
+    Busy,
 }
 
 #[derive(Serialize)]
@@ -67,21 +73,28 @@ enum Answer {
     },
 }
 
-/// Consecutive failures open the breaker for a while; then one call tries again.
+/// Consecutive failures open the breaker for a while; then one call (the probe) tries
+/// again while the others are still refused, and its outcome closes or re-opens it.
 #[derive(Debug)]
 struct Breaker {
     failures: u32,
     open_until: Option<Instant>,
+    /// When the probe started; a probe whose update was dropped mid-call (its client went
+    /// away) counts as over after twice the timeout, so the breaker cannot stay stuck.
+    probing: Option<Instant>,
 }
 
 pub(crate) struct SyncHook {
-    url: Uri,
+    /// The configured URL, or why it is not one (then every update is refused: a hook that
+    /// was meant to be asked is never silently skipped).
+    url: Result<Uri, String>,
     secret: Option<Vec<u8>>,
     timeout: Duration,
     failures_to_open: u32,
     open_for: Duration,
     client: Client<HttpConnector, Full<Bytes>>,
     breaker: Mutex<Breaker>,
+    in_flight: tokio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for SyncHook {
@@ -160,9 +173,13 @@ impl SyncHook {
     /// The hook a deployment configured, if any.
     pub(crate) fn from_config(config: &crate::GatewayConfig) -> Option<SyncHook> {
         let url = config.sync_hook_url.as_deref()?;
-        let url = parse_url(url).ok()?.parse().ok()?;
+        let url = parse_url(url).and_then(|u| u.parse::<Uri>().map_err(|e| e.to_string()));
+        if let Err(e) = &url {
+            tracing::error!(error = %e, "sync hook url unusable: every update will be refused");
+        }
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.sync_hook_timeout));
         Some(SyncHook {
             url,
             secret: config
@@ -176,7 +193,9 @@ impl SyncHook {
             breaker: Mutex::new(Breaker {
                 failures: 0,
                 open_until: None,
+                probing: None,
             }),
+            in_flight: tokio::sync::Semaphore::new(MAX_CALLS_IN_FLIGHT),
         })
     }
 
@@ -190,17 +209,26 @@ impl SyncHook {
         records: &[Record],
         patches: &[Patch],
     ) -> Result<Verdict, HookError> {
-        {
+        let url = self.url.clone().map_err(HookError::Failed)?;
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            return Err(HookError::Busy);
+        };
+        let probe = {
             let mut breaker = self.breaker.lock();
-            if let Some(until) = breaker.open_until {
-                if Instant::now() < until {
-                    return Err(HookError::Open);
+            let now = Instant::now();
+            let probing = breaker
+                .probing
+                .is_some_and(|since| now.duration_since(since) < self.timeout * 2);
+            match breaker.open_until {
+                Some(until) if probing || now < until => return Err(HookError::Open),
+                // Half open: this call is the probe; the others stay refused until it ends.
+                Some(_) => {
+                    breaker.probing = Some(now);
+                    true
                 }
-                // Half open: this call tries; another failure opens it again at once.
-                breaker.open_until = None;
-                breaker.failures = self.failures_to_open.saturating_sub(1);
+                None => false,
             }
-        }
+        };
         let body = serde_json::to_vec(&Request {
             identity,
             dataset,
@@ -210,15 +238,19 @@ impl SyncHook {
             patches,
         })
         .map_err(|e| HookError::Failed(e.to_string()))?;
-        let outcome = match tokio::time::timeout(self.timeout, self.call(body)).await {
+        let outcome = match tokio::time::timeout(self.timeout, self.call(url, body)).await {
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(e)) => Err(HookError::Failed(e)),
             Err(_) => Err(HookError::Timeout(self.timeout)),
         };
         let mut breaker = self.breaker.lock();
+        if probe {
+            breaker.probing = None;
+        }
         match outcome {
             Ok(answer) => {
                 breaker.failures = 0;
+                breaker.open_until = None;
                 Ok(match answer {
                     Answer::Accept { patches: Some(p) } => Verdict::Accept(p),
                     Answer::Accept { patches: None } => Verdict::Accept(patches.to_vec()),
@@ -229,7 +261,7 @@ impl SyncHook {
             }
             Err(e) => {
                 breaker.failures += 1;
-                if breaker.failures >= self.failures_to_open {
+                if probe || breaker.failures >= self.failures_to_open {
                     breaker.open_until = Some(Instant::now() + self.open_for);
                     tracing::warn!(error = %e, open_for_ms = self.open_for.as_millis() as u64, "sync hook failing, breaker open");
                 }
@@ -238,9 +270,9 @@ impl SyncHook {
         }
     }
 
-    async fn call(&self, body: Vec<u8>) -> Result<Answer, String> {
+    async fn call(&self, url: Uri, body: Vec<u8>) -> Result<Answer, String> {
         let timestamp = tandem_store::now_ms() / 1000;
-        let mut request = hyper::Request::post(self.url.clone())
+        let mut request = hyper::Request::post(url)
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .header(
                 hyper::header::USER_AGENT,
@@ -259,14 +291,14 @@ impl SyncHook {
             .await
             .map_err(|e| format!("request failed: {e}"))?;
         let status = response.status();
+        if !status.is_success() {
+            return Err(format!("http status {status}"));
+        }
         let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
             .collect()
             .await
             .map_err(|e| format!("reading the answer failed: {e}"))?
             .to_bytes();
-        if !status.is_success() {
-            return Err(format!("http status {status}"));
-        }
         serde_json::from_slice(&body).map_err(|e| format!("unreadable answer: {e}"))
     }
 }

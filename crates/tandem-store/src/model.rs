@@ -147,7 +147,8 @@ pub struct Limits {
     /// Seconds a commit log entry is kept; compaction deletes older ones.
     #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_COMMIT_LOG_MAX_AGE_SECS"))]
     pub commit_log_max_age_secs: u64,
-    /// Commit log entries kept per dataset; compaction deletes the oldest beyond it.
+    /// Commit log entries kept per dataset; compaction deletes the oldest beyond it (at
+    /// least one is always kept, so entry ids are never reused).
     #[cfg_attr(
         feature = "clap",
         arg(long, env = "TANDEM_COMMIT_LOG_MAX_ENTRIES_PER_DATASET")

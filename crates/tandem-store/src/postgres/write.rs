@@ -655,7 +655,7 @@ pub(super) async fn compact_log(
 ) -> Result<u64, CallError> {
     let max_age_ms =
         i64::try_from(limits.commit_log_max_age_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
-    let max_entries = to_i64(limits.commit_log_max_entries_per_dataset)?;
+    let max_entries = to_i64(limits.commit_log_max_entries_per_dataset.max(1))?;
     let (old, over) = tokio::try_join!(
         // The store's newest entry stays, as in SQLite (where that keeps ids unique).
         client.prepare_cached(

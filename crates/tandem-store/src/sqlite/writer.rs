@@ -486,7 +486,8 @@ pub(super) fn append_log(
 pub(super) fn compact_log(conn: &Connection, limits: &Limits, now: i64) -> Result<u64, StoreError> {
     let max_age_ms =
         i64::try_from(limits.commit_log_max_age_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
-    let max_entries = i64::try_from(limits.commit_log_max_entries_per_dataset).unwrap_or(i64::MAX);
+    let max_entries =
+        i64::try_from(limits.commit_log_max_entries_per_dataset.max(1)).unwrap_or(i64::MAX);
     // Entries are in time order by id (up to clock steps), so the old ones are those below
     // the first recent one, found by walking the rowids; the newest entry always stays, so
     // its id is never handed out again.
