@@ -53,12 +53,17 @@ impl RawSocket {
     }
 
     pub async fn fill(&mut self) -> bool {
-        let mut chunk = [0u8; 4096];
+        self.read_up_to(4096).await.is_some()
+    }
+
+    /// Reads at most `bytes` into the buffer; `None` once the socket ended.
+    async fn read_up_to(&mut self, bytes: usize) -> Option<usize> {
+        let mut chunk = vec![0u8; bytes];
         match tokio::time::timeout(WAIT, self.stream.read(&mut chunk)).await {
-            Ok(Ok(0) | Err(_)) => false,
+            Ok(Ok(0) | Err(_)) => None,
             Ok(Ok(n)) => {
                 self.buf.extend_from_slice(&chunk[..n]);
-                true
+                Some(n)
             }
             Err(_) => panic!("nothing from the server in time"),
         }
@@ -92,31 +97,40 @@ impl RawSocket {
     /// The next frame's (opcode, payload), or `None` once the socket ended.
     pub async fn recv(&mut self) -> Option<(u8, Vec<u8>)> {
         loop {
-            if self.buf.len() >= 2 {
-                let opcode = self.buf[0] & 0x0f;
-                let (len, at) = match self.buf[1] & 0x7f {
-                    126 if self.buf.len() >= 4 => (
-                        usize::from(u16::from_be_bytes([self.buf[2], self.buf[3]])),
-                        4,
-                    ),
-                    127 if self.buf.len() >= 10 => {
-                        let mut n = [0u8; 8];
-                        n.copy_from_slice(&self.buf[2..10]);
-                        (usize::try_from(u64::from_be_bytes(n)).unwrap(), 10)
-                    }
-                    126 | 127 => (usize::MAX, 0),
-                    n => (usize::from(n), 2),
-                };
-                if len != usize::MAX && self.buf.len() >= at + len {
-                    let payload = self.buf[at..at + len].to_vec();
-                    self.buf.drain(..at + len);
-                    return Some((opcode, payload));
-                }
+            if let Some(frame) = self.take_frame() {
+                return Some(frame);
             }
             if !self.fill().await {
                 return None;
             }
         }
+    }
+
+    /// The next complete frame already in the buffer, as (opcode, payload).
+    fn take_frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        if self.buf.len() < 2 {
+            return None;
+        }
+        let opcode = self.buf[0] & 0x0f;
+        let (len, at) = match self.buf[1] & 0x7f {
+            126 if self.buf.len() >= 4 => (
+                usize::from(u16::from_be_bytes([self.buf[2], self.buf[3]])),
+                4,
+            ),
+            127 if self.buf.len() >= 10 => {
+                let mut n = [0u8; 8];
+                n.copy_from_slice(&self.buf[2..10]);
+                (usize::try_from(u64::from_be_bytes(n)).unwrap(), 10)
+            }
+            126 | 127 => return None,
+            n => (usize::from(n), 2),
+        };
+        if self.buf.len() < at + len {
+            return None;
+        }
+        let payload = self.buf[at..at + len].to_vec();
+        self.buf.drain(..at + len);
+        Some((opcode, payload))
     }
 
     /// Connects and authenticates as `sub` with an `auth` frame.
@@ -170,40 +184,18 @@ impl RawSocket {
 
     /// Reads at most `bytes` more from the socket into the buffer, a slow reader's sip.
     pub async fn sip(&mut self, bytes: usize) -> bool {
-        let mut chunk = vec![0u8; bytes];
-        match tokio::time::timeout(WAIT, self.stream.read(&mut chunk)).await {
-            Ok(Ok(0) | Err(_)) => false,
-            Ok(Ok(n)) => {
-                self.buf.extend_from_slice(&chunk[..n]);
+        match self.read_up_to(bytes).await {
+            Some(n) => {
                 self.sipped += n;
                 true
             }
-            Err(_) => panic!("nothing from the server in time"),
+            None => false,
         }
     }
 
     /// A complete frame already read, without reading more.
     pub fn buffered_frame(&mut self) -> Option<ServerFrame> {
-        if self.buf.len() < 2 {
-            return None;
-        }
-        let (len, at) = match self.buf[1] & 0x7f {
-            126 if self.buf.len() >= 4 => (
-                usize::from(u16::from_be_bytes([self.buf[2], self.buf[3]])),
-                4,
-            ),
-            127 if self.buf.len() >= 10 => {
-                let mut n = [0u8; 8];
-                n.copy_from_slice(&self.buf[2..10]);
-                (usize::try_from(u64::from_be_bytes(n)).unwrap(), 10)
-            }
-            126 | 127 => return None,
-            n => (usize::from(n), 2),
-        };
-        if self.buf.len() < at + len {
-            return None;
-        }
-        let payload: Vec<u8> = self.buf.drain(..at + len).skip(at).collect();
+        let (_, payload) = self.take_frame()?;
         ServerFrame::from_json(std::str::from_utf8(&payload).ok()?).ok()
     }
 
