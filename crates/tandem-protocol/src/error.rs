@@ -35,10 +35,14 @@ pub enum ErrorCode {
     /// The deployment's sync hook refused the update (its message says why); nothing was
     /// written. Not retriable as is.
     Rejected,
+    /// `read_at` or `restore` asked for a sync count the commit log no longer reaches back
+    /// to (compaction dropped entries after it, or they predate before-images). Not
+    /// retriable; `history` shows what is still there.
+    HistoryUnavailable,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
         ErrorCode::BadRequest,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
@@ -50,6 +54,7 @@ impl ErrorCode {
         ErrorCode::Unavailable,
         ErrorCode::Internal,
         ErrorCode::Rejected,
+        ErrorCode::HistoryUnavailable,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -65,6 +70,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
             ErrorCode::Rejected => "rejected",
+            ErrorCode::HistoryUnavailable => "history_unavailable",
         }
     }
 

@@ -14,7 +14,10 @@
 
 use super::CallError;
 use super::read::to_i64;
-use super::write::{APPEND_LOG, LogColumns, delete_locked, insert_or_lock_dataset, lock_dataset};
+use super::write::{
+    APPEND_LOG, LogColumns, delete_locked_with, insert_or_lock_dataset, live_records_locked,
+    lock_dataset,
+};
 use crate::commitlog::{self, LogKind};
 use crate::decision::upsert_records;
 use crate::identity::{self, Identity, Login, MergeOutcome, MovedDataset};
@@ -267,6 +270,9 @@ pub(super) async fn merge(
             ],
         )
         .await?;
+        // Read before the copy and the delete: the merge entry names their keys and the
+        // delete entry keeps them.
+        let live = live_records_locked(&tx, source.id).await?;
         tx.execute(
             &copy_records,
             &[&target.id, &to_i64(sync_count)?, &source.id],
@@ -283,10 +289,10 @@ pub(super) async fn merge(
             sync_count,
             into,
             None,
-            commitlog::merge_json(from, &name),
+            commitlog::merge_json(from, &name, live.iter().map(|r| r.key.clone()).collect()),
         )?;
         tx.execute(&append, &log.params(&now)).await?;
-        delete_locked(&tx, &source_key, &source, from).await?;
+        delete_locked_with(&tx, &source_key, &source, from, &live).await?;
         moved.push(MovedDataset {
             from_name: name,
             to_name,
