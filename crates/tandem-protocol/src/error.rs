@@ -137,6 +137,11 @@ pub enum LimitCode {
     /// Grants one owner has made across all its dataset names, existing or not (default
     /// 20,000).
     MaxGrantsPerOwner,
+    /// Bytes in one REST API request body (default 64 KiB); refused with HTTP 413.
+    MaxRestBodyBytes,
+    /// REST API requests one identity may make per second on one node, in bursts of as many
+    /// (default 100); refused with HTTP 429 and `Retry-After`.
+    MaxRestRequestsPerSecond,
     /// A limit this build does not know (a newer server's); the frame's `code` still says
     /// what class of error it is. Never sent.
     #[serde(other)]
@@ -163,7 +168,10 @@ impl LimitCode {
             | LimitCode::MaxKeyLength
             | LimitCode::MaxFrameBytes
             | LimitCode::MaxDeviceIdLength => ErrorCode::TooLarge,
-            LimitCode::MaxRequestsPerSecond => ErrorCode::RateLimited,
+            LimitCode::MaxRequestsPerSecond | LimitCode::MaxRestRequestsPerSecond => {
+                ErrorCode::RateLimited
+            }
+            LimitCode::MaxRestBodyBytes => ErrorCode::TooLarge,
             LimitCode::Unknown => ErrorCode::LimitExceeded,
         }
     }
@@ -187,6 +195,8 @@ impl LimitCode {
             LimitCode::MaxNewConnectionsPerIp => "max_new_connections_per_ip",
             LimitCode::MaxGrantsPerDataset => "max_grants_per_dataset",
             LimitCode::MaxGrantsPerOwner => "max_grants_per_owner",
+            LimitCode::MaxRestBodyBytes => "max_rest_body_bytes",
+            LimitCode::MaxRestRequestsPerSecond => "max_rest_requests_per_second",
             LimitCode::Unknown => "unknown",
         }
     }
