@@ -506,3 +506,43 @@ async fn test_history_rest_rate_limit_is_per_identity() {
     let other = rest(&server, "GET", "/v1/datasets/bob/doc/history", "bob", "").await;
     assert_eq!(other.status, 200, "{:?}", other.body);
 }
+
+/// A restore is an update for the sync hook: it is asked with the restoring patches (and may
+/// rewrite them), and a hook that fails refuses the restore with nothing written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_history_restore_goes_through_the_sync_hook() {
+    use tandem_tests::hook::{Hook, Mode, SECRET};
+    let hook = Hook::start().await;
+    let server = TestServer::builder()
+        .arg("--sync-hook-url", hook.url())
+        .arg("--sync-hook-secret", SECRET)
+        .start();
+    let alice = server.connect("alice").await;
+    let notes = DatasetRef::own("notes");
+    // The hook's policy upper-cases `title`.
+    alice
+        .update(
+            notes.clone(),
+            None,
+            vec![Patch::replace("title", "hello", 0)],
+        )
+        .await
+        .unwrap();
+    alice
+        .update(notes.clone(), None, vec![Patch::replace("title", "bye", 1)])
+        .await
+        .unwrap();
+    assert_eq!(hook.calls(), 2);
+    assert_eq!(alice.restore(notes.clone(), 1, None).await.unwrap(), 3);
+    assert_eq!(hook.calls(), 3, "the restore asked the hook");
+    let now = alice.read_at(notes.clone(), 3).await.unwrap();
+    assert_eq!(now[0].value.as_deref(), Some("HELLO"));
+
+    hook.set(Mode::Fail);
+    assert_eq!(
+        code(alice.restore(notes.clone(), 2, None).await),
+        ErrorCode::Unavailable
+    );
+    let page = alice.history(notes.clone(), None, None).await.unwrap();
+    assert_eq!(page.sync_count, 3, "nothing written");
+}
