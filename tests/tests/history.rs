@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use tandem_client::{ClientError, Connection};
 use tandem_protocol::{Access, CommitKind, DatasetRef, ErrorCode, Patch, Record};
 use tandem_tests::cluster::{PgSchema, psql};
-use tandem_tests::{TestServer, next_push};
+use tandem_tests::{TestServer, metric, next_push};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn postgres(schema: &PgSchema) -> TestServer {
@@ -269,6 +269,15 @@ async fn test_history_unavailable_once_the_log_dropped_the_commits_after_it() {
     let reply = rest(&server, "GET", "/v1/datasets/alice/long/at/1", "alice", "").await;
     assert_eq!(reply.status, 410, "{:?}", reply.body);
     assert_eq!(reply.body["code"], "history_unavailable");
+    // Counted like any error: two over the WebSocket, one over REST.
+    assert_eq!(
+        metric(
+            &server,
+            "tandem_gateway_errors_total{code=\"history_unavailable\"}"
+        )
+        .await,
+        3
+    );
     // History shows what is left.
     let page = alice.history(ds.clone(), None, None).await.unwrap();
     let counts: Vec<u64> = page.entries.iter().map(|e| e.sync_count).collect();

@@ -34,10 +34,13 @@ fn status_of(code: ErrorCode) -> StatusCode {
     }
 }
 
-/// An error frame (without an id) as a response.
-fn error_frame(frame: ServerFrame) -> Response {
+/// An error frame (without an id) as a response, counted as the WebSocket's are.
+fn error_frame(gw: &Gateway, frame: ServerFrame) -> Response {
     let status = match &frame {
-        ServerFrame::Error { code, .. } => status_of(*code),
+        ServerFrame::Error { code, .. } => {
+            gw.metrics().error(*code);
+            status_of(*code)
+        }
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     let mut response = (
@@ -54,12 +57,12 @@ fn error_frame(frame: ServerFrame) -> Response {
     response
 }
 
-fn error(code: ErrorCode, message: impl Into<String>) -> Response {
-    error_frame(ServerFrame::error(None, code, message))
+fn error(gw: &Gateway, code: ErrorCode, message: impl Into<String>) -> Response {
+    error_frame(gw, ServerFrame::error(None, code, message))
 }
 
-fn store_error(e: &StoreError) -> Response {
-    error_frame(crate::session::store_error(None, e))
+fn store_error(gw: &Gateway, e: &StoreError) -> Response {
+    error_frame(gw, crate::session::store_error(None, e))
 }
 
 fn json<T: Serialize>(body: &T) -> Response {
@@ -76,6 +79,7 @@ fn json<T: Serialize>(body: &T) -> Response {
 fn authenticate(gw: &Gateway, headers: &HeaderMap) -> Result<String, Box<Response>> {
     let Some(token) = crate::bearer_token(headers) else {
         return Err(Box::new(error(
+            gw,
             ErrorCode::Unauthorized,
             "send the token as `Authorization: Bearer <jwt>`",
         )));
@@ -86,17 +90,20 @@ fn authenticate(gw: &Gateway, headers: &HeaderMap) -> Result<String, Box<Respons
             if gw.throttle.record(Event::TokenRefused) {
                 tracing::info!(error = %e, "token refused on the REST API");
             }
-            return Err(Box::new(error(ErrorCode::Unauthorized, e.to_string())));
+            return Err(Box::new(error(gw, ErrorCode::Unauthorized, e.to_string())));
         }
     };
     if let Err(wait) = gw.rest_rate.take(&identity) {
         let (limit, max) = gw.rest_rate.limit();
-        let mut response = error_frame(ServerFrame::limit_error(
-            None,
-            limit,
-            max,
-            format!("more than {max} REST requests per second; retry after {wait:?}"),
-        ));
+        let mut response = error_frame(
+            gw,
+            ServerFrame::limit_error(
+                None,
+                limit,
+                max,
+                format!("more than {max} REST requests per second; retry after {wait:?}"),
+            ),
+        );
         let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
         response
             .headers_mut()
@@ -109,12 +116,13 @@ fn authenticate(gw: &Gateway, headers: &HeaderMap) -> Result<String, Box<Respons
 /// The dataset a path names, in the node's pool.
 fn dataset(gw: &Gateway, owner: String, name: String) -> Result<DatasetKey, Box<Response>> {
     let key = DatasetKey::new(gw.config.pool.clone(), owner, name);
-    key.validate().map_err(|e| Box::new(store_error(&e)))?;
+    key.validate().map_err(|e| Box::new(store_error(gw, &e)))?;
     Ok(key)
 }
 
-fn bad_path(e: PathRejection) -> Response {
+fn bad_path(gw: &Gateway, e: PathRejection) -> Response {
     error(
+        gw,
         ErrorCode::BadRequest,
         format!("invalid path: {}", e.body_text()),
     )
@@ -148,12 +156,13 @@ pub(crate) async fn get_history(
     };
     let Path((owner, name)) = match path {
         Ok(path) => path,
-        Err(e) => return bad_path(e),
+        Err(e) => return bad_path(&gw, e),
     };
     let Query(query) = match query {
         Ok(query) => query,
         Err(e) => {
             return error(
+                &gw,
                 ErrorCode::BadRequest,
                 format!("invalid query: {}", e.body_text()),
             );
@@ -174,7 +183,7 @@ pub(crate) async fn get_history(
             entries,
             next,
         }),
-        Err(e) => store_error(&e),
+        Err(e) => store_error(&gw, &e),
     }
 }
 
@@ -198,10 +207,11 @@ pub(crate) async fn get_at(
     };
     let Path((owner, name, sync_count)) = match path {
         Ok(path) => path,
-        Err(e) => return bad_path(e),
+        Err(e) => return bad_path(&gw, e),
     };
     let Ok(sync_count) = sync_count.parse::<u64>() else {
         return error(
+            &gw,
             ErrorCode::BadRequest,
             "the sync count must be a non-negative integer",
         );
@@ -216,7 +226,7 @@ pub(crate) async fn get_at(
             sync_count: snapshot.sync_count,
             records: snapshot.records,
         }),
-        Err(e) => store_error(&e),
+        Err(e) => store_error(&gw, &e),
     }
 }
 
@@ -248,20 +258,23 @@ pub(crate) async fn post_restore(
     };
     let Path((owner, name)) = match path {
         Ok(path) => path,
-        Err(e) => return bad_path(e),
+        Err(e) => return bad_path(&gw, e),
     };
     let max = gw.config.max_rest_body_bytes;
     let Ok(body) = axum::body::to_bytes(body, max).await else {
-        return error_frame(ServerFrame::limit_error(
-            None,
-            tandem_protocol::LimitCode::MaxRestBodyBytes,
-            max as u64,
-            format!("request body larger than {max} bytes"),
-        ));
+        return error_frame(
+            &gw,
+            ServerFrame::limit_error(
+                None,
+                tandem_protocol::LimitCode::MaxRestBodyBytes,
+                max as u64,
+                format!("request body larger than {max} bytes"),
+            ),
+        );
     };
     let request: RestoreRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
-        Err(e) => return error(ErrorCode::BadRequest, format!("invalid body: {e}")),
+        Err(e) => return error(&gw, ErrorCode::BadRequest, format!("invalid body: {e}")),
     };
     let key = match dataset(&gw, owner, name) {
         Ok(key) => key,
@@ -272,6 +285,6 @@ pub(crate) async fn post_restore(
             dataset: key.to_ref(),
             sync_count,
         }),
-        Err(e) => error_frame(e.frame(None)),
+        Err(e) => error_frame(&gw, e.frame(None)),
     }
 }
