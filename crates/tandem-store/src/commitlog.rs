@@ -246,58 +246,120 @@ impl LogEntry {
     }
 }
 
-/// The dataset as it was right after the commit at `target`, from `current` (its state now)
-/// and `entries`: its update, delete and merge entries with a sync count of `target` or
-/// above, read in the same transaction as `current`, in any order. Every commit above
-/// `target` must be among them and carry before-images, else the answer is
-/// `HistoryUnavailable`. A `target` above the current sync count is a `BadRequest`.
-pub(crate) fn reconstruct(
+/// Reads a dataset backwards to the commit at a target sync count: from its current state
+/// (a [`Snapshot`] read in the same transaction as the entries), undo its update, delete and
+/// merge entries newest first (by id: per dataset the commit order), one at a time, so that
+/// a backend can stream them and hold no more than the dataset and one entry. Every commit
+/// above the target must come by and carry before-images, else the answer is
+/// `HistoryUnavailable`.
+pub(crate) struct Rewind {
+    /// The current state itself, when it is the target.
+    current: Option<Snapshot>,
+    dataset: DatasetKey,
+    target: u64,
+    /// The sync count of the next entry to undo: each commit raised it by one.
+    next: u64,
+    state: BTreeMap<String, Record>,
+    /// The commit at the target was a delete.
+    deleted: bool,
+    /// The entry at the target was seen: no more are needed.
+    done: bool,
+}
+
+impl Rewind {
+    /// `BadRequest` for a target above the current sync count.
+    pub(crate) fn new(current: Snapshot, target: u64) -> Result<Rewind, StoreError> {
+        if target > current.sync_count {
+            return Err(StoreError::BadRequest(format!(
+                "sync count {target} is above the dataset's current sync count {}",
+                current.sync_count
+            )));
+        }
+        let at_target = target == current.sync_count;
+        let state = if at_target {
+            BTreeMap::new()
+        } else {
+            current
+                .records
+                .iter()
+                .map(|r| (r.key.clone(), r.clone()))
+                .collect()
+        };
+        Ok(Rewind {
+            dataset: current.dataset.clone(),
+            next: current.sync_count,
+            current: at_target.then_some(current),
+            target,
+            state,
+            deleted: false,
+            done: at_target,
+        })
+    }
+
+    /// Whether more entries are needed.
+    pub(crate) fn wants_more(&self) -> bool {
+        !self.done
+    }
+
+    /// Undoes the next entry (newest first); entries below the target are ignored.
+    pub(crate) fn undo(&mut self, entry: &LogEntry) -> Result<(), StoreError> {
+        if self.done || entry.sync_count < self.target {
+            return Ok(());
+        }
+        if entry.sync_count == self.target && self.next == self.target {
+            // The commit at the target itself: only whether it was a delete matters.
+            self.deleted = entry.kind == LogKind::Delete;
+            self.done = true;
+            return Ok(());
+        }
+        if entry.sync_count != self.next || !entry.undo(&mut self.state) {
+            return Err(self.unavailable());
+        }
+        self.next -= 1;
+        Ok(())
+    }
+
+    /// The dataset at the target, once the entries ran out: `HistoryUnavailable` unless
+    /// every commit above it was undone.
+    pub(crate) fn finish(self) -> Result<Snapshot, StoreError> {
+        if let Some(current) = self.current {
+            return Ok(current);
+        }
+        if self.next != self.target {
+            return Err(self.unavailable());
+        }
+        Ok(Snapshot {
+            dataset: self.dataset,
+            sync_count: self.target,
+            records: self.state.into_values().collect(),
+            deleted: self.deleted,
+        })
+    }
+
+    fn unavailable(&self) -> StoreError {
+        StoreError::HistoryUnavailable {
+            dataset: self.dataset.to_string(),
+            sync_count: self.target,
+        }
+    }
+}
+
+/// [`Rewind`] over entries in any order (sorted here, newest first).
+#[cfg(test)]
+fn reconstruct(
     current: Snapshot,
     mut entries: Vec<LogEntry>,
     target: u64,
 ) -> Result<Snapshot, StoreError> {
-    if target > current.sync_count {
-        return Err(StoreError::BadRequest(format!(
-            "sync count {target} is above the dataset's current sync count {}",
-            current.sync_count
-        )));
-    }
-    if target == current.sync_count {
-        return Ok(current);
-    }
     entries.sort_by(|a, b| b.sync_count.cmp(&a.sync_count).then(b.id.cmp(&a.id)));
-    let unavailable = || StoreError::HistoryUnavailable {
-        dataset: current.dataset.to_string(),
-        sync_count: target,
-    };
-    let mut state: BTreeMap<String, Record> = current
-        .records
-        .iter()
-        .map(|r| (r.key.clone(), r.clone()))
-        .collect();
-    // Each commit above `target` bumped the sync count by one: they are the entries at
-    // `current.sync_count`, one below, … down to `target + 1`, each once.
-    let mut expected = current.sync_count;
-    let mut deleted = false;
+    let mut rewind = Rewind::new(current, target)?;
     for entry in &entries {
-        if entry.sync_count <= target {
-            deleted |= entry.sync_count == target && entry.kind == LogKind::Delete;
-            continue;
+        if !rewind.wants_more() {
+            break;
         }
-        if entry.sync_count != expected || !entry.undo(&mut state) {
-            return Err(unavailable());
-        }
-        expected -= 1;
+        rewind.undo(entry)?;
     }
-    if expected != target {
-        return Err(unavailable());
-    }
-    Ok(Snapshot {
-        dataset: current.dataset,
-        sync_count: target,
-        records: state.into_values().collect(),
-        deleted,
-    })
+    rewind.finish()
 }
 
 fn to_json<T: Serialize>(value: &T) -> String {

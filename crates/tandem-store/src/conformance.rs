@@ -111,6 +111,10 @@ where
     run!(case_history_pages_newest_first, Limits::default());
     run!(case_read_at_gives_every_past_state, Limits::default());
     run!(case_read_at_beyond_the_log_is_unavailable, log_limits());
+    run!(
+        case_read_at_reaches_back_over_many_commits,
+        Limits::default()
+    );
 }
 
 /// Retention small enough to reach: 3 entries per dataset, a minute.
@@ -2427,4 +2431,39 @@ pub async fn case_read_at_beyond_the_log_is_unavailable(store: Arc<dyn Store>) {
             other => panic!("read_at {n} should be unavailable, got {other:?}"),
         }
     }
+}
+
+/// `read_at` far back undoes many commits (more than a backend reads at once), grants in
+/// between. Default limits.
+pub async fn case_read_at_reaches_back_over_many_commits(store: Arc<dyn Store>) {
+    let d = ds(ALICE, "busy");
+    let mut at_ten = None;
+    for n in 0..150u64 {
+        let key = format!("k{}", n % 7);
+        let base = store
+            .snapshot(&d, ALICE)
+            .await
+            .unwrap()
+            .records
+            .iter()
+            .find(|r| r.key == key)
+            .map_or(0, |r| r.sync_count);
+        let (_, snapshot) = commit(
+            &*store,
+            &d,
+            ALICE,
+            vec![Patch::replace(&key, n.to_string(), base)],
+        )
+        .await;
+        if n == 9 {
+            at_ten = Some(snapshot);
+        }
+        if n % 50 == 0 {
+            store.grant(&d, ALICE, BOB, Access::Read).await.unwrap();
+        }
+    }
+    let at_ten = at_ten.unwrap();
+    let read = store.read_at(&d, BOB, 10).await.unwrap();
+    assert_eq!(read.records, at_ten.records);
+    assert!(store.read_at(&d, BOB, 0).await.unwrap().records.is_empty());
 }

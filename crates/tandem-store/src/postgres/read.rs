@@ -339,8 +339,11 @@ pub(super) async fn history(
     entries
 }
 
+/// Log entries `read_at` undoes per round trip: memory holds the dataset and one page.
+const REWIND_PAGE: i64 = 64;
+
 /// See `Store::read_at`: the current state and the log entries undone from it are read in
-/// one snapshot.
+/// one snapshot, the entries newest first a page at a time.
 pub(super) async fn read_at(
     client: &mut ClientWrapper,
     key: &DatasetKey,
@@ -348,27 +351,45 @@ pub(super) async fn read_at(
     sync_count: u64,
 ) -> Result<Snapshot, CallError> {
     let tx = one_snapshot(client).await?;
-    let current = snapshot_in(&tx, key, actor).await?;
-    let entries = if sync_count < current.sync_count {
+    let mut rewind =
+        crate::commitlog::Rewind::new(snapshot_in(&tx, key, actor).await?, sync_count)?;
+    if rewind.wants_more() {
         let stmt = tx
             .prepare_cached(&format!(
                 "SELECT {LOG_COLUMNS} FROM commit_log
                  WHERE pool = $1 AND owner = $2 AND name = $3 AND sync_count >= $4
-                   AND kind IN ('update', 'delete', 'merge')"
+                   AND kind IN ('update', 'delete', 'merge') AND id < $5
+                 ORDER BY id DESC LIMIT $6"
             ))
             .await?;
-        let rows = tx
-            .query(
-                &stmt,
-                &[&key.pool, &key.owner, &key.name, &to_i64(sync_count)?],
-            )
-            .await?;
-        rows.iter().map(log_entry).collect::<Result<Vec<_>, _>>()?
-    } else {
-        Vec::new()
-    };
+        let target = to_i64(sync_count)?;
+        let mut below = i64::MAX;
+        while rewind.wants_more() {
+            let rows = tx
+                .query(
+                    &stmt,
+                    &[
+                        &key.pool,
+                        &key.owner,
+                        &key.name,
+                        &target,
+                        &below,
+                        &REWIND_PAGE,
+                    ],
+                )
+                .await?;
+            for row in &rows {
+                let entry = log_entry(row)?;
+                below = entry.id;
+                rewind.undo(&entry)?;
+            }
+            if rows.len() < REWIND_PAGE as usize {
+                break;
+            }
+        }
+    }
     tx.commit().await?;
-    Ok(crate::commitlog::reconstruct(current, entries, sync_count)?)
+    Ok(rewind.finish()?)
 }
 
 /// `identity`'s access, in `tx`.

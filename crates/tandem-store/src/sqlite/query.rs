@@ -368,28 +368,34 @@ pub(super) fn history(
 }
 
 /// See `Store::read_at`; run inside a read transaction, so the current state and the log
-/// entries undone from it are of one commit.
+/// entries undone from it are of one commit. Entries are read one at a time, newest first
+/// along the dataset's index, so memory holds the dataset and one entry.
 pub(super) fn read_at(
     conn: &Connection,
     key: &DatasetKey,
     actor: &str,
     sync_count: u64,
 ) -> Result<Snapshot, StoreError> {
-    let current = snapshot(conn, key, actor)?;
-    if sync_count >= current.sync_count {
-        return crate::commitlog::reconstruct(current, Vec::new(), sync_count);
+    let mut rewind = crate::commitlog::Rewind::new(snapshot(conn, key, actor)?, sync_count)?;
+    if rewind.wants_more() {
+        let target = i64::try_from(sync_count).unwrap_or(i64::MAX);
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT {LOG_COLUMNS} FROM commit_log
+                 WHERE pool = ?1 AND owner = ?2 AND name = ?3 AND sync_count >= ?4
+                   AND kind IN ('update', 'delete', 'merge')
+                 ORDER BY id DESC"
+            ))
+            .map_err(db_err)?;
+        let mut rows = stmt
+            .query(params![key.pool, key.owner, key.name, target])
+            .map_err(db_err)?;
+        while rewind.wants_more() {
+            let Some(row) = rows.next().map_err(db_err)? else {
+                break;
+            };
+            rewind.undo(&log_entry(row).map_err(db_err)?)?;
+        }
     }
-    let target = i64::try_from(sync_count).unwrap_or(i64::MAX);
-    let mut stmt = conn
-        .prepare_cached(&format!(
-            "SELECT {LOG_COLUMNS} FROM commit_log
-             WHERE pool = ?1 AND owner = ?2 AND name = ?3 AND sync_count >= ?4
-               AND kind IN ('update', 'delete', 'merge')"
-        ))
-        .map_err(db_err)?;
-    let entries = stmt
-        .query_map(params![key.pool, key.owner, key.name, target], log_entry)
-        .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
-        .map_err(db_err)?;
-    crate::commitlog::reconstruct(current, entries, sync_count)
+    rewind.finish()
 }
