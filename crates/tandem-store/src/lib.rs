@@ -162,9 +162,10 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<LogEntry>, StoreError>;
 
-    /// The dataset's commit log entries (every kind) with an id below `before_id` (all when
-    /// `None`), newest first, at most `limit`: its history, a page at a time. Needs read
-    /// access. A dataset never written has none.
+    /// The dataset's commits (update, delete, grant, revoke and merge entries of its log;
+    /// entries of kinds that record no commit are left out) with an id below `before_id`
+    /// (all when `None`), newest first, at most `limit`: its history, a page at a time.
+    /// Needs read access. A dataset never written has none.
     async fn history(
         &self,
         dataset: &DatasetKey,

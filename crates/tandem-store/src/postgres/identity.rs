@@ -15,7 +15,7 @@
 use super::CallError;
 use super::read::to_i64;
 use super::write::{
-    APPEND_LOG, LogColumns, delete_locked_with, insert_or_lock_dataset, live_records_locked,
+    APPEND_LOG, LogColumns, delete_locked, insert_or_lock_dataset, live_records_locked,
     lock_dataset,
 };
 use crate::commitlog::{self, LogKind};
@@ -270,9 +270,12 @@ pub(super) async fn merge(
             ],
         )
         .await?;
-        // Read before the copy and the delete: the merge entry names their keys and the
-        // delete entry keeps them.
-        let live = live_records_locked(&tx, source.id).await?;
+        // The merge entry names the keys it writes: the source's live records.
+        let keys = live_records_locked(&tx, source.id)
+            .await?
+            .into_iter()
+            .map(|r| r.key)
+            .collect();
         tx.execute(
             &copy_records,
             &[&target.id, &to_i64(sync_count)?, &source.id],
@@ -289,10 +292,10 @@ pub(super) async fn merge(
             sync_count,
             into,
             None,
-            commitlog::merge_json(from, &name, live.iter().map(|r| r.key.clone()).collect()),
+            commitlog::merge_json(from, &name, keys),
         )?;
         tx.execute(&append, &log.params(&now)).await?;
-        delete_locked_with(&tx, &source_key, &source, from, &live).await?;
+        delete_locked(&tx, &source_key, &source, from).await?;
         moved.push(MovedDataset {
             from_name: name,
             to_name,

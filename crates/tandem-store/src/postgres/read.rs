@@ -318,6 +318,7 @@ pub(super) async fn history(
         .prepare_cached(&format!(
             "SELECT {LOG_COLUMNS} FROM commit_log
              WHERE pool = $1 AND owner = $2 AND name = $3 AND id < $4
+               AND kind IN ('update', 'delete', 'grant', 'revoke', 'merge')
              ORDER BY id DESC LIMIT $5"
         ))
         .await?;

@@ -559,18 +559,8 @@ pub(super) async fn delete_locked(
     row: &DatasetRow,
     actor: &str,
 ) -> Result<u64, CallError> {
+    // The log keeps the live records as they were, for history.
     let live = live_records_locked(tx, row.id).await?;
-    delete_locked_with(tx, key, row, actor, &live).await
-}
-
-/// [`delete_locked`] with the dataset's live records read already (the log keeps them).
-pub(super) async fn delete_locked_with(
-    tx: &Transaction<'_>,
-    key: &DatasetKey,
-    row: &DatasetRow,
-    actor: &str,
-    live: &[tandem_protocol::Record],
-) -> Result<u64, CallError> {
     let new_count = row.state.sync_count + 1;
     let new_count_db = to_i64(new_count)?;
     let now = now_ms();
@@ -587,7 +577,7 @@ pub(super) async fn delete_locked_with(
         new_count,
         actor,
         None,
-        commitlog::delete_json(live),
+        commitlog::delete_json(&live),
     )?;
     let log_params = log.params(&now);
     let records_params: [&(dyn ToSql + Sync); 4] = [&row.id, &new_count_db, &now, &key.owner];
