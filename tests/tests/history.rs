@@ -555,3 +555,132 @@ async fn test_history_restore_goes_through_the_sync_hook() {
     let page = alice.history(notes.clone(), None, None).await.unwrap();
     assert_eq!(page.sync_count, 3, "nothing written");
 }
+
+/// A sync hook that, while `interfere` is above zero, answers each of alice's calls only
+/// after bob has written key `a` of `alice/race` (so alice's restore, asked about its
+/// patches, finds them stale at commit), and accepts everything.
+async fn interfering_hook(
+    bob: std::sync::Arc<tokio::sync::Mutex<Option<Connection>>>,
+    interfere: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> SocketAddr {
+    use std::sync::atomic::Ordering;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut n = 0u32;
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let (bob, interfere) = (bob.clone(), interfere.clone());
+            n += 1;
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // Read the head, then the body by its length.
+                let body = loop {
+                    let read = socket.read(&mut chunk).await.unwrap_or(0);
+                    if read == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..read]);
+                    let text = String::from_utf8_lossy(&buf).into_owned();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                let (name, value) = l.split_once(':')?;
+                                name.eq_ignore_ascii_case("content-length")
+                                    .then(|| value.trim().parse().ok())?
+                            })
+                            .unwrap_or(0);
+                        if body.len() >= length {
+                            break body.to_owned();
+                        }
+                    }
+                };
+                let request: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+                if request["identity"] == "alice"
+                    && interfere
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok()
+                {
+                    let guard = bob.lock().await;
+                    let bob = guard.as_ref().unwrap();
+                    let race = DatasetRef::new("alice", "race");
+                    let (_, records) = bob.changes(race.clone(), 0).await.unwrap();
+                    let base = records.iter().find(|r| r.key == "a").unwrap().sync_count;
+                    bob.update(
+                        race,
+                        None,
+                        vec![Patch::replace("a", format!("bob-{n}"), base)],
+                    )
+                    .await
+                    .unwrap();
+                }
+                let answer = r#"{"action":"accept"}"#;
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                    answer.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A commit that lands on a key the restore writes, between its read and its write, makes
+/// it read and try again (it still ends at the state it was asked for); one that keeps
+/// landing makes it give up with `conflict` and nothing of its own written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_history_restore_retries_when_a_concurrent_commit_makes_it_stale() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let bob_slot = Arc::new(tokio::sync::Mutex::new(None));
+    let interfere = Arc::new(AtomicUsize::new(0));
+    let hook = interfering_hook(bob_slot.clone(), interfere.clone()).await;
+    let server = TestServer::builder()
+        .arg("--sync-hook-url", format!("http://{hook}/hook"))
+        .start();
+    let alice = server.connect("alice").await;
+    let race = DatasetRef::own("race");
+    alice
+        .update(race.clone(), None, vec![Patch::replace("a", "first", 0)])
+        .await
+        .unwrap();
+    alice
+        .update(race.clone(), None, vec![Patch::replace("a", "second", 1)])
+        .await
+        .unwrap();
+    alice
+        .grant(race.clone(), "bob", Access::Write)
+        .await
+        .unwrap();
+    *bob_slot.lock().await = Some(server.connect("bob").await);
+
+    // Once in the way: bob's commit (3) lands, the restore tries again and commits (4).
+    interfere.store(1, Ordering::SeqCst);
+    assert_eq!(alice.restore(race.clone(), 1, None).await.unwrap(), 4);
+    let now = alice.read_at(race.clone(), 4).await.unwrap();
+    assert_eq!(now[0].value.as_deref(), Some("first"));
+    let page = alice.history(race.clone(), None, Some(2)).await.unwrap();
+    let who: Vec<(&str, u64)> = page
+        .entries
+        .iter()
+        .map(|e| (e.actor.as_str(), e.sync_count))
+        .collect();
+    assert_eq!(who, [("alice", 4), ("bob", 3)]);
+
+    // Always in the way: after its tries, `conflict`; only bob's commits were written.
+    interfere.store(100, Ordering::SeqCst);
+    assert_eq!(
+        code(alice.restore(race.clone(), 2, None).await),
+        ErrorCode::Conflict
+    );
+    let page = alice.history(race.clone(), None, Some(10)).await.unwrap();
+    let tries = 100 - interfere.load(Ordering::SeqCst);
+    assert!(tries >= 2, "{tries}");
+    assert_eq!(page.sync_count, 4 + tries as u64);
+    assert!(page.entries[..tries].iter().all(|e| e.actor == "bob"));
+}
