@@ -70,14 +70,16 @@ mod batch;
 mod identity;
 mod read;
 mod schema;
+mod stream;
 mod write;
 
 use crate::identity::{Identity, Login, MergeOutcome};
 use crate::identity::{validate_identity_call, validate_logins_call, validate_merge};
 use crate::outage::CommitOutage;
+use crate::stream::{validate_letters, validate_name};
 use crate::{
-    DatasetKey, Limits, LogEntry, Snapshot, Store, StoreError, UpdateOutcome, UpdateRequest,
-    validate_identity, validate_update,
+    DatasetKey, DeadLetter, Limits, LogEntry, Snapshot, Store, StoreError, StreamConsumer,
+    UpdateOutcome, UpdateRequest, validate_identity, validate_update,
 };
 use crate::{validate_call, validate_grant, validate_revoke};
 use async_trait::async_trait;
@@ -526,6 +528,101 @@ impl Store for PostgresStore {
         dataset.validate()?;
         call!(&self.inner, |client| identity::last_deleted_sync_count(
             &client, dataset
+        ))
+    }
+
+    async fn stream_lease(
+        &self,
+        consumer: &str,
+        node: &str,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        validate_name("consumer", consumer)?;
+        validate_name("node", node)?;
+        let result = call!(&self.inner, |client| stream::lease(
+            &client, consumer, node, now_ms, ttl_ms
+        ));
+        self.inner.wrote(result)
+    }
+
+    async fn stream_ack(
+        &self,
+        consumer: &str,
+        node: &str,
+        position: i64,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        validate_name("consumer", consumer)?;
+        validate_name("node", node)?;
+        let result = call!(&self.inner, |client| stream::ack(
+            &client, consumer, node, position, now_ms
+        ));
+        self.inner.wrote(result)
+    }
+
+    async fn stream_release(&self, consumer: &str, node: &str) -> Result<(), StoreError> {
+        validate_name("consumer", consumer)?;
+        validate_name("node", node)?;
+        let result = call!(&self.inner, |client| stream::release(
+            &client, consumer, node
+        ));
+        self.inner.wrote(result)
+    }
+
+    async fn stream_consumers(&self) -> Result<Vec<StreamConsumer>, StoreError> {
+        call!(&self.inner, |client| stream::consumers(&client))
+    }
+
+    async fn stream_forget(&self, consumer: &str) -> Result<bool, StoreError> {
+        validate_name("consumer", consumer)?;
+        let result = call!(&self.inner, |client| stream::forget(&client, consumer));
+        self.inner.wrote(result)
+    }
+
+    async fn stream_dead_letter(
+        &self,
+        consumer: &str,
+        letters: &[DeadLetter],
+    ) -> Result<(), StoreError> {
+        validate_name("consumer", consumer)?;
+        validate_letters(letters)?;
+        if letters.is_empty() {
+            return Ok(());
+        }
+        let max = self.inner.limits.stream_dead_letter_max;
+        let result = call!(&self.inner, |client| stream::dead_letter(
+            &mut client,
+            consumer,
+            letters,
+            max
+        ));
+        self.inner.wrote(result)
+    }
+
+    async fn stream_dead_letters(
+        &self,
+        consumer: &str,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        validate_name("consumer", consumer)?;
+        call!(&self.inner, |client| stream::dead_letters(
+            &client, consumer, after_id, limit
+        ))
+    }
+
+    async fn log_head(&self) -> Result<i64, StoreError> {
+        call!(&self.inner, |client| stream::log_head(&client))
+    }
+
+    async fn datasets_after(
+        &self,
+        after: Option<&DatasetKey>,
+        limit: usize,
+    ) -> Result<Vec<(DatasetKey, u64)>, StoreError> {
+        call!(&self.inner, |client| stream::datasets_after(
+            &client, after, limit
         ))
     }
 

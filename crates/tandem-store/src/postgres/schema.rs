@@ -22,6 +22,8 @@ use deadpool_postgres::ClientWrapper;
 /// Version 4 adds the commit log, as in SQLite. Its ids come from an identity column, so
 /// they increase store-wide, but in the order transactions took them, which is not always
 /// the order they committed in; per dataset, the row lock makes the two the same.
+///
+/// Version 5 adds the change stream's consumers and dead letters, as in SQLite.
 pub(super) const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE datasets (
@@ -111,6 +113,24 @@ CREATE TABLE commit_log (
 
 CREATE INDEX commit_log_by_dataset ON commit_log (pool, owner, name, id);
 CREATE INDEX commit_log_by_time ON commit_log (server_time);
+"#,
+    r#"
+CREATE TABLE stream_consumers (
+    name         text   COLLATE "C" PRIMARY KEY,
+    position     bigint NOT NULL,
+    lease_holder text   COLLATE "C",
+    lease_until  bigint NOT NULL DEFAULT 0
+);
+
+CREATE TABLE stream_dead_letters (
+    consumer text   COLLATE "C" NOT NULL,
+    entry_id bigint NOT NULL,
+    event    text   NOT NULL,
+    error    text   NOT NULL,
+    attempts bigint NOT NULL,
+    time     bigint NOT NULL,
+    PRIMARY KEY (consumer, entry_id)
+);
 "#,
 ];
 

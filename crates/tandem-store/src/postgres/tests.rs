@@ -871,6 +871,116 @@ async fn test_postgres_store_upgrades_a_version_3_schema_with_a_commit_log() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_postgres_store_upgrades_a_version_4_schema_with_stream_consumers() {
+    let schemas = TestSchemas::new();
+    let config = schemas.config();
+    let admin = admin().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE SCHEMA {schema};
+             SET search_path TO {schema};
+             {v1} {v2} {v3} {v4}
+             CREATE TABLE schema_version (version integer NOT NULL);
+             INSERT INTO schema_version (version) VALUES (4);
+             INSERT INTO commit_log (pool, owner, name, kind, sync_count, actor, server_time,
+                                     patches)
+             VALUES ('default', 'alice', 'kept', 'update', 1, 'alice', 0, '[]');
+             RESET search_path;",
+            schema = config.schema,
+            v1 = schema::MIGRATIONS[0],
+            v2 = schema::MIGRATIONS[1],
+            v3 = schema::MIGRATIONS[2],
+            v4 = schema::MIGRATIONS[3],
+        ))
+        .await
+        .unwrap();
+    let store = PostgresStore::connect(config.clone(), Limits::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        schema_versions(&admin, &config.schema).await,
+        [schema::SCHEMA_VERSION]
+    );
+    let kept = store.log_since(0, 10).await.unwrap();
+    assert_eq!(kept.len(), 1);
+    assert!(store.stream_consumers().await.unwrap().is_empty());
+    assert_eq!(
+        store.stream_lease("c", "n", 0, 10).await.unwrap(),
+        Some(kept[0].id)
+    );
+    let d = ds("alice", "kept");
+    commit(
+        &store,
+        update(&d, "alice", vec![Patch::replace("a", "1", 0)]),
+    )
+    .await;
+    let after = store.log_since(kept[0].id, 10).await.unwrap();
+    assert_eq!(after.len(), 1);
+    assert_eq!(store.log_head().await.unwrap(), after[0].id);
+    store.close().await;
+}
+
+/// Nodes (separate stores, so separate connections) racing for an expired lease: exactly
+/// one wins each round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_postgres_store_racing_nodes_get_a_lease_once() {
+    let schemas = TestSchemas::new();
+    let first = PostgresStore::connect(schemas.config(), Limits::default())
+        .await
+        .unwrap();
+    let mut nodes = vec![first.clone()];
+    for _ in 0..3 {
+        nodes.push(
+            PostgresStore::connect(schemas.config_for(&first), Limits::default())
+                .await
+                .unwrap(),
+        );
+    }
+    for round in 0..20_i64 {
+        // Every lease of the round before (ttl 10) has expired by `now`.
+        let now = 1000 + round * 100;
+        let start = Arc::new(tokio::sync::Barrier::new(nodes.len() * 4));
+        let mut racers = Vec::new();
+        for (n, node) in nodes.iter().enumerate() {
+            for task in 0..4 {
+                let (node, start) = (node.clone(), Arc::clone(&start));
+                racers.push(tokio::spawn(async move {
+                    let name = format!("node{n}-{task}");
+                    start.wait().await;
+                    node.stream_lease("raced", &name, now, 10)
+                        .await
+                        .unwrap()
+                        .map(|_| name)
+                }));
+            }
+        }
+        let mut winners = Vec::new();
+        for racer in racers {
+            winners.extend(racer.await.unwrap());
+        }
+        assert_eq!(winners.len(), 1, "round {round}: {winners:?}");
+        let consumers = first.stream_consumers().await.unwrap();
+        assert_eq!(consumers[0].lease_holder.as_ref(), Some(&winners[0]));
+        // The winner's acks count; another node's do not.
+        assert!(
+            nodes[0]
+                .stream_ack("raced", &winners[0], round, now + 1)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !nodes[1]
+                .stream_ack("raced", "someone-else", round + 1, now + 1)
+                .await
+                .unwrap()
+        );
+    }
+    for node in &nodes {
+        node.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn test_postgres_store_concurrent_migrations_of_a_fresh_schema_all_succeed() {
     let schemas = TestSchemas::new();
     let config = schemas.config();

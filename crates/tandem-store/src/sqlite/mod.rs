@@ -14,14 +14,16 @@ mod check;
 mod identity;
 mod query;
 mod schema;
+mod stream;
 mod writer;
 
 use crate::identity::{Identity, Login, MergeOutcome};
 use crate::identity::{validate_identity_call, validate_logins_call, validate_merge};
 use crate::outage::CommitOutage;
+use crate::stream::{validate_letters, validate_name};
 use crate::{
-    DatasetKey, Limits, LogEntry, Snapshot, Store, StoreError, UpdateOutcome, UpdateRequest,
-    validate_identity, validate_update,
+    DatasetKey, DeadLetter, Limits, LogEntry, Snapshot, Store, StoreError, StreamConsumer,
+    UpdateOutcome, UpdateRequest, validate_identity, validate_update,
 };
 use crate::{validate_call, validate_grant, validate_revoke};
 use async_trait::async_trait;
@@ -445,6 +447,122 @@ impl Store for SqliteStore {
             Done::SyncCount(n) => Ok(n),
             other => Err(unexpected(&other)),
         }
+    }
+
+    async fn stream_lease(
+        &self,
+        consumer: &str,
+        node: &str,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        validate_name("consumer", consumer)?;
+        validate_name("node", node)?;
+        let op = Op::StreamLease {
+            consumer: consumer.to_owned(),
+            node: node.to_owned(),
+            now: now_ms,
+            ttl: ttl_ms,
+        };
+        match self.submit(op).await? {
+            Done::Lease(position) => Ok(position),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn stream_ack(
+        &self,
+        consumer: &str,
+        node: &str,
+        position: i64,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        validate_name("consumer", consumer)?;
+        validate_name("node", node)?;
+        let op = Op::StreamAck {
+            consumer: consumer.to_owned(),
+            node: node.to_owned(),
+            position,
+            now: now_ms,
+        };
+        match self.submit(op).await? {
+            Done::Bool(held) => Ok(held),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn stream_release(&self, consumer: &str, node: &str) -> Result<(), StoreError> {
+        validate_name("consumer", consumer)?;
+        validate_name("node", node)?;
+        let op = Op::StreamRelease {
+            consumer: consumer.to_owned(),
+            node: node.to_owned(),
+        };
+        match self.submit(op).await? {
+            Done::Unit => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn stream_consumers(&self) -> Result<Vec<StreamConsumer>, StoreError> {
+        self.read(|conn| stream::consumers(conn)).await
+    }
+
+    async fn stream_forget(&self, consumer: &str) -> Result<bool, StoreError> {
+        validate_name("consumer", consumer)?;
+        let op = Op::StreamForget {
+            consumer: consumer.to_owned(),
+        };
+        match self.submit(op).await? {
+            Done::Bool(existed) => Ok(existed),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn stream_dead_letter(
+        &self,
+        consumer: &str,
+        letters: &[DeadLetter],
+    ) -> Result<(), StoreError> {
+        validate_name("consumer", consumer)?;
+        validate_letters(letters)?;
+        if letters.is_empty() {
+            return Ok(());
+        }
+        let op = Op::StreamDeadLetter {
+            consumer: consumer.to_owned(),
+            letters: letters.to_vec(),
+        };
+        match self.submit(op).await? {
+            Done::Unit => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn stream_dead_letters(
+        &self,
+        consumer: &str,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        validate_name("consumer", consumer)?;
+        let consumer = consumer.to_owned();
+        self.read(move |conn| stream::dead_letters(conn, &consumer, after_id, limit))
+            .await
+    }
+
+    async fn log_head(&self) -> Result<i64, StoreError> {
+        self.read(|conn| stream::log_head(conn)).await
+    }
+
+    async fn datasets_after(
+        &self,
+        after: Option<&DatasetKey>,
+        limit: usize,
+    ) -> Result<Vec<(DatasetKey, u64)>, StoreError> {
+        let after = after.cloned();
+        self.read(move |conn| stream::datasets_after(conn, after.as_ref(), limit))
+            .await
     }
 
     async fn health(&self) -> Result<(), StoreError> {

@@ -10,12 +10,15 @@
 //! Between batches the writer also keeps the WAL bounded ([`WalBound`]).
 
 use super::{CheckpointLock, db_err, lock};
-use super::{identity, query};
+use super::{identity, query, stream};
 use crate::commitlog::{self, LogKind};
 use crate::decision::{self, DatasetState, GrantCounts, StoredRecords, upsert_records};
 use crate::identity::{Login, MergeOutcome};
 use crate::outage::CommitOutage;
-use crate::{DatasetKey, Limits, StoreError, UpdateOutcome, UpdateRequest, ValidatedPatch, now_ms};
+use crate::{
+    DatasetKey, DeadLetter, Limits, StoreError, UpdateOutcome, UpdateRequest, ValidatedPatch,
+    now_ms,
+};
 use rusqlite::{Connection, TransactionBehavior, params};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -64,6 +67,29 @@ pub(super) enum Op {
     CompactLog {
         now: i64,
     },
+    StreamLease {
+        consumer: String,
+        node: String,
+        now: i64,
+        ttl: i64,
+    },
+    StreamAck {
+        consumer: String,
+        node: String,
+        position: i64,
+        now: i64,
+    },
+    StreamRelease {
+        consumer: String,
+        node: String,
+    },
+    StreamForget {
+        consumer: String,
+    },
+    StreamDeadLetter {
+        consumer: String,
+        letters: Vec<DeadLetter>,
+    },
 }
 
 /// What a successful command produced.
@@ -72,6 +98,9 @@ pub(super) enum Done {
     Update(UpdateOutcome),
     SyncCount(u64),
     Merge(MergeOutcome),
+    /// A lease's position, if it was granted.
+    Lease(Option<i64>),
+    Bool(bool),
     Unit,
 }
 
@@ -252,6 +281,8 @@ fn apply_batch(
             Ok(Done::Update(UpdateOutcome::Committed { .. })
                 | Done::SyncCount(_)
                 | Done::Merge(_)
+                | Done::Lease(_)
+                | Done::Bool(_)
                 | Done::Unit)
         );
         if !keep {
@@ -288,6 +319,26 @@ fn apply(conn: &Connection, limits: &Limits, op: &Op) -> Result<Done, StoreError
         }
         Op::Merge { pool, from, into } => identity::merge(conn, pool, from, into).map(Done::Merge),
         Op::CompactLog { now } => compact_log(conn, limits, *now).map(Done::SyncCount),
+        Op::StreamLease {
+            consumer,
+            node,
+            now,
+            ttl,
+        } => stream::lease(conn, consumer, node, *now, *ttl).map(Done::Lease),
+        Op::StreamAck {
+            consumer,
+            node,
+            position,
+            now,
+        } => stream::ack(conn, consumer, node, *position, *now).map(Done::Bool),
+        Op::StreamRelease { consumer, node } => {
+            stream::release(conn, consumer, node).map(|()| Done::Unit)
+        }
+        Op::StreamForget { consumer } => stream::forget(conn, consumer).map(Done::Bool),
+        Op::StreamDeadLetter { consumer, letters } => {
+            stream::dead_letter(conn, consumer, letters, limits.stream_dead_letter_max)
+                .map(|()| Done::Unit)
+        }
     }
 }
 
