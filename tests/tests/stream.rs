@@ -150,11 +150,24 @@ async fn test_stream_delivers_every_commit_in_order_across_a_sigkill_and_a_flaky
     assert_ne!(taker, victim);
 
     // The webhook: every commit at least once, in order per dataset, none missing.
-    let events = eventually(WAIT, "every commit at the webhook", || async {
+    let deadline = std::time::Instant::now() + WAIT;
+    let events = loop {
         let events = hook.events();
-        (first_of_each(&events).len() >= total).then_some(events)
-    })
-    .await;
+        if first_of_each(&events).len() >= total {
+            break events;
+        }
+        if std::time::Instant::now() > deadline {
+            let logs: Vec<String> = nodes.iter().map(|n| n.log()).collect();
+            panic!(
+                "{} of {total} events at the webhook ({} requests, {} failed); logs:\n{}",
+                first_of_each(&events).len(),
+                hook.requests(),
+                hook.failed(),
+                logs.join("\n-----\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let expected: Vec<u64> = (1..=COMMITS as u64).collect();
     let by_owner = sync_counts_by_owner(&events);
     assert_eq!(by_owner.len(), DATASETS);

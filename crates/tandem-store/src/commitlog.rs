@@ -18,6 +18,9 @@ pub enum LogKind {
     Revoke,
     /// A dataset written by a merge, on its target (the guest's copy is logged as a delete).
     Merge,
+    /// A dataset's live records as they are, appended by a replay (`Store::log_snapshot`)
+    /// for the change stream; it changes nothing.
+    Snapshot,
 }
 
 impl LogKind {
@@ -28,6 +31,7 @@ impl LogKind {
             LogKind::Grant => "grant",
             LogKind::Revoke => "revoke",
             LogKind::Merge => "merge",
+            LogKind::Snapshot => "snapshot",
         }
     }
 
@@ -38,6 +42,7 @@ impl LogKind {
             "grant" => LogKind::Grant,
             "revoke" => LogKind::Revoke,
             "merge" => LogKind::Merge,
+            "snapshot" => LogKind::Snapshot,
             _ => return None,
         })
     }
@@ -60,7 +65,7 @@ pub struct LogEntry {
     /// JSON: for an update, the records as written (`[{"key","value","syncCount",
     /// "deviceLastModified"}]`, `value` null for a remove); for a delete, `[]`; for a grant
     /// or revoke, `{"grantee","access"}` (`access` null for a revoke); for a merge,
-    /// `{"fromOwner","fromName"}`.
+    /// `{"fromOwner","fromName"}`; for a snapshot, the live records as an update's.
     pub patches: String,
 }
 

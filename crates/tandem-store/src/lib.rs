@@ -239,6 +239,12 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<(DatasetKey, u64)>, StoreError>;
 
+    /// Appends a `Snapshot` entry holding the dataset's live records at its sync count, in
+    /// one transaction with reading them (so it sits between the commits before and after
+    /// it), and returns its id; `None` (nothing appended) for a dataset that does not exist
+    /// or is deleted. For `tandem stream replay`; the caller checks who may.
+    async fn log_snapshot(&self, dataset: &DatasetKey) -> Result<Option<i64>, StoreError>;
+
     /// Whether the store answers now (for `/ready`).
     async fn health(&self) -> Result<(), StoreError>;
 

@@ -531,6 +531,15 @@ impl Store for PostgresStore {
         ))
     }
 
+    async fn log_snapshot(&self, dataset: &DatasetKey) -> Result<Option<i64>, StoreError> {
+        dataset.validate()?;
+        let result = call!(&self.inner, |client| write::log_snapshot(
+            &mut client,
+            dataset
+        ));
+        self.inner.wrote(result)
+    }
+
     async fn stream_lease(
         &self,
         consumer: &str,

@@ -124,6 +124,13 @@ const APPEND_GRANT_LOG: &str = "
                       WHERE pool = $1 AND owner = $2 AND name = $3), 0),
             $2, NULL, $4, $5)";
 
+/// A replay's snapshot entry of a dataset, by its owner.
+const APPEND_SNAPSHOT_LOG: &str = "
+    INSERT INTO commit_log (pool, owner, name, kind, sync_count, actor, device_id,
+                            server_time, patches)
+    VALUES ($1, $2, $3, 'snapshot', $4, $2, NULL, $5, $6)
+    RETURNING id";
+
 /// A revoke and its log entry in one statement: the entry exists only if a grant went.
 const REVOKE_AND_LOG: &str = "
     WITH gone AS (
@@ -617,6 +624,58 @@ pub(super) async fn grant(
     )?;
     tx.commit().await?;
     Ok(())
+}
+
+/// A live dataset's records as a snapshot entry, read and appended under a share lock on the
+/// dataset's row (updates take it exclusively), so the entry is exactly the state between
+/// the commits before and after it. `None` for a missing or deleted dataset.
+pub(super) async fn log_snapshot(
+    client: &mut ClientWrapper,
+    key: &DatasetKey,
+) -> Result<Option<i64>, CallError> {
+    let tx = client.transaction().await?;
+    let (lock, records, append) = tokio::try_join!(
+        tx.prepare_cached(
+            "SELECT id, sync_count FROM datasets
+             WHERE pool = $1 AND owner = $2 AND name = $3 AND NOT deleted FOR SHARE"
+        ),
+        tx.prepare_cached(
+            "SELECT key, value, sync_count, last_modified, last_modified_by, device_id,
+                    device_last_modified
+             FROM records WHERE dataset_id = $1 AND value IS NOT NULL ORDER BY key"
+        ),
+        tx.prepare_cached(APPEND_SNAPSHOT_LOG),
+    )?;
+    let Some(row) = tx
+        .query_opt(&lock, &[&key.pool, &key.owner, &key.name])
+        .await?
+    else {
+        return Ok(None);
+    };
+    let (id, sync_count): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+    let live = tx
+        .query(&records, &[&id])
+        .await?
+        .iter()
+        .map(|r| super::read::record_from_row(r, 0))
+        .collect::<Result<Vec<_>, CallError>>()?;
+    let patches = commitlog::records_json(&live);
+    let entry = tx
+        .query_one(
+            &append,
+            &[
+                &key.pool,
+                &key.owner,
+                &key.name,
+                &sync_count,
+                &now_ms(),
+                &patches,
+            ],
+        )
+        .await?;
+    let entry: i64 = entry.try_get(0)?;
+    tx.commit().await?;
+    Ok(Some(entry))
 }
 
 /// Removes a grant; the caller checked that the actor is the owner.

@@ -449,6 +449,17 @@ impl Store for SqliteStore {
         }
     }
 
+    async fn log_snapshot(&self, dataset: &DatasetKey) -> Result<Option<i64>, StoreError> {
+        dataset.validate()?;
+        let op = Op::LogSnapshot {
+            dataset: dataset.clone(),
+        };
+        match self.submit(op).await? {
+            Done::Entry(id) => Ok(id),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     async fn stream_lease(
         &self,
         consumer: &str,

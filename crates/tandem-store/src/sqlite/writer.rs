@@ -63,6 +63,10 @@ pub(super) enum Op {
         from: String,
         into: String,
     },
+    /// Appends a snapshot entry of a live dataset.
+    LogSnapshot {
+        dataset: DatasetKey,
+    },
     /// Compacts the commit log as at `now` (ms).
     CompactLog {
         now: i64,
@@ -101,6 +105,8 @@ pub(super) enum Done {
     /// A lease's position, if it was granted.
     Lease(Option<i64>),
     Bool(bool),
+    /// A log entry appended (its id), or none.
+    Entry(Option<i64>),
     Unit,
 }
 
@@ -318,6 +324,7 @@ fn apply(conn: &Connection, limits: &Limits, op: &Op) -> Result<Done, StoreError
             identity::link(conn, pool, id, logins).map(|()| Done::Unit)
         }
         Op::Merge { pool, from, into } => identity::merge(conn, pool, from, into).map(Done::Merge),
+        Op::LogSnapshot { dataset } => log_snapshot(conn, dataset).map(Done::Entry),
         Op::CompactLog { now } => compact_log(conn, limits, *now).map(Done::SyncCount),
         Op::StreamLease {
             consumer,
@@ -493,6 +500,25 @@ pub(super) fn delete(conn: &Connection, key: &DatasetKey, actor: &str) -> Result
         commitlog::DELETE_JSON,
     )?;
     Ok(new_count)
+}
+
+/// A live dataset's records as a snapshot entry; `None` for a missing or deleted dataset.
+fn log_snapshot(conn: &Connection, key: &DatasetKey) -> Result<Option<i64>, StoreError> {
+    let Some(row) = query::load_dataset(conn, key)?.filter(|r| !r.state.deleted) else {
+        return Ok(None);
+    };
+    let records = query::live_records(conn, row.id)?;
+    append_log(
+        conn,
+        key,
+        LogKind::Snapshot,
+        Some(row.state.sync_count),
+        &key.owner,
+        None,
+        now_ms(),
+        &commitlog::records_json(&records),
+    )?;
+    Ok(Some(conn.last_insert_rowid()))
 }
 
 /// Appends a commit log entry for `key`, in the caller's transaction. `sync_count` `None`
