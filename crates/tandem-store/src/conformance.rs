@@ -109,6 +109,7 @@ where
         case_commit_log_compaction_drops_the_oldest_only,
         log_limits()
     );
+    run!(case_merge_of_a_name_and_its_copy_name, Limits::default());
     run!(case_stream_lease_ack_release_forget, Limits::default());
     run!(case_stream_racing_leases_have_one_winner, Limits::default());
     run!(case_stream_dead_letters_are_capped, stream_limits());
@@ -2501,4 +2502,75 @@ pub async fn case_datasets_after_walks_live_datasets(store: Arc<dyn Store>) {
         walked.extend(page);
     }
     assert_eq!(walked, expected);
+}
+
+/// A guest with `a` and `a.<its uuid>` merged into an identity with a live `a`: `a` moves
+/// to the copy name, so `a.<uuid>` (taken by it) moves to a copy of its own; every copy is
+/// logged. Default limits.
+pub async fn case_merge_of_a_name_and_its_copy_name(store: Arc<dyn Store>) {
+    let (guest, user) = guest_and_user(&*store, 60).await;
+    let uuid = guest.split_once(':').unwrap().1.to_owned();
+    let copy = format!("a.{uuid}");
+    commit(
+        &*store,
+        &ds(&user, "a"),
+        &user,
+        vec![Patch::replace("k", "user", 0)],
+    )
+    .await;
+    commit(
+        &*store,
+        &ds(&guest, "a"),
+        &guest,
+        vec![Patch::replace("k", "a", 0)],
+    )
+    .await;
+    commit(
+        &*store,
+        &ds(&guest, &copy),
+        &guest,
+        vec![Patch::replace("k", "copy", 0)],
+    )
+    .await;
+    let outcome = store
+        .merge_identity(DEFAULT_POOL, &guest, &user)
+        .await
+        .unwrap();
+    let moved: Vec<(String, String)> = outcome
+        .moved
+        .iter()
+        .map(|m| (m.from_name.clone(), m.to_name.clone()))
+        .collect();
+    assert_eq!(
+        moved,
+        [
+            ("a".to_owned(), copy.clone()),
+            (copy.clone(), format!("{copy}.{uuid}"))
+        ]
+    );
+    let value = |name: String| {
+        let store = Arc::clone(&store);
+        let user = user.clone();
+        async move {
+            store
+                .snapshot(&ds(&user, &name), &user)
+                .await
+                .unwrap()
+                .records[0]
+                .value
+                .clone()
+        }
+    };
+    assert_eq!(value("a".into()).await.as_deref(), Some("user"));
+    assert_eq!(value(copy.clone()).await.as_deref(), Some("a"));
+    assert_eq!(
+        value(format!("{copy}.{uuid}")).await.as_deref(),
+        Some("copy")
+    );
+    for (_, to) in &moved {
+        assert_eq!(
+            kinds(&store.log(&ds(&user, to), 0, 10).await.unwrap()),
+            [(LogKind::Merge, 1, user.as_str())]
+        );
+    }
 }

@@ -24,6 +24,13 @@ use deadpool_postgres::ClientWrapper;
 /// the order they committed in; per dataset, the row lock makes the two the same.
 ///
 /// Version 5 adds the change stream's consumers and dead letters, as in SQLite.
+///
+/// Version 6 (PostgreSQL only) makes log ids follow commit order: they come from the
+/// one-row counter `log_seq`, taken by the statement that inserts the entries, the last
+/// statement before COMMIT (see `write::APPEND_LOG`), instead of the identity column, which
+/// handed them out at insert time in whatever order transactions got there. The counter
+/// starts at the newest id, so none is reused. Nodes of an earlier version cannot write the
+/// log after this (their inserts have no id): upgrade every node together.
 pub(super) const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE datasets (
@@ -131,6 +138,16 @@ CREATE TABLE stream_dead_letters (
     time     bigint NOT NULL,
     PRIMARY KEY (consumer, entry_id)
 );
+"#,
+    r#"
+CREATE TABLE log_seq (
+    only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+    last     bigint  NOT NULL
+);
+
+INSERT INTO log_seq (last) SELECT coalesce(max(id), 0) FROM commit_log;
+
+ALTER TABLE commit_log ALTER COLUMN id DROP IDENTITY;
 "#,
 ];
 

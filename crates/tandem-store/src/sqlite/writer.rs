@@ -523,6 +523,12 @@ fn log_snapshot(conn: &Connection, key: &DatasetKey) -> Result<Option<i64>, Stor
 
 /// Appends a commit log entry for `key`, in the caller's transaction. `sync_count` `None`
 /// takes the dataset's current one (0 if it has no row), for grants and revokes.
+///
+/// The id is the rowid, one above the largest: this thread is the only writer and holds the
+/// write lock from `BEGIN IMMEDIATE` to COMMIT, so ids are handed out and become visible
+/// in the same order, and a `log_since` reader (which reads one snapshot) never later finds
+/// an id below one it has seen. Ids are never reused because compaction always keeps the
+/// store's newest entry (`compact_log`).
 #[allow(clippy::too_many_arguments, reason = "one per column of the entry")]
 pub(super) fn append_log(
     conn: &Connection,
