@@ -239,6 +239,11 @@ impl Delivery {
         let mut position = 0_i64;
         let mut head_read = Instant::now() - Duration::from_secs(60);
         let mut store_wait = self.config.stream_retry_initial;
+        // Entries read at once: cut to what fitted in the last batch's bytes when large
+        // entries filled it, doubled back after each batch that was not cut, so a sink's
+        // memory stays near `stream_batch_bytes` rather than `stream_batch_events` large
+        // entries.
+        let mut read_limit = self.config.stream_batch_events;
         while !self.stop.is_cancelled() {
             let now = now_ms();
             if lease_until - now < ttl_ms / 2 {
@@ -278,11 +283,8 @@ impl Delivery {
                     self.stats.head.store(head, Ordering::Relaxed);
                 }
             }
-            let entries = match self
-                .store
-                .log_since(position, self.config.stream_batch_events)
-                .await
-            {
+            let asked = read_limit;
+            let entries = match self.store.log_since(position, asked).await {
                 Ok(entries) => entries,
                 Err(e) => {
                     self.warn(&format!("reading the log: {e}"));
@@ -309,6 +311,11 @@ impl Delivery {
                 }
                 events.push(event);
             }
+            read_limit = if events.len() < entries.len() {
+                events.len()
+            } else {
+                (read_limit * 2).min(self.config.stream_batch_events)
+            };
             if let Some(last) = events.last() {
                 let head = self.stats.head.load(Ordering::Relaxed).max(last.entry_id);
                 self.stats.head.store(head, Ordering::Relaxed);
