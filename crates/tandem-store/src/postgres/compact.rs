@@ -15,7 +15,7 @@ use std::future::Future;
 
 /// The first key of the advisory lock that lets one node compact (the second is a hash of
 /// the schema's name). Distinct from the migration, owner and grant locks.
-const COMPACT_LOCK: i32 = 0x5444_4d03;
+pub(super) const COMPACT_LOCK: i32 = 0x5444_4d03;
 
 const AGED: &str = "
     DELETE FROM commit_log WHERE id IN (
