@@ -110,10 +110,36 @@ where
         log_limits()
     );
     run!(case_merge_of_a_name_and_its_copy_name, Limits::default());
+    run!(
+        case_commit_log_compaction_keeps_what_consumers_need,
+        capped_log_limits()
+    );
+    run!(
+        case_commit_log_compaction_of_a_backlog_goes_in_chunks,
+        backlog_limits()
+    );
     run!(case_stream_lease_ack_release_forget, Limits::default());
     run!(case_stream_racing_leases_have_one_winner, Limits::default());
     run!(case_stream_dead_letters_are_capped, stream_limits());
     run!(case_datasets_after_walks_live_datasets, Limits::default());
+}
+
+/// `log_limits` with a hard cap of 6 entries below the head.
+pub fn capped_log_limits() -> Limits {
+    Limits {
+        commit_log_hard_cap_entries: 6,
+        ..log_limits()
+    }
+}
+
+/// 5 entries per dataset, a minute, room for the datasets of the backlog.
+pub fn backlog_limits() -> Limits {
+    Limits {
+        commit_log_max_entries_per_dataset: 5,
+        commit_log_max_age_secs: 60,
+        max_datasets: 100,
+        ..Limits::default()
+    }
 }
 
 /// At most 3 dead letters per consumer.
@@ -2230,7 +2256,8 @@ pub async fn case_commit_log_compaction_drops_the_oldest_only(store: Arc<dyn Sto
 
     // Far enough back in time that nothing is old: only the count cap applies.
     let deleted = store.compact_log(oldest_quiet.server_time).await.unwrap();
-    assert_eq!(deleted, 2);
+    assert_eq!(deleted.dropped, 2);
+    assert_eq!(deleted.forced, 0);
     let counts =
         |entries: Vec<LogEntry>| -> Vec<u64> { entries.iter().map(|e| e.sync_count).collect() };
     assert_eq!(counts(store.log(&busy, 0, 10).await.unwrap()), [3, 4, 5]);
@@ -2241,7 +2268,7 @@ pub async fn case_commit_log_compaction_drops_the_oldest_only(store: Arc<dyn Sto
         .compact_log(newest_quiet.server_time + 60_000)
         .await
         .unwrap();
-    assert!(deleted >= 1, "{deleted}");
+    assert!(deleted.dropped >= 1, "{deleted:?}");
     assert_eq!(counts(store.log(&quiet, 0, 10).await.unwrap()), [2]);
 
     // Everything past its age but the store's newest entry (kept so that no id is handed out
@@ -2573,4 +2600,116 @@ pub async fn case_merge_of_a_name_and_its_copy_name(store: Arc<dyn Store>) {
             [(LogKind::Merge, 1, user.as_str())]
         );
     }
+}
+
+/// Compaction leaves what the slowest consumer has not acknowledged, except entries more
+/// than the hard cap below the head: those go as retention says, counted as forced drops.
+/// A forgotten consumer holds nothing back. `capped_log_limits` (3 per dataset, a minute,
+/// a hard cap of 6).
+pub async fn case_commit_log_compaction_keeps_what_consumers_need(store: Arc<dyn Store>) {
+    let later = || now_ms() + 120_000;
+    let d = ds(ALICE, "consumed");
+    // Created on an empty log: it has acknowledged nothing (position 0).
+    assert_eq!(
+        store
+            .stream_lease("slow", "n1", 0, i64::MAX / 2)
+            .await
+            .unwrap(),
+        Some(0)
+    );
+    for n in 0..5 {
+        commit(&*store, &d, ALICE, vec![Patch::replace("k", "v", n)]).await;
+    }
+    let ids: Vec<i64> = store
+        .log_since(0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    // Everything is past its age and over the count, and nothing may go.
+    let report = store.compact_log(later()).await.unwrap();
+    assert_eq!(report, crate::CompactReport::default());
+    assert_eq!(store.log_since(0, 100).await.unwrap().len(), 5);
+
+    // Acknowledged entries go (the count cap keeps 3, the age rule takes the rest).
+    assert!(store.stream_ack("slow", "n1", ids[1], 1).await.unwrap());
+    let report = store.compact_log(later()).await.unwrap();
+    assert_eq!((report.dropped, report.forced), (2, 0));
+    assert_eq!(store.log_since(0, 100).await.unwrap()[0].id, ids[2]);
+    assert_eq!(store.commit_log_forced_drops(), 0);
+
+    // Past the hard cap: 6 more make the head 11 entries above the first, so the entries
+    // more than 6 below the head go although "slow" has not acknowledged them.
+    for n in 5..11 {
+        commit(&*store, &d, ALICE, vec![Patch::replace("k", "v", n)]).await;
+    }
+    let head = store.log_head().await.unwrap();
+    let report = store.compact_log(later()).await.unwrap();
+    let left = store.log_since(0, 100).await.unwrap();
+    assert_eq!(left.first().map(|e| e.id), Some(head - 5), "{left:?}");
+    assert_eq!(report.dropped, report.forced);
+    assert_eq!(report.forced, 3, "{report:?}");
+    assert_eq!(store.commit_log_forced_drops(), 3);
+
+    // A forgotten consumer holds nothing back: all but the newest entry go.
+    assert!(store.stream_forget("slow").await.unwrap());
+    let report = store.compact_log(later()).await.unwrap();
+    assert_eq!((report.dropped, report.forced), (5, 0));
+    assert_eq!(store.log_since(0, 100).await.unwrap().len(), 1);
+    assert_eq!(store.commit_log_forced_drops(), 3);
+}
+
+/// A backlog larger than one delete statement takes (1,000) is compacted whole, by count
+/// and by age. `backlog_limits` (5 per dataset, a minute).
+pub async fn case_commit_log_compaction_of_a_backlog_goes_in_chunks(store: Arc<dyn Store>) {
+    async fn write(store: Arc<dyn Store>, d: DatasetKey, from: u64, count: u64) {
+        for n in from..from + count {
+            commit(&*store, &d, &d.owner, vec![Patch::replace("k", "v", n)]).await;
+        }
+    }
+    // One dataset of 1,100 entries and 20 of 50, written side by side.
+    let big = ds(ALICE, "big");
+    let mut writers = vec![tokio::spawn(write(
+        Arc::clone(&store),
+        big.clone(),
+        0,
+        1100,
+    ))];
+    for i in 0..20 {
+        let d = ds(BOB, &format!("d{i}"));
+        writers.push(tokio::spawn(write(Arc::clone(&store), d, 0, 50)));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    // Nothing is old yet: the count cap alone.
+    let report = store.compact_log(0).await.unwrap();
+    assert_eq!(report.dropped, 1095 + 20 * 45);
+    let counts: Vec<u64> = store
+        .log(&big, 0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.sync_count)
+        .collect();
+    assert_eq!(counts, [1096, 1097, 1098, 1099, 1100]);
+
+    // 1,100 more, then everything is old: all but the store's newest entry go.
+    let mut writers = Vec::new();
+    for i in 0..20 {
+        let d = ds(BOB, &format!("d{i}"));
+        writers.push(tokio::spawn(write(Arc::clone(&store), d, 50, 55)));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let before = store.log_since(0, 10_000).await.unwrap();
+    assert_eq!(before.len(), 5 + 20 * 5 + 1100);
+    let report = store.compact_log(now_ms() + 120_000).await.unwrap();
+    assert_eq!(report.dropped as usize, before.len() - 1);
+    assert_eq!(
+        store.log_since(0, 10_000).await.unwrap(),
+        before[before.len() - 1..]
+    );
 }

@@ -23,7 +23,7 @@ mod stream;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 
-pub use commitlog::{LogEntry, LogKind};
+pub use commitlog::{CompactReport, LogEntry, LogKind};
 pub use error::StoreError;
 pub use identity::{
     Identity, Login, MAX_IDENTITY_ID, MAX_LOGIN_PART, MergeOutcome, MovedDataset,
@@ -168,11 +168,20 @@ pub trait Store: Send + Sync + 'static {
     async fn log_since(&self, after_id: i64, limit: usize) -> Result<Vec<LogEntry>, StoreError>;
 
     /// Deletes the commit log entries older than `commit_log_max_age_secs` before `now` (ms)
-    /// (but never the store's newest entry, so no id is reused) and, per dataset, all but the
-    /// newest `commit_log_max_entries_per_dataset`; returns
-    /// how many went. The store runs it about every minute; tests call it with their own
-    /// `now`.
-    async fn compact_log(&self, now: i64) -> Result<u64, StoreError>;
+    /// and, per dataset, all but the newest `commit_log_max_entries_per_dataset`, but never
+    /// the store's newest entry (so no id is reused) nor an entry above the smallest change
+    /// stream consumer position (one a consumer has not acknowledged) unless it is more than
+    /// `commit_log_hard_cap_entries` below the newest id: those go as retention says, are
+    /// counted as forced drops ([`Store::commit_log_forced_drops`]) and logged as a warning
+    /// naming the consumers that lost them. Deletes at most 1,000 entries a statement; on
+    /// SQLite other writes commit between them; on PostgreSQL one node at a time compacts
+    /// (another node's call returns an empty report at once). The store runs it about
+    /// every minute; tests call it with their own `now`.
+    async fn compact_log(&self, now: i64) -> Result<CompactReport, StoreError>;
+
+    /// Entries compaction has deleted although a consumer had not acknowledged them (past
+    /// the hard cap), since this store was opened (on PostgreSQL: by this node).
+    fn commit_log_forced_drops(&self) -> u64;
 
     /// Claims (or renews, if `node` holds it) `consumer`'s delivery lease until
     /// `now_ms + ttl_ms`. `Some(position)`: `node` holds the lease; `position` is the last

@@ -185,10 +185,7 @@ impl ChangeStream {
                 let _ = writeln!(out, "{name}{{consumer=\"{}\"}} {}", c.name, value(c, now));
             }
         }
-        let forced = {
-            let _ = &self.store;
-            0
-        }; // FIXME-H1: self.store.commit_log_forced_drops()
+        let forced = self.store.commit_log_forced_drops();
         let _ = writeln!(
             out,
             "# HELP tandem_commit_log_forced_drops_total Log entries compaction dropped before every consumer acknowledged them (the hard cap).\n# TYPE tandem_commit_log_forced_drops_total counter\ntandem_commit_log_forced_drops_total {forced}"

@@ -67,6 +67,7 @@ macro_rules! call {
 }
 
 mod batch;
+mod compact;
 mod identity;
 mod read;
 mod schema;
@@ -78,8 +79,8 @@ use crate::identity::{validate_identity_call, validate_logins_call, validate_mer
 use crate::outage::CommitOutage;
 use crate::stream::{validate_letters, validate_name};
 use crate::{
-    DatasetKey, DeadLetter, Limits, LogEntry, Snapshot, Store, StoreError, StreamConsumer,
-    UpdateOutcome, UpdateRequest, validate_identity, validate_update,
+    CompactReport, DatasetKey, DeadLetter, Limits, LogEntry, Snapshot, Store, StoreError,
+    StreamConsumer, UpdateOutcome, UpdateRequest, validate_identity, validate_update,
 };
 use crate::{validate_call, validate_grant, validate_revoke};
 use async_trait::async_trait;
@@ -165,6 +166,8 @@ struct Inner {
     call_timeout: Duration,
     /// Updates committed as part of a batch of more than one (for tests and curiosity).
     batched: std::sync::atomic::AtomicU64,
+    /// Commit log entries this node's compactions dropped past the hard cap.
+    forced_drops: std::sync::atomic::AtomicU64,
     /// `true` once closed. Every call holds a read guard while it runs, so `close` (which
     /// takes it for writing) waits for calls in flight.
     closed: RwLock<bool>,
@@ -228,6 +231,7 @@ impl PostgresStore {
             schema: config.schema.clone(),
             call_timeout: config.call_timeout(),
             batched: std::sync::atomic::AtomicU64::new(0),
+            forced_drops: std::sync::atomic::AtomicU64::new(0),
             closed: RwLock::new(false),
             outage: CommitOutage::default(),
         };
@@ -515,13 +519,15 @@ impl Store for PostgresStore {
         ))
     }
 
-    async fn compact_log(&self, now: i64) -> Result<u64, StoreError> {
-        let result = call!(&self.inner, |client| write::compact_log(
-            &client,
-            &self.inner.limits,
-            now
-        ));
+    async fn compact_log(&self, now: i64) -> Result<CompactReport, StoreError> {
+        let result = compact::compact(&self.inner, now).await;
         self.inner.wrote(result)
+    }
+
+    fn commit_log_forced_drops(&self) -> u64 {
+        self.inner
+            .forced_drops
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn last_deleted_sync_count(&self, dataset: &DatasetKey) -> Result<u64, StoreError> {
@@ -671,10 +677,13 @@ fn pg_config(config: &PostgresConfig) -> Result<tokio_postgres::Config, StoreErr
     // batches: planned afresh for each call (PostgreSQL's default for such statements), or as
     // a sequential scan when a table is small, they cost the server more CPU than running
     // them (docs/BENCHMARKS.md, "PostgreSQL under contended rooms"), so each is planned once
-    // per connection, on its indexes.
+    // per connection, on its indexes. JIT is off: a scan that has no index to use (a tiny
+    // table such as `schema_version`) is priced at 10^10 with sequential scans off, far
+    // past `jit_above_cost`, and compiling it took 0.3-0.7 s, for statements that run in
+    // microseconds.
     let options = format!(
         "{} -c search_path={} -c statement_timeout={} -c idle_in_transaction_session_timeout={} \
-         -c plan_cache_mode=force_generic_plan -c enable_seqscan=off",
+         -c plan_cache_mode=force_generic_plan -c enable_seqscan=off -c jit=off",
         pg.get_options().unwrap_or_default(),
         config.schema,
         millis(config.statement_timeout),
@@ -813,7 +822,8 @@ fn is_connection_error(e: &tokio_postgres::Error) -> bool {
 mod tests;
 
 /// Compacts the commit log about every minute until the store is dropped or closed. Every
-/// node does it; a compaction that finds nothing to delete costs an index scan.
+/// node tries; one at a time gets the compaction lock (see `compact`), and a compaction that
+/// finds nothing to delete costs an index scan.
 fn spawn_compaction(inner: &Arc<Inner>) {
     let inner = Arc::downgrade(inner);
     tokio::spawn(async move {
@@ -826,18 +836,9 @@ fn spawn_compaction(inner: &Arc<Inner>) {
             if *inner.closed.read().await {
                 return;
             }
-            let now = crate::now_ms();
-            let result = async {
-                call!(&inner, |client| write::compact_log(
-                    &client,
-                    &inner.limits,
-                    now
-                ))
-            }
-            .await;
-            match result {
-                Ok(0) => {}
-                Ok(deleted) => tracing::debug!(deleted, "commit log compacted"),
+            match compact::compact(&inner, crate::now_ms()).await {
+                Ok(report) if report.dropped == 0 => {}
+                Ok(report) => tracing::debug!(?report, "commit log compacted"),
                 Err(e) => tracing::warn!(error = %e, "commit log compaction failed"),
             }
         }

@@ -6,6 +6,7 @@ use super::*;
 use crate::conformance;
 use crate::{DEFAULT_POOL, Login, Snapshot};
 use deadpool_postgres::tokio_postgres::Client;
+use deadpool_postgres::tokio_postgres::types::ToSql;
 use std::collections::HashSet;
 use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::Mutex;
@@ -1086,6 +1087,60 @@ async fn test_postgres_store_log_since_tail_misses_no_commit() {
     }
     first.close().await;
     second.close().await;
+}
+
+/// While another session holds the compaction lock (another node compacting), a node's
+/// compaction skips the round; once it is released, the node compacts. Nodes compacting
+/// at the same time delete each entry once between them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_postgres_store_one_node_compacts_at_a_time() {
+    let schemas = TestSchemas::new();
+    let limits = Limits {
+        commit_log_max_age_secs: 60,
+        ..Limits::default()
+    };
+    let store = PostgresStore::connect(schemas.config(), limits.clone())
+        .await
+        .unwrap();
+    let other = PostgresStore::connect(schemas.config_for(&store), limits)
+        .await
+        .unwrap();
+    let d = ds("alice", "compacted");
+    for n in 0..4 {
+        commit(
+            &store,
+            update(&d, "alice", vec![Patch::replace("k", "v", n)]),
+        )
+        .await;
+    }
+    let later = crate::now_ms() + 120_000;
+    let admin = admin().await;
+    let lock_args: [&(dyn ToSql + Sync); 2] = [&compact::COMPACT_LOCK, &store.schema()];
+    admin
+        .execute("SELECT pg_advisory_lock($1, hashtext($2))", &lock_args)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.compact_log(later).await.unwrap(),
+        crate::CompactReport::default()
+    );
+    assert_eq!(store.log_since(0, 10).await.unwrap().len(), 4);
+    admin
+        .execute("SELECT pg_advisory_unlock($1, hashtext($2))", &lock_args)
+        .await
+        .unwrap();
+    let (a, b) = tokio::join!(store.compact_log(later), other.compact_log(later));
+    assert_eq!(a.unwrap().dropped + b.unwrap().dropped, 3);
+    assert_eq!(store.log_since(0, 10).await.unwrap().len(), 1);
+    // The lock went with the connection that took it: compaction goes on.
+    commit(
+        &store,
+        update(&d, "alice", vec![Patch::replace("k", "v", 4)]),
+    )
+    .await;
+    assert_eq!(store.compact_log(later).await.unwrap().dropped, 1);
+    store.close().await;
+    other.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -736,38 +736,3 @@ pub(super) async fn revoke(
     }
     Ok(())
 }
-
-/// Deletes the log entries past the retention settings; see `Store::compact_log`. Only
-/// datasets over the count cap are ranked.
-pub(super) async fn compact_log(
-    client: &ClientWrapper,
-    limits: &Limits,
-    now: i64,
-) -> Result<u64, CallError> {
-    let max_age_ms =
-        i64::try_from(limits.commit_log_max_age_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
-    let max_entries = to_i64(limits.commit_log_max_entries_per_dataset.max(1))?;
-    let (old, over) = tokio::try_join!(
-        // The store's newest entry stays, as in SQLite (where that keeps ids unique).
-        client.prepare_cached(
-            "DELETE FROM commit_log
-             WHERE server_time < $1 AND id < (SELECT max(id) FROM commit_log)"
-        ),
-        client.prepare_cached(
-            "DELETE FROM commit_log WHERE id IN (
-                 SELECT id FROM (
-                     SELECT l.id, row_number() OVER (PARTITION BY l.pool, l.owner, l.name
-                                                     ORDER BY l.id DESC) AS n
-                     FROM commit_log l
-                     JOIN (SELECT pool, owner, name FROM commit_log
-                           GROUP BY pool, owner, name HAVING count(*) > $1) o
-                       ON l.pool = o.pool AND l.owner = o.owner AND l.name = o.name) t
-                 WHERE n > $1)"
-        ),
-    )?;
-    let old = client
-        .execute(&old, &[&now.saturating_sub(max_age_ms)])
-        .await?;
-    let over = client.execute(&over, &[&max_entries]).await?;
-    Ok(old + over)
-}

@@ -11,6 +11,7 @@
 //! `Limits::sqlite_wal_max_bytes` plus one group commit (see `writer::WalBound`).
 
 mod check;
+mod compact;
 mod identity;
 mod query;
 mod schema;
@@ -22,14 +23,14 @@ use crate::identity::{validate_identity_call, validate_logins_call, validate_mer
 use crate::outage::CommitOutage;
 use crate::stream::{validate_letters, validate_name};
 use crate::{
-    DatasetKey, DeadLetter, Limits, LogEntry, Snapshot, Store, StoreError, StreamConsumer,
-    UpdateOutcome, UpdateRequest, validate_identity, validate_update,
+    CompactReport, DatasetKey, DeadLetter, Limits, LogEntry, Snapshot, Store, StoreError,
+    StreamConsumer, UpdateOutcome, UpdateRequest, validate_identity, validate_update,
 };
 use crate::{validate_call, validate_grant, validate_revoke};
 use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -69,6 +70,8 @@ struct Inner {
     idle_readers: Mutex<Vec<Connection>>,
     /// Set by the writer while group commits fail; `health` reports it.
     outage: Arc<CommitOutage>,
+    /// Commit log entries compaction dropped past the hard cap (`commit_log_forced_drops`).
+    forced_drops: Arc<AtomicU64>,
 }
 
 impl SqliteStore {
@@ -107,6 +110,8 @@ impl SqliteStore {
         let writer_checkpoint_lock = Arc::clone(&checkpoint_lock);
         let outage = Arc::new(CommitOutage::default());
         let writer_outage = Arc::clone(&outage);
+        let forced_drops = Arc::new(AtomicU64::new(0));
+        let writer_forced_drops = Arc::clone(&forced_drops);
         let writer = std::thread::Builder::new()
             .name("tandem-sqlite-writer".into())
             .spawn(move || {
@@ -116,6 +121,7 @@ impl SqliteStore {
                     commands_rx,
                     writer_checkpoint_lock,
                     &writer_outage,
+                    &writer_forced_drops,
                 );
             })
             .map_err(|e| StoreError::Internal(format!("cannot start the writer thread: {e}")))?;
@@ -133,6 +139,7 @@ impl SqliteStore {
                 read_permits: Arc::new(Semaphore::new(readers)),
                 idle_readers: Mutex::new(vec![first_reader]),
                 outage,
+                forced_drops,
             }),
         })
     }
@@ -442,9 +449,9 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn compact_log(&self, now: i64) -> Result<u64, StoreError> {
+    async fn compact_log(&self, now: i64) -> Result<CompactReport, StoreError> {
         match self.submit(Op::CompactLog { now }).await? {
-            Done::SyncCount(n) => Ok(n),
+            Done::Compacted(report) => Ok(report),
             other => Err(unexpected(&other)),
         }
     }
@@ -458,6 +465,10 @@ impl Store for SqliteStore {
             Done::Entry(id) => Ok(id),
             other => Err(unexpected(&other)),
         }
+    }
+
+    fn commit_log_forced_drops(&self) -> u64 {
+        self.inner.forced_drops.load(Ordering::Relaxed)
     }
 
     async fn stream_lease(
