@@ -29,6 +29,7 @@ mod throttle;
 pub use auth::{AuthConfig, AuthError, Identity, IssuerConfig, JwksConfig, KeySource, Verifier};
 pub use cognito::CognitoConfig;
 pub use config::GatewayConfig;
+pub use hook::sign;
 use hub::Hub;
 pub use hub::Subscribers;
 pub use listener::{Listener, Peer};
@@ -71,7 +72,12 @@ pub struct Gateway {
     cognito_sync: Option<cognito::sync::SyncApi>,
     /// The deployment's sync hook, when one is configured.
     hook: Option<hook::SyncHook>,
+    /// More `/metrics` lines from parts the binary wires in (the change stream).
+    extra_metrics: parking_lot::Mutex<Vec<MetricsSource>>,
 }
+
+/// Renders some `/metrics` lines (Prometheus text) when asked.
+pub type MetricsSource = Box<dyn Fn() -> String + Send + Sync>;
 
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -97,6 +103,7 @@ impl Gateway {
             throttle: Throttle::new(config.max_log_lines, config.log_interval),
             cognito_identity: cognito::identity::IdentityEndpoint::new(&config.cognito),
             hook: hook::SyncHook::from_config(&config),
+            extra_metrics: parking_lot::Mutex::new(Vec::new()),
             config,
             store,
             hub: Hub::new(subscribers, broker),
@@ -125,6 +132,11 @@ impl Gateway {
     fn next_session_id(&self) -> (u64, String) {
         let n = self.next_session.fetch_add(1, Ordering::Relaxed);
         (n, format!("{:08x}-{n:x}", self.session_salt))
+    }
+
+    /// Adds lines to `/metrics` (the binary's change stream).
+    pub fn add_metrics(&self, source: MetricsSource) {
+        self.extra_metrics.lock().push(source);
     }
 
     pub fn router(self: &Arc<Self>) -> Router {
@@ -322,11 +334,11 @@ async fn metrics_text(State(gw): State<Arc<Gateway>>) -> Response {
         datasets,
         broker_up: gw.broker().health() == BrokerHealth::Up,
     };
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        metrics::render(gw.metrics(), &gauges, &gw.throttle),
-    )
-        .into_response()
+    let mut text = metrics::render(gw.metrics(), &gauges, &gw.throttle);
+    for source in gw.extra_metrics.lock().iter() {
+        text.push_str(&source());
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 /// Ready when the store answers and the broker reaches its peers; degraded (503) otherwise,
