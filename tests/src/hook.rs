@@ -2,14 +2,12 @@
 //! request's signature and answers by a policy the test can switch (decide, sleep, or be
 //! gone), counting the calls.
 
-use hmac::{Hmac, Mac};
+use crate::http::{answer_json, read_request};
 use serde_json::{Value, json};
-use sha2::Sha256;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 pub const SECRET: &str = "hook-secret-0123456789";
@@ -110,53 +108,16 @@ async fn handle(
     stopped: &std::sync::atomic::AtomicBool,
 ) -> std::io::Result<()> {
     loop {
-        let mut buf = Vec::new();
-        let head_end = loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break end + 4;
-            }
-            let mut chunk = [0u8; 4096];
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                return Ok(());
-            }
-            buf.extend_from_slice(&chunk[..n]);
+        let Some(request) = read_request(&mut stream).await? else {
+            return Ok(());
         };
-        let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
-        let header = |name: &str| {
-            head.lines().find_map(|l| {
-                l.strip_prefix(&format!("{name}:"))
-                    .map(|v| v.trim().to_owned())
-            })
-        };
-        let length: usize = header("content-length")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        while buf.len() < head_end + length {
-            let mut chunk = [0u8; 4096];
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                return Ok(());
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
         if stopped.load(Ordering::SeqCst) {
             // Gone: the connection drops without an answer.
             return Ok(());
         }
-        let body = &buf[head_end..head_end + length];
+        let body = &request.body;
         calls.fetch_add(1, Ordering::SeqCst);
-        let timestamp = header("x-tandem-timestamp").unwrap_or_default();
-        let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
-        mac.update(format!("{timestamp}.").as_bytes());
-        mac.update(body);
-        let expected: String = mac
-            .finalize()
-            .into_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        if header("x-tandem-signature") != Some(format!("sha256={expected}")) {
+        if !request.signed_with(SECRET) {
             bad_signatures.fetch_add(1, Ordering::SeqCst);
         }
         let (status, answer) = match mode.load(Ordering::SeqCst) {
@@ -170,12 +131,7 @@ async fn handle(
                 decide(&serde_json::from_slice(body).unwrap_or(Value::Null)),
             ),
         };
-        let text = answer.to_string();
-        let response = format!(
-            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{text}",
-            text.len()
-        );
-        stream.write_all(response.as_bytes()).await?;
+        answer_json(&mut stream, status, &answer).await?;
     }
 }
 

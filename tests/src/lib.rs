@@ -15,8 +15,10 @@ use tandem_protocol::ServerFrame;
 
 pub mod cluster;
 pub mod hook;
+pub mod http;
 pub mod proxy;
 pub mod raw;
+pub mod webhook;
 
 pub use tandem_client;
 pub use tandem_protocol;

@@ -82,6 +82,8 @@ pub(crate) fn wire_entry(entry: &LogEntry) -> HistoryEntry {
             LogKind::Grant => CommitKind::Grant,
             LogKind::Revoke => CommitKind::Revoke,
             LogKind::Merge => CommitKind::Merge,
+            // `Store::history` lists commits only; a replay's snapshot is none.
+            LogKind::Snapshot => CommitKind::Unknown,
         },
         sync_count: entry.sync_count,
         actor: entry.actor.clone(),

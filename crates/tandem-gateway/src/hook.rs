@@ -304,7 +304,7 @@ impl SyncHook {
 }
 
 /// `sha256=` and the hex HMAC-SHA256 of `timestamp.body` under the secret.
-pub(crate) fn sign(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
+pub fn sign(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
     // HMAC takes a key of any length; the error case cannot happen.
     let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else {
         return String::new();

@@ -31,6 +31,7 @@ mod throttle;
 pub use auth::{AuthConfig, AuthError, Identity, IssuerConfig, JwksConfig, KeySource, Verifier};
 pub use cognito::CognitoConfig;
 pub use config::GatewayConfig;
+pub use hook::sign;
 use hub::Hub;
 pub use hub::Subscribers;
 pub use listener::{Listener, Peer};
@@ -75,7 +76,12 @@ pub struct Gateway {
     hook: Option<hook::SyncHook>,
     /// The REST API's per-identity request rate.
     rest_rate: history::RestRate,
+    /// More `/metrics` lines from parts the binary wires in (the change stream).
+    extra_metrics: parking_lot::Mutex<Vec<MetricsSource>>,
 }
+
+/// Renders some `/metrics` lines (Prometheus text) when asked.
+pub type MetricsSource = Box<dyn Fn() -> String + Send + Sync>;
 
 impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -102,6 +108,7 @@ impl Gateway {
             cognito_identity: cognito::identity::IdentityEndpoint::new(&config.cognito),
             hook: hook::SyncHook::from_config(&config),
             rest_rate: history::RestRate::new(config.max_rest_requests_per_second),
+            extra_metrics: parking_lot::Mutex::new(Vec::new()),
             config,
             store,
             hub: Hub::new(subscribers, broker),
@@ -130,6 +137,11 @@ impl Gateway {
     fn next_session_id(&self) -> (u64, String) {
         let n = self.next_session.fetch_add(1, Ordering::Relaxed);
         (n, format!("{:08x}-{n:x}", self.session_salt))
+    }
+
+    /// Adds lines to `/metrics` (the binary's change stream).
+    pub fn add_metrics(&self, source: MetricsSource) {
+        self.extra_metrics.lock().push(source);
     }
 
     pub fn router(self: &Arc<Self>) -> Router {
@@ -339,11 +351,11 @@ async fn metrics_text(State(gw): State<Arc<Gateway>>) -> Response {
         datasets,
         broker_up: gw.broker().health() == BrokerHealth::Up,
     };
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        metrics::render(gw.metrics(), &gauges, &gw.throttle),
-    )
-        .into_response()
+    let mut text = metrics::render(gw.metrics(), &gauges, &gw.throttle);
+    for source in gw.extra_metrics.lock().iter() {
+        text.push_str(&source());
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 /// Ready when the store answers and the broker reaches its peers; degraded (503) otherwise,

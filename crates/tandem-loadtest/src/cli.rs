@@ -101,6 +101,11 @@ pub struct Common {
     /// Do not ask for the `lean` feature: records in server frames carry every field.
     #[arg(long, global = true)]
     pub no_lean: bool,
+    /// Run a change stream webhook on this address during the run and report the stream's
+    /// lag (commit to arrival) and redeliveries; start the node with
+    /// `--stream-webhook NAME=http://ADDR/`.
+    #[arg(long, global = true)]
+    pub stream_listen: Option<std::net::SocketAddr>,
 }
 
 impl Common {

@@ -49,6 +49,7 @@ pub mod run;
 pub mod scenario;
 pub mod sigv4;
 pub mod stats;
+pub mod stream;
 pub mod token;
 pub mod writer;
 
@@ -97,6 +98,12 @@ pub fn main_with(cli: Cli, name: &str) -> std::process::ExitCode {
 /// multi-threaded tokio runtime.
 pub async fn run(cli: Cli) -> Result<Report, LoadError> {
     let mut run = run::Run::new(&cli)?;
+    let sink = match cli.common.stream_listen {
+        Some(addr) => Some(stream::StreamSink::start(addr).await.map_err(|e| {
+            LoadError::Options(format!("--stream-listen {addr}: cannot listen: {e}"))
+        })?),
+        None => None,
+    };
     let finished = match &cli.scenario {
         Scenario::Fanout(args) => scenario::fanout(&mut run, args).await,
         Scenario::Rooms(args) => scenario::rooms(&mut run, args).await,
@@ -106,16 +113,20 @@ pub async fn run(cli: Cli) -> Result<Report, LoadError> {
         Scenario::Cognito(args) => cognito::cognito(&mut run, args).await,
     };
     match finished {
-        Ok(f) => Ok(run
-            .report(
-                &cli.scenario,
-                f.measured,
-                &f.ledgers,
-                f.writes,
-                f.deliveries,
-                f.rss_end,
-            )
-            .await),
+        Ok(f) => {
+            let mut report = run
+                .report(
+                    &cli.scenario,
+                    f.measured,
+                    &f.ledgers,
+                    f.writes,
+                    f.deliveries,
+                    f.rss_end,
+                )
+                .await;
+            report.stream = sink.map(|s| s.report());
+            Ok(report)
+        }
         Err(e) => {
             run.abort().await;
             Err(e)

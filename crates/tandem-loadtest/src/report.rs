@@ -44,7 +44,22 @@ pub struct Report {
     pub generator: Generator,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server: Option<Server>,
+    /// The change stream's webhook (`--stream-listen`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream: Option<StreamReport>,
     pub counting: &'static str,
+}
+
+/// What the run's change stream webhook received.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamReport {
+    pub requests: u64,
+    /// Distinct events (by id).
+    pub events: u64,
+    /// Events received again (redeliveries).
+    pub duplicates: u64,
+    /// Commit (the event's server time) to arrival, over distinct events.
+    pub lag_ms: Latency,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -452,6 +467,16 @@ impl Report {
                     row("server cpu per", per.join(", "));
                 }
             }
+        }
+        if let Some(s) = &self.stream {
+            row(
+                "stream",
+                format!(
+                    "{} events in {} requests, {} redelivered",
+                    s.events, s.requests, s.duplicates
+                ),
+            );
+            row("stream lag", latency(&s.lag_ms));
         }
         if self.deliveries.is_some() {
             let _ = writeln!(out, "  counting: {}", self.counting);

@@ -506,6 +506,7 @@ impl Run {
                 cores: host::cores(),
             },
             server,
+            stream: None,
             counting: report::COUNTING_RULE,
         }
     }

@@ -3,8 +3,8 @@
 //!
 //! Each crate owns its section of [`Settings`]: [`ServerConfig`] here (listening, backends,
 //! keys, logging), [`GatewayConfig`] (per-connection limits and timeouts), the store's
-//! [`Limits`] and the gateway's [`CognitoConfig`]. A section is a plain struct whose `Default` is the only place a default is
-//! written; serde reads it from the file (missing keys keep the default), and its clap
+//! [`Limits`], the gateway's [`CognitoConfig`] and the change stream's [`StreamConfig`]. A
+//! section is a plain struct whose `Default` is the only place a default is written; serde reads it from the file (missing keys keep the default), and its clap
 //! derive makes each field a flag and a `TANDEM_*` variable with the field's doc as help.
 //! So adding a setting is one field (doc, `#[arg(long, env = "TANDEM_NAME")]`) and its value
 //! in that struct's `Default`, plus its row in the docs; the help shows the default, the
@@ -23,6 +23,7 @@ use std::time::Duration;
 use tandem_gateway::config::duration;
 use tandem_gateway::{CognitoConfig, GatewayConfig};
 use tandem_store::{Limits, PostgresConfig};
+use tandem_stream::StreamConfig;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -48,6 +49,62 @@ pub enum Command {
     /// Load-test a running deployment (the `tandem-loadtest` harness, built in): fanout,
     /// rooms, idle, connect, write.
     Load(Box<tandem_loadtest::Cli>),
+    /// The change stream: replay the current state into it, list its consumers, show their
+    /// dead letters, forget one (docs/HOOKS.md).
+    Stream(StreamArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StreamArgs {
+    #[command(subcommand)]
+    pub action: StreamAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StreamAction {
+    /// Appends every live dataset's current state (of one identity pool with --pool) to the
+    /// commit log as a `snapshot` entry, so every sink receives it in order with the commits
+    /// around it. The store must be reachable: PostgreSQL at any time; the SQLite data dir
+    /// only while no node serves it.
+    Replay(ReplayArgs),
+    /// Lists the stream's consumers: position, entries behind the log's head, lease holder.
+    Consumers(ServeArgs),
+    /// Prints a consumer's dead letters (events it gave up on), one JSON object per line.
+    DeadLetters(DeadLettersArgs),
+    /// Removes a consumer that is no longer configured, so it stops holding back the
+    /// commit log's compaction.
+    Forget(ForgetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// Only this identity pool's datasets.
+    #[arg(long)]
+    pub pool: Option<String>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DeadLettersArgs {
+    /// The consumer (a webhook's name, or `redis`).
+    pub consumer: String,
+    /// Only dead letters of log entries after this id.
+    #[arg(long, default_value_t = 0)]
+    pub after: i64,
+    /// At most this many.
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ForgetArgs {
+    /// The consumer to remove.
+    pub consumer: String,
+    #[command(flatten)]
+    pub serve: ServeArgs,
 }
 
 #[derive(Debug, Args)]
@@ -113,6 +170,9 @@ pub struct Settings {
     #[command(flatten)]
     #[serde(flatten)]
     pub cognito: CognitoConfig,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub stream: StreamConfig,
 }
 
 /// The binary's own section: where to listen, which backends, the keys, logging, shutdown.
@@ -320,6 +380,8 @@ struct SettingsFile {
     #[serde(flatten)]
     cognito: CognitoConfig,
     #[serde(flatten)]
+    stream: StreamConfig,
+    #[serde(flatten)]
     unknown: BTreeMap<String, toml::Value>,
 }
 
@@ -347,6 +409,7 @@ impl Settings {
             gateway: file.gateway,
             limits: file.limits,
             cognito: file.cognito,
+            stream: file.stream,
         })
     }
 
@@ -612,9 +675,13 @@ mod tests {
             assert_eq!(arg.get_env(), Some(std::ffi::OsStr::new(&env)), "{id}");
             // The key lists take one key per flag, so their flags are singular.
             let long = id.replace('_', "-");
-            let long = long
-                .strip_suffix("-keys")
-                .map_or(long.clone(), |l| format!("{l}-key"));
+            let long = ["-keys", "-webhooks"]
+                .iter()
+                .find_map(|plural| {
+                    long.strip_suffix(plural)
+                        .map(|l| (l, &plural[..plural.len() - 1]))
+                })
+                .map_or(long.clone(), |(l, singular)| format!("{l}{singular}"));
             assert_eq!(arg.get_long(), Some(long.as_str()), "{id}");
         }
         assert!(count > 30, "{count}");

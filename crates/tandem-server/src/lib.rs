@@ -9,7 +9,7 @@ pub mod config;
 pub mod lock;
 
 use anyhow::{Context, bail};
-use config::{Cli, Command, LogFormat, ServeArgs, ServerConfig, Settings, TokenArgs};
+use config::{Cli, Command, LogFormat, ServeArgs, ServerConfig, Settings, StreamAction, TokenArgs};
 use lock::DataDirLock;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -41,6 +41,7 @@ pub fn main_entry() -> ExitCode {
         Command::Token(args) => run_token(args).map(|()| ExitCode::SUCCESS),
         Command::Check(args) => run_check(&args),
         Command::Load(cli) => return tandem_loadtest::main_with(*cli, "tandem load"),
+        Command::Stream(args) => run_stream(args.action).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
@@ -105,6 +106,97 @@ fn run_check(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     }
     println!("{}", report.restore_advice());
     Ok(ExitCode::FAILURE)
+}
+
+/// `tandem stream …`: opens the store as `serve` would (SQLite only while no node serves
+/// the data dir) and acts on its commit log and stream consumers.
+fn run_stream(action: StreamAction) -> anyhow::Result<()> {
+    let args = match &action {
+        StreamAction::Replay(a) => &a.serve,
+        StreamAction::Consumers(a) => a,
+        StreamAction::DeadLetters(a) => &a.serve,
+        StreamAction::Forget(a) => &a.serve,
+    };
+    let settings = args.settings()?;
+    init_logging(settings.server.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let server = &settings.server;
+        let _lock = (server.store == SQLITE_STORE)
+            .then(|| DataDirLock::acquire(&server.data_dir))
+            .transpose()
+            .context("the data dir is in use (stop the node that serves it, or replay through Cognito's BulkPublish)")?;
+        let (store, _) = open_store(
+            server,
+            &server.data_dir,
+            settings.limits.clone(),
+            &CancellationToken::new(),
+        )
+        .await?;
+        let outcome = stream_action(store.as_ref(), &action).await;
+        store.close().await;
+        outcome
+    })
+}
+
+async fn stream_action(store: &dyn Store, action: &StreamAction) -> anyhow::Result<()> {
+    match action {
+        StreamAction::Replay(args) => {
+            let report = tandem_stream::replay(store, args.pool.as_deref(), |r| {
+                eprintln!("replay: {} datasets", r.datasets);
+            })
+            .await?;
+            println!(
+                "replayed {} datasets into the commit log (last entry {})",
+                report.datasets, report.last_entry
+            );
+        }
+        StreamAction::Consumers(_) => {
+            let head = store.log_head().await?;
+            let now = tandem_store::now_ms();
+            println!("log head {head}");
+            for c in store.stream_consumers().await? {
+                let holder = match &c.lease_holder {
+                    Some(node) if c.lease_until > now => node.as_str(),
+                    _ => "-",
+                };
+                println!(
+                    "{}\tposition {}\tbehind {}\tdelivering {}",
+                    c.name,
+                    c.position,
+                    (head - c.position).max(0),
+                    holder
+                );
+            }
+        }
+        StreamAction::DeadLetters(args) => {
+            for letter in store
+                .stream_dead_letters(&args.consumer, args.after, args.limit)
+                .await?
+            {
+                let line = serde_json::json!({
+                    "entryId": letter.entry_id,
+                    "attempts": letter.attempts,
+                    "time": letter.time,
+                    "error": letter.error,
+                    "event": serde_json::from_str::<serde_json::Value>(&letter.event)
+                        .unwrap_or(serde_json::Value::String(letter.event.clone())),
+                });
+                println!("{line}");
+            }
+        }
+        StreamAction::Forget(args) => {
+            if store.stream_forget(&args.consumer).await? {
+                println!("forgot consumer {}", args.consumer);
+            } else {
+                bail!("no consumer named {}", args.consumer);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -179,6 +271,7 @@ async fn serve_until(
         gateway: mut gateway_config,
         limits,
         cognito,
+        stream: stream_config,
     } = settings;
     let listen = server.listen;
     let data_dir = server.data_dir.clone();
@@ -207,6 +300,15 @@ async fn serve_until(
     let drain_delay = server.drain_delay;
 
     let (store, store_kind) = open_store(&server, &data_dir, limits, &shutdown).await?;
+    // Names this process in the stream's leases: unique even for two nodes on one host.
+    let node_name = format!(
+        "{}:{}:{:08x}",
+        listen,
+        std::process::id(),
+        rand::random::<u32>()
+    );
+    let stream = tandem_stream::ChangeStream::start(store.clone(), &stream_config, node_name)
+        .map_err(|e| anyhow::anyhow!("invalid change stream settings: {e}"))?;
     let redis = server
         .redis
         .as_ref()
@@ -232,6 +334,8 @@ async fn serve_until(
     gateway_config.listen_port = local.port();
     let unsent = gateway_config.max_unsent_socket_bytes;
     let gateway = Gateway::new(gateway_config, subscribers, broker, verifier);
+    let metrics_stream = stream.clone();
+    gateway.add_metrics(Box::new(move || metrics_stream.metrics_text()));
     // TCP_NODELAY, the kernel's unsent bytes and each connection's read budget before it
     // authenticates.
     let listener = tandem_gateway::Listener::new(listener, unsent);
@@ -286,6 +390,8 @@ async fn serve_until(
         Err(_) => tracing::warn!("http server did not stop in time"),
     }
     gateway.broker().close().await;
+    // Gives up the stream's leases, so another node delivers at once.
+    stream.stop().await;
     store.close().await;
     tracing::info!(clean, "shutdown complete");
     Ok(())

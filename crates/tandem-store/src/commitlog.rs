@@ -11,9 +11,10 @@
 //! written before before-images existed (schema 4 without them) are still read; history is
 //! unavailable before the newest of them.
 
-use crate::{DatasetKey, Snapshot, StoreError};
+use crate::{DatasetKey, Limits, Snapshot, StoreError};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tandem_protocol::{Access, Record};
 
 /// What kind of commit an entry records.
@@ -25,6 +26,9 @@ pub enum LogKind {
     Revoke,
     /// A dataset written by a merge, on its target (the guest's copy is logged as a delete).
     Merge,
+    /// A dataset's live records as they are, appended by a replay (`Store::log_snapshot`)
+    /// for the change stream; it changes nothing.
+    Snapshot,
 }
 
 impl LogKind {
@@ -35,6 +39,7 @@ impl LogKind {
             LogKind::Grant => "grant",
             LogKind::Revoke => "revoke",
             LogKind::Merge => "merge",
+            LogKind::Snapshot => "snapshot",
         }
     }
 
@@ -45,6 +50,7 @@ impl LogKind {
             "grant" => LogKind::Grant,
             "revoke" => LogKind::Revoke,
             "merge" => LogKind::Merge,
+            "snapshot" => LogKind::Snapshot,
             _ => return None,
         })
     }
@@ -76,6 +82,8 @@ pub struct LogEntry {
     /// - grant or revoke: `{"grantee","access"}` (`access` null for a revoke).
     /// - merge: `{"fromOwner","fromName","keys"}`, `keys` the keys of the records it wrote
     ///   (absent in older entries).
+    /// - snapshot (a change stream replay's, not a commit): the live records as an update's,
+    ///   without `before`.
     pub patches: String,
 }
 
@@ -126,7 +134,10 @@ struct LoggedRecord<'a> {
     value: Option<&'a str>,
     sync_count: u64,
     device_last_modified: Option<i64>,
-    before: Option<Before<'a>>,
+    /// `Some(None)` (null) for a key without a stored record; `None` (absent) in a
+    /// snapshot, which replaces nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    before: Option<Option<Before<'a>>>,
 }
 
 /// An update entry's record as read back: `before` is `None` when the entry has none (an
@@ -186,7 +197,8 @@ impl LogEntry {
             LogKind::Merge => serde_json::from_str::<Merged<'_>>(&self.patches)
                 .ok()
                 .and_then(|m| m.keys),
-            LogKind::Grant | LogKind::Revoke => None,
+            // A snapshot changes nothing (and `history` never lists one).
+            LogKind::Grant | LogKind::Revoke | LogKind::Snapshot => None,
         }
     }
 
@@ -241,7 +253,7 @@ impl LogEntry {
                 state.clear();
                 true
             }
-            LogKind::Grant | LogKind::Revoke => true,
+            LogKind::Grant | LogKind::Revoke | LogKind::Snapshot => true,
         }
     }
 }
@@ -378,7 +390,22 @@ pub(crate) fn records_json(records: &[Record], stored: &BTreeMap<String, Record>
             value: r.value.as_deref(),
             sync_count: r.sync_count,
             device_last_modified: r.device_last_modified,
-            before: stored.get(&r.key).map(Before::of),
+            before: Some(stored.get(&r.key).map(Before::of)),
+        })
+        .collect();
+    to_json(&logged)
+}
+
+/// A snapshot's patches (a replay's, not a commit): the live records, without before-images.
+pub(crate) fn snapshot_json(records: &[Record]) -> String {
+    let logged: Vec<LoggedRecord<'_>> = records
+        .iter()
+        .map(|r| LoggedRecord {
+            key: &r.key,
+            value: r.value.as_deref(),
+            sync_count: r.sync_count,
+            device_last_modified: r.device_last_modified,
+            before: None,
         })
         .collect();
     to_json(&logged)
@@ -417,6 +444,103 @@ pub(crate) fn merge_json(from_owner: &str, from_name: &str, keys: Vec<String>) -
 
 /// How often a store compacts its log.
 pub(crate) const COMPACT_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// What a compaction deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CompactReport {
+    /// Entries deleted.
+    pub dropped: u64,
+    /// Of those, entries some change stream consumer had not acknowledged, deleted because
+    /// they were more than `Limits::commit_log_hard_cap_entries` below the log head.
+    pub forced: u64,
+}
+
+/// The most entries one compaction statement deletes: a backlog goes a chunk at a time, so
+/// no statement (and on SQLite no write transaction) runs for long.
+pub(crate) const COMPACT_CHUNK: i64 = 1000;
+
+/// What a compaction round may delete, fixed at its start.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CompactBounds {
+    /// Entries with an id above this stay: the store's newest entry (so no id is handed out
+    /// again) and what a consumer has not acknowledged, unless it is more than the hard cap
+    /// below the head.
+    pub keep_above: i64,
+    /// The smallest consumer position, if there are consumers: deleting an entry above it
+    /// is a forced drop.
+    pub floor: Option<i64>,
+    /// Entries older than this (ms) are past their age.
+    pub cutoff: i64,
+    /// Entries kept per dataset (at least one).
+    pub max_entries: i64,
+}
+
+impl CompactBounds {
+    /// `head`: the newest id; `floor`: the smallest consumer position.
+    pub(crate) fn new(limits: &Limits, now: i64, head: i64, floor: Option<i64>) -> Self {
+        let max_age_ms =
+            i64::try_from(limits.commit_log_max_age_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let hard_cap = i64::try_from(limits.commit_log_hard_cap_entries).unwrap_or(i64::MAX);
+        let newest_stays = head.saturating_sub(1);
+        let keep_above = match floor {
+            Some(floor) => newest_stays.min(floor.max(head.saturating_sub(hard_cap))),
+            None => newest_stays,
+        };
+        CompactBounds {
+            keep_above,
+            floor,
+            cutoff: now.saturating_sub(max_age_ms),
+            max_entries: i64::try_from(limits.commit_log_max_entries_per_dataset.max(1))
+                .unwrap_or(i64::MAX),
+        }
+    }
+}
+
+/// A compaction round's running totals.
+#[derive(Debug, Default)]
+pub(crate) struct CompactTally {
+    pub report: CompactReport,
+    /// The largest id a forced drop deleted.
+    pub forced_up_to: i64,
+}
+
+impl CompactTally {
+    /// Counts one chunk's deleted ids.
+    pub(crate) fn add(&mut self, bounds: &CompactBounds, deleted: &[i64]) {
+        self.report.dropped += deleted.len() as u64;
+        if let Some(floor) = bounds.floor {
+            for &id in deleted.iter().filter(|&&id| id > floor) {
+                self.report.forced += 1;
+                self.forced_up_to = self.forced_up_to.max(id);
+            }
+        }
+    }
+
+    /// Adds the forced drops to the store's running count and says which consumers lost
+    /// entries. `consumers`: every consumer's name and position.
+    pub(crate) fn finish(
+        &self,
+        forced_total: &AtomicU64,
+        consumers: &[(String, i64)],
+    ) -> CompactReport {
+        if self.report.forced > 0 {
+            forced_total.fetch_add(self.report.forced, Ordering::Relaxed);
+            let behind: Vec<&str> = consumers
+                .iter()
+                .filter(|(_, position)| *position < self.forced_up_to)
+                .map(|(name, _)| name.as_str())
+                .collect();
+            tracing::warn!(
+                forced = self.report.forced,
+                up_to_id = self.forced_up_to,
+                consumers = ?behind,
+                "commit log past its hard cap: compaction dropped entries change stream \
+                 consumers had not acknowledged"
+            );
+        }
+        self.report
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -10,6 +10,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::{DEFAULT_POOL, DatasetKey, Limits, Snapshot, Store, StoreError, UpdateOutcome};
+use crate::{DeadLetter, StreamConsumer};
 use crate::{LogEntry, LogKind, Login, UpdateRequest, now_ms, record_bytes};
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -115,6 +116,45 @@ where
         case_read_at_reaches_back_over_many_commits,
         Limits::default()
     );
+    run!(case_merge_of_a_name_and_its_copy_name, Limits::default());
+    run!(
+        case_commit_log_compaction_keeps_what_consumers_need,
+        capped_log_limits()
+    );
+    run!(
+        case_commit_log_compaction_of_a_backlog_goes_in_chunks,
+        backlog_limits()
+    );
+    run!(case_stream_lease_ack_release_forget, Limits::default());
+    run!(case_stream_racing_leases_have_one_winner, Limits::default());
+    run!(case_stream_dead_letters_are_capped, stream_limits());
+    run!(case_datasets_after_walks_live_datasets, Limits::default());
+}
+
+/// `log_limits` with a hard cap of 6 entries below the head.
+pub fn capped_log_limits() -> Limits {
+    Limits {
+        commit_log_hard_cap_entries: 6,
+        ..log_limits()
+    }
+}
+
+/// 5 entries per dataset, a minute, room for the datasets of the backlog.
+pub fn backlog_limits() -> Limits {
+    Limits {
+        commit_log_max_entries_per_dataset: 5,
+        commit_log_max_age_secs: 60,
+        max_datasets: 100,
+        ..Limits::default()
+    }
+}
+
+/// At most 3 dead letters per consumer.
+pub fn stream_limits() -> Limits {
+    Limits {
+        stream_dead_letter_max: 3,
+        ..Limits::default()
+    }
 }
 
 /// Retention small enough to reach: 3 entries per dataset, a minute.
@@ -2250,7 +2290,8 @@ pub async fn case_commit_log_compaction_drops_the_oldest_only(store: Arc<dyn Sto
 
     // Far enough back in time that nothing is old: only the count cap applies.
     let deleted = store.compact_log(oldest_quiet.server_time).await.unwrap();
-    assert_eq!(deleted, 2);
+    assert_eq!(deleted.dropped, 2);
+    assert_eq!(deleted.forced, 0);
     let counts =
         |entries: Vec<LogEntry>| -> Vec<u64> { entries.iter().map(|e| e.sync_count).collect() };
     assert_eq!(counts(store.log(&busy, 0, 10).await.unwrap()), [3, 4, 5]);
@@ -2261,7 +2302,7 @@ pub async fn case_commit_log_compaction_drops_the_oldest_only(store: Arc<dyn Sto
         .compact_log(newest_quiet.server_time + 60_000)
         .await
         .unwrap();
-    assert!(deleted >= 1, "{deleted}");
+    assert!(deleted.dropped >= 1, "{deleted:?}");
     assert_eq!(counts(store.log(&quiet, 0, 10).await.unwrap()), [2]);
 
     // Everything past its age but the store's newest entry (kept so that no id is handed out
@@ -2466,4 +2507,436 @@ pub async fn case_read_at_reaches_back_over_many_commits(store: Arc<dyn Store>) 
     let read = store.read_at(&d, BOB, 10).await.unwrap();
     assert_eq!(read.records, at_ten.records);
     assert!(store.read_at(&d, BOB, 0).await.unwrap().records.is_empty());
+}
+
+/// A consumer's lease: created at the log head, held by one node until it expires or is
+/// released, renewed by its holder; acks move the position forward only, and only from the
+/// holder of an unexpired lease. Default limits.
+pub async fn case_stream_lease_ack_release_forget(store: Arc<dyn Store>) {
+    assert_eq!(store.log_head().await.unwrap(), 0);
+    let d = ds(ALICE, "streamed");
+    commit(&*store, &d, ALICE, vec![Patch::replace("k", "1", 0)]).await;
+    commit(&*store, &d, ALICE, vec![Patch::replace("k", "2", 1)]).await;
+    let head = store.log_head().await.unwrap();
+    assert_eq!(head, store.log_since(0, 10).await.unwrap()[1].id);
+
+    // Created at the head, leased to n1 until 1100.
+    assert_eq!(
+        store.stream_lease("c1", "n1", 1000, 100).await.unwrap(),
+        Some(head)
+    );
+    assert_eq!(
+        store.stream_lease("c1", "n2", 1050, 100).await.unwrap(),
+        None
+    );
+    // n1 renews (until 1150); n2 gets it only once that has passed.
+    assert_eq!(
+        store.stream_lease("c1", "n1", 1050, 100).await.unwrap(),
+        Some(head)
+    );
+    assert_eq!(
+        store.stream_lease("c1", "n2", 1149, 100).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.stream_lease("c1", "n2", 1150, 100).await.unwrap(),
+        Some(head)
+    );
+    assert!(!store.stream_ack("c1", "n1", head, 1160).await.unwrap());
+
+    commit(&*store, &d, ALICE, vec![Patch::replace("k", "3", 2)]).await;
+    let next = store.log_head().await.unwrap();
+    assert!(next > head);
+    assert!(store.stream_ack("c1", "n2", next, 1160).await.unwrap());
+    // Backwards: acknowledged, not moved.
+    assert!(store.stream_ack("c1", "n2", head, 1170).await.unwrap());
+    assert_eq!(
+        store.stream_consumers().await.unwrap(),
+        [StreamConsumer {
+            name: "c1".into(),
+            position: next,
+            lease_holder: Some("n2".into()),
+            lease_until: 1250,
+        }]
+    );
+    // An ack does not renew: past the lease it is refused and moves nothing.
+    assert!(!store.stream_ack("c1", "n2", next + 5, 1250).await.unwrap());
+    assert_eq!(store.stream_consumers().await.unwrap()[0].position, next);
+
+    // Releasing: only the holder can, and then anyone takes it at once.
+    assert_eq!(
+        store.stream_lease("c1", "n2", 1200, 100).await.unwrap(),
+        Some(next)
+    );
+    store.stream_release("c1", "n1").await.unwrap();
+    assert_eq!(
+        store.stream_lease("c1", "n1", 1210, 100).await.unwrap(),
+        None
+    );
+    store.stream_release("c1", "n2").await.unwrap();
+    assert_eq!(
+        store.stream_consumers().await.unwrap()[0].lease_holder,
+        None
+    );
+    assert_eq!(
+        store.stream_lease("c1", "n1", 1210, 100).await.unwrap(),
+        Some(next)
+    );
+
+    // A second consumer starts at the head; consumers are listed by name.
+    assert_eq!(
+        store.stream_lease("c0", "n2", 1210, 100).await.unwrap(),
+        Some(next)
+    );
+    let names: Vec<String> = store
+        .stream_consumers()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(names, ["c0", "c1"]);
+    assert!(store.stream_forget("c1").await.unwrap());
+    assert!(!store.stream_forget("c1").await.unwrap());
+    assert_eq!(store.stream_consumers().await.unwrap().len(), 1);
+    // Forgotten, it starts over at the head.
+    assert_eq!(
+        store.stream_lease("c1", "n2", 1210, 100).await.unwrap(),
+        Some(next)
+    );
+
+    for bad in ["", "a\nb"] {
+        assert!(matches!(
+            store.stream_lease(bad, "n1", 0, 1).await,
+            Err(StoreError::BadRequest(_))
+        ));
+        assert!(matches!(
+            store.stream_ack("c1", bad, 0, 0).await,
+            Err(StoreError::BadRequest(_))
+        ));
+    }
+}
+
+/// Of many callers racing for a free or an expired lease, exactly one gets it. Default
+/// limits.
+pub async fn case_stream_racing_leases_have_one_winner(store: Arc<dyn Store>) {
+    for round in 0..5_i64 {
+        // Each round starts after the last round's lease (ttl 10) has expired.
+        let now = 1000 + round * 100;
+        let racers: Vec<_> = (0..8)
+            .map(|n| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move {
+                    store
+                        .stream_lease("raced", &format!("node{n}"), now, 10)
+                        .await
+                        .unwrap()
+                        .map(|_| n)
+                })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        for racer in racers {
+            winners.extend(racer.await.unwrap());
+        }
+        assert_eq!(winners.len(), 1, "round {round}: {winners:?}");
+        let holder = store.stream_consumers().await.unwrap()[0]
+            .lease_holder
+            .clone();
+        assert_eq!(holder, Some(format!("node{}", winners[0])));
+    }
+}
+
+/// Dead letters are kept per consumer by entry id, a later one replacing an earlier one for
+/// the same entry, the oldest going beyond the cap. `stream_limits` (3 per consumer).
+pub async fn case_stream_dead_letters_are_capped(store: Arc<dyn Store>) {
+    let letter = |entry_id: i64, attempts: u32| DeadLetter {
+        entry_id,
+        event: format!("{{\"id\":{entry_id}}}"),
+        error: "HTTP 500".into(),
+        attempts,
+        time: 1000 + entry_id,
+    };
+    let ids =
+        |letters: Vec<DeadLetter>| -> Vec<i64> { letters.iter().map(|l| l.entry_id).collect() };
+    store
+        .stream_dead_letter("c1", &[letter(1, 5), letter(2, 5)])
+        .await
+        .unwrap();
+    store
+        .stream_dead_letter("c2", &[letter(1, 1)])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.stream_dead_letters("c1", 0, 10).await.unwrap(),
+        [letter(1, 5), letter(2, 5)]
+    );
+    store
+        .stream_dead_letter("c1", &[letter(3, 5), letter(4, 5), letter(5, 5)])
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(store.stream_dead_letters("c1", 0, 10).await.unwrap()),
+        [3, 4, 5]
+    );
+    store
+        .stream_dead_letter("c1", &[letter(4, 9)])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.stream_dead_letters("c1", 3, 10).await.unwrap(),
+        [letter(4, 9), letter(5, 5)]
+    );
+    assert_eq!(
+        ids(store.stream_dead_letters("c1", 0, 1).await.unwrap()),
+        [3]
+    );
+    store.stream_dead_letter("c1", &[]).await.unwrap();
+    assert!(matches!(
+        store
+            .stream_dead_letter(
+                "c1",
+                &[DeadLetter {
+                    error: "\0".into(),
+                    ..letter(6, 1)
+                }]
+            )
+            .await,
+        Err(StoreError::BadRequest(_))
+    ));
+    // Another consumer's letters are its own; forgetting a consumer drops its letters.
+    assert_eq!(
+        store.stream_dead_letters("c2", 0, 10).await.unwrap(),
+        [letter(1, 1)]
+    );
+    store.stream_lease("c1", "n1", 0, 10).await.unwrap();
+    assert!(store.stream_forget("c1").await.unwrap());
+    assert!(
+        store
+            .stream_dead_letters("c1", 0, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.stream_dead_letters("c2", 0, 10).await.unwrap().len(),
+        1
+    );
+}
+
+/// `datasets_after` pages through the live datasets of every pool in (pool, owner, name)
+/// order, bytewise, with their sync counts. Default limits.
+pub async fn case_datasets_after_walks_live_datasets(store: Arc<dyn Store>) {
+    assert!(store.datasets_after(None, 10).await.unwrap().is_empty());
+    let other_pool = DatasetKey::new("other", ALICE, "a");
+    let live = [
+        (ds(ALICE, "B"), 1),
+        (ds(ALICE, "a"), 2),
+        (ds(BOB, "a"), 1),
+        (other_pool, 1),
+    ];
+    for (d, count) in &live {
+        for n in 0..*count {
+            commit(&*store, d, &d.owner, vec![Patch::replace("k", "v", n)]).await;
+        }
+    }
+    let gone = ds(ALICE, "gone");
+    commit(&*store, &gone, ALICE, vec![Patch::replace("k", "v", 0)]).await;
+    store.delete_dataset(&gone, ALICE).await.unwrap();
+
+    let mut expected: Vec<(DatasetKey, u64)> = live.to_vec();
+    expected.sort();
+    assert_eq!(store.datasets_after(None, 10).await.unwrap(), expected);
+    let mut walked = Vec::new();
+    let mut after: Option<DatasetKey> = None;
+    loop {
+        let page = store.datasets_after(after.as_ref(), 1).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = Some(last.0.clone());
+        walked.extend(page);
+    }
+    assert_eq!(walked, expected);
+}
+
+/// A guest with `a` and `a.<its uuid>` merged into an identity with a live `a`: `a` moves
+/// to the copy name, so `a.<uuid>` (taken by it) moves to a copy of its own; every copy is
+/// logged. Default limits.
+pub async fn case_merge_of_a_name_and_its_copy_name(store: Arc<dyn Store>) {
+    let (guest, user) = guest_and_user(&*store, 60).await;
+    let uuid = guest.split_once(':').unwrap().1.to_owned();
+    let copy = format!("a.{uuid}");
+    commit(
+        &*store,
+        &ds(&user, "a"),
+        &user,
+        vec![Patch::replace("k", "user", 0)],
+    )
+    .await;
+    commit(
+        &*store,
+        &ds(&guest, "a"),
+        &guest,
+        vec![Patch::replace("k", "a", 0)],
+    )
+    .await;
+    commit(
+        &*store,
+        &ds(&guest, &copy),
+        &guest,
+        vec![Patch::replace("k", "copy", 0)],
+    )
+    .await;
+    let outcome = store
+        .merge_identity(DEFAULT_POOL, &guest, &user)
+        .await
+        .unwrap();
+    let moved: Vec<(String, String)> = outcome
+        .moved
+        .iter()
+        .map(|m| (m.from_name.clone(), m.to_name.clone()))
+        .collect();
+    assert_eq!(
+        moved,
+        [
+            ("a".to_owned(), copy.clone()),
+            (copy.clone(), format!("{copy}.{uuid}"))
+        ]
+    );
+    let value = |name: String| {
+        let store = Arc::clone(&store);
+        let user = user.clone();
+        async move {
+            store
+                .snapshot(&ds(&user, &name), &user)
+                .await
+                .unwrap()
+                .records[0]
+                .value
+                .clone()
+        }
+    };
+    assert_eq!(value("a".into()).await.as_deref(), Some("user"));
+    assert_eq!(value(copy.clone()).await.as_deref(), Some("a"));
+    assert_eq!(
+        value(format!("{copy}.{uuid}")).await.as_deref(),
+        Some("copy")
+    );
+    for (_, to) in &moved {
+        assert_eq!(
+            kinds(&store.log(&ds(&user, to), 0, 10).await.unwrap()),
+            [(LogKind::Merge, 1, user.as_str())]
+        );
+    }
+}
+
+/// Compaction leaves what the slowest consumer has not acknowledged, except entries more
+/// than the hard cap below the head: those go as retention says, counted as forced drops.
+/// A forgotten consumer holds nothing back. `capped_log_limits` (3 per dataset, a minute,
+/// a hard cap of 6).
+pub async fn case_commit_log_compaction_keeps_what_consumers_need(store: Arc<dyn Store>) {
+    let later = || now_ms() + 120_000;
+    let d = ds(ALICE, "consumed");
+    // Created on an empty log: it has acknowledged nothing (position 0).
+    assert_eq!(
+        store
+            .stream_lease("slow", "n1", 0, i64::MAX / 2)
+            .await
+            .unwrap(),
+        Some(0)
+    );
+    for n in 0..5 {
+        commit(&*store, &d, ALICE, vec![Patch::replace("k", "v", n)]).await;
+    }
+    let ids: Vec<i64> = store
+        .log_since(0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    // Everything is past its age and over the count, and nothing may go.
+    let report = store.compact_log(later()).await.unwrap();
+    assert_eq!(report, crate::CompactReport::default());
+    assert_eq!(store.log_since(0, 100).await.unwrap().len(), 5);
+
+    // Acknowledged entries go (the count cap keeps 3, the age rule takes the rest).
+    assert!(store.stream_ack("slow", "n1", ids[1], 1).await.unwrap());
+    let report = store.compact_log(later()).await.unwrap();
+    assert_eq!((report.dropped, report.forced), (2, 0));
+    assert_eq!(store.log_since(0, 100).await.unwrap()[0].id, ids[2]);
+    assert_eq!(store.commit_log_forced_drops(), 0);
+
+    // Past the hard cap: 6 more make the head 11 entries above the first, so the entries
+    // more than 6 below the head go although "slow" has not acknowledged them.
+    for n in 5..11 {
+        commit(&*store, &d, ALICE, vec![Patch::replace("k", "v", n)]).await;
+    }
+    let head = store.log_head().await.unwrap();
+    let report = store.compact_log(later()).await.unwrap();
+    let left = store.log_since(0, 100).await.unwrap();
+    assert_eq!(left.first().map(|e| e.id), Some(head - 5), "{left:?}");
+    assert_eq!(report.dropped, report.forced);
+    assert_eq!(report.forced, 3, "{report:?}");
+    assert_eq!(store.commit_log_forced_drops(), 3);
+
+    // A forgotten consumer holds nothing back: all but the newest entry go.
+    assert!(store.stream_forget("slow").await.unwrap());
+    let report = store.compact_log(later()).await.unwrap();
+    assert_eq!((report.dropped, report.forced), (5, 0));
+    assert_eq!(store.log_since(0, 100).await.unwrap().len(), 1);
+    assert_eq!(store.commit_log_forced_drops(), 3);
+}
+
+/// A backlog larger than one delete statement takes (1,000) is compacted whole, by count
+/// and by age. `backlog_limits` (5 per dataset, a minute).
+pub async fn case_commit_log_compaction_of_a_backlog_goes_in_chunks(store: Arc<dyn Store>) {
+    async fn write(store: Arc<dyn Store>, d: DatasetKey, from: u64, count: u64) {
+        for n in from..from + count {
+            commit(&*store, &d, &d.owner, vec![Patch::replace("k", "v", n)]).await;
+        }
+    }
+    // One dataset of 1,100 entries and 20 of 50, written side by side.
+    let big = ds(ALICE, "big");
+    let mut writers = vec![tokio::spawn(write(
+        Arc::clone(&store),
+        big.clone(),
+        0,
+        1100,
+    ))];
+    for i in 0..20 {
+        let d = ds(BOB, &format!("d{i}"));
+        writers.push(tokio::spawn(write(Arc::clone(&store), d, 0, 50)));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    // Nothing is old yet: the count cap alone.
+    let report = store.compact_log(0).await.unwrap();
+    assert_eq!(report.dropped, 1095 + 20 * 45);
+    let counts: Vec<u64> = store
+        .log(&big, 0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.sync_count)
+        .collect();
+    assert_eq!(counts, [1096, 1097, 1098, 1099, 1100]);
+
+    // 1,100 more, then everything is old: all but the store's newest entry go.
+    let mut writers = Vec::new();
+    for i in 0..20 {
+        let d = ds(BOB, &format!("d{i}"));
+        writers.push(tokio::spawn(write(Arc::clone(&store), d, 50, 55)));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let before = store.log_since(0, 10_000).await.unwrap();
+    assert_eq!(before.len(), 5 + 20 * 5 + 1100);
+    let report = store.compact_log(now_ms() + 120_000).await.unwrap();
+    assert_eq!(report.dropped as usize, before.len() - 1);
+    assert_eq!(
+        store.log_since(0, 10_000).await.unwrap(),
+        before[before.len() - 1..]
+    );
 }

@@ -18,11 +18,12 @@ mod model;
 mod outage;
 mod postgres;
 mod sqlite;
+mod stream;
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 
-pub use commitlog::{LogEntry, LogKind};
+pub use commitlog::{CompactReport, LogEntry, LogKind};
 pub use error::StoreError;
 pub use identity::{
     Identity, Login, MAX_IDENTITY_ID, MAX_LOGIN_PART, MergeOutcome, MovedDataset,
@@ -35,6 +36,7 @@ pub use model::{
 };
 pub use postgres::{PostgresConfig, PostgresStore};
 pub use sqlite::{SqliteCheckReport, SqliteStore, check_sqlite};
+pub use stream::{DeadLetter, StreamConsumer};
 
 use async_trait::async_trait;
 use tandem_protocol::{Access, DatasetInfo};
@@ -192,11 +194,91 @@ pub trait Store: Send + Sync + 'static {
     async fn log_since(&self, after_id: i64, limit: usize) -> Result<Vec<LogEntry>, StoreError>;
 
     /// Deletes the commit log entries older than `commit_log_max_age_secs` before `now` (ms)
-    /// (but never the store's newest entry, so no id is reused) and, per dataset, all but the
-    /// newest `commit_log_max_entries_per_dataset`; returns
-    /// how many went. The store runs it about every minute; tests call it with their own
-    /// `now`.
-    async fn compact_log(&self, now: i64) -> Result<u64, StoreError>;
+    /// and, per dataset, all but the newest `commit_log_max_entries_per_dataset`, but never
+    /// the store's newest entry (so no id is reused) nor an entry above the smallest change
+    /// stream consumer position (one a consumer has not acknowledged) unless it is more than
+    /// `commit_log_hard_cap_entries` below the newest id: those go as retention says, are
+    /// counted as forced drops ([`Store::commit_log_forced_drops`]) and logged as a warning
+    /// naming the consumers that lost them. Deletes at most 1,000 entries a statement; on
+    /// SQLite other writes commit between them; on PostgreSQL one node at a time compacts
+    /// (another node's call returns an empty report at once). The store runs it about
+    /// every minute; tests call it with their own `now`.
+    async fn compact_log(&self, now: i64) -> Result<CompactReport, StoreError>;
+
+    /// Entries compaction has deleted although a consumer had not acknowledged them (past
+    /// the hard cap), since this store was opened (on PostgreSQL: by this node).
+    fn commit_log_forced_drops(&self) -> u64;
+
+    /// Claims (or renews, if `node` holds it) `consumer`'s delivery lease until
+    /// `now_ms + ttl_ms`. `Some(position)`: `node` holds the lease; `position` is the last
+    /// log id the consumer acknowledged. `None`: another node holds an unexpired lease. A
+    /// consumer seen for the first time is created at the store's newest log id (it gets
+    /// what commits from then on). One atomic step on every backend: of nodes racing for a
+    /// free or expired lease, exactly one gets it.
+    async fn stream_lease(
+        &self,
+        consumer: &str,
+        node: &str,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<Option<i64>, StoreError>;
+
+    /// Moves `consumer`'s position forward to `position` if `node` holds an unexpired lease
+    /// at `now_ms` (the lease is not renewed); `Ok(false)`, nothing moved, otherwise. Never
+    /// moves backwards (an older position is acknowledged and ignored).
+    async fn stream_ack(
+        &self,
+        consumer: &str,
+        node: &str,
+        position: i64,
+        now_ms: i64,
+    ) -> Result<bool, StoreError>;
+
+    /// Gives up `consumer`'s lease if `node` holds it (a clean shutdown, so another node
+    /// takes over at once); does nothing otherwise.
+    async fn stream_release(&self, consumer: &str, node: &str) -> Result<(), StoreError>;
+
+    /// Every consumer, by name.
+    async fn stream_consumers(&self) -> Result<Vec<StreamConsumer>, StoreError>;
+
+    /// Removes a consumer and its dead letters (it no longer holds back compaction);
+    /// whether it existed.
+    async fn stream_forget(&self, consumer: &str) -> Result<bool, StoreError>;
+
+    /// Keeps events `consumer` gave up delivering, one per entry id (a later letter for the
+    /// same entry replaces the earlier); at most `Limits::stream_dead_letter_max` per
+    /// consumer, the oldest (lowest entry ids) go.
+    async fn stream_dead_letter(
+        &self,
+        consumer: &str,
+        letters: &[DeadLetter],
+    ) -> Result<(), StoreError>;
+
+    /// `consumer`'s dead letters with `entry_id > after_id`, by entry id, at most `limit`.
+    async fn stream_dead_letters(
+        &self,
+        consumer: &str,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError>;
+
+    /// The newest commit log id, 0 if the log is empty.
+    async fn log_head(&self) -> Result<i64, StoreError>;
+
+    /// Live (not deleted) datasets after `after` in (pool, owner, name) order (bytewise), at
+    /// most `limit`, with their sync counts: what `tandem stream replay` walks. The caller
+    /// checks that whoever asks may see them all.
+    async fn datasets_after(
+        &self,
+        after: Option<&DatasetKey>,
+        limit: usize,
+    ) -> Result<Vec<(DatasetKey, u64)>, StoreError>;
+
+    /// Appends a `Snapshot` entry holding the dataset's live records at its sync count, in
+    /// one transaction with reading them (so it sits between the commits before and after
+    /// it), and returns its id; `None` (nothing appended) for a dataset that does not exist
+    /// or is deleted. For `tandem stream replay`; the caller checks who may.
+    async fn log_snapshot(&self, dataset: &DatasetKey) -> Result<Option<i64>, StoreError>;
 
     /// Whether the store answers now (for `/ready`).
     async fn health(&self) -> Result<(), StoreError>;

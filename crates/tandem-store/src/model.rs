@@ -154,6 +154,18 @@ pub struct Limits {
         arg(long, env = "TANDEM_COMMIT_LOG_MAX_ENTRIES_PER_DATASET")
     )]
     pub commit_log_max_entries_per_dataset: u64,
+    /// Commit log entries a change stream consumer may hold back from compaction: entries
+    /// more than this many below the newest go as retention says even if a consumer has
+    /// not acknowledged them (a warning and a count of forced drops say so).
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, env = "TANDEM_COMMIT_LOG_HARD_CAP_ENTRIES")
+    )]
+    pub commit_log_hard_cap_entries: u64,
+    /// Dead letters (events given up on) kept per change stream consumer; the oldest go
+    /// beyond it.
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_STREAM_DEAD_LETTER_MAX"))]
+    pub stream_dead_letter_max: u64,
 }
 
 impl Default for Limits {
@@ -172,6 +184,8 @@ impl Default for Limits {
             sqlite_wal_max_bytes: 64 * 1024 * 1024,
             commit_log_max_age_secs: 30 * 24 * 60 * 60,
             commit_log_max_entries_per_dataset: 10_000,
+            commit_log_hard_cap_entries: 5_000_000,
+            stream_dead_letter_max: 100_000,
         }
     }
 }

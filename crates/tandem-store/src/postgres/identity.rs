@@ -19,7 +19,7 @@ use super::write::{
     lock_dataset,
 };
 use crate::commitlog::{self, LogKind};
-use crate::decision::upsert_records;
+use crate::decision::{DatasetRow, upsert_records};
 use crate::identity::{self, Identity, Login, MergeOutcome, MovedDataset};
 use crate::{DatasetKey, StoreError, now_ms};
 use deadpool_postgres::{ClientWrapper, GenericClient, Transaction};
@@ -205,6 +205,16 @@ pub(super) async fn link(
     Ok(())
 }
 
+/// One dataset a merge moves: its name and row, and the name and (locked) row it moves to.
+struct MergePlan {
+    name: String,
+    source_key: DatasetKey,
+    source: DatasetRow,
+    to_name: String,
+    target_key: DatasetKey,
+    target: DatasetRow,
+}
+
 /// See `Store::merge_identity`.
 pub(super) async fn merge(
     client: &mut ClientWrapper,
@@ -232,7 +242,9 @@ pub(super) async fn merge(
         .map(|row| row.try_get(0))
         .collect::<Result<_, _>>()?;
     let now = now_ms();
-    let mut moved = Vec::with_capacity(names.len());
+    // Every row is locked before the log is appended to (`write::APPEND_LOG`): the targets
+    // first, then the writes, then every entry at once.
+    let mut plans: Vec<MergePlan> = Vec::with_capacity(names.len());
     for name in names {
         let source_key = DatasetKey::new(pool, from, name.as_str());
         // Locked already, with every row of both identities: this reads it.
@@ -243,6 +255,10 @@ pub(super) async fn merge(
         // inserts) so no update can create it before this commits.
         let mut free = None;
         for candidate in identity::merge_target_names(&name, from) {
+            // Taken by an earlier name of this merge (written below, live by then).
+            if plans.iter().any(|p| p.to_name == candidate) {
+                continue;
+            }
             let key = DatasetKey::new(pool, into, candidate.as_str());
             let row = insert_or_lock_dataset(&tx, &key, now).await?;
             if row.state.deleted {
@@ -256,6 +272,27 @@ pub(super) async fn merge(
             ))
             .into());
         };
+        let target_key = DatasetKey::new(pool, into, to_name.as_str());
+        plans.push(MergePlan {
+            name,
+            source_key,
+            source,
+            to_name,
+            target_key,
+            target,
+        });
+    }
+    let mut moved = Vec::with_capacity(plans.len());
+    let mut log = LogColumns::default();
+    for MergePlan {
+        name,
+        source_key,
+        source,
+        to_name,
+        target_key,
+        target,
+    } in &plans
+    {
         let sync_count = target.state.sync_count + 1;
         let merge_root = (to_name != name).then_some(name.as_str());
         tx.execute(
@@ -283,27 +320,27 @@ pub(super) async fn merge(
         .await?;
         tx.execute(&move_grants, &[&pool, &from, &name, &into, &to_name])
             .await?;
-        let target_key = DatasetKey::new(pool, into, to_name.as_str());
-        let append = tx.prepare_cached(APPEND_LOG).await?;
-        let mut log = LogColumns::default();
         log.push(
-            &target_key,
+            target_key,
             LogKind::Merge,
             sync_count,
             into,
             None,
-            commitlog::merge_json(from, &name, keys),
+            commitlog::merge_json(from, name, keys),
         )?;
-        tx.execute(&append, &log.params(&now)).await?;
-        delete_locked(&tx, &source_key, &source, from).await?;
+        delete_locked(&tx, source_key, source, from, Some(&mut log)).await?;
         moved.push(MovedDataset {
-            from_name: name,
-            to_name,
+            from_name: name.clone(),
+            to_name: to_name.clone(),
             sync_count,
         });
     }
     let stmt = tx.prepare_cached(MARK_MERGED).await?;
     tx.execute(&stmt, &[&pool, &from, &into]).await?;
+    if !log.is_empty() {
+        let append = tx.prepare_cached(APPEND_LOG).await?;
+        tx.execute(&append, &log.params(&now)).await?;
+    }
     tx.commit().await?;
     Ok(MergeOutcome { moved })
 }

@@ -67,17 +67,20 @@ macro_rules! call {
 }
 
 mod batch;
+mod compact;
 mod identity;
 mod read;
 mod schema;
+mod stream;
 mod write;
 
 use crate::identity::{Identity, Login, MergeOutcome};
 use crate::identity::{validate_identity_call, validate_logins_call, validate_merge};
 use crate::outage::CommitOutage;
+use crate::stream::{validate_letters, validate_name};
 use crate::{
-    DatasetKey, Limits, LogEntry, Snapshot, Store, StoreError, UpdateOutcome, UpdateRequest,
-    validate_identity, validate_update,
+    CompactReport, DatasetKey, DeadLetter, Limits, LogEntry, Snapshot, Store, StoreError,
+    StreamConsumer, UpdateOutcome, UpdateRequest, validate_identity, validate_update,
 };
 use crate::{validate_call, validate_grant, validate_revoke};
 use async_trait::async_trait;
@@ -163,6 +166,8 @@ struct Inner {
     call_timeout: Duration,
     /// Updates committed as part of a batch of more than one (for tests and curiosity).
     batched: std::sync::atomic::AtomicU64,
+    /// Commit log entries this node's compactions dropped past the hard cap.
+    forced_drops: std::sync::atomic::AtomicU64,
     /// `true` once closed. Every call holds a read guard while it runs, so `close` (which
     /// takes it for writing) waits for calls in flight.
     closed: RwLock<bool>,
@@ -226,6 +231,7 @@ impl PostgresStore {
             schema: config.schema.clone(),
             call_timeout: config.call_timeout(),
             batched: std::sync::atomic::AtomicU64::new(0),
+            forced_drops: std::sync::atomic::AtomicU64::new(0),
             closed: RwLock::new(false),
             outage: CommitOutage::default(),
         };
@@ -545,19 +551,125 @@ impl Store for PostgresStore {
         ))
     }
 
-    async fn compact_log(&self, now: i64) -> Result<u64, StoreError> {
-        let result = call!(&self.inner, |client| write::compact_log(
-            &client,
-            &self.inner.limits,
-            now
-        ));
+    async fn compact_log(&self, now: i64) -> Result<CompactReport, StoreError> {
+        let result = compact::compact(&self.inner, now).await;
         self.inner.wrote(result)
+    }
+
+    fn commit_log_forced_drops(&self) -> u64 {
+        self.inner
+            .forced_drops
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn last_deleted_sync_count(&self, dataset: &DatasetKey) -> Result<u64, StoreError> {
         dataset.validate()?;
         call!(&self.inner, |client| identity::last_deleted_sync_count(
             &client, dataset
+        ))
+    }
+
+    async fn log_snapshot(&self, dataset: &DatasetKey) -> Result<Option<i64>, StoreError> {
+        dataset.validate()?;
+        let result = call!(&self.inner, |client| write::log_snapshot(
+            &mut client,
+            dataset
+        ));
+        self.inner.wrote(result)
+    }
+
+    async fn stream_lease(
+        &self,
+        consumer: &str,
+        node: &str,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        validate_name("consumer", consumer)?;
+        validate_name("node", node)?;
+        let result = call!(&self.inner, |client| stream::lease(
+            &client, consumer, node, now_ms, ttl_ms
+        ));
+        self.inner.wrote(result)
+    }
+
+    async fn stream_ack(
+        &self,
+        consumer: &str,
+        node: &str,
+        position: i64,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        validate_name("consumer", consumer)?;
+        validate_name("node", node)?;
+        let result = call!(&self.inner, |client| stream::ack(
+            &client, consumer, node, position, now_ms
+        ));
+        self.inner.wrote(result)
+    }
+
+    async fn stream_release(&self, consumer: &str, node: &str) -> Result<(), StoreError> {
+        validate_name("consumer", consumer)?;
+        validate_name("node", node)?;
+        let result = call!(&self.inner, |client| stream::release(
+            &client, consumer, node
+        ));
+        self.inner.wrote(result)
+    }
+
+    async fn stream_consumers(&self) -> Result<Vec<StreamConsumer>, StoreError> {
+        call!(&self.inner, |client| stream::consumers(&client))
+    }
+
+    async fn stream_forget(&self, consumer: &str) -> Result<bool, StoreError> {
+        validate_name("consumer", consumer)?;
+        let result = call!(&self.inner, |client| stream::forget(&client, consumer));
+        self.inner.wrote(result)
+    }
+
+    async fn stream_dead_letter(
+        &self,
+        consumer: &str,
+        letters: &[DeadLetter],
+    ) -> Result<(), StoreError> {
+        validate_name("consumer", consumer)?;
+        validate_letters(letters)?;
+        if letters.is_empty() {
+            return Ok(());
+        }
+        let max = self.inner.limits.stream_dead_letter_max;
+        let result = call!(&self.inner, |client| stream::dead_letter(
+            &mut client,
+            consumer,
+            letters,
+            max
+        ));
+        self.inner.wrote(result)
+    }
+
+    async fn stream_dead_letters(
+        &self,
+        consumer: &str,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        validate_name("consumer", consumer)?;
+        call!(&self.inner, |client| stream::dead_letters(
+            &client, consumer, after_id, limit
+        ))
+    }
+
+    async fn log_head(&self) -> Result<i64, StoreError> {
+        call!(&self.inner, |client| stream::log_head(&client))
+    }
+
+    async fn datasets_after(
+        &self,
+        after: Option<&DatasetKey>,
+        limit: usize,
+    ) -> Result<Vec<(DatasetKey, u64)>, StoreError> {
+        call!(&self.inner, |client| stream::datasets_after(
+            &client, after, limit
         ))
     }
 
@@ -597,10 +709,13 @@ fn pg_config(config: &PostgresConfig) -> Result<tokio_postgres::Config, StoreErr
     // batches: planned afresh for each call (PostgreSQL's default for such statements), or as
     // a sequential scan when a table is small, they cost the server more CPU than running
     // them (docs/BENCHMARKS.md, "PostgreSQL under contended rooms"), so each is planned once
-    // per connection, on its indexes.
+    // per connection, on its indexes. JIT is off: a scan that has no index to use (a tiny
+    // table such as `schema_version`) is priced at 10^10 with sequential scans off, far
+    // past `jit_above_cost`, and compiling it took 0.3-0.7 s, for statements that run in
+    // microseconds.
     let options = format!(
         "{} -c search_path={} -c statement_timeout={} -c idle_in_transaction_session_timeout={} \
-         -c plan_cache_mode=force_generic_plan -c enable_seqscan=off",
+         -c plan_cache_mode=force_generic_plan -c enable_seqscan=off -c jit=off",
         pg.get_options().unwrap_or_default(),
         config.schema,
         millis(config.statement_timeout),
@@ -739,7 +854,8 @@ fn is_connection_error(e: &tokio_postgres::Error) -> bool {
 mod tests;
 
 /// Compacts the commit log about every minute until the store is dropped or closed. Every
-/// node does it; a compaction that finds nothing to delete costs an index scan.
+/// node tries; one at a time gets the compaction lock (see `compact`), and a compaction that
+/// finds nothing to delete costs an index scan.
 fn spawn_compaction(inner: &Arc<Inner>) {
     let inner = Arc::downgrade(inner);
     tokio::spawn(async move {
@@ -752,18 +868,9 @@ fn spawn_compaction(inner: &Arc<Inner>) {
             if *inner.closed.read().await {
                 return;
             }
-            let now = crate::now_ms();
-            let result = async {
-                call!(&inner, |client| write::compact_log(
-                    &client,
-                    &inner.limits,
-                    now
-                ))
-            }
-            .await;
-            match result {
-                Ok(0) => {}
-                Ok(deleted) => tracing::debug!(deleted, "commit log compacted"),
+            match compact::compact(&inner, crate::now_ms()).await {
+                Ok(report) if report.dropped == 0 => {}
+                Ok(report) => tracing::debug!(?report, "commit log compacted"),
                 Err(e) => tracing::warn!(error = %e, "commit log compaction failed"),
             }
         }

@@ -22,6 +22,15 @@ use deadpool_postgres::ClientWrapper;
 /// Version 4 adds the commit log, as in SQLite. Its ids come from an identity column, so
 /// they increase store-wide, but in the order transactions took them, which is not always
 /// the order they committed in; per dataset, the row lock makes the two the same.
+///
+/// Version 5 adds the change stream's consumers and dead letters, as in SQLite.
+///
+/// Version 6 (PostgreSQL only) makes log ids follow commit order: they come from the
+/// one-row counter `log_seq`, taken by the statement that inserts the entries, the last
+/// statement before COMMIT (see `write::APPEND_LOG`), instead of the identity column, which
+/// handed them out at insert time in whatever order transactions got there. The counter
+/// starts at the newest id, so none is reused. Nodes of an earlier version cannot write the
+/// log after this (their inserts have no id): upgrade every node together.
 pub(super) const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE datasets (
@@ -111,6 +120,34 @@ CREATE TABLE commit_log (
 
 CREATE INDEX commit_log_by_dataset ON commit_log (pool, owner, name, id);
 CREATE INDEX commit_log_by_time ON commit_log (server_time);
+"#,
+    r#"
+CREATE TABLE stream_consumers (
+    name         text   COLLATE "C" PRIMARY KEY,
+    position     bigint NOT NULL,
+    lease_holder text   COLLATE "C",
+    lease_until  bigint NOT NULL DEFAULT 0
+);
+
+CREATE TABLE stream_dead_letters (
+    consumer text   COLLATE "C" NOT NULL,
+    entry_id bigint NOT NULL,
+    event    text   NOT NULL,
+    error    text   NOT NULL,
+    attempts bigint NOT NULL,
+    time     bigint NOT NULL,
+    PRIMARY KEY (consumer, entry_id)
+);
+"#,
+    r#"
+CREATE TABLE log_seq (
+    only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+    last     bigint  NOT NULL
+);
+
+INSERT INTO log_seq (last) SELECT coalesce(max(id), 0) FROM commit_log;
+
+ALTER TABLE commit_log ALTER COLUMN id DROP IDENTITY;
 "#,
 ];
 

@@ -6,6 +6,7 @@ use super::*;
 use crate::conformance;
 use crate::{DEFAULT_POOL, Login, Snapshot};
 use deadpool_postgres::tokio_postgres::Client;
+use deadpool_postgres::tokio_postgres::types::ToSql;
 use std::collections::HashSet;
 use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::Mutex;
@@ -868,6 +869,278 @@ async fn test_postgres_store_upgrades_a_version_3_schema_with_a_commit_log() {
     assert_eq!(log.len(), 1);
     assert_eq!(log[0].sync_count, 8);
     store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_postgres_store_upgrades_a_version_4_schema_with_stream_consumers() {
+    let schemas = TestSchemas::new();
+    let config = schemas.config();
+    let admin = admin().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE SCHEMA {schema};
+             SET search_path TO {schema};
+             {v1} {v2} {v3} {v4}
+             CREATE TABLE schema_version (version integer NOT NULL);
+             INSERT INTO schema_version (version) VALUES (4);
+             INSERT INTO commit_log (pool, owner, name, kind, sync_count, actor, server_time,
+                                     patches)
+             VALUES ('default', 'alice', 'kept', 'update', 1, 'alice', 0, '[]');
+             RESET search_path;",
+            schema = config.schema,
+            v1 = schema::MIGRATIONS[0],
+            v2 = schema::MIGRATIONS[1],
+            v3 = schema::MIGRATIONS[2],
+            v4 = schema::MIGRATIONS[3],
+        ))
+        .await
+        .unwrap();
+    let store = PostgresStore::connect(config.clone(), Limits::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        schema_versions(&admin, &config.schema).await,
+        [schema::SCHEMA_VERSION]
+    );
+    let kept = store.log_since(0, 10).await.unwrap();
+    assert_eq!(kept.len(), 1);
+    assert!(store.stream_consumers().await.unwrap().is_empty());
+    assert_eq!(
+        store.stream_lease("c", "n", 0, 10).await.unwrap(),
+        Some(kept[0].id)
+    );
+    let d = ds("alice", "kept");
+    commit(
+        &store,
+        update(&d, "alice", vec![Patch::replace("a", "1", 0)]),
+    )
+    .await;
+    let after = store.log_since(kept[0].id, 10).await.unwrap();
+    assert_eq!(after.len(), 1);
+    assert_eq!(store.log_head().await.unwrap(), after[0].id);
+    store.close().await;
+}
+
+/// Nodes (separate stores, so separate connections) racing for an expired lease: exactly
+/// one wins each round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_postgres_store_racing_nodes_get_a_lease_once() {
+    let schemas = TestSchemas::new();
+    let first = PostgresStore::connect(schemas.config(), Limits::default())
+        .await
+        .unwrap();
+    let mut nodes = vec![first.clone()];
+    for _ in 0..3 {
+        nodes.push(
+            PostgresStore::connect(schemas.config_for(&first), Limits::default())
+                .await
+                .unwrap(),
+        );
+    }
+    for round in 0..20_i64 {
+        // Every lease of the round before (ttl 10) has expired by `now`.
+        let now = 1000 + round * 100;
+        let start = Arc::new(tokio::sync::Barrier::new(nodes.len() * 4));
+        let mut racers = Vec::new();
+        for (n, node) in nodes.iter().enumerate() {
+            for task in 0..4 {
+                let (node, start) = (node.clone(), Arc::clone(&start));
+                racers.push(tokio::spawn(async move {
+                    let name = format!("node{n}-{task}");
+                    start.wait().await;
+                    node.stream_lease("raced", &name, now, 10)
+                        .await
+                        .unwrap()
+                        .map(|_| name)
+                }));
+            }
+        }
+        let mut winners = Vec::new();
+        for racer in racers {
+            winners.extend(racer.await.unwrap());
+        }
+        assert_eq!(winners.len(), 1, "round {round}: {winners:?}");
+        let consumers = first.stream_consumers().await.unwrap();
+        assert_eq!(consumers[0].lease_holder.as_ref(), Some(&winners[0]));
+        // The winner's acks count; another node's do not.
+        assert!(
+            nodes[0]
+                .stream_ack("raced", &winners[0], round, now + 1)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !nodes[1]
+                .stream_ack("raced", "someone-else", round + 1, now + 1)
+                .await
+                .unwrap()
+        );
+    }
+    for node in &nodes {
+        node.close().await;
+    }
+}
+
+/// Writers on two nodes (batched updates to many datasets, single-path creations, deletes,
+/// grants and revokes) while a reader tails `log_since` from the last id it saw: it sees
+/// every entry exactly once, in id order, none skipped; per dataset, ids follow sync counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_postgres_store_log_since_tail_misses_no_commit() {
+    let schemas = TestSchemas::new();
+    let limits = Limits {
+        max_datasets: 100,
+        ..Limits::default()
+    };
+    let first = PostgresStore::connect(schemas.config(), limits.clone())
+        .await
+        .unwrap();
+    let second = PostgresStore::connect(schemas.config_for(&first), limits)
+        .await
+        .unwrap();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (store, done) = (first.clone(), Arc::clone(&done));
+        tokio::spawn(async move {
+            let mut seen: Vec<LogEntry> = Vec::new();
+            loop {
+                // Read the flag first: a read after the last commit must still follow.
+                let finished = done.load(Ordering::Acquire);
+                let after = seen.last().map_or(0, |e| e.id);
+                let page = store.log_since(after, 50).await.unwrap();
+                let empty = page.is_empty();
+                seen.extend(page);
+                if finished && empty {
+                    return seen;
+                }
+                if empty {
+                    tokio::task::yield_now().await;
+                }
+            }
+        })
+    };
+    let mut writers = Vec::new();
+    for w in 0..8_u32 {
+        let store = if w % 2 == 0 {
+            first.clone()
+        } else {
+            second.clone()
+        };
+        writers.push(tokio::spawn(async move {
+            let owner = format!("writer{w}");
+            for round in 0..25_u64 {
+                // A new dataset each round (the single path), and one written every round
+                // (batched with the other writers' updates).
+                let fresh = ds(&owner, &format!("fresh{round}"));
+                commit(
+                    &store,
+                    update(&fresh, &owner, vec![Patch::replace("k", "v", 0)]),
+                )
+                .await;
+                let hot = ds(&owner, "hot");
+                commit(
+                    &store,
+                    update(
+                        &hot,
+                        &owner,
+                        vec![Patch::replace("k", round.to_string(), round)],
+                    ),
+                )
+                .await;
+                match round % 5 {
+                    1 => store.delete_dataset(&fresh, &owner).await.unwrap(),
+                    2 => {
+                        store
+                            .grant(&hot, &owner, "reader", Access::Read)
+                            .await
+                            .unwrap();
+                        0
+                    }
+                    3 => {
+                        store.revoke(&hot, &owner, "reader").await.unwrap();
+                        0
+                    }
+                    _ => 0,
+                };
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    done.store(true, Ordering::Release);
+    let seen = reader.await.unwrap();
+    let all = first.log_since(0, 100_000).await.unwrap();
+    // 8 writers x 25 rounds x 2 updates, plus 5 deletes, 5 grants and 5 revokes each.
+    assert_eq!(all.len(), 8 * (25 * 2 + 15));
+    assert!(
+        seen.windows(2).all(|w| w[0].id < w[1].id),
+        "ids out of order"
+    );
+    let seen_ids: Vec<i64> = seen.iter().map(|e| e.id).collect();
+    let all_ids: Vec<i64> = all.iter().map(|e| e.id).collect();
+    assert_eq!(seen_ids, all_ids, "the tail skipped or repeated entries");
+    let mut last_count: std::collections::HashMap<&DatasetKey, u64> = Default::default();
+    for e in &all {
+        let last = last_count.entry(&e.dataset).or_insert(0);
+        assert!(e.sync_count >= *last, "{e:?} after sync count {last}");
+        *last = e.sync_count;
+    }
+    first.close().await;
+    second.close().await;
+}
+
+/// While another session holds the compaction lock (another node compacting), a node's
+/// compaction skips the round; once it is released, the node compacts. Nodes compacting
+/// at the same time delete each entry once between them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_postgres_store_one_node_compacts_at_a_time() {
+    let schemas = TestSchemas::new();
+    let limits = Limits {
+        commit_log_max_age_secs: 60,
+        ..Limits::default()
+    };
+    let store = PostgresStore::connect(schemas.config(), limits.clone())
+        .await
+        .unwrap();
+    let other = PostgresStore::connect(schemas.config_for(&store), limits)
+        .await
+        .unwrap();
+    let d = ds("alice", "compacted");
+    for n in 0..4 {
+        commit(
+            &store,
+            update(&d, "alice", vec![Patch::replace("k", "v", n)]),
+        )
+        .await;
+    }
+    let later = crate::now_ms() + 120_000;
+    let admin = admin().await;
+    let lock_args: [&(dyn ToSql + Sync); 2] = [&compact::COMPACT_LOCK, &store.schema()];
+    admin
+        .execute("SELECT pg_advisory_lock($1, hashtext($2))", &lock_args)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.compact_log(later).await.unwrap(),
+        crate::CompactReport::default()
+    );
+    assert_eq!(store.log_since(0, 10).await.unwrap().len(), 4);
+    admin
+        .execute("SELECT pg_advisory_unlock($1, hashtext($2))", &lock_args)
+        .await
+        .unwrap();
+    let (a, b) = tokio::join!(store.compact_log(later), other.compact_log(later));
+    assert_eq!(a.unwrap().dropped + b.unwrap().dropped, 3);
+    assert_eq!(store.log_since(0, 10).await.unwrap().len(), 1);
+    // The lock went with the connection that took it: compaction goes on.
+    commit(
+        &store,
+        update(&d, "alice", vec![Patch::replace("k", "v", 4)]),
+    )
+    .await;
+    assert_eq!(store.compact_log(later).await.unwrap().dropped, 1);
+    store.close().await;
+    other.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -105,38 +105,67 @@ pub(super) const UPSERT_RECORDS: &str = upsert_records!(
              device_last_modified)"
 );
 
-/// Appends commit log entries, in the arrays' order (so their ids follow it).
+/// Appends commit log entries, their ids in the arrays' order, taken from the `log_seq`
+/// counter (schema version 6). Updating the counter locks its row until the transaction
+/// ends, so the next transaction to take ids waits for this one to commit (or roll back)
+/// and then continues above it: ids become visible in id order, and a `log_since` reader
+/// that has seen an id never later finds a smaller one. That serialises the commits of
+/// transactions that log, so every writer sends this as its last statement, right before
+/// COMMIT (pipelined with it in a batch), and takes no other lock after it (which could
+/// also deadlock against a transaction waiting for the counter). `WHERE only_row` finds the
+/// row by its key: with sequential scans priced out (`pg_config`), a scan of the table
+/// would cost enough to be JIT-compiled, hundreds of milliseconds a statement.
 pub(super) const APPEND_LOG: &str = "
-    INSERT INTO commit_log (pool, owner, name, kind, sync_count, actor, device_id,
+    WITH seq AS (
+        UPDATE log_seq SET last = last + cardinality($1::text[]) WHERE only_row
+        RETURNING last
+    )
+    INSERT INTO commit_log (id, pool, owner, name, kind, sync_count, actor, device_id,
                             server_time, patches)
-    SELECT u.pool, u.owner, u.name, u.kind, u.sync_count, u.actor, u.device_id, $9, u.patches
-    FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[],
-                $7::text[], $8::text[])
-      WITH ORDINALITY AS u (pool, owner, name, kind, sync_count, actor, device_id, patches, n)
-    ORDER BY u.n";
+    SELECT seq.last - cardinality($1::text[]) + u.n,
+           u.pool, u.owner, u.name, u.kind, u.sync_count, u.actor, u.device_id, $9, u.patches
+    FROM seq, UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[],
+                     $7::text[], $8::text[])
+      WITH ORDINALITY AS u (pool, owner, name, kind, sync_count, actor, device_id, patches, n)";
 
-/// Appends one entry at the dataset's current sync count (0 if it has no row), for a grant.
+/// Appends one entry at the dataset's current sync count (0 if it has no row), for a grant;
+/// its id as in [`APPEND_LOG`].
 const APPEND_GRANT_LOG: &str = "
-    INSERT INTO commit_log (pool, owner, name, kind, sync_count, actor, device_id,
+    WITH seq AS (UPDATE log_seq SET last = last + 1 WHERE only_row RETURNING last)
+    INSERT INTO commit_log (id, pool, owner, name, kind, sync_count, actor, device_id,
                             server_time, patches)
-    VALUES ($1, $2, $3, 'grant',
-            coalesce((SELECT sync_count FROM datasets
-                      WHERE pool = $1 AND owner = $2 AND name = $3), 0),
-            $2, NULL, $4, $5)";
+    SELECT seq.last, $1, $2, $3, 'grant',
+           coalesce((SELECT sync_count FROM datasets
+                     WHERE pool = $1 AND owner = $2 AND name = $3), 0),
+           $2, NULL, $4, $5
+    FROM seq";
 
-/// A revoke and its log entry in one statement: the entry exists only if a grant went.
+/// A replay's snapshot entry of a dataset, by its owner; its id as in [`APPEND_LOG`].
+const APPEND_SNAPSHOT_LOG: &str = "
+    WITH seq AS (UPDATE log_seq SET last = last + 1 WHERE only_row RETURNING last)
+    INSERT INTO commit_log (id, pool, owner, name, kind, sync_count, actor, device_id,
+                            server_time, patches)
+    SELECT seq.last, $1, $2, $3, 'snapshot', $4, $2, NULL, $5, $6
+    FROM seq
+    RETURNING id";
+
+/// A revoke and its log entry in one statement: the entry (and its id, as in
+/// [`APPEND_LOG`]) exists only if a grant went.
 const REVOKE_AND_LOG: &str = "
     WITH gone AS (
         DELETE FROM grants WHERE pool = $1 AND owner = $2 AND name = $3 AND grantee = $4
         RETURNING 1
+    ), seq AS (
+        UPDATE log_seq SET last = last + 1
+        WHERE only_row AND EXISTS (SELECT 1 FROM gone) RETURNING last
     )
-    INSERT INTO commit_log (pool, owner, name, kind, sync_count, actor, device_id,
+    INSERT INTO commit_log (id, pool, owner, name, kind, sync_count, actor, device_id,
                             server_time, patches)
-    SELECT $1, $2, $3, 'revoke',
+    SELECT seq.last, $1, $2, $3, 'revoke',
            coalesce((SELECT sync_count FROM datasets
                      WHERE pool = $1 AND owner = $2 AND name = $3), 0),
            $2, NULL, $5, $6
-    FROM gone";
+    FROM seq";
 
 /// Log entries to append, as the arrays of [`APPEND_LOG`].
 #[derive(Default)]
@@ -528,7 +557,7 @@ pub(super) async fn delete(
         Some(row) if !row.state.deleted => row,
         _ => return Err(StoreError::NotFound(format!("dataset {key}")).into()),
     };
-    let new_count = delete_locked(&tx, key, &row, actor).await?;
+    let new_count = delete_locked(&tx, key, &row, actor, None).await?;
     tx.commit().await?;
     Ok(new_count)
 }
@@ -553,11 +582,14 @@ pub(super) async fn live_records_locked(
 }
 
 /// Deletes a live dataset whose row `tx` holds locked; returns the delete's sync count.
-pub(super) async fn delete_locked(
+/// Its log entry is appended here, last, or pushed to `deferred` for a caller that has more
+/// to lock before it may append (see [`APPEND_LOG`]).
+pub(super) async fn delete_locked<'a>(
     tx: &Transaction<'_>,
-    key: &DatasetKey,
+    key: &'a DatasetKey,
     row: &DatasetRow,
-    actor: &str,
+    actor: &'a str,
+    deferred: Option<&mut LogColumns<'a>>,
 ) -> Result<u64, CallError> {
     // The log keeps the live records as they were, for history.
     let live = live_records_locked(tx, row.id).await?;
@@ -570,8 +602,9 @@ pub(super) async fn delete_locked(
         tx.prepare_cached(MARK_DELETED),
         tx.prepare_cached(APPEND_LOG),
     )?;
-    let mut log = LogColumns::default();
-    log.push(
+    let mut own = LogColumns::default();
+    let append_here = deferred.is_none();
+    deferred.unwrap_or(&mut own).push(
         key,
         LogKind::Delete,
         new_count,
@@ -579,7 +612,7 @@ pub(super) async fn delete_locked(
         None,
         commitlog::delete_json(&live),
     )?;
-    let log_params = log.params(&now);
+    let log_params = own.params(&now);
     let records_params: [&(dyn ToSql + Sync); 4] = [&row.id, &new_count_db, &now, &key.owner];
     let grants_params: [&(dyn ToSql + Sync); 3] = [&key.pool, &key.owner, &key.name];
     let mark_params: [&(dyn ToSql + Sync); 3] = [&row.id, &new_count_db, &now];
@@ -589,7 +622,13 @@ pub(super) async fn delete_locked(
         tx.execute(&records, &records_params),
         tx.execute(&grants, &grants_params),
         tx.execute(&mark, &mark_params),
-        tx.execute(&append, &log_params),
+        async {
+            if append_here {
+                tx.execute(&append, &log_params).await
+            } else {
+                Ok(0)
+            }
+        },
     )?;
     Ok(new_count)
 }
@@ -641,6 +680,58 @@ pub(super) async fn grant(
     Ok(())
 }
 
+/// A live dataset's records as a snapshot entry, read and appended under a share lock on the
+/// dataset's row (updates take it exclusively), so the entry is exactly the state between
+/// the commits before and after it. `None` for a missing or deleted dataset.
+pub(super) async fn log_snapshot(
+    client: &mut ClientWrapper,
+    key: &DatasetKey,
+) -> Result<Option<i64>, CallError> {
+    let tx = client.transaction().await?;
+    let (lock, records, append) = tokio::try_join!(
+        tx.prepare_cached(
+            "SELECT id, sync_count FROM datasets
+             WHERE pool = $1 AND owner = $2 AND name = $3 AND NOT deleted FOR SHARE"
+        ),
+        tx.prepare_cached(
+            "SELECT key, value, sync_count, last_modified, last_modified_by, device_id,
+                    device_last_modified
+             FROM records WHERE dataset_id = $1 AND value IS NOT NULL ORDER BY key"
+        ),
+        tx.prepare_cached(APPEND_SNAPSHOT_LOG),
+    )?;
+    let Some(row) = tx
+        .query_opt(&lock, &[&key.pool, &key.owner, &key.name])
+        .await?
+    else {
+        return Ok(None);
+    };
+    let (id, sync_count): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+    let live = tx
+        .query(&records, &[&id])
+        .await?
+        .iter()
+        .map(|r| super::read::record_from_row(r, 0))
+        .collect::<Result<Vec<_>, CallError>>()?;
+    let patches = commitlog::snapshot_json(&live);
+    let entry = tx
+        .query_one(
+            &append,
+            &[
+                &key.pool,
+                &key.owner,
+                &key.name,
+                &sync_count,
+                &now_ms(),
+                &patches,
+            ],
+        )
+        .await?;
+    let entry: i64 = entry.try_get(0)?;
+    tx.commit().await?;
+    Ok(Some(entry))
+}
+
 /// Removes a grant; the caller checked that the actor is the owner.
 pub(super) async fn revoke(
     client: &ClientWrapper,
@@ -666,39 +757,4 @@ pub(super) async fn revoke(
         return Err(StoreError::NotFound(format!("grant of {key} to {grantee}")).into());
     }
     Ok(())
-}
-
-/// Deletes the log entries past the retention settings; see `Store::compact_log`. Only
-/// datasets over the count cap are ranked.
-pub(super) async fn compact_log(
-    client: &ClientWrapper,
-    limits: &Limits,
-    now: i64,
-) -> Result<u64, CallError> {
-    let max_age_ms =
-        i64::try_from(limits.commit_log_max_age_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
-    let max_entries = to_i64(limits.commit_log_max_entries_per_dataset.max(1))?;
-    let (old, over) = tokio::try_join!(
-        // The store's newest entry stays, as in SQLite (where that keeps ids unique).
-        client.prepare_cached(
-            "DELETE FROM commit_log
-             WHERE server_time < $1 AND id < (SELECT max(id) FROM commit_log)"
-        ),
-        client.prepare_cached(
-            "DELETE FROM commit_log WHERE id IN (
-                 SELECT id FROM (
-                     SELECT l.id, row_number() OVER (PARTITION BY l.pool, l.owner, l.name
-                                                     ORDER BY l.id DESC) AS n
-                     FROM commit_log l
-                     JOIN (SELECT pool, owner, name FROM commit_log
-                           GROUP BY pool, owner, name HAVING count(*) > $1) o
-                       ON l.pool = o.pool AND l.owner = o.owner AND l.name = o.name) t
-                 WHERE n > $1)"
-        ),
-    )?;
-    let old = client
-        .execute(&old, &[&now.saturating_sub(max_age_ms)])
-        .await?;
-    let over = client.execute(&over, &[&max_entries]).await?;
-    Ok(old + over)
 }

@@ -11,23 +11,26 @@
 //! `Limits::sqlite_wal_max_bytes` plus one group commit (see `writer::WalBound`).
 
 mod check;
+mod compact;
 mod identity;
 mod query;
 mod schema;
+mod stream;
 mod writer;
 
 use crate::identity::{Identity, Login, MergeOutcome};
 use crate::identity::{validate_identity_call, validate_logins_call, validate_merge};
 use crate::outage::CommitOutage;
+use crate::stream::{validate_letters, validate_name};
 use crate::{
-    DatasetKey, Limits, LogEntry, Snapshot, Store, StoreError, UpdateOutcome, UpdateRequest,
-    validate_identity, validate_update,
+    CompactReport, DatasetKey, DeadLetter, Limits, LogEntry, Snapshot, Store, StoreError,
+    StreamConsumer, UpdateOutcome, UpdateRequest, validate_identity, validate_update,
 };
 use crate::{validate_call, validate_grant, validate_revoke};
 use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -67,6 +70,8 @@ struct Inner {
     idle_readers: Mutex<Vec<Connection>>,
     /// Set by the writer while group commits fail; `health` reports it.
     outage: Arc<CommitOutage>,
+    /// Commit log entries compaction dropped past the hard cap (`commit_log_forced_drops`).
+    forced_drops: Arc<AtomicU64>,
 }
 
 impl SqliteStore {
@@ -105,6 +110,8 @@ impl SqliteStore {
         let writer_checkpoint_lock = Arc::clone(&checkpoint_lock);
         let outage = Arc::new(CommitOutage::default());
         let writer_outage = Arc::clone(&outage);
+        let forced_drops = Arc::new(AtomicU64::new(0));
+        let writer_forced_drops = Arc::clone(&forced_drops);
         let writer = std::thread::Builder::new()
             .name("tandem-sqlite-writer".into())
             .spawn(move || {
@@ -114,6 +121,7 @@ impl SqliteStore {
                     commands_rx,
                     writer_checkpoint_lock,
                     &writer_outage,
+                    &writer_forced_drops,
                 );
             })
             .map_err(|e| StoreError::Internal(format!("cannot start the writer thread: {e}")))?;
@@ -131,6 +139,7 @@ impl SqliteStore {
                 read_permits: Arc::new(Semaphore::new(readers)),
                 idle_readers: Mutex::new(vec![first_reader]),
                 outage,
+                forced_drops,
             }),
         })
     }
@@ -465,11 +474,142 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn compact_log(&self, now: i64) -> Result<u64, StoreError> {
+    async fn compact_log(&self, now: i64) -> Result<CompactReport, StoreError> {
         match self.submit(Op::CompactLog { now }).await? {
-            Done::SyncCount(n) => Ok(n),
+            Done::Compacted(report) => Ok(report),
             other => Err(unexpected(&other)),
         }
+    }
+
+    async fn log_snapshot(&self, dataset: &DatasetKey) -> Result<Option<i64>, StoreError> {
+        dataset.validate()?;
+        let op = Op::LogSnapshot {
+            dataset: dataset.clone(),
+        };
+        match self.submit(op).await? {
+            Done::Entry(id) => Ok(id),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn commit_log_forced_drops(&self) -> u64 {
+        self.inner.forced_drops.load(Ordering::Relaxed)
+    }
+
+    async fn stream_lease(
+        &self,
+        consumer: &str,
+        node: &str,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        validate_name("consumer", consumer)?;
+        validate_name("node", node)?;
+        let op = Op::StreamLease {
+            consumer: consumer.to_owned(),
+            node: node.to_owned(),
+            now: now_ms,
+            ttl: ttl_ms,
+        };
+        match self.submit(op).await? {
+            Done::Lease(position) => Ok(position),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn stream_ack(
+        &self,
+        consumer: &str,
+        node: &str,
+        position: i64,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        validate_name("consumer", consumer)?;
+        validate_name("node", node)?;
+        let op = Op::StreamAck {
+            consumer: consumer.to_owned(),
+            node: node.to_owned(),
+            position,
+            now: now_ms,
+        };
+        match self.submit(op).await? {
+            Done::Bool(held) => Ok(held),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn stream_release(&self, consumer: &str, node: &str) -> Result<(), StoreError> {
+        validate_name("consumer", consumer)?;
+        validate_name("node", node)?;
+        let op = Op::StreamRelease {
+            consumer: consumer.to_owned(),
+            node: node.to_owned(),
+        };
+        match self.submit(op).await? {
+            Done::Unit => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn stream_consumers(&self) -> Result<Vec<StreamConsumer>, StoreError> {
+        self.read(|conn| stream::consumers(conn)).await
+    }
+
+    async fn stream_forget(&self, consumer: &str) -> Result<bool, StoreError> {
+        validate_name("consumer", consumer)?;
+        let op = Op::StreamForget {
+            consumer: consumer.to_owned(),
+        };
+        match self.submit(op).await? {
+            Done::Bool(existed) => Ok(existed),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn stream_dead_letter(
+        &self,
+        consumer: &str,
+        letters: &[DeadLetter],
+    ) -> Result<(), StoreError> {
+        validate_name("consumer", consumer)?;
+        validate_letters(letters)?;
+        if letters.is_empty() {
+            return Ok(());
+        }
+        let op = Op::StreamDeadLetter {
+            consumer: consumer.to_owned(),
+            letters: letters.to_vec(),
+        };
+        match self.submit(op).await? {
+            Done::Unit => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn stream_dead_letters(
+        &self,
+        consumer: &str,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        validate_name("consumer", consumer)?;
+        let consumer = consumer.to_owned();
+        self.read(move |conn| stream::dead_letters(conn, &consumer, after_id, limit))
+            .await
+    }
+
+    async fn log_head(&self) -> Result<i64, StoreError> {
+        self.read(|conn| stream::log_head(conn)).await
+    }
+
+    async fn datasets_after(
+        &self,
+        after: Option<&DatasetKey>,
+        limit: usize,
+    ) -> Result<Vec<(DatasetKey, u64)>, StoreError> {
+        let after = after.cloned();
+        self.read(move |conn| stream::datasets_after(conn, after.as_ref(), limit))
+            .await
     }
 
     async fn health(&self) -> Result<(), StoreError> {

@@ -26,6 +26,9 @@ use rusqlite::{Connection, TransactionBehavior};
 /// SQLite never reuses while the newest row stays, and compaction always keeps it, so a
 /// consumer's position stays valid (AUTOINCREMENT and an index on time cost pages in every
 /// group commit). Commits before the upgrade have no entries.
+///
+/// Version 5 adds the change stream's consumers (their position in the log and the
+/// delivery lease) and their dead letters (see `crate::stream`).
 const MIGRATIONS: &[&str] = &[
     "
 CREATE TABLE datasets (
@@ -114,6 +117,24 @@ CREATE TABLE commit_log (
 );
 
 CREATE INDEX commit_log_by_dataset ON commit_log (pool, owner, name, id);
+",
+    "
+CREATE TABLE stream_consumers (
+    name         TEXT    PRIMARY KEY,
+    position     INTEGER NOT NULL,
+    lease_holder TEXT,
+    lease_until  INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+
+CREATE TABLE stream_dead_letters (
+    consumer TEXT    NOT NULL,
+    entry_id INTEGER NOT NULL,
+    event    TEXT    NOT NULL,
+    error    TEXT    NOT NULL,
+    attempts INTEGER NOT NULL,
+    time     INTEGER NOT NULL,
+    PRIMARY KEY (consumer, entry_id)
+) WITHOUT ROWID;
 ",
 ];
 
@@ -210,5 +231,34 @@ mod tests {
             .query_row("SELECT count(*) FROM commit_log", [], |r| r.get(0))
             .unwrap();
         assert_eq!(entries, 0);
+    }
+
+    #[test]
+    fn test_schema_migrate_adds_stream_consumers_to_a_version_4_database() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for sql in &MIGRATIONS[..4] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 4).unwrap();
+        conn.execute(
+            "INSERT INTO commit_log (pool, owner, name, kind, sync_count, actor, server_time,
+                                     patches)
+             VALUES ('default', 'u', 'd', 'update', 1, 'u', 0, '[]')",
+            [],
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let entries: i64 = conn
+            .query_row("SELECT count(*) FROM commit_log", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(entries, 1);
+        let consumers: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM stream_consumers, stream_dead_letters",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(consumers, 0);
     }
 }

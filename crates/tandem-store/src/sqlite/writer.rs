@@ -9,15 +9,21 @@
 //!
 //! Between batches the writer also keeps the WAL bounded ([`WalBound`]).
 
+use super::compact::Compaction;
 use super::{CheckpointLock, db_err, lock};
-use super::{identity, query};
-use crate::commitlog::{self, LogKind};
+use super::{identity, query, stream};
+use crate::commitlog::{self, CompactReport, LogKind};
 use crate::decision::{self, DatasetState, GrantCounts, StoredRecords, upsert_records};
 use crate::identity::{Login, MergeOutcome};
 use crate::outage::CommitOutage;
-use crate::{DatasetKey, Limits, StoreError, UpdateOutcome, UpdateRequest, ValidatedPatch, now_ms};
+use crate::{
+    DatasetKey, DeadLetter, Limits, StoreError, UpdateOutcome, UpdateRequest, ValidatedPatch,
+    now_ms,
+};
 use rusqlite::{Connection, TransactionBehavior, params};
+use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 use tandem_protocol::Access;
 use tokio::sync::{mpsc, oneshot};
@@ -60,9 +66,37 @@ pub(super) enum Op {
         from: String,
         into: String,
     },
-    /// Compacts the commit log as at `now` (ms).
+    /// Appends a snapshot entry of a live dataset.
+    LogSnapshot {
+        dataset: DatasetKey,
+    },
+    /// Compacts the commit log as at `now` (ms): not part of a batch, but run a step at a
+    /// time between batches (see `compact`).
     CompactLog {
         now: i64,
+    },
+    StreamLease {
+        consumer: String,
+        node: String,
+        now: i64,
+        ttl: i64,
+    },
+    StreamAck {
+        consumer: String,
+        node: String,
+        position: i64,
+        now: i64,
+    },
+    StreamRelease {
+        consumer: String,
+        node: String,
+    },
+    StreamForget {
+        consumer: String,
+    },
+    StreamDeadLetter {
+        consumer: String,
+        letters: Vec<DeadLetter>,
     },
 }
 
@@ -72,6 +106,12 @@ pub(super) enum Done {
     Update(UpdateOutcome),
     SyncCount(u64),
     Merge(MergeOutcome),
+    Compacted(CompactReport),
+    /// A lease's position, if it was granted.
+    Lease(Option<i64>),
+    Bool(bool),
+    /// A log entry appended (its id), or none.
+    Entry(Option<i64>),
     Unit,
 }
 
@@ -83,43 +123,91 @@ pub(super) struct Command {
     pub reply: Reply,
 }
 
-/// Runs until every sender is gone and the queue is drained, then closes the connection.
+/// Runs until every sender is gone, the queue is drained and compactions are done, then
+/// closes the connection.
 pub(super) fn run(
     mut conn: Connection,
     limits: &Limits,
     mut commands_rx: mpsc::Receiver<Command>,
     checkpoint_lock: CheckpointLock,
     outage: &CommitOutage,
+    forced_drops: &AtomicU64,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut wal = WalBound::new(&conn, limits.sqlite_wal_max_bytes, checkpoint_lock);
     let mut compacted_at = Instant::now();
-    while let Some(first) = commands_rx.blocking_recv() {
-        batch.push(first);
+    // Compaction rounds run one step (one statement) after each batch, so commits go on
+    // between the steps; the writer waits for commands only when none is in progress.
+    let mut compactions: VecDeque<Compaction> = VecDeque::new();
+    loop {
+        if compactions.is_empty() {
+            match commands_rx.blocking_recv() {
+                Some(first) => batch.push(first),
+                None => break,
+            }
+        }
         while batch.len() < MAX_BATCH {
             match commands_rx.try_recv() {
                 Ok(command) => batch.push(command),
                 Err(_) => break,
             }
         }
-        commit_batch(&mut conn, limits, &mut batch, outage);
-        wal.after_commit(&conn);
-        // Only writes add entries, so compacting between batches keeps the log bounded;
-        // entries only past their age wait for the next write.
-        if compacted_at.elapsed() >= commitlog::COMPACT_EVERY {
-            compacted_at = Instant::now();
-            let (reply, _) = oneshot::channel();
-            batch.push(Command {
-                op: Op::CompactLog { now: now_ms() },
-                reply,
-            });
+        for command in take_compactions(&mut batch) {
+            compactions.push_back(command);
+        }
+        if !batch.is_empty() {
             commit_batch(&mut conn, limits, &mut batch, outage);
+            wal.after_commit(&conn);
+        }
+        if let Some(compaction) = compactions.front_mut() {
+            let result = compaction.step(&conn, limits, forced_drops);
+            wal.after_commit(&conn);
+            let finished = match result {
+                Ok(None) => None,
+                Ok(Some(report)) => Some(Ok(Done::Compacted(report))),
+                Err(e) => {
+                    outage.failed("sqlite", &e);
+                    Some(Err(e))
+                }
+            };
+            if let Some(result) = finished
+                && let Some(done) = compactions.pop_front()
+            {
+                match (&result, done.reply) {
+                    (_, Some(reply)) => {
+                        let _ = reply.send(result);
+                    }
+                    (Err(e), None) => tracing::warn!(error = %e, "commit log compaction failed"),
+                    (Ok(done), None) => tracing::debug!(?done, "commit log compacted"),
+                }
+            }
+        }
+        // Only writes add entries, so compacting after batches keeps the log bounded;
+        // entries only past their age wait for the next write.
+        if compacted_at.elapsed() >= commitlog::COMPACT_EVERY && compactions.is_empty() {
+            compacted_at = Instant::now();
+            compactions.push_back(Compaction::new(now_ms(), None));
         }
     }
     if let Err((_, e)) = conn.close() {
         tracing::warn!(error = %e, "closing the sqlite write connection failed");
     }
     tracing::debug!("sqlite writer stopped");
+}
+
+/// Takes the compaction requests out of a batch: they run a step at a time after it.
+fn take_compactions(batch: &mut Vec<Command>) -> Vec<Compaction> {
+    let mut taken = Vec::new();
+    let mut i = 0;
+    while i < batch.len() {
+        if let Op::CompactLog { now } = batch[i].op {
+            let command = batch.remove(i);
+            taken.push(Compaction::new(now, Some(command.reply)));
+        } else {
+            i += 1;
+        }
+    }
+    taken
 }
 
 /// How long the writer waits before it tries again a truncating checkpoint that could not
@@ -252,18 +340,15 @@ fn apply_batch(
             Ok(Done::Update(UpdateOutcome::Committed { .. })
                 | Done::SyncCount(_)
                 | Done::Merge(_)
+                | Done::Lease(_)
+                | Done::Bool(_)
                 | Done::Unit)
         );
         if !keep {
             savepoint.rollback().map_err(db_err)?;
         }
         savepoint.commit().map_err(db_err)?;
-        // A compaction that found nothing to delete did not touch the disk either.
-        wrote |= keep
-            && !matches!(
-                (op, &result),
-                (Op::CompactLog { .. }, Ok(Done::SyncCount(0)))
-            );
+        wrote |= keep;
         results.push(result);
     }
     tx.commit().map_err(db_err)?;
@@ -287,7 +372,30 @@ fn apply(conn: &Connection, limits: &Limits, op: &Op) -> Result<Done, StoreError
             identity::link(conn, pool, id, logins).map(|()| Done::Unit)
         }
         Op::Merge { pool, from, into } => identity::merge(conn, pool, from, into).map(Done::Merge),
-        Op::CompactLog { now } => compact_log(conn, limits, *now).map(Done::SyncCount),
+        Op::LogSnapshot { dataset } => log_snapshot(conn, dataset).map(Done::Entry),
+        Op::CompactLog { .. } => Err(StoreError::Internal(
+            "a compaction runs between batches, not in one".into(),
+        )),
+        Op::StreamLease {
+            consumer,
+            node,
+            now,
+            ttl,
+        } => stream::lease(conn, consumer, node, *now, *ttl).map(Done::Lease),
+        Op::StreamAck {
+            consumer,
+            node,
+            position,
+            now,
+        } => stream::ack(conn, consumer, node, *position, *now).map(Done::Bool),
+        Op::StreamRelease { consumer, node } => {
+            stream::release(conn, consumer, node).map(|()| Done::Unit)
+        }
+        Op::StreamForget { consumer } => stream::forget(conn, consumer).map(Done::Bool),
+        Op::StreamDeadLetter { consumer, letters } => {
+            stream::dead_letter(conn, consumer, letters, limits.stream_dead_letter_max)
+                .map(|()| Done::Unit)
+        }
     }
 }
 
@@ -446,8 +554,33 @@ pub(super) fn delete(conn: &Connection, key: &DatasetKey, actor: &str) -> Result
     Ok(new_count)
 }
 
+/// A live dataset's records as a snapshot entry; `None` for a missing or deleted dataset.
+fn log_snapshot(conn: &Connection, key: &DatasetKey) -> Result<Option<i64>, StoreError> {
+    let Some(row) = query::load_dataset(conn, key)?.filter(|r| !r.state.deleted) else {
+        return Ok(None);
+    };
+    let records = query::live_records(conn, row.id)?;
+    append_log(
+        conn,
+        key,
+        LogKind::Snapshot,
+        Some(row.state.sync_count),
+        &key.owner,
+        None,
+        now_ms(),
+        &commitlog::snapshot_json(&records),
+    )?;
+    Ok(Some(conn.last_insert_rowid()))
+}
+
 /// Appends a commit log entry for `key`, in the caller's transaction. `sync_count` `None`
 /// takes the dataset's current one (0 if it has no row), for grants and revokes.
+///
+/// The id is the rowid, one above the largest: this thread is the only writer and holds the
+/// write lock from `BEGIN IMMEDIATE` to COMMIT, so ids are handed out and become visible
+/// in the same order, and a `log_since` reader (which reads one snapshot) never later finds
+/// an id below one it has seen. Ids are never reused because compaction always keeps the
+/// store's newest entry (`compact`).
 #[allow(clippy::too_many_arguments, reason = "one per column of the entry")]
 pub(super) fn append_log(
     conn: &Connection,
@@ -482,42 +615,6 @@ pub(super) fn append_log(
     })
     .map_err(db_err)?;
     Ok(())
-}
-
-/// Deletes the log entries past the retention settings; see `Store::compact_log`.
-pub(super) fn compact_log(conn: &Connection, limits: &Limits, now: i64) -> Result<u64, StoreError> {
-    let max_age_ms =
-        i64::try_from(limits.commit_log_max_age_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
-    let max_entries =
-        i64::try_from(limits.commit_log_max_entries_per_dataset.max(1)).unwrap_or(i64::MAX);
-    // Entries are in time order by id (up to clock steps), so the old ones are those below
-    // the first recent one, found by walking the rowids; the newest entry always stays, so
-    // its id is never handed out again.
-    let old = conn
-        .prepare_cached(
-            "DELETE FROM commit_log WHERE id < coalesce(
-                 (SELECT id FROM commit_log WHERE server_time >= ?1 ORDER BY id LIMIT 1),
-                 (SELECT max(id) FROM commit_log))",
-        )
-        .and_then(|mut stmt| stmt.execute(params![now.saturating_sub(max_age_ms)]))
-        .map_err(db_err)?;
-    // Only datasets over the cap are ranked, so a compaction of a log within its bounds
-    // reads the index and no more.
-    let over = conn
-        .prepare_cached(
-            "DELETE FROM commit_log WHERE id IN (
-                 SELECT id FROM (
-                     SELECT l.id, row_number() OVER (PARTITION BY l.pool, l.owner, l.name
-                                                     ORDER BY l.id DESC) AS n
-                     FROM commit_log l
-                     JOIN (SELECT pool, owner, name FROM commit_log
-                           GROUP BY pool, owner, name HAVING count(*) > ?1) o
-                       ON l.pool = o.pool AND l.owner = o.owner AND l.name = o.name)
-                 WHERE n > ?1)",
-        )
-        .and_then(|mut stmt| stmt.execute(params![max_entries]))
-        .map_err(db_err)?;
-    Ok((old + over) as u64)
 }
 
 /// Grants (or changes) access, within the grant limits. The writer thread holds the write

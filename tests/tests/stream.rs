@@ -1,0 +1,368 @@
+//! The change stream end to end: real `tandem` processes on PostgreSQL and Redis (and one on
+//! SQLite), a real webhook receiver that fails some requests, a real Redis Stream read
+//! through a consumer group; a delivering node SIGKILLed mid-stream; dead letters; replay.
+
+use serde_json::Value;
+use std::collections::{BTreeMap, HashSet};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tandem_client::UpdateResult;
+use tandem_protocol::{DatasetRef, Patch};
+use tandem_tests::cluster::{PgSchema, redis_url, unique};
+use tandem_tests::webhook::{SECRET, Webhook, first_of_each};
+use tandem_tests::{TestServer, eventually, http_get, tandem_bin};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// The stream settings every test node gets: short lease and backoff so takeovers and
+/// retries happen within a test.
+fn stream_node(hook: &Webhook) -> tandem_tests::TestServerBuilder {
+    TestServer::builder()
+        .arg("--stream-webhook", hook.setting("hook"))
+        .arg("--stream-secret", SECRET)
+        .arg("--stream-lease-ttl", "2s")
+        .arg("--stream-timeout", "1s")
+        .arg("--stream-retry-initial", "20ms")
+        .arg("--stream-retry-max", "200ms")
+        .arg("--stream-poll-interval", "10ms")
+}
+
+/// `tandem_stream_leader{consumer}` of each node (0 for a node that does not answer).
+async fn leaders(nodes: &[TestServer], alive: &[bool], consumer: &str) -> Vec<u64> {
+    let mut out = Vec::new();
+    for (node, up) in nodes.iter().zip(alive) {
+        if !up {
+            out.push(0);
+            continue;
+        }
+        let (_, body) = http_get(node.addr, "/metrics").await;
+        let line = format!("tandem_stream_leader{{consumer=\"{consumer}\"}} ");
+        out.push(
+            body.lines()
+                .find_map(|l| l.strip_prefix(&line).and_then(|v| v.trim().parse().ok()))
+                .unwrap_or(0),
+        );
+    }
+    out
+}
+
+/// The node that delivers for `consumer`, once exactly one does.
+async fn leader(nodes: &[TestServer], alive: &[bool], consumer: &str) -> usize {
+    eventually(
+        WAIT,
+        &format!("one node delivering for {consumer}"),
+        || async {
+            let l = leaders(nodes, alive, consumer).await;
+            (l.iter().sum::<u64>() == 1).then(|| l.iter().position(|v| *v == 1).unwrap())
+        },
+    )
+    .await
+}
+
+/// Per dataset (owner), the sync counts of its update events in first-arrival order.
+fn sync_counts_by_owner(events: &[Value]) -> BTreeMap<String, Vec<u64>> {
+    let mut by_owner: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for e in first_of_each(events) {
+        if e["type"] == "update" {
+            by_owner
+                .entry(e["owner"].as_str().unwrap().to_owned())
+                .or_default()
+                .push(e["syncCount"].as_u64().unwrap());
+        }
+    }
+    by_owner
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_stream_delivers_every_commit_in_order_across_a_sigkill_and_a_flaky_webhook() {
+    const DATASETS: usize = 20;
+    const COMMITS: usize = 500;
+    let schema = PgSchema::create();
+    // Every fifth request fails: 20 %.
+    let hook = Webhook::start(5).await;
+    let stream_key = unique("tandem-stream");
+    let prefix = unique("tandem-e2e");
+    let redis = redis::Client::open(redis_url()).unwrap();
+    let mut redis = redis.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("XGROUP")
+        .arg(&["CREATE", &stream_key, "readers", "0", "MKSTREAM"])
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let mut nodes: Vec<TestServer> = (0..3)
+        .map(|_| {
+            stream_node(&hook)
+                .arg("--store", &schema.url)
+                .arg("--postgres-schema", &schema.name)
+                .arg("--postgres-pool-size", 4)
+                .arg("--redis", redis_url())
+                .arg("--redis-prefix", &prefix)
+                .arg("--stream-redis", redis_url())
+                .arg("--stream-redis-key", &stream_key)
+                .arg("--stream-max-attempts", 0)
+                .start()
+        })
+        .collect();
+    let mut alive = vec![true; 3];
+    let victim = leader(&nodes, &alive, "hook").await;
+    leader(&nodes, &alive, "redis").await;
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
+
+    // Writers on the surviving nodes; the delivering node is killed a third of the way in.
+    let written = Arc::new(AtomicUsize::new(0));
+    let mut writers = Vec::new();
+    for d in 0..DATASETS {
+        let conn = nodes[survivors[d % 2]]
+            .connect(&format!("writer-{d}"))
+            .await;
+        let written = written.clone();
+        writers.push(tokio::spawn(async move {
+            let dataset = DatasetRef::own("log");
+            for k in 0..COMMITS {
+                let patch = Patch::replace("n", k.to_string(), k as u64);
+                match conn
+                    .update(dataset.clone(), None, vec![patch])
+                    .await
+                    .unwrap()
+                {
+                    UpdateResult::Committed { sync_count, .. } => {
+                        assert_eq!(sync_count, k as u64 + 1)
+                    }
+                    other => panic!("{other:?}"),
+                }
+                written.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let total = DATASETS * COMMITS;
+    eventually(WAIT, "a third of the commits", || async {
+        (written.load(Ordering::Relaxed) >= total / 3).then_some(())
+    })
+    .await;
+    nodes[victim].kill();
+    alive[victim] = false;
+    for w in writers {
+        w.await.unwrap();
+    }
+    let taker = leader(&nodes, &alive, "hook").await;
+    assert_ne!(taker, victim);
+
+    // The webhook: every commit at least once, in order per dataset, none missing.
+    let deadline = std::time::Instant::now() + WAIT;
+    let events = loop {
+        let events = hook.events();
+        if first_of_each(&events).len() >= total {
+            break events;
+        }
+        if std::time::Instant::now() > deadline {
+            let logs: Vec<String> = nodes.iter().map(|n| n.log()).collect();
+            panic!(
+                "{} of {total} events at the webhook ({} requests, {} failed); logs:\n{}",
+                first_of_each(&events).len(),
+                hook.requests(),
+                hook.failed(),
+                logs.join("\n-----\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let expected: Vec<u64> = (1..=COMMITS as u64).collect();
+    let by_owner = sync_counts_by_owner(&events);
+    assert_eq!(by_owner.len(), DATASETS);
+    for (owner, counts) in &by_owner {
+        assert_eq!(
+            counts, &expected,
+            "{owner}'s events out of order or missing"
+        );
+    }
+    assert!(hook.failed() > 0, "the webhook failed no request");
+    assert_eq!(hook.bad_signatures(), 0);
+    let webhook_ids: HashSet<String> = first_of_each(&events)
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect();
+
+    // The Redis Stream, read through a consumer group: the same events, each exactly once
+    // (a redelivered batch does not add them again).
+    let mut seen: Vec<Value> = Vec::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+            .arg(&[
+                "GROUP",
+                "readers",
+                "reader-1",
+                "COUNT",
+                "1000",
+                "STREAMS",
+                &stream_key,
+                ">",
+            ])
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        let ids: Vec<_> = reply.keys.into_iter().flat_map(|k| k.ids).collect();
+        if ids.is_empty() {
+            if seen.len() >= total {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} of {total} events in the redis stream",
+                seen.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for id in ids {
+            let event: String = id.get("event").unwrap();
+            seen.push(serde_json::from_str::<Value>(&event).unwrap());
+        }
+    }
+    assert_eq!(seen.len(), total, "the redis stream holds duplicates");
+    let by_owner = sync_counts_by_owner(&seen);
+    for (owner, counts) in &by_owner {
+        assert_eq!(
+            counts, &expected,
+            "{owner}'s redis events out of order or missing"
+        );
+    }
+    let redis_ids: HashSet<String> = seen
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(redis_ids, webhook_ids);
+}
+
+/// `tandem stream ARGS…` against a store; its stdout, asserting it succeeded.
+fn stream_cli(args: &[&str]) -> String {
+    let out = Command::new(tandem_bin())
+        .arg("stream")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tandem stream {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn write(node: &TestServer, who: &str, name: &str, values: &[&str]) {
+    let conn = node.connect(who).await;
+    for (k, v) in values.iter().enumerate() {
+        let patch = Patch::replace("k", *v, k as u64);
+        let outcome = conn
+            .update(DatasetRef::own(name), Some("dev-1".into()), vec![patch])
+            .await
+            .unwrap();
+        assert!(
+            matches!(outcome, UpdateResult::Committed { .. }),
+            "{outcome:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_stream_dead_letters_a_batch_the_webhook_keeps_refusing_and_moves_on() {
+    // SQLite, one node: the stream needs no PostgreSQL.
+    let hook = Webhook::start(usize::MAX).await;
+    let mut node = stream_node(&hook).arg("--stream-max-attempts", 2).start();
+    leader(std::slice::from_ref(&node), &[true], "hook").await;
+    write(&node, "alice", "notes", &["a", "b", "c"]).await;
+    eventually(WAIT, "three events dead-lettered", || async {
+        (tandem_tests::metric(&node, "tandem_stream_dead_letters_total{consumer=\"hook\"}").await
+            >= 3)
+            .then_some(())
+    })
+    .await;
+    assert!(
+        tandem_tests::metric(&node, "tandem_stream_failures_total{consumer=\"hook\"}").await >= 2
+    );
+    assert!(hook.events().is_empty());
+
+    // The webhook is back: the stream has moved past the dead letters.
+    hook.set_fail_every(0);
+    write(&node, "bob", "notes", &["z"]).await;
+    let events = eventually(WAIT, "bob's commit at the webhook", || async {
+        let events = hook.events();
+        (!events.is_empty()).then_some(events)
+    })
+    .await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["owner"], "bob");
+    assert_eq!(events[0]["records"][0]["value"], "z");
+    assert_eq!(events[0]["deviceId"], "dev-1");
+
+    // The dead letters, through the CLI once the node is stopped (it holds the data dir).
+    assert!(node.terminate());
+    let data_dir = node.data_dir().to_str().unwrap().to_owned();
+    let letters = stream_cli(&["dead-letters", "hook", "--data-dir", &data_dir]);
+    let letters: Vec<Value> = letters
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    let values: Vec<&str> = letters
+        .iter()
+        .map(|l| l["event"]["records"][0]["value"].as_str().unwrap())
+        .collect();
+    assert_eq!(values, ["a", "b", "c"]);
+    assert_eq!(letters[0]["attempts"], 2);
+    assert!(letters[0]["error"].as_str().unwrap().contains("500"));
+    let consumers = stream_cli(&["consumers", "--data-dir", &data_dir]);
+    assert!(consumers.contains("hook\tposition"), "{consumers}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_stream_replay_sends_every_live_dataset_as_a_snapshot() {
+    let schema = PgSchema::create();
+    let hook = Webhook::start(0).await;
+    let node = stream_node(&hook)
+        .arg("--store", &schema.url)
+        .arg("--postgres-schema", &schema.name)
+        .start();
+    leader(std::slice::from_ref(&node), &[true], "hook").await;
+    write(&node, "alice", "notes", &["a", "b"]).await;
+    write(&node, "bob", "todo", &["x"]).await;
+    write(&node, "carol", "gone", &["y"]).await;
+    node.connect("carol")
+        .await
+        .delete_dataset(DatasetRef::own("gone"))
+        .await
+        .unwrap();
+    eventually(WAIT, "the commits at the webhook", || async {
+        (hook.events().len() >= 5).then_some(())
+    })
+    .await;
+
+    // While the node runs: the CLI appends snapshots to the log, the node delivers them.
+    let out = stream_cli(&[
+        "replay",
+        "--store",
+        &schema.url,
+        "--postgres-schema",
+        &schema.name,
+    ]);
+    assert!(out.contains("replayed 2 datasets"), "{out}");
+    let snapshots = eventually(WAIT, "two snapshots at the webhook", || async {
+        let snapshots: Vec<Value> = hook
+            .events()
+            .into_iter()
+            .filter(|e| e["type"] == "snapshot")
+            .collect();
+        (snapshots.len() >= 2).then_some(snapshots)
+    })
+    .await;
+    let by_owner: BTreeMap<&str, &Value> = snapshots
+        .iter()
+        .map(|s| (s["owner"].as_str().unwrap(), s))
+        .collect();
+    assert_eq!(by_owner.len(), 2);
+    assert_eq!(by_owner["alice"]["syncCount"], 2);
+    assert_eq!(by_owner["alice"]["records"][0]["value"], "b");
+    assert_eq!(by_owner["bob"]["records"][0]["value"], "x");
+    assert!(!by_owner.contains_key("carol"));
+}
