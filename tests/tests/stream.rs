@@ -314,6 +314,26 @@ async fn test_stream_dead_letters_a_batch_the_webhook_keeps_refusing_and_moves_o
     assert!(letters[0]["error"].as_str().unwrap().contains("500"));
     let consumers = stream_cli(&["consumers", "--data-dir", &data_dir]);
     assert!(consumers.contains("hook\tposition"), "{consumers}");
+
+    // A replay while the node is stopped; the node delivers it when it is back.
+    let out = stream_cli(&["replay", "--data-dir", &data_dir]);
+    assert!(out.contains("replayed 2 datasets"), "{out}");
+    node.start_again();
+    let snapshots = eventually(WAIT, "the snapshots at the webhook", || async {
+        let snapshots: Vec<Value> = hook
+            .events()
+            .into_iter()
+            .filter(|e| e["type"] == "snapshot")
+            .collect();
+        (snapshots.len() >= 2).then_some(snapshots)
+    })
+    .await;
+    let owners: Vec<&str> = snapshots
+        .iter()
+        .map(|s| s["owner"].as_str().unwrap())
+        .collect();
+    assert_eq!(owners, ["alice", "bob"]);
+    assert_eq!(snapshots[0]["records"][0]["value"], "c");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

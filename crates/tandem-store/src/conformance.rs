@@ -129,6 +129,7 @@ where
     run!(case_stream_racing_leases_have_one_winner, Limits::default());
     run!(case_stream_dead_letters_are_capped, stream_limits());
     run!(case_datasets_after_walks_live_datasets, Limits::default());
+    run!(case_log_snapshot_logs_the_live_records, Limits::default());
 }
 
 /// `log_limits` with a hard cap of 6 entries below the head.
@@ -2756,6 +2757,45 @@ pub async fn case_datasets_after_walks_live_datasets(store: Arc<dyn Store>) {
         walked.extend(page);
     }
     assert_eq!(walked, expected);
+}
+
+/// A replay's snapshot entry holds the dataset's live records at its sync count, between the
+/// commits before and after it; a missing or deleted dataset gets none. Default limits.
+pub async fn case_log_snapshot_logs_the_live_records(store: Arc<dyn Store>) {
+    let d = ds(ALICE, "snap");
+    assert_eq!(store.log_snapshot(&d).await.unwrap(), None);
+    commit(&*store, &d, ALICE, vec![Patch::replace("a", "1", 0)]).await;
+    commit(
+        &*store,
+        &d,
+        ALICE,
+        vec![Patch::replace("b", "2", 0), Patch::remove("a", 1)],
+    )
+    .await;
+    let id = store.log_snapshot(&d).await.unwrap().unwrap();
+    assert_eq!(store.log_head().await.unwrap(), id);
+    commit(&*store, &d, ALICE, vec![Patch::replace("c", "3", 0)]).await;
+    let entries = store.log(&d, 0, 10).await.unwrap();
+    let kinds: Vec<LogKind> = entries.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            LogKind::Update,
+            LogKind::Update,
+            LogKind::Snapshot,
+            LogKind::Update
+        ]
+    );
+    let snap = &entries[2];
+    assert_eq!((snap.id, snap.sync_count), (id, 2));
+    assert_eq!(snap.actor, ALICE);
+    let records: serde_json::Value = serde_json::from_str(&snap.patches).unwrap();
+    let records = records.as_array().unwrap();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["key"], "b");
+    assert_eq!(records[0]["value"], "2");
+    store.delete_dataset(&d, ALICE).await.unwrap();
+    assert_eq!(store.log_snapshot(&d).await.unwrap(), None);
 }
 
 /// A guest with `a` and `a.<its uuid>` merged into an identity with a live `a`: `a` moves

@@ -342,6 +342,7 @@ fn apply_batch(
                 | Done::Merge(_)
                 | Done::Lease(_)
                 | Done::Bool(_)
+                | Done::Entry(_)
                 | Done::Unit)
         );
         if !keep {
