@@ -116,6 +116,7 @@ where
         case_read_at_reaches_back_over_many_commits,
         Limits::default()
     );
+    run!(case_history_leaves_out_replay_snapshots, Limits::default());
     run!(case_merge_of_a_name_and_its_copy_name, Limits::default());
     run!(
         case_commit_log_compaction_keeps_what_consumers_need,
@@ -2979,4 +2980,20 @@ pub async fn case_commit_log_compaction_of_a_backlog_goes_in_chunks(store: Arc<d
         store.log_since(0, 10_000).await.unwrap(),
         before[before.len() - 1..]
     );
+}
+
+/// A replay's snapshot entry is no commit: `history` does not list it and `read_at` reads
+/// across it. Default limits.
+pub async fn case_history_leaves_out_replay_snapshots(store: Arc<dyn Store>) {
+    let d = ds(ALICE, "replayed");
+    commit(&*store, &d, ALICE, vec![Patch::replace("a", "1", 0)]).await;
+    store.log_snapshot(&d).await.unwrap().unwrap();
+    commit(&*store, &d, ALICE, vec![Patch::replace("a", "2", 1)]).await;
+    let history = store.history(&d, ALICE, None, 10).await.unwrap();
+    assert_eq!(
+        kinds(&history),
+        [(LogKind::Update, 2, ALICE), (LogKind::Update, 1, ALICE)]
+    );
+    let at = store.read_at(&d, ALICE, 1).await.unwrap();
+    assert_eq!(values(&at.records), live(&[("a", "1", 1)]));
 }
