@@ -480,3 +480,45 @@ async fn test_sdk_remote_delete_and_revoke_are_noticed() {
     assert_eq!(mine.get("clean"), None);
     assert_eq!(mine.get("unsynced").as_deref(), Some("2"));
 }
+
+/// `Client::history`, `read_at` and `restore`: the restore reaches an open dataset of
+/// another client like any commit, stamped with the restoring client's device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sdk_history_read_at_and_restore() {
+    let server = TestServer::start();
+    let alice = client(&server, "alice", None);
+    let bob = client(&server, "bob", None);
+    alice.wait_online(WAIT).await.unwrap();
+    bob.wait_online(WAIT).await.unwrap();
+    let a = alice
+        .open(DatasetRef::own("plan"), ConflictHandler::default())
+        .await
+        .unwrap();
+    a.put("step", "one").unwrap();
+    a.sync().await.unwrap();
+    a.put("step", "two").unwrap();
+    a.sync().await.unwrap();
+    server
+        .connect("alice")
+        .await
+        .grant(DatasetRef::own("plan"), "bob", Access::Write)
+        .await
+        .unwrap();
+
+    let shared = DatasetRef::new("alice", "plan");
+    let page = bob.history(shared.clone(), None, Some(10)).await.unwrap();
+    assert_eq!(page.sync_count, 2);
+    assert_eq!(page.entries.len(), 3, "{page:?}");
+    assert_eq!(page.entries[1].device_id.as_deref(), Some("alice-device"));
+    let then = bob.read_at(shared.clone(), 1).await.unwrap();
+    assert_eq!(then[0].value.as_deref(), Some("one"));
+
+    assert_eq!(bob.restore(shared.clone(), 1).await.unwrap(), 3);
+    wait_value(&a, "step", Some("one")).await;
+    assert_eq!(a.record("step").unwrap().sync_count, 3);
+    let latest = alice.history(DatasetRef::own("plan"), None, Some(1)).await;
+    let latest = latest.unwrap();
+    assert_eq!(latest.entries[0].actor, "bob");
+    assert_eq!(latest.entries[0].device_id.as_deref(), Some("bob-device"));
+    assert!(latest.next.is_some());
+}

@@ -237,6 +237,40 @@ declare class Emitter<E extends { [K in keyof E]: unknown[] }> {
   once<K extends keyof E & string>(type: K, fn: (...args: E[K]) => void): () => void;
 }
 
+/** A dataset of the caller's (`owner` left out) or of another identity. */
+export interface DatasetName {
+  owner?: string;
+  name: string;
+}
+
+/** One commit of a dataset's history. */
+export interface HistoryEntry {
+  /** The commit log entry's id; pages go by it. */
+  id: number;
+  kind: 'update' | 'delete' | 'grant' | 'revoke' | 'merge';
+  /** The sync count after an update, delete or merge; the current one at a grant or revoke. */
+  syncCount: number;
+  actor: string;
+  deviceId?: string;
+  /** Server time, ms since the Unix epoch. */
+  time: number;
+  /** The keys an update, delete or merge changed. */
+  keys?: string[];
+  /** For a grant or revoke. */
+  grantee?: string;
+  /** The access a grant gave. */
+  access?: 'read' | 'write';
+}
+
+export interface HistoryPage {
+  /** The dataset's current sync count. */
+  syncCount: number;
+  /** Newest first. */
+  entries: HistoryEntry[];
+  /** Pass as `before` for the next (older) page; `null` on the last one. */
+  next: number | null;
+}
+
 export class TandemClient extends Emitter<ClientEvents> {
   /** Starts a client and returns it at once; it connects in the background. */
   static connect(url: string, tokenProvider: TokenProvider, options?: ClientOptions): TandemClient;
@@ -260,6 +294,12 @@ export class TandemClient extends Emitter<ClientEvents> {
   /** Resolves with the sync count the delete took. */
   deleteDataset(name: string): Promise<number>;
   listDatasets(): Promise<DatasetInfo[]>;
+  /** A page of a dataset's commits, newest first; `next` is the `before` of the next page. */
+  history(dataset: string | DatasetName, options?: { before?: number; limit?: number }): Promise<HistoryPage>;
+  /** The dataset's live records right after the commit at `syncCount` (values never null). */
+  readAt(dataset: string | DatasetName, syncCount: number): Promise<ServerRecord[]>;
+  /** Restores the dataset to `syncCount` as one new commit; resolves with the new sync count. */
+  restore(dataset: string | DatasetName, syncCount: number): Promise<number>;
   /** Round trip in ms. */
   ping(): Promise<number>;
   reconnect(): void;

@@ -112,6 +112,27 @@ export const PROTOCOL_VERSION = 1;
  * @property {number} conflicts Conflicts the handler resolved on the way.
  */
 
+/**
+ * One commit of a dataset's history (docs/PROTOCOL.md §3, `history`).
+ * @typedef {object} HistoryEntry
+ * @property {number} id The commit log entry's id; pages go by it.
+ * @property {'update' | 'delete' | 'grant' | 'revoke' | 'merge'} kind
+ * @property {number} syncCount After an update, delete or merge; the current one at a grant or revoke.
+ * @property {string} actor
+ * @property {string} [deviceId]
+ * @property {number} time Server time, ms since the Unix epoch.
+ * @property {string[]} [keys] The keys an update, delete or merge changed.
+ * @property {string} [grantee] For a grant or revoke.
+ * @property {'read' | 'write'} [access] The access a grant gave.
+ */
+
+/**
+ * @typedef {object} HistoryPage
+ * @property {number} syncCount The dataset's current sync count.
+ * @property {HistoryEntry[]} entries Newest first.
+ * @property {number | null} next Pass as `before` for the next (older) page; `null` on the last one.
+ */
+
 // ---------------------------------------------------------------------------------------
 // Errors
 
@@ -119,8 +140,8 @@ export const PROTOCOL_VERSION = 1;
 export class TandemError extends Error {
   /**
    * @param {string} code `bad_request`, `unauthorized`, `forbidden`, `not_found`,
-   *   `limit_exceeded`, `too_large`, `rate_limited`, `unavailable`, `internal` (from the
-   *   server), or
+   *   `limit_exceeded`, `too_large`, `rate_limited`, `unavailable`, `internal`, `rejected`,
+   *   `history_unavailable` (from the server), or
    *   `offline`, `disconnected`, `timeout`, `conflict`, `revoked`, `closed` (from the SDK).
    * @param {string} message
    * @param {{ limit?: string, max?: number, keys?: string[], closeCode?: number, server?: boolean }} [extra]
@@ -417,6 +438,12 @@ function expandLean(frame) {
   }
 }
 
+/** A dataset as a request names it: a name of the caller's, or `{ owner, name }`. */
+function datasetRef(/** @type {string | { owner?: string, name: string }} */ dataset) {
+  if (typeof dataset === 'string') return { name: dataset };
+  return dataset.owner ? { owner: dataset.owner, name: dataset.name } : { name: dataset.name };
+}
+
 function datasetKey(/** @type {string} */ owner, /** @type {string} */ name) {
   return `${owner}\u0000${name}`;
 }
@@ -699,6 +726,50 @@ export class TandemClient extends Emitter {
   async listDatasets() {
     const reply = await this._request({ type: 'list_datasets' });
     return reply.datasets;
+  }
+
+  /**
+   * A page of a dataset's commits, newest first: who, when, from which device, which keys
+   * (docs/PROTOCOL.md §3, `history`). Pass the reply's `next` as `before` for the next,
+   * older page; it is `null` on the last one. Needs read access.
+   * @param {string | { owner?: string, name: string }} dataset a name of yours, or `{ owner, name }`
+   * @param {{ before?: number, limit?: number }} [options] `limit`: default 50, at most the server's `max_history_page`
+   * @returns {Promise<HistoryPage>}
+   */
+  async history(dataset, options = {}) {
+    /** @type {any} */
+    const frame = { type: 'history', dataset: datasetRef(dataset) };
+    if (options.before !== undefined && options.before !== null) frame.before = options.before;
+    if (options.limit !== undefined) frame.limit = options.limit;
+    const reply = await this._request(frame);
+    return { syncCount: reply.syncCount, entries: reply.entries, next: reply.next ?? null };
+  }
+
+  /**
+   * The dataset's live records as they were right after the commit at `syncCount`, ordered
+   * by key. Rejects with `history_unavailable` when the server's commit log no longer
+   * reaches back that far. Needs read access.
+   * @param {string | { owner?: string, name: string }} dataset
+   * @param {number} syncCount
+   * @returns {Promise<Array<{ key: string, value: string, syncCount: number, lastModified: number, lastModifiedBy: string, deviceId?: string, deviceLastModified?: number }>>}
+   */
+  async readAt(dataset, syncCount) {
+    const reply = await this._request({ type: 'read_at', dataset: datasetRef(dataset), syncCount });
+    return reply.records;
+  }
+
+  /**
+   * Makes the dataset what it was at `syncCount` again, as one new commit from this
+   * client's device (history is kept); open copies, here and elsewhere, receive it like any
+   * commit. Resolves with the dataset's sync count after it (the current one when nothing
+   * differed). Needs write access.
+   * @param {string | { owner?: string, name: string }} dataset
+   * @param {number} syncCount
+   * @returns {Promise<number>}
+   */
+  async restore(dataset, syncCount) {
+    const ack = await this._request({ type: 'restore', dataset: datasetRef(dataset), syncCount, deviceId: this.#deviceId });
+    return ack.syncCount;
   }
 
   /** Round trip to the server; resolves with the time it took in ms. */

@@ -348,6 +348,47 @@ impl Client {
         })
     }
 
+    /// A page of a dataset's commits, newest first (see `Connection::history`). Needs a
+    /// connection: `Offline` otherwise.
+    pub async fn history(
+        &self,
+        dataset: DatasetRef,
+        before: Option<i64>,
+        limit: Option<u32>,
+    ) -> Result<crate::HistoryPage, ClientError> {
+        let conn = self.inner.current().ok_or(ClientError::Offline)?;
+        conn.history(self.owned(dataset), before, limit).await
+    }
+
+    /// A dataset's live records as they were at `sync_count`. Needs a connection.
+    pub async fn read_at(
+        &self,
+        dataset: DatasetRef,
+        sync_count: u64,
+    ) -> Result<Vec<Record>, ClientError> {
+        let conn = self.inner.current().ok_or(ClientError::Offline)?;
+        conn.read_at(self.owned(dataset), sync_count).await
+    }
+
+    /// Restores a dataset to what it was at `sync_count`, as one new commit from this
+    /// client's device; returns the sync count after it. An open `Dataset` receives it like
+    /// any commit. Needs a connection and write access.
+    pub async fn restore(&self, dataset: DatasetRef, sync_count: u64) -> Result<u64, ClientError> {
+        let conn = self.inner.current().ok_or(ClientError::Offline)?;
+        conn.restore(
+            self.owned(dataset),
+            sync_count,
+            self.inner.device_id.clone(),
+        )
+        .await
+    }
+
+    /// `dataset` with its owner filled in (this identity when it names none).
+    fn owned(&self, dataset: DatasetRef) -> DatasetRef {
+        let owner = dataset.owner.unwrap_or_else(|| self.inner.identity.clone());
+        DatasetRef::new(owner, dataset.name)
+    }
+
     /// Stops reconnecting and closes the connection. Datasets keep working offline.
     pub async fn shutdown(&self) {
         self.inner.stopped.store(true, Ordering::SeqCst);

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tandem_protocol::{
-    Access, ClientFrame, Conflict, DatasetInfo, DatasetRef, Patch, Record, RequestId, ServerFrame,
+    Access, ClientFrame, Conflict, DatasetInfo, DatasetRef, HistoryEntry, Patch, Record, RequestId,
+    ServerFrame,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message;
@@ -44,6 +45,17 @@ pub struct Snapshot {
     /// Present when `records` are the changes after this sync count.
     pub since: Option<u64>,
     pub records: Vec<Record>,
+}
+
+/// One page of a dataset's history (the reply to `history`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryPage {
+    /// The dataset's current sync count.
+    pub sync_count: u64,
+    /// Commits, newest first.
+    pub entries: Vec<HistoryEntry>,
+    /// Pass as `before` for the next (older) page; `None` on the last one.
+    pub next: Option<i64>,
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<ServerFrame>>>>;
@@ -503,6 +515,81 @@ impl Connection {
         }
     }
 
+    /// A page of the dataset's commits, newest first, below entry id `before` (from the
+    /// previous page's `next`), at most `limit` (the server's default and bound apply).
+    pub async fn history(
+        &self,
+        dataset: DatasetRef,
+        before: Option<i64>,
+        limit: Option<u32>,
+    ) -> Result<HistoryPage, ClientError> {
+        match self
+            .request(|id| ClientFrame::History {
+                id,
+                dataset,
+                before,
+                limit,
+            })
+            .await?
+        {
+            ServerFrame::History {
+                sync_count,
+                entries,
+                next,
+                ..
+            } => Ok(HistoryPage {
+                sync_count,
+                entries,
+                next,
+            }),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The dataset's live records as they were right after the commit at `sync_count`.
+    pub async fn read_at(
+        &self,
+        dataset: DatasetRef,
+        sync_count: u64,
+    ) -> Result<Vec<Record>, ClientError> {
+        match self
+            .request(|id| ClientFrame::ReadAt {
+                id,
+                dataset,
+                sync_count,
+            })
+            .await?
+        {
+            ServerFrame::ReadAt { records, .. } => Ok(records),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Makes the dataset what it was at `sync_count` again, as one new commit; returns the
+    /// dataset's sync count after it (the current one when nothing differed).
+    pub async fn restore(
+        &self,
+        dataset: DatasetRef,
+        sync_count: u64,
+        device_id: Option<String>,
+    ) -> Result<u64, ClientError> {
+        match self
+            .request(|id| ClientFrame::Restore {
+                id,
+                dataset,
+                sync_count,
+                device_id,
+            })
+            .await?
+        {
+            ServerFrame::Ack {
+                sync_count: Some(sync_count),
+                ..
+            } => Ok(sync_count),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     pub async fn list_datasets(&self) -> Result<Vec<DatasetInfo>, ClientError> {
         match self.request(|id| ClientFrame::ListDatasets { id }).await? {
             ServerFrame::Datasets { datasets, .. } => Ok(datasets),
@@ -595,7 +682,9 @@ fn route(text: &str, pending: &Pending, events: &mpsc::UnboundedSender<ServerFra
         | ServerFrame::Ack { id, .. }
         | ServerFrame::Conflict { id, .. }
         | ServerFrame::Changes { id, .. }
-        | ServerFrame::Datasets { id, .. } => Some(id.clone()),
+        | ServerFrame::Datasets { id, .. }
+        | ServerFrame::History { id, .. }
+        | ServerFrame::ReadAt { id, .. } => Some(id.clone()),
         ServerFrame::Dataset { .. }
         | ServerFrame::Delta { .. }
         | ServerFrame::Deleted { .. }

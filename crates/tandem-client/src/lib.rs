@@ -18,6 +18,10 @@
 //!   pushes, full records). `Connection::connect` asks for none; `connect_with_features` for
 //!   some. Lean records are filled in on reading either way (`ServerFrame::from_json`).
 //!
+//! - History: `Client::history` pages through a dataset's commits (who, when, device, keys),
+//!   `Client::read_at` reads it as it was at a sync count, and `Client::restore` makes it
+//!   that again as one new commit (pushed to every subscriber, this client's datasets too).
+//!
 //! It never panics on what the server sends: unknown frame types are skipped, as the
 //! protocol asks.
 
@@ -30,6 +34,6 @@ mod error;
 pub use cache::{DatasetCache, LocalRecord};
 pub use client::{Client, ClientBuilder, Dataset, DatasetEvent, Status, SyncOutcome};
 pub use conflict::{ConflictCase, ConflictHandler, Resolution};
-pub use connection::{Closed, Connection, Snapshot, UpdateResult};
+pub use connection::{Closed, Connection, HistoryPage, Snapshot, UpdateResult};
 pub use error::ClientError;
 pub use tandem_protocol as protocol;

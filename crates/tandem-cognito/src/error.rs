@@ -113,6 +113,9 @@ impl ErrorType {
             ErrorCode::Unavailable => Self::Unavailable,
             ErrorCode::Internal => Self::InternalError,
             ErrorCode::Rejected => Self::LambdaRejected,
+            // No Cognito operation reads history; were one to, the version it asks for is
+            // gone, as a record that does not exist is.
+            ErrorCode::HistoryUnavailable => Self::ResourceNotFound,
         }
     }
 }

@@ -160,6 +160,21 @@ pub struct GatewayConfig {
     /// dataset sixfold, hence the default of 8 MiB).
     #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_COGNITO_MAX_BODY_BYTES"))]
     pub cognito_max_body_bytes: usize,
+    /// Entries one `history` page may hold; a larger `limit` is lowered to it.
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_MAX_HISTORY_PAGE"))]
+    pub max_history_page: usize,
+    /// Bytes in one request body of the REST API (`/v1/datasets/…`); a larger one is
+    /// refused with HTTP 413 (`too_large` / `max_rest_body_bytes`) before it is read whole.
+    #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_MAX_REST_BODY_BYTES"))]
+    pub max_rest_body_bytes: usize,
+    /// REST API requests one identity may make per second on this node, in bursts of as
+    /// many; more are refused with HTTP 429 and `Retry-After` (`rate_limited` /
+    /// `max_rest_requests_per_second`); 0 = unlimited.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, env = "TANDEM_MAX_REST_REQUESTS_PER_SECOND")
+    )]
+    pub max_rest_requests_per_second: u32,
     /// An HTTP endpoint asked before every update commits (WebSocket and Cognito REST
     /// writes alike): it accepts, rewrites the patches, or rejects (`rejected`); when it fails
     /// or does not answer in `sync_hook_timeout` the update is refused as `unavailable`
@@ -251,6 +266,9 @@ impl Default for GatewayConfig {
             max_log_lines: 10,
             log_interval: Duration::from_secs(10),
             cognito_max_body_bytes: 8 * 1024 * 1024,
+            max_history_page: 500,
+            max_rest_body_bytes: 64 * 1024,
+            max_rest_requests_per_second: 100,
             sync_hook_url: None,
             sync_hook_secret: None,
             sync_hook_timeout: Duration::from_secs(5),
@@ -299,6 +317,12 @@ impl std::fmt::Debug for GatewayConfig {
             .field("max_log_lines", &self.max_log_lines)
             .field("log_interval", &self.log_interval)
             .field("cognito_max_body_bytes", &self.cognito_max_body_bytes)
+            .field("max_history_page", &self.max_history_page)
+            .field("max_rest_body_bytes", &self.max_rest_body_bytes)
+            .field(
+                "max_rest_requests_per_second",
+                &self.max_rest_requests_per_second,
+            )
             .field("sync_hook_url", &self.sync_hook_url)
             .field("sync_hook_timeout", &self.sync_hook_timeout)
             .field("listen_port", &self.listen_port)

@@ -1,7 +1,7 @@
-//! Tandem's gateway: the axum router (`GET /v1/sync` WebSocket, `/health`, `/ready`, the
-//! Cognito Identity endpoint at `POST /`), one session per WebSocket connection
-//! (authentication, requests, subscriptions), JWT verification, and the local hub that hands
-//! committed changes to local subscribers.
+//! Tandem's gateway: the axum router (`GET /v1/sync` WebSocket, the REST API under
+//! `/v1/datasets`, `/health`, `/ready`, the Cognito Identity endpoint at `POST /`), one
+//! session per WebSocket connection (authentication, requests, subscriptions), JWT
+//! verification, and the local hub that hands committed changes to local subscribers.
 //!
 //! It owns no data: the store is the truth and is called for every read and write, and the
 //! broker carries commits between nodes. It installs no tracing subscriber and reads no
@@ -13,6 +13,7 @@ pub mod cognito;
 pub mod config;
 mod connections;
 mod demo;
+mod history;
 mod hook;
 mod hub;
 mod listener;
@@ -21,6 +22,7 @@ mod origin;
 mod outbox;
 mod push;
 mod rate;
+mod rest;
 mod session;
 #[cfg(test)]
 mod testkit;
@@ -40,7 +42,7 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get};
+use axum::routing::{any, get, post};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -72,6 +74,8 @@ pub struct Gateway {
     cognito_sync: Option<cognito::sync::SyncApi>,
     /// The deployment's sync hook, when one is configured.
     hook: Option<hook::SyncHook>,
+    /// The REST API's per-identity request rate.
+    rest_rate: history::RestRate,
     /// More `/metrics` lines from parts the binary wires in (the change stream).
     extra_metrics: parking_lot::Mutex<Vec<MetricsSource>>,
 }
@@ -103,6 +107,7 @@ impl Gateway {
             throttle: Throttle::new(config.max_log_lines, config.log_interval),
             cognito_identity: cognito::identity::IdentityEndpoint::new(&config.cognito),
             hook: hook::SyncHook::from_config(&config),
+            rest_rate: history::RestRate::new(config.max_rest_requests_per_second),
             extra_metrics: parking_lot::Mutex::new(Vec::new()),
             config,
             store,
@@ -145,6 +150,18 @@ impl Gateway {
         let browser_api = Router::new()
             .route("/dev/token", get(demo::token))
             .route("/v1/sync", get(sync))
+            .route(
+                "/v1/datasets/{owner}/{name}/history",
+                get(rest::get_history),
+            )
+            .route(
+                "/v1/datasets/{owner}/{name}/at/{sync_count}",
+                get(rest::get_at),
+            )
+            .route(
+                "/v1/datasets/{owner}/{name}/restore",
+                post(rest::post_restore),
+            )
             .route_layer(axum::middleware::from_fn_with_state(
                 self.clone(),
                 origin::guard,

@@ -35,10 +35,14 @@ pub enum ErrorCode {
     /// The deployment's sync hook refused the update (its message says why); nothing was
     /// written. Not retriable as is.
     Rejected,
+    /// `read_at` or `restore` asked for a sync count the commit log no longer reaches back
+    /// to (compaction dropped entries after it, or they predate before-images). Not
+    /// retriable; `history` shows what is still there.
+    HistoryUnavailable,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
         ErrorCode::BadRequest,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
@@ -50,6 +54,7 @@ impl ErrorCode {
         ErrorCode::Unavailable,
         ErrorCode::Internal,
         ErrorCode::Rejected,
+        ErrorCode::HistoryUnavailable,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -65,6 +70,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
             ErrorCode::Rejected => "rejected",
+            ErrorCode::HistoryUnavailable => "history_unavailable",
         }
     }
 
@@ -131,6 +137,11 @@ pub enum LimitCode {
     /// Grants one owner has made across all its dataset names, existing or not (default
     /// 20,000).
     MaxGrantsPerOwner,
+    /// Bytes in one REST API request body (default 64 KiB); refused with HTTP 413.
+    MaxRestBodyBytes,
+    /// REST API requests one identity may make per second on one node, in bursts of as many
+    /// (default 100); refused with HTTP 429 and `Retry-After`.
+    MaxRestRequestsPerSecond,
     /// A limit this build does not know (a newer server's); the frame's `code` still says
     /// what class of error it is. Never sent.
     #[serde(other)]
@@ -157,7 +168,10 @@ impl LimitCode {
             | LimitCode::MaxKeyLength
             | LimitCode::MaxFrameBytes
             | LimitCode::MaxDeviceIdLength => ErrorCode::TooLarge,
-            LimitCode::MaxRequestsPerSecond => ErrorCode::RateLimited,
+            LimitCode::MaxRequestsPerSecond | LimitCode::MaxRestRequestsPerSecond => {
+                ErrorCode::RateLimited
+            }
+            LimitCode::MaxRestBodyBytes => ErrorCode::TooLarge,
             LimitCode::Unknown => ErrorCode::LimitExceeded,
         }
     }
@@ -181,6 +195,8 @@ impl LimitCode {
             LimitCode::MaxNewConnectionsPerIp => "max_new_connections_per_ip",
             LimitCode::MaxGrantsPerDataset => "max_grants_per_dataset",
             LimitCode::MaxGrantsPerOwner => "max_grants_per_owner",
+            LimitCode::MaxRestBodyBytes => "max_rest_body_bytes",
+            LimitCode::MaxRestRequestsPerSecond => "max_rest_requests_per_second",
             LimitCode::Unknown => "unknown",
         }
     }

@@ -6,7 +6,9 @@
 //! last-wins (see `strict`).
 
 use crate::error::{ErrorCode, LimitCode};
-use crate::model::{Access, Conflict, DatasetInfo, DatasetRef, Patch, Record, RequestId};
+use crate::model::{
+    Access, Conflict, DatasetInfo, DatasetRef, HistoryEntry, Patch, Record, RequestId,
+};
 use crate::strict;
 use serde::{Deserialize, Serialize};
 
@@ -78,6 +80,34 @@ pub enum ClientFrame {
         dataset: DatasetRef,
         identity: String,
     },
+    /// The dataset's commits, newest first, a page at a time: answered with `history`.
+    /// Needs read access.
+    History {
+        id: RequestId,
+        dataset: DatasetRef,
+        /// Only entries with an id below this one: the previous reply's `next`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        before: Option<i64>,
+        /// Entries per page: default 50, at most the server's `max_history_page`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
+    /// The dataset's live records as they were right after the commit at `syncCount`:
+    /// answered with `read_at`. Needs read access.
+    ReadAt {
+        id: RequestId,
+        dataset: DatasetRef,
+        sync_count: u64,
+    },
+    /// Makes the dataset what it was at `syncCount` again, as one new commit (history is
+    /// kept): answered with `ack`. Needs write access.
+    Restore {
+        id: RequestId,
+        dataset: DatasetRef,
+        sync_count: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device_id: Option<String>,
+    },
     /// Answered with `pong`.
     Ping {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -101,7 +131,10 @@ impl ClientFrame {
             | ClientFrame::ListDatasets { id }
             | ClientFrame::DeleteDataset { id, .. }
             | ClientFrame::Grant { id, .. }
-            | ClientFrame::Revoke { id, .. } => Some(id),
+            | ClientFrame::Revoke { id, .. }
+            | ClientFrame::History { id, .. }
+            | ClientFrame::ReadAt { id, .. }
+            | ClientFrame::Restore { id, .. } => Some(id),
         }
     }
 }
@@ -215,6 +248,22 @@ pub enum ServerFrame {
         id: RequestId,
         datasets: Vec<DatasetInfo>,
     },
+    /// The answer to `history`: entries newest first; `next` is the `before` of the next
+    /// (older) page, null on the last one. `syncCount` is the dataset's current one.
+    History {
+        id: RequestId,
+        dataset: DatasetRef,
+        sync_count: u64,
+        entries: Vec<HistoryEntry>,
+        next: Option<i64>,
+    },
+    /// The answer to `read_at`: the live records as they were at `syncCount`, ordered by key.
+    ReadAt {
+        id: RequestId,
+        dataset: DatasetRef,
+        sync_count: u64,
+        records: Vec<Record>,
+    },
     /// The answer to `ping`.
     Pong {
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -291,7 +340,7 @@ pub struct DecodeError {
     pub message: String,
 }
 
-const CLIENT_TYPES: [&str; 10] = [
+const CLIENT_TYPES: [&str; 13] = [
     "auth",
     "subscribe",
     "unsubscribe",
@@ -301,6 +350,9 @@ const CLIENT_TYPES: [&str; 10] = [
     "delete_dataset",
     "grant",
     "revoke",
+    "history",
+    "read_at",
+    "restore",
     "ping",
 ];
 
@@ -495,6 +547,63 @@ mod tests {
         ] {
             assert_eq!(peek_request_id(text), None, "{text}");
         }
+    }
+
+    #[test]
+    fn test_history_frames_on_the_wire() {
+        let f = decode_client_frame(
+            r#"{"type":"history","id":1,"dataset":{"name":"todo"},"before":42,"limit":10}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            f,
+            ClientFrame::History {
+                id: RequestId::Num(1),
+                dataset: DatasetRef::own("todo"),
+                before: Some(42),
+                limit: Some(10),
+            }
+        );
+        let f = decode_client_frame(
+            r#"{"type":"restore","id":2,"dataset":{"owner":"a","name":"t"},"syncCount":3}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            f,
+            ClientFrame::Restore {
+                sync_count: 3,
+                device_id: None,
+                ..
+            }
+        ));
+        let f = decode_client_frame(r#"{"type":"read_at","id":3,"dataset":{"name":"t"}}"#);
+        assert!(f.unwrap_err().message.contains("syncCount"));
+        let reply = ServerFrame::History {
+            id: RequestId::Num(1),
+            dataset: DatasetRef::new("a", "todo"),
+            sync_count: 3,
+            entries: vec![crate::HistoryEntry {
+                id: 7,
+                kind: crate::CommitKind::Grant,
+                sync_count: 3,
+                actor: "a".into(),
+                device_id: None,
+                time: 1,
+                keys: None,
+                grantee: Some("b".into()),
+                access: Some(Access::Read),
+            }],
+            next: None,
+        };
+        let v: serde_json::Value = serde_json::from_str(&reply.to_json()).unwrap();
+        assert_eq!(
+            v,
+            json!({"type":"history","id":1,"dataset":{"owner":"a","name":"todo"},"syncCount":3,
+                   "entries":[{"id":7,"kind":"grant","syncCount":3,"actor":"a","time":1,
+                               "grantee":"b","access":"read"}],
+                   "next":null})
+        );
+        assert_eq!(ServerFrame::from_json(&reply.to_json()).unwrap(), reply);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The lean record encoding (the `lean` feature): a record in a server frame leaves out what
 //! the frame already says. Two rules, the same for every frame that carries records
-//! (`snapshot`, `dataset`, `delta`, `changes`, `ack`, `conflict`):
+//! (`snapshot`, `dataset`, `delta`, `changes`, `read_at`, `ack`, `conflict`):
 //!
 //! - `syncCount` is left out when it equals the frame's `syncCount`;
 //! - `lastModifiedBy` is left out when it is the dataset's owner.
@@ -37,6 +37,12 @@ pub fn expand(frame: &mut ServerFrame) {
             ..
         }
         | ServerFrame::Changes {
+            dataset,
+            sync_count,
+            records,
+            ..
+        }
+        | ServerFrame::ReadAt {
             dataset,
             sync_count,
             records,
@@ -123,6 +129,17 @@ pub(crate) fn to_json(frame: &ServerFrame) -> String {
             sync_count: *sync_count,
             records: Records::new(records, dataset, *sync_count),
         },
+        ServerFrame::ReadAt {
+            id,
+            dataset,
+            sync_count,
+            records,
+        } => LeanFrame::ReadAt {
+            id,
+            dataset,
+            sync_count: *sync_count,
+            records: Records::new(records, dataset, *sync_count),
+        },
         ServerFrame::Ack {
             id,
             dataset: Some(dataset),
@@ -199,6 +216,12 @@ enum LeanFrame<'a> {
         conflicts: Conflicts<'a>,
     },
     Changes {
+        id: &'a RequestId,
+        dataset: &'a DatasetRef,
+        sync_count: u64,
+        records: Records<'a>,
+    },
+    ReadAt {
         id: &'a RequestId,
         dataset: &'a DatasetRef,
         sync_count: u64,
@@ -343,6 +366,12 @@ mod tests {
             },
             ServerFrame::Changes {
                 id: RequestId::Str("c".into()),
+                dataset: dataset.clone(),
+                sync_count: 8,
+                records: records.clone(),
+            },
+            ServerFrame::ReadAt {
+                id: RequestId::Str("r".into()),
                 dataset: dataset.clone(),
                 sync_count: 8,
                 records: records.clone(),

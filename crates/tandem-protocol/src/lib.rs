@@ -21,8 +21,8 @@ pub use frame::{
     UnsubscribeReason, decode_client_frame, peek_request_id,
 };
 pub use model::{
-    Access, Conflict, DatasetInfo, DatasetRef, NameError, Patch, PatchOp, Record, RequestId,
-    validate_dataset_name, validate_key,
+    Access, CommitKind, Conflict, DatasetInfo, DatasetRef, HistoryEntry, NameError, Patch, PatchOp,
+    Record, RequestId, validate_dataset_name, validate_key,
 };
 
 /// The protocol version this crate speaks; sent in `ready`.

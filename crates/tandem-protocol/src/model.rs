@@ -153,6 +153,51 @@ impl Access {
     }
 }
 
+/// What kind of commit a `history` entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommitKind {
+    Update,
+    /// The owner deleted the dataset.
+    Delete,
+    Grant,
+    Revoke,
+    /// A guest identity's dataset moved here when it was merged into the owner.
+    Merge,
+    /// A kind this build does not know (a newer server's). Never sent.
+    #[serde(other)]
+    Unknown,
+}
+
+/// One commit in a `history` reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryEntry {
+    /// The commit log entry's id: increasing, and what `history`'s `before` pages by.
+    pub id: i64,
+    pub kind: CommitKind,
+    /// The dataset's sync count after an update, delete or merge; its current one at a grant
+    /// or revoke (they do not change it).
+    pub sync_count: u64,
+    /// Who committed it (the owner for a delete, grant, revoke or merge).
+    pub actor: String,
+    /// The device the update named, if it named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    /// Server time of the commit, milliseconds since the Unix epoch.
+    pub time: i64,
+    /// The keys an update, delete or merge changed, ordered by key (absent where the log
+    /// does not say: a grant, a revoke, an entry from before the server recorded them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<Vec<String>>,
+    /// The identity a grant or revoke was about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grantee: Option<String>,
+    /// The access a grant gave (absent for a revoke).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<Access>,
+}
+
 /// One row of a `datasets` reply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -109,6 +109,14 @@ where
         case_commit_log_compaction_drops_the_oldest_only,
         log_limits()
     );
+    run!(case_history_pages_newest_first, Limits::default());
+    run!(case_read_at_gives_every_past_state, Limits::default());
+    run!(case_read_at_beyond_the_log_is_unavailable, log_limits());
+    run!(
+        case_read_at_reaches_back_over_many_commits,
+        Limits::default()
+    );
+    run!(case_history_leaves_out_replay_snapshots, Limits::default());
     run!(case_merge_of_a_name_and_its_copy_name, Limits::default());
     run!(
         case_commit_log_compaction_keeps_what_consumers_need,
@@ -2120,6 +2128,8 @@ pub async fn case_commit_log_records_every_commit(store: Arc<dyn Store>) {
                 "value": r.value,
                 "syncCount": r.sync_count,
                 "deviceLastModified": r.device_last_modified,
+                // No stored record before: the keys were new.
+                "before": null,
             })
         })
         .collect();
@@ -2168,16 +2178,32 @@ pub async fn case_commit_log_records_every_commit(store: Arc<dyn Store>) {
         json(&log[1].patches),
         serde_json::json!({"grantee": BOB, "access": "write"})
     );
+    // The remove carries the record it replaced, whole.
+    let a = &changed[0];
     assert_eq!(
         json(&log[2].patches),
         serde_json::json!([{"key": "a", "value": null, "syncCount": 2,
-                            "deviceLastModified": null}])
+                            "deviceLastModified": null,
+                            "before": {"value": "1", "syncCount": 1,
+                                       "lastModified": a.last_modified,
+                                       "lastModifiedBy": ALICE, "deviceId": "phone",
+                                       "deviceLastModified": null}}])
     );
     assert_eq!(
         json(&log[3].patches),
         serde_json::json!({"grantee": BOB, "access": null})
     );
-    assert_eq!(json(&log[4].patches), serde_json::json!([]));
+    // The delete keeps the live records as they were.
+    assert_eq!(
+        json(&log[4].patches),
+        serde_json::json!({"records": [serde_json::to_value(&changed[1]).unwrap()]})
+    );
+    assert_eq!(log[4].keys(), Some(vec!["b".to_owned()]));
+    assert_eq!(log[2].keys(), Some(vec!["a".to_owned()]));
+    assert_eq!(log[1].keys(), None);
+    assert_eq!(log[1].grant(), Some((BOB.to_owned(), Some(Access::Write))));
+    assert_eq!(log[3].grant(), Some((BOB.to_owned(), None)));
+    assert_eq!(log[2].grant(), None);
 
     // From a sync count, and a page at a time.
     assert_eq!(store.log(&d, 2, 100).await.unwrap(), log[4..]);
@@ -2227,8 +2253,17 @@ pub async fn case_commit_log_logs_merges(store: Arc<dyn Store>) {
     let merged = &store.log(&to, 0, 100).await.unwrap()[0];
     assert_eq!(
         json(&merged.patches),
-        serde_json::json!({"fromOwner": guest, "fromName": "notes"})
+        serde_json::json!({"fromOwner": guest, "fromName": "notes", "keys": ["k"]})
     );
+    assert_eq!(merged.keys(), Some(vec!["k".to_owned()]));
+    // Before the merge the target had nothing; the guest's copy reads back before its delete.
+    let at = store
+        .read_at(&to, &user, merged.sync_count - 1)
+        .await
+        .unwrap();
+    assert!(at.records.is_empty(), "{at:?}");
+    let at = store.read_at(&from, &guest, 1).await.unwrap();
+    assert_eq!(values(&at.records), live(&[("k", "v", 1)]));
     assert_eq!(
         kinds(&store.log(&from, 0, 100).await.unwrap()),
         [
@@ -2281,6 +2316,199 @@ pub async fn case_commit_log_compaction_drops_the_oldest_only(store: Arc<dyn Sto
     let after = store.log_since(last_id, 100).await.unwrap();
     assert_eq!(after.len(), 1);
     assert!(after[0].id > last_id, "{after:?} after id {last_id}");
+}
+
+// ---------------------------------------------------------------------------------------
+// History
+
+/// `history` lists every commit of a dataset, grants included, newest first, a page at a
+/// time below an entry id, with who, which device and which keys; it needs read access.
+/// Default limits.
+pub async fn case_history_pages_newest_first(store: Arc<dyn Store>) {
+    let d = ds(ALICE, "shared");
+    let mut first = request(
+        &d,
+        ALICE,
+        vec![Patch::replace("a", "1", 0), Patch::replace("b", "2", 0)],
+    );
+    first.device_id = Some("laptop".into());
+    store.update(first).await.unwrap();
+    store.grant(&d, ALICE, BOB, Access::Write).await.unwrap();
+    let mut second = request(&d, BOB, vec![Patch::replace("a", "bob", 1)]);
+    second.device_id = Some("phone".into());
+    store.update(second).await.unwrap();
+    store.grant(&d, ALICE, CAROL, Access::Read).await.unwrap();
+
+    let all = store.history(&d, CAROL, None, 100).await.unwrap();
+    assert_eq!(
+        kinds(&all),
+        [
+            (LogKind::Grant, 2, ALICE),
+            (LogKind::Update, 2, BOB),
+            (LogKind::Grant, 1, ALICE),
+            (LogKind::Update, 1, ALICE),
+        ]
+    );
+    assert!(all.windows(2).all(|w| w[0].id > w[1].id), "{all:?}");
+    assert_eq!(all[1].device_id.as_deref(), Some("phone"));
+    assert_eq!(all[1].keys(), Some(vec!["a".to_owned()]));
+    assert_eq!(all[3].device_id.as_deref(), Some("laptop"));
+    assert_eq!(all[3].keys(), Some(vec!["a".to_owned(), "b".to_owned()]));
+    assert_eq!(all[0].grant(), Some((CAROL.to_owned(), Some(Access::Read))));
+
+    // Pages: below the last id seen.
+    let page = store.history(&d, ALICE, None, 3).await.unwrap();
+    assert_eq!(page, all[..3]);
+    let next = store.history(&d, ALICE, Some(page[2].id), 3).await.unwrap();
+    assert_eq!(next, all[3..]);
+    assert!(
+        store
+            .history(&d, ALICE, Some(all[3].id), 3)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A dataset never written has no history; another identity's needs a grant.
+    assert!(
+        store
+            .history(&ds(ALICE, "never"), ALICE, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_forbidden(store.history(&d, "mallory", None, 10).await);
+    store.revoke(&d, ALICE, CAROL).await.unwrap();
+    assert_forbidden(store.history(&d, CAROL, None, 10).await);
+}
+
+/// `read_at` gives the dataset exactly as it was right after every commit (records with
+/// their stamps then), across removes, a delete and a re-creation; above the current sync
+/// count is a bad request; it needs read access. Default limits.
+pub async fn case_read_at_gives_every_past_state(store: Arc<dyn Store>) {
+    let d = ds(ALICE, "timeline");
+    store.grant(&d, ALICE, BOB, Access::Write).await.unwrap();
+    let mut states = vec![store.snapshot(&d, ALICE).await.unwrap()];
+    let mut step = |snapshot: Snapshot| states.push(snapshot);
+    step(
+        commit(&*store, &d, ALICE, vec![Patch::replace("a", "1", 0)])
+            .await
+            .1,
+    );
+    step(
+        commit(
+            &*store,
+            &d,
+            BOB,
+            vec![Patch::replace("a", "2", 1), Patch::replace("b", "1", 0)],
+        )
+        .await
+        .1,
+    );
+    step(
+        commit(&*store, &d, ALICE, vec![Patch::remove("a", 2)])
+            .await
+            .1,
+    );
+    // A removed key written again, from its tombstone.
+    step(
+        commit(
+            &*store,
+            &d,
+            ALICE,
+            vec![Patch::replace("a", "3", 3), Patch::remove("zz", 0)],
+        )
+        .await
+        .1,
+    );
+    store.delete_dataset(&d, ALICE).await.unwrap();
+    step(store.snapshot(&d, ALICE).await.unwrap());
+    step(
+        commit(&*store, &d, ALICE, vec![Patch::replace("c", "new", 0)])
+            .await
+            .1,
+    );
+    store.grant(&d, ALICE, CAROL, Access::Read).await.unwrap();
+    step(
+        commit(&*store, &d, ALICE, vec![Patch::replace("c", "newer", 6)])
+            .await
+            .1,
+    );
+
+    for (n, expected) in states.iter().enumerate() {
+        let at = store.read_at(&d, CAROL, n as u64).await.unwrap();
+        assert_eq!(at.sync_count, n as u64);
+        assert_eq!(at.records, expected.records, "at sync count {n}");
+        assert_eq!(at.deleted, n == 5, "at sync count {n}: {at:?}");
+    }
+    assert_bad_request(store.read_at(&d, ALICE, 8).await);
+    assert_forbidden(store.read_at(&d, "mallory", 1).await);
+    // A dataset never written is empty at 0.
+    let never = store.read_at(&ds(ALICE, "never"), ALICE, 0).await.unwrap();
+    assert!(never.records.is_empty() && never.sync_count == 0);
+}
+
+/// Once compaction dropped a commit after a sync count, `read_at` that count is
+/// `HistoryUnavailable`; later counts still read back. `log_limits` (3 entries kept).
+pub async fn case_read_at_beyond_the_log_is_unavailable(store: Arc<dyn Store>) {
+    let d = ds(ALICE, "short");
+    let mut states = Vec::new();
+    for n in 0..5 {
+        let value = format!("v{n}");
+        states.push(
+            commit(&*store, &d, ALICE, vec![Patch::replace("k", &value, n)])
+                .await
+                .1,
+        );
+    }
+    store.compact_log(0).await.unwrap();
+    // Entries 3, 4 and 5 remain: they undo back to 2.
+    for n in 2..=5u64 {
+        let at = store.read_at(&d, ALICE, n).await.unwrap();
+        assert_eq!(at.records, states[n as usize - 1].records, "at {n}");
+    }
+    for n in [0, 1] {
+        match store.read_at(&d, ALICE, n).await {
+            Err(e @ StoreError::HistoryUnavailable { .. }) => {
+                assert_eq!(e.code(), tandem_protocol::ErrorCode::HistoryUnavailable);
+            }
+            other => panic!("read_at {n} should be unavailable, got {other:?}"),
+        }
+    }
+}
+
+/// `read_at` far back undoes many commits (more than a backend reads at once), grants in
+/// between. Default limits.
+pub async fn case_read_at_reaches_back_over_many_commits(store: Arc<dyn Store>) {
+    let d = ds(ALICE, "busy");
+    let mut at_ten = None;
+    for n in 0..150u64 {
+        let key = format!("k{}", n % 7);
+        let base = store
+            .snapshot(&d, ALICE)
+            .await
+            .unwrap()
+            .records
+            .iter()
+            .find(|r| r.key == key)
+            .map_or(0, |r| r.sync_count);
+        let (_, snapshot) = commit(
+            &*store,
+            &d,
+            ALICE,
+            vec![Patch::replace(&key, n.to_string(), base)],
+        )
+        .await;
+        if n == 9 {
+            at_ten = Some(snapshot);
+        }
+        if n % 50 == 0 {
+            store.grant(&d, ALICE, BOB, Access::Read).await.unwrap();
+        }
+    }
+    let at_ten = at_ten.unwrap();
+    let read = store.read_at(&d, BOB, 10).await.unwrap();
+    assert_eq!(read.records, at_ten.records);
+    assert!(store.read_at(&d, BOB, 0).await.unwrap().records.is_empty());
 }
 
 /// A consumer's lease: created at the log head, held by one node until it expires or is
@@ -2752,4 +2980,20 @@ pub async fn case_commit_log_compaction_of_a_backlog_goes_in_chunks(store: Arc<d
         store.log_since(0, 10_000).await.unwrap(),
         before[before.len() - 1..]
     );
+}
+
+/// A replay's snapshot entry is no commit: `history` does not list it and `read_at` reads
+/// across it. Default limits.
+pub async fn case_history_leaves_out_replay_snapshots(store: Arc<dyn Store>) {
+    let d = ds(ALICE, "replayed");
+    commit(&*store, &d, ALICE, vec![Patch::replace("a", "1", 0)]).await;
+    store.log_snapshot(&d).await.unwrap().unwrap();
+    commit(&*store, &d, ALICE, vec![Patch::replace("a", "2", 1)]).await;
+    let history = store.history(&d, ALICE, None, 10).await.unwrap();
+    assert_eq!(
+        kinds(&history),
+        [(LogKind::Update, 2, ALICE), (LogKind::Update, 1, ALICE)]
+    );
+    let at = store.read_at(&d, ALICE, 1).await.unwrap();
+    assert_eq!(values(&at.records), live(&[("a", "1", 1)]));
 }

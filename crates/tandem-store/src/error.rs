@@ -34,6 +34,12 @@ pub enum StoreError {
     /// Logins that should name one identity name two.
     #[error("the logins are linked to two identities, {first} and {second}")]
     LoginsConflict { first: String, second: String },
+    /// The commit log no longer holds (or never held, with before-images) every commit after
+    /// this sync count, so the dataset as it was then cannot be read back.
+    #[error(
+        "the history of {dataset} at sync count {sync_count} is no longer available (the commit log keeps a bounded history)"
+    )]
+    HistoryUnavailable { dataset: String, sync_count: u64 },
     /// The backing database cannot be reached; nothing was written.
     #[error("store unavailable: {0}")]
     Unavailable(String),
@@ -52,6 +58,7 @@ impl StoreError {
             | StoreError::LoginsConflict { .. } => ErrorCode::Conflict,
             StoreError::IdentityMerged { .. } => ErrorCode::Forbidden,
             StoreError::Limit { limit, .. } => limit.error_code(),
+            StoreError::HistoryUnavailable { .. } => ErrorCode::HistoryUnavailable,
             StoreError::Unavailable(_) => ErrorCode::Unavailable,
             StoreError::Internal(_) => ErrorCode::Internal,
         }

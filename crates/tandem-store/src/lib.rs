@@ -45,7 +45,8 @@ use tandem_protocol::{Access, DatasetInfo};
 ///
 /// Access rules, the same for every backend:
 /// - the owner may do anything with its datasets, existing or not;
-/// - a `read` grant allows `snapshot` and `changes`; a `write` grant also allows `update`;
+/// - a `read` grant allows `snapshot`, `changes`, `history` and `read_at`; a `write` grant
+///   also allows `update`;
 /// - only the owner may `delete_dataset`, `grant` and `revoke`;
 /// - without a grant, every call on another identity's dataset is `Forbidden` (never
 ///   `NotFound`, so datasets do not leak their existence).
@@ -162,6 +163,31 @@ pub trait Store: Send + Sync + 'static {
         after_sync_count: u64,
         limit: usize,
     ) -> Result<Vec<LogEntry>, StoreError>;
+
+    /// The dataset's commits (update, delete, grant, revoke and merge entries of its log;
+    /// entries of kinds that record no commit are left out) with an id below `before_id`
+    /// (all when `None`), newest first, at most `limit`: its history, a page at a time.
+    /// Needs read access. A dataset never written has none.
+    async fn history(
+        &self,
+        dataset: &DatasetKey,
+        actor: &str,
+        before_id: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<LogEntry>, StoreError>;
+
+    /// The dataset's live records as they were right after the commit at `sync_count`
+    /// (`deleted` when that commit was a delete; no records at 0), read backwards from the
+    /// current state by undoing the later commits with the before-images their log entries
+    /// carry. `HistoryUnavailable` when the log no longer holds every later commit (see
+    /// `commit_log_max_*`) or one predates before-images; `BadRequest` above the current
+    /// sync count. Needs read access. The records keep the stamps they had then.
+    async fn read_at(
+        &self,
+        dataset: &DatasetKey,
+        actor: &str,
+        sync_count: u64,
+    ) -> Result<Snapshot, StoreError>;
 
     /// Every dataset's commit log entries with an id above `after_id`, by id, at most
     /// `limit`: what a change stream consumer reads.

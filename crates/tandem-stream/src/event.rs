@@ -19,8 +19,8 @@ pub struct Event {
 /// `{"id","type","pool","owner","dataset","syncCount","actor","deviceId"?,"time", …}` with
 /// `records` (as written, `value` null for a removal) for an update, the whole live
 /// `records` for a `snapshot` (written by a replay), `grantee` and
-/// `access` (null for a revoke) for a grant or revoke, `fromOwner` and `fromName` for a
-/// merge; a delete has nothing more.
+/// `access` (null for a revoke) for a grant or revoke, `fromOwner`, `fromName` and `keys`
+/// for a merge; a delete has nothing more.
 pub fn encode_entry(entry: &LogEntry) -> Event {
     let id = entry.id.to_string();
     let mut object = head(&id, entry.kind.as_str(), &entry.dataset, entry.sync_count);

@@ -18,7 +18,12 @@ async function example(): Promise<void> {
   ds.on('conflict', ({ key, resolution }) => console.log(key, resolution.type));
   for await (const change of ds.remoteChanges()) console.log(change.keys.join(), change.syncCount);
   const handler = ConflictHandlers.takeRemote;
-  void [theme, out, handler, on];
+  const page = await client.history('settings', { limit: 20 });
+  const older = page.next === null ? null : await client.history({ owner: 'bob', name: 'shared' }, { before: page.next });
+  const who: string[] = page.entries.map((e) => `${e.actor}@${e.deviceId ?? '?'}: ${(e.keys ?? []).join()}`);
+  const then = await client.readAt('settings', page.syncCount - 1);
+  const restoredAt: number = await client.restore('settings', then.length ? then[0].syncCount : 0);
+  void [theme, out, handler, on, older, who, restoredAt];
   await client.close();
 }
 void example;

@@ -92,6 +92,26 @@ impl Session {
                 dataset,
                 identity: grantee,
             } => Some(self.revoke(id, &identity, &dataset, grantee).await),
+            ClientFrame::History {
+                id,
+                dataset,
+                before,
+                limit,
+            } => Some(self.history(id, &identity, &dataset, before, limit).await),
+            ClientFrame::ReadAt {
+                id,
+                dataset,
+                sync_count,
+            } => Some(self.read_at(id, &identity, &dataset, sync_count).await),
+            ClientFrame::Restore {
+                id,
+                dataset,
+                sync_count,
+                device_id,
+            } => Some(
+                self.restore(id, &identity, &dataset, sync_count, device_id)
+                    .await,
+            ),
             ClientFrame::Auth { .. } | ClientFrame::Ping { .. } => None,
         };
         if let Some(reply) = reply {
@@ -423,6 +443,78 @@ impl Session {
                 ack(id)
             }
             Err(e) => store_error(Some(id), &e),
+        }
+    }
+
+    /// `history`: a page of the dataset's commits, newest first.
+    async fn history(
+        &mut self,
+        id: RequestId,
+        identity: &str,
+        dataset: &DatasetRef,
+        before: Option<i64>,
+        limit: Option<u32>,
+    ) -> ServerFrame {
+        let key = match self.key(identity, dataset) {
+            Ok(key) => key,
+            Err(e) => return store_error(Some(id), &e),
+        };
+        match crate::history::history(&self.gw, identity, &key, before, limit).await {
+            Ok(page) => ServerFrame::History {
+                id,
+                dataset: key.to_ref(),
+                sync_count: page.sync_count,
+                entries: page.entries,
+                next: page.next,
+            },
+            Err(e) => store_error(Some(id), &e),
+        }
+    }
+
+    /// `read_at`: the dataset as it was at a sync count.
+    async fn read_at(
+        &mut self,
+        id: RequestId,
+        identity: &str,
+        dataset: &DatasetRef,
+        sync_count: u64,
+    ) -> ServerFrame {
+        let key = match self.key(identity, dataset) {
+            Ok(key) => key,
+            Err(e) => return store_error(Some(id), &e),
+        };
+        match self.gw.store.read_at(&key, identity, sync_count).await {
+            Ok(snapshot) => ServerFrame::ReadAt {
+                id,
+                dataset: key.to_ref(),
+                sync_count: snapshot.sync_count,
+                records: snapshot.records,
+            },
+            Err(e) => store_error(Some(id), &e),
+        }
+    }
+
+    /// `restore`: one new commit that makes the dataset what it was at a sync count.
+    async fn restore(
+        &mut self,
+        id: RequestId,
+        identity: &str,
+        dataset: &DatasetRef,
+        sync_count: u64,
+        device_id: Option<String>,
+    ) -> ServerFrame {
+        let key = match self.key(identity, dataset) {
+            Ok(key) => key,
+            Err(e) => return store_error(Some(id), &e),
+        };
+        match crate::history::restore(&self.gw, identity, &key, sync_count, device_id).await {
+            Ok(sync_count) => ServerFrame::Ack {
+                id,
+                dataset: Some(key.to_ref()),
+                sync_count: Some(sync_count),
+                records: None,
+            },
+            Err(e) => e.frame(Some(id)),
         }
     }
 }

@@ -372,7 +372,7 @@ fn ack(id: RequestId) -> ServerFrame {
 }
 
 /// Turns a store error into its error frame; faults are logged here, once.
-fn store_error(id: Option<RequestId>, e: &StoreError) -> ServerFrame {
+pub(crate) fn store_error(id: Option<RequestId>, e: &StoreError) -> ServerFrame {
     match e {
         StoreError::Limit {
             limit,

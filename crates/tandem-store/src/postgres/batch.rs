@@ -579,7 +579,7 @@ impl Decider {
             Ok(plan) => plan,
             Err(e) => return Ok(Err(e)),
         };
-        log.push_update(request, &plan)?;
+        log.push_update(request, &plan, &self.records)?;
         self.state = DatasetState {
             sync_count: plan.sync_count,
             deleted: false,

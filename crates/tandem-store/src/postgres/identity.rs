@@ -14,7 +14,10 @@
 
 use super::CallError;
 use super::read::to_i64;
-use super::write::{APPEND_LOG, LogColumns, delete_locked, insert_or_lock_dataset, lock_dataset};
+use super::write::{
+    APPEND_LOG, LogColumns, delete_locked, insert_or_lock_dataset, live_records_locked,
+    lock_dataset,
+};
 use crate::commitlog::{self, LogKind};
 use crate::decision::{DatasetRow, upsert_records};
 use crate::identity::{self, Identity, Login, MergeOutcome, MovedDataset};
@@ -304,6 +307,12 @@ pub(super) async fn merge(
             ],
         )
         .await?;
+        // The merge entry names the keys it writes: the source's live records.
+        let keys = live_records_locked(&tx, source.id)
+            .await?
+            .into_iter()
+            .map(|r| r.key)
+            .collect();
         tx.execute(
             &copy_records,
             &[&target.id, &to_i64(sync_count)?, &source.id],
@@ -317,7 +326,7 @@ pub(super) async fn merge(
             sync_count,
             into,
             None,
-            commitlog::merge_json(from, name),
+            commitlog::merge_json(from, name, keys),
         )?;
         delete_locked(&tx, source_key, source, from, Some(&mut log)).await?;
         moved.push(MovedDataset {

@@ -513,6 +513,38 @@ impl Store for PostgresStore {
         ))
     }
 
+    async fn history(
+        &self,
+        dataset: &DatasetKey,
+        actor: &str,
+        before_id: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<LogEntry>, StoreError> {
+        validate_call(dataset, actor)?;
+        call!(&self.inner, |client| read::history(
+            &mut client,
+            dataset,
+            actor,
+            before_id,
+            limit
+        ))
+    }
+
+    async fn read_at(
+        &self,
+        dataset: &DatasetKey,
+        actor: &str,
+        sync_count: u64,
+    ) -> Result<Snapshot, StoreError> {
+        validate_call(dataset, actor)?;
+        call!(&self.inner, |client| read::read_at(
+            &mut client,
+            dataset,
+            actor,
+            sync_count
+        ))
+    }
+
     async fn log_since(&self, after_id: i64, limit: usize) -> Result<Vec<LogEntry>, StoreError> {
         call!(&self.inner, |client| read::log_since(
             &client, after_id, limit

@@ -3,8 +3,8 @@
 
 use super::{CallError, forbidden};
 use crate::{DatasetKey, LogEntry, LogKind, Snapshot, StoreError};
-use deadpool_postgres::ClientWrapper;
-use deadpool_postgres::tokio_postgres::Row;
+use deadpool_postgres::tokio_postgres::{IsolationLevel, Row};
+use deadpool_postgres::{ClientWrapper, Transaction};
 use tandem_protocol::{Access, DatasetInfo, DatasetRef, Record};
 
 /// A dataset read: the caller's grant, the sync count and the deleted flag in the first three
@@ -272,4 +272,147 @@ pub(super) async fn log_since(
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let rows = client.query(&stmt, &[&after_id, &limit]).await?;
     rows.iter().map(log_entry).collect()
+}
+
+/// A read-only transaction whose statements all read one snapshot, for a read that takes
+/// more than one statement.
+async fn one_snapshot(client: &mut ClientWrapper) -> Result<Transaction<'_>, CallError> {
+    Ok(client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?)
+}
+
+/// The whole dataset as `actor` may see it, in `tx`.
+async fn snapshot_in(
+    tx: &Transaction<'_>,
+    key: &DatasetKey,
+    actor: &str,
+) -> Result<Snapshot, CallError> {
+    let is_owner = actor == key.owner;
+    let stmt = tx.prepare_cached(SNAPSHOT).await?;
+    let rows = tx
+        .query(
+            &stmt,
+            &[&key.pool, &key.owner, &key.name, &actor, &is_owner],
+        )
+        .await?;
+    dataset_rows(key, actor, is_owner, &rows)
+}
+
+/// See `Store::history`.
+pub(super) async fn history(
+    client: &mut ClientWrapper,
+    key: &DatasetKey,
+    actor: &str,
+    before_id: Option<i64>,
+    limit: usize,
+) -> Result<Vec<LogEntry>, CallError> {
+    let tx = one_snapshot(client).await?;
+    if access_of_in(&tx, key, actor).await?.is_none() {
+        return Err(forbidden(key, actor, "read").into());
+    }
+    let stmt = tx
+        .prepare_cached(&format!(
+            "SELECT {LOG_COLUMNS} FROM commit_log
+             WHERE pool = $1 AND owner = $2 AND name = $3 AND id < $4
+               AND kind IN ('update', 'delete', 'grant', 'revoke', 'merge')
+             ORDER BY id DESC LIMIT $5"
+        ))
+        .await?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = tx
+        .query(
+            &stmt,
+            &[
+                &key.pool,
+                &key.owner,
+                &key.name,
+                &before_id.unwrap_or(i64::MAX),
+                &limit,
+            ],
+        )
+        .await?;
+    let entries = rows.iter().map(log_entry).collect();
+    tx.commit().await?;
+    entries
+}
+
+/// Log entries `read_at` undoes per round trip: memory holds the dataset and one page.
+const REWIND_PAGE: i64 = 64;
+
+/// See `Store::read_at`: the current state and the log entries undone from it are read in
+/// one snapshot, the entries newest first a page at a time.
+pub(super) async fn read_at(
+    client: &mut ClientWrapper,
+    key: &DatasetKey,
+    actor: &str,
+    sync_count: u64,
+) -> Result<Snapshot, CallError> {
+    let tx = one_snapshot(client).await?;
+    let mut rewind =
+        crate::commitlog::Rewind::new(snapshot_in(&tx, key, actor).await?, sync_count)?;
+    if rewind.wants_more() {
+        let stmt = tx
+            .prepare_cached(&format!(
+                "SELECT {LOG_COLUMNS} FROM commit_log
+                 WHERE pool = $1 AND owner = $2 AND name = $3 AND sync_count >= $4
+                   AND kind IN ('update', 'delete', 'merge') AND id < $5
+                 ORDER BY id DESC LIMIT $6"
+            ))
+            .await?;
+        let target = to_i64(sync_count)?;
+        let mut below = i64::MAX;
+        while rewind.wants_more() {
+            let rows = tx
+                .query(
+                    &stmt,
+                    &[
+                        &key.pool,
+                        &key.owner,
+                        &key.name,
+                        &target,
+                        &below,
+                        &REWIND_PAGE,
+                    ],
+                )
+                .await?;
+            for row in &rows {
+                let entry = log_entry(row)?;
+                below = entry.id;
+                rewind.undo(&entry)?;
+            }
+            if rows.len() < REWIND_PAGE as usize {
+                break;
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(rewind.finish()?)
+}
+
+/// `identity`'s access, in `tx`.
+async fn access_of_in(
+    tx: &Transaction<'_>,
+    key: &DatasetKey,
+    identity: &str,
+) -> Result<Option<Access>, CallError> {
+    if identity == key.owner {
+        return Ok(Some(Access::Owner));
+    }
+    let stmt = tx
+        .prepare_cached(
+            "SELECT access FROM grants
+             WHERE pool = $1 AND owner = $2 AND name = $3 AND grantee = $4",
+        )
+        .await?;
+    let row = tx
+        .query_opt(&stmt, &[&key.pool, &key.owner, &key.name, &identity])
+        .await?;
+    match row {
+        Some(row) => Ok(Some(parse_access(row.try_get(0)?)?)),
+        None => Ok(None),
+    }
 }

@@ -181,11 +181,12 @@ pub(super) struct LogColumns<'a> {
 }
 
 impl<'a> LogColumns<'a> {
-    /// An update's entry: `changed` are the records it wrote.
+    /// An update's entry: the records `plan` writes, with the `stored` ones they replace.
     pub(super) fn push_update(
         &mut self,
         request: &'a UpdateRequest,
         plan: &Plan,
+        stored: &StoredRecords,
     ) -> Result<(), CallError> {
         let key = &request.dataset;
         self.push(
@@ -194,7 +195,7 @@ impl<'a> LogColumns<'a> {
             plan.sync_count,
             &request.actor,
             request.device_id.as_deref(),
-            commitlog::records_json(&plan.changed),
+            commitlog::records_json(&plan.changed, stored),
         )
     }
 
@@ -339,7 +340,7 @@ pub(super) async fn update(
     };
     let plan = decision::plan(limits, request, patches, &row.state, &stored, owned, now)?;
     let mut log = LogColumns::default();
-    log.push_update(request, &plan)?;
+    log.push_update(request, &plan, &stored)?;
     let write = Write {
         dataset_id: row.id,
         plan,
@@ -561,6 +562,25 @@ pub(super) async fn delete(
     Ok(new_count)
 }
 
+/// The live records of a dataset, ordered by key.
+const LIVE_RECORDS: &str = "
+    SELECT key, value, sync_count, last_modified, last_modified_by, device_id,
+           device_last_modified
+    FROM records WHERE dataset_id = $1 AND value IS NOT NULL ORDER BY key";
+
+/// The live records of a dataset whose row `tx` holds locked (so they cannot change).
+pub(super) async fn live_records_locked(
+    tx: &Transaction<'_>,
+    dataset_id: i64,
+) -> Result<Vec<tandem_protocol::Record>, CallError> {
+    let stmt = tx.prepare_cached(LIVE_RECORDS).await?;
+    tx.query(&stmt, &[&dataset_id])
+        .await?
+        .iter()
+        .map(|row| record_from_row(row, 0))
+        .collect()
+}
+
 /// Deletes a live dataset whose row `tx` holds locked; returns the delete's sync count.
 /// Its log entry is appended here, last, or pushed to `deferred` for a caller that has more
 /// to lock before it may append (see [`APPEND_LOG`]).
@@ -571,6 +591,8 @@ pub(super) async fn delete_locked<'a>(
     actor: &'a str,
     deferred: Option<&mut LogColumns<'a>>,
 ) -> Result<u64, CallError> {
+    // The log keeps the live records as they were, for history.
+    let live = live_records_locked(tx, row.id).await?;
     let new_count = row.state.sync_count + 1;
     let new_count_db = to_i64(new_count)?;
     let now = now_ms();
@@ -588,7 +610,7 @@ pub(super) async fn delete_locked<'a>(
         new_count,
         actor,
         None,
-        commitlog::DELETE_JSON.to_owned(),
+        commitlog::delete_json(&live),
     )?;
     let log_params = own.params(&now);
     let records_params: [&(dyn ToSql + Sync); 4] = [&row.id, &new_count_db, &now, &key.owner];
@@ -691,7 +713,7 @@ pub(super) async fn log_snapshot(
         .iter()
         .map(|r| super::read::record_from_row(r, 0))
         .collect::<Result<Vec<_>, CallError>>()?;
-    let patches = commitlog::records_json(&live);
+    let patches = commitlog::snapshot_json(&live);
     let entry = tx
         .query_one(
             &append,

@@ -171,6 +171,10 @@ pub(super) fn merge(
         conn.prepare_cached("UPDATE datasets SET merge_root = ?2 WHERE id = ?1")
             .and_then(|mut stmt| stmt.execute(params![target_id, merge_root]))
             .map_err(db_err)?;
+        let keys = query::live_records(conn, source.id)?
+            .into_iter()
+            .map(|r| r.key)
+            .collect();
         conn.prepare_cached(upsert_records!(
             "SELECT ?1, key, value, ?2, last_modified, last_modified_by, device_id,
                     device_last_modified
@@ -195,7 +199,7 @@ pub(super) fn merge(
             into,
             None,
             now,
-            &commitlog::merge_json(from, &name),
+            &commitlog::merge_json(from, &name, keys),
         )?;
         writer::delete(conn, &source_key, from)?;
         moved.push(MovedDataset {

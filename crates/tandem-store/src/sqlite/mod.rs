@@ -444,6 +444,31 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn history(
+        &self,
+        dataset: &DatasetKey,
+        actor: &str,
+        before_id: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<LogEntry>, StoreError> {
+        validate_call(dataset, actor)?;
+        let (dataset, actor) = (dataset.clone(), actor.to_owned());
+        self.read_tx(move |conn| query::history(conn, &dataset, &actor, before_id, limit))
+            .await
+    }
+
+    async fn read_at(
+        &self,
+        dataset: &DatasetKey,
+        actor: &str,
+        sync_count: u64,
+    ) -> Result<Snapshot, StoreError> {
+        validate_call(dataset, actor)?;
+        let (dataset, actor) = (dataset.clone(), actor.to_owned());
+        self.read_tx(move |conn| query::read_at(conn, &dataset, &actor, sync_count))
+            .await
+    }
+
     async fn log_since(&self, after_id: i64, limit: usize) -> Result<Vec<LogEntry>, StoreError> {
         self.read(move |conn| query::log_since(conn, after_id, limit))
             .await

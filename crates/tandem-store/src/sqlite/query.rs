@@ -335,3 +335,68 @@ pub(super) fn log_since(
         .and_then(|rows| rows.collect())
         .map_err(db_err)
 }
+
+/// See `Store::history`; run inside a read transaction.
+pub(super) fn history(
+    conn: &Connection,
+    key: &DatasetKey,
+    actor: &str,
+    before_id: Option<i64>,
+    limit: usize,
+) -> Result<Vec<LogEntry>, StoreError> {
+    check_read(conn, key, actor)?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT {LOG_COLUMNS} FROM commit_log
+             WHERE pool = ?1 AND owner = ?2 AND name = ?3 AND id < ?4
+               AND kind IN ('update', 'delete', 'grant', 'revoke', 'merge')
+             ORDER BY id DESC LIMIT ?5"
+        ))
+        .map_err(db_err)?;
+    stmt.query_map(
+        params![
+            key.pool,
+            key.owner,
+            key.name,
+            before_id.unwrap_or(i64::MAX),
+            limit
+        ],
+        log_entry,
+    )
+    .and_then(|rows| rows.collect())
+    .map_err(db_err)
+}
+
+/// See `Store::read_at`; run inside a read transaction, so the current state and the log
+/// entries undone from it are of one commit. Entries are read one at a time, newest first
+/// along the dataset's index, so memory holds the dataset and one entry.
+pub(super) fn read_at(
+    conn: &Connection,
+    key: &DatasetKey,
+    actor: &str,
+    sync_count: u64,
+) -> Result<Snapshot, StoreError> {
+    let mut rewind = crate::commitlog::Rewind::new(snapshot(conn, key, actor)?, sync_count)?;
+    if rewind.wants_more() {
+        let target = i64::try_from(sync_count).unwrap_or(i64::MAX);
+        let mut stmt = conn
+            .prepare_cached(&format!(
+                "SELECT {LOG_COLUMNS} FROM commit_log
+                 WHERE pool = ?1 AND owner = ?2 AND name = ?3 AND sync_count >= ?4
+                   AND kind IN ('update', 'delete', 'merge')
+                 ORDER BY id DESC"
+            ))
+            .map_err(db_err)?;
+        let mut rows = stmt
+            .query(params![key.pool, key.owner, key.name, target])
+            .map_err(db_err)?;
+        while rewind.wants_more() {
+            let Some(row) = rows.next().map_err(db_err)? else {
+                break;
+            };
+            rewind.undo(&log_entry(row).map_err(db_err)?)?;
+        }
+    }
+    rewind.finish()
+}

@@ -462,7 +462,7 @@ fn update(
         &request.actor,
         request.device_id.as_deref(),
         now,
-        &commitlog::records_json(&plan.changed),
+        &commitlog::records_json(&plan.changed, &stored),
     )?;
     Ok(plan.committed(key, stored))
 }
@@ -520,6 +520,8 @@ pub(super) fn delete(conn: &Connection, key: &DatasetKey, actor: &str) -> Result
     };
     let new_count = row.state.sync_count + 1;
     let now = now_ms();
+    // The log keeps them as they were, for history.
+    let live = query::live_records(conn, row.id)?;
     // Live records become tombstones stamped with the delete's sync count, so that
     // `changes` since an earlier count reports the deletion.
     conn.prepare_cached(
@@ -548,7 +550,7 @@ pub(super) fn delete(conn: &Connection, key: &DatasetKey, actor: &str) -> Result
         actor,
         None,
         now,
-        commitlog::DELETE_JSON,
+        &commitlog::delete_json(&live),
     )?;
     Ok(new_count)
 }
@@ -567,7 +569,7 @@ fn log_snapshot(conn: &Connection, key: &DatasetKey) -> Result<Option<i64>, Stor
         &key.owner,
         None,
         now_ms(),
-        &commitlog::records_json(&records),
+        &commitlog::snapshot_json(&records),
     )?;
     Ok(Some(conn.last_insert_rowid()))
 }
