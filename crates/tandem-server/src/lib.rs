@@ -128,7 +128,7 @@ fn run_stream(action: StreamAction) -> anyhow::Result<()> {
         let _lock = (server.store == SQLITE_STORE)
             .then(|| DataDirLock::acquire(&server.data_dir))
             .transpose()
-            .context("the data dir is in use (stop the node that serves it, or replay through Cognito's BulkPublish)")?;
+            .context("the data dir is in use: stop the node that serves it first")?;
         let (store, _) = open_store(
             server,
             &server.data_dir,
@@ -299,16 +299,10 @@ async fn serve_until(
     let grace = server.shutdown_grace;
     let drain_delay = server.drain_delay;
 
-    let (store, store_kind) = open_store(&server, &data_dir, limits, &shutdown).await?;
-    // Names this process in the stream's leases: unique even for two nodes on one host.
-    let node_name = format!(
-        "{}:{}:{:08x}",
-        listen,
-        std::process::id(),
-        rand::random::<u32>()
-    );
-    let stream = tandem_stream::ChangeStream::start(store.clone(), &stream_config, node_name)
+    stream_config
+        .validate()
         .map_err(|e| anyhow::anyhow!("invalid change stream settings: {e}"))?;
+    let (store, store_kind) = open_store(&server, &data_dir, limits, &shutdown).await?;
     let redis = server
         .redis
         .as_ref()
@@ -334,6 +328,16 @@ async fn serve_until(
     gateway_config.listen_port = local.port();
     let unsent = gateway_config.max_unsent_socket_bytes;
     let gateway = Gateway::new(gateway_config, subscribers, broker, verifier);
+    // Started once nothing can fail before the shutdown that stops it (and gives its leases
+    // back). The name in its leases is unique even for two nodes on one host.
+    let node_name = format!(
+        "{}:{}:{:08x}",
+        local,
+        std::process::id(),
+        rand::random::<u32>()
+    );
+    let stream = tandem_stream::ChangeStream::start(store.clone(), &stream_config, node_name)
+        .map_err(|e| anyhow::anyhow!("invalid change stream settings: {e}"))?;
     let metrics_stream = stream.clone();
     gateway.add_metrics(Box::new(move || metrics_stream.metrics_text()));
     // TCP_NODELAY, the kernel's unsent bytes and each connection's read budget before it
@@ -390,8 +394,14 @@ async fn serve_until(
         Err(_) => tracing::warn!("http server did not stop in time"),
     }
     gateway.broker().close().await;
-    // Gives up the stream's leases, so another node delivers at once.
-    stream.stop().await;
+    // Gives up the stream's leases, so another node delivers at once; a delivery in flight
+    // ends within its timeout.
+    if tokio::time::timeout(Duration::from_secs(10), stream.stop())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the change stream did not stop in time; its leases run out instead");
+    }
     store.close().await;
     tracing::info!(clean, "shutdown complete");
     Ok(())

@@ -213,11 +213,19 @@ struct Delivery {
     last_warning: Mutex<Option<Instant>>,
 }
 
+/// This node's hold on the sink: the lease until `until` (ms; 0 = not held) and the
+/// position the store gave with it.
+struct Lease {
+    until: i64,
+    position: i64,
+}
+
 /// How a batch ended.
 enum Sent {
     Delivered,
-    /// Gave up after this many attempts with this error.
-    GaveUp(u32, String),
+    /// Gave up on these events (the others of the batch went) after this many attempts
+    /// with this error.
+    GaveUp(Vec<usize>, u32, String),
     /// The lease ran out (or went to another node) before the batch went.
     LeaseLost,
     Stopped,
@@ -226,47 +234,56 @@ enum Sent {
 /// Less than this left on the lease after a delivery's timeout: renew first.
 const LEASE_MARGIN_MS: i64 = 1_000;
 
+/// Entries read at first after taking a lease; doubled after each batch that was not cut
+/// by bytes, up to `stream_batch_events`.
+const FIRST_READ: usize = 16;
+
 impl Delivery {
     async fn run(self) {
         let name = self.stats.name.clone();
         let ttl_ms = millis(self.config.stream_lease_ttl);
-        let timeout_ms = millis(self.config.stream_timeout);
-        // This node's view of its lease: valid until `lease_until` (0: not held).
-        let mut lease_until = 0_i64;
-        let mut position = 0_i64;
+        let mut lease = Lease {
+            until: 0,
+            position: 0,
+        };
         let mut head_read = Instant::now() - Duration::from_secs(60);
         let mut store_wait = self.config.stream_retry_initial;
-        // Entries read at once: cut to what fitted in the last batch's bytes when large
-        // entries filled it, doubled back after each batch that was not cut, so a sink's
-        // memory stays near `stream_batch_bytes` rather than `stream_batch_events` large
-        // entries.
-        let mut read_limit = self.config.stream_batch_events;
+        // Entries read at once: small after a takeover, cut to what fitted in the last
+        // batch's bytes when large entries filled it, doubled back after each batch that
+        // was not cut, so a sink's memory stays near `stream_batch_bytes` rather than
+        // `stream_batch_events` large entries (an update's entry can hold two copies of a
+        // 1 MiB dataset, a replay's one).
+        let mut read_limit = FIRST_READ.min(self.config.stream_batch_events);
         while !self.stop.is_cancelled() {
             let now = now_ms();
-            if lease_until - now < ttl_ms / 2 {
-                match self
-                    .store
-                    .stream_lease(&name, &self.node, now, ttl_ms)
-                    .await
-                {
-                    Ok(Some(p)) => {
-                        if lease_until == 0 {
-                            tracing::info!(consumer = %name, position = p, "delivering the change stream from this node");
+            if lease.until - now < ttl_ms / 2 {
+                let held = lease.until != 0;
+                match self.renew(&mut lease).await {
+                    Ok(true) => {
+                        if !held {
+                            tracing::info!(consumer = %name, position = lease.position, "delivering the change stream from this node");
+                            read_limit = FIRST_READ.min(self.config.stream_batch_events);
+                            // A Redis Stream already past the log would swallow new events.
+                            let checked = match self.store.log_head().await {
+                                Ok(head) => self.sink.check(head).await,
+                                Err(e) => Err(format!("reading the log head: {e}")),
+                            };
+                            if let Err(e) = checked {
+                                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                                self.warn(&e);
+                                self.release(&mut lease).await;
+                                self.pause(self.config.stream_retry_max).await;
+                                continue;
+                            }
                         }
-                        lease_until = now + ttl_ms;
-                        position = p;
-                        self.stats.leader.store(true, Ordering::Relaxed);
-                        self.stats.position.store(p, Ordering::Relaxed);
                         store_wait = self.config.stream_retry_initial;
                     }
-                    Ok(None) => {
-                        self.lose_lease(&mut lease_until);
+                    Ok(false) => {
                         // Another node delivers; look again well within its lease.
                         self.pause(self.config.stream_lease_ttl / 4).await;
                         continue;
                     }
                     Err(e) => {
-                        self.lose_lease(&mut lease_until);
                         self.warn(&format!("lease: {e}"));
                         self.pause(store_wait).await;
                         store_wait = (store_wait * 2).min(self.config.stream_retry_max);
@@ -281,7 +298,7 @@ impl Delivery {
                 }
             }
             let asked = read_limit;
-            let entries = match self.store.log_since(position, asked).await {
+            let entries = match self.store.log_since(lease.position, asked).await {
                 Ok(entries) => entries,
                 Err(e) => {
                     self.warn(&format!("reading the log: {e}"));
@@ -308,7 +325,9 @@ impl Delivery {
                 }
                 events.push(event);
             }
-            read_limit = if events.len() < entries.len() {
+            drop(entries);
+            let cut = events.len() < asked;
+            read_limit = if cut && bytes > self.config.stream_batch_bytes {
                 events.len()
             } else {
                 (read_limit * 2).min(self.config.stream_batch_events)
@@ -317,23 +336,20 @@ impl Delivery {
                 let head = self.stats.head.load(Ordering::Relaxed).max(last.entry_id);
                 self.stats.head.store(head, Ordering::Relaxed);
             }
-            let last_id = events.last().map_or(position, |e| e.entry_id);
-            match self
-                .send(&events, &mut lease_until, position, ttl_ms, timeout_ms)
-                .await
-            {
+            let last_id = events.last().map_or(lease.position, |e| e.entry_id);
+            match self.send(&events, &mut lease).await {
                 Sent::Stopped => break,
                 Sent::LeaseLost => {
-                    self.lose_lease(&mut lease_until);
+                    self.lose_lease(&mut lease);
                     continue;
                 }
-                Sent::GaveUp(attempts, error) => {
+                Sent::GaveUp(failed, attempts, error) => {
                     let time = now_ms();
-                    let letters: Vec<DeadLetter> = events
+                    let letters: Vec<DeadLetter> = failed
                         .iter()
-                        .map(|e| DeadLetter {
-                            entry_id: e.entry_id,
-                            event: e.json.clone(),
+                        .map(|&i| DeadLetter {
+                            entry_id: events[i].entry_id,
+                            event: events[i].json.clone(),
                             error: error.clone(),
                             attempts,
                             time,
@@ -345,10 +361,10 @@ impl Delivery {
                         self.pause(store_wait).await;
                         continue;
                     }
-                    tracing::warn!(consumer = %name, events = events.len(), attempts, error = %error, "change stream batch dead-lettered");
+                    tracing::warn!(consumer = %name, events = letters.len(), attempts, error = %error, "change stream events dead-lettered");
                     self.stats
                         .dead_lettered
-                        .fetch_add(events.len() as u64, Ordering::Relaxed);
+                        .fetch_add(letters.len() as u64, Ordering::Relaxed);
                 }
                 Sent::Delivered => {
                     self.stats.batches.fetch_add(1, Ordering::Relaxed);
@@ -360,61 +376,90 @@ impl Delivery {
                 .await
             {
                 Ok(true) => {
-                    position = last_id;
+                    lease.position = last_id;
                     self.stats.position.store(last_id, Ordering::Relaxed);
                     self.stats
                         .events
                         .fetch_add(events.len() as u64, Ordering::Relaxed);
-                    if entries.len() == events.len()
-                        && entries.len() < self.config.stream_batch_events
-                    {
+                    if !cut {
                         self.stats.oldest_pending_ms.store(0, Ordering::Relaxed);
                     }
                 }
                 Ok(false) => {
                     // Another node holds the lease now and will send this batch again.
-                    self.lose_lease(&mut lease_until);
+                    self.lose_lease(&mut lease);
                 }
                 Err(e) => {
                     self.warn(&format!("acknowledging: {e}"));
                     // Re-leasing reads the position back: sent again only if it was lost.
-                    lease_until = 0;
+                    lease.until = 0;
                 }
             }
         }
         if self.stats.leader.load(Ordering::Relaxed) {
-            let _ = self.store.stream_release(&name, &self.node).await;
-            self.stats.leader.store(false, Ordering::Relaxed);
+            self.release(&mut lease).await;
         }
     }
 
+    /// Takes or renews the lease: `Ok(true)` when this node holds it (and `lease` has the
+    /// store's position), `Ok(false)` when another node does.
+    async fn renew(&self, lease: &mut Lease) -> Result<bool, tandem_store::StoreError> {
+        let now = now_ms();
+        let ttl_ms = millis(self.config.stream_lease_ttl);
+        match self
+            .store
+            .stream_lease(&self.stats.name, &self.node, now, ttl_ms)
+            .await?
+        {
+            Some(position) => {
+                lease.until = now + ttl_ms;
+                lease.position = position;
+                self.stats.leader.store(true, Ordering::Relaxed);
+                self.stats.position.store(position, Ordering::Relaxed);
+                Ok(true)
+            }
+            None => {
+                self.lose_lease(lease);
+                Ok(false)
+            }
+        }
+    }
+
+    async fn release(&self, lease: &mut Lease) {
+        let _ = self
+            .store
+            .stream_release(&self.stats.name, &self.node)
+            .await;
+        self.lose_lease(lease);
+    }
+
+    /// Renews the lease if less than `needed` ms of it would be left; whether this node
+    /// still holds it at the same position.
+    async fn keep(&self, lease: &mut Lease, needed: i64) -> bool {
+        if lease.until - now_ms() >= needed {
+            return true;
+        }
+        let position = lease.position;
+        matches!(self.renew(lease).await, Ok(true)) && lease.position == position
+    }
+
     /// Sends one batch until it goes, retrying with exponential backoff and jitter; renews
-    /// the lease before an attempt that could outlast it.
-    async fn send(
-        &self,
-        events: &[Event],
-        lease_until: &mut i64,
-        position: i64,
-        ttl_ms: i64,
-        timeout_ms: i64,
-    ) -> Sent {
+    /// the lease before an attempt that could outlast it and during the waits, so no other
+    /// node takes the batch over while this one counts its attempts. When the attempts are
+    /// spent, each event is tried once on its own, so only the events the sink refuses are
+    /// given up on.
+    async fn send(&self, events: &[Event], lease: &mut Lease) -> Sent {
+        let timeout_ms = millis(self.config.stream_timeout);
+        let ttl_ms = millis(self.config.stream_lease_ttl);
         let mut attempt = 0_u32;
         let mut wait = self.config.stream_retry_initial;
-        loop {
+        let last_error = loop {
             if self.stop.is_cancelled() {
                 return Sent::Stopped;
             }
             attempt += 1;
-            let now = now_ms();
-            if *lease_until - now < timeout_ms + LEASE_MARGIN_MS {
-                match self
-                    .store
-                    .stream_lease(&self.stats.name, &self.node, now, ttl_ms)
-                    .await
-                {
-                    Ok(Some(p)) if p == position => *lease_until = now + ttl_ms,
-                    _ => return Sent::LeaseLost,
-                }
+            if !self.keep(lease, timeout_ms + LEASE_MARGIN_MS).await {
+                return Sent::LeaseLost;
             }
             match self.sink.deliver(events, self.config.stream_timeout).await {
                 Ok(()) => return Sent::Delivered,
@@ -423,26 +468,61 @@ impl Delivery {
                     self.warn(&format!("delivery attempt {attempt} failed: {e}"));
                     let max = self.config.stream_max_attempts;
                     if max > 0 && attempt >= max {
-                        return Sent::GaveUp(attempt, e);
+                        break e;
                     }
                 }
             }
             // Up to a quarter less, so nodes and sinks do not retry in step.
             let jitter = rand::random::<f64>() * 0.25;
-            let pause = wait.mul_f64(1.0 - jitter);
-            tokio::select! {
-                () = tokio::time::sleep(pause) => {}
-                () = self.stop.cancelled() => return Sent::Stopped,
+            let mut left = wait.mul_f64(1.0 - jitter);
+            // Waits in steps of at most a third of the lease, renewing between them.
+            while !left.is_zero() {
+                let step = left.min(self.config.stream_lease_ttl / 3);
+                tokio::select! {
+                    () = tokio::time::sleep(step) => {}
+                    () = self.stop.cancelled() => return Sent::Stopped,
+                }
+                left -= step;
+                if !self.keep(lease, ttl_ms / 2).await {
+                    return Sent::LeaseLost;
+                }
             }
             wait = (wait * 2).min(self.config.stream_retry_max);
+        };
+        if events.len() == 1 {
+            return Sent::GaveUp(vec![0], attempt, last_error);
+        }
+        let mut failed = Vec::new();
+        let mut error = last_error;
+        for (i, event) in events.iter().enumerate() {
+            if self.stop.is_cancelled() {
+                return Sent::Stopped;
+            }
+            if !self.keep(lease, timeout_ms + LEASE_MARGIN_MS).await {
+                return Sent::LeaseLost;
+            }
+            if let Err(e) = self
+                .sink
+                .deliver(std::slice::from_ref(event), self.config.stream_timeout)
+                .await
+            {
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                failed.push(i);
+                error = e;
+            }
+        }
+        if failed.is_empty() {
+            Sent::Delivered
+        } else {
+            Sent::GaveUp(failed, attempt, error)
         }
     }
 
-    fn lose_lease(&self, lease_until: &mut i64) {
-        if *lease_until != 0 || self.stats.leader.load(Ordering::Relaxed) {
+    fn lose_lease(&self, lease: &mut Lease) {
+        if lease.until != 0 || self.stats.leader.load(Ordering::Relaxed) {
             tracing::info!(consumer = %self.stats.name, "change stream lease held elsewhere");
         }
-        *lease_until = 0;
+        lease.until = 0;
         self.stats.leader.store(false, Ordering::Relaxed);
         self.stats.oldest_pending_ms.store(0, Ordering::Relaxed);
     }

@@ -4,9 +4,8 @@
 //! store's dead letters) and a Redis Stream (`XADD` with a length cap, for consumer groups).
 //! Each sink is a consumer of the log with its own position in the store; one node at a time
 //! delivers for it, holding the consumer's lease in the store, and another node takes over
-//! from the acknowledged position when that node dies. `tandem stream replay` (and Cognito's
-//! BulkPublish) emits the current state of every dataset as events through the same sinks,
-//! under the same lease. See docs/HOOKS.md.
+//! from the acknowledged position when that node dies. `tandem stream replay` puts the current
+//! state of every dataset into the log, so the same sinks get it in order. See docs/HOOKS.md.
 
 mod config;
 mod deliver;

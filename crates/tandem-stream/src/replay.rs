@@ -1,4 +1,4 @@
-//! `tandem stream replay` and Cognito's BulkPublish: the current state of every live dataset
+//! `tandem stream replay` (what Cognito's BulkPublish did): the current state of every live dataset
 //! (or of one identity pool's) appended to the commit log as a `snapshot` entry, in the
 //! dataset's own transaction. The stream then delivers those entries like any other, to
 //! every sink, in order with the commits around them, from whichever node holds each sink's

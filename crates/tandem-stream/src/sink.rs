@@ -52,6 +52,23 @@ impl Sink {
         }))
     }
 
+    /// Whether the sink can take the log's events from here: a Redis Stream whose last
+    /// entry is past the log's `head` (a database restored or failed over to an older state,
+    /// or a key another deployment writes) would refuse every new event as already added.
+    pub async fn check(&self, head: i64) -> Result<(), String> {
+        let Sink::Redis(r) = self else {
+            return Ok(());
+        };
+        let top = r.top().await?;
+        match top {
+            Some(top) if top > head => Err(format!(
+                "the Redis Stream `{}` ends at entry {top}, past the commit log's newest entry {head}: its events would be refused as already added; point --stream-redis-key at a new key (or delete this one) after a database restore or failover",
+                r.key
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Delivers a batch, in order; `Err` means it may be delivered in part and is retried
     /// whole (consumers deduplicate on the event id).
     pub async fn deliver(&self, events: &[Event], timeout: Duration) -> Result<(), String> {
@@ -163,10 +180,10 @@ pub struct RedisSink {
 }
 
 impl RedisSink {
-    async fn add(&self, events: &[Event]) -> Result<(), String> {
+    async fn connection(&self) -> Result<redis::aio::MultiplexedConnection, String> {
         let mut slot = self.connection.lock().await;
-        let mut connection = match slot.as_ref() {
-            Some(c) => c.clone(),
+        match slot.as_ref() {
+            Some(c) => Ok(c.clone()),
             None => {
                 let c = self
                     .client
@@ -174,9 +191,30 @@ impl RedisSink {
                     .await
                     .map_err(|e| format!("redis connect failed: {e}"))?;
                 *slot = Some(c.clone());
-                c
+                Ok(c)
             }
-        };
+        }
+    }
+
+    /// The log id of the stream's last entry (`<id>-<n>`), if it has one.
+    async fn top(&self) -> Result<Option<i64>, String> {
+        let mut connection = self.connection().await?;
+        let last: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+            .arg(&self.key)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut connection)
+            .await
+            .map_err(|e| format!("reading the Redis Stream's end failed: {e}"))?;
+        Ok(last
+            .first()
+            .and_then(|(id, _)| id.split('-').next()?.parse().ok()))
+    }
+
+    async fn add(&self, events: &[Event]) -> Result<(), String> {
+        let mut connection = self.connection().await?;
         let mut invocation = self.script.key(&self.key);
         invocation.arg(self.max_len);
         for event in events {
@@ -191,7 +229,7 @@ impl RedisSink {
             Ok(_) => Ok(()),
             Err(e) => {
                 if e.is_io_error() || e.is_connection_dropped() {
-                    *slot = None;
+                    *self.connection.lock().await = None;
                 }
                 Err(format!("redis XADD failed: {e}"))
             }
