@@ -106,15 +106,21 @@ async fn test_stream_delivers_every_commit_in_order_across_a_sigkill_and_a_flaky
         })
         .collect();
     let mut alive = vec![true; 3];
-    let victim = leader(&nodes, &alive, "hook").await;
-    leader(&nodes, &alive, "redis").await;
-    let survivors: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
+    // The nodes delivering for either sink are killed: both take-overs are exercised.
+    let mut victims = vec![
+        leader(&nodes, &alive, "hook").await,
+        leader(&nodes, &alive, "redis").await,
+    ];
+    victims.dedup();
+    let survivors: Vec<usize> = (0..3).filter(|i| !victims.contains(i)).collect();
 
-    // Writers on the surviving nodes; the delivering node is killed a third of the way in.
+    // Writers on the surviving nodes (every commit acknowledged), and writers on the
+    // victims, whose commits are in flight when they die (only what was acknowledged must
+    // arrive); the victims are killed a third of the way in.
     let written = Arc::new(AtomicUsize::new(0));
     let mut writers = Vec::new();
     for d in 0..DATASETS {
-        let conn = nodes[survivors[d % 2]]
+        let conn = nodes[survivors[d % survivors.len()]]
             .connect(&format!("writer-{d}"))
             .await;
         let written = written.clone();
@@ -136,20 +142,55 @@ async fn test_stream_delivers_every_commit_in_order_across_a_sigkill_and_a_flaky
             }
         }));
     }
+    let mut doomed = Vec::new();
+    for (i, v) in victims.iter().enumerate() {
+        for j in 0..2 {
+            let owner = format!("doomed-{i}-{j}");
+            let conn = nodes[*v].connect(&owner).await;
+            let acked = Arc::new(AtomicUsize::new(0));
+            let counter = acked.clone();
+            doomed.push((owner, acked));
+            tokio::spawn(async move {
+                for k in 0..COMMITS {
+                    let patch = Patch::replace("n", k.to_string(), k as u64);
+                    match conn.update(DatasetRef::own("log"), None, vec![patch]).await {
+                        Ok(UpdateResult::Committed { .. }) => {
+                            counter.fetch_add(1, Ordering::SeqCst);
+                        }
+                        _ => return,
+                    }
+                }
+            });
+        }
+    }
     let total = DATASETS * COMMITS;
     eventually(WAIT, "a third of the commits", || async {
         (written.load(Ordering::Relaxed) >= total / 3).then_some(())
     })
     .await;
-    nodes[victim].kill();
-    alive[victim] = false;
+    for v in &victims {
+        nodes[*v].kill();
+        alive[*v] = false;
+    }
     for w in writers {
         w.await.unwrap();
     }
-    let taker = leader(&nodes, &alive, "hook").await;
-    assert_ne!(taker, victim);
+    for consumer in ["hook", "redis"] {
+        let taker = leader(&nodes, &alive, consumer).await;
+        assert!(!victims.contains(&taker));
+    }
+    let doomed_acked: Vec<(String, usize)> = doomed
+        .iter()
+        .map(|(owner, n)| (owner.clone(), n.load(Ordering::SeqCst)))
+        .collect();
+    assert!(
+        doomed_acked.iter().any(|(_, n)| *n > 0),
+        "no commit on a killed node"
+    );
+    let total = total + doomed_acked.iter().map(|(_, n)| n).sum::<usize>();
 
-    // The webhook: every commit at least once, in order per dataset, none missing.
+    // The webhook: every acknowledged commit at least once, in order per dataset, none
+    // missing.
     let deadline = std::time::Instant::now() + WAIT;
     let events = loop {
         let events = hook.events();
@@ -168,15 +209,29 @@ async fn test_stream_delivers_every_commit_in_order_across_a_sigkill_and_a_flaky
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    // The victims' writers: every acknowledged commit, and perhaps the one in flight.
+    let check_doomed = |by_owner: &BTreeMap<String, Vec<u64>>| {
+        for (owner, acked) in &doomed_acked {
+            let counts = by_owner.get(owner).cloned().unwrap_or_default();
+            let expected: Vec<u64> = (1..=counts.len() as u64).collect();
+            assert_eq!(counts, expected, "{owner}'s events out of order");
+            assert!(
+                counts.len() >= *acked,
+                "{owner}: {} of {acked}",
+                counts.len()
+            );
+        }
+    };
     let expected: Vec<u64> = (1..=COMMITS as u64).collect();
     let by_owner = sync_counts_by_owner(&events);
-    assert_eq!(by_owner.len(), DATASETS);
-    for (owner, counts) in &by_owner {
+    for d in 0..DATASETS {
+        let owner = format!("writer-{d}");
         assert_eq!(
-            counts, &expected,
+            by_owner[&owner], expected,
             "{owner}'s events out of order or missing"
         );
     }
+    check_doomed(&by_owner);
     assert!(hook.failed() > 0, "the webhook failed no request");
     assert_eq!(hook.bad_signatures(), 0);
     let webhook_ids: HashSet<String> = first_of_each(&events)
@@ -220,19 +275,31 @@ async fn test_stream_delivers_every_commit_in_order_across_a_sigkill_and_a_flaky
             seen.push(serde_json::from_str::<Value>(&event).unwrap());
         }
     }
-    assert_eq!(seen.len(), total, "the redis stream holds duplicates");
-    let by_owner = sync_counts_by_owner(&seen);
-    for (owner, counts) in &by_owner {
-        assert_eq!(
-            counts, &expected,
-            "{owner}'s redis events out of order or missing"
-        );
-    }
     let redis_ids: HashSet<String> = seen
         .iter()
         .map(|e| e["id"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(redis_ids, webhook_ids);
+    assert_eq!(
+        redis_ids.len(),
+        seen.len(),
+        "the redis stream holds duplicates"
+    );
+    let by_owner = sync_counts_by_owner(&seen);
+    for d in 0..DATASETS {
+        let owner = format!("writer-{d}");
+        assert_eq!(
+            by_owner[&owner], expected,
+            "{owner}'s redis events out of order or missing"
+        );
+    }
+    check_doomed(&by_owner);
+    // Both sinks carry the same events (one may have an in-flight commit's the other has
+    // not read yet).
+    let common = redis_ids.intersection(&webhook_ids).count();
+    assert!(
+        common >= total,
+        "{common} events in both sinks, {total} acknowledged"
+    );
 }
 
 /// `tandem stream ARGS…` against a store; its stdout, asserting it succeeded.
@@ -385,4 +452,117 @@ async fn test_stream_replay_sends_every_live_dataset_as_a_snapshot() {
     assert_eq!(by_owner["alice"]["records"][0]["value"], "b");
     assert_eq!(by_owner["bob"]["records"][0]["value"], "x");
     assert!(!by_owner.contains_key("carol"));
+}
+
+/// The sum over nodes of one `/metrics` value.
+async fn metric_sum(nodes: &[TestServer], name: &str) -> u64 {
+    let mut sum = 0;
+    for node in nodes {
+        sum += tandem_tests::metric(node, name).await;
+    }
+    sum
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_stream_two_nodes_dead_letter_after_the_attempts_even_when_waits_outlast_the_lease() {
+    // Waits of 1, 2 and 3 s between attempts (less up to a quarter), a 2 s lease: without
+    // renewing during the waits the other node takes over before the last attempt and starts
+    // counting again, and nothing is ever dead-lettered.
+    let schema = PgSchema::create();
+    let hook = Webhook::start(usize::MAX).await;
+    let nodes: Vec<TestServer> = (0..2)
+        .map(|_| {
+            TestServer::builder()
+                .arg("--store", &schema.url)
+                .arg("--postgres-schema", &schema.name)
+                .arg("--stream-webhook", hook.setting("hook"))
+                .arg("--stream-secret", SECRET)
+                .arg("--stream-lease-ttl", "2s")
+                .arg("--stream-timeout", "500ms")
+                .arg("--stream-retry-initial", "1s")
+                .arg("--stream-retry-max", "3s")
+                .arg("--stream-max-attempts", 4)
+                .arg("--stream-poll-interval", "10ms")
+                .start()
+        })
+        .collect();
+    leader(&nodes, &[true, true], "hook").await;
+    write(&nodes[0], "alice", "notes", &["a"]).await;
+    eventually(WAIT, "the event dead-lettered", || async {
+        (metric_sum(
+            &nodes,
+            "tandem_stream_dead_letters_total{consumer=\"hook\"}",
+        )
+        .await
+            >= 1)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        metric_sum(&nodes, "tandem_stream_failures_total{consumer=\"hook\"}").await,
+        4,
+        "attempts were restarted by a take-over"
+    );
+    assert_eq!(hook.requests(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_stream_refuses_a_redis_stream_past_the_log_until_it_is_cleared() {
+    let hook = Webhook::start(0).await;
+    let key = unique("tandem-stream-ahead");
+    let redis = redis::Client::open(redis_url()).unwrap();
+    let mut redis = redis.get_multiplexed_async_connection().await.unwrap();
+    // What a restored database's lower ids would run into: a stream already far ahead.
+    let _: String = redis::cmd("XADD")
+        .arg(&[&key, "999999999-0", "id", "old", "event", "{}"])
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let node = stream_node(&hook)
+        .arg("--stream-redis", redis_url())
+        .arg("--stream-redis-key", &key)
+        .start();
+    write(&node, "alice", "notes", &["a"]).await;
+    eventually(WAIT, "the redis sink refusing", || async {
+        (tandem_tests::metric(&node, "tandem_stream_failures_total{consumer=\"redis\"}").await >= 1)
+            .then_some(())
+    })
+    .await;
+    let len: u64 = redis::cmd("XLEN")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(len, 1, "an event went into a stream past the log");
+    assert!(node.log().contains("past the commit log"), "{}", node.log());
+    // The webhook is not held up by the redis sink.
+    eventually(WAIT, "the webhook's event", || async {
+        (!hook.events().is_empty()).then_some(())
+    })
+    .await;
+
+    let _: u64 = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let entries = eventually(WAIT, "the event in the cleared stream", || {
+        let mut redis = redis.clone();
+        let key = key.clone();
+        async move {
+            let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+                .arg(&[&key, "-", "+"])
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            (!entries.is_empty()).then_some(entries)
+        }
+    })
+    .await;
+    assert_eq!(entries.len(), 1);
+    let _: u64 = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
 }
