@@ -15,7 +15,7 @@
 use super::CallError;
 use super::read::to_i64;
 use super::write::{
-    APPEND_LOG, LogColumns, delete_locked, insert_or_lock_dataset, live_records_locked,
+    APPEND_LOG, LogColumns, commit, delete_locked, insert_or_lock_dataset, live_records_locked,
     lock_dataset,
 };
 use crate::commitlog::{self, LogKind};
@@ -337,11 +337,18 @@ pub(super) async fn merge(
     }
     let stmt = tx.prepare_cached(MARK_MERGED).await?;
     tx.execute(&stmt, &[&pool, &from, &into]).await?;
-    if !log.is_empty() {
+    if log.is_empty() {
+        tx.commit().await?;
+    } else {
+        // The append and COMMIT in one round trip (see `write::commit`).
         let append = tx.prepare_cached(APPEND_LOG).await?;
-        tx.execute(&append, &log.params(&now)).await?;
+        let log_params = log.params(&now);
+        tokio::try_join!(
+            biased;
+            tx.execute(&append, &log_params),
+            commit(&tx),
+        )?;
     }
-    tx.commit().await?;
     Ok(MergeOutcome { moved })
 }
 

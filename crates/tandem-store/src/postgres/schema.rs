@@ -27,7 +27,7 @@ use deadpool_postgres::ClientWrapper;
 ///
 /// Version 6 (PostgreSQL only) makes log ids follow commit order: they come from the
 /// one-row counter `log_seq`, taken by the statement that inserts the entries, the last
-/// statement before COMMIT (see `write::APPEND_LOG`), instead of the identity column, which
+/// statement, sent with COMMIT (see `write::APPEND_LOG`), instead of the identity column, which
 /// handed them out at insert time in whatever order transactions got there. The counter
 /// starts at the newest id, so none is reused. Nodes of an earlier version cannot write the
 /// log after this (their inserts have no id): upgrade every node together.

@@ -746,6 +746,155 @@ async fn test_postgres_store_disk_full_is_unavailable_and_not_ready_until_a_writ
     store.close().await;
 }
 
+/// Every path that logs sends its commit log append and COMMIT together (`write::commit`).
+/// When the append fails (a trigger on the log raises), the server ends the transaction at
+/// that COMMIT as a rollback: each path reports the append's error and writes nothing. A
+/// full disk drops the store's connections; a plain error keeps them, so the next calls
+/// reuse connections whose append failed, and commit normally, with the next log ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_postgres_store_a_failed_append_commits_nothing_on_any_path() {
+    let schemas = TestSchemas::new();
+    let config = PostgresConfig {
+        pool_size: 2,
+        ..schemas.config()
+    };
+    let schema = config.schema.clone();
+    let store = PostgresStore::connect(config, Limits::default())
+        .await
+        .unwrap();
+    let (guest, user) = (
+        "us-east-1:00000000-0000-4000-8000-00000000000a",
+        "us-east-1:00000000-0000-4000-8000-00000000000b",
+    );
+    store
+        .create_identity(DEFAULT_POOL, guest, true)
+        .await
+        .unwrap();
+    store
+        .create_identity(DEFAULT_POOL, user, false)
+        .await
+        .unwrap();
+    let d = ds("alice", "logged");
+    let new = ds("alice", "new");
+    let g = ds(guest, "moved");
+    commit(
+        &store,
+        update(&d, "alice", vec![Patch::replace("a", "1", 0)]),
+    )
+    .await;
+    commit(&store, update(&g, guest, vec![Patch::replace("g", "1", 0)])).await;
+    let log_before = store.log_since(0, 100).await.unwrap();
+    assert_eq!(log_before.len(), 2);
+
+    let admin = admin().await;
+    for (errcode, sqlstate) in [("disk_full", "53100"), ("check_violation", "23514")] {
+        admin
+            .batch_execute(&format!(
+                "CREATE FUNCTION {schema}.log_refused() RETURNS trigger LANGUAGE plpgsql AS $$
+                 BEGIN RAISE EXCEPTION 'log refused' USING ERRCODE = '{errcode}'; END $$;
+                 CREATE TRIGGER log_refused BEFORE INSERT ON {schema}.commit_log
+                 FOR EACH ROW EXECUTE FUNCTION {schema}.log_refused();"
+            ))
+            .await
+            .unwrap();
+        let refused = |what: &str, e: Option<StoreError>| {
+            let message = match &e {
+                Some(StoreError::Unavailable(m)) if sqlstate == "53100" => m,
+                Some(StoreError::Internal(m)) if sqlstate == "23514" => m,
+                _ => panic!("{what} with {errcode}: {e:?}"),
+            };
+            assert!(message.contains(sqlstate), "{what}: {message}");
+        };
+        // Twice each, so connections the failures left are used again.
+        for _ in 0..2 {
+            // Through the single path (the dataset has no row yet) and the batch path.
+            refused(
+                "creating update",
+                store
+                    .update(update(&new, "alice", vec![Patch::replace("n", "1", 0)]))
+                    .await
+                    .err(),
+            );
+            refused(
+                "update",
+                store
+                    .update(update(&d, "alice", vec![Patch::replace("a", "2", 1)]))
+                    .await
+                    .err(),
+            );
+            refused("delete", store.delete_dataset(&d, "alice").await.err());
+            refused(
+                "grant",
+                store.grant(&d, "alice", "bob", Access::Read).await.err(),
+            );
+            refused("log_snapshot", store.log_snapshot(&d).await.err());
+            refused(
+                "merge",
+                store.merge_identity(DEFAULT_POOL, guest, user).await.err(),
+            );
+        }
+        admin
+            .batch_execute(&format!(
+                "DROP TRIGGER log_refused ON {schema}.commit_log;
+                 DROP FUNCTION {schema}.log_refused();"
+            ))
+            .await
+            .unwrap();
+    }
+
+    // Nothing was written: the update, the delete, the grant and the merge left no trace,
+    // and the log ids the failed appends took were given back with their rollbacks.
+    let s = store.snapshot(&d, "alice").await.unwrap();
+    assert_eq!((s.sync_count, s.records.len()), (1, 1), "{s:?}");
+    assert_eq!(s.records[0].value.as_deref(), Some("1"));
+    assert_eq!(store.access(&d, "bob").await.unwrap(), None);
+    assert_eq!(store.snapshot(&g, guest).await.unwrap().sync_count, 1);
+    assert_eq!(store.snapshot(&new, "alice").await.unwrap().sync_count, 0);
+    assert_eq!(
+        store
+            .identity(DEFAULT_POOL, guest)
+            .await
+            .unwrap()
+            .unwrap()
+            .merged_into,
+        None
+    );
+    assert_eq!(store.log_since(0, 100).await.unwrap(), log_before);
+
+    // The same paths now commit, visible to another connection, with the next ids.
+    commit(
+        &store,
+        update(&new, "alice", vec![Patch::replace("n", "1", 0)]),
+    )
+    .await;
+    commit(
+        &store,
+        update(&d, "alice", vec![Patch::replace("a", "2", 1)]),
+    )
+    .await;
+    store.grant(&d, "alice", "bob", Access::Read).await.unwrap();
+    assert!(store.log_snapshot(&d).await.unwrap().is_some());
+    store
+        .merge_identity(DEFAULT_POOL, guest, user)
+        .await
+        .unwrap();
+    assert_eq!(store.delete_dataset(&d, "alice").await.unwrap(), 3);
+    let ids: Vec<i64> = admin
+        .query(
+            &format!("SELECT id FROM {schema}.commit_log ORDER BY id"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    // Two entries before; then two updates, grant, snapshot, merge (the copy and the
+    // source's delete) and delete.
+    assert_eq!(ids, (1..=9).collect::<Vec<i64>>());
+    store.close().await;
+}
+
 #[test]
 fn test_postgres_disk_full_and_io_errors_are_retriable_outages() {
     for code in [SqlState::DISK_FULL, SqlState::IO_ERROR] {

@@ -2,9 +2,9 @@
 //! the dataset's row (see the module doc of `postgres` for why that is enough); a grant is
 //! one that takes the owner's grant lock, counts and writes; a revoke is one statement. An update reads the rows under the lock, lets the shared
 //! `decision` say what it writes, and writes that with the same statements as a batch
-//! (`store_writes`). Statements that do not depend on each other's results are sent together
-//! (tokio-postgres pipelines them on the connection), and each write is one statement however
-//! many records it touches.
+//! (`store_writes_and_commit`). Statements that do not depend on each other's results are
+//! sent together (tokio-postgres pipelines them on the connection), the last ones with COMMIT
+//! ([`commit`]), and each write is one statement however many records it touches.
 
 use super::read::{record_from_row, to_i64, to_u64};
 use super::{CallError, forbidden};
@@ -13,8 +13,8 @@ use crate::decision::{
     self, DatasetRow, DatasetState, GrantCounts, Plan, StoredRecords, upsert_records,
 };
 use crate::{DatasetKey, Limits, StoreError, UpdateOutcome, UpdateRequest, ValidatedPatch, now_ms};
-use deadpool_postgres::tokio_postgres::Row;
 use deadpool_postgres::tokio_postgres::types::ToSql;
+use deadpool_postgres::tokio_postgres::{self, Row};
 use deadpool_postgres::{ClientWrapper, Transaction};
 use tandem_protocol::Access;
 
@@ -110,11 +110,15 @@ pub(super) const UPSERT_RECORDS: &str = upsert_records!(
 /// ends, so the next transaction to take ids waits for this one to commit (or roll back)
 /// and then continues above it: ids become visible in id order, and a `log_since` reader
 /// that has seen an id never later finds a smaller one. That serialises the commits of
-/// transactions that log, so every writer sends this as its last statement, right before
-/// COMMIT (pipelined with it in a batch), and takes no other lock after it (which could
-/// also deadlock against a transaction waiting for the counter). `WHERE only_row` finds the
-/// row by its key: with sequential scans priced out (`pg_config`), a scan of the table
-/// would cost enough to be JIT-compiled, hundreds of milliseconds a statement.
+/// transactions that log, so every writer sends this (or another statement that takes ids
+/// from the counter) as its last statement in the same round trip as COMMIT ([`commit`]),
+/// never waiting for its answer first: the counter is then held for the commit only, not
+/// for a round trip to the node, nor, if the node's network fails in between, until
+/// `idle_in_transaction_session_timeout` ends the session. No other lock is taken after it
+/// (which could also deadlock against a transaction waiting for the counter). `WHERE
+/// only_row` finds the row by its key: with sequential scans priced out (`pg_config`), a
+/// scan of the table would cost enough to be JIT-compiled, hundreds of milliseconds a
+/// statement.
 pub(super) const APPEND_LOG: &str = "
     WITH seq AS (
         UPDATE log_seq SET last = last + cardinality($1::text[]) WHERE only_row
@@ -166,6 +170,24 @@ const REVOKE_AND_LOG: &str = "
                      WHERE pool = $1 AND owner = $2 AND name = $3), 0),
            $2, NULL, $5, $6
     FROM seq";
+
+/// COMMIT, for a transaction's last round trip: polled right after the futures of its last
+/// statements (in a `biased` join, each already prepared so it is sent on its first poll),
+/// so the statement that takes commit log ids and the commit travel together (see
+/// [`APPEND_LOG`]). The server runs them in order: if a statement fails, the transaction is
+/// aborted and COMMIT ends it as a rollback without an error of its own, so the failed
+/// statement's error is the one the join returns and nothing is written. If the answer to
+/// COMMIT is lost, this fails and the caller gets `Unavailable`, as with
+/// `Transaction::commit`.
+///
+/// A `Transaction` only ends by its own `commit`, which would wait for the statements'
+/// answers first, or by its drop, which sends ROLLBACK without waiting. So COMMIT is sent
+/// as a statement, followed by a BEGIN that opens an empty transaction for that ROLLBACK to
+/// end (a ROLLBACK outside a transaction would make the server log a warning each time).
+/// The caller sends nothing after it and drops the transaction.
+pub(super) async fn commit(tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+    tx.batch_execute("COMMIT; BEGIN").await
+}
 
 /// Log entries to append, as the arrays of [`APPEND_LOG`].
 #[derive(Default)]
@@ -345,9 +367,7 @@ pub(super) async fn update(
         dataset_id: row.id,
         plan,
     };
-    store_writes(&tx, &[&write], &log, now).await?;
-    // If the answer to COMMIT is lost, this fails and the caller gets `Unavailable`.
-    tx.commit().await?;
+    store_writes_and_commit(tx, &[&write], &log, now).await?;
     Ok(write.plan.committed(key, stored))
 }
 
@@ -357,18 +377,15 @@ pub(super) struct Write {
     pub plan: Plan,
 }
 
-/// Writes planned updates (to distinct datasets, whose rows the transaction holds): every
-/// dataset row in one statement, every record in another and the updates' commit log
-/// entries (`log`) in a third, sent together.
-pub(super) async fn store_writes(
-    tx: &Transaction<'_>,
+/// Writes planned updates (to distinct datasets, whose rows the transaction holds) and
+/// commits: every dataset row in one statement, every record in another and the updates'
+/// commit log entries (`log`) in a third, sent together with COMMIT ([`commit`]).
+pub(super) async fn store_writes_and_commit(
+    tx: Transaction<'_>,
     writes: &[&Write],
     log: &LogColumns<'_>,
     now: i64,
 ) -> Result<(), CallError> {
-    if writes.is_empty() {
-        return Ok(());
-    }
     let columns = WriteColumns::of(writes)?;
     let (update, upsert, append) = tokio::try_join!(
         tx.prepare_cached(UPDATE_DATASETS),
@@ -377,11 +394,18 @@ pub(super) async fn store_writes(
     )?;
     let (update_params, upsert_params) = columns.params(&now);
     let log_params = log.params(&now);
-    // Biased: the statements fail in order, and the first one's error is the cause (a full
-    // disk, say); the next one's is only "current transaction is aborted".
+    // Biased: the statements are sent in this order (the append last, then COMMIT) and fail
+    // in order, and the first one's error is the cause (a full disk, say); the next one's is
+    // only "current transaction is aborted".
     tokio::try_join!(
         biased;
-        tx.execute(&update, &update_params),
+        async {
+            if writes.is_empty() {
+                Ok(0)
+            } else {
+                tx.execute(&update, &update_params).await
+            }
+        },
         async {
             if columns.has_records() {
                 tx.execute(&upsert, &upsert_params).await
@@ -396,6 +420,7 @@ pub(super) async fn store_writes(
                 tx.execute(&append, &log_params).await
             }
         },
+        commit(&tx),
     )?;
     Ok(())
 }
@@ -557,9 +582,8 @@ pub(super) async fn delete(
         Some(row) if !row.state.deleted => row,
         _ => return Err(StoreError::NotFound(format!("dataset {key}")).into()),
     };
-    let new_count = delete_locked(&tx, key, &row, actor, None).await?;
-    tx.commit().await?;
-    Ok(new_count)
+    // Appends and commits.
+    delete_locked(&tx, key, &row, actor, None).await
 }
 
 /// The live records of a dataset, ordered by key.
@@ -582,7 +606,8 @@ pub(super) async fn live_records_locked(
 }
 
 /// Deletes a live dataset whose row `tx` holds locked; returns the delete's sync count.
-/// Its log entry is appended here, last, or pushed to `deferred` for a caller that has more
+/// Its log entry is appended here, last, with COMMIT ([`commit`]: the transaction is over
+/// and the caller sends nothing more), or pushed to `deferred` for a caller that has more
 /// to lock before it may append (see [`APPEND_LOG`]).
 pub(super) async fn delete_locked<'a>(
     tx: &Transaction<'_>,
@@ -616,7 +641,7 @@ pub(super) async fn delete_locked<'a>(
     let records_params: [&(dyn ToSql + Sync); 4] = [&row.id, &new_count_db, &now, &key.owner];
     let grants_params: [&(dyn ToSql + Sync); 3] = [&key.pool, &key.owner, &key.name];
     let mark_params: [&(dyn ToSql + Sync); 3] = [&row.id, &new_count_db, &now];
-    // Biased, as in `store_writes`: the first error is the cause.
+    // Biased, as in `store_writes_and_commit`: the first error is the cause.
     tokio::try_join!(
         biased;
         tx.execute(&records, &records_params),
@@ -627,6 +652,13 @@ pub(super) async fn delete_locked<'a>(
                 tx.execute(&append, &log_params).await
             } else {
                 Ok(0)
+            }
+        },
+        async {
+            if append_here {
+                commit(tx).await
+            } else {
+                Ok(())
             }
         },
     )?;
@@ -670,13 +702,13 @@ pub(super) async fn grant(
         [&key.pool, &key.owner, &key.name, &grantee, &access, &now];
     let append_params: [&(dyn ToSql + Sync); 5] =
         [&key.pool, &key.owner, &key.name, &now, &patches];
-    // Biased, as in `store_writes`: the first error is the cause.
+    // Biased, as in `store_writes_and_commit`: the first error is the cause.
     tokio::try_join!(
         biased;
         tx.execute(&upsert, &upsert_params),
         tx.execute(&append, &append_params),
+        commit(&tx),
     )?;
-    tx.commit().await?;
     Ok(())
 }
 
@@ -714,22 +746,21 @@ pub(super) async fn log_snapshot(
         .map(|r| super::read::record_from_row(r, 0))
         .collect::<Result<Vec<_>, CallError>>()?;
     let patches = commitlog::snapshot_json(&live);
-    let entry = tx
-        .query_one(
-            &append,
-            &[
-                &key.pool,
-                &key.owner,
-                &key.name,
-                &sync_count,
-                &now_ms(),
-                &patches,
-            ],
-        )
-        .await?;
-    let entry: i64 = entry.try_get(0)?;
-    tx.commit().await?;
-    Ok(Some(entry))
+    let now = now_ms();
+    let append_params: [&(dyn ToSql + Sync); 6] = [
+        &key.pool,
+        &key.owner,
+        &key.name,
+        &sync_count,
+        &now,
+        &patches,
+    ];
+    let (entry, ()) = tokio::try_join!(
+        biased;
+        tx.query_one(&append, &append_params),
+        commit(&tx),
+    )?;
+    Ok(Some(entry.try_get(0)?))
 }
 
 /// Removes a grant; the caller checked that the actor is the owner.
