@@ -189,12 +189,25 @@ async fn test_stream_delivers_every_commit_in_order_across_a_sigkill_and_a_flaky
     );
     let total = total + doomed_acked.iter().map(|(_, n)| n).sum::<usize>();
 
+    // Whether every acknowledged commit is in `events` (a victim's in-flight commit may be
+    // there too, so counting events is not enough).
+    let complete = |events: &[Value]| {
+        let by_owner = sync_counts_by_owner(events);
+        (0..DATASETS).all(|d| {
+            by_owner
+                .get(&format!("writer-{d}"))
+                .is_some_and(|c| c.len() >= COMMITS)
+        }) && doomed_acked
+            .iter()
+            .all(|(owner, n)| by_owner.get(owner).map_or(0, Vec::len) >= *n)
+    };
+
     // The webhook: every acknowledged commit at least once, in order per dataset, none
     // missing.
     let deadline = std::time::Instant::now() + WAIT;
     let events = loop {
         let events = hook.events();
-        if first_of_each(&events).len() >= total {
+        if complete(&events) {
             break events;
         }
         if std::time::Instant::now() > deadline {
@@ -260,7 +273,7 @@ async fn test_stream_delivers_every_commit_in_order_across_a_sigkill_and_a_flaky
             .unwrap();
         let ids: Vec<_> = reply.keys.into_iter().flat_map(|k| k.ids).collect();
         if ids.is_empty() {
-            if seen.len() >= total {
+            if complete(&seen) {
                 break;
             }
             assert!(
