@@ -222,8 +222,18 @@ async fn test_stream_delivers_every_commit_in_order_across_a_sigkill_and_a_flaky
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    // The victims' writers: every acknowledged commit, and perhaps the one in flight.
-    let check_doomed = |by_owner: &BTreeMap<String, Vec<u64>>| {
+    // Every surviving writer's commits in order, none missing; the victims' writers: every
+    // acknowledged commit, and perhaps the one in flight.
+    let expected: Vec<u64> = (1..=COMMITS as u64).collect();
+    let check_all = |events: &[Value], sink: &str| {
+        let by_owner = sync_counts_by_owner(events);
+        for d in 0..DATASETS {
+            let owner = format!("writer-{d}");
+            assert_eq!(
+                by_owner[&owner], expected,
+                "{owner}'s events at the {sink} out of order or missing"
+            );
+        }
         for (owner, acked) in &doomed_acked {
             let counts = by_owner.get(owner).cloned().unwrap_or_default();
             let expected: Vec<u64> = (1..=counts.len() as u64).collect();
@@ -235,16 +245,7 @@ async fn test_stream_delivers_every_commit_in_order_across_a_sigkill_and_a_flaky
             );
         }
     };
-    let expected: Vec<u64> = (1..=COMMITS as u64).collect();
-    let by_owner = sync_counts_by_owner(&events);
-    for d in 0..DATASETS {
-        let owner = format!("writer-{d}");
-        assert_eq!(
-            by_owner[&owner], expected,
-            "{owner}'s events out of order or missing"
-        );
-    }
-    check_doomed(&by_owner);
+    check_all(&events, "webhook");
     assert!(hook.failed() > 0, "the webhook failed no request");
     assert_eq!(hook.bad_signatures(), 0);
     let webhook_ids: HashSet<String> = first_of_each(&events)
@@ -297,15 +298,7 @@ async fn test_stream_delivers_every_commit_in_order_across_a_sigkill_and_a_flaky
         seen.len(),
         "the redis stream holds duplicates"
     );
-    let by_owner = sync_counts_by_owner(&seen);
-    for d in 0..DATASETS {
-        let owner = format!("writer-{d}");
-        assert_eq!(
-            by_owner[&owner], expected,
-            "{owner}'s redis events out of order or missing"
-        );
-    }
-    check_doomed(&by_owner);
+    check_all(&seen, "redis stream");
     // Both sinks carry the same events (one may have an in-flight commit's the other has
     // not read yet).
     let common = redis_ids.intersection(&webhook_ids).count();

@@ -271,20 +271,7 @@ impl SyncHook {
     }
 
     async fn call(&self, url: Uri, body: Vec<u8>) -> Result<Answer, String> {
-        let timestamp = tandem_store::now_ms() / 1000;
-        let mut request = hyper::Request::post(url)
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .header(
-                hyper::header::USER_AGENT,
-                concat!("tandem/", env!("CARGO_PKG_VERSION")),
-            )
-            .header("x-tandem-timestamp", timestamp.to_string());
-        if let Some(secret) = &self.secret {
-            request = request.header("x-tandem-signature", sign(secret, timestamp, &body));
-        }
-        let request = request
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| format!("bad request: {e}"))?;
+        let request = signed_post(url, self.secret.as_deref(), Bytes::from(body), &[])?;
         let response = self
             .client
             .request(request)
@@ -301,6 +288,33 @@ impl SyncHook {
             .to_bytes();
         serde_json::from_slice(&body).map_err(|e| format!("unreadable answer: {e}"))
     }
+}
+
+/// A JSON `POST` as Tandem sends its hooks and webhooks: `X-Tandem-Timestamp` (Unix
+/// seconds), and with a secret `X-Tandem-Signature` ([`sign`]); `extra` headers after them.
+pub fn signed_post(
+    url: Uri,
+    secret: Option<&[u8]>,
+    body: Bytes,
+    extra: &[(&str, String)],
+) -> Result<hyper::Request<Full<Bytes>>, String> {
+    let timestamp = tandem_store::now_ms() / 1000;
+    let mut request = hyper::Request::post(url)
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .header(
+            hyper::header::USER_AGENT,
+            concat!("tandem/", env!("CARGO_PKG_VERSION")),
+        )
+        .header("x-tandem-timestamp", timestamp.to_string());
+    if let Some(secret) = secret {
+        request = request.header("x-tandem-signature", sign(secret, timestamp, &body));
+    }
+    for (name, value) in extra {
+        request = request.header(*name, value);
+    }
+    request
+        .body(Full::new(body))
+        .map_err(|e| format!("bad request: {e}"))
 }
 
 /// `sha256=` and the hex HMAC-SHA256 of `timestamp.body` under the secret.

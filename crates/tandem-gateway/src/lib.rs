@@ -31,7 +31,7 @@ mod throttle;
 pub use auth::{AuthConfig, AuthError, Identity, IssuerConfig, JwksConfig, KeySource, Verifier};
 pub use cognito::CognitoConfig;
 pub use config::GatewayConfig;
-pub use hook::sign;
+pub use hook::{sign, signed_post};
 use hub::Hub;
 pub use hub::Subscribers;
 pub use listener::{Listener, Peer};

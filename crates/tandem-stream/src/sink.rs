@@ -100,26 +100,18 @@ pub struct Webhook {
 impl Webhook {
     async fn post(&self, events: &[Event]) -> Result<(), String> {
         let body = batch_body(events);
-        let timestamp = tandem_store::now_ms() / 1000;
-        let mut request = hyper::Request::post(self.url.clone())
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .header(
-                hyper::header::USER_AGENT,
-                concat!("tandem/", env!("CARGO_PKG_VERSION")),
-            )
-            .header("x-tandem-timestamp", timestamp.to_string());
-        if let (Some(first), Some(last)) = (events.first(), events.last()) {
-            request = request.header("x-tandem-events", format!("{}..{}", first.id, last.id));
-        }
-        if let Some(secret) = &self.secret {
-            request = request.header(
-                "x-tandem-signature",
-                tandem_gateway::sign(secret, timestamp, body.as_bytes()),
-            );
-        }
-        let request = request
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| format!("bad request: {e}"))?;
+        let range = match (events.first(), events.last()) {
+            (Some(first), Some(last)) => {
+                vec![("x-tandem-events", format!("{}..{}", first.id, last.id))]
+            }
+            _ => Vec::new(),
+        };
+        let request = tandem_gateway::signed_post(
+            self.url.clone(),
+            self.secret.as_deref(),
+            Bytes::from(body),
+            &range,
+        )?;
         let response = self
             .client
             .request(request)
