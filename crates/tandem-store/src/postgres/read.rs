@@ -4,7 +4,7 @@
 use super::{CallError, forbidden};
 use crate::{DatasetKey, LogEntry, LogKind, Snapshot, StoreError};
 use deadpool_postgres::tokio_postgres::{IsolationLevel, Row};
-use deadpool_postgres::{ClientWrapper, Transaction};
+use deadpool_postgres::{ClientWrapper, GenericClient, Transaction};
 use tandem_protocol::{Access, DatasetInfo, DatasetRef, Record};
 
 /// A dataset read: the caller's grant, the sync count and the deleted flag in the first three
@@ -102,9 +102,10 @@ fn dataset_rows(
     })
 }
 
-/// `identity`'s access: `Owner` for the owner, else its grant.
-pub(super) async fn access_of(
-    client: &ClientWrapper,
+/// `identity`'s access: `Owner` for the owner, else its grant; on a pooled client or in a
+/// transaction.
+pub(super) async fn access_of<C: GenericClient>(
+    client: &C,
     key: &DatasetKey,
     identity: &str,
 ) -> Result<Option<Access>, CallError> {
@@ -311,7 +312,7 @@ pub(super) async fn history(
     limit: usize,
 ) -> Result<Vec<LogEntry>, CallError> {
     let tx = one_snapshot(client).await?;
-    if access_of_in(&tx, key, actor).await?.is_none() {
+    if access_of(&tx, key, actor).await?.is_none() {
         return Err(forbidden(key, actor, "read").into());
     }
     let stmt = tx
@@ -391,28 +392,4 @@ pub(super) async fn read_at(
     }
     tx.commit().await?;
     Ok(rewind.finish()?)
-}
-
-/// `identity`'s access, in `tx`.
-async fn access_of_in(
-    tx: &Transaction<'_>,
-    key: &DatasetKey,
-    identity: &str,
-) -> Result<Option<Access>, CallError> {
-    if identity == key.owner {
-        return Ok(Some(Access::Owner));
-    }
-    let stmt = tx
-        .prepare_cached(
-            "SELECT access FROM grants
-             WHERE pool = $1 AND owner = $2 AND name = $3 AND grantee = $4",
-        )
-        .await?;
-    let row = tx
-        .query_opt(&stmt, &[&key.pool, &key.owner, &key.name, &identity])
-        .await?;
-    match row {
-        Some(row) => Ok(Some(parse_access(row.try_get(0)?)?)),
-        None => Ok(None),
-    }
 }
