@@ -201,8 +201,8 @@ pub trait Store: Send + Sync + 'static {
     /// counted as forced drops ([`Store::commit_log_forced_drops`]) and logged as a warning
     /// naming the consumers that lost them. Deletes at most 1,000 entries a statement; on
     /// SQLite other writes commit between them; on PostgreSQL one node at a time compacts
-    /// (another node's call returns an empty report at once). The store runs it about
-    /// every minute; tests call it with their own `now`.
+    /// (a call waits for another node's round to end; the store's own round, about every
+    /// minute, skips instead). Tests call it with their own `now`.
     async fn compact_log(&self, now: i64) -> Result<CompactReport, StoreError>;
 
     /// Entries compaction has deleted although a consumer had not acknowledged them (past

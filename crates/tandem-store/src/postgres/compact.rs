@@ -38,10 +38,26 @@ const BELOW: &str = "
         ORDER BY id LIMIT $6)
     RETURNING id";
 
-/// Runs a compaction round as at `now`, or nothing if another node is running one.
-pub(super) async fn compact(inner: &Inner, now: i64) -> Result<CompactReport, StoreError> {
+/// Runs a compaction round as at `now`. When another node is running one, `wait` says
+/// whether to wait for it to end (an explicit `Store::compact_log`, which must not come back
+/// empty because the store's own minute round happened to be running) or to skip the round
+/// (that minute round: the node with the lock does the work).
+pub(super) async fn compact(
+    inner: &Inner,
+    now: i64,
+    wait: bool,
+) -> Result<CompactReport, StoreError> {
     let (_open, client) = inner.client().await?;
     let locked = timed(inner, async {
+        if wait {
+            client
+                .execute(
+                    "SELECT pg_advisory_lock($1, hashtext($2))",
+                    &[&COMPACT_LOCK, &inner.schema],
+                )
+                .await?;
+            return Ok(true);
+        }
         let row = client
             .query_one(
                 "SELECT pg_try_advisory_lock($1, hashtext($2))",

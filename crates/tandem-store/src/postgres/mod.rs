@@ -552,7 +552,7 @@ impl Store for PostgresStore {
     }
 
     async fn compact_log(&self, now: i64) -> Result<CompactReport, StoreError> {
-        let result = compact::compact(&self.inner, now).await;
+        let result = compact::compact(&self.inner, now, true).await;
         self.inner.wrote(result)
     }
 
@@ -868,7 +868,7 @@ fn spawn_compaction(inner: &Arc<Inner>) {
             if *inner.closed.read().await {
                 return;
             }
-            match compact::compact(&inner, crate::now_ms()).await {
+            match compact::compact(&inner, crate::now_ms(), false).await {
                 Ok(report) if report.dropped == 0 => {}
                 Ok(report) => tracing::debug!(?report, "commit log compacted"),
                 Err(e) => tracing::warn!(error = %e, "commit log compaction failed"),
