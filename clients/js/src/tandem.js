@@ -2329,11 +2329,11 @@ export class Dataset extends Emitter {
         continue;
       }
       if (reply.type !== 'conflict') throw new TandemError('internal', `unexpected reply ${reply.type} to update`);
+      conflicts += await this.#resolve(reply.conflicts ?? []);
       if (++rounds > this.#maxRetries) {
         const stuck = this.dirtyKeys().filter((k) => !done.has(k) && !this.#state.records[k].setAside);
         throw new TandemError('conflict', `conflicts still unresolved after ${this.#maxRetries} retries: ${stuck.join(', ')}`, { keys: stuck });
       }
-      conflicts += await this.#resolve(reply.conflicts ?? []);
     }
     const outcome = { syncCount: pushed ? syncCount : this.#state.syncCount, pushed, conflicts, setAside: this.setAside().map((a) => a.key) };
     if (pushed || conflicts) this.emit('synced', outcome);
