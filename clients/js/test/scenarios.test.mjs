@@ -341,7 +341,7 @@ test('S6.1 client.pending counts the pending writes of closed datasets too', asy
 
 // --- handles and listeners -----------------------------------------------------------------
 
-test('onSnapshot: one stable snapshot per version, for local, other-tab and remote changes', async () => {
+test('H1 onSnapshot: one stable snapshot per version, for local, other-tab and remote changes', async () => {
   const store = new MemoryStore();
   const name = uniqueName();
   const tab1 = await onlineClient(server, 'alice', { store, crossTab: true });
@@ -386,7 +386,7 @@ test('onSnapshot: one stable snapshot per version, for local, other-tab and remo
   await Promise.all([tab1.close(), tab2.close(), other.close()]);
 });
 
-test('a second open() with another conflict handler is refused; setConflictHandler() replaces it', async () => {
+test('H2 a second open() with another conflict handler is refused; setConflictHandler() replaces it', async () => {
   const c = client(server, 'alice');
   const name = uniqueName();
   const mine = () => 'keepLocal';
