@@ -1487,9 +1487,8 @@ export class Dataset extends Emitter {
    * @returns {() => void}
    */
   onSnapshot(listener) {
-    const off = this.on('snapshot', listener);
     listener(this.snapshot);
-    return off;
+    return this.on('snapshot', listener);
   }
 
   /** The changes set aside: refused for good by the server, or breaking a limit it
@@ -2370,10 +2369,19 @@ export class Dataset extends Emitter {
     const st = this.#state;
     /** @type {Map<string, ServerRecord>} */
     const stored = new Map((ack.records ?? []).map((/** @type {ServerRecord} */ r) => [r.key, r]));
+    /** @type {string[]} */ const changed = [];
     for (const [k, version] of versions) {
       const local = this.#rec(k);
-      if (!local) continue;
       const rec = stored.get(k);
+      if (!local) {
+        // Discarded while the update was on its way, but committed all the same: the server's
+        // record is what this copy holds now (the push of this commit may be skipped below).
+        if (rec && rec.value !== null) {
+          st.records[k] = { value: rec.value, syncCount: rec.syncCount, dirty: false, deviceLastModified: rec.deviceLastModified, version: 0 };
+          changed.push(k);
+        }
+        continue;
+      }
       // A remove of a key the server did not have writes nothing: the key is absent (0).
       local.syncCount = rec ? rec.syncCount : 0;
       if (local.version !== version) continue; // edited again meanwhile: still dirty, rebased
@@ -2387,6 +2395,7 @@ export class Dataset extends Emitter {
     this.#pendingChanged();
     this.#bump(true);
     this.#persist().catch(() => {});
+    if (changed.length) this.emit('change', { syncCount: ack.syncCount, keys: changed.sort(), source: 'remote' });
   }
 
   /** Asks the handler about each conflict and applies its decisions. Returns how many
