@@ -12,7 +12,7 @@ let small;
 before(async () => {
   server = await startServer();
   // S5: limits small enough to hit from a test.
-  small = await startServer({ extraArgs: ['--max-key-length', '8', '--max-patches', '3', '--max-records', '8', '--max-dataset-bytes', '4096'] });
+  small = await startServer({ extraArgs: ['--max-key-length', '8', '--max-patches', '3', '--max-records', '8', '--max-dataset-bytes', '4096', '--max-frame-bytes', '2048'] });
 });
 after(async () => {
   await server?.close();
@@ -275,6 +275,21 @@ test('S5.3 more dirty keys than max_patches go in several updates of one sync()'
   assert.equal(out.pushed, 7);
   assert.equal(d.pending, 0);
   assert.equal(out.syncCount, 3, 'three updates: 3 + 3 + 1 patches');
+  await c.close();
+});
+
+test('S5.6 pending changes larger together than max_frame_bytes go in several updates', async () => {
+  const c = await onlineClient(small, 'alice');
+  const d = await c.open(uniqueName());
+  // Alone each fits in a frame and the three fit in the dataset; two do not fit in one frame.
+  for (const k of ['a', 'b', 'c']) await d.put(k, k.repeat(1000));
+  const out = await d.sync();
+  assert.equal(out.pushed, 3);
+  assert.equal(out.syncCount, 3, 'one update per change');
+  assert.equal(d.pending, 0);
+  assert.equal(c.state, 'online', 'no frame too large closed the connection');
+  assert.equal(c.limits.maxFrameBytes, 2048);
+  await assert.rejects(d.put('d', 'd'.repeat(2100)), (e) => e.code === 'too_large' && e.limit === 'max_frame_bytes' && e.max === 2048);
   await c.close();
 });
 
