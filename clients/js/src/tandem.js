@@ -17,6 +17,12 @@
 //   (keep local, take remote, latest device time, or your function) and the update is
 //   retried a bounded number of times. Nothing written locally is dropped unless the
 //   handler decides so.
+// - Never stuck: the server's limits (`ready.limits`) refuse a write that can never be
+//   stored when it is made, split updates at `maxPatches` and `maxFrameBytes`, and a change
+//   the server refuses for good is set aside (kept, reported once, discardable) instead of
+//   blocking the dataset's other keys.
+// - Every visible change, local ones included, is a `change` event and a new immutable
+//   snapshot (`onSnapshot`); after a remote delete the dataset is followed again.
 //
 // Wire reference: docs/PROTOCOL.md (protocol version 1).
 
