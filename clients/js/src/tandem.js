@@ -472,7 +472,7 @@ function utf8Length(/** @type {string} */ s) {
     const c = s.charCodeAt(i);
     if (c < 0x80) n += 1;
     else if (c < 0x800) n += 2;
-    else if (c >= 0xd800 && c <= 0xdbff && i + 1 < s.length) {
+    else if (c >= 0xd800 && c <= 0xdbff && (s.charCodeAt(i + 1) & 0xfc00) === 0xdc00) {
       n += 4; // a surrogate pair is one 4-byte scalar value
       i++;
     } else n += 3;
