@@ -35,6 +35,60 @@ export interface LocalRecord {
   deviceLastModified?: number;
   /** Bumped on every local edit; an ack only cleans the edit it carried. */
   version: number;
+  /** Present while the change is set aside: refused for good, not sent until edited again. */
+  setAside?: SetAside;
+}
+
+/** Why a local change is set aside. */
+export interface SetAside {
+  /** `too_large`, `limit_exceeded` or `bad_request`. */
+  code: string;
+  /** Which limit, e.g. `max_key_length`. */
+  limit?: string;
+  /** That limit's value. */
+  max?: number;
+  message: string;
+}
+
+/** The server's limits on an update (`ready.limits`, or learnt from an error naming one). */
+export interface WriteLimits {
+  /** Characters (Unicode scalar values) in a key. */
+  maxKeyLength?: number;
+  /** Patches in one update. */
+  maxPatches?: number;
+  /** Live records in one dataset. */
+  maxRecords?: number;
+  /** UTF-8 bytes of the keys and values of one dataset. */
+  maxDatasetBytes?: number;
+  maxDeviceIdLength?: number;
+  /** Bytes in one frame sent to the server. */
+  maxFrameBytes?: number;
+}
+
+/** What a remote delete does to the local copy: keep the unsynced changes (default; they
+ * re-create the dataset at the next sync), keep every local record as a new dataset, or drop
+ * it all. */
+export type DeletedPolicy = 'keepPending' | 'keepAll' | 'drop';
+
+export interface DatasetDeletedCase {
+  dataset: Dataset;
+  /** The sync count the delete took. */
+  syncCount: number;
+}
+
+export type DatasetDeletedHandler = DeletedPolicy | ((c: DatasetDeletedCase) => DeletedPolicy);
+
+/** One immutable view of a dataset; the same object until something visible changes. */
+export interface DatasetSnapshot {
+  /** Goes up with every new snapshot of the handle. */
+  readonly version: number;
+  /** The live records, ordered by key. Do not modify. */
+  readonly records: ReadonlyMap<string, string>;
+  readonly syncCount: number;
+  readonly pending: number;
+  readonly hasPendingWrites: boolean;
+  /** Whether what made this snapshot came from the server rather than a local or other-tab edit. */
+  readonly fromServer: boolean;
 }
 
 /** What a store keeps per (identity, owner, dataset). */
@@ -148,6 +202,8 @@ export interface ClientOptions {
    * records a commit changed) and `lean` (records leave out fields the frame says).
    * Default `['delta', 'lean']`; `[]` gets whole-dataset pushes in the full encoding. */
   features?: Array<'delta' | 'lean' | (string & {})>;
+  /** What a remote delete does to the local copy (default `keepPending`). */
+  onDatasetDeleted?: DatasetDeletedHandler;
 }
 
 export interface OpenOptions {
@@ -156,6 +212,7 @@ export interface OpenOptions {
   conflictHandler?: ConflictHandlerOption;
   autoSync?: boolean;
   autoSyncDelayMs?: number;
+  onDatasetDeleted?: DatasetDeletedHandler;
 }
 
 export interface SyncOutcome {
@@ -165,6 +222,8 @@ export interface SyncOutcome {
   pushed: number;
   /** Conflicts the handler resolved on the way. */
   conflicts: number;
+  /** Keys whose changes are set aside (refused for good) and were not sent. */
+  setAside: string[];
 }
 
 export interface DatasetInfo {
@@ -180,7 +239,7 @@ export class TandemError extends Error {
   constructor(
     code: string,
     message: string,
-    extra?: { limit?: string; max?: number; keys?: string[]; closeCode?: number; server?: boolean },
+    extra?: { limit?: string; max?: number; keys?: string[]; key?: string; closeCode?: number; server?: boolean },
   );
   /** The server's stable error code, or one of the SDK's: `offline`, `disconnected`, `timeout`, `conflict`, `revoked`, `closed`. */
   code: string;
@@ -188,6 +247,8 @@ export class TandemError extends Error {
   max?: number;
   /** For `conflict`: the keys still unresolved. */
   keys?: string[];
+  /** For a change set aside, or refused before it was queued: its key. */
+  key?: string;
   /** For `closed`: the WebSocket close code. */
   closeCode?: number;
   /** True when the server answered with this error. */
@@ -197,8 +258,9 @@ export class TandemError extends Error {
 export interface RemoteChange {
   syncCount: number;
   keys: string[];
-  /** `remote`: from the server; `tab`: a local edit made in another tab of this browser. */
-  source: 'remote' | 'tab';
+  /** `local`: an edit through this handle; `remote`: from the server; `tab`: a local edit
+   * made in another tab of this browser. */
+  source: 'local' | 'remote' | 'tab';
 }
 
 export interface ConflictEvent {
@@ -221,10 +283,11 @@ interface ClientEvents {
 
 interface DatasetEvents {
   change: [RemoteChange];
+  snapshot: [DatasetSnapshot];
   pending: [number];
   conflict: [ConflictEvent];
   synced: [SyncOutcome];
-  deleted: [{ syncCount: number }];
+  deleted: [{ syncCount: number; policy: DeletedPolicy }];
   revoked: [{ reason: string }];
   error: [TandemError];
   close: [];
@@ -284,10 +347,13 @@ export class TandemClient extends Emitter<ClientEvents> {
   readonly session: { session: string; expiresAt: number } | null;
   /** The features the server turned on for this session (`ready.features`); empty offline. */
   readonly features: string[];
-  /** Unsynchronised local changes across the open datasets. */
+  /** Unsynchronised local changes across the datasets opened on this client, closed ones included. */
   readonly pending: number;
+  /** The server's limits on an update, as last known (empty until announced or learnt). */
+  readonly limits: WriteLimits;
   readonly datasets: Dataset[];
   waitOnline(timeoutMs?: number): Promise<void>;
+  /** An open dataset's handle is shared; naming another conflict handler for it rejects with `bad_request`. */
   open(name: string, options?: OpenOptions): Promise<Dataset>;
   grant(name: string, identity: string, access?: 'read' | 'write'): Promise<void>;
   revoke(name: string, identity: string): Promise<void>;
@@ -317,6 +383,19 @@ export class Dataset extends Emitter<DatasetEvents> {
   readonly revoked: boolean;
   readonly deleted: boolean;
   autoSync: boolean;
+  readonly conflictHandler: ConflictHandler;
+  /** Replaces the conflict handler for every holder of this handle. */
+  setConflictHandler(handler: ConflictHandlerOption): void;
+  /** The current snapshot (for `useSyncExternalStore`'s `getSnapshot`). */
+  readonly snapshot: DatasetSnapshot;
+  /** Calls `listener` now and with every new snapshot; returns the unsubscribe function. */
+  onSnapshot(listener: (snapshot: DatasetSnapshot) => void): () => void;
+  /** The changes set aside (refused for good), with their keys. */
+  setAside(): Array<SetAside & { key: string }>;
+  /** Drops the local change of `key`; the server's version comes back. */
+  discard(key: string): boolean;
+  /** Drops every pending local change; returns their keys. */
+  revert(): string[];
   get(key: string): string | undefined;
   has(key: string): boolean;
   records(): Map<string, string>;

@@ -17,6 +17,12 @@
 //   (keep local, take remote, latest device time, or your function) and the update is
 //   retried a bounded number of times. Nothing written locally is dropped unless the
 //   handler decides so.
+// - Never stuck: the server's limits (`ready.limits`) refuse a write that can never be
+//   stored when it is made, split updates at `maxPatches` and `maxFrameBytes`, and a change
+//   the server refuses for good is set aside (kept, reported once, discardable) instead of
+//   blocking the dataset's other keys.
+// - Every visible change, local ones included, is a `change` event and a new immutable
+//   snapshot (`onSnapshot`); after a remote delete the dataset is followed again.
 //
 // Wire reference: docs/PROTOCOL.md (protocol version 1).
 
@@ -47,6 +53,43 @@ export const PROTOCOL_VERSION = 1;
  * @property {boolean} dirty Changed locally and not yet acknowledged by the server.
  * @property {number} [deviceLastModified] This device's clock at the local change.
  * @property {number} version Bumped on every local edit; an ack cleans only the edit it carried.
+ * @property {SetAside} [setAside] Present while the change is set aside: the server refused it
+ *   for good (or it breaks a limit the server announced), so sync() no longer sends it.
+ *
+ * @typedef {object} SetAside Why a local change is set aside.
+ * @property {string} code `too_large`, `limit_exceeded` or `bad_request`.
+ * @property {string} [limit] Which limit, e.g. `max_key_length`.
+ * @property {number} [max] That limit's value.
+ * @property {string} message
+ *
+ * @typedef {object} WriteLimits The server's limits on an update (`ready.limits`; a limit the
+ *   server did not announce is learnt from the first error that names it, or absent).
+ * @property {number} [maxKeyLength] Characters (Unicode scalar values) in a key.
+ * @property {number} [maxPatches] Patches in one update.
+ * @property {number} [maxRecords] Live records in one dataset.
+ * @property {number} [maxDatasetBytes] UTF-8 bytes of the keys and values of one dataset.
+ * @property {number} [maxDeviceIdLength]
+ * @property {number} [maxFrameBytes] Bytes in one frame sent to the server.
+ *
+ * @typedef {'keepPending' | 'keepAll' | 'drop'} DeletedPolicy What to do with the local copy
+ *   when the owner deletes a dataset: keep the unsynced local changes (they re-create it at
+ *   the next sync), keep every local record as a new dataset, or drop it all.
+ *
+ * @typedef {object} DatasetDeletedCase
+ * @property {Dataset} dataset
+ * @property {number} syncCount The sync count the delete took.
+ *
+ * @typedef {DeletedPolicy | ((c: DatasetDeletedCase) => DeletedPolicy)} DatasetDeletedHandler
+ *
+ * @typedef {object} DatasetSnapshot One immutable view of a dataset (`onSnapshot`,
+ *   `dataset.snapshot`): the same object until something visible changes.
+ * @property {number} version Goes up by one with every new snapshot of this handle.
+ * @property {ReadonlyMap<string, string>} records The live records, ordered by key.
+ * @property {number} syncCount
+ * @property {number} pending Local changes not yet acknowledged.
+ * @property {boolean} hasPendingWrites `pending > 0`.
+ * @property {boolean} fromServer Whether what made this snapshot came from the server (a
+ *   push, an ack, a conflict resolution, a delete) rather than a local or other-tab edit.
  *
  * @typedef {object} DatasetState What a store keeps per (identity, owner, dataset).
  * @property {number} syncCount The highest dataset sync count seen from the server.
@@ -96,6 +139,8 @@ export const PROTOCOL_VERSION = 1;
  * @property {boolean} [watchNetwork] Follow the browser's online/offline events (default true).
  * @property {boolean} [crossTab] Share local edits with this user's other tabs over a
  *   BroadcastChannel (default: true with the IndexedDBStore where BroadcastChannel exists).
+ * @property {DatasetDeletedHandler} [onDatasetDeleted] What a remote delete does to the local
+ *   copy (default `keepPending`); per dataset in `open()` too.
  * @property {string[]} [features] Protocol features to ask for (docs/PROTOCOL.md §1):
  *   `delta` (pushes carry only the changed records) and `lean` (records leave out fields the
  *   frame says). Default: both; `[]` gets whole-dataset pushes in the full encoding.
@@ -105,11 +150,13 @@ export const PROTOCOL_VERSION = 1;
  * @property {ConflictHandler | 'keepLocal' | 'takeRemote' | 'latestDeviceTime'} [conflictHandler]
  * @property {boolean} [autoSync]
  * @property {number} [autoSyncDelayMs]
+ * @property {DatasetDeletedHandler} [onDatasetDeleted]
  *
  * @typedef {object} SyncOutcome
  * @property {number} syncCount The dataset sync count after the sync.
  * @property {number} pushed Records the server acknowledged.
  * @property {number} conflicts Conflicts the handler resolved on the way.
+ * @property {string[]} setAside Keys whose changes are set aside (refused for good), not sent.
  */
 
 /**
@@ -144,7 +191,7 @@ export class TandemError extends Error {
    *   `history_unavailable` (from the server), or
    *   `offline`, `disconnected`, `timeout`, `conflict`, `revoked`, `closed` (from the SDK).
    * @param {string} message
-   * @param {{ limit?: string, max?: number, keys?: string[], closeCode?: number, server?: boolean }} [extra]
+   * @param {{ limit?: string, max?: number, keys?: string[], key?: string, closeCode?: number, server?: boolean }} [extra]
    */
   constructor(code, message, extra = {}) {
     super(message);
@@ -157,6 +204,8 @@ export class TandemError extends Error {
     this.max = extra.max;
     /** For `conflict`: the keys still unresolved. */
     this.keys = extra.keys;
+    /** For a change refused for good and set aside (or refused before it was queued): its key. */
+    this.key = extra.key;
     /** For `closed`: the WebSocket close code. */
     this.closeCode = extra.closeCode;
     /** True when the server answered with this error (as opposed to a connection fault). */
@@ -416,6 +465,63 @@ function deferred() {
   return { promise, resolve, reject };
 }
 
+/** UTF-8 bytes of a string, as the server counts `max_dataset_bytes` and frame sizes. */
+function utf8Length(/** @type {string} */ s) {
+  let n = 0;
+  for (let i = 0; i < s.length; i++) {
+    const c = s.charCodeAt(i);
+    if (c < 0x80) n += 1;
+    else if (c < 0x800) n += 2;
+    else if (c >= 0xd800 && c <= 0xdbff && (s.charCodeAt(i + 1) & 0xfc00) === 0xdc00) {
+      n += 4; // a surrogate pair is one 4-byte scalar value
+      i++;
+    } else n += 3;
+  }
+  return n;
+}
+
+/** Unicode scalar values in a string, as the server counts `max_key_length`. */
+function scalarLength(/** @type {string} */ s) {
+  let n = 0;
+  for (const _ of s) n++;
+  return n;
+}
+
+/** `ready.limits` names (camelCase) by the `limit` an error names. */
+const LIMIT_NAMES = Object.freeze({
+  max_key_length: 'maxKeyLength',
+  max_patches: 'maxPatches',
+  max_records: 'maxRecords',
+  max_dataset_bytes: 'maxDatasetBytes',
+  max_device_id_length: 'maxDeviceIdLength',
+  max_frame_bytes: 'maxFrameBytes',
+});
+
+/** What the server's refusal of one key's change means: set it aside, or not a key's fault. */
+function refusedForGood(/** @type {any} */ e) {
+  if (!(e instanceof TandemError) || !e.server) return false;
+  if (e.code === 'bad_request') return true;
+  if (e.code === 'too_large') return e.limit !== 'max_device_id_length' && e.limit !== 'max_frame_bytes';
+  // max_records: the dataset has no room for one more key. max_datasets (the owner has too
+  // many datasets) and max_patches are not about a key.
+  return e.code === 'limit_exceeded' && e.limit === 'max_records';
+}
+
+/** @returns {(c: DatasetDeletedCase) => DeletedPolicy} */
+function deletedPolicyFrom(/** @type {any} */ p) {
+  if (typeof p === 'function') return p;
+  if (p === undefined || p === null) return () => 'keepPending';
+  if (p === 'keepPending' || p === 'keepAll' || p === 'drop') return () => p;
+  throw new TypeError(`unknown onDatasetDeleted policy ${String(p)}: use keepPending, keepAll, drop or a function`);
+}
+
+/** Whether two snapshots show the same thing (their versions and causes aside). */
+function sameSnapshot(/** @type {DatasetSnapshot} */ a, /** @type {DatasetSnapshot} */ b) {
+  if (a.syncCount !== b.syncCount || a.pending !== b.pending || a.records.size !== b.records.size) return false;
+  for (const [k, v] of a.records) if (b.records.get(k) !== v) return false;
+  return true;
+}
+
 /** The features asked for by default (docs/PROTOCOL.md §1). */
 export const DEFAULT_FEATURES = Object.freeze(['delta', 'lean']);
 
@@ -501,6 +607,12 @@ export class TandemClient extends Emitter {
   #wantFeatures;
   /** What the server turned on for the current session (`ready.features`). @type {string[]} */
   #features = [];
+  /** The server's write limits: from `ready.limits`, or learnt from errors; kept offline.
+   * @type {WriteLimits} */
+  #limits = {};
+  #deletedPolicy;
+  /** Pending changes per dataset opened on this client, closed ones included. @type {Map<string, number>} */
+  #pendingOf = new Map();
 
   /** @type {string | null} */
   #identity;
@@ -560,6 +672,7 @@ export class TandemClient extends Emitter {
     this.#backoffMax = options.backoff?.maxMs ?? 10_000;
     this.#maxSyncRetries = options.maxSyncRetries ?? 3;
     this.#defaultHandler = handlerFrom(options.conflictHandler);
+    this.#deletedPolicy = deletedPolicyFrom(options.onDatasetDeleted);
     this.#autoSync = options.autoSync ?? false;
     this.#autoSyncDelay = options.autoSyncDelayMs ?? 50;
     this.#requestTimeout = options.requestTimeoutMs ?? 30_000;
@@ -616,11 +729,19 @@ export class TandemClient extends Emitter {
     return this.#session ? { ...this.#session } : null;
   }
 
-  /** Unsynchronised local changes across the open datasets. */
+  /** Unsynchronised local changes across the datasets opened on this client, closed ones
+   * included (their changes are still in the cache, unsent). */
   get pending() {
     let n = 0;
-    for (const ds of this.#datasets.values()) n += ds.pending;
+    for (const v of this.#pendingOf.values()) n += v;
     return n;
+  }
+
+  /** The server's limits on an update (`ready.limits`), as last known; a limit the server
+   * did not announce is learnt from the first error that names it. Empty until then.
+   * @returns {WriteLimits} */
+  get limits() {
+    return { ...this.#limits };
   }
 
   /** The datasets open on this client. */
@@ -654,7 +775,8 @@ export class TandemClient extends Emitter {
    * Opens a dataset (creating nothing on the server until the first sync). Works offline
    * from the cache; online, it subscribes and merges the server's state. Rejects when the
    * server refuses the subscription (e.g. `forbidden`). Opening an open dataset returns the
-   * same handle.
+   * same handle; naming another conflict handler than that handle's is refused with
+   * `bad_request` (replace it explicitly with `dataset.setConflictHandler()`).
    * @param {string} name
    * @param {OpenOptions} [options]
    * @returns {Promise<Dataset>}
@@ -666,19 +788,29 @@ export class TandemClient extends Emitter {
     const identity = await this.#identityKnown.promise;
     const owner = options.owner ?? identity;
     const key = datasetKey(owner, name);
+    const wanted = options.conflictHandler === undefined ? undefined : handlerFrom(options.conflictHandler);
+    /** An open handle is shared; a different conflict handler for it is a mistake to say. */
+    const same = (/** @type {Dataset} */ ds) => {
+      if (wanted !== undefined && wanted !== ds.conflictHandler) {
+        throw new TandemError('bad_request', `dataset ${owner}/${name} is already open with another conflict handler: use dataset.setConflictHandler() to replace it`);
+      }
+      return ds;
+    };
     const existing = this.#datasets.get(key);
-    if (existing) return existing;
+    if (existing) return same(existing);
     const inFlight = this.#opening.get(key);
-    if (inFlight) return inFlight;
+    if (inFlight) return same(await inFlight);
     const opening = (async () => {
       const loaded = await this.#store.load({ identity, owner, name });
       const ds = new Dataset(this, this.#internals(), owner, name, loaded ?? emptyState(), {
-        handler: options.conflictHandler === undefined ? this.#defaultHandler : handlerFrom(options.conflictHandler),
+        handler: wanted ?? this.#defaultHandler,
         autoSync: options.autoSync ?? this.#autoSync,
         autoSyncDelay: options.autoSyncDelayMs ?? this.#autoSyncDelay,
         maxRetries: this.#maxSyncRetries,
+        deletedPolicy: options.onDatasetDeleted === undefined ? this.#deletedPolicy : deletedPolicyFrom(options.onDatasetDeleted),
       });
       this.#datasets.set(key, ds);
+      this.#pendingOf.set(key, ds.pending);
       if (this.#state === 'online') {
         try {
           await ds.subscribe();
@@ -842,6 +974,21 @@ export class TandemClient extends Emitter {
       store: this.#store,
       deviceId: this.#deviceId,
       online: () => this.#state === 'online',
+      limits: () => this.#limits,
+      /** An error named a limit with its value: remember it (a server that did not announce it). */
+      learn: (/** @type {string | undefined} */ limit, /** @type {number | undefined} */ max) => {
+        const field = limit && Object.hasOwn(LIMIT_NAMES, limit) ? /** @type {any} */ (LIMIT_NAMES)[limit] : null;
+        if (!field || typeof max !== 'number' || max < 1) return false;
+        const known = /** @type {any} */ (this.#limits)[field];
+        /** @type {any} */ (this.#limits)[field] = max;
+        return known !== max;
+      },
+      pendingChanged: (/** @type {Dataset} */ ds, /** @type {number} */ n) => {
+        const key = datasetKey(ds.owner, ds.name);
+        // A closed handle keeps its count until the dataset is opened again.
+        const open = this.#datasets.get(key);
+        if (!open || open === ds) this.#pendingOf.set(key, n);
+      },
       backoff: { initialMs: this.#backoffInitial, maxMs: this.#backoffMax },
       announce: (/** @type {Dataset} */ ds, /** @type {string} */ key, /** @type {LocalRecord} */ record) => {
         if (this.#tabs && this.#identity) {
@@ -1063,6 +1210,7 @@ export class TandemClient extends Emitter {
     this.#lastError = null;
     this.#session = { session: frame.session, expiresAt: frame.expiresAt };
     this.#features = readyFeatures(frame);
+    this.#readLimits(frame);
     this.#scheduleRefresh(frame.expiresAt);
     this.#schedulePing(conn);
     this.#setState('online');
@@ -1075,8 +1223,18 @@ export class TandemClient extends Emitter {
   #onRefreshed(frame) {
     if (this.#session) this.#session.expiresAt = frame.expiresAt;
     this.#features = readyFeatures(frame);
+    this.#readLimits(frame);
     this.#scheduleRefresh(frame.expiresAt);
     this.emit('ready', { identity: frame.identity, session: frame.session, expiresAt: frame.expiresAt });
+  }
+
+  /** `ready.limits` (docs/PROTOCOL.md §3): what the server announces replaces what was known. */
+  #readLimits(/** @type {any} */ frame) {
+    const l = frame.limits;
+    if (!l || typeof l !== 'object') return;
+    for (const field of Object.values(LIMIT_NAMES)) {
+      if (typeof l[field] === 'number' && l[field] >= 1) /** @type {any} */ (this.#limits)[field] = l[field];
+    }
   }
 
   /** Refreshes the token a margin before it expires: 60 s, or half the time left if less. */
@@ -1216,12 +1374,14 @@ function serverError(/** @type {any} */ frame) {
  * A dataset handle over the local cache. Reads and writes are local and work offline;
  * `sync()` reconciles with the server; pushes from the server are merged as they come.
  *
- * Events: `change` ({syncCount, keys, source: 'remote' | 'tab'}) when remote changes (or
- * another tab's local edits) were applied;
+ * Events: `change` ({syncCount, keys, source: 'local' | 'remote' | 'tab'}) after every local
+ * edit and whenever remote changes (or another tab's local edits) were applied;
+ * `snapshot` (DatasetSnapshot, see `onSnapshot`);
  * `pending` (number of unsynchronised local changes); `conflict` ({key, local, server,
  * resolution}) after the handler resolved one; `synced` (SyncOutcome); `deleted`
- * ({syncCount}) when the owner deleted the dataset; `revoked` when your access was taken
- * away; `error` (TandemError) for failures of background work (auto-sync, re-subscribe).
+ * ({syncCount, policy}) when the owner deleted the dataset; `revoked` when your access was
+ * taken away; `error` (TandemError) for failures of background work (auto-sync,
+ * re-subscribe) and, once per change, for a change set aside (its `key` says which).
  */
 export class Dataset extends Emitter {
   #client;
@@ -1254,6 +1414,18 @@ export class Dataset extends Emitter {
   #catchingUp = false;
   /** The highest sync count a `delta` announced that this copy has not reached. */
   #catchUpTo = 0;
+  /** @type {(c: DatasetDeletedCase) => DeletedPolicy} */
+  #deletedPolicy;
+  /** The current snapshot's version, and the snapshot (built when first asked for). */
+  #version = 1;
+  /** @type {DatasetSnapshot | null} */
+  #snap = null;
+  #snapScheduled = false;
+  /** Whether a local or other-tab edit is among the changes of the coming snapshot. */
+  #snapLocal = false;
+  /** The next subscribe asks for the whole dataset (a discarded change needs the server's
+   * version of its key back, which a `since` reply would not repeat). */
+  #needWhole = false;
 
   /**
    * @internal Use `client.open(name)`.
@@ -1262,7 +1434,7 @@ export class Dataset extends Emitter {
    * @param {string} owner
    * @param {string} name
    * @param {DatasetState} state
-   * @param {{ handler: ConflictHandler, autoSync: boolean, autoSyncDelay: number, maxRetries: number }} opts
+   * @param {{ handler: ConflictHandler, autoSync: boolean, autoSyncDelay: number, maxRetries: number, deletedPolicy: (c: DatasetDeletedCase) => DeletedPolicy }} opts
    */
   constructor(client, io, owner, name, state, opts) {
     super();
@@ -1279,13 +1451,82 @@ export class Dataset extends Emitter {
         deviceLastModified: r.deviceLastModified ?? undefined,
         version: r.version ?? 0,
       };
+      if (r.dirty && r.setAside) records[k].setAside = { ...r.setAside };
     }
     this.#state = { syncCount: state.syncCount ?? 0, records };
     this.#handler = opts.handler;
     this.#autoSync = opts.autoSync;
     this.#autoSyncDelay = opts.autoSyncDelay;
     this.#maxRetries = opts.maxRetries;
+    this.#deletedPolicy = opts.deletedPolicy;
     this.#lastPending = this.pending;
+  }
+
+  /** The conflict handler of this handle (shared by every `open()` of the dataset). */
+  get conflictHandler() {
+    return this.#handler;
+  }
+
+  /** Replaces the conflict handler, for every holder of this handle.
+   * @param {ConflictHandler | 'keepLocal' | 'takeRemote' | 'latestDeviceTime'} handler */
+  setConflictHandler(handler) {
+    this.#handler = handlerFrom(handler);
+  }
+
+  /**
+   * The current snapshot: an immutable object, the same one until something visible changes
+   * (records, pending count, sync count), then a new one with a higher `version`. With
+   * `onSnapshot` it is what React's `useSyncExternalStore` needs:
+   * `useSyncExternalStore((cb) => ds.onSnapshot(cb), () => ds.snapshot)`.
+   * @returns {DatasetSnapshot}
+   */
+  get snapshot() {
+    if (!this.#snap) this.#snap = this.#buildSnapshot(this.#version, this.#snapLocal);
+    return this.#snap;
+  }
+
+  /**
+   * Calls `listener` with the current snapshot now, then with each new one: after local
+   * edits, other tabs' edits, remote changes, acks, conflict resolutions and deletes
+   * (changes made in one go come as one snapshot). Returns the function that stops it.
+   * @param {(snapshot: DatasetSnapshot) => void} listener
+   * @returns {() => void}
+   */
+  onSnapshot(listener) {
+    listener(this.snapshot);
+    return this.on('snapshot', listener);
+  }
+
+  /** The changes set aside: refused for good by the server, or breaking a limit it
+   * announced; kept (readable, pending) but not sent, until edited again, discarded or
+   * reverted. @returns {Array<SetAside & { key: string }>} */
+  setAside() {
+    return this.dirtyKeys()
+      .filter((k) => this.#state.records[k].setAside)
+      .map((k) => ({ key: k, .../** @type {SetAside} */ (this.#state.records[k].setAside) }));
+  }
+
+  /**
+   * Drops the local change of `key` (set aside or only pending): the key goes back to the
+   * server's version, fetched again when online. Returns whether there was one.
+   * @param {string} key @returns {boolean}
+   */
+  discard(key) {
+    this.#checkOpen();
+    const had = this.#drop(key);
+    if (had) this.#afterDrop([key]);
+    return had;
+  }
+
+  /**
+   * Drops every local change not yet acknowledged, set aside or not (see `discard`).
+   * @returns {string[]} the keys dropped
+   */
+  revert() {
+    this.#checkOpen();
+    const keys = this.dirtyKeys().filter((k) => this.#drop(k));
+    if (keys.length) this.#afterDrop(keys);
+    return keys;
   }
 
   /** The owner's identity. */
@@ -1324,7 +1565,8 @@ export class Dataset extends Emitter {
     return this.#revoked;
   }
 
-  /** True after the owner deleted the dataset (until `sync()` or `subscribe()`). */
+  /** True after the owner deleted the dataset, until it is followed again (at once when
+   * online: see `onDatasetDeleted`). */
   get deleted() {
     return this.#deleted;
   }
@@ -1427,10 +1669,12 @@ export class Dataset extends Emitter {
     this.#checkOpen();
     // The copy is complete at its sync count (every frame applied in order, own edits kept
     // apart as dirty), so the server need only send what changed after it.
-    const since = this.#state.syncCount;
+    const whole = this.#needWhole;
+    const since = whole ? 0 : this.#state.syncCount;
     /** @type {any} */ const frame = { type: 'subscribe', dataset: this.#ref() };
     if (since > 0) frame.since = since;
     const snap = await this.#io.request(frame);
+    if (whole) this.#needWhole = false;
     this.#subscribed = true;
     this.#revoked = false;
     this.#deleted = false;
@@ -1442,9 +1686,9 @@ export class Dataset extends Emitter {
   }
 
   /**
-   * The live remote changes as an async iterable of `change` events; ends when the
-   * dataset is closed or the loop breaks.
-   * @returns {AsyncIterableIterator<{ syncCount: number, keys: string[], source: 'remote' | 'tab' }>}
+   * The live remote (and other tabs') changes as an async iterable of `change` events,
+   * local edits left out; ends when the dataset is closed or the loop breaks.
+   * @returns {AsyncIterableIterator<{ syncCount: number, keys: string[], source: 'local' | 'remote' | 'tab' }>}
    */
   remoteChanges() {
     /** @type {any[]} */ const queue = [];
@@ -1458,6 +1702,7 @@ export class Dataset extends Emitter {
       for (const w of waiters.splice(0)) w({ value: undefined, done: true });
     };
     const offChange = this.on('change', (ev) => {
+      if (ev.source === 'local') return;
       const w = waiters.shift();
       if (w) w({ value: ev, done: false });
       else queue.push(ev);
@@ -1516,7 +1761,8 @@ export class Dataset extends Emitter {
     let wait = initialMs;
     let subscribed = false;
     for (;;) {
-      if (this.#closed || this.#revoked || this.#deleted) return;
+      // Not skipped after a delete: the dataset is followed again and kept changes are sent.
+      if (this.#closed || this.#revoked) return;
       try {
         if (!subscribed) {
           await this.subscribe();
@@ -1569,6 +1815,7 @@ export class Dataset extends Emitter {
     };
     this.#pendingChanged();
     this.#scheduleAutoSync();
+    this.#bump(false);
     this.#persist().catch(() => {});
     if (!local || local.value !== record.value) this.emit('change', { syncCount: this.#state.syncCount, keys: [key], source: 'tab' });
   }
@@ -1598,6 +1845,8 @@ export class Dataset extends Emitter {
       if (local.value !== null) changed.push(k);
     }
     st.syncCount = Math.max(st.syncCount, syncCount);
+    this.#pendingChanged();
+    this.#bump(true);
     this.#persist().catch(() => {});
     if (changed.length) this.emit('change', { syncCount, keys: changed.sort(), source: 'remote' });
   }
@@ -1638,6 +1887,8 @@ export class Dataset extends Emitter {
     /** @type {string[]} */ const changed = [];
     for (const r of records) this.#mergeRecord(r, syncCount, changed);
     st.syncCount = Math.max(st.syncCount, syncCount);
+    this.#pendingChanged();
+    this.#bump(true);
     this.#persist().catch(() => {});
     if (changed.length) this.emit('change', { syncCount, keys: changed.sort(), source: 'remote' });
     return true;
@@ -1690,6 +1941,7 @@ export class Dataset extends Emitter {
     }
     st.syncCount = syncCount;
     this.#pendingChanged();
+    this.#bump(true);
     this.#persist().catch(() => {});
     if (changed.length) this.emit('change', { syncCount, keys: changed.sort(), source: 'remote' });
     if (stale.length) await this.#resolve(stale);
@@ -1762,16 +2014,36 @@ export class Dataset extends Emitter {
     })();
   }
 
-  /** @internal The owner deleted the dataset: clean records go, local changes stay (based
-   * on nothing now, so a later sync re-creates the dataset). The subscription has ended.
+  /** @internal The owner deleted the dataset; the subscription has ended. The policy
+   * (`onDatasetDeleted`) decides what stays of the local copy: by default the clean records
+   * go and local changes stay, based on nothing now, so that a sync re-creates the dataset
+   * with them. Then the dataset is followed again: subscribed at once (a re-creation
+   * elsewhere arrives live), and autoSync and the reconnect catch-up go on as before.
    * @param {number} syncCount */
   _onDeleted(syncCount) {
+    if (this.#closed) return;
     const st = this.#state;
+    /** @type {DeletedPolicy} */ let policy = 'keepPending';
+    try {
+      const chosen = this.#deletedPolicy({ dataset: this, syncCount });
+      if (chosen === 'keepAll' || chosen === 'drop' || chosen === 'keepPending') policy = chosen;
+      else this.emit('error', new TypeError(`onDatasetDeleted returned ${String(chosen)}: use keepPending, keepAll or drop; kept the pending changes`));
+    } catch (e) {
+      this.emit('error', e);
+    }
     /** @type {string[]} */ const dropped = [];
     for (const k of Object.keys(st.records)) {
       const r = st.records[k];
-      if (r.dirty) r.syncCount = 0;
-      else {
+      if (policy === 'keepAll' && r.value !== null) {
+        // The whole local copy becomes the new dataset's content.
+        if (!r.dirty) {
+          r.dirty = true;
+          r.version += 1;
+        }
+        r.syncCount = 0;
+      } else if (policy !== 'drop' && r.dirty) {
+        r.syncCount = 0;
+      } else {
         delete st.records[k];
         if (r.value !== null) dropped.push(k);
       }
@@ -1779,10 +2051,27 @@ export class Dataset extends Emitter {
     st.syncCount = Math.max(st.syncCount, syncCount ?? 0);
     this.#subscribed = false;
     this.#deleted = true;
+    this.#needWhole = false;
     clearTimeout(this.#autoTimer);
+    this.#pendingChanged();
+    this.#bump(true);
     this.#persist().catch(() => {});
     if (dropped.length) this.emit('change', { syncCount: st.syncCount, keys: dropped.sort(), source: 'remote' });
-    this.emit('deleted', { syncCount });
+    this.emit('deleted', { syncCount, policy });
+    if (this.#io.online()) {
+      const generation = this.#resumes;
+      this.subscribe().then(
+        () => {
+          if (this.pending > 0) this.#scheduleAutoSync();
+        },
+        (e) => {
+          if (generation !== this.#resumes) return; // a reconnect follows it again anyway
+          // Deleting also removed the dataset's grants: a grantee has no access now.
+          if (e instanceof TandemError && e.server && e.code === 'forbidden') this._onRevoked('forbidden');
+          else if (!isNetworkError(e)) this.emit('error', e);
+        },
+      );
+    }
   }
 
   /** @internal Our access was revoked: stop syncing; the local data stays readable.
@@ -1813,23 +2102,150 @@ export class Dataset extends Emitter {
   async #write(key, value) {
     this.#checkOpen();
     if (typeof key !== 'string' || key === '') throw new TypeError('a key must be a non-empty string');
+    const broken = this.#breaks(key, value);
+    if (broken) {
+      // A key the server cannot hold: removing it only undoes the local edit.
+      if (value === null && broken.limit === 'max_key_length') {
+        if (this.#drop(key)) this.#afterDrop([key]);
+        return;
+      }
+      throw new TandemError(broken.code, `${key}: ${broken.message}; not written`, { limit: broken.limit, max: broken.max, key });
+    }
     const r = this.#rec(key);
     if (r) {
       r.value = value;
       r.dirty = true;
       r.deviceLastModified = Date.now();
       r.version += 1;
+      delete r.setAside; // a new edit is tried again
     } else {
       this.#state.records[key] = { value, syncCount: 0, dirty: true, deviceLastModified: Date.now(), version: 1 };
     }
     this.#pendingChanged();
     this.#scheduleAutoSync();
     this.#io.announce(this, key, { ...this.#state.records[key] });
+    this.emit('change', { syncCount: this.#state.syncCount, keys: [key], source: 'local' });
+    this.#bump(false);
     await this.#persist();
   }
 
+  /**
+   * Which announced (or learnt) server limit a change of `key` to `value` breaks on its own,
+   * whatever else the dataset holds: the server would refuse it for good.
+   * @param {string} key @param {string | null} value
+   * @returns {SetAside | null}
+   */
+  #breaks(key, value) {
+    const l = this.#io.limits();
+    if (l.maxKeyLength !== undefined && key.length > l.maxKeyLength && scalarLength(key) > l.maxKeyLength) {
+      return { code: 'too_large', limit: 'max_key_length', max: l.maxKeyLength, message: `key longer than ${l.maxKeyLength} characters` };
+    }
+    if (value === null) return null;
+    if (l.maxDatasetBytes !== undefined && utf8Length(key) + utf8Length(value) > l.maxDatasetBytes) {
+      return { code: 'too_large', limit: 'max_dataset_bytes', max: l.maxDatasetBytes, message: `key and value larger than the ${l.maxDatasetBytes} bytes a dataset may hold` };
+    }
+    if (l.maxFrameBytes !== undefined && this.#frameBytes([this.#patch(key, { value, syncCount: 0, deviceLastModified: Date.now() })]) > l.maxFrameBytes) {
+      return { code: 'too_large', limit: 'max_frame_bytes', max: l.maxFrameBytes, message: `an update with this value is larger than the ${l.maxFrameBytes} bytes of a frame` };
+    }
+    return null;
+  }
+
+  /** An update's patch for a local record. @param {string} key @param {{ value: string | null, syncCount: number, deviceLastModified?: number }} r */
+  #patch(key, r) {
+    return r.value === null
+      ? { op: 'remove', key, syncCount: r.syncCount, deviceLastModified: r.deviceLastModified }
+      : { op: 'replace', key, value: r.value, syncCount: r.syncCount, deviceLastModified: r.deviceLastModified };
+  }
+
+  /** Bytes of an update frame carrying `patches` (the id's digits allowed for). @param {any[]} patches */
+  #frameBytes(patches) {
+    return utf8Length(JSON.stringify({ type: 'update', dataset: this.#ref(), deviceId: this.#io.deviceId, patches, id: 2 ** 52 }));
+  }
+
+  /** Sets a change aside (once): kept, reported with its key, not sent again until edited.
+   * @param {string} key @param {SetAside} why @param {boolean} server */
+  #putAside(key, why, server) {
+    const r = this.#rec(key);
+    if (!r || !r.dirty || r.setAside) return;
+    r.setAside = { code: why.code, limit: why.limit, max: why.max, message: why.message };
+    this.#persist().catch(() => {});
+    this.emit('error', new TandemError(why.code, `${key}: ${why.message}; the change is set aside (discard(key) drops it)`, { limit: why.limit, max: why.max, key, server }));
+  }
+
+  /** Sets aside the pending changes that break a known limit on their own; a removal of a
+   * key too long for the server is only a local undo, dropped. */
+  #setAsideBroken() {
+    /** @type {string[]} */ const undone = [];
+    for (const k of this.dirtyKeys()) {
+      const r = this.#state.records[k];
+      if (r.setAside) continue;
+      const broken = this.#breaks(k, r.value);
+      if (!broken) continue;
+      if (r.value === null && broken.limit === 'max_key_length') {
+        if (this.#drop(k)) undone.push(k);
+      } else this.#putAside(k, broken, false);
+    }
+    if (undone.length) this.#afterDrop(undone);
+  }
+
+  /** Forgets the local change of `key`; true if there was one. @param {string} key */
+  #drop(key) {
+    const r = this.#rec(key);
+    if (!r || !r.dirty) return false;
+    delete this.#state.records[key];
+    // The server holds a version of it this copy no longer has: fetch it again.
+    if (r.syncCount > 0) this.#needWhole = true;
+    return true;
+  }
+
+  /** After changes were dropped: save, tell, and get the server's versions back. @param {string[]} keys */
+  #afterDrop(keys) {
+    this.#pendingChanged();
+    this.#persist().catch(() => {});
+    this.emit('change', { syncCount: this.#state.syncCount, keys: [...keys].sort(), source: 'local' });
+    this.#bump(false);
+    if (this.#needWhole && this.#subscribed && this.#io.online()) {
+      this.subscribe().catch((e) => {
+        if (!isNetworkError(e)) this.emit('error', e);
+      });
+    }
+  }
+
+  /** Something visible may have changed: a new snapshot follows (after the current task, so
+   * changes made in one go make one), if its content differs. @param {boolean} fromServer */
+  #bump(fromServer) {
+    if (!fromServer) this.#snapLocal = true;
+    if (this.#snapScheduled) return;
+    this.#snapScheduled = true;
+    queueMicrotask(() => {
+      this.#snapScheduled = false;
+      const local = this.#snapLocal;
+      this.#snapLocal = false;
+      if (this.#closed) return;
+      const prev = this.snapshot;
+      const next = this.#buildSnapshot(prev.version + 1, local);
+      if (sameSnapshot(prev, next)) return;
+      this.#version = next.version;
+      this.#snap = next;
+      this.emit('snapshot', next);
+    });
+  }
+
+  /** @param {number} version @param {boolean} local @returns {DatasetSnapshot} */
+  #buildSnapshot(version, local) {
+    const pending = this.pending;
+    return Object.freeze({
+      version,
+      records: this.records(),
+      syncCount: this.#state.syncCount,
+      pending,
+      hasPendingWrites: pending > 0,
+      fromServer: !local,
+    });
+  }
+
   #scheduleAutoSync() {
-    if (!this.#autoSync || this.#revoked || this.#deleted || this.#closed || !this.#io.online()) return;
+    if (!this.#autoSync || this.#revoked || this.#closed || !this.#io.online()) return;
     clearTimeout(this.#autoTimer);
     this.#autoTimer = timer(() => this._backgroundSync(), this.#autoSyncDelay);
   }
@@ -1838,6 +2254,7 @@ export class Dataset extends Emitter {
     const n = this.pending;
     if (n !== this.#lastPending) {
       this.#lastPending = n;
+      this.#io.pendingChanged(this, n);
       this.emit('pending', n);
     }
   }
@@ -1863,43 +2280,94 @@ export class Dataset extends Emitter {
     return this.#saving;
   }
 
-  /** @returns {Promise<SyncOutcome>} */
+  /**
+   * Sends the pending changes in as many updates as the server's limits need (`max_patches`,
+   * `max_frame_bytes`), each with the sync counts its changes were based on. A change the
+   * server refuses for good is set aside and the others go on.
+   * @returns {Promise<SyncOutcome>}
+   */
   async #syncOnce() {
     this.#checkOpen();
     clearTimeout(this.#autoTimer);
     if (this.#revoked) throw new TandemError('revoked', `access to ${this.#owner}/${this.#name} was revoked`);
     if (!this.#io.online()) throw new TandemError('offline', 'not connected; local changes stay pending');
     if (!this.#subscribed) await this.subscribe();
+    this.#setAsideBroken();
     let conflicts = 0;
-    for (let attempt = 0; attempt <= this.#maxRetries; attempt++) {
-      /** @type {any[]} */ const patches = [];
-      /** @type {Map<string, number>} */ const versions = new Map();
-      for (const k of this.dirtyKeys()) {
-        const r = this.#state.records[k];
-        patches.push(
-          r.value === null
-            ? { op: 'remove', key: k, syncCount: r.syncCount, deviceLastModified: r.deviceLastModified }
-            : { op: 'replace', key: k, value: r.value, syncCount: r.syncCount, deviceLastModified: r.deviceLastModified },
-        );
-        versions.set(k, r.version);
+    let rounds = 0;
+    let pushed = 0;
+    let syncCount = this.#state.syncCount;
+    /** Keys acknowledged in this run: edited again meanwhile, they wait for the next one. */
+    const done = new Set();
+    /** After a refusal of a whole update that may be one key's fault: one key per update. */
+    let oneByOne = false;
+    for (;;) {
+      const keys = this.dirtyKeys().filter((k) => !done.has(k) && !this.#state.records[k].setAside);
+      if (keys.length === 0) break;
+      const { patches, versions } = this.#batch(keys, oneByOne);
+      let reply;
+      try {
+        reply = await this.#io.request({ type: 'update', dataset: this.#ref(), deviceId: this.#io.deviceId, patches });
+      } catch (e) {
+        if (!(e instanceof TandemError) || !e.server) throw e;
+        // A limit the server did not announce: learnt from `max`, then split or set aside by it.
+        if (this.#io.learn(e.limit, e.max)) {
+          this.#setAsideBroken();
+          continue;
+        }
+        if (patches.length > 1 && refusedForGood(e)) {
+          oneByOne = true;
+          continue;
+        }
+        if (patches.length === 1 && refusedForGood(e)) {
+          this.#putAside(patches[0].key, { code: e.code, limit: e.limit, max: e.max, message: e.message }, true);
+          continue;
+        }
+        throw e;
       }
-      if (patches.length === 0) {
-        const outcome = { syncCount: this.#state.syncCount, pushed: 0, conflicts };
-        if (conflicts) this.emit('synced', outcome);
-        return outcome;
-      }
-      const reply = await this.#io.request({ type: 'update', dataset: this.#ref(), deviceId: this.#io.deviceId, patches });
       if (reply.type === 'ack') {
         this.#applyAck(reply, versions);
-        const outcome = { syncCount: reply.syncCount, pushed: patches.length, conflicts };
-        this.emit('synced', outcome);
-        return outcome;
+        pushed += patches.length;
+        syncCount = reply.syncCount;
+        for (const k of versions.keys()) done.add(k);
+        rounds = 0; // the retries are counted per update
+        continue;
       }
       if (reply.type !== 'conflict') throw new TandemError('internal', `unexpected reply ${reply.type} to update`);
       conflicts += await this.#resolve(reply.conflicts ?? []);
+      if (++rounds > this.#maxRetries) {
+        const stuck = this.dirtyKeys().filter((k) => !done.has(k) && !this.#state.records[k].setAside);
+        throw new TandemError('conflict', `conflicts still unresolved after ${this.#maxRetries} retries: ${stuck.join(', ')}`, { keys: stuck });
+      }
     }
-    const keys = this.dirtyKeys();
-    throw new TandemError('conflict', `conflicts still unresolved after ${this.#maxRetries} retries: ${keys.join(', ')}`, { keys });
+    const outcome = { syncCount: pushed ? syncCount : this.#state.syncCount, pushed, conflicts, setAside: this.setAside().map((a) => a.key) };
+    if (pushed || conflicts) this.emit('synced', outcome);
+    return outcome;
+  }
+
+  /**
+   * The next update's patches: the first of `keys`, as many as `max_patches` allows and as
+   * fit in a frame of `max_frame_bytes` (at least one).
+   * @param {string[]} keys @param {boolean} oneByOne
+   */
+  #batch(keys, oneByOne) {
+    const l = this.#io.limits();
+    const most = oneByOne ? 1 : (l.maxPatches ?? Infinity);
+    // Room for the frame around the patches; each patch costs its JSON and a comma.
+    let room = (l.maxFrameBytes ?? Infinity) - this.#frameBytes([]);
+    /** @type {any[]} */ const patches = [];
+    /** @type {Map<string, number>} */ const versions = new Map();
+    for (const k of keys) {
+      if (patches.length >= most) break;
+      const r = this.#state.records[k];
+      const patch = this.#patch(k, r);
+      const bytes = utf8Length(JSON.stringify(patch)) + 1;
+      if (patches.length > 0 && bytes > room) break;
+      room -= bytes;
+      patches.push(patch);
+      versions.set(k, r.version);
+    }
+    return { patches, versions };
   }
 
   /** @param {any} ack @param {Map<string, number>} versions */
@@ -1907,10 +2375,19 @@ export class Dataset extends Emitter {
     const st = this.#state;
     /** @type {Map<string, ServerRecord>} */
     const stored = new Map((ack.records ?? []).map((/** @type {ServerRecord} */ r) => [r.key, r]));
+    /** @type {string[]} */ const changed = [];
     for (const [k, version] of versions) {
       const local = this.#rec(k);
-      if (!local) continue;
       const rec = stored.get(k);
+      if (!local) {
+        // Discarded while the update was on its way, but committed all the same: the server's
+        // record is what this copy holds now (the push of this commit may be skipped below).
+        if (rec && rec.value !== null) {
+          st.records[k] = { value: rec.value, syncCount: rec.syncCount, dirty: false, deviceLastModified: rec.deviceLastModified, version: 0 };
+          changed.push(k);
+        }
+        continue;
+      }
       // A remove of a key the server did not have writes nothing: the key is absent (0).
       local.syncCount = rec ? rec.syncCount : 0;
       if (local.version !== version) continue; // edited again meanwhile: still dirty, rebased
@@ -1922,7 +2399,9 @@ export class Dataset extends Emitter {
     // otherwise the push (or the next snapshot) brings the others' changes.
     if (ack.syncCount === st.syncCount + 1) st.syncCount = ack.syncCount;
     this.#pendingChanged();
+    this.#bump(true);
     this.#persist().catch(() => {});
+    if (changed.length) this.emit('change', { syncCount: ack.syncCount, keys: changed.sort(), source: 'remote' });
   }
 
   /** Asks the handler about each conflict and applies its decisions. Returns how many
@@ -1959,6 +2438,7 @@ export class Dataset extends Emitter {
       this.emit('conflict', { key, local: { ...local }, server: server ?? null, resolution });
     }
     this.#pendingChanged();
+    this.#bump(true);
     await this.#persist();
     if (changed.length) this.emit('change', { syncCount: this.#state.syncCount, keys: changed.sort(), source: 'remote' });
     return resolved;

@@ -179,6 +179,51 @@ test('two tabs of one user: an offline edit in one shows in the other and is syn
   await Promise.all([ctx.close(), other.close()]);
 });
 
+test('offline, deleting a pending item makes it disappear at once (scenario S1.2)', async (t) => {
+  const probe = await fetch(`${server.httpUrl}/dev/token?sub=probe`);
+  if (probe.status === 404) {
+    t.skip('GET /dev/token answers 404: this tandem binary does not serve the demo in dev mode');
+    return;
+  }
+  mkdirSync(artifacts, { recursive: true });
+  browser ??= await chromium.launch({
+    executablePath: chromiumPath(),
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking'],
+  });
+  const ctx = await browser.newContext({ viewport: { width: 640, height: 720 } });
+  const page = await ctx.newPage();
+  page.on('pageerror', (e) => t.diagnostic(`page error: ${e.message}`));
+  const board = `${server.httpUrl}/?board=dave/offline-delete-${Date.now()}&user=dave`;
+  await page.goto(board);
+  await page.waitForSelector('#conn[data-state="online"]');
+  await page.waitForSelector('#list:not([hidden])');
+  await add(page, 'synced item');
+  await page.waitForSelector('#pending[data-count="0"]');
+
+  await ctx.setOffline(true);
+  await page.waitForSelector('#conn[data-state="offline"]', { timeout: 5000 });
+  await add(page, 'typo');
+  await page.waitForSelector('#items li[data-text="typo"].dirty');
+  await page.waitForSelector('#pending[data-count="1"]');
+  // Editing the pending item (still one pending change) shows at once...
+  const text = page.locator('#items li[data-text="typo"] input.text');
+  await text.fill('fixed typo');
+  await text.press('Enter');
+  await page.waitForSelector('#items li[data-text="fixed typo"].dirty', { timeout: 1000 });
+  // ...and so does deleting it: gone from the list without waiting for the network.
+  await page.click('#items li[data-text="fixed typo"] button.delete');
+  await page.waitForSelector('#items li[data-text="fixed typo"]', { state: 'detached', timeout: 1000 });
+  assert.deepEqual(await items(page), [['synced item', 'false']]);
+  await page.screenshot({ path: join(artifacts, 'offline-delete.png'), fullPage: true });
+
+  // Back online the removal is sent and nothing comes back.
+  await ctx.setOffline(false);
+  await page.waitForSelector('#conn[data-state="online"]', { timeout: 10_000 });
+  await page.waitForSelector('#pending[data-count="0"]', { timeout: 5000 });
+  assert.deepEqual(await items(page), [['synced item', 'false']]);
+  await ctx.close();
+});
+
 test('without dev mode the demo says where tokens come from', async (t) => {
   const plain = await startServer();
   try {

@@ -163,3 +163,56 @@ export function nextEvent(emitter, event, timeoutMs = 5000) {
 export function uniqueName(prefix = 'ds') {
   return `${prefix}-${randomBytes(4).toString('hex')}`;
 }
+
+/**
+ * A client whose "network" the test controls: its sockets are tracked, and while the
+ * network is down its token provider fails, so reconnect attempts fail too.
+ * `startDown`: the network is down from the start (the client has never been online).
+ * `stripReady`: fields to delete from `ready` frames, as from a server that does not send them.
+ * @param {{ startDown?: boolean, stripReady?: string[] }} [net]
+ */
+export function controlledClient(server, sub, options = {}, net = {}) {
+  const sockets = [];
+  const state = { up: !net.startDown };
+  const strip = net.stripReady ?? [];
+  class TrackedWebSocket extends WebSocketImpl {
+    constructor(...args) {
+      super(...args);
+      sockets.push(this);
+    }
+    set onmessage(fn) {
+      super.onmessage = (ev) => {
+        if (strip.length && typeof ev.data === 'string' && ev.data.includes('"ready"')) {
+          const frame = JSON.parse(ev.data);
+          if (frame.type === 'ready') {
+            for (const f of strip) delete frame[f];
+            return fn({ data: JSON.stringify(frame) });
+          }
+        }
+        return fn(ev);
+      };
+    }
+    get onmessage() {
+      return super.onmessage;
+    }
+  }
+  const c = TandemClient.connect(
+    server.url,
+    () => {
+      if (!state.up) throw new Error('network is down');
+      return mintToken(sub);
+    },
+    { WebSocket: TrackedWebSocket, identity: sub, store: new MemoryStore(), backoff: { initialMs: 20, maxMs: 100 }, ...options },
+  );
+  return {
+    client: c,
+    /** Cuts the network: the socket closes as a lost connection would, and stays down. */
+    cut() {
+      state.up = false;
+      sockets.at(-1)?.close(4001, 'test: connection lost');
+    },
+    restore() {
+      state.up = true;
+    },
+  };
+}

@@ -125,13 +125,24 @@ test('reads and writes work offline and the cache survives a restart of the clie
   await Promise.all([on.close(), check.close()]);
 });
 
-test('sync errors from the server reject with their code', async () => {
+test('a write over the limits the server announced is refused with its code, before it is queued', async () => {
   const c = await onlineClient(server, 'alice');
   const ds = await c.open(uniqueName());
-  await ds.put('k'.repeat(2000), 'too long a key');
-  await assert.rejects(ds.sync(), (e) => e instanceof TandemError && e.code === 'too_large' && e.limit === 'max_key_length' && e.max === 1024);
-  assert.equal(ds.pending, 1, 'the change stays pending');
+  await assert.rejects(ds.put('k'.repeat(2000), 'too long a key'), (e) => e instanceof TandemError && e.code === 'too_large' && e.limit === 'max_key_length' && e.max === 1024);
+  assert.equal(ds.pending, 0, 'nothing queued');
   await c.close();
+});
+
+test('sync errors from the server reject with their code', async () => {
+  const c = await onlineClient(server, 'alice');
+  const carol = await onlineClient(server, 'carol');
+  const name = uniqueName();
+  await carol.grant(name, 'alice', 'read');
+  const ds = await c.open(name, { owner: 'carol' });
+  await ds.put('k', 'v'); // read access only
+  await assert.rejects(ds.sync(), (e) => e instanceof TandemError && e.code === 'forbidden' && e.server === true);
+  assert.equal(ds.pending, 1, 'the change stays pending');
+  await Promise.all([c.close(), carol.close()]);
 });
 
 test('the token provider is asked again before the token expires', async () => {

@@ -58,10 +58,14 @@ test('a remote delete is announced; clean records go, local changes stay and re-
   assert.equal(b.record('milk').syncCount, 0, 'based on nothing now');
   assert.equal(a.records().size, 0);
 
-  // Deleting also removed the grant (protocol §7): Bob cannot re-create it...
-  await assert.rejects(b.sync(), (e) => e.code === 'forbidden');
-  // ...until Alice shares it again; then his sync re-creates the dataset with his change.
+  // Deleting also removed the grant (protocol §7): following it again, Bob finds he has no
+  // access any more, and cannot re-create it...
+  await until(() => b.revoked, 2000, 'bob to find his grant gone');
+  await assert.rejects(b.sync(), (e) => e.code === 'revoked');
+  // ...until Alice shares it again; then he follows it again and his sync re-creates the
+  // dataset with his change.
   await alice.grant(name, 'bob', 'write');
+  await b.subscribe();
   const out = await b.sync();
   assert.ok(out.syncCount > deletedAt, 'sync counts continue above the delete');
   assert.equal(b.deleted, false);

@@ -224,6 +224,12 @@ pub struct GatewayConfig {
     #[serde(skip)]
     #[cfg_attr(feature = "clap", arg(skip))]
     pub dev_token_secret: Option<Vec<u8>>,
+    /// The store's write limits, announced in `ready.limits` (with `max_frame_bytes`) so
+    /// that clients check and split updates before sending them. `None` announces nothing.
+    /// Set by the binary from the store's settings, never read from settings.
+    #[serde(skip)]
+    #[cfg_attr(feature = "clap", arg(skip))]
+    pub store_limits: Option<tandem_store::Limits>,
     /// The Cognito section ([`crate::CognitoConfig`]), read as its own section of the
     /// settings and handed over by the binary.
     #[serde(skip)]
@@ -276,6 +282,7 @@ impl Default for GatewayConfig {
             sync_hook_breaker_open: Duration::from_secs(30),
             listen_port: 0,
             dev_token_secret: None,
+            store_limits: None,
             cognito: crate::CognitoConfig::default(),
         }
     }
@@ -327,6 +334,7 @@ impl std::fmt::Debug for GatewayConfig {
             .field("sync_hook_timeout", &self.sync_hook_timeout)
             .field("listen_port", &self.listen_port)
             .field("dev_mode", &self.dev_token_secret.is_some())
+            .field("store_limits", &self.store_limits)
             .field("cognito", &self.cognito)
             .finish_non_exhaustive()
     }

@@ -161,6 +161,19 @@ pub enum UnsubscribeReason {
     Revoked,
 }
 
+/// The limits on an `update` a client can check before sending one (`ready.limits`); each
+/// field is the configured value of the limit of the same name (docs/PROTOCOL.md §8.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WriteLimits {
+    pub max_key_length: u64,
+    pub max_patches: u64,
+    pub max_records: u64,
+    pub max_dataset_bytes: u64,
+    pub max_device_id_length: u64,
+    pub max_frame_bytes: u64,
+}
+
 /// A frame the server sends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(
@@ -181,6 +194,10 @@ pub enum ServerFrame {
         /// The features of the `auth` frame this server supports, now on for the session.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         features: Vec<String>,
+        /// The write limits this server enforces, so that a client can check and split its
+        /// updates before sending them (absent from servers that do not announce them).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limits: Option<WriteLimits>,
     },
     /// The answer to `subscribe`: the whole dataset (live records only), or, when `since` is
     /// present, only the records changed after `since`, tombstones included.

@@ -18,7 +18,7 @@ pub use close::{CloseCode, should_reconnect};
 pub use error::{ErrorCode, LimitCode};
 pub use frame::{
     ClientFrame, DecodeError, Encoding, FEATURE_DELTA, FEATURE_LEAN, ServerFrame,
-    UnsubscribeReason, decode_client_frame, peek_request_id,
+    UnsubscribeReason, WriteLimits, decode_client_frame, peek_request_id,
 };
 pub use model::{
     Access, CommitKind, Conflict, DatasetInfo, DatasetRef, HistoryEntry, NameError, Patch, PatchOp,

@@ -296,6 +296,8 @@ async fn serve_until(
         gateway_config.dev_token_secret = Some(secret);
     }
     gateway_config.cognito = cognito_config(cognito, &auth)?;
+    // Announced in `ready`, so that clients split and check updates before sending them.
+    gateway_config.store_limits = Some(limits.clone());
     let grace = server.shutdown_grace;
     let drain_delay = server.drain_delay;
 

@@ -111,11 +111,10 @@ async function main() {
   showMessage('');
   window.tandem = { client, dataset: ds };
 
+  // One render per new snapshot: local edits (also of a pending item, or its removal while
+  // offline), other tabs' edits, remote changes and acks alike.
   const render = renderer(ds);
-  ds.on('change', render);
-  ds.on('pending', render);
-  ds.on('synced', render);
-  render();
+  ds.onSnapshot(render);
 
   ds.on('conflict', ({ key, local, server, resolution }) => {
     const label = parseItem(local.value ?? server?.value ?? key).text;
@@ -129,10 +128,7 @@ async function main() {
     log(text, 'conflict');
     render();
   });
-  ds.on('deleted', () => {
-    log(`${owner} deleted this list; your unsynced changes are kept`, 'warn');
-    render();
-  });
+  ds.on('deleted', () => log(`${owner} deleted this list; your unsynced changes are kept`, 'warn'));
   ds.on('revoked', async () => {
     showMessage(`${owner} stopped sharing “${name}” with you. Waiting to be shared again…`, 'warn');
     log('access revoked', 'warn');
@@ -162,7 +158,6 @@ async function main() {
     input.value = '';
     const key = `item-${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 6)}`;
     await ds.put(key, JSON.stringify({ text, done: false, at: Date.now() }));
-    render();
   });
 
   if (mine) {

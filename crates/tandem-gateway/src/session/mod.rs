@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tandem_protocol::{
     CloseCode, DatasetRef, Encoding, ErrorCode, FEATURE_DELTA, FEATURE_LEAN, LimitCode,
-    PROTOCOL_VERSION, RequestId, ServerFrame, validate_dataset_name,
+    PROTOCOL_VERSION, RequestId, ServerFrame, WriteLimits, validate_dataset_name,
 };
 use tandem_store::{DatasetKey, StoreError, validate_identity};
 use tokio::time::Instant;
@@ -309,6 +309,14 @@ impl Session {
             protocol: PROTOCOL_VERSION,
             expires_at: identity.expires_at.saturating_mul(1000),
             features,
+            limits: self.gw.config.store_limits.as_ref().map(|l| WriteLimits {
+                max_key_length: l.max_key_length,
+                max_patches: l.max_patches,
+                max_records: l.max_records,
+                max_dataset_bytes: l.max_dataset_bytes,
+                max_device_id_length: l.max_device_id_length,
+                max_frame_bytes: u64::try_from(self.gw.config.max_frame_bytes).unwrap_or(u64::MAX),
+            }),
         });
         None
     }

@@ -387,3 +387,32 @@ async fn test_session_reset_without_close_is_an_abrupt_disconnect_not_a_protocol
     assert_eq!(bob.close_code().await, Some(4502));
     assert_eq!(t.gw.throttle.count(Event::ProtocolError).0, 1);
 }
+
+#[tokio::test]
+async fn test_ready_announces_the_write_limits_when_the_binary_set_them() {
+    let t = gateway(GatewayConfig {
+        store_limits: Some(tandem_store::Limits {
+            max_key_length: 8,
+            max_patches: 3,
+            ..tandem_store::Limits::default()
+        }),
+        max_frame_bytes: 4096,
+        ..GatewayConfig::default()
+    });
+    let mut alice = t.connect_with(Some("alice"), 16);
+    let ready = alice.recv().await;
+    assert_eq!(ready["type"], "ready");
+    let limits = &ready["limits"];
+    assert_eq!(limits["maxKeyLength"], 8, "{ready}");
+    assert_eq!(limits["maxPatches"], 3);
+    assert_eq!(limits["maxRecords"], 1024);
+    assert_eq!(limits["maxDatasetBytes"], 1024 * 1024);
+    assert_eq!(limits["maxDeviceIdLength"], 128);
+    assert_eq!(limits["maxFrameBytes"], 4096);
+    // Without them (an embedding that does not say) `ready` has no `limits` at all.
+    let t = gateway(GatewayConfig::default());
+    let mut bob = t.connect_with(Some("bob"), 16);
+    let ready = bob.recv().await;
+    assert_eq!(ready["type"], "ready");
+    assert!(ready.get("limits").is_none(), "{ready}");
+}
