@@ -29,6 +29,8 @@ use rusqlite::{Connection, TransactionBehavior};
 ///
 /// Version 5 adds the change stream's consumers (their position in the log and the
 /// delivery lease) and their dead letters (see `crate::stream`).
+///
+/// Version 6 adds a pool's settings, named values every node reads (see `crate::admin`).
 const MIGRATIONS: &[&str] = &[
     "
 CREATE TABLE datasets (
@@ -134,6 +136,15 @@ CREATE TABLE stream_dead_letters (
     attempts INTEGER NOT NULL,
     time     INTEGER NOT NULL,
     PRIMARY KEY (consumer, entry_id)
+) WITHOUT ROWID;
+",
+    "
+CREATE TABLE pool_settings (
+    pool       TEXT    NOT NULL,
+    name       TEXT    NOT NULL,
+    value      TEXT    NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (pool, name)
 ) WITHOUT ROWID;
 ",
 ];
