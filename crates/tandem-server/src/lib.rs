@@ -296,6 +296,8 @@ async fn serve_until(
         gateway_config.dev_token_secret = Some(secret);
     }
     gateway_config.cognito = cognito_config(cognito, &auth)?;
+    // BulkPublish replays into this node's stream and waits for these sinks.
+    gateway_config.cognito.stream_sinks = stream_config.consumer_names();
     let grace = server.shutdown_grace;
     let drain_delay = server.drain_delay;
 

@@ -18,6 +18,7 @@ mod identity;
 mod model;
 mod outage;
 mod postgres;
+mod replay;
 mod sqlite;
 mod stream;
 
@@ -39,6 +40,7 @@ pub use model::{
     validate_update,
 };
 pub use postgres::{PostgresConfig, PostgresStore};
+pub use replay::{ReplayReport, replay};
 pub use sqlite::{SqliteCheckReport, SqliteStore, check_sqlite};
 pub use stream::{DeadLetter, StreamConsumer};
 

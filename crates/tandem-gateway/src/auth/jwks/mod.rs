@@ -14,6 +14,7 @@ mod fetch;
 
 pub(super) use document::Jwk;
 pub(super) use fetch::HttpFetcher;
+pub(crate) use fetch::client_tls;
 use fetch::Source;
 
 use super::JwksConfig;
