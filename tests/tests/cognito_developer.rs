@@ -22,7 +22,10 @@ fn node() -> TestServerBuilder {
     TestServer::builder()
         .arg("--cognito-identity-pool", POOL)
         .arg("--jwt-issuer", ISSUER)
-        .arg("--cognito-admin-key", format!("{ADMIN_AKID}:{ADMIN_SECRET}"))
+        .arg(
+            "--cognito-admin-key",
+            format!("{ADMIN_AKID}:{ADMIN_SECRET}"),
+        )
         .arg("--sync-hook-secret", hook::SECRET)
 }
 
@@ -102,7 +105,11 @@ async fn test_cognito_developer_operations_with_boto3() {
     // What the SyncTrigger was sent: Cognito's event, signed like the sync hook.
     let events = trigger.events();
     assert_eq!(trigger.bad_signatures(), 0);
-    assert_eq!(events.len(), 2, "the accepted and the refused update: {events:?}");
+    assert_eq!(
+        events.len(),
+        2,
+        "the accepted and the refused update: {events:?}"
+    );
     let user = main["datasets"][0][0].as_str().unwrap();
     let first = &events[0];
     assert_eq!(first["version"], 2);
@@ -143,11 +150,22 @@ async fn test_cognito_developer_operations_with_boto3() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|d| (d[0].as_str().unwrap().to_owned(), d[1].as_str().unwrap().to_owned()))
+        .map(|d| {
+            (
+                d[0].as_str().unwrap().to_owned(),
+                d[1].as_str().unwrap().to_owned(),
+            )
+        })
         .collect();
-    assert_eq!(published, live, "one snapshot per live dataset: {snapshots:?}");
+    assert_eq!(
+        published, live,
+        "one snapshot per live dataset: {snapshots:?}"
+    );
     assert_eq!(snapshots.len(), live.len());
-    let profile = snapshots.iter().find(|e| e["dataset"] == "profile").unwrap();
+    let profile = snapshots
+        .iter()
+        .find(|e| e["dataset"] == "profile")
+        .unwrap();
     let title = profile["records"]
         .as_array()
         .unwrap()

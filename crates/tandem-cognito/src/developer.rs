@@ -70,7 +70,11 @@ impl DeveloperKey {
 
     /// Whether a signature's access key id is this key's (in constant time).
     pub fn is(&self, access_key_id: &str) -> bool {
-        bool::from(self.access_key_id.as_bytes().ct_eq(access_key_id.as_bytes()))
+        bool::from(
+            self.access_key_id
+                .as_bytes()
+                .ct_eq(access_key_id.as_bytes()),
+        )
     }
 }
 

@@ -343,7 +343,10 @@ impl SyncHook {
     }
 
     /// Asks the hook about an update of `dataset` (at `sync_count`, holding `records`).
-    #[expect(clippy::too_many_arguments, reason = "the hook request's fields, each named")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the hook request's fields, each named"
+    )]
     pub(crate) async fn check(
         &self,
         client: &HookClient,
@@ -369,15 +372,16 @@ impl SyncHook {
                 if !status.is_success() {
                     return Err(format!("http status {status}"));
                 }
-                serde_json::from_slice::<Answer>(&body).map_err(|e| format!("unreadable answer: {e}"))
+                serde_json::from_slice::<Answer>(&body)
+                    .map_err(|e| format!("unreadable answer: {e}"))
             })
             .await?;
         Ok(match answer {
             Answer::Accept { patches: Some(p) } => Verdict::Accept(p),
             Answer::Accept { patches: None } => Verdict::Accept(patches.to_vec()),
-            Answer::Reject { message } => Verdict::Reject(
-                message.unwrap_or_else(|| "rejected by the sync hook".to_owned()),
-            ),
+            Answer::Reject { message } => {
+                Verdict::Reject(message.unwrap_or_else(|| "rejected by the sync hook".to_owned()))
+            }
         })
     }
 }

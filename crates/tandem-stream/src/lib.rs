@@ -15,6 +15,6 @@ mod sink;
 pub use config::{StreamConfig, WebhookTarget, parse_webhook};
 pub use deliver::{ChangeStream, ConsumerStats};
 pub use event::{Event, encode_entry};
+pub use sink::Sink;
 /// The replay lives in the store crate, where the gateway's BulkPublish reaches it too.
 pub use tandem_store::{ReplayReport, replay};
-pub use sink::Sink;

@@ -117,9 +117,9 @@ pub(crate) async fn serve(
                 "Count": 1,
             })))
         }
-        DeveloperOp::DescribeIdentityPoolUsage(_) => {
-            Ok(ok(json!({ "IdentityPoolUsage": pool_usage(gw, api).await? })))
-        }
+        DeveloperOp::DescribeIdentityPoolUsage(_) => Ok(ok(
+            json!({ "IdentityPoolUsage": pool_usage(gw, api).await? }),
+        )),
         DeveloperOp::GetCognitoEvents(_) => {
             let url = gw
                 .store
@@ -139,7 +139,10 @@ pub(crate) async fn serve(
                 .await
                 .map_err(store_error)?;
             gw.triggers.forget(store_pool);
-            tracing::info!(sync_trigger = url.as_deref().unwrap_or(""), "cognito SyncTrigger set");
+            tracing::info!(
+                sync_trigger = url.as_deref().unwrap_or(""),
+                "cognito SyncTrigger set"
+            );
             Ok(ok(json!({})))
         }
         DeveloperOp::GetIdentityPoolConfiguration(_) => {
@@ -422,7 +425,6 @@ impl Run {
             }
         }
     }
-
 }
 
 /// Waits until every one of `sinks` acknowledged log entry `last`.
@@ -480,7 +482,10 @@ mod tests {
             events_input(br#"{"Events":{"SyncTrigger":"https://h.example/x"}}"#).unwrap(),
             Some("https://h.example/x".into())
         );
-        assert_eq!(events_input(br#"{"Events":{"SyncTrigger":""}}"#).unwrap(), None);
+        assert_eq!(
+            events_input(br#"{"Events":{"SyncTrigger":""}}"#).unwrap(),
+            None
+        );
         assert_eq!(events_input(br#"{"Events":{}}"#).unwrap(), None);
         for bad in [
             &br#"{}"#[..],

@@ -46,10 +46,7 @@ pub struct CognitoConfig {
     /// DescribeIdentity, SetCognitoEvents, BulkPublish, …). Unset, they answer
     /// `NotAuthorizedException`. Use `TANDEM_COGNITO_ADMIN_KEY` rather than the flag, so it
     /// is not in the process list.
-    #[serde(
-        skip_serializing,
-        deserialize_with = "deserialize_admin_key"
-    )]
+    #[serde(skip_serializing, deserialize_with = "deserialize_admin_key")]
     #[cfg_attr(
         feature = "clap",
         arg(

@@ -10,6 +10,7 @@
 //! accepts what another issued. It owns no identity: credentials are issued by the Identity
 //! endpoint; here they are only verified.
 
+use super::caller::{self, Caller};
 use crate::Gateway;
 use crate::metrics::Metrics;
 use crate::throttle::Event;
@@ -26,7 +27,6 @@ use sha2::Sha256;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tandem_cognito::credentials::derive_key;
-use super::caller::{self, Caller};
 use tandem_cognito::{CognitoError, CredentialKeys, DeveloperKey, ErrorType};
 use tandem_protocol::{Access, DatasetInfo, Patch, PatchOp, Record};
 use tandem_store::{DatasetKey, StoreError, UpdateOutcome, UpdateRequest};

@@ -40,7 +40,9 @@ const MAX_MESSAGE: usize = 1024;
 /// Checks a SyncTrigger URL: `http://` or `https://` with a host, at most 2048 bytes.
 pub(crate) fn parse_url(url: &str) -> Result<Uri, String> {
     if url.len() > MAX_URL_LEN {
-        return Err(format!("the SyncTrigger URL is longer than {MAX_URL_LEN} bytes"));
+        return Err(format!(
+            "the SyncTrigger URL is longer than {MAX_URL_LEN} bytes"
+        ));
     }
     let uri: Uri = url
         .parse()
@@ -179,7 +181,9 @@ pub(crate) async fn check(
     let event = Event {
         version: 2,
         event_type: SYNC_TRIGGER,
-        region: pool_id.split_once(':').map_or(pool_id, |(region, _)| region),
+        region: pool_id
+            .split_once(':')
+            .map_or(pool_id, |(region, _)| region),
         identity_pool_id: pool_id,
         identity_id: &key.owner,
         dataset_name: &key.name,
@@ -200,18 +204,23 @@ pub(crate) async fn check(
     };
     let body = serde_json::to_vec(&event).map_err(|e| HookError::Failed(e.to_string()))?;
     let answer = client
-        .post(&trigger.breaker, trigger.uri.clone(), body, |status, body| {
-            if status.is_success() {
-                Ok(Ok(body))
-            } else if status.is_client_error() {
-                Ok(Err(format!(
-                    "the SyncTrigger refused the update ({status}): {}",
-                    message(&body)
-                )))
-            } else {
-                Err(format!("http status {status}"))
-            }
-        })
+        .post(
+            &trigger.breaker,
+            trigger.uri.clone(),
+            body,
+            |status, body| {
+                if status.is_success() {
+                    Ok(Ok(body))
+                } else if status.is_client_error() {
+                    Ok(Err(format!(
+                        "the SyncTrigger refused the update ({status}): {}",
+                        message(&body)
+                    )))
+                } else {
+                    Err(format!("http status {status}"))
+                }
+            },
+        )
         .await?;
     let body = match answer {
         Ok(body) => body,
@@ -366,7 +375,11 @@ mod tests {
             br#"{"datasetRecords":{"a":{"newValue":"x","op":"upsert"}}}"#,
             br#"{"datasetRecords":{"a":{"op":"replace"}}}"#,
         ] {
-            assert!(rewrite(body, &[], &patches).is_err(), "{}", String::from_utf8_lossy(body));
+            assert!(
+                rewrite(body, &[], &patches).is_err(),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
         }
     }
 
@@ -375,6 +388,9 @@ mod tests {
         assert_eq!(message(br#"{"message":"too big"}"#), "too big");
         assert_eq!(message(br#"{"errorMessage":"boom"}"#), "boom");
         assert_eq!(message(b" plain text\n"), "plain text");
-        assert_eq!(message("é".repeat(MAX_MESSAGE).as_bytes()).len(), MAX_MESSAGE);
+        assert_eq!(
+            message("é".repeat(MAX_MESSAGE).as_bytes()).len(),
+            MAX_MESSAGE
+        );
     }
 }

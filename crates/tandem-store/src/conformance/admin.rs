@@ -23,7 +23,10 @@ pub async fn case_identities_page_by_id(store: Arc<dyn Store>) {
         .link_logins(
             DEFAULT_POOL,
             &iid(4),
-            &[login("accounts.example.com", "a"), login("login.example.org", "b")],
+            &[
+                login("accounts.example.com", "a"),
+                login("login.example.org", "b"),
+            ],
         )
         .await
         .unwrap();
@@ -37,8 +40,14 @@ pub async fn case_identities_page_by_id(store: Arc<dyn Store>) {
     let ids: Vec<&str> = first.iter().map(|i| i.id.as_str()).collect();
     assert_eq!(ids, [iid(2), iid(4)], "{first:?}");
     let four = &first[1];
-    assert_eq!(four.providers, ["accounts.example.com", "login.example.org"]);
-    assert!(four.created_at > 0 && four.last_modified >= four.created_at, "{four:?}");
+    assert_eq!(
+        four.providers,
+        ["accounts.example.com", "login.example.org"]
+    );
+    assert!(
+        four.created_at > 0 && four.last_modified >= four.created_at,
+        "{four:?}"
+    );
     assert!(first[0].providers.is_empty());
 
     // Created meanwhile: 3 sorts before the cursor (never shown in this walk), 9 after it.
@@ -83,7 +92,10 @@ pub async fn case_identities_page_by_id(store: Arc<dyn Store>) {
         "merged away"
     );
     assert_eq!(
-        store.identity_summary(DEFAULT_POOL, &iid(99)).await.unwrap(),
+        store
+            .identity_summary(DEFAULT_POOL, &iid(99))
+            .await
+            .unwrap(),
         None
     );
     let other = store.identities("other-pool", None, 10).await.unwrap();
@@ -104,7 +116,12 @@ pub async fn case_identities_page_by_id(store: Arc<dyn Store>) {
 pub async fn case_pool_usage_counts_live_data(store: Arc<dyn Store>) {
     let empty = store.pool_usage(DEFAULT_POOL).await.unwrap();
     assert_eq!(
-        (empty.identities, empty.datasets, empty.bytes, empty.last_modified),
+        (
+            empty.identities,
+            empty.datasets,
+            empty.bytes,
+            empty.last_modified
+        ),
         (0, 0, 0, None)
     );
     for n in [1, 2] {
@@ -177,7 +194,12 @@ pub async fn case_pool_settings_compare_and_swap(store: Arc<dyn Store>) {
                 .await
                 .unwrap()
         );
-        assert!(!store.put_pool_setting(pool, name, None, expect).await.unwrap());
+        assert!(
+            !store
+                .put_pool_setting(pool, name, None, expect)
+                .await
+                .unwrap()
+        );
     }
     assert_eq!(
         store.pool_setting(pool, name).await.unwrap().as_deref(),
@@ -185,7 +207,12 @@ pub async fn case_pool_settings_compare_and_swap(store: Arc<dyn Store>) {
     );
     assert!(
         store
-            .put_pool_setting(pool, name, Some("http://b"), Expect::Value(Some("http://a")))
+            .put_pool_setting(
+                pool,
+                name,
+                Some("http://b"),
+                Expect::Value(Some("http://a"))
+            )
             .await
             .unwrap()
     );
@@ -196,7 +223,12 @@ pub async fn case_pool_settings_compare_and_swap(store: Arc<dyn Store>) {
             .unwrap()
     );
     assert_eq!(store.pool_setting(pool, name).await.unwrap(), None);
-    assert!(store.put_pool_setting(pool, name, None, Expect::Any).await.unwrap());
+    assert!(
+        store
+            .put_pool_setting(pool, name, None, Expect::Any)
+            .await
+            .unwrap()
+    );
     assert!(
         store
             .put_pool_setting(pool, name, None, Expect::Value(None))
@@ -231,7 +263,9 @@ pub async fn case_pool_settings_compare_and_swap(store: Arc<dyn Store>) {
 
     let big = "v".repeat(crate::MAX_SETTING_VALUE + 1);
     assert!(matches!(
-        store.put_pool_setting(pool, name, Some(&big), Expect::Any).await,
+        store
+            .put_pool_setting(pool, name, Some(&big), Expect::Any)
+            .await,
         Err(StoreError::BadRequest(_))
     ));
     assert!(matches!(

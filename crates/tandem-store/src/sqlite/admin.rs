@@ -81,12 +81,12 @@ pub(super) fn pool_usage(conn: &Connection, pool: &str) -> Result<PoolUsage, Sto
             "SELECT count(*), coalesce(sum(byte_size), 0), max(last_modified) FROM datasets
              WHERE pool = ?1 AND deleted = 0",
         )
-        .and_then(|mut stmt| stmt.query_row(params![pool], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))))
+        .and_then(|mut stmt| {
+            stmt.query_row(params![pool], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        })
         .map_err(db_err)?;
     let identities: i64 = conn
-        .prepare_cached(
-            "SELECT count(*) FROM identities WHERE pool = ?1 AND merged_into IS NULL",
-        )
+        .prepare_cached("SELECT count(*) FROM identities WHERE pool = ?1 AND merged_into IS NULL")
         .and_then(|mut stmt| stmt.query_row(params![pool], |r| r.get(0)))
         .map_err(db_err)?;
     Ok(PoolUsage {
@@ -98,7 +98,11 @@ pub(super) fn pool_usage(conn: &Connection, pool: &str) -> Result<PoolUsage, Sto
 }
 
 /// See `Store::pool_setting`.
-pub(super) fn setting(conn: &Connection, pool: &str, name: &str) -> Result<Option<String>, StoreError> {
+pub(super) fn setting(
+    conn: &Connection,
+    pool: &str,
+    name: &str,
+) -> Result<Option<String>, StoreError> {
     conn.prepare_cached("SELECT value FROM pool_settings WHERE pool = ?1 AND name = ?2")
         .and_then(|mut stmt| stmt.query_row(params![pool, name], |r| r.get(0)).optional())
         .map_err(db_err)

@@ -14,8 +14,8 @@ mod fetch;
 
 pub(super) use document::Jwk;
 pub(super) use fetch::HttpFetcher;
-pub(crate) use fetch::client_tls;
 use fetch::Source;
+pub(crate) use fetch::client_tls;
 
 use super::JwksConfig;
 use jsonwebtoken::Algorithm;
