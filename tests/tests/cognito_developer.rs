@@ -67,7 +67,7 @@ async fn test_cognito_developer_operations_with_boto3() {
     };
     let trigger = Trigger::start().await;
     let webhook = Webhook::start(0).await;
-    let server = node()
+    let mut server = node()
         .arg("--stream-webhook", webhook.setting("bulk"))
         .arg("--stream-secret", webhook::SECRET)
         .arg("--stream-retry-initial", "50ms")
@@ -173,6 +173,10 @@ async fn test_cognito_developer_operations_with_boto3() {
         .find(|r| r["key"] == "title")
         .unwrap();
     assert_eq!(title["value"], "plain");
+
+    // The status is the store's: a restarted node still reports it.
+    server.restart();
+    phase(&python, &config, "bulk_done").await;
 
     phase(&python, &config, "no_sinks").await;
 }
