@@ -169,7 +169,7 @@ pub(crate) async fn serve(
                 "BulkPublishStatus": "NOT_STARTED",
             });
             if let Some((_, status)) = status {
-                let status = status.as_seen(now_ms());
+                let status = status.seen_at(now_ms());
                 body["BulkPublishStatus"] = json!(status.status);
                 body["BulkPublishStartTime"] = seconds(status.started);
                 if let Some(completed) = status.completed {
@@ -248,7 +248,7 @@ impl Status {
     }
 
     /// The status as a reader sees it at `now`: a run whose node stopped reads as FAILED.
-    fn as_seen(self, now: i64) -> Status {
+    fn seen_at(self, now: i64) -> Status {
         if self.status == "IN_PROGRESS" && !self.running(now) {
             return Status {
                 status: "FAILED".into(),
@@ -508,7 +508,7 @@ mod tests {
             heartbeat: 1_000,
         };
         assert!(status.running(1_000 + millis(STALE_AFTER) - 1));
-        let seen = status.as_seen(1_000 + millis(STALE_AFTER));
+        let seen = status.seen_at(1_000 + millis(STALE_AFTER));
         assert_eq!(seen.status, "FAILED");
         assert!(seen.failure.is_some());
     }
