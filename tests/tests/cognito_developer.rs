@@ -180,3 +180,148 @@ async fn test_cognito_developer_operations_with_boto3() {
 
     phase(&python, &config, "no_sinks").await;
 }
+
+/// A Sync API request signed by the load tester's signer (written apart from the node's
+/// verifier) with `creds`; an empty session token signs as a static key. Status and body.
+async fn signed(
+    server: &TestServer,
+    creds: &tandem_loadtest::sigv4::Credentials,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let date = tandem_loadtest::sigv4::amz_date(std::time::SystemTime::now());
+    let host = server.addr.to_string();
+    let authorization =
+        tandem_loadtest::sigv4::authorization(creds, "us-east-1", method, &host, path, body, &date);
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\nAuthorization: {authorization}\r\nX-Amz-Date: {date}\r\nContent-Type: application/json\r\n",
+        body.len()
+    );
+    if !creds.session_token.is_empty() {
+        request.push_str(&format!(
+            "X-Amz-Security-Token: {}\r\n",
+            creds.session_token
+        ));
+    }
+    request.push_str("\r\n");
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// The developer key without any SDK: it reads and sets a pool's events and reaches any
+/// identity's data; identity credentials and a wrong secret are refused, and a node without
+/// the key refuses everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cognito_developer_key_signs_developer_operations() {
+    use tandem_loadtest::sigv4::Credentials;
+    let server = node().start();
+    let developer = Credentials {
+        access_key_id: ADMIN_AKID.to_owned(),
+        secret_key: ADMIN_SECRET.to_owned(),
+        session_token: String::new(),
+    };
+    let pool = POOL.replace(':', "%3A");
+    let events = format!("/identitypools/{pool}/events");
+
+    let (status, body) = signed(&server, &developer, "GET", &events, b"").await;
+    assert_eq!((status, &body), (200, &json!({ "Events": {} })));
+    let set = json!({ "Events": { "SyncTrigger": "https://hooks.example.com/sync" } });
+    let (status, _) = signed(
+        &server,
+        &developer,
+        "POST",
+        &events,
+        set.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (_, body) = signed(&server, &developer, "GET", &events, b"").await;
+    assert_eq!(
+        body["Events"]["SyncTrigger"],
+        "https://hooks.example.com/sync"
+    );
+    let other_pool = "/identitypools/us-east-1%3A00000000-0000-4000-8000-000000000000/events";
+    let (status, body) = signed(&server, &developer, "GET", other_pool, b"").await;
+    assert_eq!(
+        (status, body["__type"].as_str()),
+        (404, Some("ResourceNotFoundException"))
+    );
+
+    // Any identity's data, with a SyncSessionToken from its ListRecords.
+    let alice = "us-east-1:aaaaaaaa-1111-4111-8111-aaaaaaaaaaaa";
+    let records = format!(
+        "/identitypools/{pool}/identities/{}/datasets/d/records",
+        alice.replace(':', "%3A")
+    );
+    let (status, body) = signed(&server, &developer, "GET", &records, b"").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["DatasetExists"], false);
+
+    // Identity credentials: their own data, never a developer operation.
+    let keys = tandem_cognito::CredentialKeys::derive(SECRET.as_bytes());
+    let issued = keys.issue(alice, POOL, std::time::SystemTime::now());
+    let user = Credentials {
+        access_key_id: issued.access_key_id,
+        secret_key: issued.secret_key,
+        session_token: issued.session_token,
+    };
+    let (status, _) = signed(&server, &user, "GET", &records, b"").await;
+    assert_eq!(status, 200);
+    for (method, path) in [
+        ("GET", events.clone()),
+        ("POST", format!("/identitypools/{pool}/bulkpublish")),
+        ("GET", format!("/identitypools/{pool}")),
+        ("GET", "/identitypools".to_owned()),
+    ] {
+        let (status, body) = signed(&server, &user, method, &path, b"").await;
+        assert_eq!(
+            (status, body["__type"].as_str()),
+            (403, Some("NotAuthorizedException")),
+            "{method} {path}"
+        );
+    }
+    // The developer's key id with the wrong secret, or sent with a session token.
+    let forged = Credentials {
+        secret_key: "not-the-developer-secret".to_owned(),
+        ..developer.clone()
+    };
+    let (status, body) = signed(&server, &forged, "GET", &events, b"").await;
+    assert_eq!(
+        (status, body["__type"].as_str()),
+        (403, Some("InvalidSignatureException"))
+    );
+    let with_token = Credentials {
+        session_token: user.session_token.clone(),
+        ..developer.clone()
+    };
+    let (status, body) = signed(&server, &with_token, "GET", &events, b"").await;
+    assert_eq!(
+        (status, body["__type"].as_str()),
+        (403, Some("UnrecognizedClientException"))
+    );
+    // The events are as the developer left them.
+    let (_, body) = signed(&server, &developer, "GET", &events, b"").await;
+    assert_eq!(
+        body["Events"]["SyncTrigger"],
+        "https://hooks.example.com/sync"
+    );
+
+    // A node without a developer key has no developer.
+    let keyless = TestServer::builder()
+        .arg("--cognito-identity-pool", POOL)
+        .start();
+    let (status, body) = signed(&keyless, &developer, "GET", &events, b"").await;
+    assert_eq!(
+        (status, body["__type"].as_str()),
+        (403, Some("UnrecognizedClientException"))
+    );
+}
