@@ -325,3 +325,101 @@ async fn test_cognito_developer_key_signs_developer_operations() {
         (403, Some("UnrecognizedClientException"))
     );
 }
+
+/// Two nodes on one PostgreSQL: the SyncTrigger set through one node rewrites an update
+/// through the other, and a BulkPublish started on the node with the webhook sink is
+/// reported by the other until it SUCCEEDED, with the snapshot at the webhook.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cognito_developer_settings_reach_every_node_on_postgres() {
+    use tandem_loadtest::sigv4::Credentials;
+    use tandem_tests::cluster::PgSchema;
+    let schema = PgSchema::create();
+    let trigger = Trigger::start().await;
+    let webhook = Webhook::start(0).await;
+    let on_pg = |b: TestServerBuilder| {
+        b.arg("--store", &schema.url)
+            .arg("--postgres-schema", &schema.name)
+            .arg("--postgres-pool-size", 4)
+            .arg("--cognito-events-refresh", "200ms")
+    };
+    let with_sink = on_pg(node())
+        .arg("--stream-webhook", webhook.setting("bulk"))
+        .arg("--stream-secret", webhook::SECRET)
+        .start();
+    let other = on_pg(node()).start();
+    let developer = Credentials {
+        access_key_id: ADMIN_AKID.to_owned(),
+        secret_key: ADMIN_SECRET.to_owned(),
+        session_token: String::new(),
+    };
+    let pool = POOL.replace(':', "%3A");
+    let set = json!({ "Events": { "SyncTrigger": trigger.url() } });
+    let events = format!("/identitypools/{pool}/events");
+    let (status, _) = signed(
+        &with_sink,
+        &developer,
+        "POST",
+        &events,
+        set.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    let alice = "us-east-1:aaaaaaaa-1111-4111-8111-aaaaaaaaaaaa";
+    let issued = tandem_cognito::CredentialKeys::derive(SECRET.as_bytes()).issue(
+        alice,
+        POOL,
+        std::time::SystemTime::now(),
+    );
+    let user = Credentials {
+        access_key_id: issued.access_key_id,
+        secret_key: issued.secret_key,
+        session_token: issued.session_token,
+    };
+    let dataset = format!(
+        "/identitypools/{pool}/identities/{}/datasets/profile",
+        alice.replace(':', "%3A")
+    );
+    let (_, listed) = signed(&other, &user, "GET", &format!("{dataset}/records"), b"").await;
+    let update = json!({
+        "SyncSessionToken": listed["SyncSessionToken"],
+        "RecordPatches": [{ "Op": "replace", "Key": "title", "Value": "hi", "SyncCount": 0 }],
+        "DeviceId": "d",
+    });
+    let (status, written) = signed(
+        &other,
+        &user,
+        "POST",
+        &dataset,
+        update.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200, "{written}");
+    assert_eq!(
+        written["Records"][0]["Value"], "HI",
+        "rewritten by the trigger"
+    );
+    assert_eq!(trigger.events().len(), 1);
+    assert_eq!(trigger.bad_signatures(), 0);
+
+    let bulk = format!("/identitypools/{pool}/bulkpublish");
+    let (status, body) = signed(&with_sink, &developer, "POST", &bulk, b"").await;
+    assert_eq!(status, 200, "{body}");
+    let details = format!("/identitypools/{pool}/getBulkPublishDetails");
+    let done = tandem_tests::eventually(Duration::from_secs(30), "the bulk publish", || {
+        let (other, developer, details) = (&other, &developer, &details);
+        async move {
+            let (_, body) = signed(other, developer, "POST", details, b"").await;
+            (body["BulkPublishStatus"] != "IN_PROGRESS").then_some(body)
+        }
+    })
+    .await;
+    assert_eq!(done["BulkPublishStatus"], "SUCCEEDED", "{done}");
+    let snapshot = first_of_each(&webhook.events())
+        .into_iter()
+        .find(|e| e["type"] == "snapshot")
+        .expect("a snapshot event");
+    assert_eq!(snapshot["owner"], alice);
+    assert_eq!(snapshot["dataset"], "profile");
+    assert_eq!(snapshot["records"][0]["value"], "HI");
+}
