@@ -139,10 +139,8 @@ pub(crate) async fn serve(
                 .await
                 .map_err(store_error)?;
             gw.triggers.forget(store_pool);
-            tracing::info!(
-                sync_trigger = url.as_deref().unwrap_or(""),
-                "cognito SyncTrigger set"
-            );
+            // Not the URL itself: it may carry a token in its query.
+            tracing::info!(set = url.is_some(), "cognito SyncTrigger changed");
             Ok(ok(json!({})))
         }
         DeveloperOp::GetIdentityPoolConfiguration(_) => {
