@@ -8,7 +8,8 @@ use super::db_err;
 use super::writer::Reply;
 use crate::commitlog::{COMPACT_CHUNK, CompactBounds, CompactReport, CompactTally};
 use crate::{DatasetKey, Limits, StoreError};
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 
 /// One compaction round in progress.
@@ -24,10 +25,26 @@ enum State {
     Start,
     /// Deleting entries past their age, oldest first.
     Age(Round),
-    /// Deleting each listed dataset's entries below its cut (the id of its newest entry
-    /// to keep); the last dataset is done first.
-    Count(Round, Vec<(DatasetKey, i64)>),
+    /// Trimming each listed dataset to its newest entries; the last one is done first.
+    Count(Round, Vec<Trim>),
 }
+
+/// A dataset over the count cap, and where along its chain (newest first) the trim is.
+struct Trim {
+    dataset: DatasetKey,
+    at: TrimAt,
+}
+
+enum TrimAt {
+    /// From the head: walk past the entries to keep.
+    Head(i64),
+    /// Deleting from this id down.
+    Below(i64),
+}
+
+/// Chain links one step may follow, so a long walk (entries a lagging consumer still
+/// needs, skipped) is spread over several steps too.
+const WALK_PER_STEP: usize = 4 * COMPACT_CHUNK as usize;
 
 /// What the round may delete, and the consumers' positions (for the warning).
 struct Round {
@@ -70,13 +87,23 @@ impl Compaction {
                 Ok(None)
             }
             State::Count(round, mut over) => {
-                let Some((dataset, cut)) = over.last() else {
+                let Some(trim) = over.last_mut() else {
                     return Ok(Some(self.tally.finish(forced_total, &round.consumers)));
                 };
-                let deleted = delete_below(conn, &round.bounds, dataset, *cut)?;
-                self.tally.add(&round.bounds, &deleted);
-                if (deleted.len() as i64) < COMPACT_CHUNK {
-                    over.pop();
+                let next = match trim.at {
+                    TrimAt::Head(head) => first_to_drop(conn, head, round.bounds.max_entries)?,
+                    TrimAt::Below(from) => {
+                        let (deleted, next) =
+                            delete_chain(conn, &round.bounds, &trim.dataset, from)?;
+                        self.tally.add(&round.bounds, &deleted);
+                        next
+                    }
+                };
+                match next {
+                    Some(id) => trim.at = TrimAt::Below(id),
+                    None => {
+                        over.pop();
+                    }
                 }
                 self.state = State::Count(round, over);
                 Ok(None)
@@ -105,88 +132,147 @@ fn start(conn: &Connection, limits: &Limits, now: i64) -> Result<Round, StoreErr
     })
 }
 
-/// Deletes a chunk of the oldest entries past their age. Entries are in time order by id
-/// (up to clock steps), so the aged ones are those below the first recent one, found by
-/// walking the rowids (no index on time: it would cost pages in every group commit), and
-/// only as far as the round may delete.
+/// Deletes a chunk of the oldest entries past their age, and takes them off their
+/// datasets' entry counts. Entries are in time order by id (up to clock steps), so the aged
+/// ones are those below the first recent one, found by walking the rowids (no index on
+/// time: it would cost pages in every group commit), and only as far as the round may
+/// delete.
 fn delete_aged(conn: &Connection, bounds: &CompactBounds) -> Result<Vec<i64>, StoreError> {
-    conn.prepare_cached(
-        "DELETE FROM commit_log WHERE id IN (
-             SELECT id FROM commit_log
-             WHERE id <= ?2 AND id < coalesce(
-                 (SELECT id FROM commit_log WHERE id <= ?2 AND server_time >= ?1
-                  ORDER BY id LIMIT 1),
-                 ?2 + 1)
-             ORDER BY id LIMIT ?3)
-         RETURNING id",
-    )
-    .and_then(|mut stmt| {
-        stmt.query_map(
-            params![bounds.cutoff, bounds.keep_above, COMPACT_CHUNK],
-            |r| r.get(0),
-        )?
-        .collect()
-    })
-    .map_err(db_err)
+    let rows: Vec<(i64, DatasetKey)> = conn
+        .prepare_cached(
+            "DELETE FROM commit_log WHERE id IN (
+                 SELECT id FROM commit_log
+                 WHERE id <= ?2 AND id < coalesce(
+                     (SELECT id FROM commit_log WHERE id <= ?2 AND server_time >= ?1
+                      ORDER BY id LIMIT 1),
+                     ?2 + 1)
+                 ORDER BY id LIMIT ?3)
+             RETURNING id, pool, owner, name",
+        )
+        .and_then(|mut stmt| {
+            stmt.query_map(
+                params![bounds.cutoff, bounds.keep_above, COMPACT_CHUNK],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        DatasetKey::new(
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, String>(3)?,
+                        ),
+                    ))
+                },
+            )?
+            .collect()
+        })
+        .map_err(db_err)?;
+    let mut per_dataset: HashMap<&DatasetKey, i64> = HashMap::new();
+    for (_, dataset) in &rows {
+        *per_dataset.entry(dataset).or_default() += 1;
+    }
+    for (dataset, dropped) in per_dataset {
+        uncount(conn, dataset, dropped)?;
+    }
+    Ok(rows.into_iter().map(|(id, _)| id).collect())
 }
 
-/// The datasets with more than `max_entries` entries, each with the id of the oldest entry
-/// it keeps. Only datasets over the cap are looked at twice, so a log within its bounds
-/// costs one read of the index.
-fn over_cap(conn: &Connection, max_entries: i64) -> Result<Vec<(DatasetKey, i64)>, StoreError> {
+/// Takes `dropped` entries off a dataset's count; a dataset left with none loses its head
+/// row, so the heads stay one row per dataset that has entries.
+fn uncount(conn: &Connection, dataset: &DatasetKey, dropped: i64) -> Result<(), StoreError> {
     conn.prepare_cached(
-        "SELECT o.pool, o.owner, o.name,
-                (SELECT id FROM commit_log c
-                 WHERE c.pool = o.pool AND c.owner = o.owner AND c.name = o.name
-                 ORDER BY id DESC LIMIT 1 OFFSET ?1 - 1)
-         FROM (SELECT pool, owner, name FROM commit_log
-               GROUP BY pool, owner, name HAVING count(*) > ?1) o",
+        "UPDATE commit_log_heads SET entries = entries - ?4
+         WHERE pool = ?1 AND owner = ?2 AND name = ?3",
+    )
+    .and_then(|mut stmt| stmt.execute(params![dataset.pool, dataset.owner, dataset.name, dropped]))
+    .map_err(db_err)?;
+    conn.prepare_cached(
+        "DELETE FROM commit_log_heads
+         WHERE pool = ?1 AND owner = ?2 AND name = ?3 AND entries <= 0",
+    )
+    .and_then(|mut stmt| stmt.execute(params![dataset.pool, dataset.owner, dataset.name]))
+    .map_err(db_err)?;
+    Ok(())
+}
+
+/// The datasets with more than `max_entries` entries and a tenth: a trim walks the kept
+/// entries' chain, so it waits until there is a tenth's worth to drop (the count stays
+/// within 10 % of the cap between rounds, and exact for caps below ten).
+fn over_cap(conn: &Connection, max_entries: i64) -> Result<Vec<Trim>, StoreError> {
+    conn.prepare_cached(
+        "SELECT pool, owner, name, head FROM commit_log_heads WHERE entries > ?1 + ?1 / 10",
     )
     .and_then(|mut stmt| {
         stmt.query_map(params![max_entries], |r| {
-            Ok((
-                DatasetKey::new(
+            Ok(Trim {
+                dataset: DatasetKey::new(
                     r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
                     r.get::<_, String>(2)?,
                 ),
-                r.get(3)?,
-            ))
+                at: TrimAt::Head(r.get(3)?),
+            })
         })?
         .collect()
     })
     .map_err(db_err)
 }
 
-/// Deletes a chunk of `dataset`'s entries below `cut`, on the dataset's index.
-fn delete_below(
+/// The id of the newest entry past the `keep` newest along the chain from `head`, if the
+/// chain is that long.
+fn first_to_drop(conn: &Connection, head: i64, keep: i64) -> Result<Option<i64>, StoreError> {
+    let mut next = Some(head);
+    for _ in 0..keep {
+        let Some(id) = next else {
+            return Ok(None);
+        };
+        next = prev_of(conn, id)?.flatten();
+    }
+    Ok(next)
+}
+
+/// The previous entry's id of the entry `id` (`None` if `id` was dropped; `Some(None)` at
+/// the chain's start).
+fn prev_of(conn: &Connection, id: i64) -> Result<Option<Option<i64>>, StoreError> {
+    conn.prepare_cached("SELECT prev_id FROM commit_log WHERE id = ?1")
+        .and_then(|mut stmt| stmt.query_row(params![id], |r| r.get(0)).optional())
+        .map_err(db_err)
+}
+
+/// Deletes a chunk of `dataset`'s chain from `from` down, past what the round must keep;
+/// answers the deleted ids and where to go on (`None` at the chain's end).
+fn delete_chain(
     conn: &Connection,
     bounds: &CompactBounds,
     dataset: &DatasetKey,
-    cut: i64,
-) -> Result<Vec<i64>, StoreError> {
-    conn.prepare_cached(
-        "DELETE FROM commit_log WHERE id IN (
-             SELECT id FROM commit_log
-             WHERE pool = ?1 AND owner = ?2 AND name = ?3 AND id < ?4 AND id <= ?5
-             ORDER BY id LIMIT ?6)
-         RETURNING id",
-    )
-    .and_then(|mut stmt| {
-        stmt.query_map(
-            params![
-                dataset.pool,
-                dataset.owner,
-                dataset.name,
-                cut,
-                bounds.keep_above,
-                COMPACT_CHUNK
-            ],
-            |r| r.get(0),
-        )?
-        .collect()
-    })
-    .map_err(db_err)
+    from: i64,
+) -> Result<(Vec<i64>, Option<i64>), StoreError> {
+    let mut doomed = Vec::new();
+    let mut next = Some(from);
+    for _ in 0..WALK_PER_STEP {
+        let Some(id) = next else {
+            break;
+        };
+        if doomed.len() as i64 == COMPACT_CHUNK {
+            break;
+        }
+        // An entry already dropped (by age) ends the chain.
+        let Some(prev) = prev_of(conn, id)? else {
+            next = None;
+            break;
+        };
+        next = prev;
+        if id <= bounds.keep_above {
+            doomed.push(id);
+        }
+    }
+    let mut stmt = conn
+        .prepare_cached("DELETE FROM commit_log WHERE id = ?1")
+        .map_err(db_err)?;
+    for &id in &doomed {
+        stmt.execute(params![id]).map_err(db_err)?;
+    }
+    uncount(conn, dataset, doomed.len() as i64)?;
+    Ok((doomed, next))
 }
 
 #[cfg(test)]
@@ -228,5 +314,74 @@ mod tests {
         assert_eq!(steps[..3], [1000, 1000, 499]);
         assert_eq!(report.dropped, 2499);
         assert_eq!(count(&conn), 1);
+    }
+
+    /// A dataset over its count cap is trimmed along its chain to the newest entries, in
+    /// chunks, and its head row keeps the count; the kept entries still link up.
+    #[test]
+    fn test_compaction_trims_a_dataset_along_its_chain() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        super::super::schema::migrate(&mut conn).unwrap();
+        let busy = DatasetKey::new("default", "u", "busy");
+        let quiet = DatasetKey::new("default", "u", "quiet");
+        for i in 1..=2500u64 {
+            let key = if i % 100 == 0 { &quiet } else { &busy };
+            super::super::writer::append_log(
+                &conn,
+                key,
+                crate::LogKind::Update,
+                Some(i),
+                "u",
+                None,
+                100_000,
+                "[]",
+            )
+            .unwrap();
+        }
+        let limits = Limits {
+            commit_log_max_entries_per_dataset: 100,
+            ..Limits::default()
+        };
+        let forced = AtomicU64::new(0);
+        let mut compaction = Compaction::new(100_000, None);
+        let report = loop {
+            if let Some(report) = compaction.step(&conn, &limits, &forced).unwrap() {
+                break report;
+            }
+        };
+        assert_eq!(report.dropped, 2475 - 100);
+        let heads: Vec<(String, i64)> = conn
+            .prepare("SELECT name, entries FROM commit_log_heads ORDER BY name")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(heads, [("busy".to_owned(), 100), ("quiet".to_owned(), 25)]);
+        let kept = super::super::query::log(&conn, &busy, 0, 1000).unwrap();
+        let counts: Vec<u64> = kept.iter().map(|e| e.sync_count).collect();
+        let all: Vec<u64> = (1..=2500).filter(|i| i % 100 != 0).collect();
+        assert_eq!(counts, all[all.len() - 100..]);
+        // Within a tenth over the cap, nothing is walked or dropped.
+        for i in 2501..=2510u64 {
+            super::super::writer::append_log(
+                &conn,
+                &busy,
+                crate::LogKind::Update,
+                Some(i),
+                "u",
+                None,
+                100_000,
+                "[]",
+            )
+            .unwrap();
+        }
+        let mut compaction = Compaction::new(100_000, None);
+        let report = loop {
+            if let Some(report) = compaction.step(&conn, &limits, &forced).unwrap() {
+                break report;
+            }
+        };
+        assert_eq!(report.dropped, 0);
     }
 }

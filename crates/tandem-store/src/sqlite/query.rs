@@ -296,27 +296,75 @@ fn log_entry(row: &rusqlite::Row<'_>) -> rusqlite::Result<LogEntry> {
     })
 }
 
-/// See `Store::log`.
+/// The newest id of `key`'s log chain (schema version 6), if it has entries.
+fn log_head(conn: &Connection, key: &DatasetKey) -> Result<Option<i64>, StoreError> {
+    conn.prepare_cached(
+        "SELECT head FROM commit_log_heads WHERE pool = ?1 AND owner = ?2 AND name = ?3",
+    )
+    .and_then(|mut stmt| {
+        stmt.query_row(params![key.pool, key.owner, key.name], |r| r.get(0))
+            .optional()
+    })
+    .map_err(db_err)
+}
+
+/// The entry `id` and the id of its dataset's previous entry; `None` once compaction
+/// dropped it (a chain ends at its first dropped entry).
+pub(super) fn log_link(
+    conn: &Connection,
+    id: i64,
+) -> Result<Option<(LogEntry, Option<i64>)>, StoreError> {
+    conn.prepare_cached(&format!(
+        "SELECT {LOG_COLUMNS}, prev_id FROM commit_log WHERE id = ?1"
+    ))
+    .and_then(|mut stmt| {
+        stmt.query_row(params![id], |row| Ok((log_entry(row)?, row.get(10)?)))
+            .optional()
+    })
+    .map_err(db_err)
+}
+
+/// A dataset's entries newest first, along the chain from `next`. Ids along a chain only
+/// go down and never leave the dataset, since they are never reused.
+struct Chain<'c> {
+    conn: &'c Connection,
+    next: Option<i64>,
+}
+
+impl Chain<'_> {
+    fn next(&mut self) -> Result<Option<LogEntry>, StoreError> {
+        let Some(id) = self.next else {
+            return Ok(None);
+        };
+        Ok(log_link(self.conn, id)?.map(|(entry, prev)| {
+            self.next = prev;
+            entry
+        }))
+    }
+}
+
+/// See `Store::log`: walks back to the first entry at or below `after_sync_count` (sync
+/// counts never go down along a dataset's chain), then answers oldest first.
 pub(super) fn log(
     conn: &Connection,
     key: &DatasetKey,
     after_sync_count: u64,
     limit: usize,
 ) -> Result<Vec<LogEntry>, StoreError> {
-    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let mut stmt = conn
-        .prepare_cached(&format!(
-            "SELECT {LOG_COLUMNS} FROM commit_log
-             WHERE pool = ?1 AND owner = ?2 AND name = ?3 AND sync_count > ?4
-             ORDER BY id LIMIT ?5"
-        ))
-        .map_err(db_err)?;
-    stmt.query_map(
-        params![key.pool, key.owner, key.name, after_sync_count, limit],
-        log_entry,
-    )
-    .and_then(|rows| rows.collect())
-    .map_err(db_err)
+    let mut chain = Chain {
+        conn,
+        next: log_head(conn, key)?,
+    };
+    let mut entries = Vec::new();
+    while let Some(entry) = chain.next()? {
+        if entry.sync_count <= after_sync_count {
+            break;
+        }
+        entries.push(entry);
+    }
+    entries.reverse();
+    entries.truncate(limit);
+    Ok(entries)
 }
 
 /// See `Store::log_since`.
@@ -336,7 +384,9 @@ pub(super) fn log_since(
         .map_err(db_err)
 }
 
-/// See `Store::history`; run inside a read transaction.
+/// See `Store::history`; run inside a read transaction. A page after the first starts
+/// from the entry before `before_id` when that entry is still there and the dataset's;
+/// otherwise (compacted, or not this dataset's) from the head, skipping newer ids.
 pub(super) fn history(
     conn: &Connection,
     key: &DatasetKey,
@@ -345,32 +395,33 @@ pub(super) fn history(
     limit: usize,
 ) -> Result<Vec<LogEntry>, StoreError> {
     check_read(conn, key, actor)?;
-    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let mut stmt = conn
-        .prepare_cached(&format!(
-            "SELECT {LOG_COLUMNS} FROM commit_log
-             WHERE pool = ?1 AND owner = ?2 AND name = ?3 AND id < ?4
-               AND kind IN ('update', 'delete', 'grant', 'revoke', 'merge')
-             ORDER BY id DESC LIMIT ?5"
-        ))
-        .map_err(db_err)?;
-    stmt.query_map(
-        params![
-            key.pool,
-            key.owner,
-            key.name,
-            before_id.unwrap_or(i64::MAX),
-            limit
-        ],
-        log_entry,
-    )
-    .and_then(|rows| rows.collect())
-    .map_err(db_err)
+    let from_cursor = match before_id {
+        Some(id) => {
+            log_link(conn, id)?.and_then(|(entry, prev)| (entry.dataset == *key).then_some(prev))
+        }
+        None => None,
+    };
+    let next = match from_cursor {
+        Some(prev) => prev,
+        None => log_head(conn, key)?,
+    };
+    let before_id = before_id.unwrap_or(i64::MAX);
+    let mut chain = Chain { conn, next };
+    let mut entries = Vec::new();
+    while entries.len() < limit {
+        let Some(entry) = chain.next()? else {
+            break;
+        };
+        if entry.id < before_id && entry.kind != LogKind::Snapshot {
+            entries.push(entry);
+        }
+    }
+    Ok(entries)
 }
 
 /// See `Store::read_at`; run inside a read transaction, so the current state and the log
 /// entries undone from it are of one commit. Entries are read one at a time, newest first
-/// along the dataset's index, so memory holds the dataset and one entry.
+/// along the dataset's chain, so memory holds the dataset and one entry.
 pub(super) fn read_at(
     conn: &Connection,
     key: &DatasetKey,
@@ -378,24 +429,22 @@ pub(super) fn read_at(
     sync_count: u64,
 ) -> Result<Snapshot, StoreError> {
     let mut rewind = crate::commitlog::Rewind::new(snapshot(conn, key, actor)?, sync_count)?;
-    if rewind.wants_more() {
-        let target = i64::try_from(sync_count).unwrap_or(i64::MAX);
-        let mut stmt = conn
-            .prepare_cached(&format!(
-                "SELECT {LOG_COLUMNS} FROM commit_log
-                 WHERE pool = ?1 AND owner = ?2 AND name = ?3 AND sync_count >= ?4
-                   AND kind IN ('update', 'delete', 'merge')
-                 ORDER BY id DESC"
-            ))
-            .map_err(db_err)?;
-        let mut rows = stmt
-            .query(params![key.pool, key.owner, key.name, target])
-            .map_err(db_err)?;
-        while rewind.wants_more() {
-            let Some(row) = rows.next().map_err(db_err)? else {
-                break;
-            };
-            rewind.undo(&log_entry(row).map_err(db_err)?)?;
+    let mut chain = Chain {
+        conn,
+        next: log_head(conn, key)?,
+    };
+    while rewind.wants_more() {
+        let Some(entry) = chain.next()? else {
+            break;
+        };
+        if entry.sync_count < sync_count {
+            break;
+        }
+        if matches!(
+            entry.kind,
+            LogKind::Update | LogKind::Delete | LogKind::Merge
+        ) {
+            rewind.undo(&entry)?;
         }
     }
     rewind.finish()

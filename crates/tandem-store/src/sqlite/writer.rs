@@ -583,7 +583,8 @@ fn log_snapshot(conn: &Connection, key: &DatasetKey) -> Result<Option<i64>, Stor
 /// write lock from `BEGIN IMMEDIATE` to COMMIT, so ids are handed out and become visible
 /// in the same order, and a `log_since` reader (which reads one snapshot) never later finds
 /// an id below one it has seen. Ids are never reused because compaction always keeps the
-/// store's newest entry (`compact`).
+/// store's newest entry (`compact`). The entry links to its dataset's previous one and
+/// becomes the dataset's head (schema version 6).
 #[allow(clippy::too_many_arguments, reason = "one per column of the entry")]
 pub(super) fn append_log(
     conn: &Connection,
@@ -597,11 +598,13 @@ pub(super) fn append_log(
 ) -> Result<(), StoreError> {
     conn.prepare_cached(
         "INSERT INTO commit_log (pool, owner, name, kind, sync_count, actor, device_id,
-                                 server_time, patches)
+                                 server_time, patches, prev_id)
          VALUES (?1, ?2, ?3, ?4,
                  coalesce(?5, (SELECT sync_count FROM datasets
                                WHERE pool = ?1 AND owner = ?2 AND name = ?3), 0),
-                 ?6, ?7, ?8, ?9)",
+                 ?6, ?7, ?8, ?9,
+                 (SELECT head FROM commit_log_heads
+                  WHERE pool = ?1 AND owner = ?2 AND name = ?3))",
     )
     .and_then(|mut stmt| {
         stmt.execute(params![
@@ -616,6 +619,14 @@ pub(super) fn append_log(
             patches
         ])
     })
+    .map_err(db_err)?;
+    conn.prepare_cached(
+        "INSERT INTO commit_log_heads (pool, owner, name, head, entries)
+         VALUES (?1, ?2, ?3, last_insert_rowid(), 1)
+         ON CONFLICT (pool, owner, name) DO UPDATE SET
+             head = excluded.head, entries = entries + 1",
+    )
+    .and_then(|mut stmt| stmt.execute(params![key.pool, key.owner, key.name]))
     .map_err(db_err)?;
     Ok(())
 }
