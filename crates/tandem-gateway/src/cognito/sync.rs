@@ -1,7 +1,8 @@
 //! The Cognito Sync REST API (rest-json, COGNITO.md §2) on the WebSocket's listener, under
 //! `/identitypools/…`: every request is SigV4-verified over its raw path and body before
-//! anything is decoded, the credentials' identity may address only its own data, and each
-//! operation is one store call mapped to Cognito's shapes. A commit is published through the
+//! anything is decoded, identity credentials may address only their own data (the developer
+//! key any identity's, and the developer operations of `super::admin`), and each operation
+//! is one store call mapped to Cognito's shapes. A commit is published through the
 //! hub exactly as a WebSocket `update` is, so WebSocket subscribers (on every node) see REST
 //! writes and ListRecords sees WebSocket ones.
 //!
