@@ -18,6 +18,7 @@ pub mod hook;
 pub mod http;
 pub mod proxy;
 pub mod raw;
+pub mod trigger;
 pub mod webhook;
 
 pub use tandem_client;

@@ -324,9 +324,13 @@ async fn test_cognito_authenticated_identity_answers_only_to_its_own_logins() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_cognito_bad_requests_get_their_documented_errors() {
     let server = start();
-    post(&server, "AWSCognitoIdentityService.ListIdentities", b"{}")
+    post(&server, "AWSCognitoIdentityService.UnlinkIdentity", b"{}")
         .await
         .assert_error("UnknownOperationException");
+    // A developer operation must be signed with the developer key.
+    post(&server, "AWSCognitoIdentityService.ListIdentities", b"{}")
+        .await
+        .assert_error("MissingAuthenticationTokenException");
     post(&server, "AWSCognitoSyncService.GetId", b"{}")
         .await
         .assert_error("UnknownOperationException");

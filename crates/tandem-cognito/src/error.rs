@@ -47,6 +47,11 @@ pub enum ErrorType {
     LambdaRejected,
     /// The sync hook did not answer (timeout, failure, breaker open) (429, retried).
     LambdaThrottled,
+    /// A pool's SyncTrigger refused the update or answered something that is not an event
+    /// (400).
+    InvalidLambdaOutput,
+    /// A BulkPublish while one runs (400).
+    DuplicateRequest,
 }
 
 impl ErrorType {
@@ -69,6 +74,8 @@ impl ErrorType {
             Self::InvalidConfiguration => "InvalidConfigurationException",
             Self::LambdaRejected => "LambdaRejectedException",
             Self::LambdaThrottled => "LambdaThrottledException",
+            Self::InvalidLambdaOutput => "InvalidLambdaFunctionOutputException",
+            Self::DuplicateRequest => "DuplicateRequestException",
         }
     }
 
@@ -81,7 +88,9 @@ impl ErrorType {
             | Self::InvalidParameter
             | Self::LimitExceeded
             | Self::InvalidConfiguration
-            | Self::LambdaRejected => 400,
+            | Self::LambdaRejected
+            | Self::InvalidLambdaOutput
+            | Self::DuplicateRequest => 400,
             Self::MissingAuthenticationToken
             | Self::InvalidSignature
             | Self::UnrecognizedClient
@@ -240,6 +249,9 @@ mod tests {
             (ErrorType::Unavailable, 503),
             (ErrorType::UnknownOperation, 404),
             (ErrorType::InvalidConfiguration, 400),
+            (ErrorType::InvalidLambdaOutput, 400),
+            (ErrorType::DuplicateRequest, 400),
+            (ErrorType::LambdaThrottled, 429),
         ];
         for (error_type, status) in cases {
             assert_eq!(

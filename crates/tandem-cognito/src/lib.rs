@@ -4,14 +4,16 @@
 //! ([`credentials`]), and the Cognito error shapes as the AWS SDKs parse them ([`error`]).
 //!
 //! It is pure: no HTTP types, no store, no clock of its own (every check takes `now`). The
-//! routes, the store mapping and the access rule (an identity reaches only its own data)
-//! belong to the gateway: its Cognito Identity endpoint issues [`credentials`]; the Sync
-//! API that verifies them is not wired yet.
+//! routes, the store mapping and the access rule (an identity reaches only its own data, the
+//! [`developer`] key any) belong to the gateway: its Cognito Identity endpoint issues
+//! [`credentials`], its Sync API verifies them.
 
 pub mod credentials;
+pub mod developer;
 pub mod error;
 pub mod sigv4;
 
 pub use credentials::{CredentialKeys, Credentials, SessionClaims};
+pub use developer::DeveloperKey;
 pub use error::{CognitoError, ErrorResponse, ErrorType};
-pub use sigv4::{KeyQuery, SignedRequest, Verified, verify};
+pub use sigv4::{KeyQuery, SignedRequest, Verified, verify, verify_for};

@@ -69,6 +69,17 @@ pub fn verify<P>(
     now: SystemTime,
     lookup: impl FnOnce(KeyQuery<'_>) -> Result<(String, P), CognitoError>,
 ) -> Result<Verified<P>, CognitoError> {
+    verify_for(SERVICE, request, now, lookup)
+}
+
+/// [`verify`] for a signature scoped to `service` (`cognito-identity` for the Identity
+/// API's developer operations).
+pub fn verify_for<P>(
+    service: &str,
+    request: &SignedRequest<'_>,
+    now: SystemTime,
+    lookup: impl FnOnce(KeyQuery<'_>) -> Result<(String, P), CognitoError>,
+) -> Result<Verified<P>, CognitoError> {
     let authorization = header_str(request.headers, "authorization")?.ok_or_else(|| {
         CognitoError::new(
             ErrorType::MissingAuthenticationToken,
@@ -92,9 +103,9 @@ pub fn verify<P>(
         ))
     })?;
 
-    if auth.service != SERVICE {
+    if auth.service != service {
         return Err(invalid(format!(
-            "Credential should be scoped to correct service: '{SERVICE}'. "
+            "Credential should be scoped to correct service: '{service}'. "
         )));
     }
     if auth.date != &amz_date[..8] {

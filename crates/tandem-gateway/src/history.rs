@@ -160,7 +160,9 @@ pub(crate) async fn restore(
                 .await?
             {
                 Checked::Commit(patches) => patches,
-                Checked::Rejected(message) => return Err(RestoreError::Rejected(message)),
+                Checked::Rejected(message) | Checked::LambdaRejected(message) => {
+                    return Err(RestoreError::Rejected(message));
+                }
                 Checked::Unavailable(e) => return Err(RestoreError::Hook(e)),
             };
         let request = UpdateRequest {

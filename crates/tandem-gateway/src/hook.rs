@@ -6,11 +6,17 @@
 //! circuit breaker stops calling an endpoint that keeps failing. A hook that fails, times out
 //! or is skipped by the open breaker refuses the update with `unavailable` (retriable): nothing
 //! is written without the hook's say. See docs/HOOKS.md.
+//!
+//! A Cognito pool's own SyncTrigger (`cognito::trigger`, set with SetCognitoEvents) takes
+//! the deployment hook's place for that pool and speaks Cognito's event format; it goes
+//! through the same [`HookClient`] (signing, timeout, bound in flight) with a breaker of
+//! its own.
 
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::Uri;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -34,6 +40,9 @@ pub(crate) enum Verdict {
     Accept(Vec<Patch>),
     /// Refuse the update with this message.
     Reject(String),
+    /// A pool's SyncTrigger (Cognito's event format) refused the update: it answered 4xx
+    /// (the Lambda threw) or a 2xx that is not an event. The message says which.
+    LambdaReject(String),
 }
 
 /// Why the hook gave no verdict; the update is refused as `unavailable`.
@@ -73,10 +82,14 @@ enum Answer {
     },
 }
 
-/// Consecutive failures open the breaker for a while; then one call (the probe) tries
-/// again while the others are still refused, and its outcome closes or re-opens it.
-#[derive(Debug)]
-struct Breaker {
+/// One endpoint's circuit breaker: consecutive failures open it for a while; then one call
+/// (the probe) tries again while the others are still refused, and its outcome closes or
+/// re-opens it.
+#[derive(Debug, Default)]
+pub(crate) struct Breaker(Mutex<BreakerState>);
+
+#[derive(Debug, Default)]
+struct BreakerState {
     failures: u32,
     open_until: Option<Instant>,
     /// When the probe started; a probe whose update was dropped mid-call (its client went
@@ -84,17 +97,135 @@ struct Breaker {
     probing: Option<Instant>,
 }
 
-pub(crate) struct SyncHook {
-    /// The configured URL, or why it is not one (then every update is refused: a hook that
-    /// was meant to be asked is never silently skipped).
-    url: Result<Uri, String>,
+/// What every hook call of a node shares, whichever endpoint it calls (the deployment's
+/// hook, a pool's SyncTrigger): the HTTP client, the signing secret, the timeout, the
+/// breaker's settings and the bound on calls in flight.
+pub(crate) struct HookClient {
     secret: Option<Vec<u8>>,
     timeout: Duration,
     failures_to_open: u32,
     open_for: Duration,
-    client: Client<HttpConnector, Full<Bytes>>,
-    breaker: Mutex<Breaker>,
+    /// Plain HTTP and HTTPS; `Err` if TLS could not be set up (every call then fails).
+    client: Result<Client<HttpsConnector<HttpConnector>, Full<Bytes>>, String>,
     in_flight: tokio::sync::Semaphore,
+}
+
+impl std::fmt::Debug for HookClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HookClient")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HookClient {
+    pub(crate) fn from_config(config: &crate::GatewayConfig) -> HookClient {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.sync_hook_timeout));
+        connector.enforce_http(false);
+        let client = crate::auth::client_tls().map(|tls| {
+            let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls)
+                .https_or_http()
+                .enable_http1()
+                .wrap_connector(connector);
+            Client::builder(TokioExecutor::new()).build(connector)
+        });
+        if let Err(e) = &client {
+            tracing::error!(error = %e, "sync hook client unusable: every hooked update will be refused");
+        }
+        HookClient {
+            secret: config
+                .sync_hook_secret
+                .as_ref()
+                .map(|s| s.as_bytes().to_vec()),
+            timeout: config.sync_hook_timeout,
+            failures_to_open: config.sync_hook_breaker_failures.max(1),
+            open_for: config.sync_hook_breaker_open,
+            client,
+            in_flight: tokio::sync::Semaphore::new(MAX_CALLS_IN_FLIGHT),
+        }
+    }
+
+    /// POSTs `body` to `url` under `breaker` and the timeout (the answer's body included);
+    /// `read` turns the answer's status and body into a result, or into a failure (`Err`)
+    /// that counts towards opening the breaker.
+    pub(crate) async fn post<T>(
+        &self,
+        breaker: &Breaker,
+        url: Uri,
+        body: Vec<u8>,
+        read: impl FnOnce(hyper::StatusCode, Bytes) -> Result<T, String>,
+    ) -> Result<T, HookError> {
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            return Err(HookError::Busy);
+        };
+        let probe = {
+            let mut state = breaker.0.lock();
+            let now = Instant::now();
+            let probing = state
+                .probing
+                .is_some_and(|since| now.duration_since(since) < self.timeout * 2);
+            match state.open_until {
+                Some(until) if probing || now < until => return Err(HookError::Open),
+                // Half open: this call is the probe; the others stay refused until it ends.
+                Some(_) => {
+                    state.probing = Some(now);
+                    true
+                }
+                None => false,
+            }
+        };
+        let outcome = match tokio::time::timeout(self.timeout, self.call(url, body)).await {
+            Ok(Ok((status, answer))) => read(status, answer).map_err(HookError::Failed),
+            Ok(Err(e)) => Err(HookError::Failed(e)),
+            Err(_) => Err(HookError::Timeout(self.timeout)),
+        };
+        let mut state = breaker.0.lock();
+        if probe {
+            state.probing = None;
+        }
+        match outcome {
+            Ok(answer) => {
+                state.failures = 0;
+                state.open_until = None;
+                Ok(answer)
+            }
+            Err(e) => {
+                state.failures += 1;
+                if probe || state.failures >= self.failures_to_open {
+                    state.open_until = Some(Instant::now() + self.open_for);
+                    tracing::warn!(error = %e, open_for_ms = self.open_for.as_millis() as u64, "sync hook failing, breaker open");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn call(&self, url: Uri, body: Vec<u8>) -> Result<(hyper::StatusCode, Bytes), String> {
+        let client = self.client.as_ref().map_err(Clone::clone)?;
+        let request = signed_post(url, self.secret.as_deref(), Bytes::from(body), &[])?;
+        let response = client
+            .request(request)
+            .await
+            .map_err(|e| format!("request failed: {e}"))?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the answer failed: {e}"))?
+            .to_bytes();
+        Ok((status, body))
+    }
+}
+
+/// The deployment's hook (`sync_hook_url`), in Tandem's own format.
+pub(crate) struct SyncHook {
+    /// The configured URL, or why it is not one (then every update is refused: a hook that
+    /// was meant to be asked is never silently skipped).
+    url: Result<Uri, String>,
+    breaker: Breaker,
 }
 
 impl std::fmt::Debug for SyncHook {
@@ -118,10 +249,13 @@ pub(crate) fn deserialize_url<'de, D: serde::Deserializer<'de>>(
 pub(crate) enum Checked {
     Commit(Vec<Patch>),
     Rejected(String),
+    /// Refused by a pool's SyncTrigger (Cognito: `InvalidLambdaFunctionOutputException`).
+    LambdaRejected(String),
     Unavailable(HookError),
 }
 
-/// Runs the deployment's hook, if any, for an update; reads the dataset's current records
+/// Runs the hook that applies to an update, if any: the pool's SyncTrigger (set with
+/// SetCognitoEvents) wins over the deployment's hook. Reads the dataset's current records
 /// for it (outside any store lock: the stale check at commit still guards the result).
 pub(crate) async fn check_update(
     gw: &crate::Gateway,
@@ -130,23 +264,48 @@ pub(crate) async fn check_update(
     device_id: Option<&str>,
     patches: Vec<Patch>,
 ) -> Result<Checked, tandem_store::StoreError> {
-    let Some(hook) = &gw.hook else {
-        return Ok(Checked::Commit(patches));
+    let trigger = match &gw.cognito_sync {
+        Some(api) => gw
+            .triggers
+            .get(gw.store.as_ref(), &key.pool)
+            .await?
+            .map(|t| (api, t)),
+        None => None,
     };
+    if trigger.is_none() && gw.hook.is_none() {
+        return Ok(Checked::Commit(patches));
+    }
     let current = gw.store.snapshot(key, identity).await?;
-    let verdict = hook
-        .check(
-            identity,
-            key.to_ref(),
-            device_id,
-            current.sync_count,
-            &current.records,
-            &patches,
-        )
-        .await;
+    let verdict = match (&trigger, &gw.hook) {
+        (Some((api, trigger)), _) => {
+            crate::cognito::trigger::check(
+                &gw.hook_client,
+                trigger,
+                &api.pool_id,
+                key,
+                &current.records,
+                &patches,
+            )
+            .await
+        }
+        (None, Some(hook)) => {
+            hook.check(
+                &gw.hook_client,
+                identity,
+                key.to_ref(),
+                device_id,
+                current.sync_count,
+                &current.records,
+                &patches,
+            )
+            .await
+        }
+        (None, None) => Ok(Verdict::Accept(patches)),
+    };
     Ok(match verdict {
         Ok(Verdict::Accept(patches)) => Checked::Commit(patches),
         Ok(Verdict::Reject(message)) => Checked::Rejected(message),
+        Ok(Verdict::LambdaReject(message)) => Checked::LambdaRejected(message),
         Err(e) => {
             if gw.throttle.record(crate::throttle::Event::HookFailed) {
                 tracing::warn!(error = %e, "sync hook gave no verdict; update refused");
@@ -177,31 +336,20 @@ impl SyncHook {
         if let Err(e) = &url {
             tracing::error!(error = %e, "sync hook url unusable: every update will be refused");
         }
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.sync_hook_timeout));
         Some(SyncHook {
             url,
-            secret: config
-                .sync_hook_secret
-                .as_ref()
-                .map(|s| s.as_bytes().to_vec()),
-            timeout: config.sync_hook_timeout,
-            failures_to_open: config.sync_hook_breaker_failures.max(1),
-            open_for: config.sync_hook_breaker_open,
-            client: Client::builder(TokioExecutor::new()).build(connector),
-            breaker: Mutex::new(Breaker {
-                failures: 0,
-                open_until: None,
-                probing: None,
-            }),
-            in_flight: tokio::sync::Semaphore::new(MAX_CALLS_IN_FLIGHT),
+            breaker: Breaker::default(),
         })
     }
 
     /// Asks the hook about an update of `dataset` (at `sync_count`, holding `records`).
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the hook request's fields, each named"
+    )]
     pub(crate) async fn check(
         &self,
+        client: &HookClient,
         identity: &str,
         dataset: DatasetRef,
         device_id: Option<&str>,
@@ -210,25 +358,6 @@ impl SyncHook {
         patches: &[Patch],
     ) -> Result<Verdict, HookError> {
         let url = self.url.clone().map_err(HookError::Failed)?;
-        let Ok(_permit) = self.in_flight.try_acquire() else {
-            return Err(HookError::Busy);
-        };
-        let probe = {
-            let mut breaker = self.breaker.lock();
-            let now = Instant::now();
-            let probing = breaker
-                .probing
-                .is_some_and(|since| now.duration_since(since) < self.timeout * 2);
-            match breaker.open_until {
-                Some(until) if probing || now < until => return Err(HookError::Open),
-                // Half open: this call is the probe; the others stay refused until it ends.
-                Some(_) => {
-                    breaker.probing = Some(now);
-                    true
-                }
-                None => false,
-            }
-        };
         let body = serde_json::to_vec(&Request {
             identity,
             dataset,
@@ -238,55 +367,22 @@ impl SyncHook {
             patches,
         })
         .map_err(|e| HookError::Failed(e.to_string()))?;
-        let outcome = match tokio::time::timeout(self.timeout, self.call(url, body)).await {
-            Ok(Ok(answer)) => Ok(answer),
-            Ok(Err(e)) => Err(HookError::Failed(e)),
-            Err(_) => Err(HookError::Timeout(self.timeout)),
-        };
-        let mut breaker = self.breaker.lock();
-        if probe {
-            breaker.probing = None;
-        }
-        match outcome {
-            Ok(answer) => {
-                breaker.failures = 0;
-                breaker.open_until = None;
-                Ok(match answer {
-                    Answer::Accept { patches: Some(p) } => Verdict::Accept(p),
-                    Answer::Accept { patches: None } => Verdict::Accept(patches.to_vec()),
-                    Answer::Reject { message } => Verdict::Reject(
-                        message.unwrap_or_else(|| "rejected by the sync hook".to_owned()),
-                    ),
-                })
-            }
-            Err(e) => {
-                breaker.failures += 1;
-                if probe || breaker.failures >= self.failures_to_open {
-                    breaker.open_until = Some(Instant::now() + self.open_for);
-                    tracing::warn!(error = %e, open_for_ms = self.open_for.as_millis() as u64, "sync hook failing, breaker open");
+        let answer = client
+            .post(&self.breaker, url, body, |status, body| {
+                if !status.is_success() {
+                    return Err(format!("http status {status}"));
                 }
-                Err(e)
+                serde_json::from_slice::<Answer>(&body)
+                    .map_err(|e| format!("unreadable answer: {e}"))
+            })
+            .await?;
+        Ok(match answer {
+            Answer::Accept { patches: Some(p) } => Verdict::Accept(p),
+            Answer::Accept { patches: None } => Verdict::Accept(patches.to_vec()),
+            Answer::Reject { message } => {
+                Verdict::Reject(message.unwrap_or_else(|| "rejected by the sync hook".to_owned()))
             }
-        }
-    }
-
-    async fn call(&self, url: Uri, body: Vec<u8>) -> Result<Answer, String> {
-        let request = signed_post(url, self.secret.as_deref(), Bytes::from(body), &[])?;
-        let response = self
-            .client
-            .request(request)
-            .await
-            .map_err(|e| format!("request failed: {e}"))?;
-        let status = response.status();
-        if !status.is_success() {
-            return Err(format!("http status {status}"));
-        }
-        let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
-            .collect()
-            .await
-            .map_err(|e| format!("reading the answer failed: {e}"))?
-            .to_bytes();
-        serde_json::from_slice(&body).map_err(|e| format!("unreadable answer: {e}"))
+        })
     }
 }
 

@@ -74,6 +74,10 @@ pub struct Gateway {
     cognito_sync: Option<cognito::sync::SyncApi>,
     /// The deployment's sync hook, when one is configured.
     hook: Option<hook::SyncHook>,
+    /// What every hook call shares (the deployment's hook and the pools' SyncTriggers).
+    hook_client: hook::HookClient,
+    /// Each Cognito pool's SyncTrigger, as this node last read it from the store.
+    triggers: cognito::trigger::Triggers,
     /// The REST API's per-identity request rate.
     rest_rate: history::RestRate,
     /// More `/metrics` lines from parts the binary wires in (the change stream).
@@ -107,6 +111,8 @@ impl Gateway {
             throttle: Throttle::new(config.max_log_lines, config.log_interval),
             cognito_identity: cognito::identity::IdentityEndpoint::new(&config.cognito),
             hook: hook::SyncHook::from_config(&config),
+            hook_client: hook::HookClient::from_config(&config),
+            triggers: cognito::trigger::Triggers::new(config.cognito.cognito_events_refresh),
             rest_rate: history::RestRate::new(config.max_rest_requests_per_second),
             extra_metrics: parking_lot::Mutex::new(Vec::new()),
             config,

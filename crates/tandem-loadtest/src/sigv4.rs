@@ -6,7 +6,8 @@ use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Temporary credentials from GetCredentialsForIdentity.
+/// Temporary credentials from GetCredentialsForIdentity, or a static key (an empty
+/// `session_token`: the header is then neither sent nor signed).
 #[derive(Debug, Clone)]
 pub struct Credentials {
     pub access_key_id: String,
@@ -92,10 +93,17 @@ pub fn authorization(
     let mut pairs: Vec<&str> = query.split('&').filter(|p| !p.is_empty()).collect();
     pairs.sort_unstable();
     let canonical_query = pairs.join("&");
-    let signed_headers = "host;x-amz-date;x-amz-security-token";
+    // No session token: a static key (Tandem's developer key), signed without the header.
+    let (signed_headers, token_line) = if creds.session_token.is_empty() {
+        ("host;x-amz-date", String::new())
+    } else {
+        (
+            "host;x-amz-date;x-amz-security-token",
+            format!("x-amz-security-token:{}\n", creds.session_token),
+        )
+    };
     let canonical = format!(
-        "{method}\n{canonical_uri}\n{canonical_query}\nhost:{host}\nx-amz-date:{date}\nx-amz-security-token:{}\n\n{signed_headers}\n{}",
-        creds.session_token,
+        "{method}\n{canonical_uri}\n{canonical_query}\nhost:{host}\nx-amz-date:{date}\n{token_line}\n{signed_headers}\n{}",
         hex(&Sha256::digest(body))
     );
     let day = date.get(..8).unwrap_or(date);

@@ -298,6 +298,8 @@ async fn serve_until(
     gateway_config.cognito = cognito_config(cognito, &auth)?;
     // Announced in `ready`, so that clients split and check updates before sending them.
     gateway_config.store_limits = Some(limits.clone());
+    // BulkPublish replays into this node's stream and waits for these sinks.
+    gateway_config.cognito.stream_sinks = stream_config.consumer_names();
     let grace = server.shutdown_grace;
     let drain_delay = server.drain_delay;
 

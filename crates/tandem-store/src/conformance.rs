@@ -17,6 +17,9 @@ use std::future::Future;
 use std::sync::Arc;
 use tandem_protocol::{Access, DatasetRef, LimitCode, Patch, Record};
 
+mod admin;
+pub use admin::*;
+
 const ALICE: &str = "alice";
 const BOB: &str = "bob";
 const CAROL: &str = "carol";
@@ -131,6 +134,9 @@ where
     run!(case_stream_dead_letters_are_capped, stream_limits());
     run!(case_datasets_after_walks_live_datasets, Limits::default());
     run!(case_log_snapshot_logs_the_live_records, Limits::default());
+    run!(case_identities_page_by_id, Limits::default());
+    run!(case_pool_usage_counts_live_data, Limits::default());
+    run!(case_pool_settings_compare_and_swap, Limits::default());
 }
 
 /// `log_limits` with a hard cap of 6 entries below the head.

@@ -10,6 +10,7 @@
 //! store knows nothing of sockets, subscriptions or fan-out: the gateway publishes what a
 //! commit returns.
 
+mod admin;
 mod commitlog;
 mod decision;
 mod error;
@@ -17,12 +18,16 @@ mod identity;
 mod model;
 mod outage;
 mod postgres;
+mod replay;
 mod sqlite;
 mod stream;
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 
+pub use admin::{
+    Expect, IdentitySummary, MAX_IDENTITY_PAGE, MAX_SETTING_NAME, MAX_SETTING_VALUE, PoolUsage,
+};
 pub use commitlog::{CompactReport, LogEntry, LogKind};
 pub use error::StoreError;
 pub use identity::{
@@ -35,6 +40,7 @@ pub use model::{
     validate_update,
 };
 pub use postgres::{PostgresConfig, PostgresStore};
+pub use replay::{ReplayReport, replay};
 pub use sqlite::{SqliteCheckReport, SqliteStore, check_sqlite};
 pub use stream::{DeadLetter, StreamConsumer};
 
@@ -279,6 +285,42 @@ pub trait Store: Send + Sync + 'static {
     /// it), and returns its id; `None` (nothing appended) for a dataset that does not exist
     /// or is deleted. For `tandem stream replay`; the caller checks who may.
     async fn log_snapshot(&self, dataset: &DatasetKey) -> Result<Option<i64>, StoreError>;
+
+    /// The live (not merged-away) identities of `pool` whose id is above `after` (bytewise),
+    /// by id, at most `limit` (1 to [`MAX_IDENTITY_PAGE`]): a developer's listing, a page at
+    /// a time. An identity created meanwhile shows on a later page if its id sorts after the
+    /// cursor, and never twice.
+    async fn identities(
+        &self,
+        pool: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<IdentitySummary>, StoreError>;
+
+    /// One live identity as [`Store::identities`] lists it; `None` if it was never created
+    /// or was merged away.
+    async fn identity_summary(
+        &self,
+        pool: &str,
+        id: &str,
+    ) -> Result<Option<IdentitySummary>, StoreError>;
+
+    /// The pool's live identities and live datasets, counted in one read.
+    async fn pool_usage(&self, pool: &str) -> Result<PoolUsage, StoreError>;
+
+    /// The pool's setting `name`, or `None` if unset.
+    async fn pool_setting(&self, pool: &str, name: &str) -> Result<Option<String>, StoreError>;
+
+    /// Sets (`Some`) or clears (`None`) the pool's setting `name` if it holds what `expect`
+    /// says, in one atomic step on every backend: of callers racing with the same
+    /// expectation, exactly one writes. Whether it wrote.
+    async fn put_pool_setting(
+        &self,
+        pool: &str,
+        name: &str,
+        value: Option<&str>,
+        expect: Expect<'_>,
+    ) -> Result<bool, StoreError>;
 
     /// Whether the store answers now (for `/ready`).
     async fn health(&self) -> Result<(), StoreError>;

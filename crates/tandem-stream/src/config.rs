@@ -176,6 +176,20 @@ impl StreamConfig {
     /// The consumer name of the Redis sink.
     pub const REDIS_CONSUMER: &'static str = "redis";
 
+    /// The consumer names of the configured sinks, webhooks first: what Cognito's
+    /// BulkPublish waits for.
+    pub fn consumer_names(&self) -> Vec<String> {
+        self.stream_webhooks
+            .iter()
+            .map(|w| w.name.clone())
+            .chain(
+                self.stream_redis
+                    .as_ref()
+                    .map(|_| Self::REDIS_CONSUMER.to_owned()),
+            )
+            .collect()
+    }
+
     /// Checks what the types cannot: a lease must outlast a delivery, or two nodes could
     /// deliver at once.
     pub fn validate(&self) -> Result<(), String> {

@@ -10,11 +10,11 @@
 mod config;
 mod deliver;
 mod event;
-mod replay;
 mod sink;
 
 pub use config::{StreamConfig, WebhookTarget, parse_webhook};
 pub use deliver::{ChangeStream, ConsumerStats};
 pub use event::{Event, encode_entry};
-pub use replay::{ReplayReport, replay};
 pub use sink::Sink;
+/// The replay lives in the store crate, where the gateway's BulkPublish reaches it too.
+pub use tandem_store::{ReplayReport, replay};

@@ -36,5 +36,6 @@ pub use config::{
 };
 pub use error::AuthError;
 pub use jwks::JwksStats;
+pub(crate) use jwks::client_tls;
 pub use tandem_token::{MAX_SUBJECT_BYTES, MIN_HS256_SECRET_BYTES};
 pub use verify::{Identity, MAX_TOKEN_BYTES, Verifier};

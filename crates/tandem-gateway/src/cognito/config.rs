@@ -2,8 +2,10 @@
 //! [`CognitoConfig`]'s `Default`; with the `clap` feature the same fields are `tandem serve`
 //! flags and `TANDEM_*` variables, as in [`crate::GatewayConfig`].
 
+use crate::config::duration;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// The Cognito Identity endpoint's settings (`shared/COGNITO.md` §3).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +41,44 @@ pub struct CognitoConfig {
     /// fit.
     #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_COGNITO_MAX_REQUEST_BYTES"))]
     pub cognito_max_request_bytes: usize,
+    /// The developer key, `AKID:SECRET`: a request SigV4-signed with it and no session token
+    /// may address any identity of the pool and the developer operations (ListIdentities,
+    /// DescribeIdentity, SetCognitoEvents, BulkPublish, …). Unset, they answer
+    /// `NotAuthorizedException`. Use `TANDEM_COGNITO_ADMIN_KEY` rather than the flag, so it
+    /// is not in the process list.
+    #[serde(skip_serializing, deserialize_with = "deserialize_admin_key")]
+    #[cfg_attr(
+        feature = "clap",
+        arg(
+            long,
+            env = "TANDEM_COGNITO_ADMIN_KEY",
+            hide_env_values = true,
+            value_parser = parse_admin_key
+        )
+    )]
+    pub cognito_admin_key: Option<String>,
+    /// How long a node keeps a pool's SyncTrigger URL (set with SetCognitoEvents on any node)
+    /// before it reads it from the store again: a change reaches every node within this.
+    #[serde(with = "duration")]
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, env = "TANDEM_COGNITO_EVENTS_REFRESH", value_parser = duration::parse)
+    )]
+    pub cognito_events_refresh: Duration,
+    /// How long a BulkPublish may wait for the change stream's sinks to take the pool's data
+    /// before it is reported FAILED.
+    #[serde(with = "duration")]
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, env = "TANDEM_COGNITO_BULK_PUBLISH_TIMEOUT", value_parser = duration::parse)
+    )]
+    pub cognito_bulk_publish_timeout: Duration,
+    /// This node's change stream sinks (`webhook:NAME`, `redis:KEY`), which BulkPublish
+    /// needs and GetIdentityPoolConfiguration reports. Set by the binary, never read from
+    /// settings.
+    #[serde(skip)]
+    #[cfg_attr(feature = "clap", arg(skip))]
+    pub stream_sinks: Vec<String>,
     /// The secret the credential keys are derived from: the file's, else the HS256 secret.
     /// Set by the binary, never read from settings.
     #[serde(skip)]
@@ -67,6 +107,10 @@ impl Default for CognitoConfig {
             cognito_guests: true,
             cognito_secret_file: None,
             cognito_max_request_bytes: 128 * 1024,
+            cognito_admin_key: None,
+            cognito_events_refresh: Duration::from_secs(5),
+            cognito_bulk_publish_timeout: Duration::from_secs(3600),
+            stream_sinks: Vec::new(),
             credential_secret: None,
             open_id: None,
         }
@@ -80,10 +124,30 @@ impl std::fmt::Debug for CognitoConfig {
             .field("cognito_guests", &self.cognito_guests)
             .field("cognito_secret_file", &self.cognito_secret_file)
             .field("cognito_max_request_bytes", &self.cognito_max_request_bytes)
+            .field("cognito_admin_key", &self.cognito_admin_key.is_some())
+            .field("cognito_events_refresh", &self.cognito_events_refresh)
+            .field(
+                "cognito_bulk_publish_timeout",
+                &self.cognito_bulk_publish_timeout,
+            )
+            .field("stream_sinks", &self.stream_sinks)
             .field("credential_secret", &self.credential_secret.is_some())
             .field("open_id", &self.open_id.is_some())
             .finish()
     }
+}
+
+/// `--cognito-admin-key`, checked as [`tandem_cognito::DeveloperKey::parse`] does.
+pub fn parse_admin_key(s: &str) -> Result<String, String> {
+    tandem_cognito::DeveloperKey::parse(s).map(|_| s.to_owned())
+}
+
+fn deserialize_admin_key<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<String>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|key| parse_admin_key(&key).map_err(serde::de::Error::custom))
+        .transpose()
 }
 
 /// Checks an identity pool id: `<region>:<lowercase uuid>`, the form identity ids take too.

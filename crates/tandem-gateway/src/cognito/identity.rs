@@ -1,8 +1,9 @@
 //! The Cognito Identity endpoint (`shared/COGNITO.md` §3, §4, §6): `POST /` with
-//! `X-Amz-Target: AWSCognitoIdentityService.<Op>`, JSON 1.1, unsigned (all three operations
-//! are `noAuth` in the model, and every SDK sends them so). GetId hands out identities,
+//! `X-Amz-Target: AWSCognitoIdentityService.<Op>`, JSON 1.1. GetId hands out identities,
 //! GetCredentialsForIdentity the stateless credentials of `tandem-cognito`, GetOpenIdToken a
-//! Tandem JWT for `/v1/sync`.
+//! Tandem JWT for `/v1/sync`: these three are unsigned (`noAuth` in the model, and every
+//! SDK sends them so). The developer operations, ListIdentities and DescribeIdentity, are
+//! SigV4-signed for `cognito-identity` and answer only the developer key.
 //!
 //! Logins are JWTs of the configured issuers: the Logins key `login.example.com` names the
 //! issuer `https://login.example.com` (or an issuer configured under exactly that name), and
@@ -12,20 +13,23 @@
 //! identity answers only to a login already linked to it, so knowing an id is not enough to
 //! take it over. The store keeps identities, logins and merges; nothing is kept here.
 
+use super::caller::{self, Caller};
 use super::config::{CognitoConfig, OpenIdMint};
 use crate::{AuthError, Gateway, Verifier};
-use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tandem_cognito::{CognitoError, CredentialKeys, ErrorType};
-use tandem_store::{Login, StoreError};
+use tandem_cognito::{CognitoError, CredentialKeys, DeveloperKey, ErrorType};
+use tandem_store::{IdentitySummary, Login, StoreError};
 
 /// The `X-Amz-Target` prefix of the three operations.
 const TARGET_PREFIX: &str = "AWSCognitoIdentityService.";
@@ -33,6 +37,10 @@ const TARGET_PREFIX: &str = "AWSCognitoIdentityService.";
 const JSON_1_1: &str = "application/x-amz-json-1.1";
 /// The most Logins one request may carry (the model's maximum).
 pub const MAX_LOGINS: usize = 10;
+/// The SigV4 service name of the Identity API's signed operations.
+const SERVICE: &str = "cognito-identity";
+/// The model's bound on ListIdentities' `MaxResults`.
+pub const MAX_IDENTITIES_PAGE: usize = 60;
 /// How long a GetOpenIdToken token lives.
 pub const OPEN_ID_TOKEN_LIFETIME: Duration = Duration::from_secs(600);
 
@@ -46,6 +54,7 @@ pub(crate) struct IdentityEndpoint {
     region: String,
     guests: bool,
     keys: CredentialKeys,
+    developer: Option<DeveloperKey>,
     open_id: Option<OpenIdMint>,
     max_request_bytes: usize,
 }
@@ -60,6 +69,10 @@ impl IdentityEndpoint {
             region: region.to_owned(),
             guests: config.cognito_guests,
             keys: CredentialKeys::derive(secret),
+            developer: config
+                .cognito_admin_key
+                .as_deref()
+                .and_then(|key| DeveloperKey::parse(key).ok()),
             open_id: config.open_id.clone(),
             max_request_bytes: config.cognito_max_request_bytes,
             pool_id,
@@ -84,16 +97,31 @@ struct IdentityInput {
     logins: Option<BTreeMap<String, String>>,
 }
 
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ListIdentitiesInput {
+    identity_pool_id: String,
+    max_results: Option<i64>,
+    next_token: Option<String>,
+    /// Tandem has no disabled identities; accepted and without effect.
+    #[serde(default)]
+    #[expect(dead_code, reason = "part of the model's input; nothing to hide")]
+    hide_disabled: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct DescribeIdentityInput {
+    identity_id: String,
+}
+
 /// `POST /`: one Cognito Identity operation; 404 while the endpoint is off.
-pub(crate) async fn handle(
-    State(gw): State<Arc<Gateway>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+pub(crate) async fn handle(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
     let Some(endpoint) = gw.cognito_identity.as_ref() else {
         return StatusCode::NOT_FOUND.into_response();
     };
-    match endpoint.serve(&gw, &headers, body).await {
+    let (parts, body) = request.into_parts();
+    match endpoint.serve(&gw, &parts, body).await {
         Ok(answer) => respond(StatusCode::OK, None, answer.to_string()),
         Err(e) => {
             let rendered = e.render_json_1_1();
@@ -152,15 +180,23 @@ impl IdentityEndpoint {
     async fn serve(
         &self,
         gw: &Gateway,
-        headers: &HeaderMap,
-        body: Body,
+        parts: &Parts,
+        body: axum::body::Body,
     ) -> Result<Value, CognitoError> {
-        let target = headers
+        let target = parts
+            .headers
             .get("x-amz-target")
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default();
         let op = target.strip_prefix(TARGET_PREFIX).unwrap_or_default();
-        if !matches!(op, "GetId" | "GetCredentialsForIdentity" | "GetOpenIdToken") {
+        if !matches!(
+            op,
+            "GetId"
+                | "GetCredentialsForIdentity"
+                | "GetOpenIdToken"
+                | "ListIdentities"
+                | "DescribeIdentity"
+        ) {
             return Err(CognitoError::new(
                 ErrorType::UnknownOperation,
                 format!(
@@ -180,8 +216,40 @@ impl IdentityEndpoint {
                     ),
                 )
             })?;
+        if matches!(op, "ListIdentities" | "DescribeIdentity") {
+            let caller = caller::verify(
+                SERVICE,
+                parts,
+                &body,
+                &self.keys,
+                self.developer.as_ref(),
+                SystemTime::now(),
+            )?;
+            if !matches!(caller, Caller::Developer) {
+                return Err(caller::developer_only());
+            }
+        }
         match op {
             "GetId" => self.get_id(gw, parse(&body)?).await,
+            "ListIdentities" => self.list_identities(gw, parse(&body)?).await,
+            "DescribeIdentity" => {
+                let input: DescribeIdentityInput = parse(&body)?;
+                if tandem_store::validate_identity_id(&input.identity_id).is_err() {
+                    return Err(bad_identity_id());
+                }
+                let identity = gw
+                    .store
+                    .identity_summary(&gw.config.pool, &input.identity_id)
+                    .await
+                    .map_err(store_error)?
+                    .ok_or_else(|| {
+                        CognitoError::new(
+                            ErrorType::ResourceNotFound,
+                            format!("Identity '{}' not found.", clip(&input.identity_id)),
+                        )
+                    })?;
+                Ok(description(&identity))
+            }
             "GetCredentialsForIdentity" => {
                 let input: IdentityInput = parse(&body)?;
                 let id = self.resolve(gw, &input.identity_id, input.logins).await?;
@@ -221,17 +289,63 @@ impl IdentityEndpoint {
         }
     }
 
+    /// ListIdentities: a page of the pool's identities by id (a cursor on the last id, so
+    /// identities created meanwhile never shift a page).
+    async fn list_identities(
+        &self,
+        gw: &Gateway,
+        input: ListIdentitiesInput,
+    ) -> Result<Value, CognitoError> {
+        if input.identity_pool_id != self.pool_id {
+            return Err(pool_not_found(&input.identity_pool_id));
+        }
+        let max = input
+            .max_results
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|n| (1..=MAX_IDENTITIES_PAGE).contains(n))
+            .ok_or_else(|| {
+                CognitoError::new(
+                    ErrorType::InvalidParameter,
+                    format!("MaxResults must be 1 to {MAX_IDENTITIES_PAGE}"),
+                )
+            })?;
+        let after = input
+            .next_token
+            .as_deref()
+            .map(|token| {
+                URL_SAFE_NO_PAD
+                    .decode(token)
+                    .ok()
+                    .and_then(|id| String::from_utf8(id).ok())
+                    .filter(|id| tandem_store::validate_identity_id(id).is_ok())
+                    .ok_or_else(|| {
+                        CognitoError::new(ErrorType::InvalidParameter, "invalid NextToken")
+                    })
+            })
+            .transpose()?;
+        // One more than asked: whether a next page exists.
+        let mut page = gw
+            .store
+            .identities(&gw.config.pool, after.as_deref(), max + 1)
+            .await
+            .map_err(store_error)?;
+        let more = page.len() > max;
+        page.truncate(max);
+        let mut answer = json!({
+            "IdentityPoolId": self.pool_id,
+            "Identities": page.iter().map(description).collect::<Vec<_>>(),
+        });
+        if more && let Some(last) = page.last() {
+            answer["NextToken"] = json!(URL_SAFE_NO_PAD.encode(&last.id));
+        }
+        Ok(answer)
+    }
+
     /// GetId: a new guest without Logins; with Logins, the identity they are linked to (any
     /// unlinked ones are linked to it too) or a new identity linked to all of them.
     async fn get_id(&self, gw: &Gateway, input: GetIdInput) -> Result<Value, CognitoError> {
         if input.identity_pool_id != self.pool_id {
-            return Err(CognitoError::new(
-                ErrorType::ResourceNotFound,
-                format!(
-                    "IdentityPool '{}' not found.",
-                    clip(&input.identity_pool_id)
-                ),
-            ));
+            return Err(pool_not_found(&input.identity_pool_id));
         }
         let logins = verify_logins(&gw.verifier, input.logins)?;
         let (store, pool) = (&gw.store, gw.config.pool.as_str());
@@ -299,10 +413,7 @@ impl IdentityEndpoint {
             )
         };
         if tandem_store::validate_identity_id(id).is_err() {
-            return Err(CognitoError::new(
-                ErrorType::InvalidParameter,
-                "IdentityId must be <region>:<lowercase uuid>, at most 55 characters",
-            ));
+            return Err(bad_identity_id());
         }
         let logins = verify_logins(&gw.verifier, logins)?;
         let (store, pool) = (&gw.store, gw.config.pool.as_str());
@@ -370,6 +481,33 @@ impl IdentityEndpoint {
     fn new_identity_id(&self) -> String {
         format!("{}:{}", self.region, new_uuid())
     }
+}
+
+fn pool_not_found(pool: &str) -> CognitoError {
+    CognitoError::new(
+        ErrorType::ResourceNotFound,
+        format!("IdentityPool '{}' not found.", clip(pool)),
+    )
+}
+
+fn bad_identity_id() -> CognitoError {
+    CognitoError::new(
+        ErrorType::InvalidParameter,
+        "IdentityId must be <region>:<lowercase uuid>, at most 55 characters",
+    )
+}
+
+/// The `IdentityDescription` shape; `Logins` (provider names) only when there are some.
+fn description(identity: &IdentitySummary) -> Value {
+    let mut shape = json!({
+        "IdentityId": identity.id,
+        "CreationDate": identity.created_at as f64 / 1000.0,
+        "LastModifiedDate": identity.last_modified as f64 / 1000.0,
+    });
+    if !identity.providers.is_empty() {
+        shape["Logins"] = json!(identity.providers);
+    }
+    shape
 }
 
 /// Each Logins entry verified as a JWT of the issuer its key names, as a store login.

@@ -1,7 +1,8 @@
 //! The Cognito Sync REST API (rest-json, COGNITO.md §2) on the WebSocket's listener, under
 //! `/identitypools/…`: every request is SigV4-verified over its raw path and body before
-//! anything is decoded, the credentials' identity may address only its own data, and each
-//! operation is one store call mapped to Cognito's shapes. A commit is published through the
+//! anything is decoded, identity credentials may address only their own data (the developer
+//! key any identity's, and the developer operations of `super::admin`), and each operation
+//! is one store call mapped to Cognito's shapes. A commit is published through the
 //! hub exactly as a WebSocket `update` is, so WebSocket subscribers (on every node) see REST
 //! writes and ListRecords sees WebSocket ones.
 //!
@@ -10,6 +11,7 @@
 //! accepts what another issued. It owns no identity: credentials are issued by the Identity
 //! endpoint; here they are only verified.
 
+use super::caller::{self, Caller};
 use crate::Gateway;
 use crate::metrics::Metrics;
 use crate::throttle::Event;
@@ -26,7 +28,7 @@ use sha2::Sha256;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tandem_cognito::credentials::derive_key;
-use tandem_cognito::{CognitoError, CredentialKeys, ErrorType, SessionClaims, SignedRequest};
+use tandem_cognito::{CognitoError, CredentialKeys, DeveloperKey, ErrorType};
 use tandem_protocol::{Access, DatasetInfo, Patch, PatchOp, Record};
 use tandem_store::{DatasetKey, StoreError, UpdateOutcome, UpdateRequest};
 
@@ -48,8 +50,9 @@ const EXPOSE_HEADERS: &str = "x-amzn-RequestId, x-amzn-ErrorType, x-amzn-ErrorMe
 /// The Sync API of one node: the configured pool and the keys its tokens derive from.
 pub(crate) struct SyncApi {
     /// The Cognito identity pool id, `<region>:<uuid>`.
-    pool_id: String,
+    pub(crate) pool_id: String,
     credentials: CredentialKeys,
+    developer: Option<DeveloperKey>,
     session_key: [u8; 32],
     page_key: [u8; 32],
     max_body_bytes: usize,
@@ -71,6 +74,11 @@ impl SyncApi {
         Some(SyncApi {
             pool_id,
             credentials: CredentialKeys::derive(secret),
+            developer: config
+                .cognito
+                .cognito_admin_key
+                .as_deref()
+                .and_then(|key| DeveloperKey::parse(key).ok()),
             session_key: derive_key(secret, LABEL_SYNC_SESSION),
             page_key: derive_key(secret, LABEL_PAGE),
             max_body_bytes: config.cognito_max_body_bytes,
@@ -154,7 +162,7 @@ fn request_id() -> String {
     )
 }
 
-fn error_response(e: &CognitoError) -> Response {
+pub(super) fn error_response(e: &CognitoError) -> Response {
     let rendered = e.render();
     let status = StatusCode::from_u16(rendered.status).unwrap_or(StatusCode::BAD_REQUEST);
     let mut response = (
@@ -170,7 +178,7 @@ fn error_response(e: &CognitoError) -> Response {
     response
 }
 
-fn ok(body: Value) -> Response {
+pub(super) fn ok(body: Value) -> Response {
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/json")],
@@ -179,7 +187,7 @@ fn ok(body: Value) -> Response {
         .into_response()
 }
 
-fn invalid(message: impl Into<String>) -> CognitoError {
+pub(super) fn invalid(message: impl Into<String>) -> CognitoError {
     CognitoError::new(ErrorType::InvalidParameter, message)
 }
 
@@ -191,7 +199,7 @@ fn forbidden(identity: &str) -> CognitoError {
 }
 
 /// A store error as the Sync API reports it; internals are logged here, once, and hidden.
-fn store_error(e: StoreError) -> CognitoError {
+pub(super) fn store_error(e: StoreError) -> CognitoError {
     let limit = match &e {
         StoreError::Limit { limit, .. } => Some(*limit),
         _ => None,
@@ -243,7 +251,7 @@ enum Route {
         id: String,
     },
     /// Pool usage, events, configuration and bulk publish: developer credentials only.
-    Developer,
+    Developer(super::admin::DeveloperOp),
     Unknown,
 }
 
@@ -265,12 +273,10 @@ impl Route {
         let get = *method == Method::GET;
         let post = *method == Method::POST;
         let delete = *method == Method::DELETE;
+        if let Some(op) = super::admin::DeveloperOp::parse(method, &segments) {
+            return Ok(Route::Developer(op));
+        }
         Ok(match segments[..] {
-            ["identitypools"] | ["identitypools", _] if get => Route::Developer,
-            ["identitypools", _, "events" | "configuration"] if get || post => Route::Developer,
-            ["identitypools", _, "bulkpublish" | "getBulkPublishDetails"] if post => {
-                Route::Developer
-            }
             ["identitypools", pool, "identities", id] if get => Route::DescribeIdentityUsage {
                 pool: pool.to_owned(),
                 id: id.to_owned(),
@@ -332,7 +338,7 @@ impl Route {
             | Route::ListRecords { pool, id, .. }
             | Route::DescribeIdentityUsage { pool, id }
             | Route::PushSync { pool, id } => Some((pool, id)),
-            Route::Developer | Route::Unknown => None,
+            Route::Developer(_) | Route::Unknown => None,
         }
     }
 }
@@ -350,42 +356,34 @@ async fn serve(gw: &Gateway, api: &SyncApi, request: Request) -> Result<Response
                 ),
             )
         })?;
-    let headers: Vec<(&str, &[u8])> = parts
-        .headers
-        .iter()
-        .map(|(name, value)| (name.as_str(), value.as_bytes()))
-        .collect();
-    // The raw path: the SDKs sign it percent-encoded a second time, so nothing may decode
-    // it before the signature is checked.
     let raw_path = parts.uri.path();
     let now = SystemTime::now();
-    let signed = SignedRequest {
-        method: parts.method.as_str(),
-        path: raw_path,
-        query: parts.uri.query().unwrap_or(""),
-        headers: &headers,
-        body: &body,
-    };
-    let verified =
-        tandem_cognito::verify(&signed, now, |query| api.credentials.lookup(query, now))?;
-    let claims = verified.principal;
+    let caller = caller::verify(
+        tandem_cognito::sigv4::SERVICE,
+        &parts,
+        &body,
+        &api.credentials,
+        api.developer.as_ref(),
+        now,
+    )?;
     let route = Route::parse(&parts.method, raw_path)?;
-    match route.scope() {
-        Some((pool, id)) => authorize(gw, api, &claims, pool, id).await?,
-        None if route == Route::Developer => {
-            return Err(CognitoError::new(
-                ErrorType::NotAuthorized,
-                "this operation needs developer credentials",
-            ));
+    let id = match (route.scope(), &caller) {
+        (Some((pool, id)), _) => {
+            authorize(gw, api, &caller, pool, id).await?;
+            id.to_owned()
         }
-        None => {
-            return Err(CognitoError::new(
-                ErrorType::UnknownOperation,
-                format!("unknown operation {} {raw_path}", parts.method),
-            ));
+        (None, Caller::Developer) => {
+            if let Route::Developer(op) = route {
+                return super::admin::serve(gw, api, op, &parts.uri, &body).await;
+            }
+            return Err(unknown_operation(&parts.method, raw_path));
         }
-    }
-    let id = claims.identity_id.as_str();
+        (None, Caller::Identity(_)) if matches!(route, Route::Developer(_)) => {
+            return Err(caller::developer_only());
+        }
+        (None, Caller::Identity(_)) => return Err(unknown_operation(&parts.method, raw_path)),
+    };
+    let id = id.as_str();
     match route {
         Route::ListDatasets { .. } => list_datasets(gw, api, id, &parts.uri).await,
         Route::DescribeDataset { name, .. } => {
@@ -425,24 +423,47 @@ async fn serve(gw: &Gateway, api: &SyncApi, request: Request) -> Result<Response
             ErrorType::InvalidConfiguration,
             "Push sync is not configured for this identity pool.",
         )),
-        Route::Developer | Route::Unknown => Err(CognitoError::new(
+        Route::Developer(_) | Route::Unknown => Err(CognitoError::new(
             ErrorType::UnknownOperation,
             "unknown operation",
         )),
     }
 }
 
+fn unknown_operation(method: &Method, raw_path: &str) -> CognitoError {
+    CognitoError::new(
+        ErrorType::UnknownOperation,
+        format!("unknown operation {method} {raw_path}"),
+    )
+}
+
 /// Identity credentials reach only their own identity in the configured pool, and not once
-/// the identity was merged into another (its old credentials stop working).
+/// the identity was merged into another (its old credentials stop working); the developer
+/// reaches any identity of the pool that was not merged away (an id the Identity endpoint
+/// never issued is valid too: Cognito's developer may write for any identity id).
 async fn authorize(
     gw: &Gateway,
     api: &SyncApi,
-    claims: &SessionClaims,
+    caller: &Caller,
     pool: &str,
     id: &str,
 ) -> Result<(), CognitoError> {
-    if pool != api.pool_id || claims.pool != api.pool_id || id != claims.identity_id {
-        return Err(forbidden(id));
+    match caller {
+        Caller::Identity(claims) => {
+            if pool != api.pool_id || claims.pool != api.pool_id || id != claims.identity_id {
+                return Err(forbidden(id));
+            }
+        }
+        Caller::Developer => {
+            if pool != api.pool_id {
+                return Err(pool_not_found(pool));
+            }
+            if tandem_store::validate_identity_id(id).is_err() {
+                return Err(invalid(
+                    "IdentityId must be <region>:<lowercase uuid>, at most 55 characters",
+                ));
+            }
+        }
     }
     let identity = gw
         .store
@@ -466,6 +487,16 @@ fn dataset_key(gw: &Gateway, id: &str, name: &str) -> Result<DatasetKey, Cognito
     Ok(key)
 }
 
+pub(super) fn pool_not_found(pool: &str) -> CognitoError {
+    CognitoError::new(
+        ErrorType::ResourceNotFound,
+        format!(
+            "IdentityPool '{}' not found.",
+            pool.chars().take(128).collect::<String>()
+        ),
+    )
+}
+
 fn not_found(name: &str) -> CognitoError {
     CognitoError::new(
         ErrorType::ResourceNotFound,
@@ -474,7 +505,7 @@ fn not_found(name: &str) -> CognitoError {
 }
 
 /// Tandem's milliseconds as Cognito's epoch seconds with a millisecond fraction.
-fn seconds(ms: i64) -> Value {
+pub(super) fn seconds(ms: i64) -> Value {
     json!(ms as f64 / 1000.0)
 }
 
@@ -537,13 +568,13 @@ struct DatasetsParams {
     next_token: Option<String>,
 }
 
-fn query<T: DeserializeOwned>(uri: &axum::http::Uri) -> Result<T, CognitoError> {
+pub(super) fn query<T: DeserializeOwned>(uri: &axum::http::Uri) -> Result<T, CognitoError> {
     Query::<T>::try_from_uri(uri)
         .map(|Query(params)| params)
         .map_err(|e| invalid(format!("invalid query: {e}")))
 }
 
-fn page_size(raw: Option<&str>, max: usize) -> Result<usize, CognitoError> {
+pub(super) fn page_size(raw: Option<&str>, max: usize) -> Result<usize, CognitoError> {
     match raw {
         None => Ok(max),
         Some(raw) => match raw.parse::<usize>() {
@@ -826,6 +857,9 @@ async fn update_records(
         crate::hook::Checked::Rejected(message) => {
             return Err(CognitoError::new(ErrorType::LambdaRejected, message));
         }
+        crate::hook::Checked::LambdaRejected(message) => {
+            return Err(CognitoError::new(ErrorType::InvalidLambdaOutput, message));
+        }
         crate::hook::Checked::Unavailable(e) => {
             return Err(CognitoError::new(ErrorType::LambdaThrottled, e.to_string()));
         }
@@ -943,17 +977,18 @@ fn epoch_secs(t: SystemTime) -> u64 {
 mod tests {
     use super::*;
     use crate::testkit;
+    use tandem_cognito::SessionClaims;
 
     const POOL: &str = "us-east-1:0f6a6b1e-2d7c-4f1b-9a55-3c8e9e2b7a10";
     const GUEST: &str = "us-east-1:aaaaaaaa-1111-4111-8111-aaaaaaaaaaaa";
     const INTO: &str = "us-east-1:bbbbbbbb-2222-4222-8222-bbbbbbbbbbbb";
 
-    fn claims(identity: &str, pool: &str) -> SessionClaims {
-        SessionClaims {
+    fn claims(identity: &str, pool: &str) -> Caller {
+        Caller::Identity(SessionClaims {
             pool: pool.to_owned(),
             identity_id: identity.to_owned(),
             expiration: SystemTime::now() + Duration::from_secs(3600),
-        }
+        })
     }
 
     #[tokio::test]
@@ -1007,7 +1042,7 @@ mod tests {
         );
         assert_eq!(
             Route::parse(&Method::GET, "/identitypools").unwrap(),
-            Route::Developer
+            Route::Developer(super::super::admin::DeveloperOp::ListIdentityPoolUsage)
         );
         assert_eq!(
             Route::parse(&Method::POST, "/identitypools/p/identity/i/device").unwrap(),

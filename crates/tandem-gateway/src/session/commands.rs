@@ -293,7 +293,7 @@ impl Session {
         .await
         {
             Ok(Checked::Commit(patches)) => patches,
-            Ok(Checked::Rejected(message)) => {
+            Ok(Checked::Rejected(message) | Checked::LambdaRejected(message)) => {
                 return Some(ServerFrame::error(Some(id), ErrorCode::Rejected, message));
             }
             Ok(Checked::Unavailable(e)) => {

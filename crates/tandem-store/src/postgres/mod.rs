@@ -66,6 +66,7 @@ macro_rules! call {
     }};
 }
 
+mod admin;
 mod batch;
 mod compact;
 mod identity;
@@ -74,6 +75,8 @@ mod schema;
 mod stream;
 mod write;
 
+use crate::admin::{Expect, IdentitySummary, PoolUsage};
+use crate::admin::{expected_values, validate_identity_page, validate_setting};
 use crate::identity::{Identity, Login, MergeOutcome};
 use crate::identity::{validate_identity_call, validate_logins_call, validate_merge};
 use crate::outage::CommitOutage;
@@ -671,6 +674,53 @@ impl Store for PostgresStore {
         call!(&self.inner, |client| stream::datasets_after(
             &client, after, limit
         ))
+    }
+
+    async fn identities(
+        &self,
+        pool: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<IdentitySummary>, StoreError> {
+        validate_identity_page(pool, after, limit)?;
+        call!(&self.inner, |client| admin::identities(
+            &client, pool, after, limit
+        ))
+    }
+
+    async fn identity_summary(
+        &self,
+        pool: &str,
+        id: &str,
+    ) -> Result<Option<IdentitySummary>, StoreError> {
+        validate_identity_call(pool, id)?;
+        call!(&self.inner, |client| admin::identity_summary(
+            &client, pool, id
+        ))
+    }
+
+    async fn pool_usage(&self, pool: &str) -> Result<PoolUsage, StoreError> {
+        validate_identity(pool)?;
+        call!(&self.inner, |client| admin::pool_usage(&client, pool))
+    }
+
+    async fn pool_setting(&self, pool: &str, name: &str) -> Result<Option<String>, StoreError> {
+        validate_setting(pool, name, &[])?;
+        call!(&self.inner, |client| admin::setting(&client, pool, name))
+    }
+
+    async fn put_pool_setting(
+        &self,
+        pool: &str,
+        name: &str,
+        value: Option<&str>,
+        expect: Expect<'_>,
+    ) -> Result<bool, StoreError> {
+        validate_setting(pool, name, &[value, expected_values(&expect)])?;
+        let result = call!(&self.inner, |client| admin::put_setting(
+            &client, pool, name, value, expect
+        ));
+        self.inner.wrote(result)
     }
 
     async fn health(&self) -> Result<(), StoreError> {

@@ -31,6 +31,8 @@ use deadpool_postgres::ClientWrapper;
 /// handed them out at insert time in whatever order transactions got there. The counter
 /// starts at the newest id, so none is reused. Nodes of an earlier version cannot write the
 /// log after this (their inserts have no id): upgrade every node together.
+///
+/// Version 7 adds a pool's settings, as SQLite's version 6.
 pub(super) const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE datasets (
@@ -148,6 +150,15 @@ CREATE TABLE log_seq (
 INSERT INTO log_seq (last) SELECT coalesce(max(id), 0) FROM commit_log;
 
 ALTER TABLE commit_log ALTER COLUMN id DROP IDENTITY;
+"#,
+    r#"
+CREATE TABLE pool_settings (
+    pool       text   COLLATE "C" NOT NULL,
+    name       text   COLLATE "C" NOT NULL,
+    value      text   NOT NULL,
+    updated_at bigint NOT NULL,
+    PRIMARY KEY (pool, name)
+);
 "#,
 ];
 

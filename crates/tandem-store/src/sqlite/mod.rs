@@ -10,6 +10,7 @@
 //! Disk use follows the data, not the traffic: the WAL file stays under
 //! `Limits::sqlite_wal_max_bytes` plus one group commit (see `writer::WalBound`).
 
+mod admin;
 mod check;
 mod compact;
 mod identity;
@@ -18,6 +19,8 @@ mod schema;
 mod stream;
 mod writer;
 
+use crate::admin::{Expect, IdentitySummary, PoolUsage};
+use crate::admin::{expected_values, validate_identity_page, validate_setting};
 use crate::identity::{Identity, Login, MergeOutcome};
 use crate::identity::{validate_identity_call, validate_logins_call, validate_merge};
 use crate::outage::CommitOutage;
@@ -610,6 +613,58 @@ impl Store for SqliteStore {
         let after = after.cloned();
         self.read(move |conn| stream::datasets_after(conn, after.as_ref(), limit))
             .await
+    }
+
+    async fn identities(
+        &self,
+        pool: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<IdentitySummary>, StoreError> {
+        validate_identity_page(pool, after, limit)?;
+        let (pool, after) = (pool.to_owned(), after.map(str::to_owned));
+        self.read_tx(move |conn| admin::identities(conn, &pool, after.as_deref(), limit))
+            .await
+    }
+
+    async fn identity_summary(
+        &self,
+        pool: &str,
+        id: &str,
+    ) -> Result<Option<IdentitySummary>, StoreError> {
+        validate_identity_call(pool, id)?;
+        let (pool, id) = (pool.to_owned(), id.to_owned());
+        self.read_tx(move |conn| admin::identity_summary(conn, &pool, &id))
+            .await
+    }
+
+    async fn pool_usage(&self, pool: &str) -> Result<PoolUsage, StoreError> {
+        validate_identity(pool)?;
+        let pool = pool.to_owned();
+        self.read_tx(move |conn| admin::pool_usage(conn, &pool))
+            .await
+    }
+
+    async fn pool_setting(&self, pool: &str, name: &str) -> Result<Option<String>, StoreError> {
+        validate_setting(pool, name, &[])?;
+        let (pool, name) = (pool.to_owned(), name.to_owned());
+        self.read(move |conn| admin::setting(conn, &pool, &name))
+            .await
+    }
+
+    async fn put_pool_setting(
+        &self,
+        pool: &str,
+        name: &str,
+        value: Option<&str>,
+        expect: Expect<'_>,
+    ) -> Result<bool, StoreError> {
+        validate_setting(pool, name, &[value, expected_values(&expect)])?;
+        let op = Op::PutPoolSetting(admin::PutSetting::new(pool, name, value, expect));
+        match self.submit(op).await? {
+            Done::Bool(wrote) => Ok(wrote),
+            other => Err(unexpected(&other)),
+        }
     }
 
     async fn health(&self) -> Result<(), StoreError> {

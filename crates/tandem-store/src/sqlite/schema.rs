@@ -36,6 +36,8 @@ use rusqlite::{Connection, TransactionBehavior};
 /// every group commit, 45 % of the saturated write throughput (docs/BENCHMARKS.md); the
 /// heads row is one small row per dataset. History walks the chain newest first, which is
 /// the order every reader wants.
+///
+/// Version 7 adds a pool's settings, named values every node reads (see `crate::admin`).
 const MIGRATIONS: &[&str] = &[
     "
 CREATE TABLE datasets (
@@ -164,6 +166,15 @@ INSERT INTO commit_log_heads (pool, owner, name, head, entries)
     SELECT pool, owner, name, max(id), count(*) FROM commit_log GROUP BY pool, owner, name;
 
 DROP INDEX commit_log_by_dataset;
+",
+    "
+CREATE TABLE pool_settings (
+    pool       TEXT    NOT NULL,
+    name       TEXT    NOT NULL,
+    value      TEXT    NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (pool, name)
+) WITHOUT ROWID;
 ",
 ];
 

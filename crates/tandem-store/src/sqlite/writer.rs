@@ -98,6 +98,7 @@ pub(super) enum Op {
         consumer: String,
         letters: Vec<DeadLetter>,
     },
+    PutPoolSetting(super::admin::PutSetting),
 }
 
 /// What a successful command produced.
@@ -397,6 +398,7 @@ fn apply(conn: &Connection, limits: &Limits, op: &Op) -> Result<Done, StoreError
             stream::dead_letter(conn, consumer, letters, limits.stream_dead_letter_max)
                 .map(|()| Done::Unit)
         }
+        Op::PutPoolSetting(put) => super::admin::put_setting(conn, put).map(Done::Bool),
     }
 }
 

@@ -64,6 +64,25 @@ fn is_loopback(host: &str) -> bool {
         || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+/// The TLS settings of Tandem's outgoing HTTPS calls (JWKS fetches, a pool's SyncTrigger):
+/// Mozilla's roots plus the system's, with the ring provider named.
+pub(crate) fn client_tls() -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    // A host without a system store, or with unreadable entries, still has Mozilla's roots.
+    let (added, _ignored) =
+        roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    tracing::debug!(system_roots = added, "https client trust roots loaded");
+    // Name the provider instead of relying on a process-wide default, which would be
+    // ambiguous if another crate in the build enabled a second one.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("tls setup failed: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// One HTTP client for every JWKS URL. Fetches are rare, so no connection is kept idle.
 pub(in crate::auth) struct HttpFetcher {
     client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
@@ -71,20 +90,7 @@ pub(in crate::auth) struct HttpFetcher {
 
 impl HttpFetcher {
     pub(in crate::auth) fn new() -> Result<HttpFetcher, String> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        // A host without a system store, or with unreadable entries, still has Mozilla's roots.
-        let (added, _ignored) =
-            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-        tracing::debug!(system_roots = added, "jwks client trust roots loaded");
-        // Name the provider instead of relying on a process-wide default, which would be
-        // ambiguous if another crate in the build enabled a second one.
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| format!("tls setup failed: {e}"))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let tls = client_tls()?;
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()

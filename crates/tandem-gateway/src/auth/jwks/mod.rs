@@ -15,6 +15,7 @@ mod fetch;
 pub(super) use document::Jwk;
 pub(super) use fetch::HttpFetcher;
 use fetch::Source;
+pub(crate) use fetch::client_tls;
 
 use super::JwksConfig;
 use jsonwebtoken::Algorithm;

@@ -1,10 +1,11 @@
-//! `tandem stream replay` (what Cognito's BulkPublish did): the current state of every live dataset
+//! `tandem stream replay` and Cognito's BulkPublish: the current state of every live dataset
 //! (or of one identity pool's) appended to the commit log as a `snapshot` entry, in the
 //! dataset's own transaction. The stream then delivers those entries like any other, to
 //! every sink, in order with the commits around them, from whichever node holds each sink's
-//! lease: a replay needs no delivery path of its own and cannot interleave wrongly.
+//! lease: a replay needs no delivery path of its own and cannot interleave wrongly. It is
+//! only store calls, so it lives here, where both the binary and the gateway reach it.
 
-use tandem_store::{DatasetKey, Store, StoreError};
+use crate::{DatasetKey, Store, StoreError};
 
 /// What a replay did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
