@@ -68,6 +68,7 @@ macro_rules! call {
 
 mod batch;
 mod compact;
+mod dump;
 mod identity;
 mod read;
 mod schema;
@@ -671,6 +672,29 @@ impl Store for PostgresStore {
         call!(&self.inner, |client| stream::datasets_after(
             &client, after, limit
         ))
+    }
+
+    async fn dump(&self) -> Result<crate::dump::DumpStream, StoreError> {
+        let client = {
+            let (_open, client) = self.inner.client().await?;
+            client
+        };
+        Ok(dump::spawn_dump(client))
+    }
+
+    async fn import_status(&self) -> Result<crate::dump::ImportStatus, StoreError> {
+        call!(&self.inner, |client| dump::status(&client))
+    }
+
+    async fn import_batch(
+        &self,
+        batch: crate::dump::ImportBatch,
+    ) -> Result<crate::dump::BatchOutcome, StoreError> {
+        let result = call!(&self.inner, |client| dump::import_batch(
+            &mut client,
+            &batch
+        ));
+        self.inner.wrote(result)
     }
 
     async fn health(&self) -> Result<(), StoreError> {

@@ -12,6 +12,7 @@
 
 mod check;
 mod compact;
+mod dump;
 mod identity;
 mod query;
 mod schema;
@@ -610,6 +611,27 @@ impl Store for SqliteStore {
         let after = after.cloned();
         self.read(move |conn| stream::datasets_after(conn, after.as_ref(), limit))
             .await
+    }
+
+    async fn dump(&self) -> Result<crate::dump::DumpStream, StoreError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(closed_error());
+        }
+        dump::spawn_dump(&self.inner.path)
+    }
+
+    async fn import_status(&self) -> Result<crate::dump::ImportStatus, StoreError> {
+        self.read_tx(|conn| dump::status(conn)).await
+    }
+
+    async fn import_batch(
+        &self,
+        batch: crate::dump::ImportBatch,
+    ) -> Result<crate::dump::BatchOutcome, StoreError> {
+        match self.submit(Op::Import(Box::new(batch))).await? {
+            Done::Import(outcome) => Ok(outcome),
+            other => Err(unexpected(&other)),
+        }
     }
 
     async fn health(&self) -> Result<(), StoreError> {

@@ -14,6 +14,7 @@ use super::{CheckpointLock, db_err, lock};
 use super::{identity, query, stream};
 use crate::commitlog::{self, CompactReport, LogKind};
 use crate::decision::{self, DatasetState, GrantCounts, StoredRecords, upsert_records};
+use crate::dump::{BatchOutcome, ImportBatch};
 use crate::identity::{Login, MergeOutcome};
 use crate::outage::CommitOutage;
 use crate::{
@@ -98,6 +99,8 @@ pub(super) enum Op {
         consumer: String,
         letters: Vec<DeadLetter>,
     },
+    /// A batch of `tandem import` (see `dump`).
+    Import(Box<ImportBatch>),
 }
 
 /// What a successful command produced.
@@ -112,6 +115,7 @@ pub(super) enum Done {
     Bool(bool),
     /// A log entry appended (its id), or none.
     Entry(Option<i64>),
+    Import(BatchOutcome),
     Unit,
 }
 
@@ -343,6 +347,7 @@ fn apply_batch(
                 | Done::Lease(_)
                 | Done::Bool(_)
                 | Done::Entry(_)
+                | Done::Import(BatchOutcome::Committed(_))
                 | Done::Unit)
         );
         if !keep {
@@ -397,6 +402,7 @@ fn apply(conn: &Connection, limits: &Limits, op: &Op) -> Result<Done, StoreError
             stream::dead_letter(conn, consumer, letters, limits.stream_dead_letter_max)
                 .map(|()| Done::Unit)
         }
+        Op::Import(batch) => super::dump::import_batch(conn, batch).map(Done::Import),
     }
 }
 
