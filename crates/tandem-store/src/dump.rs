@@ -836,8 +836,9 @@ mod tests {
     #[test]
     fn test_dump_reader_refuses_bad_lines_with_a_reason() {
         let header = header_line("sqlite", 5);
+        let first = item_line(&DumpItem::Dataset(dataset("d", 1)));
         let cases: &[(&[&str], &str)] = &[
-            (&[r#"{"type":"dataset"}"#], "header"),
+            (&[&first], "header"),
             (&[&header, "{not json"], "not a dump line"),
             (
                 &[
