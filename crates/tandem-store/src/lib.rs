@@ -36,7 +36,10 @@ pub use model::{
     validate_update,
 };
 pub use postgres::{PostgresConfig, PostgresStore};
-pub use sqlite::{SqliteCheckReport, SqliteStore, check_sqlite};
+pub use sqlite::{
+    SqliteBackupReport, SqliteCheckReport, SqliteStore, backup_sqlite, check_sqlite,
+    check_sqlite_file, dump_sqlite,
+};
 pub use stream::{DeadLetter, StreamConsumer};
 
 use async_trait::async_trait;

@@ -10,6 +10,7 @@
 //! Disk use follows the data, not the traffic: the WAL file stays under
 //! `Limits::sqlite_wal_max_bytes` plus one group commit (see `writer::WalBound`).
 
+mod backup;
 mod check;
 mod compact;
 mod dump;
@@ -39,7 +40,8 @@ use tandem_protocol::{Access, DatasetInfo};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use writer::{Command, Done, Op};
 
-pub use check::{SqliteCheckReport, check_sqlite};
+pub use backup::{SqliteBackupReport, backup_sqlite, dump_sqlite};
+pub use check::{SqliteCheckReport, check_sqlite, check_sqlite_file};
 
 /// Write commands that may wait for the writer before senders wait too.
 const QUEUE_DEPTH: usize = 4 * writer::MAX_BATCH;
