@@ -230,7 +230,14 @@ pub(super) async fn import_batch(
         &[&IMPORT_LOCK],
     )
     .await?;
-    tx.batch_execute(PROGRESS_TABLE).await?;
+    // Created only when missing: IF NOT EXISTS alone would log a notice every batch.
+    let table: bool = tx
+        .query_one("SELECT to_regclass('import_progress') IS NOT NULL", &[])
+        .await?
+        .try_get(0)?;
+    if !table {
+        tx.batch_execute(PROGRESS_TABLE).await?;
+    }
     let held = held(&tx).await?;
     if !in_step(held.as_ref(), batch) {
         return Ok(BatchOutcome::OutOfStep {
