@@ -688,7 +688,11 @@ pub(crate) struct ApplyState {
 impl ApplyState {
     /// Starts from the held progress, or a fresh one.
     pub(crate) fn new(held: Option<ImportProgress>, batch: &ImportBatch) -> Self {
-        let mut progress = held.unwrap_or_default();
+        // A first batch starts afresh, also over a finished import of another source.
+        let mut progress = match batch.after {
+            Some(_) => held.unwrap_or_default(),
+            None => ImportProgress::default(),
+        };
         progress.merge = batch.merge;
         ApplyState { progress }
     }
@@ -735,8 +739,13 @@ impl ApplyState {
 }
 
 /// Checks a batch's `after` against the held progress.
+/// A first batch (no `after`) may follow only a finished import.
 pub(crate) fn in_step(held: Option<&ImportProgress>, batch: &ImportBatch) -> bool {
-    held.map(|p| &p.checkpoint) == batch.after.as_ref()
+    match (held, &batch.after) {
+        (None, None) => true,
+        (Some(p), None) => p.done,
+        (held, Some(after)) => held.is_some_and(|p| p.checkpoint == *after),
+    }
 }
 
 /// The item, for an error message.
