@@ -59,7 +59,7 @@ fn body(path: &Path) -> Vec<String> {
     lines
 }
 
-fn pg_args<'a>(schema: &'a PgSchema) -> [&'a str; 4] {
+fn pg_args(schema: &PgSchema) -> [&str; 4] {
     ["--store", &schema.url, "--postgres-schema", &schema.name]
 }
 
@@ -451,11 +451,6 @@ fn test_import_killed_half_way_resumes_to_an_exact_copy() {
     let output = run("json").output().unwrap();
     ok(&output);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains(&format!(r#""event":"resume","imported""#))
-            || stderr.contains(r#""event":"resume""#),
-        "{stderr}"
-    );
     let resumed: Value = stderr
         .lines()
         .find(|l| l.contains(r#""event":"resume""#))
@@ -610,9 +605,9 @@ async fn test_backup_under_write_load_holds_every_acknowledged_write() {
             while !stop.load(Ordering::SeqCst) {
                 n += 1;
                 conn.update(
-                    DatasetRef::own(&format!("load{}", n / 500)),
+                    DatasetRef::own(format!("load{}", n / 500)),
                     None,
-                    vec![Patch::replace(&format!("k{n}"), "v", 0)],
+                    vec![Patch::replace(format!("k{n}"), "v", 0)],
                 )
                 .await
                 .unwrap();
@@ -662,7 +657,7 @@ async fn test_backup_under_write_load_holds_every_acknowledged_write() {
         let mut found = 0;
         for d in 0..=n / 500 {
             let (_, records) = conn
-                .subscribe(DatasetRef::own(&format!("load{d}")))
+                .subscribe(DatasetRef::own(format!("load{d}")))
                 .await
                 .unwrap();
             found += records

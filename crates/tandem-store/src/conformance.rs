@@ -3148,7 +3148,7 @@ async fn populate(store: &dyn Store) {
         .unwrap();
     commit(store, &ds(BOB, "b"), BOB, vec![Patch::replace("k", "v", 0)]).await;
     commit(
-        &*store,
+        store,
         &ds(BOB, "b"),
         BOB,
         vec![Patch::remove("k", 1), Patch::replace("k2", "v2", 0)],

@@ -78,39 +78,7 @@ async fn dump_all(client: &ClientWrapper, items_tx: &ItemsTx) -> Result<(), Call
             "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET LOCAL statement_timeout = 0",
         )
         .await?;
-    let sections: [(&str, fn(&Row) -> Result<Vec<DumpItem>, CallError>); 3] = [
-        (IDENTITIES, |row| {
-            Ok(vec![DumpItem::Identity(DumpIdentity {
-                pool: row.try_get(0)?,
-                id: row.try_get(1)?,
-                guest: row.try_get(2)?,
-                merged_into: row.try_get(3)?,
-                created_at: row.try_get(4)?,
-            })])
-        }),
-        (LOGINS, |row| {
-            Ok(vec![DumpItem::Login(DumpLogin {
-                pool: row.try_get(0)?,
-                provider: row.try_get(1)?,
-                subject: row.try_get(2)?,
-                identity: row.try_get(3)?,
-                linked_at: row.try_get(4)?,
-            })])
-        }),
-        (GRANTS, |row| {
-            let access: String = row.try_get(4)?;
-            Ok(vec![DumpItem::Grant(DumpGrant {
-                pool: row.try_get(0)?,
-                owner: row.try_get(1)?,
-                name: row.try_get(2)?,
-                grantee: row.try_get(3)?,
-                access: GrantAccess::parse(&access)?,
-                granted_at: row.try_get(5)?,
-            })])
-        }),
-    ];
-    let [identities, logins, grants] = sections;
-    for (sql, convert) in [identities, logins] {
+    for (sql, convert) in [(IDENTITIES, identity_of as Convert), (LOGINS, login_of)] {
         if !stream(client, sql, items_tx, convert).await? {
             return Ok(());
         }
@@ -136,7 +104,7 @@ async fn dump_all(client: &ClientWrapper, items_tx: &ItemsTx) -> Result<(), Call
     if !datasets {
         return Ok(());
     }
-    stream(client, grants.0, items_tx, grants.1).await?;
+    stream(client, GRANTS, items_tx, grant_of).await?;
     Ok(())
 }
 
@@ -159,6 +127,41 @@ async fn stream(
         }
     }
     Ok(true)
+}
+
+/// Turns a row into the items it holds.
+type Convert = fn(&Row) -> Result<Vec<DumpItem>, CallError>;
+
+fn identity_of(row: &Row) -> Result<Vec<DumpItem>, CallError> {
+    Ok(vec![DumpItem::Identity(DumpIdentity {
+        pool: row.try_get(0)?,
+        id: row.try_get(1)?,
+        guest: row.try_get(2)?,
+        merged_into: row.try_get(3)?,
+        created_at: row.try_get(4)?,
+    })])
+}
+
+fn login_of(row: &Row) -> Result<Vec<DumpItem>, CallError> {
+    Ok(vec![DumpItem::Login(DumpLogin {
+        pool: row.try_get(0)?,
+        provider: row.try_get(1)?,
+        subject: row.try_get(2)?,
+        identity: row.try_get(3)?,
+        linked_at: row.try_get(4)?,
+    })])
+}
+
+fn grant_of(row: &Row) -> Result<Vec<DumpItem>, CallError> {
+    let access: String = row.try_get(4)?;
+    Ok(vec![DumpItem::Grant(DumpGrant {
+        pool: row.try_get(0)?,
+        owner: row.try_get(1)?,
+        name: row.try_get(2)?,
+        grantee: row.try_get(3)?,
+        access: GrantAccess::parse(&access)?,
+        granted_at: row.try_get(5)?,
+    })])
 }
 
 fn dataset_of(row: &Row) -> Result<DumpDataset, CallError> {

@@ -623,7 +623,7 @@ impl Store for SqliteStore {
     }
 
     async fn import_status(&self) -> Result<crate::dump::ImportStatus, StoreError> {
-        self.read_tx(|conn| dump::status(conn)).await
+        self.read_tx(dump::status).await
     }
 
     async fn import_batch(
