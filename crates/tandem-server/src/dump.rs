@@ -248,20 +248,19 @@ async fn import(
     let (mut importer, start) = Importer::start(store.as_ref(), &source, merge, batch_size)
         .await
         .map_err(import_error)?;
-    let (skip_to, complete) = match &start {
-        Start::Fresh => (1, false),
-        Start::Resume(p) => (p.checkpoint.position, false),
-        Start::Complete(p) => (p.checkpoint.position, true),
+    // The lines an earlier run took, and the hash they must still have.
+    let (skip_to, held_marker, complete) = match &start {
+        Start::Fresh => (1, None, false),
+        Start::Resume(p) => (p.checkpoint.position, Some(&p.checkpoint.marker), false),
+        Start::Complete(p) => (p.checkpoint.position, Some(&p.checkpoint.marker), true),
     };
     if let Start::Resume(p) = &start {
         report.resumed(p);
     }
     loop {
-        if n == skip_to && skip_to > 1 {
-            let held = match &start {
-                Start::Resume(p) | Start::Complete(p) => &p.checkpoint.marker,
-                Start::Fresh => unreachable_marker(),
-            };
+        if n == skip_to
+            && let Some(held) = held_marker
+        {
             if checkpoint(n, &hasher).marker != *held {
                 bail!(
                     "the input is not the one this import started with: its first {n} lines \
@@ -325,11 +324,6 @@ async fn import(
         );
     }
     Ok(())
-}
-
-fn unreachable_marker() -> &'static String {
-    static EMPTY: String = String::new();
-    &EMPTY
 }
 
 fn import_error(e: ImportError) -> anyhow::Error {
