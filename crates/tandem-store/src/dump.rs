@@ -176,9 +176,6 @@ impl DumpItem {
                 if d.last_deleted_sync_count > d.sync_count {
                     return Err("lastDeletedSyncCount is above syncCount".into());
                 }
-                if d.deleted && d.last_deleted_sync_count != d.sync_count {
-                    return Err("a deleted dataset's lastDeletedSyncCount is its syncCount".into());
-                }
                 in_i64("syncCount", d.sync_count)?;
                 non_negative("createdAt", d.created_at)?;
                 non_negative("lastModified", d.last_modified)
@@ -269,16 +266,6 @@ impl DumpCounts {
 
     pub fn total(&self) -> u64 {
         self.identities + self.logins + self.datasets + self.records + self.grants
-    }
-
-    fn plus(&self, other: &DumpCounts) -> DumpCounts {
-        DumpCounts {
-            identities: self.identities + other.identities,
-            logins: self.logins + other.logins,
-            datasets: self.datasets + other.datasets,
-            records: self.records + other.records,
-            grants: self.grants + other.grants,
-        }
     }
 }
 
@@ -427,11 +414,6 @@ impl DumpReader {
     /// Whether the trailer was read (a dump without it was cut off).
     pub fn complete(&self) -> bool {
         self.trailer
-    }
-
-    /// Whether the header was read.
-    pub fn has_header(&self) -> bool {
-        self.header
     }
 }
 
@@ -768,11 +750,6 @@ pub(crate) fn live_bytes(record: &DumpRecord) -> Option<u64> {
         .value
         .as_ref()
         .map(|v| crate::record_bytes(&record.key, v))
-}
-
-/// Total of the two counts (for the trailer's check against a target).
-pub fn sum(a: &DumpCounts, b: &DumpCounts) -> DumpCounts {
-    a.plus(b)
 }
 
 /// The progress's JSON form, as the stores keep it.
