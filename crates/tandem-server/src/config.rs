@@ -52,6 +52,16 @@ pub enum Command {
     /// The change stream: replay the current state into it, list its consumers, show their
     /// dead letters, forget one (docs/HOOKS.md).
     Stream(StreamArgs),
+    /// Writes everything the store holds (identities, logins, datasets with their records,
+    /// tombstones and deleted ones included, grants) as a versioned JSON Lines dump, to stdout
+    /// or --out. A SQLite data dir may be served meanwhile (docs/OPERATIONS.md).
+    Export(crate::dump::ExportArgs),
+    /// Imports a dump into an empty store of either backend, exactly as it was; resumable
+    /// after an interruption (run it again with the same file).
+    Import(crate::dump::ImportArgs),
+    /// Copies the SQLite data dir's database to --out with SQLite's online backup API, while
+    /// a node may be serving it, and checks the copy's integrity.
+    Backup(crate::dump::BackupArgs),
 }
 
 #[derive(Debug, Args)]

@@ -6,6 +6,7 @@
 //! gateway, store and fan-out crates do.
 
 pub mod config;
+pub mod dump;
 pub mod lock;
 
 use anyhow::{Context, bail};
@@ -42,6 +43,9 @@ pub fn main_entry() -> ExitCode {
         Command::Check(args) => run_check(&args),
         Command::Load(cli) => return tandem_loadtest::main_with(*cli, "tandem load"),
         Command::Stream(args) => run_stream(args.action).map(|()| ExitCode::SUCCESS),
+        Command::Export(args) => dump::run_export(&args).map(|()| ExitCode::SUCCESS),
+        Command::Import(args) => dump::run_import(&args).map(|()| ExitCode::SUCCESS),
+        Command::Backup(args) => dump::run_backup(&args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
@@ -214,7 +218,7 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     })
 }
 
-fn init_logging(format: LogFormat) {
+pub(crate) fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -427,7 +431,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 }
 
 /// The embedded SQLite store in the data dir by default; PostgreSQL for a `postgres://` URL.
-async fn open_store(
+pub(crate) async fn open_store(
     server: &ServerConfig,
     data_dir: &Path,
     limits: Limits,

@@ -9,6 +9,10 @@
 // A test suite: panicking on an unexpected result is how it reports a failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use crate::dump::{
+    BatchOutcome, DumpDataset, DumpItem, DumpRecord, ImportBatch, ImportCheckpoint, ImportError,
+    ImportProgress, Importer, MergePolicy, Start,
+};
 use crate::{DEFAULT_POOL, DatasetKey, Limits, Snapshot, Store, StoreError, UpdateOutcome};
 use crate::{DeadLetter, StreamConsumer};
 use crate::{LogEntry, LogKind, Login, UpdateRequest, now_ms, record_bytes};
@@ -137,6 +141,24 @@ where
     run!(case_identities_page_by_id, Limits::default());
     run!(case_pool_usage_counts_live_data, Limits::default());
     run!(case_pool_settings_compare_and_swap, Limits::default());
+    macro_rules! run_pair {
+        ($case:ident, $limits:expr) => {{
+            let source: Arc<dyn Store> = Arc::new(make($limits).await);
+            let target: Arc<dyn Store> = Arc::new(make($limits).await);
+            $case(Arc::clone(&source), Arc::clone(&target)).await;
+            source.close().await;
+            target.close().await;
+        }};
+    }
+    run_pair!(case_dump_import_round_trip_is_exact, Limits::default());
+    run_pair!(
+        case_import_refuses_a_non_empty_target_unless_merging,
+        Limits::default()
+    );
+    run!(
+        case_import_batch_is_all_or_nothing_and_resumes,
+        Limits::default()
+    );
 }
 
 /// `log_limits` with a hard cap of 6 entries below the head.
@@ -3002,4 +3024,434 @@ pub async fn case_history_leaves_out_replay_snapshots(store: Arc<dyn Store>) {
     );
     let at = store.read_at(&d, ALICE, 1).await.unwrap();
     assert_eq!(values(&at.records), live(&[("a", "1", 1)]));
+}
+
+// ---------------------------------------------------------------------------------------
+// Export and import
+
+async fn dump_items(store: &dyn Store) -> Vec<DumpItem> {
+    let mut stream = store.dump().await.unwrap();
+    let mut items = Vec::new();
+    while let Some(item) = stream.recv().await {
+        items.push(item.unwrap());
+    }
+    items
+}
+
+/// Feeds `items` to an importer in batches of `batch`; the checkpoint is the item count.
+async fn import_items(
+    store: &dyn Store,
+    items: &[DumpItem],
+    merge: MergePolicy,
+    batch: usize,
+) -> Result<ImportProgress, ImportError> {
+    let (mut importer, start) = Importer::start(store, "test-source", merge, batch).await?;
+    assert_eq!(start, Start::Fresh);
+    let checkpoint = |n: usize| ImportCheckpoint {
+        source: "test-source".into(),
+        position: n as u64,
+        marker: format!("m{n}"),
+    };
+    for (n, item) in items.iter().enumerate() {
+        if importer.push(item.clone(), n as u64 + 1) {
+            importer.commit(checkpoint(n + 1), false).await?;
+        }
+    }
+    importer.commit(checkpoint(items.len()), true).await?;
+    Ok(importer.progress().clone())
+}
+
+/// A store with a bit of everything: guests and users with logins, a merge (a moved
+/// dataset and a renamed copy with its merge root), tombstones, a deleted dataset and a
+/// deleted-then-re-created one, devices, grants on existing and not yet existing datasets.
+async fn populate(store: &dyn Store) {
+    let (guest, user) = guest_and_user(store, 40).await;
+    store
+        .link_logins(
+            DEFAULT_POOL,
+            &user,
+            &[login("google", "u1"), login("apple", "u1")],
+        )
+        .await
+        .unwrap();
+    commit(
+        store,
+        &ds(&guest, "notes"),
+        &guest,
+        vec![Patch::replace("g", "1", 0)],
+    )
+    .await;
+    commit(
+        store,
+        &ds(&guest, "mine"),
+        &guest,
+        vec![Patch::replace("m", "2", 0)],
+    )
+    .await;
+    commit(
+        store,
+        &ds(&user, "notes"),
+        &user,
+        vec![Patch::replace("u", "3", 0)],
+    )
+    .await;
+    store
+        .merge_identity(DEFAULT_POOL, &guest, &user)
+        .await
+        .unwrap();
+    let mut req = request(
+        &ds(ALICE, "d1"),
+        ALICE,
+        vec![
+            Patch::replace("a", "1", 0),
+            Patch::replace("b", "2", 0),
+            Patch::replace("é", "3", 0),
+        ],
+    );
+    req.device_id = Some("phone".into());
+    store.update(req).await.unwrap();
+    commit(store, &ds(ALICE, "d1"), ALICE, vec![Patch::remove("b", 1)]).await;
+    commit(
+        store,
+        &ds(ALICE, "gone"),
+        ALICE,
+        vec![Patch::replace("x", "1", 0)],
+    )
+    .await;
+    store
+        .delete_dataset(&ds(ALICE, "gone"), ALICE)
+        .await
+        .unwrap();
+    commit(
+        store,
+        &ds(ALICE, "again"),
+        ALICE,
+        vec![Patch::replace("x", "1", 0)],
+    )
+    .await;
+    store
+        .delete_dataset(&ds(ALICE, "again"), ALICE)
+        .await
+        .unwrap();
+    commit(
+        store,
+        &ds(ALICE, "again"),
+        ALICE,
+        vec![Patch::replace("y", "2", 0)],
+    )
+    .await;
+    store
+        .grant(&ds(ALICE, "d1"), ALICE, BOB, Access::Read)
+        .await
+        .unwrap();
+    store
+        .grant(&ds(ALICE, "d1"), ALICE, CAROL, Access::Write)
+        .await
+        .unwrap();
+    store
+        .grant(&ds(ALICE, "later"), ALICE, BOB, Access::Write)
+        .await
+        .unwrap();
+    commit(store, &ds(BOB, "b"), BOB, vec![Patch::replace("k", "v", 0)]).await;
+    commit(
+        store,
+        &ds(BOB, "b"),
+        BOB,
+        vec![Patch::remove("k", 1), Patch::replace("k2", "v2", 0)],
+    )
+    .await;
+}
+
+/// Everything a client can read of the datasets in `items`, for comparing two stores.
+async fn observe(store: &dyn Store, items: &[DumpItem]) -> Vec<String> {
+    let mut seen = Vec::new();
+    for item in items {
+        match item {
+            DumpItem::Identity(i) => {
+                seen.push(format!(
+                    "{:?}",
+                    store.identity(&i.pool, &i.id).await.unwrap()
+                ));
+            }
+            DumpItem::Dataset(d) => {
+                let key = d.key();
+                seen.push(format!(
+                    "{:?}",
+                    store.changes(&key, &d.owner, 0).await.unwrap()
+                ));
+                seen.push(format!(
+                    "{:?}",
+                    store.snapshot(&key, &d.owner).await.unwrap()
+                ));
+                seen.push(format!(
+                    "{:?}",
+                    store.merged_dataset_names(&key).await.unwrap()
+                ));
+                seen.push(format!(
+                    "{:?}",
+                    store.last_deleted_sync_count(&key).await.unwrap()
+                ));
+                let mut list = store.list_datasets(&d.pool, &d.owner).await.unwrap();
+                list.sort_by_key(|info| format!("{info:?}"));
+                seen.push(format!("{list:?}"));
+            }
+            DumpItem::Grant(g) => {
+                let key = DatasetKey::new(&g.pool, &g.owner, &g.name);
+                seen.push(format!(
+                    "{:?}",
+                    store.access(&key, &g.grantee).await.unwrap()
+                ));
+            }
+            _ => {}
+        }
+    }
+    seen
+}
+
+/// An export imported into an empty store dumps identically, reads identically (records
+/// with their stamps, tombstones, deleted datasets, merges, logins, grants), and goes on
+/// from the same sync counts: a client's next update does not conflict. A second import
+/// of the same source finds it complete. Default limits.
+pub async fn case_dump_import_round_trip_is_exact(source: Arc<dyn Store>, target: Arc<dyn Store>) {
+    populate(&*source).await;
+    let items = dump_items(&*source).await;
+    let kinds = |f: fn(&DumpItem) -> bool| items.iter().filter(|i| f(i)).count();
+    assert_eq!(
+        kinds(|i| matches!(i, DumpItem::Identity(_))),
+        2,
+        "{items:#?}"
+    );
+    assert_eq!(kinds(|i| matches!(i, DumpItem::Login(_))), 2);
+    assert_eq!(kinds(|i| matches!(i, DumpItem::Grant(_))), 3);
+    assert!(
+        items
+            .iter()
+            .any(|i| matches!(i, DumpItem::Dataset(d) if d.deleted))
+    );
+    assert!(
+        items
+            .iter()
+            .any(|i| matches!(i, DumpItem::Dataset(d) if d.merge_root.is_some()))
+    );
+    assert!(
+        items
+            .iter()
+            .any(|i| matches!(i, DumpItem::Record { record, .. } if record.value.is_none()))
+    );
+    assert!(
+        items
+            .iter()
+            .any(|i| matches!(i, DumpItem::Record { record, .. } if record.device_id.is_some()))
+    );
+    assert_eq!(dump_items(&*source).await, items, "a dump is deterministic");
+
+    let progress = import_items(&*target, &items, MergePolicy::Refuse, 3)
+        .await
+        .unwrap();
+    assert!(progress.done);
+    assert_eq!(progress.imported.total(), items.len() as u64);
+    assert_eq!(dump_items(&*target).await, items);
+    assert_eq!(
+        observe(&*target, &items).await,
+        observe(&*source, &items).await
+    );
+
+    // The next commit on either store is the same: sync counts and record stamps match.
+    let next = vec![Patch::replace("a", "new", 1), Patch::replace("c", "3", 0)];
+    let (_, a) = commit(&*source, &ds(ALICE, "d1"), ALICE, next.clone()).await;
+    let (_, b) = commit(&*target, &ds(ALICE, "d1"), ALICE, next).await;
+    assert_eq!(
+        (a.sync_count, values(&a.records)),
+        (b.sync_count, values(&b.records))
+    );
+    let (_, b) = commit(
+        &*target,
+        &ds(ALICE, "again"),
+        ALICE,
+        vec![Patch::replace("z", "1", 0)],
+    )
+    .await;
+    assert_eq!(
+        b.sync_count, 4,
+        "a re-created dataset goes on above its delete"
+    );
+
+    let status = target.import_status().await.unwrap();
+    assert!(!status.empty);
+    let (_, start) = Importer::start(&*target, "test-source", MergePolicy::Refuse, 3)
+        .await
+        .unwrap();
+    assert!(matches!(start, Start::Complete(p) if p.done));
+}
+
+/// A target with data of its own is refused; with `SkipExisting` what it holds stays (a
+/// dataset of the same name keeps its records) and the rest comes in. Default limits.
+pub async fn case_import_refuses_a_non_empty_target_unless_merging(
+    source: Arc<dyn Store>,
+    target: Arc<dyn Store>,
+) {
+    populate(&*source).await;
+    let items = dump_items(&*source).await;
+    commit(
+        &*target,
+        &ds(ALICE, "d1"),
+        ALICE,
+        vec![Patch::replace("own", "1", 0)],
+    )
+    .await;
+    assert!(matches!(
+        Importer::start(&*target, "test-source", MergePolicy::Refuse, 10).await,
+        Err(ImportError::NotEmpty)
+    ));
+    let progress = import_items(&*target, &items, MergePolicy::SkipExisting, 4)
+        .await
+        .unwrap();
+    assert_eq!(progress.skipped.datasets, 1);
+    assert_eq!(
+        progress.skipped.records, 3,
+        "d1's records: a, b's tombstone, é"
+    );
+    let own = target.snapshot(&ds(ALICE, "d1"), ALICE).await.unwrap();
+    assert_eq!(keys(&own.records), vec!["own"]);
+    assert_eq!(own.sync_count, 1);
+    let b = target.snapshot(&ds(BOB, "b"), BOB).await.unwrap();
+    assert_eq!(b.sync_count, 2);
+    assert_eq!(
+        target.access(&ds(ALICE, "d1"), BOB).await.unwrap(),
+        Some(Access::Read),
+        "grants come in beside a kept dataset"
+    );
+}
+
+/// A batch with a bad item writes nothing (not even its good items) and names the item; a
+/// batch whose `after` is not the held progress writes nothing; an interrupted import
+/// resumes from its last batch. Default limits.
+pub async fn case_import_batch_is_all_or_nothing_and_resumes(store: Arc<dyn Store>) {
+    let dataset = DumpDataset {
+        pool: DEFAULT_POOL.into(),
+        owner: ALICE.into(),
+        name: "d".into(),
+        sync_count: 3,
+        deleted: false,
+        last_deleted_sync_count: 0,
+        merge_root: None,
+        created_at: 1,
+        last_modified: 2,
+    };
+    let rec = |key: &str, value: Option<&str>| DumpItem::Record {
+        dataset: dataset.key(),
+        record: DumpRecord {
+            key: key.into(),
+            value: value.map(Into::into),
+            sync_count: 2,
+            last_modified: 5,
+            last_modified_by: ALICE.into(),
+            device_id: Some("dev".into()),
+            device_last_modified: Some(4),
+        },
+    };
+    let checkpoint = |n: u64| ImportCheckpoint {
+        source: "s".into(),
+        position: n,
+        marker: String::new(),
+    };
+    let batch = |after: Option<u64>, to: u64, items: Vec<DumpItem>| ImportBatch {
+        after: after.map(checkpoint),
+        checkpoint: checkpoint(to),
+        merge: MergePolicy::Refuse,
+        items,
+        done: false,
+    };
+    // A record of a dataset that is not there, after a good dataset: nothing written.
+    let orphan = DumpItem::Record {
+        dataset: ds(ALICE, "nope"),
+        record: DumpRecord {
+            key: "k".into(),
+            value: None,
+            sync_count: 1,
+            last_modified: 1,
+            last_modified_by: ALICE.into(),
+            device_id: None,
+            device_last_modified: None,
+        },
+    };
+    let outcome = store
+        .import_batch(batch(
+            None,
+            2,
+            vec![DumpItem::Dataset(dataset.clone()), orphan],
+        ))
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcome, BatchOutcome::Rejected { index: 1, .. }),
+        "{outcome:?}"
+    );
+    // The same key twice in one batch.
+    let outcome = store
+        .import_batch(batch(
+            None,
+            3,
+            vec![
+                DumpItem::Dataset(dataset.clone()),
+                rec("k", Some("v")),
+                rec("k", None),
+            ],
+        ))
+        .await
+        .unwrap();
+    assert!(
+        matches!(&outcome, BatchOutcome::Rejected { index: 2, reason } if reason.contains("already exists")),
+        "{outcome:?}"
+    );
+    let status = store.import_status().await.unwrap();
+    assert!(status.empty && status.progress.is_none(), "{status:?}");
+
+    // Two good batches; the second must name the first's checkpoint.
+    let first = batch(
+        None,
+        2,
+        vec![DumpItem::Dataset(dataset.clone()), rec("a", Some("1"))],
+    );
+    assert!(matches!(
+        store.import_batch(first.clone()).await.unwrap(),
+        BatchOutcome::Committed(_)
+    ));
+    let replayed = store.import_batch(first).await.unwrap();
+    assert!(
+        matches!(replayed, BatchOutcome::OutOfStep { held: Some(ref c) } if c.position == 2),
+        "{replayed:?}"
+    );
+    let (_, start) = Importer::start(&*store, "s", MergePolicy::Refuse, 10)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&start, Start::Resume(p) if p.checkpoint.position == 2 && p.imported.records == 1),
+        "{start:?}"
+    );
+    assert!(matches!(
+        Importer::start(&*store, "other", MergePolicy::Refuse, 10).await,
+        Err(ImportError::OtherImport(_))
+    ));
+    let second = batch(Some(2), 4, vec![rec("b", None), rec("c", Some("3"))]);
+    assert!(matches!(
+        store.import_batch(second).await.unwrap(),
+        BatchOutcome::Committed(_)
+    ));
+    let s = store.changes(&ds(ALICE, "d"), ALICE, 0).await.unwrap();
+    assert_eq!(s.sync_count, 3);
+    assert_eq!(keys(&s.records), vec!["a", "b", "c"]);
+    assert_eq!(record(&s, "a").device_id.as_deref(), Some("dev"));
+    assert_eq!(record(&s, "b").value, None);
+    // The aggregates count the live records only: the record limit sees 2 of them.
+    let limited = store.snapshot(&ds(ALICE, "d"), ALICE).await.unwrap();
+    assert_eq!(keys(&limited.records), vec!["a", "c"]);
+    let (_, after) = commit(
+        &*store,
+        &ds(ALICE, "d"),
+        ALICE,
+        vec![Patch::replace("a", "2", 2)],
+    )
+    .await;
+    assert_eq!(after.sync_count, 4);
 }

@@ -13,6 +13,7 @@
 mod admin;
 mod commitlog;
 mod decision;
+pub mod dump;
 mod error;
 mod identity;
 mod model;
@@ -41,7 +42,10 @@ pub use model::{
 };
 pub use postgres::{PostgresConfig, PostgresStore};
 pub use replay::{ReplayReport, replay};
-pub use sqlite::{SqliteCheckReport, SqliteStore, check_sqlite};
+pub use sqlite::{
+    SqliteBackupReport, SqliteCheckReport, SqliteStore, backup_sqlite, check_sqlite,
+    check_sqlite_file, dump_sqlite,
+};
 pub use stream::{DeadLetter, StreamConsumer};
 
 use async_trait::async_trait;
@@ -321,6 +325,24 @@ pub trait Store: Send + Sync + 'static {
         value: Option<&str>,
         expect: Expect<'_>,
     ) -> Result<bool, StoreError>;
+    /// Every identity, login, dataset (deleted ones too), record (tombstones too) and grant,
+    /// in dump order (see `dump`), read from one consistent snapshot and streamed through a
+    /// bounded channel; an error ends the stream. Not the commit log, not stream consumers.
+    async fn dump(&self) -> Result<dump::DumpStream, StoreError>;
+
+    /// Whether the store holds data, and the progress of the import that wrote into it.
+    async fn import_status(&self) -> Result<dump::ImportStatus, StoreError>;
+
+    /// Writes a batch of dumped items exactly as they are (ids, sync counts, tombstones,
+    /// times, devices, merge roots), with the batch's progress, in one transaction, or
+    /// nothing: `Rejected` names the first item that is invalid or already exists (unless
+    /// the merge policy skips it), `OutOfStep` says the held progress is not the batch's
+    /// `after`. A record's dataset must exist (an earlier item created it). Limits are not
+    /// enforced (a copy keeps what the source held) and no commit log entry is written.
+    async fn import_batch(
+        &self,
+        batch: dump::ImportBatch,
+    ) -> Result<dump::BatchOutcome, StoreError>;
 
     /// Whether the store answers now (for `/ready`).
     async fn health(&self) -> Result<(), StoreError>;

@@ -69,6 +69,7 @@ macro_rules! call {
 mod admin;
 mod batch;
 mod compact;
+mod dump;
 mod identity;
 mod read;
 mod schema;
@@ -719,6 +720,29 @@ impl Store for PostgresStore {
         validate_setting(pool, name, &[value, expected_values(&expect)])?;
         let result = call!(&self.inner, |client| admin::put_setting(
             &client, pool, name, value, expect
+        ));
+        self.inner.wrote(result)
+    }
+
+    async fn dump(&self) -> Result<crate::dump::DumpStream, StoreError> {
+        let client = {
+            let (_open, client) = self.inner.client().await?;
+            client
+        };
+        Ok(dump::spawn_dump(client))
+    }
+
+    async fn import_status(&self) -> Result<crate::dump::ImportStatus, StoreError> {
+        call!(&self.inner, |client| dump::status(&client))
+    }
+
+    async fn import_batch(
+        &self,
+        batch: crate::dump::ImportBatch,
+    ) -> Result<crate::dump::BatchOutcome, StoreError> {
+        let result = call!(&self.inner, |client| dump::import_batch(
+            &mut client,
+            &batch
         ));
         self.inner.wrote(result)
     }

@@ -116,7 +116,12 @@ impl SqliteCheckReport {
 /// it then checks the last commit as of its start. An error means the check could not run
 /// (no database there, a file that cannot be opened), not that the file is damaged.
 pub fn check_sqlite(data_dir: &Path) -> Result<SqliteCheckReport, StoreError> {
-    let path = data_dir.join(SqliteStore::DB_FILE);
+    check_sqlite_file(&data_dir.join(SqliteStore::DB_FILE))
+}
+
+/// [`check_sqlite`] of the database file at `path` (a backup, say).
+pub fn check_sqlite_file(path: &Path) -> Result<SqliteCheckReport, StoreError> {
+    let path = path.to_path_buf();
     let bytes = std::fs::metadata(&path)
         .map_err(|e| StoreError::Unavailable(format!("no database at {}: {e}", path.display())))?
         .len();

@@ -11,8 +11,10 @@
 //! `Limits::sqlite_wal_max_bytes` plus one group commit (see `writer::WalBound`).
 
 mod admin;
+mod backup;
 mod check;
 mod compact;
+mod dump;
 mod identity;
 mod query;
 mod schema;
@@ -41,7 +43,8 @@ use tandem_protocol::{Access, DatasetInfo};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use writer::{Command, Done, Op};
 
-pub use check::{SqliteCheckReport, check_sqlite};
+pub use backup::{SqliteBackupReport, backup_sqlite, dump_sqlite};
+pub use check::{SqliteCheckReport, check_sqlite, check_sqlite_file};
 
 /// Write commands that may wait for the writer before senders wait too.
 const QUEUE_DEPTH: usize = 4 * writer::MAX_BATCH;
@@ -663,6 +666,27 @@ impl Store for SqliteStore {
         let op = Op::PutPoolSetting(admin::PutSetting::new(pool, name, value, expect));
         match self.submit(op).await? {
             Done::Bool(wrote) => Ok(wrote),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn dump(&self) -> Result<crate::dump::DumpStream, StoreError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(closed_error());
+        }
+        dump::spawn_dump(&self.inner.path)
+    }
+
+    async fn import_status(&self) -> Result<crate::dump::ImportStatus, StoreError> {
+        self.read_tx(dump::status).await
+    }
+
+    async fn import_batch(
+        &self,
+        batch: crate::dump::ImportBatch,
+    ) -> Result<crate::dump::BatchOutcome, StoreError> {
+        match self.submit(Op::Import(Box::new(batch))).await? {
+            Done::Import(outcome) => Ok(outcome),
             other => Err(unexpected(&other)),
         }
     }

@@ -14,6 +14,7 @@ use super::{CheckpointLock, db_err, lock};
 use super::{identity, query, stream};
 use crate::commitlog::{self, CompactReport, LogKind};
 use crate::decision::{self, DatasetState, GrantCounts, StoredRecords, upsert_records};
+use crate::dump::{BatchOutcome, ImportBatch};
 use crate::identity::{Login, MergeOutcome};
 use crate::outage::CommitOutage;
 use crate::{
@@ -99,6 +100,8 @@ pub(super) enum Op {
         letters: Vec<DeadLetter>,
     },
     PutPoolSetting(super::admin::PutSetting),
+    /// A batch of `tandem import` (see `dump`).
+    Import(Box<ImportBatch>),
 }
 
 /// What a successful command produced.
@@ -113,6 +116,7 @@ pub(super) enum Done {
     Bool(bool),
     /// A log entry appended (its id), or none.
     Entry(Option<i64>),
+    Import(BatchOutcome),
     Unit,
 }
 
@@ -344,6 +348,7 @@ fn apply_batch(
                 | Done::Lease(_)
                 | Done::Bool(_)
                 | Done::Entry(_)
+                | Done::Import(BatchOutcome::Committed(_))
                 | Done::Unit)
         );
         if !keep {
@@ -399,6 +404,7 @@ fn apply(conn: &Connection, limits: &Limits, op: &Op) -> Result<Done, StoreError
                 .map(|()| Done::Unit)
         }
         Op::PutPoolSetting(put) => super::admin::put_setting(conn, put).map(Done::Bool),
+        Op::Import(batch) => super::dump::import_batch(conn, batch).map(Done::Import),
     }
 }
 
