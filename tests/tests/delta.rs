@@ -220,7 +220,9 @@ async fn test_delta_off_per_subscription_and_without_features_gets_whole_frames(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_delta_slow_reader_gets_merged_deltas_that_end_at_the_newest_state() {
-    let server = TestServer::start();
+    // Bob reads nothing while alice commits; on a loaded machine that can outlast the
+    // default write timeout, which would close him (another test's subject, not this one's).
+    let server = TestServer::builder().arg("--write-timeout", "120s").start();
     let alice = server.connect("alice").await;
     alice
         .grant(DatasetRef::own("doc"), "bob", Access::Read)
@@ -376,7 +378,7 @@ async fn test_writers_ack_comes_before_the_push_of_its_own_commit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_slow_reader_that_still_reads_is_not_closed() {
     let server = TestServer::builder()
-        .arg("--write-timeout", "6s")
+        .arg("--write-timeout", "10s")
         .arg("--max-dataset-bytes", 8 << 20)
         .arg("--max-frame-bytes", 8 << 20)
         .start();
@@ -393,12 +395,12 @@ async fn test_slow_reader_that_still_reads_is_not_closed() {
     send_subscribe(&mut bob, 1, None, None).await;
     recv_reply(&mut bob).await;
 
-    // Whole frames of ~3 MB; bob takes 32 KB every 100 ms (~320 KB/s), so one frame takes
-    // longer than the write timeout to get through (a deadline on the whole write would close
-    // bob), but bytes keep moving.
+    // Whole frames of ~5 MB; bob takes 32 KB every 100 ms (~320 KB/s), so one frame takes
+    // longer than the write timeout (10 s, ample for a loaded machine's pauses) to get
+    // through (a deadline on the whole write would close bob), but bytes keep moving.
     let mut last = 0;
-    for i in 0..4u64 {
-        let value = format!("{i:08}{}", "x".repeat(3 << 20));
+    for i in 0..2u64 {
+        let value = format!("{i:08}{}", "x".repeat(5 << 20));
         last = commit(&alice, vec![Patch::replace("body", value, last)]).await;
     }
     let mut seen = 0;
