@@ -522,3 +522,39 @@ async fn test_sdk_history_read_at_and_restore() {
     assert_eq!(latest.entries[0].device_id.as_deref(), Some("bob-device"));
     assert!(latest.next.is_some());
 }
+
+/// A local edit whose offline cache cannot be written says so (it used to answer `Ok`): the
+/// edit is kept in memory and still syncs, but would not survive a restart. An empty key is
+/// refused as invalid input, not as a cache failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sdk_put_reports_a_cache_it_cannot_write_and_an_empty_key() {
+    let server = TestServer::start();
+    let cache = tempfile::tempdir().unwrap();
+    let alice = client(&server, "alice", Some(cache.path()));
+    alice.wait_online(WAIT).await.unwrap();
+    let ds = alice
+        .open(DatasetRef::own("notes"), ConflictHandler::KeepLocal)
+        .await
+        .unwrap();
+    ds.put("a", "1").unwrap();
+    assert!(matches!(ds.put("", "x"), Err(ClientError::InvalidInput(_))));
+
+    // The owner's cache folder becomes a file: root ignores permissions, not file types.
+    let owner_dir = cache.path().join("alice");
+    std::fs::remove_dir_all(&owner_dir).unwrap();
+    std::fs::write(&owner_dir, b"in the way").unwrap();
+    assert!(matches!(ds.put("b", "2"), Err(ClientError::Cache(_))));
+    assert_eq!(ds.get("b").as_deref(), Some("2"));
+    ds.sync().await.unwrap();
+    let conn = server.connect("alice").await;
+    let (_, records) = conn.subscribe(DatasetRef::own("notes")).await.unwrap();
+    let live: Vec<_> = records
+        .iter()
+        .map(|r| (r.key.as_str(), r.value.as_deref()))
+        .collect();
+    assert_eq!(live, [("a", Some("1")), ("b", Some("2"))]);
+
+    // Once the cache can be written again, so can edits.
+    std::fs::remove_file(&owner_dir).unwrap();
+    ds.put("c", "3").unwrap();
+}

@@ -407,10 +407,16 @@ impl Inner {
     }
 
     fn save(&self, shared: &Shared, state: &DatasetCache) {
-        let owner = shared.dataset.owner.as_deref().unwrap_or(&self.identity);
-        if let Err(e) = self.cache.save(owner, &shared.dataset.name, state) {
+        if let Err(e) = self.try_save(shared, state) {
             tracing::warn!(error = %e, "cannot write the offline cache");
         }
+    }
+
+    /// Writes the offline cache; for a local edit, whose caller must hear that it is not
+    /// durable.
+    fn try_save(&self, shared: &Shared, state: &DatasetCache) -> std::io::Result<()> {
+        let owner = shared.dataset.owner.as_deref().unwrap_or(&self.identity);
+        self.cache.save(owner, &shared.dataset.name, state)
     }
 }
 
@@ -680,7 +686,7 @@ impl Dataset {
 
     fn write(&self, key: String, value: Option<String>) -> Result<(), ClientError> {
         if key.is_empty() {
-            return Err(ClientError::Cache("a key must not be empty".into()));
+            return Err(ClientError::InvalidInput("a key must not be empty".into()));
         }
         let mut state = self.shared.state.lock();
         let record = state.records.entry(key).or_insert(LocalRecord {
@@ -694,8 +700,11 @@ impl Dataset {
         record.dirty = true;
         record.device_last_modified = Some(now_ms());
         record.version += 1;
-        self.inner.save(&self.shared, &state);
-        Ok(())
+        // The edit stays (in memory, and it syncs), but the caller learns it would not
+        // survive a restart.
+        self.inner
+            .try_save(&self.shared, &state)
+            .map_err(|e| ClientError::Cache(e.to_string()))
     }
 
     /// Local changes not yet acknowledged by the server.

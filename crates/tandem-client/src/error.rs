@@ -23,9 +23,13 @@ pub enum ClientError {
     Timeout(std::time::Duration),
     #[error("offline")]
     Offline,
-    /// The offline cache could not be read or written.
+    /// The offline cache could not be read or written. From `put`/`remove`: the edit is
+    /// kept in memory and syncs, but would not survive a restart.
     #[error("offline cache: {0}")]
     Cache(String),
+    /// A local edit the server could never take (an empty key); nothing was changed.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
     /// `sync` gave up after its retries; these keys are still unsynchronised.
     #[error("conflicts still unresolved after retries on keys {keys:?}")]
     Unresolved { keys: Vec<String> },
