@@ -311,10 +311,20 @@ async fn test_sdk_conflict_is_resolved_by_the_handler() {
         a.put(key, "from-a").unwrap();
     }
     a.sync().await.unwrap();
+    let edited_at = |key: &str| b.record(key).and_then(|r| r.device_last_modified);
+    let (b_keep, b_merge) = (edited_at("keep"), edited_at("merge"));
+    // A merge is a new edit on this device: it gets a later device time (as in the JS SDK).
+    tokio::time::sleep(Duration::from_millis(5)).await;
 
     let mut events = b.events();
     let outcome = b.sync().await.unwrap();
     assert_eq!(outcome.conflicts, 3);
+    assert_eq!(edited_at("keep"), b_keep);
+    assert!(
+        edited_at("merge") > b_merge,
+        "{:?} {b_merge:?}",
+        edited_at("merge")
+    );
     assert_eq!(b.get("keep").as_deref(), Some("from-b"));
     assert_eq!(b.get("take").as_deref(), Some("from-a"));
     assert_eq!(b.get("merge").as_deref(), Some("from-a+from-b"));

@@ -862,6 +862,8 @@ fn resolve_conflict(
             if let Some(l) = state.records.get_mut(key) {
                 l.sync_count = base;
                 l.value = value.clone();
+                // The merged value is a new edit of this device's (as in the JS SDK).
+                l.device_last_modified = Some(now_ms());
                 l.version += 1;
             }
         }
