@@ -424,6 +424,23 @@ pub type DumpStream = tokio::sync::mpsc::Receiver<Result<DumpItem, StoreError>>;
 /// Items a dump stream reads ahead.
 pub const DUMP_READ_AHEAD: usize = 1024;
 
+// What an export reads, the same SQL on both backends (text compares by bytes on both).
+pub(crate) const DUMP_IDENTITIES: &str =
+    "SELECT pool, id, guest, merged_into, created_at FROM identities ORDER BY pool, id";
+pub(crate) const DUMP_LOGINS: &str =
+    "SELECT pool, provider, subject, identity, linked_at FROM logins
+                      ORDER BY pool, provider, subject";
+/// Each dataset with its records, in dump order (one row with null record columns when it has none).
+pub(crate) const DUMP_DATASETS: &str = "SELECT d.pool, d.owner, d.name, d.sync_count, d.deleted,
+                               d.last_deleted_sync_count, d.merge_root, d.created_at,
+                               d.last_modified, r.key, r.value, r.sync_count, r.last_modified,
+                               r.last_modified_by, r.device_id, r.device_last_modified
+                        FROM datasets d LEFT JOIN records r ON r.dataset_id = d.id
+                        ORDER BY d.pool, d.owner, d.name, r.key";
+pub(crate) const DUMP_GRANTS: &str =
+    "SELECT pool, owner, name, grantee, access, granted_at FROM grants
+                      ORDER BY pool, owner, name, grantee";
+
 /// What `import` does with an item whose key the target already holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

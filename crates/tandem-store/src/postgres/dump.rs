@@ -8,9 +8,10 @@
 use super::CallError;
 use super::read::{to_i64, to_u64};
 use crate::dump::{
-    ApplyState, BatchOutcome, DUMP_READ_AHEAD, DumpDataset, DumpGrant, DumpIdentity, DumpItem,
-    DumpLogin, DumpRecord, DumpStream, GrantAccess, ImportBatch, ImportProgress, ImportStatus,
-    in_step, live_bytes, progress_from_json, progress_json,
+    ApplyState, BatchOutcome, DUMP_DATASETS, DUMP_GRANTS, DUMP_IDENTITIES, DUMP_LOGINS,
+    DUMP_READ_AHEAD, DumpDataset, DumpGrant, DumpIdentity, DumpItem, DumpLogin, DumpRecord,
+    DumpStream, GrantAccess, ImportBatch, ImportProgress, ImportStatus, in_step, live_bytes,
+    progress_from_json, progress_json,
 };
 use crate::{DatasetKey, StoreError};
 use deadpool_postgres::{ClientWrapper, GenericClient, Object};
@@ -27,20 +28,6 @@ const PROGRESS_TABLE: &str = "CREATE TABLE IF NOT EXISTS import_progress (
     only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
     state    text    NOT NULL
 )";
-
-const IDENTITIES: &str =
-    "SELECT pool, id, guest, merged_into, created_at FROM identities ORDER BY pool, id";
-const LOGINS: &str = "SELECT pool, provider, subject, identity, linked_at FROM logins
-                      ORDER BY pool, provider, subject";
-/// Each dataset with its records (one row with null record columns when it has none).
-const DATASETS: &str = "SELECT d.pool, d.owner, d.name, d.sync_count, d.deleted,
-                               d.last_deleted_sync_count, d.merge_root, d.created_at,
-                               d.last_modified, r.key, r.value, r.sync_count, r.last_modified,
-                               r.last_modified_by, r.device_id, r.device_last_modified
-                        FROM datasets d LEFT JOIN records r ON r.dataset_id = d.id
-                        ORDER BY d.pool, d.owner, d.name, r.key";
-const GRANTS: &str = "SELECT pool, owner, name, grantee, access, granted_at FROM grants
-                      ORDER BY pool, owner, name, grantee";
 
 type ItemsTx = mpsc::Sender<Result<DumpItem, StoreError>>;
 
@@ -78,13 +65,16 @@ async fn dump_all(client: &ClientWrapper, items_tx: &ItemsTx) -> Result<(), Call
             "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET LOCAL statement_timeout = 0",
         )
         .await?;
-    for (sql, convert) in [(IDENTITIES, identity_of as Convert), (LOGINS, login_of)] {
+    for (sql, convert) in [
+        (DUMP_IDENTITIES, identity_of as Convert),
+        (DUMP_LOGINS, login_of),
+    ] {
         if !stream(client, sql, items_tx, convert).await? {
             return Ok(());
         }
     }
     let mut current: Option<DatasetKey> = None;
-    let datasets = stream(client, DATASETS, items_tx, |row| {
+    let datasets = stream(client, DUMP_DATASETS, items_tx, |row| {
         let dataset = dataset_of(row)?;
         let key = dataset.key();
         let mut items = Vec::with_capacity(2);
@@ -104,7 +94,7 @@ async fn dump_all(client: &ClientWrapper, items_tx: &ItemsTx) -> Result<(), Call
     if !datasets {
         return Ok(());
     }
-    stream(client, GRANTS, items_tx, grant_of).await?;
+    stream(client, DUMP_GRANTS, items_tx, grant_of).await?;
     Ok(())
 }
 

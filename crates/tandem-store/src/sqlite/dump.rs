@@ -7,9 +7,10 @@
 
 use super::{db_err, open_reader};
 use crate::dump::{
-    ApplyState, BatchOutcome, DUMP_READ_AHEAD, DumpDataset, DumpGrant, DumpIdentity, DumpItem,
-    DumpLogin, DumpRecord, DumpStream, GrantAccess, ImportBatch, ImportProgress, ImportStatus,
-    in_step, live_bytes, progress_from_json, progress_json,
+    ApplyState, BatchOutcome, DUMP_DATASETS, DUMP_GRANTS, DUMP_IDENTITIES, DUMP_LOGINS,
+    DUMP_READ_AHEAD, DumpDataset, DumpGrant, DumpIdentity, DumpItem, DumpLogin, DumpRecord,
+    DumpStream, GrantAccess, ImportBatch, ImportProgress, ImportStatus, in_step, live_bytes,
+    progress_from_json, progress_json,
 };
 use crate::{DatasetKey, StoreError};
 use rusqlite::{Connection, OptionalExtension, Row, params};
@@ -21,20 +22,6 @@ const PROGRESS_TABLE: &str = "CREATE TABLE IF NOT EXISTS import_progress (
     only_row INTEGER PRIMARY KEY CHECK (only_row = 1),
     state    TEXT    NOT NULL
 )";
-
-const IDENTITIES: &str =
-    "SELECT pool, id, guest, merged_into, created_at FROM identities ORDER BY pool, id";
-const LOGINS: &str = "SELECT pool, provider, subject, identity, linked_at FROM logins
-                      ORDER BY pool, provider, subject";
-/// Each dataset with its records (one row with null record columns when it has none).
-const DATASETS: &str = "SELECT d.pool, d.owner, d.name, d.sync_count, d.deleted,
-                               d.last_deleted_sync_count, d.merge_root, d.created_at,
-                               d.last_modified, r.key, r.value, r.sync_count, r.last_modified,
-                               r.last_modified_by, r.device_id, r.device_last_modified
-                        FROM datasets d LEFT JOIN records r ON r.dataset_id = d.id
-                        ORDER BY d.pool, d.owner, d.name, r.key";
-const GRANTS: &str = "SELECT pool, owner, name, grantee, access, granted_at FROM grants
-                      ORDER BY pool, owner, name, grantee";
 
 /// Starts the export thread on a read connection of its own.
 pub(super) fn spawn_dump(path: &Path) -> Result<DumpStream, StoreError> {
@@ -59,7 +46,7 @@ fn dump_all(
 ) -> Result<(), StoreError> {
     let tx = conn.transaction().map_err(db_err)?;
     let send = |item: DumpItem| items_tx.blocking_send(Ok(item)).is_ok();
-    let mut stmt = tx.prepare(IDENTITIES).map_err(db_err)?;
+    let mut stmt = tx.prepare(DUMP_IDENTITIES).map_err(db_err)?;
     let mut rows = stmt.query([]).map_err(db_err)?;
     while let Some(row) = rows.next().map_err(db_err)? {
         let item = DumpIdentity {
@@ -75,7 +62,7 @@ fn dump_all(
     }
     drop(rows);
     drop(stmt);
-    let mut stmt = tx.prepare(LOGINS).map_err(db_err)?;
+    let mut stmt = tx.prepare(DUMP_LOGINS).map_err(db_err)?;
     let mut rows = stmt.query([]).map_err(db_err)?;
     while let Some(row) = rows.next().map_err(db_err)? {
         let item = DumpLogin {
@@ -91,7 +78,7 @@ fn dump_all(
     }
     drop(rows);
     drop(stmt);
-    let mut stmt = tx.prepare(DATASETS).map_err(db_err)?;
+    let mut stmt = tx.prepare(DUMP_DATASETS).map_err(db_err)?;
     let mut rows = stmt.query([]).map_err(db_err)?;
     let mut current: Option<DatasetKey> = None;
     while let Some(row) = rows.next().map_err(db_err)? {
@@ -114,7 +101,7 @@ fn dump_all(
     }
     drop(rows);
     drop(stmt);
-    let mut stmt = tx.prepare(GRANTS).map_err(db_err)?;
+    let mut stmt = tx.prepare(DUMP_GRANTS).map_err(db_err)?;
     let mut rows = stmt.query([]).map_err(db_err)?;
     while let Some(row) = rows.next().map_err(db_err)? {
         let access: String = row.get(4).map_err(db_err)?;
