@@ -5,6 +5,8 @@
 //! the round ended (an error, a timeout, a cancelled task). Each statement deletes at most
 //! [`COMPACT_CHUNK`] entries and commits on its own, so no transaction runs long (a long
 //! one would hold back the cleanup of every other table, the log counter's row first).
+//! Compaction counts what it drops in `commit_log_dropped`, never in the writers' heads rows
+//! (schema version 8), so it neither waits for a commit nor holds one up.
 
 use super::{CallError, Inner, map_db_error};
 use crate::commitlog::{COMPACT_CHUNK, CompactBounds, CompactReport, CompactTally};
@@ -17,26 +19,65 @@ use std::future::Future;
 /// the schema's name). Distinct from the migration, owner and grant locks.
 pub(super) const COMPACT_LOCK: i32 = 0x5444_4d03;
 
+/// Deletes the oldest entries past their age, up to a chunk: entries are in time order by
+/// id (up to clock steps), so the aged ones are those of the first chunk by id below its
+/// first recent one (no index on time: it would cost a page in every commit). What goes is
+/// counted per dataset in `commit_log_dropped`, in the same statement.
 const AGED: &str = "
-    DELETE FROM commit_log WHERE id IN (
-        SELECT id FROM commit_log WHERE server_time < $1 AND id <= $2 ORDER BY id LIMIT $3)
-    RETURNING id";
+    WITH first AS (
+        SELECT id, server_time FROM commit_log WHERE id <= $2 ORDER BY id LIMIT $3
+    ), stop AS (
+        SELECT coalesce(min(id), $2 + 1) AS at FROM first WHERE server_time >= $1
+    ), gone AS (
+        DELETE FROM commit_log
+        WHERE id IN (SELECT first.id FROM first, stop WHERE first.id < stop.at)
+        RETURNING id, pool, owner, name
+    ), counted AS (
+        INSERT INTO commit_log_dropped AS d (pool, owner, name, dropped)
+        SELECT pool, owner, name, count(*) FROM gone GROUP BY pool, owner, name
+        ON CONFLICT (pool, owner, name) DO UPDATE SET dropped = d.dropped + excluded.dropped
+    )
+    SELECT id FROM gone";
 
-/// The datasets with more than `$1` entries, each with the id of the oldest entry it keeps.
+/// The datasets with more than `$1` entries and a tenth, with their newest entry: a trim
+/// walks the kept entries' chain, so it waits until there is a tenth's worth to drop (the
+/// count stays within 10 % of the cap between rounds, and exact for caps below ten).
 const OVER_CAP: &str = "
-    SELECT o.pool, o.owner, o.name,
-           (SELECT id FROM commit_log c
-            WHERE c.pool = o.pool AND c.owner = o.owner AND c.name = o.name
-            ORDER BY id DESC OFFSET $1 - 1 LIMIT 1)
-    FROM (SELECT pool, owner, name FROM commit_log
-          GROUP BY pool, owner, name HAVING count(*) > $1) o";
+    SELECT h.pool, h.owner, h.name, h.head
+    FROM commit_log_heads h LEFT JOIN commit_log_dropped d USING (pool, owner, name)
+    WHERE h.entries - coalesce(d.dropped, 0) > $1::bigint + $1::bigint / 10";
 
+/// The entry `$2` links before `$1` along its chain (the newest to drop when keeping `$2`).
+const NTH_BACK: &str = "
+    WITH RECURSIVE chain (id, prev_id, depth) AS (
+        SELECT id, prev_id, 0::bigint FROM commit_log WHERE id = $1
+        UNION ALL
+        SELECT c.id, c.prev_id, chain.depth + 1
+        FROM chain JOIN commit_log c ON c.id = chain.prev_id
+        WHERE chain.depth < $2
+    )
+    SELECT id FROM chain WHERE depth = $2";
+
+/// Walks a chunk of links of a dataset's chain from `$1` down, deletes those the round may
+/// ($2 `keep_above`), counts them as dropped for the dataset ($4–$6), and answers the
+/// deleted ids and where the walk goes on (null at the chain's end).
 const BELOW: &str = "
-    DELETE FROM commit_log WHERE id IN (
-        SELECT id FROM commit_log
-        WHERE pool = $1 AND owner = $2 AND name = $3 AND id < $4 AND id <= $5
-        ORDER BY id LIMIT $6)
-    RETURNING id";
+    WITH RECURSIVE chain (id, prev_id, depth) AS (
+        SELECT id, prev_id, 1::bigint FROM commit_log WHERE id = $1
+        UNION ALL
+        SELECT c.id, c.prev_id, chain.depth + 1
+        FROM chain JOIN commit_log c ON c.id = chain.prev_id
+        WHERE chain.depth < $3
+    ), gone AS (
+        DELETE FROM commit_log WHERE id IN (SELECT id FROM chain WHERE id <= $2)
+        RETURNING id
+    ), counted AS (
+        INSERT INTO commit_log_dropped AS d (pool, owner, name, dropped)
+        SELECT $4, $5, $6, count(*) FROM gone HAVING count(*) > 0
+        ON CONFLICT (pool, owner, name) DO UPDATE SET dropped = d.dropped + excluded.dropped
+    )
+    SELECT coalesce((SELECT array_agg(id) FROM gone), '{}'),
+           (SELECT prev_id FROM chain WHERE depth = $3)";
 
 /// Runs a compaction round as at `now`. When another node is running one, `wait` says
 /// whether to wait for it to end (an explicit `Store::compact_log`, which must not come back
@@ -132,21 +173,39 @@ async fn round(
             .collect::<Result<Vec<_>, CallError>>()
     })
     .await?;
-    for (dataset, cut) in &over {
-        loop {
-            let params: [&(dyn ToSql + Sync); 6] = [
-                &dataset.pool,
-                &dataset.owner,
-                &dataset.name,
-                cut,
-                &bounds.keep_above,
-                &COMPACT_CHUNK,
-            ];
-            let deleted = delete(inner, client, BELOW, &params).await?;
+    for (dataset, head) in &over {
+        let mut next = timed(inner, async {
+            let stmt = client.prepare_cached(NTH_BACK).await?;
+            let row = client
+                .query_opt(&stmt, &[head, &bounds.max_entries])
+                .await?;
+            Ok(row.map(|r| r.try_get::<_, i64>(0)).transpose()?)
+        })
+        .await?;
+        while let Some(from) = next {
+            let (deleted, then) = timed(inner, async {
+                let stmt = client.prepare_cached(BELOW).await?;
+                let row = client
+                    .query_one(
+                        &stmt,
+                        &[
+                            &from,
+                            &bounds.keep_above,
+                            &COMPACT_CHUNK,
+                            &dataset.pool,
+                            &dataset.owner,
+                            &dataset.name,
+                        ],
+                    )
+                    .await?;
+                Ok((
+                    row.try_get::<_, Vec<i64>>(0)?,
+                    row.try_get::<_, Option<i64>>(1)?,
+                ))
+            })
+            .await?;
             tally.add(&bounds, &deleted);
-            if (deleted.len() as i64) < COMPACT_CHUNK {
-                break;
-            }
+            next = then;
         }
     }
     Ok(tally.finish(&inner.forced_drops, &consumers))

@@ -3,6 +3,7 @@
 
 use super::{CallError, forbidden};
 use crate::{DatasetKey, LogEntry, LogKind, Snapshot, StoreError};
+use deadpool_postgres::tokio_postgres::types::ToSql;
 use deadpool_postgres::tokio_postgres::{IsolationLevel, Row};
 use deadpool_postgres::{ClientWrapper, GenericClient, Transaction};
 use tandem_protocol::{Access, DatasetInfo, DatasetRef, Record};
@@ -229,34 +230,94 @@ fn log_entry(row: &Row) -> Result<LogEntry, CallError> {
     })
 }
 
-/// See `Store::log`.
+/// Walks a dataset's entries newest first along its chain (schema version 8): from the
+/// entry `$1`, or if null from the head of the dataset `$6`, `$7`, `$8` (in the same
+/// statement, so head and walk are of one snapshot), while their sync count is at least
+/// `$2`, with ids below `$3`, leaving out replay snapshots if `$4`, at most `$5`.
+/// PostgreSQL evaluates a recursive query only as far as its reader fetches, so a page
+/// walks only about as many links as it answers. Each row ends with its `prev_id`, where
+/// the next page starts. The walk goes on past grants and revokes whatever their sync
+/// count: theirs is the dataset's as their statement's snapshot saw it, taken before the
+/// statement waited for the log counter, so it can be below that of an update just before
+/// them on the chain (updates, deletes and merges hold the dataset's row, so their counts
+/// only go up along it).
+const CHAIN: &str = "
+    WITH RECURSIVE chain AS (
+        SELECT id, pool, owner, name, kind, sync_count, actor, device_id, server_time,
+               patches, prev_id
+        FROM commit_log
+        WHERE id = coalesce($1::bigint,
+                            (SELECT head FROM commit_log_heads
+                             WHERE pool = $6 AND owner = $7 AND name = $8))
+          AND (sync_count >= $2 OR kind IN ('grant', 'revoke'))
+        UNION ALL
+        SELECT c.id, c.pool, c.owner, c.name, c.kind, c.sync_count, c.actor, c.device_id,
+               c.server_time, c.patches, c.prev_id
+        FROM chain JOIN commit_log c ON c.id = chain.prev_id
+        WHERE c.sync_count >= $2 OR c.kind IN ('grant', 'revoke')
+    )
+    SELECT * FROM chain
+    WHERE sync_count >= $2 AND id < $3 AND NOT ($4 AND kind = 'snapshot')
+    LIMIT $5";
+
+/// Where a walk along a dataset's chain is (`from: None`: at its head), and what it keeps.
+struct Walk<'k> {
+    from: Option<i64>,
+    dataset: &'k DatasetKey,
+    min_sync_count: i64,
+    below: i64,
+    skip_snapshots: bool,
+}
+
+impl Walk<'_> {
+    /// The next page of up to `limit` entries (newest first), and where the walk goes on
+    /// (`None` at the chain's end, or when the page was short).
+    async fn page(
+        &self,
+        client: &impl GenericClient,
+        limit: i64,
+    ) -> Result<(Vec<LogEntry>, Option<i64>), CallError> {
+        let stmt = client.prepare_cached(CHAIN).await?;
+        let key = self.dataset;
+        let params: [&(dyn ToSql + Sync); 8] = [
+            &self.from,
+            &self.min_sync_count,
+            &self.below,
+            &self.skip_snapshots,
+            &limit,
+            &key.pool,
+            &key.owner,
+            &key.name,
+        ];
+        let rows = client.query(&stmt, &params).await?;
+        let next = match rows.last() {
+            Some(last) if rows.len() as i64 == limit => last.try_get::<_, Option<i64>>(10)?,
+            _ => None,
+        };
+        let entries = rows.iter().map(log_entry).collect::<Result<_, _>>()?;
+        Ok((entries, next))
+    }
+}
+
+/// See `Store::log`: walks back to the first entry at or below `after_sync_count` (sync
+/// counts never go down along a dataset's chain), then answers oldest first.
 pub(super) async fn log(
-    client: &ClientWrapper,
+    client: &impl GenericClient,
     key: &DatasetKey,
     after_sync_count: u64,
     limit: usize,
 ) -> Result<Vec<LogEntry>, CallError> {
-    let stmt = client
-        .prepare_cached(&format!(
-            "SELECT {LOG_COLUMNS} FROM commit_log
-             WHERE pool = $1 AND owner = $2 AND name = $3 AND sync_count > $4
-             ORDER BY id LIMIT $5"
-        ))
-        .await?;
-    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let rows = client
-        .query(
-            &stmt,
-            &[
-                &key.pool,
-                &key.owner,
-                &key.name,
-                &to_i64(after_sync_count)?,
-                &limit,
-            ],
-        )
-        .await?;
-    rows.iter().map(log_entry).collect()
+    let walk = Walk {
+        from: None,
+        dataset: key,
+        min_sync_count: to_i64(after_sync_count)?.saturating_add(1),
+        below: i64::MAX,
+        skip_snapshots: false,
+    };
+    let mut entries = walk.page(client, i64::MAX).await?.0;
+    entries.reverse();
+    entries.truncate(limit);
+    Ok(entries)
 }
 
 /// See `Store::log_since`.
@@ -303,7 +364,9 @@ async fn snapshot_in(
     dataset_rows(key, actor, is_owner, &rows)
 }
 
-/// See `Store::history`.
+/// See `Store::history`. A page after the first starts from the entry before `before_id`
+/// when that entry is still there and the dataset's; otherwise (compacted, or not this
+/// dataset's) from the head, skipping newer ids.
 pub(super) async fn history(
     client: &mut ClientWrapper,
     key: &DatasetKey,
@@ -315,37 +378,48 @@ pub(super) async fn history(
     if access_of(&tx, key, actor).await?.is_none() {
         return Err(forbidden(key, actor, "read").into());
     }
-    let stmt = tx
-        .prepare_cached(&format!(
-            "SELECT {LOG_COLUMNS} FROM commit_log
-             WHERE pool = $1 AND owner = $2 AND name = $3 AND id < $4
-               AND kind IN ('update', 'delete', 'grant', 'revoke', 'merge')
-             ORDER BY id DESC LIMIT $5"
-        ))
-        .await?;
-    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let rows = tx
-        .query(
-            &stmt,
-            &[
-                &key.pool,
-                &key.owner,
-                &key.name,
-                &before_id.unwrap_or(i64::MAX),
-                &limit,
-            ],
-        )
-        .await?;
-    let entries = rows.iter().map(log_entry).collect();
+    let from_cursor = match before_id {
+        Some(id) => {
+            let stmt = tx
+                .prepare_cached("SELECT pool, owner, name, prev_id FROM commit_log WHERE id = $1")
+                .await?;
+            match tx.query_opt(&stmt, &[&id]).await? {
+                Some(row)
+                    if row.try_get::<_, &str>(0)? == key.pool
+                        && row.try_get::<_, &str>(1)? == key.owner
+                        && row.try_get::<_, &str>(2)? == key.name =>
+                {
+                    Some(row.try_get::<_, Option<i64>>(3)?)
+                }
+                _ => None,
+            }
+        }
+        None => None,
+    };
+    let entries = match from_cursor {
+        // The cursor's entry began the chain.
+        Some(None) => Vec::new(),
+        from => {
+            let walk = Walk {
+                from: from.flatten(),
+                dataset: key,
+                min_sync_count: 0,
+                below: before_id.unwrap_or(i64::MAX),
+                skip_snapshots: true,
+            };
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            walk.page(&tx, limit).await?.0
+        }
+    };
     tx.commit().await?;
-    entries
+    Ok(entries)
 }
 
 /// Log entries `read_at` undoes per round trip: memory holds the dataset and one page.
 const REWIND_PAGE: i64 = 64;
 
 /// See `Store::read_at`: the current state and the log entries undone from it are read in
-/// one snapshot, the entries newest first a page at a time.
+/// one snapshot, the entries newest first along the dataset's chain a page at a time.
 pub(super) async fn read_at(
     client: &mut ClientWrapper,
     key: &DatasetKey,
@@ -355,37 +429,27 @@ pub(super) async fn read_at(
     let tx = one_snapshot(client).await?;
     let mut rewind =
         crate::commitlog::Rewind::new(snapshot_in(&tx, key, actor).await?, sync_count)?;
-    if rewind.wants_more() {
-        let stmt = tx
-            .prepare_cached(&format!(
-                "SELECT {LOG_COLUMNS} FROM commit_log
-                 WHERE pool = $1 AND owner = $2 AND name = $3 AND sync_count >= $4
-                   AND kind IN ('update', 'delete', 'merge') AND id < $5
-                 ORDER BY id DESC LIMIT $6"
-            ))
-            .await?;
-        let target = to_i64(sync_count)?;
-        let mut below = i64::MAX;
-        while rewind.wants_more() {
-            let rows = tx
-                .query(
-                    &stmt,
-                    &[
-                        &key.pool,
-                        &key.owner,
-                        &key.name,
-                        &target,
-                        &below,
-                        &REWIND_PAGE,
-                    ],
-                )
-                .await?;
-            for row in &rows {
-                let entry = log_entry(row)?;
-                below = entry.id;
-                rewind.undo(&entry)?;
+    let mut walk = Walk {
+        from: None,
+        dataset: key,
+        min_sync_count: to_i64(sync_count)?,
+        below: i64::MAX,
+        skip_snapshots: false,
+    };
+    let mut more = rewind.wants_more();
+    while more {
+        let (entries, then) = walk.page(&tx, REWIND_PAGE).await?;
+        more = then.is_some();
+        walk.from = then;
+        for entry in &entries {
+            if matches!(
+                entry.kind,
+                LogKind::Update | LogKind::Delete | LogKind::Merge
+            ) {
+                rewind.undo(entry)?;
             }
-            if rows.len() < REWIND_PAGE as usize {
+            if !rewind.wants_more() {
+                more = false;
                 break;
             }
         }

@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::conformance;
-use crate::{DEFAULT_POOL, Login, Snapshot};
+use crate::{DEFAULT_POOL, LogKind, Login, Snapshot};
 use deadpool_postgres::tokio_postgres::Client;
 use deadpool_postgres::tokio_postgres::types::ToSql;
 use std::collections::HashSet;
@@ -1068,6 +1068,174 @@ async fn test_postgres_store_upgrades_a_version_4_schema_with_stream_consumers()
     assert_eq!(after.len(), 1);
     assert_eq!(store.log_head().await.unwrap(), after[0].id);
     store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_postgres_store_upgrades_a_version_7_log_to_a_chain() {
+    let schemas = TestSchemas::new();
+    let config = schemas.config();
+    let admin = admin().await;
+    let before: Vec<&str> = schema::MIGRATIONS[..7].to_vec();
+    // Entries 1..=9 alternate between two datasets, sync count = id.
+    admin
+        .batch_execute(&format!(
+            "CREATE SCHEMA {schema};
+             SET search_path TO {schema};
+             {migrations}
+             CREATE TABLE schema_version (version integer NOT NULL);
+             INSERT INTO schema_version (version) VALUES (7);
+             INSERT INTO datasets (pool, owner, name, sync_count, created_at, last_modified)
+             VALUES ('default', 'alice', 'd0', 8, 0, 0), ('default', 'alice', 'd1', 9, 0, 0);
+             INSERT INTO commit_log (id, pool, owner, name, kind, sync_count, actor,
+                                     server_time, patches)
+             SELECT i, 'default', 'alice', 'd' || (i % 2), 'update', i, 'alice', 0, '[]'
+             FROM generate_series(1, 9) AS i;
+             UPDATE log_seq SET last = 9;
+             RESET search_path;",
+            schema = config.schema,
+            migrations = before.join("\n"),
+        ))
+        .await
+        .unwrap();
+    let store = PostgresStore::connect(config.clone(), Limits::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        schema_versions(&admin, &config.schema).await,
+        [schema::SCHEMA_VERSION]
+    );
+    let (d0, d1) = (ds("alice", "d0"), ds("alice", "d1"));
+    let counts = |entries: Vec<LogEntry>| entries.iter().map(|e| e.sync_count).collect::<Vec<_>>();
+    assert_eq!(counts(store.log(&d0, 0, 10).await.unwrap()), [2, 4, 6, 8]);
+    assert_eq!(counts(store.log(&d1, 4, 10).await.unwrap()), [5, 7, 9]);
+    let page = store.history(&d1, "alice", None, 2).await.unwrap();
+    assert_eq!(page.iter().map(|e| e.id).collect::<Vec<_>>(), [9, 7]);
+    let page = store.history(&d1, "alice", Some(7), 10).await.unwrap();
+    assert_eq!(page.iter().map(|e| e.id).collect::<Vec<_>>(), [5, 3, 1]);
+    // A new commit continues the migrated chain.
+    commit(
+        &store,
+        update(&d0, "alice", vec![Patch::replace("a", "1", 0)]),
+    )
+    .await;
+    assert_eq!(counts(store.log(&d0, 6, 10).await.unwrap()), [8, 9]);
+    let heads: Vec<(String, i64, i64)> = admin
+        .query(
+            &format!(
+                "SELECT name, head, entries FROM {}.commit_log_heads ORDER BY name",
+                config.schema
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(heads, [("d0".to_owned(), 10, 5), ("d1".to_owned(), 9, 5)]);
+    store.close().await;
+}
+
+/// Updates from two nodes and a grant/revoke loop race on one dataset: the grants' entries
+/// take the dataset's head under another lock than the updates' row lock, so each statement
+/// must chain onto the head as it is when it holds the counter, not as its snapshot saw it.
+/// Every entry of the dataset is on its chain, in id order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_postgres_store_chain_holds_every_entry_of_racing_writers() {
+    let schemas = TestSchemas::new();
+    let a = Arc::new(
+        PostgresStore::connect(schemas.config(), Limits::default())
+            .await
+            .unwrap(),
+    );
+    let b = Arc::new(
+        PostgresStore::connect(schemas.config_for(&a), Limits::default())
+            .await
+            .unwrap(),
+    );
+    let d = ds("alice", "hot");
+    let mut tasks = Vec::new();
+    for w in 0..6 {
+        let store = if w % 2 == 0 { a.clone() } else { b.clone() };
+        let d = d.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..40 {
+                let key = format!("k{w}-{i}");
+                commit(
+                    &store,
+                    update(&d, "alice", vec![Patch::replace(&key, "v", 0)]),
+                )
+                .await;
+            }
+        }));
+    }
+    for g in 0..2 {
+        let store = if g == 0 { a.clone() } else { b.clone() };
+        let d = d.clone();
+        tasks.push(tokio::spawn(async move {
+            let grantee = format!("reader{g}");
+            for _ in 0..40 {
+                store
+                    .grant(&d, "alice", &grantee, Access::Read)
+                    .await
+                    .unwrap();
+                store.revoke(&d, "alice", &grantee).await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let all: Vec<i64> = a
+        .log_since(0, 10_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.dataset == d)
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(all.len(), 6 * 40 + 2 * 40 * 2);
+    let mut walked = Vec::new();
+    let mut before = None;
+    loop {
+        let page = a.history(&d, "alice", before, 37).await.unwrap();
+        let Some(last) = page.last() else { break };
+        before = Some(last.id);
+        walked.extend(page.iter().map(|e| e.id));
+    }
+    walked.reverse();
+    assert_eq!(walked, all);
+    // `log` answers the entries above a sync count; grants before the dataset's first
+    // update are at 0.
+    let above_zero: Vec<i64> = a
+        .log_since(0, 10_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.dataset == d && e.sync_count > 0)
+        .map(|e| e.id)
+        .collect();
+    let logged: Vec<i64> = a
+        .log(&d, 0, 10_000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(logged, above_zero);
+    // From the middle: every update above 120 is there, whatever the grants between them
+    // saw as the dataset's count.
+    let updates_above: Vec<u64> = a
+        .log(&d, 120, 10_000)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.kind == LogKind::Update)
+        .map(|e| e.sync_count)
+        .collect();
+    assert_eq!(updates_above, (121..=240).collect::<Vec<u64>>());
+    a.close().await;
+    b.close().await;
 }
 
 /// Nodes (separate stores, so separate connections) racing for an expired lease: exactly

@@ -105,6 +105,37 @@ pub(super) const UPSERT_RECORDS: &str = upsert_records!(
              device_last_modified)"
 );
 
+/// A statement that appends the entries of its CTE `e` (columns `id, pool, owner, name,
+/// kind, sync_count, actor, device_id, server_time, patches`) to the commit log, chained
+/// (schema version 8): each entry's `prev_id` is the previous one of its dataset in the
+/// same statement, or else the head the dataset's heads row had, which the upsert reads
+/// from the row's newest version (not the statement's snapshot, which is older than the
+/// `log_seq` lock the ids came with) and hands out through `prev_head`. Answers the ids.
+macro_rules! append_log {
+    ($entries:literal) => {
+        concat!(
+            "WITH ",
+            $entries,
+            ",
+    heads AS (
+        INSERT INTO commit_log_heads AS h (pool, owner, name, head, entries)
+        SELECT pool, owner, name, max(id), count(*) FROM e GROUP BY pool, owner, name
+        ON CONFLICT (pool, owner, name) DO UPDATE
+            SET prev_head = h.head, head = excluded.head, entries = h.entries + excluded.entries
+        RETURNING pool, owner, name, prev_head
+    )
+    INSERT INTO commit_log (id, pool, owner, name, kind, sync_count, actor, device_id,
+                            server_time, patches, prev_id)
+    SELECT e.id, e.pool, e.owner, e.name, e.kind, e.sync_count, e.actor, e.device_id,
+           e.server_time, e.patches,
+           coalesce(lag(e.id) OVER (PARTITION BY e.pool, e.owner, e.name ORDER BY e.id),
+                    heads.prev_head)
+    FROM e JOIN heads ON (heads.pool, heads.owner, heads.name) = (e.pool, e.owner, e.name)
+    RETURNING id"
+        )
+    };
+}
+
 /// Appends commit log entries, their ids in the arrays' order, taken from the `log_seq`
 /// counter (schema version 6). Updating the counter locks its row until the transaction
 /// ends, so the next transaction to take ids waits for this one to commit (or roll back)
@@ -114,62 +145,74 @@ pub(super) const UPSERT_RECORDS: &str = upsert_records!(
 /// from the counter) as its last statement in the same round trip as COMMIT ([`commit`]),
 /// never waiting for its answer first: the counter is then held for the commit only, not
 /// for a round trip to the node, nor, if the node's network fails in between, until
-/// `idle_in_transaction_session_timeout` ends the session. No other lock is taken after it
-/// (which could also deadlock against a transaction waiting for the counter). `WHERE
-/// only_row` finds the row by its key: with sequential scans priced out (`pg_config`), a
-/// scan of the table would cost enough to be JIT-compiled, hundreds of milliseconds a
-/// statement.
-pub(super) const APPEND_LOG: &str = "
-    WITH seq AS (
+/// `idle_in_transaction_session_timeout` ends the session. The only other locks taken after
+/// it are of heads rows, which no one takes without holding the counter first, so they
+/// never wait. `WHERE only_row` finds the row by its key: with sequential scans priced out
+/// (`pg_config`), a scan of the table would cost enough to be JIT-compiled, hundreds of
+/// milliseconds a statement.
+pub(super) const APPEND_LOG: &str = append_log!(
+    "seq AS (
         UPDATE log_seq SET last = last + cardinality($1::text[]) WHERE only_row
         RETURNING last
-    )
-    INSERT INTO commit_log (id, pool, owner, name, kind, sync_count, actor, device_id,
-                            server_time, patches)
-    SELECT seq.last - cardinality($1::text[]) + u.n,
-           u.pool, u.owner, u.name, u.kind, u.sync_count, u.actor, u.device_id, $9, u.patches
-    FROM seq, UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[],
-                     $7::text[], $8::text[])
-      WITH ORDINALITY AS u (pool, owner, name, kind, sync_count, actor, device_id, patches, n)";
+    ),
+    e AS (
+        SELECT seq.last - cardinality($1::text[]) + u.n AS id,
+               u.pool, u.owner, u.name, u.kind, u.sync_count, u.actor, u.device_id,
+               $9::bigint AS server_time, u.patches
+        FROM seq, UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[],
+                         $6::text[], $7::text[], $8::text[])
+          WITH ORDINALITY AS u (pool, owner, name, kind, sync_count, actor, device_id,
+                                patches, n)
+    )"
+);
 
 /// Appends one entry at the dataset's current sync count (0 if it has no row), for a grant;
 /// its id as in [`APPEND_LOG`].
-const APPEND_GRANT_LOG: &str = "
-    WITH seq AS (UPDATE log_seq SET last = last + 1 WHERE only_row RETURNING last)
-    INSERT INTO commit_log (id, pool, owner, name, kind, sync_count, actor, device_id,
-                            server_time, patches)
-    SELECT seq.last, $1, $2, $3, 'grant',
-           coalesce((SELECT sync_count FROM datasets
-                     WHERE pool = $1 AND owner = $2 AND name = $3), 0),
-           $2, NULL, $4, $5
-    FROM seq";
+const APPEND_GRANT_LOG: &str = append_log!(
+    "seq AS (UPDATE log_seq SET last = last + 1 WHERE only_row RETURNING last),
+    e AS (
+        SELECT seq.last AS id, $1::text AS pool, $2::text AS owner, $3::text AS name,
+               'grant'::text AS kind,
+               coalesce((SELECT sync_count FROM datasets
+                         WHERE pool = $1 AND owner = $2 AND name = $3), 0) AS sync_count,
+               $2::text AS actor, NULL::text AS device_id, $4::bigint AS server_time,
+               $5::text AS patches
+        FROM seq
+    )"
+);
 
 /// A replay's snapshot entry of a dataset, by its owner; its id as in [`APPEND_LOG`].
-const APPEND_SNAPSHOT_LOG: &str = "
-    WITH seq AS (UPDATE log_seq SET last = last + 1 WHERE only_row RETURNING last)
-    INSERT INTO commit_log (id, pool, owner, name, kind, sync_count, actor, device_id,
-                            server_time, patches)
-    SELECT seq.last, $1, $2, $3, 'snapshot', $4, $2, NULL, $5, $6
-    FROM seq
-    RETURNING id";
+const APPEND_SNAPSHOT_LOG: &str = append_log!(
+    "seq AS (UPDATE log_seq SET last = last + 1 WHERE only_row RETURNING last),
+    e AS (
+        SELECT seq.last AS id, $1::text AS pool, $2::text AS owner, $3::text AS name,
+               'snapshot'::text AS kind, $4::bigint AS sync_count, $2::text AS actor,
+               NULL::text AS device_id, $5::bigint AS server_time, $6::text AS patches
+        FROM seq
+    )"
+);
 
 /// A revoke and its log entry in one statement: the entry (and its id, as in
 /// [`APPEND_LOG`]) exists only if a grant went.
-const REVOKE_AND_LOG: &str = "
-    WITH gone AS (
+const REVOKE_AND_LOG: &str = append_log!(
+    "gone AS (
         DELETE FROM grants WHERE pool = $1 AND owner = $2 AND name = $3 AND grantee = $4
         RETURNING 1
-    ), seq AS (
+    ),
+    seq AS (
         UPDATE log_seq SET last = last + 1
         WHERE only_row AND EXISTS (SELECT 1 FROM gone) RETURNING last
-    )
-    INSERT INTO commit_log (id, pool, owner, name, kind, sync_count, actor, device_id,
-                            server_time, patches)
-    SELECT seq.last, $1, $2, $3, 'revoke',
-           coalesce((SELECT sync_count FROM datasets
-                     WHERE pool = $1 AND owner = $2 AND name = $3), 0),
-           $2, NULL, $5, $6
-    FROM seq";
+    ),
+    e AS (
+        SELECT seq.last AS id, $1::text AS pool, $2::text AS owner, $3::text AS name,
+               'revoke'::text AS kind,
+               coalesce((SELECT sync_count FROM datasets
+                         WHERE pool = $1 AND owner = $2 AND name = $3), 0) AS sync_count,
+               $2::text AS actor, NULL::text AS device_id, $5::bigint AS server_time,
+               $6::text AS patches
+        FROM seq
+    )"
+);
 
 /// COMMIT, for a transaction's last round trip: polled right after the futures of its last
 /// statements (in a `biased` join, each already prepared so it is sent on its first poll),
