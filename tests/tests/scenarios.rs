@@ -402,7 +402,7 @@ async fn s5_2_queued_before_the_limits_were_known_set_aside_once_blocks_nothing(
         .await;
         reported.push((key, why.code, why.limit));
     }
-    reported.sort();
+    reported.sort_by(|a, b| a.0.cmp(&b.0));
     let long = |key: &str| {
         (
             key.to_owned(),
