@@ -128,7 +128,13 @@ mod tests {
                 dirty: true,
                 device_last_modified: Some(1),
                 version: 2,
-                set_aside: None,
+                // Set aside survives a restart: it is not sent again after one either.
+                set_aside: Some(SetAside {
+                    code: tandem_protocol::ErrorCode::TooLarge,
+                    limit: Some(tandem_protocol::LimitCode::MaxKeyLength),
+                    max: Some(8),
+                    message: "key longer than 8 characters".into(),
+                }),
             },
         );
         cache.save("bob/x", "a:b", &data).unwrap();
