@@ -6,6 +6,7 @@ use tandem_client::{
     Client, ClientError, ConflictHandler, Connection, Dataset, DatasetEvent, Resolution, Status,
 };
 use tandem_protocol::{Access, DatasetRef};
+use tandem_tests::proxy::Proxy;
 use tandem_tests::{TestServer, wait_until};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -567,4 +568,153 @@ async fn test_sdk_put_reports_a_cache_it_cannot_write_and_an_empty_key() {
     // Once the cache can be written again, so can edits.
     std::fs::remove_file(&owner_dir).unwrap();
     ds.put("c", "3").unwrap();
+}
+
+/// A client whose network goes through a proxy that can cut it (see `Proxy::cut`).
+async fn client_via_proxy(server: &TestServer, identity: &str) -> (Client, Proxy) {
+    let proxy = Proxy::start(server.addr).await;
+    let c = Client::builder(proxy.url(), identity)
+        .token(server.token(identity))
+        .backoff(Duration::from_millis(20), Duration::from_millis(200))
+        .start()
+        .unwrap();
+    (c, proxy)
+}
+
+/// What the server holds of one of `identity`'s datasets, read on a connection of its own.
+async fn server_records(server: &TestServer, owner: &str, name: &str) -> Vec<(String, String)> {
+    let conn = server.connect(owner).await;
+    let (_, records) = conn.subscribe(DatasetRef::own(name)).await.unwrap();
+    records
+        .into_iter()
+        .filter_map(|r| r.value.map(|v| (r.key, v)))
+        .collect()
+}
+
+/// Issue 14, item 1: one key longer than the server's `max_key_length`, written before the
+/// client knew the limit, used to make every later sync of the dataset fail with `too_large`,
+/// so the valid key written with it never reached the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sdk_a_key_too_long_for_the_server_does_not_block_the_others() {
+    let server = TestServer::builder().arg("--max-key-length", 8).start();
+    let (alice, proxy) = client_via_proxy(&server, "alice").await;
+    proxy.cut();
+    let ds = alice
+        .open(DatasetRef::own("notes"), ConflictHandler::default())
+        .await
+        .unwrap();
+    ds.put("much-too-long", "x").unwrap();
+    ds.put("ok", "1").unwrap();
+    proxy.restore();
+    alice.wait_online(WAIT).await.unwrap();
+    let server = &server;
+    tandem_tests::eventually(WAIT, "the valid key to reach the server", || async move {
+        let held = server_records(server, "alice", "notes").await;
+        (held == [("ok".to_owned(), "1".to_owned())]).then_some(())
+    })
+    .await;
+    // The long key is kept locally, still pending, and a later sync goes through.
+    assert_eq!(ds.get("much-too-long").as_deref(), Some("x"));
+    ds.put("ok", "2").unwrap();
+    ds.sync().await.unwrap();
+    assert_eq!(ds.pending(), 1);
+}
+
+/// Issue 14, item 1: with `--max-patches 3`, four pending keys used to fail with
+/// `limit_exceeded` at every sync; the SDK splits the update at the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sdk_more_pending_keys_than_max_patches_sync_in_one_call() {
+    let server = TestServer::builder().arg("--max-patches", 3).start();
+    let alice = client(&server, "alice", None);
+    alice.wait_online(WAIT).await.unwrap();
+    let ds = alice
+        .open(DatasetRef::own("notes"), ConflictHandler::default())
+        .await
+        .unwrap();
+    for key in ["a", "b", "c", "d"] {
+        ds.put(key, key).unwrap();
+    }
+    let out = ds.sync().await.unwrap();
+    assert_eq!((out.pushed, out.sync_count, ds.pending()), (4, 2, 0));
+    assert_eq!(server_records(&server, "alice", "notes").await.len(), 4);
+}
+
+/// Issue 14, item 2: after a remote delete, a sync re-created the dataset without following
+/// it again, so later changes from other devices never arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sdk_a_dataset_recreated_after_a_remote_delete_is_followed() {
+    let server = TestServer::start();
+    let alice = client(&server, "alice", None);
+    alice.wait_online(WAIT).await.unwrap();
+    let ds = alice
+        .open(DatasetRef::own("notes"), ConflictHandler::default())
+        .await
+        .unwrap();
+    ds.put("kept", "clean").unwrap();
+    ds.sync().await.unwrap();
+    let mut events = ds.events();
+    let other = server.connect("alice").await;
+    other
+        .delete_dataset(DatasetRef::own("notes"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next_event(&mut events).await,
+        DatasetEvent::Deleted { .. }
+    ));
+    ds.put("after", "1").unwrap();
+    ds.sync().await.unwrap();
+    // Another device writes into the re-created dataset: it arrives live.
+    other
+        .update(
+            DatasetRef::own("notes"),
+            None,
+            vec![tandem_protocol::Patch::replace("live", "yes", 0)],
+        )
+        .await
+        .unwrap();
+    wait_value(&ds, "live", Some("yes")).await;
+}
+
+/// Issue 14, item 2: a revoke set a flag that nothing cleared, so after the owner shared the
+/// dataset again, opening it again still neither subscribed nor received changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sdk_a_regrant_takes_effect_when_the_dataset_is_opened_again() {
+    let server = TestServer::start();
+    let owner = server.connect("alice").await;
+    let ds = DatasetRef::own("shared");
+    owner
+        .update(
+            ds.clone(),
+            None,
+            vec![tandem_protocol::Patch::replace("k", "1", 0)],
+        )
+        .await
+        .unwrap();
+    owner.grant(ds.clone(), "bob", Access::Write).await.unwrap();
+    let bob = client(&server, "bob", None);
+    bob.wait_online(WAIT).await.unwrap();
+    let theirs = DatasetRef::new("alice", "shared");
+    let b = bob
+        .open(theirs.clone(), ConflictHandler::default())
+        .await
+        .unwrap();
+    let mut events = b.events();
+    owner.revoke(ds.clone(), "bob").await.unwrap();
+    assert_eq!(next_event(&mut events).await, DatasetEvent::Revoked);
+
+    owner.grant(ds.clone(), "bob", Access::Write).await.unwrap();
+    let b = bob.open(theirs, ConflictHandler::default()).await.unwrap();
+    owner
+        .update(
+            ds.clone(),
+            None,
+            vec![tandem_protocol::Patch::replace("k", "2", 1)],
+        )
+        .await
+        .unwrap();
+    wait_value(&b, "k", Some("2")).await;
+    b.put("from-bob", "1").unwrap();
+    b.sync().await.unwrap();
+    assert_eq!(b.pending(), 0);
 }

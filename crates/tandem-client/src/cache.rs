@@ -2,6 +2,7 @@
 //! replaced atomically (write, fsync, rename) on every change, so a crash leaves either the
 //! old or the new state, never half of one.
 
+use crate::limits::SetAside;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -23,6 +24,10 @@ pub struct LocalRecord {
     /// Bumped on every local edit; an ack only cleans the edit it carried.
     #[serde(default)]
     pub version: u64,
+    /// Present while the change is set aside: the server refused it for good (or it breaks a
+    /// limit the server announced), so `sync` does not send it until the key is edited again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_aside: Option<SetAside>,
 }
 
 /// A dataset as this device knows it.
@@ -123,6 +128,13 @@ mod tests {
                 dirty: true,
                 device_last_modified: Some(1),
                 version: 2,
+                // Set aside survives a restart: it is not sent again after one either.
+                set_aside: Some(SetAside {
+                    code: tandem_protocol::ErrorCode::TooLarge,
+                    limit: Some(tandem_protocol::LimitCode::MaxKeyLength),
+                    max: Some(8),
+                    message: "key longer than 8 characters".into(),
+                }),
             },
         );
         cache.save("bob/x", "a:b", &data).unwrap();

@@ -4,6 +4,8 @@
 
 use crate::cache::{Cache, DatasetCache, LocalRecord};
 use crate::conflict::{ConflictCase, ConflictHandler, Resolution};
+use crate::deleted::{DeletedPolicy, OnDatasetDeleted};
+use crate::limits::{self, Limits, SetAside};
 use crate::{ClientError, Connection, UpdateResult};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -14,7 +16,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tandem_protocol::{
-    DatasetRef, FEATURE_DELTA, FEATURE_LEAN, Patch, PatchOp, Record, ServerFrame, should_reconnect,
+    DatasetRef, ErrorCode, FEATURE_DELTA, FEATURE_LEAN, LimitCode, Patch, PatchOp, Record,
+    ServerFrame, should_reconnect,
 };
 use tokio::sync::{Notify, broadcast, watch};
 
@@ -39,11 +42,21 @@ pub enum DatasetEvent {
     Changed { sync_count: u64, keys: Vec<String> },
     /// A conflict on `key` was resolved by the handler.
     Conflict { key: String, resolution: Resolution },
-    /// The owner deleted the dataset. Clean records were dropped; unsynchronised local
-    /// changes were kept and re-create the dataset on the next sync.
-    Deleted { sync_count: u64 },
-    /// The owner revoked this identity's access; the dataset no longer syncs.
+    /// The owner deleted the dataset; `policy` (see `ClientBuilder::on_dataset_deleted`) said
+    /// what stayed of the local copy. The client follows the dataset again at once, so a
+    /// re-creation (by a sync of what was kept, or elsewhere) arrives like any change.
+    Deleted {
+        sync_count: u64,
+        policy: DeletedPolicy,
+    },
+    /// The owner revoked this identity's access; the dataset no longer syncs (local data
+    /// stays readable and writable) until it is shared again and followed again
+    /// (`Dataset::subscribe`, reopening it, or the next reconnect).
     Revoked,
+    /// The server refused `key`'s change for good, or it breaks a limit the server announced:
+    /// it is kept (readable, pending) but not sent again until the key is edited again,
+    /// discarded or reverted. Reported once per change.
+    SetAside { key: String, reason: SetAside },
 }
 
 /// The result of a successful `sync`.
@@ -55,6 +68,8 @@ pub struct SyncOutcome {
     pub pushed: usize,
     /// Conflicts the handler resolved on the way.
     pub conflicts: usize,
+    /// Keys whose changes are set aside (refused for good), not sent.
+    pub set_aside: Vec<String>,
 }
 
 pub struct ClientBuilder {
@@ -69,6 +84,7 @@ pub struct ClientBuilder {
     ping_interval: Duration,
     request_timeout: Duration,
     features: Vec<String>,
+    on_deleted: OnDatasetDeleted,
 }
 
 impl ClientBuilder {
@@ -151,6 +167,14 @@ impl ClientBuilder {
         self
     }
 
+    /// What a remote delete does to the local copy of a dataset (default
+    /// `DeletedPolicy::KeepPending`); `Dataset::set_on_dataset_deleted` changes it for one
+    /// dataset. A `DeletedPolicy` or `OnDatasetDeleted::custom(|dataset, sync_count| …)`.
+    pub fn on_dataset_deleted(mut self, policy: impl Into<OnDatasetDeleted>) -> Self {
+        self.on_deleted = policy.into();
+        self
+    }
+
     /// Starts the client. It connects in the background; datasets work offline meanwhile.
     pub fn start(self) -> Result<Client, ClientError> {
         let token = self
@@ -169,6 +193,8 @@ impl ClientBuilder {
             ping_interval: self.ping_interval,
             request_timeout: self.request_timeout,
             features: self.features,
+            on_deleted: self.on_deleted,
+            limits: Mutex::new(Limits::default()),
             conn: Mutex::new(None),
             datasets: Mutex::new(HashMap::new()),
             status,
@@ -192,6 +218,9 @@ struct Inner {
     ping_interval: Duration,
     request_timeout: Duration,
     features: Vec<String>,
+    on_deleted: OnDatasetDeleted,
+    /// The server's write limits as last known (kept while offline).
+    limits: Mutex<Limits>,
     conn: Mutex<Option<Arc<Connection>>>,
     datasets: Mutex<HashMap<(String, String), Arc<Shared>>>,
     status: watch::Sender<Status>,
@@ -230,6 +259,7 @@ impl Client {
             ping_interval: Duration::from_secs(25),
             request_timeout: crate::connection::DEFAULT_REQUEST_TIMEOUT,
             features: vec![FEATURE_DELTA.to_owned(), FEATURE_LEAN.to_owned()],
+            on_deleted: OnDatasetDeleted::default(),
         }
     }
 
@@ -265,6 +295,14 @@ impl Client {
             .unwrap_or_default()
     }
 
+    /// The server's limits on an update, as last known: from `ready.limits`, or learnt from
+    /// an error that named one; kept while offline (none known before the first connection).
+    /// `put` refuses a change that breaks one of them on its own, and `sync` splits updates
+    /// at `max_patches` and `max_frame_bytes`.
+    pub fn limits(&self) -> Limits {
+        *self.inner.limits.lock()
+    }
+
     /// Watches the connection state.
     pub fn status_changes(&self) -> watch::Receiver<Status> {
         self.inner.status.subscribe()
@@ -297,6 +335,8 @@ impl Client {
 
     /// Opens one of this identity's datasets (or another owner's, with `DatasetRef::new`).
     /// Works offline from the cache; when online it subscribes and merges the server's state.
+    /// Opening a dataset whose access was revoked follows it again if it was shared again;
+    /// if not, the handle is returned all the same (still revoked, local data readable).
     pub async fn open(
         &self,
         dataset: DatasetRef,
@@ -321,9 +361,12 @@ impl Client {
                     dataset: DatasetRef::new(owner, dataset.name),
                     state: Mutex::new(cached),
                     handler,
+                    on_deleted: Mutex::new(self.inner.on_deleted.clone()),
                     events,
                     sync_lock: tokio::sync::Mutex::new(()),
                     revoked: AtomicBool::new(false),
+                    subscribed: AtomicBool::new(false),
+                    need_whole: AtomicBool::new(false),
                     catching_up: AtomicBool::new(false),
                     catch_up_to: AtomicU64::new(0),
                 });
@@ -336,8 +379,10 @@ impl Client {
             }
         };
         if let Some(conn) = self.inner.current() {
+            let was_revoked = shared.revoked.load(Ordering::SeqCst);
             match subscribe(&self.inner, &conn, &shared).await {
                 Ok(()) => {}
+                Err(e) if was_revoked && e.code() == Some(ErrorCode::Forbidden) => {}
                 Err(e @ ClientError::Server { .. }) => return Err(e),
                 Err(e) => tracing::debug!(error = %e, "subscribe failed; staying offline"),
             }
@@ -424,10 +469,18 @@ struct Shared {
     dataset: DatasetRef,
     state: Mutex<DatasetCache>,
     handler: ConflictHandler,
+    on_deleted: Mutex<OnDatasetDeleted>,
     events: broadcast::Sender<DatasetEvent>,
     /// One sync at a time per dataset.
     sync_lock: tokio::sync::Mutex<()>,
+    /// The owner revoked our access; cleared by the next subscribe that succeeds.
     revoked: AtomicBool,
+    /// The server pushes this dataset's changes on the current connection. A sync follows a
+    /// dataset that is not (after a delete, or before the reconnect's catch-up got to it).
+    subscribed: AtomicBool,
+    /// The next subscribe asks for the whole dataset: a discarded change needs the server's
+    /// version of its key back, which a reply with `since` would not repeat.
+    need_whole: AtomicBool,
     /// A `changes` catch-up after a `delta` whose base the copy lacks is running.
     catching_up: AtomicBool,
     /// The highest sync count such a `delta` announced.
@@ -437,6 +490,54 @@ struct Shared {
 impl Shared {
     fn emit(&self, event: DatasetEvent) {
         let _ = self.events.send(event);
+    }
+
+    /// Our access is gone: stop syncing (told once); the local data stays.
+    fn revoke(&self) {
+        self.subscribed.store(false, Ordering::SeqCst);
+        if !self.revoked.swap(true, Ordering::SeqCst) {
+            self.emit(DatasetEvent::Revoked);
+        }
+    }
+
+    /// The known limit a change of `key` to `value` breaks on its own.
+    fn breaks(&self, inner: &Inner, key: &str, value: Option<&str>) -> Option<SetAside> {
+        let limits = *inner.limits.lock();
+        limits.breaks(&self.dataset, inner.device_id.as_deref(), key, value)
+    }
+
+    /// Sets a pending change aside (once): kept, reported with its key, not sent again
+    /// until it is edited again.
+    fn put_aside(&self, inner: &Inner, key: &str, reason: SetAside) {
+        {
+            let mut state = self.state.lock();
+            let Some(local) = state.records.get_mut(key) else {
+                return;
+            };
+            if !local.dirty || local.set_aside.is_some() {
+                return;
+            }
+            local.set_aside = Some(reason.clone());
+            inner.save(self, &state);
+        }
+        tracing::warn!(dataset = ?self.dataset, key, code = %reason.code, message = %reason.message, "change set aside");
+        self.emit(DatasetEvent::SetAside {
+            key: key.to_owned(),
+            reason,
+        });
+    }
+
+    /// Forgets the local change of `key`; true if there was one.
+    fn drop_change(&self, state: &mut DatasetCache, key: &str) -> bool {
+        let Some(local) = state.records.get(key).filter(|r| r.dirty) else {
+            return false;
+        };
+        // The server holds a version of it this copy no longer has: fetch it again.
+        if local.sync_count > 0 {
+            self.need_whole.store(true, Ordering::SeqCst);
+        }
+        state.records.remove(key);
+        true
     }
 
     /// Merges the server's whole dataset: clean records take the server's state, dirty ones
@@ -561,6 +662,7 @@ impl Shared {
                             dirty: false,
                             device_last_modified: record.device_last_modified,
                             version: 0,
+                            set_aside: None,
                         },
                     );
                 }
@@ -576,6 +678,51 @@ impl Shared {
         changed.sort();
         (changed, moved)
     }
+}
+
+/// Sets aside the pending changes that break a known limit on their own; a removal of a key
+/// too long for the server is only a local undo, dropped.
+fn set_aside_broken(inner: &Arc<Inner>, shared: &Arc<Shared>) {
+    let candidates: Vec<(String, Option<String>)> = shared
+        .state
+        .lock()
+        .records
+        .iter()
+        .filter(|(_, r)| r.dirty && r.set_aside.is_none())
+        .map(|(k, r)| (k.clone(), r.value.clone()))
+        .collect();
+    let mut undone = false;
+    for (key, value) in candidates {
+        let Some(broken) = shared.breaks(inner, &key, value.as_deref()) else {
+            continue;
+        };
+        if value.is_none() && broken.limit == Some(LimitCode::MaxKeyLength) {
+            undone |= shared.drop_change(&mut shared.state.lock(), &key);
+        } else {
+            shared.put_aside(inner, &key, broken);
+        }
+    }
+    if undone {
+        after_drop(inner, shared);
+    }
+}
+
+/// After local changes were dropped: save, and get the server's versions of their keys back
+/// (a whole subscribe, now when online; otherwise the next one is whole).
+fn after_drop(inner: &Arc<Inner>, shared: &Arc<Shared>) {
+    inner.save(shared, &shared.state.lock());
+    if !shared.need_whole.load(Ordering::SeqCst) || !shared.subscribed.load(Ordering::SeqCst) {
+        return;
+    }
+    let (Some(conn), Ok(runtime)) = (inner.current(), tokio::runtime::Handle::try_current()) else {
+        return;
+    };
+    let (inner, shared) = (inner.clone(), shared.clone());
+    runtime.spawn(async move {
+        if let Err(e) = subscribe(&inner, &conn, &shared).await {
+            tracing::warn!(dataset = ?shared.dataset, error = %e, "fetching the server's versions of discarded keys failed");
+        }
+    });
 }
 
 /// One server record into the local copy, from a frame at `sync_count`. Dirty records keep
@@ -625,6 +772,7 @@ fn merge_record(
                     dirty: false,
                     device_last_modified: record.device_last_modified,
                     version: 0,
+                    set_aside: None,
                 },
             );
         }
@@ -688,6 +836,24 @@ impl Dataset {
         if key.is_empty() {
             return Err(ClientError::InvalidInput("a key must not be empty".into()));
         }
+        if let Some(broken) = self.shared.breaks(&self.inner, &key, value.as_deref()) {
+            let (Some(limit), Some(max)) = (broken.limit, broken.max) else {
+                return Err(ClientError::InvalidInput(broken.message));
+            };
+            // A key the server cannot hold: removing it only undoes the local edit.
+            if value.is_none() && limit == LimitCode::MaxKeyLength {
+                if self.shared.drop_change(&mut self.shared.state.lock(), &key) {
+                    after_drop(&self.inner, &self.shared);
+                }
+                return Ok(());
+            }
+            return Err(ClientError::TooLarge {
+                key,
+                limit,
+                max,
+                message: broken.message,
+            });
+        }
         let mut state = self.shared.state.lock();
         let record = state.records.entry(key).or_insert(LocalRecord {
             value: None,
@@ -695,11 +861,14 @@ impl Dataset {
             dirty: false,
             device_last_modified: None,
             version: 0,
+            set_aside: None,
         });
         record.value = value;
         record.dirty = true;
         record.device_last_modified = Some(now_ms());
         record.version += 1;
+        // A new edit is tried again.
+        record.set_aside = None;
         // The edit stays (in memory, and it syncs), but the caller learns it would not
         // survive a restart.
         self.inner
@@ -717,111 +886,327 @@ impl Dataset {
         self.shared.state.lock().sync_count
     }
 
-    /// Remote changes, conflicts, deletion and revocation, as they happen.
+    /// Remote changes, conflicts, deletion, revocation and changes set aside, as they happen.
     pub fn events(&self) -> broadcast::Receiver<DatasetEvent> {
         self.shared.events.subscribe()
     }
 
+    /// The changes set aside (refused for good by the server, or breaking a limit it
+    /// announced), by key: kept, readable and pending, but not sent until the key is edited
+    /// again, discarded or reverted.
+    pub fn set_aside(&self) -> Vec<(String, SetAside)> {
+        self.shared
+            .state
+            .lock()
+            .records
+            .iter()
+            .filter(|(_, r)| r.dirty)
+            .filter_map(|(k, r)| r.set_aside.clone().map(|why| (k.clone(), why)))
+            .collect()
+    }
+
+    /// Drops the local change of `key` (set aside or only pending): the key goes back to the
+    /// server's version, fetched again when online. Returns whether there was one.
+    pub fn discard(&self, key: &str) -> bool {
+        let had = self.shared.drop_change(&mut self.shared.state.lock(), key);
+        if had {
+            after_drop(&self.inner, &self.shared);
+        }
+        had
+    }
+
+    /// Drops every local change not yet acknowledged, set aside or not (see `discard`).
+    /// Returns the keys dropped.
+    pub fn revert(&self) -> Vec<String> {
+        let dropped: Vec<String> = {
+            let mut state = self.shared.state.lock();
+            let dirty: Vec<String> = state
+                .records
+                .iter()
+                .filter(|(_, r)| r.dirty)
+                .map(|(k, _)| k.clone())
+                .collect();
+            dirty
+                .into_iter()
+                .filter(|k| self.shared.drop_change(&mut state, k))
+                .collect()
+        };
+        if !dropped.is_empty() {
+            after_drop(&self.inner, &self.shared);
+        }
+        dropped
+    }
+
+    /// Whether the owner revoked this identity's access (until the dataset is followed
+    /// again after a re-grant).
+    pub fn is_revoked(&self) -> bool {
+        self.shared.revoked.load(Ordering::SeqCst)
+    }
+
+    /// Follows the dataset again now: subscribes and merges the server's state. After
+    /// `Revoked`, once the owner shared the dataset again, this is what lets it sync again
+    /// (`Err(Server { code: Forbidden, .. })` while it is still not shared). `Offline`
+    /// without a connection (the reconnect then tries by itself).
+    pub async fn subscribe(&self) -> Result<(), ClientError> {
+        let conn = self.inner.current().ok_or(ClientError::Offline)?;
+        subscribe(&self.inner, &conn, &self.shared).await
+    }
+
+    /// What a remote delete does to this dataset's local copy (default: the client's
+    /// `ClientBuilder::on_dataset_deleted`).
+    pub fn set_on_dataset_deleted(&self, policy: impl Into<OnDatasetDeleted>) {
+        *self.shared.on_deleted.lock() = policy.into();
+    }
+
     /// Sends every local change with the sync counts it was based on. Conflicts go to the
     /// dataset's handler and the update is retried, up to the client's retry bound.
+    ///
+    /// Updates are split at the server's `max_patches` and `max_frame_bytes`; a change the
+    /// server refuses for good is set aside (`DatasetEvent::SetAside`) and the others go on.
+    /// `Err(Revoked)` after the owner revoked access; a dataset not followed on this
+    /// connection (after a remote delete, say) is subscribed first.
     pub async fn sync(&self) -> Result<SyncOutcome, ClientError> {
         sync(&self.inner, &self.shared).await
     }
 }
 
-async fn sync(inner: &Inner, shared: &Shared) -> Result<SyncOutcome, ClientError> {
+/// Sends the pending changes in as many updates as the server's limits need (`max_patches`,
+/// `max_frame_bytes`), each with the sync counts its changes were based on. Conflicts go to
+/// the handler and that update is retried, up to the retry bound per update. A change the
+/// server refuses for good is set aside and the others go on.
+async fn sync(inner: &Arc<Inner>, shared: &Arc<Shared>) -> Result<SyncOutcome, ClientError> {
     let _one_at_a_time = shared.sync_lock.lock().await;
+    if shared.revoked.load(Ordering::SeqCst) {
+        return Err(ClientError::Revoked);
+    }
+    let conn = inner.current().ok_or(ClientError::Offline)?;
+    // Not followed on this connection (deleted, or the reconnect has not got to it yet):
+    // follow it first, so that what this sync commits is not the last thing we hear of it.
+    if !shared.subscribed.load(Ordering::SeqCst) {
+        subscribe(inner, &conn, shared).await?;
+    }
+    set_aside_broken(inner, shared);
     let mut conflicts_resolved = 0;
-    for _ in 0..=inner.max_sync_retries {
-        let (patches, versions) = {
-            let state = shared.state.lock();
-            let mut patches = Vec::new();
-            let mut versions = HashMap::new();
-            for (key, local) in state.records.iter().filter(|(_, r)| r.dirty) {
-                patches.push(Patch {
-                    op: if local.value.is_some() {
-                        PatchOp::Replace
-                    } else {
-                        PatchOp::Remove
-                    },
-                    key: key.clone(),
-                    value: local.value.clone(),
-                    sync_count: local.sync_count,
-                    device_last_modified: local.device_last_modified,
-                });
-                versions.insert(key.clone(), local.version);
-            }
-            (patches, versions)
+    let mut rounds = 0;
+    let mut pushed = 0;
+    let mut last_count = None;
+    // Keys acknowledged in this run: edited again meanwhile, they wait for the next one.
+    let mut done = HashSet::new();
+    // After the refusal of a whole update that may be one key's fault: one key per update.
+    let mut one_by_one = false;
+    loop {
+        let (patches, versions) = batch(inner, shared, &done, one_by_one);
+        let Some(first) = patches.first().map(|p| p.key.clone()) else {
+            break;
         };
-        if patches.is_empty() {
-            return Ok(SyncOutcome {
-                sync_count: shared.state.lock().sync_count,
-                pushed: 0,
-                conflicts: conflicts_resolved,
-            });
-        }
-        let conn = inner.current().ok_or(ClientError::Offline)?;
         let sent = patches.len();
-        match conn
+        let reply = conn
             .update(shared.dataset.clone(), inner.device_id.clone(), patches)
-            .await?
-        {
-            UpdateResult::Committed {
+            .await;
+        match reply {
+            Err(ClientError::Server {
+                code,
+                message,
+                limit,
+                max,
+            }) => {
+                // A limit the server did not announce: learnt from `max`, then split or set
+                // aside by it.
+                let learnt = match (limit, max) {
+                    (Some(limit), Some(max)) => inner.limits.lock().learn(limit, max),
+                    _ => false,
+                };
+                if learnt {
+                    set_aside_broken(inner, shared);
+                    continue;
+                }
+                if limits::refused_for_good(code, limit) {
+                    if sent > 1 {
+                        one_by_one = true;
+                    } else {
+                        let reason = SetAside {
+                            code,
+                            limit,
+                            max,
+                            message,
+                        };
+                        shared.put_aside(inner, &first, reason);
+                    }
+                    continue;
+                }
+                return Err(ClientError::Server {
+                    code,
+                    message,
+                    limit,
+                    max,
+                });
+            }
+            Err(e) => return Err(e),
+            Ok(UpdateResult::Committed {
                 sync_count,
                 records,
-            } => {
-                let mut state = shared.state.lock();
-                let stored: HashMap<String, Record> =
-                    records.into_iter().map(|r| (r.key.clone(), r)).collect();
-                for (key, version) in versions {
-                    let Some(local) = state.records.get_mut(&key) else {
-                        continue;
-                    };
-                    // The server now holds what was sent, at this count; a newer local edit
-                    // made while it was in flight is based on it and stays dirty.
-                    local.sync_count = stored.get(&key).map_or(0, |r| r.sync_count);
-                    if local.version != version {
-                        continue;
-                    }
-                    local.dirty = false;
-                    if local.value.is_none() {
-                        state.records.remove(&key);
-                    }
-                }
-                // Only a commit right after the last one seen moves the dataset's count: if
-                // others committed in between, their push must still be applied.
-                if sync_count == state.sync_count + 1 {
-                    state.sync_count = sync_count;
-                }
-                inner.save(shared, &state);
-                return Ok(SyncOutcome {
-                    sync_count,
-                    pushed: sent,
-                    conflicts: conflicts_resolved,
-                });
+            }) => {
+                apply_ack(inner, shared, sync_count, records, &versions);
+                pushed += sent;
+                last_count = Some(sync_count);
+                done.extend(versions.into_keys());
+                rounds = 0; // the retries are counted per update
             }
-            UpdateResult::Conflict { conflicts, .. } => {
-                let mut state = shared.state.lock();
-                for conflict in conflicts {
-                    if resolve_conflict(shared, &mut state, &conflict.key, conflict.server.as_ref())
-                        .is_some()
-                    {
-                        conflicts_resolved += 1;
+            Ok(UpdateResult::Conflict { conflicts, .. }) => {
+                {
+                    let mut state = shared.state.lock();
+                    for conflict in conflicts {
+                        let server = conflict.server.as_ref();
+                        if resolve_conflict(shared, &mut state, &conflict.key, server).is_some() {
+                            conflicts_resolved += 1;
+                        }
                     }
+                    inner.save(shared, &state);
                 }
-                inner.save(shared, &state);
+                rounds += 1;
+                if rounds > inner.max_sync_retries {
+                    let keys = shared
+                        .state
+                        .lock()
+                        .records
+                        .iter()
+                        .filter(|(k, r)| r.dirty && r.set_aside.is_none() && !done.contains(*k))
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    return Err(ClientError::Unresolved { keys });
+                }
             }
         }
     }
-    let keys = shared
-        .state
-        .lock()
+    let state = shared.state.lock();
+    let set_aside = state
         .records
         .iter()
-        .filter(|(_, r)| r.dirty)
+        .filter(|(_, r)| r.dirty && r.set_aside.is_some())
         .map(|(k, _)| k.clone())
         .collect();
-    Err(ClientError::Unresolved { keys })
+    Ok(SyncOutcome {
+        sync_count: last_count.unwrap_or(state.sync_count),
+        pushed,
+        conflicts: conflicts_resolved,
+        set_aside,
+    })
+}
+
+/// The next update's patches: the first pending changes not yet done or set aside, as many
+/// as `max_patches` allows and as fit in a frame of `max_frame_bytes` (at least one), with
+/// the edit version each carried.
+fn batch(
+    inner: &Inner,
+    shared: &Shared,
+    done: &HashSet<String>,
+    one_by_one: bool,
+) -> (Vec<Patch>, HashMap<String, u64>) {
+    let known = *inner.limits.lock();
+    let most = if one_by_one {
+        1
+    } else {
+        known
+            .max_patches
+            .map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX))
+    };
+    // Room for the frame around the patches.
+    let mut room = known.max_frame_bytes.map_or(usize::MAX, |max| {
+        let frame = limits::frame_bytes(&shared.dataset, inner.device_id.as_deref(), &[]);
+        usize::try_from(max)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(frame)
+    });
+    let state = shared.state.lock();
+    let mut patches = Vec::new();
+    let mut versions = HashMap::new();
+    let pending = state
+        .records
+        .iter()
+        .filter(|(k, r)| r.dirty && r.set_aside.is_none() && !done.contains(*k));
+    for (key, local) in pending {
+        if patches.len() >= most {
+            break;
+        }
+        let patch = Patch {
+            op: if local.value.is_some() {
+                PatchOp::Replace
+            } else {
+                PatchOp::Remove
+            },
+            key: key.clone(),
+            value: local.value.clone(),
+            sync_count: local.sync_count,
+            device_last_modified: local.device_last_modified,
+        };
+        let bytes = limits::patch_bytes(&patch);
+        if !patches.is_empty() && bytes > room {
+            break;
+        }
+        room = room.saturating_sub(bytes);
+        patches.push(patch);
+        versions.insert(key.clone(), local.version);
+    }
+    (patches, versions)
+}
+
+/// An update's ack: the server holds what was sent, at the counts it stored.
+fn apply_ack(
+    inner: &Inner,
+    shared: &Shared,
+    sync_count: u64,
+    records: Vec<Record>,
+    versions: &HashMap<String, u64>,
+) {
+    let mut state = shared.state.lock();
+    let stored: HashMap<String, Record> = records.into_iter().map(|r| (r.key.clone(), r)).collect();
+    let mut changed = Vec::new();
+    for (key, version) in versions {
+        let Some(local) = state.records.get_mut(key) else {
+            // Discarded while the update was on its way, but committed all the same: the
+            // server's record is what this copy holds now.
+            if let Some(rec) = stored.get(key).filter(|r| r.value.is_some()) {
+                state.records.insert(
+                    key.clone(),
+                    LocalRecord {
+                        value: rec.value.clone(),
+                        sync_count: rec.sync_count,
+                        dirty: false,
+                        device_last_modified: rec.device_last_modified,
+                        version: 0,
+                        set_aside: None,
+                    },
+                );
+                changed.push(key.clone());
+            }
+            continue;
+        };
+        // The server now holds what was sent, at this count; a newer local edit made while
+        // it was in flight is based on it and stays dirty. A removal of a key the server did
+        // not have writes nothing: the key is absent (0).
+        local.sync_count = stored.get(key).map_or(0, |r| r.sync_count);
+        if local.version != *version {
+            continue;
+        }
+        local.dirty = false;
+        if local.value.is_none() {
+            state.records.remove(key);
+        }
+    }
+    // Only a commit right after the last one seen moves the dataset's count: if others
+    // committed in between, their push must still be applied.
+    if sync_count == state.sync_count + 1 {
+        state.sync_count = sync_count;
+    }
+    inner.save(shared, &state);
+    drop(state);
+    if !changed.is_empty() {
+        changed.sort();
+        shared.emit(DatasetEvent::Changed {
+            sync_count,
+            keys: changed,
+        });
+    }
 }
 
 /// One local change the server would refuse as stale, against the server's record for its
@@ -877,6 +1262,7 @@ fn resolve_conflict(
                         dirty: false,
                         device_last_modified: server.device_last_modified,
                         version: local.version + 1,
+                        set_aside: None,
                     },
                 );
             }
@@ -897,14 +1283,24 @@ async fn subscribe(
     conn: &Arc<Connection>,
     shared: &Arc<Shared>,
 ) -> Result<(), ClientError> {
-    if shared.revoked.load(Ordering::SeqCst) {
-        return Ok(());
-    }
     // The copy is complete at its sync count (every frame applied in order, own edits kept
-    // apart as dirty), so the server need only send what changed after it.
+    // apart as dirty), so the server need only send what changed after it; unless a change
+    // was discarded, whose key needs the server's version again.
+    let whole = shared.need_whole.swap(false, Ordering::SeqCst);
     let held = shared.state.lock().sync_count;
-    let sent = (held > 0).then_some(held);
-    let snapshot = conn.subscribe_since(shared.dataset.clone(), sent).await?;
+    let sent = (held > 0 && !whole).then_some(held);
+    let snapshot = match conn.subscribe_since(shared.dataset.clone(), sent).await {
+        Ok(snapshot) => snapshot,
+        Err(e) => {
+            if whole {
+                shared.need_whole.store(true, Ordering::SeqCst);
+            }
+            return Err(e);
+        }
+    };
+    // Followed again: a re-grant (or a re-creation) takes effect.
+    shared.revoked.store(false, Ordering::SeqCst);
+    shared.subscribed.store(true, Ordering::SeqCst);
     let sync_count = snapshot.sync_count;
     let mut refetch = None;
     let changed = match (snapshot.since, sent) {
@@ -999,27 +1395,52 @@ fn handle_event(inner: &Arc<Inner>, conn: &Arc<Connection>, frame: ServerFrame) 
             sync_count,
         } => {
             if let Some(shared) = find(inner, &dataset) {
-                {
-                    let mut state = shared.state.lock();
-                    state.records.retain(|_, r| r.dirty);
-                    for r in state.records.values_mut() {
-                        // The records it was based on are gone with the dataset.
-                        r.sync_count = 0;
-                    }
-                    state.sync_count = state.sync_count.max(sync_count);
-                    inner.save(&shared, &state);
-                }
-                shared.emit(DatasetEvent::Deleted { sync_count });
+                on_deleted(inner, conn, shared, sync_count);
             }
         }
         ServerFrame::Unsubscribed { dataset, .. } => {
             if let Some(shared) = find(inner, &dataset) {
-                shared.revoked.store(true, Ordering::SeqCst);
-                shared.emit(DatasetEvent::Revoked);
+                shared.revoke();
             }
         }
         other => tracing::debug!(frame = ?other, "ignoring event"),
     }
+}
+
+/// The owner deleted the dataset and the subscription ended. The dataset's policy decides
+/// what stays of the local copy; then it is followed again at once, so that a re-creation
+/// (by a sync of what was kept, here, or elsewhere) arrives live. A grantee lost its grant
+/// with the dataset: that subscribe is refused and the dataset is revoked.
+fn on_deleted(inner: &Arc<Inner>, conn: &Arc<Connection>, shared: Arc<Shared>, sync_count: u64) {
+    shared.subscribed.store(false, Ordering::SeqCst);
+    let decide = shared.on_deleted.lock().clone();
+    let policy = decide.decide(&shared.dataset, sync_count);
+    let dropped = {
+        let mut state = shared.state.lock();
+        let dropped = crate::deleted::apply(&mut state, policy, sync_count);
+        inner.save(&shared, &state);
+        dropped
+    };
+    // What the server had is gone: nothing to fetch back.
+    shared.need_whole.store(false, Ordering::SeqCst);
+    shared.emit(DatasetEvent::Deleted { sync_count, policy });
+    if !dropped.is_empty() {
+        shared.emit(DatasetEvent::Changed {
+            sync_count,
+            keys: dropped,
+        });
+    }
+    let (inner, conn) = (inner.clone(), conn.clone());
+    tokio::spawn(async move {
+        match subscribe(&inner, &conn, &shared).await {
+            Ok(()) => {}
+            Err(e) if e.code() == Some(ErrorCode::Forbidden) => shared.revoke(),
+            // The reconnect follows it again.
+            Err(e) => {
+                tracing::debug!(dataset = ?shared.dataset, error = %e, "following a deleted dataset again failed")
+            }
+        }
+    });
 }
 
 /// A `delta` said the dataset reached `target` from a base this copy lacks: fetch `changes`
@@ -1092,11 +1513,18 @@ async fn run(inner: Arc<Inner>) {
                 }
                 backoff = inner.min_backoff;
                 conn.set_request_timeout(inner.request_timeout);
+                if let Some(announced) = conn.limits() {
+                    inner.limits.lock().announce(&announced);
+                }
                 let events = conn.take_events();
                 let conn = Arc::new(conn);
                 *inner.conn.lock() = Some(conn.clone());
                 let stop_for_good = serve_connection(&inner, &conn, events).await;
                 *inner.conn.lock() = None;
+                // The subscriptions ended with the connection; the next one follows anew.
+                for shared in inner.datasets.lock().values() {
+                    shared.subscribed.store(false, Ordering::SeqCst);
+                }
                 if let Some(reason) = stop_for_good {
                     inner.status.send_replace(Status::Failed(reason));
                     return;
@@ -1117,7 +1545,8 @@ async fn run(inner: Arc<Inner>) {
     }
 }
 
-/// After a reconnect: resubscribes one dataset and pushes its pending changes. A retriable
+/// After a reconnect: resubscribes one dataset (a revoked one too: it may have been shared
+/// again meanwhile) and pushes its pending changes. A retriable
 /// refusal (the server's store briefly `unavailable`, `rate_limited` after a burst of
 /// resubscriptions, `internal`) is tried again with backoff (up to the client's maximum) for
 /// as long as this connection lasts, so offline edits reach the server without the app
@@ -1137,6 +1566,12 @@ async fn catch_up(inner: &Arc<Inner>, conn: &Arc<Connection>, shared: &Arc<Share
         match result {
             Ok(()) if subscribed => return,
             Ok(()) => subscribed = true,
+            Err(e) if e.code() == Some(ErrorCode::Forbidden) => {
+                // Revoked while we were away (or still, for a dataset revoked before).
+                shared.revoke();
+                return;
+            }
+            Err(ClientError::Revoked) => return,
             Err(e) => {
                 let retriable = e.code().is_some_and(|code| code.retriable());
                 let what = if subscribed { "sync" } else { "resubscribe" };
@@ -1252,6 +1687,7 @@ mod tests {
                     dirty: false,
                     device_last_modified: None,
                     version: 0,
+                    set_aside: None,
                 },
             );
         }
@@ -1259,9 +1695,12 @@ mod tests {
             dataset: DatasetRef::new("alice", "list"),
             state: Mutex::new(cache),
             handler: ConflictHandler::TakeRemote,
+            on_deleted: Mutex::new(OnDatasetDeleted::default()),
             events: broadcast::channel(8).0,
             sync_lock: tokio::sync::Mutex::new(()),
             revoked: AtomicBool::new(false),
+            subscribed: AtomicBool::new(false),
+            need_whole: AtomicBool::new(false),
             catching_up: AtomicBool::new(false),
             catch_up_to: AtomicU64::new(0),
         }
@@ -1362,6 +1801,26 @@ mod tests {
         assert!(!state.records.contains_key("b"));
         assert!(!state.records["c"].dirty);
         assert_eq!(state.dirty_count(), 1);
+    }
+
+    /// The JS SDK's guard, in every merge path: our commit of `k` at 7 was acknowledged while
+    /// the copy was at 5 (someone else committed 6); the push of 6, older than the ack, must
+    /// not put back the value `k` had before.
+    #[test]
+    fn test_merge_keeps_a_clean_record_acked_later_than_the_frame() {
+        for path in ["delta", "whole"] {
+            let s = shared(5, &[("k", "acked", 7)]);
+            let older = vec![record("k", Some("before"), 6), record("x", Some("1"), 6)];
+            match path {
+                "delta" => drop(s.merge_changes(5, 6, older, false).unwrap()),
+                _ => drop(s.merge(6, older, false)),
+            }
+            let state = s.state.lock();
+            assert_eq!(state.sync_count, 6, "{path}");
+            assert_eq!(state.records["k"].value.as_deref(), Some("acked"), "{path}");
+            assert_eq!(state.records["k"].sync_count, 7, "{path}");
+            assert_eq!(state.records["x"].value.as_deref(), Some("1"), "{path}");
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tandem_protocol::{
     Access, ClientFrame, Conflict, DatasetInfo, DatasetRef, HistoryEntry, Patch, Record, RequestId,
-    ServerFrame,
+    ServerFrame, WriteLimits,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_tungstenite::tungstenite::Message;
@@ -80,6 +80,8 @@ pub struct Connection {
     wanted_features: Vec<String>,
     /// What the server turned on (`ready.features`).
     features: Vec<String>,
+    /// The write limits the server announced (`ready.limits`), if it did.
+    limits: Option<WriteLimits>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -218,6 +220,7 @@ impl Connection {
             expires_at: 0,
             wanted_features: Vec::new(),
             features: Vec::new(),
+            limits: None,
         })
     }
 
@@ -228,12 +231,14 @@ impl Connection {
                 session,
                 expires_at,
                 features,
+                limits,
                 ..
             } => {
                 self.identity = identity;
                 self.session = session;
                 self.expires_at = expires_at;
                 self.features = features;
+                self.limits = limits;
                 Ok(())
             }
             other => Err(unexpected(&other)),
@@ -257,6 +262,12 @@ impl Connection {
     /// The features the server turned on for this session (`ready.features`).
     pub fn features(&self) -> &[String] {
         &self.features
+    }
+
+    /// The write limits the server announced in `ready` (`None` from a server that does
+    /// not announce them).
+    pub fn limits(&self) -> Option<WriteLimits> {
+        self.limits
     }
 
     /// Whether the server turned on `feature` for this session.

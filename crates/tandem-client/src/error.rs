@@ -30,6 +30,21 @@ pub enum ClientError {
     /// A local edit the server could never take (an empty key); nothing was changed.
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// A local edit that breaks one of the server's limits on its own (a key over
+    /// `max_key_length`, a key and value over `max_dataset_bytes`, an update with only it
+    /// over `max_frame_bytes`; see `Client::limits`), so the server could never store it;
+    /// nothing was changed. Its error code is `too_large`.
+    #[error("{key}: {message}; not written")]
+    TooLarge {
+        key: String,
+        limit: LimitCode,
+        max: u64,
+        message: String,
+    },
+    /// The owner revoked this identity's access to the dataset: `sync` sends nothing until
+    /// it is shared again and followed again (`Dataset::subscribe`). Local changes stay.
+    #[error("access to the dataset was revoked")]
+    Revoked,
     /// `sync` gave up after its retries; these keys are still unsynchronised.
     #[error("conflicts still unresolved after retries on keys {keys:?}")]
     Unresolved { keys: Vec<String> },
@@ -39,10 +54,11 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// The server's error code, if the server refused the request.
+    /// The server's error code, if the server refused the request, or would (`TooLarge`).
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             ClientError::Server { code, .. } => Some(*code),
+            ClientError::TooLarge { limit, .. } => Some(limit.error_code()),
             _ => None,
         }
     }

@@ -18,6 +18,20 @@
 //!   pushes, full records). `Connection::connect` asks for none; `connect_with_features` for
 //!   some. Lean records are filled in on reading either way (`ServerFrame::from_json`).
 //!
+//! - Never stuck: the server's write limits (`ready.limits`, or learnt from an error's `max`;
+//!   `Client::limits`) make `put` refuse at once a change that could never be stored
+//!   (`ClientError::TooLarge`), and `sync` split updates at `max_patches` and
+//!   `max_frame_bytes`. A change the server refuses for good (`too_large`, `bad_request`,
+//!   `limit_exceeded` for `max_records`), or queued before the limits were known and breaking
+//!   one, is set aside: kept and readable, still pending, reported once
+//!   (`DatasetEvent::SetAside` with its key and reason), not sent again until edited, and
+//!   dropped by `Dataset::discard(key)` or `Dataset::revert()`. It never blocks other keys.
+//! - Keep following: after a remote delete the dataset's `OnDatasetDeleted` policy
+//!   (`DeletedPolicy::KeepPending` by default, `KeepAll`, `Drop`, or a function) decides what
+//!   stays of the local copy, and the client subscribes again at once, so a re-creation
+//!   arrives live. After a revoke, `sync` answers `Revoked` until the dataset is followed
+//!   again (`Dataset::subscribe`, reopening it, or the next reconnect) once it was shared
+//!   again.
 //! - History: `Client::history` pages through a dataset's commits (who, when, device, keys),
 //!   `Client::read_at` reads it as it was at a sync count, and `Client::restore` makes it
 //!   that again as one new commit (pushed to every subscriber, this client's datasets too).
@@ -29,11 +43,15 @@ mod cache;
 mod client;
 mod conflict;
 mod connection;
+mod deleted;
 mod error;
+mod limits;
 
 pub use cache::{DatasetCache, LocalRecord};
 pub use client::{Client, ClientBuilder, Dataset, DatasetEvent, Status, SyncOutcome};
 pub use conflict::{ConflictCase, ConflictHandler, Resolution};
 pub use connection::{Closed, Connection, HistoryPage, Snapshot, UpdateResult};
+pub use deleted::{DeletedPolicy, OnDatasetDeleted};
 pub use error::ClientError;
+pub use limits::{Limits, SetAside};
 pub use tandem_protocol as protocol;
