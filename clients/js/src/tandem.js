@@ -27,7 +27,7 @@
 // Wire reference: docs/PROTOCOL.md (protocol version 1).
 
 /** The SDK version. */
-export const VERSION = '0.1.0';
+export const VERSION = '0.2.0';
 
 /** The protocol version this SDK speaks. */
 export const PROTOCOL_VERSION = 1;
