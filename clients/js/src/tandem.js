@@ -23,10 +23,15 @@
 //   blocking the dataset's other keys.
 // - Every visible change, local ones included, is a `change` event and a new immutable
 //   snapshot (`onSnapshot`); after a remote delete the dataset is followed again.
+// - The client's sync status (`status`, `onStatus`) is one immutable object per change;
+//   `waitForPendingWrites`/`flush` wait for acks across reconnects; `wipe` is a sign-out
+//   that refuses to delete unsynced changes unless forced; `pause`/`resume` hold the
+//   network off. A server speaking another protocol version fails the client.
 //
 // Wire reference: docs/PROTOCOL.md (protocol version 1).
 
-/** The SDK version. */
+/** The SDK version: the package's (semver), and the path the gateway serves the
+ * minified build at, `/sdk/<VERSION>/tandem.js`. */
 export const VERSION = '0.2.0';
 
 /** The protocol version this SDK speaks. */

@@ -1,6 +1,6 @@
 // Compiled by `npm run typecheck`: the React entry's declarations (src/react.d.ts), used as
 // an app would, through the package's exports map.
-import { TandemClient, type SyncStatus, type DatasetSnapshot, type Dataset } from '@tandem/client';
+import { TandemClient, AsyncStorageStore, type SyncStatus, type DatasetSnapshot, type Dataset } from '@tandem/client';
 import { useDataset, useRecord, useSyncStatus } from '@tandem/client/react';
 
 export function useExample(client: TandemClient): string {
@@ -32,4 +32,8 @@ export async function signOut(client: TandemClient): Promise<void> {
   off();
   const p: number | null = client.protocol;
   console.log(p, client.paused);
+}
+
+export function reactNative(storage: { getItem(k: string): Promise<string | null>; setItem(k: string, v: string): Promise<void>; removeItem(k: string): Promise<void>; getAllKeys(): Promise<readonly string[]> }): TandemClient {
+  return TandemClient.connect('wss://sync.example.com', async () => 'token', { store: new AsyncStorageStore(storage, { prefix: 'app:' }) });
 }
