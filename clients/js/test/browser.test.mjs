@@ -300,6 +300,7 @@ test('sign-out with a pending write warns and keeps it; once synced, sign-out em
   await page.waitForSelector('#message:has-text("Signed out")', { timeout: 2000 });
   assert.deepEqual(await cachedFor(page, 'erin'), [], "erin's cache is gone from this profile");
   await page.screenshot({ path: join(artifacts, 'signed-out.png'), fullPage: true });
+  t.diagnostic(`screenshots signout-warning.png, signed-out.png in ${artifacts}`);
 
   // A forced sign-out loses the pending write, as the warning says.
   const page2 = await ctx.newPage();
@@ -363,7 +364,7 @@ test('the sync-status pill follows lastSyncedAt', async (t) => {
   assert.equal(later.at, String(later.status), 'the pill shows client.status.lastSyncedAt');
   assert.notEqual(later.text, first.text);
   await page.screenshot({ path: join(artifacts, 'status-pill.png'), fullPage: true });
-  t.diagnostic(`pill: ${first.text} → ${later.text}`);
+  t.diagnostic(`pill: ${first.text} → ${later.text}; screenshots status-pill-offline.png, status-pill.png in ${artifacts}`);
   await ctx.close();
 });
 

@@ -129,7 +129,8 @@ test('useDataset reports a refused open and switches datasets when the name chan
     const k = useRecord(dataset, 'k');
     return h('p', { id: 'out' }, error ? `error:${error.code}` : (k ?? '…'));
   }
-  const view = mount(h(App));
+  // StrictMode runs the effects twice: the second open() gets the same handle.
+  const view = mount(h(React.StrictMode, null, h(App)));
   await until(() => view.text('#out') === 'one', 5000, 'the shared dataset');
   setName(n2); // not shared with bob
   await until(() => view.text('#out') === 'error:forbidden', 5000, 'the refusal');
