@@ -426,7 +426,8 @@ export class TandemClient extends Emitter<ClientEvents> {
   /** Connects again after `pause()`. */
   resume(): void;
   /** Resolves when the changes pending now in the open datasets are acknowledged (across
-   * reconnects); rejects when one is set aside, on `closed`, or with `timeout`. Sends nothing itself. */
+   * reconnects); rejects when one is set aside, on `closed`, when the client fails, or with
+   * `timeout`. Sends nothing itself. */
   waitForPendingWrites(options?: { timeoutMs?: number }): Promise<void>;
   /** Syncs the open datasets now (when online) and waits as `waitForPendingWrites`. */
   flush(options?: { timeoutMs?: number }): Promise<void>;

@@ -969,17 +969,23 @@ export class TandemClient extends Emitter {
    * nor are those of closed datasets (sent when they are opened again). It does not send
    * anything itself: use `flush()`, auto-sync or `sync()`. Rejects with the change's error
    * when one of them is set aside (the server will never take it), with `closed` when the
-   * client or the dataset closes first, and with `timeout` after `timeoutMs` (default: none).
+   * client or the dataset closes first, with the client's error when it fails (or has
+   * failed: `reconnect()` first), and with `timeout` after `timeoutMs` (default: none).
    * @param {{ timeoutMs?: number }} [options]
    * @returns {Promise<void>}
    */
   waitForPendingWrites(options = {}) {
     if (this.#state === 'closed') return Promise.reject(new TandemError('closed', 'client closed'));
+    const failure = () => this.#lastError ?? new TandemError('closed', 'the client failed');
+    const anything = this.datasets.some((ds) => ds.pending > 0);
+    if (this.#state === 'failed' && anything) return Promise.reject(failure());
     const waits = [...this.#datasets.values()].map((ds) => ds._waitForPending());
     return new Promise((resolve, reject) => {
       /** @type {any} */ let t = null;
+      const offFailed = this.on('failed', () => done(failure()));
       const done = (/** @type {any} */ err) => {
         clearTimeout(t);
+        offFailed();
         this.#waiting.delete(done);
         err ? reject(err) : resolve();
       };

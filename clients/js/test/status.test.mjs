@@ -151,6 +151,16 @@ test('waitForPendingWrites rejects on timeout, on close, and for a change set as
   ctl2.restore();
   await assert.rejects(never, (e) => e.code === 'too_large' && e.key === 'much-too-long-key');
   await ctl2.client.close();
+
+  // A client that fails for good (here: a server of another protocol version) cannot send.
+  const ctl3 = controlledClient(server, 'alice', {}, { startDown: true, patchReady: { protocol: PROTOCOL_VERSION + 1 } });
+  const d3 = await ctl3.client.open(uniqueName());
+  await d3.put('k', 'v');
+  const failing = ctl3.client.waitForPendingWrites();
+  ctl3.restore();
+  await assert.rejects(failing, { code: 'unsupported_protocol' });
+  await assert.rejects(ctl3.client.flush(), { code: 'unsupported_protocol' }, 'and at once once failed');
+  await ctl3.client.close();
 });
 
 test('flush() sends the pending writes of every open dataset (auto-sync off) and waits for them', async () => {
