@@ -104,16 +104,23 @@ export interface StoreRef {
   name: string;
 }
 
-/** The offline cache. Implement these two methods to bring your own storage. */
+/** The offline cache. Implement `load` and `save` to bring your own storage; `list` and
+ * `remove` too for `client.cachedDatasets()` and `client.wipe()`. */
 export interface TandemStore {
   load(ref: StoreRef): Promise<DatasetState | null | undefined>;
   save(ref: StoreRef, state: DatasetState): Promise<void>;
+  /** The datasets cached for `identity`. */
+  list?(identity: string): Promise<Array<{ owner: string; name: string }>>;
+  /** Deletes one dataset's cached state. */
+  remove?(ref: StoreRef): Promise<void>;
 }
 
 /** Keeps dataset state in memory (the default outside browsers). */
 export class MemoryStore implements TandemStore {
   load(ref: StoreRef): Promise<DatasetState | null>;
   save(ref: StoreRef, state: DatasetState): Promise<void>;
+  list(identity: string): Promise<Array<{ owner: string; name: string }>>;
+  remove(ref: StoreRef): Promise<void>;
 }
 
 /** Keeps dataset state in IndexedDB (the default in browsers). */
@@ -123,6 +130,58 @@ export class IndexedDBStore implements TandemStore {
   readonly name: string;
   load(ref: StoreRef): Promise<DatasetState | null>;
   save(ref: StoreRef, state: DatasetState): Promise<void>;
+  list(identity: string): Promise<Array<{ owner: string; name: string }>>;
+  remove(ref: StoreRef): Promise<void>;
+}
+
+/** What `AsyncStorageStore` needs: the shape of React Native's
+ * `@react-native-async-storage/async-storage` (string keys and values). */
+export interface AsyncStorageLike {
+  getItem(key: string): Promise<string | null | undefined>;
+  setItem(key: string, value: string): Promise<void>;
+  removeItem(key: string): Promise<void>;
+  getAllKeys(): Promise<readonly string[]>;
+}
+
+/** Keeps dataset state in an AsyncStorage-shaped store (React Native): one JSON string per
+ * (identity, owner, dataset), under `prefix` (default `tandem:`). */
+export class AsyncStorageStore implements TandemStore {
+  constructor(storage: AsyncStorageLike, options?: { prefix?: string });
+  load(ref: StoreRef): Promise<DatasetState | null>;
+  save(ref: StoreRef, state: DatasetState): Promise<void>;
+  list(identity: string): Promise<Array<{ owner: string; name: string }>>;
+  remove(ref: StoreRef): Promise<void>;
+}
+
+/** A dataset this device holds for the client's identity. */
+export interface CachedDataset {
+  owner: string;
+  name: string;
+  /** Live records. */
+  records: number;
+  /** Local changes not yet acknowledged. */
+  pending: number;
+  /** The highest sync count seen from the server. */
+  syncCount: number;
+  /** Whether it is open on this client. */
+  open: boolean;
+}
+
+/** The client's sync status: one immutable object, the same until a field changes. */
+export interface SyncStatus {
+  /** Authenticated on a live connection. */
+  readonly connected: boolean;
+  /** An update is on its way to the server. */
+  readonly uploading: boolean;
+  /** Unacknowledged local changes (`client.pending`). */
+  readonly pending: number;
+  /** When the server last confirmed this device's copy of a dataset (an ack, a
+   * subscription's snapshot, a push), ms since the epoch; `null` before that. */
+  readonly lastSyncedAt: number | null;
+  /** `lastSyncedAt !== null`. */
+  readonly hasSynced: boolean;
+  /** The last error reported; cleared by the next ack or connection. */
+  readonly lastError: TandemError | null;
 }
 
 export type ResolutionValue =
@@ -241,11 +300,11 @@ export class TandemError extends Error {
     message: string,
     extra?: { limit?: string; max?: number; keys?: string[]; key?: string; closeCode?: number; server?: boolean },
   );
-  /** The server's stable error code, or one of the SDK's: `offline`, `disconnected`, `timeout`, `conflict`, `revoked`, `closed`. */
+  /** The server's stable error code, or one of the SDK's: `offline`, `disconnected`, `timeout`, `conflict`, `revoked`, `closed`, `pending_writes`, `unsupported_protocol`. */
   code: string;
   limit?: string;
   max?: number;
-  /** For `conflict`: the keys still unresolved. */
+  /** For `conflict`: the keys still unresolved; for `pending_writes`: the datasets (`owner/name`). */
   keys?: string[];
   /** For a change set aside, or refused before it was queued: its key. */
   key?: string;
@@ -279,6 +338,7 @@ interface ClientEvents {
   failed: [TandemError | null];
   ready: [{ identity: string; session: string; expiresAt: number }];
   error: [TandemError];
+  status: [SyncStatus];
 }
 
 interface DatasetEvents {
@@ -352,6 +412,30 @@ export class TandemClient extends Emitter<ClientEvents> {
   /** The server's limits on an update, as last known (empty until announced or learnt). */
   readonly limits: WriteLimits;
   readonly datasets: Dataset[];
+  /** The protocol version the server stated in its last `ready` (null before one). A server
+   * speaking another version than `PROTOCOL_VERSION` fails the client (`unsupported_protocol`). */
+  readonly protocol: number | null;
+  /** Whether `pause()` holds the network off. */
+  readonly paused: boolean;
+  /** The sync status (see `onStatus`). */
+  readonly status: SyncStatus;
+  /** Calls `listener` with the current status now and at every `status` event; returns the unsubscribe function. */
+  onStatus(listener: (status: SyncStatus) => void): () => void;
+  /** Drops the connection and stays offline until `resume()`; local reads and writes go on. */
+  pause(): void;
+  /** Connects again after `pause()`. */
+  resume(): void;
+  /** Resolves when the changes pending now in the open datasets are acknowledged (across
+   * reconnects); rejects when one is set aside, on `closed`, when the client fails, or with
+   * `timeout`. Sends nothing itself. */
+  waitForPendingWrites(options?: { timeoutMs?: number }): Promise<void>;
+  /** Syncs the open datasets now (when online) and waits as `waitForPendingWrites`. */
+  flush(options?: { timeoutMs?: number }): Promise<void>;
+  /** The datasets cached on this device for this identity, with their pending counts. */
+  cachedDatasets(): Promise<CachedDataset[]>;
+  /** Sign-out: deletes this identity's local data and closes the client. Rejects with
+   * `pending_writes` (deleting nothing) while changes are unsynced, unless `force`. */
+  wipe(options?: { force?: boolean }): Promise<Array<{ owner: string; name: string }>>;
   waitOnline(timeoutMs?: number): Promise<void>;
   /** An open dataset's handle is shared; naming another conflict handler for it rejects with `bad_request`. */
   open(name: string, options?: OpenOptions): Promise<Dataset>;

@@ -23,11 +23,16 @@
 //   blocking the dataset's other keys.
 // - Every visible change, local ones included, is a `change` event and a new immutable
 //   snapshot (`onSnapshot`); after a remote delete the dataset is followed again.
+// - The client's sync status (`status`, `onStatus`) is one immutable object per change;
+//   `waitForPendingWrites`/`flush` wait for acks across reconnects; `wipe` is a sign-out
+//   that refuses to delete unsynced changes unless forced; `pause`/`resume` hold the
+//   network off. A server speaking another protocol version fails the client.
 //
 // Wire reference: docs/PROTOCOL.md (protocol version 1).
 
-/** The SDK version. */
-export const VERSION = '0.1.0';
+/** The SDK version: the package's (semver), and the path the gateway serves the
+ * minified build at, `/sdk/<VERSION>/tandem.js`. */
+export const VERSION = '0.2.0';
 
 /** The protocol version this SDK speaks. */
 export const PROTOCOL_VERSION = 1;
@@ -100,9 +105,39 @@ export const PROTOCOL_VERSION = 1;
  * @property {string} owner
  * @property {string} name
  *
- * @typedef {object} TandemStore The offline cache. Implement these two to bring your own.
+ * @typedef {object} TandemStore The offline cache. Implement `load` and `save` to bring your
+ *   own; `list` and `remove` too for `client.cachedDatasets()` and `client.wipe()`.
  * @property {(ref: StoreRef) => Promise<DatasetState | null | undefined>} load
  * @property {(ref: StoreRef, state: DatasetState) => Promise<void>} save
+ * @property {(identity: string) => Promise<Array<{ owner: string, name: string }>>} [list]
+ *   The datasets cached for `identity`.
+ * @property {(ref: StoreRef) => Promise<void>} [remove] Deletes one dataset's cached state.
+ *
+ * @typedef {object} AsyncStorageLike What `AsyncStorageStore` needs: the shape of React
+ *   Native's `@react-native-async-storage/async-storage` (string keys and values).
+ * @property {(key: string) => Promise<string | null | undefined>} getItem
+ * @property {(key: string, value: string) => Promise<void>} setItem
+ * @property {(key: string) => Promise<void>} removeItem
+ * @property {() => Promise<readonly string[]>} getAllKeys
+ *
+ * @typedef {object} CachedDataset A dataset this device holds for the client's identity.
+ * @property {string} owner
+ * @property {string} name
+ * @property {number} records Live records.
+ * @property {number} pending Local changes not yet acknowledged.
+ * @property {number} syncCount The highest sync count seen from the server.
+ * @property {boolean} open Whether it is open on this client.
+ *
+ * @typedef {object} SyncStatus The client's sync status (`client.status`, the `status`
+ *   event): one immutable object, the same until a field changes.
+ * @property {boolean} connected Authenticated on a live connection.
+ * @property {boolean} uploading An update is on its way to the server.
+ * @property {number} pending Unacknowledged local changes (`client.pending`).
+ * @property {number | null} lastSyncedAt When the server last confirmed this device's copy
+ *   of a dataset (an ack, a subscription's snapshot, a push), ms since the epoch.
+ * @property {boolean} hasSynced `lastSyncedAt !== null`: the client has synced at least once.
+ * @property {TandemError | null} lastError The last error reported (client or dataset
+ *   `error` event, or what failed the client); cleared by the next ack or connection.
  *
  * @typedef {{ type: 'keepLocal' } | { type: 'takeRemote' } | { type: 'merge', value: string | null }} ResolutionValue
  *
@@ -351,6 +386,21 @@ export class MemoryStore {
   async save(ref, state) {
     this.#data.set(refKey(ref), cloneState(state));
   }
+
+  /** @param {string} identity @returns {Promise<Array<{ owner: string, name: string }>>} */
+  async list(identity) {
+    /** @type {Array<{ owner: string, name: string }>} */ const out = [];
+    for (const k of this.#data.keys()) {
+      const [id, owner, name] = JSON.parse(k);
+      if (id === identity) out.push({ owner, name });
+    }
+    return out;
+  }
+
+  /** @param {StoreRef} ref */
+  async remove(ref) {
+    this.#data.delete(refKey(ref));
+  }
 }
 
 function refKey(/** @type {StoreRef} */ ref) {
@@ -406,6 +456,86 @@ export class IndexedDBStore {
       tx.onerror = () => reject(tx.error);
       tx.onabort = () => reject(tx.error ?? new Error('IndexedDB transaction aborted'));
     });
+  }
+
+  /** @param {string} identity @returns {Promise<Array<{ owner: string, name: string }>>} */
+  async list(identity) {
+    const db = await this.#open();
+    return new Promise((resolve, reject) => {
+      // Array keys sort element by element, and an array sorts after every string: this
+      // range holds exactly the keys [identity, owner, name].
+      const range = IDBKeyRange.bound([identity], [identity, []]);
+      const req = db.transaction('datasets', 'readonly').objectStore('datasets').getAllKeys(range);
+      req.onsuccess = () => resolve(req.result.map((/** @type {any} */ k) => ({ owner: k[1], name: k[2] })));
+      req.onerror = () => reject(req.error);
+    });
+  }
+
+  /** @param {StoreRef} ref @returns {Promise<void>} */
+  async remove(ref) {
+    const db = await this.#open();
+    return new Promise((resolve, reject) => {
+      const tx = db.transaction('datasets', 'readwrite');
+      tx.objectStore('datasets').delete([ref.identity, ref.owner, ref.name]);
+      tx.oncomplete = () => resolve();
+      tx.onerror = () => reject(tx.error);
+      tx.onabort = () => reject(tx.error ?? new Error('IndexedDB transaction aborted'));
+    });
+  }
+}
+
+/** Keeps dataset state in an AsyncStorage-shaped key-value store: React Native's
+ * `@react-native-async-storage/async-storage`, or anything with its four methods. One JSON
+ * string per (identity, owner, dataset), under `prefix` + `JSON.stringify([identity, owner, name])`. */
+export class AsyncStorageStore {
+  #storage;
+  #prefix;
+
+  /** @param {AsyncStorageLike} storage @param {{ prefix?: string }} [options] */
+  constructor(storage, options = {}) {
+    for (const m of ['getItem', 'setItem', 'removeItem', 'getAllKeys']) {
+      if (typeof (/** @type {any} */ (storage)?.[m]) !== 'function') {
+        throw new TandemError('bad_request', `AsyncStorageStore needs an AsyncStorage-like object with ${m}()`);
+      }
+    }
+    this.#storage = storage;
+    this.#prefix = options.prefix ?? 'tandem:';
+  }
+
+  /** @param {StoreRef} ref */
+  #key(ref) {
+    return this.#prefix + refKey(ref);
+  }
+
+  /** @param {StoreRef} ref @returns {Promise<DatasetState | null>} */
+  async load(ref) {
+    const text = await this.#storage.getItem(this.#key(ref));
+    return text ? JSON.parse(text) : null;
+  }
+
+  /** @param {StoreRef} ref @param {DatasetState} state @returns {Promise<void>} */
+  async save(ref, state) {
+    await this.#storage.setItem(this.#key(ref), JSON.stringify(state));
+  }
+
+  /** @param {string} identity @returns {Promise<Array<{ owner: string, name: string }>>} */
+  async list(identity) {
+    /** @type {Array<{ owner: string, name: string }>} */ const out = [];
+    for (const k of await this.#storage.getAllKeys()) {
+      if (!k.startsWith(this.#prefix)) continue;
+      try {
+        const [id, owner, name] = JSON.parse(k.slice(this.#prefix.length));
+        if (id === identity && typeof owner === 'string' && typeof name === 'string') out.push({ owner, name });
+      } catch {
+        // another library's key under the same prefix
+      }
+    }
+    return out;
+  }
+
+  /** @param {StoreRef} ref @returns {Promise<void>} */
+  async remove(ref) {
+    await this.#storage.removeItem(this.#key(ref));
   }
 }
 
@@ -644,6 +774,21 @@ export class TandemClient extends Emitter {
   #unwatchNetwork = null;
   /** Local edits shared with this user's other tabs (see `crossTab`). @type {any} */
   #tabs = null;
+  /** `pause()` was called: no connection until `resume()`. */
+  #paused = false;
+  /** The protocol version of the last `ready` (null before one). @type {number | null} */
+  #protocol = null;
+  /** Updates on their way to the server, across datasets. */
+  #uploading = 0;
+  /** @type {number | null} */
+  #lastSyncedAt = null;
+  /** @type {TandemError | null} */
+  #statusError = null;
+  /** The current status object, and whether a `status` event is due. @type {SyncStatus | null} */
+  #status = null;
+  #statusScheduled = false;
+  /** Rejects the `waitForPendingWrites` calls still waiting when the client closes. @type {Set<(e: TandemError) => void>} */
+  #waiting = new Set();
 
   /**
    * Use `TandemClient.connect`, which also starts the connection.
@@ -690,6 +835,7 @@ export class TandemClient extends Emitter {
       this.#tabs.onmessage = (/** @type {any} */ ev) => this.#onTabMessage(ev.data);
     }
     this.#identityKnown.promise.catch(() => {}); // rejected only by close(); open() reports it
+    void this.status; // the first status object: events compare against it
   }
 
   /** The user this client acts as (null until known). */
@@ -747,6 +893,204 @@ export class TandemClient extends Emitter {
   /** The datasets open on this client. */
   get datasets() {
     return [...this.#datasets.values()];
+  }
+
+  /** The protocol version the server stated in its last `ready` (null before one). */
+  get protocol() {
+    return this.#protocol;
+  }
+
+  /** Whether `pause()` holds the network off. */
+  get paused() {
+    return this.#paused;
+  }
+
+  /**
+   * The sync status, `{connected, uploading, pending, lastSyncedAt, hasSynced, lastError}`:
+   * an immutable object, the same one until a field changes (fit for React's
+   * `useSyncExternalStore` with `onStatus`). Every change is one `status` event.
+   * @returns {SyncStatus}
+   */
+  get status() {
+    const next = {
+      connected: this.#state === 'online',
+      uploading: this.#uploading > 0,
+      pending: this.pending,
+      lastSyncedAt: this.#lastSyncedAt,
+      hasSynced: this.#lastSyncedAt !== null,
+      lastError: this.#statusError,
+    };
+    const cur = this.#status;
+    if (!cur || Object.keys(next).some((k) => /** @type {any} */ (next)[k] !== /** @type {any} */ (cur)[k])) {
+      this.#status = Object.freeze(next);
+    }
+    return /** @type {SyncStatus} */ (this.#status);
+  }
+
+  /**
+   * Calls `listener` with the current status now, then with each new one (a `status`
+   * event); returns the function that stops it.
+   * @param {(status: SyncStatus) => void} listener
+   * @returns {() => void}
+   */
+  onStatus(listener) {
+    listener(this.status);
+    return this.on('status', listener);
+  }
+
+  /**
+   * Stops using the network: drops the connection and does not reconnect (nor on the
+   * browser's `online` event) until `resume()`. Local reads and writes go on; writes stay
+   * pending.
+   */
+  pause() {
+    if (this.#state === 'closed') throw new TandemError('closed', 'client closed');
+    this.#paused = true;
+    clearTimeout(this.#retryTimer);
+    this.#retryTimer = null;
+    if (this.#conn) this.#dropConnection(1000, 'client paused', false);
+    if (this.#state !== 'failed') this.#setState('offline');
+  }
+
+  /** Uses the network again after `pause()`: connects now; pending writes are sent once online. */
+  resume() {
+    if (this.#state === 'closed') throw new TandemError('closed', 'client closed');
+    if (!this.#paused) return;
+    this.#paused = false;
+    if (this.#stopped) return; // failed: `reconnect()` restarts it
+    this.#attempt = 0;
+    this.#connect();
+  }
+
+  /**
+   * Resolves when every local change pending now in the open datasets is acknowledged by
+   * the server (or dropped: discarded, reverted, replaced by the server's version in a
+   * conflict), however many reconnects that takes. Changes made later are not waited for;
+   * nor are those of closed datasets (sent when they are opened again). It does not send
+   * anything itself: use `flush()`, auto-sync or `sync()`. Rejects with the change's error
+   * when one of them is set aside (the server will never take it), with `closed` when the
+   * client or the dataset closes first, with the client's error when it fails (or has
+   * failed: `reconnect()` first), and with `timeout` after `timeoutMs` (default: none).
+   * @param {{ timeoutMs?: number }} [options]
+   * @returns {Promise<void>}
+   */
+  waitForPendingWrites(options = {}) {
+    if (this.#state === 'closed') return Promise.reject(new TandemError('closed', 'client closed'));
+    const failure = () => this.#lastError ?? new TandemError('closed', 'the client failed');
+    const anything = this.datasets.some((ds) => ds.pending > 0);
+    if (this.#state === 'failed' && anything) return Promise.reject(failure());
+    const waits = [...this.#datasets.values()].map((ds) => ds._waitForPending());
+    return new Promise((resolve, reject) => {
+      /** @type {any} */ let t = null;
+      const offFailed = this.on('failed', () => done(failure()));
+      const done = (/** @type {any} */ err) => {
+        clearTimeout(t);
+        offFailed();
+        this.#waiting.delete(done);
+        err ? reject(err) : resolve();
+      };
+      this.#waiting.add(done);
+      if (options.timeoutMs !== undefined) {
+        t = timer(() => done(new TandemError('timeout', `pending writes not acknowledged within ${options.timeoutMs} ms`)), options.timeoutMs);
+      }
+      Promise.all(waits).then(() => done(null), done);
+    });
+  }
+
+  /**
+   * Sends the pending changes of every open dataset now (when online; otherwise at the
+   * reconnect) and resolves when they are acknowledged, as `waitForPendingWrites`. Rejects
+   * with a sync's error other than a lost connection (e.g. `conflict`, `rejected`).
+   * @param {{ timeoutMs?: number }} [options]
+   * @returns {Promise<void>}
+   */
+  async flush(options = {}) {
+    const wait = this.waitForPendingWrites(options);
+    wait.catch(() => {}); // awaited below, unless a sync fails first
+    if (this.#state === 'online') {
+      await Promise.all(
+        this.datasets
+          .filter((ds) => ds.pending > 0 && !ds.revoked)
+          .map((ds) =>
+            ds.sync().catch((e) => {
+              if (!isNetworkError(e)) throw e;
+            }),
+          ),
+      );
+    }
+    await wait;
+  }
+
+  /**
+   * The datasets this device holds for the client's identity (in the store, or open), with
+   * their pending counts: what a sign-out would lose. Needs a store with `list`.
+   * @returns {Promise<CachedDataset[]>}
+   */
+  async cachedDatasets() {
+    const identity = this.#identity;
+    if (!identity) throw new TandemError('bad_request', 'the identity is not known yet: pass `identity` or wait until online');
+    const store = /** @type {TandemStore} */ (this.#store);
+    if (typeof store.list !== 'function') throw new TandemError('bad_request', 'this store cannot list its datasets (it has no list method)');
+    // Open datasets' saves first, so the store holds what they hold.
+    await Promise.allSettled(this.datasets.map((ds) => ds._flush()));
+    /** @type {Map<string, CachedDataset>} */ const out = new Map();
+    for (const ref of await store.list(identity)) {
+      const key = datasetKey(ref.owner, ref.name);
+      if (this.#datasets.has(key)) continue;
+      const state = await store.load({ identity, owner: ref.owner, name: ref.name });
+      if (!state) continue;
+      const recs = Object.values(state.records ?? {});
+      out.set(key, {
+        owner: ref.owner,
+        name: ref.name,
+        records: recs.filter((r) => r.value !== null).length,
+        pending: recs.filter((r) => r.dirty).length,
+        syncCount: state.syncCount ?? 0,
+        open: false,
+      });
+    }
+    for (const [key, ds] of this.#datasets) {
+      out.set(key, { owner: ds.owner, name: ds.name, records: ds.records().size, pending: ds.pending, syncCount: ds.syncCount, open: true });
+    }
+    return [...out.values()].sort((a, b) => (a.owner === b.owner ? (a.name < b.name ? -1 : 1) : a.owner < b.owner ? -1 : 1));
+  }
+
+  /**
+   * Sign-out: deletes this identity's local data, every dataset cached for it in the store
+   * and the open handles' state in memory, and closes the client (make a new one for the
+   * next user). Refuses with `pending_writes` (nothing deleted, the client left running)
+   * while local changes are not acknowledged, in open, closed or never-opened cached
+   * datasets, unless `force: true`; the error's `keys` name those datasets (`owner/name`).
+   * Needs a store with `list` and `remove`. Resolves with the datasets deleted.
+   * @param {{ force?: boolean }} [options]
+   * @returns {Promise<Array<{ owner: string, name: string }>>}
+   */
+  async wipe(options = {}) {
+    const identity = this.#identity;
+    if (!identity) throw new TandemError('bad_request', 'the identity is not known yet: pass `identity` or wait until online');
+    const store = /** @type {TandemStore} */ (this.#store);
+    if (typeof store.list !== 'function' || typeof store.remove !== 'function') {
+      throw new TandemError('bad_request', 'this store cannot delete its datasets (it needs list and remove methods)');
+    }
+    if (!options.force) {
+      const cached = await this.cachedDatasets();
+      // Open datasets counted again now, in case a write came in while the store was read.
+      const unsent = cached.map((c) => (c.open ? { ...c, pending: this.#datasets.get(datasetKey(c.owner, c.name))?.pending ?? 0 } : c)).filter((c) => c.pending > 0);
+      if (unsent.length) {
+        const n = unsent.reduce((sum, c) => sum + c.pending, 0);
+        const names = unsent.map((c) => `${c.owner}/${c.name}`);
+        throw new TandemError('pending_writes', `${n} local change${n === 1 ? '' : 's'} not yet synced (${names.join(', ')}): sync them first (flush()), or wipe({ force: true }) to lose them`, { keys: names });
+      }
+    }
+    await this.close();
+    const open = this.datasets;
+    this.#datasets.clear();
+    this.#pendingOf.clear();
+    for (const ds of open) ds._wipe();
+    const refs = await store.list(identity);
+    for (const ref of refs) await store.remove({ identity, owner: ref.owner, name: ref.name });
+    this.#statusChanged();
+    return refs.map((r) => ({ owner: r.owner, name: r.name }));
   }
 
   /**
@@ -915,6 +1259,7 @@ export class TandemClient extends Emitter {
    * Also restarts a `failed` client, e.g. after fixing its token provider. */
   reconnect() {
     if (this.#state === 'closed') throw new TandemError('closed', 'client closed');
+    this.#paused = false; // an explicit "connect now"
     this.#stopped = false;
     this.#lastError = null;
     this.#attempt = 0;
@@ -939,6 +1284,7 @@ export class TandemClient extends Emitter {
     this.#tabs = null;
     this.#setState('closed');
     if (!this.#identity) this.#identityKnown.reject(new TandemError('closed', 'client closed before its identity was known'));
+    for (const done of [...this.#waiting]) done(new TandemError('closed', 'client closed before the pending writes were acknowledged'));
     await Promise.allSettled([...this.#datasets.values()].map((ds) => ds._flush()));
   }
 
@@ -951,7 +1297,7 @@ export class TandemClient extends Emitter {
         if (this.#conn) this.#dropConnection(1000, 'network offline', true);
       };
       const online = () => {
-        if (!this.#stopped && this.#state === 'offline') {
+        if (!this.#stopped && !this.#paused && this.#state === 'offline') {
           this.#attempt = 0;
           clearTimeout(this.#retryTimer);
           this.#connect();
@@ -988,6 +1334,7 @@ export class TandemClient extends Emitter {
         // A closed handle keeps its count until the dataset is opened again.
         const open = this.#datasets.get(key);
         if (!open || open === ds) this.#pendingOf.set(key, n);
+        this.#statusChanged();
       },
       backoff: { initialMs: this.#backoffInitial, maxMs: this.#backoffMax },
       announce: (/** @type {Dataset} */ ds, /** @type {string} */ key, /** @type {LocalRecord} */ record) => {
@@ -996,6 +1343,17 @@ export class TandemClient extends Emitter {
         }
       },
       request: (/** @type {any} */ frame) => this._request(frame),
+      uploading: (/** @type {number} */ delta) => {
+        this.#uploading += delta;
+        this.#statusChanged();
+      },
+      /** The server confirmed a copy: an ack, a subscription's snapshot, a push. */
+      synced: (/** @type {boolean} */ ack) => {
+        this.#lastSyncedAt = Date.now();
+        if (ack) this.#statusError = null;
+        this.#statusChanged();
+      },
+      noteError: (/** @type {any} */ e) => this.#noteError(e),
       forget: (/** @type {Dataset} */ ds) => {
         const key = datasetKey(ds.owner, ds.name);
         if (this.#datasets.get(key) === ds) this.#datasets.delete(key);
@@ -1014,9 +1372,35 @@ export class TandemClient extends Emitter {
   #setState(state) {
     if (this.#state === state) return;
     this.#state = state;
+    this.#statusChanged();
     this.emit('state', state);
     if (state === 'failed') this.emit('failed', this.#lastError);
     else this.emit(state);
+  }
+
+  /** The client's `error` events also go to the status's `lastError`.
+   * @protected @param {string} type @param {...any} args */
+  emit(type, ...args) {
+    if (type === 'error' || (type === 'failed' && args[0])) this.#noteError(args[0]);
+    super.emit(type, ...args);
+  }
+
+  /** @param {any} e */
+  #noteError(e) {
+    this.#statusError = e instanceof TandemError ? e : new TandemError('internal', errorMessage(e));
+    this.#statusChanged();
+  }
+
+  /** A status field may have changed: one `status` event after the current task, if so. */
+  #statusChanged() {
+    if (this.#statusScheduled) return;
+    this.#statusScheduled = true;
+    const before = this.#status;
+    queueMicrotask(() => {
+      this.#statusScheduled = false;
+      const now = this.status;
+      if (now !== before) this.emit('status', now);
+    });
   }
 
   #offlineNow() {
@@ -1024,7 +1408,7 @@ export class TandemClient extends Emitter {
   }
 
   async #connect() {
-    if (this.#stopped || this.#conn) return;
+    if (this.#stopped || this.#paused || this.#conn) return;
     if (this.#offlineNow()) {
       // The browser says there is no network; its `online` event reconnects.
       this.#setState('offline');
@@ -1201,6 +1585,19 @@ export class TandemClient extends Emitter {
       this.#setState('failed');
       return;
     }
+    // A server without `ready.protocol` predates it and speaks version 1.
+    const protocol = typeof frame.protocol === 'number' ? frame.protocol : 1;
+    this.#protocol = protocol;
+    if (protocol !== PROTOCOL_VERSION) {
+      this.#lastError = new TandemError(
+        'unsupported_protocol',
+        `the server speaks protocol version ${protocol}; this SDK (${VERSION}) speaks version ${PROTOCOL_VERSION}: use an SDK release for that version`,
+      );
+      this.#stopped = true;
+      this.#dropConnection(1000, 'unsupported protocol', false);
+      this.#setState('failed');
+      return;
+    }
     if (!this.#identity) {
       this.#identity = frame.identity;
       this.#identityKnown.resolve(frame.identity);
@@ -1208,6 +1605,7 @@ export class TandemClient extends Emitter {
     conn.ready = true;
     this.#attempt = 0;
     this.#lastError = null;
+    this.#statusError = null;
     this.#session = { session: frame.session, expiresAt: frame.expiresAt };
     this.#features = readyFeatures(frame);
     this.#readLimits(frame);
@@ -1337,7 +1735,7 @@ export class TandemClient extends Emitter {
   /** Exponential backoff with jitter: a random delay in [base/2, base], base doubling from
    * `initialMs` up to `maxMs`. */
   #scheduleReconnect() {
-    if (this.#stopped) return;
+    if (this.#stopped || this.#paused) return;
     this.#setState('offline');
     const base = Math.min(this.#backoffMax, this.#backoffInitial * 2 ** this.#attempt);
     this.#attempt = Math.min(this.#attempt + 1, 30);
@@ -1426,6 +1824,11 @@ export class Dataset extends Emitter {
   /** The next subscribe asks for the whole dataset (a discarded change needs the server's
    * version of its key back, which a `since` reply would not repeat). */
   #needWhole = false;
+  /** `waitForPendingWrites` calls: the versions of the changes each waits for.
+   * @type {Set<{ versions: Map<string, number>, resolve: () => void, reject: (e: any) => void }>} */
+  #waiters = new Set();
+  /** The highest version acknowledged per key, kept while someone waits. @type {Map<string, number>} */
+  #acked = new Map();
 
   /**
    * @internal Use `client.open(name)`.
@@ -1678,6 +2081,7 @@ export class Dataset extends Emitter {
     this.#subscribed = true;
     this.#revoked = false;
     this.#deleted = false;
+    this.#io.synced(false);
     if (typeof snap.since === 'number') this.#applyChanges(snap.since, snap.syncCount, snap.records ?? [], true);
     // Whole and below what we named: the server never had this copy's history.
     else if (since > 0 && snap.syncCount < since) await this.#replaceCopy(since, snap.syncCount, snap.records ?? []);
@@ -1736,11 +2140,74 @@ export class Dataset extends Emitter {
       await this.#io.request({ type: 'unsubscribe', dataset: this.#ref() }).catch(() => {});
     }
     this.#subscribed = false;
+    for (const w of this.#waiters) w.reject(new TandemError('closed', `dataset ${this.#owner}/${this.#name} closed before its pending writes were acknowledged`));
+    this.#waiters.clear();
     this.emit('close');
     await this._flush();
   }
 
+  /** Errors also go to the client's status (`lastError`).
+   * @protected @param {string} type @param {...any} args */
+  emit(type, ...args) {
+    if (type === 'error') this.#io.noteError(args[0]);
+    super.emit(type, ...args);
+  }
+
   // --- internals (called by the client) ------------------------------------------------
+
+  /** @internal Resolves when the changes pending now are acknowledged (see
+   * `client.waitForPendingWrites`). @returns {Promise<void>} */
+  _waitForPending() {
+    if (this.#closed) return Promise.resolve();
+    /** @type {Map<string, number>} */ const versions = new Map();
+    for (const k of this.dirtyKeys()) versions.set(k, this.#state.records[k].version);
+    if (versions.size === 0) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      this.#waiters.add({ versions, resolve, reject });
+      this.#checkWaiters();
+    });
+  }
+
+  /** Settles the waiters whose changes are all acknowledged (or dropped), or one of which is
+   * set aside. */
+  #checkWaiters() {
+    for (const w of this.#waiters) {
+      let open = false;
+      for (const [k, v] of w.versions) {
+        const r = this.#rec(k);
+        if (!r || !r.dirty || (this.#acked.get(k) ?? -1) >= v) continue;
+        if (r.setAside) {
+          this.#waiters.delete(w);
+          const a = r.setAside;
+          w.reject(new TandemError(a.code, `${k}: ${a.message}; the change is set aside and will not be sent`, { limit: a.limit, max: a.max, key: k }));
+          open = true;
+          break;
+        }
+        open = true;
+        break;
+      }
+      if (!open) {
+        this.#waiters.delete(w);
+        w.resolve();
+      }
+    }
+    if (this.#waiters.size === 0) this.#acked.clear();
+  }
+
+  /** @internal Sign-out (`client.wipe`): forgets the local state; the handle is closed. */
+  _wipe() {
+    clearTimeout(this.#autoTimer);
+    this.#state = emptyState();
+    this.#lastPending = 0;
+    this.#snap = null;
+    this.#version += 1;
+    const wasOpen = !this.#closed;
+    this.#closed = true;
+    this.#subscribed = false;
+    for (const w of this.#waiters) w.reject(new TandemError('closed', `dataset ${this.#owner}/${this.#name} was wiped`));
+    this.#waiters.clear();
+    if (wasOpen) this.emit('close');
+  }
 
   /** @internal Resolves when the state is written to the store. */
   async _flush() {
@@ -1845,6 +2312,7 @@ export class Dataset extends Emitter {
       if (local.value !== null) changed.push(k);
     }
     st.syncCount = Math.max(st.syncCount, syncCount);
+    if (kind === 'push') this.#io.synced(false);
     this.#pendingChanged();
     this.#bump(true);
     this.#persist().catch(() => {});
@@ -1867,7 +2335,7 @@ export class Dataset extends Emitter {
     // Usually base equals our count. A base below it (a conflated delta whose first commit
     // this copy already has from its own ack) is as good: the delta holds the newest version
     // of every key changed after base, so it also covers everything after our count.
-    this.#applyChanges(base, syncCount, records, false);
+    if (this.#applyChanges(base, syncCount, records, false)) this.#io.synced(false);
   }
 
   /**
@@ -2168,6 +2636,7 @@ export class Dataset extends Emitter {
     const r = this.#rec(key);
     if (!r || !r.dirty || r.setAside) return;
     r.setAside = { code: why.code, limit: why.limit, max: why.max, message: why.message };
+    if (this.#waiters.size) this.#checkWaiters();
     this.#persist().catch(() => {});
     this.emit('error', new TandemError(why.code, `${key}: ${why.message}; the change is set aside (discard(key) drops it)`, { limit: why.limit, max: why.max, key, server }));
   }
@@ -2251,6 +2720,7 @@ export class Dataset extends Emitter {
   }
 
   #pendingChanged() {
+    if (this.#waiters.size) this.#checkWaiters();
     const n = this.pending;
     if (n !== this.#lastPending) {
       this.#lastPending = n;
@@ -2306,9 +2776,11 @@ export class Dataset extends Emitter {
       if (keys.length === 0) break;
       const { patches, versions } = this.#batch(keys, oneByOne);
       let reply;
+      this.#io.uploading(1);
       try {
         reply = await this.#io.request({ type: 'update', dataset: this.#ref(), deviceId: this.#io.deviceId, patches });
       } catch (e) {
+        this.#io.uploading(-1);
         if (!(e instanceof TandemError) || !e.server) throw e;
         // A limit the server did not announce: learnt from `max`, then split or set aside by it.
         if (this.#io.learn(e.limit, e.max)) {
@@ -2325,6 +2797,7 @@ export class Dataset extends Emitter {
         }
         throw e;
       }
+      this.#io.uploading(-1);
       if (reply.type === 'ack') {
         this.#applyAck(reply, versions);
         pushed += patches.length;
@@ -2388,6 +2861,7 @@ export class Dataset extends Emitter {
         }
         continue;
       }
+      if (this.#waiters.size) this.#acked.set(k, Math.max(this.#acked.get(k) ?? -1, version));
       // A remove of a key the server did not have writes nothing: the key is absent (0).
       local.syncCount = rec ? rec.syncCount : 0;
       if (local.version !== version) continue; // edited again meanwhile: still dirty, rebased
@@ -2398,6 +2872,7 @@ export class Dataset extends Emitter {
     // Only when nobody else committed in between do we know the whole dataset at this count;
     // otherwise the push (or the next snapshot) brings the others' changes.
     if (ack.syncCount === st.syncCount + 1) st.syncCount = ack.syncCount;
+    this.#io.synced(true);
     this.#pendingChanged();
     this.#bump(true);
     this.#persist().catch(() => {});

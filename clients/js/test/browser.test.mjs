@@ -244,3 +244,164 @@ test('without dev mode the demo says where tokens come from', async (t) => {
     await plain.close();
   }
 });
+
+/** The shared browser, launched on first use. */
+async function launched() {
+  browser ??= await chromium.launch({
+    executablePath: chromiumPath(),
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking'],
+  });
+  return browser;
+}
+
+/** What the page's IndexedDB cache holds for `user`, read with the SDK the server serves. */
+const cachedFor = (page, user) =>
+  page.evaluate(async (u) => {
+    const { IndexedDBStore } = await import('/sdk/tandem.js');
+    return (await new IndexedDBStore().list(u)).map((r) => `${r.owner}/${r.name}`);
+  }, user);
+
+test('sign-out with a pending write warns and keeps it; once synced, sign-out empties the cache', async (t) => {
+  mkdirSync(artifacts, { recursive: true });
+  const ctx = await (await launched()).newContext({ viewport: { width: 640, height: 720 } });
+  const page = await ctx.newPage();
+  page.on('pageerror', (e) => t.diagnostic(`page error: ${e.message}`));
+  const list = `signout-${Date.now()}`;
+  await page.goto(`${server.httpUrl}/?board=erin/${list}&user=erin`);
+  await page.waitForSelector('#conn[data-state="online"]');
+  await page.waitForSelector('#list:not([hidden])');
+  await add(page, 'synced item');
+  await page.waitForSelector('#pending[data-count="0"]');
+
+  await ctx.setOffline(true);
+  await page.waitForSelector('#conn[data-state="offline"]', { timeout: 5000 });
+  await add(page, 'unsynced item');
+  await page.waitForSelector('#pending[data-count="1"]');
+  await page.click('#signout');
+  const warning = await page.waitForSelector('#signout-warning:not([hidden])', { timeout: 2000 });
+  assert.match(await warning.textContent(), new RegExp(`1 change is not synced yet \\(erin/${list}\\).*deletes it from this device`));
+  await page.screenshot({ path: join(artifacts, 'signout-warning.png'), fullPage: true });
+  // Nothing was deleted: the list and the cache are still there.
+  assert.deepEqual(await cachedFor(page, 'erin'), [`erin/${list}`]);
+  await page.click('#signout-cancel');
+  await page.waitForSelector('#signout-warning', { state: 'hidden' });
+  assert.deepEqual(await items(page), [
+    ['synced item', 'false'],
+    ['unsynced item', 'false'],
+  ]);
+
+  // The warning again, then the device comes back: it goes once the change is synced.
+  await page.click('#signout');
+  await page.waitForSelector('#signout-warning:not([hidden])');
+  await ctx.setOffline(false);
+  await page.waitForSelector('#pending[data-count="0"]', { timeout: 10_000 });
+  await page.waitForSelector('#signout-warning', { state: 'hidden', timeout: 2000 });
+  await page.click('#signout');
+  await page.waitForSelector('#message:has-text("Signed out")', { timeout: 2000 });
+  assert.deepEqual(await cachedFor(page, 'erin'), [], "erin's cache is gone from this profile");
+  await page.screenshot({ path: join(artifacts, 'signed-out.png'), fullPage: true });
+  t.diagnostic(`screenshots signout-warning.png, signed-out.png in ${artifacts}`);
+
+  // A forced sign-out loses the pending write, as the warning says.
+  const page2 = await ctx.newPage();
+  await page2.goto(`${server.httpUrl}/?board=frank/${list}&user=frank`);
+  await page2.waitForSelector('#list:not([hidden])');
+  await page2.waitForSelector('#conn[data-state="online"]');
+  await ctx.setOffline(true);
+  await page2.waitForSelector('#conn[data-state="offline"]', { timeout: 5000 });
+  await add(page2, 'lost on purpose');
+  await page2.waitForSelector('#pending[data-count="1"]');
+  await page2.click('#signout');
+  await page2.click('#signout-force');
+  await page2.waitForSelector('#message:has-text("Signed out")', { timeout: 2000 });
+  assert.deepEqual(await cachedFor(page2, 'frank'), []);
+  await ctx.setOffline(false);
+  // The server never got it.
+  const check = await (await launched()).newContext();
+  const p3 = await check.newPage();
+  await p3.goto(`${server.httpUrl}/?board=frank/${list}&user=frank`);
+  await p3.waitForSelector('#conn[data-state="online"]');
+  await p3.waitForSelector('#synced:not([data-synced-at=""])');
+  assert.deepEqual(await items(p3), []);
+  await Promise.all([ctx.close(), check.close()]);
+});
+
+test('the sync-status pill follows lastSyncedAt', async (t) => {
+  mkdirSync(artifacts, { recursive: true });
+  const ctx = await (await launched()).newContext({ viewport: { width: 640, height: 720 } });
+  const page = await ctx.newPage();
+  page.on('pageerror', (e) => t.diagnostic(`page error: ${e.message}`));
+  await page.goto(`${server.httpUrl}/?board=gina/status-${Date.now()}&user=gina`);
+  await page.waitForSelector('#list:not([hidden])');
+  const pill = async () => ({
+    at: await page.getAttribute('#synced', 'data-synced-at'),
+    text: await page.textContent('#synced'),
+    status: await page.evaluate(() => window.tandem.client.status.lastSyncedAt),
+  });
+  await page.waitForSelector('#synced:not([data-synced-at=""])', { timeout: 5000 });
+  await add(page, 'first');
+  await page.waitForSelector('#pending[data-count="0"]');
+  await until(async () => (await pill()).at === String((await pill()).status), 2000, 'the pill to show the status');
+  const first = await pill();
+  const firstAt = Number(first.at);
+  assert.ok(firstAt > 0);
+  assert.equal(first.text, `synced ${await page.evaluate((ms) => new Date(ms).toLocaleTimeString(), firstAt)}`);
+
+  // Offline: a write does not move it.
+  await ctx.setOffline(true);
+  await page.waitForSelector('#conn[data-state="offline"]', { timeout: 5000 });
+  await page.waitForTimeout(1100); // so that the next sync shows a later time of day
+  await add(page, 'second');
+  await page.waitForSelector('#pending[data-count="1"]');
+  assert.equal((await pill()).at, first.at, 'unchanged while offline');
+  await page.screenshot({ path: join(artifacts, 'status-pill-offline.png'), fullPage: true });
+
+  // Back online: the write is acknowledged and the pill moves on to the new lastSyncedAt.
+  await ctx.setOffline(false);
+  await page.waitForSelector('#pending[data-count="0"]', { timeout: 10_000 });
+  await until(async () => Number((await pill()).at) > firstAt, 2000, 'the pill to move on');
+  const later = await pill();
+  assert.equal(later.at, String(later.status), 'the pill shows client.status.lastSyncedAt');
+  assert.notEqual(later.text, first.text);
+  await page.screenshot({ path: join(artifacts, 'status-pill.png'), fullPage: true });
+  t.diagnostic(`pill: ${first.text} → ${later.text}; screenshots status-pill-offline.png, status-pill.png in ${artifacts}`);
+  await ctx.close();
+});
+
+test('IndexedDBStore lists and removes by identity; wipe() in the browser', async () => {
+  const ctx = await (await launched()).newContext();
+  const page = await ctx.newPage();
+  await page.goto(`${server.httpUrl}/demo/index.html`);
+  const out = await page.evaluate(async () => {
+    const { IndexedDBStore, TandemClient } = await import('/sdk/tandem.js');
+    const store = new IndexedDBStore({ name: 'store-test' });
+    const state = { syncCount: 1, records: { k: { value: 'v', syncCount: 1, dirty: true, version: 1 } } };
+    await store.save({ identity: 'alice', owner: 'alice', name: 'a' }, state);
+    await store.save({ identity: 'alice', owner: 'bob', name: 'shared' }, state);
+    await store.save({ identity: 'alice2', owner: 'alice2', name: 'a' }, state);
+    await store.save({ identity: 'bob', owner: 'bob', name: 'shared' }, state);
+    const names = async (id) => (await store.list(id)).map((r) => `${r.owner}/${r.name}`).sort();
+    const listed = { alice: await names('alice'), bob: await names('bob') };
+    await store.remove({ identity: 'alice', owner: 'bob', name: 'shared' });
+    const afterRemove = await names('alice');
+    // A client over this store, started with the network refused: wipe needs no server.
+    const client = TandemClient.connect('ws://127.0.0.1:9/v1/sync', 'token', { identity: 'alice', store, watchNetwork: false });
+    let refused = null;
+    try {
+      await client.wipe();
+    } catch (e) {
+      refused = e.code;
+    }
+    const removed = (await client.wipe({ force: true })).map((r) => `${r.owner}/${r.name}`);
+    return { listed, afterRemove, refused, removed, alice: await names('alice'), alice2: await names('alice2'), bob: await names('bob'), state: client.state };
+  });
+  assert.deepEqual(out.listed, { alice: ['alice/a', 'bob/shared'], bob: ['bob/shared'] });
+  assert.deepEqual(out.afterRemove, ['alice/a']);
+  assert.equal(out.refused, 'pending_writes');
+  assert.deepEqual(out.removed, ['alice/a']);
+  assert.deepEqual(out.alice, []);
+  assert.deepEqual(out.alice2, ['alice2/a'], 'a prefix of the identity is another identity');
+  assert.deepEqual(out.bob, ['bob/shared']);
+  assert.equal(out.state, 'closed');
+  await ctx.close();
+});

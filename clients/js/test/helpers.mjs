@@ -169,12 +169,15 @@ export function uniqueName(prefix = 'ds') {
  * network is down its token provider fails, so reconnect attempts fail too.
  * `startDown`: the network is down from the start (the client has never been online).
  * `stripReady`: fields to delete from `ready` frames, as from a server that does not send them.
- * @param {{ startDown?: boolean, stripReady?: string[] }} [net]
+ * `patchReady`: fields to set in `ready` frames, as from a server that sends other values
+ * (e.g. `{ protocol: 2 }`: no server speaking another protocol version exists yet).
+ * @param {{ startDown?: boolean, stripReady?: string[], patchReady?: object }} [net]
  */
 export function controlledClient(server, sub, options = {}, net = {}) {
   const sockets = [];
   const state = { up: !net.startDown };
   const strip = net.stripReady ?? [];
+  const patch = net.patchReady ?? null;
   class TrackedWebSocket extends WebSocketImpl {
     constructor(...args) {
       super(...args);
@@ -182,10 +185,11 @@ export function controlledClient(server, sub, options = {}, net = {}) {
     }
     set onmessage(fn) {
       super.onmessage = (ev) => {
-        if (strip.length && typeof ev.data === 'string' && ev.data.includes('"ready"')) {
+        if ((strip.length || patch) && typeof ev.data === 'string' && ev.data.includes('"ready"')) {
           const frame = JSON.parse(ev.data);
           if (frame.type === 'ready') {
             for (const f of strip) delete frame[f];
+            Object.assign(frame, patch ?? {});
             return fn({ data: JSON.stringify(frame) });
           }
         }

@@ -354,6 +354,61 @@ test('S6.1 client.pending counts the pending writes of closed datasets too', asy
   await c.close();
 });
 
+test('S6.2 wipe refuses while writes are pending; forced, it deletes every cached dataset of the identity', async () => {
+  const store = new MemoryStore();
+  const [n1, n2] = [uniqueName(), uniqueName()];
+  const c = await onlineClient(server, 'alice', { store });
+  const d = await c.open(n1);
+  await d.put('k', 'v');
+  await (await c.open(n2)).close();
+  await assert.rejects(c.wipe(), (e) => e.code === 'pending_writes' && /^1 local change not yet synced/.test(e.message));
+  assert.equal((await store.list('alice')).length > 0, true, 'nothing deleted');
+  assert.equal(d.get('k'), 'v');
+  await c.wipe({ force: true });
+  assert.deepEqual(await store.list('alice'), []);
+  const again = client(server, 'alice', { store });
+  await again.pause(); // the local cache only: nothing may come back from the server
+  const d2 = await again.open(n1);
+  assert.deepEqual([...d2.records()], [], 'reopening reads nothing');
+  await again.close();
+  // With nothing pending, an unforced wipe succeeds.
+  const c3 = await onlineClient(server, 'alice', { store });
+  await (await c3.open(n2)).put('k', 'v');
+  await c3.flush();
+  assert.equal((await c3.wipe()).length, 1);
+});
+
+test('S6.3 sign-out with a pending write: refused and kept, sent after reconnecting, then wiped', async () => {
+  const name = uniqueName();
+  const store = new MemoryStore();
+  const ctl = controlledClient(server, 'alice', { store });
+  await ctl.client.waitOnline(5000);
+  const d = await ctl.client.open(name);
+  ctl.cut();
+  await d.put('draft', '1');
+  assert.equal(ctl.client.status.pending, 1);
+  // The app asks to sign out: refused, naming the dataset and the count; nothing deleted.
+  await assert.rejects(ctl.client.wipe(), (e) => {
+    assert.equal(e.code, 'pending_writes');
+    assert.deepEqual(e.keys, [`alice/${name}`]);
+    assert.match(e.message, /^1 local change not yet synced/);
+    return true;
+  });
+  assert.equal(d.get('draft'), '1');
+  assert.deepEqual(await store.list('alice'), [{ owner: 'alice', name }]);
+  // The app waits for the write instead; the reconnect sends it (no sync call here).
+  const waited = ctl.client.waitForPendingWrites({ timeoutMs: 10_000 });
+  ctl.restore();
+  await waited;
+  assert.equal(ctl.client.status.pending, 0);
+  await ctl.client.wipe();
+  assert.deepEqual(await store.list('alice'), []);
+  assert.equal(ctl.client.state, 'closed');
+  const b = await onlineClient(server, 'alice');
+  assert.deepEqual([...(await b.open(name)).records()], [['draft', '1']], 'the write reached the server before the wipe');
+  await b.close();
+});
+
 // --- handles and listeners -----------------------------------------------------------------
 
 test('H1 onSnapshot: one stable snapshot per version, for local, other-tab and remote changes', async () => {

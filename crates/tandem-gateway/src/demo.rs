@@ -1,5 +1,10 @@
 //! The demo page and the JS SDK, embedded in the binary, and the dev-mode token endpoint.
 //! Minting tokens over HTTP exists only when the operator asked for dev mode explicitly.
+//!
+//! The SDK is served twice: `/sdk/tandem.js`, the readable source, never cached, and
+//! `/sdk/{version}/tandem.js`, the minified build (`clients/js/dist`, committed and checked
+//! by the JS tests, so that building the server needs no node), cached for good because its
+//! path changes with every version.
 
 use crate::Gateway;
 use axum::extract::{Path, Query, State};
@@ -14,6 +19,17 @@ const INDEX_HTML: &str = include_str!("demo/index.html");
 const APP_JS: &str = include_str!("demo/app.js");
 const STYLE_CSS: &str = include_str!("demo/style.css");
 const SDK_JS: &str = include_str!("../../../clients/js/src/tandem.js");
+const SDK_MIN_JS: &str = include_str!("../../../clients/js/dist/tandem.min.js");
+const SDK_MIN_JS_GZ: &[u8] = include_bytes!("../../../clients/js/dist/tandem.min.js.gz");
+
+/// The SDK's version, as its source states it (`export const VERSION = '…';`).
+fn sdk_version() -> &'static str {
+    const MARK: &str = "export const VERSION = '";
+    SDK_JS
+        .split_once(MARK)
+        .and_then(|(_, rest)| rest.split_once('\''))
+        .map_or("", |(version, _)| version)
+}
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
     (
@@ -32,6 +48,51 @@ pub(crate) async fn index() -> Response {
 
 pub(crate) async fn sdk() -> Response {
     asset("text/javascript; charset=utf-8", SDK_JS)
+}
+
+/// `GET /sdk/{version}/tandem.js`: the minified SDK of this version (other versions: 404),
+/// gzip-encoded when the client accepts it.
+pub(crate) async fn sdk_versioned(Path(version): Path<String>, headers: HeaderMap) -> Response {
+    if version != sdk_version() {
+        return (
+            StatusCode::NOT_FOUND,
+            format!(
+                "this server has the JS SDK {} only: /sdk/{}/tandem.js",
+                sdk_version(),
+                sdk_version()
+            ),
+        )
+            .into_response();
+    }
+    let gzip = headers
+        .get(header::ACCEPT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(accepts_gzip);
+    let common = [
+        (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+        (header::CACHE_CONTROL, "public, max-age=31536000, immutable"),
+        (header::VARY, "accept-encoding"),
+    ];
+    if gzip {
+        (common, [(header::CONTENT_ENCODING, "gzip")], SDK_MIN_JS_GZ).into_response()
+    } else {
+        (common, SDK_MIN_JS).into_response()
+    }
+}
+
+/// Whether an `Accept-Encoding` value allows gzip (`gzip` or `*`, without `q=0`).
+fn accepts_gzip(value: &str) -> bool {
+    value.split(',').any(|part| {
+        let mut it = part.split(';');
+        let coding = it.next().unwrap_or("").trim();
+        let refused = it.any(|p| {
+            p.trim()
+                .strip_prefix("q=")
+                .and_then(|q| q.trim().parse::<f32>().ok())
+                .is_some_and(|q| q == 0.0)
+        });
+        (coding.eq_ignore_ascii_case("gzip") || coding == "*") && !refused
+    })
 }
 
 pub(crate) async fn file(Path(name): Path<String>) -> Response {
@@ -73,5 +134,32 @@ pub(crate) async fn token(
             let e = crate::AuthError::from(e);
             crate::error_response(StatusCode::BAD_REQUEST, e.code(), e.to_string())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sdk_version_is_read_from_the_source_and_names_the_minified_build() {
+        let v = sdk_version();
+        assert!(!v.is_empty() && v.split('.').count() == 3, "version {v:?}");
+        // The minified build starts with a banner naming its version: built from this source.
+        assert!(
+            SDK_MIN_JS.starts_with("/*! @tandem/client ") && SDK_MIN_JS.contains(&format!(" {v} ")),
+            "clients/js/dist/tandem.min.js is not the build of version {v}: run `npm run build` in clients/js"
+        );
+        assert_eq!(&SDK_MIN_JS_GZ[..2], &[0x1f, 0x8b], "gzip magic");
+    }
+
+    #[test]
+    fn accept_encoding() {
+        assert!(accepts_gzip("gzip"));
+        assert!(accepts_gzip("br, GZIP;q=0.5"));
+        assert!(accepts_gzip("*"));
+        assert!(!accepts_gzip("identity"));
+        assert!(!accepts_gzip("gzip;q=0"));
+        assert!(!accepts_gzip("br"));
     }
 }

@@ -183,6 +183,7 @@ impl Gateway {
             )
             .route("/demo/{file}", get(demo::file))
             .route("/sdk/tandem.js", get(demo::sdk))
+            .route("/sdk/{version}/tandem.js", get(demo::sdk_versioned))
             .route("/health", get(health))
             .route("/ready", get(ready))
             .route("/metrics", get(metrics_text))

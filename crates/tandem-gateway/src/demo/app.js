@@ -60,8 +60,8 @@ async function main() {
 
   $('board').textContent = `${owner}/${name}`;
   $('who').hidden = false;
-  $('who').innerHTML = '';
-  $('who').append('You are ', Object.assign(document.createElement('strong'), { textContent: user }), mine ? ' (owner).' : ` (shared by ${owner}).`);
+  $('who-text').innerHTML = '';
+  $('who-text').append('You are ', Object.assign(document.createElement('strong'), { textContent: user }), mine ? ' (owner).' : ` (shared by ${owner}).`);
   document.title = `${owner}/${name} · Tandem demo`;
 
   try {
@@ -94,6 +94,10 @@ async function main() {
   };
   showState(client.state);
   client.on('state', showState);
+  // The sync-status pill follows the client's status: uploading, or when the server last
+  // confirmed this device's copy (lastSyncedAt).
+  client.onStatus(showSyncStatus);
+  setUpSignOut(client);
 
   // Open the list; until the owner shares it, the server refuses (forbidden): wait and retry.
   await client.waitOnline(3000).catch(() => {});
@@ -178,6 +182,58 @@ async function main() {
   }
 }
 
+function showSyncStatus(status) {
+  const pill = $('synced');
+  pill.dataset.syncedAt = status.lastSyncedAt === null ? '' : String(status.lastSyncedAt);
+  pill.dataset.uploading = String(status.uploading);
+  pill.textContent = status.uploading
+    ? 'uploading…'
+    : status.lastSyncedAt === null
+      ? 'not synced yet'
+      : `synced ${new Date(status.lastSyncedAt).toLocaleTimeString()}`;
+  // A sign-out warning goes once nothing is left unsynced.
+  if (!$('signout-warning').hidden && status.pending === 0) {
+    $('signout-warning').hidden = true;
+    log('all changes synced: signing out is safe now');
+  }
+}
+
+/** Sign-out deletes this user's data from the device; with unsynced changes it warns first. */
+function setUpSignOut(client) {
+  const button = $('signout');
+  button.hidden = false;
+  const signedOut = (removed) => {
+    $('list').hidden = true;
+    $('signout-warning').hidden = true;
+    button.hidden = true;
+    showMessage(`Signed out: ${removed.length} list${removed.length === 1 ? '' : 's'} of ${user} deleted from this device.`, 'info');
+    $('conn').dataset.state = 'closed';
+    $('conn').textContent = 'signed out';
+  };
+  button.addEventListener('click', async () => {
+    try {
+      signedOut(await client.wipe());
+    } catch (e) {
+      if (e.code !== 'pending_writes') {
+        log(`cannot sign out: ${e.message}`, 'error');
+        return;
+      }
+      const n = client.status.pending;
+      $('signout-text').textContent =
+        `${n} change${n === 1 ? ' is' : 's are'} not synced yet (${e.keys.join(', ')}). ` +
+        `${n === 1 ? 'It reaches' : 'They reach'} the server when this device is online again. ` +
+        `Signing out now deletes ${n === 1 ? 'it' : 'them'} from this device.`;
+      $('signout-warning').hidden = false;
+    }
+  });
+  $('signout-cancel').addEventListener('click', () => {
+    $('signout-warning').hidden = true;
+  });
+  $('signout-force').addEventListener('click', async () => {
+    signedOut(await client.wipe({ force: true }));
+  });
+}
+
 /** Renders the list in place, keyed by record, leaving an input being edited alone. */
 function renderer(ds) {
   const ul = $('items');
@@ -248,6 +304,7 @@ if (!user) {
   $('chooser').hidden = false;
   $('conn').hidden = true;
   $('pending').hidden = true;
+  $('synced').hidden = true;
 } else {
   main().catch((e) => {
     console.error(e);
