@@ -46,12 +46,14 @@ mod connection;
 mod deleted;
 mod error;
 mod limits;
+mod status;
 
-pub use cache::{DatasetCache, LocalRecord};
+pub use cache::{CachedDataset, DatasetCache, LocalRecord};
 pub use client::{Client, ClientBuilder, Dataset, DatasetEvent, Status, SyncOutcome};
 pub use conflict::{ConflictCase, ConflictHandler, Resolution};
 pub use connection::{Closed, Connection, HistoryPage, Snapshot, UpdateResult};
 pub use deleted::{DeletedPolicy, OnDatasetDeleted};
 pub use error::ClientError;
 pub use limits::{Limits, SetAside};
+pub use status::SyncStatus;
 pub use tandem_protocol as protocol;
