@@ -730,7 +730,7 @@ impl Inner {
     /// The connection state, and `connected` in the sync status with it.
     fn set_status(&self, status: Status) {
         let connected = status == Status::Online;
-        self.status.send_replace(status);
+        // The sync status first: whoever waited for the state reads a status to match.
         self.sync_status.send_if_modified(|s| {
             let changed = s.connected != connected || (connected && s.last_error.is_some());
             s.connected = connected;
@@ -739,6 +739,7 @@ impl Inner {
             }
             changed
         });
+        self.status.send_replace(status);
     }
 
     /// In step with the server on some dataset now.
