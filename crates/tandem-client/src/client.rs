@@ -397,7 +397,8 @@ impl Client {
     }
 
     /// Opens one of this identity's datasets (or another owner's, with `DatasetRef::new`).
-    /// Works offline from the cache; when online it subscribes and merges the server's state.
+    /// Works offline from the cache; when online it subscribes, merges the server's state and
+    /// sends the changes the cache holds pending (from before a `close`, or an earlier run).
     /// Opening a dataset whose access was revoked follows it again if it was shared again;
     /// if not, the handle is returned all the same (still revoked, local data readable).
     pub async fn open(
@@ -453,7 +454,18 @@ impl Client {
         if let Some(conn) = self.inner.current() {
             let was_revoked = shared.revoked.load(Ordering::SeqCst);
             match subscribe(&self.inner, &conn, &shared).await {
-                Ok(()) => {}
+                Ok(()) => {
+                    // Changes left pending (by an earlier run, or before a close) are sent
+                    // now, as the reconnect does for the datasets open then.
+                    if shared.state.lock().dirty_count() > 0 {
+                        let (inner, shared) = (self.inner.clone(), shared.clone());
+                        tokio::spawn(async move {
+                            if let Err(e) = sync(&inner, &shared).await {
+                                tracing::debug!(dataset = ?shared.dataset, error = %e, "sending pending changes on open failed");
+                            }
+                        });
+                    }
+                }
                 Err(e) if was_revoked && e.code() == Some(ErrorCode::Forbidden) => {}
                 Err(e @ ClientError::Server { .. }) => return Err(e),
                 Err(e) => tracing::debug!(error = %e, "subscribe failed; staying offline"),
@@ -2292,6 +2304,11 @@ async fn serve_connection(
     mut events: tokio::sync::mpsc::UnboundedReceiver<ServerFrame>,
 ) -> Option<String> {
     let mut paused = inner.paused.subscribe();
+    if *paused.borrow_and_update() {
+        // Paused while this connection was being made.
+        conn.send_close();
+        return None;
+    }
     let datasets: Vec<Arc<Shared>> = inner.datasets.lock().values().cloned().collect();
     // Pushes queue up in `events` meanwhile; they are applied in order afterwards.
     // Online only now: datasets opened from here on subscribe themselves, the ones above
