@@ -1169,3 +1169,42 @@ async fn test_sdk_cached_datasets_and_wipe_of_one_identity() {
     bob.wipe().await.unwrap();
     assert!(bob.cached_datasets().await.unwrap().is_empty());
 }
+
+/// Auto-sync after a remote delete: what the `KeepAll` policy kept is sent by itself, so the
+/// dataset is re-created with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sdk_auto_sync_re_creates_a_deleted_dataset_with_what_its_policy_kept() {
+    let server = TestServer::start();
+    let alice = Client::builder(server.url(), "alice")
+        .token(server.token("alice"))
+        .auto_sync(true)
+        .on_dataset_deleted(tandem_client::DeletedPolicy::KeepAll)
+        .start()
+        .unwrap();
+    alice.wait_online(WAIT).await.unwrap();
+    let ds = alice
+        .open(DatasetRef::own("notes"), ConflictHandler::default())
+        .await
+        .unwrap();
+    ds.put("kept", "1").unwrap();
+    wait_until(WAIT, "the put to be auto-synced", || ds.pending() == 0).await;
+    let mut events = ds.events();
+    server
+        .connect("alice")
+        .await
+        .delete_dataset(DatasetRef::own("notes"))
+        .await
+        .unwrap();
+    wait_event(&mut events, |e| {
+        matches!(e, DatasetEvent::Deleted { .. }).then_some(())
+    })
+    .await;
+    wait_until(WAIT, "the kept copy to be auto-synced", || {
+        ds.pending() == 0
+    })
+    .await;
+    assert_eq!(
+        server_records(&server, "alice", "notes").await,
+        [("kept".to_owned(), "1".to_owned())]
+    );
+}

@@ -2116,7 +2116,12 @@ fn on_deleted(inner: &Arc<Inner>, conn: &Arc<Connection>, shared: Arc<Shared>, s
     let (inner, conn) = (inner.clone(), conn.clone());
     tokio::spawn(async move {
         match subscribe(&inner, &conn, &shared).await {
-            Ok(()) => {}
+            // What the policy kept is pending: auto-sync re-creates the dataset with it.
+            Ok(()) => {
+                if shared.state.lock().dirty_count() > 0 {
+                    shared.schedule_auto_sync();
+                }
+            }
             Err(e) if e.code() == Some(ErrorCode::Forbidden) => shared.revoke(),
             // The reconnect follows it again.
             Err(e) => {
