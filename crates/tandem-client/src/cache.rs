@@ -131,6 +131,9 @@ pub(crate) struct Cache {
     /// `cache_dir/<identity>`; `None` keeps everything in `memory`.
     dir: Option<PathBuf>,
     memory: parking_lot::Mutex<HashMap<(String, String), DatasetCache>>,
+    /// Saves done, for the tests of the background saver.
+    #[cfg(test)]
+    pub(crate) saves: std::sync::atomic::AtomicUsize,
 }
 
 /// Makes any string safe as one path component (identities and owners are arbitrary).
@@ -173,6 +176,8 @@ impl Cache {
         Cache {
             dir: root.map(|r| r.join(component(identity))),
             memory: parking_lot::Mutex::new(HashMap::new()),
+            #[cfg(test)]
+            saves: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -197,6 +202,8 @@ impl Cache {
     }
 
     pub(crate) fn save(&self, owner: &str, name: &str, data: &DatasetCache) -> std::io::Result<()> {
+        #[cfg(test)]
+        self.saves.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let Some(path) = self.path(owner, name) else {
             let key = (owner.to_owned(), name.to_owned());
             self.memory.lock().insert(key, data.clone());

@@ -2431,6 +2431,56 @@ mod tests {
         )
     }
 
+    /// Remote changes are written by the background saver: the last state reaches the file,
+    /// in fewer writes than changes when they come faster than the disk, and the dataset's
+    /// lock is free while it writes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn test_saver_writes_the_latest_copy_in_batches_off_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        // Never online: nothing listens there.
+        let client = Client::builder("ws://127.0.0.1:1/v1/sync", "alice")
+            .token("t")
+            .cache_dir(dir.path())
+            .backoff(Duration::from_secs(10), Duration::from_secs(10))
+            .start()
+            .unwrap();
+        let ds = client
+            .open(DatasetRef::own("list"), ConflictHandler::default())
+            .await
+            .unwrap();
+        let (inner, shared) = (&ds.inner, &ds.shared);
+        let changes: u64 = 200;
+        for n in 1..=changes {
+            let value = n.to_string();
+            shared.merge(n, vec![record("k", Some(&value), n)], false);
+            inner.changed(shared, &shared.state.lock());
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let on_disk = inner.cache.load("alice", "list").unwrap();
+            if on_disk.sync_count == changes {
+                assert_eq!(on_disk.records["k"].value.as_deref(), Some("200"));
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the last state never got written"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let saves = inner.cache.saves.load(Ordering::SeqCst);
+        assert!(
+            saves < changes as usize,
+            "{saves} writes for {changes} changes"
+        );
+        // A write in progress does not hold the dataset's lock: hold the saver's turn and
+        // the state is still free.
+        let turn = shared.written.lock();
+        assert!(shared.state.try_lock().is_some());
+        drop(turn);
+        client.shutdown().await;
+    }
+
     fn record(key: &str, value: Option<&str>, sync_count: u64) -> Record {
         Record {
             key: key.to_owned(),
