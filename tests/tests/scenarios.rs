@@ -225,7 +225,29 @@ async fn deleted_event(events: &mut broadcast::Receiver<DatasetEvent>) -> Delete
     .await
 }
 
-// S3.1 needs auto-sync, which the Rust SDK does not have (issue 14, item 6).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_1_a_put_after_the_delete_with_auto_sync_re_creates_the_dataset() {
+    let server = TestServer::start();
+    let one = Device::with(&server, "alice", false, |b| b.auto_sync(true)).await;
+    let d = one.open("alice", "list").await;
+    d.put("kept", "clean").unwrap();
+    until("the first put to be auto-synced", || d.pending() == 0).await;
+    let two = Device::new(&server, "alice").await;
+    let mut events = d.events();
+    delete(&server, "list").await;
+    assert_eq!(deleted_event(&mut events).await, DeletedPolicy::KeepPending);
+    assert_eq!(d.get("kept"), None);
+    d.put("after", "1").unwrap();
+    until("the put after the delete to be auto-synced", || {
+        d.pending() == 0
+    })
+    .await;
+    let o = two.open("alice", "list").await;
+    until("device 2 to read it", || {
+        o.get("after").as_deref() == Some("1")
+    })
+    .await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_2_a_put_after_the_delete_made_offline_is_sent_by_the_reconnect_catch_up() {
@@ -535,6 +557,64 @@ async fn s5_6_changes_larger_together_than_max_frame_bytes_go_in_several_updates
     assert_eq!((limit, max), (LimitCode::MaxFrameBytes, 2048));
 }
 
-// S6 and the handle scenarios (H1, H2) need Dataset::close, client-wide pending counts, local
-// change notifications and snapshots, which the Rust SDK does not have yet (issue 14, items
-// 4 to 6).
+// --- S6 sign-out with pending writes --------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s6_1_pending_writes_of_closed_datasets_still_count() {
+    let server = TestServer::start();
+    let a = Device::new(&server, "alice").await;
+    let d1 = a.open("alice", "d1").await;
+    let d2 = a.open("alice", "d2").await;
+    d1.put("k", "1").unwrap();
+    d2.put("k", "2").unwrap();
+    d1.close().await.unwrap();
+    assert_eq!(a.client.pending(), 2);
+    assert_eq!(a.client.sync_status().pending, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s6_2_wiping_one_identitys_local_data_refuses_while_writes_are_pending() {
+    let server = TestServer::start();
+    let cache = tempfile::tempdir().unwrap();
+    let a = Device::with(&server, "alice", false, |b| b.cache_dir(cache.path())).await;
+    let other = Device::with(&server, "bob", false, |b| b.cache_dir(cache.path())).await;
+    let theirs = other.open("bob", "d").await;
+    theirs.put("k", "bob's").unwrap();
+    theirs.sync().await.unwrap();
+    let d = a.open("alice", "d").await;
+    d.put("synced", "1").unwrap();
+    d.sync().await.unwrap();
+    a.go_offline().await;
+    d.put("pending", "1").unwrap();
+    // Refused: names the pending count, deletes nothing.
+    assert_eq!(
+        a.client.wipe().await,
+        Err(ClientError::PendingWrites { pending: 1 })
+    );
+    assert!(!d.is_closed());
+    assert_eq!(d.get("pending").as_deref(), Some("1"));
+    assert_eq!(a.client.cached_datasets().await.unwrap().len(), 1);
+    // Forced: every cached dataset of alice goes, bob's stays.
+    a.client.wipe_forced().await.unwrap();
+    assert_eq!(a.client.pending(), 0);
+    let reopened = a.open("alice", "d").await;
+    assert!(reopened.records().is_empty());
+    assert!(
+        a.client
+            .cached_datasets()
+            .await
+            .unwrap()
+            .iter()
+            .all(|c| c.records == 0)
+    );
+    let bobs = other.client.cached_datasets().await.unwrap();
+    assert_eq!(bobs.len(), 1);
+    assert_eq!(bobs[0].records, 1);
+    // Nothing pending: an unforced wipe goes through.
+    reopened.close().await.unwrap();
+    a.client.wipe().await.unwrap();
+    assert!(a.client.cached_datasets().await.unwrap().is_empty());
+}
+
+// S1.2 and the handle scenarios (H1, H2) need local change notifications, snapshots and one
+// conflict handler per handle (issue 14, item 4), which the Rust SDK does not have yet.

@@ -718,3 +718,493 @@ async fn test_sdk_a_regrant_takes_effect_when_the_dataset_is_opened_again() {
     b.sync().await.unwrap();
     assert_eq!(b.pending(), 0);
 }
+
+// --- Issue 14, item 6: the Rust SDK at parity with the JavaScript one ----------------------
+
+/// The next event that `pick` accepts, skipping others.
+async fn wait_event<T>(
+    events: &mut tokio::sync::broadcast::Receiver<DatasetEvent>,
+    mut pick: impl FnMut(DatasetEvent) -> Option<T>,
+) -> T {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(found) = pick(events.recv().await.unwrap()) {
+                return found;
+            }
+        }
+    })
+    .await
+    .expect("the event in time")
+}
+
+/// Sharing without dropping to `Connection`: grant, list, revoke and delete on `Client`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sdk_client_grants_lists_revokes_and_deletes() {
+    let server = TestServer::start();
+    let alice = client(&server, "alice", None);
+    let bob = client(&server, "bob", None);
+    alice.wait_online(WAIT).await.unwrap();
+    bob.wait_online(WAIT).await.unwrap();
+    let a = alice
+        .open(DatasetRef::own("shared"), ConflictHandler::default())
+        .await
+        .unwrap();
+    a.put("k", "1").unwrap();
+    a.sync().await.unwrap();
+    alice.grant("shared", "bob", Access::Write).await.unwrap();
+    let listed = bob.list_datasets().await.unwrap();
+    let row = listed
+        .iter()
+        .find(|d| d.dataset == DatasetRef::new("alice", "shared"))
+        .expect("the shared dataset is listed for bob");
+    assert_eq!((row.access, row.records), (Access::Write, 1));
+    let b = bob
+        .open(
+            DatasetRef::new("alice", "shared"),
+            ConflictHandler::default(),
+        )
+        .await
+        .unwrap();
+    let mut events = b.events();
+    alice.revoke("shared", "bob").await.unwrap();
+    assert_eq!(next_event(&mut events).await, DatasetEvent::Revoked);
+    // Deleting reaches the owner's own open dataset like anyone's.
+    let mut mine = a.events();
+    alice.delete_dataset("shared").await.unwrap();
+    wait_event(&mut mine, |e| {
+        matches!(e, DatasetEvent::Deleted { .. }).then_some(())
+    })
+    .await;
+    assert!(alice.list_datasets().await.unwrap().is_empty());
+    assert!(matches!(
+        alice.grant("no/slash", "bob", Access::Read).await,
+        Err(ClientError::InvalidInput(_))
+    ));
+    alice.shutdown().await;
+    assert_eq!(alice.list_datasets().await, Err(ClientError::Offline));
+}
+
+/// `Dataset::close`: the server stops pushing, edits through the handle are refused, the
+/// pending changes stay (counted by the client) and are sent once the dataset is opened again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sdk_close_stops_following_and_keeps_pending_changes() {
+    let server = TestServer::start();
+    let alice = client(&server, "alice", None);
+    alice.wait_online(WAIT).await.unwrap();
+    let ds = alice
+        .open(DatasetRef::own("notes"), ConflictHandler::default())
+        .await
+        .unwrap();
+    ds.put("synced", "1").unwrap();
+    ds.sync().await.unwrap();
+    ds.put("pending", "2").unwrap();
+    ds.close().await.unwrap();
+    assert!(ds.is_closed());
+    assert_eq!(ds.put("x", "y"), Err(ClientError::DatasetClosed));
+    assert!(matches!(ds.sync().await, Err(ClientError::DatasetClosed)));
+    assert_eq!(
+        alice.pending(),
+        1,
+        "a closed dataset's pending change still counts"
+    );
+    // Unsubscribed: a change from elsewhere no longer reaches the closed copy.
+    let other = server.connect("alice").await;
+    other
+        .update(
+            DatasetRef::own("notes"),
+            None,
+            vec![tandem_protocol::Patch::replace("synced", "elsewhere", 1)],
+        )
+        .await
+        .unwrap();
+    // A reopened handle gets it, proving it was committed; the closed one never did.
+    let again = alice
+        .open(DatasetRef::own("notes"), ConflictHandler::default())
+        .await
+        .unwrap();
+    assert!(!again.is_closed());
+    assert_eq!(
+        again.get("pending").as_deref(),
+        Some("2"),
+        "kept in the cache"
+    );
+    wait_value(&again, "synced", Some("elsewhere")).await;
+    assert_eq!(ds.get("synced").as_deref(), Some("1"));
+    // Opening it again sent the pending change (no sync call).
+    wait_until(WAIT, "the pending change to be sent", || {
+        alice.pending() == 0
+    })
+    .await;
+    let mut stored = server_records(&server, "alice", "notes").await;
+    stored.sort();
+    assert_eq!(
+        stored,
+        [
+            ("pending".to_owned(), "2".to_owned()),
+            ("synced".to_owned(), "elsewhere".to_owned())
+        ]
+    );
+}
+
+/// Pending and synced events: the count as it changes, and what a sync did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sdk_pending_and_synced_events() {
+    let server = TestServer::start();
+    let alice = client(&server, "alice", None);
+    alice.wait_online(WAIT).await.unwrap();
+    let ds = alice
+        .open(DatasetRef::own("notes"), ConflictHandler::default())
+        .await
+        .unwrap();
+    let mut events = ds.events();
+    ds.put("a", "1").unwrap();
+    ds.put("b", "2").unwrap();
+    ds.put("a", "3").unwrap(); // already pending: the count does not change
+    let outcome = ds.sync().await.unwrap();
+    let seen: Vec<DatasetEvent> = std::iter::from_fn(|| events.try_recv().ok()).collect();
+    assert_eq!(
+        seen,
+        [
+            DatasetEvent::Pending { pending: 1 },
+            DatasetEvent::Pending { pending: 2 },
+            DatasetEvent::Pending { pending: 0 },
+            DatasetEvent::Synced(outcome.clone()),
+        ]
+    );
+    assert_eq!(outcome.pushed, 2);
+    // A sync with nothing to send says nothing.
+    ds.sync().await.unwrap();
+    assert!(events.try_recv().is_err());
+}
+
+/// Auto-sync: local edits reach the server without a `sync` call, a burst of them in one
+/// update; turned off, they wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sdk_auto_sync_sends_local_edits_by_itself() {
+    let server = TestServer::start();
+    let alice = Client::builder(server.url(), "alice")
+        .token(server.token("alice"))
+        .auto_sync(true)
+        .auto_sync_delay(Duration::from_millis(200))
+        .start()
+        .unwrap();
+    alice.wait_online(WAIT).await.unwrap();
+    let ds = alice
+        .open(DatasetRef::own("notes"), ConflictHandler::default())
+        .await
+        .unwrap();
+    assert!(ds.auto_sync());
+    for (k, v) in [("a", "1"), ("b", "2"), ("c", "3")] {
+        ds.put(k, v).unwrap();
+    }
+    wait_until(WAIT, "the edits to be sent", || ds.pending() == 0).await;
+    assert_eq!(server_records(&server, "alice", "notes").await.len(), 3);
+    assert_eq!(
+        ds.sync_count(),
+        1,
+        "debounced: the burst went in one update"
+    );
+    ds.set_auto_sync(false);
+    ds.put("d", "4").unwrap();
+    // Nothing sends it now; turning auto-sync on again does.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(ds.pending(), 1);
+    ds.set_auto_sync(true);
+    wait_until(WAIT, "the edit to be sent", || ds.pending() == 0).await;
+    assert_eq!(server_records(&server, "alice", "notes").await.len(), 4);
+}
+
+/// Record metadata: who wrote a value, when (server time) and from which device, kept in the
+/// local record and in its cache file; a local edit is this device's until acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sdk_record_metadata_is_kept_in_the_local_record_and_cache() {
+    let server = TestServer::start();
+    let cache = tempfile::tempdir().unwrap();
+    let alice = client(&server, "alice", Some(cache.path()));
+    alice.wait_online(WAIT).await.unwrap();
+    let ds = alice
+        .open(DatasetRef::own("notes"), ConflictHandler::default())
+        .await
+        .unwrap();
+    ds.put("mine", "1").unwrap();
+    let local = ds.record("mine").unwrap();
+    assert_eq!(local.last_modified, None, "not stamped by the server yet");
+    assert_eq!(local.last_modified_by.as_deref(), Some("alice"));
+    assert_eq!(local.device_id.as_deref(), Some("alice-device"));
+    let before = now_ms();
+    ds.sync().await.unwrap();
+    let acked = ds.record("mine").unwrap();
+    assert!(acked.last_modified.unwrap() >= before - 60_000);
+    assert_eq!(acked.device_id.as_deref(), Some("alice-device"));
+    // A change from another device arrives with its metadata.
+    let phone = server.connect("alice").await;
+    phone
+        .update(
+            DatasetRef::own("notes"),
+            Some("alice-phone".into()),
+            vec![tandem_protocol::Patch::replace("theirs", "2", 0)],
+        )
+        .await
+        .unwrap();
+    wait_value(&ds, "theirs", Some("2")).await;
+    let theirs = ds.record("theirs").unwrap();
+    assert_eq!(theirs.device_id.as_deref(), Some("alice-phone"));
+    assert_eq!(theirs.last_modified_by.as_deref(), Some("alice"));
+    assert!(theirs.last_modified.is_some());
+    // The background saver writes it to the cache: a restart offline reads it back.
+    alice.shutdown().await;
+    let offline = Client::builder("ws://127.0.0.1:1/v1/sync", "alice")
+        .token("unused")
+        .cache_dir(cache.path())
+        .start()
+        .unwrap();
+    let cached = offline
+        .open(DatasetRef::own("notes"), ConflictHandler::default())
+        .await
+        .unwrap();
+    assert_eq!(cached.record("theirs"), Some(theirs));
+    assert_eq!(cached.record("mine"), Some(acked));
+}
+
+/// `put_all`: every key checked before any is written; then one write, sent together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sdk_put_all_checks_every_key_first() {
+    let server = TestServer::builder().arg("--max-key-length", 8).start();
+    let alice = client(&server, "alice", None);
+    alice.wait_online(WAIT).await.unwrap();
+    let ds = alice
+        .open(DatasetRef::own("notes"), ConflictHandler::default())
+        .await
+        .unwrap();
+    let refused = ds.put_all([("ok", "1"), ("much-too-long", "2")]);
+    assert!(
+        matches!(refused, Err(ClientError::TooLarge { ref key, .. }) if key == "much-too-long")
+    );
+    assert!(ds.records().is_empty(), "nothing written");
+    assert!(matches!(
+        ds.put_all([("ok", "1"), ("", "2")]),
+        Err(ClientError::InvalidInput(_))
+    ));
+    ds.put_all([("a", "1"), ("b", "2"), ("c", "3")]).unwrap();
+    assert_eq!(ds.pending(), 3);
+    let out = ds.sync().await.unwrap();
+    assert_eq!((out.pushed, out.sync_count), (3, 1));
+}
+
+/// The sync status follows the connection, uploads, pending changes and errors; `pause`
+/// takes the client off the network and `resume` brings it back, sending what is pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sdk_sync_status_and_pause_resume() {
+    let server = TestServer::start();
+    let alice = client(&server, "alice", None);
+    let mut changes = alice.sync_status_changes();
+    alice.wait_online(WAIT).await.unwrap();
+    let status = alice.sync_status();
+    assert!(status.connected);
+    assert!(!status.has_synced && status.last_synced_at.is_none());
+    let ds = alice
+        .open(DatasetRef::own("notes"), ConflictHandler::default())
+        .await
+        .unwrap();
+    assert!(alice.sync_status().has_synced, "a subscribe put it in step");
+    ds.put("a", "1").unwrap();
+    assert_eq!(alice.sync_status().pending, 1);
+    changes.borrow_and_update();
+    ds.sync().await.unwrap();
+    assert!(changes.has_changed().unwrap());
+    let status = alice.sync_status();
+    assert_eq!((status.pending, status.uploading), (0, false));
+    assert!(status.last_synced_at.unwrap() >= now_ms() - 60_000);
+
+    alice.pause();
+    wait_until(WAIT, "paused", || alice.status() == Status::Paused).await;
+    assert!(alice.is_paused());
+    assert!(!alice.sync_status().connected);
+    ds.put("b", "2").unwrap();
+    assert_eq!(ds.sync().await, Err(ClientError::Offline));
+    // Still paused a while later: no reconnect on its own.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(alice.status(), Status::Paused);
+    alice.resume();
+    wait_until(WAIT, "the pending edit to be sent", || ds.pending() == 0).await;
+    assert!(alice.sync_status().connected);
+    assert_eq!(server_records(&server, "alice", "notes").await.len(), 2);
+
+    // A sync the server refuses is the last error, until the next success.
+    let bob = client(&server, "bob", None);
+    bob.wait_online(WAIT).await.unwrap();
+    let theirs = bob
+        .open(
+            DatasetRef::new("alice", "notes"),
+            ConflictHandler::default(),
+        )
+        .await;
+    assert!(theirs.is_err(), "not shared");
+    alice.grant("notes", "bob", Access::Read).await.unwrap();
+    let theirs = bob
+        .open(
+            DatasetRef::new("alice", "notes"),
+            ConflictHandler::default(),
+        )
+        .await
+        .unwrap();
+    theirs.put("x", "1").unwrap();
+    let refused = theirs.sync().await.unwrap_err();
+    assert_eq!(bob.sync_status().last_error, Some(refused));
+    theirs.revert();
+    theirs.subscribe().await.unwrap();
+    assert_eq!(bob.sync_status().last_error, None);
+}
+
+/// `wait_for_pending_writes`: sends what is pending (no sync call, no auto-sync) and waits
+/// through a disconnection until the server has acknowledged it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sdk_wait_for_pending_writes_resolves_across_a_reconnect() {
+    let server = TestServer::start();
+    let (alice, proxy) = client_via_proxy(&server, "alice").await;
+    alice.wait_online(WAIT).await.unwrap();
+    let ds = alice
+        .open(DatasetRef::own("notes"), ConflictHandler::default())
+        .await
+        .unwrap();
+    ds.put("a", "1").unwrap();
+    tokio::time::timeout(WAIT, alice.wait_for_pending_writes())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ds.pending(), 0);
+    assert_eq!(server_records(&server, "alice", "notes").await.len(), 1);
+
+    proxy.cut();
+    wait_offline(&alice).await;
+    ds.put("b", "2").unwrap();
+    let flushing = tokio::spawn({
+        let alice = alice.clone();
+        async move { alice.flush().await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !flushing.is_finished(),
+        "nothing can be acknowledged offline"
+    );
+    proxy.restore();
+    tokio::time::timeout(WAIT, flushing)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(ds.pending(), 0);
+    assert_eq!(server_records(&server, "alice", "notes").await.len(), 2);
+    // Nothing pending: it resolves at once; for one dataset too.
+    ds.wait_for_pending_writes().await.unwrap();
+}
+
+/// The locally cached datasets, changes pending from an earlier run included, and a wipe of
+/// one identity's cache directory that refuses while they are pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sdk_cached_datasets_and_wipe_of_one_identity() {
+    let server = TestServer::start();
+    let cache = tempfile::tempdir().unwrap();
+    let alice = client(&server, "alice", Some(cache.path()));
+    let bob = client(&server, "bob", Some(cache.path()));
+    alice.wait_online(WAIT).await.unwrap();
+    bob.wait_online(WAIT).await.unwrap();
+    let a = alice
+        .open(DatasetRef::own("a1"), ConflictHandler::default())
+        .await
+        .unwrap();
+    a.put("synced", "1").unwrap();
+    a.sync().await.unwrap();
+    let b = bob
+        .open(DatasetRef::own("b1"), ConflictHandler::default())
+        .await
+        .unwrap();
+    b.put("k", "v").unwrap();
+    b.sync().await.unwrap();
+    let a2 = alice
+        .open(DatasetRef::own("a2"), ConflictHandler::default())
+        .await
+        .unwrap();
+    a2.put("pending", "1").unwrap();
+    alice.shutdown().await;
+
+    // A later run: nothing open yet, and still the pending change counts.
+    let alice = client(&server, "alice", Some(cache.path()));
+    assert_eq!(alice.pending(), 1);
+    let cached = alice.cached_datasets().await.unwrap();
+    let rows: Vec<_> = cached
+        .iter()
+        .map(|c| (c.dataset.name.as_str(), c.records, c.pending, c.open))
+        .collect();
+    assert_eq!(rows, [("a1", 1, 0, false), ("a2", 1, 1, false)]);
+    assert_eq!(
+        alice.wipe().await,
+        Err(ClientError::PendingWrites { pending: 1 })
+    );
+    assert_eq!(
+        alice.cached_datasets().await.unwrap().len(),
+        2,
+        "nothing deleted"
+    );
+    let a1 = alice
+        .open(DatasetRef::own("a1"), ConflictHandler::default())
+        .await
+        .unwrap();
+    alice.wipe_forced().await.unwrap();
+    assert!(a1.is_closed(), "open datasets are closed by a wipe");
+    assert_eq!(alice.pending(), 0);
+    assert!(alice.cached_datasets().await.unwrap().is_empty());
+    let again = alice
+        .open(DatasetRef::own("a2"), ConflictHandler::default())
+        .await
+        .unwrap();
+    assert!(
+        again.records().is_empty(),
+        "the pending change went with the wipe"
+    );
+    // Bob's cache is untouched.
+    assert_eq!(bob.cached_datasets().await.unwrap().len(), 1);
+    assert_eq!(bob.pending(), 0);
+    // With nothing pending, an unforced wipe goes through.
+    bob.wipe().await.unwrap();
+    assert!(bob.cached_datasets().await.unwrap().is_empty());
+}
+
+/// Auto-sync after a remote delete: what the `KeepAll` policy kept is sent by itself, so the
+/// dataset is re-created with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sdk_auto_sync_re_creates_a_deleted_dataset_with_what_its_policy_kept() {
+    let server = TestServer::start();
+    let alice = Client::builder(server.url(), "alice")
+        .token(server.token("alice"))
+        .auto_sync(true)
+        .on_dataset_deleted(tandem_client::DeletedPolicy::KeepAll)
+        .start()
+        .unwrap();
+    alice.wait_online(WAIT).await.unwrap();
+    let ds = alice
+        .open(DatasetRef::own("notes"), ConflictHandler::default())
+        .await
+        .unwrap();
+    ds.put("kept", "1").unwrap();
+    wait_until(WAIT, "the put to be auto-synced", || ds.pending() == 0).await;
+    let mut events = ds.events();
+    server
+        .connect("alice")
+        .await
+        .delete_dataset(DatasetRef::own("notes"))
+        .await
+        .unwrap();
+    wait_event(&mut events, |e| {
+        matches!(e, DatasetEvent::Deleted { .. }).then_some(())
+    })
+    .await;
+    wait_until(WAIT, "the kept copy to be auto-synced", || {
+        ds.pending() == 0
+    })
+    .await;
+    assert_eq!(
+        server_records(&server, "alice", "notes").await,
+        [("kept".to_owned(), "1".to_owned())]
+    );
+}

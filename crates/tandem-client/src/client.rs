@@ -2,10 +2,11 @@
 //! token refresh) and `Dataset` handles over the offline cache, the way Cognito Sync's
 //! sync manager worked, but live and shared.
 
-use crate::cache::{Cache, DatasetCache, LocalRecord};
+use crate::cache::{Cache, CachedDataset, DatasetCache, LocalRecord};
 use crate::conflict::{ConflictCase, ConflictHandler, Resolution};
 use crate::deleted::{DeletedPolicy, OnDatasetDeleted};
 use crate::limits::{self, Limits, SetAside};
+use crate::status::SyncStatus;
 use crate::{ClientError, Connection, UpdateResult};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -13,11 +14,11 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 use tandem_protocol::{
-    DatasetRef, ErrorCode, FEATURE_DELTA, FEATURE_LEAN, LimitCode, Patch, PatchOp, Record,
-    ServerFrame, should_reconnect,
+    Access, DatasetInfo, DatasetRef, ErrorCode, FEATURE_DELTA, FEATURE_LEAN, LimitCode, Patch,
+    PatchOp, Record, ServerFrame, should_reconnect, validate_dataset_name,
 };
 use tokio::sync::{Notify, broadcast, watch};
 
@@ -33,6 +34,8 @@ pub enum Status {
     Offline,
     /// The server refused this client for good (a 45xx close, or another identity).
     Failed(String),
+    /// `Client::pause` took the client off the network until `Client::resume`.
+    Paused,
 }
 
 /// What happened to an open dataset.
@@ -57,6 +60,12 @@ pub enum DatasetEvent {
     /// it is kept (readable, pending) but not sent again until the key is edited again,
     /// discarded or reverted. Reported once per change.
     SetAside { key: String, reason: SetAside },
+    /// The number of local changes not yet acknowledged changed (an edit, an ack, a
+    /// conflict resolved, a discard, a delete's policy).
+    Pending { pending: usize },
+    /// A sync sent changes or resolved conflicts: what it did (also for auto-sync and the
+    /// reconnect catch-up).
+    Synced(SyncOutcome),
 }
 
 /// The result of a successful `sync`.
@@ -85,6 +94,8 @@ pub struct ClientBuilder {
     request_timeout: Duration,
     features: Vec<String>,
     on_deleted: OnDatasetDeleted,
+    auto_sync: bool,
+    auto_sync_delay: Duration,
 }
 
 impl ClientBuilder {
@@ -175,15 +186,48 @@ impl ClientBuilder {
         self
     }
 
+    /// Auto-sync (default off): every dataset opened on this client syncs by itself, a
+    /// short while after local edits (`auto_sync_delay`, debounced, so a burst of edits goes
+    /// in one sync). Pending changes are sent on every reconnect either way.
+    /// `Dataset::set_auto_sync` changes it for one dataset.
+    pub fn auto_sync(mut self, on: bool) -> Self {
+        self.auto_sync = on;
+        self
+    }
+
+    /// How long auto-sync waits after the last local edit before it syncs (default 50 ms).
+    pub fn auto_sync_delay(mut self, delay: Duration) -> Self {
+        self.auto_sync_delay = delay;
+        self
+    }
+
     /// Starts the client. It connects in the background; datasets work offline meanwhile.
     pub fn start(self) -> Result<Client, ClientError> {
         let token = self
             .token
             .ok_or_else(|| ClientError::Connect("no token or token provider given".into()))?;
         let (status, _) = watch::channel(Status::Connecting);
+        let cache = Cache::new(self.cache_dir.as_deref(), &self.identity);
+        // What earlier runs left pending counts too (a sign-out must not lose it unseen).
+        let pending_of: HashMap<(String, String), usize> = match cache.list() {
+            Ok(list) => list
+                .into_iter()
+                .filter(|(_, _, data)| data.dirty_count() > 0)
+                .map(|(owner, name, data)| ((owner, name), data.dirty_count()))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the offline cache");
+                HashMap::new()
+            }
+        };
+        let (sync_status, _) = watch::channel(SyncStatus {
+            pending: pending_of.values().sum(),
+            ..SyncStatus::default()
+        });
+        let (paused, _) = watch::channel(false);
         let inner = Arc::new(Inner {
             urls: self.urls,
-            cache: Cache::new(self.cache_dir.as_deref(), &self.identity),
+            cache,
             identity: self.identity,
             token,
             device_id: self.device_id,
@@ -194,10 +238,16 @@ impl ClientBuilder {
             request_timeout: self.request_timeout,
             features: self.features,
             on_deleted: self.on_deleted,
+            auto_sync: self.auto_sync,
+            auto_sync_delay: self.auto_sync_delay,
             limits: Mutex::new(Limits::default()),
             conn: Mutex::new(None),
             datasets: Mutex::new(HashMap::new()),
             status,
+            sync_status,
+            pending_of: Mutex::new(pending_of),
+            uploading: AtomicUsize::new(0),
+            paused,
             stopped: AtomicBool::new(false),
             stop: Notify::new(),
         });
@@ -219,11 +269,22 @@ struct Inner {
     request_timeout: Duration,
     features: Vec<String>,
     on_deleted: OnDatasetDeleted,
+    auto_sync: bool,
+    auto_sync_delay: Duration,
     /// The server's write limits as last known (kept while offline).
     limits: Mutex<Limits>,
     conn: Mutex<Option<Arc<Connection>>>,
     datasets: Mutex<HashMap<(String, String), Arc<Shared>>>,
     status: watch::Sender<Status>,
+    sync_status: watch::Sender<SyncStatus>,
+    /// Pending changes per cached dataset (owner, name): open ones as they change, closed
+    /// ones as they were left, ones of earlier runs as read at start. Lock order: a
+    /// dataset's state, then this.
+    pending_of: Mutex<HashMap<(String, String), usize>>,
+    /// Syncs with an update in flight.
+    uploading: AtomicUsize,
+    /// `Client::pause`d: no connection until `resume`.
+    paused: watch::Sender<bool>,
     stopped: AtomicBool,
     stop: Notify,
 }
@@ -260,6 +321,8 @@ impl Client {
             request_timeout: crate::connection::DEFAULT_REQUEST_TIMEOUT,
             features: vec![FEATURE_DELTA.to_owned(), FEATURE_LEAN.to_owned()],
             on_deleted: OnDatasetDeleted::default(),
+            auto_sync: false,
+            auto_sync_delay: Duration::from_millis(50),
         }
     }
 
@@ -334,7 +397,8 @@ impl Client {
     }
 
     /// Opens one of this identity's datasets (or another owner's, with `DatasetRef::new`).
-    /// Works offline from the cache; when online it subscribes and merges the server's state.
+    /// Works offline from the cache; when online it subscribes, merges the server's state and
+    /// sends the changes the cache holds pending (from before a `close`, or an earlier run).
     /// Opening a dataset whose access was revoked follows it again if it was shared again;
     /// if not, the handle is returned all the same (still revoked, local data readable).
     pub async fn open(
@@ -347,7 +411,9 @@ impl Client {
             .clone()
             .unwrap_or_else(|| self.inner.identity.clone());
         let key = (owner.clone(), dataset.name.clone());
-        let existing = self.inner.datasets.lock().get(&key).cloned();
+        // A handle being closed is on its way out: a new one replaces it.
+        let existing = (self.inner.datasets.lock().get(&key).cloned())
+            .filter(|shared| !shared.closed.load(Ordering::SeqCst));
         let shared = match existing {
             Some(shared) => shared,
             None => {
@@ -356,32 +422,50 @@ impl Client {
                     .cache
                     .load(&owner, &dataset.name)
                     .map_err(|e| ClientError::Cache(e.to_string()))?;
-                let (events, _) = broadcast::channel(256);
-                let shared = Arc::new(Shared {
-                    dataset: DatasetRef::new(owner, dataset.name),
-                    state: Mutex::new(cached),
+                let shared = Arc::new(Shared::new(
+                    DatasetRef::new(owner, dataset.name),
+                    cached,
                     handler,
-                    on_deleted: Mutex::new(self.inner.on_deleted.clone()),
-                    events,
-                    sync_lock: tokio::sync::Mutex::new(()),
-                    revoked: AtomicBool::new(false),
-                    subscribed: AtomicBool::new(false),
-                    need_whole: AtomicBool::new(false),
-                    catching_up: AtomicBool::new(false),
-                    catch_up_to: AtomicU64::new(0),
-                });
-                self.inner
-                    .datasets
-                    .lock()
-                    .entry(key)
-                    .or_insert(shared)
-                    .clone()
+                    self.inner.on_deleted.clone(),
+                    self.inner.auto_sync,
+                ));
+                let (shared, new) = {
+                    let mut datasets = self.inner.datasets.lock();
+                    match datasets.get(&key) {
+                        Some(other) if !other.closed.load(Ordering::SeqCst) => {
+                            (other.clone(), false)
+                        }
+                        _ => {
+                            datasets.insert(key.clone(), shared.clone());
+                            (shared, true)
+                        }
+                    }
+                };
+                if new {
+                    let pending = shared.state.lock().dirty_count();
+                    shared.last_pending.store(pending, Ordering::SeqCst);
+                    self.inner.set_pending(&key, pending);
+                    spawn_saver(&self.inner, &shared);
+                    spawn_auto_sync(&self.inner, &shared);
+                }
+                shared
             }
         };
         if let Some(conn) = self.inner.current() {
             let was_revoked = shared.revoked.load(Ordering::SeqCst);
             match subscribe(&self.inner, &conn, &shared).await {
-                Ok(()) => {}
+                Ok(()) => {
+                    // Changes left pending (by an earlier run, or before a close) are sent
+                    // now, as the reconnect does for the datasets open then.
+                    if shared.state.lock().dirty_count() > 0 {
+                        let (inner, shared) = (self.inner.clone(), shared.clone());
+                        tokio::spawn(async move {
+                            if let Err(e) = sync(&inner, &shared).await {
+                                tracing::debug!(dataset = ?shared.dataset, error = %e, "sending pending changes on open failed");
+                            }
+                        });
+                    }
+                }
                 Err(e) if was_revoked && e.code() == Some(ErrorCode::Forbidden) => {}
                 Err(e @ ClientError::Server { .. }) => return Err(e),
                 Err(e) => tracing::debug!(error = %e, "subscribe failed; staying offline"),
@@ -428,13 +512,159 @@ impl Client {
         .await
     }
 
+    /// Gives `identity` `read` or `write` access to one of this identity's datasets (existing
+    /// or not yet). Needs a connection: `Offline` otherwise.
+    pub async fn grant(
+        &self,
+        name: &str,
+        identity: &str,
+        access: Access,
+    ) -> Result<(), ClientError> {
+        let dataset = own_dataset(name)?;
+        let conn = self.inner.current().ok_or(ClientError::Offline)?;
+        conn.grant(dataset, identity, access).await
+    }
+
+    /// Takes `identity`'s access to one of this identity's datasets away; its live
+    /// subscriptions end at once. Needs a connection.
+    pub async fn revoke(&self, name: &str, identity: &str) -> Result<(), ClientError> {
+        let dataset = own_dataset(name)?;
+        let conn = self.inner.current().ok_or(ClientError::Offline)?;
+        conn.revoke(dataset, identity).await
+    }
+
+    /// This identity's datasets on the server and those shared with it, with the caller's
+    /// access to each. Needs a connection (`cached_datasets` lists what is local).
+    pub async fn list_datasets(&self) -> Result<Vec<DatasetInfo>, ClientError> {
+        let conn = self.inner.current().ok_or(ClientError::Offline)?;
+        conn.list_datasets().await
+    }
+
+    /// Deletes one of this identity's datasets on the server; every subscriber (an open
+    /// `Dataset` here too) gets `DatasetEvent::Deleted` and applies its deleted policy.
+    /// Needs a connection.
+    pub async fn delete_dataset(&self, name: &str) -> Result<(), ClientError> {
+        let dataset = own_dataset(name)?;
+        let conn = self.inner.current().ok_or(ClientError::Offline)?;
+        conn.delete_dataset(dataset).await
+    }
+
+    /// Local changes not yet acknowledged by the server, across every dataset this
+    /// identity's cache holds: open ones, closed ones, and ones an earlier run left.
+    pub fn pending(&self) -> usize {
+        self.inner.pending_of.lock().values().sum()
+    }
+
+    /// The datasets this identity's local cache holds (open ones included), by owner and
+    /// name, with their pending changes: what a sign-out would wipe.
+    pub async fn cached_datasets(&self) -> Result<Vec<CachedDataset>, ClientError> {
+        let inner = self.inner.clone();
+        let listed = tokio::task::spawn_blocking(move || inner.cache.list())
+            .await
+            .map_err(|e| ClientError::Cache(e.to_string()))?
+            .map_err(|e| ClientError::Cache(e.to_string()))?;
+        let open: Vec<Arc<Shared>> = self.inner.datasets.lock().values().cloned().collect();
+        let mut out: BTreeMap<(String, String), CachedDataset> = listed
+            .into_iter()
+            .map(|(owner, name, data)| {
+                let row = CachedDataset::of(&owner, &name, &data, false);
+                ((owner, name), row)
+            })
+            .collect();
+        // An open dataset's copy in memory may be newer than its last save.
+        for shared in open {
+            let key = shared.key();
+            let row = CachedDataset::of(&key.0, &key.1, &shared.state.lock(), true);
+            out.insert(key, row);
+        }
+        Ok(out.into_values().collect())
+    }
+
+    /// The sync status now (connected, uploading, pending, last synced, last error).
+    pub fn sync_status(&self) -> SyncStatus {
+        self.inner.sync_status.borrow().clone()
+    }
+
+    /// Watches the sync status: one value, changed as one event.
+    pub fn sync_status_changes(&self) -> watch::Receiver<SyncStatus> {
+        self.inner.sync_status.subscribe()
+    }
+
+    /// Waits until every change pending now in the open datasets is acknowledged by the
+    /// server, sending them (as `sync` does) and waiting through disconnections and
+    /// reconnects for as long as it takes; bound it with `tokio::time::timeout`. A key edited
+    /// again meanwhile is waited for until its newest edit is acknowledged; a change set
+    /// aside (refused for good) or discarded counts as settled, and so does a dataset closed
+    /// meanwhile. `Err` when a sync fails for good (`Revoked`, `Unresolved`, a refusal that is
+    /// not temporary). Closed datasets' changes are not sent until they are opened again.
+    pub async fn wait_for_pending_writes(&self) -> Result<(), ClientError> {
+        let open: Vec<Arc<Shared>> = self.inner.datasets.lock().values().cloned().collect();
+        wait_for_pending_writes(&self.inner, open).await
+    }
+
+    /// The same as `wait_for_pending_writes` (Firebase's name for it is `waitForPendingWrites`).
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        self.wait_for_pending_writes().await
+    }
+
+    /// Signs this identity out of the device's storage: closes every open dataset and
+    /// deletes what the local cache holds for this identity (its directory under
+    /// `cache_dir`, or its memory), nothing of other identities. Refused with
+    /// `ClientError::PendingWrites` while changes are pending anywhere in the cache (see
+    /// `pending`): `wait_for_pending_writes` first, or `wipe_forced` to drop them. The client
+    /// stays usable: datasets opened afterwards start empty.
+    pub async fn wipe(&self) -> Result<(), ClientError> {
+        let pending = self.pending();
+        if pending > 0 {
+            return Err(ClientError::PendingWrites { pending });
+        }
+        self.wipe_forced().await
+    }
+
+    /// `wipe`, pending changes or not: they are lost.
+    pub async fn wipe_forced(&self) -> Result<(), ClientError> {
+        let open: Vec<Arc<Shared>> = self.inner.datasets.lock().values().cloned().collect();
+        for shared in open {
+            // The final save of each is moot; what matters is that nothing writes after.
+            if let Err(e) = close(&self.inner, &shared).await {
+                tracing::debug!(dataset = ?shared.dataset, error = %e, "closing before a wipe");
+            }
+        }
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.cache.wipe())
+            .await
+            .map_err(|e| ClientError::Cache(e.to_string()))?
+            .map_err(|e| ClientError::Cache(e.to_string()))?;
+        self.inner.pending_of.lock().clear();
+        self.inner.publish_pending();
+        Ok(())
+    }
+
+    /// Takes the client off the network: the connection is closed and no reconnect is tried
+    /// until `resume`. Local reads and writes go on; `sync` answers `Offline`.
+    pub fn pause(&self) {
+        self.inner.paused.send_replace(true);
+    }
+
+    /// Back on the network after `pause`: connects at once (the backoff starts afresh),
+    /// re-subscribes the open datasets and sends what is pending.
+    pub fn resume(&self) {
+        self.inner.paused.send_replace(false);
+    }
+
+    /// Whether `pause` is in force.
+    pub fn is_paused(&self) -> bool {
+        *self.inner.paused.borrow()
+    }
+
     /// `dataset` with its owner filled in (this identity when it names none).
     fn owned(&self, dataset: DatasetRef) -> DatasetRef {
         let owner = dataset.owner.unwrap_or_else(|| self.inner.identity.clone());
         DatasetRef::new(owner, dataset.name)
     }
 
-    /// Stops reconnecting and closes the connection. Datasets keep working offline.
+    /// Stops reconnecting and closes the connection. Datasets keep working offline. Returns
+    /// once every open dataset's copy is written to the cache.
     pub async fn shutdown(&self) {
         self.inner.stopped.store(true, Ordering::SeqCst);
         self.inner.stop.notify_waiters();
@@ -442,8 +672,24 @@ impl Client {
         if let Some(conn) = conn {
             conn.send_close();
         }
-        self.inner.status.send_replace(Status::Offline);
+        self.inner.set_status(Status::Offline);
+        let open: Vec<Arc<Shared>> = self.inner.datasets.lock().values().cloned().collect();
+        for shared in open {
+            let inner = self.inner.clone();
+            let saved =
+                tokio::task::spawn_blocking(move || write_latest(&inner, &shared, false)).await;
+            if let Ok(Err(e)) = saved {
+                tracing::warn!(error = %e, "cannot write the offline cache");
+            }
+        }
     }
+}
+
+/// One of the caller's datasets by name, checked as the server checks it.
+fn own_dataset(name: &str) -> Result<DatasetRef, ClientError> {
+    validate_dataset_name(name)
+        .map_err(|e| ClientError::InvalidInput(format!("dataset name {name:?} {e}")))?;
+    Ok(DatasetRef::own(name))
 }
 
 impl Inner {
@@ -451,17 +697,309 @@ impl Inner {
         self.conn.lock().clone()
     }
 
-    fn save(&self, shared: &Shared, state: &DatasetCache) {
-        if let Err(e) = self.try_save(shared, state) {
-            tracing::warn!(error = %e, "cannot write the offline cache");
+    /// The dataset's copy changed (called with its state locked): its pending count is
+    /// accounted and told, and the background saver writes it soon, off the lock, several
+    /// changes in one write when they come faster than the disk.
+    fn changed(&self, shared: &Shared, state: &DatasetCache) {
+        self.accounted(shared, state);
+        shared.save_kick.notify_one();
+    }
+
+    /// `changed` without the background save: the caller writes it itself.
+    fn accounted(&self, shared: &Shared, state: &DatasetCache) {
+        shared.generation.fetch_add(1, Ordering::SeqCst);
+        let pending = state.dirty_count();
+        if shared.last_pending.swap(pending, Ordering::SeqCst) != pending {
+            // A closed handle's late changes do not overwrite a reopened one's count.
+            if !shared.closed.load(Ordering::SeqCst) {
+                self.set_pending(&shared.key(), pending);
+            }
+            shared.emit(DatasetEvent::Pending { pending });
         }
     }
 
-    /// Writes the offline cache; for a local edit, whose caller must hear that it is not
-    /// durable.
-    fn try_save(&self, shared: &Shared, state: &DatasetCache) -> std::io::Result<()> {
-        let owner = shared.dataset.owner.as_deref().unwrap_or(&self.identity);
-        self.cache.save(owner, &shared.dataset.name, state)
+    fn set_pending(&self, key: &(String, String), pending: usize) {
+        {
+            let mut of = self.pending_of.lock();
+            if pending == 0 {
+                of.remove(key);
+            } else {
+                of.insert(key.clone(), pending);
+            }
+        }
+        self.publish_pending();
+    }
+
+    fn publish_pending(&self) {
+        let pending = self.pending_of.lock().values().sum();
+        self.sync_status.send_if_modified(|s| {
+            let changed = s.pending != pending;
+            s.pending = pending;
+            changed
+        });
+    }
+
+    /// The connection state, and `connected` in the sync status with it.
+    fn set_status(&self, status: Status) {
+        let connected = status == Status::Online;
+        // The sync status first: whoever waited for the state reads a status to match.
+        self.sync_status.send_if_modified(|s| {
+            let changed = s.connected != connected || (connected && s.last_error.is_some());
+            s.connected = connected;
+            if connected {
+                s.last_error = None;
+            }
+            changed
+        });
+        self.status.send_replace(status);
+    }
+
+    /// In step with the server on some dataset now.
+    fn synced_now(&self) {
+        let now = now_ms();
+        self.sync_status.send_modify(|s| {
+            s.last_synced_at = Some(now);
+            s.has_synced = true;
+            s.last_error = None;
+        });
+    }
+
+    fn record_error(&self, error: &ClientError) {
+        let error = error.clone();
+        self.sync_status.send_if_modified(|s| {
+            let changed = s.last_error.as_ref() != Some(&error);
+            s.last_error = Some(error);
+            changed
+        });
+    }
+
+    fn uploading(&self, delta: isize) {
+        let now = if delta > 0 {
+            self.uploading.fetch_add(1, Ordering::SeqCst) + 1
+        } else {
+            self.uploading.fetch_sub(1, Ordering::SeqCst) - 1
+        };
+        self.sync_status.send_if_modified(|s| {
+            let changed = s.uploading != (now > 0);
+            s.uploading = now > 0;
+            changed
+        });
+    }
+}
+
+/// Counts a sync with an update in flight for as long as it lives.
+struct Uploading<'a>(&'a Inner);
+
+impl<'a> Uploading<'a> {
+    fn start(inner: &'a Inner) -> Uploading<'a> {
+        inner.uploading(1);
+        Uploading(inner)
+    }
+}
+
+impl Drop for Uploading<'_> {
+    fn drop(&mut self) {
+        self.0.uploading(-1);
+    }
+}
+
+/// Writes the dataset's copy as it is now to the cache, unless a write of it as new was
+/// already done. Saves of one dataset are serialised, so the file only moves forward. After
+/// `close` nothing is written (`last`: the close's own final write), so a wipe that follows
+/// stays wiped.
+fn write_latest(inner: &Inner, shared: &Shared, last: bool) -> std::io::Result<()> {
+    let mut written = shared.written.lock();
+    if shared.closed.load(Ordering::SeqCst) && !last {
+        return Ok(());
+    }
+    let (generation, copy) = {
+        let state = shared.state.lock();
+        (shared.generation.load(Ordering::SeqCst), state.clone())
+    };
+    if generation <= *written {
+        return Ok(());
+    }
+    let (owner, name) = shared.key();
+    inner.cache.save(&owner, &name, &copy)?;
+    *written = generation;
+    Ok(())
+}
+
+/// The dataset's background saver: one write after one or many changes, off the state lock.
+/// Ends when the dataset is closed or dropped.
+fn spawn_saver(inner: &Arc<Inner>, shared: &Arc<Shared>) {
+    let (inner, weak, kick) = (
+        Arc::downgrade(inner),
+        Arc::downgrade(shared),
+        shared.save_kick.clone(),
+    );
+    tokio::spawn(async move {
+        loop {
+            kick.notified().await;
+            let (Some(inner), Some(shared)) = (inner.upgrade(), weak.upgrade()) else {
+                return;
+            };
+            if shared.closed.load(Ordering::SeqCst) {
+                return;
+            }
+            let saved =
+                tokio::task::spawn_blocking(move || write_latest(&inner, &shared, false)).await;
+            if let Ok(Err(e)) = saved {
+                tracing::warn!(error = %e, "cannot write the offline cache");
+            }
+        }
+    });
+}
+
+/// The dataset's auto-sync: a sync once no local edit came for `auto_sync_delay`.
+fn spawn_auto_sync(inner: &Arc<Inner>, shared: &Arc<Shared>) {
+    let (inner, weak, kick) = (
+        Arc::downgrade(inner),
+        Arc::downgrade(shared),
+        shared.auto_kick.clone(),
+    );
+    tokio::spawn(async move {
+        loop {
+            kick.notified().await;
+            let Some(delay) = inner.upgrade().map(|i| i.auto_sync_delay) else {
+                return;
+            };
+            // Debounced: every edit meanwhile starts the wait again.
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => break,
+                    () = kick.notified() => {}
+                }
+            }
+            let (Some(inner), Some(shared)) = (inner.upgrade(), weak.upgrade()) else {
+                return;
+            };
+            if shared.closed.load(Ordering::SeqCst) {
+                return;
+            }
+            if !shared.auto_sync.load(Ordering::SeqCst)
+                || shared.revoked.load(Ordering::SeqCst)
+                || inner.current().is_none()
+            {
+                continue;
+            }
+            match sync(&inner, &shared).await {
+                // Offline now: the reconnect's catch-up sends it.
+                Ok(_) | Err(ClientError::Offline | ClientError::Revoked) => {}
+                Err(e) => {
+                    tracing::debug!(dataset = ?shared.dataset, error = %e, "auto-sync failed");
+                }
+            }
+        }
+    });
+}
+
+/// Closes a dataset: no more syncs or edits through its handles, unsubscribed, its copy
+/// written to the cache one last time, and forgotten by the client (its pending count
+/// stays in `Client::pending`). Waits for a sync in flight.
+async fn close(inner: &Arc<Inner>, shared: &Arc<Shared>) -> Result<(), ClientError> {
+    if shared.closed.swap(true, Ordering::SeqCst) {
+        return Ok(());
+    }
+    // Let the background tasks end.
+    shared.save_kick.notify_one();
+    shared.auto_kick.notify_one();
+    let _no_sync = shared.sync_lock.lock().await;
+    if shared.subscribed.swap(false, Ordering::SeqCst)
+        && let Some(conn) = inner.current()
+        && let Err(e) = conn.unsubscribe(shared.dataset.clone()).await
+    {
+        tracing::debug!(dataset = ?shared.dataset, error = %e, "unsubscribe on close failed");
+    }
+    let saved = {
+        let (inner, shared) = (inner.clone(), shared.clone());
+        tokio::task::spawn_blocking(move || write_latest(&inner, &shared, true)).await
+    };
+    {
+        let mut datasets = inner.datasets.lock();
+        if datasets
+            .get(&shared.key())
+            .is_some_and(|open| Arc::ptr_eq(open, shared))
+        {
+            datasets.remove(&shared.key());
+        }
+    }
+    match saved {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(ClientError::Cache(e.to_string())),
+        Err(e) => Err(ClientError::Cache(e.to_string())),
+    }
+}
+
+/// `Client::wait_for_pending_writes` over `datasets`.
+async fn wait_for_pending_writes(
+    inner: &Arc<Inner>,
+    datasets: Vec<Arc<Shared>>,
+) -> Result<(), ClientError> {
+    // What is pending now, by dataset.
+    let mut waiting: Vec<(Arc<Shared>, Vec<String>)> = datasets
+        .into_iter()
+        .map(|shared| {
+            let keys = shared
+                .state
+                .lock()
+                .records
+                .iter()
+                .filter(|(_, r)| r.dirty && r.set_aside.is_none())
+                .map(|(k, _)| k.clone())
+                .collect();
+            (shared, keys)
+        })
+        .collect();
+    let mut status = inner.sync_status.subscribe();
+    let mut wait = inner.min_backoff;
+    loop {
+        waiting.retain_mut(|(shared, keys)| {
+            if shared.closed.load(Ordering::SeqCst) {
+                return false;
+            }
+            let state = shared.state.lock();
+            keys.retain(|key| {
+                state
+                    .records
+                    .get(key)
+                    .is_some_and(|r| r.dirty && r.set_aside.is_none())
+            });
+            !keys.is_empty()
+        });
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        let mut retry = false;
+        if inner.current().is_some() {
+            for (shared, _) in &waiting {
+                match sync(inner, shared).await {
+                    Ok(_) => {}
+                    Err(e) if temporary(&e) => retry = true,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        status.borrow_and_update();
+        if retry || inner.current().is_none() {
+            // Until something changes (back online, an ack from the catch-up), or a while.
+            let _ = tokio::time::timeout(jitter(wait), status.changed()).await;
+            wait = (wait * 2).min(inner.max_backoff);
+        } else {
+            wait = inner.min_backoff;
+        }
+    }
+}
+
+/// An error that a later try may not meet: offline, a dropped connection, a refusal for now.
+fn temporary(e: &ClientError) -> bool {
+    match e {
+        ClientError::Offline
+        | ClientError::Timeout(_)
+        | ClientError::Closed { .. }
+        | ClientError::Connect(_) => true,
+        ClientError::Server { code, .. } => code.retriable(),
+        _ => false,
     }
 }
 
@@ -485,11 +1023,75 @@ struct Shared {
     catching_up: AtomicBool,
     /// The highest sync count such a `delta` announced.
     catch_up_to: AtomicU64,
+    /// Closed (`Dataset::close`, a wipe): no edits, syncs or saves any more.
+    closed: AtomicBool,
+    /// Sync by itself after local edits.
+    auto_sync: AtomicBool,
+    /// Wakes the auto-sync task (a local edit).
+    auto_kick: Arc<Notify>,
+    /// Wakes the background saver (a change to write).
+    save_kick: Arc<Notify>,
+    /// Bumped on every change of `state` (with it locked).
+    generation: AtomicU64,
+    /// The generation last written to the cache; held while writing, so writes are in order.
+    written: Mutex<u64>,
+    /// The pending count last told.
+    last_pending: AtomicUsize,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Its background tasks wait on these: let them see it is gone.
+        self.save_kick.notify_one();
+        self.auto_kick.notify_one();
+    }
 }
 
 impl Shared {
+    fn new(
+        dataset: DatasetRef,
+        state: DatasetCache,
+        handler: ConflictHandler,
+        on_deleted: OnDatasetDeleted,
+        auto_sync: bool,
+    ) -> Shared {
+        Shared {
+            dataset,
+            state: Mutex::new(state),
+            handler,
+            on_deleted: Mutex::new(on_deleted),
+            events: broadcast::channel(256).0,
+            sync_lock: tokio::sync::Mutex::new(()),
+            revoked: AtomicBool::new(false),
+            subscribed: AtomicBool::new(false),
+            need_whole: AtomicBool::new(false),
+            catching_up: AtomicBool::new(false),
+            catch_up_to: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            auto_sync: AtomicBool::new(auto_sync),
+            auto_kick: Arc::new(Notify::new()),
+            save_kick: Arc::new(Notify::new()),
+            generation: AtomicU64::new(0),
+            written: Mutex::new(0),
+            last_pending: AtomicUsize::new(0),
+        }
+    }
+
+    /// (owner, name): the dataset's key in the client and in the cache.
+    fn key(&self) -> (String, String) {
+        let owner = self.dataset.owner.clone().unwrap_or_default();
+        (owner, self.dataset.name.clone())
+    }
+
     fn emit(&self, event: DatasetEvent) {
         let _ = self.events.send(event);
+    }
+
+    /// A local edit happened: auto-sync, if on, syncs after the delay.
+    fn schedule_auto_sync(&self) {
+        if self.auto_sync.load(Ordering::SeqCst) && !self.revoked.load(Ordering::SeqCst) {
+            self.auto_kick.notify_one();
+        }
     }
 
     /// Our access is gone: stop syncing (told once); the local data stays.
@@ -518,7 +1120,7 @@ impl Shared {
                 return;
             }
             local.set_aside = Some(reason.clone());
-            inner.save(self, &state);
+            inner.changed(self, &state);
         }
         tracing::warn!(dataset = ?self.dataset, key, code = %reason.code, message = %reason.message, "change set aside");
         self.emit(DatasetEvent::SetAside {
@@ -636,7 +1238,7 @@ impl Shared {
                 Some(local) if local.dirty && local.value == record.value => {
                     local.dirty = false;
                     local.sync_count = record.sync_count;
-                    local.device_last_modified = record.device_last_modified;
+                    local.take_metadata(record);
                 }
                 Some(local) if local.dirty => {
                     // A base equal to the server's version is what the server accepts.
@@ -648,23 +1250,13 @@ impl Shared {
                     if local.value != record.value {
                         changed.push(key.clone());
                     }
-                    local.value = record.value.clone();
-                    local.sync_count = record.sync_count;
-                    local.device_last_modified = record.device_last_modified;
+                    local.take_server(record);
                 }
                 None => {
                     changed.push(key.clone());
-                    state.records.insert(
-                        key.clone(),
-                        LocalRecord {
-                            value: record.value.clone(),
-                            sync_count: record.sync_count,
-                            dirty: false,
-                            device_last_modified: record.device_last_modified,
-                            version: 0,
-                            set_aside: None,
-                        },
-                    );
+                    state
+                        .records
+                        .insert(key.clone(), LocalRecord::from_server(record, 0));
                 }
             }
         }
@@ -710,7 +1302,7 @@ fn set_aside_broken(inner: &Arc<Inner>, shared: &Arc<Shared>) {
 /// After local changes were dropped: save, and get the server's versions of their keys back
 /// (a whole subscribe, now when online; otherwise the next one is whole).
 fn after_drop(inner: &Arc<Inner>, shared: &Arc<Shared>) {
-    inner.save(shared, &shared.state.lock());
+    inner.changed(shared, &shared.state.lock());
     if !shared.need_whole.load(Ordering::SeqCst) || !shared.subscribed.load(Ordering::SeqCst) {
         return;
     }
@@ -743,6 +1335,7 @@ fn merge_record(
             } else {
                 local.dirty = false;
                 local.sync_count = local.sync_count.max(record.sync_count);
+                local.take_metadata(&record);
             }
         }
         Some(local) if local.dirty => {}
@@ -754,27 +1347,21 @@ fn merge_record(
             }
             state.records.remove(&record.key);
         }
-        Some(local) if local.value == record.value && local.sync_count == record.sync_count => {}
+        // The same version: only its metadata may be new to this copy (a cache written
+        // before it kept any).
+        Some(local) if local.value == record.value && local.sync_count == record.sync_count => {
+            local.take_metadata(&record);
+        }
         Some(local) => {
-            local.value = record.value;
-            local.sync_count = record.sync_count;
-            local.device_last_modified = record.device_last_modified;
+            local.take_server(&record);
             changed.push(record.key);
         }
         None if record.value.is_none() => {}
         None => {
             changed.push(record.key.clone());
-            state.records.insert(
-                record.key,
-                LocalRecord {
-                    value: record.value,
-                    sync_count: record.sync_count,
-                    dirty: false,
-                    device_last_modified: record.device_last_modified,
-                    version: 0,
-                    set_aside: None,
-                },
-            );
+            state
+                .records
+                .insert(record.key.clone(), LocalRecord::from_server(&record, 0));
         }
     }
 }
@@ -824,28 +1411,55 @@ impl Dataset {
         self.shared.state.lock().records.get(key).cloned()
     }
 
+    /// Sets `key` locally (pending until the server acknowledges it) and writes the cache
+    /// before returning.
     pub fn put(&self, key: impl Into<String>, value: impl Into<String>) -> Result<(), ClientError> {
-        self.write(key.into(), Some(value.into()))
+        self.write(vec![(key.into(), Some(value.into()))])
     }
 
     pub fn remove(&self, key: impl Into<String>) -> Result<(), ClientError> {
-        self.write(key.into(), None)
+        self.write(vec![(key.into(), None)])
     }
 
-    fn write(&self, key: String, value: Option<String>) -> Result<(), ClientError> {
-        if key.is_empty() {
-            return Err(ClientError::InvalidInput("a key must not be empty".into()));
+    /// Puts several keys at once: each is checked first (an empty key, the server's limits)
+    /// and, if one is refused, none is written; then they are written to the cache in one
+    /// save. They go to the server in as few updates as its limits allow, like any pending
+    /// changes.
+    pub fn put_all<I, K, V>(&self, entries: I) -> Result<(), ClientError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let edits = entries
+            .into_iter()
+            .map(|(k, v)| (k.into(), Some(v.into())))
+            .collect();
+        self.write(edits)
+    }
+
+    /// Local edits: checked (all before any), applied, written to the cache; auto-sync told.
+    fn write(&self, edits: Vec<(String, Option<String>)>) -> Result<(), ClientError> {
+        if self.shared.closed.load(Ordering::SeqCst) {
+            return Err(ClientError::DatasetClosed);
         }
-        if let Some(broken) = self.shared.breaks(&self.inner, &key, value.as_deref()) {
+        let mut undo = Vec::new();
+        let mut apply = Vec::with_capacity(edits.len());
+        for (key, value) in edits {
+            if key.is_empty() {
+                return Err(ClientError::InvalidInput("a key must not be empty".into()));
+            }
+            let Some(broken) = self.shared.breaks(&self.inner, &key, value.as_deref()) else {
+                apply.push((key, value));
+                continue;
+            };
             let (Some(limit), Some(max)) = (broken.limit, broken.max) else {
                 return Err(ClientError::InvalidInput(broken.message));
             };
             // A key the server cannot hold: removing it only undoes the local edit.
             if value.is_none() && limit == LimitCode::MaxKeyLength {
-                if self.shared.drop_change(&mut self.shared.state.lock(), &key) {
-                    after_drop(&self.inner, &self.shared);
-                }
-                return Ok(());
+                undo.push(key);
+                continue;
             }
             return Err(ClientError::TooLarge {
                 key,
@@ -854,25 +1468,44 @@ impl Dataset {
                 message: broken.message,
             });
         }
-        let mut state = self.shared.state.lock();
-        let record = state.records.entry(key).or_insert(LocalRecord {
-            value: None,
-            sync_count: 0,
-            dirty: false,
-            device_last_modified: None,
-            version: 0,
-            set_aside: None,
-        });
-        record.value = value;
-        record.dirty = true;
-        record.device_last_modified = Some(now_ms());
-        record.version += 1;
-        // A new edit is tried again.
-        record.set_aside = None;
-        // The edit stays (in memory, and it syncs), but the caller learns it would not
-        // survive a restart.
-        self.inner
-            .try_save(&self.shared, &state)
+        if !undo.is_empty() {
+            let dropped = {
+                let mut state = self.shared.state.lock();
+                let mut dropped = false;
+                for key in &undo {
+                    dropped |= self.shared.drop_change(&mut state, key);
+                }
+                dropped
+            };
+            if dropped {
+                after_drop(&self.inner, &self.shared);
+            }
+        }
+        if apply.is_empty() {
+            return Ok(());
+        }
+        {
+            let mut state = self.shared.state.lock();
+            let now = now_ms();
+            for (key, value) in apply {
+                let record = state.records.entry(key).or_insert_with(LocalRecord::blank);
+                record.value = value;
+                record.dirty = true;
+                record.device_last_modified = Some(now);
+                record.version += 1;
+                // A new edit is tried again.
+                record.set_aside = None;
+                // Ours until the server stamps it with its time.
+                record.last_modified = None;
+                record.last_modified_by = Some(self.inner.identity.clone());
+                record.device_id = self.inner.device_id.clone();
+            }
+            self.inner.accounted(&self.shared, &state);
+        }
+        self.shared.schedule_auto_sync();
+        // Written off the state lock. The edit stays (in memory, and it syncs), but the
+        // caller learns it would not survive a restart.
+        write_latest(&self.inner, &self.shared, false)
             .map_err(|e| ClientError::Cache(e.to_string()))
     }
 
@@ -886,7 +1519,8 @@ impl Dataset {
         self.shared.state.lock().sync_count
     }
 
-    /// Remote changes, conflicts, deletion, revocation and changes set aside, as they happen.
+    /// Remote changes, conflicts, deletion, revocation, changes set aside, the pending count
+    /// and what each sync did, as they happen.
     pub fn events(&self) -> broadcast::Receiver<DatasetEvent> {
         self.shared.events.subscribe()
     }
@@ -948,8 +1582,43 @@ impl Dataset {
     /// (`Err(Server { code: Forbidden, .. })` while it is still not shared). `Offline`
     /// without a connection (the reconnect then tries by itself).
     pub async fn subscribe(&self) -> Result<(), ClientError> {
+        if self.shared.closed.load(Ordering::SeqCst) {
+            return Err(ClientError::DatasetClosed);
+        }
         let conn = self.inner.current().ok_or(ClientError::Offline)?;
         subscribe(&self.inner, &conn, &self.shared).await
+    }
+
+    /// Stops following the dataset and forgets this handle (and its clones): the server
+    /// stops pushing it, auto-sync stops, and edits or syncs through it answer
+    /// `DatasetClosed` (reads go on). Waits for a sync in flight and writes the copy to the
+    /// cache one last time; its pending changes stay there, counted by `Client::pending`,
+    /// and are sent when the dataset is opened again. `Err(Cache)` if that write failed.
+    pub async fn close(&self) -> Result<(), ClientError> {
+        close(&self.inner, &self.shared).await
+    }
+
+    /// Whether `close` was called (on this handle or a clone, or by a wipe).
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::SeqCst)
+    }
+
+    /// Turns auto-sync on or off for this dataset (default: the client's
+    /// `ClientBuilder::auto_sync`). Turned on with changes pending, it syncs them soon.
+    pub fn set_auto_sync(&self, on: bool) {
+        self.shared.auto_sync.store(on, Ordering::SeqCst);
+        if on && self.pending() > 0 {
+            self.shared.schedule_auto_sync();
+        }
+    }
+
+    pub fn auto_sync(&self) -> bool {
+        self.shared.auto_sync.load(Ordering::SeqCst)
+    }
+
+    /// `Client::wait_for_pending_writes` for this dataset alone.
+    pub async fn wait_for_pending_writes(&self) -> Result<(), ClientError> {
+        wait_for_pending_writes(&self.inner, vec![self.shared.clone()]).await
     }
 
     /// What a remote delete does to this dataset's local copy (default: the client's
@@ -975,7 +1644,24 @@ impl Dataset {
 /// the handler and that update is retried, up to the retry bound per update. A change the
 /// server refuses for good is set aside and the others go on.
 async fn sync(inner: &Arc<Inner>, shared: &Arc<Shared>) -> Result<SyncOutcome, ClientError> {
+    let result = sync_once(inner, shared).await;
+    match &result {
+        Ok(outcome) => {
+            if outcome.pushed > 0 || outcome.conflicts > 0 {
+                shared.emit(DatasetEvent::Synced(outcome.clone()));
+            }
+        }
+        Err(ClientError::Offline | ClientError::DatasetClosed) => {}
+        Err(e) => inner.record_error(e),
+    }
+    result
+}
+
+async fn sync_once(inner: &Arc<Inner>, shared: &Arc<Shared>) -> Result<SyncOutcome, ClientError> {
     let _one_at_a_time = shared.sync_lock.lock().await;
+    if shared.closed.load(Ordering::SeqCst) {
+        return Err(ClientError::DatasetClosed);
+    }
     if shared.revoked.load(Ordering::SeqCst) {
         return Err(ClientError::Revoked);
     }
@@ -1000,9 +1686,11 @@ async fn sync(inner: &Arc<Inner>, shared: &Arc<Shared>) -> Result<SyncOutcome, C
             break;
         };
         let sent = patches.len();
-        let reply = conn
-            .update(shared.dataset.clone(), inner.device_id.clone(), patches)
-            .await;
+        let reply = {
+            let _uploading = Uploading::start(inner);
+            conn.update(shared.dataset.clone(), inner.device_id.clone(), patches)
+                .await
+        };
         match reply {
             Err(ClientError::Server {
                 code,
@@ -1061,7 +1749,7 @@ async fn sync(inner: &Arc<Inner>, shared: &Arc<Shared>) -> Result<SyncOutcome, C
                             conflicts_resolved += 1;
                         }
                     }
-                    inner.save(shared, &state);
+                    inner.changed(shared, &state);
                 }
                 rounds += 1;
                 if rounds > inner.max_sync_retries {
@@ -1166,17 +1854,9 @@ fn apply_ack(
             // Discarded while the update was on its way, but committed all the same: the
             // server's record is what this copy holds now.
             if let Some(rec) = stored.get(key).filter(|r| r.value.is_some()) {
-                state.records.insert(
-                    key.clone(),
-                    LocalRecord {
-                        value: rec.value.clone(),
-                        sync_count: rec.sync_count,
-                        dirty: false,
-                        device_last_modified: rec.device_last_modified,
-                        version: 0,
-                        set_aside: None,
-                    },
-                );
+                state
+                    .records
+                    .insert(key.clone(), LocalRecord::from_server(rec, 0));
                 changed.push(key.clone());
             }
             continue;
@@ -1189,6 +1869,9 @@ fn apply_ack(
             continue;
         }
         local.dirty = false;
+        if let Some(rec) = stored.get(key) {
+            local.take_metadata(rec);
+        }
         if local.value.is_none() {
             state.records.remove(key);
         }
@@ -1198,8 +1881,9 @@ fn apply_ack(
     if sync_count == state.sync_count + 1 {
         state.sync_count = sync_count;
     }
-    inner.save(shared, &state);
+    inner.changed(shared, &state);
     drop(state);
+    inner.synced_now();
     if !changed.is_empty() {
         changed.sort();
         shared.emit(DatasetEvent::Changed {
@@ -1229,6 +1913,9 @@ fn resolve_conflict(
         } else if let Some(l) = state.records.get_mut(key) {
             l.sync_count = base;
             l.dirty = false;
+            if let Some(server) = server {
+                l.take_metadata(server);
+            }
         }
         return None;
     }
@@ -1250,20 +1937,14 @@ fn resolve_conflict(
                 // The merged value is a new edit of this device's (as in the JS SDK).
                 l.device_last_modified = Some(now_ms());
                 l.version += 1;
+                l.last_modified = None;
             }
         }
         Resolution::TakeRemote => match server {
             Some(server) if server.value.is_some() => {
                 state.records.insert(
                     key.to_owned(),
-                    LocalRecord {
-                        value: server.value.clone(),
-                        sync_count: server.sync_count,
-                        dirty: false,
-                        device_last_modified: server.device_last_modified,
-                        version: local.version + 1,
-                        set_aside: None,
-                    },
+                    LocalRecord::from_server(server, local.version + 1),
                 );
             }
             _ => {
@@ -1315,7 +1996,8 @@ async fn subscribe(
         }
         (None, _) => shared.merge(sync_count, snapshot.records, true),
     };
-    inner.save(shared, &shared.state.lock());
+    inner.changed(shared, &shared.state.lock());
+    inner.synced_now();
     if !changed.is_empty() {
         shared.emit(DatasetEvent::Changed {
             sync_count,
@@ -1365,7 +2047,7 @@ fn handle_event(inner: &Arc<Inner>, conn: &Arc<Connection>, frame: ServerFrame) 
             // delta holds the newest version of every key changed after its base.
             if let Some(changed) = shared.merge_changes(base_sync_count, sync_count, records, false)
             {
-                inner.save(&shared, &shared.state.lock());
+                inner.changed(&shared, &shared.state.lock());
                 if !changed.is_empty() {
                     shared.emit(DatasetEvent::Changed {
                         sync_count,
@@ -1381,8 +2063,9 @@ fn handle_event(inner: &Arc<Inner>, conn: &Arc<Connection>, frame: ServerFrame) 
         } => {
             if let Some(shared) = find(inner, &dataset) {
                 let changed = shared.merge(sync_count, records, false);
+                // Also when no value changed: a pending change the server now holds is done.
+                inner.changed(&shared, &shared.state.lock());
                 if !changed.is_empty() {
-                    inner.save(&shared, &shared.state.lock());
                     shared.emit(DatasetEvent::Changed {
                         sync_count,
                         keys: changed,
@@ -1418,7 +2101,7 @@ fn on_deleted(inner: &Arc<Inner>, conn: &Arc<Connection>, shared: Arc<Shared>, s
     let dropped = {
         let mut state = shared.state.lock();
         let dropped = crate::deleted::apply(&mut state, policy, sync_count);
-        inner.save(&shared, &state);
+        inner.changed(&shared, &state);
         dropped
     };
     // What the server had is gone: nothing to fetch back.
@@ -1433,7 +2116,12 @@ fn on_deleted(inner: &Arc<Inner>, conn: &Arc<Connection>, shared: Arc<Shared>, s
     let (inner, conn) = (inner.clone(), conn.clone());
     tokio::spawn(async move {
         match subscribe(&inner, &conn, &shared).await {
-            Ok(()) => {}
+            // What the policy kept is pending: auto-sync re-creates the dataset with it.
+            Ok(()) => {
+                if shared.state.lock().dirty_count() > 0 {
+                    shared.schedule_auto_sync();
+                }
+            }
             Err(e) if e.code() == Some(ErrorCode::Forbidden) => shared.revoke(),
             // The reconnect follows it again.
             Err(e) => {
@@ -1468,7 +2156,7 @@ fn catch_up_gap(inner: &Arc<Inner>, conn: &Arc<Connection>, shared: Arc<Shared>,
             match conn.changes(shared.dataset.clone(), since).await {
                 Ok((sync_count, records)) => {
                     if let Some(changed) = shared.merge_changes(since, sync_count, records, false) {
-                        inner.save(&shared, &shared.state.lock());
+                        inner.changed(&shared, &shared.state.lock());
                         if !changed.is_empty() {
                             shared.emit(DatasetEvent::Changed {
                                 sync_count,
@@ -1491,8 +2179,19 @@ fn catch_up_gap(inner: &Arc<Inner>, conn: &Arc<Connection>, shared: Arc<Shared>,
 async fn run(inner: Arc<Inner>) {
     let mut backoff = inner.min_backoff;
     let mut next_url = 0;
+    let mut paused = inner.paused.subscribe();
     while !inner.stopped.load(Ordering::SeqCst) {
-        inner.status.send_replace(Status::Connecting);
+        if *paused.borrow_and_update() {
+            inner.set_status(Status::Paused);
+            tokio::select! {
+                () = paused_is(&mut paused, false) => {}
+                _ = inner.stop.notified() => break,
+            }
+            // Resumed: connect at once, from the first gateway's backoff.
+            backoff = inner.min_backoff;
+            continue;
+        }
+        inner.set_status(Status::Connecting);
         let url = &inner.urls[next_url % inner.urls.len()];
         // The next attempt, after this connection ends or fails, tries the next gateway.
         next_url += 1;
@@ -1508,7 +2207,8 @@ async fn run(inner: Arc<Inner>) {
                         conn.identity(),
                         inner.identity
                     );
-                    inner.status.send_replace(Status::Failed(reason));
+                    inner.record_error(&ClientError::Connect(reason.clone()));
+                    inner.set_status(Status::Failed(reason));
                     return;
                 }
                 backoff = inner.min_backoff;
@@ -1526,19 +2226,30 @@ async fn run(inner: Arc<Inner>) {
                     shared.subscribed.store(false, Ordering::SeqCst);
                 }
                 if let Some(reason) = stop_for_good {
-                    inner.status.send_replace(Status::Failed(reason));
+                    inner.record_error(&ClientError::Closed {
+                        code: None,
+                        reason: reason.clone(),
+                    });
+                    inner.set_status(Status::Failed(reason));
                     return;
                 }
             }
-            Err(e) => tracing::debug!(error = %e, "connect failed"),
+            Err(e) => {
+                tracing::debug!(error = %e, "connect failed");
+                inner.record_error(&e);
+            }
         }
         if inner.stopped.load(Ordering::SeqCst) {
             break;
         }
-        inner.status.send_replace(Status::Offline);
+        if *paused.borrow_and_update() {
+            continue;
+        }
+        inner.set_status(Status::Offline);
         let wait = jitter(backoff);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            () = paused_is(&mut paused, true) => continue,
             _ = inner.stop.notified() => break,
         }
         backoff = (backoff * 2).min(inner.max_backoff);
@@ -1575,6 +2286,7 @@ async fn catch_up(inner: &Arc<Inner>, conn: &Arc<Connection>, shared: &Arc<Share
             Err(e) => {
                 let retriable = e.code().is_some_and(|code| code.retriable());
                 let what = if subscribed { "sync" } else { "resubscribe" };
+                inner.record_error(&e);
                 tracing::warn!(dataset = ?shared.dataset, error = %e, retriable, "{what} after reconnect failed");
                 if !retriable || conn.closed().is_some() {
                     return;
@@ -1596,11 +2308,17 @@ async fn serve_connection(
     conn: &Arc<Connection>,
     mut events: tokio::sync::mpsc::UnboundedReceiver<ServerFrame>,
 ) -> Option<String> {
+    let mut paused = inner.paused.subscribe();
+    if *paused.borrow_and_update() {
+        // Paused while this connection was being made.
+        conn.send_close();
+        return None;
+    }
     let datasets: Vec<Arc<Shared>> = inner.datasets.lock().values().cloned().collect();
     // Pushes queue up in `events` meanwhile; they are applied in order afterwards.
     // Online only now: datasets opened from here on subscribe themselves, the ones above
     // are the reconnect's to catch up.
-    inner.status.send_replace(Status::Online);
+    inner.set_status(Status::Online);
     // One task per dataset: one that keeps being refused must not hold up the others.
     for shared in datasets {
         let (inner, conn) = (inner.clone(), conn.clone());
@@ -1637,6 +2355,10 @@ async fn serve_connection(
                 }
             }
             _ = inner.stop.notified() => return None,
+            () = paused_is(&mut paused, true) => {
+                conn.send_close();
+                return None;
+            }
         }
     }
     let closed = conn.wait_closed().await;
@@ -1647,6 +2369,12 @@ async fn serve_connection(
         )),
         _ => None,
     }
+}
+
+/// Until `Client::pause` is in force (`true`) or lifted (`false`).
+async fn paused_is(paused: &mut watch::Receiver<bool>, want: bool) {
+    // The guard `wait_for` returns must not live across an await of the caller.
+    let _ = paused.wait_for(|p| *p == want).await.map(|_| ());
 }
 
 /// Refresh the token 30 s before it expires (at least 1 s from now).
@@ -1688,22 +2416,69 @@ mod tests {
                     device_last_modified: None,
                     version: 0,
                     set_aside: None,
+                    last_modified: None,
+                    last_modified_by: None,
+                    device_id: None,
                 },
             );
         }
-        Shared {
-            dataset: DatasetRef::new("alice", "list"),
-            state: Mutex::new(cache),
-            handler: ConflictHandler::TakeRemote,
-            on_deleted: Mutex::new(OnDatasetDeleted::default()),
-            events: broadcast::channel(8).0,
-            sync_lock: tokio::sync::Mutex::new(()),
-            revoked: AtomicBool::new(false),
-            subscribed: AtomicBool::new(false),
-            need_whole: AtomicBool::new(false),
-            catching_up: AtomicBool::new(false),
-            catch_up_to: AtomicU64::new(0),
+        Shared::new(
+            DatasetRef::new("alice", "list"),
+            cache,
+            ConflictHandler::TakeRemote,
+            OnDatasetDeleted::default(),
+            false,
+        )
+    }
+
+    /// Remote changes are written by the background saver: the last state reaches the file,
+    /// in fewer writes than changes when they come faster than the disk, and the dataset's
+    /// lock is free while it writes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn test_saver_writes_the_latest_copy_in_batches_off_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        // Never online: nothing listens there.
+        let client = Client::builder("ws://127.0.0.1:1/v1/sync", "alice")
+            .token("t")
+            .cache_dir(dir.path())
+            .backoff(Duration::from_secs(10), Duration::from_secs(10))
+            .start()
+            .unwrap();
+        let ds = client
+            .open(DatasetRef::own("list"), ConflictHandler::default())
+            .await
+            .unwrap();
+        let (inner, shared) = (&ds.inner, &ds.shared);
+        let changes: u64 = 200;
+        for n in 1..=changes {
+            let value = n.to_string();
+            shared.merge(n, vec![record("k", Some(&value), n)], false);
+            inner.changed(shared, &shared.state.lock());
         }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let on_disk = inner.cache.load("alice", "list").unwrap();
+            if on_disk.sync_count == changes {
+                assert_eq!(on_disk.records["k"].value.as_deref(), Some("200"));
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the last state never got written"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let saves = inner.cache.saves.load(Ordering::SeqCst);
+        assert!(
+            saves < changes as usize,
+            "{saves} writes for {changes} changes"
+        );
+        // A write in progress does not hold the dataset's lock: hold the saver's turn and
+        // the state is still free.
+        let turn = shared.written.lock();
+        assert!(shared.state.try_lock().is_some());
+        drop(turn);
+        client.shutdown().await;
     }
 
     fn record(key: &str, value: Option<&str>, sync_count: u64) -> Record {

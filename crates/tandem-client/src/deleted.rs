@@ -116,6 +116,9 @@ mod tests {
                     device_last_modified: None,
                     version: 1,
                     set_aside: None,
+                    last_modified: None,
+                    last_modified_by: None,
+                    device_id: None,
                 },
             );
         }

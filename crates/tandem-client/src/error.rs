@@ -45,6 +45,14 @@ pub enum ClientError {
     /// it is shared again and followed again (`Dataset::subscribe`). Local changes stay.
     #[error("access to the dataset was revoked")]
     Revoked,
+    /// `Client::wipe` refused: this many local changes are not acknowledged yet and would
+    /// be lost (`Client::wait_for_pending_writes` first, or `Client::wipe_forced`).
+    #[error("{pending} local changes not yet synchronised; not wiped")]
+    PendingWrites { pending: usize },
+    /// The dataset was closed (`Dataset::close`, or a wipe): reads work, edits and syncs
+    /// do not; open it again for a new handle.
+    #[error("the dataset is closed")]
+    DatasetClosed,
     /// `sync` gave up after its retries; these keys are still unsynchronised.
     #[error("conflicts still unresolved after retries on keys {keys:?}")]
     Unresolved { keys: Vec<String> },

@@ -36,6 +36,25 @@
 //!   `Client::read_at` reads it as it was at a sync count, and `Client::restore` makes it
 //!   that again as one new commit (pushed to every subscriber, this client's datasets too).
 //!
+//! - Parity with the JavaScript SDK: sharing on `Client` (`grant`, `revoke`,
+//!   `list_datasets`, `delete_dataset`), `Dataset::close` (unsubscribed, pending changes
+//!   kept in the cache and sent when it is opened again), `Dataset::put_all`, auto-sync
+//!   (`ClientBuilder::auto_sync`, `Dataset::set_auto_sync`: a debounced sync after local
+//!   edits), `DatasetEvent::Pending` and `DatasetEvent::Synced`, and the server's record
+//!   metadata (`LocalRecord::last_modified`, `last_modified_by`, `device_id`) kept in the
+//!   local record and its cache. Remote changes are written to the cache by a background
+//!   saver, off the dataset's lock and several in one write; `put` writes before it returns,
+//!   so it can report a cache it cannot write.
+//! - Sign-out and status: `Client::pending` counts every cached dataset's pending changes
+//!   (closed ones, and ones an earlier run left); `Client::cached_datasets` lists them;
+//!   `Client::wait_for_pending_writes` (or `flush`) sends and waits until what is pending now
+//!   is acknowledged, across reconnects; `Client::wipe` deletes this identity's local cache
+//!   and nothing else, refusing with `ClientError::PendingWrites` while changes are pending
+//!   unless `wipe_forced`; `Client::sync_status` (`connected`, `uploading`, `pending`,
+//!   `last_synced_at`, `has_synced`, `last_error`) changes as one value
+//!   (`sync_status_changes`); `Client::pause` / `resume` take the client off the network and
+//!   back.
+//!
 //! It never panics on what the server sends: unknown frame types are skipped, as the
 //! protocol asks.
 
@@ -46,12 +65,14 @@ mod connection;
 mod deleted;
 mod error;
 mod limits;
+mod status;
 
-pub use cache::{DatasetCache, LocalRecord};
+pub use cache::{CachedDataset, DatasetCache, LocalRecord};
 pub use client::{Client, ClientBuilder, Dataset, DatasetEvent, Status, SyncOutcome};
 pub use conflict::{ConflictCase, ConflictHandler, Resolution};
 pub use connection::{Closed, Connection, HistoryPage, Snapshot, UpdateResult};
 pub use deleted::{DeletedPolicy, OnDatasetDeleted};
 pub use error::ClientError;
 pub use limits::{Limits, SetAside};
+pub use status::SyncStatus;
 pub use tandem_protocol as protocol;
