@@ -529,6 +529,29 @@ fn test_cognito_import_refuses_bad_input_with_a_reason() {
     )
     .into_owned();
     assert!(err.contains("not an identity pool id"), "{err}");
+    // A target that holds data already, without --merge.
+    let dump = target_dir.path().join("one.jsonl");
+    std::fs::write(
+        &dump,
+        concat!(
+            r#"{"type":"header","format":"tandem-dump","version":1,"source":"sqlite","exportedAt":1,"tandem":"0"}"#,
+            "\n",
+            r#"{"type":"identity","pool":"default","id":"us-east-1:11111111-1111-4111-8111-111111111111","guest":true,"mergedInto":null,"createdAt":1}"#,
+            "\n",
+            r#"{"type":"trailer","identities":1,"logins":0,"datasets":0,"records":0,"grants":0}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let mut load = Command::new(tandem_bin());
+    load.args(["import", "--progress", "none"])
+        .args(target)
+        .arg(&dump)
+        .env_remove("TANDEM_CONFIG")
+        .env("RUST_LOG", "warn");
+    ok(&load.output().unwrap());
+    let err = run(&[], &[]);
+    assert!(err.contains("the target store is not empty"), "{err}");
     // A bad rate, a bad logins file.
     let err = run(&["--rate", "0"], &[]);
     assert!(err.contains("positive number"), "{err}");

@@ -847,12 +847,15 @@ async fn import(
         }
     };
     let mut since_commit = Instant::now();
+    // The identities of the pending batch by tag, to name the one a refused batch failed on.
+    let mut pending: HashMap<u64, String> = HashMap::new();
     loop {
         let (page, next) = source.identities(cursor.page.as_deref()).await?;
         for (index, identity) in page.iter().enumerate().skip(cursor.skip) {
             let copy = source.read_identity(identity).await?;
             report.read(&copy);
             let tag = done_identities + 1;
+            pending.insert(tag, identity.id.clone());
             for item in target.items(&copy) {
                 importer.push(item, tag);
             }
@@ -865,7 +868,8 @@ async fn import(
                 let progress = importer
                     .commit(checkpoint(&name, done_identities, &at), false)
                     .await
-                    .map_err(rejected)?;
+                    .map_err(|e| rejected(e, &pending))?;
+                pending.clear();
                 report.batch(progress, &source.stats);
                 since_commit = Instant::now();
             }
@@ -884,17 +888,18 @@ async fn import(
     let progress = importer
         .commit(checkpoint(&name, done_identities, &cursor), true)
         .await
-        .map_err(rejected)?;
+        .map_err(|e| rejected(e, &pending))?;
     report.batch(progress, &source.stats);
     report.done(progress, &source.stats);
     Ok(())
 }
 
-/// A refused batch names the identity (its tag is the identity's ordinal).
-fn rejected(e: ImportError) -> anyhow::Error {
+/// A refused batch names the identity whose item it failed on.
+fn rejected(e: ImportError, pending: &HashMap<u64, String>) -> anyhow::Error {
     match e {
         ImportError::Rejected { tag, reason } => anyhow::anyhow!(
-            "identity #{tag} of the listing: {reason} (nothing of its batch was imported)"
+            "identity {} (#{tag} of the listing): {reason} (nothing of its batch was imported; the batches before it are, and a run with the same flags resumes after them)",
+            pending.get(&tag).map(String::as_str).unwrap_or("?")
         ),
         other => anyhow::anyhow!(other),
     }
