@@ -1071,8 +1071,9 @@ impl Reporter {
         self.read.identities += 1;
         for d in &copy.datasets {
             self.read.datasets += 1;
-            self.read.records += d.records.len() as u64;
-            self.tombstones += d.records.iter().filter(|r| r.value.is_none()).count() as u64;
+            let tombstones = d.records.iter().filter(|r| r.value.is_none()).count() as u64;
+            self.read.records += d.records.len() as u64 - tombstones;
+            self.tombstones += tombstones;
         }
         if self.mode == ProgressMode::Bar {
             self.draw(self.read.identities, false);
