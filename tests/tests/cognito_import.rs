@@ -374,34 +374,46 @@ fn test_cognito_import_killed_half_way_resumes_without_duplicates_or_gaps() {
         command.stdout(Stdio::null()).stderr(Stdio::piped());
         command
     };
-    let mut child = run().spawn().unwrap();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut killed_at = None;
-    for line in stderr.lines() {
-        let line = line.unwrap();
-        let Ok(event) = serde_json::from_str::<Value>(&line) else {
-            continue;
-        };
-        let at = event["identities"].as_u64().unwrap_or(0);
-        if event["event"] == "progress" && at >= identities / 2 {
-            // The checkpoint file shows the progress before the kill.
-            let held: Value =
-                serde_json::from_str(&std::fs::read_to_string(&checkpoint).unwrap()).unwrap();
-            assert!(held["identities"].as_u64().unwrap() >= at, "{held}");
-            assert_eq!(held["done"], false, "{held}");
-            child.kill().unwrap(); // SIGKILL
-            killed_at = Some(at);
-            break;
+    // Killed twice: inside the first ListIdentities page, then inside the second (a resume
+    // from a page token), each time with SIGKILL once the progress has passed `at_least`.
+    let mut killed_at = 0;
+    for at_least in [identities / 3, 65] {
+        let mut child = run().spawn().unwrap();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut killed = None;
+        for line in stderr.lines() {
+            let line = line.unwrap();
+            let Ok(event) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if event["event"] == "resume" {
+                assert!(
+                    event["identities"].as_u64().unwrap() >= killed_at,
+                    "{event}"
+                );
+            }
+            let at = event["identities"].as_u64().unwrap_or(0);
+            if event["event"] == "progress" && at >= at_least {
+                // The checkpoint file shows the progress before the kill.
+                let held: Value =
+                    serde_json::from_str(&std::fs::read_to_string(&checkpoint).unwrap()).unwrap();
+                assert!(held["identities"].as_u64().unwrap() >= at, "{held}");
+                assert_eq!(held["done"], false, "{held}");
+                child.kill().unwrap(); // SIGKILL
+                killed = Some(at);
+                break;
+            }
         }
+        child.wait().unwrap();
+        killed_at = killed.unwrap_or_else(|| panic!("no progress past {at_least}"));
+        let partial = export(&target, &work.path().join("partial.jsonl"));
+        let partial_identities = count(&partial, "identity");
+        assert!(
+            partial_identities >= killed_at && partial_identities < identities,
+            "{partial_identities} identities in after the kill at {killed_at} of {identities}"
+        );
     }
-    child.wait().unwrap();
-    let killed_at = killed_at.expect("the import reported progress past half way");
-    let partial = export(&target, &work.path().join("partial.jsonl"));
-    let partial_identities = count(&partial, "identity");
-    assert!(
-        partial_identities >= killed_at && partial_identities < identities,
-        "{partial_identities} identities in after the kill at {killed_at} of {identities}"
-    );
+    assert!(killed_at > 60, "the second kill was on the second page");
 
     let output = run().output().unwrap();
     ok(&output);
