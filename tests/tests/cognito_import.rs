@@ -521,6 +521,32 @@ fn test_cognito_import_refuses_bad_input_with_a_reason() {
     // A wrong secret: the source refuses the signature.
     let err = run(&[], &[("AWS_SECRET_ACCESS_KEY", "wrong")]);
     assert!(err.contains("InvalidSignatureException"), "{err}");
+    // A profile that is not there: refused at once, not retried.
+    let err = run(
+        &["--profile", "nope", "--max-retries", "50"],
+        &[("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")],
+    );
+    assert!(
+        err.contains(r#"no credentials from profile "nope""#),
+        "{err}"
+    );
+    assert!(!err.contains("retries"), "{err}");
+    // The profile's key, not the environment's (wrong) one.
+    let credentials = target_dir.path().join("credentials");
+    std::fs::write(
+        &credentials,
+        format!(
+            "[migration]\naws_access_key_id = {ADMIN_AKID}\naws_secret_access_key = {ADMIN_SECRET}\n"
+        ),
+    )
+    .unwrap();
+    let output = importer(&source, &target, &["--profile", "migration", "--dry-run"])
+        .env("AWS_SECRET_ACCESS_KEY", "wrong")
+        .env("AWS_SHARED_CREDENTIALS_FILE", &credentials)
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_str(ok(&output).trim()).unwrap();
+    assert_eq!(report["found"]["identities"], 0, "{report}");
     // A pool the source does not serve.
     let output = importer_of(
         "us-east-1:00000000-0000-4000-8000-000000000000",

@@ -78,8 +78,9 @@ pub struct CognitoImportArgs {
     #[arg(long)]
     pub region: Option<String>,
     /// The named profile of ~/.aws/config and ~/.aws/credentials to take the credentials
-    /// from. Default: the standard chain (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`,
-    /// `AWS_PROFILE` or the `default` profile, web identity, container or instance role).
+    /// from (over any in the environment). Default: the standard chain
+    /// (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE` or the `default` profile,
+    /// web identity, container or instance role).
     #[arg(long)]
     pub profile: Option<String>,
     /// Sends the requests of both APIs here instead of AWS's endpoints: a Tandem node
@@ -234,8 +235,8 @@ impl Source {
             })
             .map(aws_config::Region::new);
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .http_client(http)
-            .region(region)
+            .http_client(http.clone())
+            .region(region.clone())
             // Retries are this module's own (counted, paced); the SDK's would hide them.
             .retry_config(aws_config::retry::RetryConfig::disabled())
             .timeout_config(
@@ -244,7 +245,29 @@ impl Source {
                     .build(),
             );
         if let Some(profile) = &args.profile {
-            loader = loader.profile_name(profile);
+            // A named profile is asked for: its credentials, not the environment's (the
+            // default chain would take AWS_ACCESS_KEY_ID first), as the AWS CLI does.
+            let credentials = aws_config::profile::ProfileFileCredentialsProvider::builder()
+                .configure(
+                    &aws_config::provider_config::ProviderConfig::without_region()
+                        .with_region(region)
+                        .with_http_client(http),
+                )
+                .profile_name(profile)
+                .build();
+            // Named by the operator: a profile that gives no credentials is said at once,
+            // with the reason (the SDK would say "not loaded" at the first request).
+            aws_sdk_cognitosync::config::ProvideCredentials::provide_credentials(&credentials)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "no credentials from profile {profile:?}: {}",
+                        DisplayErrorContext(&e)
+                    )
+                })?;
+            loader = loader
+                .profile_name(profile)
+                .credentials_provider(credentials);
         }
         if let Some(endpoint) = &args.endpoint {
             loader = loader.endpoint_url(endpoint);
@@ -620,9 +643,10 @@ fn classify<E: ProvideErrorMetadata>(error: &SdkError<E, HttpResponse>) -> Failu
                 Failure::Fatal
             }
         }
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            Failure::Transient
-        }
+        SdkError::TimeoutError(_) | SdkError::ResponseError(_) => Failure::Transient,
+        // A connection that failed or timed out; not a request that could not be sent at all
+        // (no credentials, a missing profile): retrying those only delays the error.
+        SdkError::DispatchFailure(e) if e.is_io() || e.is_timeout() => Failure::Transient,
         _ => Failure::Fatal,
     }
 }
