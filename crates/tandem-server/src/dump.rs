@@ -35,9 +35,14 @@ pub struct ExportArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(subcommand_negates_reqs = true)]
 pub struct ImportArgs {
+    /// Another source than a dump.
+    #[command(subcommand)]
+    pub from: Option<ImportSource>,
     /// The dump to import (`tandem export`'s output), or `-` for stdin.
-    pub input: String,
+    #[arg(required = true)]
+    pub input: Option<String>,
     /// What to do when the target is not empty: `refuse` (the default: import only into an
     /// empty store) or `skip-existing` (keep what the target holds, import the rest).
     #[arg(long, value_enum, default_value = "refuse")]
@@ -51,6 +56,15 @@ pub struct ImportArgs {
     pub progress: ProgressMode,
     #[command(flatten)]
     pub serve: ServeArgs,
+}
+
+/// `tandem import <source> ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum ImportSource {
+    /// Copies a Cognito Sync identity pool through the AWS APIs (developer credentials):
+    /// identities, datasets, records with their sync counts and tombstones; resumable, paced,
+    /// with a dry run (docs/OPERATIONS.md, "Import from Cognito Sync").
+    Cognito(Box<crate::cognito_import::CognitoImportArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -73,7 +87,7 @@ pub enum ProgressMode {
 /// `--store` for the embedded store.
 const SQLITE_STORE: &str = "sqlite";
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -174,6 +188,11 @@ async fn write_dump<W: Write>(
 /// `tandem import`: into the data dir's SQLite store (only while no node serves it: it
 /// takes the data dir's lock) or PostgreSQL.
 pub fn run_import(args: &ImportArgs) -> anyhow::Result<()> {
+    let input = match (&args.from, &args.input) {
+        (Some(ImportSource::Cognito(cognito)), _) => return crate::cognito_import::run(cognito),
+        (None, Some(input)) => input,
+        (None, None) => bail!("name the dump to import (or `-` for stdin)"),
+    };
     let settings = args.serve.settings()?;
     crate::init_logging(settings.server.log_format);
     let server = &settings.server;
@@ -181,11 +200,10 @@ pub fn run_import(args: &ImportArgs) -> anyhow::Result<()> {
         .then(|| DataDirLock::acquire(&server.data_dir))
         .transpose()
         .context("the data dir is in use: stop the node that serves it first")?;
-    let (input, total_bytes): (Box<dyn Read>, Option<u64>) = if args.input == "-" {
+    let (input, total_bytes): (Box<dyn Read>, Option<u64>) = if input == "-" {
         (Box::new(std::io::stdin().lock()), None)
     } else {
-        let file = std::fs::File::open(&args.input)
-            .with_context(|| format!("cannot open {}", args.input))?;
+        let file = std::fs::File::open(input).with_context(|| format!("cannot open {input}"))?;
         let size = file.metadata().ok().map(|m| m.len());
         (Box::new(file), size)
     };

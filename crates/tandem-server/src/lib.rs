@@ -5,6 +5,7 @@
 //! grace period, close the broker, close the store). It holds no sync logic of its own; the
 //! gateway, store and fan-out crates do.
 
+pub mod cognito_import;
 pub mod config;
 pub mod dump;
 pub mod lock;

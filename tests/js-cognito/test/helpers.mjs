@@ -17,7 +17,7 @@ export const REGION = 'us-east-1';
 export const POOL = `${REGION}:6a1b3c2d-4e5f-4a6b-8c7d-9e0f1a2b3c4d`;
 export const SECRET = 'tandem-js-cognito-tests-secret-0123456789abcdef';
 
-function tandemBin() {
+export function tandemBin() {
   const candidates = [
     process.env.TANDEM_BIN,
     process.env.CARGO_TARGET_DIR && resolve(process.env.CARGO_TARGET_DIR, 'debug/tandem'),
@@ -30,9 +30,12 @@ function tandemBin() {
   return bin;
 }
 
-/** Starts `tandem serve` on a loopback port with a temp data dir and the identity pool `POOL`. */
-export async function startServer(extraArgs = []) {
-  const dataDir = mkdtempSync(join(tmpdir(), 'tandem-js-cognito-'));
+/**
+ * Starts `tandem serve` on a loopback port with the identity pool `POOL`, in `dataDir` or a
+ * temp data dir (removed on close only when made here).
+ */
+export async function startServer(extraArgs = [], { dataDir: givenDir } = {}) {
+  const dataDir = givenDir ?? mkdtempSync(join(tmpdir(), 'tandem-js-cognito-'));
   const args = ['serve', '--listen', '127.0.0.1:0', '--jwt-secret', SECRET, '--data-dir', dataDir, '--drain-delay', '0', '--cognito-identity-pool', POOL, ...extraArgs];
   const proc = spawn(tandemBin(), args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'warn' } });
   let log = '';
@@ -65,7 +68,7 @@ export async function startServer(extraArgs = []) {
         proc.kill('SIGTERM');
         await exited;
       }
-      rmSync(dataDir, { recursive: true, force: true });
+      if (!givenDir) rmSync(dataDir, { recursive: true, force: true });
     },
   };
 }

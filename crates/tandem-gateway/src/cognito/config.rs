@@ -41,6 +41,14 @@ pub struct CognitoConfig {
     /// fit.
     #[cfg_attr(feature = "clap", arg(long, env = "TANDEM_COGNITO_MAX_REQUEST_BYTES"))]
     pub cognito_max_request_bytes: usize,
+    /// Cognito Sync requests one caller (an identity, or the developer key) may make per
+    /// second on this node, in bursts of as many; more get HTTP 429
+    /// `TooManyRequestsException`, as AWS throttles; 0 = unlimited.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, env = "TANDEM_COGNITO_MAX_REQUESTS_PER_SECOND")
+    )]
+    pub cognito_max_requests_per_second: u32,
     /// The developer key, `AKID:SECRET`: a request SigV4-signed with it and no session token
     /// may address any identity of the pool and the developer operations (ListIdentities,
     /// DescribeIdentity, SetCognitoEvents, BulkPublish, …). Unset, they answer
@@ -107,6 +115,7 @@ impl Default for CognitoConfig {
             cognito_guests: true,
             cognito_secret_file: None,
             cognito_max_request_bytes: 128 * 1024,
+            cognito_max_requests_per_second: 0,
             cognito_admin_key: None,
             cognito_events_refresh: Duration::from_secs(5),
             cognito_bulk_publish_timeout: Duration::from_secs(3600),
@@ -124,6 +133,10 @@ impl std::fmt::Debug for CognitoConfig {
             .field("cognito_guests", &self.cognito_guests)
             .field("cognito_secret_file", &self.cognito_secret_file)
             .field("cognito_max_request_bytes", &self.cognito_max_request_bytes)
+            .field(
+                "cognito_max_requests_per_second",
+                &self.cognito_max_requests_per_second,
+            )
             .field("cognito_admin_key", &self.cognito_admin_key.is_some())
             .field("cognito_events_refresh", &self.cognito_events_refresh)
             .field(

@@ -56,6 +56,8 @@ pub(crate) struct SyncApi {
     session_key: [u8; 32],
     page_key: [u8; 32],
     max_body_bytes: usize,
+    /// `cognito_max_requests_per_second`, per caller.
+    rate: crate::history::RestRate,
 }
 
 impl std::fmt::Debug for SyncApi {
@@ -82,6 +84,7 @@ impl SyncApi {
             session_key: derive_key(secret, LABEL_SYNC_SESSION),
             page_key: derive_key(secret, LABEL_PAGE),
             max_body_bytes: config.cognito_max_body_bytes,
+            rate: crate::history::RestRate::new(config.cognito.cognito_max_requests_per_second),
         })
     }
 }
@@ -366,6 +369,18 @@ async fn serve(gw: &Gateway, api: &SyncApi, request: Request) -> Result<Response
         api.developer.as_ref(),
         now,
     )?;
+    // Throttled per caller, after the signature (a forged request cannot use up another
+    // caller's rate), as AWS throttles: clients retry with backoff.
+    let who = match &caller {
+        Caller::Identity(claims) => claims.identity_id.as_str(),
+        Caller::Developer => "developer",
+    };
+    if api.rate.take(who).is_err() {
+        return Err(CognitoError::new(
+            ErrorType::TooManyRequests,
+            "Rate exceeded",
+        ));
+    }
     let route = Route::parse(&parts.method, raw_path)?;
     let id = match (route.scope(), &caller) {
         (Some((pool, id)), _) => {
