@@ -65,14 +65,16 @@ mod connection;
 mod deleted;
 mod error;
 mod limits;
+mod snapshot;
 mod status;
 
 pub use cache::{CachedDataset, DatasetCache, LocalRecord};
-pub use client::{Client, ClientBuilder, Dataset, DatasetEvent, Status, SyncOutcome};
+pub use client::{ChangeSource, Client, ClientBuilder, Dataset, DatasetEvent, Status, SyncOutcome};
 pub use conflict::{ConflictCase, ConflictHandler, Resolution};
 pub use connection::{Closed, Connection, HistoryPage, Snapshot, UpdateResult};
 pub use deleted::{DeletedPolicy, OnDatasetDeleted};
 pub use error::ClientError;
 pub use limits::{Limits, SetAside};
+pub use snapshot::{DatasetSnapshot, SnapshotListener};
 pub use status::SyncStatus;
 pub use tandem_protocol as protocol;
