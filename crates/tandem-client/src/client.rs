@@ -1661,8 +1661,10 @@ impl Dataset {
         self.shared.state.lock().sync_count
     }
 
-    /// Remote changes, conflicts, deletion, revocation, changes set aside, the pending count
-    /// and what each sync did, as they happen.
+    /// Changes (local edits and remote ones), conflicts, deletion, revocation, changes set
+    /// aside, the pending count and what each sync did, as they happen. A receiver that falls
+    /// more than 256 events behind loses the oldest (`RecvError::Lagged`); `snapshots` never
+    /// loses the latest content.
     pub fn events(&self) -> broadcast::Receiver<DatasetEvent> {
         self.shared.events.subscribe()
     }
