@@ -1488,8 +1488,9 @@ impl Dataset {
     /// Watches the snapshots: the receiver holds the current one and sees each new one, made
     /// by local edits, remote changes, acks, conflict resolutions and deletes, each with a
     /// higher version. It is a `watch`: a receiver that falls behind sees the latest (what
-    /// a UI renders), not every one in between. Dropping it stops watching; the sender goes
-    /// away with the dataset (closed, or every handle dropped).
+    /// a UI renders), not every one in between. Dropping it stops watching. After `close` no
+    /// new snapshot comes; `changed()` ends with an error once every handle is dropped. Clone
+    /// the `Arc` out of `borrow()` before calling the dataset: a change waits for the borrow.
     pub fn snapshots(&self) -> watch::Receiver<Arc<DatasetSnapshot>> {
         self.shared.snapshot.watch(&self.shared.state.lock())
     }
