@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tandem_client::protocol::{Access, DatasetRef, ErrorCode, LimitCode};
 use tandem_client::{
-    Client, ClientBuilder, ClientError, ConflictHandler, Dataset, DatasetEvent, DeletedPolicy,
-    OnDatasetDeleted, Resolution, Status,
+    ChangeSource, Client, ClientBuilder, ClientError, ConflictHandler, Dataset, DatasetEvent,
+    DatasetSnapshot, DeletedPolicy, OnDatasetDeleted, Resolution, Status,
 };
 use tandem_tests::TestServer;
 use tandem_tests::proxy::Proxy;
@@ -147,6 +147,67 @@ async fn s1_1_offline_edits_are_kept_shown_and_sent() {
     let b = Device::new(&server, "alice").await;
     let o = b.open("alice", "list").await;
     assert_eq!(records(&o), pairs(&[("milk", "1")]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s1_2_editing_or_removing_a_key_that_is_already_pending_notifies() {
+    let server = TestServer::start();
+    let a = Device::new(&server, "alice").await;
+    let d = a.open("alice", "list").await;
+    a.go_offline().await;
+    d.put("item", "a").unwrap();
+    assert_eq!(d.pending(), 1);
+    let mut events = d.events();
+    let mut snapshots = d.snapshots();
+    let before = snapshots.borrow_and_update().clone();
+    assert_eq!(before.records.get("item").map(String::as_str), Some("a"));
+
+    d.put("item", "b").unwrap(); // already pending
+    assert!(
+        snapshots.has_changed().unwrap(),
+        "a new snapshot for the edit"
+    );
+    let edited = snapshots.borrow_and_update().clone();
+    assert_eq!(edited.records.get("item").map(String::as_str), Some("b"));
+    d.remove("item").unwrap(); // already pending
+    let changes: Vec<(ChangeSource, Vec<String>)> = drain(&mut events)
+        .into_iter()
+        .filter_map(|e| match e {
+            DatasetEvent::Changed { keys, source, .. } => Some((source, keys)),
+            _ => None,
+        })
+        .collect();
+    let item = vec!["item".to_owned()];
+    assert_eq!(
+        changes,
+        [
+            (ChangeSource::Local, item.clone()),
+            (ChangeSource::Local, item)
+        ],
+        "one local change notification per write"
+    );
+    assert!(
+        snapshots.has_changed().unwrap(),
+        "a new snapshot for the removal"
+    );
+    let last = snapshots.borrow_and_update().clone();
+    assert!(
+        !last.records.contains_key("item"),
+        "the removed pending item is gone from the snapshot at once"
+    );
+    assert!(last.has_pending_writes);
+    assert!(!last.from_server);
+    assert!(before.version < edited.version && edited.version < last.version);
+
+    // Back online the removal is sent (the server never had the key) and it stays gone.
+    a.come_back();
+    until("the removal to settle", || d.pending() == 0).await;
+    assert!(d.records().is_empty());
+    until("a snapshot without pending writes", || {
+        !d.snapshot().has_pending_writes
+    })
+    .await;
+    assert!(d.snapshot().records.is_empty());
 }
 
 // --- S2 conflicts ----------------------------------------------------------------------------
@@ -616,5 +677,145 @@ async fn s6_2_wiping_one_identitys_local_data_refuses_while_writes_are_pending()
     assert!(a.client.cached_datasets().await.unwrap().is_empty());
 }
 
-// S1.2 and the handle scenarios (H1, H2) need local change notifications, snapshots and one
-// conflict handler per handle (issue 14, item 4), which the Rust SDK does not have yet.
+// --- Handles and listeners ------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h1_snapshots_one_stable_snapshot_per_version_for_local_and_remote_changes() {
+    let server = TestServer::start();
+    let a = Device::new(&server, "alice").await;
+    let other = Device::new(&server, "alice").await;
+    let d = a.open("alice", "list").await;
+    let o = other.open("alice", "list").await;
+    let seen: Arc<Mutex<Vec<Arc<DatasetSnapshot>>>> = Arc::default();
+    let listener = {
+        let seen = seen.clone();
+        d.on_snapshot(move |s| seen.lock().unwrap().push(s.clone()))
+    };
+    let last = || seen.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        1,
+        "called at once with the current snapshot"
+    );
+    assert!(
+        Arc::ptr_eq(&d.snapshot(), &d.snapshot()),
+        "the same object while nothing changed"
+    );
+
+    d.put("local", "1").unwrap();
+    until("the local edit", || {
+        last().records.get("local").map(String::as_str) == Some("1")
+    })
+    .await;
+    assert_eq!(
+        (last().has_pending_writes, last().from_server),
+        (true, false)
+    );
+
+    d.sync().await.unwrap();
+    until("the ack", || !last().has_pending_writes).await;
+    assert!(last().from_server);
+
+    o.put("remote", "1").unwrap();
+    o.sync().await.unwrap();
+    until("the remote change", || {
+        last().records.get("remote").map(String::as_str) == Some("1")
+    })
+    .await;
+    assert!(last().from_server);
+    assert!(!last().has_pending_writes);
+
+    let versions: Vec<u64> = seen.lock().unwrap().iter().map(|s| s.version).collect();
+    assert!(
+        versions.windows(2).all(|w| w[0] < w[1]),
+        "strictly higher versions: {versions:?}"
+    );
+    assert!(
+        Arc::ptr_eq(&d.snapshot(), &last()),
+        "the current snapshot is the last one told"
+    );
+
+    listener.stop();
+    let told = seen.lock().unwrap().len();
+    d.put("after-stop", "1").unwrap();
+    until("the change to be in the snapshot", || {
+        d.snapshot().records.contains_key("after-stop")
+    })
+    .await;
+    // Give a listener that was not stopped the time to be called.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(seen.lock().unwrap().len(), told, "stopped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_a_second_open_with_another_conflict_handler_is_refused_set_conflict_handler_replaces_it()
+ {
+    let server = TestServer::start();
+    let a = Device::new(&server, "alice").await;
+    let b = Device::new(&server, "alice").await;
+    let doc = || DatasetRef::own("doc");
+    let mine = ConflictHandler::custom(|_| Resolution::KeepLocal);
+    let d = a.client.open(doc(), mine.clone()).await.unwrap();
+    assert_eq!(
+        a.client.open(doc(), None).await.unwrap(),
+        d,
+        "no handler named: the same handle"
+    );
+    assert_eq!(
+        a.client.open(doc(), mine.clone()).await.unwrap(),
+        d,
+        "the same handler: the same handle"
+    );
+    for other in [
+        ConflictHandler::TakeRemote,
+        ConflictHandler::custom(|_| Resolution::KeepLocal),
+    ] {
+        let refused = a.client.open(doc(), other).await.unwrap_err();
+        assert_eq!(refused.code(), Some(ErrorCode::BadRequest), "{refused}");
+        assert!(
+            matches!(&refused, ClientError::OtherConflictHandler { owner, name } if owner == "alice" && name == "doc"),
+            "{refused:?}"
+        );
+        assert!(refused.to_string().contains("conflict handler"));
+    }
+    assert!(
+        d.conflict_handler() == mine,
+        "the refused open changed nothing"
+    );
+
+    d.set_conflict_handler(ConflictHandler::TakeRemote);
+    assert_eq!(
+        a.client
+            .open(doc(), ConflictHandler::TakeRemote)
+            .await
+            .unwrap(),
+        d
+    );
+    // The replacement is the one that decides, for every handle.
+    d.put("k", "base").unwrap();
+    d.sync().await.unwrap();
+    let db = b.open("alice", "doc").await;
+    until("b to see base", || db.get("k").as_deref() == Some("base")).await;
+    a.go_offline().await;
+    db.put("k", "theirs").unwrap();
+    db.sync().await.unwrap();
+    d.put("k", "mine").unwrap();
+    let mut events = d.events();
+    a.come_back();
+    let resolution = next_event(&mut events, |e| match e {
+        DatasetEvent::Conflict { resolution, .. } => Some(resolution),
+        _ => None,
+    })
+    .await;
+    assert_eq!(resolution, Resolution::TakeRemote);
+    until("a to take b's value", || {
+        d.pending() == 0 && d.get("k").as_deref() == Some("theirs")
+    })
+    .await;
+
+    // A closed handle is gone: opening again with any handler makes a new one.
+    d.close().await.unwrap();
+    let reopened = a.client.open(doc(), mine.clone()).await.unwrap();
+    assert_ne!(reopened, d);
+    assert!(reopened.conflict_handler() == mine);
+}

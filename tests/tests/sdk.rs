@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 use tandem_client::{
-    Client, ClientError, ConflictHandler, Connection, Dataset, DatasetEvent, Resolution, Status,
+    ChangeSource, Client, ClientError, ConflictHandler, Connection, Dataset, DatasetEvent,
+    Resolution, Status,
 };
 use tandem_protocol::{Access, DatasetRef};
 use tandem_tests::proxy::Proxy;
@@ -846,7 +847,8 @@ async fn test_sdk_close_stops_following_and_keeps_pending_changes() {
     );
 }
 
-/// Pending and synced events: the count as it changes, and what a sync did.
+/// Pending and synced events: the count as it changes, and what a sync did; each local edit
+/// is a local `Changed` event, also one of a key already pending.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_sdk_pending_and_synced_events() {
     let server = TestServer::start();
@@ -862,11 +864,19 @@ async fn test_sdk_pending_and_synced_events() {
     ds.put("a", "3").unwrap(); // already pending: the count does not change
     let outcome = ds.sync().await.unwrap();
     let seen: Vec<DatasetEvent> = std::iter::from_fn(|| events.try_recv().ok()).collect();
+    let local = |key: &str| DatasetEvent::Changed {
+        sync_count: 0,
+        keys: vec![key.to_owned()],
+        source: ChangeSource::Local,
+    };
     assert_eq!(
         seen,
         [
             DatasetEvent::Pending { pending: 1 },
+            local("a"),
             DatasetEvent::Pending { pending: 2 },
+            local("b"),
+            local("a"),
             DatasetEvent::Pending { pending: 0 },
             DatasetEvent::Synced(outcome.clone()),
         ]
@@ -1207,4 +1217,76 @@ async fn test_sdk_auto_sync_re_creates_a_deleted_dataset_with_what_its_policy_ke
         server_records(&server, "alice", "notes").await,
         [("kept".to_owned(), "1".to_owned())]
     );
+}
+
+/// Every local edit is a `Changed` event marked local and a new snapshot: `put_all` (one event
+/// for its keys), and what `discard` and `revert` drop; the server's versions fetched back
+/// afterwards are remote changes. A dataset opened without a handler takes the client's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sdk_put_all_discard_and_revert_are_local_changes() {
+    let server = TestServer::start();
+    let alice = Client::builder(server.url(), "alice")
+        .token(server.token("alice"))
+        .conflict_handler(ConflictHandler::TakeRemote)
+        .start()
+        .unwrap();
+    alice.wait_online(WAIT).await.unwrap();
+    let ds = alice.open(DatasetRef::own("list"), None).await.unwrap();
+    assert!(ds.conflict_handler() == ConflictHandler::TakeRemote);
+    ds.put("k", "server").unwrap();
+    ds.sync().await.unwrap();
+    let mut events = ds.events();
+    let mut snapshots = ds.snapshots();
+    let local = |keys: &[&str]| DatasetEvent::Changed {
+        sync_count: 1,
+        keys: keys.iter().map(|k| (*k).to_owned()).collect(),
+        source: ChangeSource::Local,
+    };
+    let changes = |events: &mut tokio::sync::broadcast::Receiver<DatasetEvent>| {
+        std::iter::from_fn(|| events.try_recv().ok())
+            .filter(|e| matches!(e, DatasetEvent::Changed { .. }))
+            .collect::<Vec<_>>()
+    };
+
+    ds.put_all([("k", "mine"), ("j", "new")]).unwrap();
+    assert_eq!(changes(&mut events), [local(&["j", "k"])]);
+    let edited = snapshots.borrow_and_update().clone();
+    assert_eq!((edited.pending, edited.from_server), (2, false));
+
+    assert!(ds.discard("k"));
+    assert_eq!(changes(&mut events), [local(&["k"])]);
+    assert_eq!(snapshots.borrow_and_update().pending, 1);
+    // The server's version of `k` comes back by itself, as a remote change.
+    wait_value(&ds, "k", Some("server")).await;
+    until_snapshot(&mut snapshots, |s| {
+        s.records.get("k").map(String::as_str) == Some("server") && s.from_server
+    })
+    .await;
+
+    assert_eq!(ds.revert(), ["j"]);
+    assert!(
+        changes(&mut events).contains(&local(&["j"])),
+        "the revert is told"
+    );
+    let reverted = snapshots.borrow_and_update().clone();
+    assert_eq!(
+        (
+            reverted.pending,
+            reverted.records.len(),
+            reverted.from_server
+        ),
+        (0, 1, false)
+    );
+    alice.shutdown().await;
+}
+
+/// Waits until the watched snapshot passes `check`.
+async fn until_snapshot(
+    snapshots: &mut tokio::sync::watch::Receiver<std::sync::Arc<tandem_client::DatasetSnapshot>>,
+    check: impl Fn(&tandem_client::DatasetSnapshot) -> bool,
+) {
+    tokio::time::timeout(WAIT, snapshots.wait_for(|s| check(s)))
+        .await
+        .expect("the snapshot in time")
+        .unwrap();
 }

@@ -6,6 +6,7 @@ use crate::cache::{Cache, CachedDataset, DatasetCache, LocalRecord};
 use crate::conflict::{ConflictCase, ConflictHandler, Resolution};
 use crate::deleted::{DeletedPolicy, OnDatasetDeleted};
 use crate::limits::{self, Limits, SetAside};
+use crate::snapshot::{DatasetSnapshot, SnapshotCell, SnapshotListener};
 use crate::status::SyncStatus;
 use crate::{ClientError, Connection, UpdateResult};
 use parking_lot::Mutex;
@@ -38,11 +39,27 @@ pub enum Status {
     Paused,
 }
 
+/// Where a change of a dataset's content came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeSource {
+    /// This device's edit: `put`, `remove`, `put_all`, `discard`, `revert`.
+    Local,
+    /// The server's: a push, a subscribe's snapshot, an ack, a delete.
+    Remote,
+}
+
 /// What happened to an open dataset.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DatasetEvent {
-    /// Remote changes were applied to the cache (these keys changed).
-    Changed { sync_count: u64, keys: Vec<String> },
+    /// The dataset's content changed: these keys (sorted) were edited here (`Local`: every
+    /// `put`, `remove` or `put_all`, a key already pending too, and what `discard` or
+    /// `revert` dropped) or changed by the server (`Remote`). `sync_count` is the copy's after
+    /// it. `Dataset::snapshots` gives the content itself.
+    Changed {
+        sync_count: u64,
+        keys: Vec<String>,
+        source: ChangeSource,
+    },
     /// A conflict on `key` was resolved by the handler.
     Conflict { key: String, resolution: Resolution },
     /// The owner deleted the dataset; `policy` (see `ClientBuilder::on_dataset_deleted`) said
@@ -96,6 +113,7 @@ pub struct ClientBuilder {
     on_deleted: OnDatasetDeleted,
     auto_sync: bool,
     auto_sync_delay: Duration,
+    conflict_handler: ConflictHandler,
 }
 
 impl ClientBuilder {
@@ -186,6 +204,13 @@ impl ClientBuilder {
         self
     }
 
+    /// The conflict handler of datasets opened without naming one (`Client::open` with
+    /// `None`); default `ConflictHandler::LatestDeviceTime`.
+    pub fn conflict_handler(mut self, handler: ConflictHandler) -> Self {
+        self.conflict_handler = handler;
+        self
+    }
+
     /// Auto-sync (default off): every dataset opened on this client syncs by itself, a
     /// short while after local edits (`auto_sync_delay`, debounced, so a burst of edits goes
     /// in one sync). Pending changes are sent on every reconnect either way.
@@ -240,6 +265,7 @@ impl ClientBuilder {
             on_deleted: self.on_deleted,
             auto_sync: self.auto_sync,
             auto_sync_delay: self.auto_sync_delay,
+            conflict_handler: self.conflict_handler,
             limits: Mutex::new(Limits::default()),
             conn: Mutex::new(None),
             datasets: Mutex::new(HashMap::new()),
@@ -271,6 +297,8 @@ struct Inner {
     on_deleted: OnDatasetDeleted,
     auto_sync: bool,
     auto_sync_delay: Duration,
+    /// For datasets opened without naming one.
+    conflict_handler: ConflictHandler,
     /// The server's write limits as last known (kept while offline).
     limits: Mutex<Limits>,
     conn: Mutex<Option<Arc<Connection>>>,
@@ -323,6 +351,7 @@ impl Client {
             on_deleted: OnDatasetDeleted::default(),
             auto_sync: false,
             auto_sync_delay: Duration::from_millis(50),
+            conflict_handler: ConflictHandler::default(),
         }
     }
 
@@ -401,27 +430,47 @@ impl Client {
     /// sends the changes the cache holds pending (from before a `close`, or an earlier run).
     /// Opening a dataset whose access was revoked follows it again if it was shared again;
     /// if not, the handle is returned all the same (still revoked, local data readable).
+    ///
+    /// `handler`: a `ConflictHandler`, or `None` for the client's default
+    /// (`ClientBuilder::conflict_handler`). Opening a dataset that is open already returns
+    /// the same handle (`==` to it) when no handler or the same one (see `ConflictHandler`'s
+    /// `==`) is named; another one is refused with `ClientError::OtherConflictHandler`
+    /// (replace it with `Dataset::set_conflict_handler`), never silently ignored.
     pub async fn open(
         &self,
         dataset: DatasetRef,
-        handler: ConflictHandler,
+        handler: impl Into<Option<ConflictHandler>>,
     ) -> Result<Dataset, ClientError> {
+        let wanted = handler.into();
         let owner = dataset
             .owner
             .clone()
             .unwrap_or_else(|| self.inner.identity.clone());
         let key = (owner.clone(), dataset.name.clone());
+        // An open handle is shared; naming another handler for it is a mistake to say.
+        let same = |shared: Arc<Shared>| match &wanted {
+            Some(handler) if *handler != *shared.handler.lock() => {
+                Err(ClientError::OtherConflictHandler {
+                    owner: key.0.clone(),
+                    name: key.1.clone(),
+                })
+            }
+            _ => Ok(shared),
+        };
         // A handle being closed is on its way out: a new one replaces it.
         let existing = (self.inner.datasets.lock().get(&key).cloned())
             .filter(|shared| !shared.closed.load(Ordering::SeqCst));
         let shared = match existing {
-            Some(shared) => shared,
+            Some(shared) => same(shared)?,
             None => {
                 let cached = self
                     .inner
                     .cache
                     .load(&owner, &dataset.name)
                     .map_err(|e| ClientError::Cache(e.to_string()))?;
+                let handler = wanted
+                    .clone()
+                    .unwrap_or_else(|| self.inner.conflict_handler.clone());
                 let shared = Arc::new(Shared::new(
                     DatasetRef::new(owner, dataset.name),
                     cached,
@@ -441,6 +490,7 @@ impl Client {
                         }
                     }
                 };
+                let shared = if new { shared } else { same(shared)? };
                 if new {
                     let pending = shared.state.lock().dirty_count();
                     shared.last_pending.store(pending, Ordering::SeqCst);
@@ -698,16 +748,20 @@ impl Inner {
     }
 
     /// The dataset's copy changed (called with its state locked): its pending count is
-    /// accounted and told, and the background saver writes it soon, off the lock, several
-    /// changes in one write when they come faster than the disk.
-    fn changed(&self, shared: &Shared, state: &DatasetCache) {
-        self.accounted(shared, state);
+    /// accounted and told, its snapshot renewed if its content changed, and the background
+    /// saver writes it soon, off the lock, several changes in one write when they come faster
+    /// than the disk.
+    fn changed(&self, shared: &Shared, state: &DatasetCache, source: ChangeSource) {
+        self.accounted(shared, state, source);
         shared.save_kick.notify_one();
     }
 
     /// `changed` without the background save: the caller writes it itself.
-    fn accounted(&self, shared: &Shared, state: &DatasetCache) {
+    fn accounted(&self, shared: &Shared, state: &DatasetCache, source: ChangeSource) {
         shared.generation.fetch_add(1, Ordering::SeqCst);
+        if !shared.closed.load(Ordering::SeqCst) {
+            shared.snapshot.offer(state, source == ChangeSource::Remote);
+        }
         let pending = state.dirty_count();
         if shared.last_pending.swap(pending, Ordering::SeqCst) != pending {
             // A closed handle's late changes do not overwrite a reopened one's count.
@@ -1006,7 +1060,11 @@ fn temporary(e: &ClientError) -> bool {
 struct Shared {
     dataset: DatasetRef,
     state: Mutex<DatasetCache>,
-    handler: ConflictHandler,
+    /// Shared by every handle (`Dataset::set_conflict_handler` replaces it). Lock order: the
+    /// state, then this.
+    handler: Mutex<ConflictHandler>,
+    /// The current snapshot of `state`, renewed with it.
+    snapshot: SnapshotCell,
     on_deleted: Mutex<OnDatasetDeleted>,
     events: broadcast::Sender<DatasetEvent>,
     /// One sync at a time per dataset.
@@ -1057,8 +1115,9 @@ impl Shared {
     ) -> Shared {
         Shared {
             dataset,
+            snapshot: SnapshotCell::new(&state),
             state: Mutex::new(state),
-            handler,
+            handler: Mutex::new(handler),
             on_deleted: Mutex::new(on_deleted),
             events: broadcast::channel(256).0,
             sync_lock: tokio::sync::Mutex::new(()),
@@ -1120,7 +1179,7 @@ impl Shared {
                 return;
             }
             local.set_aside = Some(reason.clone());
-            inner.changed(self, &state);
+            inner.changed(self, &state, ChangeSource::Remote);
         }
         tracing::warn!(dataset = ?self.dataset, key, code = %reason.code, message = %reason.message, "change set aside");
         self.emit(DatasetEvent::SetAside {
@@ -1283,26 +1342,39 @@ fn set_aside_broken(inner: &Arc<Inner>, shared: &Arc<Shared>) {
         .filter(|(_, r)| r.dirty && r.set_aside.is_none())
         .map(|(k, r)| (k.clone(), r.value.clone()))
         .collect();
-    let mut undone = false;
+    let mut undone = Vec::new();
     for (key, value) in candidates {
         let Some(broken) = shared.breaks(inner, &key, value.as_deref()) else {
             continue;
         };
         if value.is_none() && broken.limit == Some(LimitCode::MaxKeyLength) {
-            undone |= shared.drop_change(&mut shared.state.lock(), &key);
+            if shared.drop_change(&mut shared.state.lock(), &key) {
+                undone.push(key);
+            }
         } else {
             shared.put_aside(inner, &key, broken);
         }
     }
-    if undone {
-        after_drop(inner, shared);
+    if !undone.is_empty() {
+        after_drop(inner, shared, undone);
     }
 }
 
-/// After local changes were dropped: save, and get the server's versions of their keys back
-/// (a whole subscribe, now when online; otherwise the next one is whole).
-fn after_drop(inner: &Arc<Inner>, shared: &Arc<Shared>) {
-    inner.changed(shared, &shared.state.lock());
+/// After the local changes of `keys` were dropped: save, tell (a local change, as in the JS
+/// SDK), and get the server's versions of those keys back (a whole subscribe, now when
+/// online; otherwise the next one is whole).
+fn after_drop(inner: &Arc<Inner>, shared: &Arc<Shared>, mut keys: Vec<String>) {
+    let sync_count = {
+        let state = shared.state.lock();
+        inner.changed(shared, &state, ChangeSource::Local);
+        state.sync_count
+    };
+    keys.sort();
+    shared.emit(DatasetEvent::Changed {
+        sync_count,
+        keys,
+        source: ChangeSource::Local,
+    });
     if !shared.need_whole.load(Ordering::SeqCst) || !shared.subscribed.load(Ordering::SeqCst) {
         return;
     }
@@ -1381,9 +1453,71 @@ impl std::fmt::Debug for Dataset {
     }
 }
 
+/// The same handle: clones of one, or what `Client::open` returned again for the dataset
+/// while it was open.
+impl PartialEq for Dataset {
+    fn eq(&self, other: &Dataset) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+}
+
+impl Eq for Dataset {}
+
 impl Dataset {
     pub fn dataset(&self) -> &DatasetRef {
         &self.shared.dataset
+    }
+
+    /// The dataset's conflict handler (shared by every handle of it).
+    pub fn conflict_handler(&self) -> ConflictHandler {
+        self.shared.handler.lock().clone()
+    }
+
+    /// Replaces the conflict handler, for every handle of the dataset; from now on
+    /// `Client::open` naming this handler returns this handle.
+    pub fn set_conflict_handler(&self, handler: ConflictHandler) {
+        *self.shared.handler.lock() = handler;
+    }
+
+    /// The current snapshot: the same `Arc` until something visible changes (records,
+    /// pending count, sync count), then a new one with a higher version.
+    pub fn snapshot(&self) -> Arc<DatasetSnapshot> {
+        self.shared.snapshot.current(&self.shared.state.lock())
+    }
+
+    /// Watches the snapshots: the receiver holds the current one and sees each new one, made
+    /// by local edits, remote changes, acks, conflict resolutions and deletes, each with a
+    /// higher version. It is a `watch`: a receiver that falls behind sees the latest (what
+    /// a UI renders), not every one in between. Dropping it stops watching. After `close` no
+    /// new snapshot comes; `changed()` ends with an error once every handle is dropped. Clone
+    /// the `Arc` out of `borrow()` before calling the dataset: a change waits for the borrow.
+    pub fn snapshots(&self) -> watch::Receiver<Arc<DatasetSnapshot>> {
+        self.shared.snapshot.watch(&self.shared.state.lock())
+    }
+
+    /// Calls `listener` with the current snapshot now, then (from a task) with each new one
+    /// as `snapshots` sees them, until the returned `SnapshotListener` is dropped or stopped
+    /// or the dataset is closed. Needs a Tokio runtime.
+    pub fn on_snapshot(
+        &self,
+        listener: impl Fn(&Arc<DatasetSnapshot>) + Send + Sync + 'static,
+    ) -> SnapshotListener {
+        let mut rx = self.snapshots();
+        // Cloned out: the listener may read the dataset, which must not wait on this borrow.
+        let now = rx.borrow_and_update().clone();
+        listener(&now);
+        let stopped = Arc::new(AtomicBool::new(false));
+        let flag = stopped.clone();
+        let task = tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let snapshot = rx.borrow_and_update().clone();
+                if flag.load(Ordering::SeqCst) {
+                    return;
+                }
+                listener(&snapshot);
+            }
+        });
+        SnapshotListener { stopped, task }
     }
 
     pub fn get(&self, key: &str) -> Option<String> {
@@ -1469,22 +1603,24 @@ impl Dataset {
             });
         }
         if !undo.is_empty() {
-            let dropped = {
+            let dropped: Vec<String> = {
                 let mut state = self.shared.state.lock();
-                let mut dropped = false;
-                for key in &undo {
-                    dropped |= self.shared.drop_change(&mut state, key);
-                }
-                dropped
+                undo.into_iter()
+                    .filter(|key| self.shared.drop_change(&mut state, key))
+                    .collect()
             };
-            if dropped {
-                after_drop(&self.inner, &self.shared);
+            if !dropped.is_empty() {
+                after_drop(&self.inner, &self.shared, dropped);
             }
         }
         if apply.is_empty() {
             return Ok(());
         }
-        {
+        // Every edit is told, a key already pending too: what shows it must follow.
+        let mut keys: Vec<String> = apply.iter().map(|(k, _)| k.clone()).collect();
+        keys.sort();
+        keys.dedup();
+        let sync_count = {
             let mut state = self.shared.state.lock();
             let now = now_ms();
             for (key, value) in apply {
@@ -1500,8 +1636,15 @@ impl Dataset {
                 record.last_modified_by = Some(self.inner.identity.clone());
                 record.device_id = self.inner.device_id.clone();
             }
-            self.inner.accounted(&self.shared, &state);
-        }
+            self.inner
+                .accounted(&self.shared, &state, ChangeSource::Local);
+            state.sync_count
+        };
+        self.shared.emit(DatasetEvent::Changed {
+            sync_count,
+            keys,
+            source: ChangeSource::Local,
+        });
         self.shared.schedule_auto_sync();
         // Written off the state lock. The edit stays (in memory, and it syncs), but the
         // caller learns it would not survive a restart.
@@ -1519,8 +1662,10 @@ impl Dataset {
         self.shared.state.lock().sync_count
     }
 
-    /// Remote changes, conflicts, deletion, revocation, changes set aside, the pending count
-    /// and what each sync did, as they happen.
+    /// Changes (local edits and remote ones), conflicts, deletion, revocation, changes set
+    /// aside, the pending count and what each sync did, as they happen. A receiver that falls
+    /// more than 256 events behind loses the oldest (`RecvError::Lagged`); `snapshots` never
+    /// loses the latest content.
     pub fn events(&self) -> broadcast::Receiver<DatasetEvent> {
         self.shared.events.subscribe()
     }
@@ -1544,7 +1689,7 @@ impl Dataset {
     pub fn discard(&self, key: &str) -> bool {
         let had = self.shared.drop_change(&mut self.shared.state.lock(), key);
         if had {
-            after_drop(&self.inner, &self.shared);
+            after_drop(&self.inner, &self.shared, vec![key.to_owned()]);
         }
         had
     }
@@ -1566,7 +1711,7 @@ impl Dataset {
                 .collect()
         };
         if !dropped.is_empty() {
-            after_drop(&self.inner, &self.shared);
+            after_drop(&self.inner, &self.shared, dropped.clone());
         }
         dropped
     }
@@ -1749,7 +1894,7 @@ async fn sync_once(inner: &Arc<Inner>, shared: &Arc<Shared>) -> Result<SyncOutco
                             conflicts_resolved += 1;
                         }
                     }
-                    inner.changed(shared, &state);
+                    inner.changed(shared, &state, ChangeSource::Remote);
                 }
                 rounds += 1;
                 if rounds > inner.max_sync_retries {
@@ -1881,7 +2026,7 @@ fn apply_ack(
     if sync_count == state.sync_count + 1 {
         state.sync_count = sync_count;
     }
-    inner.changed(shared, &state);
+    inner.changed(shared, &state, ChangeSource::Remote);
     drop(state);
     inner.synced_now();
     if !changed.is_empty() {
@@ -1889,6 +2034,7 @@ fn apply_ack(
         shared.emit(DatasetEvent::Changed {
             sync_count,
             keys: changed,
+            source: ChangeSource::Remote,
         });
     }
 }
@@ -1919,7 +2065,9 @@ fn resolve_conflict(
         }
         return None;
     }
-    let resolution = shared.handler.resolve(&ConflictCase {
+    // Cloned out: the app's function runs without the handler's lock.
+    let handler = shared.handler.lock().clone();
+    let resolution = handler.resolve(&ConflictCase {
         key,
         local: &local,
         server,
@@ -1996,12 +2144,13 @@ async fn subscribe(
         }
         (None, _) => shared.merge(sync_count, snapshot.records, true),
     };
-    inner.changed(shared, &shared.state.lock());
+    inner.changed(shared, &shared.state.lock(), ChangeSource::Remote);
     inner.synced_now();
     if !changed.is_empty() {
         shared.emit(DatasetEvent::Changed {
             sync_count,
             keys: changed,
+            source: ChangeSource::Remote,
         });
     }
     if let Some(target) = refetch {
@@ -2047,11 +2196,12 @@ fn handle_event(inner: &Arc<Inner>, conn: &Arc<Connection>, frame: ServerFrame) 
             // delta holds the newest version of every key changed after its base.
             if let Some(changed) = shared.merge_changes(base_sync_count, sync_count, records, false)
             {
-                inner.changed(&shared, &shared.state.lock());
+                inner.changed(&shared, &shared.state.lock(), ChangeSource::Remote);
                 if !changed.is_empty() {
                     shared.emit(DatasetEvent::Changed {
                         sync_count,
                         keys: changed,
+                        source: ChangeSource::Remote,
                     });
                 }
             }
@@ -2064,11 +2214,12 @@ fn handle_event(inner: &Arc<Inner>, conn: &Arc<Connection>, frame: ServerFrame) 
             if let Some(shared) = find(inner, &dataset) {
                 let changed = shared.merge(sync_count, records, false);
                 // Also when no value changed: a pending change the server now holds is done.
-                inner.changed(&shared, &shared.state.lock());
+                inner.changed(&shared, &shared.state.lock(), ChangeSource::Remote);
                 if !changed.is_empty() {
                     shared.emit(DatasetEvent::Changed {
                         sync_count,
                         keys: changed,
+                        source: ChangeSource::Remote,
                     });
                 }
             }
@@ -2101,7 +2252,7 @@ fn on_deleted(inner: &Arc<Inner>, conn: &Arc<Connection>, shared: Arc<Shared>, s
     let dropped = {
         let mut state = shared.state.lock();
         let dropped = crate::deleted::apply(&mut state, policy, sync_count);
-        inner.changed(&shared, &state);
+        inner.changed(&shared, &state, ChangeSource::Remote);
         dropped
     };
     // What the server had is gone: nothing to fetch back.
@@ -2111,6 +2262,7 @@ fn on_deleted(inner: &Arc<Inner>, conn: &Arc<Connection>, shared: Arc<Shared>, s
         shared.emit(DatasetEvent::Changed {
             sync_count,
             keys: dropped,
+            source: ChangeSource::Remote,
         });
     }
     let (inner, conn) = (inner.clone(), conn.clone());
@@ -2156,11 +2308,12 @@ fn catch_up_gap(inner: &Arc<Inner>, conn: &Arc<Connection>, shared: Arc<Shared>,
             match conn.changes(shared.dataset.clone(), since).await {
                 Ok((sync_count, records)) => {
                     if let Some(changed) = shared.merge_changes(since, sync_count, records, false) {
-                        inner.changed(&shared, &shared.state.lock());
+                        inner.changed(&shared, &shared.state.lock(), ChangeSource::Remote);
                         if !changed.is_empty() {
                             shared.emit(DatasetEvent::Changed {
                                 sync_count,
                                 keys: changed,
+                                source: ChangeSource::Remote,
                             });
                         }
                     }
@@ -2453,7 +2606,7 @@ mod tests {
         for n in 1..=changes {
             let value = n.to_string();
             shared.merge(n, vec![record("k", Some(&value), n)], false);
-            inner.changed(shared, &shared.state.lock());
+            inner.changed(shared, &shared.state.lock(), ChangeSource::Remote);
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {

@@ -55,6 +55,18 @@ impl std::fmt::Debug for ConflictHandler {
     }
 }
 
+/// The same handler: the same built-in one, or clones of one `custom` handler (two
+/// `custom` calls make two handlers, even of the same function). `Client::open` compares
+/// them so that a dataset is never open with two handlers.
+impl PartialEq for ConflictHandler {
+    fn eq(&self, other: &ConflictHandler) -> bool {
+        match (self, other) {
+            (ConflictHandler::Custom(a), ConflictHandler::Custom(b)) => Arc::ptr_eq(a, b),
+            (a, b) => std::mem::discriminant(a) == std::mem::discriminant(b),
+        }
+    }
+}
+
 impl ConflictHandler {
     pub fn custom(f: impl Fn(&ConflictCase<'_>) -> Resolution + Send + Sync + 'static) -> Self {
         ConflictHandler::Custom(Arc::new(f))

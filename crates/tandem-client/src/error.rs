@@ -53,6 +53,14 @@ pub enum ClientError {
     /// do not; open it again for a new handle.
     #[error("the dataset is closed")]
     DatasetClosed,
+    /// `Client::open` of a dataset already open on this client named another conflict
+    /// handler than the open handle's: a dataset has one handler, shared by every handle, so
+    /// the open is refused rather than one of them silently ignored. Replace it with
+    /// `Dataset::set_conflict_handler`. Its error code is `bad_request`, as in the JS SDK.
+    #[error(
+        "dataset {owner}/{name} is already open with another conflict handler: use Dataset::set_conflict_handler to replace it"
+    )]
+    OtherConflictHandler { owner: String, name: String },
     /// `sync` gave up after its retries; these keys are still unsynchronised.
     #[error("conflicts still unresolved after retries on keys {keys:?}")]
     Unresolved { keys: Vec<String> },
@@ -62,11 +70,13 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// The server's error code, if the server refused the request, or would (`TooLarge`).
+    /// The server's error code, if the server refused the request, or would (`TooLarge`);
+    /// `bad_request` for `OtherConflictHandler`, as the JS SDK says it.
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             ClientError::Server { code, .. } => Some(*code),
             ClientError::TooLarge { limit, .. } => Some(limit.error_code()),
+            ClientError::OtherConflictHandler { .. } => Some(ErrorCode::BadRequest),
             _ => None,
         }
     }

@@ -54,6 +54,18 @@
 //!   `last_synced_at`, `has_synced`, `last_error`) changes as one value
 //!   (`sync_status_changes`); `Client::pause` / `resume` take the client off the network and
 //!   back.
+//! - Local edits are events: every `put`, `remove`, `put_all`, and what `discard` or `revert`
+//!   drop, is a `DatasetEvent::Changed` with `ChangeSource::Local` (a key already pending
+//!   too), as remote changes are with `ChangeSource::Remote`. A dataset's snapshot
+//!   (`DatasetSnapshot`: records, sync count, pending, `has_pending_writes`, `from_server`,
+//!   and a `version` one higher per new snapshot) is the same `Arc` until that content
+//!   changes: `Dataset::snapshot` reads it, `Dataset::snapshots` watches it (a `watch`
+//!   receiver: one that falls behind sees the latest), `Dataset::on_snapshot` calls a
+//!   function with it. A dataset open on a client is one handle with one conflict handler:
+//!   `Client::open` again returns the same handle (`==`) when it names no handler
+//!   (`None`: the client's `ClientBuilder::conflict_handler`) or the same one, and refuses
+//!   another with `ClientError::OtherConflictHandler`; `Dataset::set_conflict_handler`
+//!   replaces it for every handle.
 //!
 //! It never panics on what the server sends: unknown frame types are skipped, as the
 //! protocol asks.
@@ -65,14 +77,16 @@ mod connection;
 mod deleted;
 mod error;
 mod limits;
+mod snapshot;
 mod status;
 
 pub use cache::{CachedDataset, DatasetCache, LocalRecord};
-pub use client::{Client, ClientBuilder, Dataset, DatasetEvent, Status, SyncOutcome};
+pub use client::{ChangeSource, Client, ClientBuilder, Dataset, DatasetEvent, Status, SyncOutcome};
 pub use conflict::{ConflictCase, ConflictHandler, Resolution};
 pub use connection::{Closed, Connection, HistoryPage, Snapshot, UpdateResult};
 pub use deleted::{DeletedPolicy, OnDatasetDeleted};
 pub use error::ClientError;
 pub use limits::{Limits, SetAside};
+pub use snapshot::{DatasetSnapshot, SnapshotListener};
 pub use status::SyncStatus;
 pub use tandem_protocol as protocol;
