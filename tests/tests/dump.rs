@@ -288,11 +288,6 @@ async fn test_export_import_moves_a_sqlite_node_to_postgres_without_conflict_or_
         )
         .start();
     populate(&server).await;
-    // The operator's hook configuration: a pool setting.
-    let set = json!({ "Events": { "SyncTrigger": SYNC_TRIGGER } });
-    let (status, body) =
-        developer(&server, "POST", &events_path(), set.to_string().as_bytes()).await;
-    assert_eq!(status, 200, "{body}");
 
     // A device syncs, then edits while the node is down for the move.
     let cache = tempfile::tempdir().unwrap();
@@ -309,6 +304,12 @@ async fn test_export_import_moves_a_sqlite_node_to_postgres_without_conflict_or_
     notes.sync().await.unwrap();
     let held = notes.sync_count();
     assert_eq!(held, 2);
+    // The operator's hook configuration, a pool setting (set after the device's syncs: the
+    // node would call it on each).
+    let set = json!({ "Events": { "SyncTrigger": SYNC_TRIGGER } });
+    let (status, answer) =
+        developer(&server, "POST", &events_path(), set.to_string().as_bytes()).await;
+    assert_eq!(status, 200, "{answer}");
     assert!(server.terminate(), "the sqlite node stops cleanly");
     notes.put("c", "3").unwrap();
     assert_eq!(notes.pending(), 1);
