@@ -5,17 +5,17 @@
 //! A dump holds what a client can observe and nothing it cannot: identities (guest or
 //! not, merged or not), their logins, every dataset row (deleted ones too, so a re-created
 //! dataset continues above its old sync count), every record (tombstones too, so
-//! "changes since N" still reports deletions), grants, and the pools' settings (a pool's
-//! sync hook, Cognito's SyncTrigger: an operator's configuration, not derived). It leaves out
-//! the commit log and
-//! the change stream's consumers (a copy is not a commit; history starts afresh on the
-//! target) and the aggregates a store derives (record counts, byte sizes, row ids).
+//! "changes since N" still reports deletions), grants, and the pools' settings (Cognito's
+//! SyncTrigger, the last BulkPublish: an operator's configuration, which nothing derives).
+//! It leaves out the commit log and the change stream's consumers (a copy is not a commit;
+//! history starts afresh on the target) and the aggregates a store derives (record counts,
+//! byte sizes, row ids).
 //!
 //! Order is fixed, so two dumps of equal stores are byte-identical after their header:
 //! identities by (pool, id), logins by (pool, provider, subject), datasets by
 //! (pool, owner, name) each followed by its records by key, grants by
-//! (pool, owner, name, grantee), pool settings by (pool, name). Text sorts by bytes on every backend. docs/OPERATIONS.md
-//! is the format's reference.
+//! (pool, owner, name, grantee), pool settings by (pool, name). Text sorts by bytes on every
+//! backend. docs/OPERATIONS.md is the format's reference.
 //!
 //! Importing is the store's job only as far as one batch goes ([`crate::Store::import_batch`]:
 //! all of it or none, with the import's progress in the same transaction). Batching,
