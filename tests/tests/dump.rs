@@ -1,6 +1,7 @@
 //! `tandem export`, `tandem import` and `tandem backup` as real processes: a SQLite node
-//! filled through the protocol moves to PostgreSQL + Redis and its client goes on without a
-//! conflict or a full resync; an import killed with SIGKILL half way resumes to an exact
+//! filled through the protocol (and its SyncTrigger set through Cognito's SetCognitoEvents)
+//! moves to PostgreSQL + Redis and its client goes on without a conflict or a full resync,
+//! the trigger still set; an import killed with SIGKILL half way resumes to an exact
 //! copy; bad lines are refused with their line number and leave nothing of their batch; a
 //! backup taken under a write load holds every write acknowledged before it began.
 
@@ -20,6 +21,9 @@ const WAIT: Duration = Duration::from_secs(20);
 const POOL: &str = "us-east-1:0f6a6b1e-2d7c-4f1b-9a55-3c8e9e2b7a10";
 const ISSUER: &str = "https://login.example.com";
 const PROVIDER: &str = "login.example.com";
+const ADMIN_AKID: &str = "AKIDTANDEMDEVELOPER";
+const ADMIN_SECRET: &str = "developer-secret-0123456789/abc";
+const SYNC_TRIGGER: &str = "https://hooks.example.com/sync?token=t0p";
 
 /// Runs `tandem ARGS` to its end.
 fn tandem(args: &[&str]) -> Output {
@@ -92,6 +96,45 @@ async fn cognito(server: &TestServer, op: &str, body: Value) -> Value {
     let response = String::from_utf8_lossy(&response).into_owned();
     let (_, body) = response.split_once("\r\n\r\n").unwrap();
     serde_json::from_str(body).unwrap()
+}
+
+/// A Cognito Sync developer operation (`/identitypools/...`) signed with the developer key;
+/// status and body.
+async fn developer(server: &TestServer, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let creds = tandem_loadtest::sigv4::Credentials {
+        access_key_id: ADMIN_AKID.to_owned(),
+        secret_key: ADMIN_SECRET.to_owned(),
+        session_token: String::new(),
+    };
+    let date = tandem_loadtest::sigv4::amz_date(std::time::SystemTime::now());
+    let host = server.addr.to_string();
+    let authorization = tandem_loadtest::sigv4::authorization(
+        &creds,
+        "us-east-1",
+        method,
+        &host,
+        path,
+        body,
+        &date,
+    );
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\nAuthorization: {authorization}\r\nX-Amz-Date: {date}\r\nContent-Type: application/json\r\n\r\n",
+        body.len()
+    );
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+fn events_path() -> String {
+    format!("/identitypools/{}/events", POOL.replace(':', "%3A"))
 }
 
 /// A connection to the first node, which takes tokens of `ISSUER` only.
@@ -239,6 +282,10 @@ async fn test_export_import_moves_a_sqlite_node_to_postgres_without_conflict_or_
     let mut server = TestServer::builder()
         .arg("--cognito-identity-pool", POOL)
         .arg("--jwt-issuer", ISSUER)
+        .arg(
+            "--cognito-admin-key",
+            format!("{ADMIN_AKID}:{ADMIN_SECRET}"),
+        )
         .start();
     populate(&server).await;
 
@@ -257,6 +304,12 @@ async fn test_export_import_moves_a_sqlite_node_to_postgres_without_conflict_or_
     notes.sync().await.unwrap();
     let held = notes.sync_count();
     assert_eq!(held, 2);
+    // The operator's hook configuration, a pool setting (set after the device's syncs: the
+    // node would call it on each).
+    let set = json!({ "Events": { "SyncTrigger": SYNC_TRIGGER } });
+    let (status, answer) =
+        developer(&server, "POST", &events_path(), set.to_string().as_bytes()).await;
+    assert_eq!(status, 200, "{answer}");
     assert!(server.terminate(), "the sqlite node stops cleanly");
     notes.put("c", "3").unwrap();
     assert_eq!(notes.pending(), 1);
@@ -280,6 +333,22 @@ async fn test_export_import_moves_a_sqlite_node_to_postgres_without_conflict_or_
             .count()
     };
     assert_eq!(count("identity"), 2, "alice and the merged guest");
+    let settings: Vec<&String> = source
+        .iter()
+        .filter(|l| l.contains(r#""type":"setting""#))
+        .collect();
+    assert_eq!(settings.len(), 1, "{settings:?}");
+    assert!(
+        settings[0].contains(r#""name":"cognito.events.SyncTrigger""#)
+            && settings[0].contains(&format!(r#""value":"{SYNC_TRIGGER}""#)),
+        "{}",
+        settings[0]
+    );
+    assert!(
+        source[source.len() - 2].contains(r#""type":"setting""#),
+        "settings are the last section"
+    );
+    assert!(source.last().unwrap().ends_with(r#""settings":1}"#));
     assert!(count("dataset") > 30 && count("record") > 60 && count("grant") == 3);
     assert!(source.iter().any(|l| l.contains(r#""deleted":true"#)));
     assert!(source.iter().any(|l| l.contains(r#""mergeRoot":"notes""#)));
@@ -306,6 +375,24 @@ async fn test_export_import_moves_a_sqlite_node_to_postgres_without_conflict_or_
     export.extend_from_slice(&["--out", target_dump.to_str().unwrap()]);
     ok(&tandem(&export));
     assert_eq!(body(&target_dump), source, "the two dumps are identical");
+
+    // The trigger is set on the copy as the developer API reads it.
+    let mut reader_node = TestServer::builder()
+        .arg("--store", &schema.url)
+        .arg("--postgres-schema", &schema.name)
+        .arg("--cognito-identity-pool", POOL)
+        .arg("--jwt-issuer", ISSUER)
+        .arg(
+            "--cognito-admin-key",
+            format!("{ADMIN_AKID}:{ADMIN_SECRET}"),
+        )
+        .start();
+    let (status, events) = developer(&reader_node, "GET", &events_path(), b"").await;
+    assert_eq!(
+        (status, events),
+        (200, json!({ "Events": { "SyncTrigger": SYNC_TRIGGER } }))
+    );
+    assert!(reader_node.terminate());
 
     // Two nodes serve the copy.
     let redis = RedisServer::start();
@@ -363,12 +450,16 @@ async fn test_export_import_moves_a_sqlite_node_to_postgres_without_conflict_or_
     );
 }
 
-/// A valid dump of `datasets` datasets of `records` records each, in dump order.
+/// The pool settings every synthetic dump ends with.
+const SYNTHETIC_SETTINGS: usize = 2;
+
+/// A valid dump of `datasets` datasets of `records` records each, then
+/// `SYNTHETIC_SETTINGS` pool settings, in dump order.
 fn synthetic_dump(path: &Path, datasets: usize, records: usize) {
     let mut out = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
     writeln!(
         out,
-        r#"{{"type":"header","format":"tandem-dump","version":1,"source":"sqlite","exportedAt":1,"tandem":"test"}}"#
+        r#"{{"type":"header","format":"tandem-dump","version":2,"source":"sqlite","exportedAt":1,"tandem":"test"}}"#
     )
     .unwrap();
     for d in 0..datasets {
@@ -392,9 +483,16 @@ fn synthetic_dump(path: &Path, datasets: usize, records: usize) {
             .unwrap();
         }
     }
+    for s in 0..SYNTHETIC_SETTINGS {
+        writeln!(
+            out,
+            r#"{{"type":"setting","pool":"default","name":"hook.{s}","value":"https://hooks.example.com/{s}","updatedAt":40}}"#
+        )
+        .unwrap();
+    }
     writeln!(
         out,
-        r#"{{"type":"trailer","identities":0,"logins":0,"datasets":{datasets},"records":{},"grants":0}}"#,
+        r#"{{"type":"trailer","identities":0,"logins":0,"datasets":{datasets},"records":{},"grants":0,"settings":{SYNTHETIC_SETTINGS}}}"#,
         datasets * records
     )
     .unwrap();
@@ -407,7 +505,7 @@ fn kill_half_way_and_resume(target: &[&str]) {
     let input = dir.path().join("big.jsonl");
     let (datasets, records) = (60, 100);
     synthetic_dump(&input, datasets, records);
-    let lines = (datasets * (records + 1) + 2) as u64;
+    let lines = (datasets * (records + 1) + SYNTHETIC_SETTINGS + 2) as u64;
     let run = |progress: &str| {
         let mut command = Command::new(tandem_bin());
         command
@@ -541,6 +639,16 @@ fn test_import_bad_lines_are_refused_with_their_line_and_leave_nothing_of_their_
             "line 5: not a dump line: unknown field `surprise`",
         ),
         (6, good[0].clone(), "line 6: a second header"),
+        (
+            good.len() - 2,
+            good[good.len() - 3].replace(r#""name":"hook.0""#, r#""name":"""#),
+            "a pool setting name must be",
+        ),
+        (
+            good.len() - 1,
+            good[good.len() - 3].clone(),
+            r#"pool setting "hook.0" of default already exists"#,
+        ),
     ];
     for (at, bad, want) in cases {
         let mut lines = good.clone();
@@ -550,6 +658,28 @@ fn test_import_bad_lines_are_refused_with_their_line_and_leave_nothing_of_their_
         assert!(stderr.contains(want), "want {want:?} in {stderr}");
         assert_eq!(export_items(data_dir.path()), 0, "nothing imported: {want}");
     }
+
+    // A version-1 dump (from before pool settings) still imports; a setting line in one is
+    // refused.
+    let v1_trailer = format!(r#","settings":{SYNTHETIC_SETTINGS}}}"#);
+    let v1: Vec<String> = good
+        .iter()
+        .filter(|l| !l.contains(r#""type":"setting""#))
+        .map(|l| {
+            l.replace(r#""version":2"#, r#""version":1"#)
+                .replace(&v1_trailer, "}")
+        })
+        .collect();
+    assert!(v1[0].contains(r#""version":1"#) && !v1[v1.len() - 1].contains("settings"));
+    let data_dir = tempfile::tempdir().unwrap();
+    ok(&import(&v1, data_dir.path(), "100"));
+    assert_eq!(export_items(data_dir.path()), v1.len() - 2);
+    let mut with_setting = v1.clone();
+    with_setting.insert(v1.len() - 1, good[good.len() - 2].clone());
+    let data_dir = tempfile::tempdir().unwrap();
+    let stderr = failed(&import(&with_setting, data_dir.path(), "100"));
+    let want = format!("line {}: a setting line in a version-1 dump", v1.len());
+    assert!(stderr.contains(&want), "want {want:?} in {stderr}");
 
     // A line the store refuses (the same dataset twice) fails its batch only.
     let data_dir = tempfile::tempdir().unwrap();
@@ -599,7 +729,12 @@ fn test_import_bad_lines_are_refused_with_their_line_and_leave_nothing_of_their_
         path.to_str().unwrap(),
     ]);
     ok(&output);
-    assert!(String::from_utf8_lossy(&output.stderr).contains(r#""skipped":{"datasets":1"#));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(r#""skipped":{"datasets":1"#), "{stderr}");
+    assert!(
+        stderr.contains(r#""records":1,"settings":2}"#),
+        "the target's settings stay: {stderr}"
+    );
 
     // A data dir a node serves is refused.
     let server = TestServer::builder()

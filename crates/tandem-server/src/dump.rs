@@ -155,12 +155,14 @@ async fn export_to_file(
     };
     std::fs::rename(&partial, path).with_context(|| format!("cannot write {}", path.display()))?;
     eprintln!(
-        "exported {} identities, {} logins, {} datasets, {} records, {} grants to {}",
+        "exported {} identities, {} logins, {} datasets, {} records, {} grants, {} pool settings \
+         to {}",
         counts.identities,
         counts.logins,
         counts.datasets,
         counts.records,
         counts.grants,
+        counts.settings,
         path.display()
     );
     Ok(())
@@ -446,13 +448,14 @@ impl Reporter {
                     self.bar_shown = false;
                 }
                 eprintln!(
-                    "imported {} identities, {} logins, {} datasets, {} records, {} grants \
-                     ({} items skipped) in {:.1}s",
+                    "imported {} identities, {} logins, {} datasets, {} records, {} grants, \
+                     {} pool settings ({} items skipped) in {:.1}s",
                     p.imported.identities,
                     p.imported.logins,
                     p.imported.datasets,
                     p.imported.records,
                     p.imported.grants,
+                    p.imported.settings,
                     p.skipped.total(),
                     self.started.elapsed().as_secs_f64()
                 );

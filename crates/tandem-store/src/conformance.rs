@@ -10,8 +10,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use crate::dump::{
-    BatchOutcome, DumpDataset, DumpItem, DumpRecord, ImportBatch, ImportCheckpoint, ImportError,
-    ImportProgress, Importer, MergePolicy, Start,
+    BatchOutcome, DumpDataset, DumpItem, DumpRecord, DumpSetting, ImportBatch, ImportCheckpoint,
+    ImportError, ImportProgress, Importer, MergePolicy, Start,
 };
 use crate::{DEFAULT_POOL, DatasetKey, Limits, Snapshot, Store, StoreError, UpdateOutcome};
 use crate::{DeadLetter, StreamConsumer};
@@ -3063,8 +3063,31 @@ async fn import_items(
 
 /// A store with a bit of everything: guests and users with logins, a merge (a moved
 /// dataset and a renamed copy with its merge root), tombstones, a deleted dataset and a
-/// deleted-then-re-created one, devices, grants on existing and not yet existing datasets.
+/// deleted-then-re-created one, devices, grants on existing and not yet existing datasets,
+/// pool settings in two pools (one rewritten, one cleared).
 async fn populate(store: &dyn Store) {
+    for (pool, name, value) in [
+        (
+            DEFAULT_POOL,
+            "cognito.events.SyncTrigger",
+            Some("https://hooks.example.com/a"),
+        ),
+        (
+            DEFAULT_POOL,
+            "cognito.events.SyncTrigger",
+            Some("https://hooks.example.com/b"),
+        ),
+        (DEFAULT_POOL, "cleared", Some("x")),
+        (DEFAULT_POOL, "cleared", None),
+        ("other", "a.setting", Some("é")),
+    ] {
+        assert!(
+            store
+                .put_pool_setting(pool, name, value, crate::Expect::Any)
+                .await
+                .unwrap()
+        );
+    }
     let (guest, user) = guest_and_user(store, 40).await;
     store
         .link_logins(
@@ -3202,6 +3225,12 @@ async fn observe(store: &dyn Store, items: &[DumpItem]) -> Vec<String> {
                     store.access(&key, &g.grantee).await.unwrap()
                 ));
             }
+            DumpItem::Setting(s) => {
+                seen.push(format!(
+                    "{:?}",
+                    store.pool_setting(&s.pool, &s.name).await.unwrap()
+                ));
+            }
             _ => {}
         }
     }
@@ -3209,7 +3238,8 @@ async fn observe(store: &dyn Store, items: &[DumpItem]) -> Vec<String> {
 }
 
 /// An export imported into an empty store dumps identically, reads identically (records
-/// with their stamps, tombstones, deleted datasets, merges, logins, grants), and goes on
+/// with their stamps, tombstones, deleted datasets, merges, logins, grants, pool settings),
+/// and goes on
 /// from the same sync counts: a client's next update does not conflict. A second import
 /// of the same source finds it complete. Default limits.
 pub async fn case_dump_import_round_trip_is_exact(source: Arc<dyn Store>, target: Arc<dyn Store>) {
@@ -3223,6 +3253,29 @@ pub async fn case_dump_import_round_trip_is_exact(source: Arc<dyn Store>, target
     );
     assert_eq!(kinds(|i| matches!(i, DumpItem::Login(_))), 2);
     assert_eq!(kinds(|i| matches!(i, DumpItem::Grant(_))), 3);
+    let settings: Vec<(&str, &str, &str)> = items
+        .iter()
+        .filter_map(|i| match i {
+            DumpItem::Setting(s) => Some((s.pool.as_str(), s.name.as_str(), s.value.as_str())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        settings,
+        [
+            (
+                DEFAULT_POOL,
+                "cognito.events.SyncTrigger",
+                "https://hooks.example.com/b"
+            ),
+            ("other", "a.setting", "é")
+        ],
+        "the settings a pool holds, last, by (pool, name)"
+    );
+    assert!(
+        matches!(items.last(), Some(DumpItem::Setting(s)) if s.updated_at > 0),
+        "settings are the last section"
+    );
     assert!(
         items
             .iter()
@@ -3284,14 +3337,31 @@ pub async fn case_dump_import_round_trip_is_exact(source: Arc<dyn Store>, target
     assert!(matches!(start, Start::Complete(p) if p.done));
 }
 
-/// A target with data of its own is refused; with `SkipExisting` what it holds stays (a
-/// dataset of the same name keeps its records) and the rest comes in. Default limits.
+/// A target with data of its own (a pool setting alone is enough) is refused; with
+/// `SkipExisting` what it holds stays (a dataset of the same name keeps its records, a
+/// setting its value) and the rest comes in. Default limits.
 pub async fn case_import_refuses_a_non_empty_target_unless_merging(
     source: Arc<dyn Store>,
     target: Arc<dyn Store>,
 ) {
     populate(&*source).await;
     let items = dump_items(&*source).await;
+    // A setting alone makes a store non-empty: it is an operator's configuration.
+    let own_trigger = Some("https://hooks.example.com/target");
+    target
+        .put_pool_setting(
+            DEFAULT_POOL,
+            "cognito.events.SyncTrigger",
+            own_trigger,
+            crate::Expect::Any,
+        )
+        .await
+        .unwrap();
+    assert!(!target.import_status().await.unwrap().empty);
+    assert!(matches!(
+        Importer::start(&*target, "test-source", MergePolicy::Refuse, 10).await,
+        Err(ImportError::NotEmpty)
+    ));
     commit(
         &*target,
         &ds(ALICE, "d1"),
@@ -3299,13 +3369,29 @@ pub async fn case_import_refuses_a_non_empty_target_unless_merging(
         vec![Patch::replace("own", "1", 0)],
     )
     .await;
-    assert!(matches!(
-        Importer::start(&*target, "test-source", MergePolicy::Refuse, 10).await,
-        Err(ImportError::NotEmpty)
-    ));
     let progress = import_items(&*target, &items, MergePolicy::SkipExisting, 4)
         .await
         .unwrap();
+    assert_eq!(progress.skipped.settings, 1);
+    assert_eq!(progress.imported.settings, 1);
+    assert_eq!(
+        target
+            .pool_setting(DEFAULT_POOL, "cognito.events.SyncTrigger")
+            .await
+            .unwrap()
+            .as_deref(),
+        own_trigger,
+        "the target's setting stays"
+    );
+    assert_eq!(
+        target
+            .pool_setting("other", "a.setting")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("é"),
+        "a setting the target lacks comes in"
+    );
     assert_eq!(progress.skipped.datasets, 1);
     assert_eq!(
         progress.skipped.records, 3,
@@ -3325,7 +3411,7 @@ pub async fn case_import_refuses_a_non_empty_target_unless_merging(
 
 /// A batch with a bad item writes nothing (not even its good items) and names the item; a
 /// batch whose `after` is not the held progress writes nothing; an interrupted import
-/// resumes from its last batch. Default limits.
+/// resumes from its last batch; pool settings go in with their batch. Default limits.
 pub async fn case_import_batch_is_all_or_nothing_and_resumes(store: Arc<dyn Store>) {
     let dataset = DumpDataset {
         pool: DEFAULT_POOL.into(),
@@ -3454,4 +3540,58 @@ pub async fn case_import_batch_is_all_or_nothing_and_resumes(store: Arc<dyn Stor
     )
     .await;
     assert_eq!(after.sync_count, 4);
+
+    // Settings go in with the batch: one that exists fails it (nothing of it written), the
+    // good batch writes them exactly as the dump has them.
+    let setting = |name: &str, value: &str| {
+        DumpItem::Setting(DumpSetting {
+            pool: DEFAULT_POOL.into(),
+            name: name.into(),
+            value: value.into(),
+            updated_at: 9,
+        })
+    };
+    let twice = batch(
+        Some(4),
+        6,
+        vec![setting("s1", "a"), setting("s2", "b"), setting("s1", "c")],
+    );
+    let outcome = store.import_batch(twice).await.unwrap();
+    assert!(
+        matches!(&outcome, BatchOutcome::Rejected { index: 2, reason } if reason.contains("pool setting \"s1\"") && reason.contains("already exists")),
+        "{outcome:?}"
+    );
+    assert_eq!(store.pool_setting(DEFAULT_POOL, "s1").await.unwrap(), None);
+    assert_eq!(store.pool_setting(DEFAULT_POOL, "s2").await.unwrap(), None);
+    let bad = batch(Some(4), 5, vec![setting("s1", "a"), setting("", "b")]);
+    let outcome = store.import_batch(bad).await.unwrap();
+    assert!(
+        matches!(&outcome, BatchOutcome::Rejected { index: 1, reason } if reason.contains("setting name")),
+        "{outcome:?}"
+    );
+    assert_eq!(store.pool_setting(DEFAULT_POOL, "s1").await.unwrap(), None);
+    let good = batch(Some(4), 6, vec![setting("s1", "a"), setting("s2", "b")]);
+    let outcome = store.import_batch(good).await.unwrap();
+    assert!(
+        matches!(&outcome, BatchOutcome::Committed(p) if p.imported.settings == 2),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        store
+            .pool_setting(DEFAULT_POOL, "s1")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("a")
+    );
+    let dumped: Vec<DumpItem> = dump_items(&*store)
+        .await
+        .into_iter()
+        .filter(|i| matches!(i, DumpItem::Setting(_)))
+        .collect();
+    assert_eq!(
+        dumped,
+        [setting("s1", "a"), setting("s2", "b")],
+        "updatedAt kept"
+    );
 }

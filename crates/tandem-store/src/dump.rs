@@ -5,21 +5,24 @@
 //! A dump holds what a client can observe and nothing it cannot: identities (guest or
 //! not, merged or not), their logins, every dataset row (deleted ones too, so a re-created
 //! dataset continues above its old sync count), every record (tombstones too, so
-//! "changes since N" still reports deletions), and grants. It leaves out the commit log and
-//! the change stream's consumers (a copy is not a commit; history starts afresh on the
-//! target) and the aggregates a store derives (record counts, byte sizes, row ids).
+//! "changes since N" still reports deletions), grants, and the pools' settings (Cognito's
+//! SyncTrigger, the last BulkPublish: an operator's configuration, which nothing derives).
+//! It leaves out the commit log and the change stream's consumers (a copy is not a commit;
+//! history starts afresh on the target) and the aggregates a store derives (record counts,
+//! byte sizes, row ids).
 //!
 //! Order is fixed, so two dumps of equal stores are byte-identical after their header:
 //! identities by (pool, id), logins by (pool, provider, subject), datasets by
 //! (pool, owner, name) each followed by its records by key, grants by
-//! (pool, owner, name, grantee). Text sorts by bytes on every backend. docs/OPERATIONS.md
-//! is the format's reference.
+//! (pool, owner, name, grantee), pool settings by (pool, name). Text sorts by bytes on every
+//! backend. docs/OPERATIONS.md is the format's reference.
 //!
 //! Importing is the store's job only as far as one batch goes ([`crate::Store::import_batch`]:
 //! all of it or none, with the import's progress in the same transaction). Batching,
 //! resuming and reporting are [`Importer`]'s, so every source (a dump file, another
 //! service's API) feeds the same sink.
 
+use crate::admin::validate_setting;
 use crate::{DatasetKey, Store, StoreError, validate_identity};
 use serde::{Deserialize, Serialize};
 use tandem_protocol::validate_key;
@@ -29,8 +32,15 @@ pub const FORMAT: &str = "tandem-dump";
 
 /// The format version this build writes and the newest it reads. A change that a reader of
 /// the previous version would misread (a new field, a new line type) bumps it; readers
-/// refuse a newer version and unknown fields rather than drop what they do not know.
-pub const VERSION: u32 = 1;
+/// refuse a newer version and unknown fields rather than drop what they do not know, and go
+/// on reading every older one.
+///
+/// 1: identities, logins, datasets with their records, grants. 2: adds pool settings (the
+/// `setting` line and the trailer's `settings`).
+pub const VERSION: u32 = 2;
+
+/// The first version whose dumps may hold pool settings.
+const SETTINGS_SINCE: u32 = 2;
 
 /// The longest record key a dump may hold (the protocol's hard ceiling; a store's own
 /// `max_key_length` is not enforced on a copy).
@@ -131,6 +141,17 @@ pub struct DumpGrant {
     pub granted_at: i64,
 }
 
+/// A pool's setting (see [`crate::Store::put_pool_setting`]), with the time it was last
+/// written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DumpSetting {
+    pub pool: String,
+    pub name: String,
+    pub value: String,
+    pub updated_at: i64,
+}
+
 /// One thing a dump holds, in the order a dump lists them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DumpItem {
@@ -143,6 +164,7 @@ pub enum DumpItem {
         record: DumpRecord,
     },
     Grant(DumpGrant),
+    Setting(DumpSetting),
 }
 
 impl DumpItem {
@@ -200,6 +222,14 @@ impl DumpItem {
                 }
                 non_negative("grantedAt", g.granted_at)
             }
+            DumpItem::Setting(s) => {
+                check(validate_setting(
+                    &s.pool,
+                    &s.name,
+                    &[Some(s.value.as_str())],
+                ))?;
+                non_negative("updatedAt", s.updated_at)
+            }
         }
     }
 
@@ -210,6 +240,7 @@ impl DumpItem {
             DumpItem::Login(_) => 1,
             DumpItem::Dataset(_) | DumpItem::Record { .. } => 2,
             DumpItem::Grant(_) => 3,
+            DumpItem::Setting(_) => 4,
         }
     }
 }
@@ -251,6 +282,9 @@ pub struct DumpCounts {
     pub datasets: u64,
     pub records: u64,
     pub grants: u64,
+    /// Absent from a version-1 trailer, which has no settings.
+    #[serde(default)]
+    pub settings: u64,
 }
 
 impl DumpCounts {
@@ -261,11 +295,12 @@ impl DumpCounts {
             DumpItem::Dataset(_) => self.datasets += 1,
             DumpItem::Record { .. } => self.records += 1,
             DumpItem::Grant(_) => self.grants += 1,
+            DumpItem::Setting(_) => self.settings += 1,
         }
     }
 
     pub fn total(&self) -> u64 {
-        self.identities + self.logins + self.datasets + self.records + self.grants
+        self.identities + self.logins + self.datasets + self.records + self.grants + self.settings
     }
 }
 
@@ -279,6 +314,7 @@ enum Line {
     Dataset(DumpDataset),
     Record(DumpRecord),
     Grant(DumpGrant),
+    Setting(DumpSetting),
     Trailer(DumpCounts),
 }
 
@@ -301,6 +337,7 @@ pub fn item_line(item: &DumpItem) -> String {
         DumpItem::Dataset(d) => Line::Dataset(d.clone()),
         DumpItem::Record { record, .. } => Line::Record(record.clone()),
         DumpItem::Grant(g) => Line::Grant(g.clone()),
+        DumpItem::Setting(s) => Line::Setting(s.clone()),
     })
 }
 
@@ -327,7 +364,8 @@ pub enum Parsed {
 /// last and matching the counts). Keeps O(1) state, so any size streams.
 #[derive(Debug, Default)]
 pub struct DumpReader {
-    header: bool,
+    /// The header's version, once read.
+    version: Option<u32>,
     trailer: bool,
     section: u8,
     dataset: Option<DumpDataset>,
@@ -348,7 +386,7 @@ impl DumpReader {
         let line: Line = serde_json::from_str(text).map_err(|e| format!("not a dump line: {e}"))?;
         let item = match line {
             Line::Header(h) => {
-                if self.header {
+                if self.version.is_some() {
                     return Err("a second header".into());
                 }
                 if h.format != FORMAT {
@@ -360,10 +398,12 @@ impl DumpReader {
                         h.version
                     ));
                 }
-                self.header = true;
+                self.version = Some(h.version);
                 return Ok(Parsed::Header(h));
             }
-            _ if !self.header => return Err("the first line must be the header".into()),
+            _ if self.version.is_none() => {
+                return Err("the first line must be the header".into());
+            }
             Line::Trailer(counts) => {
                 if counts != self.counts {
                     return Err(format!(
@@ -378,6 +418,16 @@ impl DumpReader {
             Line::Login(l) => DumpItem::Login(l),
             Line::Dataset(d) => DumpItem::Dataset(d),
             Line::Grant(g) => DumpItem::Grant(g),
+            Line::Setting(s) => {
+                // A version-1 writer had no settings: such a line is not from one.
+                if self.version.is_some_and(|v| v < SETTINGS_SINCE) {
+                    return Err(format!(
+                        "a setting line in a version-1 dump (settings came in version \
+                         {SETTINGS_SINCE})"
+                    ));
+                }
+                DumpItem::Setting(s)
+            }
             Line::Record(record) => {
                 let Some(dataset) = &self.dataset else {
                     return Err("a record must follow its dataset".into());
@@ -397,7 +447,8 @@ impl DumpReader {
         let section = item.section();
         if section < self.section {
             return Err(
-                "out of order: identities, logins, datasets with their records, then grants".into(),
+                "out of order: identities, logins, datasets with their records, grants, then settings"
+                    .into(),
             );
         }
         self.section = section;
@@ -440,6 +491,8 @@ pub(crate) const DUMP_DATASETS: &str = "SELECT d.pool, d.owner, d.name, d.sync_c
 pub(crate) const DUMP_GRANTS: &str =
     "SELECT pool, owner, name, grantee, access, granted_at FROM grants
                       ORDER BY pool, owner, name, grantee";
+pub(crate) const DUMP_SETTINGS: &str =
+    "SELECT pool, name, value, updated_at FROM pool_settings ORDER BY pool, name";
 
 /// What `import` does with an item whose key the target already holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -449,9 +502,9 @@ pub enum MergePolicy {
     /// The target must be empty; an item that exists is an error.
     #[default]
     Refuse,
-    /// The target's item stays as it is and the import's is skipped: an identity, a login
-    /// or a grant with the same key, or a dataset with the same (pool, owner, name), live or
-    /// deleted, together with its records.
+    /// The target's item stays as it is and the import's is skipped: an identity, a login,
+    /// a grant or a pool setting with the same key, or a dataset with the same
+    /// (pool, owner, name), live or deleted, together with its records.
     SkipExisting,
 }
 
@@ -483,7 +536,7 @@ pub struct ImportProgress {
 /// What an import finds in the target before it starts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ImportStatus {
-    /// No identity, login, dataset or grant.
+    /// No identity, login, dataset, grant or pool setting.
     pub empty: bool,
     /// The progress of the import that wrote into this store, if one did.
     pub progress: Option<ImportProgress>,
@@ -758,6 +811,7 @@ pub(crate) fn describe(item: &DumpItem) -> String {
             "grant of {}/{}/{} to {}",
             g.pool, g.owner, g.name, g.grantee
         ),
+        DumpItem::Setting(s) => format!("pool setting {:?} of {}", s.name, s.pool),
     }
 }
 
@@ -809,6 +863,15 @@ mod tests {
         }
     }
 
+    fn setting(name: &str, value: &str) -> DumpSetting {
+        DumpSetting {
+            pool: "default".into(),
+            name: name.into(),
+            value: value.into(),
+            updated_at: 7,
+        }
+    }
+
     #[test]
     fn test_dump_lines_round_trip_through_the_reader() {
         let items = vec![
@@ -817,6 +880,11 @@ mod tests {
                 dataset: dataset("d", 2).key(),
                 record: record("k", 2),
             },
+            DumpItem::Setting(setting(
+                "cognito.events.SyncTrigger",
+                "https://hooks.example.com/sync?token=a\"b",
+            )),
+            DumpItem::Setting(setting("z", "")),
         ];
         let mut lines = vec![header_line("sqlite", 5)];
         let mut counts = DumpCounts::default();
@@ -833,6 +901,26 @@ mod tests {
             }
         }
         assert_eq!(read, items);
+        assert!(reader.complete());
+        assert!(lines[3].starts_with(r#"{"type":"setting","pool":"default","name":"#));
+        assert!(
+            lines[5].ends_with(r#""grants":0,"settings":2}"#),
+            "{}",
+            lines[5]
+        );
+    }
+
+    #[test]
+    fn test_dump_reader_reads_a_version_1_dump() {
+        let lines = [
+            r#"{"type":"header","format":"tandem-dump","version":1,"source":"sqlite","exportedAt":1,"tandem":"0.1.0"}"#,
+            r#"{"type":"grant","pool":"default","owner":"alice","name":"d","grantee":"bob","access":"read","grantedAt":1}"#,
+            r#"{"type":"trailer","identities":0,"logins":0,"datasets":0,"records":0,"grants":1}"#,
+        ];
+        let mut reader = DumpReader::new();
+        for line in lines {
+            reader.line(line).unwrap();
+        }
         assert!(reader.complete());
     }
 
@@ -894,5 +982,52 @@ mod tests {
         assert!(err.contains("above its dataset"), "{err}");
         let bad_name = DumpItem::Dataset(dataset("bad name!", 1));
         assert!(bad_name.validate().is_err());
+    }
+
+    #[test]
+    fn test_dump_reader_refuses_bad_setting_lines_with_a_reason() {
+        let header = header_line("sqlite", 5);
+        let v1 = header.replace(r#""version":2"#, r#""version":1"#);
+        assert_ne!(v1, header);
+        let good = item_line(&DumpItem::Setting(setting("n", "v")));
+        let grant = item_line(&DumpItem::Grant(DumpGrant {
+            pool: "default".into(),
+            owner: "alice".into(),
+            name: "d".into(),
+            grantee: "bob".into(),
+            access: GrantAccess::Read,
+            granted_at: 1,
+        }));
+        let huge = item_line(&DumpItem::Setting(setting(
+            "n",
+            &"v".repeat(crate::admin::MAX_SETTING_VALUE + 1),
+        )));
+        let empty_name = good.replace(r#""name":"n""#, r#""name":"""#);
+        let nul = good.replace(r#""value":"v""#, r#""value":"a\u0000b""#);
+        let negative = good.replace(r#""updatedAt":7"#, r#""updatedAt":-1"#);
+        let null_value = good.replace(r#""value":"v""#, r#""value":null"#);
+        let extra = good.replace(r#""updatedAt""#, r#""extra":1,"updatedAt""#);
+        let trailer =
+            r#"{"type":"trailer","identities":0,"logins":0,"datasets":0,"records":0,"grants":0}"#;
+        let cases: &[(&[&str], &str)] = &[
+            (&[&v1, &good], "version-1 dump"),
+            (&[&header, &good, &grant], "out of order"),
+            (&[&header, &empty_name], "setting name"),
+            (&[&header, &huge], "setting value"),
+            (&[&header, &nul], "without NUL"),
+            (&[&header, &negative], "updatedAt must not be negative"),
+            (&[&header, &null_value], "not a dump line"),
+            (&[&header, &extra], "unknown field"),
+            (&[&header, &good, trailer], "trailer counts"),
+        ];
+        for (lines, want) in cases {
+            let mut reader = DumpReader::new();
+            let err = lines
+                .iter()
+                .map(|l| reader.line(l))
+                .find_map(Result::err)
+                .unwrap_or_else(|| panic!("{lines:?} should fail"));
+            assert!(err.contains(want), "{err} should mention {want}");
+        }
     }
 }

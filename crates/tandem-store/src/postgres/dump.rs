@@ -9,9 +9,9 @@ use super::CallError;
 use super::read::{to_i64, to_u64};
 use crate::dump::{
     ApplyState, BatchOutcome, DUMP_DATASETS, DUMP_GRANTS, DUMP_IDENTITIES, DUMP_LOGINS,
-    DUMP_READ_AHEAD, DumpDataset, DumpGrant, DumpIdentity, DumpItem, DumpLogin, DumpRecord,
-    DumpStream, GrantAccess, ImportBatch, ImportProgress, ImportStatus, in_step, live_bytes,
-    progress_from_json, progress_json,
+    DUMP_READ_AHEAD, DUMP_SETTINGS, DumpDataset, DumpGrant, DumpIdentity, DumpItem, DumpLogin,
+    DumpRecord, DumpSetting, DumpStream, GrantAccess, ImportBatch, ImportProgress, ImportStatus,
+    in_step, live_bytes, progress_from_json, progress_json,
 };
 use crate::{DatasetKey, StoreError};
 use deadpool_postgres::{ClientWrapper, GenericClient, Object};
@@ -94,7 +94,14 @@ async fn dump_all(client: &ClientWrapper, items_tx: &ItemsTx) -> Result<(), Call
     if !datasets {
         return Ok(());
     }
-    stream(client, DUMP_GRANTS, items_tx, grant_of).await?;
+    for (sql, convert) in [
+        (DUMP_GRANTS, grant_of as Convert),
+        (DUMP_SETTINGS, setting_of),
+    ] {
+        if !stream(client, sql, items_tx, convert).await? {
+            return Ok(());
+        }
+    }
     Ok(())
 }
 
@@ -154,6 +161,15 @@ fn grant_of(row: &Row) -> Result<Vec<DumpItem>, CallError> {
     })])
 }
 
+fn setting_of(row: &Row) -> Result<Vec<DumpItem>, CallError> {
+    Ok(vec![DumpItem::Setting(DumpSetting {
+        pool: row.try_get(0)?,
+        name: row.try_get(1)?,
+        value: row.try_get(2)?,
+        updated_at: row.try_get(3)?,
+    })])
+}
+
 fn dataset_of(row: &Row) -> Result<DumpDataset, CallError> {
     Ok(DumpDataset {
         pool: row.try_get(0)?,
@@ -188,7 +204,8 @@ pub(super) async fn status(client: &impl GenericClient) -> Result<ImportStatus, 
     let row = client
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM identities) OR EXISTS (SELECT 1 FROM logins)
-                 OR EXISTS (SELECT 1 FROM datasets) OR EXISTS (SELECT 1 FROM grants),
+                 OR EXISTS (SELECT 1 FROM datasets) OR EXISTS (SELECT 1 FROM grants)
+                 OR EXISTS (SELECT 1 FROM pool_settings),
                     to_regclass('import_progress') IS NOT NULL",
             &[],
         )
@@ -417,6 +434,19 @@ async fn insert(client: &impl GenericClient, item: &DumpItem) -> Result<bool, Ca
                         &g.granted_at,
                     ],
                 )
+                .await?
+        }
+        // An existing setting is kept or refused like any existing item (the merge policy),
+        // never overwritten: a copy does not change what the target holds.
+        DumpItem::Setting(s) => {
+            let stmt = client
+                .prepare_cached(
+                    "INSERT INTO pool_settings (pool, name, value, updated_at)
+                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                )
+                .await?;
+            client
+                .execute(&stmt, &[&s.pool, &s.name, &s.value, &s.updated_at])
                 .await?
         }
         DumpItem::Record { .. } => return Ok(false),

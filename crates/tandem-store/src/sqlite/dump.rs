@@ -8,9 +8,9 @@
 use super::{db_err, open_reader};
 use crate::dump::{
     ApplyState, BatchOutcome, DUMP_DATASETS, DUMP_GRANTS, DUMP_IDENTITIES, DUMP_LOGINS,
-    DUMP_READ_AHEAD, DumpDataset, DumpGrant, DumpIdentity, DumpItem, DumpLogin, DumpRecord,
-    DumpStream, GrantAccess, ImportBatch, ImportProgress, ImportStatus, in_step, live_bytes,
-    progress_from_json, progress_json,
+    DUMP_READ_AHEAD, DUMP_SETTINGS, DumpDataset, DumpGrant, DumpIdentity, DumpItem, DumpLogin,
+    DumpRecord, DumpSetting, DumpStream, GrantAccess, ImportBatch, ImportProgress, ImportStatus,
+    in_step, live_bytes, progress_from_json, progress_json,
 };
 use crate::{DatasetKey, StoreError};
 use rusqlite::{Connection, OptionalExtension, Row, params};
@@ -117,6 +117,21 @@ fn dump_all(
             return Ok(());
         }
     }
+    drop(rows);
+    drop(stmt);
+    let mut stmt = tx.prepare(DUMP_SETTINGS).map_err(db_err)?;
+    let mut rows = stmt.query([]).map_err(db_err)?;
+    while let Some(row) = rows.next().map_err(db_err)? {
+        let item = DumpSetting {
+            pool: row.get(0).map_err(db_err)?,
+            name: row.get(1).map_err(db_err)?,
+            value: row.get(2).map_err(db_err)?,
+            updated_at: row.get(3).map_err(db_err)?,
+        };
+        if !send(DumpItem::Setting(item)) {
+            return Ok(());
+        }
+    }
     Ok(())
 }
 
@@ -154,7 +169,8 @@ pub(super) fn status(conn: &Connection) -> Result<ImportStatus, StoreError> {
     let data: bool = conn
         .query_row(
             "SELECT EXISTS (SELECT 1 FROM identities) OR EXISTS (SELECT 1 FROM logins)
-                 OR EXISTS (SELECT 1 FROM datasets) OR EXISTS (SELECT 1 FROM grants)",
+                 OR EXISTS (SELECT 1 FROM datasets) OR EXISTS (SELECT 1 FROM grants)
+                 OR EXISTS (SELECT 1 FROM pool_settings)",
             [],
             |row| row.get(0),
         )
@@ -304,6 +320,13 @@ fn insert(conn: &Connection, item: &DumpItem) -> Result<bool, StoreError> {
                 g.access.as_str(),
                 g.granted_at
             ],
+        ),
+        // An existing setting is kept or refused like any existing item (the merge policy),
+        // never overwritten: a copy does not change what the target holds.
+        DumpItem::Setting(s) => conn.execute(
+            "INSERT INTO pool_settings (pool, name, value, updated_at)
+             VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+            params![s.pool, s.name, s.value, s.updated_at],
         ),
         DumpItem::Record { .. } => return Ok(false),
     };
