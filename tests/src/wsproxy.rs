@@ -67,6 +67,8 @@ pub fn strip_ready_limits(text: &str) -> String {
 /// both ways until either side ends. Failures just drop the connection, as a network would.
 async fn relay(client: TcpStream, target: SocketAddr, rewrite: Rewrite) {
     let mut upgrade: Option<(Uri, HeaderMap)> = None;
+    // The signature is tungstenite's `Callback`; its error type is not ours to shrink.
+    #[allow(clippy::result_large_err)]
     let callback = |request: &Request, response: Response| {
         upgrade = Some((request.uri().clone(), request.headers().clone()));
         Ok(response)
