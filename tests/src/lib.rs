@@ -20,6 +20,7 @@ pub mod proxy;
 pub mod raw;
 pub mod trigger;
 pub mod webhook;
+pub mod wsproxy;
 
 pub use tandem_client;
 pub use tandem_protocol;

@@ -2,17 +2,19 @@
 //! scenario id and follows the steps written there, against a real `tandem` process (with
 //! the default limits, or the small ones of S5), as clients/js/test/scenarios.test.mjs does
 //! for the JavaScript SDK. A device goes offline and comes back through a proxy that cuts
-//! its network; it reconnects by itself.
+//! its network; it reconnects by itself. S5.4's older server is the real one behind a
+//! WebSocket proxy that removes `limits` from its `ready` frame.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tandem_client::protocol::{Access, DatasetRef, ErrorCode, LimitCode};
 use tandem_client::{
     ChangeSource, Client, ClientBuilder, ClientError, ConflictHandler, Dataset, DatasetEvent,
-    DatasetSnapshot, DeletedPolicy, OnDatasetDeleted, Resolution, Status,
+    DatasetSnapshot, DeletedPolicy, Limits, OnDatasetDeleted, Resolution, Status,
 };
 use tandem_tests::TestServer;
 use tandem_tests::proxy::Proxy;
+use tandem_tests::wsproxy::WsProxy;
 use tokio::sync::broadcast;
 
 /// "Wait until" (SCENARIOS.md says 5 s; more here for a loaded build machine).
@@ -532,9 +534,35 @@ async fn s5_3_more_pending_keys_than_max_patches_one_sync_sends_them_all() {
     assert_eq!(out.sync_count, 3, "three updates: 3 + 3 + 1 patches");
 }
 
-// S5.4 (max_patches learnt from the error when `ready` does not announce it) needs a server
-// that does not announce its limits; the JS suite strips them on the way. The Rust SDK's
-// learning is `Limits::learn`, unit-tested in tandem-client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s5_4_max_patches_learnt_from_the_error() {
+    let server = small_server();
+    // As an older server: its `ready` does not announce `limits`.
+    let older = WsProxy::without_ready_limits(server.addr).await;
+    let client = Client::builder(older.url(), "alice")
+        .token(server.token("alice"))
+        .device_id(format!("alice-{}", rand_suffix()))
+        .start()
+        .unwrap();
+    client.wait_online(WAIT).await.unwrap();
+    assert_eq!(client.limits(), Limits::default(), "none announced");
+    assert_eq!(client.limits().max_patches, None);
+    let d = client
+        .open(DatasetRef::new("alice", "d"), ConflictHandler::default())
+        .await
+        .unwrap();
+    for k in ["a", "b", "c", "d"] {
+        d.put(k, k).unwrap();
+    }
+    let out = d.sync().await.unwrap();
+    assert_eq!(out.pushed, 4);
+    assert_eq!(d.pending(), 0);
+    assert_eq!(
+        client.limits().max_patches,
+        Some(3),
+        "learnt from the error's max"
+    );
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s5_5_refused_by_the_server_for_good_set_aside_the_rest_commits() {
