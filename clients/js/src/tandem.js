@@ -1884,7 +1884,7 @@ export class Dataset extends Emitter {
         dirty: !!r.dirty,
         deviceLastModified: r.deviceLastModified ?? undefined,
         version: r.version ?? 0,
-        // Absent in a cache written before the SDK kept them: filled by the next snapshot.
+        // Absent in a cache written before the SDK kept them: filled when the server sends the record.
         lastModified: r.lastModified ?? undefined,
         lastModifiedBy: r.lastModifiedBy ?? undefined,
         deviceId: r.deviceId ?? undefined,
