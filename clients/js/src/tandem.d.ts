@@ -37,6 +37,14 @@ export interface LocalRecord {
   version: number;
   /** Present while the change is set aside: refused for good, not sent until edited again. */
   setAside?: SetAside;
+  /** The server's time at the commit that wrote this value, ms since the epoch; `undefined`
+   * while the value is a local edit not yet acknowledged. */
+  lastModified?: number;
+  /** Who wrote this value: the server record's identity, or this client's for a local edit. */
+  lastModifiedBy?: string;
+  /** The device that wrote this value, when it named one (this client's `deviceId` for a
+   * local edit). */
+  deviceId?: string;
 }
 
 /** Why a local change is set aside. */
@@ -483,6 +491,8 @@ export class Dataset extends Emitter<DatasetEvents> {
   get(key: string): string | undefined;
   has(key: string): boolean;
   records(): Map<string, string>;
+  /** The local record of `key` (a copy): its value, sync bookkeeping, and who wrote it,
+   * when and from which device (`lastModified`, `lastModifiedBy`, `deviceId`). */
   record(key: string): LocalRecord | undefined;
   dirtyKeys(): string[];
   put(key: string, value: string): Promise<void>;

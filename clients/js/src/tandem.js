@@ -60,6 +60,12 @@ export const PROTOCOL_VERSION = 1;
  * @property {number} version Bumped on every local edit; an ack cleans only the edit it carried.
  * @property {SetAside} [setAside] Present while the change is set aside: the server refused it
  *   for good (or it breaks a limit the server announced), so sync() no longer sends it.
+ * @property {number} [lastModified] The server's time at the commit that wrote this value, ms
+ *   since the epoch; `undefined` while the value is a local edit not yet acknowledged.
+ * @property {string} [lastModifiedBy] Who wrote this value: the server record's identity, or
+ *   this client's for a local edit.
+ * @property {string} [deviceId] The device that wrote this value, when it named one (this
+ *   client's `deviceId` for a local edit).
  *
  * @typedef {object} SetAside Why a local change is set aside.
  * @property {string} code `too_large`, `limit_exceeded` or `bad_request`.
@@ -361,6 +367,31 @@ class Emitter {
 /** @returns {DatasetState} */
 function emptyState() {
   return { syncCount: 0, records: Object.create(null) };
+}
+
+/** A clean local record holding the server's record `r`.
+ * @param {ServerRecord} r @param {number} version @returns {LocalRecord} */
+function fromServer(r, version) {
+  return {
+    value: r.value ?? null,
+    syncCount: r.syncCount,
+    dirty: false,
+    deviceLastModified: r.deviceLastModified,
+    version,
+    lastModified: r.lastModified,
+    lastModifiedBy: r.lastModifiedBy,
+    deviceId: r.deviceId,
+  };
+}
+
+/** Takes who, when and from which device the server's record `r` was written, for a local
+ * record whose value is the server's (the same content, e.g. our own acknowledged edit).
+ * @param {LocalRecord} local @param {ServerRecord} r */
+function takeMetadata(local, r) {
+  local.deviceLastModified = r.deviceLastModified ?? local.deviceLastModified;
+  local.lastModified = r.lastModified;
+  local.lastModifiedBy = r.lastModifiedBy;
+  local.deviceId = r.deviceId;
 }
 
 /** A copy that shares nothing with the SDK's live state. */
@@ -1853,6 +1884,10 @@ export class Dataset extends Emitter {
         dirty: !!r.dirty,
         deviceLastModified: r.deviceLastModified ?? undefined,
         version: r.version ?? 0,
+        // Absent in a cache written before the SDK kept them: filled when the server sends the record.
+        lastModified: r.lastModified ?? undefined,
+        lastModifiedBy: r.lastModifiedBy ?? undefined,
+        deviceId: r.deviceId ?? undefined,
       };
       if (r.dirty && r.setAside) records[k].setAside = { ...r.setAside };
     }
@@ -2007,7 +2042,9 @@ export class Dataset extends Emitter {
     return out;
   }
 
-  /** The local record of `key` with its sync bookkeeping (a copy), or `undefined`.
+  /** The local record of `key` (a copy), or `undefined`: its value, sync bookkeeping, and
+   * who wrote it, when and from which device (`lastModified`, `lastModifiedBy`, `deviceId`;
+   * a local edit is this client's, with no `lastModified`, until acknowledged).
    * @param {string} key @returns {LocalRecord | undefined} */
   record(key) {
     const r = this.#rec(key);
@@ -2279,6 +2316,10 @@ export class Dataset extends Emitter {
       dirty: true,
       deviceLastModified: record.deviceLastModified,
       version: (local ? local.version : 0) + 1,
+      // A local edit of this user's, made by the other tab's client.
+      lastModified: undefined,
+      lastModifiedBy: record.lastModifiedBy ?? this.#io.identity(),
+      deviceId: record.deviceId ?? this.#io.deviceId,
     };
     this.#pendingChanged();
     this.#scheduleAutoSync();
@@ -2397,7 +2438,7 @@ export class Dataset extends Emitter {
         if (local.value === value) {
           local.dirty = false;
           local.syncCount = r.syncCount;
-          local.deviceLastModified = r.deviceLastModified;
+          takeMetadata(local, r);
         } else if (local.syncCount !== r.syncCount) {
           // A base equal to the server's version is what the server accepts; others are stale.
           stale.push({ key: r.key, server: r });
@@ -2405,7 +2446,7 @@ export class Dataset extends Emitter {
         continue;
       }
       if (!local || local.value !== value) changed.push(r.key);
-      st.records[r.key] = { value, syncCount: r.syncCount, dirty: false, deviceLastModified: r.deviceLastModified, version: local ? local.version : 0 };
+      st.records[r.key] = fromServer(r, local ? local.version : 0);
     }
     st.syncCount = syncCount;
     this.#pendingChanged();
@@ -2432,6 +2473,7 @@ export class Dataset extends Emitter {
       if (local.value === value) {
         local.dirty = false;
         local.syncCount = Math.max(local.syncCount, r.syncCount);
+        takeMetadata(local, r);
         if (value === null) delete st.records[r.key];
         this.#pendingChanged();
       }
@@ -2445,14 +2487,13 @@ export class Dataset extends Emitter {
       if (local.value !== null) changed.push(r.key);
       return;
     }
-    if (local && local.value === value && local.syncCount === r.syncCount) return;
-    st.records[r.key] = {
-      value,
-      syncCount: r.syncCount,
-      dirty: false,
-      deviceLastModified: r.deviceLastModified,
-      version: local ? local.version : 0,
-    };
+    if (local && local.value === value && local.syncCount === r.syncCount) {
+      // The same version: only its metadata may be new to this copy (a cache written
+      // before the SDK kept any).
+      takeMetadata(local, r);
+      return;
+    }
+    st.records[r.key] = fromServer(r, local ? local.version : 0);
     if (!local || local.value !== value) changed.push(r.key);
   }
 
@@ -2566,6 +2607,16 @@ export class Dataset extends Emitter {
     return Object.hasOwn(this.#state.records, key) ? this.#state.records[key] : undefined;
   }
 
+  /** Marks a record's value as this client's edit: ours until the server stamps it with its
+   * time (the ack, or a push of the same value, brings the server's metadata).
+   * @param {LocalRecord} r @returns {LocalRecord} */
+  #ownEdit(r) {
+    r.lastModified = undefined;
+    r.lastModifiedBy = this.#io.identity();
+    r.deviceId = this.#io.deviceId;
+    return r;
+  }
+
   /** @param {string} key @param {string | null} value */
   async #write(key, value) {
     this.#checkOpen();
@@ -2586,8 +2637,9 @@ export class Dataset extends Emitter {
       r.deviceLastModified = Date.now();
       r.version += 1;
       delete r.setAside; // a new edit is tried again
+      this.#ownEdit(r);
     } else {
-      this.#state.records[key] = { value, syncCount: 0, dirty: true, deviceLastModified: Date.now(), version: 1 };
+      this.#state.records[key] = this.#ownEdit({ value, syncCount: 0, dirty: true, deviceLastModified: Date.now(), version: 1 });
     }
     this.#pendingChanged();
     this.#scheduleAutoSync();
@@ -2856,7 +2908,7 @@ export class Dataset extends Emitter {
         // Discarded while the update was on its way, but committed all the same: the server's
         // record is what this copy holds now (the push of this commit may be skipped below).
         if (rec && rec.value !== null) {
-          st.records[k] = { value: rec.value, syncCount: rec.syncCount, dirty: false, deviceLastModified: rec.deviceLastModified, version: 0 };
+          st.records[k] = fromServer(rec, 0);
           changed.push(k);
         }
         continue;
@@ -2866,7 +2918,7 @@ export class Dataset extends Emitter {
       local.syncCount = rec ? rec.syncCount : 0;
       if (local.version !== version) continue; // edited again meanwhile: still dirty, rebased
       local.dirty = false;
-      if (rec) local.deviceLastModified = rec.deviceLastModified ?? local.deviceLastModified;
+      if (rec) takeMetadata(local, rec);
       if (local.value === null) delete st.records[k];
     }
     // Only when nobody else committed in between do we know the whole dataset at this count;
@@ -2905,6 +2957,7 @@ export class Dataset extends Emitter {
         now.value = resolution.value;
         now.deviceLastModified = Date.now();
         now.version += 1;
+        this.#ownEdit(now); // the merged value is a new edit of this device's
       } else {
         this.#adopt(key, server, version);
         if (serverValue !== local.value) changed.push(key);
@@ -2922,13 +2975,7 @@ export class Dataset extends Emitter {
   /** Takes the server's record for `key` (clean). @param {string} key @param {ServerRecord | null} server @param {number} version */
   #adopt(key, server, version) {
     if (server && server.value !== null) {
-      this.#state.records[key] = {
-        value: server.value,
-        syncCount: server.syncCount,
-        dirty: false,
-        deviceLastModified: server.deviceLastModified,
-        version: version + 1,
-      };
+      this.#state.records[key] = fromServer(server, version + 1);
     } else {
       delete this.#state.records[key];
     }

@@ -12,7 +12,7 @@ import { mkdirSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
-import { startServer, until } from './helpers.mjs';
+import { startServer, until, mintToken, uniqueName } from './helpers.mjs';
 
 const artifacts = join(dirname(fileURLToPath(import.meta.url)), '..', 'test-artifacts');
 
@@ -403,5 +403,43 @@ test('IndexedDBStore lists and removes by identity; wipe() in the browser', asyn
   assert.deepEqual(out.alice2, ['alice2/a'], 'a prefix of the identity is another identity');
   assert.deepEqual(out.bob, ['bob/shared']);
   assert.equal(out.state, 'closed');
+  await ctx.close();
+});
+
+test('IndexedDBStore keeps record metadata: a reopen from the cache shows who wrote what, from which device', async () => {
+  const ctx = await (await launched()).newContext();
+  const page = await ctx.newPage();
+  await page.goto(`${server.httpUrl}/demo/index.html`);
+  const out = await page.evaluate(
+    async ({ token, name }) => {
+      const { IndexedDBStore, TandemClient } = await import('/sdk/tandem.js');
+      const store = new IndexedDBStore({ name: 'metadata-test' });
+      const url = `${location.origin.replace(/^http/, 'ws')}/v1/sync`;
+      const pick = (r) => ({ value: r.value, dirty: r.dirty, lastModified: r.lastModified ?? null, lastModifiedBy: r.lastModifiedBy ?? null, deviceId: r.deviceId ?? null });
+      const c = TandemClient.connect(url, token, { identity: 'alice', deviceId: 'browser', store, crossTab: false, watchNetwork: false });
+      await c.waitOnline(5000);
+      const ds = await c.open(name);
+      await ds.put('k', 'v');
+      const local = pick(ds.record('k'));
+      await c.flush({ timeoutMs: 5000 });
+      const acked = pick(ds.record('k'));
+      await ds.put('pending', 'p');
+      const pending = pick(ds.record('pending'));
+      await c.close();
+      // The same store after a restart, with no server to reach.
+      const off = TandemClient.connect('ws://127.0.0.1:9/v1/sync', 'unused', { identity: 'alice', deviceId: 'browser-2', store, crossTab: false, watchNetwork: false });
+      const again = await off.open(name);
+      const reopened = { k: pick(again.record('k')), pending: pick(again.record('pending')) };
+      await off.close();
+      return { local, acked, pending, reopened };
+    },
+    { token: mintToken('alice'), name: uniqueName() },
+  );
+  assert.deepEqual(out.local, { value: 'v', dirty: true, lastModified: null, lastModifiedBy: 'alice', deviceId: 'browser' });
+  assert.equal(out.acked.dirty, false);
+  assert.equal(typeof out.acked.lastModified, 'number', 'stamped by the server');
+  assert.equal(out.acked.deviceId, 'browser');
+  assert.deepEqual(out.reopened, { k: out.acked, pending: out.pending });
+  assert.deepEqual(out.pending, { value: 'p', dirty: true, lastModified: null, lastModifiedBy: 'alice', deviceId: 'browser' });
   await ctx.close();
 });

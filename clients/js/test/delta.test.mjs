@@ -322,8 +322,9 @@ test('a delta whose base the copy lacks makes the SDK fetch changes since its co
   await client.waitOnline(5000);
   const d = await client.open('list');
   assert.equal(d.syncCount, 3);
-  assert.deepEqual(d.record('a'), { value: '1', syncCount: 3, dirty: false, deviceLastModified: undefined, version: 0 });
+  assert.deepEqual(d.record('a'), { value: '1', syncCount: 3, dirty: false, deviceLastModified: undefined, version: 0, lastModified: 1, lastModifiedBy: 'alice', deviceId: undefined });
   assert.equal(d.record('b').syncCount, 2);
+  assert.equal(d.record('b').lastModifiedBy, 'bob');
 
   // On base: applied (a tombstone removes, a missing key stays).
   push({ type: 'delta', dataset: ds, baseSyncCount: 3, syncCount: 4, records: [rec('c', null)] });

@@ -220,3 +220,22 @@ export function controlledClient(server, sub, options = {}, net = {}) {
     },
   };
 }
+
+/** React Native's AsyncStorage contract, kept in memory: string keys and values only, every
+ * method async. */
+export class MemoryAsyncStorage {
+  map = new Map();
+  async getItem(key) {
+    return this.map.has(key) ? this.map.get(key) : null;
+  }
+  async setItem(key, value) {
+    if (typeof key !== 'string' || typeof value !== 'string') throw new TypeError('AsyncStorage stores strings only');
+    this.map.set(key, value);
+  }
+  async removeItem(key) {
+    this.map.delete(key);
+  }
+  async getAllKeys() {
+    return [...this.map.keys()];
+  }
+}

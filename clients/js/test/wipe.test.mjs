@@ -5,7 +5,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { MemoryStore, AsyncStorageStore, TandemError } from '../src/tandem.js';
-import { startServer, onlineClient, controlledClient, until, uniqueName } from './helpers.mjs';
+import { startServer, onlineClient, controlledClient, until, uniqueName, MemoryAsyncStorage } from './helpers.mjs';
 
 let server;
 before(async () => {
@@ -14,25 +14,6 @@ before(async () => {
 after(async () => {
   await server?.close();
 });
-
-/** React Native's AsyncStorage contract, kept in memory: string keys and values only, every
- * method async. */
-export class MemoryAsyncStorage {
-  map = new Map();
-  async getItem(key) {
-    return this.map.has(key) ? this.map.get(key) : null;
-  }
-  async setItem(key, value) {
-    if (typeof key !== 'string' || typeof value !== 'string') throw new TypeError('AsyncStorage stores strings only');
-    this.map.set(key, value);
-  }
-  async removeItem(key) {
-    this.map.delete(key);
-  }
-  async getAllKeys() {
-    return [...this.map.keys()];
-  }
-}
 
 const stores = {
   MemoryStore: () => new MemoryStore(),

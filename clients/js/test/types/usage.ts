@@ -14,6 +14,9 @@ async function example(): Promise<void> {
   const ds = await client.open('settings', { conflictHandler: (c: ConflictCase) => (c.server ? Resolution.merge(`${c.server.value}|${c.local.value}`) : Resolution.keepLocal()) });
   await ds.put('theme', 'dark');
   const theme: string | undefined = ds.get('theme');
+  const rec = ds.record('theme');
+  const stamped: number | undefined = rec?.lastModified; // undefined: a local edit not yet acknowledged
+  const writer: string = `${rec?.lastModifiedBy ?? '?'}@${rec?.deviceId ?? '?'}`;
   const out = await ds.sync().catch((e: TandemError) => (e.code === 'conflict' ? e.keys : undefined));
   ds.on('conflict', ({ key, resolution }) => console.log(key, resolution.type));
   for await (const change of ds.remoteChanges()) console.log(change.keys.join(), change.syncCount);
