@@ -1845,6 +1845,10 @@ export class Dataset extends Emitter {
   #catchUpTo = 0;
   /** @type {(c: DatasetDeletedCase) => DeletedPolicy} */
   #deletedPolicy;
+  /** The last version given to a local edit: one counter for the whole dataset, never going
+   * down, so a key whose record was dropped (discarded, reverted, deleted) and edited again
+   * cannot reuse the version of an edit still in flight, whose ack would then clean it. */
+  #editSeq = 0;
   /** The current snapshot's version, and the snapshot (built when first asked for). */
   #version = 1;
   /** @type {DatasetSnapshot | null} */
@@ -1890,6 +1894,7 @@ export class Dataset extends Emitter {
         deviceId: r.deviceId ?? undefined,
       };
       if (r.dirty && r.setAside) records[k].setAside = { ...r.setAside };
+      if (records[k].version > this.#editSeq) this.#editSeq = records[k].version;
     }
     this.#state = { syncCount: state.syncCount ?? 0, records };
     this.#handler = opts.handler;
@@ -2315,7 +2320,7 @@ export class Dataset extends Emitter {
       syncCount: record.syncCount ?? 0,
       dirty: true,
       deviceLastModified: record.deviceLastModified,
-      version: (local ? local.version : 0) + 1,
+      version: this.#nextVersion(),
       // A local edit of this user's, made by the other tab's client.
       lastModified: undefined,
       lastModifiedBy: record.lastModifiedBy ?? this.#io.identity(),
@@ -2547,7 +2552,7 @@ export class Dataset extends Emitter {
         // The whole local copy becomes the new dataset's content.
         if (!r.dirty) {
           r.dirty = true;
-          r.version += 1;
+          r.version = this.#nextVersion();
         }
         r.syncCount = 0;
       } else if (policy !== 'drop' && r.dirty) {
@@ -2635,11 +2640,11 @@ export class Dataset extends Emitter {
       r.value = value;
       r.dirty = true;
       r.deviceLastModified = Date.now();
-      r.version += 1;
+      r.version = this.#nextVersion();
       delete r.setAside; // a new edit is tried again
       this.#ownEdit(r);
     } else {
-      this.#state.records[key] = this.#ownEdit({ value, syncCount: 0, dirty: true, deviceLastModified: Date.now(), version: 1 });
+      this.#state.records[key] = this.#ownEdit({ value, syncCount: 0, dirty: true, deviceLastModified: Date.now(), version: this.#nextVersion() });
     }
     this.#pendingChanged();
     this.#scheduleAutoSync();
@@ -2750,6 +2755,12 @@ export class Dataset extends Emitter {
       this.#snap = next;
       this.emit('snapshot', next);
     });
+  }
+
+  /** The version of a new local edit (see `#editSeq`). */
+  #nextVersion() {
+    this.#editSeq += 1;
+    return this.#editSeq;
   }
 
   /** @param {number} version @param {boolean} local @returns {DatasetSnapshot} */
@@ -2956,7 +2967,7 @@ export class Dataset extends Emitter {
         now.syncCount = base;
         now.value = resolution.value;
         now.deviceLastModified = Date.now();
-        now.version += 1;
+        now.version = this.#nextVersion();
         this.#ownEdit(now); // the merged value is a new edit of this device's
       } else {
         this.#adopt(key, server, version);

@@ -182,3 +182,39 @@ test('open() waiting for an identity rejects when the client is closed', async (
   await c.close();
   await assert.rejects(opening, (e) => e.code === 'closed');
 });
+
+test('an ack does not clean a newer edit of a key that was discarded and edited again meanwhile', async () => {
+  const name = uniqueName();
+  /** Runs once, right after the first update naming `k` went out (its ack cannot have come yet). */
+  let onSent = null;
+  class Watched extends WebSocketImpl {
+    send(data) {
+      super.send(data);
+      if (onSent && typeof data === 'string' && data.includes('"update"') && data.includes('"k"')) {
+        const hook = onSent;
+        onSent = null;
+        queueMicrotask(hook);
+      }
+    }
+  }
+  const a = TandemClient.connect(server.url, () => mintToken('alice'), { WebSocket: Watched, identity: 'alice', store: new MemoryStore(), autoSync: false });
+  await nextEvent(a, 'ready');
+  const ds = await a.open(name);
+  await ds.put('k', 'a');
+  // While the update with `a` is on its way, the key is dropped and edited again.
+  const edited = new Promise((resolve) => {
+    onSent = () => {
+      assert.equal(ds.discard('k'), true);
+      ds.put('k', 'b').then(resolve);
+    };
+  });
+  await ds.sync();
+  await edited;
+  assert.deepEqual(ds.dirtyKeys(), ['k'], '`b` was never sent: still pending');
+  assert.equal(ds.get('k'), 'b');
+  await ds.sync();
+  const b = await onlineClient(server, 'alice');
+  const other = await b.open(name);
+  assert.equal(other.get('k'), 'b');
+  await Promise.all([a.close(), b.close()]);
+});
