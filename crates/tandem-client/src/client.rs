@@ -1095,6 +1095,9 @@ struct Shared {
     written: Mutex<u64>,
     /// The pending count last told.
     last_pending: AtomicUsize,
+    /// The last edit version given out. It never goes down, even when a record (and its
+    /// `version`) is dropped, so an ack of an older edit of a key never matches a newer one.
+    edits: AtomicU64,
 }
 
 impl Drop for Shared {
@@ -1113,6 +1116,7 @@ impl Shared {
         on_deleted: OnDatasetDeleted,
         auto_sync: bool,
     ) -> Shared {
+        let edits = state.records.values().map(|r| r.version).max().unwrap_or(0);
         Shared {
             dataset,
             snapshot: SnapshotCell::new(&state),
@@ -1133,7 +1137,13 @@ impl Shared {
             generation: AtomicU64::new(0),
             written: Mutex::new(0),
             last_pending: AtomicUsize::new(0),
+            edits: AtomicU64::new(edits),
         }
+    }
+
+    /// The version of a new local edit: above any this dataset gave out before.
+    fn next_version(&self) -> u64 {
+        self.edits.fetch_add(1, Ordering::SeqCst) + 1
     }
 
     /// (owner, name): the dataset's key in the client and in the cache.
@@ -1628,7 +1638,7 @@ impl Dataset {
                 record.value = value;
                 record.dirty = true;
                 record.device_last_modified = Some(now);
-                record.version += 1;
+                record.version = self.shared.next_version();
                 // A new edit is tried again.
                 record.set_aside = None;
                 // Ours until the server stamps it with its time.
@@ -2084,7 +2094,7 @@ fn resolve_conflict(
                 l.value = value.clone();
                 // The merged value is a new edit of this device's (as in the JS SDK).
                 l.device_last_modified = Some(now_ms());
-                l.version += 1;
+                l.version = shared.next_version();
                 l.last_modified = None;
             }
         }
@@ -2092,7 +2102,7 @@ fn resolve_conflict(
             Some(server) if server.value.is_some() => {
                 state.records.insert(
                     key.to_owned(),
-                    LocalRecord::from_server(server, local.version + 1),
+                    LocalRecord::from_server(server, shared.next_version()),
                 );
             }
             _ => {
@@ -2251,7 +2261,8 @@ fn on_deleted(inner: &Arc<Inner>, conn: &Arc<Connection>, shared: Arc<Shared>, s
     let policy = decide.decide(&shared.dataset, sync_count);
     let dropped = {
         let mut state = shared.state.lock();
-        let dropped = crate::deleted::apply(&mut state, policy, sync_count);
+        let dropped =
+            crate::deleted::apply(&mut state, policy, sync_count, || shared.next_version());
         inner.changed(&shared, &state, ChangeSource::Remote);
         dropped
     };
