@@ -970,12 +970,18 @@ async fn close(inner: &Arc<Inner>, shared: &Arc<Shared>) -> Result<(), ClientErr
         tokio::task::spawn_blocking(move || write_latest(&inner, &shared, true)).await
     };
     {
+        let key = shared.key();
         let mut datasets = inner.datasets.lock();
-        if datasets
-            .get(&shared.key())
-            .is_some_and(|open| Arc::ptr_eq(open, shared))
-        {
-            datasets.remove(&shared.key());
+        let ours = datasets
+            .get(&key)
+            .is_none_or(|open| Arc::ptr_eq(open, shared));
+        if ours {
+            datasets.remove(&key);
+            // Changes made while closing (an ack of the sync it waited for) were not counted:
+            // the count is the final copy's. A handle opened since counts for itself.
+            drop(datasets);
+            let pending = shared.state.lock().dirty_count();
+            inner.set_pending(&key, pending);
         }
     }
     match saved {
