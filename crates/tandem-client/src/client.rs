@@ -1184,14 +1184,18 @@ impl Shared {
     }
 
     /// Sets a pending change aside (once): kept, reported with its key, not sent again
-    /// until it is edited again.
-    fn put_aside(&self, inner: &Inner, key: &str, reason: SetAside) {
+    /// until it is edited again. `sent`: the edit version the server refused; a newer edit
+    /// made meanwhile was not refused and goes in the next update.
+    fn put_aside(&self, inner: &Inner, key: &str, reason: SetAside, sent: Option<u64>) {
         {
             let mut state = self.state.lock();
             let Some(local) = state.records.get_mut(key) else {
                 return;
             };
-            if !local.dirty || local.set_aside.is_some() {
+            if !local.dirty
+                || local.set_aside.is_some()
+                || sent.is_some_and(|sent| sent != local.version)
+            {
                 return;
             }
             local.set_aside = Some(reason.clone());
@@ -1368,7 +1372,7 @@ fn set_aside_broken(inner: &Arc<Inner>, shared: &Arc<Shared>) {
                 undone.push(key);
             }
         } else {
-            shared.put_aside(inner, &key, broken);
+            shared.put_aside(inner, &key, broken, None);
         }
     }
     if !undone.is_empty() {
@@ -1879,7 +1883,8 @@ async fn sync_once(inner: &Arc<Inner>, shared: &Arc<Shared>) -> Result<SyncOutco
                             max,
                             message,
                         };
-                        shared.put_aside(inner, &first, reason);
+                        let sent = versions.get(&first).copied();
+                        shared.put_aside(inner, &first, reason, sent);
                     }
                     continue;
                 }
@@ -2648,6 +2653,34 @@ mod tests {
         let turn = shared.written.lock();
         assert!(shared.state.try_lock().is_some());
         drop(turn);
+        client.shutdown().await;
+    }
+
+    /// Review finding 3: the server refused `k=huge` for good while `k=small` was written
+    /// here; the refusal sets aside only the edit it refused, not the newer one.
+    #[tokio::test]
+    async fn test_a_refusal_sets_aside_only_the_edit_it_refused() {
+        let client = Client::builder("ws://127.0.0.1:1/v1/sync", "alice")
+            .token("t")
+            .backoff(Duration::from_secs(10), Duration::from_secs(10))
+            .start()
+            .unwrap();
+        let ds = client.open(DatasetRef::own("list"), None).await.unwrap();
+        let (inner, shared) = (&ds.inner, &ds.shared);
+        ds.put("k", "huge").unwrap();
+        let sent = ds.record("k").unwrap().version;
+        ds.put("k", "small").unwrap();
+        let reason = SetAside {
+            code: ErrorCode::TooLarge,
+            limit: Some(LimitCode::MaxDatasetBytes),
+            max: Some(3),
+            message: "dataset too large".into(),
+        };
+        shared.put_aside(inner, "k", reason.clone(), Some(sent));
+        assert!(ds.set_aside().is_empty(), "the newer edit is still to send");
+        let newer = ds.record("k").unwrap().version;
+        shared.put_aside(inner, "k", reason, Some(newer));
+        assert_eq!(ds.set_aside().len(), 1, "the edit refused is set aside");
         client.shutdown().await;
     }
 
