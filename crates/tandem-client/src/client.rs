@@ -1403,8 +1403,11 @@ fn after_drop(inner: &Arc<Inner>, shared: &Arc<Shared>, mut keys: Vec<String>) {
     };
     let (inner, shared) = (inner.clone(), shared.clone());
     runtime.spawn(async move {
-        if let Err(e) = subscribe(&inner, &conn, &shared).await {
-            tracing::warn!(dataset = ?shared.dataset, error = %e, "fetching the server's versions of discarded keys failed");
+        match subscribe(&inner, &conn, &shared).await {
+            Ok(()) | Err(ClientError::DatasetClosed) => {}
+            Err(e) => {
+                tracing::warn!(dataset = ?shared.dataset, error = %e, "fetching the server's versions of discarded keys failed");
+            }
         }
     });
 }
@@ -2133,6 +2136,11 @@ async fn subscribe(
     conn: &Arc<Connection>,
     shared: &Arc<Shared>,
 ) -> Result<(), ClientError> {
+    // A closed dataset is followed no more: the tasks that follow it again (after a discard,
+    // a remote delete, a reconnect) may run after its close.
+    if shared.closed.load(Ordering::SeqCst) {
+        return Err(ClientError::DatasetClosed);
+    }
     // The copy is complete at its sync count (every frame applied in order, own edits kept
     // apart as dirty), so the server need only send what changed after it; unless a change
     // was discarded, whose key needs the server's version again.
@@ -2148,6 +2156,14 @@ async fn subscribe(
             return Err(e);
         }
     };
+    // Closed while the subscribe was on its way: the close's unsubscribe may have gone
+    // before it, so this one undoes it.
+    if shared.closed.load(Ordering::SeqCst) {
+        if let Err(e) = conn.unsubscribe(shared.dataset.clone()).await {
+            tracing::debug!(dataset = ?shared.dataset, error = %e, "unsubscribe of a closed dataset failed");
+        }
+        return Err(ClientError::DatasetClosed);
+    }
     // Followed again: a re-grant (or a re-creation) takes effect.
     shared.revoked.store(false, Ordering::SeqCst);
     shared.subscribed.store(true, Ordering::SeqCst);
@@ -2457,7 +2473,7 @@ async fn catch_up(inner: &Arc<Inner>, conn: &Arc<Connection>, shared: &Arc<Share
                 shared.revoke();
                 return;
             }
-            Err(ClientError::Revoked) => return,
+            Err(ClientError::Revoked | ClientError::DatasetClosed) => return,
             Err(e) => {
                 let retriable = e.code().is_some_and(|code| code.retriable());
                 let what = if subscribed { "sync" } else { "resubscribe" };
