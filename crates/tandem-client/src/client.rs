@@ -663,12 +663,34 @@ impl Client {
     /// `ClientError::PendingWrites` while changes are pending anywhere in the cache (see
     /// `pending`): `wait_for_pending_writes` first, or `wipe_forced` to drop them. The client
     /// stays usable: datasets opened afterwards start empty.
+    ///
+    /// The cache is read again for this (another client or run over the same directory may
+    /// have left changes since this one started); `Err(Cache)` when it cannot be, as a wipe
+    /// must not guess.
     pub async fn wipe(&self) -> Result<(), ClientError> {
-        let pending = self.pending();
+        let pending = self.pending_in_cache().await?;
         if pending > 0 {
             return Err(ClientError::PendingWrites { pending });
         }
         self.wipe_forced().await
+    }
+
+    /// Pending changes across this identity's cache as it is now: the open datasets' copies
+    /// in memory, the others as the cache holds them.
+    async fn pending_in_cache(&self) -> Result<usize, ClientError> {
+        let inner = self.inner.clone();
+        let listed = tokio::task::spawn_blocking(move || inner.cache.list())
+            .await
+            .map_err(|e| ClientError::Cache(e.to_string()))?
+            .map_err(|e| ClientError::Cache(e.to_string()))?;
+        let open: HashMap<(String, String), Arc<Shared>> = self.inner.datasets.lock().clone();
+        let in_memory: usize = open.values().map(|s| s.state.lock().dirty_count()).sum();
+        let on_disk: usize = listed
+            .into_iter()
+            .filter(|(owner, name, _)| !open.contains_key(&(owner.clone(), name.clone())))
+            .map(|(_, _, data)| data.dirty_count())
+            .sum();
+        Ok(in_memory + on_disk)
     }
 
     /// `wipe`, pending changes or not: they are lost.
