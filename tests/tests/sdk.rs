@@ -1377,9 +1377,10 @@ async fn test_sdk_pending_counts_an_ack_that_lands_while_closing() {
     alice.shutdown().await;
 }
 
-/// Review finding 6: a dataset opened again while its old handle was still closing loaded
-/// the cache before the close's final write, so it missed what the close saved (here the
-/// ack of the sync in flight) and then wrote its older copy over it.
+/// Review finding 6, end to end: a dataset opened again while its old handle is still
+/// closing (waiting for a sync in flight) gets a new handle with what the close saved. (The
+/// subscribe of the reopen settles `k` here by itself; the unit test
+/// `test_open_during_a_close_loads_the_closing_handles_final_copy` pins down the ordering.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_sdk_reopening_a_closing_dataset_waits_for_its_final_write() {
     let (server, hook) = hooked_server().await;

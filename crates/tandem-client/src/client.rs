@@ -457,9 +457,28 @@ impl Client {
             }
             _ => Ok(shared),
         };
-        // A handle being closed is on its way out: a new one replaces it.
-        let existing = (self.inner.datasets.lock().get(&key).cloned())
-            .filter(|shared| !shared.closed.load(Ordering::SeqCst));
+        // A handle being closed is on its way out: a new one replaces it, loaded once the old
+        // one's final write is done (loaded before, it would miss what that write saves, and
+        // then write its older copy over it).
+        let existing = loop {
+            let entry = self.inner.datasets.lock().get(&key).cloned();
+            match entry {
+                Some(old) if old.closed.load(Ordering::SeqCst) => {
+                    old.close_finished().await;
+                    // Its close took it out of the map; look again.
+                    if self
+                        .inner
+                        .datasets
+                        .lock()
+                        .get(&key)
+                        .is_some_and(|e| Arc::ptr_eq(e, &old))
+                    {
+                        break None;
+                    }
+                }
+                other => break other,
+            }
+        };
         let shared = match existing {
             Some(shared) => same(shared)?,
             None => {
@@ -972,11 +991,15 @@ fn spawn_auto_sync(inner: &Arc<Inner>, shared: &Arc<Shared>) {
 
 /// Closes a dataset: no more syncs or edits through its handles, unsubscribed, its copy
 /// written to the cache one last time, and forgotten by the client (its pending count
-/// stays in `Client::pending`). Waits for a sync in flight.
+/// stays in `Client::pending`). Waits for a sync in flight; a second close waits for the
+/// first one.
 async fn close(inner: &Arc<Inner>, shared: &Arc<Shared>) -> Result<(), ClientError> {
     if shared.closed.swap(true, Ordering::SeqCst) {
+        shared.close_finished().await;
         return Ok(());
     }
+    // Told also when this future is dropped half-way, so that no open waits for ever.
+    let _done = CloseDone(shared);
     // Let the background tasks end.
     shared.save_kick.notify_one();
     shared.auto_kick.notify_one();
@@ -1010,6 +1033,15 @@ async fn close(inner: &Arc<Inner>, shared: &Arc<Shared>) -> Result<(), ClientErr
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(ClientError::Cache(e.to_string())),
         Err(e) => Err(ClientError::Cache(e.to_string())),
+    }
+}
+
+/// Marks a close finished when dropped.
+struct CloseDone<'a>(&'a Shared);
+
+impl Drop for CloseDone<'_> {
+    fn drop(&mut self) {
+        self.0.close_done.send_replace(true);
     }
 }
 
@@ -1123,6 +1155,8 @@ struct Shared {
     written: Mutex<u64>,
     /// The pending count last told.
     last_pending: AtomicUsize,
+    /// Set once `close` is done: its final write made and the handle out of the client.
+    close_done: watch::Sender<bool>,
     /// The last edit version given out. It never goes down, even when a record (and its
     /// `version`) is dropped, so an ack of an older edit of a key never matches a newer one.
     edits: AtomicU64,
@@ -1166,7 +1200,15 @@ impl Shared {
             written: Mutex::new(0),
             last_pending: AtomicUsize::new(0),
             edits: AtomicU64::new(edits),
+            close_done: watch::channel(false).0,
         }
+    }
+
+    /// Until a close of this handle has finished (at once if it has).
+    async fn close_finished(&self) {
+        let mut done = self.close_done.subscribe();
+        // `self` holds the sender: the channel cannot end while this waits.
+        let _ = done.wait_for(|done| *done).await.map(|_| ());
     }
 
     /// The version of a new local edit: above any this dataset gave out before.
@@ -2719,6 +2761,51 @@ mod tests {
         let newer = ds.record("k").unwrap().version;
         shared.put_aside(inner, "k", reason, Some(newer));
         assert_eq!(ds.set_aside().len(), 1, "the edit refused is set aside");
+        client.shutdown().await;
+    }
+
+    /// Review finding 6: opening a dataset again while its old handle is closing loads the
+    /// cache after the old handle's final write, not before (missing what it saves: here an
+    /// ack that lands while the close waits for the sync in flight).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn test_open_during_a_close_loads_the_closing_handles_final_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let client = Client::builder("ws://127.0.0.1:1/v1/sync", "alice")
+            .token("t")
+            .cache_dir(dir.path())
+            .backoff(Duration::from_secs(10), Duration::from_secs(10))
+            .start()
+            .unwrap();
+        let old = client.open(DatasetRef::own("list"), None).await.unwrap();
+        old.put("k", "v").unwrap();
+        // A sync in flight: the close waits for it.
+        let in_flight = old.shared.sync_lock.lock().await;
+        let closing = tokio::spawn({
+            let old = old.clone();
+            async move { old.close().await }
+        });
+        while !old.is_closed() {
+            tokio::task::yield_now().await;
+        }
+        let reopening = tokio::spawn({
+            let client = client.clone();
+            async move { client.open(DatasetRef::own("list"), None).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The sync's ack: `k` is settled, in the closing handle's copy only.
+        {
+            let mut state = old.shared.state.lock();
+            state.records.get_mut("k").unwrap().dirty = false;
+            state.sync_count = 1;
+            old.inner.changed(&old.shared, &state, ChangeSource::Remote);
+        }
+        drop(in_flight);
+        closing.await.unwrap().unwrap();
+        let again = reopening.await.unwrap().unwrap();
+        assert_ne!(again, old);
+        assert_eq!(again.pending(), 0, "the final copy was loaded");
+        assert_eq!(again.sync_count(), 1);
+        assert_eq!(client.pending(), 0);
         client.shutdown().await;
     }
 
