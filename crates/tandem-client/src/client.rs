@@ -686,39 +686,53 @@ impl Client {
     /// The cache is read again for this (another client or run over the same directory may
     /// have left changes since this one started); `Err(Cache)` when it cannot be, as a wipe
     /// must not guess.
+    ///
+    /// The open datasets are checked and closed at once, so no edit slips in between; the
+    /// cache is checked again once they are closed, and if something came meanwhile the wipe
+    /// is refused then (the datasets stay closed).
     pub async fn wipe(&self) -> Result<(), ClientError> {
-        let pending = self.pending_in_cache().await?;
-        if pending > 0 {
-            return Err(ClientError::PendingWrites { pending });
-        }
-        self.wipe_forced().await
-    }
-
-    /// Pending changes across this identity's cache as it is now: the open datasets' copies
-    /// in memory, the others as the cache holds them.
-    async fn pending_in_cache(&self) -> Result<usize, ClientError> {
-        let inner = self.inner.clone();
-        let listed = tokio::task::spawn_blocking(move || inner.cache.list())
-            .await
-            .map_err(|e| ClientError::Cache(e.to_string()))?
-            .map_err(|e| ClientError::Cache(e.to_string()))?;
-        let open: HashMap<(String, String), Arc<Shared>> = self.inner.datasets.lock().clone();
-        let in_memory: usize = open.values().map(|s| s.state.lock().dirty_count()).sum();
-        let on_disk: usize = listed
-            .into_iter()
-            .filter(|(owner, name, _)| !open.contains_key(&(owner.clone(), name.clone())))
-            .map(|(_, _, data)| data.dirty_count())
-            .sum();
-        Ok(in_memory + on_disk)
+        self.wipe_with(false).await
     }
 
     /// `wipe`, pending changes or not: they are lost.
     pub async fn wipe_forced(&self) -> Result<(), ClientError> {
-        let open: Vec<Arc<Shared>> = self.inner.datasets.lock().values().cloned().collect();
-        for shared in open {
+        self.wipe_with(true).await
+    }
+
+    async fn wipe_with(&self, forced: bool) -> Result<(), ClientError> {
+        let listed = if forced {
+            None
+        } else {
+            Some(self.list_cache().await?)
+        };
+        // No await from the check to the closes' start: no edit can come in between.
+        let open: HashMap<(String, String), Arc<Shared>> = self.inner.datasets.lock().clone();
+        if let Some(listed) = listed {
+            let pending = pending_in(listed, &open);
+            if pending > 0 {
+                return Err(ClientError::PendingWrites { pending });
+            }
+        }
+        let closing: Vec<Option<CloseDone>> = open.values().map(begin_close).collect();
+        for (shared, begun) in open.values().zip(closing) {
             // The final save of each is moot; what matters is that nothing writes after.
-            if let Err(e) = close(&self.inner, &shared).await {
+            let closed = match begun {
+                Some(done) => finish_close(&self.inner, done).await,
+                // Closed elsewhere: its final write must be done before the wipe.
+                None => {
+                    shared.close_finished().await;
+                    Ok(())
+                }
+            };
+            if let Err(e) = closed {
                 tracing::debug!(dataset = ?shared.dataset, error = %e, "closing before a wipe");
+            }
+        }
+        if !forced {
+            let open = self.inner.datasets.lock().clone();
+            let pending = pending_in(self.list_cache().await?, &open);
+            if pending > 0 {
+                return Err(ClientError::PendingWrites { pending });
             }
         }
         let inner = self.inner.clone();
@@ -729,6 +743,15 @@ impl Client {
         self.inner.pending_of.lock().clear();
         self.inner.publish_pending();
         Ok(())
+    }
+
+    /// What this identity's cache holds now, read again.
+    async fn list_cache(&self) -> Result<Vec<(String, String, DatasetCache)>, ClientError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.cache.list())
+            .await
+            .map_err(|e| ClientError::Cache(e.to_string()))?
+            .map_err(|e| ClientError::Cache(e.to_string()))
     }
 
     /// Takes the client off the network: the connection is closed and no reconnect is tried
@@ -774,6 +797,21 @@ impl Client {
             }
         }
     }
+}
+
+/// Pending changes in the cache as `listed`, with the open datasets' copies in memory in
+/// place of their files.
+fn pending_in(
+    listed: Vec<(String, String, DatasetCache)>,
+    open: &HashMap<(String, String), Arc<Shared>>,
+) -> usize {
+    let in_memory: usize = open.values().map(|s| s.state.lock().dirty_count()).sum();
+    let on_disk: usize = listed
+        .into_iter()
+        .filter(|(owner, name, _)| !open.contains_key(&(owner.clone(), name.clone())))
+        .map(|(_, _, data)| data.dirty_count())
+        .sum();
+    in_memory + on_disk
 }
 
 /// One of the caller's datasets by name, checked as the server checks it.
@@ -994,15 +1032,34 @@ fn spawn_auto_sync(inner: &Arc<Inner>, shared: &Arc<Shared>) {
 /// stays in `Client::pending`). Waits for a sync in flight; a second close waits for the
 /// first one.
 async fn close(inner: &Arc<Inner>, shared: &Arc<Shared>) -> Result<(), ClientError> {
-    if shared.closed.swap(true, Ordering::SeqCst) {
-        shared.close_finished().await;
-        return Ok(());
+    match begin_close(shared) {
+        Some(done) => finish_close(inner, done).await,
+        None => {
+            shared.close_finished().await;
+            Ok(())
+        }
     }
-    // Told also when this future is dropped half-way, so that no open waits for ever.
-    let _done = CloseDone(shared);
+}
+
+/// The part of a close that takes no wait: from here on no edit, sync or save goes through
+/// the dataset, and its background tasks and snapshot listeners end. `None` when it was
+/// closed already; otherwise `finish_close` (or dropping what this returns) ends the close.
+fn begin_close(shared: &Arc<Shared>) -> Option<CloseDone> {
+    if shared.closed.swap(true, Ordering::SeqCst) {
+        return None;
+    }
     // Let the background tasks end.
     shared.save_kick.notify_one();
     shared.auto_kick.notify_one();
+    shared.closing.send_replace(true);
+    // Told also when the close is dropped half-way, so that no open waits for ever.
+    Some(CloseDone(shared.clone()))
+}
+
+/// The rest of a close `begin_close` began: waits for a sync in flight, unsubscribes, writes
+/// the copy one last time and forgets the handle.
+async fn finish_close(inner: &Arc<Inner>, done: CloseDone) -> Result<(), ClientError> {
+    let shared = &done.0;
     let _no_sync = shared.sync_lock.lock().await;
     if shared.subscribed.swap(false, Ordering::SeqCst)
         && let Some(conn) = inner.current()
@@ -1037,9 +1094,9 @@ async fn close(inner: &Arc<Inner>, shared: &Arc<Shared>) -> Result<(), ClientErr
 }
 
 /// Marks a close finished when dropped.
-struct CloseDone<'a>(&'a Shared);
+struct CloseDone(Arc<Shared>);
 
-impl Drop for CloseDone<'_> {
+impl Drop for CloseDone {
     fn drop(&mut self) {
         self.0.close_done.send_replace(true);
     }
@@ -1155,6 +1212,8 @@ struct Shared {
     written: Mutex<u64>,
     /// The pending count last told.
     last_pending: AtomicUsize,
+    /// Set when `close` begins: ends the snapshot listeners.
+    closing: watch::Sender<bool>,
     /// Set once `close` is done: its final write made and the handle out of the client.
     close_done: watch::Sender<bool>,
     /// The last edit version given out. It never goes down, even when a record (and its
@@ -1200,6 +1259,7 @@ impl Shared {
             written: Mutex::new(0),
             last_pending: AtomicUsize::new(0),
             edits: AtomicU64::new(edits),
+            closing: watch::channel(false).0,
             close_done: watch::channel(false).0,
         }
     }
@@ -1595,8 +1655,16 @@ impl Dataset {
         listener(&now);
         let stopped = Arc::new(AtomicBool::new(false));
         let flag = stopped.clone();
+        let mut closing = self.shared.closing.subscribe();
         let task = tokio::spawn(async move {
-            while rx.changed().await.is_ok() {
+            loop {
+                tokio::select! {
+                    changed = rx.changed() => if changed.is_err() {
+                        return;
+                    },
+                    // Closed (or gone): no new snapshot comes.
+                    _ = closing.wait_for(|closing| *closing) => return,
+                }
                 let snapshot = rx.borrow_and_update().clone();
                 if flag.load(Ordering::SeqCst) {
                     return;
@@ -2806,6 +2874,81 @@ mod tests {
         assert_eq!(again.pending(), 0, "the final copy was loaded");
         assert_eq!(again.sync_count(), 1);
         assert_eq!(client.pending(), 0);
+        client.shutdown().await;
+    }
+
+    /// Review finding 7: `wipe` checked for pending changes once and then closed the open
+    /// datasets one by one, awaiting each; a dataset not closed yet took an edit meanwhile,
+    /// which the wipe then deleted unseen. Now every open dataset is closed before the
+    /// first wait.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn test_wipe_closes_every_open_dataset_before_it_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let client = Client::builder("ws://127.0.0.1:1/v1/sync", "alice")
+            .token("t")
+            .cache_dir(dir.path())
+            .backoff(Duration::from_secs(10), Duration::from_secs(10))
+            .start()
+            .unwrap();
+        let a = client.open(DatasetRef::own("a"), None).await.unwrap();
+        let b = client.open(DatasetRef::own("b"), None).await.unwrap();
+        // A sync in flight on both: closing either waits for it.
+        let in_flight_a = a.shared.sync_lock.lock().await;
+        let in_flight_b = b.shared.sync_lock.lock().await;
+        let wiping = tokio::spawn({
+            let client = client.clone();
+            async move { client.wipe().await }
+        });
+        while !(a.is_closed() || b.is_closed()) {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            a.is_closed() && b.is_closed(),
+            "both closed before the wipe waits for either"
+        );
+        assert_eq!(a.put("k", "v"), Err(ClientError::DatasetClosed));
+        assert_eq!(b.put("k", "v"), Err(ClientError::DatasetClosed));
+        drop((in_flight_a, in_flight_b));
+        wiping.await.unwrap().unwrap();
+        assert!(client.cached_datasets().await.unwrap().is_empty());
+        client.shutdown().await;
+    }
+
+    /// Review finding 7: an `on_snapshot` listener's task ends when the dataset is closed,
+    /// not only when every handle is dropped.
+    #[tokio::test]
+    async fn test_on_snapshot_task_ends_at_close() {
+        let client = Client::builder("ws://127.0.0.1:1/v1/sync", "alice")
+            .token("t")
+            .backoff(Duration::from_secs(10), Duration::from_secs(10))
+            .start()
+            .unwrap();
+        let ds = client.open(DatasetRef::own("list"), None).await.unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let listener = ds.on_snapshot({
+            let calls = calls.clone();
+            move |_| {
+                calls.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        ds.put("k", "v").unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while calls.load(Ordering::SeqCst) < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the edit was never told"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        ds.close().await.unwrap();
+        while !listener.task.is_finished() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the listener's task outlived the close"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        drop(listener);
         client.shutdown().await;
     }
 
