@@ -2899,13 +2899,15 @@ mod tests {
             let client = client.clone();
             async move { client.wipe().await }
         });
-        while !(a.is_closed() || b.is_closed()) {
-            tokio::task::yield_now().await;
+        // Closed one by one, the second would wait for the first's sync, held here.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !(a.is_closed() && b.is_closed()) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "both closed before the wipe waits for either"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert!(
-            a.is_closed() && b.is_closed(),
-            "both closed before the wipe waits for either"
-        );
         assert_eq!(a.put("k", "v"), Err(ClientError::DatasetClosed));
         assert_eq!(b.put("k", "v"), Err(ClientError::DatasetClosed));
         drop((in_flight_a, in_flight_b));
