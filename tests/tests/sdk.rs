@@ -1416,7 +1416,13 @@ async fn test_sdk_wipe_refuses_pending_changes_written_after_the_client_started(
     let cache = tempfile::tempdir().unwrap();
     let alice = client(&server, "alice", Some(cache.path()));
     assert_eq!(alice.pending(), 0);
-    let other = client(&server, "alice", Some(cache.path()));
+    // Another client over the same directory, never online (so its change stays pending).
+    let other = Client::builder("ws://127.0.0.1:1/v1/sync", "alice")
+        .token(server.token("alice"))
+        .cache_dir(cache.path())
+        .backoff(Duration::from_secs(10), Duration::from_secs(10))
+        .start()
+        .unwrap();
     let ds = other.open(DatasetRef::own("later"), None).await.unwrap();
     ds.put("k", "v").unwrap();
     ds.close().await.unwrap();
