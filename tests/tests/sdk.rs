@@ -7,6 +7,7 @@ use tandem_client::{
     Resolution, Status,
 };
 use tandem_protocol::{Access, DatasetRef};
+use tandem_tests::hook::{Hook, Mode, SECRET};
 use tandem_tests::proxy::Proxy;
 use tandem_tests::{TestServer, wait_until};
 
@@ -1301,4 +1302,138 @@ async fn until_snapshot(
         .await
         .expect("the snapshot in time")
         .unwrap();
+}
+
+/// A server whose sync hook the test can make slow (`Mode::Sleep`: 3 s), to hold an update
+/// in flight while the test edits, closes or reopens.
+async fn hooked_server() -> (TestServer, Hook) {
+    let hook = Hook::start().await;
+    let server = TestServer::builder()
+        .arg("--sync-hook-url", hook.url())
+        .arg("--sync-hook-secret", SECRET)
+        .arg("--sync-hook-timeout", "10s")
+        .start();
+    (server, hook)
+}
+
+/// Starts `ds.sync()` with the hook asleep and returns once the update is at the hook, so
+/// its ack is about 3 s away.
+async fn sync_held(hook: &Hook, ds: &Dataset) -> tokio::task::JoinHandle<Result<(), ClientError>> {
+    hook.set(Mode::Sleep);
+    let calls = hook.calls();
+    let sending = {
+        let ds = ds.clone();
+        tokio::spawn(async move { ds.sync().await.map(drop) })
+    };
+    wait_until(WAIT, "the update to reach the hook", || {
+        hook.calls() > calls
+    })
+    .await;
+    sending
+}
+
+/// Review finding 1: a key's edit version restarted at 1 after a discard, so the ack of
+/// the update that carried `k=a` (version 1) cleaned the newer `k=b` (version 1 again): it
+/// was never sent, and the server kept `a`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sdk_an_ack_does_not_clean_an_edit_made_after_a_discard() {
+    let (server, hook) = hooked_server().await;
+    let alice = client(&server, "alice", None);
+    alice.wait_online(WAIT).await.unwrap();
+    let ds = alice.open(DatasetRef::own("notes"), None).await.unwrap();
+    ds.put("k", "a").unwrap();
+    let sending = sync_held(&hook, &ds).await;
+    assert!(ds.discard("k"));
+    ds.put("k", "b").unwrap();
+    sending.await.unwrap().unwrap();
+    assert_eq!(ds.pending(), 1, "b was not sent yet: it stays pending");
+    assert_eq!(ds.get("k").as_deref(), Some("b"));
+    hook.set(Mode::Policy);
+    ds.sync().await.unwrap();
+    assert_eq!(ds.pending(), 0);
+    assert_eq!(
+        server_records(&server, "alice", "notes").await,
+        [("k".to_owned(), "b".to_owned())]
+    );
+    alice.shutdown().await;
+}
+
+/// Review finding 2: `Client::pending` froze at its value when `close` began; an ack that
+/// landed while the close waited for the sync in flight was never counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sdk_pending_counts_an_ack_that_lands_while_closing() {
+    let (server, hook) = hooked_server().await;
+    let cache = tempfile::tempdir().unwrap();
+    let alice = client(&server, "alice", Some(cache.path()));
+    alice.wait_online(WAIT).await.unwrap();
+    let ds = alice.open(DatasetRef::own("notes"), None).await.unwrap();
+    ds.put("k", "a").unwrap();
+    assert_eq!(alice.pending(), 1);
+    let sending = sync_held(&hook, &ds).await;
+    ds.close().await.unwrap();
+    sending.await.unwrap().unwrap();
+    assert_eq!(alice.pending(), 0, "the ack settled the only change");
+    assert_eq!(alice.sync_status().pending, 0);
+    alice.shutdown().await;
+}
+
+/// Review finding 6, end to end: a dataset opened again while its old handle is still
+/// closing (waiting for a sync in flight) gets a new handle with what the close saved. (The
+/// subscribe of the reopen settles `k` here by itself; the unit test
+/// `test_open_during_a_close_loads_the_closing_handles_final_copy` pins down the ordering.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sdk_reopening_a_closing_dataset_waits_for_its_final_write() {
+    let (server, hook) = hooked_server().await;
+    let cache = tempfile::tempdir().unwrap();
+    let alice = client(&server, "alice", Some(cache.path()));
+    alice.wait_online(WAIT).await.unwrap();
+    let ds = alice.open(DatasetRef::own("notes"), None).await.unwrap();
+    ds.put("k", "a").unwrap();
+    let sending = sync_held(&hook, &ds).await;
+    let closing = {
+        let ds = ds.clone();
+        tokio::spawn(async move { ds.close().await })
+    };
+    wait_until(WAIT, "the close to begin", || ds.is_closed()).await;
+    let again = alice.open(DatasetRef::own("notes"), None).await.unwrap();
+    assert_ne!(again, ds, "a new handle");
+    let k = again.record("k").unwrap();
+    assert!(
+        !k.dirty,
+        "the ack the closing handle saved is in the new copy: {k:?}"
+    );
+    assert_eq!(again.pending(), 0);
+    closing.await.unwrap().unwrap();
+    sending.await.unwrap().unwrap();
+    alice.shutdown().await;
+}
+
+/// Review finding 5: `wipe` trusted the pending count read when the client started, so
+/// changes another client (or run) left in the cache afterwards were wiped unseen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sdk_wipe_refuses_pending_changes_written_after_the_client_started() {
+    let server = TestServer::start();
+    let cache = tempfile::tempdir().unwrap();
+    let alice = client(&server, "alice", Some(cache.path()));
+    assert_eq!(alice.pending(), 0);
+    // Another client over the same directory, never online (so its change stays pending).
+    let other = Client::builder("ws://127.0.0.1:1/v1/sync", "alice")
+        .token(server.token("alice"))
+        .cache_dir(cache.path())
+        .backoff(Duration::from_secs(10), Duration::from_secs(10))
+        .start()
+        .unwrap();
+    let ds = other.open(DatasetRef::own("later"), None).await.unwrap();
+    ds.put("k", "v").unwrap();
+    ds.close().await.unwrap();
+    other.shutdown().await;
+    assert_eq!(
+        alice.wipe().await,
+        Err(ClientError::PendingWrites { pending: 1 })
+    );
+    let cached = alice.cached_datasets().await.unwrap();
+    assert_eq!(cached.len(), 1, "nothing deleted");
+    assert_eq!(cached[0].pending, 1);
+    alice.wipe_forced().await.unwrap();
+    assert!(alice.cached_datasets().await.unwrap().is_empty());
 }

@@ -23,7 +23,9 @@ pub struct LocalRecord {
     /// This device's clock at the local change, ms since the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_last_modified: Option<i64>,
-    /// Bumped on every local edit; an ack only cleans the edit it carried.
+    /// The edit this value is: every local edit takes the dataset's next version, never one
+    /// given out before (also after the key was dropped), so an ack only cleans the edit it
+    /// carried.
     #[serde(default)]
     pub version: u64,
     /// Present while the change is set aside: the server refused it for good (or it breaks a

@@ -457,9 +457,28 @@ impl Client {
             }
             _ => Ok(shared),
         };
-        // A handle being closed is on its way out: a new one replaces it.
-        let existing = (self.inner.datasets.lock().get(&key).cloned())
-            .filter(|shared| !shared.closed.load(Ordering::SeqCst));
+        // A handle being closed is on its way out: a new one replaces it, loaded once the old
+        // one's final write is done (loaded before, it would miss what that write saves, and
+        // then write its older copy over it).
+        let existing = loop {
+            let entry = self.inner.datasets.lock().get(&key).cloned();
+            match entry {
+                Some(old) if old.closed.load(Ordering::SeqCst) => {
+                    old.close_finished().await;
+                    // Its close took it out of the map; look again.
+                    if self
+                        .inner
+                        .datasets
+                        .lock()
+                        .get(&key)
+                        .is_some_and(|e| Arc::ptr_eq(e, &old))
+                    {
+                        break None;
+                    }
+                }
+                other => break other,
+            }
+        };
         let shared = match existing {
             Some(shared) => same(shared)?,
             None => {
@@ -663,21 +682,57 @@ impl Client {
     /// `ClientError::PendingWrites` while changes are pending anywhere in the cache (see
     /// `pending`): `wait_for_pending_writes` first, or `wipe_forced` to drop them. The client
     /// stays usable: datasets opened afterwards start empty.
+    ///
+    /// The cache is read again for this (another client or run over the same directory may
+    /// have left changes since this one started); `Err(Cache)` when it cannot be, as a wipe
+    /// must not guess.
+    ///
+    /// The open datasets are checked and closed at once, so no edit slips in between; the
+    /// cache is checked again once they are closed, and if something came meanwhile the wipe
+    /// is refused then (the datasets stay closed).
     pub async fn wipe(&self) -> Result<(), ClientError> {
-        let pending = self.pending();
-        if pending > 0 {
-            return Err(ClientError::PendingWrites { pending });
-        }
-        self.wipe_forced().await
+        self.wipe_with(false).await
     }
 
     /// `wipe`, pending changes or not: they are lost.
     pub async fn wipe_forced(&self) -> Result<(), ClientError> {
-        let open: Vec<Arc<Shared>> = self.inner.datasets.lock().values().cloned().collect();
-        for shared in open {
+        self.wipe_with(true).await
+    }
+
+    async fn wipe_with(&self, forced: bool) -> Result<(), ClientError> {
+        let listed = if forced {
+            None
+        } else {
+            Some(self.list_cache().await?)
+        };
+        // No await from the check to the closes' start: no edit can come in between.
+        let open: HashMap<(String, String), Arc<Shared>> = self.inner.datasets.lock().clone();
+        if let Some(listed) = listed {
+            let pending = pending_in(listed, &open);
+            if pending > 0 {
+                return Err(ClientError::PendingWrites { pending });
+            }
+        }
+        let closing: Vec<Option<CloseDone>> = open.values().map(begin_close).collect();
+        for (shared, begun) in open.values().zip(closing) {
             // The final save of each is moot; what matters is that nothing writes after.
-            if let Err(e) = close(&self.inner, &shared).await {
+            let closed = match begun {
+                Some(done) => finish_close(&self.inner, done).await,
+                // Closed elsewhere: its final write must be done before the wipe.
+                None => {
+                    shared.close_finished().await;
+                    Ok(())
+                }
+            };
+            if let Err(e) = closed {
                 tracing::debug!(dataset = ?shared.dataset, error = %e, "closing before a wipe");
+            }
+        }
+        if !forced {
+            let open = self.inner.datasets.lock().clone();
+            let pending = pending_in(self.list_cache().await?, &open);
+            if pending > 0 {
+                return Err(ClientError::PendingWrites { pending });
             }
         }
         let inner = self.inner.clone();
@@ -688,6 +743,15 @@ impl Client {
         self.inner.pending_of.lock().clear();
         self.inner.publish_pending();
         Ok(())
+    }
+
+    /// What this identity's cache holds now, read again.
+    async fn list_cache(&self) -> Result<Vec<(String, String, DatasetCache)>, ClientError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.cache.list())
+            .await
+            .map_err(|e| ClientError::Cache(e.to_string()))?
+            .map_err(|e| ClientError::Cache(e.to_string()))
     }
 
     /// Takes the client off the network: the connection is closed and no reconnect is tried
@@ -733,6 +797,21 @@ impl Client {
             }
         }
     }
+}
+
+/// Pending changes in the cache as `listed`, with the open datasets' copies in memory in
+/// place of their files.
+fn pending_in(
+    listed: Vec<(String, String, DatasetCache)>,
+    open: &HashMap<(String, String), Arc<Shared>>,
+) -> usize {
+    let in_memory: usize = open.values().map(|s| s.state.lock().dirty_count()).sum();
+    let on_disk: usize = listed
+        .into_iter()
+        .filter(|(owner, name, _)| !open.contains_key(&(owner.clone(), name.clone())))
+        .map(|(_, _, data)| data.dirty_count())
+        .sum();
+    in_memory + on_disk
 }
 
 /// One of the caller's datasets by name, checked as the server checks it.
@@ -950,14 +1029,37 @@ fn spawn_auto_sync(inner: &Arc<Inner>, shared: &Arc<Shared>) {
 
 /// Closes a dataset: no more syncs or edits through its handles, unsubscribed, its copy
 /// written to the cache one last time, and forgotten by the client (its pending count
-/// stays in `Client::pending`). Waits for a sync in flight.
+/// stays in `Client::pending`). Waits for a sync in flight; a second close waits for the
+/// first one.
 async fn close(inner: &Arc<Inner>, shared: &Arc<Shared>) -> Result<(), ClientError> {
+    match begin_close(shared) {
+        Some(done) => finish_close(inner, done).await,
+        None => {
+            shared.close_finished().await;
+            Ok(())
+        }
+    }
+}
+
+/// The part of a close that takes no wait: from here on no edit, sync or save goes through
+/// the dataset, and its background tasks and snapshot listeners end. `None` when it was
+/// closed already; otherwise `finish_close` (or dropping what this returns) ends the close.
+fn begin_close(shared: &Arc<Shared>) -> Option<CloseDone> {
     if shared.closed.swap(true, Ordering::SeqCst) {
-        return Ok(());
+        return None;
     }
     // Let the background tasks end.
     shared.save_kick.notify_one();
     shared.auto_kick.notify_one();
+    shared.closing.send_replace(true);
+    // Told also when the close is dropped half-way, so that no open waits for ever.
+    Some(CloseDone(shared.clone()))
+}
+
+/// The rest of a close `begin_close` began: waits for a sync in flight, unsubscribes, writes
+/// the copy one last time and forgets the handle.
+async fn finish_close(inner: &Arc<Inner>, done: CloseDone) -> Result<(), ClientError> {
+    let shared = &done.0;
     let _no_sync = shared.sync_lock.lock().await;
     if shared.subscribed.swap(false, Ordering::SeqCst)
         && let Some(conn) = inner.current()
@@ -970,18 +1072,33 @@ async fn close(inner: &Arc<Inner>, shared: &Arc<Shared>) -> Result<(), ClientErr
         tokio::task::spawn_blocking(move || write_latest(&inner, &shared, true)).await
     };
     {
+        let key = shared.key();
         let mut datasets = inner.datasets.lock();
-        if datasets
-            .get(&shared.key())
-            .is_some_and(|open| Arc::ptr_eq(open, shared))
-        {
-            datasets.remove(&shared.key());
+        let ours = datasets
+            .get(&key)
+            .is_none_or(|open| Arc::ptr_eq(open, shared));
+        if ours {
+            datasets.remove(&key);
+            // Changes made while closing (an ack of the sync it waited for) were not counted:
+            // the count is the final copy's. A handle opened since counts for itself.
+            drop(datasets);
+            let pending = shared.state.lock().dirty_count();
+            inner.set_pending(&key, pending);
         }
     }
     match saved {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(ClientError::Cache(e.to_string())),
         Err(e) => Err(ClientError::Cache(e.to_string())),
+    }
+}
+
+/// Marks a close finished when dropped.
+struct CloseDone(Arc<Shared>);
+
+impl Drop for CloseDone {
+    fn drop(&mut self) {
+        self.0.close_done.send_replace(true);
     }
 }
 
@@ -1095,6 +1212,13 @@ struct Shared {
     written: Mutex<u64>,
     /// The pending count last told.
     last_pending: AtomicUsize,
+    /// Set when `close` begins: ends the snapshot listeners.
+    closing: watch::Sender<bool>,
+    /// Set once `close` is done: its final write made and the handle out of the client.
+    close_done: watch::Sender<bool>,
+    /// The last edit version given out. It never goes down, even when a record (and its
+    /// `version`) is dropped, so an ack of an older edit of a key never matches a newer one.
+    edits: AtomicU64,
 }
 
 impl Drop for Shared {
@@ -1113,6 +1237,7 @@ impl Shared {
         on_deleted: OnDatasetDeleted,
         auto_sync: bool,
     ) -> Shared {
+        let edits = state.records.values().map(|r| r.version).max().unwrap_or(0);
         Shared {
             dataset,
             snapshot: SnapshotCell::new(&state),
@@ -1133,7 +1258,22 @@ impl Shared {
             generation: AtomicU64::new(0),
             written: Mutex::new(0),
             last_pending: AtomicUsize::new(0),
+            edits: AtomicU64::new(edits),
+            closing: watch::channel(false).0,
+            close_done: watch::channel(false).0,
         }
+    }
+
+    /// Until a close of this handle has finished (at once if it has).
+    async fn close_finished(&self) {
+        let mut done = self.close_done.subscribe();
+        // `self` holds the sender: the channel cannot end while this waits.
+        let _ = done.wait_for(|done| *done).await.map(|_| ());
+    }
+
+    /// The version of a new local edit: above any this dataset gave out before.
+    fn next_version(&self) -> u64 {
+        self.edits.fetch_add(1, Ordering::SeqCst) + 1
     }
 
     /// (owner, name): the dataset's key in the client and in the cache.
@@ -1168,14 +1308,18 @@ impl Shared {
     }
 
     /// Sets a pending change aside (once): kept, reported with its key, not sent again
-    /// until it is edited again.
-    fn put_aside(&self, inner: &Inner, key: &str, reason: SetAside) {
+    /// until it is edited again. `sent`: the edit version the server refused; a newer edit
+    /// made meanwhile was not refused and goes in the next update.
+    fn put_aside(&self, inner: &Inner, key: &str, reason: SetAside, sent: Option<u64>) {
         {
             let mut state = self.state.lock();
             let Some(local) = state.records.get_mut(key) else {
                 return;
             };
-            if !local.dirty || local.set_aside.is_some() {
+            if !local.dirty
+                || local.set_aside.is_some()
+                || sent.is_some_and(|sent| sent != local.version)
+            {
                 return;
             }
             local.set_aside = Some(reason.clone());
@@ -1352,7 +1496,7 @@ fn set_aside_broken(inner: &Arc<Inner>, shared: &Arc<Shared>) {
                 undone.push(key);
             }
         } else {
-            shared.put_aside(inner, &key, broken);
+            shared.put_aside(inner, &key, broken, None);
         }
     }
     if !undone.is_empty() {
@@ -1383,8 +1527,11 @@ fn after_drop(inner: &Arc<Inner>, shared: &Arc<Shared>, mut keys: Vec<String>) {
     };
     let (inner, shared) = (inner.clone(), shared.clone());
     runtime.spawn(async move {
-        if let Err(e) = subscribe(&inner, &conn, &shared).await {
-            tracing::warn!(dataset = ?shared.dataset, error = %e, "fetching the server's versions of discarded keys failed");
+        match subscribe(&inner, &conn, &shared).await {
+            Ok(()) | Err(ClientError::DatasetClosed) => {}
+            Err(e) => {
+                tracing::warn!(dataset = ?shared.dataset, error = %e, "fetching the server's versions of discarded keys failed");
+            }
         }
     });
 }
@@ -1508,8 +1655,16 @@ impl Dataset {
         listener(&now);
         let stopped = Arc::new(AtomicBool::new(false));
         let flag = stopped.clone();
+        let mut closing = self.shared.closing.subscribe();
         let task = tokio::spawn(async move {
-            while rx.changed().await.is_ok() {
+            loop {
+                tokio::select! {
+                    changed = rx.changed() => if changed.is_err() {
+                        return;
+                    },
+                    // Closed (or gone): no new snapshot comes.
+                    _ = closing.wait_for(|closing| *closing) => return,
+                }
                 let snapshot = rx.borrow_and_update().clone();
                 if flag.load(Ordering::SeqCst) {
                     return;
@@ -1628,7 +1783,7 @@ impl Dataset {
                 record.value = value;
                 record.dirty = true;
                 record.device_last_modified = Some(now);
-                record.version += 1;
+                record.version = self.shared.next_version();
                 // A new edit is tried again.
                 record.set_aside = None;
                 // Ours until the server stamps it with its time.
@@ -1863,7 +2018,8 @@ async fn sync_once(inner: &Arc<Inner>, shared: &Arc<Shared>) -> Result<SyncOutco
                             max,
                             message,
                         };
-                        shared.put_aside(inner, &first, reason);
+                        let sent = versions.get(&first).copied();
+                        shared.put_aside(inner, &first, reason, sent);
                     }
                     continue;
                 }
@@ -2084,7 +2240,7 @@ fn resolve_conflict(
                 l.value = value.clone();
                 // The merged value is a new edit of this device's (as in the JS SDK).
                 l.device_last_modified = Some(now_ms());
-                l.version += 1;
+                l.version = shared.next_version();
                 l.last_modified = None;
             }
         }
@@ -2092,7 +2248,7 @@ fn resolve_conflict(
             Some(server) if server.value.is_some() => {
                 state.records.insert(
                     key.to_owned(),
-                    LocalRecord::from_server(server, local.version + 1),
+                    LocalRecord::from_server(server, shared.next_version()),
                 );
             }
             _ => {
@@ -2112,6 +2268,11 @@ async fn subscribe(
     conn: &Arc<Connection>,
     shared: &Arc<Shared>,
 ) -> Result<(), ClientError> {
+    // A closed dataset is followed no more: the tasks that follow it again (after a discard,
+    // a remote delete, a reconnect) may run after its close.
+    if shared.closed.load(Ordering::SeqCst) {
+        return Err(ClientError::DatasetClosed);
+    }
     // The copy is complete at its sync count (every frame applied in order, own edits kept
     // apart as dirty), so the server need only send what changed after it; unless a change
     // was discarded, whose key needs the server's version again.
@@ -2127,6 +2288,14 @@ async fn subscribe(
             return Err(e);
         }
     };
+    // Closed while the subscribe was on its way: the close's unsubscribe may have gone
+    // before it, so this one undoes it.
+    if shared.closed.load(Ordering::SeqCst) {
+        if let Err(e) = conn.unsubscribe(shared.dataset.clone()).await {
+            tracing::debug!(dataset = ?shared.dataset, error = %e, "unsubscribe of a closed dataset failed");
+        }
+        return Err(ClientError::DatasetClosed);
+    }
     // Followed again: a re-grant (or a re-creation) takes effect.
     shared.revoked.store(false, Ordering::SeqCst);
     shared.subscribed.store(true, Ordering::SeqCst);
@@ -2251,7 +2420,8 @@ fn on_deleted(inner: &Arc<Inner>, conn: &Arc<Connection>, shared: Arc<Shared>, s
     let policy = decide.decide(&shared.dataset, sync_count);
     let dropped = {
         let mut state = shared.state.lock();
-        let dropped = crate::deleted::apply(&mut state, policy, sync_count);
+        let dropped =
+            crate::deleted::apply(&mut state, policy, sync_count, || shared.next_version());
         inner.changed(&shared, &state, ChangeSource::Remote);
         dropped
     };
@@ -2435,7 +2605,7 @@ async fn catch_up(inner: &Arc<Inner>, conn: &Arc<Connection>, shared: &Arc<Share
                 shared.revoke();
                 return;
             }
-            Err(ClientError::Revoked) => return,
+            Err(ClientError::Revoked | ClientError::DatasetClosed) => return,
             Err(e) => {
                 let retriable = e.code().is_some_and(|code| code.retriable());
                 let what = if subscribed { "sync" } else { "resubscribe" };
@@ -2631,6 +2801,156 @@ mod tests {
         let turn = shared.written.lock();
         assert!(shared.state.try_lock().is_some());
         drop(turn);
+        client.shutdown().await;
+    }
+
+    /// Review finding 3: the server refused `k=huge` for good while `k=small` was written
+    /// here; the refusal sets aside only the edit it refused, not the newer one.
+    #[tokio::test]
+    async fn test_a_refusal_sets_aside_only_the_edit_it_refused() {
+        let client = Client::builder("ws://127.0.0.1:1/v1/sync", "alice")
+            .token("t")
+            .backoff(Duration::from_secs(10), Duration::from_secs(10))
+            .start()
+            .unwrap();
+        let ds = client.open(DatasetRef::own("list"), None).await.unwrap();
+        let (inner, shared) = (&ds.inner, &ds.shared);
+        ds.put("k", "huge").unwrap();
+        let sent = ds.record("k").unwrap().version;
+        ds.put("k", "small").unwrap();
+        let reason = SetAside {
+            code: ErrorCode::TooLarge,
+            limit: Some(LimitCode::MaxDatasetBytes),
+            max: Some(3),
+            message: "dataset too large".into(),
+        };
+        shared.put_aside(inner, "k", reason.clone(), Some(sent));
+        assert!(ds.set_aside().is_empty(), "the newer edit is still to send");
+        let newer = ds.record("k").unwrap().version;
+        shared.put_aside(inner, "k", reason, Some(newer));
+        assert_eq!(ds.set_aside().len(), 1, "the edit refused is set aside");
+        client.shutdown().await;
+    }
+
+    /// Review finding 6: opening a dataset again while its old handle is closing loads the
+    /// cache after the old handle's final write, not before (missing what it saves: here an
+    /// ack that lands while the close waits for the sync in flight).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn test_open_during_a_close_loads_the_closing_handles_final_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let client = Client::builder("ws://127.0.0.1:1/v1/sync", "alice")
+            .token("t")
+            .cache_dir(dir.path())
+            .backoff(Duration::from_secs(10), Duration::from_secs(10))
+            .start()
+            .unwrap();
+        let old = client.open(DatasetRef::own("list"), None).await.unwrap();
+        old.put("k", "v").unwrap();
+        // A sync in flight: the close waits for it.
+        let in_flight = old.shared.sync_lock.lock().await;
+        let closing = tokio::spawn({
+            let old = old.clone();
+            async move { old.close().await }
+        });
+        while !old.is_closed() {
+            tokio::task::yield_now().await;
+        }
+        let reopening = tokio::spawn({
+            let client = client.clone();
+            async move { client.open(DatasetRef::own("list"), None).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The sync's ack: `k` is settled, in the closing handle's copy only.
+        {
+            let mut state = old.shared.state.lock();
+            state.records.get_mut("k").unwrap().dirty = false;
+            state.sync_count = 1;
+            old.inner.changed(&old.shared, &state, ChangeSource::Remote);
+        }
+        drop(in_flight);
+        closing.await.unwrap().unwrap();
+        let again = reopening.await.unwrap().unwrap();
+        assert_ne!(again, old);
+        assert_eq!(again.pending(), 0, "the final copy was loaded");
+        assert_eq!(again.sync_count(), 1);
+        assert_eq!(client.pending(), 0);
+        client.shutdown().await;
+    }
+
+    /// Review finding 7: `wipe` checked for pending changes once and then closed the open
+    /// datasets one by one, awaiting each; a dataset not closed yet took an edit meanwhile,
+    /// which the wipe then deleted unseen. Now every open dataset is closed before the
+    /// first wait.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn test_wipe_closes_every_open_dataset_before_it_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let client = Client::builder("ws://127.0.0.1:1/v1/sync", "alice")
+            .token("t")
+            .cache_dir(dir.path())
+            .backoff(Duration::from_secs(10), Duration::from_secs(10))
+            .start()
+            .unwrap();
+        let a = client.open(DatasetRef::own("a"), None).await.unwrap();
+        let b = client.open(DatasetRef::own("b"), None).await.unwrap();
+        // A sync in flight on both: closing either waits for it.
+        let in_flight_a = a.shared.sync_lock.lock().await;
+        let in_flight_b = b.shared.sync_lock.lock().await;
+        let wiping = tokio::spawn({
+            let client = client.clone();
+            async move { client.wipe().await }
+        });
+        // Closed one by one, the second would wait for the first's sync, held here.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !(a.is_closed() && b.is_closed()) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "both closed before the wipe waits for either"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(a.put("k", "v"), Err(ClientError::DatasetClosed));
+        assert_eq!(b.put("k", "v"), Err(ClientError::DatasetClosed));
+        drop((in_flight_a, in_flight_b));
+        wiping.await.unwrap().unwrap();
+        assert!(client.cached_datasets().await.unwrap().is_empty());
+        client.shutdown().await;
+    }
+
+    /// Review finding 7: an `on_snapshot` listener's task ends when the dataset is closed,
+    /// not only when every handle is dropped.
+    #[tokio::test]
+    async fn test_on_snapshot_task_ends_at_close() {
+        let client = Client::builder("ws://127.0.0.1:1/v1/sync", "alice")
+            .token("t")
+            .backoff(Duration::from_secs(10), Duration::from_secs(10))
+            .start()
+            .unwrap();
+        let ds = client.open(DatasetRef::own("list"), None).await.unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let listener = ds.on_snapshot({
+            let calls = calls.clone();
+            move |_| {
+                calls.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        ds.put("k", "v").unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while calls.load(Ordering::SeqCst) < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the edit was never told"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        ds.close().await.unwrap();
+        while !listener.task.is_finished() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the listener's task outlived the close"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        drop(listener);
         client.shutdown().await;
     }
 

@@ -69,6 +69,7 @@ pub(crate) fn apply(
     state: &mut DatasetCache,
     policy: DeletedPolicy,
     sync_count: u64,
+    mut next_version: impl FnMut() -> u64,
 ) -> Vec<String> {
     let mut dropped = Vec::new();
     state.records.retain(|key, r| {
@@ -86,7 +87,7 @@ pub(crate) fn apply(
         if policy == DeletedPolicy::KeepAll && !r.dirty {
             // The whole local copy becomes the new dataset's content.
             r.dirty = true;
-            r.version += 1;
+            r.version = next_version();
         }
         // The records it was based on are gone with the dataset.
         r.sync_count = 0;
@@ -128,18 +129,27 @@ mod tests {
     #[test]
     fn test_deleted_policies_keep_what_they_say() {
         let mut state = copy();
-        assert_eq!(apply(&mut state, DeletedPolicy::KeepPending, 5), ["clean"]);
+        assert_eq!(
+            apply(&mut state, DeletedPolicy::KeepPending, 5, || 9),
+            ["clean"]
+        );
         assert_eq!(state.records.keys().collect::<Vec<_>>(), ["mine"]);
         assert_eq!(state.records["mine"].sync_count, 0);
         assert_eq!(state.sync_count, 5);
 
         let mut state = copy();
-        assert!(apply(&mut state, DeletedPolicy::KeepAll, 5).is_empty());
+        assert!(apply(&mut state, DeletedPolicy::KeepAll, 5, || 9).is_empty());
         assert_eq!(state.dirty_count(), 2);
-        assert_eq!(state.records["clean"].version, 2, "a new edit to send");
+        assert_eq!(
+            state.records["clean"].version, 9,
+            "a new edit, with the next version"
+        );
 
         let mut state = copy();
-        assert_eq!(apply(&mut state, DeletedPolicy::Drop, 5), ["clean", "mine"]);
+        assert_eq!(
+            apply(&mut state, DeletedPolicy::Drop, 5, || 9),
+            ["clean", "mine"]
+        );
         assert!(state.records.is_empty());
     }
 }
