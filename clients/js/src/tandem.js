@@ -1018,13 +1018,16 @@ export class TandemClient extends Emitter {
         clearTimeout(t);
         offFailed();
         this.#waiting.delete(done);
+        // A wait that ended early (timeout, failure, close) must not stay registered on the
+        // datasets: each would keep every later ack's version and be checked on every change.
+        for (const w of waits) w.cancel();
         err ? reject(err) : resolve();
       };
       this.#waiting.add(done);
       if (options.timeoutMs !== undefined) {
         t = timer(() => done(new TandemError('timeout', `pending writes not acknowledged within ${options.timeoutMs} ms`)), options.timeoutMs);
       }
-      Promise.all(waits).then(() => done(null), done);
+      Promise.all(waits.map((w) => w.promise)).then(() => done(null), done);
     });
   }
 
@@ -1616,6 +1619,11 @@ export class TandemClient extends Emitter {
       this.#setState('failed');
       return;
     }
+    // Known before the protocol check: `open()` waits for it and works offline either way.
+    if (!this.#identity) {
+      this.#identity = frame.identity;
+      this.#identityKnown.resolve(frame.identity);
+    }
     // A server without `ready.protocol` predates it and speaks version 1.
     const protocol = typeof frame.protocol === 'number' ? frame.protocol : 1;
     this.#protocol = protocol;
@@ -1628,10 +1636,6 @@ export class TandemClient extends Emitter {
       this.#dropConnection(1000, 'unsupported protocol', false);
       this.#setState('failed');
       return;
-    }
-    if (!this.#identity) {
-      this.#identity = frame.identity;
-      this.#identityKnown.resolve(frame.identity);
     }
     conn.ready = true;
     this.#attempt = 0;
@@ -2197,17 +2201,25 @@ export class Dataset extends Emitter {
 
   // --- internals (called by the client) ------------------------------------------------
 
-  /** @internal Resolves when the changes pending now are acknowledged (see
-   * `client.waitForPendingWrites`). @returns {Promise<void>} */
+  /** @internal A promise that resolves when the changes pending now are acknowledged (see
+   * `client.waitForPendingWrites`), and `cancel` to forget the wait when it ends otherwise.
+   * @returns {{ promise: Promise<void>, cancel: () => void }} */
   _waitForPending() {
-    if (this.#closed) return Promise.resolve();
+    const none = { promise: Promise.resolve(), cancel: () => {} };
+    if (this.#closed) return none;
     /** @type {Map<string, number>} */ const versions = new Map();
     for (const k of this.dirtyKeys()) versions.set(k, this.#state.records[k].version);
-    if (versions.size === 0) return Promise.resolve();
-    return new Promise((resolve, reject) => {
-      this.#waiters.add({ versions, resolve, reject });
+    if (versions.size === 0) return none;
+    /** @type {any} */ let waiter = null;
+    const promise = new Promise((resolve, reject) => {
+      waiter = { versions, resolve, reject };
+      this.#waiters.add(waiter);
       this.#checkWaiters();
     });
+    const cancel = () => {
+      if (this.#waiters.delete(waiter) && this.#waiters.size === 0) this.#acked.clear();
+    };
+    return { promise: /** @type {Promise<void>} */ (promise), cancel };
   }
 
   /** Settles the waiters whose changes are all acknowledged (or dropped), or one of which is
