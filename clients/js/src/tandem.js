@@ -1116,11 +1116,13 @@ export class TandemClient extends Emitter {
         throw new TandemError('pending_writes', `${n} local change${n === 1 ? '' : 's'} not yet synced (${names.join(', ')}): sync them first (flush()), or wipe({ force: true }) to lose them`, { keys: names });
       }
     }
-    await this.close();
+    // Nothing may write from here on: the open datasets are emptied and closed before the
+    // first wait, so no edit slips in between the check above and the removal below.
     const open = this.datasets;
+    for (const ds of open) ds._wipe();
+    await this.close();
     this.#datasets.clear();
     this.#pendingOf.clear();
-    for (const ds of open) ds._wipe();
     const refs = await store.list(identity);
     for (const ref of refs) await store.remove({ identity, owner: ref.owner, name: ref.name });
     this.#statusChanged();

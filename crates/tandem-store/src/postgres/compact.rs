@@ -39,15 +39,17 @@ const AGED: &str = "
     )
     SELECT id FROM gone";
 
-/// The datasets with more than `$1` entries and a tenth, with their newest entry: a trim
-/// walks the kept entries' chain, so it waits until there is a tenth's worth to drop (the
-/// count stays within 10 % of the cap between rounds, and exact for caps below ten).
+/// The datasets with more than `$1` entries (the cap and a tenth: a trim walks the kept
+/// entries' chain, so it waits until there is a tenth's worth to drop; the count stays
+/// within 10 % of the cap between rounds, and exact for caps below ten), with their newest
+/// entry.
 const OVER_CAP: &str = "
     SELECT h.pool, h.owner, h.name, h.head
     FROM commit_log_heads h LEFT JOIN commit_log_dropped d USING (pool, owner, name)
-    WHERE h.entries - coalesce(d.dropped, 0) > $1::bigint + $1::bigint / 10";
+    WHERE h.entries - coalesce(d.dropped, 0) > $1";
 
-/// The entry `$2` links before `$1` along its chain (the newest to drop when keeping `$2`).
+/// The entry `$2` links before `$1` along its chain; a walk of a large cap goes a chunk of
+/// links per statement, so none runs into the statement timeout.
 const NTH_BACK: &str = "
     WITH RECURSIVE chain (id, prev_id, depth) AS (
         SELECT id, prev_id, 0::bigint FROM commit_log WHERE id = $1
@@ -157,7 +159,10 @@ async fn round(
     }
     let over = timed(inner, async {
         client
-            .query(OVER_CAP, &[&bounds.max_entries])
+            .query(
+                OVER_CAP,
+                &[&bounds.max_entries.saturating_add(bounds.max_entries / 10)],
+            )
             .await?
             .iter()
             .map(|r| {
@@ -174,14 +179,22 @@ async fn round(
     })
     .await?;
     for (dataset, head) in &over {
-        let mut next = timed(inner, async {
-            let stmt = client.prepare_cached(NTH_BACK).await?;
-            let row = client
-                .query_opt(&stmt, &[head, &bounds.max_entries])
-                .await?;
-            Ok(row.map(|r| r.try_get::<_, i64>(0)).transpose()?)
-        })
-        .await?;
+        // The newest entry to drop: `max_entries` links back from the head, if the chain
+        // is that long.
+        let (mut next, mut to_go) = (Some(*head), bounds.max_entries);
+        while let Some(from) = next {
+            if to_go == 0 {
+                break;
+            }
+            let steps = to_go.min(COMPACT_CHUNK);
+            next = timed(inner, async {
+                let stmt = client.prepare_cached(NTH_BACK).await?;
+                let row = client.query_opt(&stmt, &[&from, &steps]).await?;
+                Ok(row.map(|r| r.try_get::<_, i64>(0)).transpose()?)
+            })
+            .await?;
+            to_go -= steps;
+        }
         while let Some(from) = next {
             let (deleted, then) = timed(inner, async {
                 let stmt = client.prepare_cached(BELOW).await?;

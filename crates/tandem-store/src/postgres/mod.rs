@@ -242,7 +242,7 @@ impl PostgresStore {
 
         let mut client = inner.pool.get().await.map_err(pool_error)?;
         let result = tokio::time::timeout(
-            inner.call_timeout,
+            schema::MIGRATION_TIMEOUT,
             schema::migrate(&mut client, &inner.schema),
         )
         .await;

@@ -194,6 +194,8 @@ CREATE TABLE commit_log_dropped (
     PRIMARY KEY (pool, owner, name)
 );
 
+DROP INDEX commit_log_by_time;
+
 UPDATE commit_log c SET prev_id = p.prev
 FROM (SELECT id, lag(id) OVER (PARTITION BY pool, owner, name ORDER BY id) AS prev
       FROM commit_log) p
@@ -203,9 +205,12 @@ INSERT INTO commit_log_heads (pool, owner, name, head, entries)
     SELECT pool, owner, name, max(id), count(*) FROM commit_log GROUP BY pool, owner, name;
 
 DROP INDEX commit_log_by_dataset;
-DROP INDEX commit_log_by_time;
 "#,
 ];
+
+/// The longest a node's start-up waits for the migrations (its own, or another node's that
+/// it queues behind): rewriting a log of tens of millions of entries takes minutes.
+pub(super) const MIGRATION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// The schema version this build writes.
 pub(super) const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
@@ -218,6 +223,9 @@ const MIGRATION_LOCK: i32 = 0x5444_4d00;
 /// Brings `schema` (a validated identifier) up to `SCHEMA_VERSION`, creating it if needed.
 pub(super) async fn migrate(client: &mut ClientWrapper, schema: &str) -> Result<(), CallError> {
     let tx = client.transaction().await?;
+    // A migration may rewrite a whole table (version 8 chains every log entry): no statement
+    // timeout, only `MIGRATION_TIMEOUT` for all of it.
+    tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
     tx.execute(
         "SELECT pg_advisory_xact_lock($1, hashtext($2))",
         &[&MIGRATION_LOCK, &schema],

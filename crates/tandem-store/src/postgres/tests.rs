@@ -1136,6 +1136,67 @@ async fn test_postgres_store_upgrades_a_version_7_log_to_a_chain() {
     store.close().await;
 }
 
+/// A count cap above the chunk a statement walks (1,500 > 1,000) trims to the cap, walking
+/// the chain a chunk at a time; a cap of "no cap" (`u64::MAX`) compacts without overflowing
+/// the threshold (it did: `bigint out of range`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_postgres_store_count_trim_walks_a_large_cap_in_chunks() {
+    let schemas = TestSchemas::new();
+    let limits = Limits {
+        commit_log_max_entries_per_dataset: 1500,
+        ..Limits::default()
+    };
+    let store = PostgresStore::connect(schemas.config(), limits)
+        .await
+        .unwrap();
+    let now = crate::now_ms();
+    let admin = admin().await;
+    admin
+        .batch_execute(&format!(
+            "SET search_path TO {schema};
+             INSERT INTO commit_log (id, pool, owner, name, kind, sync_count, actor,
+                                     server_time, patches, prev_id)
+             SELECT i, 'default', 'alice', 'big', 'update', i, 'alice', {now}, '[]',
+                    nullif(i - 1, 0)
+             FROM generate_series(1, 2400) AS i;
+             INSERT INTO commit_log_heads (pool, owner, name, head, entries)
+             VALUES ('default', 'alice', 'big', 2400, 2400);
+             UPDATE log_seq SET last = 2400;
+             RESET search_path;",
+            schema = store.schema(),
+        ))
+        .await
+        .unwrap();
+    store.compact_log(now).await.unwrap();
+    let kept: (i64, i64) = {
+        let row = admin
+            .query_one(
+                &format!(
+                    "SELECT count(*), min(id) FROM {}.commit_log",
+                    store.schema()
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(kept, (1500, 901));
+    let d = ds("alice", "big");
+    assert_eq!(store.log(&d, 0, 10).await.unwrap()[0].sync_count, 901);
+    store.close().await;
+
+    let unbounded = Limits {
+        commit_log_max_entries_per_dataset: u64::MAX,
+        ..Limits::default()
+    };
+    let store = PostgresStore::connect(schemas.config_for(&store), unbounded)
+        .await
+        .unwrap();
+    store.compact_log(now).await.unwrap();
+    store.close().await;
+}
+
 /// Updates from two nodes and a grant/revoke loop race on one dataset: the grants' entries
 /// take the dataset's head under another lock than the updates' row lock, so each statement
 /// must chain onto the head as it is when it holds the counter, not as its snapshot saw it.
