@@ -24,7 +24,9 @@ export function useSyncStatus(client) {
  * `{dataset, snapshot, error, loading}`: `dataset` and `snapshot` are null until it is open,
  * `error` is what `open` rejected with. The handle is shared with every other user of the
  * dataset on this client, so unmounting does not close it. The dataset is opened again when
- * `client`, `name` or `options.owner` change; other options are read at that time only.
+ * `client`, `name` or `options.owner` change, or when the handle closes (after a `wipe()`
+ * that open fails with `closed`: the hook shows the error, not the old records); other
+ * options are read at that time only.
  * @param {TandemClient} client
  * @param {string} name
  * @param {import('./tandem.js').OpenOptions} [options]
@@ -35,6 +37,8 @@ export function useDataset(client, name, options) {
     /** @type {{ key: string, dataset: Dataset | null, error: any }} */ ({ key: '', dataset: null, error: null }),
   );
   const key = JSON.stringify([owner ?? null, name]);
+  // Bumped when the open handle closes (another user of it, or a wipe): open it again.
+  const [generation, setGeneration] = useState(0);
   useEffect(() => {
     let live = true;
     client.open(name, options).then(
@@ -46,10 +50,11 @@ export function useDataset(client, name, options) {
     };
     // Other options are read when the dataset is opened (an open handle keeps its own).
     // eslint-disable-next-line react-hooks/exhaustive-deps
-  }, [client, key]);
+  }, [client, key, generation]);
   // Until the effect for another name has run, what was opened for the old one is not shown.
   const current = opened.key === key ? opened : { dataset: null, error: null };
   const dataset = current.dataset;
+  useEffect(() => (dataset ? dataset.on('close', () => setGeneration((g) => g + 1)) : undefined), [dataset]);
   const subscribe = useCallback((/** @type {() => void} */ cb) => (dataset ? dataset.on('snapshot', cb) : () => {}), [dataset]);
   const get = () => (dataset ? dataset.snapshot : null);
   const snapshot = useSyncExternalStore(subscribe, get, get);

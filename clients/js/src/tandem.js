@@ -807,6 +807,8 @@ export class TandemClient extends Emitter {
   #tabs = null;
   /** `pause()` was called: no connection until `resume()`. */
   #paused = false;
+  /** `wipe()` ran: the client is signed out, and opens nothing any more. */
+  #wiped = false;
   /** The protocol version of the last `ready` (null before one). @type {number | null} */
   #protocol = null;
   /** Updates on their way to the server, across datasets. */
@@ -1117,7 +1119,9 @@ export class TandemClient extends Emitter {
       }
     }
     // Nothing may write from here on: the open datasets are emptied and closed before the
-    // first wait, so no edit slips in between the check above and the removal below.
+    // first wait, so no edit slips in between the check above and the removal below, and
+    // no dataset is opened again (which would write this identity's cache anew).
+    this.#wiped = true;
     const open = this.datasets;
     for (const ds of open) ds._wipe();
     await this.close();
@@ -1165,7 +1169,9 @@ export class TandemClient extends Emitter {
     if (typeof name !== 'string' || !/^[A-Za-z0-9_.:-]{1,128}$/.test(name)) {
       throw new TandemError('bad_request', `invalid dataset name ${JSON.stringify(name)}: 1-128 characters of [a-zA-Z0-9_.:-]`);
     }
+    if (this.#wiped) throw new TandemError('closed', 'client wiped (signed out): create a new client');
     const identity = await this.#identityKnown.promise;
+    if (this.#wiped) throw new TandemError('closed', 'client wiped (signed out): create a new client');
     const owner = options.owner ?? identity;
     const key = datasetKey(owner, name);
     const wanted = options.conflictHandler === undefined ? undefined : handlerFrom(options.conflictHandler);
@@ -2262,6 +2268,9 @@ export class Dataset extends Emitter {
     this.#subscribed = false;
     for (const w of this.#waiters) w.reject(new TandemError('closed', `dataset ${this.#owner}/${this.#name} was wiped`));
     this.#waiters.clear();
+    // Whoever shows the snapshot (a React hook) shows the empty one, not the signed-out
+    // user's records.
+    this.emit('snapshot', this.snapshot);
     if (wasOpen) this.emit('close');
   }
 

@@ -139,3 +139,29 @@ test('useDataset reports a refused open and switches datasets when the name chan
   view.unmount();
   await Promise.all([c.close(), owner.close()]);
 });
+
+test('after a wipe (sign-out) the hooks stop showing the old records', async () => {
+  const name = uniqueName();
+  const c = await onlineClient(server, 'carol');
+  const ds = await c.open(name);
+  await ds.put('secret', 'x');
+  await ds.sync();
+  function App() {
+    const { snapshot, error } = useDataset(c, name);
+    const secret = useRecord(snapshot ? ds : null, 'secret');
+    return h(
+      'div',
+      null,
+      h('p', { id: 'error' }, error ? error.code : ''),
+      h('ul', { id: 'items' }, snapshot ? [...snapshot.records].map(([k, v]) => h('li', { key: k }, `${k}=${v}`)) : null),
+      h('p', { id: 'secret' }, secret ?? '(none)'),
+    );
+  }
+  const view = mount(h(App));
+  await until(() => view.text('#items') === 'secret=x', 5000, 'the record to render');
+  await c.wipe();
+  await until(() => view.text('#items') === '', 5000, 'the records to go at sign-out');
+  await until(() => view.text('#error') === 'closed', 5000, 'the closed client as the error');
+  assert.equal(view.text('#secret'), '(none)');
+  view.unmount();
+});
