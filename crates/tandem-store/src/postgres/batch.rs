@@ -342,12 +342,11 @@ async fn decide_and_write(
     now: i64,
 ) -> Result<Vec<Settled>, CallError> {
     let groups = group_indices(items);
-    let (lock, load, update, upsert, append) = tokio::try_join!(
+    let (lock, load, upsert, write) = tokio::try_join!(
         client.prepare_cached(LOCK),
         client.prepare_cached(LOAD_RECORDS),
-        client.prepare_cached(write::UPDATE_DATASETS),
         client.prepare_cached(write::UPSERT_RECORDS),
-        client.prepare_cached(write::APPEND_LOG),
+        client.prepare_cached(write::WRITE_DATASETS_AND_LOG),
     )?;
     let k = Columns::of(items, groups.iter().map(|members| members[0]).enumerate());
     let guests = Guests::of(items, &groups);
@@ -420,22 +419,15 @@ async fn decide_and_write(
         writes.extend(dataset.into_write());
     }
 
-    // 5. Every write of the batch in three statements (dataset rows, records, commit log
-    //    entries) and the commit, sent together. If the
-    //    answer to COMMIT is lost, this fails and every update gets `Unavailable`.
+    // 5. Every write of the batch in two statements (records; dataset rows with the commit
+    //    log entries) and the commit, sent together. If the answer to COMMIT is lost, this
+    //    fails and every update gets `Unavailable`.
     let writes: Vec<&Write> = writes.iter().collect();
     let columns = write::WriteColumns::of(&writes)?;
-    let (update_params, upsert_params) = columns.params(&now);
-    let log_params = log.params(&now);
+    let upsert_params = columns.record_params(&now);
+    let write_params = columns.dataset_params(&log, &now);
     tokio::try_join!(
         biased;
-        async {
-            if writes.is_empty() {
-                Ok(0)
-            } else {
-                client.execute(&update, &update_params).await
-            }
-        },
         async {
             if columns.has_records() {
                 client.execute(&upsert, &upsert_params).await
@@ -444,10 +436,10 @@ async fn decide_and_write(
             }
         },
         async {
-            if log.is_empty() {
+            if writes.is_empty() {
                 Ok(0)
             } else {
-                client.execute(&append, &log_params).await
+                client.execute(&write, &write_params).await
             }
         },
         client.batch_execute("COMMIT"),
@@ -579,7 +571,7 @@ impl Decider {
             Ok(plan) => plan,
             Err(e) => return Ok(Err(e)),
         };
-        log.push_update(request, &plan, &self.records)?;
+        log.push_update(self.id, request, &plan, &self.records)?;
         self.state = DatasetState {
             sync_count: plan.sync_count,
             deleted: false,

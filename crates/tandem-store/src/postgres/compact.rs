@@ -5,8 +5,9 @@
 //! the round ended (an error, a timeout, a cancelled task). Each statement deletes at most
 //! [`COMPACT_CHUNK`] entries and commits on its own, so no transaction runs long (a long
 //! one would hold back the cleanup of every other table, the log counter's row first).
-//! Compaction counts what it drops in `commit_log_dropped`, never in the writers' heads rows
-//! (schema version 8), so it neither waits for a commit nor holds one up.
+//! Compaction counts what it drops in `commit_log_dropped`, never in the writers' dataset
+//! rows or heads rows (schema versions 8 and 9), so it neither waits for a commit nor holds
+//! one up.
 
 use super::{CallError, Inner, map_db_error};
 use crate::commitlog::{COMPACT_CHUNK, CompactBounds, CompactReport, CompactTally};
@@ -45,7 +46,12 @@ const AGED: &str = "
 /// entry.
 const OVER_CAP: &str = "
     SELECT h.pool, h.owner, h.name, h.head
-    FROM commit_log_heads h LEFT JOIN commit_log_dropped d USING (pool, owner, name)
+    FROM (SELECT pool, owner, name, log_head AS head, log_entries AS entries
+          FROM datasets WHERE log_entries > $1
+          UNION ALL
+          SELECT pool, owner, name, head, entries
+          FROM commit_log_heads WHERE entries > $1) h
+         LEFT JOIN commit_log_dropped d USING (pool, owner, name)
     WHERE h.entries - coalesce(d.dropped, 0) > $1";
 
 /// The entry `$2` links before `$1` along its chain; a walk of a large cap goes a chunk of

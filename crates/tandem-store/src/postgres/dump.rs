@@ -391,11 +391,27 @@ async fn insert(client: &impl GenericClient, item: &DumpItem) -> Result<bool, Ca
         DumpItem::Dataset(d) => {
             let stmt = client
                 .prepare_cached(
-                    "INSERT INTO datasets (pool, owner, name, sync_count, deleted, record_count,
-                                           byte_size, created_at, last_modified, merge_root,
-                                           last_deleted_sync_count)
-                     VALUES ($1, $2, $3, $4, $5, 0, 0, $6, $7, $8, $9)
-                     ON CONFLICT DO NOTHING",
+                    // Takes over the log head of a name that had none (a grant logged in
+                    // the target before the import), as a dataset's first write does.
+                    "WITH ins AS (
+                         INSERT INTO datasets (pool, owner, name, sync_count, deleted,
+                                               record_count, byte_size, created_at,
+                                               last_modified, merge_root,
+                                               last_deleted_sync_count, log_head, log_entries)
+                         SELECT $1::text, $2::text, $3::text, $4::bigint, $5::boolean, 0, 0,
+                                $6::bigint, $7::bigint, $8::text, $9::bigint, h.head,
+                                coalesce(h.entries, 0)
+                         FROM (SELECT 1) AS one
+                              LEFT JOIN commit_log_heads h
+                                ON h.pool = $1 AND h.owner = $2 AND h.name = $3
+                         ON CONFLICT DO NOTHING
+                         RETURNING 1
+                     ), adopted AS (
+                         DELETE FROM commit_log_heads
+                         WHERE pool = $1 AND owner = $2 AND name = $3
+                           AND EXISTS (SELECT 1 FROM ins)
+                     )
+                     SELECT 1 FROM ins",
                 )
                 .await?;
             client

@@ -321,6 +321,7 @@ pub(super) async fn merge(
         tx.execute(&move_grants, &[&pool, &from, &name, &into, &to_name])
             .await?;
         log.push(
+            target.id,
             target_key,
             LogKind::Merge,
             sync_count,

@@ -425,7 +425,9 @@ impl Store for PostgresStore {
     ) -> Result<(), StoreError> {
         validate_revoke(dataset, actor, grantee)?;
         let result = call!(&self.inner, |client| write::revoke(
-            &client, dataset, grantee
+            &mut client,
+            dataset,
+            grantee
         ));
         self.inner.wrote(result)
     }

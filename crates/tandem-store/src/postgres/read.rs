@@ -230,23 +230,26 @@ fn log_entry(row: &Row) -> Result<LogEntry, CallError> {
     })
 }
 
-/// Walks a dataset's entries newest first along its chain (schema version 8): from the
-/// entry `$1`, or if null from the head of the dataset `$6`, `$7`, `$8` (in the same
-/// statement, so head and walk are of one snapshot), while their sync count is at least
+/// Walks a dataset's entries newest first along its chain (schema versions 8 and 9): from
+/// the entry `$1`, or if null from the head of the dataset `$6`, `$7`, `$8` (its row's
+/// `log_head`, or `commit_log_heads` for a name without a row; in the same statement, so
+/// head and walk are of one snapshot), while their sync count is at least
 /// `$2`, with ids below `$3`, leaving out replay snapshots if `$4`, at most `$5`.
 /// PostgreSQL evaluates a recursive query only as far as its reader fetches, so a page
 /// walks only about as many links as it answers. Each row ends with its `prev_id`, where
 /// the next page starts. The walk goes on past grants and revokes whatever their sync
-/// count: theirs is the dataset's as their statement's snapshot saw it, taken before the
-/// statement waited for the log counter, so it can be below that of an update just before
-/// them on the chain (updates, deletes and merges hold the dataset's row, so their counts
-/// only go up along it).
+/// count: under schema version 8 theirs was the dataset's as their statement's snapshot saw
+/// it, taken before the statement waited for the log counter, so it can be below that of an
+/// update just before them on the chain (since version 9 they hold the dataset's row, as
+/// updates, deletes and merges do, so counts only go up along the chain).
 const CHAIN: &str = "
     WITH RECURSIVE chain AS (
         SELECT id, pool, owner, name, kind, sync_count, actor, device_id, server_time,
                patches, prev_id
         FROM commit_log
         WHERE id = coalesce($1::bigint,
+                            (SELECT log_head FROM datasets
+                             WHERE pool = $6 AND owner = $7 AND name = $8),
                             (SELECT head FROM commit_log_heads
                              WHERE pool = $6 AND owner = $7 AND name = $8))
           AND (sync_count >= $2 OR kind IN ('grant', 'revoke'))

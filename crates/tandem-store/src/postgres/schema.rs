@@ -46,6 +46,16 @@ use deadpool_postgres::ClientWrapper;
 /// the replaced head out of a writer's upsert. As with version 6, nodes of an earlier
 /// version must not write after this (their entries would not be chained): upgrade every
 /// node together.
+///
+/// Version 9 keeps a dataset's chain head in its own row (`log_head`, with `log_entries`
+/// the number of entries ever appended), which every commit rewrites anyway, instead of a
+/// `commit_log_heads` row upserted next to it: that upsert was a third of the log's cost in
+/// the write path (docs/BENCHMARKS.md). `commit_log_heads` keeps only the heads of names
+/// that have no row (a grant or revoke before anyone wrote), and the row's insert takes the
+/// head over, under the name's creation lock (`write::CREATE_LOCK`). `log_prev` only
+/// carries the replaced head out of a writer's update. Grants and revokes now lock the
+/// dataset's row. Nodes of an earlier version must not write after this: upgrade every
+/// node together.
 pub(super) const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE datasets (
@@ -205,6 +215,20 @@ INSERT INTO commit_log_heads (pool, owner, name, head, entries)
     SELECT pool, owner, name, max(id), count(*) FROM commit_log GROUP BY pool, owner, name;
 
 DROP INDEX commit_log_by_dataset;
+"#,
+    r#"
+ALTER TABLE datasets
+    ADD COLUMN log_head    bigint,
+    ADD COLUMN log_prev    bigint,
+    ADD COLUMN log_entries bigint NOT NULL DEFAULT 0;
+
+UPDATE datasets d SET log_head = h.head, log_entries = h.entries
+FROM commit_log_heads h
+WHERE h.pool = d.pool AND h.owner = d.owner AND h.name = d.name;
+
+DELETE FROM commit_log_heads h
+USING datasets d
+WHERE h.pool = d.pool AND h.owner = d.owner AND h.name = d.name;
 "#,
 ];
 

@@ -1119,10 +1119,11 @@ async fn test_postgres_store_upgrades_a_version_7_log_to_a_chain() {
     )
     .await;
     assert_eq!(counts(store.log(&d0, 6, 10).await.unwrap()), [8, 9]);
-    let heads: Vec<(String, i64, i64)> = admin
+    // Version 9 moved the heads into the dataset rows.
+    let heads: Vec<(String, Option<i64>, i64)> = admin
         .query(
             &format!(
-                "SELECT name, head, entries FROM {}.commit_log_heads ORDER BY name",
+                "SELECT name, log_head, log_entries FROM {}.datasets ORDER BY name",
                 config.schema
             ),
             &[],
@@ -1132,8 +1133,171 @@ async fn test_postgres_store_upgrades_a_version_7_log_to_a_chain() {
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
-    assert_eq!(heads, [("d0".to_owned(), 10, 5), ("d1".to_owned(), 9, 5)]);
+    assert_eq!(
+        heads,
+        [
+            ("d0".to_owned(), Some(10), 5),
+            ("d1".to_owned(), Some(9), 5)
+        ]
+    );
+    assert_eq!(rowless_heads(&admin, &config.schema).await, 0);
     store.close().await;
+}
+
+/// How many names without a dataset row have a log head.
+async fn rowless_heads(admin: &Client, schema: &str) -> i64 {
+    admin
+        .query_one(
+            &format!("SELECT count(*) FROM {schema}.commit_log_heads"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// A dataset shared before anyone wrote it: the grants' entries chain through
+/// `commit_log_heads` until the first write (here the grantee's) creates the row, which takes
+/// the head over; history holds every entry, newest first, and the count trim counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_postgres_store_row_takes_over_the_log_of_a_name_shared_before_it_existed() {
+    let schemas = TestSchemas::new();
+    let store = PostgresStore::connect(schemas.config(), Limits::default())
+        .await
+        .unwrap();
+    let admin = admin().await;
+    let d = ds("alice", "later");
+    store.grant(&d, "alice", "bob", Access::Read).await.unwrap();
+    store.revoke(&d, "alice", "bob").await.unwrap();
+    store
+        .grant(&d, "alice", "bob", Access::Write)
+        .await
+        .unwrap();
+    assert_eq!(rowless_heads(&admin, store.schema()).await, 1);
+    let rowless = store.history(&d, "alice", None, 10).await.unwrap();
+    assert_eq!(
+        rowless.iter().map(|e| e.kind).collect::<Vec<_>>(),
+        [LogKind::Grant, LogKind::Revoke, LogKind::Grant]
+    );
+    commit(&store, update(&d, "bob", vec![Patch::replace("a", "1", 0)])).await;
+    commit(
+        &store,
+        update(&d, "alice", vec![Patch::replace("b", "2", 0)]),
+    )
+    .await;
+    store.revoke(&d, "alice", "bob").await.unwrap();
+    assert_eq!(rowless_heads(&admin, store.schema()).await, 0);
+    let page = store.history(&d, "alice", None, 10).await.unwrap();
+    assert_eq!(
+        page.iter()
+            .map(|e| (e.kind, e.sync_count))
+            .collect::<Vec<_>>(),
+        [
+            (LogKind::Revoke, 2),
+            (LogKind::Update, 2),
+            (LogKind::Update, 1),
+            (LogKind::Grant, 0),
+            (LogKind::Revoke, 0),
+            (LogKind::Grant, 0),
+        ]
+    );
+    let ids: Vec<i64> = page.iter().map(|e| e.id).collect();
+    let mut sorted = ids.clone();
+    sorted.sort_unstable_by(|a, b| b.cmp(a));
+    assert_eq!(ids, sorted);
+    let entries: i64 = admin
+        .query_one(
+            &format!(
+                "SELECT log_entries FROM {}.datasets WHERE name = 'later'",
+                store.schema()
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(entries, 6);
+    store.close().await;
+
+    // The count trim finds the dataset through its row.
+    let capped = Limits {
+        commit_log_max_entries_per_dataset: 2,
+        ..Limits::default()
+    };
+    let store = PostgresStore::connect(schemas.config_for(&store), capped)
+        .await
+        .unwrap();
+    store.compact_log(crate::now_ms()).await.unwrap();
+    let kept = store.history(&d, "alice", None, 10).await.unwrap();
+    assert_eq!(
+        kept.iter().map(|e| e.kind).collect::<Vec<_>>(),
+        [LogKind::Revoke, LogKind::Update]
+    );
+    store.close().await;
+}
+
+/// Grantees create datasets their owner shares with them while the owner changes their
+/// grant: the grantee's update takes the creation lock before its grant row (it starts over
+/// when it finds no row), so neither waits for the other in a cycle, and each name's chain
+/// holds every entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_postgres_store_grantee_creates_a_dataset_while_the_owner_regrants() {
+    let schemas = TestSchemas::new();
+    let a = Arc::new(
+        PostgresStore::connect(schemas.config(), Limits::default())
+            .await
+            .unwrap(),
+    );
+    let b = Arc::new(
+        PostgresStore::connect(schemas.config_for(&a), Limits::default())
+            .await
+            .unwrap(),
+    );
+    for n in 0..15 {
+        let d = ds("alice", &format!("s{n}"));
+        a.grant(&d, "alice", "bob", Access::Write).await.unwrap();
+        let owner = {
+            let (a, d) = (a.clone(), d.clone());
+            tokio::spawn(async move {
+                for _ in 0..4 {
+                    a.grant(&d, "alice", "bob", Access::Write).await.unwrap();
+                }
+            })
+        };
+        let grantee = {
+            let (b, d) = (b.clone(), d.clone());
+            tokio::spawn(async move {
+                for i in 0..4u64 {
+                    commit(
+                        &b,
+                        update(&d, "bob", vec![Patch::replace(format!("k{i}"), "v", 0)]),
+                    )
+                    .await;
+                }
+            })
+        };
+        owner.await.unwrap();
+        grantee.await.unwrap();
+        let all: Vec<i64> = a
+            .log_since(0, 10_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.dataset == d)
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(all.len(), 1 + 4 + 4, "{d}");
+        let mut walked: Vec<i64> = a
+            .history(&d, "alice", None, 100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        walked.reverse();
+        assert_eq!(walked, all, "{d}");
+    }
+    assert_eq!(rowless_heads(&admin().await, a.schema()).await, 0);
 }
 
 /// A count cap above the chunk a statement walks (1,500 > 1,000) trims to the cap, walking

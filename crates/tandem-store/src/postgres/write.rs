@@ -28,6 +28,16 @@ pub(super) const OWNER_LOCK: i32 = 0x5444_4d01;
 /// access under `OWNER_LOCK` would wait for the update: a deadlock.
 pub(super) const GRANT_LOCK: i32 = 0x5444_4d02;
 
+/// The first key of the advisory lock that serialises the creation of a dataset's row with
+/// appends to the log of its name while it has none (the second is a hash of the dataset's
+/// key). A grant or revoke of a name without a row chains its entry through
+/// `commit_log_heads` under this lock, and the insert of the row ([`INSERT_DATASET`]), under
+/// it too, takes that head over: so no entry is chained onto a head that is being moved.
+/// Taken before any row or grant lock (a grantee's update that finds no row starts again
+/// with it, see [`update`]), and held only by transactions that create a row or append
+/// to a rowless name.
+pub(super) const CREATE_LOCK: i32 = 0x5444_4d04;
+
 /// A dataset's row from a statement's first five columns: id, sync count, deleted, record
 /// count, byte size. A row inserted to be locked, for a dataset that did not exist, looks like
 /// a deleted dataset at sync count 0 (which is what a dataset that never existed is) until the
@@ -54,11 +64,24 @@ const LOCK_DATASET: &str = "
     WHERE pool = $1 AND owner = $2 AND name = $3
     FOR UPDATE";
 
+/// Inserts a dataset's placeholder row (see [`insert_or_lock_dataset`]), which takes over
+/// the name's log head from `commit_log_heads` if grants logged while it had no row; the
+/// caller holds [`CREATE_LOCK`].
 const INSERT_DATASET: &str = "
-    INSERT INTO datasets (pool, owner, name, sync_count, deleted, created_at, last_modified)
-    VALUES ($1, $2, $3, 0, true, $4, $4)
-    ON CONFLICT (pool, owner, name) DO NOTHING
-    RETURNING id, sync_count, deleted, record_count, byte_size";
+    WITH ins AS (
+        INSERT INTO datasets (pool, owner, name, sync_count, deleted, created_at,
+                              last_modified, log_head, log_entries)
+        SELECT $1::text, $2::text, $3::text, 0, true, $4::bigint, $4::bigint, h.head,
+               coalesce(h.entries, 0)
+        FROM (SELECT 1) AS one
+             LEFT JOIN commit_log_heads h ON h.pool = $1 AND h.owner = $2 AND h.name = $3
+        ON CONFLICT (pool, owner, name) DO NOTHING
+        RETURNING id, sync_count, deleted, record_count, byte_size
+    ), adopted AS (
+        DELETE FROM commit_log_heads
+        WHERE pool = $1 AND owner = $2 AND name = $3 AND EXISTS (SELECT 1 FROM ins)
+    )
+    SELECT * FROM ins";
 
 const LOCK_GRANT: &str = "
     SELECT access FROM grants
@@ -86,15 +109,6 @@ const LOCK_OWNER: &str = "SELECT pg_advisory_xact_lock($1, hashtext($2))";
 const COUNT_OWNED: &str =
     "SELECT count(*) FROM datasets WHERE pool = $1 AND owner = $2 AND NOT deleted";
 
-/// Sets the rows of updated datasets; one statement for any number of them.
-pub(super) const UPDATE_DATASETS: &str = "
-    UPDATE datasets AS d
-    SET sync_count = u.sync_count, deleted = false, record_count = u.record_count,
-        byte_size = u.byte_size, last_modified = $5
-    FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])
-      AS u (id, sync_count, record_count, byte_size)
-    WHERE d.id = u.id";
-
 /// Writes the stamped records of any number of updates in one statement.
 pub(super) const UPSERT_RECORDS: &str = upsert_records!(
     "SELECT u.dataset_id, u.key, u.value, u.sync_count, $8, u.last_modified_by, u.device_id,
@@ -105,95 +119,179 @@ pub(super) const UPSERT_RECORDS: &str = upsert_records!(
              device_last_modified)"
 );
 
-/// A statement that appends the entries of its CTE `e` (columns `id, pool, owner, name,
-/// kind, sync_count, actor, device_id, server_time, patches`) to the commit log, chained
-/// (schema version 8): each entry's `prev_id` is the previous one of its dataset in the
-/// same statement, or else the head the dataset's heads row had, which the upsert reads
-/// from the row's newest version (not the statement's snapshot, which is older than the
-/// `log_seq` lock the ids came with) and hands out through `prev_head`. Answers the ids.
+/// A statement that appends commit log entries, chained (schema version 9). Its CTE `e`
+/// has the entries (`id, ds, pool, owner, name, kind, sync_count, actor, device_id,
+/// server_time, patches`, `ds` the dataset row's id) and `heads` answers `(id, log_prev)`
+/// for each of their dataset rows, having moved the row's `log_head` to its newest entry
+/// here: each entry's `prev_id` is the previous one of its dataset in the same statement,
+/// or else the head the row had. The head is read through `log_prev` from the row version
+/// the update wrote (not the statement's snapshot), though every writer holds the row
+/// locked from an earlier statement anyway: any transaction that takes the `log_seq`
+/// counter must already hold the rows it chains onto, since updates hold theirs while they
+/// wait for the counter. Answers the ids.
 macro_rules! append_log {
-    ($entries:literal) => {
+    ($ctes:expr) => {
         concat!(
             "WITH ",
-            $entries,
-            ",
-    heads AS (
-        INSERT INTO commit_log_heads AS h (pool, owner, name, head, entries)
-        SELECT pool, owner, name, max(id), count(*) FROM e GROUP BY pool, owner, name
-        ON CONFLICT (pool, owner, name) DO UPDATE
-            SET prev_head = h.head, head = excluded.head, entries = h.entries + excluded.entries
-        RETURNING pool, owner, name, prev_head
-    )
+            $ctes,
+            "
     INSERT INTO commit_log (id, pool, owner, name, kind, sync_count, actor, device_id,
                             server_time, patches, prev_id)
     SELECT e.id, e.pool, e.owner, e.name, e.kind, e.sync_count, e.actor, e.device_id,
            e.server_time, e.patches,
-           coalesce(lag(e.id) OVER (PARTITION BY e.pool, e.owner, e.name ORDER BY e.id),
-                    heads.prev_head)
-    FROM e JOIN heads ON (heads.pool, heads.owner, heads.name) = (e.pool, e.owner, e.name)
+           coalesce(lag(e.id) OVER (PARTITION BY e.ds ORDER BY e.id), heads.log_prev)
+    FROM e JOIN heads ON heads.id = e.ds
     RETURNING id"
         )
     };
 }
 
-/// Appends commit log entries, their ids in the arrays' order, taken from the `log_seq`
-/// counter (schema version 6). Updating the counter locks its row until the transaction
-/// ends, so the next transaction to take ids waits for this one to commit (or roll back)
-/// and then continues above it: ids become visible in id order, and a `log_since` reader
-/// that has seen an id never later finds a smaller one. That serialises the commits of
-/// transactions that log, so every writer sends this (or another statement that takes ids
-/// from the counter) as its last statement in the same round trip as COMMIT ([`commit`]),
-/// never waiting for its answer first: the counter is then held for the commit only, not
-/// for a round trip to the node, nor, if the node's network fails in between, until
-/// `idle_in_transaction_session_timeout` ends the session. The only other locks taken after
-/// it are of heads rows, which no one takes without holding the counter first, so they
-/// never wait. `WHERE only_row` finds the row by its key: with sequential scans priced out
-/// (`pg_config`), a scan of the table would cost enough to be JIT-compiled, hundreds of
-/// milliseconds a statement.
-pub(super) const APPEND_LOG: &str = append_log!(
-    "seq AS (
-        UPDATE log_seq SET last = last + cardinality($1::text[]) WHERE only_row
+/// The CTEs `seq` and `e` of [`append_log`] from the arrays `$N`..`$N+8` (dataset ids,
+/// pools, owners, names, kinds, sync counts, actors, devices, patches) and the time
+/// `$N+9`, ids taken from the `log_seq` counter (see [`APPEND_LOG`]).
+macro_rules! log_entries {
+    ($ds:literal, $pool:literal, $owner:literal, $name:literal, $kind:literal, $count:literal,
+     $actor:literal, $device:literal, $patches:literal, $now:literal) => {
+        concat!(
+            "seq AS (
+        UPDATE log_seq SET last = last + cardinality(",
+            $ds,
+            "::bigint[]) WHERE only_row
         RETURNING last
     ),
     e AS (
-        SELECT seq.last - cardinality($1::text[]) + u.n AS id,
-               u.pool, u.owner, u.name, u.kind, u.sync_count, u.actor, u.device_id,
-               $9::bigint AS server_time, u.patches
-        FROM seq, UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[],
-                         $6::text[], $7::text[], $8::text[])
-          WITH ORDINALITY AS u (pool, owner, name, kind, sync_count, actor, device_id,
+        SELECT seq.last - cardinality(",
+            $ds,
+            "::bigint[]) + u.n AS id,
+               u.ds, u.pool, u.owner, u.name, u.kind, u.sync_count, u.actor, u.device_id,
+               ",
+            $now,
+            "::bigint AS server_time, u.patches
+        FROM seq, UNNEST(",
+            $ds,
+            "::bigint[], ",
+            $pool,
+            "::text[], ",
+            $owner,
+            "::text[], ",
+            $name,
+            "::text[], ",
+            $kind,
+            "::text[], ",
+            $count,
+            "::bigint[], ",
+            $actor,
+            "::text[], ",
+            $device,
+            "::text[], ",
+            $patches,
+            "::text[])
+          WITH ORDINALITY AS u (ds, pool, owner, name, kind, sync_count, actor, device_id,
                                 patches, n)
-    )"
-);
+    ),
+    per_dataset AS (SELECT ds, max(id) AS head, count(*) AS n FROM e GROUP BY ds)"
+        )
+    };
+}
 
-/// Appends one entry at the dataset's current sync count (0 if it has no row), for a grant;
-/// its id as in [`APPEND_LOG`].
-const APPEND_GRANT_LOG: &str = append_log!(
+/// Sets the rows of updated datasets and appends the updates' log entries, chained onto
+/// each row's `log_head`, in one statement: `$1`..`$4` the rows (ids, sync counts, record
+/// counts, byte sizes), `$5` the time, `$6`..`$14` the entries as in [`LogColumns`]. The
+/// row is rewritten by every commit anyway, so the head costs no write of its own (a
+/// separate heads table cost a row upsert per commit, a third of what the log costs the
+/// write path: docs/BENCHMARKS.md). Like [`APPEND_LOG`], it takes the `log_seq` counter, so
+/// it is sent last, with COMMIT.
+pub(super) const WRITE_DATASETS_AND_LOG: &str = append_log!(concat!(
+    log_entries!(
+        "$6", "$7", "$8", "$9", "$10", "$11", "$12", "$13", "$14", "$5"
+    ),
+    ",
+    heads AS (
+        UPDATE datasets AS d
+        SET sync_count = w.sync_count, deleted = false, record_count = w.record_count,
+            byte_size = w.byte_size, last_modified = $5,
+            log_prev = d.log_head, log_head = coalesce(p.head, d.log_head),
+            log_entries = d.log_entries + coalesce(p.n, 0)
+        FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])
+               AS w (id, sync_count, record_count, byte_size)
+             LEFT JOIN per_dataset p ON p.ds = w.id
+        WHERE d.id = w.id
+        RETURNING d.id, d.log_prev
+    )"
+));
+
+/// Appends commit log entries (`$1`..`$9` as in [`LogColumns`], `$10` the time) to
+/// datasets whose rows the transaction holds locked, their ids in the arrays' order, taken
+/// from the `log_seq` counter (schema version 6). Updating the counter locks its row until
+/// the transaction ends, so the next transaction to take ids waits for this one to commit
+/// (or roll back) and then continues above it: ids become visible in id order, and a
+/// `log_since` reader that has seen an id never later finds a smaller one. That serialises
+/// the commits of transactions that log, so every writer sends this (or another statement
+/// that takes ids from the counter) as its last statement in the same round trip as COMMIT
+/// ([`commit`]), never waiting for its answer first: the counter is then held for the
+/// commit only, not for a round trip to the node, nor, if the node's network fails in
+/// between, until `idle_in_transaction_session_timeout` ends the session. The only other
+/// locks taken after it are of rows the transaction already holds, and of the rowless heads
+/// rows, which no one takes without holding the counter first, so they never wait.
+/// `WHERE only_row` finds the row by its key: with sequential scans priced out
+/// (`pg_config`), a scan of the table would cost enough to be JIT-compiled, hundreds of
+/// milliseconds a statement.
+pub(super) const APPEND_LOG: &str = append_log!(concat!(
+    log_entries!("$1", "$2", "$3", "$4", "$5", "$6", "$7", "$8", "$9", "$10"),
+    ",
+    heads AS (
+        UPDATE datasets AS d
+        SET log_prev = d.log_head, log_head = p.head, log_entries = d.log_entries + p.n
+        FROM per_dataset p
+        WHERE d.id = p.ds
+        RETURNING d.id, d.log_prev
+    )"
+));
+
+/// A statement that appends one entry of a dataset that has no row (a grant or revoke of a
+/// name no one has written yet; `e` as in [`append_log`] without `ds`), chained through
+/// `commit_log_heads`, which keeps the heads of such names until a row is created and takes
+/// the head over ([`INSERT_DATASET`]). The caller holds the name's creation lock
+/// ([`CREATE_LOCK`]), so no row appears meanwhile. The upsert reads the head from the
+/// heads row's newest version and hands it out through `prev_head`.
+macro_rules! append_rowless_log {
+    ($ctes:literal) => {
+        concat!(
+            "WITH ",
+            $ctes,
+            ",
+    heads AS (
+        INSERT INTO commit_log_heads AS h (pool, owner, name, head, entries)
+        SELECT pool, owner, name, id, 1 FROM e
+        ON CONFLICT (pool, owner, name) DO UPDATE
+            SET prev_head = h.head, head = excluded.head, entries = h.entries + 1
+        RETURNING prev_head
+    )
+    INSERT INTO commit_log (id, pool, owner, name, kind, sync_count, actor, device_id,
+                            server_time, patches, prev_id)
+    SELECT e.id, e.pool, e.owner, e.name, e.kind, e.sync_count, e.actor, e.device_id,
+           e.server_time, e.patches, heads.prev_head
+    FROM e, heads
+    RETURNING id"
+        )
+    };
+}
+
+/// A grant's entry (`$1`..`$3` the dataset, `$4` the time, `$5` the patches) for a dataset
+/// without a row, at sync count 0; its id as in [`APPEND_LOG`].
+const APPEND_ROWLESS_GRANT_LOG: &str = append_rowless_log!(
     "seq AS (UPDATE log_seq SET last = last + 1 WHERE only_row RETURNING last),
     e AS (
         SELECT seq.last AS id, $1::text AS pool, $2::text AS owner, $3::text AS name,
-               'grant'::text AS kind,
-               coalesce((SELECT sync_count FROM datasets
-                         WHERE pool = $1 AND owner = $2 AND name = $3), 0) AS sync_count,
-               $2::text AS actor, NULL::text AS device_id, $4::bigint AS server_time,
-               $5::text AS patches
+               'grant'::text AS kind, 0::bigint AS sync_count, $2::text AS actor,
+               NULL::text AS device_id, $4::bigint AS server_time, $5::text AS patches
         FROM seq
     )"
 );
 
-/// A replay's snapshot entry of a dataset, by its owner; its id as in [`APPEND_LOG`].
-const APPEND_SNAPSHOT_LOG: &str = append_log!(
-    "seq AS (UPDATE log_seq SET last = last + 1 WHERE only_row RETURNING last),
-    e AS (
-        SELECT seq.last AS id, $1::text AS pool, $2::text AS owner, $3::text AS name,
-               'snapshot'::text AS kind, $4::bigint AS sync_count, $2::text AS actor,
-               NULL::text AS device_id, $5::bigint AS server_time, $6::text AS patches
-        FROM seq
-    )"
-);
-
-/// A revoke and its log entry in one statement: the entry (and its id, as in
-/// [`APPEND_LOG`]) exists only if a grant went.
+/// Removes a grant (`$1`..`$4`) and, only if one went, appends its entry (`$5` the time,
+/// `$6` the patches, `$7` the dataset row's id, `$8` its sync count) chained onto the
+/// row, which the transaction holds locked; its id as in [`APPEND_LOG`].
 const REVOKE_AND_LOG: &str = append_log!(
     "gone AS (
         DELETE FROM grants WHERE pool = $1 AND owner = $2 AND name = $3 AND grantee = $4
@@ -204,12 +302,36 @@ const REVOKE_AND_LOG: &str = append_log!(
         WHERE only_row AND EXISTS (SELECT 1 FROM gone) RETURNING last
     ),
     e AS (
-        SELECT seq.last AS id, $1::text AS pool, $2::text AS owner, $3::text AS name,
-               'revoke'::text AS kind,
-               coalesce((SELECT sync_count FROM datasets
-                         WHERE pool = $1 AND owner = $2 AND name = $3), 0) AS sync_count,
+        SELECT seq.last AS id, $7::bigint AS ds, $1::text AS pool, $2::text AS owner,
+               $3::text AS name, 'revoke'::text AS kind, $8::bigint AS sync_count,
                $2::text AS actor, NULL::text AS device_id, $5::bigint AS server_time,
                $6::text AS patches
+        FROM seq
+    ),
+    heads AS (
+        UPDATE datasets AS d
+        SET log_prev = d.log_head, log_head = e.id, log_entries = d.log_entries + 1
+        FROM e
+        WHERE d.id = e.ds
+        RETURNING d.id, d.log_prev
+    )"
+);
+
+/// [`REVOKE_AND_LOG`] for a dataset without a row (`$1`..`$6`), at sync count 0, chained
+/// as [`append_rowless_log`].
+const REVOKE_ROWLESS_AND_LOG: &str = append_rowless_log!(
+    "gone AS (
+        DELETE FROM grants WHERE pool = $1 AND owner = $2 AND name = $3 AND grantee = $4
+        RETURNING 1
+    ),
+    seq AS (
+        UPDATE log_seq SET last = last + 1
+        WHERE only_row AND EXISTS (SELECT 1 FROM gone) RETURNING last
+    ),
+    e AS (
+        SELECT seq.last AS id, $1::text AS pool, $2::text AS owner, $3::text AS name,
+               'revoke'::text AS kind, 0::bigint AS sync_count, $2::text AS actor,
+               NULL::text AS device_id, $5::bigint AS server_time, $6::text AS patches
         FROM seq
     )"
 );
@@ -232,9 +354,11 @@ pub(super) async fn commit(tx: &Transaction<'_>) -> Result<(), tokio_postgres::E
     tx.batch_execute("COMMIT; BEGIN").await
 }
 
-/// Log entries to append, as the arrays of [`APPEND_LOG`].
+/// Log entries to append, as the arrays of [`APPEND_LOG`] (and of
+/// [`WRITE_DATASETS_AND_LOG`]).
 #[derive(Default)]
 pub(super) struct LogColumns<'a> {
+    datasets: Vec<i64>,
     pools: Vec<&'a str>,
     owners: Vec<&'a str>,
     names: Vec<&'a str>,
@@ -246,15 +370,18 @@ pub(super) struct LogColumns<'a> {
 }
 
 impl<'a> LogColumns<'a> {
-    /// An update's entry: the records `plan` writes, with the `stored` ones they replace.
+    /// An update's entry: the records `plan` writes to the dataset row `dataset_id`, with
+    /// the `stored` ones they replace.
     pub(super) fn push_update(
         &mut self,
+        dataset_id: i64,
         request: &'a UpdateRequest,
         plan: &Plan,
         stored: &StoredRecords,
     ) -> Result<(), CallError> {
         let key = &request.dataset;
         self.push(
+            dataset_id,
             key,
             LogKind::Update,
             plan.sync_count,
@@ -264,8 +391,11 @@ impl<'a> LogColumns<'a> {
         )
     }
 
+    /// An entry of the dataset `key`, whose row (`dataset_id`) the transaction holds locked.
+    #[allow(clippy::too_many_arguments, reason = "one per column of the entry")]
     pub(super) fn push(
         &mut self,
+        dataset_id: i64,
         key: &'a DatasetKey,
         kind: LogKind,
         sync_count: u64,
@@ -273,6 +403,7 @@ impl<'a> LogColumns<'a> {
         device: Option<&'a str>,
         patches: String,
     ) -> Result<(), CallError> {
+        self.datasets.push(dataset_id);
         self.pools.push(&key.pool);
         self.owners.push(&key.owner);
         self.names.push(&key.name);
@@ -288,8 +419,10 @@ impl<'a> LogColumns<'a> {
         self.pools.is_empty()
     }
 
-    pub(super) fn params<'p>(&'p self, now: &'p i64) -> [&'p (dyn ToSql + Sync); 9] {
+    /// The entries' nine arrays.
+    fn arrays(&self) -> [&(dyn ToSql + Sync); 9] {
         [
+            &self.datasets,
             &self.pools,
             &self.owners,
             &self.names,
@@ -298,8 +431,13 @@ impl<'a> LogColumns<'a> {
             &self.actors,
             &self.devices,
             &self.patches,
-            now,
         ]
+    }
+
+    /// The parameters of [`APPEND_LOG`].
+    pub(super) fn params<'p>(&'p self, now: &'p i64) -> [&'p (dyn ToSql + Sync); 10] {
+        let [a, b, c, d, e, f, g, h, i] = self.arrays();
+        [a, b, c, d, e, f, g, h, i, now]
     }
 }
 
@@ -340,11 +478,34 @@ pub(super) async fn update(
     request: &UpdateRequest,
     patches: &[ValidatedPatch],
 ) -> Result<UpdateOutcome, CallError> {
+    match update_in(client, limits, request, patches, false).await? {
+        Some(outcome) => Ok(outcome),
+        // A grantee creating the dataset holds its grant row when it finds no dataset row;
+        // it starts again with the creation lock first, since a grant or revoke of a name
+        // without a row takes that lock before the grant row (see `CREATE_LOCK`).
+        None => update_in(client, limits, request, patches, true)
+            .await?
+            .ok_or_else(|| StoreError::Internal("update found no row twice".into()).into()),
+    }
+}
+
+/// [`update`], with [`CREATE_LOCK`] taken first if `create_first`; `None` when it finds no
+/// row for a grantee without it (nothing written).
+async fn update_in(
+    client: &mut ClientWrapper,
+    limits: &Limits,
+    request: &UpdateRequest,
+    patches: &[ValidatedPatch],
+    create_first: bool,
+) -> Result<Option<UpdateOutcome>, CallError> {
     let key = &request.dataset;
     let is_owner = request.actor == key.owner;
     let now = now_ms();
     let keys: Vec<&str> = patches.iter().map(|p| p.key.as_str()).collect();
     let tx = client.transaction().await?;
+    if create_first {
+        take_create_lock(&tx, key).await?;
+    }
 
     // Sent together and run in this order: the grant check and the records load each take
     // their snapshot after the row lock is granted, so they see every earlier commit.
@@ -386,6 +547,7 @@ pub(super) async fn update(
     // The dataset's live records and the stored state (tombstones too) of every patched key.
     let (row, stored) = match locked {
         Some(row) => (dataset_row(&row)?, records_by_key(&loaded)?),
+        None if !is_owner && !create_first => return Ok(None),
         None => {
             // No row to lock: the records loaded above belong to no lock we hold (a
             // concurrent creation may have committed since), so load again once locked.
@@ -396,7 +558,7 @@ pub(super) async fn update(
         }
     };
     if let Some(conflict) = decision::conflict(&row.state, patches, &stored) {
-        return Ok(conflict);
+        return Ok(Some(conflict));
     }
     let owned = if row.state.is_created_by_update() {
         Some(count_owned_locked(&tx, key).await?)
@@ -405,13 +567,13 @@ pub(super) async fn update(
     };
     let plan = decision::plan(limits, request, patches, &row.state, &stored, owned, now)?;
     let mut log = LogColumns::default();
-    log.push_update(request, &plan, &stored)?;
+    log.push_update(row.id, request, &plan, &stored)?;
     let write = Write {
         dataset_id: row.id,
         plan,
     };
     store_writes_and_commit(tx, &[&write], &log, now).await?;
-    Ok(write.plan.committed(key, stored))
+    Ok(Some(write.plan.committed(key, stored)))
 }
 
 /// An update's plan, for the dataset row it writes.
@@ -421,8 +583,9 @@ pub(super) struct Write {
 }
 
 /// Writes planned updates (to distinct datasets, whose rows the transaction holds) and
-/// commits: every dataset row in one statement, every record in another and the updates'
-/// commit log entries (`log`) in a third, sent together with COMMIT ([`commit`]).
+/// commits: every record in one statement, then every dataset row with the updates' commit
+/// log entries (`log`) in another ([`WRITE_DATASETS_AND_LOG`]), sent together with COMMIT
+/// ([`commit`]).
 pub(super) async fn store_writes_and_commit(
     tx: Transaction<'_>,
     writes: &[&Write],
@@ -430,25 +593,17 @@ pub(super) async fn store_writes_and_commit(
     now: i64,
 ) -> Result<(), CallError> {
     let columns = WriteColumns::of(writes)?;
-    let (update, upsert, append) = tokio::try_join!(
-        tx.prepare_cached(UPDATE_DATASETS),
+    let (upsert, write) = tokio::try_join!(
         tx.prepare_cached(UPSERT_RECORDS),
-        tx.prepare_cached(APPEND_LOG),
+        tx.prepare_cached(WRITE_DATASETS_AND_LOG),
     )?;
-    let (update_params, upsert_params) = columns.params(&now);
-    let log_params = log.params(&now);
-    // Biased: the statements are sent in this order (the append last, then COMMIT) and fail
-    // in order, and the first one's error is the cause (a full disk, say); the next one's is
-    // only "current transaction is aborted".
+    let upsert_params = columns.record_params(&now);
+    let write_params = columns.dataset_params(log, &now);
+    // Biased: the statements are sent in this order (the one that takes log ids last, then
+    // COMMIT) and fail in order, and the first one's error is the cause (a full disk, say);
+    // the next one's is only "current transaction is aborted".
     tokio::try_join!(
         biased;
-        async {
-            if writes.is_empty() {
-                Ok(0)
-            } else {
-                tx.execute(&update, &update_params).await
-            }
-        },
         async {
             if columns.has_records() {
                 tx.execute(&upsert, &upsert_params).await
@@ -457,10 +612,10 @@ pub(super) async fn store_writes_and_commit(
             }
         },
         async {
-            if log.is_empty() {
+            if writes.is_empty() {
                 Ok(0)
             } else {
-                tx.execute(&append, &log_params).await
+                tx.execute(&write, &write_params).await
             }
         },
         commit(&tx),
@@ -468,7 +623,7 @@ pub(super) async fn store_writes_and_commit(
     Ok(())
 }
 
-/// Planned writes as the arrays of [`UPDATE_DATASETS`] and [`UPSERT_RECORDS`].
+/// Planned writes as the arrays of [`WRITE_DATASETS_AND_LOG`] and [`UPSERT_RECORDS`].
 pub(super) struct WriteColumns<'a> {
     ds_ids: Vec<i64>,
     ds_counts: Vec<i64>,
@@ -482,9 +637,6 @@ pub(super) struct WriteColumns<'a> {
     rec_devices: Vec<Option<&'a str>>,
     rec_device_times: Vec<Option<i64>>,
 }
-
-/// The parameters of [`UPDATE_DATASETS`] and of [`UPSERT_RECORDS`].
-pub(super) type WriteParams<'p> = ([&'p (dyn ToSql + Sync); 5], [&'p (dyn ToSql + Sync); 8]);
 
 impl<'a> WriteColumns<'a> {
     pub(super) fn of(writes: &[&'a Write]) -> Result<Self, CallError> {
@@ -524,26 +676,43 @@ impl<'a> WriteColumns<'a> {
         !self.rec_ids.is_empty()
     }
 
-    pub(super) fn params<'p>(&'p self, now: &'p i64) -> WriteParams<'p> {
-        (
-            [
-                &self.ds_ids,
-                &self.ds_counts,
-                &self.ds_records,
-                &self.ds_bytes,
-                now,
-            ],
-            [
-                &self.rec_ids,
-                &self.rec_keys,
-                &self.rec_values,
-                &self.rec_counts,
-                &self.rec_by,
-                &self.rec_devices,
-                &self.rec_device_times,
-                now,
-            ],
-        )
+    /// The parameters of [`UPSERT_RECORDS`].
+    pub(super) fn record_params<'p>(&'p self, now: &'p i64) -> [&'p (dyn ToSql + Sync); 8] {
+        [
+            &self.rec_ids,
+            &self.rec_keys,
+            &self.rec_values,
+            &self.rec_counts,
+            &self.rec_by,
+            &self.rec_devices,
+            &self.rec_device_times,
+            now,
+        ]
+    }
+
+    /// The parameters of [`WRITE_DATASETS_AND_LOG`], with the writes' entries.
+    pub(super) fn dataset_params<'p>(
+        &'p self,
+        log: &'p LogColumns<'_>,
+        now: &'p i64,
+    ) -> [&'p (dyn ToSql + Sync); 14] {
+        let [a, b, c, d, e, f, g, h, i] = log.arrays();
+        [
+            &self.ds_ids,
+            &self.ds_counts,
+            &self.ds_records,
+            &self.ds_bytes,
+            now,
+            a,
+            b,
+            c,
+            d,
+            e,
+            f,
+            g,
+            h,
+            i,
+        ]
     }
 }
 
@@ -556,6 +725,7 @@ pub(super) async fn insert_or_lock_dataset(
     now: i64,
 ) -> Result<DatasetRow, CallError> {
     let stmt = tx.prepare_cached(INSERT_DATASET).await?;
+    take_create_lock(tx, key).await?;
     if let Some(row) = tx
         .query_opt(&stmt, &[&key.pool, &key.owner, &key.name, &now])
         .await?
@@ -609,6 +779,37 @@ async fn count_owned_locked(tx: &Transaction<'_>, key: &DatasetKey) -> Result<u6
 /// The second key of the owner's advisory locks: pool and owner, unambiguously joined.
 fn owner_lock_key(key: &DatasetKey) -> String {
     format!("{}:{}/{}", key.pool.len(), key.pool, key.owner)
+}
+
+/// Takes [`CREATE_LOCK`] for `key`, held to the end of the transaction (a second time in
+/// the same transaction is free).
+async fn take_create_lock(tx: &Transaction<'_>, key: &DatasetKey) -> Result<(), CallError> {
+    let lock = tx.prepare_cached(LOCK_OWNER).await?;
+    let name = format!(
+        "{}:{}/{}:{}/{}",
+        key.pool.len(),
+        key.pool,
+        key.owner.len(),
+        key.owner,
+        key.name
+    );
+    tx.execute(&lock, &[&CREATE_LOCK, &name]).await?;
+    Ok(())
+}
+
+/// The dataset's row, locked; or, when it has none, `None` with [`CREATE_LOCK`] held so
+/// that none is created before the transaction ends. Either way a log entry appended next
+/// chains onto the dataset's true head.
+async fn lock_row_or_name(
+    tx: &Transaction<'_>,
+    key: &DatasetKey,
+) -> Result<Option<DatasetRow>, CallError> {
+    if let Some(row) = lock_dataset(tx, key).await? {
+        return Ok(Some(row));
+    }
+    take_create_lock(tx, key).await?;
+    // A statement after the lock: it sees a row created before the lock was granted.
+    lock_dataset(tx, key).await
 }
 
 /// Deletes a dataset; see `Store::delete_dataset`.
@@ -673,6 +874,7 @@ pub(super) async fn delete_locked<'a>(
     let mut own = LogColumns::default();
     let append_here = deferred.is_none();
     deferred.unwrap_or(&mut own).push(
+        row.id,
         key,
         LogKind::Delete,
         new_count,
@@ -712,7 +914,8 @@ pub(super) async fn delete_locked<'a>(
 /// the owner. The owner's grant lock is taken before anything else, so the counts (a
 /// statement after the lock, READ COMMITTED: it sees every grant committed before) cannot
 /// miss a new grant racing for the last slot, which waits for this transaction. A revoke or
-/// delete racing the count only makes it high for a moment.
+/// delete racing the count only makes it high for a moment. The dataset's row is locked
+/// next (before the grant row, the order updates take them in) so the entry chains onto it.
 pub(super) async fn grant(
     client: &mut ClientWrapper,
     limits: &Limits,
@@ -721,11 +924,12 @@ pub(super) async fn grant(
     access: Access,
 ) -> Result<(), CallError> {
     let tx = client.transaction().await?;
-    let (lock, count, upsert, append) = tokio::try_join!(
+    let (lock, count, upsert, append, append_rowless) = tokio::try_join!(
         tx.prepare_cached(LOCK_OWNER),
         tx.prepare_cached(COUNT_GRANTS),
         tx.prepare_cached(UPSERT_GRANT),
-        tx.prepare_cached(APPEND_GRANT_LOG),
+        tx.prepare_cached(APPEND_LOG),
+        tx.prepare_cached(APPEND_ROWLESS_GRANT_LOG),
     )?;
     tx.execute(&lock, &[&GRANT_LOCK, &owner_lock_key(key)])
         .await?;
@@ -738,18 +942,38 @@ pub(super) async fn grant(
         by_owner: to_u64(row.try_get(2)?)?,
     };
     decision::check_grant(limits, key, counts)?;
+    let dataset = lock_row_or_name(&tx, key).await?;
     let now = now_ms();
     let patches = commitlog::grant_json(grantee, Some(access));
     let access = access.as_str();
     let upsert_params: [&(dyn ToSql + Sync); 6] =
         [&key.pool, &key.owner, &key.name, &grantee, &access, &now];
-    let append_params: [&(dyn ToSql + Sync); 5] =
+    let mut log = LogColumns::default();
+    if let Some(row) = &dataset {
+        log.push(
+            row.id,
+            key,
+            LogKind::Grant,
+            row.state.sync_count,
+            &key.owner,
+            None,
+            patches.clone(),
+        )?;
+    }
+    let log_params = log.params(&now);
+    let rowless_params: [&(dyn ToSql + Sync); 5] =
         [&key.pool, &key.owner, &key.name, &now, &patches];
     // Biased, as in `store_writes_and_commit`: the first error is the cause.
     tokio::try_join!(
         biased;
         tx.execute(&upsert, &upsert_params),
-        tx.execute(&append, &append_params),
+        async {
+            if dataset.is_some() {
+                tx.execute(&append, &log_params).await
+            } else {
+                tx.execute(&append_rowless, &rowless_params).await
+            }
+        },
         commit(&tx),
     )?;
     Ok(())
@@ -764,16 +988,17 @@ pub(super) async fn log_snapshot(
 ) -> Result<Option<i64>, CallError> {
     let tx = client.transaction().await?;
     let (lock, records, append) = tokio::try_join!(
+        // Exclusive: the append moves the row's log head.
         tx.prepare_cached(
             "SELECT id, sync_count FROM datasets
-             WHERE pool = $1 AND owner = $2 AND name = $3 AND NOT deleted FOR SHARE"
+             WHERE pool = $1 AND owner = $2 AND name = $3 AND NOT deleted FOR UPDATE"
         ),
         tx.prepare_cached(
             "SELECT key, value, sync_count, last_modified, last_modified_by, device_id,
                     device_last_modified
              FROM records WHERE dataset_id = $1 AND value IS NOT NULL ORDER BY key"
         ),
-        tx.prepare_cached(APPEND_SNAPSHOT_LOG),
+        tx.prepare_cached(APPEND_LOG),
     )?;
     let Some(row) = tx
         .query_opt(&lock, &[&key.pool, &key.owner, &key.name])
@@ -788,16 +1013,18 @@ pub(super) async fn log_snapshot(
         .iter()
         .map(|r| super::read::record_from_row(r, 0))
         .collect::<Result<Vec<_>, CallError>>()?;
-    let patches = commitlog::snapshot_json(&live);
     let now = now_ms();
-    let append_params: [&(dyn ToSql + Sync); 6] = [
-        &key.pool,
+    let mut log = LogColumns::default();
+    log.push(
+        id,
+        key,
+        LogKind::Snapshot,
+        to_u64(sync_count)?,
         &key.owner,
-        &key.name,
-        &sync_count,
-        &now,
-        &patches,
-    ];
+        None,
+        commitlog::snapshot_json(&live),
+    )?;
+    let append_params = log.params(&now);
     let (entry, ()) = tokio::try_join!(
         biased;
         tx.query_one(&append, &append_params),
@@ -806,27 +1033,35 @@ pub(super) async fn log_snapshot(
     Ok(Some(entry.try_get(0)?))
 }
 
-/// Removes a grant; the caller checked that the actor is the owner.
+/// Removes a grant; the caller checked that the actor is the owner. The dataset's row is
+/// locked first (or its name's creation lock taken) so the entry chains onto its head.
 pub(super) async fn revoke(
-    client: &ClientWrapper,
+    client: &mut ClientWrapper,
     key: &DatasetKey,
     grantee: &str,
 ) -> Result<(), CallError> {
-    let stmt = client.prepare_cached(REVOKE_AND_LOG).await?;
+    let tx = client.transaction().await?;
+    let (with_row, rowless) = tokio::try_join!(
+        tx.prepare_cached(REVOKE_AND_LOG),
+        tx.prepare_cached(REVOKE_ROWLESS_AND_LOG),
+    )?;
+    let dataset = lock_row_or_name(&tx, key).await?;
     let patches = commitlog::grant_json(grantee, None);
-    let removed = client
-        .execute(
-            &stmt,
-            &[
-                &key.pool,
-                &key.owner,
-                &key.name,
-                &grantee,
-                &now_ms(),
-                &patches,
-            ],
-        )
-        .await?;
+    let now = now_ms();
+    let (removed, ()) = match &dataset {
+        Some(row) => {
+            let count = to_i64(row.state.sync_count)?;
+            let params: [&(dyn ToSql + Sync); 8] = [
+                &key.pool, &key.owner, &key.name, &grantee, &now, &patches, &row.id, &count,
+            ];
+            tokio::try_join!(biased; tx.execute(&with_row, &params), commit(&tx))?
+        }
+        None => {
+            let params: [&(dyn ToSql + Sync); 6] =
+                [&key.pool, &key.owner, &key.name, &grantee, &now, &patches];
+            tokio::try_join!(biased; tx.execute(&rowless, &params), commit(&tx))?
+        }
+    };
     if removed == 0 {
         return Err(StoreError::NotFound(format!("grant of {key} to {grantee}")).into());
     }
