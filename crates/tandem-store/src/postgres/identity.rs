@@ -6,7 +6,8 @@
 //! then finds it taken. A merge then locks every dataset row of both identities in id
 //! order, the order a batch of updates locks in, so it cannot deadlock with one on rows
 //! that exist; then, name by name, it inserts a placeholder row where the target has none
-//! (as an update does), and it moves grant rows last. Locks go identity rows → dataset
+//! (as an update does, under the name's creation lock, which it takes only for names
+//! without a row: others take that lock before any row), and it moves grant rows last. Locks go identity rows → dataset
 //! rows → grant rows, the order every other write keeps too (see the module doc of
 //! `postgres`). Should PostgreSQL still find a deadlock (a batch creating a dataset of the
 //! target while the merge creates the same name), it aborts one transaction, which is
@@ -260,7 +261,13 @@ pub(super) async fn merge(
                 continue;
             }
             let key = DatasetKey::new(pool, into, candidate.as_str());
-            let row = insert_or_lock_dataset(&tx, &key, now).await?;
+            // A row is locked as it is (held already); only a name without one takes the
+            // creation lock, which is taken before any row elsewhere (`write::CREATE_LOCK`):
+            // taking it for a held row could wait in a cycle with a grant of that name.
+            let row = match lock_dataset(&tx, &key).await? {
+                Some(row) => row,
+                None => insert_or_lock_dataset(&tx, &key, now).await?,
+            };
             if row.state.deleted {
                 free = Some((candidate, row));
                 break;

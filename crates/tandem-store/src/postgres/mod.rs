@@ -31,9 +31,16 @@
 //!   counts the owner's grants, so two new grants cannot both take the last slot of
 //!   `max_grants_per_dataset` or `max_grants_per_owner`. It is not the creation lock: a
 //!   grant waits for grant rows that an update holds while it waits for the creation lock.
-//! - Locks are always taken in the order dataset row → advisory lock / grant row, or grant
-//!   lock → grant row, and a delete takes the dataset row before it deletes grants, so these
-//!   cannot deadlock.
+//! - A grant or revoke locks the dataset's row too (after the grant lock, before the grant
+//!   row), since its commit log entry moves the row's log head (schema version 9). For a
+//!   name with no row it takes the name's creation lock (`write::CREATE_LOCK`) instead and
+//!   chains its entry through `commit_log_heads`; inserting the row takes that lock first
+//!   and takes the head over. A grantee's update that finds no row starts over with the
+//!   creation lock first, and a merge takes it only for names without a row.
+//! - Locks are always taken in the order creation lock → dataset row → advisory lock /
+//!   grant row, or grant lock → dataset row (or creation lock) → grant row, and a delete
+//!   takes the dataset row before it deletes grants, so these cannot deadlock; the log
+//!   counter (`log_seq`) comes last, in the statement sent with COMMIT.
 //!
 //! Reads (`snapshot`, `changes`, `list_datasets`, `access`) are one statement each, so
 //! everything a read returns (access, sync count, records) comes from one snapshot.

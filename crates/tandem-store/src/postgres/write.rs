@@ -1,6 +1,8 @@
 //! Writes. An update or a delete is one READ COMMITTED transaction that starts by locking
 //! the dataset's row (see the module doc of `postgres` for why that is enough); a grant is
-//! one that takes the owner's grant lock, counts and writes; a revoke is one statement. An update reads the rows under the lock, lets the shared
+//! one that takes the owner's grant lock, counts, locks the dataset's row and writes; a
+//! revoke locks the row and writes in one statement. An update reads the rows under the
+//! lock, lets the shared
 //! `decision` say what it writes, and writes that with the same statements as a batch
 //! (`store_writes_and_commit`). Statements that do not depend on each other's results are
 //! sent together (tokio-postgres pipelines them on the connection), the last ones with COMMIT
@@ -232,7 +234,8 @@ pub(super) const WRITE_DATASETS_AND_LOG: &str = append_log!(concat!(
 /// commit only, not for a round trip to the node, nor, if the node's network fails in
 /// between, until `idle_in_transaction_session_timeout` ends the session. The only other
 /// locks taken after it are of rows the transaction already holds, and of the rowless heads
-/// rows, which no one takes without holding the counter first, so they never wait.
+/// rows, which only holders of the counter or of the name's [`CREATE_LOCK`] take, and a
+/// holder of the counter appends to a rowless name only under that lock: they never wait.
 /// `WHERE only_row` finds the row by its key: with sequential scans priced out
 /// (`pg_config`), a scan of the table would cost enough to be JIT-compiled, hundreds of
 /// milliseconds a statement.
@@ -785,16 +788,21 @@ fn owner_lock_key(key: &DatasetKey) -> String {
 /// the same transaction is free).
 async fn take_create_lock(tx: &Transaction<'_>, key: &DatasetKey) -> Result<(), CallError> {
     let lock = tx.prepare_cached(LOCK_OWNER).await?;
-    let name = format!(
+    tx.execute(&lock, &[&CREATE_LOCK, &create_lock_key(key)])
+        .await?;
+    Ok(())
+}
+
+/// The second key of [`CREATE_LOCK`]: the dataset's key, unambiguously joined.
+pub(super) fn create_lock_key(key: &DatasetKey) -> String {
+    format!(
         "{}:{}/{}:{}/{}",
         key.pool.len(),
         key.pool,
         key.owner.len(),
         key.owner,
         key.name
-    );
-    tx.execute(&lock, &[&CREATE_LOCK, &name]).await?;
-    Ok(())
+    )
 }
 
 /// The dataset's row, locked; or, when it has none, `None` with [`CREATE_LOCK`] held so
@@ -979,9 +987,9 @@ pub(super) async fn grant(
     Ok(())
 }
 
-/// A live dataset's records as a snapshot entry, read and appended under a share lock on the
-/// dataset's row (updates take it exclusively), so the entry is exactly the state between
-/// the commits before and after it. `None` for a missing or deleted dataset.
+/// A live dataset's records as a snapshot entry, read and appended under the dataset's row
+/// lock (exclusive, as updates take it: the append moves the row's log head), so the entry
+/// is exactly the state between the commits before and after it. `None` for a missing or deleted dataset.
 pub(super) async fn log_snapshot(
     client: &mut ClientWrapper,
     key: &DatasetKey,
