@@ -1,10 +1,9 @@
 //! Writes. An update or a delete is one READ COMMITTED transaction that starts by locking
 //! the dataset's row (see the module doc of `postgres` for why that is enough); a grant is
 //! one that takes the owner's grant lock, counts, locks the dataset's row and writes; a
-//! revoke locks the row and writes in one statement. An update reads the rows under the
-//! lock, lets the shared
-//! `decision` say what it writes, and writes that with the same statements as a batch
-//! (`store_writes_and_commit`). Statements that do not depend on each other's results are
+//! revoke one that locks the row, then deletes and logs in one statement. An update reads
+//! the rows under the lock, lets the shared `decision` say what it writes, and writes that
+//! with the same statements as a batch (`store_writes_and_commit`). Statements that do not depend on each other's results are
 //! sent together (tokio-postgres pipelines them on the connection), the last ones with COMMIT
 //! ([`commit`]), and each write is one statement however many records it touches.
 
@@ -258,7 +257,7 @@ pub(super) const APPEND_LOG: &str = append_log!(concat!(
 /// ([`CREATE_LOCK`]), so no row appears meanwhile. The upsert reads the head from the
 /// heads row's newest version and hands it out through `prev_head`.
 macro_rules! append_rowless_log {
-    ($ctes:literal) => {
+    ($ctes:expr) => {
         concat!(
             "WITH ",
             $ctes,
@@ -292,11 +291,11 @@ const APPEND_ROWLESS_GRANT_LOG: &str = append_rowless_log!(
     )"
 );
 
-/// Removes a grant (`$1`..`$4`) and, only if one went, appends its entry (`$5` the time,
-/// `$6` the patches, `$7` the dataset row's id, `$8` its sync count) chained onto the
-/// row, which the transaction holds locked; its id as in [`APPEND_LOG`].
-const REVOKE_AND_LOG: &str = append_log!(
-    "gone AS (
+/// The CTEs of a revoke that logs: `gone` deletes the grant (`$1`..`$4`), `seq` takes an id
+/// from the `log_seq` counter only if it went.
+macro_rules! revoke_ctes {
+    () => {
+        "gone AS (
         DELETE FROM grants WHERE pool = $1 AND owner = $2 AND name = $3 AND grantee = $4
         RETURNING 1
     ),
@@ -304,7 +303,16 @@ const REVOKE_AND_LOG: &str = append_log!(
         UPDATE log_seq SET last = last + 1
         WHERE only_row AND EXISTS (SELECT 1 FROM gone) RETURNING last
     ),
-    e AS (
+    "
+    };
+}
+
+/// Removes a grant (`$1`..`$4`) and, only if one went, appends its entry (`$5` the time,
+/// `$6` the patches, `$7` the dataset row's id, `$8` its sync count) chained onto the
+/// row, which the transaction holds locked; its id as in [`APPEND_LOG`].
+const REVOKE_AND_LOG: &str = append_log!(concat!(
+    revoke_ctes!(),
+    "e AS (
         SELECT seq.last AS id, $7::bigint AS ds, $1::text AS pool, $2::text AS owner,
                $3::text AS name, 'revoke'::text AS kind, $8::bigint AS sync_count,
                $2::text AS actor, NULL::text AS device_id, $5::bigint AS server_time,
@@ -318,26 +326,19 @@ const REVOKE_AND_LOG: &str = append_log!(
         WHERE d.id = e.ds
         RETURNING d.id, d.log_prev
     )"
-);
+));
 
 /// [`REVOKE_AND_LOG`] for a dataset without a row (`$1`..`$6`), at sync count 0, chained
 /// as [`append_rowless_log`].
-const REVOKE_ROWLESS_AND_LOG: &str = append_rowless_log!(
-    "gone AS (
-        DELETE FROM grants WHERE pool = $1 AND owner = $2 AND name = $3 AND grantee = $4
-        RETURNING 1
-    ),
-    seq AS (
-        UPDATE log_seq SET last = last + 1
-        WHERE only_row AND EXISTS (SELECT 1 FROM gone) RETURNING last
-    ),
-    e AS (
+const REVOKE_ROWLESS_AND_LOG: &str = append_rowless_log!(concat!(
+    revoke_ctes!(),
+    "e AS (
         SELECT seq.last AS id, $1::text AS pool, $2::text AS owner, $3::text AS name,
                'revoke'::text AS kind, 0::bigint AS sync_count, $2::text AS actor,
                NULL::text AS device_id, $5::bigint AS server_time, $6::text AS patches
         FROM seq
     )"
-);
+));
 
 /// COMMIT, for a transaction's last round trip: polled right after the futures of its last
 /// statements (in a `biased` join, each already prepared so it is sent on its first poll),
