@@ -391,19 +391,8 @@ async fn insert(client: &impl GenericClient, item: &DumpItem) -> Result<bool, Ca
         DumpItem::Dataset(d) => {
             // As a first write does, under the name's creation lock: a grant of a name
             // without a row either comes before (and its head is taken over) or after.
-            let lock = client
-                .prepare_cached("SELECT pg_advisory_xact_lock($1, hashtext($2))")
-                .await?;
             let key = DatasetKey::new(&d.pool, &d.owner, &d.name);
-            client
-                .execute(
-                    &lock,
-                    &[
-                        &super::write::CREATE_LOCK,
-                        &super::write::create_lock_key(&key),
-                    ],
-                )
-                .await?;
+            super::write::take_create_lock(client, &key).await?;
             let stmt = client
                 .prepare_cached(
                     // Takes over the log head of a name that had none (a grant logged in

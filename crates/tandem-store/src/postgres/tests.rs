@@ -1156,6 +1156,17 @@ async fn rowless_heads(admin: &Client, schema: &str) -> i64 {
         .get(0)
 }
 
+/// Two stores on one schema, as two nodes would have.
+async fn two_nodes(schemas: &TestSchemas) -> (Arc<PostgresStore>, Arc<PostgresStore>) {
+    let a = PostgresStore::connect(schemas.config(), Limits::default())
+        .await
+        .unwrap();
+    let b = PostgresStore::connect(schemas.config_for(&a), Limits::default())
+        .await
+        .unwrap();
+    (Arc::new(a), Arc::new(b))
+}
+
 /// A dataset shared before anyone wrote it: the grants' entries chain through
 /// `commit_log_heads` until the first write (here the grantee's) creates the row, which takes
 /// the head over; history holds every entry, newest first, and the count trim counts them.
@@ -1243,16 +1254,7 @@ async fn test_postgres_store_row_takes_over_the_log_of_a_name_shared_before_it_e
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn test_postgres_store_grantee_creates_a_dataset_while_the_owner_regrants() {
     let schemas = TestSchemas::new();
-    let a = Arc::new(
-        PostgresStore::connect(schemas.config(), Limits::default())
-            .await
-            .unwrap(),
-    );
-    let b = Arc::new(
-        PostgresStore::connect(schemas.config_for(&a), Limits::default())
-            .await
-            .unwrap(),
-    );
+    let (a, b) = two_nodes(&schemas).await;
     for n in 0..15 {
         let d = ds("alice", &format!("s{n}"));
         a.grant(&d, "alice", "bob", Access::Write).await.unwrap();
@@ -1368,16 +1370,7 @@ async fn test_postgres_store_count_trim_walks_a_large_cap_in_chunks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn test_postgres_store_chain_holds_every_entry_of_racing_writers() {
     let schemas = TestSchemas::new();
-    let a = Arc::new(
-        PostgresStore::connect(schemas.config(), Limits::default())
-            .await
-            .unwrap(),
-    );
-    let b = Arc::new(
-        PostgresStore::connect(schemas.config_for(&a), Limits::default())
-            .await
-            .unwrap(),
-    );
+    let (a, b) = two_nodes(&schemas).await;
     let d = ds("alice", "hot");
     let mut tasks = Vec::new();
     for w in 0..6 {

@@ -16,7 +16,7 @@ use crate::decision::{
 use crate::{DatasetKey, Limits, StoreError, UpdateOutcome, UpdateRequest, ValidatedPatch, now_ms};
 use deadpool_postgres::tokio_postgres::types::ToSql;
 use deadpool_postgres::tokio_postgres::{self, Row};
-use deadpool_postgres::{ClientWrapper, Transaction};
+use deadpool_postgres::{ClientWrapper, GenericClient, Transaction};
 use tandem_protocol::Access;
 
 /// The first key of the advisory lock that serialises the creation of one owner's datasets
@@ -787,15 +787,19 @@ fn owner_lock_key(key: &DatasetKey) -> String {
 
 /// Takes [`CREATE_LOCK`] for `key`, held to the end of the transaction (a second time in
 /// the same transaction is free).
-async fn take_create_lock(tx: &Transaction<'_>, key: &DatasetKey) -> Result<(), CallError> {
-    let lock = tx.prepare_cached(LOCK_OWNER).await?;
-    tx.execute(&lock, &[&CREATE_LOCK, &create_lock_key(key)])
+pub(super) async fn take_create_lock(
+    client: &impl GenericClient,
+    key: &DatasetKey,
+) -> Result<(), CallError> {
+    let lock = client.prepare_cached(LOCK_OWNER).await?;
+    client
+        .execute(&lock, &[&CREATE_LOCK, &create_lock_key(key)])
         .await?;
     Ok(())
 }
 
 /// The second key of [`CREATE_LOCK`]: the dataset's key, unambiguously joined.
-pub(super) fn create_lock_key(key: &DatasetKey) -> String {
+fn create_lock_key(key: &DatasetKey) -> String {
     format!(
         "{}:{}/{}:{}/{}",
         key.pool.len(),
@@ -957,21 +961,26 @@ pub(super) async fn grant(
     let access = access.as_str();
     let upsert_params: [&(dyn ToSql + Sync); 6] =
         [&key.pool, &key.owner, &key.name, &grantee, &access, &now];
+    // The entry goes onto the row's chain, or else through `commit_log_heads`.
     let mut log = LogColumns::default();
-    if let Some(row) = &dataset {
-        log.push(
-            row.id,
-            key,
-            LogKind::Grant,
-            row.state.sync_count,
-            &key.owner,
-            None,
-            patches.clone(),
-        )?;
-    }
+    let rowless_patches = match &dataset {
+        Some(row) => {
+            log.push(
+                row.id,
+                key,
+                LogKind::Grant,
+                row.state.sync_count,
+                &key.owner,
+                None,
+                patches,
+            )?;
+            String::new()
+        }
+        None => patches,
+    };
     let log_params = log.params(&now);
     let rowless_params: [&(dyn ToSql + Sync); 5] =
-        [&key.pool, &key.owner, &key.name, &now, &patches];
+        [&key.pool, &key.owner, &key.name, &now, &rowless_patches];
     // Biased, as in `store_writes_and_commit`: the first error is the cause.
     tokio::try_join!(
         biased;
