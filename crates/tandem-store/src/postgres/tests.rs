@@ -2085,3 +2085,97 @@ async fn test_postgres_batch_decides_updates_of_one_dataset_as_if_one_by_one() {
     );
     store.close().await;
 }
+
+/// A batch whose updates alternate between two datasets, one with a head from an update and
+/// one whose only entry is a grant logged before its row existed: each dataset's entries
+/// chain onto its own head and then onto each other, so its history walks back through
+/// every entry of it and no other.
+#[tokio::test]
+async fn test_postgres_batch_chains_each_datasets_entries_onto_its_own_head() {
+    let schemas = TestSchemas::new();
+    let store = PostgresStore::connect(schemas.config(), Limits::default())
+        .await
+        .unwrap();
+    let (first, second) = (ds("owner", "first"), ds("owner", "second"));
+    commit(
+        &store,
+        update(&first, "owner", vec![Patch::replace("a", "0", 0)]),
+    )
+    .await;
+    store
+        .grant(&second, "owner", "friend", Access::Read)
+        .await
+        .unwrap();
+    // The second dataset's row comes with its first update, which takes the grant's head
+    // over; the batch below then finds both rows with heads.
+    commit(
+        &store,
+        update(&second, "owner", vec![Patch::replace("a", "0", 0)]),
+    )
+    .await;
+    let requests: Vec<UpdateRequest> = (1..=3)
+        .flat_map(|n| {
+            [&first, &second]
+                .map(|d| update(d, "owner", vec![Patch::replace(format!("k{n}"), "v", 0)]))
+        })
+        .collect();
+    let before = store.inner.batched.load(Ordering::Relaxed);
+    for result in batch::run_together(&store.inner, requests).await {
+        assert!(
+            matches!(result, Ok(UpdateOutcome::Committed { .. })),
+            "{result:?}"
+        );
+    }
+    assert_eq!(store.inner.batched.load(Ordering::Relaxed) - before, 6);
+    let all = store.log_since(0, 1_000).await.unwrap();
+    for (d, kinds) in [
+        (&first, vec![LogKind::Update; 4]),
+        (
+            &second,
+            vec![
+                LogKind::Grant,
+                LogKind::Update,
+                LogKind::Update,
+                LogKind::Update,
+                LogKind::Update,
+            ],
+        ),
+    ] {
+        let ids: Vec<i64> = all
+            .iter()
+            .filter(|e| &e.dataset == d)
+            .map(|e| e.id)
+            .collect();
+        let mut walked: Vec<crate::LogEntry> = store.history(d, "owner", None, 100).await.unwrap();
+        walked.reverse();
+        assert_eq!(walked.iter().map(|e| e.id).collect::<Vec<_>>(), ids, "{d}");
+        assert_eq!(
+            walked.iter().map(|e| e.kind).collect::<Vec<_>>(),
+            kinds,
+            "{d}"
+        );
+        assert_eq!(
+            walked.iter().map(|e| e.sync_count).collect::<Vec<_>>(),
+            if kinds.len() == 4 {
+                vec![1, 2, 3, 4]
+            } else {
+                vec![0, 1, 2, 3, 4]
+            },
+            "{d}"
+        );
+        // The count the row keeps (history's length for compaction) saw every entry.
+        let (entries,): (i64,) = {
+            let client = store.inner.pool.get().await.unwrap();
+            let row = client
+                .query_one(
+                    "SELECT log_entries FROM datasets WHERE pool = $1 AND owner = $2 AND name = $3",
+                    &[&d.pool, &d.owner, &d.name],
+                )
+                .await
+                .unwrap();
+            (row.get(0),)
+        };
+        assert_eq!(entries as usize, kinds.len(), "{d}");
+    }
+    store.close().await;
+}
