@@ -128,7 +128,8 @@ pub(super) const UPSERT_RECORDS: &str = upsert_records!(
              device_last_modified)"
 );
 
-/// A statement that appends commit log entries, chained (schema version 9). Its CTE `e`
+/// A statement that appends commit log entries, chained (schema version 9), for every
+/// append but an update's ([`WRITE_DATASETS_AND_LOG`] chains those itself). Its CTE `e`
 /// has the entries (`id, ds, pool, owner, name, kind, sync_count, actor, device_id,
 /// server_time, patches`, `ds` the dataset row's id) and `heads` answers `(id, log_prev)`
 /// for each of their dataset rows, having moved the row's `log_head` to its newest entry
