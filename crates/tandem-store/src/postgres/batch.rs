@@ -278,7 +278,7 @@ enum Settled {
 /// locked, so a delete holding a row (and deleting its grants) never waits for the batch.
 const LOCK: &str = r#"
     WITH locked AS MATERIALIZED (
-        SELECT d.id, d.sync_count, d.deleted, d.record_count, d.byte_size, d.log_head, k.i
+        SELECT d.id, d.sync_count, d.deleted, d.record_count, d.byte_size, k.i
         FROM datasets d
         JOIN UNNEST($1::text[], $2::text[], $3::text[], $4::int[]) AS k (pool, owner, name, i)
           ON d.pool = k.pool COLLATE "C" AND d.owner = k.owner COLLATE "C"
@@ -297,10 +297,9 @@ const LOCK: &str = r#"
         ORDER BY g.pool, g.owner, g.name, g.grantee
         FOR SHARE OF g
     )
-    SELECT 0, id, sync_count, deleted, record_count, byte_size, i, NULL::text, log_head
-    FROM locked
+    SELECT 0, id, sync_count, deleted, record_count, byte_size, i, NULL::text FROM locked
     UNION ALL
-    SELECT 1, NULL, NULL, NULL, NULL, NULL, j, access, NULL FROM granted"#;
+    SELECT 1, NULL, NULL, NULL, NULL, NULL, j, access FROM granted"#;
 
 /// 3. The live records of the batch's datasets and the patched keys' tombstones, each with
 ///    its group's slot. Sent with the lock but run after it, with a snapshot of its own, so
@@ -379,16 +378,14 @@ async fn decide_and_write(
         client.query(&load, &load_params),
     )?;
 
-    // Each live row with its log head.
-    let mut rows: Vec<Option<(DatasetRow, Option<i64>)>> = vec![None; groups.len()];
+    let mut rows: Vec<Option<DatasetRow>> = vec![None; groups.len()];
     let mut pair_can_write = vec![false; guests.pairs.len()];
     for row in &locked {
         let kind: i32 = row.try_get(0)?;
         if kind == 0 {
             let dataset = write::dataset_row_at(row, 1)?;
-            let log_head = write::log_head_at(row, 8)?;
             if let Some(slot) = slot(&mut rows, row, 6)? {
-                *slot = Some((dataset, log_head)).filter(|(d, _)| !d.state.deleted);
+                *slot = Some(dataset).filter(|d| !d.state.deleted);
             }
         } else if let Some(slot) = slot(&mut pair_can_write, row, 6)? {
             let access: String = row.try_get(7)?;
@@ -409,9 +406,7 @@ async fn decide_and_write(
     // Each committed update's entry, in commit order per dataset.
     let mut log = write::LogColumns::default();
     for (g, members) in groups.iter().enumerate() {
-        let Some((row, log_head)) = rows[g] else {
-            continue;
-        };
+        let Some(row) = rows[g] else { continue };
         let mut dataset = Decider::new(row, std::mem::take(&mut stored[g]));
         for &i in members {
             let can_write = match guests.pair_of[i] {
@@ -421,7 +416,7 @@ async fn decide_and_write(
             settled[i] =
                 Settled::Done(dataset.decide(limits, &items[i], can_write, now, &mut log)?);
         }
-        writes.extend(dataset.into_write(log_head));
+        writes.extend(dataset.into_write());
     }
 
     // 5. Every write of the batch in two statements (records; dataset rows with the commit
@@ -430,8 +425,7 @@ async fn decide_and_write(
     let writes: Vec<&Write> = writes.iter().collect();
     let columns = write::WriteColumns::of(&writes)?;
     let upsert_params = columns.record_params(&now);
-    let chain = write::Chain::of(&writes, &log)?;
-    let write_params = columns.dataset_params(&log, &chain, &now);
+    let write_params = columns.dataset_params(&log, &now);
     tokio::try_join!(
         biased;
         async {
@@ -593,12 +587,10 @@ impl Decider {
     }
 
     /// What the committed updates write together: the dataset row as the last one left it
-    /// and every record they changed, their entries to chain onto `log_head` (the row's, as
-    /// locked); `None` if none committed.
-    fn into_write(self, log_head: Option<i64>) -> Option<Write> {
+    /// and every record they changed; `None` if none committed.
+    fn into_write(self) -> Option<Write> {
         self.committed.then(|| Write {
             dataset_id: self.id,
-            log_head,
             plan: Plan {
                 sync_count: self.state.sync_count,
                 records: self.state.record_count,

@@ -266,7 +266,7 @@ pub(super) async fn merge(
             // taking it for a held row could wait in a cycle with a grant of that name.
             let row = match lock_dataset(&tx, &key).await? {
                 Some(row) => row,
-                None => insert_or_lock_dataset(&tx, &key, now).await?.0,
+                None => insert_or_lock_dataset(&tx, &key, now).await?,
             };
             if row.state.deleted {
                 free = Some((candidate, row));

@@ -47,13 +47,6 @@ pub(super) fn dataset_row(row: &Row) -> Result<DatasetRow, CallError> {
     dataset_row_at(row, 0)
 }
 
-/// The dataset's log head (its newest entry's id, `None` before its first) from `row`'s
-/// column `at`, read under the row's lock: the transaction's own entries chain onto it
-/// ([`WRITE_DATASETS_AND_LOG`]), and no one else's can until it ends.
-pub(super) fn log_head_at(row: &Row, at: usize) -> Result<Option<i64>, CallError> {
-    Ok(row.try_get(at)?)
-}
-
 /// [`dataset_row`] from the five columns from `at` on.
 pub(super) fn dataset_row_at(row: &Row, at: usize) -> Result<DatasetRow, CallError> {
     Ok(DatasetRow {
@@ -67,9 +60,8 @@ pub(super) fn dataset_row_at(row: &Row, at: usize) -> Result<DatasetRow, CallErr
     })
 }
 
-/// The row as [`dataset_row`] reads it, and its log head (column 5, see [`log_head_at`]).
 const LOCK_DATASET: &str = "
-    SELECT id, sync_count, deleted, record_count, byte_size, log_head FROM datasets
+    SELECT id, sync_count, deleted, record_count, byte_size FROM datasets
     WHERE pool = $1 AND owner = $2 AND name = $3
     FOR UPDATE";
 
@@ -85,7 +77,7 @@ const INSERT_DATASET: &str = "
         FROM (SELECT 1) AS one
              LEFT JOIN commit_log_heads h ON h.pool = $1 AND h.owner = $2 AND h.name = $3
         ON CONFLICT (pool, owner, name) DO NOTHING
-        RETURNING id, sync_count, deleted, record_count, byte_size, log_head
+        RETURNING id, sync_count, deleted, record_count, byte_size
     ), adopted AS (
         DELETE FROM commit_log_heads
         WHERE pool = $1 AND owner = $2 AND name = $3 AND EXISTS (SELECT 1 FROM ins)
@@ -128,8 +120,7 @@ pub(super) const UPSERT_RECORDS: &str = upsert_records!(
              device_last_modified)"
 );
 
-/// A statement that appends commit log entries, chained (schema version 9), for every
-/// append but an update's ([`WRITE_DATASETS_AND_LOG`] chains those itself). Its CTE `e`
+/// A statement that appends commit log entries, chained (schema version 9). Its CTE `e`
 /// has the entries (`id, ds, pool, owner, name, kind, sync_count, actor, device_id,
 /// server_time, patches`, `ds` the dataset row's id) and `heads` answers `(id, log_prev)`
 /// for each of their dataset rows, having moved the row's `log_head` to its newest entry
@@ -204,41 +195,31 @@ macro_rules! log_entries {
     };
 }
 
-/// Sets the rows of updated datasets and appends the updates' log entries, chained, in one
-/// statement: `$1`..`$4` the rows (ids, sync counts, record counts, byte sizes), `$5` the
-/// time, `$6` each row's newest entry (its 1-based position among the entries, NULL if
-/// none) and `$7` its number of entries, `$8`..`$15` the entries as in [`LogColumns`]
-/// without the dataset ids, and `$16`/`$17` how each one chains: onto the head its row had
-/// (`$16`, read when the transaction locked the row: [`log_head_at`]) or onto the entry
-/// `$17` places before it in the same statement. The row is rewritten by every commit
-/// anyway, so the head costs no write of its own (a separate heads table cost a row upsert
-/// per commit, a third of what the log costs the write path: docs/BENCHMARKS.md), and the
-/// chain is worked out by the node ([`WriteColumns::dataset_params`]), so the statement
-/// has no grouping, window or join of entries to rows to run. Like [`APPEND_LOG`], it
-/// takes the `log_seq` counter, so it is sent last, with COMMIT.
-pub(super) const WRITE_DATASETS_AND_LOG: &str = "
-    WITH seq AS (
-        UPDATE log_seq SET last = last + cardinality($8::text[]) WHERE only_row
-        RETURNING last - cardinality($8::text[]) AS base
-    ), rows AS (
+/// Sets the rows of updated datasets and appends the updates' log entries, chained onto
+/// each row's `log_head`, in one statement: `$1`..`$4` the rows (ids, sync counts, record
+/// counts, byte sizes), `$5` the time, `$6`..`$14` the entries as in [`LogColumns`]. The
+/// row is rewritten by every commit anyway, so the head costs no write of its own (a
+/// separate heads table cost a row upsert per commit, a third of what the log costs the
+/// write path: docs/BENCHMARKS.md). Like [`APPEND_LOG`], it takes the `log_seq` counter, so
+/// it is sent last, with COMMIT.
+pub(super) const WRITE_DATASETS_AND_LOG: &str = append_log!(concat!(
+    log_entries!(
+        "$6", "$7", "$8", "$9", "$10", "$11", "$12", "$13", "$14", "$5"
+    ),
+    ",
+    heads AS (
         UPDATE datasets AS d
         SET sync_count = w.sync_count, deleted = false, record_count = w.record_count,
             byte_size = w.byte_size, last_modified = $5,
-            log_head = coalesce(seq.base + w.newest, d.log_head),
-            log_entries = d.log_entries + w.entries
-        FROM seq, UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $6::bigint[],
-                         $7::bigint[])
-               AS w (id, sync_count, record_count, byte_size, newest, entries)
+            log_prev = d.log_head, log_head = coalesce(p.head, d.log_head),
+            log_entries = d.log_entries + coalesce(p.n, 0)
+        FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])
+               AS w (id, sync_count, record_count, byte_size)
+             LEFT JOIN per_dataset p ON p.ds = w.id
         WHERE d.id = w.id
-    )
-    INSERT INTO commit_log (id, pool, owner, name, kind, sync_count, actor, device_id,
-                            server_time, patches, prev_id)
-    SELECT seq.base + u.n, u.pool, u.owner, u.name, u.kind, u.sync_count, u.actor,
-           u.device_id, $5, u.patches, coalesce(u.head, seq.base + u.n - u.back)
-    FROM seq, UNNEST($8::text[], $9::text[], $10::text[], $11::text[], $12::bigint[],
-                     $13::text[], $14::text[], $15::text[], $16::bigint[], $17::bigint[])
-      WITH ORDINALITY AS u (pool, owner, name, kind, sync_count, actor, device_id, patches,
-                            head, back, n)";
+        RETURNING d.id, d.log_prev
+    )"
+));
 
 /// Appends commit log entries (`$1`..`$9` as in [`LogColumns`], `$10` the time) to
 /// datasets whose rows the transaction holds locked, their ids in the arrays' order, taken
@@ -568,20 +549,16 @@ async fn update_in(
     }
 
     // The dataset's live records and the stored state (tombstones too) of every patched key.
-    let (row, log_head, stored) = match locked {
-        Some(row) => (
-            dataset_row(&row)?,
-            log_head_at(&row, 5)?,
-            records_by_key(&loaded)?,
-        ),
+    let (row, stored) = match locked {
+        Some(row) => (dataset_row(&row)?, records_by_key(&loaded)?),
         None if !is_owner && !create_first => return Ok(None),
         None => {
             // No row to lock: the records loaded above belong to no lock we hold (a
             // concurrent creation may have committed since), so load again once locked.
-            let (row, log_head) = insert_or_lock_dataset(&tx, key, now).await?;
+            let row = insert_or_lock_dataset(&tx, key, now).await?;
             let stmt = tx.prepare_cached(LOAD_RECORDS).await?;
             let stored = records_by_key(&tx.query(&stmt, &[&row.id, &keys]).await?)?;
-            (row, log_head, stored)
+            (row, stored)
         }
     };
     if let Some(conflict) = decision::conflict(&row.state, patches, &stored) {
@@ -597,7 +574,6 @@ async fn update_in(
     log.push_update(row.id, request, &plan, &stored)?;
     let write = Write {
         dataset_id: row.id,
-        log_head,
         plan,
     };
     store_writes_and_commit(tx, &[&write], &log, now).await?;
@@ -607,8 +583,6 @@ async fn update_in(
 /// An update's plan, for the dataset row it writes.
 pub(super) struct Write {
     pub dataset_id: i64,
-    /// The row's log head as the transaction locked it ([`log_head_at`]).
-    pub log_head: Option<i64>,
     pub plan: Plan,
 }
 
@@ -627,9 +601,8 @@ pub(super) async fn store_writes_and_commit(
         tx.prepare_cached(UPSERT_RECORDS),
         tx.prepare_cached(WRITE_DATASETS_AND_LOG),
     )?;
-    let chain = Chain::of(writes, log)?;
     let upsert_params = columns.record_params(&now);
-    let write_params = columns.dataset_params(log, &chain, &now);
+    let write_params = columns.dataset_params(log, &now);
     // Biased: the statements are sent in this order (the one that takes log ids last, then
     // COMMIT) and fail in order, and the first one's error is the cause (a full disk, say);
     // the next one's is only "current transaction is aborted".
@@ -721,23 +694,20 @@ impl<'a> WriteColumns<'a> {
         ]
     }
 
-    /// The parameters of [`WRITE_DATASETS_AND_LOG`], with the writes' entries (each of one
-    /// of `writes`, the ones of a dataset in commit order).
+    /// The parameters of [`WRITE_DATASETS_AND_LOG`], with the writes' entries.
     pub(super) fn dataset_params<'p>(
         &'p self,
         log: &'p LogColumns<'_>,
-        chain: &'p Chain,
         now: &'p i64,
-    ) -> [&'p (dyn ToSql + Sync); 17] {
-        let [_, b, c, d, e, f, g, h, i] = log.arrays();
+    ) -> [&'p (dyn ToSql + Sync); 14] {
+        let [a, b, c, d, e, f, g, h, i] = log.arrays();
         [
             &self.ds_ids,
             &self.ds_counts,
             &self.ds_records,
             &self.ds_bytes,
             now,
-            &chain.newest,
-            &chain.entries,
+            a,
             b,
             c,
             d,
@@ -746,88 +716,30 @@ impl<'a> WriteColumns<'a> {
             g,
             h,
             i,
-            &chain.heads,
-            &chain.backs,
         ]
-    }
-}
-
-/// How the entries of [`WRITE_DATASETS_AND_LOG`] chain, worked out from the heads the
-/// writes' rows had when locked: per row, its newest entry's position and its number of
-/// entries; per entry, the head it chains onto or how many places back its previous entry
-/// is.
-pub(super) struct Chain {
-    newest: Vec<Option<i64>>,
-    entries: Vec<i64>,
-    heads: Vec<Option<i64>>,
-    backs: Vec<Option<i64>>,
-}
-
-impl Chain {
-    pub(super) fn of(writes: &[&Write], log: &LogColumns<'_>) -> Result<Self, CallError> {
-        let mut chain = Chain {
-            newest: vec![None; writes.len()],
-            entries: vec![0; writes.len()],
-            heads: Vec::with_capacity(log.datasets.len()),
-            backs: Vec::with_capacity(log.datasets.len()),
-        };
-        // A batch writes a few hundred rows at most: an index beats hashing.
-        let mut by_id: Vec<(i64, usize)> = writes
-            .iter()
-            .enumerate()
-            .map(|(w, write)| (write.dataset_id, w))
-            .collect();
-        by_id.sort_unstable();
-        for (at, dataset) in log.datasets.iter().enumerate() {
-            let w = by_id
-                .binary_search_by_key(dataset, |&(id, _)| id)
-                .map(|found| by_id[found].1)
-                .map_err(|_| {
-                    StoreError::Internal(format!("log entry of dataset row {dataset} not written"))
-                })?;
-            let n = at as i64 + 1;
-            match chain.newest[w] {
-                Some(previous) => {
-                    chain.heads.push(None);
-                    chain.backs.push(Some(n - previous));
-                }
-                None => {
-                    chain.heads.push(writes[w].log_head);
-                    chain.backs.push(None);
-                }
-            }
-            chain.newest[w] = Some(n);
-            chain.entries[w] += 1;
-        }
-        Ok(chain)
     }
 }
 
 /// Inserts a placeholder row for a dataset that had none, and so holds its lock. An insert
 /// racing another transaction's insert of the same row waits for it; if that one commits,
-/// the insert does nothing and the row (now committed) is locked instead. Answers the row
-/// and its log head ([`log_head_at`]).
+/// the insert does nothing and the row (now committed) is locked instead.
 pub(super) async fn insert_or_lock_dataset(
     tx: &Transaction<'_>,
     key: &DatasetKey,
     now: i64,
-) -> Result<(DatasetRow, Option<i64>), CallError> {
+) -> Result<DatasetRow, CallError> {
     let stmt = tx.prepare_cached(INSERT_DATASET).await?;
     take_create_lock(tx, key).await?;
-    let row = match tx
+    if let Some(row) = tx
         .query_opt(&stmt, &[&key.pool, &key.owner, &key.name, &now])
         .await?
     {
-        Some(row) => row,
-        // Dataset rows are never removed, so the one that won the race is there to lock.
-        None => {
-            let stmt = tx.prepare_cached(LOCK_DATASET).await?;
-            tx.query_opt(&stmt, &[&key.pool, &key.owner, &key.name])
-                .await?
-                .ok_or_else(|| StoreError::Internal(format!("dataset row of {key} vanished")))?
-        }
-    };
-    Ok((dataset_row(&row)?, log_head_at(&row, 5)?))
+        return dataset_row(&row);
+    }
+    // Dataset rows are never removed, so the one that won the race is there to lock.
+    lock_dataset(tx, key)
+        .await?
+        .ok_or_else(|| StoreError::Internal(format!("dataset row of {key} vanished")).into())
 }
 
 fn records_by_key(rows: &[Row]) -> Result<StoredRecords, CallError> {
