@@ -40,6 +40,7 @@ pub struct TestServer {
     pub addr: SocketAddr,
     data_dir: tempfile::TempDir,
     args: Vec<String>,
+    stderr: Option<PathBuf>,
 }
 
 #[derive(Debug, Default)]
@@ -47,6 +48,7 @@ pub struct TestServerBuilder {
     args: Vec<String>,
     no_secret: bool,
     data_dir: Option<tempfile::TempDir>,
+    stderr: Option<PathBuf>,
 }
 
 impl TestServerBuilder {
@@ -60,6 +62,13 @@ impl TestServerBuilder {
     /// Starts without `--jwt-secret` (the test passes its own keys, or none).
     pub fn without_secret(mut self) -> Self {
         self.no_secret = true;
+        self
+    }
+
+    /// Sends the server's stderr (its log) to `path` instead of the data dir's log file:
+    /// `/dev/full`, say, for a log that cannot be written.
+    pub fn stderr(mut self, path: impl Into<PathBuf>) -> Self {
+        self.stderr = Some(path.into());
         self
     }
 
@@ -88,6 +97,7 @@ impl TestServerBuilder {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir,
             args,
+            stderr: self.stderr,
         };
         server.spawn();
         server
@@ -127,7 +137,11 @@ impl TestServer {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(log_file(self.data_dir.path()))
+            .open(
+                self.stderr
+                    .clone()
+                    .unwrap_or_else(|| log_file(self.data_dir.path())),
+            )
             .expect("log file");
         let mut child = Command::new(tandem_bin())
             .arg("serve")

@@ -1,9 +1,11 @@
 //! Log volume is bounded: a flood of what a client can cause at will (here refused tokens)
 //! costs a few log lines and one summary with the count, while `/metrics` counts every one.
 
+use tandem_client::UpdateResult;
+use tandem_protocol::{DatasetRef, Patch};
 use tandem_tests::raw::RawSocket;
 use tandem_tests::tandem_protocol::{ClientFrame, ErrorCode, ServerFrame};
-use tandem_tests::{TestServer, metric};
+use tandem_tests::{TestServer, http_get, metric};
 
 const REFUSED: usize = 2_000;
 /// Frames sent before their replies are read: well under `max_queued_replies`.
@@ -82,6 +84,57 @@ async fn test_logs_a_flood_of_refused_tokens_logs_a_few_lines_and_counts_all() {
 }
 
 /// The log as text: the plain format colours field names even when writing to a file.
+/// A log that cannot be written (a full disk under the log file; here `/dev/full`, where
+/// every write fails with ENOSPC) costs its lines, not the service: the node starts,
+/// commits, refuses and answers as usual. Before, the logger reported its failed write on
+/// stderr, and that failing too panicked whatever logged: the start-up, or a session task,
+/// whose client then waited for an answer that never came.
+#[tokio::test]
+async fn test_logs_a_log_that_cannot_be_written_costs_lines_not_answers() {
+    let server = TestServer::builder()
+        .arg("--max-requests-per-second", 0)
+        .stderr("/dev/full")
+        .start();
+    let mut raw = RawSocket::authenticated(&server, "alice").await;
+    let bad = ClientFrame::Auth {
+        id: None,
+        token: "not-a-jwt".to_owned(),
+        features: Vec::new(),
+    }
+    .to_json();
+    // Each refused token logs a line (a few, then a summary): every one is answered.
+    for _ in 0..20 {
+        raw.send(0x1, bad.as_bytes()).await;
+        let reply = raw.recv_frame().await;
+        assert!(
+            matches!(
+                &reply,
+                ServerFrame::Error {
+                    code: ErrorCode::Unauthorized,
+                    ..
+                }
+            ),
+            "{reply:?}"
+        );
+    }
+    // A commit, and a stale write refused as a conflict, both answered.
+    let alice = server.connect("alice").await;
+    let ds = DatasetRef::own("settings");
+    for expected_commit in [true, false] {
+        let result = alice
+            .update(ds.clone(), None, vec![Patch::replace("theme", "dark", 0)])
+            .await
+            .unwrap();
+        assert_eq!(
+            matches!(result, UpdateResult::Committed { .. }),
+            expected_commit,
+            "{result:?}"
+        );
+    }
+    let (status, body) = http_get(server.addr, "/ready").await;
+    assert_eq!(status, 200, "{body}");
+}
+
 fn without_colours(log: &str) -> String {
     let mut out = String::with_capacity(log.len());
     let mut chars = log.chars();

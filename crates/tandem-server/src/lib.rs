@@ -222,9 +222,13 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
 pub(crate) fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // A line that cannot be written (the log's disk is full) is dropped. By default the
+    // logger reports that on stderr, and when that fails too `eprintln!` panics whatever
+    // was logging: a session task (its client never answered) or the store's writer.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Plain => builder.init(),
