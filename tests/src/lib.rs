@@ -66,7 +66,8 @@ impl TestServerBuilder {
     }
 
     /// Sends the server's stderr (its log) to `path` instead of the data dir's log file:
-    /// `/dev/full`, say, for a log that cannot be written.
+    /// `/dev/full`, say, for a log that cannot be written. [`TestServer::log`] then reads
+    /// nothing.
     pub fn stderr(mut self, path: impl Into<PathBuf>) -> Self {
         self.stderr = Some(path.into());
         self

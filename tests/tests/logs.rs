@@ -5,7 +5,7 @@ use tandem_client::UpdateResult;
 use tandem_protocol::{DatasetRef, Patch};
 use tandem_tests::raw::RawSocket;
 use tandem_tests::tandem_protocol::{ClientFrame, ErrorCode, ServerFrame};
-use tandem_tests::{TestServer, http_get, metric};
+use tandem_tests::{SECRET, TestServer, http_get, metric, tandem_bin, try_http_status};
 
 const REFUSED: usize = 2_000;
 /// Frames sent before their replies are read: well under `max_queued_replies`.
@@ -83,7 +83,6 @@ async fn test_logs_a_flood_of_refused_tokens_logs_a_few_lines_and_counts_all() {
     assert_eq!(lines(&log), logged);
 }
 
-/// The log as text: the plain format colours field names even when writing to a file.
 /// A log that cannot be written (a full disk under the log file; here `/dev/full`, where
 /// every write fails with ENOSPC) costs its lines, not the service: the node starts,
 /// commits, refuses and answers as usual. Before, the logger reported its failed write on
@@ -135,6 +134,50 @@ async fn test_logs_a_log_that_cannot_be_written_costs_lines_not_answers() {
     assert_eq!(status, 200, "{body}");
 }
 
+/// A node whose stdout and stderr both go to a full disk starts and serves: the address it
+/// prints on stdout is lost, nothing else.
+#[tokio::test]
+async fn test_logs_a_node_with_nowhere_to_write_starts_and_serves() {
+    let data_dir = tempfile::tempdir().unwrap();
+    // A port that was free a moment ago: the node cannot tell anyone which one it took.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let full = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+    };
+    let mut child = std::process::Command::new(tandem_bin())
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--jwt-secret", SECRET, "--data-dir"])
+        .arg(data_dir.path())
+        .env_remove("TANDEM_CONFIG")
+        .stdout(full())
+        .stderr(full())
+        .spawn()
+        .unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut ready = None;
+    for _ in 0..200 {
+        if let Some(exit) = child.try_wait().unwrap() {
+            panic!("the node exited: {exit}");
+        }
+        ready = try_http_status(addr, "/ready").await;
+        if ready == Some(200) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(ready, Some(200));
+}
+
+/// The log as text: the plain format colours field names even when writing to a file.
 fn without_colours(log: &str) -> String {
     let mut out = String::with_capacity(log.len());
     let mut chars = log.chars();

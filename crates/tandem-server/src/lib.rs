@@ -228,6 +228,13 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
     })
 }
 
+/// A line on stdout that a node which cannot write it goes on without (its disk is full,
+/// say), where `println!` would panic.
+fn say(line: std::fmt::Arguments) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
 pub(crate) fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
@@ -370,7 +377,9 @@ async fn serve_until(
         tracing::warn!(
             "dev mode: GET /dev/token mints tokens for anyone; never use it in production"
         );
-        println!("tandem demo at http://{local}/?user=alice&board=alice/groceries");
+        say(format_args!(
+            "tandem demo at http://{local}/?user=alice&board=alice/groceries"
+        ));
     }
     if generated {
         tracing::info!(
@@ -380,7 +389,7 @@ async fn serve_until(
         );
     }
     // Tests and scripts read the bound address from this line.
-    println!("tandem listening on {local}");
+    say(format_args!("tandem listening on {local}"));
 
     let stop_accepting = CancellationToken::new();
     let server = axum::serve(

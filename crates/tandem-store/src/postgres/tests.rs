@@ -2086,10 +2086,10 @@ async fn test_postgres_batch_decides_updates_of_one_dataset_as_if_one_by_one() {
     store.close().await;
 }
 
-/// A batch whose updates alternate between two datasets, one with a head from an update and
-/// one whose only entry is a grant logged before its row existed: each dataset's entries
-/// chain onto its own head and then onto each other, so its history walks back through
-/// every entry of it and no other.
+/// A batch whose updates alternate between two datasets that both have heads, one from an
+/// update and one whose row took over the head of a grant logged before the row existed:
+/// each dataset's entries chain onto its own head and then onto each other, so its history
+/// walks back through every entry of it and no other.
 #[tokio::test]
 async fn test_postgres_batch_chains_each_datasets_entries_onto_its_own_head() {
     let schemas = TestSchemas::new();
