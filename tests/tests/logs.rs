@@ -21,30 +21,7 @@ async fn test_logs_a_flood_of_refused_tokens_logs_a_few_lines_and_counts_all() {
         .start();
     // A refused refresh keeps the session open, so one connection sends them all.
     let mut raw = RawSocket::authenticated(&server, "alice").await;
-    let bad = ClientFrame::Auth {
-        id: None,
-        token: "not-a-jwt".to_owned(),
-        features: Vec::new(),
-    }
-    .to_json();
-    for _ in 0..REFUSED / BATCH {
-        for _ in 0..BATCH {
-            raw.send(0x1, bad.as_bytes()).await;
-        }
-        for _ in 0..BATCH {
-            let reply = raw.recv_frame().await;
-            assert!(
-                matches!(
-                    &reply,
-                    ServerFrame::Error {
-                        code: ErrorCode::Unauthorized,
-                        ..
-                    }
-                ),
-                "{reply:?}"
-            );
-        }
-    }
+    refuse_tokens(&mut raw, REFUSED, BATCH).await;
     let lines = |log: &str| log.lines().filter(|l| l.contains("token refused")).count();
     let logged = lines(&without_colours(&server.log()));
     assert!(
@@ -95,27 +72,8 @@ async fn test_logs_a_log_that_cannot_be_written_costs_lines_not_answers() {
         .stderr("/dev/full")
         .start();
     let mut raw = RawSocket::authenticated(&server, "alice").await;
-    let bad = ClientFrame::Auth {
-        id: None,
-        token: "not-a-jwt".to_owned(),
-        features: Vec::new(),
-    }
-    .to_json();
     // Each refused token logs a line (a few, then a summary): every one is answered.
-    for _ in 0..20 {
-        raw.send(0x1, bad.as_bytes()).await;
-        let reply = raw.recv_frame().await;
-        assert!(
-            matches!(
-                &reply,
-                ServerFrame::Error {
-                    code: ErrorCode::Unauthorized,
-                    ..
-                }
-            ),
-            "{reply:?}"
-        );
-    }
+    refuse_tokens(&mut raw, 20, 1).await;
     // A commit, and a stale write refused as a conflict, both answered.
     let alice = server.connect("alice").await;
     let ds = DatasetRef::own("settings");
@@ -175,6 +133,35 @@ async fn test_logs_a_node_with_nowhere_to_write_starts_and_serves() {
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(ready, Some(200));
+}
+
+/// Sends `count` refresh frames with a bad token, `batch` before reading their replies, and
+/// checks each is refused as unauthorized (the session stays open).
+async fn refuse_tokens(raw: &mut RawSocket, count: usize, batch: usize) {
+    let bad = ClientFrame::Auth {
+        id: None,
+        token: "not-a-jwt".to_owned(),
+        features: Vec::new(),
+    }
+    .to_json();
+    for _ in 0..count / batch {
+        for _ in 0..batch {
+            raw.send(0x1, bad.as_bytes()).await;
+        }
+        for _ in 0..batch {
+            let reply = raw.recv_frame().await;
+            assert!(
+                matches!(
+                    &reply,
+                    ServerFrame::Error {
+                        code: ErrorCode::Unauthorized,
+                        ..
+                    }
+                ),
+                "{reply:?}"
+            );
+        }
+    }
 }
 
 /// The log as text: the plain format colours field names even when writing to a file.
