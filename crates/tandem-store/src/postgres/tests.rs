@@ -117,6 +117,16 @@ fn update(dataset: &DatasetKey, actor: &str, patches: Vec<Patch>) -> UpdateReque
     }
 }
 
+/// The ids of every log entry of `d`, in id order (from the store-wide tail).
+async fn log_ids(store: &PostgresStore, d: &DatasetKey) -> Vec<i64> {
+    let entries = store.log_since(0, 10_000).await.unwrap();
+    entries
+        .into_iter()
+        .filter(|e| &e.dataset == d)
+        .map(|e| e.id)
+        .collect()
+}
+
 async fn commit(store: &PostgresStore, request: UpdateRequest) -> Snapshot {
     match store.update(request).await.unwrap() {
         UpdateOutcome::Committed { snapshot, .. } => snapshot,
@@ -1280,14 +1290,7 @@ async fn test_postgres_store_grantee_creates_a_dataset_while_the_owner_regrants(
         };
         owner.await.unwrap();
         grantee.await.unwrap();
-        let all: Vec<i64> = a
-            .log_since(0, 10_000)
-            .await
-            .unwrap()
-            .into_iter()
-            .filter(|e| e.dataset == d)
-            .map(|e| e.id)
-            .collect();
+        let all = log_ids(&a, &d).await;
         assert_eq!(all.len(), 1 + 4 + 4, "{d}");
         let mut walked: Vec<i64> = a
             .history(&d, "alice", None, 100)
@@ -1404,14 +1407,7 @@ async fn test_postgres_store_chain_holds_every_entry_of_racing_writers() {
     for task in tasks {
         task.await.unwrap();
     }
-    let all: Vec<i64> = a
-        .log_since(0, 10_000)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|e| e.dataset == d)
-        .map(|e| e.id)
-        .collect();
+    let all = log_ids(&a, &d).await;
     assert_eq!(all.len(), 6 * 40 + 2 * 40 * 2);
     let mut walked = Vec::new();
     let mut before = None;
@@ -2127,7 +2123,6 @@ async fn test_postgres_batch_chains_each_datasets_entries_onto_its_own_head() {
         );
     }
     assert_eq!(store.inner.batched.load(Ordering::Relaxed) - before, 6);
-    let all = store.log_since(0, 1_000).await.unwrap();
     for (d, kinds) in [
         (&first, vec![LogKind::Update; 4]),
         (
@@ -2141,11 +2136,7 @@ async fn test_postgres_batch_chains_each_datasets_entries_onto_its_own_head() {
             ],
         ),
     ] {
-        let ids: Vec<i64> = all
-            .iter()
-            .filter(|e| &e.dataset == d)
-            .map(|e| e.id)
-            .collect();
+        let ids = log_ids(&store, d).await;
         let mut walked: Vec<crate::LogEntry> = store.history(d, "owner", None, 100).await.unwrap();
         walked.reverse();
         assert_eq!(walked.iter().map(|e| e.id).collect::<Vec<_>>(), ids, "{d}");
